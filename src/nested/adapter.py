@@ -1,0 +1,584 @@
+"""`NestedAdapter`: the trainable part of nested attention, its on-disk format, attach/detach.
+
+An adapter holds the subject encoder (frozen backbone + trainable resampler), one pair of nested
+key/value projections per cross-attention layer of the base UNet, keyed by the diffusers layer
+name, and optionally a learned placeholder-token embedding per text encoder.
+
+On disk (``save_pretrained``) it is a folder with ``adapter.safetensors`` (named tensors only,
+never a pickle) and ``adapter_config.json`` (format version, token, class word, encoder spec,
+M, value_norm_factor, domain, and the fingerprint of the base UNet it was made for).
+
+Attaching installs one :class:`~nested.attention.NestedAttnProcessor` per ``attn2`` layer; several
+adapters (a faces and a pets adapter) share those processors, each acting only on its own
+token. If anything later replaces the processors (``unet.set_attn_processor``,
+``enable_xformers_memory_efficient_attention``), the next UNet forward re-installs them with a
+warning, keeping the new processor as the one ``detach`` restores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from nested.attention import NestedAttnProcessor, NestedSubject
+from nested.encoder import EncoderSpec, SubjectEncoder
+
+__all__ = ["AdapterConfig", "NestedAdapter", "SubjectBinding", "cross_attention_layers", "unet_fingerprint"]
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "adapter_config.json"
+# Weight formats that can run code when loaded: refused outright.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_REGISTRY_ATTR = "_nested_processors"
+_HOOK_ATTR = "_nested_hook"
+
+
+def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """The ``attn2`` (cross-attention) modules of a diffusers UNet, by their module name."""
+    from diffusers.models.attention_processor import Attention
+
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and module.is_cross_attention and name.endswith("attn2")
+    }
+
+
+def unet_fingerprint(unet: nn.Module) -> dict[str, dict[str, int]]:
+    """Per cross-attention layer: query dim, text (cross) dim, inner dim and heads."""
+    return {
+        name: {
+            "query_dim": attn.to_q.in_features,
+            "cross_attention_dim": attn.to_k.in_features,
+            "inner_dim": attn.to_v.out_features,
+            "heads": attn.heads,
+        }
+        for name, attn in cross_attention_layers(unet).items()
+    }
+
+
+@dataclass
+class AdapterConfig:
+    """Everything needed to rebuild an adapter and to check it fits a base model.
+
+    Attributes:
+        token: the prompt token the adapter binds to: a class word (``person``) or a placeholder
+            (``<person>``) that is added to every tokenizer.
+        class_word: the word whose embedding initialises a placeholder.
+        encoder: the subject encoder's spec.
+        layers: the base UNet fingerprint (:func:`unet_fingerprint`).
+        value_norm_factor: default rescaling of v* relative to ||V_s|| (None: off).
+        domain: e.g. ``faces`` or ``pets``.
+        base_model: the base model id or path the adapter was trained on (informational).
+        extra_tokens: further tokens the adapter was trained on (token -> class word), e.g. the
+            pets token of a faces + pets adapter.
+        token_encoders: names of the text encoders that hold a placeholder embedding.
+    """
+
+    token: str
+    class_word: str
+    encoder: EncoderSpec
+    layers: dict[str, dict[str, int]]
+    value_norm_factor: float | None = None
+    domain: str = ""
+    base_model: str = ""
+    extra_tokens: dict[str, str] = field(default_factory=dict)
+    token_encoders: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def tokens(self) -> dict[str, str]:
+        """Every token the adapter knows, mapped to its class word (the default token first)."""
+        return {self.token: self.class_word, **self.extra_tokens}
+
+    @property
+    def placeholders(self) -> dict[str, str]:
+        """The tokens that are new words (not their own class word), to add to tokenizers."""
+        return {token: word for token, word in self.tokens.items() if token != word}
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["encoder"] = self.encoder.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "adapter config") -> AdapterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )  # noqa: E501
+        if unknown or missing:
+            raise ValueError(f"{source}: unknown keys {unknown}, missing keys {missing}.")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"{source} has format version {version}; this nested reads up to {FORMAT_VERSION}. Upgrade nested."
+            )
+        return cls(**{**data, "encoder": EncoderSpec.from_dict(data["encoder"])})
+
+
+class NestedLayer(nn.Module):
+    """One cross-attention layer's nested projections: subject tokens -> per-head keys/values."""
+
+    def __init__(self, token_dim: int, inner_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_k = nn.Linear(token_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(token_dim, inner_dim, bias=False)
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens (S, M, d) -> nested keys, values: each (S, H, M, inner_dim / H)."""
+        s, m, _ = tokens.shape
+        tokens = tokens.to(self.to_k.weight.dtype)
+        keys = self.to_k(tokens).view(s, m, self.heads, -1).transpose(1, 2)
+        values = self.to_v(tokens).view(s, m, self.heads, -1).transpose(1, 2)
+        return keys, values
+
+
+@dataclass
+class SubjectBinding:
+    """One subject bound in the current batch: its tokens, where it binds, and how strongly.
+
+    Attributes:
+        tokens: (S, M, d) subject tokens of S distinct images (from :meth:`NestedAdapter.encode`).
+        masks: (B, T) bool, the subject token positions of each prompt.
+        image_index: (B,) long, the image each sample uses; None if S == B.
+        scale: 0 -> plain value, 1 -> nested value.
+        token_weight: multiplies the subject column's attention probability.
+        value_norm_factor: overrides the adapter's default when not None.
+    """
+
+    tokens: Tensor
+    masks: Tensor
+    image_index: Tensor | None = None
+    scale: float = 1.0
+    token_weight: float = 1.0
+    value_norm_factor: float | None = None
+    # layer name -> (keys, values), computed once per binding (not per denoising step).
+    nested_kv: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+
+
+def _escape(layer_name: str) -> str:
+    return layer_name.replace(".", "__")
+
+
+def _unescape(key: str) -> str:
+    return key.replace("__", ".")
+
+
+class NestedAdapter(nn.Module):
+    """Subject encoder + per-layer nested projections (+ placeholder embeddings) of one adapter.
+
+    Build a new one for a UNet with :meth:`for_unet`, load a trained one with
+    :meth:`from_pretrained`. Then ``attach(unet)``, ``set_subjects(...)`` and run the UNet.
+    """
+
+    def __init__(self, config: AdapterConfig, encoder: SubjectEncoder):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        token_dim = config.encoder.token_dim
+        self.layers = nn.ModuleDict(
+            {
+                _escape(name): NestedLayer(token_dim, dims["inner_dim"], dims["heads"])
+                for name, dims in config.layers.items()
+            }
+        )
+        self.token_embeddings = nn.ParameterDict()
+        self._bindings: list[SubjectBinding] = []
+
+    # ----------------------------------------------------------------------------- building
+    @classmethod
+    def for_unet(
+        cls,
+        unet: nn.Module,
+        *,
+        token: str,
+        class_word: str | None = None,
+        encoder: EncoderSpec,
+        subject_encoder: SubjectEncoder | None = None,
+        value_norm_factor: float | None = None,
+        domain: str = "",
+        base_model: str = "",
+    ) -> NestedAdapter:
+        """A fresh (untrained) adapter fitting ``unet``'s cross-attention layers.
+
+        ``subject_encoder`` reuses an already built encoder (e.g. to share its backbone);
+        otherwise one is built from ``encoder``.
+        """
+        subject_encoder = subject_encoder or SubjectEncoder.from_spec(encoder)
+        layers = unet_fingerprint(unet)
+        if not layers:
+            raise ValueError(
+                "this UNet has no cross-attention (attn2) layers: nothing to attach nested attention to."
+            )
+        config = AdapterConfig(
+            token=token,
+            class_word=class_word or token.strip("<>"),
+            encoder=encoder,
+            layers=layers,
+            value_norm_factor=value_norm_factor,
+            domain=domain,
+            base_model=base_model,
+        )
+        return cls(config, subject_encoder)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The resampler and every nested projection (the frozen backbone is not a submodule)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------ subjects
+    def encode(self, images: Tensor) -> Tensor:
+        """(S, 3, H, W) subject images in [0, 1] -> (S, M, d) subject tokens."""
+        return self.encoder(images)
+
+    def set_subjects(self, bindings: Sequence[SubjectBinding]) -> None:
+        """Bind subjects for the next UNet calls; their nested keys/values are computed now, once.
+
+        Computing them eagerly (not inside the UNet forward) makes them reusable across
+        denoising steps and safe under gradient checkpointing, which re-runs the forward.
+        """
+        for binding in bindings:
+            if binding.masks.dtype != torch.bool or binding.masks.ndim != 2:
+                raise ValueError(
+                    f"masks must be a (B, T) bool tensor, got {binding.masks.dtype} {tuple(binding.masks.shape)}."
+                )
+            if binding.image_index is None and binding.tokens.shape[0] != binding.masks.shape[0]:
+                raise ValueError(
+                    f"{binding.tokens.shape[0]} subject images for {binding.masks.shape[0]} prompts: pass "
+                    "image_index to say which image each prompt uses."
+                )
+            binding.nested_kv = {_unescape(key): layer(binding.tokens) for key, layer in self.layers.items()}
+        self._bindings = list(bindings)
+
+    def clear_subjects(self) -> None:
+        self._bindings = []
+
+    def subjects_for_layer(
+        self, layer_name: str, attn: nn.Module, batch_size: int, dtype: torch.dtype
+    ) -> list[NestedSubject]:
+        """Called by the processor of ``layer_name`` for a batch of ``batch_size`` samples."""
+        subjects = []
+        for binding in self._bindings:
+            masks, image_index = _expand_for_guidance(binding, batch_size)
+            keys, values = binding.nested_kv[layer_name]
+            subjects.append(
+                NestedSubject(
+                    mask=masks.to(keys.device),
+                    keys=keys.to(dtype),
+                    values=values.to(dtype),
+                    image_index=None if image_index is None else image_index.to(keys.device),
+                    value_norm_factor=binding.value_norm_factor or self.config.value_norm_factor,
+                    scale=binding.scale,
+                    token_weight=binding.token_weight,
+                )
+            )
+        return subjects
+
+    # ---------------------------------------------------------------------- attach / detach
+    def check_fits(self, unet: nn.Module) -> None:
+        """Raise a ValueError naming the first layer where ``unet`` differs from the adapter's base."""
+        theirs = unet_fingerprint(unet)
+        ours = self.config.layers
+        for name in sorted(set(ours) | set(theirs)):
+            if name not in theirs:
+                raise ValueError(
+                    f"the adapter has nested projections for layer {name!r}, which this UNet does not have "
+                    f"(adapter: {len(ours)} cross-attention layers, UNet: {len(theirs)}). The adapter was made "
+                    f"for base model {self.config.base_model or '<unknown>'}."
+                )
+            if name not in ours:
+                raise ValueError(
+                    f"layer {name!r} of this UNet has no nested projections in the adapter (adapter: {len(ours)} "
+                    f"cross-attention layers, UNet: {len(theirs)}). The adapter was made for base model "
+                    f"{self.config.base_model or '<unknown>'}."
+                )
+            if ours[name] != theirs[name]:
+                raise ValueError(
+                    f"layer {name!r} does not fit: the adapter expects {ours[name]}, this UNet has {theirs[name]}. "
+                    f"The adapter was made for base model {self.config.base_model or '<unknown>'}."
+                )
+
+    def attach(self, unet: nn.Module) -> None:
+        """Install nested processors on every ``attn2`` layer of ``unet`` and bind this adapter."""
+        self.check_fits(unet)
+        registry: dict[str, NestedAttnProcessor] | None = getattr(unet, _REGISTRY_ATTR, None)
+        if registry is None:
+            registry = {}
+            for name, attn in cross_attention_layers(unet).items():
+                registry[name] = NestedAttnProcessor(name, attn.processor)
+                attn.set_processor(registry[name])
+            setattr(unet, _REGISTRY_ATTR, registry)
+            setattr(unet, _HOOK_ATTR, unet.register_forward_pre_hook(_reinstall_replaced_processors))
+        for processor in registry.values():
+            if self not in processor.bindings:
+                processor.bindings.append(self)
+
+    def detach(self, unet: nn.Module) -> None:
+        """Unbind this adapter; when none is left, restore the processors found at attach time."""
+        registry: dict[str, NestedAttnProcessor] | None = getattr(unet, _REGISTRY_ATTR, None)
+        if registry is None:
+            return
+        for processor in registry.values():
+            processor.bindings = [b for b in processor.bindings if b is not self]
+        if any(processor.bindings for processor in registry.values()):
+            return
+        layers = cross_attention_layers(unet)
+        for name, processor in registry.items():
+            layers[name].set_processor(processor.original_processor)
+        getattr(unet, _HOOK_ATTR).remove()
+        delattr(unet, _HOOK_ATTR)
+        delattr(unet, _REGISTRY_ATTR)
+
+    # ------------------------------------------------------------------- placeholder tokens
+    def add_tokens(
+        self, tokenizers: Sequence, text_encoders: Sequence, names: Sequence[str] | None = None
+    ) -> None:
+        """Make the adapter's placeholder tokens usable by the given tokenizer/text-encoder pairs.
+
+        Each placeholder (``<person>``) is added to every tokenizer; its embedding is the one saved
+        in this adapter, else it is initialised from the class word (and remembered here, so it is
+        saved with the adapter). Plain class words need nothing.
+        """
+        from nested.tokens import add_placeholder_token, get_token_embedding, set_token_embedding
+
+        names = list(
+            names or [f"text_encoder{'' if i == 0 else f'_{i + 1}'}" for i in range(len(text_encoders))]
+        )
+        for token, class_word in self.config.placeholders.items():
+            for name, tokenizer, text_encoder in zip(names, tokenizers, text_encoders, strict=True):
+                token_id = add_placeholder_token(tokenizer, text_encoder, token, class_word)
+                key = f"{name}:{token}"
+                if key in self.token_embeddings:
+                    set_token_embedding(text_encoder, token_id, self.token_embeddings[key].detach())
+                else:
+                    vector = get_token_embedding(text_encoder, token_id).detach().clone().float()
+                    self.token_embeddings[key] = nn.Parameter(vector, requires_grad=False)
+                    if name not in self.config.token_encoders:
+                        self.config.token_encoders.append(name)
+
+    # -------------------------------------------------------------------------- save / load
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """Named tensors of the file format: ``resampler.*``, ``layers.<layer>.to_k.weight``, ``token_embeddings.*``."""
+        state = {f"resampler.{k}": v for k, v in self.encoder.resampler.state_dict().items()}
+        for key, layer in self.layers.items():
+            for name, tensor in layer.state_dict().items():
+                state[f"layers.{_unescape(key)}.{name}"] = tensor
+        for name, tensor in self.token_embeddings.items():
+            state[f"token_embeddings.{name}"] = tensor
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+    def load_adapter_state_dict(self, state: dict[str, Tensor], source: str = "state dict") -> None:
+        """Inverse of :meth:`adapter_state_dict`; strict: unknown or missing tensors raise."""
+        resampler, layers, token_embeddings = {}, {}, {}
+        unknown = []
+        for key, tensor in state.items():
+            group, _, rest = key.partition(".")
+            if group == "resampler":
+                resampler[rest] = tensor
+            elif group == "layers":
+                layer_name, _, param = rest.rpartition(".")
+                layer_name, _, proj = layer_name.rpartition(".")
+                layers.setdefault(_escape(layer_name), {})[f"{proj}.{param}"] = tensor
+            elif group == "token_embeddings":
+                token_embeddings[rest] = tensor
+            else:
+                unknown.append(key)
+        expected_layers = set(self.layers.keys())
+        problems = [f"unknown tensors {unknown[:5]}"] if unknown else []
+        if set(layers) != expected_layers:
+            extra = sorted(_unescape(k) for k in set(layers) - expected_layers)
+            absent = sorted(_unescape(k) for k in expected_layers - set(layers))
+            problems.append(
+                f"layers in the file but not in the config: {extra[:3]}; in the config but not the file: {absent[:3]}"
+            )
+        if problems:
+            raise ValueError(f"{source} does not match its adapter config: " + "; ".join(problems))
+        self.encoder.resampler.load_state_dict(resampler, strict=True)
+        for key, layer_state in layers.items():
+            self.layers[key].load_state_dict(layer_state, strict=True)
+        for name, tensor in token_embeddings.items():
+            self.token_embeddings[name] = nn.Parameter(tensor.clone(), requires_grad=False)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``adapter.safetensors`` + ``adapter_config.json`` atomically (temp folder, then rename)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            save_file(
+                self.adapter_state_dict(),
+                staging / WEIGHTS_NAME,
+                metadata={"format": "pt", "nested_format_version": str(FORMAT_VERSION)},
+            )
+            (staging / CONFIG_NAME).write_text(
+                json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
+            )
+            replace_directory(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        image_encoder: str | SubjectEncoder | tuple | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> NestedAdapter:
+        """Load a saved adapter from a folder or a Hugging Face Hub repo (safetensors only).
+
+        Args:
+            name_or_path: a local adapter folder, or a hub repo id (downloaded through the
+                huggingface_hub cache; ``HF_HUB_OFFLINE=1`` is honoured).
+            revision: a hub revision (branch, tag or commit) to pin.
+            image_encoder: overrides where the frozen vision backbone comes from: a folder/hub id,
+                an already loaded ``(model, image_size, mean, std)`` tuple (shared between adapters),
+                or a whole :class:`SubjectEncoder` whose backbone is reused.
+        """
+        folder = resolve_adapter_folder(name_or_path, revision=revision)
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        config = AdapterConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
+        try:
+            state = load_file(weights_path)
+        except Exception as error:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(
+                f"{weights_path} is not a valid safetensors file ({error}); nested never unpickles weights."
+            ) from error
+
+        spec = config.encoder
+        if isinstance(image_encoder, (str, os.PathLike)):
+            spec = dataclasses.replace(spec, backbone=str(image_encoder), subfolder=None)
+        backbone = None
+        if isinstance(image_encoder, SubjectEncoder):
+            enc = image_encoder
+            backbone = (
+                enc.backbone,
+                enc.image_size,
+                tuple(enc.image_mean.flatten().tolist()),
+                tuple(enc.image_std.flatten().tolist()),
+            )
+        elif isinstance(image_encoder, tuple):
+            backbone = image_encoder
+        encoder = SubjectEncoder.from_spec(spec, backbone=backbone, dtype=dtype)
+        adapter = cls(config, encoder)
+        adapter.load_adapter_state_dict(state, source=str(weights_path))
+        return adapter
+
+
+def _expand_for_guidance(binding: SubjectBinding, batch_size: int) -> tuple[Tensor, Tensor | None]:
+    """Masks for a UNet batch: as given, or doubled for classifier-free guidance.
+
+    Diffusers pipelines run ``cat([unconditional, conditional])``; when the UNet batch is twice
+    the bound prompts, the first half is the unconditional one and gets no subject.
+    """
+    rows = binding.masks.shape[0]
+    if batch_size == rows:
+        return binding.masks, binding.image_index
+    if batch_size == 2 * rows:
+        masks = torch.cat([torch.zeros_like(binding.masks), binding.masks])
+        index = (
+            binding.image_index
+            if binding.image_index is not None
+            else torch.arange(rows, device=binding.masks.device)
+        )
+        return masks, torch.cat([index, index])
+    raise ValueError(
+        f"subjects were bound for {rows} prompts but the UNet got a batch of {batch_size} "
+        f"(expected {rows}, or {2 * rows} with classifier-free guidance). Call set_subjects with one mask row per sample."
+    )
+
+
+def _reinstall_replaced_processors(unet: nn.Module, args, kwargs=None) -> None:
+    """Forward pre-hook: if something replaced our processors since attach, put them back."""
+    registry: dict[str, NestedAttnProcessor] = getattr(unet, _REGISTRY_ATTR, {})
+    layers = cross_attention_layers(unet)
+    replaced = [name for name, processor in registry.items() if layers[name].processor is not processor]
+    if not replaced:
+        return
+    warnings.warn(
+        f"the nested attention processors of {len(replaced)} layers were replaced (by set_attn_processor or "
+        "enable_xformers_memory_efficient_attention?) after the adapters were attached; re-attaching them. "
+        "The replacing processors are kept and restored on detach.",
+        stacklevel=2,
+    )
+    for name in replaced:
+        registry[name].original_processor = layers[name].processor
+        layers[name].set_processor(registry[name])
+
+
+def replace_directory(staging: Path, directory: Path) -> None:
+    """Move ``staging`` to ``directory``, replacing an existing folder with minimal exposure.
+
+    The old folder is renamed aside first and deleted only after the new one is in place, so a
+    crash leaves either the old or the new folder (and at worst a stray ``.old`` folder).
+    """
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+    os.replace(staging, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local adapter folder, downloading a hub repo into the huggingface_hub cache if needed."""
+    path = Path(name_or_path)
+    if not path.exists():
+        if (
+            os.path.isabs(str(name_or_path))
+            or str(name_or_path).startswith((".", "~"))
+            or str(name_or_path).count("/") != 1
+        ):
+            raise FileNotFoundError(
+                f"adapter folder {str(name_or_path)!r} does not exist (and is not a hub repo id user/name)."
+            )
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(
+                snapshot_download(
+                    str(name_or_path),
+                    revision=revision,
+                    allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*.md", "*.png", "*.json"],
+                )
+            )
+        except Exception as error:
+            raise OSError(
+                f"could not download adapter {str(name_or_path)!r} (revision {revision or 'main'}) from the Hub: {error}. "
+                "Check the repo id, your network / HF_ENDPOINT, and your token (huggingface-cli login) for private repos."
+            ) from error
+    if not path.is_dir():
+        raise NotADirectoryError(
+            f"{path} is not an adapter folder (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})."
+        )
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{path} contains pickle-format weights {pickles}; nested loads only {WEIGHTS_NAME} (safetensors) and "
+            "never unpickles. Remove those files or convert them with safetensors."
+        )
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a nested adapter folder: missing {missing}.")
+    return path

@@ -1,0 +1,304 @@
+"""Nested attention: the pure math and the diffusers processor for cross-attention layers.
+
+In a cross-attention layer the subject token's value V_s is replaced, per query, by a nested
+attention over the subject encoder's tokens:
+
+    v*_n = softmax(q_n K~^T / sqrt(d)) V~
+    out_n = sum_{t != s} a_{n,t} V_t + a_{n,s} v*_n
+
+which is computed without ever building a per-query value tensor of shape (B, H, N, T, D) as
+
+    out = SDPA(Q, K, V) + a[..., s] * (v* - V_s)
+
+where a[..., s] are the (cheap: T = 77) attention probabilities on the subject column(s).
+Keys and all other values are untouched, so a sample whose prompt lacks the subject token gets
+exactly the plain attention output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["NestedSubject", "nested_attention", "nested_attention_subjects", "NestedAttnProcessor"]
+
+
+@dataclass
+class NestedSubject:
+    """One subject's nested keys/values for one attention layer, and where it binds in the prompts.
+
+    Attributes:
+        mask: (B, T) bool, the subject token position(s) in each prompt; all-False rows are allowed.
+        keys, values: (S, H, M, D) nested keys/values of S distinct subject images.
+        image_index: (B,) long, which of the S images each sample uses; ``None`` means S == B and
+            sample b uses image b. Rows whose mask is all False are never read.
+        value_norm_factor: rescale v* to ``value_norm_factor * ||V_s||`` per head, or None.
+        scale: blend of the subject value, 0 -> the plain value V_s, 1 -> the nested value v*.
+        token_weight: multiplies the attention probability of the subject column (renormalised),
+            i.e. adds ``log(token_weight)`` to its logits: the demo's ``special_token_weight``.
+    """
+
+    mask: Tensor
+    keys: Tensor
+    values: Tensor
+    image_index: Tensor | None = None
+    value_norm_factor: float | None = None
+    scale: float = 1.0
+    token_weight: float = 1.0
+
+
+def nested_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    nested_keys: Sequence[Tensor],
+    nested_values: Sequence[Tensor],
+    subject_masks: Sequence[Tensor],
+    *,
+    value_norm_factor: float | None = None,
+) -> Tensor:
+    """Cross-attention in which each subject token's value is a query-dependent nested attention.
+
+    Args:
+        query: (B, H, N, D) the layer's queries, split in heads.
+        key, value: (B, H, T, D) the text keys and values.
+        nested_keys, nested_values: one (B, H, M_i, D) tensor per subject.
+        subject_masks: one (B, T) bool tensor per subject; 0, 1 or several positions per row.
+        value_norm_factor: if set, v* is rescaled to ``value_norm_factor * ||V_s||`` per head.
+
+    Returns:
+        (B, H, N, D) the attention output before the output projection.
+
+    Raises:
+        ValueError: if the sequences differ in length, a shape disagrees, or two subjects mark
+            the same position.
+    """
+    if not (len(nested_keys) == len(nested_values) == len(subject_masks)):
+        raise ValueError(
+            "nested_keys, nested_values and subject_masks need one entry per subject, got "
+            f"{len(nested_keys)}, {len(nested_values)} and {len(subject_masks)}."
+        )
+    subjects = [
+        NestedSubject(mask=mask, keys=k, values=v, value_norm_factor=value_norm_factor)
+        for k, v, mask in zip(nested_keys, nested_values, subject_masks, strict=True)
+    ]
+    return nested_attention_subjects(query, key, value, subjects)
+
+
+def _check_shapes(query: Tensor, key: Tensor, value: Tensor, subjects: Sequence[NestedSubject]) -> None:
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise ValueError(
+            f"query, key and value must be (B, H, N|T, D); got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}."
+        )
+    batch, heads, _, dim = query.shape
+    if key.shape != value.shape or key.shape[:2] != (batch, heads) or key.shape[-1] != dim:
+        raise ValueError(
+            f"key and value must be (B={batch}, H={heads}, T, D={dim}); got key {tuple(key.shape)} "
+            f"and value {tuple(value.shape)}."
+        )
+    tokens = key.shape[2]
+    for i, subject in enumerate(subjects):
+        if subject.mask.shape != (batch, tokens) or subject.mask.dtype != torch.bool:
+            raise ValueError(
+                f"subject {i}: mask must be a bool tensor of shape (B={batch}, T={tokens}); "
+                f"got {subject.mask.dtype} {tuple(subject.mask.shape)}."
+            )
+        keys, values = subject.keys, subject.values
+        if keys.ndim != 4 or keys.shape != values.shape or keys.shape[1] != heads or keys.shape[-1] != dim:
+            raise ValueError(
+                f"subject {i}: nested keys and values must both be (S, H={heads}, M, D={dim}); got "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}."
+            )
+        if subject.image_index is None and keys.shape[0] != batch:
+            raise ValueError(
+                f"subject {i}: nested keys have {keys.shape[0]} rows for a batch of {batch}; pass "
+                "image_index to map samples to subject images."
+            )
+        if subject.image_index is not None and subject.image_index.shape != (batch,):
+            raise ValueError(
+                f"subject {i}: image_index must have shape ({batch},), got {tuple(subject.image_index.shape)}."
+            )
+    if len(subjects) > 1:
+        overlap = torch.stack([s.mask for s in subjects]).sum(0) > 1
+        if overlap.any():
+            sample, position = (int(x) for x in overlap.nonzero()[0])
+            raise ValueError(
+                f"two subjects mark the same token position {position} in sample {sample}; each "
+                "subject must bind to its own token."
+            )
+
+
+def nested_attention_subjects(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    subjects: Sequence[NestedSubject],
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`nested_attention` with per-subject options, shared subject images and a text mask.
+
+    Args:
+        query: (B, H, N, D); key, value: (B, H, T, D).
+        subjects: the :class:`NestedSubject` of each subject bound in this batch.
+        attn_mask: optional SDPA mask broadcastable to (B, H, N, T) (bool or additive float).
+
+    Returns:
+        (B, H, N, D). Samples without any subject position are exactly
+        ``F.scaled_dot_product_attention(query, key, value, attn_mask)``: no nested work is done
+        for them.
+    """
+    _check_shapes(query, key, value, subjects)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False
+    )
+    active = [s for s in subjects if s.mask.any()]
+    if not active:
+        return out
+
+    # Only the samples that contain a subject take part; everything below is on those rows.
+    rows = torch.stack([s.mask.any(-1) for s in active]).any(0).nonzero().squeeze(-1)
+    q, k, v = query[rows], key[rows], value[rows]
+    mask_rows = None
+    if attn_mask is not None:
+        # A mask with a batch dimension of 1 broadcasts; otherwise take the active rows.
+        mask_rows = attn_mask[rows] if attn_mask.shape[0] == query.shape[0] else attn_mask
+        if mask_rows.dtype == torch.bool:
+            mask_rows = torch.zeros(mask_rows.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~mask_rows, float("-inf")
+            )
+
+    # The subject-column weight changes the plain attention too, so those rows are recomputed.
+    token_bias = None
+    if any(s.token_weight != 1.0 for s in active):
+        token_bias = torch.zeros(len(rows), k.shape[2], dtype=q.dtype, device=q.device)
+        for s in active:
+            if s.token_weight != 1.0:
+                if s.token_weight <= 0:
+                    raise ValueError(f"token_weight must be > 0, got {s.token_weight}.")
+                token_bias = token_bias + s.mask[rows].to(q.dtype) * math.log(s.token_weight)
+        token_bias = token_bias[:, None, None, :]
+        mask_rows = token_bias if mask_rows is None else mask_rows + token_bias
+
+    logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if mask_rows is not None:
+        logits = logits + mask_rows
+    probs = logits.float().softmax(-1)  # (R, H, N, T); T is small, so this is cheap
+    base = out[rows]
+    if token_bias is not None:
+        base = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_rows, dropout_p=0.0, is_causal=False)
+
+    delta = torch.zeros_like(base, dtype=torch.float32)
+    for s in active:
+        mask = s.mask[rows]  # (R, T)
+        has = mask.any(-1)
+        sub = has.nonzero().squeeze(-1)
+        image_rows = rows[sub] if s.image_index is None else s.image_index[rows[sub]]
+        nested_k = s.keys[image_rows].to(q.dtype)
+        nested_v = s.values[image_rows].to(q.dtype)
+        v_star = F.scaled_dot_product_attention(q[sub], nested_k, nested_v).float()  # (R', H, N, D)
+        p_subject = probs[sub] * mask[sub][:, None, None, :].float()  # (R', H, N, T)
+        plain = p_subject @ v[sub].float()  # sum_s p_s V_s
+        if s.value_norm_factor is None:
+            nested = p_subject.sum(-1, keepdim=True) * v_star
+        else:
+            # Each position s gets v* rescaled to factor * ||V_s||: sum_s p_s factor ||V_s|| v*/||v*||.
+            value_norms = v[sub].float().norm(dim=-1, keepdim=True)  # (R', H, T, 1)
+            direction = v_star / v_star.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            nested = s.value_norm_factor * (p_subject @ value_norms) * direction
+        contribution = s.scale * (nested - plain)
+        delta = delta.index_add(0, sub, contribution)
+    updated = (base.float() + delta).to(out.dtype)
+    return out.index_copy(0, rows, updated)
+
+
+class NestedAttnProcessor:
+    """Diffusers attention processor for a cross-attention (``attn2``) layer with nested subjects.
+
+    It mirrors diffusers' ``AttnProcessor2_0`` (spatial/group norms, attention masks, residual
+    connection, output rescaling) and adds the nested term for every bound subject. It is a plain
+    object, not an ``nn.Module``: the trainable projections live in the adapters that bind to it
+    (``bindings``), so the UNet's own state dict never changes when adapters are attached.
+
+    Each binding is an object with ``subjects_for_layer(layer_name, attn, batch_size, dtype)``
+    returning a list of :class:`NestedSubject` (possibly empty) for the current call.
+    """
+
+    def __init__(self, layer_name: str, original_processor: object):
+        self.layer_name = layer_name
+        self.original_processor = original_processor
+        self.bindings: list[object] = []
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        is_cross = encoder_hidden_states is not None
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        subjects: list[NestedSubject] = []
+        if is_cross:
+            for binding in self.bindings:
+                subjects.extend(binding.subjects_for_layer(self.layer_name, attn, batch_size, query.dtype))
+        if subjects:
+            hidden_states = nested_attention_subjects(query, key, value, subjects, attn_mask=attention_mask)
+        else:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

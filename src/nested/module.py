@@ -1,0 +1,292 @@
+"""The LightningModule: a frozen diffusion backbone, a trainable nested adapter, the diffusion loss.
+
+What is trained: the adapter's resampler and nested projections. What is frozen and never
+checkpointed: the UNet, VAE, text encoder(s) and the image backbone. They are held outside the
+module tree (:class:`~nested.encoder.FrozenModules`), so ``state_dict()``, ``parameters()``, DDP
+and weight averaging see only the trainable adapter; a resumed run reloads them from their paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nested.adapter import NestedAdapter, SubjectBinding
+from nested.backbone import DiffusionBackbone
+from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
+from nested.tokens import subject_masks_for_tokenizers
+
+__all__ = ["ConditioningDropout", "NestedAttentionModule"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class ConditioningDropout:
+    """Classifier-free-guidance dropout, drawn independently per sample (exclusive events).
+
+    Attributes:
+        text: probability of dropping the caption only (the subject image still conditions).
+        image: probability of dropping the subject image only (the caption keeps its token).
+        both: probability of dropping caption and image together.
+    """
+
+    text: float = 0.05
+    image: float = 0.05
+    both: float = 0.05
+
+    def __post_init__(self) -> None:
+        if min(self.text, self.image, self.both) < 0 or self.text + self.image + self.both > 1:
+            raise ValueError(f"dropout probabilities must be >= 0 and sum to <= 1, got {self}.")
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """-> (drop_text, drop_image): (B,) bool each; 'both' sets the two."""
+        u = torch.rand(batch_size, generator=generator)
+        drop_text_only = u < self.text
+        drop_image_only = (u >= self.text) & (u < self.text + self.image)
+        drop_both = (u >= self.text + self.image) & (u < self.text + self.image + self.both)
+        return drop_text_only | drop_both, drop_image_only | drop_both
+
+
+class NestedAttentionModule(L.LightningModule):
+    """Train a nested-attention adapter on a frozen SD 1.x/2.x or SDXL backbone.
+
+    Args:
+        base_model: diffusers folder or hub id of the frozen base (e.g.
+            ``stabilityai/stable-diffusion-xl-base-1.0``).
+        encoder: the subject encoder (image backbone + resampler size, M = ``num_tokens``).
+        subjects: every subject token the adapter learns, mapped to its class word, e.g.
+            ``{"<person>": "person"}``; a token equal to its class word needs no new embedding.
+            The first is the adapter's default token. Each sample binds to its batch ``subjects`` entry.
+        value_norm_factor: rescaling of the nested values relative to ||V_s|| (None: off).
+        domain: recorded in the exported adapter.
+        dropout: classifier-free-guidance dropout of text / image / both.
+        min_snr_gamma: min-SNR loss weighting (None: plain MSE).
+        noise_offset: adds ``noise_offset * N(0, 1)`` per sample and channel to the noise.
+        frozen_dtype: dtype of the frozen backbone ("bfloat16" on GPUs; the VAE stays float32 if
+            this is float16, since the SDXL VAE overflows in fp16).
+        gradient_checkpointing: checkpoint the frozen UNet's blocks (less memory, ~30% slower).
+        optimizer, lr_scheduler: set through LightningCLI (``--optimizer``, ``--lr_scheduler``);
+            AdamW(lr=1e-4, weight_decay=0.01) if none is configured.
+        seed: seeds the per-step randomness (dropout, noise, timesteps) with the global step, so
+            a resumed run draws the same numbers as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        base_model: str,
+        encoder: EncoderSpec,
+        subjects: dict[str, str] | None = None,
+        value_norm_factor: float | None = None,
+        domain: str = "",
+        dropout: ConditioningDropout | None = None,
+        min_snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        frozen_dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if frozen_dtype not in _DTYPES:
+            raise ValueError(f"frozen_dtype must be one of {sorted(_DTYPES)}, got {frozen_dtype!r}.")
+        self.save_hyperparameters()
+        self.base_model = base_model
+        self.encoder_spec = encoder
+        self.subjects = dict(subjects or {"<person>": "person"})
+        if not self.subjects:
+            raise ValueError("subjects must name at least one token, e.g. {'<person>': 'person'}.")
+        self.dropout = dropout or ConditioningDropout()
+        self.min_snr_gamma = min_snr_gamma
+        self.noise_offset = noise_offset
+        self.frozen_dtype = _DTYPES[frozen_dtype]
+        self.gradient_checkpointing = gradient_checkpointing
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.seed = seed
+        self.value_norm_factor = value_norm_factor
+        self.domain = domain
+        self.frozen: FrozenModules | None = None
+        self.adapter: NestedAdapter | None = None
+
+    # ------------------------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        """Load the frozen parts and build the adapter (once; idempotent)."""
+        if self.adapter is not None:
+            return
+        backbone = DiffusionBackbone.from_pretrained(self.base_model, dtype=self.frozen_dtype)
+        if self.frozen_dtype == torch.float16:
+            backbone.vae.to(torch.float32)
+        if self.gradient_checkpointing:
+            backbone.unet.enable_gradient_checkpointing()
+        image_backbone = load_vision_backbone(self.encoder_spec, dtype=self.frozen_dtype)
+        (token, class_word), *extra = self.subjects.items()
+        adapter = NestedAdapter.for_unet(
+            backbone.unet,
+            token=token,
+            class_word=class_word,
+            encoder=self.encoder_spec,
+            subject_encoder=SubjectEncoder.from_spec(self.encoder_spec, backbone=image_backbone),
+            value_norm_factor=self.value_norm_factor,
+            domain=self.domain,
+            base_model=self.base_model,
+        )
+        adapter.config.extra_tokens = dict(extra)
+        adapter.add_tokens(backbone.tokenizers, backbone.text_encoders)
+        adapter.attach(backbone.unet)
+        modules = {"unet": backbone.unet, "vae": backbone.vae}
+        modules.update({f"text_encoder_{i}": encoder for i, encoder in enumerate(backbone.text_encoders)})
+        self.frozen = FrozenModules(backbone=backbone, **modules)
+        self.adapter = adapter
+
+    @property
+    def backbone(self) -> DiffusionBackbone:
+        return self.frozen.backbone
+
+    def _apply(self, fn, recurse: bool = True):
+        if self.frozen is not None:
+            self.frozen.apply(fn)  # frozen modules follow .to(device); they are not submodules
+        return super()._apply(fn, recurse)
+
+    def configure_optimizers(self) -> Any:
+        # Only used when no optimizer is configured through LightningCLI (--optimizer ...).
+        return torch.optim.AdamW(
+            self.adapter.trainable_parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()  # the adapter must exist before its state is loaded
+        expected = set(self.state_dict())
+        found = set(checkpoint["state_dict"])
+        if expected != found:
+            raise ValueError(
+                "the checkpoint does not match this model's adapter: missing "
+                f"{sorted(expected - found)[:3]}, unexpected {sorted(found - expected)[:3]}. Was it trained with a "
+                "different base model, encoder or token list?"
+            )
+
+    # --------------------------------------------------------------------------- training
+    def _generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator determined by (seed, global step, rank): resumable and per-rank."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank * 7 + offset)
+        return generator
+
+    def diffusion_loss(
+        self, batch: dict[str, Any], generator: torch.Generator, apply_dropout: bool = True
+    ) -> dict[str, Tensor]:
+        """Noise-prediction loss of one batch; returns {"loss", "subject_fraction"}."""
+        backbone, adapter = self.backbone, self.adapter
+        captions: list[str] = list(batch["captions"])
+        subjects: list[str] = list(batch["subjects"])
+        batch_size = len(captions)
+        unknown = sorted(set(subjects) - set(self.subjects))
+        if unknown:
+            raise ValueError(
+                f"batch binds to tokens {unknown}, but the module learns only {sorted(self.subjects)}."
+            )
+        device = self.device
+
+        if apply_dropout:
+            drop_text, drop_image = self.dropout.sample(batch_size, generator)
+        else:
+            drop_text = drop_image = torch.zeros(batch_size, dtype=torch.bool)
+        captions = [
+            "" if drop else caption for caption, drop in zip(captions, drop_text.tolist(), strict=True)
+        ]
+
+        with torch.no_grad():
+            if "latents" in batch:
+                latents = batch["latents"].to(device, torch.float32)
+            else:
+                pixels = batch["pixel_values"].to(device, backbone.vae.dtype)
+                latents = backbone.encode_images(pixels, generator=generator).float()
+            conditioning = backbone.encode_prompts(captions)
+
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(
+                latents.shape[:2] + (1, 1), generator=generator
+            ).to(device)
+        scheduler = backbone.noise_scheduler
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
+        ).to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+
+        # Subject tokens for every sample (even dropped ones) so every adapter weight takes part
+        # in every step: DDP then needs no find_unused_parameters.
+        tokens = adapter.encode(batch["reference"].to(device))
+        bindings = []
+        keep = ~drop_image
+        for token in self.subjects:
+            rows = torch.tensor([s == token for s in subjects]) & keep
+            masks = subject_masks_for_tokenizers(backbone.tokenizers, captions, token) & rows[:, None]
+            bindings.append(SubjectBinding(tokens=tokens, masks=masks.to(device)))
+        adapter.set_subjects(bindings)
+        try:
+            added = None
+            if backbone.kind == "sdxl":
+                resolution = latents.shape[-1] * backbone.vae_scale_factor
+                time_ids = backbone.time_ids(
+                    batch["original_sizes"], batch["crops_top_left"], (resolution, resolution)
+                )
+                added = backbone.unet_added_cond_kwargs(conditioning, time_ids.to(device))
+            prediction = backbone.unet(
+                noisy.to(backbone.unet.dtype),
+                timesteps,
+                conditioning.prompt_embeds.to(backbone.unet.dtype),
+                added_cond_kwargs=added,
+            ).sample.float()
+            # Zero-weighted use of every nested projection: keeps DDP's gradient buckets complete
+            # when dropout removed every subject of a rank's batch.
+            participation = sum(k.sum() + v.sum() for b in bindings for k, v in b.nested_kv.values()) * 0.0
+        finally:
+            adapter.clear_subjects()
+
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        if self.min_snr_gamma is not None:
+            per_sample = per_sample * self._min_snr_weights(timesteps, scheduler.config.prediction_type)
+        subject_fraction = torch.stack([b.masks.any(-1) for b in bindings]).any(0).float().mean()
+        return {"loss": per_sample.mean() + participation, "subject_fraction": subject_fraction}
+
+    def _min_snr_weights(self, timesteps: Tensor, prediction_type: str) -> Tensor:
+        alphas_cumprod = self.backbone.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        out = self.diffusion_loss(batch, self._generator())
+        batch_size = len(batch["captions"])
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log("train/subject_fraction", out["subject_fraction"], batch_size=batch_size, sync_dist=True)
+        for name, count in (batch.get("skipped") or {}).items():
+            # Summed over the epoch and across ranks: how many samples the data pipeline skipped.
+            self.log(
+                f"data/skipped_{name}",
+                torch.as_tensor(count, dtype=torch.float32, device=self.device),
+                reduce_fx="sum",
+                on_step=False,
+                on_epoch=True,
+                batch_size=1,
+                sync_dist=True,
+            )
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        # Fixed generator per batch index: validation losses are comparable across epochs.
+        generator = torch.Generator().manual_seed(self.seed + batch_idx)
+        out = self.diffusion_loss(batch, generator, apply_dropout=False)
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=len(batch["captions"]), sync_dist=True)
+        return out["loss"]

@@ -1,0 +1,366 @@
+"""Tiny random diffusers checkpoints written to disk, for tests and the CPU demo.
+
+Everything here is written in the exact layout of real checkpoints (``model_index.json``, one folder per
+component, safetensors weights, ``vocab.json`` + ``merges.txt`` tokenizers), so code under test loads it
+through the same ``from_pretrained`` path as real weights. Weights are random but deterministic given the
+seed; a whole pipeline is well under 3 MB.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2Model,
+)
+
+try:  # transformers >= 5 without torchvision: the PIL backends, imported directly to avoid a fallback warning
+    from transformers import BitImageProcessorPil as BitImageProcessor
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # transformers 4.x
+    from transformers import BitImageProcessor, CLIPImageProcessor
+
+__all__ = [
+    "TINY_WORDS",
+    "build_tiny_tokenizer",
+    "write_tiny_pipeline",
+    "write_tiny_tokenizer",
+    "write_tiny_vision_model",
+]
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
+
+# Caption vocabulary of the tiny tokenizer: every word here becomes ONE token (``word</w>``); anything else
+# still tokenizes, into sub-word pieces or single bytes, as with the real CLIP tokenizer.
+_CAPTION_WORDS = """
+    a an the of on at in with and or to for from by near under over behind next wearing holding
+    photo picture image portrait selfie closeup close up shot painting sketch drawing cartoon anime render
+    style watercolor oil pencil illustration sculpture statue
+    person people man woman boy girl child baby kid face head hair eyes smile smiling beard glasses hat
+    dog cat pet puppy kitten animal bird horse
+    beach snow sea ocean lake river mountain forest tree trees grass field garden park city street road
+    house room kitchen bed sofa chair table window wall door sky sun moon cloud clouds rain night day
+    morning evening sunset light dark shadow
+    red blue green yellow orange purple pink white black brown gray gold silver colorful
+    big small little young old happy sad cute beautiful funny
+    walking sitting standing running lying sleeping playing eating reading looking jumping swimming
+    wears shirt jacket coat dress suit scarf
+    high quality detailed realistic professional studio lighting background blurry lowres worst low bad
+    anatomy monochrome cinematic vintage
+    one two three together group friends
+"""
+TINY_WORDS: tuple[str, ...] = tuple(_CAPTION_WORDS.split())
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of byte-level BPE (GPT-2 / CLIP): 256 distinct symbols.
+
+    Printable latin-1 bytes map to themselves; the others are shifted past U+0100 so that every byte has a
+    visible, non-whitespace symbol. Printable bytes come first in the dict, as in CLIP's vocab.json, so
+    ``"!"`` gets id 0 (SDXL's second tokenizer pads with it).
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {byte: chr(byte) for byte in printable}
+    others = [byte for byte in range(256) if byte not in table]
+    table |= {byte: chr(256 + index) for index, byte in enumerate(others)}
+    return table
+
+
+def build_tiny_tokenizer(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn a CLIP-style byte-level BPE on ``words``; returns ``(vocab, merges)`` in CLIP's file layout.
+
+    Plain greedy BPE: repeatedly merge the most frequent adjacent symbol pair (ties broken by the pair's text,
+    so the result is identical in every process, unlike the ``tokenizers`` trainer whose ties follow hash
+    order) until every word is one symbol, so words of the list always stay whole. The vocabulary is
+    ordered like OpenAI CLIP's: the 256 byte symbols, the same with ``</w>``, one entry per merge, then
+    ``<|startoftext|>`` and ``<|endoftext|>`` last (EOS has the largest id, as in real CLIP).
+    """
+    byte_to_symbol = _bytes_to_unicode()
+    pieces: dict[str, list[str]] = {}  # word -> its current symbols, the last one carrying </w>
+    for word in words:
+        symbols = [byte_to_symbol[byte] for byte in word.lower().encode("utf-8")]
+        pieces[word.lower()] = [*symbols[:-1], symbols[-1] + END_OF_WORD]
+
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in pieces.values():
+            for pair in itertools.pairwise(symbols):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for word, symbols in pieces.items():
+            merged: list[str] = []
+            index = 0
+            while index < len(symbols):
+                if index + 1 < len(symbols) and (symbols[index], symbols[index + 1]) == best:
+                    merged.append(symbols[index] + symbols[index + 1])
+                    index += 2
+                else:
+                    merged.append(symbols[index])
+                    index += 1
+            pieces[word] = merged
+
+    byte_symbols = list(byte_to_symbol.values())
+    entries = byte_symbols + [symbol + END_OF_WORD for symbol in byte_symbols]
+    entries += [left + right for left, right in merges] + [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: index for index, token in enumerate(entries)}
+    if len(vocab) != len(entries):
+        raise RuntimeError("tiny BPE produced duplicate vocabulary entries")
+    return vocab, merges
+
+
+def _tidy_tokenizer_folder(path: Path) -> None:
+    """Make a saved tokenizer folder look like the real SD / SDXL ones.
+
+    transformers 5 also writes ``tokenizer.json``: dropping it makes loading go through vocab.json +
+    merges.txt, as for the real repositories, which ship none. It also records how the tokenizer was last
+    loaded (``is_local``, ``local_files_only``) in tokenizer_config.json; that is not part of the model.
+    """
+    (path / "tokenizer.json").unlink(missing_ok=True)
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_tiny_tokenizer(path: str | Path, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+    """Write a real CLIP tokenizer (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``) to ``path``.
+
+    ``pad_token`` is ``<|endoftext|>`` like SD / SDXL's first tokenizer, or ``"!"`` like SDXL's second.
+    Returns the tokenizer loaded back from disk, after checking it is not the offline 2-token fallback.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_tiny_tokenizer()
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer(
+        vocab=str(path / "vocab.json"),
+        merges=str(path / "merges.txt"),
+        pad_token=pad_token,
+        model_max_length=77,
+    )
+    tokenizer.save_pretrained(path)
+    _tidy_tokenizer_folder(path)
+    loaded = CLIPTokenizer.from_pretrained(path)
+    if len(loaded) != len(vocab):
+        raise RuntimeError(
+            f"tiny tokenizer at {path} reloads with {len(loaded)} tokens, expected {len(vocab)}"
+        )
+    return loaded
+
+
+def _text_config(tokenizer: CLIPTokenizer, projection_dim: int = 32) -> CLIPTextConfig:
+    """Tiny CLIP text config whose vocabulary and special ids match ``tokenizer``."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _tiny_unet(kind: Literal["sd", "sdxl"]) -> UNet2DConditionModel:
+    """A two-level UNet shaped like SD 1.x (attention at full resolution) or SDXL (not at full resolution).
+
+    Both have 8-dim attention heads; SDXL's has two transformer blocks per attention at the second level,
+    like the real SDXL's varying ``transformer_layers_per_block``.
+    """
+    if kind == "sd":
+        return UNet2DConditionModel(
+            sample_size=16,
+            block_out_channels=(16, 32),  # (32, 64) would pass 3 MB per pipeline
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=2,  # for SD-style configs this is the number of heads
+            norm_num_groups=8,
+        )
+    return UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(16, 32),  # (32, 64) would pass 3 MB per pipeline
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        # pooled text_embeds (32) + 6 micro-conditioning numbers x 8 Fourier features
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        cross_attention_dim=64,  # the two text encoders' hidden states concatenated: 32 + 32
+        norm_num_groups=8,
+    )
+
+
+def _tiny_vae(kind: Literal["sd", "sdxl"]) -> AutoencoderKL:
+    """A three-block VAE (spatial factor 4) with SD's or SDXL's latent scaling."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025 if kind == "sdxl" else 0.18215,
+        force_upcast=kind == "sdxl",
+    )
+
+
+def _write_image_encoder(path: Path, seed: int) -> None:
+    """Tiny CLIP vision tower + its image processor, both in ``path`` (IP-Adapter's ``image_encoder/`` layout)."""
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    CLIPVisionModelWithProjection(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        path
+    )
+
+
+def write_tiny_pipeline(
+    path: str | Path, kind: Literal["sd", "sdxl"], seed: int = 0, with_image_encoder: bool = True
+) -> Path:
+    """Write a tiny random SD 1.x-like (``"sd"``) or SDXL-like (``"sdxl"``) diffusers pipeline to ``path``.
+
+    The folder loads with ``StableDiffusionPipeline.from_pretrained`` / ``StableDiffusionXLPipeline
+    .from_pretrained``. Images of H x W pixels use latents (B, 4, H/4, W/4). With ``with_image_encoder`` an
+    ``image_encoder/`` folder (CLIP vision, 32 px) is added that is NOT registered in ``model_index.json``.
+    Same ``seed`` -> identical weights. Returns ``path``.
+    """
+    if kind not in ("sd", "sdxl"):
+        raise ValueError(f"kind must be 'sd' or 'sdxl', got {kind!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    # Tokenizers are written first: the text encoders' vocab size and special ids come from them.
+    tokenizer = write_tiny_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    torch.manual_seed(seed + 1)
+    unet = _tiny_unet(kind)
+    torch.manual_seed(seed + 2)
+    vae = _tiny_vae(kind)
+    schedule = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    schedule |= {"num_train_timesteps": 1000, "prediction_type": "epsilon"}
+
+    if kind == "sd":
+        scheduler = DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            image_encoder=None,
+            requires_safety_checker=False,
+        )
+    else:
+        tokenizer_2 = write_tiny_tokenizer(path / "tokenizer_2", pad_token="!")  # like the real SDXL
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=32))
+        scheduler = EulerDiscreteScheduler(**schedule, timestep_spacing="leading", steps_offset=1)
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=None,
+            feature_extractor=None,
+        )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        if (path / name).is_dir():
+            _tidy_tokenizer_folder(path / name)
+    if with_image_encoder:
+        _write_image_encoder(path / "image_encoder", seed + 4)
+    return path
+
+
+def write_tiny_vision_model(
+    path: str | Path, kind: Literal["clip", "dinov2"] = "clip", seed: int = 0
+) -> Path:
+    """Write a tiny standalone vision backbone (model + image processor) to ``path``; returns ``path``.
+
+    ``"clip"``: ``CLIPVisionModelWithProjection``, 32 px, patch 8 -> hidden states (B, 17, 32).
+    ``"dinov2"``: ``Dinov2Model``, 28 px, patch 14 -> hidden states (B, 5, 32).
+    Both load with ``AutoModel`` / ``AutoImageProcessor.from_pretrained(path)``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if kind == "clip":
+        _write_image_encoder(path, seed)
+    elif kind == "dinov2":
+        torch.manual_seed(seed)
+        config = Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            image_size=28,
+            patch_size=14,
+        )
+        Dinov2Model(config).save_pretrained(path)
+        BitImageProcessor(
+            size={"shortest_edge": 32},
+            crop_size={"height": 28, "width": 28},
+            image_mean=[0.485, 0.456, 0.406],  # ImageNet statistics, as DINOv2 uses
+            image_std=[0.229, 0.224, 0.225],
+            do_convert_rgb=True,
+        ).save_pretrained(path)
+    else:
+        raise ValueError(f"kind must be 'clip' or 'dinov2', got {kind!r}")
+    return path

@@ -1,0 +1,152 @@
+"""Subject tokens: placeholder tokens (``<person>``), their embeddings, and where they sit in prompts.
+
+A subject is anchored to one text token (a class word such as ``person`` or a new placeholder such as
+``<person>``). Nested attention needs, per prompt, the positions of that token among the 77 text tokens:
+:func:`subject_masks` computes them with exactly the padding / truncation the backbone uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "add_placeholder_token",
+    "get_token_embedding",
+    "set_token_embedding",
+    "subject_masks",
+    "subject_masks_for_tokenizers",
+    "subject_token_ids",
+]
+
+
+def subject_token_ids(tokenizer: Any, token: str) -> list[int]:
+    """The ids ``token`` becomes inside a prompt, without BOS / EOS.
+
+    One id for a vocabulary word (``person`` -> ``[id("person</w>")]``) or an added placeholder, several for a
+    word that splits into pieces. CLIP pre-tokenizes on whitespace, letters and punctuation, so a word is
+    tokenized the same alone and inside a prompt.
+    """
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"subject token {token!r} tokenizes to nothing; use a non-empty word.")
+    return list(ids)
+
+
+def add_placeholder_token(tokenizer: Any, text_encoder: Any, placeholder: str, class_word: str) -> int:
+    """Add ``placeholder`` as ONE new token, initialised from ``class_word``; returns its id. Idempotent.
+
+    The text encoder's input embeddings are resized to ``len(tokenizer)`` and the new row is set to the mean
+    of the class word's piece embeddings (C,). Calling again changes nothing, so a trained embedding is never
+    reset. For SDXL call it once per (tokenizer, text encoder) pair.
+    """
+    embeddings = text_encoder.get_input_embeddings()
+    old_rows = embeddings.weight.shape[0]
+    if tokenizer.add_tokens([placeholder]) == 0 and old_rows >= len(tokenizer):
+        ids = subject_token_ids(tokenizer, placeholder)
+        if len(ids) != 1:
+            raise ValueError(f"{placeholder!r} is already in the vocabulary but tokenizes to {len(ids)} ids.")
+        _pool_at_eos(tokenizer, text_encoder)
+        return ids[0]
+    ids = subject_token_ids(tokenizer, placeholder)
+    if len(ids) != 1:
+        raise ValueError(
+            f"placeholder {placeholder!r} tokenizes to {len(ids)} ids after being added; use a placeholder "
+            "without spaces, like '<person>'."
+        )
+    placeholder_id = ids[0]
+    class_ids = subject_token_ids(tokenizer, class_word)
+
+    requires_grad = embeddings.weight.requires_grad
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    embeddings = text_encoder.get_input_embeddings()
+    embeddings.weight.requires_grad_(requires_grad)  # resizing may build a new, trainable, Parameter
+    with torch.no_grad():
+        embeddings.weight[placeholder_id] = embeddings.weight[class_ids].mean(dim=0)
+    _pool_at_eos(tokenizer, text_encoder)
+    return placeholder_id
+
+
+def _pool_at_eos(tokenizer: Any, text_encoder: Any) -> None:
+    """Make a CLIP text encoder pool its output at the tokenizer's EOS token.
+
+    CLIP checkpoints with the legacy ``eos_token_id == 2`` in their config (SD 1.x, SDXL) pool at
+    ``argmax(input_ids)``: the largest id, which is EOS only as long as no token was added. Pooling at the
+    real EOS id gives the same output on prompts without added tokens, and the right one with them.
+    """
+    text_model = getattr(text_encoder, "text_model", None)
+    if getattr(text_model, "eos_token_id", None) == 2 and tokenizer.eos_token_id != 2:
+        text_model.eos_token_id = tokenizer.eos_token_id
+        text_encoder.config.eos_token_id = tokenizer.eos_token_id
+
+
+def _find(sequence: list[int], pattern: list[int]) -> list[int]:
+    """Every position of ``sequence`` covered by an occurrence of ``pattern``."""
+    width = len(pattern)
+    positions: list[int] = []
+    for start in range(len(sequence) - width + 1):
+        if sequence[start : start + width] == pattern:
+            positions.extend(range(start, start + width))
+    return positions
+
+
+def subject_masks(tokenizer: Any, prompts: Sequence[str], token: str) -> torch.Tensor:
+    """Positions of ``token`` in each prompt, as the text encoder sees it: bool (B, T), T = 77.
+
+    Prompts are padded to ``tokenizer.model_max_length`` and truncated like the backbone does. Every
+    occurrence is marked, all pieces of a multi-piece token; an occurrence cut (even partly) by truncation
+    is not; a prompt without the token gives an all-False row. Padding is never marked.
+    """
+    pattern = subject_token_ids(tokenizer, token)
+    length = tokenizer.model_max_length
+    encoded = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True)
+    masks = torch.zeros(len(prompts), length, dtype=torch.bool)
+    for row, (ids, attention) in enumerate(zip(encoded.input_ids, encoded.attention_mask, strict=True)):
+        # Search only real tokens: SDXL's second tokenizer pads with "!", which may itself be a subject piece.
+        positions = _find(list(ids[: sum(attention)]), pattern)
+        masks[row, positions] = True
+    return masks
+
+
+def subject_masks_for_tokenizers(
+    tokenizers: Sequence[Any], prompts: Sequence[str], token: str
+) -> torch.Tensor:
+    """:func:`subject_masks` for each tokenizer (SDXL has two); they must agree. Returns bool (B, T).
+
+    The UNet sees both encoders' tokens concatenated per position, so a position is the subject's only if both
+    tokenizers put the subject there; raises ValueError naming the first prompt where they disagree.
+    """
+    if not tokenizers:
+        raise ValueError("subject_masks_for_tokenizers needs at least one tokenizer.")
+    first, *others = (subject_masks(tokenizer, prompts, token) for tokenizer in tokenizers)
+    for index, other in enumerate(others, start=1):
+        if other.shape != first.shape:
+            raise ValueError(
+                f"tokenizers 0 and {index} have different max lengths: {first.shape} vs {other.shape}"
+            )
+        differing = (first != other).any(dim=1).nonzero()
+        if len(differing):
+            raise ValueError(
+                f"tokenizers 0 and {index} place the subject token {token!r} at different positions in the "
+                f"prompt {prompts[int(differing[0])]!r}; add the same placeholder to both tokenizers "
+                "(add_placeholder_token)."
+            )
+    return first
+
+
+def get_token_embedding(text_encoder: Any, token_id: int) -> torch.Tensor:
+    """A detached copy of the input embedding row of ``token_id``: (C,)."""
+    return text_encoder.get_input_embeddings().weight[token_id].detach().clone()
+
+
+def set_token_embedding(text_encoder: Any, token_id: int, vector: torch.Tensor) -> None:
+    """Overwrite the input embedding row of ``token_id`` with ``vector`` (C,), e.g. when loading an adapter."""
+    weight = text_encoder.get_input_embeddings().weight
+    if vector.shape != weight.shape[1:]:
+        raise ValueError(
+            f"embedding for token {token_id} must have shape {tuple(weight.shape[1:])}, got {tuple(vector.shape)}"
+        )
+    with torch.no_grad():
+        weight[token_id] = vector.to(weight.device, weight.dtype)

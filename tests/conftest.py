@@ -1,0 +1,21 @@
+"""Shared pytest fixtures: tiny random diffusers checkpoints written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nested.testing import write_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD 1.x-like diffusers folder (with image_encoder/). Treat as read-only: copy it to modify."""
+    return write_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL-like diffusers folder (with image_encoder/). Treat as read-only: copy it to modify."""
+    return write_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl")

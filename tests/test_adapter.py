@@ -1,0 +1,289 @@
+"""NestedAdapter on real (tiny) diffusers UNets loaded from disk: attach/detach, save/load, caching."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from nested.adapter import NestedAdapter, SubjectBinding, cross_attention_layers
+from nested.backbone import DiffusionBackbone
+from nested.encoder import EncoderSpec
+from nested.tokens import subject_masks_for_tokenizers
+
+PROMPTS = ["a photo of a person on the beach", "a photo of a dog in the snow"]
+
+
+def make_adapter(backbone, image_encoder, token="person", class_word="person", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    spec = EncoderSpec(backbone=str(image_encoder), num_tokens=6, width=32, depth=1, heads=2)
+    adapter = NestedAdapter.for_unet(
+        backbone.unet, token=token, class_word=class_word, encoder=spec, **kwargs
+    )
+    for layer in adapter.layers.values():  # visible effects at random init
+        torch.nn.init.normal_(layer.to_k.weight, std=0.5)
+        torch.nn.init.normal_(layer.to_v.weight, std=0.5)
+    return adapter.eval()
+
+
+def unet_inputs(backbone, prompts, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(prompts)
+    latents = torch.randn(batch, 4, 16, 16, generator=generator)
+    timesteps = torch.tensor([500] * batch)
+    cond = backbone.encode_prompts(prompts)
+    added = None
+    if backbone.kind == "sdxl":
+        sizes = torch.tensor([[64, 64]] * batch)
+        time_ids = backbone.time_ids(sizes, torch.zeros(batch, 2, dtype=torch.long), (64, 64))
+        added = backbone.unet_added_cond_kwargs(cond, time_ids)
+    return latents, timesteps, cond.prompt_embeds, added
+
+
+def run_unet(backbone, inputs):
+    latents, timesteps, embeds, added = inputs
+    with torch.no_grad():
+        return backbone.unet(latents, timesteps, embeds, added_cond_kwargs=added).sample
+
+
+def bind(adapter, backbone, prompts, images, token="person"):
+    masks = subject_masks_for_tokenizers(backbone.tokenizers, prompts, token)
+    with torch.no_grad():
+        tokens = adapter.encode(images)
+    adapter.set_subjects([SubjectBinding(tokens=tokens, masks=masks)])
+    return masks
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def pipeline_path(request, tiny_sd_path, tiny_sdxl_path):
+    return {"sd": tiny_sd_path, "sdxl": tiny_sdxl_path}[request.param]
+
+
+@pytest.fixture
+def backbone(pipeline_path):
+    return DiffusionBackbone.from_pretrained(pipeline_path)
+
+
+def test_plain_prompts_are_bit_identical_and_subject_prompts_differ(backbone, pipeline_path):
+    adapter = make_adapter(backbone, pipeline_path / "image_encoder")
+    inputs = unet_inputs(backbone, PROMPTS)
+    plain = run_unet(backbone, inputs)
+
+    adapter.attach(backbone.unet)
+    assert torch.equal(run_unet(backbone, inputs), plain)  # attached, nothing bound
+
+    masks = bind(adapter, backbone, PROMPTS, torch.rand(2, 3, 40, 40))
+    assert masks[0].sum() == 1 and not masks[1].any()  # "person" in prompt 0 only
+    out = run_unet(backbone, inputs)
+    assert torch.equal(out[1], plain[1]), "a prompt without the subject must be untouched"
+    assert not torch.allclose(out[0], plain[0]), "the subject's prompt must change"
+
+    adapter.detach(backbone.unet)
+    assert torch.equal(run_unet(backbone, inputs), plain)
+    assert all(
+        type(attn.processor) is AttnProcessor2_0 for attn in cross_attention_layers(backbone.unet).values()
+    )
+
+
+def test_save_load_round_trip_gives_identical_outputs(backbone, pipeline_path, tmp_path):
+    adapter = make_adapter(backbone, pipeline_path / "image_encoder", token="<person>", domain="faces")
+    adapter.add_tokens(backbone.tokenizers, backbone.text_encoders)
+    prompts = ["a photo of <person> on the beach", "a dog"]
+    images = torch.rand(2, 3, 32, 32)
+    inputs = unet_inputs(backbone, prompts)
+    adapter.attach(backbone.unet)
+    bind(adapter, backbone, prompts, images, token="<person>")
+    before = run_unet(backbone, inputs)
+    adapter.detach(backbone.unet)
+
+    adapter.save_pretrained(tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["adapter.safetensors", "adapter_config.json"]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["token"] == "<person>" and config["class_word"] == "person" and config["domain"] == "faces"
+    assert config["encoder"]["num_tokens"] == 6 and config["format_version"] == 1
+    assert set(config["layers"]) == set(cross_attention_layers(backbone.unet))
+
+    fresh = DiffusionBackbone.from_pretrained(pipeline_path)  # tokenizers without <person>
+    loaded = NestedAdapter.from_pretrained(tmp_path / "adapter").eval()
+    loaded.add_tokens(fresh.tokenizers, fresh.text_encoders)
+    loaded.attach(fresh.unet)
+    bind(loaded, fresh, prompts, images, token="<person>")
+    assert torch.equal(run_unet(fresh, unet_inputs(fresh, prompts)), before)
+
+
+def test_state_dict_keys_are_layer_names(backbone, pipeline_path):
+    adapter = make_adapter(backbone, pipeline_path / "image_encoder")
+    keys = adapter.adapter_state_dict().keys()
+    layer = next(iter(cross_attention_layers(backbone.unet)))
+    assert f"layers.{layer}.to_k.weight" in keys and f"layers.{layer}.to_v.weight" in keys
+    assert all(k.startswith(("resampler.", "layers.", "token_embeddings.")) for k in keys)
+    assert not any("backbone" in k for k in adapter.state_dict())  # the frozen backbone is not saved
+
+
+def test_mismatched_base_is_refused_with_the_layer_and_dims(tiny_sd_path, tiny_sdxl_path, tmp_path):
+    sd, sdxl = (
+        DiffusionBackbone.from_pretrained(tiny_sd_path),
+        DiffusionBackbone.from_pretrained(tiny_sdxl_path),
+    )
+    adapter = make_adapter(sd, tiny_sd_path / "image_encoder")
+    adapter.save_pretrained(tmp_path / "sd-adapter")
+    loaded = NestedAdapter.from_pretrained(tmp_path / "sd-adapter")
+    with pytest.raises(ValueError, match=r"layer '.*attn2'"):
+        loaded.attach(sdxl.unet)
+    # Same layer names, different dims: the error names the layer and both dims.
+    config = json.loads((tmp_path / "sd-adapter" / "adapter_config.json").read_text())
+    name = next(iter(config["layers"]))
+    layers = {k: dict(v) for k, v in config["layers"].items()}
+    layers[name]["inner_dim"] *= 2
+    adapter.config.layers = layers
+    with pytest.raises(
+        ValueError, match=rf"layer '{name}' does not fit: .*'inner_dim': {layers[name]['inner_dim']}"
+    ):
+        adapter.attach(sd.unet)
+
+
+def test_pickles_unknown_tensors_and_corrupt_files_are_refused(backbone, pipeline_path, tmp_path):
+    adapter = make_adapter(backbone, pipeline_path / "image_encoder")
+    folder = adapter.save_pretrained(tmp_path / "adapter")
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    torch.save(adapter.adapter_state_dict(), pickled / "adapter.bin")
+    with pytest.raises(ValueError, match="never unpickles"):
+        NestedAdapter.from_pretrained(pickled)
+
+    # A pickle renamed to .safetensors is not loaded either.
+    disguised = tmp_path / "disguised"
+    disguised.mkdir()
+    (disguised / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    torch.save(adapter.adapter_state_dict(), disguised / "adapter.safetensors")
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        NestedAdapter.from_pretrained(disguised)
+
+    from safetensors.torch import save_file
+
+    extra = dict(adapter.adapter_state_dict(), **{"evil.weight": torch.zeros(1)})
+    save_file(extra, folder / "adapter.safetensors")
+    with pytest.raises(ValueError, match="unknown tensors"):
+        NestedAdapter.from_pretrained(folder)
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["tokne"] = "typo"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unknown keys \['tokne'\]"):
+        NestedAdapter.from_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        NestedAdapter.from_pretrained(tmp_path / "missing")
+
+
+def test_nested_kv_computed_once_per_image_over_a_guided_denoising_loop(tiny_sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    backbone = DiffusionBackbone.from_pretrained(tiny_sd_path)
+    adapter = make_adapter(backbone, tiny_sd_path / "image_encoder")
+    calls = []
+    for layer in adapter.layers.values():
+        layer.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    unet_calls = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: unet_calls.append(args[0].shape[0]))
+
+    def generate():
+        return pipe(
+            "a photo of a person",
+            num_inference_steps=3,
+            guidance_scale=5.0,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
+
+    plain = generate()
+    adapter.attach(pipe.unet)
+    masks = subject_masks_for_tokenizers([pipe.tokenizer], ["a photo of a person"], "person")
+    with torch.no_grad():
+        adapter.set_subjects([SubjectBinding(tokens=adapter.encode(torch.rand(1, 3, 32, 32)), masks=masks)])
+    personalised = generate()
+    assert unet_calls == [2] * 6  # 3 steps x (plain + personalised), CFG batch of 2
+    assert len(calls) == len(adapter.layers) and set(calls) == {1}  # once per layer, one image
+    assert not torch.allclose(plain, personalised)
+    adapter.detach(pipe.unet)
+    assert torch.equal(generate(), plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_runs_without_nan(backbone, pipeline_path, dtype):
+    adapter = make_adapter(backbone, pipeline_path / "image_encoder", value_norm_factor=2.0)
+    backbone.unet.to(dtype)
+    adapter.to(dtype)
+    adapter.attach(backbone.unet)
+    bind(adapter, backbone, PROMPTS, torch.rand(2, 3, 32, 32).to(dtype))
+    latents, timesteps, embeds, added = unet_inputs(backbone, PROMPTS)
+    added = None if added is None else {k: v.to(dtype) for k, v in added.items()}
+    with torch.no_grad():
+        out = backbone.unet(latents.to(dtype), timesteps, embeds.to(dtype), added_cond_kwargs=added).sample
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_replaced_processors_are_detected_and_reattached(backbone, pipeline_path):
+    adapter = make_adapter(backbone, pipeline_path / "image_encoder")
+    inputs = unet_inputs(backbone, PROMPTS)
+    backbone.unet.set_attn_processor(AttnProcessor())  # a user's processor before attaching
+    plain = run_unet(backbone, inputs)
+    adapter.attach(backbone.unet)
+    bind(adapter, backbone, PROMPTS, torch.rand(2, 3, 32, 32))
+    personalised = run_unet(backbone, inputs)
+
+    backbone.unet.set_attn_processor(AttnProcessor2_0())  # e.g. a later enable_xformers...
+    with pytest.warns(UserWarning, match="re-attaching"):
+        again = run_unet(backbone, inputs)
+    torch.testing.assert_close(again, personalised)  # trained weights not silently lost
+    adapter.detach(backbone.unet)
+    layers = cross_attention_layers(backbone.unet)
+    assert all(type(attn.processor) is AttnProcessor2_0 for attn in layers.values())  # the newest user choice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(run_unet(backbone, inputs), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_two_adapters_on_one_unet_each_act_on_their_token(backbone, pipeline_path):
+    person = make_adapter(backbone, pipeline_path / "image_encoder", token="person", seed=1)
+    dog = make_adapter(backbone, pipeline_path / "image_encoder", token="dog", class_word="dog", seed=2)
+    prompts = ["a person walking a dog on the beach"]
+    inputs = unet_inputs(backbone, prompts)
+    plain = run_unet(backbone, inputs)
+    person.attach(backbone.unet)
+    dog.attach(backbone.unet)
+    bind(person, backbone, prompts, torch.rand(1, 3, 32, 32), token="person")
+    bind(dog, backbone, prompts, torch.rand(1, 3, 32, 32), token="dog")
+    both = run_unet(backbone, inputs)
+    dog.detach(backbone.unet)
+    person_only = run_unet(backbone, inputs)
+    assert not torch.allclose(both, person_only) and not torch.allclose(person_only, plain)
+    person.detach(backbone.unet)
+    assert torch.equal(run_unet(backbone, inputs), plain)
+
+
+def test_any_hf_vision_backbone_works(backbone, pipeline_path, tmp_path):
+    from nested.testing import write_tiny_vision_model
+
+    dino = write_tiny_vision_model(tmp_path / "dino", kind="dinov2")
+    adapter = make_adapter(backbone, Path(dino))
+    tokens = adapter.encode(torch.rand(2, 3, 50, 30))
+    assert tokens.shape == (2, 6, 32) and torch.isfinite(tokens).all()
+
+
+def test_resampler_is_safe_in_half_precision(backbone, pipeline_path):
+    adapter = make_adapter(backbone, pipeline_path / "image_encoder")
+    resampler = adapter.encoder.resampler
+    features = torch.randn(2, 17, resampler.proj_in.in_features) * 4000  # activations that overflow fp16 math
+    reference = resampler(features)
+    half = resampler.half()(features.half())
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), reference, rtol=0.02, atol=0.02)

@@ -1,0 +1,181 @@
+"""The nested attention math against a naive reference that builds every per-query value."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nested.attention import NestedSubject, nested_attention, nested_attention_subjects
+
+
+def naive_nested_attention(query, key, value, nested_keys, nested_values, masks, value_norm_factor=None):
+    """Build the (B, H, N, T, D) per-query values explicitly and attend with them."""
+    batch, heads, n_queries, dim = query.shape
+    tokens = key.shape[2]
+    probs = ((query @ key.transpose(-1, -2)) / math.sqrt(dim)).softmax(-1)  # (B, H, N, T)
+    values = value[:, :, None].expand(batch, heads, n_queries, tokens, dim).clone()
+    for nk, nv, mask in zip(nested_keys, nested_values, masks, strict=True):
+        v_star = ((query @ nk.transpose(-1, -2)) / math.sqrt(dim)).softmax(-1) @ nv  # (B, H, N, D)
+        for b in range(batch):
+            for t in mask[b].nonzero().flatten().tolist():
+                per_query = v_star[b]
+                if value_norm_factor is not None:
+                    target = value_norm_factor * value[b, :, t].norm(dim=-1)[:, None, None]
+                    per_query = per_query / per_query.norm(dim=-1, keepdim=True) * target
+                values[b, :, :, t] = per_query
+    return (probs[..., None] * values).sum(-2)
+
+
+def random_case(generator, batch, heads, n_queries, tokens, dim, n_subjects, positions_per_sample):
+    query = torch.randn(batch, heads, n_queries, dim, generator=generator)
+    key = torch.randn(batch, heads, tokens, dim, generator=generator)
+    value = torch.randn(batch, heads, tokens, dim, generator=generator)
+    free = torch.randperm(tokens, generator=generator).tolist()
+    nested_keys, nested_values, masks = [], [], []
+    for i in range(n_subjects):
+        m = int(torch.randint(2, 9, (1,), generator=generator))
+        nested_keys.append(torch.randn(batch, heads, m, dim, generator=generator))
+        nested_values.append(torch.randn(batch, heads, m, dim, generator=generator))
+        mask = torch.zeros(batch, tokens, dtype=torch.bool)
+        for b in range(batch):
+            count = positions_per_sample[(b + i) % len(positions_per_sample)]
+            # Distinct positions per subject so no two subjects overlap.
+            chosen = free[i * 2 : i * 2 + count]
+            mask[b, chosen] = True
+        masks.append(mask)
+    return query, key, value, nested_keys, nested_values, masks
+
+
+@pytest.mark.parametrize("n_subjects", [1, 2, 3])
+@pytest.mark.parametrize("value_norm_factor", [None, 2.0])
+def test_matches_naive_reference(n_subjects, value_norm_factor):
+    generator = torch.Generator().manual_seed(n_subjects)
+    for trial in range(4):
+        batch = 1 + trial % 3
+        case = random_case(generator, batch, 2 + trial % 2, 5 + trial, 9, 8, n_subjects, [0, 1, 2])
+        got = nested_attention(*case, value_norm_factor=value_norm_factor)
+        want = naive_nested_attention(*case, value_norm_factor=value_norm_factor)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_subject_is_exactly_sdpa():
+    generator = torch.Generator().manual_seed(0)
+    query, key, value, nested_keys, nested_values, masks = random_case(generator, 3, 2, 7, 9, 8, 2, [0, 1])
+    masks = [torch.zeros_like(m) for m in masks]
+    got = nested_attention(query, key, value, nested_keys, nested_values, masks)
+    assert torch.equal(got, F.scaled_dot_product_attention(query, key, value))
+
+
+def test_samples_without_subject_are_exactly_sdpa_in_a_mixed_batch():
+    generator = torch.Generator().manual_seed(1)
+    query, key, value, nested_keys, nested_values, masks = random_case(generator, 3, 2, 7, 9, 8, 1, [1])
+    masks[0][1] = False
+    got = nested_attention(query, key, value, nested_keys, nested_values, masks)
+    plain = F.scaled_dot_product_attention(query, key, value)
+    assert torch.equal(got[1], plain[1])
+    assert not torch.allclose(got[0], plain[0])
+
+
+def test_overlapping_subjects_raise():
+    generator = torch.Generator().manual_seed(2)
+    query, key, value, nested_keys, nested_values, masks = random_case(generator, 2, 2, 4, 9, 8, 2, [1])
+    masks[1] = masks[0].clone()
+    with pytest.raises(ValueError, match="same token position"):
+        nested_attention(query, key, value, nested_keys, nested_values, masks)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: (c[0], c[1], c[2], c[3], c[4], [c[5][0][:, :5]]), "mask must be a bool tensor"),
+        (lambda c: (c[0], c[1], c[2], [c[3][0][:, :1]], c[4], c[5]), "nested keys and values"),
+        (lambda c: (c[0], c[1][:, :, :, :4], c[2], c[3], c[4], c[5]), "key and value must be"),
+        (lambda c: (c[0], c[1], c[2], c[3], c[4], []), "one entry per subject"),
+        (lambda c: (c[0], c[1], c[2], [c[3][0][:1]], [c[4][0][:1]], c[5]), "image_index"),
+    ],
+)
+def test_shape_errors(mutate, message):
+    generator = torch.Generator().manual_seed(3)
+    case = random_case(generator, 2, 2, 4, 9, 8, 1, [1])
+    with pytest.raises(ValueError, match=message):
+        nested_attention(*mutate(case))
+
+
+def test_shared_images_through_image_index_equal_repeated_keys():
+    """Classifier-free guidance: one subject image serves several samples without copying."""
+    generator = torch.Generator().manual_seed(4)
+    query, key, value, nested_keys, nested_values, masks = random_case(generator, 4, 2, 6, 9, 8, 1, [1])
+    masks[0][:2] = False  # the unconditional half
+    index = torch.tensor([0, 0, 0, 0])
+    shared = NestedSubject(
+        mask=masks[0], keys=nested_keys[0][:1], values=nested_values[0][:1], image_index=index
+    )
+    got = nested_attention_subjects(query, key, value, [shared])
+    repeated = nested_attention(
+        query,
+        key,
+        value,
+        [nested_keys[0][:1].expand(4, -1, -1, -1)],
+        [nested_values[0][:1].expand(4, -1, -1, -1)],
+        masks,
+    )
+    torch.testing.assert_close(got, repeated)
+
+
+def test_scale_zero_is_plain_and_token_weight_matches_logit_bias():
+    generator = torch.Generator().manual_seed(5)
+    query, key, value, nested_keys, nested_values, masks = random_case(generator, 2, 2, 6, 9, 8, 1, [1])
+    plain = F.scaled_dot_product_attention(query, key, value)
+    off = NestedSubject(mask=masks[0], keys=nested_keys[0], values=nested_values[0], scale=0.0)
+    torch.testing.assert_close(nested_attention_subjects(query, key, value, [off]), plain)
+
+    # token_weight w == adding log(w) to the subject column's logits (and nested value scale 0).
+    weighted = NestedSubject(
+        mask=masks[0], keys=nested_keys[0], values=nested_values[0], scale=0.0, token_weight=3.0
+    )
+    bias = masks[0][:, None, None, :].float() * math.log(3.0)
+    torch.testing.assert_close(
+        nested_attention_subjects(query, key, value, [weighted]),
+        F.scaled_dot_product_attention(query, key, value, attn_mask=bias),
+    )
+
+
+def test_text_attention_mask_is_respected():
+    generator = torch.Generator().manual_seed(6)
+    query, key, value, nested_keys, nested_values, masks = random_case(generator, 2, 2, 6, 9, 8, 1, [1])
+    text_mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    text_mask[:, :, :, -3:] = False  # padding the subject never sits on
+    masks[0][:, -3:] = False
+    got = nested_attention_subjects(
+        query, key, value, [NestedSubject(masks[0], nested_keys[0], nested_values[0])], attn_mask=text_mask
+    )
+    want = naive_nested_attention(
+        query, key[:, :, :-3], value[:, :, :-3], nested_keys, nested_values, [masks[0][:, :-3]]
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_is_finite_and_close(dtype):
+    generator = torch.Generator().manual_seed(7)
+    case = random_case(generator, 2, 2, 16, 9, 8, 2, [1, 2])
+    got = nested_attention(
+        *[x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in case[:3]],
+        [k.to(dtype) for k in case[3]],
+        [v.to(dtype) for v in case[4]],
+        case[5],
+        value_norm_factor=2.0,
+    )
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    want = naive_nested_attention(*case, value_norm_factor=2.0)
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+def test_gradients_reach_nested_keys_and_values():
+    generator = torch.Generator().manual_seed(8)
+    query, key, value, nested_keys, nested_values, masks = random_case(generator, 2, 2, 6, 9, 8, 1, [1])
+    nested_keys = [k.requires_grad_() for k in nested_keys]
+    nested_values = [v.requires_grad_() for v in nested_values]
+    nested_attention(query, key, value, nested_keys, nested_values, masks).square().sum().backward()
+    assert nested_keys[0].grad.abs().sum() > 0 and nested_values[0].grad.abs().sum() > 0
