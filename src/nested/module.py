@@ -96,7 +96,10 @@ class NestedAttentionModule(L.LightningModule):
         super().__init__()
         if frozen_dtype not in _DTYPES:
             raise ValueError(f"frozen_dtype must be one of {sorted(_DTYPES)}, got {frozen_dtype!r}.")
-        self.save_hyperparameters()
+        # Hyper-parameters as plain data, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["encoder", "dropout"])
+        self.hparams["encoder"] = encoder.to_dict()
+        self.hparams["dropout"] = dataclasses.asdict(dropout or ConditioningDropout())
         self.base_model = base_model
         self.encoder_spec = encoder
         self.subjects = dict(subjects or {"<person>": "person"})

@@ -394,7 +394,8 @@ class _ShardSink:
 def _prepare_out(out: Path, domain: str, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     index = out / INDEX_NAME
-    old = sorted(out.glob(f"{domain}-*.tar")) + sorted(out.glob(f"{domain}-*.tar.tmp"))
+    pattern = re.compile(rf"{re.escape(domain)}-\d{{6}}\.tar(\.tmp)?")  # ours only, not "faces-val-..."
+    old = sorted(p for p in out.iterdir() if pattern.fullmatch(p.name))
     if (index.exists() or old) and not overwrite:
         raise FileExistsError(
             f"{out} already holds shards ({INDEX_NAME} or {domain}-*.tar); "
@@ -429,7 +430,8 @@ def build_shards(
     Args:
         src: a folder of images with sidecar ``.txt`` captions, or a ``.jsonl`` / ``.csv``
             manifest (see ``iter_source``).
-        out: output folder (created). Refuses to touch existing shards unless ``overwrite``.
+        out: output folder, one per domain (created). Refuses to touch existing shards unless
+            ``overwrite``.
         domain: domain name; shard file prefix and each sample's json ``domain``.
         subject: the domain's subject token (``"<person>"``, ``"dog"``), recorded in the index.
         maxcount, maxsize: start a new shard after this many samples / bytes.

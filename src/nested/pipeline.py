@@ -1,0 +1,593 @@
+"""Inference: any number of nested adapters on a diffusers SD / SDXL pipeline, one subject per token.
+
+:class:`NestedPipeline` wraps an existing ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
+(in the spirit of diffusers' ``load_ip_adapter``): each loaded adapter is bound to a prompt token, and
+each call says which image that token's subject is::
+
+    pipe = NestedPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0",
+                                          adapters={"<person>": "me/faces", "<dog>": "me/pets"})
+    image = pipe("<person> walking <dog> on a beach", subjects={"<person>": "me.jpg", "<dog>": "rex.jpg"},
+                 strengths={"<dog>": 0.8}, generator=torch.Generator().manual_seed(0)).images[0]
+    pipe.unload()  # the wrapped pipeline is exactly as before
+
+* Adapters of different domains combine; each acts only on its own token's value.
+* One adapter may serve several tokens (``{"<person1>": faces, "<person2>": faces}``) with a different
+  image each; a token the adapter was not trained on is added as a placeholder initialised from the
+  adapter's learned token embedding (or its class word).
+* Subject images are encoded, and every layer's nested keys/values computed, once per call.
+* With classifier-free guidance the unconditional half of the batch gets no subject (no nested work).
+* :meth:`NestedPipeline.unload` detaches the processors and restores tokenizers and text encoders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from nested.adapter import CONFIG_NAME, AdapterConfig, NestedAdapter, SubjectBinding, resolve_adapter_folder
+from nested.tokens import (
+    add_placeholder_token,
+    set_token_embedding,
+    subject_masks,
+    subject_token_ids,
+)
+
+__all__ = ["NestedPipeline", "Subject", "load_image", "load_nested_adapters"]
+
+ImageInput = Union["PIL.Image.Image", str, os.PathLike, Tensor, np.ndarray]  # noqa: F821
+
+
+@dataclass
+class Subject:
+    """One token's subject for a call: its image(s) and how strongly it acts.
+
+    Attributes:
+        image: a PIL image, an image file path, a (3, H, W) / (1, 3, H, W) tensor in [0, 1] (uint8 in
+            [0, 255] also accepted) or an (H, W, 3) array; or a list with one image per prompt.
+        scale: blend of the subject token's value: 0 -> the plain text value, 1 -> the nested value.
+        token_weight: multiplies the attention probability of the subject column (the official demo's
+            ``special_token_weight``); > 1 strengthens the subject's presence.
+        value_norm_factor: rescales the nested values to ``factor * ||V_s||``; None: the adapter's default.
+    """
+
+    image: ImageInput | Sequence[ImageInput]
+    scale: float = 1.0
+    token_weight: float = 1.0
+    value_norm_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_weight <= 0:
+            raise ValueError(f"token_weight must be > 0, got {self.token_weight}.")
+
+
+def load_image(image: ImageInput, name: str = "subject") -> Tensor:
+    """Any supported image -> (1, 3, H, W) float32 RGB in [0, 1].
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: an unsupported type, shape or value range.
+    """
+    from PIL import Image, ImageOps
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"the image for {name} does not exist: {str(path)!r}.")
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] not in (3, 4):
+            raise ValueError(f"the image array for {name} must be (H, W, 3), got {image.shape}.")
+        image = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1)
+    if not isinstance(image, Tensor):
+        raise ValueError(
+            f"the image for {name} must be a PIL image, a file path, a tensor or an array; got {type(image).__name__}."
+        )
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[:2] != (1, 3):
+        raise ValueError(
+            f"the image tensor for {name} must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}."
+        )
+    if image.dtype == torch.uint8:
+        return image.float() / 255.0
+    image = image.float()
+    if image.min() < -1e-3 or image.max() > 1 + 1e-3:
+        raise ValueError(
+            f"the image tensor for {name} must hold values in [0, 1], got [{image.min():.3g}, {image.max():.3g}]."
+        )
+    return image.clamp(0, 1)
+
+
+@dataclass
+class _Token:
+    """A prompt token bound to an adapter."""
+
+    adapter: NestedAdapter
+    source: str  # where the adapter came from (folder, hub id or "<object>")
+    revision: str | None
+    placeholder: bool  # added to the tokenizers by us
+
+
+@dataclass
+class _TextEncoderState:
+    """What adding a placeholder changes on a text encoder, to put it back exactly."""
+
+    weight: torch.nn.Parameter
+    num_embeddings: int
+    vocab_size: int
+    eos_token_ids: dict[str, Any]
+    had_vocab_size_attr: bool
+    vocab_size_attr: Any = None
+
+
+@dataclass
+class _Snapshot:
+    tokenizers: dict[str, Any] = field(default_factory=dict)  # attribute name -> original tokenizer
+    text_encoders: dict[str, _TextEncoderState] = field(default_factory=dict)
+
+
+def _text_encoder_state(text_encoder: torch.nn.Module) -> _TextEncoderState:
+    embedding = text_encoder.get_input_embeddings()
+    eos = {"config": text_encoder.config.eos_token_id}
+    if hasattr(text_encoder, "eos_token_id"):
+        eos["self"] = text_encoder.eos_token_id
+    inner = getattr(text_encoder, "text_model", None)
+    if inner is not None and hasattr(inner, "eos_token_id"):
+        eos["text_model"] = inner.eos_token_id
+    return _TextEncoderState(
+        weight=embedding.weight,
+        num_embeddings=embedding.num_embeddings,
+        vocab_size=text_encoder.config.vocab_size,
+        eos_token_ids=eos,
+        had_vocab_size_attr="vocab_size" in vars(text_encoder),
+        vocab_size_attr=vars(text_encoder).get("vocab_size"),
+    )
+
+
+def _restore_text_encoder(text_encoder: torch.nn.Module, state: _TextEncoderState) -> None:
+    embedding = text_encoder.get_input_embeddings()
+    embedding.weight = state.weight
+    embedding.num_embeddings = state.num_embeddings
+    text_encoder.config.vocab_size = state.vocab_size
+    text_encoder.config.eos_token_id = state.eos_token_ids["config"]
+    if "self" in state.eos_token_ids:
+        text_encoder.eos_token_id = state.eos_token_ids["self"]
+    if "text_model" in state.eos_token_ids:
+        text_encoder.text_model.eos_token_id = state.eos_token_ids["text_model"]
+    if state.had_vocab_size_attr:
+        text_encoder.vocab_size = state.vocab_size_attr
+    elif "vocab_size" in vars(text_encoder):
+        del text_encoder.vocab_size
+
+
+class NestedPipeline:
+    """A diffusers SD / SDXL pipeline with nested-attention adapters bound to prompt tokens.
+
+    Args:
+        pipe: a loaded ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (or any pipeline
+            with ``unet``, ``tokenizer`` / ``text_encoder`` and optionally ``tokenizer_2`` /
+            ``text_encoder_2``). It is modified in place until :meth:`unload`.
+        adapters: token -> adapter folder, hub repo id (``user/repo`` or ``user/repo@revision``) or a
+            loaded :class:`NestedAdapter`; see :meth:`load_adapter`.
+        image_encoder: overrides where every adapter's frozen vision backbone is loaded from.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        adapters: Mapping[str, str | os.PathLike | NestedAdapter] | None = None,
+        *,
+        image_encoder: str | os.PathLike | None = None,
+    ):
+        if not hasattr(pipe, "unet") or not hasattr(pipe, "tokenizer"):
+            raise ValueError(
+                f"NestedPipeline needs a Stable Diffusion (XL) pipeline with a UNet and tokenizers; got "
+                f"{type(pipe).__name__}."
+            )
+        self.pipe = pipe
+        self.image_encoder = image_encoder
+        self._tokens: dict[str, _Token] = {}
+        self._loaded: dict[tuple[str, str | None], NestedAdapter] = {}
+        self._snapshot: _Snapshot | None = None
+        for token, adapter in (adapters or {}).items():
+            self.load_adapter(token, adapter)
+
+    # ------------------------------------------------------------------------------ building
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        adapters: Mapping[str, str | os.PathLike | NestedAdapter] | None = None,
+        *,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        revision: str | None = None,
+        image_encoder: str | os.PathLike | None = None,
+        **pipeline_kwargs: Any,
+    ) -> NestedPipeline:
+        """Load a base SD / SDXL pipeline (folder or hub id) and the given adapters onto it.
+
+        ``pipeline_kwargs`` go to ``DiffusionPipeline.from_pretrained`` (e.g. ``variant="fp16"``).
+        Hub ids download through the huggingface_hub cache; ``HF_HUB_OFFLINE=1`` is honoured.
+        """
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(
+                str(base), torch_dtype=torch_dtype, revision=revision, **pipeline_kwargs
+            )
+        except OSError as error:
+            raise OSError(
+                f"could not load the base pipeline {str(base)!r}: {error}. Pass a diffusers folder or a hub id "
+                "(cached when offline)."
+            ) from error
+        pipe.to(device)
+        return cls(pipe, adapters, image_encoder=image_encoder)
+
+    @property
+    def _text_pairs(self) -> list[tuple[str, str, Any, torch.nn.Module]]:
+        """(tokenizer attribute, text encoder attribute, tokenizer, text encoder) for each text encoder."""
+        pairs = []
+        for suffix in ("", "_2"):
+            tokenizer = getattr(self.pipe, f"tokenizer{suffix}", None)
+            text_encoder = getattr(self.pipe, f"text_encoder{suffix}", None)
+            if tokenizer is not None and text_encoder is not None:
+                pairs.append((f"tokenizer{suffix}", f"text_encoder{suffix}", tokenizer, text_encoder))
+        return pairs
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [pair[2] for pair in self._text_pairs]
+
+    @property
+    def tokens(self) -> list[str]:
+        """The tokens that have an adapter, in load order."""
+        return list(self._tokens)
+
+    def adapter(self, token: str) -> NestedAdapter:
+        """The adapter serving ``token``."""
+        self._check_token(token)
+        return self._tokens[token].adapter
+
+    def load_adapter(
+        self,
+        token: str,
+        adapter: str | os.PathLike | NestedAdapter,
+        *,
+        revision: str | None = None,
+        image_encoder: str | os.PathLike | None = None,
+    ) -> NestedAdapter:
+        """Bind an adapter to ``token``; returns the adapter.
+
+        Args:
+            token: the prompt token the subject binds to: the adapter's own token (``config.token``),
+                any new placeholder (``<person2>``: added to every tokenizer, initialised from the
+                adapter's learned embedding or its class word), or a plain vocabulary word.
+            adapter: a folder, a hub id (``user/repo``, ``user/repo@revision``) or a loaded adapter.
+                The same folder/hub id loaded for two tokens is loaded once and shared.
+            revision: hub revision to pin (branch, tag or commit).
+            image_encoder: overrides the adapter's vision backbone location.
+
+        Raises:
+            ValueError: the token is already bound, or the adapter was made for another base UNet.
+        """
+        if token in self._tokens:
+            raise ValueError(f"token {token!r} already has an adapter; call unload() first to change it.")
+        if not token or token != token.strip() or " " in token:
+            raise ValueError(f"subject token {token!r} must be one word without spaces, like '<person>'.")
+        if isinstance(adapter, NestedAdapter):
+            loaded, source = adapter, "<object>"
+        else:
+            source = str(adapter)
+            if revision is None and "@" in source and not Path(source).exists():
+                source, revision = source.rsplit("@", 1)
+            key = (source, revision)
+            loaded = self._loaded.get(key)
+            if loaded is None:
+                loaded = self._load(source, revision, image_encoder or self.image_encoder)
+                self._loaded[key] = loaded
+        try:
+            loaded.check_fits(self.pipe.unet)
+        except ValueError as error:
+            raise ValueError(
+                f"the adapter for {token!r} ({source}) does not fit this base model: {error}"
+            ) from error
+        loaded.eval().requires_grad_(False)
+        loaded.to(self.pipe.unet.device)
+        placeholder = self._add_token(token, loaded)
+        loaded.attach(self.pipe.unet)
+        self._tokens[token] = _Token(loaded, source, revision, placeholder)
+        return loaded
+
+    def _load(
+        self, source: str, revision: str | None, image_encoder: str | os.PathLike | None
+    ) -> NestedAdapter:
+        """Load an adapter, sharing the frozen vision backbone with an adapter that already has the same one."""
+        folder = resolve_adapter_folder(source, revision=revision)
+        spec = AdapterConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text())).encoder
+        backbone_key = (
+            (str(image_encoder),) if image_encoder else (spec.backbone, spec.subfolder, spec.revision)
+        )
+        shared = next(
+            (
+                a.encoder
+                for a in self._loaded.values()
+                if getattr(a, "_nested_backbone_key", None) == backbone_key
+            ),
+            None,
+        )
+        adapter = NestedAdapter.from_pretrained(
+            folder, image_encoder=shared or image_encoder, dtype=self.pipe.unet.dtype
+        )
+        adapter._nested_backbone_key = backbone_key
+        return adapter
+
+    def _add_token(self, token: str, adapter: NestedAdapter) -> bool:
+        """Make ``token`` one token in every tokenizer; returns whether a placeholder was added."""
+        config = adapter.config
+        known = config.tokens
+        source_token = token if token in known else config.token
+        class_word = known[source_token]
+        if token not in config.placeholders and (
+            token == class_word
+            or all(len(subject_token_ids(tokenizer, token)) == 1 for tokenizer in self.tokenizers)
+        ):
+            return False  # a vocabulary word: used as it is
+        if self._snapshot is None:
+            self._take_snapshot()
+        # Resizing draws random rows from the global RNG; keep the user's RNG stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            for index, (_, _, tokenizer, text_encoder) in enumerate(self._text_pairs):
+                name = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+                token_id = add_placeholder_token(tokenizer, text_encoder, token, class_word)
+                learned = adapter.token_embeddings.get(f"{name}:{source_token}") if source_token else None
+                if learned is not None:
+                    set_token_embedding(text_encoder, token_id, learned.detach())
+        return True
+
+    def _take_snapshot(self) -> None:
+        """Swap in private copies of the tokenizers and remember the text encoders' embedding state."""
+        snapshot = _Snapshot()
+        for tokenizer_attr, encoder_attr, tokenizer, text_encoder in self._text_pairs:
+            snapshot.tokenizers[tokenizer_attr] = tokenizer
+            snapshot.text_encoders[encoder_attr] = _text_encoder_state(text_encoder)
+            setattr(self.pipe, tokenizer_attr, copy.deepcopy(tokenizer))
+        self._snapshot = snapshot
+
+    def unload(self) -> None:
+        """Detach every adapter and restore the pipeline exactly (processors, tokenizers, text encoders)."""
+        for adapter in {id(t.adapter): t.adapter for t in self._tokens.values()}.values():
+            adapter.clear_subjects()
+            adapter.detach(self.pipe.unet)
+        if self._snapshot is not None:
+            for attr, tokenizer in self._snapshot.tokenizers.items():
+                setattr(self.pipe, attr, tokenizer)
+            for attr, state in self._snapshot.text_encoders.items():
+                _restore_text_encoder(getattr(self.pipe, attr), state)
+        self._snapshot = None
+        self._tokens.clear()
+        self._loaded.clear()
+
+    def __enter__(self) -> NestedPipeline:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.unload()
+
+    # ------------------------------------------------------------------------------ subjects
+    def _check_token(self, token: str) -> None:
+        if token not in self._tokens:
+            loaded = ", ".join(self._tokens) or "none"
+            raise ValueError(
+                f"no adapter is loaded for token {token!r} (loaded: {loaded}). Load one with "
+                f"load_adapter({token!r}, 'path/or/user/repo') or --adapter '{token}=PATH_OR_REPO'."
+            )
+
+    def _masks(self, token: str, prompts: list[str], prompts_2: list[str] | None) -> Tensor:
+        """(B, T) bool positions of ``token``; every tokenizer must agree."""
+        per_tokenizer = [
+            subject_masks(tokenizer, prompts_2 if index == 1 and prompts_2 else prompts, token)
+            for index, tokenizer in enumerate(self.tokenizers)
+        ]
+        first = per_tokenizer[0]
+        for other in per_tokenizer[1:]:
+            if not torch.equal(first, other):
+                raise ValueError(
+                    f"the subject token {token!r} sits at different positions in prompt and prompt_2; use the "
+                    "same token at the same place in both."
+                )
+        return first
+
+    @contextlib.contextmanager
+    def bind(
+        self,
+        prompt: str | Sequence[str],
+        subjects: Mapping[str, ImageInput | Subject | Sequence[ImageInput]],
+        *,
+        strengths: Mapping[str, float] | None = None,
+        token_weights: Mapping[str, float] | None = None,
+        value_norm_factors: Mapping[str, float] | None = None,
+        num_images_per_prompt: int = 1,
+        prompt_2: str | Sequence[str] | None = None,
+    ) -> Iterator[dict[str, SubjectBinding]]:
+        """Bind subjects for UNet calls on ``prompt`` (as the diffusers pipelines batch it), then unbind.
+
+        Encodes each subject image and computes every layer's nested keys/values once, on entry.
+        The UNet batch must be ``len(prompts) * num_images_per_prompt`` rows (in diffusers' order:
+        each prompt repeated), or twice that with classifier-free guidance (unconditional first).
+
+        Yields:
+            token -> its :class:`SubjectBinding`.
+
+        Raises:
+            ValueError: a subject for a token without adapter, a token missing from every prompt, an
+                option for a token that has no subject.
+            FileNotFoundError: a subject image path that does not exist.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts_2 = (
+            None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+        )
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
+        for token in subjects:
+            self._check_token(token)
+        options = {
+            "strengths": strengths,
+            "token_weights": token_weights,
+            "value_norm_factors": value_norm_factors,
+        }
+        for option, values in options.items():
+            for token in values or {}:
+                if token not in subjects:
+                    raise ValueError(f"{option} has an entry for {token!r}, which has no subject image.")
+        specs = {  # copies: the caller's Subject objects are never modified
+            token: dataclasses.replace(value) if isinstance(value, Subject) else Subject(image=value)
+            for token, value in subjects.items()
+        }
+        for token, value in (strengths or {}).items():
+            specs[token].scale = float(value)
+        for token, value in (value_norm_factors or {}).items():
+            specs[token].value_norm_factor = float(value)
+        for token, value in (token_weights or {}).items():
+            specs[token] = dataclasses.replace(specs[token], token_weight=float(value))  # re-validated
+
+        masks, images = {}, {}
+        for token, spec in specs.items():  # all checks before any encoding work
+            masks[token] = self._masks(token, prompts, prompts_2)
+            present = masks[token].any(-1)
+            if not present.any():
+                raise ValueError(
+                    f"the subject token {token!r} is not in the prompt {prompts[0]!r}"
+                    + (" (nor in the other prompts)" if len(prompts) > 1 else "")
+                    + f"; write {token!r} where the subject should appear (it may also have been cut by "
+                    "the 77-token limit)."
+                )
+            if not present.all():
+                missing = [p for p, has in zip(prompts, present.tolist(), strict=True) if not has]
+                warnings.warn(
+                    f"{token!r} is not in the prompts {missing}; they get no subject.", stacklevel=3
+                )
+            raw = spec.image
+            many = isinstance(raw, (list, tuple))
+            if many and len(raw) != len(prompts):
+                raise ValueError(
+                    f"{len(raw)} images for {token!r} but {len(prompts)} prompts: pass one image, or one per prompt."
+                )
+            images[token] = [load_image(item, token) for item in (raw if many else [raw])]
+
+        bindings: dict[str, SubjectBinding] = {}
+        per_adapter: dict[int, list[SubjectBinding]] = {}
+        adapters: dict[int, NestedAdapter] = {}
+        for token, spec in specs.items():
+            adapter = self._tokens[token].adapter
+            device = next(adapter.parameters()).device
+            with torch.no_grad():
+                tokens = torch.cat([adapter.encode(image.to(device)) for image in images[token]])
+            if len(images[token]) == 1:
+                image_index = torch.zeros(len(prompts) * num_images_per_prompt, dtype=torch.long)
+            else:
+                image_index = torch.arange(len(prompts)).repeat_interleave(num_images_per_prompt)
+            binding = SubjectBinding(
+                tokens=tokens,
+                masks=masks[token].repeat_interleave(num_images_per_prompt, dim=0),
+                image_index=image_index.to(device),
+                scale=spec.scale,
+                token_weight=spec.token_weight,
+                value_norm_factor=spec.value_norm_factor,
+            )
+            bindings[token] = binding
+            per_adapter.setdefault(id(adapter), []).append(binding)
+            adapters[id(adapter)] = adapter
+        try:
+            with torch.no_grad():
+                for key, adapter in adapters.items():
+                    adapter.set_subjects(per_adapter[key])
+            yield bindings
+        finally:
+            for adapter in adapters.values():
+                adapter.clear_subjects()
+
+    # ------------------------------------------------------------------------------ generate
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        subjects: Mapping[str, ImageInput | Subject | Sequence[ImageInput]] | None = None,
+        *,
+        strengths: Mapping[str, float] | None = None,
+        token_weights: Mapping[str, float] | None = None,
+        value_norm_factors: Mapping[str, float] | None = None,
+        num_images_per_prompt: int = 1,
+        **pipeline_kwargs: Any,
+    ) -> Any:
+        """Generate with the subjects bound; returns the wrapped pipeline's output (``.images``).
+
+        Args:
+            prompt: one prompt or a list; each subject token must appear in it.
+            subjects: token -> image (PIL, path, tensor in [0, 1], array), a list with one image per
+                prompt, or a :class:`Subject` with per-subject options.
+            strengths: token -> ``scale`` (0: plain text value, 1: the nested value).
+            token_weights: token -> ``token_weight`` (the demo's ``special_token_weight``).
+            value_norm_factors: token -> override of the adapter's ``value_norm_factor``.
+            num_images_per_prompt: images per prompt (all share the prompt's subject image).
+            pipeline_kwargs: everything else goes to the wrapped pipeline (``negative_prompt``,
+                ``num_inference_steps``, ``guidance_scale``, ``generator``, ``height``...).
+        """
+        if "prompt_embeds" in pipeline_kwargs and subjects:
+            raise ValueError(
+                "subjects need the prompt text to find their tokens; pass prompt, not prompt_embeds."
+            )
+        if not subjects:
+            return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)
+        with self.bind(
+            prompt,
+            subjects,
+            strengths=strengths,
+            token_weights=token_weights,
+            value_norm_factors=value_norm_factors,
+            num_images_per_prompt=num_images_per_prompt,
+            prompt_2=pipeline_kwargs.get("prompt_2"),
+        ):
+            return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """token -> where its adapter came from and what it is (for logs and reproducibility)."""
+        return {
+            token: {
+                "source": bound.source,
+                "revision": bound.revision,
+                "adapter_token": bound.adapter.config.token,
+                "class_word": bound.adapter.config.class_word,
+                "domain": bound.adapter.config.domain,
+                "base_model": bound.adapter.config.base_model,
+                "num_tokens": bound.adapter.config.encoder.num_tokens,
+                "value_norm_factor": bound.adapter.config.value_norm_factor,
+                "placeholder_added": bound.placeholder,
+            }
+            for token, bound in self._tokens.items()
+        }
+
+
+def load_nested_adapters(
+    pipe: Any,
+    adapters: Mapping[str, str | os.PathLike | NestedAdapter],
+    *,
+    image_encoder: str | os.PathLike | None = None,
+) -> NestedPipeline:
+    """Functional form: ``load_nested_adapters(pipe, {"<person>": "me/faces"})`` -> :class:`NestedPipeline`."""
+    return NestedPipeline(pipe, adapters, image_encoder=image_encoder)

@@ -1,0 +1,254 @@
+"""Training: the LightningModule on tiny SD/SDXL backbones, checkpoints, resume, broken data, the demo."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from nested.adapter import NestedAdapter
+from nested.callbacks import AdapterExport
+from nested.cli import main
+from nested.data import DomainSpec, NestedDataModule
+from nested.encoder import EncoderSpec
+from nested.module import ConditioningDropout, NestedAttentionModule
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_FACES = REPO / "data" / "demo" / "faces"
+
+
+def make_module(pipeline_path: Path, **kwargs) -> NestedAttentionModule:
+    spec = EncoderSpec(
+        backbone=str(pipeline_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2
+    )
+    kwargs.setdefault("subjects", {"<person>": "person"})
+    kwargs.setdefault("learning_rate", 1e-3)
+    return NestedAttentionModule(str(pipeline_path), spec, **kwargs)
+
+
+def make_data(urls, **kwargs) -> NestedDataModule:
+    domain = DomainSpec("faces", urls, "<person>")
+    settings = dict(
+        resolution=64, reference_size=32, batch_size=2, num_workers=0, epoch_samples=8, shuffle_buffer=8
+    )
+    return NestedDataModule([domain], **{**settings, **kwargs})
+
+
+def make_trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        default_root_dir=str(root),
+        logger=CSVLogger(str(root), name="logs"),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[AdapterExport()],
+    )
+    return L.Trainer(**{**settings, **kwargs})
+
+
+def frozen_state(module: NestedAttentionModule) -> dict[str, torch.Tensor]:
+    backbone = module.backbone
+    parts = {"unet": backbone.unet, "vae": backbone.vae, "image": module.adapter.encoder.backbone}
+    parts.update({f"text{i}": encoder for i, encoder in enumerate(backbone.text_encoders)})
+    return {f"{name}.{k}": v.clone() for name, part in parts.items() for k, v in part.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_only_the_adapter_trains_and_the_checkpoint_holds_no_frozen_weight(
+    kind, tiny_sd_path, tiny_sdxl_path, tmp_path
+):
+    path = {"sd": tiny_sd_path, "sdxl": tiny_sdxl_path}[kind]
+    module = make_module(path)
+    module.configure_model()
+    before_frozen = frozen_state(module)
+    before_adapter = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.fit(module, datamodule=make_data(str(DEMO_FACES / "shards.json")))
+
+    assert all(torch.equal(v, frozen_state(module)[k]) for k, v in before_frozen.items()), (
+        "a frozen weight changed"
+    )
+    changed = [k for k, v in module.state_dict().items() if not torch.equal(v, before_adapter[k])]
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("adapter.") for n in trainable)
+    assert {k for k in changed} == trainable - set(), "every trainable tensor moves, nothing else does"
+
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)
+    tensors = [v for v in checkpoint["state_dict"].values()]
+    for state in checkpoint["optimizer_states"][0]["state"].values():
+        tensors += [v for v in state.values() if torch.is_tensor(v) and v.ndim > 0]
+    stored = sum(t.numel() for t in tensors)
+    trainable_count = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    expected = 3 * trainable_count + sum(
+        v.numel() for k, v in module.state_dict().items() if "token_embeddings" in k
+    )
+    assert abs(stored - expected) <= 0.1 * expected, (stored, expected)
+    unet_count = sum(p.numel() for p in module.backbone.unet.parameters())
+    assert stored < unet_count, "the checkpoint must not contain the frozen UNet"
+    assert (
+        NestedAdapter.from_pretrained(tmp_path / "adapters" / "last").config.layers
+        == module.adapter.config.layers
+    )
+
+
+def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(tiny_sd_path, tmp_path):
+    data = str(DEMO_FACES / "shards.json")
+    first = make_module(tiny_sd_path)
+    trainer = make_trainer(tmp_path / "a", max_steps=2)
+    trainer.fit(first, datamodule=make_data(data))
+    ckpt = tmp_path / "a" / "step2.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved_optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+    resumed = make_module(tiny_sd_path)
+    checks = {}
+
+    class Inspect(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            checks["step"] = trainer.global_step
+            checks["optimizer"] = copy.deepcopy(trainer.optimizers[0].state_dict())
+            checks["weights"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    trainer2 = make_trainer(tmp_path / "b", max_steps=3, callbacks=[Inspect()])
+    trainer2.fit(resumed, datamodule=make_data(data), ckpt_path=str(ckpt))
+    assert checks["step"] == 2 and trainer2.global_step == 3
+    for key, value in saved_optimizer["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(
+                torch.as_tensor(tensor), torch.as_tensor(checks["optimizer"]["state"][key][name])
+            )
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in checks["weights"].items())
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_sd_path, tiny_sdxl_path, tmp_path):
+    sd = make_module(tiny_sd_path)
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(sd, datamodule=make_data(str(DEMO_FACES / "shards.json")))
+    trainer.save_checkpoint(tmp_path / "sd.ckpt")
+    with pytest.raises(ValueError, match="does not match this model's adapter"):
+        make_trainer(tmp_path / "x", max_steps=2).fit(
+            make_module(tiny_sdxl_path),
+            datamodule=make_data(str(DEMO_FACES / "shards.json")),
+            ckpt_path=str(tmp_path / "sd.ckpt"),
+        )
+
+
+def _demo_samples(count: int) -> list[dict]:
+    """Raw samples (bytes per extension) from the committed demo shard."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(DEMO_FACES / "faces-000000.tar") as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+    return list(samples.values())[:count]
+
+
+def _write(path: Path, samples: list[dict]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_broken_data_is_skipped_counted_and_logged(tiny_sd_path, tmp_path):
+    good = _demo_samples(6)
+    corrupt = dict(good[0], __key__="corrupt", jpg=np.random.default_rng(0).bytes(500))
+    no_subject = dict(good[1], __key__="nosubject", json=json.dumps({"caption": "a man in a suit"}).encode())
+    for sample in (corrupt, no_subject):
+        sample.pop("ref.jpg", None)
+    a = _write(tmp_path / "a.tar", [*good[:3], corrupt, no_subject])
+    b = _write(tmp_path / "b.tar", good[3:])
+    with tarfile.open(b) as tar:
+        last = tar.getmembers()[-1]
+    b.write_bytes(b.read_bytes()[: last.offset_data + last.size // 2])  # truncated inside a file
+
+    module = make_module(tiny_sd_path)
+    trainer = make_trainer(tmp_path, max_steps=8)
+    trainer.fit(module, datamodule=make_data([str(a), str(b)], epoch_samples=16))
+    assert trainer.global_step == 8
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    totals = {k: sum(float(r[k]) for r in rows if r.get(k)) for k in rows[0] if k.startswith("data/skipped_")}
+    assert totals["data/skipped_corrupt"] >= 1
+    assert totals["data/skipped_broken_shards"] >= 1
+    assert totals["data/skipped_no_subject_inserted"] >= 1
+
+
+def test_empty_url_list_fails_with_a_clear_message(tmp_path):
+    with pytest.raises(ValueError, match="urls is empty"):
+        make_data([])
+    data = make_data([str(tmp_path / "missing-{000..001}.tar")])
+    with pytest.raises(Exception, match="missing-000"):
+        data.setup("fit")
+
+
+def test_dropout_rates_are_within_tolerance():
+    dropout = ConditioningDropout(text=0.1, image=0.2, both=0.05)
+    drop_text, drop_image = dropout.sample(20000, torch.Generator().manual_seed(0))
+    both = (drop_text & drop_image).float().mean().item()
+    assert abs(both - 0.05) < 0.01
+    assert abs((drop_text & ~drop_image).float().mean().item() - 0.1) < 0.01
+    assert abs((drop_image & ~drop_text).float().mean().item() - 0.2) < 0.01
+    with pytest.raises(ValueError, match="sum to <= 1"):
+        ConditioningDropout(text=0.6, image=0.5)
+
+
+def test_every_adapter_weight_gets_a_gradient_even_when_all_subjects_dropped(tiny_sd_path):
+    module = make_module(tiny_sd_path, dropout=ConditioningDropout(text=0.0, image=1.0, both=0.0))
+    module.configure_model()
+    data = make_data(str(DEMO_FACES / "shards.json"))
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    out = module.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    assert out["subject_fraction"] == 0
+    out["loss"].backward()
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters outside the graph would break DDP: {missing[:3]}"
+
+
+def test_demo_config_trains_from_the_cli_and_the_loss_falls(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    root = tmp_path / "demo"
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/demo.yaml",
+            f"--trainer.default_root_dir={root}",
+            "--trainer.logger=CSVLogger",
+            f"--trainer.logger.save_dir={root}",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    metrics = next(root.rglob("metrics.csv"))
+    with open(metrics) as handle:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")]
+    fifth = len(losses) // 5
+    assert len(losses) >= 50
+    assert np.mean(losses[-fifth:]) < np.mean(losses[:fifth]), (
+        np.mean(losses[:fifth]),
+        np.mean(losses[-fifth:]),
+    )
+    adapter = NestedAdapter.from_pretrained(root / "adapters" / "last")
+    assert adapter.config.token == "<person>" and adapter.config.domain == "faces"
+    assert (root / "adapters" / "step=50").is_dir()
