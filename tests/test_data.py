@@ -253,7 +253,9 @@ def test_datamodule_batch_contract(tmp_path: Path) -> None:
     batches = list(loader)
     assert len(batches) == len(loader) == 3  # ceil(10 / 4): whole batches, the length is exact
     batch = batches[0]
-    assert set(batch) == BATCH_KEYS  # no "latents": none cached
+    assert set(batch) == BATCH_KEYS | {"stream"}  # no "latents": none cached
+    # The stream position is taken out of every batch before the training step sees it.
+    assert set(datamodule.on_before_batch_transfer(dict(batch), 0)) == BATCH_KEYS
     assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
     assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
     assert batch["pixel_values"].min() < -0.5 and batch["pixel_values"].max() > 0.5  # really [-1, 1]

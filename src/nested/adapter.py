@@ -162,7 +162,7 @@ class SubjectBinding:
         image_index: (B,) long, the image each sample uses; None if S == B.
         scale: 0 -> plain value, 1 -> nested value.
         token_weight: multiplies the subject column's attention probability.
-        value_norm_factor: overrides the adapter's default when not None.
+        value_norm_factor: overrides the adapter's default when not None (0 turns rescaling off).
     """
 
     tokens: Tensor
@@ -285,7 +285,10 @@ class NestedAdapter(nn.Module):
                     keys=keys.to(dtype),
                     values=values.to(dtype),
                     image_index=None if image_index is None else image_index.to(keys.device),
-                    value_norm_factor=binding.value_norm_factor or self.config.value_norm_factor,
+                    # None: the adapter's default; 0: rescaling off for this binding.
+                    value_norm_factor=self.config.value_norm_factor
+                    if binding.value_norm_factor is None
+                    else (binding.value_norm_factor or None),
                     scale=binding.scale,
                     token_weight=binding.token_weight,
                 )

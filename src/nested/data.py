@@ -1,13 +1,16 @@
-"""Reading training shards: domains, transforms, multi-domain mixing and the LightningDataModule.
+"""Reading training shards: decoding, conversion, the validation stream and the LightningDataModule.
 
-The sample format is documented in ``nested.shards``. One stream mixes every domain; each
-sample carries its domain's subject token. The per-domain pipeline is a list of small stages::
+The sample format is documented in ``nested.shards``; domains and urls in ``nested.domains``; image
+transforms in ``nested.transforms``. One stream mixes every domain; each sample carries its
+domain's subject token.
 
-    shards   ResampledShards(urls)            (train: with replacement, seeded per rank/worker)
-             | SimpleShardList + partition    (validation: each shard/sample read exactly once)
+Training reads :class:`nested.trainstream.TrainStream`: resampled, partitioned over ranks x workers,
+shuffled, and a pure function of (seed, epoch, rank, worker, position), so a checkpoint resumes it
+exactly (see :meth:`NestedDataModule.state_dict`). Validation reads every shard/sample once::
+
+    shards   SimpleShardList + partition    (each shard/sample read exactly once over ranks x workers)
     read     tar -> samples, counting broken shards
-    shuffle  seeded buffer                    (train only)
-    decode   PIL / npy / json                 (undecodable samples are counted and skipped)
+    decode   PIL / npy / json               (undecodable samples are counted and skipped)
     convert  caption rule, target + reference transforms -> training sample
 
 and the domains are joined by ``mix`` (seeded weighted choice) -> ``attach_skip_counts``.
@@ -18,460 +21,71 @@ each yielded sample carries the counts accumulated since the previous yield in
 module can sum them per epoch. Counter keys (``SKIP_KEYS``): ``corrupt`` (undecodable image,
 missing json/caption/image), ``broken_shards`` (unreadable or truncated tar, counted once per
 read), ``no_subject_dropped``, ``no_subject_inserted`` (not a skip: the caption was rewritten),
-``no_reference`` (``reference="ref"`` and no ref image). A one-sample look-ahead attaches the
-skips made while fetching the next sample to the current one, so a stream's (or an epoch's) last
-sample carries all remaining counts; only a worker that yields no sample at all loses them.
+``no_reference`` (``reference="ref"`` and no ref image).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import random
-import re
+import signal
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, ImageEnhance
-from torch.utils.data import DataLoader, IterableDataset
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from nested.domains import SKIP_KEYS, DomainSpec, SkipCounter, check_urls, expand_urls, shard_counts
+from nested.trainstream import DomainSource, ResumePoint, StreamProgress, TrainStream
+from nested.transforms import (  # re-exported: ``nested.data`` is where users (and benchmarks) look
+    ReferenceAugment,
+    TargetView,
+    _center_square,
+    _random_resized_crop,
+    _to_tensor,
+    bbox_square,
+    contains_subject,
+    insert_subject,
+    reference_transform,
+    target_transform,
+)
+from nested.valstream import NestedStream, _AttachSkipCounts, _Partition, _ReadShards, _WeightedMix
+
+__all__ = [
+    "SKIP_KEYS",
+    "DomainSpec",
+    "NestedDataModule",
+    "ReferenceAugment",
+    "SkipCounter",
+    "TargetView",
+    "bbox_square",
+    "build_stream",
+    "check_urls",
+    "collate_batch",
+    "contains_subject",
+    "expand_urls",
+    "insert_subject",
+    "reference_transform",
+    "samples_per_worker",
+    "target_transform",
+]
+_PRIVATE_REEXPORTS = (_center_square, _random_resized_crop, _to_tensor)
 
 log = logging.getLogger(__name__)
 
-SKIP_KEYS = ("corrupt", "broken_shards", "no_subject_dropped", "no_subject_inserted", "no_reference")
 _TARGET_KEYS = ("jpg", "jpeg", "png", "webp")
 _REF_KEYS = ("ref.jpg", "ref.png")
 _LATENT_KEYS = ("latents.npy", "latents.pth")
 
 
-# ----------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class ReferenceAugment:
-    """Augmentation of the encoder's reference image (training only; validation uses none).
-
-    Attributes:
-        enabled: master switch.
-        scale: area fraction range of the random resized crop (taken from the square source).
-        ratio: aspect-ratio range of that crop (it is resized back to a square).
-        flip: random horizontal flip with p=0.5.
-        color_jitter: brightness, contrast and saturation factors drawn from [1-j, 1+j].
-        bbox_jitter: each side of a bbox crop gets ``DomainSpec.bbox_margin`` +- U(0, jitter)
-            of the box size, so the encoder does not learn one exact framing.
-    """
-
-    enabled: bool = True
-    scale: tuple[float, float] = (0.8, 1.0)
-    ratio: tuple[float, float] = (0.9, 1.1)
-    flip: bool = True
-    color_jitter: float = 0.1
-    bbox_jitter: float = 0.1
-
-
-@dataclass
-class DomainSpec:
-    """One training domain (faces, pets...): its shards and the subject token it binds to.
-
-    Attributes:
-        name: domain name (logged, and ``batch["domains"]``).
-        urls: a brace pattern (``"data/faces/faces-{000000..000009}.tar"``), a list of tar
-            paths/urls, or the path of a ``shards.json`` (expands to its shards, relative to it).
-        subject: the token the subject binds to, e.g. ``"<person>"`` or ``"dog"``.
-        weight: relative sampling weight in the mixed stream (> 0).
-        caption_rule: what to do with a caption that lacks the subject token (matched as a whole
-            word, case-insensitively): ``"insert"`` prepends the formatted ``insert_template``
-            and a comma, ``"a cat on a sofa"`` -> ``"a photo of <cat>, a cat on a sofa"`` (an
-            empty caption becomes the template alone); ``"drop"`` skips the sample.
-        insert_template: must contain ``{subject}``.
-        reference: where the encoder's reference comes from when a sample has no ref image (a
-            ref image is always used when present): ``"bbox_crop"`` crops the target around its
-            ``bbox`` (the whole target when there is none); ``"target"`` uses the whole target;
-            ``"ref"`` requires a ref image and skips samples without one.
-        bbox_margin: context added on every side of a bbox crop, as a fraction of the box size.
-    """
-
-    name: str
-    urls: str | list[str]
-    subject: str
-    weight: float = 1.0
-    caption_rule: Literal["insert", "drop"] = "insert"
-    insert_template: str = "a photo of {subject}"
-    reference: Literal["ref", "bbox_crop", "target"] = "bbox_crop"
-    bbox_margin: float = 0.1
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.name:
-            problems.append("name is empty: give the domain a name such as 'faces'")
-        if not self.urls or (isinstance(self.urls, list) and not all(self.urls)):
-            problems.append("urls is empty: give a brace pattern, a list of .tar paths or a shards.json path")
-        if not self.subject or self.subject != self.subject.strip():
-            problems.append(f"subject {self.subject!r} must be a non-empty token without surrounding spaces")
-        if not (self.weight > 0 and math.isfinite(self.weight)):
-            problems.append(f"weight={self.weight} must be a positive number")
-        if self.caption_rule not in ("insert", "drop"):
-            problems.append(f"caption_rule={self.caption_rule!r} must be 'insert' or 'drop'")
-        if self.reference not in ("ref", "bbox_crop", "target"):
-            problems.append(f"reference={self.reference!r} must be 'ref', 'bbox_crop' or 'target'")
-        if "{subject}" not in self.insert_template:
-            problems.append(f"insert_template={self.insert_template!r} must contain '{{subject}}'")
-        else:
-            try:
-                self.insert_template.format(subject=self.subject)
-            except (KeyError, IndexError, ValueError) as exc:
-                problems.append(
-                    f"insert_template={self.insert_template!r} has a field other than {{subject}}: {exc}"
-                )
-        if not self.bbox_margin >= 0:
-            problems.append(f"bbox_margin={self.bbox_margin} must be >= 0")
-        if problems:
-            raise ValueError(f"invalid DomainSpec {self.name!r}:\n  - " + "\n  - ".join(problems))
-
-
-# ----------------------------------------------------------------------------- urls
-
-
-def _is_local(url: str) -> bool:
-    return url.startswith("file://") or ("://" not in url and not url.startswith("pipe:"))
-
-
-def _local_path(url: str) -> Path:
-    return Path(url.removeprefix("file://"))
-
-
-def expand_urls(urls: str | list[str]) -> list[str]:
-    """Expand brace patterns, ``::``-joined lists and ``shards.json`` indexes into shard urls.
-
-    A shards.json that does not exist is kept as is, so ``check_urls`` can name it.
-    """
-    result: list[str] = []
-    for item in [urls] if isinstance(urls, str) else list(urls):
-        for url in wds.shardlists.expand_urls(item):
-            path = _local_path(url)
-            if _is_local(url) and url.endswith(".json") and path.is_file():
-                index = json.loads(path.read_text(encoding="utf-8"))
-                result.extend(
-                    str(path.parent / s["url"]) if _is_local(s["url"]) else s["url"]
-                    for s in index.get("shards", [])
-                )
-            else:
-                result.append(url)
-    return result
-
-
-def check_urls(spec: DomainSpec) -> list[str]:
-    """Expand ``spec.urls`` and fail now, naming the urls, if there is nothing to read.
-
-    Remote urls (``http://``, ``pipe:``...) cannot be checked here and are trusted.
-
-    Raises:
-        FileNotFoundError: when no url expands, or local shard files are missing.
-    """
-    urls = expand_urls(spec.urls)
-    if not urls:
-        raise FileNotFoundError(
-            f"domain {spec.name!r}: urls {spec.urls!r} expand to no shard files; expected a brace pattern like "
-            "'data/faces/faces-{000000..000009}.tar', a list of .tar files or a shards.json listing shards"
-        )
-    missing = [url for url in urls if _is_local(url) and not _local_path(url).is_file()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise FileNotFoundError(
-            f"domain {spec.name!r}: {len(missing)} of {len(urls)} shard files from urls {spec.urls!r} do not exist: "
-            f"{shown}. Build them with `nested shards` or fix the path (relative paths are resolved from the "
-            "working directory)."
-        )
-    return urls
-
-
-# ----------------------------------------------------------------------------- transforms
-
-
-class TargetView(NamedTuple):
-    """The transformed target: pixels (3, R, R) float32 in [-1, 1] + SDXL micro-conditioning."""
-
-    pixel_values: torch.Tensor
-    original_size: tuple[int, int]  # (h, w) before the resize
-    crop_top_left: tuple[int, int]  # (top, left) in the resized (and, if flipped, mirrored) image
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-
-
-def target_transform(
-    image: Image.Image,
-    *,
-    resolution: int,
-    center_crop: bool = True,
-    random_flip: bool = False,
-    rng: random.Random | None = None,
-) -> TargetView:
-    """Resize the short side to ``resolution``, crop a square, optionally flip.
-
-    The crop is random (uniform position) unless ``center_crop``; a flip happens with p=0.5.
-    ``crop_top_left`` is reported in the mirrored image when flipped, which is what the SDXL
-    training recipes report (they flip before cropping).
-    """
-    rng = rng or random.Random(0)
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    if center_crop:
-        top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
-    else:
-        top, left = rng.randint(0, size[1] - resolution), rng.randint(0, size[0] - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = size[0] - resolution - left
-    return TargetView(_to_tensor(image).mul_(2.0).sub_(1.0), (height, width), (top, left))
-
-
-def bbox_square(
-    bbox: list[float],
-    image_size: tuple[int, int],
-    margin: float,
-    jitter: float = 0.0,
-    rng: random.Random | None = None,
-) -> tuple[int, int, int, int]:
-    """The square crop box around ``bbox`` = [x0, y0, x1, y1] with a margin, kept in the image.
-
-    Each side grows by (margin +- U(0, jitter)) x the box size; the result is squared around the
-    box centre (side = the longer side, at most the image's short side) and shifted inside.
-    """
-    rng = rng or random.Random(0)
-    x0, y0, x1, y1 = bbox
-    width, height = x1 - x0, y1 - y0
-
-    def grow() -> float:
-        return max(0.0, margin + rng.uniform(-jitter, jitter)) if jitter else margin
-
-    x0, x1 = x0 - grow() * width, x1 + grow() * width
-    y0, y1 = y0 - grow() * height, y1 + grow() * height
-    side = max(1, min(round(max(x1 - x0, y1 - y0)), *image_size))
-    left = min(max(0, round((x0 + x1 - side) / 2)), image_size[0] - side)
-    top = min(max(0, round((y0 + y1 - side) / 2)), image_size[1] - side)
-    return left, top, left + side, top + side
-
-
-def _center_square(image: Image.Image) -> Image.Image:
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side))
-
-
-def _random_resized_crop(image: Image.Image, augment: ReferenceAugment, rng: random.Random) -> Image.Image:
-    width, height = image.size
-    for _ in range(10):  # rejection sampling; falls back to the whole image
-        area = width * height * rng.uniform(*augment.scale)
-        ratio = math.exp(rng.uniform(math.log(augment.ratio[0]), math.log(augment.ratio[1])))
-        crop_w, crop_h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
-            return image.crop((left, top, left + crop_w, top + crop_h))
-    return image
-
-
-def reference_transform(
-    target: Image.Image,
-    *,
-    size: int,
-    ref: Image.Image | None = None,
-    bbox: list[float] | None = None,
-    bbox_margin: float = 0.1,
-    augment: ReferenceAugment | None = None,
-    rng: random.Random | None = None,
-) -> torch.Tensor:
-    """The encoder's input: (3, size, size) float32 in [0, 1].
-
-    Source: ``ref`` if given, else the ``bbox`` square crop of ``target`` (see ``bbox_square``),
-    else ``target``; made square by a center crop; then (if ``augment`` is enabled) random
-    resized crop, flip and colour jitter; finally resized to ``size`` x ``size``.
-    """
-    rng = rng or random.Random(0)
-    augmenting = augment is not None and augment.enabled
-    if ref is not None:
-        source = ref
-    elif bbox is not None:
-        jitter = augment.bbox_jitter if augmenting else 0.0
-        source = target.crop(bbox_square(bbox, target.size, bbox_margin, jitter, rng))
-    else:
-        source = target
-    source = _center_square(source)
-    if augmenting:
-        source = _random_resized_crop(source, augment, rng)
-        if augment.flip and rng.random() < 0.5:
-            source = source.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if augment.color_jitter > 0:
-            for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-                source = enhance(source).enhance(
-                    rng.uniform(1 - augment.color_jitter, 1 + augment.color_jitter)
-                )
-    if source.size != (size, size):
-        source = source.resize((size, size), Image.Resampling.BICUBIC)
-    return _to_tensor(source)
-
-
-def contains_subject(caption: str, subject: str) -> bool:
-    """Whether ``subject`` occurs in ``caption`` as a whole word (case-insensitive)."""
-    return re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", caption, flags=re.IGNORECASE) is not None
-
-
-def insert_subject(caption: str, spec: DomainSpec) -> str:
-    """``"a cat on a sofa"`` -> ``"a photo of <cat>, a cat on a sofa"`` (see ``DomainSpec``)."""
-    prefix = spec.insert_template.format(subject=spec.subject)
-    return f"{prefix}, {caption}" if caption else prefix
-
-
-# ----------------------------------------------------------------------------- skip counting
-
-
-class SkipCounter:
-    """Per-worker counts of skipped samples since the last yielded sample.
-
-    Raises after ``max_consecutive`` skips without a single good sample, so a dataset that is
-    entirely broken (or a ``drop`` rule that drops everything) fails loudly instead of spinning.
-    """
-
-    def __init__(self, max_consecutive: int = 1000) -> None:
-        self.max_consecutive = max_consecutive
-        self.pending = dict.fromkeys(SKIP_KEYS, 0)
-        self.totals = dict.fromkeys(SKIP_KEYS, 0)
-        self.consecutive = 0
-
-    def add(self, kind: str, reason: object = None) -> None:
-        self.pending[kind] += 1
-        self.totals[kind] += 1
-        total = self.totals[kind]
-        if reason is not None and total & (total - 1) == 0:  # log the 1st, 2nd, 4th, 8th...
-            log.warning("data: %s #%d in this worker: %s", kind, total, reason)
-        if kind == "no_subject_inserted":
-            return
-        self.consecutive += 1
-        if self.consecutive > self.max_consecutive:
-            raise RuntimeError(
-                f"data: {self.consecutive} samples/shards in a row were skipped ({self.totals}); last: {reason}. "
-                "Check the shards (corrupt or unreadable?) and the domains' caption_rule/reference settings."
-            )
-
-    def handler(self, kind: str) -> Callable[[BaseException], bool]:
-        """A webdataset exception handler that counts under ``kind`` and continues."""
-        return _CountingHandler(self, kind)
-
-    def drain(self) -> dict[str, int]:
-        counts, self.pending, self.consecutive = self.pending, dict.fromkeys(SKIP_KEYS, 0), 0
-        return counts
-
-
-class _CountingHandler:
-    def __init__(self, counter: SkipCounter, kind: str) -> None:
-        self.counter, self.kind = counter, kind
-
-    def __call__(self, exc: BaseException) -> bool:
-        self.counter.add(self.kind, repr(exc)[:300])
-        return True
-
-
 # ----------------------------------------------------------------------------- pipeline stages
-
-
-def _worker() -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-class _Seeded:
-    """Base of stages whose randomness depends on (seed, rank, worker, epoch) and nothing else.
-
-    Each call (one per epoch, inside the worker) advances the epoch; ``epoch_offset`` (the
-    trainer's epoch when the loader was built) keeps a resumed run from replaying epoch 0.
-    """
-
-    def __init__(self, seed: int, rank: int, epoch_offset: int) -> None:
-        self.seed, self.rank, self.epoch = seed, rank, epoch_offset - 1
-
-    def next_rng(self, salt: str) -> random.Random:
-        self.epoch += 1
-        # A str seed is hashed with sha512: stable across processes, unlike hash().
-        return random.Random(f"{salt}:{self.seed}:{self.rank}:{_worker()[0]}:{self.epoch}")
-
-
-class _WorkerSeed:
-    """``worker_seed`` for ``wds.ResampledShards``: our rank, not the env/torch.distributed one."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-
-    def __call__(self) -> int:
-        return self.rank * 1000 + _worker()[0]
-
-
-class _Partition:
-    """Deterministic split over ranks x workers: by shard when every slot gets one, else by sample.
-
-    Splitting by sample costs each slot a read of every shard, but no rank is ever left without
-    data (which would hang DDP collectives).
-    """
-
-    def __init__(self, rank: int, world_size: int, num_shards: int) -> None:
-        self.rank, self.world_size, self.num_shards = rank, world_size, num_shards
-
-    def _slot(self) -> tuple[int, int]:
-        worker, num_workers = _worker()
-        return self.rank * num_workers + worker, self.world_size * num_workers
-
-    def shards(self, src: Iterable[Any]) -> Iterator[Any]:
-        slot, slots = self._slot()
-        return iter(src) if self.num_shards < slots else (s for i, s in enumerate(src) if i % slots == slot)
-
-    def samples(self, src: Iterable[Any]) -> Iterator[Any]:
-        slot, slots = self._slot()
-        return iter(src) if self.num_shards >= slots else (s for i, s in enumerate(src) if i % slots == slot)
-
-
-class _ReadShards:
-    """Shard dicts -> raw samples (``wds.tarfile_samples`` per shard, to count each broken shard once).
-
-    A shard cut inside a member raises (counted here); Python's tarfile treats a cut inside a
-    header as a clean end of archive, which only shows up as an incomplete last sample.
-    """
-
-    def __init__(self, counter: SkipCounter) -> None:
-        self.counter = counter
-
-    def __call__(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for shard in shards:
-            errors: list[BaseException] = []
-
-            def on_error(exc: BaseException, errors: list[BaseException] = errors) -> bool:
-                errors.append(exc)
-                return True
-
-            yield from wds.tarfile_samples([shard], handler=on_error)
-            if errors:
-                self.counter.add("broken_shards", f"{shard['url']}: {errors[0]!r}")
-
-
-class _Shuffle(_Seeded):
-    def __init__(self, bufsize: int, salt: str, seed: int, rank: int, epoch_offset: int) -> None:
-        super().__init__(seed, rank, epoch_offset)
-        self.bufsize, self.salt = bufsize, salt
-
-    def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
-        rng = self.next_rng(self.salt)
-        return wds.shuffle(self.bufsize, initial=max(1, self.bufsize // 10), rng=rng)(src)
 
 
 def _load_tensor(data: bytes) -> torch.Tensor:
@@ -479,17 +93,24 @@ def _load_tensor(data: bytes) -> torch.Tensor:
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
-def decode_stage(counter: SkipCounter) -> Callable[[Iterable[Any]], Iterator[Any]]:
-    """Decode images to RGB PIL, json, npy/pth latents; everything else stays bytes (no pickle)."""
-    return wds.decode(
-        wds.handle_extension("pth", _load_tensor),
-        "pil",
-        only=[*_TARGET_KEYS, *_REF_KEYS, *_LATENT_KEYS, "json"],
-        handler=counter.handler("corrupt"),
+_DECODED = [*_TARGET_KEYS, *_REF_KEYS, *_LATENT_KEYS, "json"]
+
+
+def decoder() -> wds.autodecode.Decoder:
+    """Decodes images to RGB PIL, json, npy/pth latents; everything else stays bytes (no pickle)."""
+    return wds.autodecode.Decoder(
+        [wds.handle_extension("pth", _load_tensor), wds.autodecode.ImageHandler("pil")], only=_DECODED
     )
 
 
-class _ToTrainingSample(_Seeded):
+def decode_stage(counter: SkipCounter) -> Callable[[Iterable[Any]], Iterator[Any]]:
+    """``decoder()`` as a pipeline stage that counts undecodable samples as ``corrupt`` and skips them."""
+    return wds.decode(
+        wds.handle_extension("pth", _load_tensor), "pil", only=_DECODED, handler=counter.handler("corrupt")
+    )
+
+
+class _ToTrainingSample:
     """Decoded sample -> training sample (see ``collate_batch`` for the fields), or a counted skip."""
 
     def __init__(
@@ -502,25 +123,25 @@ class _ToTrainingSample(_Seeded):
         center_crop: bool,
         random_flip: bool,
         augment: ReferenceAugment | None,
-        seed: int,
-        rank: int,
-        epoch_offset: int,
     ) -> None:
-        super().__init__(seed, rank, epoch_offset)
         self.spec, self.counter, self.augment = spec, counter, augment
         self.resolution, self.reference_size = resolution, reference_size
         self.center_crop, self.random_flip = center_crop, random_flip
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        rng = self.next_rng(f"sample:{self.spec.name}")
+        """Pipeline stage (validation: no randomness is used, the generator is a formality)."""
         for raw in src:
-            try:
-                sample = self.convert(raw, rng)
-            except Exception as exc:  # a malformed sample must never stop the run
-                self.counter.add("corrupt", f"{raw.get('__url__')} {raw.get('__key__')}: {exc!r}")
-                continue
+            sample = self.checked(raw, random.Random(0))
             if sample is not None:
                 yield sample
+
+    def checked(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+        """``convert`` that counts an exception as ``corrupt`` and returns None."""
+        try:
+            return self.convert(raw, rng)
+        except Exception as exc:  # a malformed sample must never stop the run
+            self.counter.add("corrupt", f"{raw.get('__url__')} {raw.get('__key__')}: {exc!r}")
+            return None
 
     def convert(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
         target = next((raw[k] for k in _TARGET_KEYS if k in raw), None)
@@ -580,83 +201,26 @@ class _ToTrainingSample(_Seeded):
         return sample
 
 
-class _WeightedMix(IterableDataset, _Seeded):
-    """Draws each sample from domain i with probability weight_i / sum(weights), seeded.
+class _Prepare:
+    """Training: raw sample -> decoded -> training sample, or None (counted). Picklable for workers."""
 
-    With ``longest`` (finite validation streams) an exhausted domain leaves the draw; otherwise
-    the first exhausted domain ends the stream.
-    """
+    def __init__(self, convert: _ToTrainingSample) -> None:
+        self.convert, self.decode = convert, decoder()
 
-    def __init__(
-        self,
-        sources: list[Iterable[Any]],
-        weights: list[float],
-        *,
-        longest: bool,
-        seed: int,
-        rank: int,
-        epoch_offset: int,
-    ) -> None:
-        _Seeded.__init__(self, seed, rank, epoch_offset)
-        self.sources, self.weights, self.longest = sources, weights, longest
-
-    def __iter__(self) -> Iterator[Any]:
-        rng = self.next_rng("mix")
-        iterators, weights = [iter(s) for s in self.sources], list(self.weights)
-        while iterators:
-            index = rng.choices(range(len(iterators)), weights=weights)[0]
-            try:
-                yield next(iterators[index])
-            except StopIteration:
-                if not self.longest:
-                    return
-                del iterators[index], weights[index]
-
-
-class _AttachSkipCounts:
-    """Attaches the counts made since the previous yield to each sample, one sample late.
-
-    Holding one sample back means the skips that happen while fetching the NEXT sample (or
-    before the stream ends) ride on the held one: the last sample of a finite stream carries
-    everything, and none are left behind at the end of an epoch.
-    """
-
-    def __init__(self, counter: SkipCounter) -> None:
-        self.counter = counter
-
-    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        held = None
-        for sample in src:
-            if held is not None:
-                held["skipped"] = self.counter.drain()
-                yield held
-            held = sample
-        if held is not None:
-            held["skipped"] = self.counter.drain()
-            yield held
+    def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+        try:
+            decoded = self.decode(raw)
+        except Exception as exc:
+            self.convert.counter.add("corrupt", f"{raw.get('__url__')} {raw.get('__key__')}: {exc!r}")
+            return None
+        return self.convert.checked(decoded, rng)
 
 
 # ----------------------------------------------------------------------------- dataset + batches
 
 
-class NestedStream(IterableDataset):
-    """The mixed sample stream. ``len()`` is the samples per rank per epoch (training only)."""
-
-    def __init__(self, pipeline: wds.DataPipeline, length: int | None) -> None:
-        super().__init__()
-        self.pipeline, self.length = pipeline, length
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.pipeline)
-
-    def __len__(self) -> int:
-        if self.length is None:
-            raise TypeError("a validation stream has no length")  # what has_len() expects
-        return self.length
-
-
 def samples_per_worker(epoch_samples: int, world_size: int, num_workers: int, batch_size: int) -> int:
-    """Samples each loader worker yields per epoch (the ``with_epoch`` count).
+    """Samples each loader worker yields per epoch.
 
     ``epoch_samples`` is global (all ranks). It is rounded UP so that every worker yields whole
     batches and every rank the same number of batches: ``max(1, num_workers) *
@@ -679,83 +243,78 @@ def build_stream(
     epoch_samples: int = 10000,
     max_samples: int | None = None,
     shuffle_buffer: int = 1000,
+    open_shards: int = 4,
     seed: int = 0,
     epoch_offset: int = 0,
     center_crop: bool = False,
     random_flip: bool = False,
     reference_augment: ReferenceAugment | None = None,
     max_consecutive_failures: int = 1000,
-) -> NestedStream:
+    resume: ResumePoint | None = None,
+) -> TrainStream | NestedStream:
     """Build the mixed stream of training samples for one rank.
 
-    ``train=True``: resampled shards (any number of ranks/workers works and nothing runs dry),
-    seeded shuffle, the given crop/flip/augmentation, and ``samples_per_worker`` samples per
-    worker per epoch. ``train=False``: every shard/sample once, split disjointly over ranks x
-    workers (``_Partition``), center crop, no flip, no augmentation, at most ``ceil(max_samples
-    / (world_size * workers))`` samples per worker when ``max_samples`` is set.
+    ``train=True``: a :class:`~nested.trainstream.TrainStream` (resampled shards split over ranks x
+    workers, ``open_shards`` read side by side, shuffled in blocks of ``shuffle_buffer``, the given
+    crop/flip/augmentation, ``samples_per_worker`` samples per worker per epoch, resumable from
+    ``resume``). ``train=False``: every shard/sample once, split disjointly over ranks x workers
+    (``_Partition``), center crop, no flip, no augmentation, at most ``ceil(max_samples /
+    (world_size * workers))`` samples per worker when ``max_samples`` is set.
 
     ``rank``/``world_size`` are passed in (the DataModule reads them from its trainer) rather than
     read from the environment like ``wds.split_by_node``; ``num_workers`` must equal the
-    DataLoader's, since the epoch length per worker depends on it.
+    DataLoader's, since the split and the epoch length per worker depend on it.
 
     Raises:
         FileNotFoundError: when a domain's urls name no or missing shard files.
+        ValueError: when a domain has too few samples to give every rank and worker some.
     """
     if not domains:
         raise ValueError("no domains given: pass at least one DomainSpec")
     counter = SkipCounter(max_consecutive_failures)
     if not train:
         center_crop, random_flip, reference_augment = True, False, None
-    pipelines = []
-    for index, spec in enumerate(domains):
-        urls = check_urls(spec)
-        if train:
-            stages: list[Any] = [
-                wds.ResampledShards(
-                    urls,
-                    seed=wds.utils.make_seed(seed, index, epoch_offset),
-                    worker_seed=_WorkerSeed(rank),
-                    deterministic=True,
-                ),
-                _ReadShards(counter),
-            ]
-            if shuffle_buffer > 1:
-                stages.append(_Shuffle(shuffle_buffer, f"shuffle:{spec.name}", seed, rank, epoch_offset))
-        else:
-            partition = _Partition(rank, world_size, len(urls))
-            stages = [wds.SimpleShardList(urls), partition.shards, _ReadShards(counter), partition.samples]
-        stages += [
-            decode_stage(counter),
-            _ToTrainingSample(
-                spec,
-                counter,
-                resolution=resolution,
-                reference_size=reference_size,
-                center_crop=center_crop,
-                random_flip=random_flip,
-                augment=reference_augment,
-                seed=seed,
-                rank=rank,
-                epoch_offset=epoch_offset,
-            ),
-        ]
-        pipelines.append(wds.DataPipeline(*stages))
-    mix = _WeightedMix(
-        pipelines,
-        [d.weight for d in domains],
-        longest=not train,
-        seed=seed,
-        rank=rank,
-        epoch_offset=epoch_offset,
-    )
-    pipeline = wds.DataPipeline(mix, _AttachSkipCounts(counter))
+    converters = [
+        _ToTrainingSample(
+            spec,
+            counter,
+            resolution=resolution,
+            reference_size=reference_size,
+            center_crop=center_crop,
+            random_flip=random_flip,
+            augment=reference_augment,
+        )
+        for spec in domains
+    ]
     if train:
-        per_worker = samples_per_worker(epoch_samples, world_size, num_workers, batch_size)
-        # with_epoch counts PER WORKER and restarts the pipeline (a new seeded epoch) each time.
-        return NestedStream(pipeline.with_epoch(per_worker), per_worker * max(1, num_workers))
+        sources = [
+            DomainSource(spec.name, check_urls(spec), spec.weight, shard_counts(spec.urls), _Prepare(convert))
+            for spec, convert in zip(domains, converters, strict=True)
+        ]
+        return TrainStream(
+            sources,
+            counter=counter,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            per_reader=samples_per_worker(epoch_samples, world_size, num_workers, batch_size),
+            lanes=open_shards,
+            block=max(1, shuffle_buffer),
+            first_epoch=epoch_offset,
+            resume=resume,
+        )
+    pipelines = []
+    for spec, convert in zip(domains, converters, strict=True):
+        urls = check_urls(spec)
+        partition = _Partition(rank, world_size, len(urls))
+        stages = [wds.SimpleShardList(urls), partition.shards, _ReadShards(counter), partition.samples]
+        pipelines.append(wds.DataPipeline(*stages, decode_stage(counter), convert))
+    mix = _WeightedMix(pipelines, [d.weight for d in domains], longest=True, seed=seed, rank=rank)
+    pipeline = wds.DataPipeline(mix, _AttachSkipCounts(counter))
     if max_samples is not None:
         pipeline.append(wds.slice(math.ceil(max_samples / (world_size * max(1, num_workers)))))
-    return NestedStream(pipeline, None)
+    return NestedStream(pipeline)
 
 
 def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -766,7 +325,9 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
         [0, 1]; ``captions``, ``subjects``, ``domains``, ``keys``: list[str] of length B (each
         caption contains its subject token); ``original_sizes``, ``crops_top_left``: (B, 2)
         int64 as (h, w) and (top, left); ``latents`` (B, C, R/8, R/8) float32 only if every
-        sample has cached latents; ``skipped``: {key: 0-d int64 tensor} for every ``SKIP_KEYS``.
+        sample has cached latents; ``skipped``: {key: 0-d int64 tensor} for every ``SKIP_KEYS``;
+        ``stream`` (training only): the stream position after the batch, which the DataModule
+        takes out of the batch (``on_before_batch_transfer``) and keeps for checkpoints.
     """
     batch: dict[str, Any] = {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
@@ -784,7 +345,17 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if all("latents" in s for s in samples):
         batch["latents"] = torch.stack([s["latents"] for s in samples])
+    if "stream" in samples[-1]:  # a batch is consecutive samples of one worker: the last is its position
+        batch["stream"] = samples[-1]["stream"]
     return batch
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SLURM signals every process of a job step (``--signal``,
+    scancel); a worker killed by SIGUSR1/SIGTERM would crash the main process before it can
+    checkpoint. The main process handles them (``nested.resume.PreemptionCheckpoint``)."""
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- the DataModule
@@ -802,7 +373,9 @@ class NestedDataModule(L.LightningDataModule):
         num_workers: DataLoader workers per rank (persistent when > 0).
         epoch_samples: samples per epoch over ALL ranks, rounded up to whole batches per worker
             (see ``samples_per_worker``); ``len(train_dataloader())`` is exact.
-        shuffle_buffer: per-domain, per-worker shuffle buffer (samples).
+        shuffle_buffer: per-domain, per-worker shuffle block (raw samples held in memory).
+        open_shards: shards each worker reads side by side per domain (consecutive samples come
+            from different shards).
         seed: seeds shard resampling, shuffling, mixing and augmentation per rank/worker/epoch.
         random_flip, center_crop: target augmentation (training only).
         val_domains: validation domains, read once per pass without augmentation; None: no
@@ -810,6 +383,13 @@ class NestedDataModule(L.LightningDataModule):
         val_samples: cap on validation samples per pass (all ranks); None: all.
         reference_augment: reference augmentation (default ``ReferenceAugment()``).
         max_consecutive_failures: raise after this many skips in a row in one worker.
+
+    Checkpoints hold the training stream's position (``state_dict``: per rank, per worker, the
+    samples drawn and raw positions consumed by the batches the training loop took). Resumed with
+    the same world size, workers, batch size, seed, ``epoch_samples``, ``shuffle_buffer``,
+    ``open_shards`` and domains, the stream continues exactly where it was, without decoding the
+    samples it skips; with any of those changed, it restarts the interrupted epoch from fresh
+    positions (logged: valid, not bit-exact).
     """
 
     def __init__(
@@ -821,6 +401,7 @@ class NestedDataModule(L.LightningDataModule):
         num_workers: int = 4,
         epoch_samples: int = 10000,
         shuffle_buffer: int = 1000,
+        open_shards: int = 4,
         seed: int = 0,
         random_flip: bool = False,
         center_crop: bool = False,
@@ -844,6 +425,8 @@ class NestedDataModule(L.LightningDataModule):
             problems.append(f"epoch_samples={epoch_samples} must be > 0")
         if num_workers < 0:
             problems.append(f"num_workers={num_workers} must be >= 0")
+        if open_shards < 1:
+            problems.append(f"open_shards={open_shards} must be >= 1")
         if val_samples is not None and val_samples <= 0:
             problems.append(f"val_samples={val_samples} must be > 0 or None")
         if problems:
@@ -851,10 +434,13 @@ class NestedDataModule(L.LightningDataModule):
         self.resolution, self.reference_size = resolution, reference_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.epoch_samples, self.shuffle_buffer, self.seed = epoch_samples, shuffle_buffer, seed
+        self.open_shards = open_shards
         self.random_flip, self.center_crop = random_flip, center_crop
         self.val_samples = val_samples
         self.reference_augment = reference_augment if reference_augment is not None else ReferenceAugment()
         self.max_consecutive_failures = max_consecutive_failures
+        self.progress = StreamProgress()
+        self._saved_stream: dict[str, Any] | None = None
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -872,7 +458,7 @@ class NestedDataModule(L.LightningDataModule):
             for spec in self.val_domains:
                 check_urls(spec)
 
-    def _stream(self, domains: list[DomainSpec], train: bool) -> NestedStream:
+    def _stream(self, domains: list[DomainSpec], train: bool) -> TrainStream | NestedStream:
         rank, world_size = self._rank_world()
         return build_stream(
             domains,
@@ -886,12 +472,14 @@ class NestedDataModule(L.LightningDataModule):
             epoch_samples=self.epoch_samples,
             max_samples=self.val_samples,
             shuffle_buffer=self.shuffle_buffer,
+            open_shards=self.open_shards,
             seed=self.seed,
             epoch_offset=self.trainer.current_epoch if self.trainer is not None else 0,
             center_crop=self.center_crop,
             random_flip=self.random_flip,
             reference_augment=self.reference_augment,
             max_consecutive_failures=self.max_consecutive_failures,
+            resume=self._resume_point(rank, world_size) if train else None,
         )
 
     def _loader(self, stream: NestedStream) -> DataLoader:
@@ -900,7 +488,9 @@ class NestedDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             collate_fn=collate_batch,
+            # Persistent: each worker's stream counts its epochs (one iter() per epoch).
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -911,3 +501,82 @@ class NestedDataModule(L.LightningDataModule):
         if not self.val_domains:
             return []  # Lightning then skips validation
         return self._loader(self._stream(self.val_domains, train=False))
+
+    # ------------------------------------------------------------------ resumable position
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Takes the stream position out of each training batch the loop consumes."""
+        if isinstance(batch, dict) and "stream" in batch:
+            self.progress.consume(batch.pop("stream"))
+        return batch
+
+    def _topology(self, world_size: int) -> dict[str, Any]:
+        """What the stream's layout depends on: a resume is exact only if all of it is unchanged."""
+        return {
+            "world_size": world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "samples_per_worker": samples_per_worker(
+                self.epoch_samples, world_size, self.num_workers, self.batch_size
+            ),
+            "shuffle_buffer": max(1, self.shuffle_buffer),
+            "open_shards": self.open_shards,
+            "domains": [[d.name, d.weight, len(expand_urls(d.urls))] for d in self.domains],
+        }
+
+    def _epoch_batches(self, world_size: int) -> int:
+        per_worker = samples_per_worker(self.epoch_samples, world_size, self.num_workers, self.batch_size)
+        batches = per_worker * max(1, self.num_workers) // self.batch_size
+        limit = getattr(self.trainer, "num_training_batches", None)
+        return min(batches, limit) if isinstance(limit, int) else batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position on EVERY rank (gathered: the checkpoint is written by rank 0).
+
+        Called by Lightning on every rank while it assembles a checkpoint (a collective under DDP).
+        """
+        rank, world_size = self._rank_world()
+        local = self.progress.state()
+        ranks = [local]
+        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * world_size
+            torch.distributed.all_gather_object(ranks, local)
+        return {
+            "version": 1,
+            "topology": self._topology(world_size),
+            "epoch_batches": self._epoch_batches(world_size),
+            "ranks": ranks,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keeps the saved position until the training stream is built (``train_dataloader``)."""
+        self._saved_stream = state_dict
+
+    def _resume_point(self, rank: int, world_size: int) -> ResumePoint | None:
+        saved, self._saved_stream = self._saved_stream, None
+        if not saved or saved.get("version") != 1:
+            return None
+        topology = self._topology(world_size)
+        changed = {
+            k: (saved["topology"].get(k), v) for k, v in topology.items() if saved["topology"].get(k) != v
+        }
+        position = saved["ranks"][0] if saved["ranks"] else {}
+        if changed:
+            rank_zero_warn(
+                "data: the training stream cannot resume exactly: "
+                + ", ".join(f"{k} was {old}, now {new}" for k, (old, new) in changed.items())
+                + f". Epoch {position.get('epoch')} restarts from fresh seeded positions: training resumes "
+                "correctly (weights, optimizer, schedule, step) but not bit-exactly, and samples of the "
+                "interrupted epoch may be seen twice."
+            )
+            return None
+        point = StreamProgress.resume_point(saved["ranks"][rank], saved["epoch_batches"])
+        if point is not None:
+            self.progress.epoch, self.progress.batches = point.epoch, point.batches
+            self.progress.readers = dict(point.readers)
+            where = "its end" if point.complete else f"batch {point.batches} of {saved['epoch_batches']}"
+            rank_zero_info(
+                f"data: the training stream resumes exactly at epoch {point.epoch}, {where} "
+                f"({max(1, self.num_workers)} worker position(s) per rank restored; nothing is decoded to get there)"
+            )
+        return point

@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning as L
 import yaml
+from lightning.pytorch.utilities import rank_zero_info
 
 from nested.adapter import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, AdapterConfig
 
@@ -194,6 +195,15 @@ def model_card(
         f'    --prompt "{prompt}" --seed 0 --out outputs/',
         "```",
         "",
+        *(
+            [
+                f"The image encoder was a local folder (`{spec.backbone}`) when this adapter was trained: load it "
+                "with `image_encoder=` (Python) or `--image-encoder` (CLI) pointing at the same vision model.",
+                "",
+            ]
+            if not _looks_like_repo_id(spec.backbone)
+            else []
+        ),
         f"The same adapter can serve several tokens with different images (`--adapter '<{config.class_word}1>={repo}' "
         f"--adapter '<{config.class_word}2>={repo}'`), and adapters of other domains combine with it in one prompt.",
     ]
@@ -365,7 +375,7 @@ class HubUpload(L.Callback):
         self.uploaded: list[str] = []  # export names, in upload order
         self.failed: list[str] = []
         self._root: Path | None = None
-        self._training_config: Path | None = None
+        self._config_dirs: list[Path] = []
         self._seen: dict[str, tuple[int, int]] = {}
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -380,7 +390,8 @@ class HubUpload(L.Callback):
         from huggingface_hub import get_token
 
         self._root = self._export_root(trainer)
-        self._training_config = self._find_training_config(trainer)
+        # LightningCLI saves config.yaml during setup too: it is looked up at upload time.
+        self._config_dirs = [Path(d) for d in (trainer.log_dir, trainer.default_root_dir) if d]
         self._seen = self._signatures()  # exports of an earlier run are not re-uploaded
         if get_token() is None:
             log.warning(
@@ -407,12 +418,6 @@ class HubUpload(L.Callback):
             return
         self._scan()
         self.wait(0.0 if self._interrupted else self.final_timeout)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"uploaded": list(self.uploaded)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.uploaded = list(state_dict.get("uploaded", []))
 
     # ------------------------------------------------------------------------------ machinery
     def wait(self, timeout: float) -> bool:
@@ -445,13 +450,6 @@ class HubUpload(L.Callback):
                 return Path(callback._root(trainer))
         return Path(trainer.default_root_dir) / "adapters"
 
-    @staticmethod
-    def _find_training_config(trainer: L.Trainer) -> Path | None:
-        for folder in (trainer.log_dir, trainer.default_root_dir):
-            if folder and (Path(folder) / "config.yaml").is_file():
-                return Path(folder) / "config.yaml"
-        return None
-
     def _signatures(self) -> dict[str, tuple[int, int]]:
         if self._root is None or not self._root.is_dir():
             return {}
@@ -469,7 +467,7 @@ class HubUpload(L.Callback):
 
     def _scan(self) -> None:
         """Queue every export that is new or changed since the last scan (cheap: one directory listing)."""
-        if self._thread is None and threading.current_thread().name != "nested-hub-upload":
+        if self._root is None:  # not set up, or not global rank 0
             return
         with self._lock:
             current = self._signatures()
@@ -500,12 +498,9 @@ class HubUpload(L.Callback):
             try:
                 started = time.monotonic()
                 info = self._upload(self._root / name)
-                log.info(
-                    "HubUpload: %s uploaded to %s in %.1f s (%s)",
-                    name,
-                    self.repo_id,
-                    time.monotonic() - started,
-                    getattr(info, "commit_url", ""),
+                rank_zero_info(
+                    f"HubUpload: {name} uploaded to {self.repo_id} in {time.monotonic() - started:.1f} s "
+                    f"({getattr(info, 'commit_url', '')})"
                 )
                 self.uploaded.append(name)
                 return
@@ -525,7 +520,7 @@ class HubUpload(L.Callback):
                     return
                 delay = min(self.backoff * 2**attempt, self.max_backoff)
                 log.warning(
-                    "HubUpload: upload of %s to %s failed (%s); retry %d/%d in %.0f s.",
+                    "HubUpload: upload of %s to %s failed (%s); retry %d/%d in %.1f s.",
                     name,
                     self.repo_id,
                     message,
@@ -539,6 +534,11 @@ class HubUpload(L.Callback):
     def _upload(self, folder: Path):
         staging = _stage(folder)
         try:
+            configs = [d / "config.yaml" for d in self._config_dirs if (d / "config.yaml").is_file()]
+            if configs and not (staging / "training_config.yaml").exists():
+                config = _scrub_config(yaml.safe_load(configs[0].read_text()) or {})
+                text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+                (staging / "training_config.yaml").write_text(redact(text))
             step = _step_of(folder.name)
             what = f"step {step}" if step >= 0 else folder.name
             return push_adapter(
@@ -548,7 +548,6 @@ class HubUpload(L.Callback):
                 revision=self.revision,
                 commit_message=f"nested: adapter export ({what})",
                 license=self.license,
-                training_config=self._training_config,
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -9,9 +9,11 @@ and weight averaging see only the trainable adapter; a resumed run reloads them 
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -74,7 +76,8 @@ class NestedAttentionModule(L.LightningModule):
         optimizer, lr_scheduler: set through LightningCLI (``--optimizer``, ``--lr_scheduler``);
             AdamW(lr=1e-4, weight_decay=0.01) if none is configured.
         seed: seeds the per-step randomness (dropout, noise, timesteps) with the global step, so
-            a resumed run draws the same numbers as an uninterrupted one.
+            a resumed run draws the same numbers as an uninterrupted one; torch's, numpy's and
+            Python's global generators are reseeded the same way before every training step.
     """
 
     def __init__(
@@ -175,11 +178,27 @@ class NestedAttentionModule(L.LightningModule):
             )
 
     # --------------------------------------------------------------------------- training
+    def _step_seed(self, offset: int = 0) -> int:
+        """A seed determined by (seed, global step, rank, offset): resumable, distinct per rank/micro-batch."""
+        key = f"step:{self.seed}:{self.global_step}:{self.global_rank}:{offset}"
+        return random.Random(key).getrandbits(63)  # str seeds are hashed with sha512: stable everywhere
+
     def _generator(self, offset: int = 0) -> torch.Generator:
-        """A CPU generator determined by (seed, global step, rank): resumable and per-rank."""
-        generator = torch.Generator()
-        generator.manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank * 7 + offset)
-        return generator
+        """A CPU generator determined by (seed, global step, rank, offset): resumable and per-rank."""
+        return torch.Generator().manual_seed(self._step_seed(offset))
+
+    def _micro_batch(self, batch_idx: int) -> int:
+        """Index of this batch inside its gradient-accumulation window (0 without accumulation)."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return batch_idx % accumulate
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Anything that draws from the global generators (a library, a dropout layer) draws the
+        # same numbers in a resumed run as in an uninterrupted one: they restart at every step.
+        seed = self._step_seed(1_000 + self._micro_batch(batch_idx))
+        torch.manual_seed(seed)  # also seeds every CUDA device
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
 
     def diffusion_loss(
         self, batch: dict[str, Any], generator: torch.Generator, apply_dropout: bool = True
@@ -270,7 +289,7 @@ class NestedAttentionModule(L.LightningModule):
         return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        out = self.diffusion_loss(batch, self._generator())
+        out = self.diffusion_loss(batch, self._generator(self._micro_batch(batch_idx)))
         batch_size = len(batch["captions"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/subject_fraction", out["subject_fraction"], batch_size=batch_size, sync_dist=True)

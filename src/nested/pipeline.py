@@ -92,7 +92,7 @@ def load_image(image: ImageInput, name: str = "subject") -> Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise ValueError(f"the image array for {name} must be (H, W, 3), got {image.shape}.")
-        image = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1)  # a writable copy
     if not isinstance(image, Tensor):
         raise ValueError(
             f"the image for {name} must be a PIL image, a file path, a tensor or an array; got {type(image).__name__}."
@@ -128,6 +128,7 @@ class _TextEncoderState:
     """What adding a placeholder changes on a text encoder, to put it back exactly."""
 
     weight: torch.nn.Parameter
+    data: Tensor  # resizing may swap the Parameter's data in place: keep the original storage too
     num_embeddings: int
     vocab_size: int
     eos_token_ids: dict[str, Any]
@@ -139,6 +140,7 @@ class _TextEncoderState:
 class _Snapshot:
     tokenizers: dict[str, Any] = field(default_factory=dict)  # attribute name -> original tokenizer
     text_encoders: dict[str, _TextEncoderState] = field(default_factory=dict)
+    rows: list[tuple[str, int, Tensor]] = field(default_factory=list)  # overwritten pre-existing rows
 
 
 def _text_encoder_state(text_encoder: torch.nn.Module) -> _TextEncoderState:
@@ -151,6 +153,7 @@ def _text_encoder_state(text_encoder: torch.nn.Module) -> _TextEncoderState:
         eos["text_model"] = inner.eos_token_id
     return _TextEncoderState(
         weight=embedding.weight,
+        data=embedding.weight.data,
         num_embeddings=embedding.num_embeddings,
         vocab_size=text_encoder.config.vocab_size,
         eos_token_ids=eos,
@@ -161,6 +164,7 @@ def _text_encoder_state(text_encoder: torch.nn.Module) -> _TextEncoderState:
 
 def _restore_text_encoder(text_encoder: torch.nn.Module, state: _TextEncoderState) -> None:
     embedding = text_encoder.get_input_embeddings()
+    state.weight.data = state.data
     embedding.weight = state.weight
     embedding.num_embeddings = state.num_embeddings
     text_encoder.config.vocab_size = state.vocab_size
@@ -204,6 +208,7 @@ class NestedPipeline:
         self._tokens: dict[str, _Token] = {}
         self._loaded: dict[tuple[str, str | None], NestedAdapter] = {}
         self._snapshot: _Snapshot | None = None
+        self._backbones: dict[tuple, Any] = {}  # vision backbone location -> a loaded SubjectEncoder
         for token, adapter in (adapters or {}).items():
             self.load_adapter(token, adapter)
 
@@ -214,13 +219,16 @@ class NestedPipeline:
         base: str | os.PathLike,
         adapters: Mapping[str, str | os.PathLike | NestedAdapter] | None = None,
         *,
-        torch_dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         revision: str | None = None,
         image_encoder: str | os.PathLike | None = None,
         **pipeline_kwargs: Any,
     ) -> NestedPipeline:
         """Load a base SD / SDXL pipeline (folder or hub id) and the given adapters onto it.
+
+        ``dtype`` applies to the pipeline (the SDXL VAE is upcast by diffusers when it needs it) and to
+        the adapters' vision backbones; the adapters' projections stay float32.
 
         ``pipeline_kwargs`` go to ``DiffusionPipeline.from_pretrained`` (e.g. ``variant="fp16"``).
         Hub ids download through the huggingface_hub cache; ``HF_HUB_OFFLINE=1`` is honoured.
@@ -229,7 +237,7 @@ class NestedPipeline:
 
         try:
             pipe = DiffusionPipeline.from_pretrained(
-                str(base), torch_dtype=torch_dtype, revision=revision, **pipeline_kwargs
+                str(base), dtype=dtype, revision=revision, **pipeline_kwargs
             )
         except OSError as error:
             raise OSError(
@@ -290,8 +298,9 @@ class NestedPipeline:
             raise ValueError(f"token {token!r} already has an adapter; call unload() first to change it.")
         if not token or token != token.strip() or " " in token:
             raise ValueError(f"subject token {token!r} must be one word without spaces, like '<person>'.")
+        key = None
         if isinstance(adapter, NestedAdapter):
-            loaded, source = adapter, "<object>"
+            loaded, source = adapter, "<object>"  # used as it is (device, mode): it may be in training
         else:
             source = str(adapter)
             if revision is None and "@" in source and not Path(source).exists():
@@ -300,15 +309,15 @@ class NestedPipeline:
             loaded = self._loaded.get(key)
             if loaded is None:
                 loaded = self._load(source, revision, image_encoder or self.image_encoder)
-                self._loaded[key] = loaded
+                loaded.eval().requires_grad_(False).to(self.pipe.unet.device)
         try:
             loaded.check_fits(self.pipe.unet)
         except ValueError as error:
             raise ValueError(
                 f"the adapter for {token!r} ({source}) does not fit this base model: {error}"
             ) from error
-        loaded.eval().requires_grad_(False)
-        loaded.to(self.pipe.unet.device)
+        if key is not None:
+            self._loaded[key] = loaded
         placeholder = self._add_token(token, loaded)
         loaded.attach(self.pipe.unet)
         self._tokens[token] = _Token(loaded, source, revision, placeholder)
@@ -320,21 +329,11 @@ class NestedPipeline:
         """Load an adapter, sharing the frozen vision backbone with an adapter that already has the same one."""
         folder = resolve_adapter_folder(source, revision=revision)
         spec = AdapterConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text())).encoder
-        backbone_key = (
-            (str(image_encoder),) if image_encoder else (spec.backbone, spec.subfolder, spec.revision)
-        )
-        shared = next(
-            (
-                a.encoder
-                for a in self._loaded.values()
-                if getattr(a, "_nested_backbone_key", None) == backbone_key
-            ),
-            None,
-        )
+        backbone = (str(image_encoder),) if image_encoder else (spec.backbone, spec.subfolder, spec.revision)
         adapter = NestedAdapter.from_pretrained(
-            folder, image_encoder=shared or image_encoder, dtype=self.pipe.unet.dtype
+            folder, image_encoder=self._backbones.get(backbone) or image_encoder, dtype=self.pipe.unet.dtype
         )
-        adapter._nested_backbone_key = backbone_key
+        self._backbones.setdefault(backbone, adapter.encoder)
         return adapter
 
     def _add_token(self, token: str, adapter: NestedAdapter) -> bool:
@@ -352,12 +351,17 @@ class NestedPipeline:
             self._take_snapshot()
         # Resizing draws random rows from the global RNG; keep the user's RNG stream untouched.
         with torch.random.fork_rng(devices=[]):
-            for index, (_, _, tokenizer, text_encoder) in enumerate(self._text_pairs):
+            for index, (_, encoder_attr, tokenizer, text_encoder) in enumerate(self._text_pairs):
                 name = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
                 token_id = add_placeholder_token(tokenizer, text_encoder, token, class_word)
-                learned = adapter.token_embeddings.get(f"{name}:{source_token}") if source_token else None
-                if learned is not None:
-                    set_token_embedding(text_encoder, token_id, learned.detach())
+                learned = adapter.token_embeddings.get(f"{name}:{source_token}")
+                if learned is None:
+                    continue
+                if token_id < self._snapshot.text_encoders[encoder_attr].num_embeddings:
+                    # A token the pipeline already had (e.g. textual inversion): its row is restored on unload.
+                    row = text_encoder.get_input_embeddings().weight[token_id].detach().clone()
+                    self._snapshot.rows.append((encoder_attr, token_id, row))
+                set_token_embedding(text_encoder, token_id, learned.detach())
         return True
 
     def _take_snapshot(self) -> None:
@@ -379,9 +383,12 @@ class NestedPipeline:
                 setattr(self.pipe, attr, tokenizer)
             for attr, state in self._snapshot.text_encoders.items():
                 _restore_text_encoder(getattr(self.pipe, attr), state)
+            for attr, token_id, row in reversed(self._snapshot.rows):
+                set_token_embedding(getattr(self.pipe, attr), token_id, row)
         self._snapshot = None
         self._tokens.clear()
         self._loaded.clear()
+        self._backbones.clear()
 
     def __enter__(self) -> NestedPipeline:
         return self

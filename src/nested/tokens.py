@@ -76,7 +76,11 @@ def _pool_at_eos(tokenizer: Any, text_encoder: Any) -> None:
     ``argmax(input_ids)``: the largest id, which is EOS only as long as no token was added. Pooling at the
     real EOS id gives the same output on prompts without added tokens, and the right one with them.
     """
+    # transformers 5 keeps eos_token_id on CLIPTextModel itself, and on .text_model of the
+    # projection variant; older versions on .text_model for both.
     text_model = getattr(text_encoder, "text_model", None)
+    if not hasattr(text_model, "eos_token_id"):
+        text_model = text_encoder
     if getattr(text_model, "eos_token_id", None) == 2 and tokenizer.eos_token_id != 2:
         text_model.eos_token_id = tokenizer.eos_token_id
         text_encoder.config.eos_token_id = tokenizer.eos_token_id

@@ -1,0 +1,749 @@
+"""Throughput of the training data stream against plain PIL decoding of the same JPEG bytes.
+
+A small, real data set is written to a temporary folder: the photos scikit-image ships (astronaut,
+chelsea, coffee, rocket), cropped to several aspect ratios, flipped and re-toned, resized so their
+short side is ``--size`` (1024 px: what SDXL training reads, so ``target_transform`` only crops)
+and saved as JPEG quality 90, then turned into webdataset shards with ``nested.shards.build_shards``.
+The astronaut's face and the cat's head carry a ``bbox`` (their reference is a crop around it);
+coffee and rocket have none, so their reference is derived from the whole target (the
+``bbox_crop`` rule's fallback).
+
+For each worker count (0 = in the main process, then 1, 2 ... DataLoader workers) the
+``NestedDataModule`` training loader (resolution ``--size``, reference_size 224, the default
+``ReferenceAugment``, batch 1) is timed against decoding the same JPEG bytes with
+``Image.open(BytesIO(b)).convert("RGB")`` + ``load()`` in one process. Variants run in
+alternating, equally long blocks (the order reversed every other round); the reported ratio is
+the median over rounds of ``(stream samples/s / max(workers, 1)) / (PIL decodes/s)``.
+
+``--variants`` adds ``patched``: the same loader with the change this benchmark proposes for
+``src/nested/data.py`` applied by monkeypatching (see ``patched_reference_transform`` and
+``patched_collate_batch``); it is measured in the same rounds. ``--profile`` prints a cProfile of
+the in-process stream and a per-stage breakdown (decode, target, reference, collate).
+
+    python benchmarks/data.py                                  # ~2 min
+    python benchmarks/data.py --workers 0 --pairs 3 --profile  # where the time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import itertools
+import json
+import math
+import pstats
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+from torch.utils.data import default_collate
+
+import nested.data as nd
+from nested.shards import build_shards
+
+# name -> (caption, subject bbox [x0, y0, x1, y1] in the skimage photo's pixels, or None)
+PHOTOS: dict[str, tuple[str, list[float] | None]] = {
+    "astronaut": ("a photo of <person> in an orange space suit, a flag behind her", [170, 20, 280, 150]),
+    "chelsea": ("a photo of <person>, a tabby cat looking to the side", [100, 0, 360, 280]),
+    "coffee": ("a photo of <person>'s cup of coffee on a saucer, a spoon", None),
+    "rocket": ("a photo of <person>'s rocket on the launch pad under a blue sky", None),
+}
+# Fractional crop boxes of the photo (x0, y0, x1, y1): several aspect ratios and framings.
+CROPS = [
+    (0.0, 0.0, 1.0, 1.0),
+    (0.1, 0.0, 0.9, 1.0),
+    (0.0, 0.1, 1.0, 0.9),
+    (0.05, 0.05, 0.95, 0.95),
+    (0.15, 0.0, 1.0, 0.85),
+    (0.0, 0.15, 0.85, 1.0),
+    (0.1, 0.1, 1.0, 1.0),
+    (0.0, 0.0, 0.9, 0.9),
+]
+TONES = (1.0, 0.9, 1.1, 0.8)  # brightness factors, for more than 64 distinct images
+REFERENCE_SIZE = 224
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(
+            "Training-stream samples/s of NestedDataModule (per worker) divided by plain PIL decodes/s "
+            "of the same JPEG bytes in one process, as the median of alternating A/B rounds."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--images", type=int, default=64, help="distinct JPEG images in the shards.")
+    parser.add_argument(
+        "--size", type=int, default=1024, help="short side of the images = training resolution."
+    )
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts.")
+    parser.add_argument("--pairs", type=int, default=5, help="timed rounds per worker count.")
+    parser.add_argument("--block", type=float, default=1.5, help="seconds each variant runs per round.")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["stream", "patched", "uint8"],
+        default=["stream", "patched", "uint8"],
+        help="loaders timed against PIL: the current src (stream), patch A (patched), patch A + B (uint8).",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in the main process (workers always use 1)."
+    )
+    parser.add_argument("--target", type=float, default=0.8, help="ratio the stream should reach.")
+    parser.add_argument("--profile", action="store_true", help="cProfile + per-stage breakdown (in-process).")
+    parser.add_argument("--profile-samples", type=int, default=64)
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the written images.")
+    parser.add_argument("--keep", default=None, help="write the data set here instead of a temp dir.")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file.")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------ data set
+def _photo(name: str) -> Image.Image:
+    from skimage import data as skdata
+
+    return Image.fromarray(getattr(skdata, name)()).convert("RGB")
+
+
+def write_images(folder: Path, count: int, size: int, quality: int) -> Path:
+    """Write ``count`` JPEG variants of the scikit-image photos and a jsonl manifest; return it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = {name: _photo(name) for name in PHOTOS}
+    rows = []
+    combos = itertools.product(TONES, (False, True), CROPS, PHOTOS)  # photos vary fastest
+    for index, (tone, flip, crop, name) in enumerate(itertools.islice(combos, count)):
+        caption, bbox = PHOTOS[name]
+        photo = photos[name]
+        box = (
+            round(crop[0] * photo.width),
+            round(crop[1] * photo.height),
+            round(crop[2] * photo.width),
+            round(crop[3] * photo.height),
+        )
+        image = photo.crop(box)
+        scale = size / min(image.size)
+        new_size = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+        sx, sy = new_size[0] / image.width, new_size[1] / image.height
+        image = image.resize(new_size, Image.Resampling.LANCZOS)
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if tone != 1.0:
+            image = ImageEnhance.Brightness(image).enhance(tone)
+        row: dict = {"image": f"{index:04d}_{name}.jpg", "caption": caption}
+        if bbox is not None:  # into the crop's frame; kept if at least half the subject is in it
+            x0, y0 = max(bbox[0], box[0]) - box[0], max(bbox[1], box[1]) - box[1]
+            x1, y1 = min(bbox[2], box[2]) - box[0], min(bbox[3], box[3]) - box[1]
+            if (x1 - x0) * (y1 - y0) >= 0.5 * (bbox[2] - bbox[0]) * (bbox[3] - bbox[1]):
+                x0, y0, x1, y1 = x0 * sx, y0 * sy, x1 * sx, y1 * sy
+                if flip:
+                    x0, x1 = new_size[0] - x1, new_size[0] - x0
+                row["bbox"] = [round(v, 1) for v in (x0, y0, x1, y1)]
+        image.save(folder / row["image"], format="JPEG", quality=quality)
+        rows.append(row)
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return manifest
+
+
+def build_dataset(root: Path, args: argparse.Namespace) -> tuple[Path, list[bytes]]:
+    """Images + shards under ``root``; returns (shards.json, the stored JPEG bytes)."""
+    manifest = write_images(root / "images", args.images, args.size, args.quality)
+    report = build_shards(
+        manifest, root / "shards", domain="faces", subject="<person>", maxcount=16, progress=False
+    )
+    if report.rejected:
+        raise RuntimeError(f"{report.rejected} images were rejected: see {report.rejected_path}")
+    rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+    jpegs = [(manifest.parent / r["image"]).read_bytes() for r in rows]
+    with_bbox = sum("bbox" in r for r in rows)
+    print(
+        f"data set: {len(jpegs)} JPEGs (quality {args.quality}, short side {args.size}, "
+        f"{sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB mean, {with_bbox} with a bbox) "
+        f"in {len(report.shards)} shards at {report.out}"
+    )
+    return report.index, jpegs
+
+
+# ------------------------------------------------------------------------ the proposed patches
+# What this benchmark proposes for src/nested/data.py, applied here by monkeypatching `nested.data`.
+#
+# "patched" (A: no change to any output type or shape):
+# A1. reference_transform: compose the crops (bbox square, centre square, random resized crop)
+#     into ONE box of the source and resample it once, straight to 224 x 224
+#     (``resize(box=..., reducing_gap=2.0)``: no intermediate ~1000 px crops; a 2x box reduction
+#     before the bicubic pass when the factor is >= 4); then flip and colour-jitter 224 x 224
+#     pixels instead of the ~1000 x 1000 crop. Same random draws in the same order; the pixels
+#     differ from today's by resampling rounding only.
+# A2. collate_batch: every small integer field (original_sizes, crops_top_left, the 5 skip
+#     counts) is a view of ONE int64 tensor, so a worker sends one shared-memory block for them
+#     instead of 7 (each costs a shared-memory file + a file-descriptor round trip, ~0.2 ms).
+# A3. collate_batch: a batch of one sample is a view of the sample (no 12 MB copy); larger ones
+#     go through default_collate, which in a worker stacks straight into shared memory.
+# A4. decoder (the training stream's decoding): images with our own handler (open, load, convert
+#     only if not RGB); webdataset's "pil" ImageHandler calls convert("RGB") twice, i.e. makes two
+#     full copies of every decoded image.
+#
+# "uint8" (A + B):
+# B.  the stream's pixel_values are uint8 (3, R, R) in [0, 255] (3 MB at 1024 px instead of 12 MB
+#     of float32: a worker copies 4x less into shared memory, and the host-to-GPU copy is 4x
+#     smaller); NestedAttentionModule.diffusion_loss turns them into float32 in [-1, 1] on the
+#     device with the same arithmetic (x / 255 * 2 - 1, bit-identical). That conversion is not
+#     part of the stream's samples/s below: on a GPU it costs microseconds.
+
+
+def _random_resized_box(
+    width: int, height: int, augment: nd.ReferenceAugment, rng: random.Random
+) -> tuple[int, int, int, int]:
+    """A1: ``nested.data._random_resized_crop``'s draws, returned as (left, top, width, height)."""
+    for _ in range(10):  # rejection sampling; falls back to the whole image
+        area = width * height * rng.uniform(*augment.scale)
+        ratio = math.exp(rng.uniform(math.log(augment.ratio[0]), math.log(augment.ratio[1])))
+        crop_w, crop_h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            return rng.randint(0, width - crop_w), rng.randint(0, height - crop_h), crop_w, crop_h
+    return 0, 0, width, height
+
+
+def patched_reference_transform(
+    target: Image.Image,
+    *,
+    size: int,
+    ref: Image.Image | None = None,
+    bbox: list[float] | None = None,
+    bbox_margin: float = 0.1,
+    augment: nd.ReferenceAugment | None = None,
+    rng: random.Random | None = None,
+) -> torch.Tensor:
+    """A1: ``nested.data.reference_transform`` with one resample of one composed box."""
+    rng = rng or random.Random(0)
+    augmenting = augment is not None and augment.enabled
+    if ref is not None:
+        source, (left, top, right, bottom) = ref, (0, 0, *ref.size)
+    elif bbox is not None:
+        jitter = augment.bbox_jitter if augmenting else 0.0
+        source = target
+        left, top, right, bottom = nd.bbox_square(bbox, target.size, bbox_margin, jitter, rng)
+    else:
+        source, (left, top, right, bottom) = target, (0, 0, *target.size)
+    side = min(right - left, bottom - top)  # the centre square
+    left, top = left + (right - left - side) // 2, top + (bottom - top - side) // 2
+    width = height = side
+    if augmenting:
+        dx, dy, width, height = _random_resized_box(side, side, augment, rng)
+        left, top = left + dx, top + dy
+    box = (left, top, left + width, top + height)
+    image = source.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
+    if augmenting:
+        if augment.flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if augment.color_jitter > 0:
+            for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+                image = enhance(image).enhance(
+                    rng.uniform(1 - augment.color_jitter, 1 + augment.color_jitter)
+                )
+    return nd._to_tensor(image)
+
+
+def _decode_rgb(data: bytes) -> Image.Image:
+    """A4: one decode, and a conversion only when the image is not RGB already."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def patched_decoder():
+    """A4: ``nested.data.decoder`` (the training stream's) with ``_decode_rgb`` for the images."""
+    import webdataset as wds
+
+    return wds.autodecode.Decoder(
+        [
+            wds.handle_extension("pth", nd._load_tensor),
+            wds.handle_extension(" ".join(nd._TARGET_KEYS), _decode_rgb),  # also ref.jpg, ref.png
+        ],
+        only=[*nd._TARGET_KEYS, *nd._REF_KEYS, *nd._LATENT_KEYS, "json"],
+    )
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A3: one sample -> a view (no copy); several -> default_collate (shared memory in a worker)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else default_collate(tensors)
+
+
+def patched_collate_batch(samples: list[dict]) -> dict:
+    """``nested.data.collate_batch`` with A2 and A3; same keys, dtypes and shapes."""
+    n = len(samples)
+    skipped = [sum(s.get("skipped", {}).get(k, 0) for s in samples) for k in nd.SKIP_KEYS]
+    ints = torch.tensor(
+        [v for s in samples for v in s["original_size"]]
+        + [v for s in samples for v in s["crop_top_left"]]
+        + skipped,
+        dtype=torch.long,
+    )
+    batch = {
+        "pixel_values": _stack([s["pixel_values"] for s in samples]),
+        "reference": _stack([s["reference"] for s in samples]),
+        "captions": [s["caption"] for s in samples],
+        "subjects": [s["subject"] for s in samples],
+        "domains": [s["domain"] for s in samples],
+        "keys": [s["key"] for s in samples],
+        "original_sizes": ints[: 2 * n].view(n, 2),
+        "crops_top_left": ints[2 * n : 4 * n].view(n, 2),
+        "skipped": {k: ints[4 * n + i] for i, k in enumerate(nd.SKIP_KEYS)},
+    }
+    if all("latents" in s for s in samples):
+        batch["latents"] = _stack([s["latents"] for s in samples])
+    if "stream" in samples[-1]:  # the training stream's position, as collate_batch passes it on
+        batch["stream"] = samples[-1]["stream"]
+    return batch
+
+
+def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """B: PIL RGB -> (3, H, W) uint8, a channel-first view of one HWC copy."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def uint8_target_transform(
+    image: Image.Image,
+    *,
+    resolution: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    rng: random.Random | None = None,
+) -> nd.TargetView:
+    """B: ``nested.data.target_transform`` (same crop, flip and draws) with uint8 pixels."""
+    rng = rng or random.Random(0)
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    if center_crop:
+        top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
+    else:
+        top, left = rng.randint(0, size[1] - resolution), rng.randint(0, size[0] - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = size[0] - resolution - left
+    return nd.TargetView(_to_uint8_tensor(image), (height, width), (top, left))
+
+
+def pixels_on_device(pixels: torch.Tensor) -> torch.Tensor:
+    """B: what diffusion_loss does with uint8 pixel_values (after the batch is on the device)."""
+    return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0).mul_(2.0).sub_(1.0)
+
+
+@contextlib.contextmanager
+def patched(variant: str) -> Iterator[None]:
+    """Apply patch A ("patched") or A + B ("uint8") to ``nested.data`` inside the block.
+
+    Workers forked inside the block keep the patch; in the main process it applies per call.
+    """
+    saved = nd.reference_transform, nd.collate_batch, nd.decoder, nd.target_transform
+    nd.reference_transform, nd.collate_batch = patched_reference_transform, patched_collate_batch
+    nd.decoder = patched_decoder  # _Prepare builds its decoder when the stream is built
+    if variant == "uint8":
+        nd.target_transform = uint8_target_transform
+    try:
+        yield
+    finally:
+        nd.reference_transform, nd.collate_batch, nd.decoder, nd.target_transform = saved
+
+
+# ------------------------------------------------------------------------------------ variants
+def make_datamodule(index: Path, size: int, workers: int) -> nd.NestedDataModule:
+    domain = nd.DomainSpec("faces", str(index), "<person>")
+    return nd.NestedDataModule(
+        [domain],
+        resolution=size,
+        reference_size=REFERENCE_SIZE,
+        batch_size=1,
+        num_workers=workers,
+        epoch_samples=10**9,  # one endless epoch
+        reference_augment=nd.ReferenceAugment(),
+    )
+
+
+class PilVariant:
+    """The baseline: decode the JPEG bytes, round robin, in this process."""
+
+    name = "pil"
+
+    def __init__(self, jpegs: list[bytes]) -> None:
+        self.jpegs = itertools.cycle(jpegs)
+
+    def block(self, seconds: float) -> float:
+        count, start = 0, time.perf_counter()
+        while True:
+            with Image.open(io.BytesIO(next(self.jpegs))) as image:
+                image.convert("RGB").load()
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return count / elapsed
+
+    def close(self) -> None:
+        pass
+
+
+class LoaderVariant:
+    """A NestedDataModule training loader, consumed one batch (= one sample) at a time."""
+
+    def __init__(self, name: str, index: Path, size: int, workers: int) -> None:
+        self.name, self.workers = name, workers
+        self.dtype = torch.uint8 if name == "uint8" else torch.float32
+        self.context: Callable[[], contextlib.AbstractContextManager] = (
+            contextlib.nullcontext if name == "stream" else lambda: patched(name)
+        )
+        with self.context():  # the DataLoader keeps the collate_fn it was given
+            self.loader = make_datamodule(index, size, workers).train_dataloader()
+        self.iterator = None
+
+    def _next(self) -> None:
+        pixels = next(self.iterator)["pixel_values"]
+        if pixels.shape[0] != 1 or pixels.dtype != self.dtype:
+            raise RuntimeError(f"{self.name}: unexpected batch {pixels.dtype} {tuple(pixels.shape)}")
+
+    def block(self, seconds: float) -> float:
+        with self.context():  # workers forked here keep the patch; in-process it applies per call
+            if self.iterator is None:
+                self.iterator = iter(self.loader)
+                for _ in range(4 * max(1, self.workers)):  # worker start-up, shuffle buffer fill
+                    self._next()
+            # Batches the workers prefetched while another variant ran would come for free.
+            for _ in range(self.loader.prefetch_factor * self.workers if self.workers else 0):
+                self._next()
+            count, start = 0, time.perf_counter()
+            while True:
+                self._next()
+                count += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds:
+                    return count / elapsed
+
+    def close(self) -> None:
+        self.iterator = None  # shuts the workers down
+        self.loader = None
+
+
+def check_equivalence(index: Path, size: int, count: int = 8) -> None:
+    """The patched streams give the current stream's samples: same keys, crops, sizes, counts;
+    bit-identical pixels (uint8 after the on-device conversion); references within rounding."""
+    batches = {}
+    for name in ("stream", "patched", "uint8"):
+        with contextlib.nullcontext() if name == "stream" else patched(name):
+            loader = make_datamodule(index, size, 0).train_dataloader()
+            batches[name] = list(itertools.islice(iter(loader), count))
+    worst = 0.0
+    for name in ("patched", "uint8"):
+        for a, b in zip(batches["stream"], batches[name], strict=True):
+            pixels = pixels_on_device(b["pixel_values"]) if name == "uint8" else b["pixel_values"]
+            same = (
+                a["keys"] == b["keys"]
+                and torch.equal(a["pixel_values"], pixels)
+                and torch.equal(a["original_sizes"], b["original_sizes"])
+                and torch.equal(a["crops_top_left"], b["crops_top_left"])
+                and a["skipped"].keys() == b["skipped"].keys()
+                and all(torch.equal(a["skipped"][k], b["skipped"][k]) for k in a["skipped"])
+                and a["reference"].shape == b["reference"].shape
+            )
+            if not same:
+                raise RuntimeError(f"the {name} stream differs from the current one at {a['keys']}")
+            worst = max(worst, (a["reference"] - b["reference"]).abs().mean().item() * 255)
+    print(
+        f"equivalence: {count} samples of each patched stream = the current stream (keys, pixels "
+        f"bit-identical, sizes, crops, skip counts); reference mean |diff| <= {worst:.2f} / 255"
+    )
+
+
+def measure(args: argparse.Namespace, index: Path, jpegs: list[bytes], workers: int) -> dict:
+    variants: list = [PilVariant(jpegs)] + [
+        LoaderVariant(n, index, args.size, workers) for n in args.variants
+    ]
+    rates: dict[str, list[float]] = {v.name: [] for v in variants}
+    try:
+        for variant in variants:  # warm-up: worker start, shuffle buffers, first decodes
+            variant.block(0.3)
+        for round_index in range(args.pairs):
+            order = variants if round_index % 2 == 0 else variants[::-1]
+            for variant in order:
+                rates[variant.name].append(variant.block(args.block))
+    finally:
+        for variant in variants:
+            variant.close()
+    per_worker = max(1, workers)
+    result: dict = {"workers": workers, "rates": rates}
+    for name in args.variants:
+        result[f"{name}/pil"] = [s / per_worker / p for s, p in zip(rates[name], rates["pil"], strict=True)]
+        if name != "stream" and "stream" in rates:
+            result[f"{name}/stream"] = [a / b for a, b in zip(rates[name], rates["stream"], strict=True)]
+    return result
+
+
+def print_table(args: argparse.Namespace, results: list[dict]) -> None:
+    median = statistics.median
+    header = f"{'workers':>7} | {'PIL dec/s':>9}"
+    for name in args.variants:
+        header += f" | {name + ' smp/s':>13} | {name + '/PIL per worker':>23}"
+        if name != "stream" and "stream" in args.variants:
+            header += f" | {'vs stream':>9}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in results:
+        line = f"{r['workers']:>7} | {median(r['rates']['pil']):>9.1f}"
+        for name in args.variants:
+            ratios = r[f"{name}/pil"]
+            spread = f"[{min(ratios):.2f}-{max(ratios):.2f}]"
+            ok = "ok" if median(ratios) >= args.target else "LOW"
+            line += f" | {median(r['rates'][name]):>13.1f} | {median(ratios):>5.2f} {spread:>12} {ok:>4}"
+            if f"{name}/stream" in r:
+                line += f" | {median(r[f'{name}/stream']):>8.2f}x"
+        print(line)
+    print(
+        f"\nratio = (stream samples/s / max(workers, 1)) / (PIL decodes/s in one process), median of "
+        f"{args.pairs} alternating rounds of {args.block} s per variant, [min-max] over rounds; target "
+        f">= {args.target}. 'vs stream': median per-round samples/s ratio to the current stream. "
+        "smp/s, dec/s: medians (absolute numbers drift on a shared machine; compare the ratios)."
+    )
+
+
+# ------------------------------------------------------------------------------------ profile
+def _stage_samples(index: Path, count: int) -> list[dict]:
+    """Decoded raw samples (PIL target + json) as the convert stage receives them."""
+    import webdataset as wds
+
+    urls = nd.expand_urls(str(index))
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(nd.decoder()))
+    return list(itertools.islice(pipeline, count))
+
+
+def profile(args: argparse.Namespace, index: Path, jpegs: list[bytes]) -> dict:
+    """cProfile of the in-process stream, then a per-stage timing table (current vs patched)."""
+    loader = make_datamodule(index, args.size, 0).train_dataloader()
+    iterator = iter(loader)
+    next(iterator)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.profile_samples):
+        next(iterator)
+    profiler.disable()
+    print(f"\ncProfile of {args.profile_samples} in-process stream samples (top 18 by own time):")
+    stats = pstats.Stats(profiler, stream=sys.stdout)
+    stats.sort_stats("tottime").print_stats(18)
+
+    samples = _stage_samples(index, min(len(jpegs), 32))
+    augment = nd.ReferenceAugment()
+
+    def run_reference(function: Callable, with_bbox: bool) -> Callable[[], None]:
+        def run() -> None:
+            rng = random.Random(0)
+            for raw in samples:
+                bbox = raw["json"].get("bbox")
+                if (bbox is not None) == with_bbox:
+                    function(raw["jpg"], size=REFERENCE_SIZE, bbox=bbox, augment=augment, rng=rng)
+
+        return run
+
+    def run_decode() -> None:
+        for data in jpegs[: len(samples)]:
+            with Image.open(io.BytesIO(data)) as image:
+                image.convert("RGB").load()
+
+    def run_decoder(make: Callable) -> Callable[[], None]:
+        def run() -> None:
+            decode = make()
+            for data in jpegs[: len(samples)]:
+                decode({"__key__": "k", "jpg": data})
+
+        return run
+
+    def run_target(function: Callable) -> Callable[[], None]:
+        def run() -> None:
+            rng = random.Random(0)
+            for raw in samples:
+                function(raw["jpg"], resolution=args.size, center_crop=False, rng=rng)
+
+        return run
+
+    uint8_pixels = [uint8_target_transform(raw["jpg"], resolution=args.size).pixel_values for raw in samples]
+
+    def run_to_float() -> None:
+        for pixels in uint8_pixels:
+            pixels_on_device(pixels[None])
+
+    views = [nd.target_transform(raw["jpg"], resolution=args.size) for raw in samples]
+    fake = [
+        {
+            "pixel_values": v.pixel_values,
+            "reference": torch.zeros(3, REFERENCE_SIZE, REFERENCE_SIZE),
+            "caption": "c",
+            "subject": "s",
+            "domain": "d",
+            "key": "k",
+            "original_size": v.original_size,
+            "crop_top_left": v.crop_top_left,
+            "skipped": {},
+        }
+        for v in views
+    ]
+
+    def run_collate(function: Callable) -> Callable[[], None]:
+        def run() -> None:
+            for sample in fake:
+                function([sample])
+
+        return run
+
+    n_bbox = sum(raw["json"].get("bbox") is not None for raw in samples)
+    stages: dict[str, tuple[Callable[[], None], int]] = {
+        "PIL decode (baseline)": (run_decode, len(samples)),
+        "decoder: current (wds 'pil')": (run_decoder(nd.decoder), len(samples)),
+        "decoder: patched (A4)": (run_decoder(patched_decoder), len(samples)),
+        "target_transform: current (float32)": (run_target(nd.target_transform), len(samples)),
+        "target_transform: uint8 (B)": (run_target(uint8_target_transform), len(samples)),
+        "  B's uint8 -> float (GPU in training)": (run_to_float, len(samples)),
+        "reference, bbox crop: current": (run_reference(nd.reference_transform, True), n_bbox),
+        "reference, bbox crop: patched (A1)": (run_reference(patched_reference_transform, True), n_bbox),
+        "reference, whole target: current": (
+            run_reference(nd.reference_transform, False),
+            len(samples) - n_bbox,
+        ),
+        "reference, whole target: patched (A1)": (
+            run_reference(patched_reference_transform, False),
+            len(samples) - n_bbox,
+        ),
+        "collate_batch (in-process): current": (run_collate(nd.collate_batch), len(samples)),
+        "collate_batch (in-process): A2, A3": (run_collate(patched_collate_batch), len(samples)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in stages}
+    for round_index in range(5):
+        order = list(stages.items())
+        for name, (function, count) in order if round_index % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            function()
+            times[name].append((time.perf_counter() - start) / max(1, count) * 1e3)
+    print(f"\nper-stage cost, ms per sample (median of 5 alternating rounds over {len(samples)} samples):")
+    for name, values in times.items():
+        print(f"  {name:<40} {statistics.median(values):7.2f}")
+
+    # How far the patched reference is from the current one (same random draws).
+    diffs = []
+    for raw in samples:
+        bbox = raw["json"].get("bbox")
+        a = nd.reference_transform(
+            raw["jpg"], size=REFERENCE_SIZE, bbox=bbox, augment=augment, rng=random.Random(1)
+        )
+        b = patched_reference_transform(
+            raw["jpg"], size=REFERENCE_SIZE, bbox=bbox, augment=augment, rng=random.Random(1)
+        )
+        diffs.append((a - b).abs().mul(255))
+    stacked = torch.stack(diffs)
+    print(
+        f"patched vs current reference (same draws), in 0-255 levels: mean |diff| "
+        f"{stacked.mean():.2f}, 99th pct {stacked.flatten().kthvalue(math.ceil(0.99 * stacked.numel())).values:.1f}, "
+        f"max {stacked.max():.0f}"
+    )
+    stages_ms = {name: statistics.median(values) for name, values in times.items()}
+    stages_ms.update(transfer_cost(args.size))
+    return stages_ms
+
+
+class _Prepared(torch.utils.data.IterableDataset):
+    """Yields fresh copies of one prepared training sample (the transforms' cost left out)."""
+
+    def __init__(self, sample: dict) -> None:
+        super().__init__()
+        self.sample = sample
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            yield {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.sample.items()}
+
+
+def transfer_cost(size: int, batches: int = 40, rounds: int = 5) -> dict[str, float]:
+    """ms per batch of one sample: collate + worker->main transfer, in-process vs one worker."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    sample = {
+        "pixel_values": nd.target_transform(image, resolution=size).pixel_values,
+        "reference": torch.rand(3, REFERENCE_SIZE, REFERENCE_SIZE),
+        "caption": "a photo of <person>",
+        "subject": "<person>",
+        "domain": "faces",
+        "key": "k",
+        "original_size": (size, size),
+        "crop_top_left": (0, 0),
+        "skipped": dict.fromkeys(nd.SKIP_KEYS, 0),
+    }
+    uint8_sample = dict(sample, pixel_values=_to_uint8_tensor(image))
+    cases = {
+        "current collate": (sample, nd.collate_batch),
+        "patched collate (A2, A3)": (sample, patched_collate_batch),
+        "patched collate + uint8 (B)": (uint8_sample, patched_collate_batch),
+    }
+    iterators = {}
+    for name, (prepared, collate) in cases.items():
+        for workers in (0, 1):
+            loader = torch.utils.data.DataLoader(
+                _Prepared(prepared), batch_size=1, num_workers=workers, collate_fn=collate
+            )
+            iterators[name, workers] = iter(loader)
+            for _ in range(4):
+                next(iterators[name, workers])
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in iterators}
+    for round_index in range(rounds):
+        order = list(iterators.items())
+        for key, iterator in order if round_index % 2 == 0 else order[::-1]:
+            for _ in range(2 * key[1]):  # what the worker prefetched meanwhile
+                next(iterator)
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(iterator)
+            times[key].append((time.perf_counter() - start) / batches * 1e3)
+    iterators.clear()
+    print(
+        f"\ncollate + transfer of one {size} px sample, ms per batch (median of {rounds} alternating "
+        "rounds; the copy of the prepared sample is included in both columns):"
+    )
+    print(f"  {'':<30} {'in-process':>10} {'1 worker':>9} {'transfer':>9}")
+    result = {}
+    for name in cases:
+        local, worker = (statistics.median(times[name, w]) for w in (0, 1))
+        print(f"  {name:<30} {local:>10.2f} {worker:>9.2f} {worker - local:>9.2f}")
+        result[f"transfer: {name}"] = worker - local
+    return result
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    np.random.seed(0)
+    with tempfile.TemporaryDirectory(prefix="nested-data-bench-") as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
+        index, jpegs = build_dataset(root, args)
+        output: dict = {"args": vars(args)}
+        if {"patched", "uint8"} & set(args.variants):
+            check_equivalence(index, args.size)
+        if args.profile:
+            output["stages_ms"] = profile(args, index, jpegs)
+        results = []
+        for workers in args.workers:
+            start = time.perf_counter()
+            results.append(measure(args, index, jpegs, workers))
+            print(f"workers={workers}: measured in {time.perf_counter() - start:.0f} s", flush=True)
+        print_table(args, results)
+        output["results"] = results
+    if args.json:
+        Path(args.json).write_text(json.dumps(output, indent=2), encoding="utf-8")
+    return output
+
+
+if __name__ == "__main__":
+    main()

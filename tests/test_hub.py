@@ -1,0 +1,645 @@
+"""Hub sharing against a small Hub-compatible HTTP server of our own on 127.0.0.1.
+
+``FakeHub`` answers exactly the endpoints huggingface_hub 2.4 calls for ``create_repo``,
+``create_branch``, ``upload_folder`` (validate-yaml, preupload, the git-LFS batch API + PUT + verify,
+the NDJSON commit) and for ``snapshot_download`` (repo info, tree listing, resolve with HEAD/GET).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard, constants
+
+from nested.adapter import NestedAdapter
+from nested.backbone import DiffusionBackbone
+from nested.encoder import EncoderSpec
+from nested.hub import HubUpload, model_card, push_adapter
+
+SECRET = "hf_test_secret_123"
+LFS_SUFFIXES = (".safetensors", ".png", ".jpg", ".bin")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and far faster on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class FakeHub:
+    """An in-memory Hub: repos with branches and commits, an LFS store, served over HTTP."""
+
+    def __init__(self):
+        self.repos: dict[str, dict] = {}
+        self.lfs: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.authorizations: set[str] = set()
+        self.required_token: str | None = None  # if set, other tokens get 401
+        self.lock = threading.Lock()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                hub._dispatch(self, "GET")
+
+            def do_HEAD(self):
+                hub._dispatch(self, "HEAD")
+
+            def do_POST(self):
+                hub._dispatch(self, "POST")
+
+            def do_PUT(self):
+                hub._dispatch(self, "PUT")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> FakeHub:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # ----------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _body(handler) -> bytes:
+        if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                size = int(handler.rfile.readline().strip() or b"0", 16)
+                if size == 0:
+                    handler.rfile.readline()
+                    return data
+                data += handler.rfile.read(size)
+                handler.rfile.readline()
+        return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+
+    @staticmethod
+    def _send(handler, status: int, payload=None, headers: dict | None = None, raw: bytes | None = None):
+        body = raw if raw is not None else (b"" if payload is None else json.dumps(payload).encode())
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json" if raw is None else "application/octet-stream")
+        handler.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
+
+    def _commit(self, repo: dict, branch: str, files: dict, message: str) -> str:
+        sha = hashlib.sha1(uuid.uuid4().bytes).hexdigest()
+        repo["commits"][sha] = {"files": files, "message": message}
+        repo["branches"][branch] = sha
+        return sha
+
+    def _resolve(self, repo: dict, revision: str) -> str | None:
+        revision = unquote(revision)
+        if revision in repo["branches"]:
+            return repo["branches"][revision]
+        return revision if revision in repo["commits"] else None
+
+    def _entry(self, path: str, data: bytes, lfs: bool) -> dict:
+        return {
+            "data": data,
+            "lfs": lfs,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "sha1": git_blob_sha1(data),
+        }
+
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        repo = self.repos[repo_id]
+        return {
+            path: e["data"] for path, e in repo["commits"][self._resolve(repo, revision)]["files"].items()
+        }
+
+    def commit_messages(self, repo_id: str) -> list[str]:
+        return [commit["message"] for commit in self.repos[repo_id]["commits"].values()]
+
+    # ----------------------------------------------------------------------------- routes
+    def _dispatch(self, handler, method: str) -> None:
+        path = urlsplit(handler.path).path
+        with self.lock:
+            self.requests.append((method, path))
+            if handler.headers.get("Authorization"):
+                self.authorizations.add(handler.headers["Authorization"])
+        body = self._body(handler) if method in ("POST", "PUT") else b""
+        if self.required_token and handler.headers.get("Authorization") != f"Bearer {self.required_token}":
+            self._send(handler, 401, {"error": "Invalid credentials in Authorization header"})
+            return
+        routes = [
+            ("POST", r"/api/repos/create", self._create_repo),
+            ("POST", r"/api/validate-yaml", self._validate_yaml),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<rev>[^/]+)", self._create_branch),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)", self._preupload),
+            ("POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", self._lfs_batch),
+            ("PUT", r"/__lfs/(?P<oid>[0-9a-f]{64})", self._lfs_put),
+            ("POST", r"/__lfs/verify", self._lfs_verify),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)", self._commit_route),
+            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?", self._repo_info),
+            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?", self._tree),
+            ("GET", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._resolve_file),
+            ("HEAD", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._resolve_file),
+        ]
+        for route_method, pattern, handle in routes:
+            match = re.fullmatch(pattern, path)
+            if route_method == method and match:
+                with self.lock:
+                    handle(handler, body, **{k: v for k, v in match.groupdict().items() if v is not None})
+                return
+        self._send(handler, 404, {"error": f"no route {method} {path}"})
+
+    def _repo_or_404(self, handler, repo_id: str) -> dict | None:
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            self._send(handler, 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        return repo
+
+    def _create_repo(self, handler, body):
+        payload = json.loads(body)
+        repo_id = f"{payload['organization']}/{payload['name']}"
+        if repo_id in self.repos:
+            self._send(
+                handler, 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
+            )
+            return
+        repo = {"private": payload.get("visibility") == "private", "branches": {}, "commits": {}}
+        attributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+        self._commit(
+            repo,
+            "main",
+            {".gitattributes": self._entry(".gitattributes", attributes, False)},
+            "initial commit",
+        )
+        self.repos[repo_id] = repo
+        self._send(handler, 200, {"url": f"{self.url}/{repo_id}", "name": repo_id})
+
+    def _validate_yaml(self, handler, body):
+        content = json.loads(body)["content"]
+        match = re.match(r"^---\n(.*?)\n---", content, re.DOTALL)
+        try:
+            metadata = yaml.safe_load(match.group(1)) if match else None
+        except yaml.YAMLError as error:
+            self._send(handler, 400, {"errors": [{"message": str(error)}]})
+            return
+        warnings = [] if metadata else [{"message": "empty or missing yaml metadata"}]
+        self._send(handler, 200, {"errors": [], "warnings": warnings})
+
+    def _create_branch(self, handler, body, repo, rev):
+        state = self._repo_or_404(handler, repo)
+        if state is None:
+            return
+        if unquote(rev) in state["branches"]:
+            self._send(handler, 409, {"error": "Reference already exists"})
+            return
+        start = json.loads(body or b"{}").get("startingPoint", "main")
+        state["branches"][unquote(rev)] = self._resolve(state, start)
+        self._send(handler, 200, {})
+
+    def _preupload(self, handler, body, repo, rev):
+        state = self._repo_or_404(handler, repo)
+        if state is None:
+            return
+        commit = self._resolve(state, rev)
+        existing = state["commits"][commit]["files"] if commit else {}
+        files = []
+        for item in json.loads(body)["files"]:
+            lfs = item["path"].endswith(LFS_SUFFIXES) or item["size"] > 10_000_000
+            old = existing.get(item["path"])
+            oid = None if old is None else (old["sha256"] if old["lfs"] else old["sha1"])
+            mode = "lfs" if lfs else "regular"
+            files.append({"path": item["path"], "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+        self._send(handler, 200, {"files": files, "commitOid": commit})
+
+    def _lfs_batch(self, handler, body, repo):
+        if self._repo_or_404(handler, repo) is None:
+            return
+        payload = json.loads(body)
+        objects = []
+        for item in payload["objects"]:
+            entry = {"oid": item["oid"], "size": item["size"]}
+            if item["oid"] not in self.lfs:
+                entry["actions"] = {
+                    "upload": {"href": f"{self.url}/__lfs/{item['oid']}"},
+                    "verify": {"href": f"{self.url}/__lfs/verify"},
+                }
+            objects.append(entry)
+        self._send(handler, 200, {"transfer": "basic", "objects": objects})
+
+    def _lfs_put(self, handler, body, oid):
+        if hashlib.sha256(body).hexdigest() != oid:
+            self._send(handler, 400, {"error": "sha256 mismatch"})
+            return
+        self.lfs[oid] = body
+        self._send(handler, 200, {})
+
+    def _lfs_verify(self, handler, body):
+        payload = json.loads(body)
+        ok = payload["oid"] in self.lfs and len(self.lfs[payload["oid"]]) == payload["size"]
+        self._send(handler, 200 if ok else 404, {})
+
+    def _commit_route(self, handler, body, repo, rev):
+        state = self._repo_or_404(handler, repo)
+        if state is None:
+            return
+        branch = unquote(rev)
+        parent = state["branches"].get(branch)
+        if parent is None:
+            self._send(handler, 404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"})
+            return
+        files = dict(state["commits"][parent]["files"])
+        message = ""
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            value = item["value"]
+            if item["key"] == "header":
+                message = value["summary"]
+            elif item["key"] == "file":
+                files[value["path"]] = self._entry(value["path"], base64.b64decode(value["content"]), False)
+            elif item["key"] == "lfsFile":
+                if value["oid"] not in self.lfs:
+                    self._send(handler, 422, {"error": f"LFS object {value['oid']} was never uploaded"})
+                    return
+                files[value["path"]] = self._entry(value["path"], self.lfs[value["oid"]], True)
+            elif item["key"] == "deletedFile":
+                files.pop(value["path"], None)
+        sha = self._commit(state, branch, files, message)
+        self._send(
+            handler, 200, {"commitUrl": f"{self.url}/{repo}/commit/{sha}", "commitOid": sha, "success": True}
+        )
+
+    def _repo_info(self, handler, body, repo, rev="main"):
+        state = self._repo_or_404(handler, repo)
+        if state is None:
+            return
+        sha = self._resolve(state, rev)
+        if sha is None:
+            self._send(handler, 404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"})
+            return
+        files = state["commits"][sha]["files"]
+        info = {
+            "id": repo,
+            "modelId": repo,
+            "sha": sha,
+            "private": state["private"],
+            "siblings": [{"rfilename": name} for name in sorted(files)],
+            "tags": [],
+        }
+        self._send(handler, 200, info)
+
+    def _tree(self, handler, body, repo, rev, sub=""):
+        state = self._repo_or_404(handler, repo)
+        if state is None:
+            return
+        sha = self._resolve(state, rev)
+        if sha is None:
+            self._send(handler, 404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"})
+            return
+        entries = []
+        for name, entry in sorted(state["commits"][sha]["files"].items()):
+            if sub and not name.startswith(sub.rstrip("/") + "/"):
+                continue
+            item = {"type": "file", "path": name, "size": len(entry["data"]), "oid": entry["sha1"]}
+            if entry["lfs"]:
+                item["lfs"] = {"oid": entry["sha256"], "size": len(entry["data"]), "pointerSize": 134}
+            entries.append(item)
+        self._send(handler, 200, entries)
+
+    def _resolve_file(self, handler, body, repo, rev, file):
+        state = self._repo_or_404(handler, repo)
+        if state is None:
+            return
+        sha = self._resolve(state, rev)
+        entry = state["commits"][sha]["files"].get(unquote(file)) if sha else None
+        if entry is None:
+            self._send(
+                handler,
+                404,
+                {"error": "Entry not found"},
+                {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha or ""},
+            )
+            return
+        etag = entry["sha256"] if entry["lfs"] else entry["sha1"]
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"'}
+        if entry["lfs"]:
+            headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(entry["data"]))}
+        self._send(handler, 200, headers=headers, raw=entry["data"])
+
+
+# --------------------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A running FakeHub; huggingface_hub pointed at it with a private cache and a fake token."""
+    server = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub reads these at import time.
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # our server speaks git-LFS, not Xet
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    yield server
+    if server.thread.is_alive():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def sd_backbone(tiny_sd_path):
+    return DiffusionBackbone.from_pretrained(tiny_sd_path)
+
+
+def make_adapter(backbone, image_encoder, token="<person>", class_word="person", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    spec = EncoderSpec(backbone=str(image_encoder), num_tokens=6, width=32, depth=1, heads=2)
+    adapter = NestedAdapter.for_unet(
+        backbone.unet, token=token, class_word=class_word, encoder=spec, **kwargs
+    )
+    for layer in adapter.layers.values():
+        torch.nn.init.normal_(layer.to_k.weight, std=0.5)
+        torch.nn.init.normal_(layer.to_v.weight, std=0.5)
+    return adapter.eval()
+
+
+@pytest.fixture
+def adapter_dir(sd_backbone, tiny_sd_path, tmp_path):
+    adapter = make_adapter(
+        sd_backbone,
+        tiny_sd_path / "image_encoder",
+        domain="faces",
+        base_model="stabilityai/stable-diffusion-2-1",
+    )
+    return adapter.save_pretrained(tmp_path / "faces-adapter")
+
+
+# --------------------------------------------------------------------------------------- tests
+def test_model_card_yaml_parses_and_has_the_metadata(adapter_dir, tmp_path):
+    (adapter_dir / "samples").mkdir()
+    (adapter_dir / "samples" / "grid.png").write_bytes(b"\x89PNG fake")
+    config = {"model": {"learning_rate": 1e-4, "encoder": {"num_tokens": 6}}, "trainer": {"max_steps": 100}}
+    config["trainer"]["logger"] = {"init_args": {"api_key": "supersecret"}}
+    text = model_card(adapter_dir, repo_id="me/faces", license="openrail++", training_config=config)
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    assert data["base_model"] == "stabilityai/stable-diffusion-2-1"
+    assert data["library_name"] == "nested" and data["pipeline_tag"] == "text-to-image"
+    assert data["license"] == "openrail++" and "nested-attention" in data["tags"] and "faces" in data["tags"]
+    assert data["subject_token"] == "<person>" and data["domain"] == "faces" and data["num_tokens"] == 6
+    assert data["encoder"].endswith("image_encoder")
+    assert 'NestedPipeline.from_pretrained("stabilityai/stable-diffusion-2-1"' in card.text
+    assert "nested generate" in card.text and "learning_rate: 0.0001" in card.text
+    assert "![sample](samples/grid.png)" in card.text
+    assert "supersecret" not in text and "max_steps: 100" in text  # only trainer scalars kept
+
+    # A local base model path is described, but not put in the Hub metadata (it must be a repo id).
+    config_path = adapter_dir / "adapter_config.json"
+    raw = json.loads(config_path.read_text())
+    raw["base_model"] = str(tmp_path)
+    config_path.write_text(json.dumps(raw))
+    assert "base_model" not in ModelCard(model_card(adapter_dir)).data.to_dict()
+
+
+def test_push_then_load_by_repo_id_gives_identical_outputs(hub, adapter_dir, sd_backbone, tiny_sd_path):
+    info = push_adapter(adapter_dir, "me/faces", commit_message="first upload")
+    assert info.oid in hub.repos["me/faces"]["commits"]
+    files = hub.files("me/faces")
+    assert {"adapter.safetensors", "adapter_config.json", "README.md"} <= set(files)
+    assert hub.repos["me/faces"]["commits"][info.oid]["files"]["adapter.safetensors"][
+        "lfs"
+    ]  # via the LFS API
+    assert any(path.endswith("/info/lfs/objects/batch") for _, path in hub.requests)
+    assert hub.authorizations == {f"Bearer {SECRET}"}  # the token came from the environment
+    assert SECRET not in files["README.md"].decode()
+    ModelCard(files["README.md"].decode())  # parses
+
+    # A second push of unchanged files makes no new commit; a branch push pins a revision.
+    push_adapter(adapter_dir, "me/faces")
+    assert hub.commit_messages("me/faces") == ["initial commit", "first upload"]
+    push_adapter(adapter_dir, "me/faces", revision="v1")
+    assert hub.repos["me/faces"]["branches"]["v1"] == hub.repos["me/faces"]["branches"]["main"]
+
+    local = NestedAdapter.from_pretrained(adapter_dir)
+    remote = NestedAdapter.from_pretrained("me/faces", revision="v1")
+    assert remote.config == local.config
+    images = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        tokens_local, tokens_remote = local.encode(images), remote.encode(images)
+    assert torch.equal(tokens_local, tokens_remote)
+    for key, layer in local.layers.items():
+        assert torch.equal(layer.to_v.weight, remote.layers[key].to_v.weight)
+    # End to end through the UNet, loaded by repo id.
+    from test_pipeline import generate, tiny_pipeline
+
+    from nested.pipeline import NestedPipeline
+
+    pipe = tiny_pipeline(tiny_sd_path)
+    subjects = {"<person>": images[:1]}
+    with NestedPipeline(pipe, {"<person>": adapter_dir}) as nested:
+        expected = generate(nested, "a <person> on the beach", subjects=subjects)
+    with NestedPipeline(pipe, {"<person>": "me/faces@v1"}) as nested:
+        assert torch.equal(generate(nested, "a <person> on the beach", subjects=subjects), expected)
+
+    # Offline (HF_HUB_OFFLINE=1), a cached repo still loads; the server is not asked again.
+    asked = len(hub.requests)
+    hub.stop()
+    constants.HF_HUB_OFFLINE = True  # restored by the fixture's monkeypatch
+    offline = NestedAdapter.from_pretrained("me/faces", revision="v1")
+    assert offline.config == local.config and len(hub.requests) == asked
+
+
+def test_push_command_line_then_generate_from_the_repo(hub, adapter_dir, tiny_sd_path, tmp_path, capsys):
+    from PIL import Image
+
+    from nested.generate import main_generate, main_push
+
+    assert main_push([str(adapter_dir), "me/cli", "--private", "--commit-message", "from the CLI"]) == 0
+    assert hub.repos["me/cli"]["private"] and "from the CLI" in hub.commit_messages("me/cli")
+    out = capsys.readouterr()
+    assert "me/cli" in out.out and SECRET not in out.out + out.err
+    assert main_push([str(adapter_dir.parent / "missing"), "me/cli"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nested push: error:") and "does not exist" in err and "\n" not in err
+
+    Image.new("RGB", (40, 48), (200, 120, 40)).save(tmp_path / "me.png")
+    argv = [
+        "--base",
+        str(tiny_sd_path),
+        "--adapter",
+        "<person>=me/cli@main",
+        "--subject",
+        f"<person>={tmp_path / 'me.png'}",
+    ]
+    argv += [
+        "--prompt",
+        "a <person> on the beach",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
+    assert main_generate(argv) == 0
+    settings = json.loads((tmp_path / "out" / "generation.json").read_text())
+    assert (
+        settings["adapters"]["<person>"]["source"] == "me/cli"
+        and settings["adapters"]["<person>"]["revision"] == "main"
+    )
+    assert SECRET not in (tmp_path / "out" / "generation.json").read_text()
+
+
+class _ExportingModule(L.LightningModule):
+    """A few optimizer steps on a real (tiny) adapter, exported by the real AdapterExport callback."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def training_step(self, batch, batch_idx):
+        return sum(layer.to_v.weight.square().mean() for layer in self.adapter.layers.values())
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.adapter.parameters(), lr=0.1)
+
+
+def _fit(root: Path, adapter, upload: HubUpload) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from nested.callbacks import AdapterExport
+
+    trainer = L.Trainer(
+        default_root_dir=root,
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=-1), AdapterExport(), upload],
+    )
+    trainer.fit(_ExportingModule(adapter))
+    return trainer
+
+
+def _files_containing(root: Path, text: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+def test_hub_upload_callback_uploads_every_export_in_the_background(hub, sd_backbone, tiny_sd_path, tmp_path):
+    adapter = make_adapter(sd_backbone, tiny_sd_path / "image_encoder", domain="faces")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": {"learning_rate": 0.1}}))
+    upload = HubUpload("me/run", backoff=0.05, final_timeout=60, poll_interval=0.2)
+    _fit(tmp_path / "run", adapter, upload)
+    assert upload.failed == [] and upload.uploaded[-1] == "last"
+    assert {"step=2", "step=4"} <= set(upload.uploaded)
+    messages = hub.commit_messages("me/run")
+    assert "nested: adapter export (step 2)" in messages and "nested: adapter export (step 4)" in messages
+    files = hub.files("me/run")
+    assert "learning_rate: 0.1" in files["training_config.yaml"].decode()
+    assert "## Training" in files["README.md"].decode()
+    # The export folders are left as the export callback wrote them; the token is nowhere.
+    assert sorted(p.name for p in (tmp_path / "run" / "adapters" / "last").iterdir()) == [
+        "adapter.safetensors",
+        "adapter_config.json",
+    ]
+    assert _files_containing(tmp_path / "run", SECRET) == []
+    assert all(SECRET.encode() not in data for data in files.values())
+
+
+def test_unreachable_hub_does_not_stop_training(
+    hub, sd_backbone, tiny_sd_path, tmp_path, monkeypatch, caplog
+):
+    import socket
+
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    adapter = make_adapter(sd_backbone, tiny_sd_path / "image_encoder")
+    upload = HubUpload("me/run", max_retries=2, backoff=0.05, final_timeout=20, poll_interval=0.2)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="nested.hub"):
+        trainer = _fit(tmp_path / "run", adapter, upload)
+    assert (
+        trainer.global_step == 4
+        and (tmp_path / "run" / "adapters" / "last" / "adapter.safetensors").is_file()
+    )
+    assert upload.uploaded == [] and "last" in upload.failed
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert retries and "ConnectError" in retries[0]
+    assert any("training continues" in r.getMessage() for r in caplog.records)
+    assert time.monotonic() - started < 30
+    assert SECRET not in caplog.text and _files_containing(tmp_path / "run", SECRET) == []
+
+
+def test_upload_retries_with_backoff_and_gives_up_at_once_on_auth_errors(
+    hub, adapter_dir, tmp_path, monkeypatch
+):
+    import httpx2
+
+    import nested.hub
+
+    export = tmp_path / "adapters" / "step=1"
+    export.parent.mkdir()
+    export.mkdir()
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        (export / name).write_bytes((adapter_dir / name).read_bytes())
+    upload = HubUpload("me/r", max_retries=4, backoff=0.5, max_backoff=1.0)
+    upload._root = export.parent
+    delays = []
+    monkeypatch.setattr(upload._stop, "wait", lambda delay: delays.append(delay) or False)
+
+    real_push, attempts = nested.hub.push_adapter, []
+
+    def flaky_push(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) <= 3:
+            raise httpx2.ConnectError("hub down")
+        return real_push(*args, **kwargs)
+
+    monkeypatch.setattr(nested.hub, "push_adapter", flaky_push)
+    upload._upload_with_retries("step=1")
+    assert delays == [0.5, 1.0, 1.0] and upload.uploaded == ["step=1"]  # exponential, capped
+    assert "adapter.safetensors" in hub.files("me/r")
+
+    monkeypatch.setattr(nested.hub, "push_adapter", real_push)
+    hub.required_token = "hf_the_right_one_456"
+    delays.clear()
+    upload._upload_with_retries("step=1")
+    assert delays == [] and upload.failed == ["step=1"]  # 401: retrying cannot help

@@ -1,0 +1,334 @@
+"""NestedPipeline on tiny SD / SDXL pipelines: multi-domain and multi-token subjects, guidance, caching, unload."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from nested.adapter import NestedAdapter, cross_attention_layers
+from nested.encoder import EncoderSpec
+from nested.pipeline import NestedPipeline, Subject, load_image
+
+PROMPT = "a <person> walking a <dog> on the beach"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and far faster on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_pipeline(path: Path):
+    """A fresh tiny pipeline (SD or SDXL, from model_index.json), progress bar off."""
+    cls = StableDiffusionXLPipeline if (Path(path) / "text_encoder_2").is_dir() else StableDiffusionPipeline
+    pipe = cls.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt, seed=0, **kwargs):
+    """3 guided steps at 64 x 64 px, as a (B, 3, 64, 64) tensor."""
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 5.0, "height": 64, "width": 64, **kwargs}
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt, generator=generator, output_type="pt", **kwargs).images
+
+
+def write_adapter(
+    unet, path: Path, image_encoder: Path, token: str, class_word: str, seed: int, **kwargs
+) -> Path:
+    """A tiny adapter with visible effects at random init, and a learned placeholder embedding."""
+    torch.manual_seed(seed)
+    spec = EncoderSpec(backbone=str(image_encoder), num_tokens=6, width=32, depth=1, heads=2)
+    adapter = NestedAdapter.for_unet(unet, token=token, class_word=class_word, encoder=spec, **kwargs)
+    for layer in adapter.layers.values():
+        torch.nn.init.normal_(layer.to_k.weight, std=0.5)
+        torch.nn.init.normal_(layer.to_v.weight, std=0.5)
+    names = ["text_encoder", "text_encoder_2"] if unet.config.cross_attention_dim == 64 else ["text_encoder"]
+    for name in names:
+        adapter.token_embeddings[f"{name}:{token}"] = torch.nn.Parameter(torch.randn(32), requires_grad=False)
+    adapter.config.token_encoders = names
+    return adapter.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def sd_adapters(tiny_sd_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd-adapters")
+    unet = tiny_pipeline(tiny_sd_path).unet
+    encoder = tiny_sd_path / "image_encoder"
+    return {
+        "faces": write_adapter(unet, root / "faces", encoder, "<person>", "person", 1, domain="faces"),
+        "pets": write_adapter(unet, root / "pets", encoder, "<dog>", "dog", 2, domain="pets"),
+    }
+
+
+@pytest.fixture(scope="module")
+def sdxl_faces(tiny_sdxl_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl-adapters")
+    unet = tiny_pipeline(tiny_sdxl_path).unet
+    return write_adapter(unet, root / "faces", tiny_sdxl_path / "image_encoder", "<person>", "person", 3)
+
+
+@pytest.fixture
+def sd_pipe(tiny_sd_path):
+    return tiny_pipeline(tiny_sd_path)
+
+
+def images(seed: int, count: int = 1) -> torch.Tensor:
+    return torch.rand(count, 3, 40, 40, generator=torch.Generator().manual_seed(seed))
+
+
+def test_two_domain_adapters_combine_each_on_its_own_token(sd_pipe, sd_adapters):
+    person, dog = images(1), images(2)
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"], "<dog>": sd_adapters["pets"]}) as nested:
+        assert nested.adapter("<person>") is not nested.adapter("<dog>")
+        assert (
+            nested.adapter("<person>").encoder.backbone is nested.adapter("<dog>").encoder.backbone
+        )  # shared
+        plain = generate(nested, PROMPT)  # placeholders, no subject bound
+        both = generate(nested, PROMPT, subjects={"<person>": person, "<dog>": dog})
+        person_only = generate(nested, PROMPT, subjects={"<person>": person})
+        dog_only = generate(nested, PROMPT, subjects={"<dog>": dog})
+    outputs = {"plain": plain, "both": both, "person": person_only, "dog": dog_only}
+    for a in outputs:
+        for b in outputs:
+            if a < b:
+                assert (outputs[a] - outputs[b]).abs().max() > 1e-3, f"{a} and {b} should differ"
+
+
+def _attn_out(nested, layer, prompts, subjects, hidden, context):
+    with nested.bind(prompts, subjects), torch.no_grad():
+        return layer(hidden, encoder_hidden_states=context)
+
+
+@pytest.mark.filterwarnings("ignore:'<dog>' is not in the prompts")
+def test_swapping_the_dogs_image_leaves_the_persons_contribution_unchanged(sd_pipe, sd_adapters):
+    """At one cross-attention layer: each subject adds its own term; the dog's image never enters the person's."""
+    prompts = ["a <person> walking a <dog>", "a <person> on the beach"]
+    person, dog_a, dog_b = images(1), images(2), images(3)
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"], "<dog>": sd_adapters["pets"]}) as nested:
+        name, layer = next(iter(cross_attention_layers(sd_pipe.unet).items()))
+        generator = torch.Generator().manual_seed(0)
+        hidden = torch.randn(2, 64, layer.to_q.in_features, generator=generator)
+        context = torch.randn(2, 77, layer.to_k.in_features, generator=generator)
+
+        def out(subjects):
+            return _attn_out(nested, layer, prompts, subjects, hidden, context)
+
+        with torch.no_grad():
+            plain = layer(hidden, encoder_hidden_states=context)
+        person_a = out({"<person>": person, "<dog>": dog_a})
+        person_b = out({"<person>": person, "<dog>": dog_b})
+        no_person_a, no_person_b = out({"<dog>": dog_a}), out({"<dog>": dog_b})
+        person_alone = out({"<person>": person})
+
+    # The prompt without <dog>: bit-identical whichever dog is bound.
+    assert torch.equal(person_a[1], person_b[1])
+    # The prompt with both: the dog's image changes the output...
+    assert (person_a[0] - person_b[0]).abs().max() > 1e-3
+    # ...but the person's contribution (output with - without the person) is the same for both dogs,
+    # and the same as with no dog at all: the difference is exactly the dog's own term.
+    person_term = person_alone[0] - plain[0]
+    assert person_term.abs().max() > 1e-3
+    torch.testing.assert_close(person_a[0] - no_person_a[0], person_term, atol=1e-5, rtol=0)
+    torch.testing.assert_close(person_b[0] - no_person_b[0], person_term, atol=1e-5, rtol=0)
+    torch.testing.assert_close(person_a[0] - person_b[0], no_person_a[0] - no_person_b[0], atol=1e-5, rtol=0)
+
+
+def test_one_adapter_serves_two_tokens_with_two_images(sd_pipe, sd_adapters):
+    alice, bob = images(4), images(5)
+    prompt = "a <person1> and a <person2> on the beach"
+    faces = sd_adapters["faces"]
+    with NestedPipeline(sd_pipe, {"<person1>": faces, "<person2>": faces}) as nested:
+        assert nested.adapter("<person1>") is nested.adapter("<person2>")  # loaded once
+        tokenizer, text_encoder = sd_pipe.tokenizer, sd_pipe.text_encoder
+        learned = nested.adapter("<person1>").token_embeddings["text_encoder:<person>"]
+        for token in ("<person1>", "<person2>"):
+            (token_id,) = tokenizer(token, add_special_tokens=False).input_ids
+            assert torch.equal(text_encoder.get_input_embeddings().weight[token_id], learned)
+        ab = generate(nested, prompt, subjects={"<person1>": alice, "<person2>": bob})
+        ba = generate(nested, prompt, subjects={"<person1>": bob, "<person2>": alice})
+        aa = generate(nested, prompt, subjects={"<person1>": alice, "<person2>": alice})
+    assert (ab - ba).abs().max() > 1e-3 and (ab - aa).abs().max() > 1e-3
+
+
+def test_same_seed_is_identical_and_unload_restores_the_pipeline_exactly(tiny_sdxl_path, sdxl_faces):
+    pipe = tiny_pipeline(tiny_sdxl_path)
+    untouched = tiny_pipeline(tiny_sdxl_path)
+    prompt = "a photo of a <person> in the snow"
+    before = generate(pipe, prompt)
+    processors = {name: attn.processor for name, attn in cross_attention_layers(pipe.unet).items()}
+
+    nested = NestedPipeline.from_pretrained(
+        tiny_sdxl_path, {"<person>": sdxl_faces}
+    )  # the hub/path entry point
+    assert type(nested.pipe) is StableDiffusionXLPipeline
+    nested = NestedPipeline(pipe, {"<person>": sdxl_faces})
+    assert (
+        len(pipe.tokenizer) == len(untouched.tokenizer) + 1
+        and len(pipe.tokenizer_2) == len(untouched.tokenizer_2) + 1
+    )
+    first = generate(nested, prompt, subjects={"<person>": images(6)})
+    second = generate(nested, prompt, subjects={"<person>": images(6)})
+    assert torch.equal(first, second)
+    assert (first - before).abs().max() > 1e-3
+
+    nested.unload()
+    assert torch.equal(generate(pipe, prompt), before)
+    assert torch.equal(generate(pipe, prompt), generate(untouched, prompt))
+    assert {name: attn.processor for name, attn in cross_attention_layers(pipe.unet).items()} == processors
+    assert not pipe.unet._forward_pre_hooks
+    for attr in ("tokenizer", "tokenizer_2"):
+        assert getattr(pipe, attr).get_vocab() == getattr(untouched, attr).get_vocab()
+    for attr in ("text_encoder", "text_encoder_2"):
+        mine, theirs = getattr(pipe, attr), getattr(untouched, attr)
+        assert mine.config.to_dict() == theirs.config.to_dict()
+        assert mine.state_dict().keys() == theirs.state_dict().keys()
+        assert all(torch.equal(mine.state_dict()[k], v) for k, v in theirs.state_dict().items())
+
+
+def test_guidance_keeps_the_unconditional_half_plain(sd_pipe, sd_adapters):
+    outputs = []
+    sd_pipe.unet.register_forward_hook(lambda module, args, kwargs_out: outputs.append(kwargs_out[0]))
+    prompt = "a <person> on the beach"
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
+        generate(nested, prompt, negative_prompt="lowres, bad anatomy")
+        plain_first_step = outputs[0]
+        outputs.clear()
+        generate(nested, prompt, subjects={"<person>": images(7)}, negative_prompt="lowres, bad anatomy")
+    nested_first_step = outputs[0]
+    assert nested_first_step.shape[0] == 2  # cat([unconditional, conditional])
+    assert torch.equal(nested_first_step[0], plain_first_step[0])  # no nested work on the negative prompt
+    assert (nested_first_step[1] - plain_first_step[1]).abs().max() > 1e-4
+
+
+def test_num_images_per_prompt_and_one_image_per_prompt(sd_pipe, sd_adapters):
+    prompts = ["a <person> on the beach", "a <person> in the snow"]
+    alice, bob = images(8), images(9)
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
+        batch = generate(
+            nested, prompts, subjects={"<person>": [alice, bob]}, num_images_per_prompt=2, latents=latents
+        )
+        first = generate(
+            nested, prompts[0], subjects={"<person>": alice}, num_images_per_prompt=2, latents=latents[:2]
+        )
+        second = generate(
+            nested, prompts[1], subjects={"<person>": bob}, num_images_per_prompt=2, latents=latents[2:]
+        )
+    assert batch.shape[0] == 4
+    torch.testing.assert_close(batch[:2], first, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch[2:], second, atol=1e-4, rtol=0)
+
+
+def test_encoder_and_nested_kv_are_computed_once_per_call(sd_pipe, sd_adapters):
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"], "<dog>": sd_adapters["pets"]}) as nested:
+        encoder_calls, layer_calls, unet_calls = [], [], []
+        for token in ("<person>", "<dog>"):
+            adapter = nested.adapter(token)
+            adapter.encoder.register_forward_hook(lambda m, args, out: encoder_calls.append(args[0].shape[0]))
+            for layer in adapter.layers.values():
+                layer.register_forward_hook(lambda m, args, out: layer_calls.append(1))
+        sd_pipe.unet.register_forward_pre_hook(lambda m, args: unet_calls.append(1))
+        generate(nested, PROMPT, subjects={"<person>": images(1), "<dog>": images(2)}, num_inference_steps=4)
+    assert len(unet_calls) == 4
+    assert encoder_calls == [1, 1]  # one image per subject, once per call
+    assert len(layer_calls) == 2 * len(cross_attention_layers(sd_pipe.unet))  # each layer once per subject
+
+
+def test_strength_token_weight_and_value_norm_factor(sd_pipe, sd_adapters):
+    prompt, person = "a <person> on the beach", images(10)
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
+        plain = generate(nested, prompt)
+        full = generate(nested, prompt, subjects={"<person>": person})
+        off = generate(nested, prompt, subjects={"<person>": person}, strengths={"<person>": 0.0})
+        half = generate(nested, prompt, subjects={"<person>": Subject(person, scale=0.5)})
+        weighted = generate(nested, prompt, subjects={"<person>": person}, token_weights={"<person>": 3.0})
+        normed = generate(nested, prompt, subjects={"<person>": person}, value_norm_factors={"<person>": 2.0})
+    torch.testing.assert_close(off, plain, atol=1e-5, rtol=0)
+    for other in (half, weighted, normed):
+        assert (other - full).abs().max() > 1e-4
+    assert (half - plain).abs().max() > 1e-4
+
+
+def test_images_from_paths_pil_and_tensors(tmp_path):
+    from PIL import Image
+
+    array = (torch.rand(20, 30, 3) * 255).to(torch.uint8).numpy()
+    Image.fromarray(array).save(tmp_path / "subject.png")
+    from_path = load_image(tmp_path / "subject.png")
+    from_pil = load_image(Image.open(tmp_path / "subject.png"))
+    from_uint8 = load_image(torch.from_numpy(array).permute(2, 0, 1))
+    assert (
+        from_path.shape == (1, 3, 20, 30)
+        and torch.equal(from_path, from_pil)
+        and torch.equal(from_path, from_uint8)
+    )
+    assert from_path.min() >= 0 and from_path.max() <= 1
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        load_image(torch.randn(3, 8, 8) * 5)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_image(tmp_path / "missing.jpg", "<dog>")
+
+
+def test_clear_errors(sd_pipe, sd_adapters, sdxl_faces, tmp_path):
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
+        with pytest.raises(ValueError, match=r"'<person>' is not in the prompt 'a dog on the beach'"):
+            generate(nested, "a dog on the beach", subjects={"<person>": images(1)})
+        with pytest.raises(ValueError, match=r"no adapter is loaded for token '<dog>' \(loaded: <person>\)"):
+            generate(nested, PROMPT, subjects={"<dog>": images(1)})
+        with pytest.raises(FileNotFoundError, match="the image for <person> does not exist"):
+            generate(nested, PROMPT, subjects={"<person>": tmp_path / "nope.jpg"})
+        with pytest.raises(ValueError, match="strengths has an entry for '<dog>'"):
+            generate(nested, PROMPT, subjects={"<person>": images(1)}, strengths={"<dog>": 0.5})
+        with pytest.raises(ValueError, match="already has an adapter"):
+            nested.load_adapter("<person>", sd_adapters["pets"])
+        vocab = len(sd_pipe.tokenizer)
+        with pytest.raises(ValueError, match=r"'<kid>' .* does not fit this base model: .*layer"):
+            nested.load_adapter("<kid>", sdxl_faces)  # made for the SDXL UNet
+        assert len(sd_pipe.tokenizer) == vocab and nested.tokens == ["<person>"]  # nothing half-loaded
+
+
+def test_a_later_set_attn_processor_does_not_drop_the_adapters(sd_pipe, sd_adapters):
+    prompt, person = "a <person> on the beach", images(11)
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
+        expected = generate(nested, prompt, subjects={"<person>": person})
+        sd_pipe.unet.set_attn_processor(AttnProcessor2_0())  # e.g. a user enabling another attention backend
+        with pytest.warns(UserWarning, match="re-attaching"):
+            again = generate(nested, prompt, subjects={"<person>": person})
+    torch.testing.assert_close(again, expected, atol=1e-5, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(sd_pipe, prompt)  # unloaded: no more re-attaching
+
+
+def test_describe_lists_sources(sd_pipe, sd_adapters):
+    with NestedPipeline(sd_pipe) as nested:
+        nested.load_adapter("<person>", sd_adapters["faces"])
+        nested.load_adapter("man", copy.deepcopy(NestedAdapter.from_pretrained(sd_adapters["faces"])))
+        info = nested.describe()
+    assert info["<person>"]["domain"] == "faces" and info["<person>"]["placeholder_added"]
+    assert info["man"]["source"] == "<object>" and not info["man"]["placeholder_added"]  # a vocabulary word
+
+
+def test_unload_restores_a_token_the_pipeline_already_had(sd_pipe, sd_adapters):
+    from nested.tokens import add_placeholder_token
+
+    token_id = add_placeholder_token(
+        sd_pipe.tokenizer, sd_pipe.text_encoder, "<person>", "man"
+    )  # e.g. a user's TI
+    embeddings = sd_pipe.text_encoder.get_input_embeddings()
+    users_row, vocab = embeddings.weight[token_id].clone(), len(sd_pipe.tokenizer)
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
+        learned = nested.adapter("<person>").token_embeddings["text_encoder:<person>"]
+        assert torch.equal(sd_pipe.text_encoder.get_input_embeddings().weight[token_id], learned)
+    assert torch.equal(sd_pipe.text_encoder.get_input_embeddings().weight[token_id], users_row)
+    assert len(sd_pipe.tokenizer) == vocab
