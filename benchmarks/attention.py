@@ -489,7 +489,7 @@ def report(
             f"{name:<{width}} | {t2:>15.3f} | {f'{t1:.3f}-{t3:.3f}':>15} | {ratio:>14} | {spread:>13} | "
             f"{floor:>6} | {best:>9.3f}"
         )
-    verdicts = []
+    verdicts, last_lines = [], []
     for name in (n for n in others if n.startswith("nested")):
         nested_plain = summary[f"{name}/plain"][1]
         verdicts.append(
@@ -499,12 +499,14 @@ def report(
             r1, r2, r3 = summary[f"{name}/ip"]
             flop_ratio = "" if flops is None else f", FLOP ratio {flops['nested'] / flops['ip']:.3f}"
             best = min(times[name]) / min(times["ip"])
-            print(
+            last_lines.append(
                 f"{name}/IP-Adapter (equal M = {args.tokens}): median {r2:.3f}, IQR {r1:.3f}-{r3:.3f}, "
                 f"min ratio {best:.3f}{flop_ratio}"
             )
             verdicts.append(f"{name} <= 1.03x IP-Adapter: {'PASS' if r2 <= 1.03 else 'MISS'} ({r2:.3f})")
     print("targets: " + "; ".join(verdicts))
+    for line in last_lines:
+        print(line)
     return {"times": times, "ratios": ratios, "summary": summary, "flops": flops}
 
 

@@ -3,25 +3,29 @@
 A small, real data set is written to a temporary folder: the photos scikit-image ships (astronaut,
 chelsea, coffee, rocket), cropped to several aspect ratios, flipped and re-toned, resized so their
 short side is ``--size`` (1024 px: what SDXL training reads, so ``target_transform`` only crops)
-and saved as JPEG quality 90, then turned into webdataset shards with ``nested.shards.build_shards``.
-The astronaut's face and the cat's head carry a ``bbox`` (their reference is a crop around it);
-coffee and rocket have none, so their reference is derived from the whole target (the
-``bbox_crop`` rule's fallback).
+and saved as JPEG quality 90, then turned into webdataset shards with ``nested.shards.build_shards``
+(captions "a photo of <person> ..."). The astronaut's face and the cat's head carry a ``bbox``
+(their reference is a crop around it); coffee and rocket have none, so their reference is derived
+from the whole target (the ``bbox_crop`` rule's fallback).
 
 For each worker count (0 = in the main process, then 1, 2 ... DataLoader workers) the
 ``NestedDataModule`` training loader (resolution ``--size``, reference_size 224, the default
 ``ReferenceAugment``, batch 1) is timed against decoding the same JPEG bytes with
 ``Image.open(BytesIO(b)).convert("RGB")`` + ``load()`` in one process. Variants run in
 alternating, equally long blocks (the order reversed every other round); the reported ratio is
-the median over rounds of ``(stream samples/s / max(workers, 1)) / (PIL decodes/s)``.
+the median over rounds of ``(stream samples/s / max(workers, 1)) / (PIL decodes/s)``. Before a
+timed block, the batches a worker prefetched while another variant ran are drained untimed.
 
-``--variants`` adds ``patched``: the same loader with the change this benchmark proposes for
-``src/nested/data.py`` applied by monkeypatching (see ``patched_reference_transform`` and
-``patched_collate_batch``); it is measured in the same rounds. ``--profile`` prints a cProfile of
-the in-process stream and a per-stage breakdown (decode, target, reference, collate).
+Besides the current code (``stream``), two proposed changes of ``src/nested/data.py`` are timed
+in the same rounds, applied by monkeypatching ``nested.data`` (see "the proposed patches" below):
+``patched`` (A: same outputs up to resampling rounding in the reference) and ``uint8`` (A + B:
+pixel_values leave the loader as uint8). A check first confirms that both give the current
+stream's samples (same keys, bit-identical pixels, sizes, crops, skip counts). ``--profile``
+prints a cProfile of the in-process stream, a per-stage cost table (decode, target, reference,
+collate; current vs patched) and the cost of sending one sample from a worker to the main process.
 
-    python benchmarks/data.py                                  # ~2 min
-    python benchmarks/data.py --workers 0 --pairs 3 --profile  # where the time goes
+    python benchmarks/data.py                                  # ~2-3 min
+    python benchmarks/data.py --profile --workers 0 --pairs 3  # where the time goes
 """
 
 from __future__ import annotations

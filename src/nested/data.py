@@ -47,9 +47,9 @@ from nested.trainstream import DomainSource, ResumePoint, StreamProgress, TrainS
 from nested.transforms import (  # re-exported: ``nested.data`` is where users (and benchmarks) look
     ReferenceAugment,
     TargetView,
-    _center_square,
-    _random_resized_crop,
-    _to_tensor,
+    _center_square,  # noqa: F401 (benchmarks/data.py patches the transforms through nested.data)
+    _random_resized_crop,  # noqa: F401
+    _to_tensor,  # noqa: F401
     bbox_square,
     contains_subject,
     insert_subject,
@@ -76,7 +76,6 @@ __all__ = [
     "samples_per_worker",
     "target_transform",
 ]
-_PRIVATE_REEXPORTS = (_center_square, _random_resized_crop, _to_tensor)
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +349,17 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+class _TrainLoader(DataLoader):
+    """The training DataLoader. Its position lives in ``NestedDataModule.state_dict`` (gathered from
+    every rank); being "stateful" tells Lightning that a mid-epoch resume is supported here."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": "saved by NestedDataModule.state_dict"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # NestedDataModule.load_state_dict restores the position
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: SLURM signals every process of a job step (``--signal``,
     scancel); a worker killed by SIGUSR1/SIGTERM would crash the main process before it can
@@ -482,8 +492,9 @@ class NestedDataModule(L.LightningDataModule):
             resume=self._resume_point(rank, world_size) if train else None,
         )
 
-    def _loader(self, stream: NestedStream) -> DataLoader:
-        return DataLoader(
+    def _loader(self, stream: TrainStream | NestedStream) -> DataLoader:
+        loader_class = _TrainLoader if isinstance(stream, TrainStream) else DataLoader
+        return loader_class(
             stream,
             batch_size=self.batch_size,
             num_workers=self.num_workers,

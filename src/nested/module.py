@@ -168,6 +168,8 @@ class NestedAttentionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()  # the adapter must exist before its state is loaded
+        if "state_dict" not in checkpoint:
+            return  # FSDP loads the (full) state dict itself and removes it before this hook
         expected = set(self.state_dict())
         found = set(checkpoint["state_dict"])
         if expected != found:

@@ -272,7 +272,7 @@ class PreemptionCheckpoint(L.Callback):
         existing = hpc_checkpoints(root)
         number = int(_HPC.match(existing[-1].name).group(1)) + 1 if existing else 1
         path = trainer.strategy.broadcast(str(root / f"hpc_ckpt_{number}.ckpt"))
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self.saved_path = Path(path)
         if trainer.is_global_zero:
             for old in hpc_checkpoints(root)[: -self.keep]:

@@ -42,6 +42,7 @@ except ImportError:  # transformers 4.x
 __all__ = [
     "TINY_WORDS",
     "build_tiny_tokenizer",
+    "write_tiny_clip",
     "write_tiny_pipeline",
     "write_tiny_tokenizer",
     "write_tiny_vision_model",
@@ -363,4 +364,33 @@ def write_tiny_vision_model(
         ).save_pretrained(path)
     else:
         raise ValueError(f"kind must be 'clip' or 'dinov2', got {kind!r}")
+    return path
+
+
+def write_tiny_clip(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random full CLIP (``CLIPModel`` + ``CLIPProcessor``) to ``path``; returns ``path``.
+
+    For prompt-alignment tests and demos: text and vision towers of width 32, projection 16, 32 px images;
+    the tokenizer is :func:`write_tiny_tokenizer`'s. Loads with ``CLIPModel.from_pretrained(path)`` and
+    ``CLIPProcessor.from_pretrained(path)`` (the PIL image processor: no torchvision needed).
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    tokenizer = write_tiny_tokenizer(path, pad_token=EOS_TOKEN)
+    text_config = _text_config(tokenizer).to_dict()
+    vision_config = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16))
+    model.save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    _tidy_tokenizer_folder(path)
     return path

@@ -54,6 +54,7 @@ _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped 
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _MAX_EMPTY_VISITS = 10_000
 _COUNTS: dict[str, int] = {}
+_BROKEN: dict[str, str] = {}  # url -> why its count stops early (counted as a broken shard at every visit)
 
 
 def seeded(*parts: object) -> random.Random:
@@ -112,6 +113,7 @@ def count_samples(url: str) -> int:
                 count = index + 1
         except Exception as exc:
             log.warning("data: counting the samples of %s stopped at %d: %r", url, count, exc)
+            _BROKEN[url] = f"{url}: readable up to sample {count}: {exc!r}"
         _COUNTS[url] = count
     return _COUNTS[url]
 
@@ -220,6 +222,8 @@ class _DomainReader:
             return low <= index < high and (index - share.offset) % share.stride == 0
 
         emitted = first
+        if url in _BROKEN and url not in self.source.counts:  # its header count stopped at the break
+            self.counter.add("broken_shards", _BROKEN[url])
         try:
             for _, sample in read_shard(url, wanted):
                 if sample is not None:

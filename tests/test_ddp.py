@@ -1,0 +1,350 @@
+"""DDP correctness on CPU (gloo, 127.0.0.1): disjoint data per rank and worker, no hang with one
+shard, all-dropped batches without find_unused_parameters, metrics reduced across ranks.
+
+The 2-rank run starts this file as a script, once per rank (``LOCAL_RANK`` set: Lightning joins
+the processes instead of launching them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from nested.data import DomainSpec, build_stream, collate_batch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_SHARD = REPO / "data" / "demo" / "faces" / "faces-000000.tar"
+CORRUPT = (5, 6)  # sample indices: reader 1 (rank 0, worker 1) and reader 2 (rank 1, worker 0)
+
+
+def _demo_samples() -> list[dict[str, bytes | str]]:
+    samples: dict[str, dict] = {}
+    with tarfile.open(DEMO_SHARD) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+    return list(samples.values())
+
+
+def _write(path: Path, samples: list[dict]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext != "__key__":
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+# ----------------------------------------------------------------------------- one rank (script)
+
+
+def run_rank(out: Path, shard: str, model: str) -> None:
+    """One rank of a 2-rank DDP fit: 1 shard, 2 workers per rank, every subject dropped."""
+    import lightning as L
+
+    from nested.data import NestedDataModule
+    from nested.encoder import EncoderSpec
+    from nested.module import ConditioningDropout, NestedAttentionModule
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.batches: list[dict] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.batches.append(
+                {
+                    "epoch": trainer.current_epoch,
+                    "keys": list(batch["keys"]),
+                    "corrupt": int(batch["skipped"]["corrupt"]),
+                    "loss": float(outputs["loss"]),
+                }
+            )
+
+    L.seed_everything(0, verbose=False)
+    spec = EncoderSpec(backbone=f"{model}/image_encoder", num_tokens=4, width=32, depth=1, heads=2)
+    module = NestedAttentionModule(
+        model, spec, dropout=ConditioningDropout(text=0.0, image=1.0, both=0.0), learning_rate=1e-3
+    )
+    data = NestedDataModule(
+        [DomainSpec("faces", shard, "<person>")],
+        resolution=64,
+        reference_size=32,
+        batch_size=2,
+        num_workers=2,
+        epoch_samples=8,  # 2 samples per reader per epoch: one batch per worker
+        shuffle_buffer=1,  # each reader's 3-4 samples in shard order: no resampled repeat within an epoch
+        open_shards=1,
+    )
+    record = Record()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer.fit(module, datamodule=data)
+    after = module.state_dict()
+    result = {
+        "rank": trainer.global_rank,
+        "batches": record.batches,
+        "find_unused_parameters": bool(trainer.strategy._ddp_kwargs.get("find_unused_parameters", False)),
+        "moved": sorted(k for k in after if not torch.equal(after[k], before[k])),
+        "checksum": float(sum(v.double().sum() for v in after.values())),
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def cpu_fsdp_strategy():
+    """configs/strategy/fsdp.yaml's FSDPStrategy, made to run on CPU (test-only shims).
+
+    Lightning refuses ``type(strategy) is FSDPStrategy`` with ``accelerator="cpu"`` and passes
+    ``device_id=None`` on CPU, which torch's FSDP rejects; and a full state dict with
+    ``offload_to_cpu=True`` of CPU-resident shards crashes (it frees what it then clones). None
+    of this applies on GPUs.
+    """
+    import lightning.fabric.strategies.fsdp as fabric_fsdp
+    import lightning.pytorch.strategies.fsdp as pytorch_fsdp
+    import yaml
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    def full_state_dict_context(module, world_size, rank0_only=True):
+        return FSDP.state_dict_type(
+            module=module,
+            state_dict_type=StateDictType.FULL_STATE_DICT,
+            state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+            optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        )
+
+    fabric_fsdp._get_full_state_dict_context = full_state_dict_context
+    pytorch_fsdp._get_full_state_dict_context = full_state_dict_context
+
+    class CpuFSDPStrategy(pytorch_fsdp.FSDPStrategy):
+        def _setup_model(self, model):
+            kwargs = dict(
+                self.kwargs, sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu")
+            )
+            return super()._setup_model(FSDP(model, **kwargs))
+
+    preset = yaml.safe_load((REPO / "configs" / "strategy" / "fsdp.yaml").read_text())["trainer"]["strategy"]
+    return CpuFSDPStrategy(**preset["init_args"])
+
+
+def run_fsdp_rank(out: Path, model: str) -> None:
+    """One rank of a 2-rank FSDP fit of 3 steps that writes a checkpoint at every step."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from nested.data import NestedDataModule
+    from nested.encoder import EncoderSpec
+    from nested.module import NestedAttentionModule
+    from nested.resume import AtomicCheckpointIO
+
+    L.seed_everything(0, verbose=False)
+    spec = EncoderSpec(backbone=f"{model}/image_encoder", num_tokens=4, width=32, depth=1, heads=2)
+    module = NestedAttentionModule(model, spec, learning_rate=1e-3)
+    data = NestedDataModule(
+        [DomainSpec("faces", str(REPO / "data/demo/faces/shards.json"), "<person>")],
+        resolution=64,
+        reference_size=32,
+        batch_size=2,
+        num_workers=0,
+        epoch_samples=8,
+        shuffle_buffer=4,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=cpu_fsdp_strategy(),
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[ModelCheckpoint(dirpath=str(out / "checkpoints"), every_n_train_steps=1, save_top_k=-1)],
+    )
+    trainer.fit(module, datamodule=data)
+    wrapped = trainer.strategy.model
+    result = {
+        "wrapper": type(wrapped).__name__,
+        "local_numel": sum(p.numel() for p in wrapped.parameters()),
+        "frozen_in_tree": any("unet" in name for name, _ in wrapped.named_parameters()),
+    }
+    (out / f"fsdp-rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_ranks_one_shard_disjoint_no_hang_all_dropped_and_reduced_metrics(tiny_sd_path, tmp_path):
+    samples = _demo_samples()[:13]
+    for index in CORRUPT:
+        samples[index] = {
+            "__key__": samples[index]["__key__"],
+            "jpg": b"not a jpeg",
+            "json": samples[index]["json"],
+        }
+    shard = _write(tmp_path / "one.tar", samples)  # no shards.json: counted from the tar headers
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "RANK"))
+    }
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0", OMP_NUM_THREADS="1")
+    command = [sys.executable, __file__, str(tmp_path), str(shard), str(tiny_sd_path)]
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    processes = []
+    try:
+        for rank in range(2):
+            with open(logs[rank], "w") as log:
+                processes.append(
+                    subprocess.Popen(command, env={**env, "LOCAL_RANK": str(rank)}, stdout=log, stderr=log)
+                )
+        deadline = time.monotonic() + 150
+        for process in processes:
+            code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert code == 0, "\n".join(log.read_text()[-3000:] for log in logs)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the 2-rank run hung:\n" + "\n".join(log.read_text()[-3000:] for log in logs))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    # All-dropped batches trained under DDP without find_unused_parameters; ranks stayed in sync.
+    assert not ranks[0]["find_unused_parameters"]
+    assert ranks[0]["moved"] and ranks[0]["moved"] == ranks[1]["moved"]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+
+    # 1 shard, 2 ranks x 2 workers: each reader takes every 4th sample; no hang, nothing shared.
+    seen = [{k for b in r["batches"] for k in b["keys"]} for r in ranks]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    for epoch in (0, 1):
+        keys = [k for r in ranks for b in r["batches"] if b["epoch"] == epoch for k in b["keys"]]
+        assert len(keys) == 8 and len(set(keys)) == 8, f"epoch {epoch}: a sample was read twice: {keys}"
+    assert not {samples[i]["__key__"] for i in CORRUPT} & (seen[0] | seen[1])
+
+    # Metrics are reduced across ranks: the skip counter is the sum, the loss the mean.
+    assert all(sum(b["corrupt"] for b in r["batches"]) > 0 for r in ranks), "both ranks skip a corrupt sample"
+    last_epoch = [sum(b["corrupt"] for b in r["batches"] if b["epoch"] == 1) for r in ranks]
+    assert ranks[0]["metrics"]["data/skipped_corrupt"] == sum(last_epoch)
+    last_losses = [r["batches"][-1]["loss"] for r in ranks]
+    assert ranks[0]["metrics"]["train/loss"] == pytest.approx(sum(last_losses) / 2, rel=1e-5)
+
+
+def test_ranks_and_workers_read_disjoint_shards(tmp_path):
+    samples = _demo_samples()
+    shards = [str(_write(tmp_path / f"s{i}.tar", samples[4 * i : 4 * i + 4])) for i in range(4)]
+    spec = DomainSpec("faces", shards, "<person>")
+    per_rank = []
+    for rank in range(2):
+        stream = build_stream(
+            [spec],
+            train=True,
+            resolution=16,
+            reference_size=8,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            batch_size=2,
+            epoch_samples=32,
+            shuffle_buffer=4,
+        )
+        batches = list(DataLoader(stream, batch_size=2, num_workers=2, collate_fn=collate_batch))
+        assert len(batches) == len(stream) // 2 == 8
+        per_worker = [{k for b in batches[w::2] for k in b["keys"]} for w in range(2)]
+        assert per_worker[0] and per_worker[1] and not per_worker[0] & per_worker[1]
+        per_rank.append(per_worker[0] | per_worker[1])
+    assert not per_rank[0] & per_rank[1]  # reader g reads shard g only (4 shards, 4 readers)
+
+
+def test_too_few_samples_for_every_reader_fail_at_start(tmp_path):
+    shard = _write(tmp_path / "tiny.tar", _demo_samples()[:3])
+    spec = DomainSpec("faces", str(shard), "<person>")
+    with pytest.raises(ValueError, match=r"3 samples in 1 shard\(s\) cannot feed 4 readers"):
+        build_stream([spec], train=True, resolution=16, rank=0, world_size=2, num_workers=2)
+
+
+def test_fsdp_preset_shards_only_the_adapter_and_writes_full_checkpoints(tiny_sd_path, tmp_path):
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "RANK"))
+    }
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0", OMP_NUM_THREADS="1")
+    command = [sys.executable, __file__, "fsdp", str(tmp_path), str(tiny_sd_path)]
+    logs = [tmp_path / f"fsdp{r}.log" for r in range(2)]
+    processes = []
+    try:
+        for rank in range(2):
+            with open(logs[rank], "w") as log:
+                processes.append(
+                    subprocess.Popen(command, env={**env, "LOCAL_RANK": str(rank)}, stdout=log, stderr=log)
+                )
+        for process in processes:
+            assert process.wait(timeout=150) == 0, "\n".join(log.read_text()[-3000:] for log in logs)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    ranks = [json.loads((tmp_path / f"fsdp-rank{r}.json").read_text()) for r in range(2)]
+    (path,) = (tmp_path / "checkpoints").glob("*step=3.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    total = sum(v.numel() for v in checkpoint["state_dict"].values())
+    assert all(r["wrapper"] == "FullyShardedDataParallel" and not r["frozen_in_tree"] for r in ranks)
+    assert [r["local_numel"] for r in ranks] == [total // 2] * 2  # each rank holds half the adapter
+    assert checkpoint["global_step"] == 3 and all(k.startswith("adapter.") for k in checkpoint["state_dict"])
+    assert len(checkpoint["NestedDataModule"]["ranks"]) == 2  # both ranks' stream positions
+    assert checkpoint["optimizer_states"][0]["state"]  # the full AdamW state, gathered
+
+
+def test_fsdp_preset_composes_with_a_config(capsys, monkeypatch):
+    from nested.cli import main
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/demo.yaml",
+                "--config",
+                "configs/strategy/fsdp.yaml",
+                "--print_config",
+            ]
+        )
+    printed = capsys.readouterr().out
+    assert "FSDPStrategy" in printed and "state_dict_type: full" in printed
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "fsdp":
+        run_fsdp_rank(Path(sys.argv[2]), sys.argv[3])
+    else:
+        run_rank(Path(sys.argv[1]), sys.argv[2], sys.argv[3])

@@ -1,0 +1,200 @@
+"""Exact resume in one process, atomic checkpoint writes, and which checkpoint a run resumes from."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from nested.callbacks import AdapterEMA
+from nested.data import DomainSpec, NestedDataModule
+from nested.encoder import EncoderSpec
+from nested.module import NestedAttentionModule
+from nested.resume import AtomicCheckpointIO, PreemptionCheckpoint, find_resume_checkpoint, partial_path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARDS = str(REPO / "data" / "demo" / "faces" / "shards.json")
+STEPS = 6  # epochs of 4 batches (8 samples, batch 2): every resumed run crosses into epoch 1
+
+
+class ScheduledModule(NestedAttentionModule):
+    """The module with a per-step warm-up schedule, so the scheduler state must resume too."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 4))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+
+def make_module(model: Path) -> NestedAttentionModule:
+    spec = EncoderSpec(backbone=str(model / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
+    return ScheduledModule(str(model), spec, subjects={"<person>": "person"}, learning_rate=1e-3, seed=3)
+
+
+def make_data(num_workers: int = 2) -> NestedDataModule:
+    return NestedDataModule(
+        [DomainSpec("faces", SHARDS, "<person>")],
+        resolution=64,
+        reference_size=32,
+        batch_size=2,
+        num_workers=num_workers,
+        epoch_samples=8,
+        shuffle_buffer=8,
+        open_shards=2,
+        seed=5,
+    )
+
+
+class SigtermAt(L.Callback):
+    """Sends SIGTERM to this process after step ``step``, as scancel or a preemption would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Record(L.Callback):
+    """Keys of every batch, and the current + EMA weights after the last step."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, tuple[str, ...]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.keys.append((trainer.global_step, tuple(batch["keys"])))
+        ema = next(c for c in trainer.callbacks if isinstance(c, AdapterEMA))
+        self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        self.ema = {k: v.clone() for k, v in ema.averaged_adapter().state_dict().items()}
+
+
+def fit(model: Path, root: Path, *, sigterm_at: int | None = None, num_workers: int = 2, steps: int = STEPS):
+    L.seed_everything(0, verbose=False)  # as `nested fit` does: the adapter's initial weights
+    record = Record()
+    callbacks = [AdapterEMA(decay=0.9), record, PreemptionCheckpoint()]
+    if sigterm_at is not None:
+        callbacks.append(SigtermAt(sigterm_at))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        default_root_dir=str(root),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+    )
+    resume = None if sigterm_at is not None else find_resume_checkpoint(root)
+    trainer.fit(make_module(model), datamodule=make_data(num_workers), ckpt_path=resume)
+    return trainer, record
+
+
+def test_resume_is_bit_identical_mid_epoch_and_at_an_epoch_end(tiny_sd_path, tmp_path):
+    """SIGTERM at step 3 (mid-epoch, odd: the next batch was due from worker 1) and at step 4 (an
+    epoch's last batch); the resumed runs end with the weights, EMA and batches of an
+    uninterrupted one (LR warm-up, AdamW, EMA, 2 workers, seeded dropout/noise)."""
+    _, full = fit(tiny_sd_path, tmp_path / "full")
+    for stop in (3, 4):
+        root = tmp_path / f"stop{stop}"
+        first_trainer, first = fit(tiny_sd_path, root, sigterm_at=stop)
+        assert first_trainer.global_step == stop
+        assert [p.name for p in root.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"]
+        trainer, resumed = fit(tiny_sd_path, root)
+        assert trainer.global_step == STEPS
+        assert first.keys + resumed.keys == full.keys, f"stop at {stop}: the data stream diverged"
+        for name, value in full.weights.items():
+            assert torch.equal(resumed.weights[name], value), f"stop at {stop}: {name} differs"
+        for name, value in full.ema.items():
+            assert torch.equal(resumed.ema[name], value), f"stop at {stop}: EMA {name} differs"
+
+
+def test_a_changed_worker_count_resumes_with_a_warning(tiny_sd_path, tmp_path):
+    root = tmp_path / "run"
+    fit(tiny_sd_path, root, sigterm_at=1, num_workers=0, steps=3)
+    with pytest.warns(UserWarning, match="cannot resume exactly: num_workers was 0, now 2"):
+        trainer, _ = fit(tiny_sd_path, root, num_workers=2, steps=2)
+    assert trainer.global_step == 2
+
+
+def _save(path: Path, step: int) -> None:
+    AtomicCheckpointIO().save_checkpoint({"global_step": step, "state_dict": {}}, path)
+
+
+def test_resume_picks_the_newest_readable_checkpoint(tmp_path):
+    assert find_resume_checkpoint(tmp_path, [tmp_path / "checkpoints"]) is None  # a first run: start fresh
+    _save(tmp_path / "checkpoints" / "last.ckpt", 7)
+    _save(tmp_path / "hpc_ckpt_1.ckpt", 5)
+    assert find_resume_checkpoint(tmp_path, [tmp_path / "checkpoints"]).name == "last.ckpt"
+    _save(tmp_path / "hpc_ckpt_2.ckpt", 7)  # same step: the preemption checkpoint wins
+    assert find_resume_checkpoint(tmp_path, [tmp_path / "checkpoints"]).name == "hpc_ckpt_2.ckpt"
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"half a checkpoint")  # e.g. written by something else
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        assert find_resume_checkpoint(tmp_path, [tmp_path / "checkpoints"]).name == "hpc_ckpt_2.ckpt"
+
+
+SLOW_WRITER = textwrap.dedent(
+    """
+    import io, sys, time
+    import torch
+    import nested.resume as resume
+
+    real_save = torch.save
+
+    def slow_save(obj, handle):  # the real bytes, written in chunks: a kill lands mid-write
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        data = buffer.getvalue()
+        for start in range(0, len(data), 1 << 16):
+            handle.write(data[start : start + (1 << 16)])
+            handle.flush()
+            print("writing", flush=True)
+            time.sleep(0.02)
+
+    resume.torch.save = slow_save
+    checkpoint = {"global_step": 2, "state_dict": {"w": torch.full((4 << 20,), 2.0)}}  # 16 MB
+    resume.AtomicCheckpointIO().save_checkpoint(checkpoint, sys.argv[1])
+    print("done", flush=True)
+    """
+)
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(3)}}, target)
+    script = tmp_path / "writer.py"
+    script.write_text(SLOW_WRITER)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(target)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        deadline = time.monotonic() + 60
+        writes = 0
+        while writes < 5:  # a few chunks are on disk
+            assert time.monotonic() < deadline, "the writer never started"
+            line = process.stdout.readline()
+            assert line and line.strip() != "done", "the write finished before it could be killed"
+            writes += 1
+        assert partial_path(target).exists() and partial_path(target).stat().st_size > 0
+        process.kill()  # SIGKILL: no cleanup runs
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    checkpoint = torch.load(target, weights_only=True)
+    assert checkpoint["global_step"] == 1 and torch.equal(checkpoint["state_dict"]["w"], torch.ones(3))
+    assert find_resume_checkpoint(tmp_path, [tmp_path]) == target  # the leftover is not a candidate
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3, "state_dict": {}}, target)
+    assert torch.load(target, weights_only=True)["global_step"] == 3
+    assert not partial_path(target).exists()  # the next write reused the leftover's name

@@ -1,0 +1,326 @@
+"""Sampling from the training modules: parity with diffusers, references, the SampleGrid callback."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from PIL import Image
+
+from nested.adapter import NestedAdapter
+from nested.backbone import DiffusionBackbone
+from nested.data import DomainSpec, NestedDataModule
+from nested.encoder import EncoderSpec
+from nested.module import NestedAttentionModule
+from nested.pipeline import NestedPipeline
+from nested.sampling import SampleGrid, build_scheduler, load_references, make_grid, sample_images
+from nested.testing import write_tiny_clip
+
+DEMO_FACES = Path(__file__).resolve().parents[1] / "data" / "demo" / "faces"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+
+
+def _encoder_spec(path: Path) -> EncoderSpec:
+    return EncoderSpec(backbone=str(path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
+
+
+def _pipeline_of(backbone: DiffusionBackbone):
+    """A diffusers pipeline REFERENCING the backbone's modules (only to compare against)."""
+    common = dict(
+        vae=backbone.vae,
+        text_encoder=backbone.text_encoders[0],
+        tokenizer=backbone.tokenizers[0],
+        unet=backbone.unet,
+        scheduler=build_scheduler(backbone),
+    )
+    if backbone.kind == "sd":
+        pipe = StableDiffusionPipeline(
+            **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    else:
+        pipe = StableDiffusionXLPipeline(
+            **common, text_encoder_2=backbone.text_encoders[1], tokenizer_2=backbone.tokenizers[1]
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_sample_images_matches_the_diffusers_pipeline(kind, tiny_sd_path, tiny_sdxl_path):
+    backbone = DiffusionBackbone.from_pretrained({"sd": tiny_sd_path, "sdxl": tiny_sdxl_path}[kind])
+    prompts, seeds = ["a photo of a dog", "a cat on the beach"], [3, 4]
+    ours = sample_images(backbone, None, prompts, seeds=seeds, steps=3, guidance=5.0, height=32, width=32)
+    theirs = _pipeline_of(backbone)(
+        prompts,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        output_type="pt",
+    ).images
+    assert ours.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    # Batching never changes an image: image i depends only on its own seed.
+    alone = sample_images(backbone, None, prompts[1:], seeds=seeds[1:], steps=3, height=32, width=32)
+    torch.testing.assert_close(alone[0], ours[1], atol=1e-5, rtol=0)
+
+
+def test_sample_images_with_an_adapter_matches_nested_pipeline(tiny_sd_path):
+    backbone = DiffusionBackbone.from_pretrained(tiny_sd_path)
+    torch.manual_seed(0)
+    adapter = NestedAdapter.for_unet(
+        backbone.unet, token="<person>", class_word="person", encoder=_encoder_spec(tiny_sd_path)
+    )
+    adapter.eval()
+    pipe = NestedPipeline(_pipeline_of(backbone), {"<person>": adapter})  # adds <person>, attaches
+    reference = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts, seeds = ["a photo of <person>", "<person> on the beach"], [0, 1]
+    settings = dict(num_inference_steps=3, guidance_scale=5.0, height=32, width=32)
+    theirs = pipe(
+        prompts,
+        subjects={"<person>": reference},
+        strengths={"<person>": 0.8},
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="pt",
+        **settings,
+    ).images
+    view = dataclasses.replace(backbone, tokenizers=[pipe.pipe.tokenizer])  # the tokenizer with <person>
+    ours = sample_images(
+        view,
+        adapter,
+        prompts,
+        reference[None],
+        seeds=seeds,
+        steps=3,
+        guidance=5.0,
+        height=32,
+        width=32,
+        scale=0.8,
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    without_subject = sample_images(
+        view, adapter, prompts, reference[None], seeds=seeds, steps=3, height=32, width=32, scale=0.0
+    )
+    assert (ours - without_subject).abs().max() > 1e-3  # the subject is really bound
+    assert adapter._bindings == []  # and unbound afterwards
+    pipe.unload()
+
+
+def test_load_references_from_a_folder_and_from_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("b", "a", "c"):
+        Image.fromarray((rng.random((40, 60, 3)) * 255).astype("uint8")).save(tmp_path / f"{name}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    folder = load_references(tmp_path, count=2, size=24)
+    assert [r.name for r in folder] == ["a", "b"]
+    assert all(r.image.shape == (3, 24, 24) and r.image.min() >= 0 and r.image.max() <= 1 for r in folder)
+    shards = load_references(str(DEMO_FACES / "val" / "shards.json"), count=3, size=32, token="<person>")
+    assert len(shards) == 3 and all(r.image.shape == (3, 32, 32) for r in shards)
+    with pytest.raises(FileNotFoundError, match="no reference images"):
+        load_references(tmp_path / "missing")
+
+
+def test_make_grid_size():
+    rows = [[torch.zeros(3, 8, 10)] * 3, [torch.ones(3, 8, 10)] * 2]
+    grid = make_grid(rows, padding=2)
+    assert grid.shape == (3, 2 * 8 + 3 * 2, 3 * 10 + 4 * 2)
+
+
+def test_only_global_rank_zero_samples(monkeypatch):
+    callback = SampleGrid(every_n_steps=1)
+    monkeypatch.setattr(callback, "generate", lambda *a: pytest.fail("rank 1 must not sample"))
+    callback.log_samples(SimpleNamespace(is_global_zero=False, global_step=3), None)
+
+
+def _count_unets() -> int:
+    gc.collect()
+    return sum(issubclass(type(obj), UNet2DConditionModel) for obj in gc.get_objects())
+
+
+class _UnetCounter(L.Callback):
+    """Counts UNet2DConditionModel objects at the start and during the first sampling UNet call."""
+
+    def __init__(self):
+        self.at_start = self.while_sampling = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.at_start = _count_unets()
+
+        def hook(module, args):
+            if not torch.is_grad_enabled() and self.while_sampling is None:  # sampling runs without grad
+                self.while_sampling = _count_unets()
+
+        pl_module.backbone.unet.register_forward_pre_hook(hook)
+
+
+class _RngProbe(L.Callback):
+    """Draws from the global RNG after every batch (after SampleGrid): sampling must not shift it."""
+
+    def __init__(self):
+        self.draws = []
+
+    def on_train_batch_end(self, *args):
+        self.draws.append(torch.rand(1).item())
+
+
+def _fit(model_path: Path, root: Path, callbacks: list, loggers) -> NestedAttentionModule:
+    torch.manual_seed(0)
+    module = NestedAttentionModule(
+        str(model_path), _encoder_spec(model_path), subjects={"<person>": "person"}, learning_rate=1e-2
+    )
+    data = NestedDataModule(
+        [DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")],
+        resolution=32,
+        reference_size=32,
+        batch_size=2,
+        num_workers=0,
+        epoch_samples=6,
+        shuffle_buffer=8,
+        val_domains=[DomainSpec("faces", str(DEMO_FACES / "val" / "shards.json"), "<person>")],
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        default_root_dir=str(root),
+        logger=loggers,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=data)
+    return module
+
+
+def test_sample_grid_logs_the_grid_and_metrics_without_copying_the_unet_or_changing_training(
+    tiny_sd_path, tiny_clip_path, tmp_path
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    grid = SampleGrid(
+        every_n_steps=2,
+        prompts=["a photo of {token}", "{token} on the beach"],
+        num_references=2,
+        seeds=[0, 1],
+        steps=2,
+        height=32,
+        width=32,
+        batch_size=8,
+        reference_size=32,
+        clip_model=str(tiny_clip_path),
+        sample_at_start=True,
+    )
+    counter, probe, plain_probe = _UnetCounter(), _RngProbe(), _RngProbe()
+    tensorboard = TensorBoardLogger(str(tmp_path / "with"), name="tb")
+    csv_logger = CSVLogger(str(tmp_path / "with"), name="csv")
+    sampled = _fit(tiny_sd_path, tmp_path / "with", [counter, grid, probe], [tensorboard, csv_logger])
+    plain = _fit(tiny_sd_path, tmp_path / "without", [plain_probe], [CSVLogger(str(tmp_path / "without"))])
+
+    # The grid: 2 reference rows x (reference + 2 prompts x 2 seeds) columns of 32 px, 2 px padding.
+    expected = (3, 2 * 32 + 3 * 2, 5 * 32 + 6 * 2)
+    assert grid.last_grid.shape == expected
+    events = EventAccumulator(tensorboard.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("samples/grid")
+    assert [event.step for event in images] == [0, 2]
+    assert all((event.height, event.width) == expected[1:] for event in images)
+    with open(Path(csv_logger.log_dir) / "metrics.csv") as file:
+        logged = [row for row in csv.DictReader(file) if row.get("samples/identity_similarity")]
+    assert [int(row["step"]) for row in logged] == [0, 2]
+    for row in logged:
+        assert -1.0 <= float(row["samples/identity_similarity"]) <= 1.0
+        assert np.isfinite(float(row["samples/prompt_alignment"]))
+
+    # No second UNet, even in the middle of sampling.
+    assert counter.while_sampling is not None
+    assert counter.while_sampling == counter.at_start
+
+    # Sampling left the training trajectory untouched.
+    assert probe.draws == plain_probe.draws and len(probe.draws) == 3
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(sampled.state_dict()[key], value, atol=0, rtol=0, msg=key)
+    assert [m.training for m in sampled.modules()] == [m.training for m in plain.modules()]
+
+
+def test_sample_grid_under_ddp_samples_on_rank_zero_without_hanging(tiny_sd_path, tiny_clip_path, tmp_path):
+    """Two CPU ranks (gloo, forked): rank 0 samples while rank 1 waits at the next gradient sync."""
+    module = NestedAttentionModule(
+        str(tiny_sd_path), _encoder_spec(tiny_sd_path), subjects={"<person>": "person"}, learning_rate=1e-2
+    )
+    data = NestedDataModule(
+        [DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")],
+        resolution=32,
+        reference_size=32,
+        batch_size=2,
+        num_workers=0,
+        epoch_samples=8,
+        shuffle_buffer=8,
+    )
+    grid = SampleGrid(
+        every_n_steps=1,
+        prompts=["a photo of {token}"],
+        references=str(DEMO_FACES / "val" / "shards.json"),
+        steps=2,
+        height=32,
+        width=32,
+        reference_size=32,
+        clip_model=str(tiny_clip_path),
+        sample_at_start=True,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_steps=2,
+        default_root_dir=str(tmp_path),
+        logger=CSVLogger(str(tmp_path), name="csv"),  # no image support: grids are written as PNG files
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[grid],
+    )
+    trainer.fit(module, datamodule=data)
+    log_dir = tmp_path / "csv" / "version_0"
+    assert sorted(p.name for p in (log_dir / "samples").iterdir()) == [f"step={s:06d}.png" for s in range(3)]
+    with open(log_dir / "metrics.csv") as file:
+        steps = [int(row["step"]) for row in csv.DictReader(file) if row.get("samples/identity_similarity")]
+    assert steps == [0, 1, 2]  # logged once per step: by rank 0 only
+
+
+def test_the_samples_preset_builds_the_callback():
+    import yaml
+
+    preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "callbacks" / "samples.yaml").read_text())
+    (entry,) = preset["trainer"]["callbacks+"]
+    assert entry["class_path"] == "nested.sampling.SampleGrid"
+    callback = SampleGrid(**entry["init_args"])  # every key is a real argument, with a valid value
+    assert callback.every_n_steps == 500 and callback.clip_model
