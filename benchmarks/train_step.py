@@ -112,7 +112,7 @@ VIT_H: dict[str, Any] = {  # OpenCLIP ViT-H/14 vision tower (IP-Adapter's image_
 }
 RESAMPLER = {"num_tokens": 1024, "width": 1024, "depth": 4, "heads": 16, "output_dim": 1024}
 MB = 1024**2
-GB = 1024**3
+GIB = 1024**3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -462,18 +462,18 @@ def bench_params() -> dict[str, Any]:
         f"\n(b) real SDXL + nested adapter, built on the meta device in {time.perf_counter() - start:.1f} s"
     )
     header = (
-        f"{'component':<52} | {'params (M)':>10} | {'weights':>15} | {'+ grads':>9} | "
+        f"{'component':<52} | {'params (M)':>10} | {'weights':>15} | {'+ grads':>8} | "
         f"{'+ AdamW m, v':>12} | {'total':>9}"
     )
     print(header + "\n" + "-" * len(header))
 
     def row(name: str, n: int, trainable_row: bool) -> None:
         if trainable_row:
-            weights = f"{n * 4 / GB:>7.2f} GB fp32"
-            extra = f"{n * 4 / GB:>6.2f} GB | {n * 8 / GB:>9.2f} GB | {n * 16 / GB:>6.2f} GB"
+            weights = f"{n * 4 / GIB:>6.2f} GiB fp32"
+            extra = f"{n * 4 / GIB:>4.2f} GiB | {n * 8 / GIB:>8.2f} GiB | {n * 16 / GIB:>5.2f} GiB"
         else:
-            weights = f"{n * 2 / GB:>7.2f} GB bf16"
-            extra = f"{'-':>9} | {'-':>12} | {n * 2 / GB:>6.2f} GB"
+            weights = f"{n * 2 / GIB:>6.2f} GiB bf16"
+            extra = f"{'-':>8} | {'-':>12} | {n * 2 / GIB:>5.2f} GiB"
         print(f"{name:<52} | {n / 1e6:>10.1f} | {weights:>15} | {extra}")
 
     for name, n in frozen.items():
@@ -488,14 +488,14 @@ def bench_params() -> dict[str, Any]:
     print(
         f"trainable share: {n_trainable / (n_trainable + n_frozen):.1%} of {(n_trainable + n_frozen) / 1e9:.2f} B "
         f"parameters ({counts['layers']} cross-attention layers). Training memory before activations: "
-        f"{n_frozen * 2 / GB:.2f} GB frozen bf16 + {n_trainable * 16 / GB:.2f} GB trainable "
-        f"(fp32 weights + grads + AdamW m, v) = {(n_frozen * 2 + n_trainable * 16) / GB:.2f} GB."
+        f"{n_frozen * 2 / GIB:.2f} GiB frozen bf16 + {n_trainable * 16 / GIB:.2f} GiB trainable "
+        f"(fp32 weights + grads + AdamW m, v) = {(n_frozen * 2 + n_trainable * 16) / GIB:.2f} GiB."
     )
     print(
         f"expected checkpoint: trainable fp32 weights + 2 x AdamW state = {n_trainable} x 12 B = "
-        f"{checkpoint / GB:.2f} GB ({checkpoint / 1e9:.2f} GB decimal); plus the {counts['placeholder_embeddings']} "
+        f"{checkpoint / GIB:.2f} GiB ({checkpoint / 1e9:.2f} GB decimal); plus the {counts['placeholder_embeddings']} "
         "placeholder-token embedding values (stored, not trained) and scalars. The exported adapter "
-        f"(fp32 weights only) is {n_trainable * 4 / GB:.2f} GB, {n_trainable * 2 / GB:.2f} GB in fp16/bf16."
+        f"(fp32 weights only) is {n_trainable * 4 / GIB:.2f} GiB, {n_trainable * 2 / GIB:.2f} GiB in fp16/bf16."
     )
     return {
         "frozen": frozen,

@@ -1,4 +1,4 @@
-"""Write the tiny random demo checkpoints (tiny-sd, tiny-sdxl) used by the CPU demo config.
+"""Write the tiny random demo checkpoints (tiny-sd, tiny-sdxl, tiny-clip) used by the CPU demo.
 
     python scripts/make_tiny_models.py                  # -> data/models/tiny-sd, data/models/tiny-sdxl
     python scripts/make_tiny_models.py --out /tmp/models --seed 1
@@ -13,7 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from nested.testing import write_tiny_pipeline
+from nested.testing import write_tiny_clip, write_tiny_pipeline
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "models"
 
@@ -44,6 +44,15 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(target)
         write_tiny_pipeline(target, kind, seed=args.seed)
         print(f"{target}: {folder_size(target) / 1e6:.2f} MB")
+
+    # A tiny full CLIP (text + vision) for prompt-alignment scores in the offline demo.
+    clip = args.out / "tiny-clip"
+    if clip.exists():
+        if not (clip / "config.json").is_file():
+            parser.error(f"{clip} exists and is not a model folder; remove it or pick --out")
+        shutil.rmtree(clip)
+    write_tiny_clip(clip, seed=args.seed)
+    print(f"{clip}: {folder_size(clip) / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

@@ -19,3 +19,14 @@ def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SDXL-like diffusers folder (with image_encoder/). Treat as read-only: copy it to modify."""
     return write_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run faster on one thread (thread start-up dominates), far faster on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,13 +34,6 @@ SECRET = "hf_test_secret_123"
 LFS_SUFFIXES = (".safetensors", ".png", ".jpg", ".bin")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def git_blob_sha1(data: bytes) -> str:

@@ -14,13 +14,6 @@ from nested.metrics import IdentitySimilarity, PromptAlignment, crop_boxes, load
 from nested.testing import write_tiny_clip, write_tiny_vision_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,6 @@ from nested.pipeline import NestedPipeline, Subject, load_image
 PROMPT = "a <person> walking a <dog> on the beach"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_pipeline(path: Path):

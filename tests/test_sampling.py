@@ -28,13 +28,6 @@ from nested.testing import write_tiny_clip
 DEMO_FACES = Path(__file__).resolve().parents[1] / "data" / "demo" / "faces"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

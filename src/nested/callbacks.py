@@ -9,8 +9,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 
 from nested.adapter import NestedAdapter
+from nested.hub import HubUpload  # re-exported: every callback of a preset is importable from here
 
-__all__ = ["AdapterEMA", "AdapterExport"]
+__all__ = ["AdapterEMA", "AdapterExport", "HubUpload"]
 
 
 class AdapterEMA(EMAWeightAveraging):

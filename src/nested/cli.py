@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "shards": "build webdataset shards from a folder of images + captions or a manifest",
     "generate": "generate images with subjects bound to prompt tokens by nested adapters",
     "push": "upload an adapter folder to the Hugging Face Hub, with a model card",
+    "eval": "identity vs prompt alignment of adapters over strengths and seeds, with the trade-off plot",
 }
 
 
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         from nested.generate import main_push
 
         return main_push(rest) or 0
+    if command == "eval":
+        from nested.evaluate import main_eval
+
+        return main_eval(rest) or 0
     print(f"nested: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 
