@@ -254,3 +254,23 @@ def test_demo_config_trains_from_the_cli_and_the_loss_falls(tmp_path, monkeypatc
     adapter = NestedAdapter.from_pretrained(root / "adapters" / "last")
     assert adapter.config.token == "<person>" and adapter.config.domain == "faces"
     assert (root / "adapters" / "step=50").is_dir()
+
+
+def test_gradient_checkpointing_keeps_the_subjects_bound_through_backward(tiny_sdxl_path):
+    module = make_module(tiny_sdxl_path)
+    module.configure_model()
+    data = make_data(str(DEMO_FACES / "shards.json"))
+    data.setup("fit")
+    batch = data.on_before_batch_transfer(next(iter(data.train_dataloader())), 0)
+    unet, grads = module.backbone.unet, []
+    for enabled in (False, True):
+        unet.enable_gradient_checkpointing() if enabled else unet.disable_gradient_checkpointing()
+        module.zero_grad(set_to_none=True)
+        loss = module.diffusion_loss(batch, torch.Generator().manual_seed(0), apply_dropout=False)["loss"]
+        loss.backward()  # re-runs the UNet blocks when checkpointing: the subject must still be bound
+        module.on_after_backward()
+        assert not module.adapter._bindings
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad)

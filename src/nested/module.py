@@ -272,7 +272,11 @@ class NestedAttentionModule(L.LightningModule):
             # when dropout removed every subject of a rank's batch.
             participation = sum(k.sum() + v.sum() for b in bindings for k, v in b.nested_kv.values()) * 0.0
         finally:
-            adapter.clear_subjects()
+            # Gradient checkpointing re-runs the UNet's blocks during backward(), and they must see the
+            # same subjects (unbound, the re-run takes the plain-attention path and torch raises
+            # CheckpointError): then they stay bound until on_after_backward.
+            if not (torch.is_grad_enabled() and backbone.unet.is_gradient_checkpointing):
+                adapter.clear_subjects()
 
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
@@ -289,6 +293,10 @@ class NestedAttentionModule(L.LightningModule):
         snr = alphas_cumprod / (1 - alphas_cumprod)
         clipped = snr.clamp(max=self.min_snr_gamma)
         return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+    def on_after_backward(self) -> None:
+        if self.adapter is not None:
+            self.adapter.clear_subjects()  # kept bound through backward() under gradient checkpointing
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.diffusion_loss(batch, self._generator(self._micro_batch(batch_idx)))

@@ -129,16 +129,22 @@ def _center_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def _random_resized_crop(image: Image.Image, augment: ReferenceAugment, rng: random.Random) -> Image.Image:
-    width, height = image.size
+def _random_resized_box(
+    width: int, height: int, augment: ReferenceAugment, rng: random.Random
+) -> tuple[int, int, int, int]:
+    """A random resized crop of a ``width`` x ``height`` image, as (left, top, crop width, crop height)."""
     for _ in range(10):  # rejection sampling; falls back to the whole image
         area = width * height * rng.uniform(*augment.scale)
         ratio = math.exp(rng.uniform(math.log(augment.ratio[0]), math.log(augment.ratio[1])))
         crop_w, crop_h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
         if 0 < crop_w <= width and 0 < crop_h <= height:
-            left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
-            return image.crop((left, top, left + crop_w, top + crop_h))
-    return image
+            return rng.randint(0, width - crop_w), rng.randint(0, height - crop_h), crop_w, crop_h
+    return 0, 0, width, height
+
+
+def _random_resized_crop(image: Image.Image, augment: ReferenceAugment, rng: random.Random) -> Image.Image:
+    left, top, width, height = _random_resized_box(image.width, image.height, augment, rng)
+    return image.crop((left, top, left + width, top + height))
 
 
 def reference_transform(
@@ -154,31 +160,41 @@ def reference_transform(
     """The encoder's input: (3, size, size) float32 in [0, 1].
 
     Source: ``ref`` if given, else the ``bbox`` square crop of ``target`` (see ``bbox_square``),
-    else ``target``; made square by a center crop; then (if ``augment`` is enabled) random
-    resized crop, flip and colour jitter; finally resized to ``size`` x ``size``.
+    else ``target``; made square by a center crop; then (if ``augment`` is enabled) a random
+    resized crop; resized to ``size`` x ``size``; then (if enabled) flip and colour jitter.
+
+    The crops are composed into one box of the source, which is resampled once, straight to
+    ``size`` (no intermediate full-resolution crops); flip and jitter then touch ``size`` x
+    ``size`` pixels, not the ~1000 px crop of a 1024 px target.
     """
     rng = rng or random.Random(0)
     augmenting = augment is not None and augment.enabled
     if ref is not None:
-        source = ref
+        source, (left, top, right, bottom) = ref, (0, 0, *ref.size)
     elif bbox is not None:
         jitter = augment.bbox_jitter if augmenting else 0.0
-        source = target.crop(bbox_square(bbox, target.size, bbox_margin, jitter, rng))
-    else:
         source = target
-    source = _center_square(source)
+        left, top, right, bottom = bbox_square(bbox, target.size, bbox_margin, jitter, rng)
+    else:
+        source, (left, top, right, bottom) = target, (0, 0, *target.size)
+    side = min(right - left, bottom - top)  # the centre square
+    left, top = left + (right - left - side) // 2, top + (bottom - top - side) // 2
+    width = height = side
     if augmenting:
-        source = _random_resized_crop(source, augment, rng)
+        dx, dy, width, height = _random_resized_box(side, side, augment, rng)
+        left, top = left + dx, top + dy
+    # reducing_gap=2.0: a box reduction first when shrinking >= 4x (e.g. 1024 -> 224), then bicubic.
+    box = (left, top, left + width, top + height)
+    image = source.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
+    if augmenting:
         if augment.flip and rng.random() < 0.5:
-            source = source.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if augment.color_jitter > 0:
             for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-                source = enhance(source).enhance(
+                image = enhance(image).enhance(
                     rng.uniform(1 - augment.color_jitter, 1 + augment.color_jitter)
                 )
-    if source.size != (size, size):
-        source = source.resize((size, size), Image.Resampling.BICUBIC)
-    return _to_tensor(source)
+    return _to_tensor(image)
 
 
 def contains_subject(caption: str, subject: str) -> bool:
