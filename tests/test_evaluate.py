@@ -18,8 +18,6 @@ from nested.evaluate import main_eval
 from nested.testing import write_tiny_clip
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")

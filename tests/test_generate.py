@@ -12,8 +12,6 @@ from test_pipeline import tiny_pipeline, write_adapter
 from nested.generate import main_generate
 
 
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_sd_path, tiny_sdxl_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")

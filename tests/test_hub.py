@@ -34,8 +34,6 @@ SECRET = "hf_test_secret_123"
 LFS_SUFFIXES = (".safetensors", ".png", ".jpg", ".bin")
 
 
-
-
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 

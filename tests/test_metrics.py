@@ -14,8 +14,6 @@ from nested.metrics import IdentitySimilarity, PromptAlignment, crop_boxes, load
 from nested.testing import write_tiny_clip, write_tiny_vision_model
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")

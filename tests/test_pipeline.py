@@ -18,8 +18,6 @@ from nested.pipeline import NestedPipeline, Subject, load_image
 PROMPT = "a <person> walking a <dog> on the beach"
 
 
-
-
 def tiny_pipeline(path: Path):
     """A fresh tiny pipeline (SD or SDXL, from model_index.json), progress bar off."""
     cls = StableDiffusionXLPipeline if (Path(path) / "text_encoder_2").is_dir() else StableDiffusionPipeline

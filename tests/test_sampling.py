@@ -28,8 +28,6 @@ from nested.testing import write_tiny_clip
 DEMO_FACES = Path(__file__).resolve().parents[1] / "data" / "demo" / "faces"
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
