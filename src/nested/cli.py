@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 # From the shell LightningCLI reads sys.argv itself (it warns when given both).
                 args=None if from_command_line else [command, *rest],
                 save_config_kwargs={"overwrite": True},
+                # No prefix matching: a mistyped --model.learning_rat must fail, not set learning_rate.
+                parser_kwargs={name: {"allow_abbrev": False} for name in ("fit", "validate")}
+                | {"allow_abbrev": False},
             )
         finally:
             restore_signal_handlers(previous)

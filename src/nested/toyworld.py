@@ -23,15 +23,14 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from itertools import product
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from nested.shards import INDEX_NAME, REJECTED_NAME, ShardReport, _build_time, _prepare_out, _ShardSink
+from nested.shards import INDEX_NAME, ShardReport, _build_time, _prepare_out, _ShardSink
 
 RGB = tuple[int, int, int]
-Domain = Literal["faces", "pets"]
-DOMAINS: tuple[Domain, ...] = ("faces", "pets")
+DOMAINS: tuple[str, ...] = ("faces", "pets")
 CLASS_WORDS: dict[str, str] = {"faces": "person", "pets": "pet"}
 DEFAULT_TOKENS: dict[str, str] = {"faces": "<person>", "pets": "<pet>"}
 
@@ -141,10 +140,8 @@ class Context:
     style: str | None = None
 
     def __post_init__(self) -> None:
-        if self.scene not in SCENES and self.scene != "plain":
-            raise ValueError(f"scene {self.scene!r} is not one of {[*SCENES, 'plain']}")
-        if self.style not in STYLES:
-            raise ValueError(f"style {self.style!r} is not one of {STYLES}")
+        if (self.scene not in SCENES and self.scene != "plain") or self.style not in STYLES:
+            raise ValueError(f"bad context {self}: scene in {[*SCENES, 'plain']}, style in {STYLES}")
 
     def to_label(self) -> dict[str, str | None]:
         """``{"scene": ..., "style": ...}``."""
@@ -319,9 +316,11 @@ def _draw_face(draw: ImageDraw.ImageDraw, ident: FaceIdentity, expression: str) 
     if ident.hair_style == "long":
         draw.rectangle((x0 - 6, y0 + 30, x0 + 12, y1 - 30), fill=hair)
         draw.rectangle((x1 - 12, y0 + 30, x1 + 6, y1 - 30), fill=hair)
-    brow = _shade(skin, 0.55) if ident.hair_style == "bald" else _shade(hair, 0.85)
-    draw.line((96, 106, 120, 102), fill=brow, width=6)
-    draw.line((136, 102, 160, 106), fill=brow, width=6)
+    if ident.hair_style == "bald":  # side tufts keep the hair colour visible
+        draw.chord((x0 - 8, y0 + 20, x0 + 26, y0 + 80), 90, 270, fill=hair, outline=outline)
+        draw.chord((x1 - 26, y0 + 20, x1 + 8, y0 + 80), 270, 90, fill=hair, outline=outline)
+    draw.line((96, 106, 120, 102), fill=hair, width=8)  # eyebrows in the hair colour
+    draw.line((136, 102, 160, 106), fill=hair, width=8)
     eyes = _FACE_EYES[ident.eye_colour]
     _eye(draw, 106, 124, eyes)
     _eye(draw, 150, 124, eyes)
@@ -400,7 +399,7 @@ def _apply_style(image: Image.Image, style: str | None) -> Image.Image:
         tinted.paste((25, 25, 25), (0, 0), edges)
         return tinted
     if style == "painting":
-        return ImageOps.posterize(image.filter(ImageFilter.MedianFilter(5)), 3)
+        return ImageOps.posterize(image.filter(ImageFilter.MedianFilter(3)), 3)
     raise ValueError(f"unknown style {style!r}")
 
 
@@ -478,20 +477,15 @@ def write_world_shards(
                     "identity": label, "identity_indices": ident.indices(), "context": context.to_label(),
                     "original_size": [size, size], "seed": target_seed, "ref_seed": ref_seed,
                 }  # fmt: skip
-                sink.write(
-                    {
-                        "__key__": f"{index:07d}_{domain}",
-                        "png": png_bytes(render(ident, context, seed=target_seed, size=size)),
-                        "ref.png": png_bytes(render(ident, Context("plain"), seed=ref_seed, size=size)),
-                        "json": json.dumps(meta).encode("utf-8"),
-                    }
-                )
+                target = png_bytes(render(ident, context, seed=target_seed, size=size))
+                ref = png_bytes(render(ident, Context("plain"), seed=ref_seed, size=size))
+                key, data = f"{index:07d}_{domain}", json.dumps(meta).encode("utf-8")
+                sink.write({"__key__": key, "png": target, "ref.png": ref, "json": data})
                 index += 1
     except BaseException:
         sink.abort()
         raise
     shards = sink.close()
-    (out / REJECTED_NAME).write_text("", encoding="utf-8")
     report = ShardReport(out=out, index=out / INDEX_NAME, shards=shards, total_samples=index)
     created = datetime.fromtimestamp(_build_time(), timezone.utc).isoformat(timespec="seconds")
     index_data = {
