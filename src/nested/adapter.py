@@ -147,8 +147,9 @@ class NestedLayer(nn.Module):
         """tokens (S, M, d) -> nested keys, values: each (S, H, M, inner_dim / H)."""
         s, m, _ = tokens.shape
         tokens = tokens.to(self.to_k.weight.dtype)
-        keys = self.to_k(tokens).view(s, m, self.heads, -1).transpose(1, 2)
-        values = self.to_v(tokens).view(s, m, self.heads, -1).transpose(1, 2)
+        # Contiguous once here: they are read by every denoising step's attention.
+        keys = self.to_k(tokens).view(s, m, self.heads, -1).transpose(1, 2).contiguous()
+        values = self.to_v(tokens).view(s, m, self.heads, -1).transpose(1, 2).contiguous()
         return keys, values
 
 

@@ -10,9 +10,10 @@ which is computed without ever building a per-query value tensor of shape (B, H,
 
     out = SDPA(Q, K, V) + a[..., s] * (v* - V_s)
 
-where a[..., s] are the (cheap: T = 77) attention probabilities on the subject column(s).
-Keys and all other values are untouched, so a sample whose prompt lacks the subject token gets
-exactly the plain attention output.
+where a[..., s] are the attention probabilities on the subject column(s). They come out of the
+same fused SDPA call as the plain output, as extra value columns (a one-hot column per subject), so
+the N x T probabilities are never materialised either. Keys and all other values are untouched,
+so a sample whose prompt lacks the subject token gets exactly the plain attention output.
 """
 
 from __future__ import annotations
@@ -154,67 +155,114 @@ def nested_attention_subjects(
         for them.
     """
     _check_shapes(query, key, value, subjects)
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False
-    )
     active = [s for s in subjects if s.mask.any()]
     if not active:
-        return out
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False
+        )
 
-    # Only the samples that contain a subject take part; everything below is on those rows.
-    rows = torch.stack([s.mask.any(-1) for s in active]).any(0).nonzero().squeeze(-1)
-    q, k, v = query[rows], key[rows], value[rows]
-    mask_rows = None
-    if attn_mask is not None:
-        # A mask with a batch dimension of 1 broadcasts; otherwise take the active rows.
-        mask_rows = attn_mask[rows] if attn_mask.shape[0] == query.shape[0] else attn_mask
-        if mask_rows.dtype == torch.bool:
-            mask_rows = torch.zeros(mask_rows.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~mask_rows, float("-inf")
-            )
+    batch, heads, _, dim = query.shape
+    tokens = key.shape[2]
+    has_subject = torch.stack([s.mask.any(-1) for s in active]).any(0)  # (B,)
+    all_rows = bool(has_subject.all())
+    if all_rows:
+        # Every sample has a subject (batch 1, or no guidance): no gathers, no scatter.
+        rows, q, k, v, out = None, query, key, value, None
+        mask_rows = attn_mask
+    else:
+        # Samples without a subject get exactly the plain attention; the others are recomputed.
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False
+        )
+        rows = has_subject.nonzero().squeeze(-1)
+        q, k, v = query[rows], key[rows], value[rows]
+        mask_rows = None
+        if attn_mask is not None:
+            mask_rows = attn_mask[rows] if attn_mask.shape[0] == batch else attn_mask
+    if mask_rows is not None and mask_rows.dtype == torch.bool:
+        mask_rows = torch.zeros(mask_rows.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~mask_rows, float("-inf")
+        )
+    masks = [s.mask if rows is None else s.mask[rows] for s in active]  # each (R, T)
 
-    # The subject-column weight changes the plain attention too, so those rows are recomputed.
-    token_bias = None
     if any(s.token_weight != 1.0 for s in active):
-        token_bias = torch.zeros(len(rows), k.shape[2], dtype=q.dtype, device=q.device)
-        for s in active:
+        token_bias = torch.zeros(q.shape[0], tokens, dtype=q.dtype, device=q.device)
+        for s, mask in zip(active, masks, strict=True):
             if s.token_weight != 1.0:
                 if s.token_weight <= 0:
                     raise ValueError(f"token_weight must be > 0, got {s.token_weight}.")
-                token_bias = token_bias + s.mask[rows].to(q.dtype) * math.log(s.token_weight)
+                token_bias = token_bias + mask.to(q.dtype) * math.log(s.token_weight)
         token_bias = token_bias[:, None, None, :]
         mask_rows = token_bias if mask_rows is None else mask_rows + token_bias
 
-    logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    if mask_rows is not None:
-        logits = logits + mask_rows
-    probs = logits.float().softmax(-1)  # (R, H, N, T); T is small, so this is cheap
-    base = out[rows]
-    if token_bias is not None:
-        base = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_rows, dropout_p=0.0, is_causal=False)
+    # One SDPA over the text gives sum_{t not in s} a_t V_t + (1 - scale) sum_{t in s} a_t V_t and, in
+    # extra value columns, each subject's probability a_s (and sum_s a_s ||V_s|| for the value norm):
+    # the N x T probabilities are never materialised and no second pass over the text is needed.
+    keep = torch.ones(q.shape[0], tokens, dtype=q.dtype, device=q.device)
+    columns = []
+    for s, mask in zip(active, masks, strict=True):
+        weight = mask.to(q.dtype)[:, None, :, None].expand(-1, heads, -1, 1)  # (R, H, T, 1)
+        keep = keep - s.scale * mask.to(q.dtype)
+        columns.append(weight)
+        if s.value_norm_factor is not None:
+            columns.append(weight * v.norm(dim=-1, keepdim=True))
+    width = dim + len(columns)
+    pad = (-width) % 8  # keep the head dim a multiple of 8 for the fused GPU kernels
+    if pad:
+        columns.append(v.new_zeros(v.shape[0], heads, tokens, pad))
+    v_aug = torch.cat([v * keep[:, None, :, None], *columns], dim=-1)
+    # Zero-padding q and k leaves the logits unchanged (the scale is passed explicitly) and keeps
+    # q, k and v at one head dim, which the fused CPU and GPU kernels need.
+    q_aug = F.pad(q, (0, v_aug.shape[-1] - dim))
+    k_aug = F.pad(k, (0, v_aug.shape[-1] - dim))
+    fused = F.scaled_dot_product_attention(
+        q_aug, k_aug, v_aug, attn_mask=mask_rows, dropout_p=0.0, is_causal=False, scale=dim**-0.5
+    )
+    result = fused[..., :dim]
 
-    delta = torch.zeros_like(base, dtype=torch.float32)
-    for s in active:
-        mask = s.mask[rows]  # (R, T)
+    column = dim
+    for s, mask in zip(active, masks, strict=True):
+        probability = fused[..., column : column + 1]
+        column += 1
+        if s.value_norm_factor is not None:
+            norm_weight = fused[..., column : column + 1]
+            column += 1
         has = mask.any(-1)
-        sub = has.nonzero().squeeze(-1)
-        image_rows = rows[sub] if s.image_index is None else s.image_index[rows[sub]]
-        nested_k = s.keys[image_rows].to(q.dtype)
-        nested_v = s.values[image_rows].to(q.dtype)
-        v_star = F.scaled_dot_product_attention(q[sub], nested_k, nested_v).float()  # (R', H, N, D)
-        p_subject = probs[sub] * mask[sub][:, None, None, :].float()  # (R', H, N, T)
-        plain = p_subject @ v[sub].float()  # sum_s p_s V_s
+        whole = bool(has.all())
+        if whole:
+            sub, q_sub = None, q
+            if s.image_index is None:
+                image_rows = rows
+            else:
+                image_rows = s.image_index if rows is None else s.image_index[rows]
+        else:
+            sub = has.nonzero().squeeze(-1)
+            q_sub = q[sub]
+            source = sub if rows is None else rows[sub]
+            image_rows = source if s.image_index is None else s.image_index[source]
+        if image_rows is None:
+            nested_k, nested_v = s.keys, s.values
+        elif s.keys.shape[0] == 1:  # one subject image for every sample: a view, not a copy
+            nested_k = s.keys.expand(q_sub.shape[0], -1, -1, -1)
+            nested_v = s.values.expand(q_sub.shape[0], -1, -1, -1)
+        else:
+            nested_k, nested_v = s.keys[image_rows], s.values[image_rows]
+        v_star = F.scaled_dot_product_attention(
+            q_sub, nested_k.to(q.dtype), nested_v.to(q.dtype)
+        )  # (R', H, N, D)
         if s.value_norm_factor is None:
-            nested = p_subject.sum(-1, keepdim=True) * v_star
+            weight = probability
         else:
             # Each position s gets v* rescaled to factor * ||V_s||: sum_s p_s factor ||V_s|| v*/||v*||.
-            value_norms = v[sub].float().norm(dim=-1, keepdim=True)  # (R', H, T, 1)
-            direction = v_star / v_star.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            nested = s.value_norm_factor * (p_subject @ value_norms) * direction
-        contribution = s.scale * (nested - plain)
-        delta = delta.index_add(0, sub, contribution)
-    updated = (base.float() + delta).to(out.dtype)
-    return out.index_copy(0, rows, updated)
+            v_star = v_star / v_star.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            weight = s.value_norm_factor * norm_weight
+        if sub is None:
+            result = torch.addcmul(result, weight, v_star, value=s.scale)
+        else:
+            result = result.index_add(0, sub, s.scale * weight[sub] * v_star)
+    if rows is None:
+        return result
+    return out.index_copy(0, rows, result.to(out.dtype))
 
 
 class NestedAttnProcessor:
