@@ -16,13 +16,14 @@ alternating, equally long blocks (the order reversed every other round); the rep
 the median over rounds of ``(stream samples/s / max(workers, 1)) / (PIL decodes/s)``. Before a
 timed block, the batches a worker prefetched while another variant ran are drained untimed.
 
-Besides the current code (``stream``), two proposed changes of ``src/nested/data.py`` are timed
-in the same rounds, applied by monkeypatching ``nested.data`` (see "the proposed patches" below):
-``patched`` (A: same outputs up to resampling rounding in the reference) and ``uint8`` (A + B:
-pixel_values leave the loader as uint8). A check first confirms that both give the current
-stream's samples (same keys, bit-identical pixels, sizes, crops, skip counts). ``--profile``
-prints a cProfile of the in-process stream, a per-stage cost table (decode, target, reference,
-collate; current vs patched) and the cost of sending one sample from a worker to the main process.
+Besides the current code (``stream``; it includes patch A, which has landed in src), the proposed
+patch B is timed in the same rounds as ``uint8``: pixel_values leave the loader as uint8 (src's
+``target_transform`` with a uint8 ``_to_tensor``, monkeypatched into ``nested.data``; see "patch
+B" below). A check first confirms that it gives the current stream's samples (same keys,
+bit-identical pixels after the on-device conversion, references, sizes, crops, skip counts).
+``--profile`` prints a cProfile of the in-process stream, a per-stage cost table (decode,
+target (float32 and B's uint8), reference, collate) and the cost of sending one sample from a
+worker to the main process (current collate, with float32 and with uint8 pixels).
 
     python benchmarks/data.py                                  # ~2-3 min
     python benchmarks/data.py --profile --workers 0 --pairs 3  # where the time goes
@@ -36,7 +37,6 @@ import cProfile
 import io
 import itertools
 import json
-import math
 import pstats
 import random
 import statistics
@@ -49,9 +49,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
-from torch.utils.data import default_collate
 
 import nested.data as nd
+import nested.transforms as nt
 from nested.shards import build_shards
 
 # name -> (caption, subject bbox [x0, y0, x1, y1] in the skimage photo's pixels, or None)
@@ -94,9 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=["stream", "patched", "uint8"],
-        default=["stream", "patched", "uint8"],
-        help="loaders timed against PIL: the current src (stream), patch A (patched), patch A + B (uint8).",
+        choices=["stream", "uint8"],
+        default=["stream", "uint8"],
+        help="loaders timed against PIL: the current src (stream), src + patch B: uint8 pixel_values (uint8).",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads in the main process (workers always use 1)."
@@ -176,191 +176,64 @@ def build_dataset(root: Path, args: argparse.Namespace) -> tuple[Path, list[byte
     return report.index, jpegs
 
 
-# ------------------------------------------------------------------------ the proposed patches
-# What this benchmark proposes for src/nested/data.py, applied here by monkeypatching `nested.data`.
+# ------------------------------------------------------------------------ patch B (proposed)
+# Patch A (one-resample reference_transform, cheaper collate_batch, one RGB conversion in the
+# decoder) is in src/ now, so "stream" is it. What this benchmark still proposes:
 #
-# "patched" (A: no change to any output type or shape):
-# A1. reference_transform: compose the crops (bbox square, centre square, random resized crop)
-#     into ONE box of the source and resample it once, straight to 224 x 224
-#     (``resize(box=..., reducing_gap=2.0)``: no intermediate ~1000 px crops; a 2x box reduction
-#     before the bicubic pass when the factor is >= 4); then flip and colour-jitter 224 x 224
-#     pixels instead of the ~1000 x 1000 crop. Same random draws in the same order; the pixels
-#     differ from today's by resampling rounding only.
-# A2. collate_batch: every small integer field (original_sizes, crops_top_left, the 5 skip
-#     counts) is a view of ONE int64 tensor, so a worker sends one shared-memory block for them
-#     instead of 7 (each costs a shared-memory file + a file-descriptor round trip, ~0.2 ms).
-# A3. collate_batch: a batch of one sample is a view of the sample (no 12 MB copy); larger ones
-#     go through default_collate, which in a worker stacks straight into shared memory.
-# A4. decoder (the training stream's decoding): images with our own handler (open, load, convert
-#     only if not RGB); webdataset's "pil" ImageHandler calls convert("RGB") twice, i.e. makes two
-#     full copies of every decoded image.
-#
-# "uint8" (A + B):
-# B.  the stream's pixel_values are uint8 (3, R, R) in [0, 255] (3 MB at 1024 px instead of 12 MB
-#     of float32: a worker copies 4x less into shared memory, and the host-to-GPU copy is 4x
-#     smaller); NestedAttentionModule.diffusion_loss turns them into float32 in [-1, 1] on the
-#     device with the same arithmetic (x / 255 * 2 - 1, bit-identical). That conversion is not
+# "uint8" (B): the stream's pixel_values are uint8 (3, R, R) in [0, 255] (3 MB at 1024 px instead
+#     of 12 MB of float32: a worker copies 4x less into shared memory, and the host-to-GPU copy is
+#     4x smaller); NestedAttentionModule.diffusion_loss would turn them into float32 in [-1, 1] on
+#     the device with the same arithmetic (x / 255 * 2 - 1, bit-identical). That conversion is not
 #     part of the stream's samples/s below: on a GPU it costs microseconds.
+# It runs src's target_transform with src's ``_to_tensor`` swapped for a uint8 one for the call,
+# and is applied to the stream by monkeypatching ``nested.data.target_transform``.
 
 
-def _random_resized_box(
-    width: int, height: int, augment: nd.ReferenceAugment, rng: random.Random
-) -> tuple[int, int, int, int]:
-    """A1: ``nested.data._random_resized_crop``'s draws, returned as (left, top, width, height)."""
-    for _ in range(10):  # rejection sampling; falls back to the whole image
-        area = width * height * rng.uniform(*augment.scale)
-        ratio = math.exp(rng.uniform(math.log(augment.ratio[0]), math.log(augment.ratio[1])))
-        crop_w, crop_h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            return rng.randint(0, width - crop_w), rng.randint(0, height - crop_h), crop_w, crop_h
-    return 0, 0, width, height
+class _Uint8Pixels:
+    """What B's ``_to_tensor`` returns: target_transform's ``.mul_(2.0).sub_(1.0)`` leave it uint8."""
+
+    def __init__(self, pixels: torch.Tensor) -> None:
+        self.pixels = pixels
+
+    def mul_(self, _: float) -> _Uint8Pixels:
+        return self
+
+    sub_ = mul_
 
 
-def patched_reference_transform(
-    target: Image.Image,
-    *,
-    size: int,
-    ref: Image.Image | None = None,
-    bbox: list[float] | None = None,
-    bbox_margin: float = 0.1,
-    augment: nd.ReferenceAugment | None = None,
-    rng: random.Random | None = None,
-) -> torch.Tensor:
-    """A1: ``nested.data.reference_transform`` with one resample of one composed box."""
-    rng = rng or random.Random(0)
-    augmenting = augment is not None and augment.enabled
-    if ref is not None:
-        source, (left, top, right, bottom) = ref, (0, 0, *ref.size)
-    elif bbox is not None:
-        jitter = augment.bbox_jitter if augmenting else 0.0
-        source = target
-        left, top, right, bottom = nd.bbox_square(bbox, target.size, bbox_margin, jitter, rng)
-    else:
-        source, (left, top, right, bottom) = target, (0, 0, *target.size)
-    side = min(right - left, bottom - top)  # the centre square
-    left, top = left + (right - left - side) // 2, top + (bottom - top - side) // 2
-    width = height = side
-    if augmenting:
-        dx, dy, width, height = _random_resized_box(side, side, augment, rng)
-        left, top = left + dx, top + dy
-    box = (left, top, left + width, top + height)
-    image = source.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
-    if augmenting:
-        if augment.flip and rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if augment.color_jitter > 0:
-            for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-                image = enhance(image).enhance(
-                    rng.uniform(1 - augment.color_jitter, 1 + augment.color_jitter)
-                )
-    return nd._to_tensor(image)
-
-
-def _decode_rgb(data: bytes) -> Image.Image:
-    """A4: one decode, and a conversion only when the image is not RGB already."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def patched_decoder():
-    """A4: ``nested.data.decoder`` (the training stream's) with ``_decode_rgb`` for the images."""
-    import webdataset as wds
-
-    return wds.autodecode.Decoder(
-        [
-            wds.handle_extension("pth", nd._load_tensor),
-            wds.handle_extension(" ".join(nd._TARGET_KEYS), _decode_rgb),  # also ref.jpg, ref.png
-        ],
-        only=[*nd._TARGET_KEYS, *nd._REF_KEYS, *nd._LATENT_KEYS, "json"],
-    )
-
-
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A3: one sample -> a view (no copy); several -> default_collate (shared memory in a worker)."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else default_collate(tensors)
-
-
-def patched_collate_batch(samples: list[dict]) -> dict:
-    """``nested.data.collate_batch`` with A2 and A3; same keys, dtypes and shapes."""
-    n = len(samples)
-    skipped = [sum(s.get("skipped", {}).get(k, 0) for s in samples) for k in nd.SKIP_KEYS]
-    ints = torch.tensor(
-        [v for s in samples for v in s["original_size"]]
-        + [v for s in samples for v in s["crop_top_left"]]
-        + skipped,
-        dtype=torch.long,
-    )
-    batch = {
-        "pixel_values": _stack([s["pixel_values"] for s in samples]),
-        "reference": _stack([s["reference"] for s in samples]),
-        "captions": [s["caption"] for s in samples],
-        "subjects": [s["subject"] for s in samples],
-        "domains": [s["domain"] for s in samples],
-        "keys": [s["key"] for s in samples],
-        "original_sizes": ints[: 2 * n].view(n, 2),
-        "crops_top_left": ints[2 * n : 4 * n].view(n, 2),
-        "skipped": {k: ints[4 * n + i] for i, k in enumerate(nd.SKIP_KEYS)},
-    }
-    if all("latents" in s for s in samples):
-        batch["latents"] = _stack([s["latents"] for s in samples])
-    if "stream" in samples[-1]:  # the training stream's position, as collate_batch passes it on
-        batch["stream"] = samples[-1]["stream"]
-    return batch
-
-
-def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+def _to_uint8(image: Image.Image) -> _Uint8Pixels:
     """B: PIL RGB -> (3, H, W) uint8, a channel-first view of one HWC copy."""
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    return _Uint8Pixels(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
 
 
-def uint8_target_transform(
-    image: Image.Image,
-    *,
-    resolution: int,
-    center_crop: bool = True,
-    random_flip: bool = False,
-    rng: random.Random | None = None,
-    pixels: str = "uint8",  # accepted (and ignored) once src has patch B
-) -> nd.TargetView:
-    """B: ``nested.data.target_transform`` (same crop, flip and draws) with uint8 pixels."""
-    rng = rng or random.Random(0)
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    if center_crop:
-        top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
-    else:
-        top, left = rng.randint(0, size[1] - resolution), rng.randint(0, size[0] - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = size[0] - resolution - left
-    return nd.TargetView(_to_uint8_tensor(image), (height, width), (top, left))
+def uint8_target_transform(image: Image.Image, **kwargs) -> nd.TargetView:
+    """B: ``nested.transforms.target_transform`` (same resize, crop, flip, draws), uint8 pixels."""
+    saved, nt._to_tensor = nt._to_tensor, _to_uint8
+    try:
+        view = nt.target_transform(image, **kwargs)
+    finally:
+        nt._to_tensor = saved
+    return view._replace(pixel_values=view.pixel_values.pixels)
 
 
 def pixels_on_device(pixels: torch.Tensor) -> torch.Tensor:
-    """B: what diffusion_loss does with uint8 pixel_values (after the batch is on the device)."""
+    """B: what diffusion_loss would do with uint8 pixel_values (after the batch is on the device)."""
     return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0).mul_(2.0).sub_(1.0)
 
 
 @contextlib.contextmanager
 def patched(variant: str) -> Iterator[None]:
-    """Apply patch A ("patched") or A + B ("uint8") to ``nested.data`` inside the block.
+    """Apply patch B ("uint8") to ``nested.data`` inside the block ("stream": nothing).
 
     Workers forked inside the block keep the patch; in the main process it applies per call.
     """
-    saved = nd.reference_transform, nd.collate_batch, nd.decoder, nd.target_transform
-    nd.reference_transform, nd.collate_batch = patched_reference_transform, patched_collate_batch
-    nd.decoder = patched_decoder  # _Prepare builds its decoder when the stream is built
+    saved = nd.target_transform
     if variant == "uint8":
         nd.target_transform = uint8_target_transform
     try:
         yield
     finally:
-        nd.reference_transform, nd.collate_batch, nd.decoder, nd.target_transform = saved
+        nd.target_transform = saved
 
 
 # ------------------------------------------------------------------------------------ variants
@@ -405,9 +278,7 @@ class LoaderVariant:
     def __init__(self, name: str, index: Path, size: int, workers: int) -> None:
         self.name, self.workers = name, workers
         self.dtype = torch.uint8 if name == "uint8" else None  # the current src may give either
-        self.context: Callable[[], contextlib.AbstractContextManager] = (
-            contextlib.nullcontext if name == "stream" else lambda: patched(name)
-        )
+        self.context: Callable[[], contextlib.AbstractContextManager] = lambda: patched(name)
         with self.context():  # the DataLoader keeps the collate_fn it was given
             self.loader = make_datamodule(index, size, workers).train_dataloader()
         self.iterator = None
@@ -444,31 +315,29 @@ def _as_float(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def check_equivalence(index: Path, size: int, count: int = 8) -> None:
-    """The patched streams give the current stream's samples: same keys, crops, sizes, counts;
-    bit-identical pixels (uint8 after the on-device conversion); references within rounding."""
+    """The uint8 stream gives the current stream's samples: same keys, crops, sizes, counts,
+    references; bit-identical pixels after the on-device conversion."""
     batches = {}
-    for name in ("stream", "patched", "uint8"):
-        with contextlib.nullcontext() if name == "stream" else patched(name):
+    for name in ("stream", "uint8"):
+        with patched(name):
             loader = make_datamodule(index, size, 0).train_dataloader()
             batches[name] = list(itertools.islice(iter(loader), count))
-    worst = 0.0
-    for name in ("patched", "uint8"):
-        for a, b in zip(batches["stream"], batches[name], strict=True):
-            same = (
-                a["keys"] == b["keys"]
-                and torch.equal(_as_float(a["pixel_values"]), _as_float(b["pixel_values"]))
-                and torch.equal(a["original_sizes"], b["original_sizes"])
-                and torch.equal(a["crops_top_left"], b["crops_top_left"])
-                and a["skipped"].keys() == b["skipped"].keys()
-                and all(torch.equal(a["skipped"][k], b["skipped"][k]) for k in a["skipped"])
-                and a["reference"].shape == b["reference"].shape
-            )
-            if not same:
-                raise RuntimeError(f"the {name} stream differs from the current one at {a['keys']}")
-            worst = max(worst, (a["reference"] - b["reference"]).abs().mean().item() * 255)
+    for a, b in zip(batches["stream"], batches["uint8"], strict=True):
+        same = (
+            a["keys"] == b["keys"]
+            and b["pixel_values"].dtype == torch.uint8
+            and torch.equal(_as_float(a["pixel_values"]), _as_float(b["pixel_values"]))
+            and torch.equal(a["reference"], b["reference"])
+            and torch.equal(a["original_sizes"], b["original_sizes"])
+            and torch.equal(a["crops_top_left"], b["crops_top_left"])
+            and a["skipped"].keys() == b["skipped"].keys()
+            and all(torch.equal(a["skipped"][k], b["skipped"][k]) for k in a["skipped"])
+        )
+        if not same:
+            raise RuntimeError(f"the uint8 stream differs from the current one at {a['keys']}")
     print(
-        f"equivalence: {count} samples of each patched stream = the current stream (keys, pixels "
-        f"bit-identical, sizes, crops, skip counts); reference mean |diff| <= {worst:.2f} / 255"
+        f"equivalence: {count} samples of the uint8 stream = the current stream (keys, pixels "
+        "bit-identical after conversion, references, sizes, crops, skip counts)"
     )
 
 
@@ -533,7 +402,7 @@ def _stage_samples(index: Path, count: int) -> list[dict]:
 
 
 def profile(args: argparse.Namespace, index: Path, jpegs: list[bytes]) -> dict:
-    """cProfile of the in-process stream, then a per-stage timing table (current vs patched)."""
+    """cProfile of the in-process stream, then a per-stage timing table (current src + B's target)."""
     loader = make_datamodule(index, args.size, 0).train_dataloader()
     iterator = iter(loader)
     next(iterator)
@@ -612,23 +481,13 @@ def profile(args: argparse.Namespace, index: Path, jpegs: list[bytes]) -> dict:
     n_bbox = sum(raw["json"].get("bbox") is not None for raw in samples)
     stages: dict[str, tuple[Callable[[], None], int]] = {
         "PIL decode (baseline)": (run_decode, len(samples)),
-        "decoder: current (wds 'pil')": (run_decoder(nd.decoder), len(samples)),
-        "decoder: patched (A4)": (run_decoder(patched_decoder), len(samples)),
+        "decoder": (run_decoder(nd.decoder), len(samples)),
         "target_transform: current (float32)": (run_target(nd.target_transform), len(samples)),
         "target_transform: uint8 (B)": (run_target(uint8_target_transform), len(samples)),
         "  B's uint8 -> float (GPU in training)": (run_to_float, len(samples)),
-        "reference, bbox crop: current": (run_reference(nd.reference_transform, True), n_bbox),
-        "reference, bbox crop: patched (A1)": (run_reference(patched_reference_transform, True), n_bbox),
-        "reference, whole target: current": (
-            run_reference(nd.reference_transform, False),
-            len(samples) - n_bbox,
-        ),
-        "reference, whole target: patched (A1)": (
-            run_reference(patched_reference_transform, False),
-            len(samples) - n_bbox,
-        ),
-        "collate_batch (in-process): current": (run_collate(nd.collate_batch), len(samples)),
-        "collate_batch (in-process): A2, A3": (run_collate(patched_collate_batch), len(samples)),
+        "reference, bbox crop": (run_reference(nd.reference_transform, True), n_bbox),
+        "reference, whole target": (run_reference(nd.reference_transform, False), len(samples) - n_bbox),
+        "collate_batch (in-process)": (run_collate(nd.collate_batch), len(samples)),
     }
     times: dict[str, list[float]] = {name: [] for name in stages}
     for round_index in range(5):
@@ -641,23 +500,6 @@ def profile(args: argparse.Namespace, index: Path, jpegs: list[bytes]) -> dict:
     for name, values in times.items():
         print(f"  {name:<40} {statistics.median(values):7.2f}")
 
-    # How far the patched reference is from the current one (same random draws).
-    diffs = []
-    for raw in samples:
-        bbox = raw["json"].get("bbox")
-        a = nd.reference_transform(
-            raw["jpg"], size=REFERENCE_SIZE, bbox=bbox, augment=augment, rng=random.Random(1)
-        )
-        b = patched_reference_transform(
-            raw["jpg"], size=REFERENCE_SIZE, bbox=bbox, augment=augment, rng=random.Random(1)
-        )
-        diffs.append((a - b).abs().mul(255))
-    stacked = torch.stack(diffs)
-    print(
-        f"patched vs current reference (same draws), in 0-255 levels: mean |diff| "
-        f"{stacked.mean():.2f}, 99th pct {stacked.flatten().kthvalue(math.ceil(0.99 * stacked.numel())).values:.1f}, "
-        f"max {stacked.max():.0f}"
-    )
     stages_ms = {name: statistics.median(values) for name, values in times.items()}
     stages_ms.update(transfer_cost(args.size))
     return stages_ms
@@ -689,11 +531,10 @@ def transfer_cost(size: int, batches: int = 40, rounds: int = 5) -> dict[str, fl
         "crop_top_left": (0, 0),
         "skipped": dict.fromkeys(nd.SKIP_KEYS, 0),
     }
-    uint8_sample = dict(sample, pixel_values=_to_uint8_tensor(image))
+    uint8_sample = dict(sample, pixel_values=uint8_target_transform(image, resolution=size).pixel_values)
     cases = {
         "current collate": (sample, nd.collate_batch),
-        "patched collate (A2, A3)": (sample, patched_collate_batch),
-        "patched collate + uint8 (B)": (uint8_sample, patched_collate_batch),
+        "current collate + uint8 (B)": (uint8_sample, nd.collate_batch),
     }
     iterators = {}
     for name, (prepared, collate) in cases.items():
@@ -737,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(args.keep) if args.keep else Path(tmp)
         index, jpegs = build_dataset(root, args)
         output: dict = {"args": vars(args)}
-        if {"patched", "uint8"} & set(args.variants):
+        if "uint8" in args.variants:
             check_equivalence(index, args.size)
         if args.profile:
             output["stages_ms"] = profile(args, index, jpegs)

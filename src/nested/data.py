@@ -44,12 +44,9 @@ from torch.utils.data import DataLoader, default_collate
 
 from nested.domains import SKIP_KEYS, DomainSpec, SkipCounter, check_urls, expand_urls, shard_counts
 from nested.trainstream import DomainSource, ResumePoint, StreamProgress, TrainStream
-from nested.transforms import (  # re-exported: ``nested.data`` is where users (and benchmarks) look
+from nested.transforms import (  # re-exported: ``nested.data`` is where users look
     ReferenceAugment,
     TargetView,
-    _center_square,  # noqa: F401 (benchmarks/data.py patches the transforms through nested.data)
-    _random_resized_crop,  # noqa: F401
-    _to_tensor,  # noqa: F401
     bbox_square,
     contains_subject,
     insert_subject,
