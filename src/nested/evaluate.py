@@ -18,9 +18,7 @@ with exit code 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import re
 import sys
 import time
@@ -28,201 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nested.generate import USER_ERRORS, UsageError, _one_line, _quiet_libraries
+from nested.eval_args import DTYPES as DTYPES
+from nested.eval_args import _check, eval_parser, read_prompts
+from nested.generate import USER_ERRORS, _one_line, _quiet_libraries
+from nested.report import CSV_COLUMNS as CSV_COLUMNS
+from nested.report import _write_csv, _write_grid, plot_tradeoff, summarize
 
 __all__ = ["eval_parser", "main_eval", "plot_tradeoff", "read_prompts", "run_eval", "summarize"]
-
-DTYPES = ("float32", "float16", "bfloat16")
-CSV_COLUMNS = (
-    "token",
-    "subject",
-    "variant",
-    "strength",
-    "seed",
-    "prompt_index",
-    "prompt",
-    "clip_text",
-    "identity_similarity",
-    "prompt_alignment",
-    "image",
-)
-
-
-def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nested eval",
-        description="Measure identity similarity vs prompt alignment of nested adapters over strengths and seeds, "
-        "against the base model, and plot the trade-off.",
-        epilog=(
-            "example: nested eval --base data/models/tiny-sd --adapter '<person>=runs/demo/adapters/last' "
-            "--prompts data/prompts/faces.txt --subjects data/demo/faces/val/shards.json --clip openai/clip-vit-large-patch14 "
-            "--out runs/demo/eval"
-        ),
-    )
-    models = parser.add_argument_group("models")
-    models.add_argument("--base", required=True, help="base SD / SDXL diffusers folder or hub id")
-    models.add_argument("--revision", default=None, help="hub revision of the base model")
-    models.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        required=True,
-        metavar="TOKEN=PATH_OR_REPO",
-        help="an adapter folder or hub repo bound to TOKEN; repeatable (each token is evaluated on its own)",
-    )
-    models.add_argument(
-        "--clip",
-        default="openai/clip-vit-large-patch14",
-        help="full CLIP (folder or hub id) for prompt alignment (default: openai/clip-vit-large-patch14)",
-    )
-    models.add_argument(
-        "--identity-model",
-        default=None,
-        help="CLIP vision or DINOv2 folder / hub id for identity similarity (default: the adapter's image encoder)",
-    )
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--prompts",
-        required=True,
-        help="text file, one template per line with {token} or the literal token (# comments)",
-    )
-    data.add_argument(
-        "--subjects",
-        action="append",
-        default=[],
-        required=True,
-        metavar="[TOKEN=]DIR_OR_SHARDS",
-        help="reference images: a folder, an image, or shards (shards.json, .tar, brace pattern); "
-        "TOKEN=... for one token only; repeatable",
-    )
-    data.add_argument("--max-subjects", type=int, default=4, help="subjects per token (default 4)")
-    data.add_argument(
-        "--reference-size", type=int, default=512, help="side of the reference images (default 512)"
-    )
-    sweep = parser.add_argument_group("sweep")
-    sweep.add_argument(
-        "--strengths", default="0.25,0.5,1.0", help="comma-separated subject strengths (default 0.25,0.5,1.0)"
-    )
-    sweep.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    sweep.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    sweep.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
-    sweep.add_argument("--negative-prompt", default=None)
-    sweep.add_argument("--height", type=int, default=None, help="pixels (default: the base model's)")
-    sweep.add_argument("--width", type=int, default=None, help="pixels (default: the base model's)")
-    sweep.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
-    output = parser.add_argument_group("output")
-    output.add_argument("--out", required=True, help="output folder")
-    output.add_argument("--grid-rows", type=int, default=12, help="rows of grid.png (default 12)")
-    output.add_argument("--no-images", action="store_true", help="do not keep every generated image")
-    runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps... (default cpu)")
-    runtime.add_argument("--dtype", default="float32", choices=DTYPES)
-    runtime.add_argument("--no-progress", action="store_true", help="no progress bar")
-    runtime.add_argument(
-        "--verbose", action="store_true", help="show the libraries' loading bars and warnings"
-    )
-    return parser
-
-
-# ----------------------------------------------------------------------------- arguments
-
-
-def _numbers(text: str, option: str, convert) -> list:
-    try:
-        values = [convert(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"{option} expects comma-separated numbers, got {text!r}.") from None
-    if not values:
-        raise UsageError(f"{option} is empty.")
-    if len(set(values)) != len(values):
-        raise UsageError(f"{option} repeats a value: {text!r}.")
-    return values
-
-
-def read_prompts(path: str | Path, tokens: list[str]) -> dict[str, list[tuple[int, str]]]:
-    """Prompt templates -> for each token, its (line index, prompt) pairs.
-
-    A line with ``{token}`` applies to every token; a line with a literal token applies to that token.
-    Blank lines and ``#`` comments are skipped.
-
-    Raises:
-        FileNotFoundError: no such file. UsageError: a line names no token, or no prompt at all.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts {str(path)!r} does not exist.")
-    per_token: dict[str, list[tuple[int, str]]] = {token: [] for token in tokens}
-    index = 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        template = line.strip()
-        if not template or template.startswith("#"):
-            continue
-        matched = False
-        for token in tokens:
-            if "{token}" in template or token in template:
-                per_token[token].append((index, template.replace("{token}", token)))
-                matched = True
-        if not matched:
-            raise UsageError(
-                f"{path}:{number}: {template!r} names no subject: write {{token}} (or one of {', '.join(tokens)}) "
-                "where the subject goes."
-            )
-        index += 1
-    if index == 0:
-        raise UsageError(
-            f"{path} holds no prompt (one template a line, e.g. 'a photo of {{token}} at the beach')."
-        )
-    return per_token
-
-
-def _subject_sources(values: list[str], tokens: list[str]) -> dict[str, str]:
-    """``--subjects`` -> token -> source; an unprefixed source serves every token without its own."""
-    shared, own = None, {}
-    for value in values:
-        token, sep, rest = value.partition("=")
-        if sep and token in tokens:
-            if token in own:
-                raise UsageError(f"--subjects is given twice for {token!r}.")
-            own[token] = rest
-        elif shared is None:
-            shared = value
-        else:
-            raise UsageError("--subjects without TOKEN= is given twice; prefix each with its token.")
-    missing = [token for token in tokens if token not in own and shared is None]
-    if missing:
-        raise UsageError(
-            f"no --subjects for {', '.join(missing)}: add --subjects '{missing[0]}=DIR_OR_SHARDS'."
-        )
-    return {token: own.get(token, shared) for token in tokens}
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
-
-
-def _check(args: argparse.Namespace) -> dict[str, Any]:
-    """Every problem that needs no model, found before loading; returns the parsed options."""
-    from nested.generate import _pairs
-
-    adapters = _pairs(args.adapter, "--adapter")
-    tokens = list(adapters)
-    strengths = _numbers(args.strengths, "--strengths", float)
-    seeds = _numbers(args.seeds, "--seeds", int)
-    if args.steps < 1 or args.batch_size < 1 or args.max_subjects < 1 or args.grid_rows < 1:
-        raise UsageError("--steps, --batch-size, --max-subjects and --grid-rows must be >= 1.")
-    for size in (args.height, args.width):
-        if size is not None and (size < 8 or size % 8):
-            raise UsageError(f"--height and --width must be positive multiples of 8, got {size}.")
-    prompts = read_prompts(args.prompts, tokens)
-    sources = _subject_sources(args.subjects, tokens)
-    return {
-        "adapters": adapters,
-        "tokens": tokens,
-        "strengths": strengths,
-        "seeds": seeds,
-        "prompts": prompts,
-        "sources": sources,
-    }
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -273,7 +87,7 @@ class _Context:
         if self.args.no_images:
             return ""
         if path not in self.saved:
-            from nested.sampling import save_png
+            from nested.images import save_png
 
             save_png(image, path)
             self.saved.add(path)
@@ -380,75 +194,6 @@ def _evaluate_token(
             )
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if v == v]
-    if not finite:
-        return float("nan"), float("nan")
-    mean = sum(finite) / len(finite)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))
-
-
-def summarize(rows: list[dict[str, Any]], tokens: list[str], strengths: list[float]) -> list[dict[str, Any]]:
-    """The trade-off points: per token, the base model and each strength, with means, stds and counts."""
-    points = []
-    for token in tokens:
-        for variant, strength in [("base", None)] + [("adapter", s) for s in strengths]:
-            selected = [
-                r
-                for r in rows
-                if r["token"] == token
-                and r["variant"] == variant
-                and (strength is None or r["strength"] == strength)
-            ]
-            identity_mean, identity_std = _mean_std([r["identity_similarity"] for r in selected])
-            alignment_mean, alignment_std = _mean_std([r["prompt_alignment"] for r in selected])
-            points.append(
-                {
-                    "token": token,
-                    "label": "base" if strength is None else f"s={strength:g}",
-                    "variant": variant,
-                    "strength": strength,
-                    "identity_similarity": identity_mean,
-                    "identity_similarity_std": identity_std,
-                    "prompt_alignment": alignment_mean,
-                    "prompt_alignment_std": alignment_std,
-                    "n": len(selected),
-                }
-            )
-    return points
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {
-                    **row,
-                    "identity_similarity": f"{row['identity_similarity']:.6f}",
-                    "prompt_alignment": f"{row['prompt_alignment']:.4f}",
-                }
-            )
-
-
-def _write_grid(context: _Context, references: dict[str, list], columns: list) -> None:
-    """grid.png: per (token, subject, prompt), the reference, the base image, then each strength (first seed)."""
-    import torch.nn.functional as F
-
-    from nested.sampling import make_grid, save_png
-
-    rows = []
-    for token, s_index, p_index in context.grid_keys:
-        generated = [context.thumbnails[(token, s_index, p_index, column)] for column in columns]
-        reference = references[token][s_index].image[None]
-        size = tuple(generated[0].shape[-2:])
-        reference = F.interpolate(reference, size=size, mode="bicubic", antialias=True)[0].clamp(0, 1)
-        rows.append([reference, *generated])
-    if rows:
-        save_png(make_grid(rows), context.out / "grid.png")
-
-
 def run_eval(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Run the sweep and write every output; returns the summary (also written to summary.json)."""
     import diffusers
@@ -456,9 +201,9 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     import nested
+    from nested.images import load_references
     from nested.metrics import PromptAlignment, vision_embedder
     from nested.pipeline import NestedPipeline
-    from nested.sampling import load_references
 
     parsed = _check(args)
     tokens, strengths, seeds = parsed["tokens"], parsed["strengths"], parsed["seeds"]
@@ -541,63 +286,6 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     pipe.unload()
     return summary
-
-
-# ----------------------------------------------------------------------------- the plot
-
-
-def plot_tradeoff(
-    points: list[dict[str, Any]], path: str | Path, title: str = "identity vs prompt alignment"
-) -> Path:
-    """Draw identity similarity (y) against prompt alignment (x): per token, its strengths joined by a line,
-    and the base model as a star, every point labelled. Returns the path of the PNG."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:  # pragma: no cover - matplotlib is a dependency
-        raise ImportError("the trade-off plot needs matplotlib: pip install matplotlib") from error
-
-    figure = Figure(figsize=(6.4, 4.8), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    tokens = list(dict.fromkeys(point["token"] for point in points))
-    colors = [f"C{i}" for i in range(len(tokens))]
-    for token, color in zip(tokens, colors, strict=True):
-        own = [p for p in points if p["token"] == token]
-        curve = sorted((p for p in own if p["variant"] == "adapter"), key=lambda p: p["strength"])
-        xs = [p["prompt_alignment"] for p in curve]
-        ys = [p["identity_similarity"] for p in curve]
-        axes.plot(xs, ys, "-o", color=color, label=f"{token} (adapter)")
-        for p in own:
-            if p["variant"] == "base":
-                axes.plot(
-                    p["prompt_alignment"],
-                    p["identity_similarity"],
-                    "*",
-                    markersize=14,
-                    color=color,
-                    markeredgecolor="black",
-                    label=f"{token}: base model",
-                )
-            label = p["label"] if len(tokens) == 1 else f"{p['label']} {token}"
-            axes.annotate(
-                label,
-                (p["prompt_alignment"], p["identity_similarity"]),
-                textcoords="offset points",
-                xytext=(6, 6),
-                fontsize=9,
-            )
-    axes.set_xlabel("prompt alignment: CLIP score (higher follows the prompt better)")
-    axes.set_ylabel("identity similarity: cosine (higher keeps the subject better)")
-    axes.set_title(title)
-    axes.grid(True, alpha=0.3)
-    axes.legend(loc="best", fontsize=8)
-    axes.margins(0.15)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
 
 
 def main_eval(argv: list[str] | None = None) -> int:

@@ -22,95 +22,31 @@ each call says which image that token's subject is::
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from nested.adapter import CONFIG_NAME, AdapterConfig, NestedAdapter, SubjectBinding, resolve_adapter_folder
-from nested.tokens import (
-    add_placeholder_token,
-    set_token_embedding,
-    subject_masks,
-    subject_token_ids,
+from nested.subjects import (
+    ImageInput,
+    Subject,
+    _restore_snapshot,
+    _Snapshot,
+    _subject_images,
+    _subject_specs,
+    _take_snapshot,
+    load_image,
 )
+from nested.tokens import add_placeholder_token, set_token_embedding, subject_masks, subject_token_ids
 
 __all__ = ["NestedPipeline", "Subject", "load_image", "load_nested_adapters"]
-
-ImageInput = Union["PIL.Image.Image", str, os.PathLike, Tensor, np.ndarray]  # noqa: F821
-
-
-@dataclass
-class Subject:
-    """One token's subject for a call: its image(s) and how strongly it acts.
-
-    Attributes:
-        image: a PIL image, an image file path, a (3, H, W) / (1, 3, H, W) tensor in [0, 1] (uint8 in
-            [0, 255] also accepted) or an (H, W, 3) array; or a list with one image per prompt.
-        scale: blend of the subject token's value: 0 -> the plain text value, 1 -> the nested value.
-        token_weight: multiplies the attention probability of the subject column (the official demo's
-            ``special_token_weight``); > 1 strengthens the subject's presence.
-        value_norm_factor: rescales the nested values to ``factor * ||V_s||``; None: the adapter's default.
-    """
-
-    image: ImageInput | Sequence[ImageInput]
-    scale: float = 1.0
-    token_weight: float = 1.0
-    value_norm_factor: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.token_weight <= 0:
-            raise ValueError(f"token_weight must be > 0, got {self.token_weight}.")
-
-
-def load_image(image: ImageInput, name: str = "subject") -> Tensor:
-    """Any supported image -> (1, 3, H, W) float32 RGB in [0, 1].
-
-    Raises:
-        FileNotFoundError: a path that does not exist.
-        ValueError: an unsupported type, shape or value range.
-    """
-    from PIL import Image, ImageOps
-
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"the image for {name} does not exist: {str(path)!r}.")
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] not in (3, 4):
-            raise ValueError(f"the image array for {name} must be (H, W, 3), got {image.shape}.")
-        image = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1)  # a writable copy
-    if not isinstance(image, Tensor):
-        raise ValueError(
-            f"the image for {name} must be a PIL image, a file path, a tensor or an array; got {type(image).__name__}."
-        )
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[:2] != (1, 3):
-        raise ValueError(
-            f"the image tensor for {name} must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}."
-        )
-    if image.dtype == torch.uint8:
-        return image.float() / 255.0
-    image = image.float()
-    if image.min() < -1e-3 or image.max() > 1 + 1e-3:
-        raise ValueError(
-            f"the image tensor for {name} must hold values in [0, 1], got [{image.min():.3g}, {image.max():.3g}]."
-        )
-    return image.clamp(0, 1)
 
 
 @dataclass
@@ -121,62 +57,6 @@ class _Token:
     source: str  # where the adapter came from (folder, hub id or "<object>")
     revision: str | None
     placeholder: bool  # added to the tokenizers by us
-
-
-@dataclass
-class _TextEncoderState:
-    """What adding a placeholder changes on a text encoder, to put it back exactly."""
-
-    weight: torch.nn.Parameter
-    data: Tensor  # resizing may swap the Parameter's data in place: keep the original storage too
-    num_embeddings: int
-    vocab_size: int
-    eos_token_ids: dict[str, Any]
-    had_vocab_size_attr: bool
-    vocab_size_attr: Any = None
-
-
-@dataclass
-class _Snapshot:
-    tokenizers: dict[str, Any] = field(default_factory=dict)  # attribute name -> original tokenizer
-    text_encoders: dict[str, _TextEncoderState] = field(default_factory=dict)
-    rows: list[tuple[str, int, Tensor]] = field(default_factory=list)  # overwritten pre-existing rows
-
-
-def _text_encoder_state(text_encoder: torch.nn.Module) -> _TextEncoderState:
-    embedding = text_encoder.get_input_embeddings()
-    eos = {"config": text_encoder.config.eos_token_id}
-    if hasattr(text_encoder, "eos_token_id"):
-        eos["self"] = text_encoder.eos_token_id
-    inner = getattr(text_encoder, "text_model", None)
-    if inner is not None and hasattr(inner, "eos_token_id"):
-        eos["text_model"] = inner.eos_token_id
-    return _TextEncoderState(
-        weight=embedding.weight,
-        data=embedding.weight.data,
-        num_embeddings=embedding.num_embeddings,
-        vocab_size=text_encoder.config.vocab_size,
-        eos_token_ids=eos,
-        had_vocab_size_attr="vocab_size" in vars(text_encoder),
-        vocab_size_attr=vars(text_encoder).get("vocab_size"),
-    )
-
-
-def _restore_text_encoder(text_encoder: torch.nn.Module, state: _TextEncoderState) -> None:
-    embedding = text_encoder.get_input_embeddings()
-    state.weight.data = state.data
-    embedding.weight = state.weight
-    embedding.num_embeddings = state.num_embeddings
-    text_encoder.config.vocab_size = state.vocab_size
-    text_encoder.config.eos_token_id = state.eos_token_ids["config"]
-    if "self" in state.eos_token_ids:
-        text_encoder.eos_token_id = state.eos_token_ids["self"]
-    if "text_model" in state.eos_token_ids:
-        text_encoder.text_model.eos_token_id = state.eos_token_ids["text_model"]
-    if state.had_vocab_size_attr:
-        text_encoder.vocab_size = state.vocab_size_attr
-    elif "vocab_size" in vars(text_encoder):
-        del text_encoder.vocab_size
 
 
 class NestedPipeline:
@@ -348,7 +228,7 @@ class NestedPipeline:
         ):
             return False  # a vocabulary word: used as it is
         if self._snapshot is None:
-            self._take_snapshot()
+            self._snapshot = _take_snapshot(self.pipe, self._text_pairs)
         # Resizing draws random rows from the global RNG; keep the user's RNG stream untouched.
         with torch.random.fork_rng(devices=[]):
             for index, (_, encoder_attr, tokenizer, text_encoder) in enumerate(self._text_pairs):
@@ -364,27 +244,13 @@ class NestedPipeline:
                 set_token_embedding(text_encoder, token_id, learned.detach())
         return True
 
-    def _take_snapshot(self) -> None:
-        """Swap in private copies of the tokenizers and remember the text encoders' embedding state."""
-        snapshot = _Snapshot()
-        for tokenizer_attr, encoder_attr, tokenizer, text_encoder in self._text_pairs:
-            snapshot.tokenizers[tokenizer_attr] = tokenizer
-            snapshot.text_encoders[encoder_attr] = _text_encoder_state(text_encoder)
-            setattr(self.pipe, tokenizer_attr, copy.deepcopy(tokenizer))
-        self._snapshot = snapshot
-
     def unload(self) -> None:
         """Detach every adapter and restore the pipeline exactly (processors, tokenizers, text encoders)."""
         for adapter in {id(t.adapter): t.adapter for t in self._tokens.values()}.values():
             adapter.clear_subjects()
             adapter.detach(self.pipe.unet)
         if self._snapshot is not None:
-            for attr, tokenizer in self._snapshot.tokenizers.items():
-                setattr(self.pipe, attr, tokenizer)
-            for attr, state in self._snapshot.text_encoders.items():
-                _restore_text_encoder(getattr(self.pipe, attr), state)
-            for attr, token_id, row in reversed(self._snapshot.rows):
-                set_token_embedding(getattr(self.pipe, attr), token_id, row)
+            _restore_snapshot(self.pipe, self._snapshot)
         self._snapshot = None
         self._tokens.clear()
         self._loaded.clear()
@@ -454,25 +320,7 @@ class NestedPipeline:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
         for token in subjects:
             self._check_token(token)
-        options = {
-            "strengths": strengths,
-            "token_weights": token_weights,
-            "value_norm_factors": value_norm_factors,
-        }
-        for option, values in options.items():
-            for token in values or {}:
-                if token not in subjects:
-                    raise ValueError(f"{option} has an entry for {token!r}, which has no subject image.")
-        specs = {  # copies: the caller's Subject objects are never modified
-            token: dataclasses.replace(value) if isinstance(value, Subject) else Subject(image=value)
-            for token, value in subjects.items()
-        }
-        for token, value in (strengths or {}).items():
-            specs[token].scale = float(value)
-        for token, value in (value_norm_factors or {}).items():
-            specs[token].value_norm_factor = float(value)
-        for token, value in (token_weights or {}).items():
-            specs[token] = dataclasses.replace(specs[token], token_weight=float(value))  # re-validated
+        specs = _subject_specs(subjects, strengths, token_weights, value_norm_factors)
 
         masks, images = {}, {}
         for token, spec in specs.items():  # all checks before any encoding work
@@ -490,13 +338,7 @@ class NestedPipeline:
                 warnings.warn(
                     f"{token!r} is not in the prompts {missing}; they get no subject.", stacklevel=3
                 )
-            raw = spec.image
-            many = isinstance(raw, (list, tuple))
-            if many and len(raw) != len(prompts):
-                raise ValueError(
-                    f"{len(raw)} images for {token!r} but {len(prompts)} prompts: pass one image, or one per prompt."
-                )
-            images[token] = [load_image(item, token) for item in (raw if many else [raw])]
+            images[token] = _subject_images(spec.image, token, prompts)
 
         bindings: dict[str, SubjectBinding] = {}
         per_adapter: dict[int, list[SubjectBinding]] = {}

@@ -1,10 +1,8 @@
 """Sample grids during training, from the modules already in memory.
 
-:func:`sample_images` is a small denoising loop over a :class:`~nested.backbone.DiffusionBackbone` and an
-attached :class:`~nested.adapter.NestedAdapter`: the training run's own UNet, VAE and text encoders, so no
-second pipeline and no copy of the UNet is ever made. It reproduces the diffusers SD / SDXL pipelines
-(classifier-free guidance with the unconditional half first, SDXL micro-conditioning, one generator per
-image), so a grid at step N shows what ``nested generate`` would give with that adapter.
+:func:`~nested.denoise.sample_images` (:mod:`nested.denoise`) generates images with the training run's own
+UNet, VAE, text encoders and adapter, as ``nested generate`` would; reference images and grids come from
+:mod:`nested.images`. Both are re-exported here.
 
 :class:`SampleGrid` (preset ``callbacks/samples.yaml``) runs it every N training steps on global rank 0 for
 a fixed set of prompts x reference images x seeds, and logs the grid and the mean identity similarity and
@@ -14,24 +12,22 @@ prompt alignment (:mod:`nested.metrics`) to the Trainer's loggers.
 from __future__ import annotations
 
 import contextlib
-import inspect
-import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from nested.adapter import NestedAdapter, SubjectBinding
+from nested.adapter import NestedAdapter
 from nested.backbone import DiffusionBackbone
-from nested.tokens import subject_masks_for_tokenizers
+from nested.denoise import build_scheduler as build_scheduler
+from nested.denoise import default_size, sample_images
+from nested.images import IMAGE_EXTENSIONS, Reference, load_references, make_grid, save_png, to_uint8_hwc
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -44,342 +40,12 @@ __all__ = [
     "save_png",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_PROMPTS = (
     "a photo of {token}",
     "{token} as an astronaut, cinematic lighting",
     "an oil painting of {token}",
     "{token} in a snowy forest",
 )
-
-
-# ----------------------------------------------------------------------------- references
-
-
-@dataclass
-class Reference:
-    """A subject's reference image: ``image`` is (3, S, S) float32 in [0, 1]."""
-
-    name: str
-    image: Tensor
-
-
-def _square(image: Tensor, size: int) -> Tensor:
-    """(1, 3, H, W) -> (3, size, size): center square crop, resized (bicubic, antialiased)."""
-    height, width = image.shape[-2:]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    square = image[..., top : top + side, left : left + side]
-    if side != size:
-        square = F.interpolate(square, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return square[0].clamp(0, 1)
-
-
-def _is_shards(source: str | Sequence[str]) -> bool:
-    if not isinstance(source, str):
-        return True
-    return source.endswith((".tar", ".json")) or ("{" in source and ".." in source) or "://" in source
-
-
-def load_references(
-    source: str | os.PathLike | Sequence[str],
-    *,
-    count: int | None = None,
-    size: int = 224,
-    token: str = "<subject>",
-) -> list[Reference]:
-    """The first ``count`` reference images of a folder of images or of (validation) shards.
-
-    Args:
-        source: a folder of images (sorted by name; the file stem is the subject's name), one image file,
-            or shards: a ``shards.json``, a ``.tar``, a brace pattern or a list of tars. A shard sample's
-            reference is its ``ref`` image, else the crop around its ``bbox``, else the whole image; its
-            name is the sample key.
-        count: how many (None: all).
-        size: the side of the returned square images.
-        token: the subject token written into shard captions (only used to read the shards).
-
-    Raises:
-        FileNotFoundError: nothing to read at ``source``. ValueError: no image found.
-    """
-    if count is not None and count < 1:
-        raise ValueError(f"count must be >= 1, got {count}.")
-    from nested.pipeline import load_image
-
-    if _is_shards(source if isinstance(source, (list, tuple)) else str(source)):
-        from nested.data import build_stream
-        from nested.domains import DomainSpec
-
-        urls = list(source) if isinstance(source, (list, tuple)) else str(source)
-        spec = DomainSpec(name="references", urls=urls, subject=token)
-        stream = build_stream(
-            [spec], train=False, resolution=max(8, -(-size // 8) * 8), reference_size=size, max_samples=count
-        )
-        references = []
-        for sample in stream:
-            references.append(Reference(str(sample["key"]), sample["reference"].float().clamp(0, 1)))
-            if count is not None and len(references) >= count:
-                break
-    else:
-        path = Path(source).expanduser()
-        if path.is_file():
-            files = [path]
-        elif path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        else:
-            raise FileNotFoundError(
-                f"no reference images at {str(path)!r}: expected a folder of images, an image file, a shards.json, "
-                "a .tar or a brace pattern of shards."
-            )
-        references = [
-            Reference(file.stem, _square(load_image(file, file.name), size)) for file in files[:count]
-        ]
-    if not references:
-        raise ValueError(
-            f"no reference image found in {source!r} (image files: {', '.join(IMAGE_EXTENSIONS)})."
-        )
-    return references
-
-
-# ----------------------------------------------------------------------------- denoising loop
-
-
-def build_scheduler(backbone: DiffusionBackbone, name: str | None = None) -> Any:
-    """A fresh inference scheduler from the base model's scheduler config.
-
-    ``name``: a diffusers scheduler class name (``"DDIMScheduler"``, ``"EulerDiscreteScheduler"``...); None:
-    the model's own scheduler class, except DDPM (made for 1000 steps), which is replaced by DDIM.
-    """
-    import diffusers
-
-    config = dict(backbone.scheduler_config or backbone.noise_scheduler.config)
-    name = name or config.get("_class_name") or "DDIMScheduler"
-    if name == "DDPMScheduler":
-        name = "DDIMScheduler"
-    scheduler_class = getattr(diffusers, name, None)
-    if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
-        raise ValueError(
-            f"unknown diffusers scheduler {name!r}; use e.g. 'DDIMScheduler' or 'EulerDiscreteScheduler'."
-        )
-    return scheduler_class.from_config(config)
-
-
-def default_size(backbone: DiffusionBackbone) -> int:
-    """The base model's native image side in pixels (``sample_size`` x the VAE's scale factor)."""
-    sample_size = backbone.unet.config.sample_size
-    sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-    return int(sample_size) * backbone.vae_scale_factor
-
-
-def _negative_conditioning(backbone: DiffusionBackbone, negative_prompt: str, batch: int, cond: Any) -> Any:
-    """The unconditional half: SDXL uses zeros for an empty negative prompt (``force_zeros_for_empty_prompt``)."""
-    from nested.backbone import TextConditioning
-
-    if backbone.kind == "sdxl" and not negative_prompt:
-        pooled = cond.pooled_prompt_embeds
-        return TextConditioning(
-            prompt_embeds=torch.zeros_like(cond.prompt_embeds),
-            pooled_prompt_embeds=None if pooled is None else torch.zeros_like(pooled),
-            input_ids=[],
-        )
-    return backbone.encode_prompts([negative_prompt] * batch)
-
-
-@torch.no_grad()
-def sample_images(
-    backbone: DiffusionBackbone,
-    adapter: NestedAdapter | None,
-    prompts: Sequence[str],
-    references: Tensor | None = None,
-    *,
-    token: str | None = None,
-    image_index: Sequence[int] | None = None,
-    seeds: Sequence[int] | None = None,
-    steps: int = 20,
-    guidance: float = 5.0,
-    height: int | None = None,
-    width: int | None = None,
-    scale: float = 1.0,
-    negative_prompt: str = "",
-    scheduler: str | None = None,
-    batch_size: int = 4,
-    on_batch_end: Any = None,
-) -> Tensor:
-    """Generate one image per prompt with the backbone's modules and the (already attached) adapter.
-
-    Args:
-        backbone: the frozen UNet, VAE, text encoders (the training run's own objects).
-        adapter: an adapter attached to ``backbone.unet``, or None for the base model alone.
-        prompts: N prompts; each must contain ``token`` when an adapter is given.
-        references: (S, 3, h, w) subject images in [0, 1]; encoded once.
-        token: the subject token (default: the adapter's).
-        image_index: for each prompt, the reference it uses (default: ``i % S``).
-        seeds: for each prompt, the seed of its initial noise (default: 0, 1, ...). Image i is the same
-            whether generated alone or in a batch, as with diffusers' per-image generators.
-        steps, guidance, negative_prompt: as in the diffusers pipelines (guidance <= 1: no CFG).
-        height, width: pixels (default: the base model's size).
-        scale: the subject's strength (0: plain text value, 1: nested value).
-        scheduler: a diffusers scheduler class name; None: the model's own (see :func:`build_scheduler`).
-        batch_size: images per UNet batch (x2 with guidance).
-        on_batch_end: called with the number of images done after each batch (progress).
-
-    Returns:
-        (N, 3, H, W) float32 in [0, 1], on the CPU.
-    """
-    prompts = list(prompts)
-    count = len(prompts)
-    seeds = list(range(count)) if seeds is None else [int(seed) for seed in seeds]
-    if len(seeds) != count:
-        raise ValueError(f"{len(seeds)} seeds for {count} prompts: pass one seed per prompt.")
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}.")
-    height = height or default_size(backbone)
-    width = width or default_size(backbone)
-    factor = backbone.vae_scale_factor
-    if height % factor or width % factor:
-        raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}.")
-    unet, vae = backbone.unet, backbone.vae
-    device = unet.device
-    tokens = None
-    if adapter is not None:
-        if references is None:
-            raise ValueError("an adapter needs reference images (references=(S, 3, h, w) in [0, 1]).")
-        token = token or adapter.config.token
-        encoder_device = next(adapter.parameters()).device
-        tokens = adapter.encode(references.to(encoder_device, torch.float32))
-        image_index = (
-            [i % len(references) for i in range(count)] if image_index is None else list(image_index)
-        )
-        if len(image_index) != count or not all(0 <= i < len(references) for i in image_index):
-            raise ValueError(
-                f"image_index must give, for each of the {count} prompts, a reference in [0, {len(references)})."
-            )
-    use_guidance = guidance > 1.0
-
-    outputs = []
-    for start in range(0, count, batch_size):
-        chunk = prompts[start : start + batch_size]
-        n = len(chunk)
-        cond = backbone.encode_prompts(chunk)
-        embeds = cond.prompt_embeds
-        pooled = cond.pooled_prompt_embeds
-        if use_guidance:
-            negative = _negative_conditioning(backbone, negative_prompt, n, cond)
-            embeds = torch.cat([negative.prompt_embeds.to(embeds), embeds])
-            if pooled is not None:
-                pooled = torch.cat([negative.pooled_prompt_embeds.to(pooled), pooled])
-        rows = 2 * n if use_guidance else n
-        added = None
-        if backbone.kind == "sdxl":
-            sizes = torch.tensor([[height, width]] * rows)
-            time_ids = backbone.time_ids(sizes, torch.zeros(rows, 2, dtype=torch.long), (height, width))
-            added = {"text_embeds": pooled, "time_ids": time_ids.to(device, pooled.dtype)}
-
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + n]]
-        latents = torch.cat(
-            [
-                torch.randn(
-                    (1, unet.config.in_channels, height // factor, width // factor),
-                    generator=g,
-                    dtype=embeds.dtype,
-                )
-                for g in generators
-            ]
-        ).to(device)
-        noise_scheduler = build_scheduler(backbone, scheduler)
-        noise_scheduler.set_timesteps(steps, device=device)
-        latents = latents * noise_scheduler.init_noise_sigma
-        step_parameters = inspect.signature(noise_scheduler.step).parameters
-        step_kwargs = {"generator": generators} if "generator" in step_parameters else {}
-        if "eta" in step_parameters:
-            step_kwargs["eta"] = 0.0
-
-        bound = contextlib.nullcontext()
-        if adapter is not None:
-            masks = subject_masks_for_tokenizers(backbone.tokenizers, chunk, token)
-            if not masks.any(-1).all():
-                missing = [p for p, has in zip(chunk, masks.any(-1).tolist(), strict=True) if not has]
-                raise ValueError(f"the subject token {token!r} is not in the prompts {missing}.")
-            binding = SubjectBinding(
-                tokens=tokens,
-                masks=masks.to(device),
-                image_index=torch.tensor(image_index[start : start + n], device=tokens.device),
-                scale=scale,
-            )
-            bound = _bound(adapter, [binding])
-        with bound:
-            for t in noise_scheduler.timesteps:
-                model_input = torch.cat([latents] * 2) if use_guidance else latents
-                model_input = noise_scheduler.scale_model_input(model_input, t)
-                noise = unet(
-                    model_input.to(unet.dtype),
-                    t,
-                    encoder_hidden_states=embeds.to(unet.dtype),
-                    added_cond_kwargs=added,
-                    return_dict=False,
-                )[0].to(latents.dtype)
-                if use_guidance:
-                    unconditional, conditional = noise.chunk(2)
-                    noise = unconditional + guidance * (conditional - unconditional)
-                latents = noise_scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-        decoded = vae.decode(backbone.latent_unscaling(latents).to(vae.dtype), return_dict=False)[0]
-        outputs.append((decoded.float() / 2 + 0.5).clamp(0, 1).cpu())
-        if on_batch_end is not None:
-            on_batch_end(n)
-    return torch.cat(outputs)
-
-
-@contextlib.contextmanager
-def _bound(adapter: NestedAdapter, bindings: list[SubjectBinding]) -> Iterator[None]:
-    """Bind subjects for the duration, then put back whatever was bound before (normally nothing)."""
-    previous = list(adapter._bindings)
-    adapter.set_subjects(bindings)
-    try:
-        yield
-    finally:
-        adapter._bindings = previous
-
-
-# ----------------------------------------------------------------------------- grids
-
-
-def make_grid(rows: Sequence[Sequence[Tensor]], padding: int = 2, pad_value: float = 1.0) -> Tensor:
-    """Tile images (each (3, h, w) in [0, 1], all the same size) into one (3, H, W) grid.
-
-    ``H = R * h + (R + 1) * padding`` and ``W = C * w + (C + 1) * padding`` for R rows of C images.
-    """
-    if not rows or not rows[0]:
-        raise ValueError("make_grid needs at least one row with one image.")
-    height, width = rows[0][0].shape[-2:]
-    columns = max(len(row) for row in rows)
-    grid = torch.full(
-        (3, len(rows) * height + (len(rows) + 1) * padding, columns * width + (columns + 1) * padding),
-        pad_value,
-    )
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            if image.shape[-2:] != (height, width):
-                image = F.interpolate(
-                    image[None].float(), size=(height, width), mode="bicubic", antialias=True
-                )[0]
-            top, left = padding + r * (height + padding), padding + c * (width + padding)
-            grid[:, top : top + height, left : left + width] = image.float().clamp(0, 1)
-    return grid
-
-
-def to_uint8_hwc(image: Tensor) -> np.ndarray:
-    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-def save_png(image: Tensor, path: str | os.PathLike) -> Path:
-    """Write a (3, H, W) [0, 1] image as PNG; returns the path."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8_hwc(image)).save(path)
-    return path
 
 
 # ----------------------------------------------------------------------------- the callback
