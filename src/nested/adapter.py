@@ -18,6 +18,7 @@ warning, keeping the new processor as the one ``detach`` restores.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -326,11 +327,14 @@ class NestedAdapter(nn.Module):
         registry: dict[str, NestedAttnProcessor] | None = getattr(unet, _REGISTRY_ATTR, None)
         if registry is None:
             registry = {}
-            for name, attn in cross_attention_layers(unet).items():
+            layers = cross_attention_layers(unet)
+            for name, attn in layers.items():
                 registry[name] = NestedAttnProcessor(name, attn.processor)
                 attn.set_processor(registry[name])
             setattr(unet, _REGISTRY_ATTR, registry)
-            setattr(unet, _HOOK_ATTR, unet.register_forward_pre_hook(_reinstall_replaced_processors))
+            # The layer modules are looked up once here, not on every UNet call.
+            hook = functools.partial(_reinstall_replaced_processors, layers)
+            setattr(unet, _HOOK_ATTR, unet.register_forward_pre_hook(hook))
         for processor in registry.values():
             if self not in processor.bindings:
                 processor.bindings.append(self)
@@ -512,10 +516,9 @@ def _expand_for_guidance(binding: SubjectBinding, batch_size: int) -> tuple[Tens
     )
 
 
-def _reinstall_replaced_processors(unet: nn.Module, args, kwargs=None) -> None:
+def _reinstall_replaced_processors(layers: dict[str, nn.Module], unet: nn.Module, args) -> None:
     """Forward pre-hook: if something replaced our processors since attach, put them back."""
     registry: dict[str, NestedAttnProcessor] = getattr(unet, _REGISTRY_ATTR, {})
-    layers = cross_attention_layers(unet)
     replaced = [name for name, processor in registry.items() if layers[name].processor is not processor]
     if not replaced:
         return
