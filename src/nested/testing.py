@@ -40,6 +40,7 @@ except ImportError:  # transformers 4.x
     from transformers import BitImageProcessor, CLIPImageProcessor
 
 __all__ = [
+    "SDXL_UNET_CONFIG",
     "TINY_WORDS",
     "build_tiny_tokenizer",
     "write_tiny_clip",
@@ -51,6 +52,25 @@ __all__ = [
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
+
+# The real SDXL base UNet architecture (stabilityai/stable-diffusion-xl-base-1.0), for building it
+# with random weights (on the meta device or the CPU) in benchmarks, without any download.
+SDXL_UNET_CONFIG: dict = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
 
 # Caption vocabulary of the tiny tokenizer: every word here becomes ONE token (``word</w>``); anything else
 # still tokenizes, into sub-word pieces or single bytes, as with the real CLIP tokenizer.
