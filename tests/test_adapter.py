@@ -104,6 +104,7 @@ def test_save_load_round_trip_gives_identical_outputs(backbone, pipeline_path, t
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["token"] == "<person>" and config["class_word"] == "person" and config["domain"] == "faces"
     assert config["encoder"]["num_tokens"] == 6 and config["format_version"] == 1
+    assert config["injection"] == "nested"  # the default mode is written out, not implied
     assert set(config["layers"]) == set(cross_attention_layers(backbone.unet))
 
     fresh = DiffusionBackbone.from_pretrained(pipeline_path)  # tokenizers without <person>

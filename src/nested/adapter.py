@@ -6,7 +6,7 @@ name, and optionally a learned placeholder-token embedding per text encoder.
 
 On disk (``save_pretrained``) it is a folder with ``adapter.safetensors`` (named tensors only,
 never a pickle) and ``adapter_config.json`` (format version, token, class word, encoder spec,
-M, value_norm_factor, domain, and the fingerprint of the base UNet it was made for).
+M, value_norm_factor, injection mode, domain, and the fingerprint of the base UNet it was made for).
 
 Attaching installs one :class:`~nested.attention.NestedAttnProcessor` per ``attn2`` layer; several
 adapters (a faces and a pets adapter) share those processors, each acting only on its own
@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from nested.attention import NestedAttnProcessor, NestedSubject
+from nested.attention import InjectionMode, NestedAttnProcessor, NestedSubject, check_injection_mode
 from nested.encoder import EncoderSpec, SubjectEncoder
 
 __all__ = ["AdapterConfig", "NestedAdapter", "SubjectBinding", "cross_attention_layers", "unet_fingerprint"]
@@ -86,6 +86,11 @@ class AdapterConfig:
         extra_tokens: further tokens the adapter was trained on (token -> class word), e.g. the
             pets token of a faces + pets adapter.
         token_encoders: names of the text encoders that hold a placeholder embedding.
+        injection: how the per-layer subject keys/values enter each cross-attention layer:
+            ``"nested"`` (the subject token's value becomes a query-dependent nested attention) or
+            ``"decoupled"`` (IP-Adapter-style: an image attention added to every query of a bound
+            sample, the text attention left plain). Same parameters either way; configs written
+            before this option existed have no key and are ``"nested"``.
     """
 
     token: str
@@ -97,7 +102,12 @@ class AdapterConfig:
     base_model: str = ""
     extra_tokens: dict[str, str] = field(default_factory=dict)
     token_encoders: list[str] = field(default_factory=list)
+    injection: InjectionMode = "nested"
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        check_injection_mode(self.injection)
+        check_injection_options(self.injection, value_norm_factor=self.value_norm_factor)
 
     @property
     def tokens(self) -> dict[str, str]:
@@ -132,7 +142,35 @@ class AdapterConfig:
             raise ValueError(
                 f"{source} has format version {version}; this nested reads up to {FORMAT_VERSION}. Upgrade nested."
             )
-        return cls(**{**data, "encoder": EncoderSpec.from_dict(data["encoder"])})
+        encoder = EncoderSpec.from_dict(data["encoder"])
+        try:
+            return cls(**{**data, "encoder": encoder})
+        except ValueError as error:  # an invalid injection mode or option: say which file
+            raise ValueError(f"{source}: {error}") from error
+
+
+def check_injection_options(
+    injection: str, *, token_weight: float = 1.0, value_norm_factor: float | None = None, source: str = ""
+) -> None:
+    """Raise a ValueError when a nested-only option is set for a decoupled adapter.
+
+    ``value_norm_factor`` rescales the nested value v* and ``token_weight`` reweights the subject
+    token's text column; decoupled injection has neither, and ignoring them silently would make an
+    ablation run measure something other than what its config says.
+    """
+    if injection != "decoupled":
+        return
+    problems = []
+    if value_norm_factor is not None:
+        problems.append(f"value_norm_factor={value_norm_factor} (use null / None)")
+    if token_weight != 1.0:
+        problems.append(f"token_weight={token_weight} (use 1)")
+    if problems:
+        raise ValueError(
+            f"{source + ': ' if source else ''}{' and '.join(problems)}: these act on the subject token's "
+            "nested value, which injection='decoupled' does not have; its strength is the scale "
+            "(strengths=)."
+        )
 
 
 class NestedLayer(nn.Module):
@@ -162,9 +200,11 @@ class SubjectBinding:
         tokens: (S, M, d) subject tokens of S distinct images (from :meth:`NestedAdapter.encode`).
         masks: (B, T) bool, the subject token positions of each prompt.
         image_index: (B,) long, the image each sample uses; None if S == B.
-        scale: 0 -> plain value, 1 -> nested value.
-        token_weight: multiplies the subject column's attention probability.
-        value_norm_factor: overrides the adapter's default when not None (0 turns rescaling off).
+        scale: 0 -> plain value, 1 -> nested value (decoupled adapters: the weight of the added
+            image attention, 0 -> plain attention).
+        token_weight: multiplies the subject column's attention probability (nested adapters only).
+        value_norm_factor: overrides the adapter's default when not None (0 turns rescaling off;
+            nested adapters only).
     """
 
     tokens: Tensor
@@ -219,11 +259,12 @@ class NestedAdapter(nn.Module):
         value_norm_factor: float | None = None,
         domain: str = "",
         base_model: str = "",
+        injection: InjectionMode = "nested",
     ) -> NestedAdapter:
         """A fresh (untrained) adapter fitting ``unet``'s cross-attention layers.
 
         ``subject_encoder`` reuses an already built encoder (e.g. to share its backbone);
-        otherwise one is built from ``encoder``.
+        otherwise one is built from ``encoder``. ``injection`` is :attr:`AdapterConfig.injection`.
         """
         subject_encoder = subject_encoder or SubjectEncoder.from_spec(encoder)
         layers = unet_fingerprint(unet)
@@ -239,6 +280,7 @@ class NestedAdapter(nn.Module):
             value_norm_factor=value_norm_factor,
             domain=domain,
             base_model=base_model,
+            injection=injection,
         )
         return cls(config, subject_encoder)
 
@@ -267,6 +309,12 @@ class NestedAdapter(nn.Module):
                     f"{binding.tokens.shape[0]} subject images for {binding.masks.shape[0]} prompts: pass "
                     "image_index to say which image each prompt uses."
                 )
+            check_injection_options(
+                self.config.injection,
+                token_weight=binding.token_weight,
+                value_norm_factor=binding.value_norm_factor or None,  # a binding's 0 means off
+                source=f"adapter {self.config.token!r}",
+            )
             binding.nested_kv = {_unescape(key): layer(binding.tokens) for key, layer in self.layers.items()}
         self._bindings = list(bindings)
 
@@ -293,6 +341,7 @@ class NestedAdapter(nn.Module):
                     else (binding.value_norm_factor or None),
                     scale=binding.scale,
                     token_weight=binding.token_weight,
+                    mode=self.config.injection,
                 )
             )
         return subjects

@@ -14,6 +14,14 @@ where a[..., s] are the attention probabilities on the subject column(s). They c
 same fused SDPA call as the plain output, as extra value columns (a one-hot column per subject), so
 the N x T probabilities are never materialised either. Keys and all other values are untouched,
 so a sample whose prompt lacks the subject token gets exactly the plain attention output.
+
+Nested injection is query-dependent per token: each query gets its own subject value, but only in
+proportion to how much it attends to the subject token, so the text still decides where the subject
+goes. The ``"decoupled"`` injection mode (IP-Adapter's decoupled cross-attention, kept as an ablation
+with the same encoder and projections) instead adds ``scale * SDPA(Q, K~, V~)`` to every query of a
+bound sample, whatever that query attends to in the text:
+
+    out = SDPA(Q, K, V) + scale * SDPA(Q, K~, V~)
 """
 
 from __future__ import annotations
@@ -21,12 +29,33 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["NestedSubject", "nested_attention", "nested_attention_subjects", "NestedAttnProcessor"]
+__all__ = [
+    "INJECTION_MODES",
+    "InjectionMode",
+    "NestedSubject",
+    "nested_attention",
+    "nested_attention_subjects",
+    "NestedAttnProcessor",
+    "check_injection_mode",
+]
+
+InjectionMode = Literal["nested", "decoupled"]
+# How a subject's per-layer keys/values enter a cross-attention layer (see the module docstring).
+INJECTION_MODES: tuple[str, ...] = ("nested", "decoupled")
+
+
+def check_injection_mode(mode: str, source: str = "injection") -> str:
+    """``mode`` if it is one of :data:`INJECTION_MODES`, else a ValueError naming the allowed values."""
+    if mode not in INJECTION_MODES:
+        allowed = ", ".join(repr(m) for m in INJECTION_MODES)
+        raise ValueError(f"{source} must be one of {allowed}; got {mode!r}.")
+    return mode
 
 
 @dataclass
@@ -39,9 +68,14 @@ class NestedSubject:
         image_index: (B,) long, which of the S images each sample uses; ``None`` means S == B and
             sample b uses image b. Rows whose mask is all False are never read.
         value_norm_factor: rescale v* to ``value_norm_factor * ||V_s||`` per head, or None.
-        scale: blend of the subject value, 0 -> the plain value V_s, 1 -> the nested value v*.
+        scale: blend of the subject value, 0 -> the plain value V_s, 1 -> the nested value v*. In
+            ``"decoupled"`` mode, the weight of the added subject attention (0 -> plain attention).
         token_weight: multiplies the attention probability of the subject column (renormalised),
             i.e. adds ``log(token_weight)`` to its logits: the demo's ``special_token_weight``.
+        mode: ``"nested"`` (the subject token's value becomes query-dependent) or ``"decoupled"``
+            (every query of a sample whose mask row is not all False gets ``scale * SDPA(q, K~, V~)``
+            added; the text attention stays plain, so ``value_norm_factor`` must be None and
+            ``token_weight`` 1).
     """
 
     mask: Tensor
@@ -51,6 +85,7 @@ class NestedSubject:
     value_norm_factor: float | None = None
     scale: float = 1.0
     token_weight: float = 1.0
+    mode: InjectionMode = "nested"
 
 
 def nested_attention(
@@ -64,6 +99,10 @@ def nested_attention(
     value_norm_factor: float | None = None,
 ) -> Tensor:
     """Cross-attention in which each subject token's value is a query-dependent nested attention.
+
+    Each query n gets its own subject value v*_n, weighted by its own attention a_{n,s} to the
+    subject token, so the text decides where the subject appears; decoupled (IP-Adapter) injection
+    instead adds one image attention to every query, whatever the text attends to.
 
     Args:
         query: (B, H, N, D) the layer's queries, split in heads.
@@ -105,6 +144,15 @@ def _check_shapes(query: Tensor, key: Tensor, value: Tensor, subjects: Sequence[
         )
     tokens = key.shape[2]
     for i, subject in enumerate(subjects):
+        if subject.mode != "nested":
+            check_injection_mode(subject.mode, f"subject {i}: mode")
+            if subject.value_norm_factor is not None or subject.token_weight != 1.0:
+                raise ValueError(
+                    f"subject {i}: value_norm_factor={subject.value_norm_factor} and token_weight="
+                    f"{subject.token_weight} act on the subject token's value and attention, which "
+                    "decoupled injection leaves plain; use value_norm_factor=None and token_weight=1 "
+                    "(scale sets its strength)."
+                )
         if subject.mask.shape != (batch, tokens) or subject.mask.dtype != torch.bool:
             raise ValueError(
                 f"subject {i}: mask must be a bool tensor of shape (B={batch}, T={tokens}); "
@@ -152,10 +200,23 @@ def nested_attention_subjects(
     Returns:
         (B, H, N, D). Samples without any subject position are exactly
         ``F.scaled_dot_product_attention(query, key, value, attn_mask)``: no nested work is done
-        for them.
+        for them. Nested and decoupled subjects combine: the nested ones shape the text attention,
+        each decoupled one adds its own image attention on top.
     """
     _check_shapes(query, key, value, subjects)
     active = [s for s in subjects if s.mask.any()]
+    decoupled = [s for s in active if s.mode == "decoupled"]
+    if decoupled:
+        nested = [s for s in active if s.mode != "decoupled"]
+        out = _nested_attention_active(query, key, value, nested, attn_mask)
+        return _add_decoupled(out, query, decoupled)
+    return _nested_attention_active(query, key, value, active, attn_mask)
+
+
+def _nested_attention_active(
+    query: Tensor, key: Tensor, value: Tensor, active: list[NestedSubject], attn_mask: Tensor | None
+) -> Tensor:
+    """The nested attention of checked subjects that each mark at least one position."""
     if not active:
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False
@@ -265,13 +326,46 @@ def nested_attention_subjects(
     return out.index_copy(0, rows, result.to(out.dtype))
 
 
+def _add_decoupled(out: Tensor, query: Tensor, subjects: list[NestedSubject]) -> Tensor:
+    """``out`` plus ``scale * SDPA(q, K~, V~)`` of every decoupled subject, on its bound samples only.
+
+    The image attention takes no text mask: the text padding mask says nothing about the subject
+    tokens, and all M of them are real (as in diffusers' ``IPAdapterAttnProcessor2_0``).
+    """
+    for s in subjects:
+        if s.scale == 0:
+            continue  # exactly the text attention, and no work
+        has = s.mask.any(-1)
+        if bool(has.all()):
+            sub, q_sub, image_rows = None, query, s.image_index
+        else:
+            # Unbound samples (the unconditional half of a CFG batch) keep the plain output bit for bit.
+            sub = has.nonzero().squeeze(-1)
+            q_sub = query[sub]
+            image_rows = sub if s.image_index is None else s.image_index[sub]
+        if image_rows is None:
+            keys, values = s.keys, s.values
+        elif s.keys.shape[0] == 1:  # one subject image for every sample: a view, not a copy
+            keys = s.keys.expand(q_sub.shape[0], -1, -1, -1)
+            values = s.values.expand(q_sub.shape[0], -1, -1, -1)
+        else:
+            keys, values = s.keys[image_rows], s.values[image_rows]
+        attended = F.scaled_dot_product_attention(q_sub, keys.to(query.dtype), values.to(query.dtype))
+        if sub is None:
+            out = torch.add(out, attended.to(out.dtype), alpha=s.scale)
+        else:
+            out = out.index_add(0, sub, attended.to(out.dtype), alpha=s.scale)
+    return out
+
+
 class NestedAttnProcessor:
     """Diffusers attention processor for a cross-attention (``attn2``) layer with nested subjects.
 
     It mirrors diffusers' ``AttnProcessor2_0`` (spatial/group norms, attention masks, residual
-    connection, output rescaling) and adds the nested term for every bound subject. It is a plain
-    object, not an ``nn.Module``: the trainable projections live in the adapters that bind to it
-    (``bindings``), so the UNet's own state dict never changes when adapters are attached.
+    connection, output rescaling) and adds every bound subject's term, nested or decoupled as the
+    subject's ``mode`` says. It is a plain object, not an ``nn.Module``: the trainable projections
+    live in the adapters that bind to it (``bindings``), so the UNet's own state dict never changes
+    when adapters are attached.
 
     Each binding is an object with ``subjects_for_layer(layer_name, attn, batch_size, dtype)``
     returning a list of :class:`NestedSubject` (possibly empty) for the current call.

@@ -117,6 +117,7 @@ def model_card(
         "domain": config.domain or "unspecified",
         "encoder": encoder,
         "num_tokens": spec.num_tokens,
+        "injection": config.injection,
     }
     if config.value_norm_factor is not None:
         extra["value_norm_factor"] = config.value_norm_factor
@@ -137,6 +138,15 @@ def model_card(
     shown_base = base or "<base model>"
     token = config.token
     prompt = f"a photo of {token} on the beach"
+    if config.injection == "decoupled":
+        # An ablation adapter must not be described as the method: say what it does instead.
+        how = (
+            "It was trained with **decoupled** injection (the IP-Adapter-style ablation): the subject's "
+            "image attention is added to every image region of a prompt that contains the token, the "
+            "text attention itself is left plain."
+        )
+    else:
+        how = "The adapter changes only that token's attention value, so the rest of the prompt keeps its meaning."
     lines = [
         "---",
         data.to_yaml(),
@@ -145,8 +155,7 @@ def model_card(
         f"# Nested Attention adapter: `{token}` ({config.domain or 'subject'})",
         "",
         "A [Nested Attention](https://arxiv.org/abs/2501.01407) personalization adapter: one photo of a "
-        f"subject, no fine-tuning. Write `{token}` in a prompt and pass the subject's image; the adapter "
-        f"changes only that token's attention value, so the rest of the prompt keeps its meaning.",
+        f"subject, no fine-tuning. Write `{token}` in a prompt and pass the subject's image. {how}",
         "",
         "| | |",
         "| --- | --- |",
@@ -156,6 +165,7 @@ def model_card(
         f"| image encoder | `{encoder}` |",
         f"| subject tokens (M) | {spec.num_tokens} |",
         f"| value_norm_factor | {config.value_norm_factor} |",
+        f"| injection | {config.injection} |",
         f"| cross-attention layers | {len(config.layers)} |",
         "",
         "## Usage",

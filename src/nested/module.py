@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nested.adapter import NestedAdapter, SubjectBinding
+from nested.adapter import NestedAdapter, SubjectBinding, check_injection_options
+from nested.attention import InjectionMode, check_injection_mode
 from nested.backbone import DiffusionBackbone
 from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
 from nested.tokens import subject_masks_for_tokenizers
@@ -66,6 +67,9 @@ class NestedAttentionModule(L.LightningModule):
             ``{"<person>": "person"}``; a token equal to its class word needs no new embedding.
             The first is the adapter's default token. Each sample binds to its batch ``subjects`` entry.
         value_norm_factor: rescaling of the nested values relative to ||V_s|| (None: off).
+        injection: ``"nested"`` (the method) or ``"decoupled"`` (IP-Adapter-style decoupled
+            cross-attention with the same encoder and per-layer projections, for ablations; needs
+            ``value_norm_factor: null``). Recorded in the exported adapter's config.
         domain: recorded in the exported adapter.
         dropout: classifier-free-guidance dropout of text / image / both.
         min_snr_gamma: min-SNR loss weighting (None: plain MSE).
@@ -86,6 +90,7 @@ class NestedAttentionModule(L.LightningModule):
         encoder: EncoderSpec,
         subjects: dict[str, str] | None = None,
         value_norm_factor: float | None = None,
+        injection: InjectionMode = "nested",
         domain: str = "",
         dropout: ConditioningDropout | None = None,
         min_snr_gamma: float | None = None,
@@ -99,6 +104,9 @@ class NestedAttentionModule(L.LightningModule):
         super().__init__()
         if frozen_dtype not in _DTYPES:
             raise ValueError(f"frozen_dtype must be one of {sorted(_DTYPES)}, got {frozen_dtype!r}.")
+        # Checked here, not when the adapter is built in configure_model: a bad config fails at startup.
+        check_injection_mode(injection, "model.injection")
+        check_injection_options(injection, value_norm_factor=value_norm_factor, source="model")
         # Hyper-parameters as plain data, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["encoder", "dropout"])
         self.hparams["encoder"] = encoder.to_dict()
@@ -117,6 +125,7 @@ class NestedAttentionModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.seed = seed
         self.value_norm_factor = value_norm_factor
+        self.injection = injection
         self.domain = domain
         self.frozen: FrozenModules | None = None
         self.adapter: NestedAdapter | None = None
@@ -140,6 +149,7 @@ class NestedAttentionModule(L.LightningModule):
             encoder=self.encoder_spec,
             subject_encoder=SubjectEncoder.from_spec(self.encoder_spec, backbone=image_backbone),
             value_norm_factor=self.value_norm_factor,
+            injection=self.injection,
             domain=self.domain,
             base_model=self.base_model,
         )
@@ -168,6 +178,14 @@ class NestedAttentionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()  # the adapter must exist before its state is loaded
+        # Both modes have the same tensors, so the key check below cannot tell them apart; a resumed
+        # ablation must not silently switch mode. Checkpoints from before the option are nested.
+        trained = (checkpoint.get("hyper_parameters") or {}).get("injection", "nested")
+        if trained != self.injection:
+            raise ValueError(
+                f"the checkpoint was trained with injection={trained!r}, this model is configured with "
+                f"injection={self.injection!r}; set model.injection: {trained} to resume it."
+            )
         if "state_dict" not in checkpoint:
             return  # FSDP loads the (full) state dict itself and removes it before this hook
         expected = set(self.state_dict())

@@ -10,7 +10,10 @@ each call says which image that token's subject is::
                  strengths={"<dog>": 0.8}, generator=torch.Generator().manual_seed(0)).images[0]
     pipe.unload()  # the wrapped pipeline is exactly as before
 
-* Adapters of different domains combine; each acts only on its own token's value.
+* Adapters of different domains combine; each acts only on its own token's value. An adapter saved
+  with ``injection: "decoupled"`` (the IP-Adapter-style ablation) instead adds its image attention to
+  every query of the prompts that contain its token; both kinds combine in one call, and ``strengths``
+  scale either.
 * One adapter may serve several tokens (``{"<person1>": faces, "<person2>": faces}``) with a different
   image each; a token the adapter was not trained on is added as a placeholder initialised from the
   adapter's learned token embedding (or its class word).
@@ -33,7 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nested.adapter import CONFIG_NAME, AdapterConfig, NestedAdapter, SubjectBinding, resolve_adapter_folder
+from nested.adapter import (
+    CONFIG_NAME,
+    AdapterConfig,
+    NestedAdapter,
+    SubjectBinding,
+    check_injection_options,
+    resolve_adapter_folder,
+)
 from nested.subjects import (
     ImageInput,
     Subject,
@@ -324,6 +334,12 @@ class NestedPipeline:
 
         masks, images = {}, {}
         for token, spec in specs.items():  # all checks before any encoding work
+            check_injection_options(
+                self._tokens[token].adapter.config.injection,
+                token_weight=spec.token_weight,
+                value_norm_factor=spec.value_norm_factor or None,
+                source=f"the adapter of {token!r}",
+            )
             masks[token] = self._masks(token, prompts, prompts_2)
             present = masks[token].any(-1)
             if not present.any():
@@ -390,9 +406,12 @@ class NestedPipeline:
             prompt: one prompt or a list; each subject token must appear in it.
             subjects: token -> image (PIL, path, tensor in [0, 1], array), a list with one image per
                 prompt, or a :class:`Subject` with per-subject options.
-            strengths: token -> ``scale`` (0: plain text value, 1: the nested value).
-            token_weights: token -> ``token_weight`` (the demo's ``special_token_weight``).
-            value_norm_factors: token -> override of the adapter's ``value_norm_factor``.
+            strengths: token -> ``scale`` (0: plain text value, 1: the nested value; for a decoupled
+                adapter, the weight of its added image attention).
+            token_weights: token -> ``token_weight`` (the demo's ``special_token_weight``; nested
+                adapters only).
+            value_norm_factors: token -> override of the adapter's ``value_norm_factor`` (nested
+                adapters only).
             num_images_per_prompt: images per prompt (all share the prompt's subject image).
             pipeline_kwargs: everything else goes to the wrapped pipeline (``negative_prompt``,
                 ``num_inference_steps``, ``guidance_scale``, ``generator``, ``height``...).
@@ -426,6 +445,7 @@ class NestedPipeline:
                 "base_model": bound.adapter.config.base_model,
                 "num_tokens": bound.adapter.config.encoder.num_tokens,
                 "value_norm_factor": bound.adapter.config.value_norm_factor,
+                "injection": bound.adapter.config.injection,
                 "placeholder_added": bound.placeholder,
             }
             for token, bound in self._tokens.items()

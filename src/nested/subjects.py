@@ -35,9 +35,11 @@ class Subject:
         image: a PIL image, an image file path, a (3, H, W) / (1, 3, H, W) tensor in [0, 1] (uint8 in
             [0, 255] also accepted) or an (H, W, 3) array; or a list with one image per prompt.
         scale: blend of the subject token's value: 0 -> the plain text value, 1 -> the nested value.
+            For an adapter with ``injection: "decoupled"``: the weight of its added image attention.
         token_weight: multiplies the attention probability of the subject column (the official demo's
-            ``special_token_weight``); > 1 strengthens the subject's presence.
+            ``special_token_weight``); > 1 strengthens the subject's presence. Nested adapters only.
         value_norm_factor: rescales the nested values to ``factor * ||V_s||``; None: the adapter's default.
+            Nested adapters only.
     """
 
     image: ImageInput | Sequence[ImageInput]
