@@ -32,7 +32,7 @@ def test_unknown_command_fails(capsys):
 
 def test_configs_compose_and_print(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "configs/demo.yaml", "--config", "callbacks/ema.yaml", "--print_config"])
+        main(["fit", "--config", "configs/smoke.yaml", "--config", "callbacks/ema.yaml", "--print_config"])
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["base_model"] == "data/models/tiny-sd"
@@ -47,7 +47,7 @@ def test_configs_compose_and_print(capsys):
 )
 def test_unknown_key_or_wrong_type_fails_naming_the_key(override, key, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "configs/demo.yaml", override])
+        main(["fit", "--config", "configs/smoke.yaml", override])
     assert exit_info.value.code != 0
     assert key in capsys.readouterr().err
 
@@ -68,6 +68,6 @@ def test_a_typo_in_a_config_file_fails_naming_the_key(tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  learnin_rate: 0.1\n")
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "configs/demo.yaml", "--config", str(typo), "--print_config"])
+        main(["fit", "--config", "configs/smoke.yaml", "--config", str(typo), "--print_config"])
     assert exit_info.value.code != 0
     assert "learnin_rate" in capsys.readouterr().err

@@ -333,7 +333,7 @@ def test_fsdp_preset_composes_with_a_config(capsys, monkeypatch):
             [
                 "fit",
                 "--config",
-                "configs/demo.yaml",
+                "configs/smoke.yaml",
                 "--config",
                 "configs/strategy/fsdp.yaml",
                 "--print_config",

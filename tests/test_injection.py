@@ -334,9 +334,9 @@ def test_the_cli_config_takes_model_injection(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     monkeypatch.setattr("sys.argv", ["nested"])
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "configs/demo.yaml", "--model.injection=decoupled", "--print_config"])
+        main(["fit", "--config", "configs/smoke.yaml", "--model.injection=decoupled", "--print_config"])
     assert exit_info.value.code in (0, None)
     assert yaml.safe_load(capsys.readouterr().out)["model"]["injection"] == "decoupled"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "configs/demo.yaml", "--model.injection=ip", "--print_config"])
+        main(["fit", "--config", "configs/smoke.yaml", "--model.injection=ip", "--print_config"])
     assert exit_info.value.code != 0 and "injection" in capsys.readouterr().err

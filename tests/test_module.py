@@ -234,7 +234,7 @@ def test_demo_config_trains_from_the_cli_and_the_loss_falls(tmp_path, monkeypatc
         [
             "fit",
             "--config",
-            "configs/demo.yaml",
+            "configs/smoke.yaml",
             f"--trainer.default_root_dir={root}",
             "--trainer.logger=CSVLogger",
             f"--trainer.logger.save_dir={root}",

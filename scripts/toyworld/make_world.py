@@ -6,7 +6,7 @@ and split in train, held_out. Identities are split with ``nested.toyworld.split_
 most ``--train-identities`` / ``--held-out-identities`` of each split are rendered (a seeded
 subset), ``--samples-per-identity`` images each. The defaults stay well under 2 MB in total.
 
-    python scripts/make_toyworld.py --out data/toyworld --sheet /tmp/toyworld_sheet.png
+    python scripts/toyworld/make_world.py --out data/toyworld/shards --sheet /tmp/toyworld_sheet.png
 """
 
 from __future__ import annotations
@@ -64,13 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=Path("data/toyworld"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("data/toyworld/shards"), help="output folder")
     parser.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS))
     parser.add_argument("--held-out-fraction", type=float, default=0.2, help="identities held out")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the identity split")
     parser.add_argument("--train-identities", type=int, default=80, help="at most this many (0: all)")
     parser.add_argument("--held-out-identities", type=int, default=20, help="at most this many (0: all)")
-    parser.add_argument("--samples-per-identity", type=int, default=1)
+    parser.add_argument("--samples-per-identity", type=int, default=1, help="train images per identity")
+    parser.add_argument(
+        "--held-out-samples-per-identity",
+        type=int,
+        default=1,
+        help="held-out images per identity (default 1)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of contexts and nuisances")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--sheet", type=Path, default=None, help="also save an example contact sheet PNG")
@@ -88,12 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if limit and limit < len(chosen):
                 picked = set(random.Random(f"{args.seed}-{domain}-{name}").sample(range(len(chosen)), limit))
                 chosen = [ident for i, ident in enumerate(chosen) if i in picked]
+            # Shards are written identity by identity; the canonical order walks the attribute product
+            # (all "pale" faces first...), which a shuffle buffer cannot undo. Seeded shuffle instead.
+            chosen = list(chosen)
+            random.Random(f"{args.seed}-{domain}-{name}-order").shuffle(chosen)
             out = args.out / domain / name
             report = write_world_shards(
                 out,
                 domain,
                 identities=chosen,
-                samples_per_identity=args.samples_per_identity,
+                samples_per_identity=(
+                    args.samples_per_identity if name == "train" else args.held_out_samples_per_identity
+                ),
                 seed=args.seed + (0 if name == "train" else 1),
                 token=DEFAULT_TOKENS[domain],
                 size=args.size,

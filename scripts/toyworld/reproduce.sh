@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Full toy-world reproduction (issue 7): world -> base model -> judges -> adapters -> evaluation table.
+#
+#   bash scripts/toyworld/reproduce.sh                  # everything from scratch into runs/toyworld
+#   bash scripts/toyworld/reproduce.sh --committed      # reuse data/models/toy-sd and data/toyworld/judges
+#
+# Stages (each timed into $OUT/timings.json):
+#   world     render the shards of both domains (train identities, held-out identities)
+#   base      scripts/toyworld/train_base.py         -> $OUT/toy-sd        (skipped with --committed)
+#   judges    scripts/toyworld/train_judges.py       -> $OUT/judges        (skipped with --committed)
+#   adapters  nested fit, faces and pets, injection nested and decoupled (two runs at a time)
+#   eval      nested eval on HELD-OUT identities for each adapter, then the two-subject prompts
+#   results   scripts/toyworld/results.py -> $OUT/results.md, benchmarks/toyworld.md (with --publish),
+#             $OUT/tradeoff.png
+# Environment: OUT (default runs/toyworld), NESTED_BIN (default .venv/bin), STEPS (adapter steps, default
+# from the configs), SUBJECTS (held-out subjects per domain, default 12).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${NESTED_BIN:-.venv/bin}
+OUT=${OUT:-runs/toyworld}
+SUBJECTS=${SUBJECTS:-12}
+export OMP_NUM_THREADS=1  # tiny models: one thread per process, two processes at a time on 2 cores
+COMMITTED=0
+PUBLISH=()
+for arg in "$@"; do
+    case $arg in
+        --committed) COMMITTED=1 ;;
+        --publish) PUBLISH=(--publish) ;;
+        *) echo "reproduce.sh: unknown argument $arg (use --committed, --publish)" >&2; exit 2 ;;
+    esac
+done
+mkdir -p "$OUT"
+TIMINGS="$OUT/timings.tsv"
+: > "$TIMINGS"
+stage() {  # stage NAME COMMAND...: run, time, record
+    local name=$1; shift
+    local start; start=$(date +%s)
+    echo "== $name: $*" >&2
+    "$@"
+    echo -e "$name\t$(( $(date +%s) - start ))" >> "$TIMINGS"
+}
+both() {  # run two commands in parallel; fail if either fails
+    bash -c "$1" & local a=$!
+    bash -c "$2" & local b=$!
+    wait $a && wait $b
+}
+
+SHARDS=data/toyworld/shards
+world() {
+    "$BIN/python" scripts/toyworld/make_world.py --out $SHARDS --domains faces --train-identities 0 \
+        --held-out-identities 0 --samples-per-identity 3 --overwrite
+    "$BIN/python" scripts/toyworld/make_world.py --out $SHARDS --domains pets --train-identities 0 \
+        --held-out-identities 0 --samples-per-identity 8 --overwrite
+}
+stage world world
+
+if [ "$COMMITTED" = 1 ]; then
+    BASE=data/models/toy-sd
+    JUDGES=data/toyworld/judges
+else
+    BASE=$OUT/toy-sd
+    JUDGES=$OUT/judges
+    stage base "$BIN/python" scripts/toyworld/train_base.py --out "$BASE" --overwrite --sheet "$OUT/base-sheet.png"
+    stage judges "$BIN/python" scripts/toyworld/train_judges.py --out "$JUDGES" --threads 1
+fi
+
+fit() {  # fit DOMAIN INJECTION
+    local extra=()
+    [ "$2" = decoupled ] && extra+=(--model.injection=decoupled)
+    [ -n "${STEPS:-}" ] && extra+=("--trainer.max_steps=$STEPS" "--data.epoch_samples=$(( STEPS * 16 ))")
+    "$BIN/nested" fit --config "configs/toyworld/$1.yaml" --model.base_model="$BASE" \
+        --model.encoder.backbone="$BASE/image_encoder" --trainer.default_root_dir="$OUT/$1-$2" \
+        "${extra[@]}" > "$OUT/fit-$1-$2.log" 2>&1
+}
+export -f fit
+export BIN BASE OUT STEPS
+stage adapters-nested both "fit faces nested" "fit pets nested"
+stage adapters-decoupled both "fit faces decoupled" "fit pets decoupled"
+
+evaluate() {  # evaluate DOMAIN INJECTION: held-out identities, every context, a strength sweep
+    local token; [ "$1" = faces ] && token='<person>' || token='<pet>'
+    "$BIN/nested" eval --base "$BASE" --adapter "$token=$OUT/$1-$2/adapters/last" \
+        --subjects "$SHARDS/$1/held_out/shards.json" --max-subjects "$SUBJECTS" --reference-size 64 \
+        --prompts "data/prompts/toyworld-$1.txt" --judges "$JUDGES" --clip none \
+        --strengths 0.25,0.5,1.0,1.5 --seeds 0 --steps 20 --batch-size 16 --no-images \
+        --no-progress --out "$OUT/eval-$1-$2" > "$OUT/eval-$1-$2.log" 2>&1
+}
+evaluate_pair() {  # evaluate_pair INJECTION: a held-out person and a held-out pet in one prompt
+    "$BIN/nested" eval --base "$BASE" --pair '<person>,<pet>' \
+        --adapter "<person>=$OUT/faces-$1/adapters/last" --adapter "<pet>=$OUT/pets-$1/adapters/last" \
+        --subjects "<person>=$SHARDS/faces/held_out/shards.json" \
+        --subjects "<pet>=$SHARDS/pets/held_out/shards.json" --max-subjects "$SUBJECTS" --reference-size 64 \
+        --prompts data/prompts/toyworld-pairs.txt --judges "$JUDGES" --clip none \
+        --strengths 0.5,1.0 --seeds 0 --steps 20 --batch-size 16 --no-images \
+        --no-progress --out "$OUT/eval-pairs-$1" > "$OUT/eval-pairs-$1.log" 2>&1
+}
+export -f evaluate evaluate_pair
+export SHARDS JUDGES SUBJECTS
+stage eval-faces both "evaluate faces nested" "evaluate faces decoupled"
+stage eval-pets both "evaluate pets nested" "evaluate pets decoupled"
+stage eval-pairs both "evaluate_pair nested" "evaluate_pair decoupled"
+
+"$BIN/python" scripts/toyworld/results.py --runs "$OUT" --judges "$JUDGES" "${PUBLISH[@]}"

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Tables and the trade-off plot of a toy-world reproduction (scripts/toyworld/reproduce.sh).
+
+Reads ``RUNS/eval-{faces,pets}-{nested,decoupled}/summary.json``, ``RUNS/eval-pairs-*/summary.json``,
+``RUNS/timings.tsv`` and the judges' ``config.json`` (their accuracy on held-out real renders), and writes
+``RUNS/results.md`` and ``RUNS/tradeoff.png``. With ``--publish`` it also copies them to
+``benchmarks/toyworld.md`` and ``docs/toyworld-tradeoff.png`` and replaces the README's block between
+``<!-- toyworld-results:start -->`` and ``<!-- toyworld-results:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+DOMAINS = {"faces": "<person>", "pets": "<pet>"}
+METHODS = ("nested", "decoupled")
+README_START, README_END = "<!-- toyworld-results:start -->", "<!-- toyworld-results:end -->"
+
+
+def _points(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SystemExit(f"results.py: {path} is missing; run scripts/toyworld/reproduce.sh first")
+    return json.loads(path.read_text())["points"]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def context_at_identity(curve: list[dict], identity: float) -> float | None:
+    """Context accuracy of a strength sweep interpolated at ``identity`` (exact) accuracy; None outside it.
+
+    ``curve``: the sweep's points; linear interpolation between the two strengths that bracket ``identity``.
+    """
+    points = sorted((p["identity_exact"], p["context"]) for p in curve)
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= identity <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (identity - x0) / (x1 - x0)
+    return None
+
+
+def domain_table(domain: str, runs: Path) -> tuple[list[str], dict[str, list[dict]]]:
+    """Markdown rows for one domain: chance, base, each method x strength; and the sweeps by method."""
+    sweeps = {method: _points(runs / f"eval-{domain}-{method}" / "summary.json") for method in METHODS}
+    base = next(p for p in sweeps["nested"] if p["variant"] == "base")
+    chance = base["chance"]
+    lines = [
+        f"**{domain}** (token `{DOMAINS[domain]}`, {base['n']} base images; chance: identity "
+        f"{_pct(chance['identity_exact'])} %, attributes {_pct(chance['identity_attributes'])} %, "
+        f"context {_pct(chance['context'])} %)",
+        "",
+        "| model | strength | identity exact % | attributes % | context (scene + style) % | scene % "
+        "| decoupled context at equal identity % |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| base (no adapter) | - | {_pct(base['identity_exact'])} | {_pct(base['identity_attributes'])} "
+        f"| {_pct(base['context'])} | {_pct(base['context_scene'])} | |",
+    ]
+    adapters = {m: [p for p in sweeps[m] if p["variant"] == "adapter"] for m in METHODS}
+    for method in METHODS:
+        for point in adapters[method]:
+            matched = ""
+            if method == "nested":
+                matched = _pct(context_at_identity(adapters["decoupled"], point["identity_exact"]))
+            lines.append(
+                f"| {method} | {point['strength']:g} | {_pct(point['identity_exact'])} "
+                f"| {_pct(point['identity_attributes'])} | {_pct(point['context'])} "
+                f"| {_pct(point['context_scene'])} | {matched} |"
+            )
+    return lines, sweeps
+
+
+def pair_table(runs: Path) -> list[str]:
+    """Markdown rows of the two-subject prompts: each subject judged in its half."""
+    lines = [
+        "| model | strength | person exact % | pet exact % | person attributes % | pet attributes % "
+        "| context % |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method in METHODS:
+        path = runs / f"eval-pairs-{method}" / "summary.json"
+        if not path.is_file():
+            continue
+        for point in _points(path):
+            if point["variant"] == "base" and method != "nested":
+                continue
+            label = "base (no adapter)" if point["variant"] == "base" else method
+            strength = "-" if point["strength"] is None else f"{point['strength']:g}"
+            cells = [
+                point.get(f"identity_{m}_{s}") for m in ("exact", "attributes") for s in ("person", "pet")
+            ]
+            lines.append(
+                f"| {label} | {strength} | {' | '.join(_pct(c) for c in cells)} | {_pct(point['context'])} |"
+            )
+    return lines
+
+
+def judges_table(judges: Path) -> list[str]:
+    """The judges' accuracy on held-out real renders, as recorded in their config.json."""
+    config = json.loads((judges / "config.json").read_text())
+    accuracy = config.get("accuracy", {})
+    lines = ["| judge | measured on held-out real renders |", "| --- | --- |"]
+    for name, values in accuracy.items():
+        if isinstance(values, dict):
+            cells = ", ".join(f"{k} {_pct(v) if isinstance(v, float) else v}" for k, v in values.items())
+        else:
+            cells = _pct(values) if isinstance(values, float) else str(values)
+        lines.append(f"| {name} | {cells} |")
+    return lines
+
+
+def timings_table(runs: Path) -> list[str]:
+    path = runs / "timings.tsv"
+    if not path.is_file():
+        return []
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
+    total = sum(int(seconds) for _, seconds in rows)
+    lines = ["| stage | wall-clock |", "| --- | --- |"]
+    lines += [f"| {name} | {int(s) // 60} min {int(s) % 60:02d} s |" for name, s in rows]
+    return [*lines, f"| total | {total // 60} min {total % 60:02d} s |"]
+
+
+def plot(sweeps_by_domain: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    """One panel per domain: identity exact accuracy (y) vs context accuracy (x), a curve per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(sweeps_by_domain), figsize=(5.5 * len(sweeps_by_domain), 4.5))
+    for axis, (domain, sweeps) in zip(axes, sweeps_by_domain.items(), strict=True):
+        base = next(p for p in sweeps["nested"] if p["variant"] == "base")
+        axis.scatter([base["context"]], [base["identity_exact"]], color="black", marker="s", label="base")
+        for method, colour in zip(METHODS, ("tab:blue", "tab:orange"), strict=True):
+            points = [p for p in sweeps[method] if p["variant"] == "adapter"]
+            xs, ys = [p["context"] for p in points], [p["identity_exact"] for p in points]
+            axis.plot(xs, ys, "o-", color=colour, label=method)
+            for p in points:
+                axis.annotate(f"s={p['strength']:g}", (p["context"], p["identity_exact"]), fontsize=8)
+        axis.axhline(base["chance"]["identity_exact"], color="grey", linestyle=":", label="chance")
+        axis.set_xlabel("context accuracy (scene + style)")
+        axis.set_ylabel("identity accuracy (all attributes)")
+        axis.set_title(f"{domain}: held-out identities")
+        axis.set_xlim(0, 1.02)
+        axis.set_ylim(0, 1.02)
+        axis.legend(loc="lower left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=Path, default=Path("runs/toyworld"), help="reproduce.sh's OUT")
+    parser.add_argument("--judges", type=Path, default=Path("data/toyworld/judges"))
+    parser.add_argument("--publish", action="store_true", help="update benchmarks/, docs/ and the README")
+    args = parser.parse_args(argv)
+
+    lines = ["### Held-out identities, one domain at a time", ""]
+    sweeps_by_domain = {}
+    for domain in DOMAINS:
+        rows, sweeps_by_domain[domain] = domain_table(domain, args.runs)
+        lines += [*rows, ""]
+    lines += ["### Two subjects in one prompt (faces + pets adapters, each judged in its half)", ""]
+    lines += [*pair_table(args.runs), ""]
+    lines += ["### The judges", "", *judges_table(args.judges), ""]
+    timings = timings_table(args.runs)
+    if timings:
+        lines += ["### Wall-clock on this machine (2 CPU cores, shared)", "", *timings, ""]
+    text = "\n".join(lines)
+    (args.runs / "results.md").write_text(text + "\n")
+    plot(sweeps_by_domain, args.runs / "tradeoff.png")
+    print(text)
+    if args.publish:
+        header = Path("benchmarks/toyworld.header.md")
+        intro = header.read_text() if header.is_file() else "# Toy world results\n\n"
+        Path("benchmarks/toyworld.md").write_text(intro + text + "\n")
+        shutil.copyfile(args.runs / "tradeoff.png", "docs/toyworld-tradeoff.png")
+        readme = Path("README.md").read_text()
+        if README_START in readme and README_END in readme:
+            before, rest = readme.split(README_START, 1)
+            after = rest.split(README_END, 1)[1]
+            Path("README.md").write_text(f"{before}{README_START}\n{text}\n{README_END}{after}")
+        else:
+            print(f"results.py: README.md has no {README_START} block; not updated", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Train the toy world's base model (issue 7, part 2) and write it as an SD 1.x diffusers folder.
+
+Stages, each timed: render a pool of train-identity images -> train the VAE -> cache latents -> train the
+UNet (EMA) -> save (atomically: a staging folder, then a rename) -> reload the folder through
+``StableDiffusionPipeline.from_pretrained`` and draw a sample sheet (one row per subject kind, one column per
+scene). See :mod:`nested.toybase` for the models.
+
+    python scripts/toyworld/train_base.py --out data/models/toy-sd --sheet docs/toyworld-base.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+
+from nested import toybase
+from nested.testing import _tidy_tokenizer_folder, write_tiny_tokenizer
+from nested.toyworld import SCENES, Context, caption
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("data/models/toy-sd"), help="output model folder")
+    parser.add_argument("--pool", type=int, default=10000, help="rendered training images (default 10000)")
+    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument(
+        "--vae", type=Path, default=None, help="reuse this trained VAE folder (skips its stage)"
+    )
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--unet-steps", type=int, default=1800)
+    parser.add_argument("--unet-batch", type=int, default=32)
+    parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared 2-core machine two threads thrash)",
+    )
+    parser.add_argument("--sheet", type=Path, default=None, help="also save a sample sheet PNG here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    return parser
+
+
+def _bar(total: int, desc: str):
+    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=2.0)
+
+    def progress(step: int, logs: dict[str, float]) -> None:
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+        if step + 1 == total:
+            bar.close()
+
+    return progress
+
+
+@torch.no_grad()
+def sample_sheet(model: Path, path: Path, seed: int = 0, steps: int = 25, guidance: float = 5.0) -> None:
+    """Rows: person, pet, person + pet; columns: every scene. Loaded back through ``from_pretrained``."""
+    from diffusers import StableDiffusionPipeline
+
+    from nested.images import save_png
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [caption(kind, Context(scene)) for kind in ("faces", "pets", "pair") for scene in SCENES]
+    images = pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
+    rows = images.reshape(3, len(SCENES), *images.shape[1:])
+    sheet = torch.cat([torch.cat(list(row), dim=-1) for row in rows], dim=-2)
+    save_png(sheet.clamp(0, 1), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.out.exists() and not args.overwrite:
+        print(f"train_base: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    times: dict[str, float] = {}
+    started = time.time()
+
+    pool = toybase.render_pool(args.pool, seed=args.seed)
+    times["render"] = time.time() - started
+    print(f"rendered {len(pool.images)} images in {times['render']:.0f} s", file=sys.stderr)
+
+    mark = time.time()
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-", dir=args.out.parent))
+    if args.vae is not None:
+        vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
+    else:
+        torch.manual_seed(args.seed)
+        vae = toybase.train_vae(
+            toybase.build_vae(), pool, steps=args.vae_steps, batch_size=args.vae_batch, seed=args.seed,
+            progress=_bar(args.vae_steps, "vae"),
+        )  # fmt: skip
+        vae.save_pretrained(staging / "vae")  # early, so it can be inspected while the UNet trains
+    print(f"reconstruction L1 (0-255 scale): {toybase.reconstruction_error(vae, pool.images[-256:]):.2f}")
+    times["vae"] = time.time() - mark
+
+    mark = time.time()
+    latents = toybase.encode_latents(vae, pool.images)
+    times["latents"] = time.time() - mark
+
+    mark = time.time()
+    tokenizer = write_tiny_tokenizer(staging / "tokenizer")
+    text_encoder = toybase.build_text_encoder(tokenizer, seed=args.seed + 1)
+    torch.manual_seed(args.seed + 2)
+    unet = toybase.train_unet(
+        toybase.build_unet(text_encoder.config.hidden_size), latents, pool.captions, tokenizer, text_encoder,
+        steps=args.unet_steps, batch_size=args.unet_batch, lr=args.unet_lr, seed=args.seed,
+        progress=_bar(args.unet_steps, "unet"),
+    )  # fmt: skip
+    times["unet"] = time.time() - mark
+
+    toybase.save_base_model(
+        staging, vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+        image_encoder_seed=args.seed + 3,
+    )  # fmt: skip
+    _tidy_tokenizer_folder(staging / "tokenizer")
+    times["total"] = time.time() - started
+    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    record = {"recipe": recipe, "seconds": {k: round(v, 1) for k, v in times.items()}}
+    (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    staging.rename(args.out)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()), file=sys.stderr)
+
+    if args.sheet is not None:
+        sample_sheet(args.out, args.sheet, seed=args.seed)
+        print(f"sample sheet: {args.sheet}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""The toy world's base model (issue 7, part 2): a small text-to-image diffusion model trained from scratch.
+
+It is an ordinary Stable Diffusion 1.x pipeline folder, so everything downstream (``nested fit``, ``nested
+generate``, ``nested eval``, :class:`~nested.pipeline.NestedPipeline`) loads it through the same
+``from_pretrained`` path as a real SD checkpoint:
+
+* ``vae``: an :class:`~diffusers.AutoencoderKL` with spatial factor 4 (64 px images, 16 x 16 x 4 latents),
+  trained here as a reconstruction autoencoder (L1 + MSE, a tiny KL term) on renders of the world;
+* ``text_encoder`` / ``tokenizer``: a random, FROZEN tiny CLIP text tower with a real byte-level BPE
+  tokenizer (:func:`nested.testing.write_tiny_tokenizer`). It is never trained: the UNet's cross-attention
+  learns to read it, as a real UNet reads a frozen CLIP;
+* ``unet``: an SD-layout :class:`~diffusers.UNet2DConditionModel` (cross-attention at 16 x 16 and 8 x 8),
+  trained with the epsilon objective on (render, class + context caption) pairs, captions dropped 10 % of
+  the time for classifier-free guidance, weights exported from an EMA;
+* ``scheduler``: DDIM with SD's scaled-linear betas;
+* ``image_encoder/``: a random, frozen tiny CLIP vision tower (64 px, patch 8) for the subject encoder,
+  outside ``model_index.json`` (IP-Adapter's layout). Like a real CLIP it was never taught identities: the
+  adapter's trainable resampler has to learn to read them.
+
+The base model sees only TRAIN identities, and captions never name identity attributes, so it learns to draw
+"a person at the beach" with random identities: only an adapter can make it draw a given one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+from nested.toyworld import SCENES, STYLES, Context, caption, render, render_pair, split_identities
+
+IMAGE_SIZE = 64
+SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
+
+Progress = Callable[[int, dict[str, float]], None]  # (step, logs) after each optimizer step
+
+
+def build_vae() -> AutoencoderKL:
+    """Spatial factor 4 (three blocks, two downsamplings): 64 px -> 16 x 16 x 4 latents."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),  # (32, 64, 64): 2.4x the time per step
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    """SD layout: cross-attention at 16 x 16 and 8 x 8 (and the 4 x 4 mid block), none at the bottom level."""
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4,
+        block_out_channels=(48, 96, 96),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=6,  # SD-style configs: the number of heads (16 channels each at 96)
+        norm_num_groups=16,
+    )
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
+    """A random tiny CLIP text tower whose vocabulary and special ids match ``tokenizer``."""
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=64,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config).eval().requires_grad_(False)
+
+
+def write_image_encoder(path: Path, seed: int) -> None:
+    """A random tiny CLIP vision tower (64 px, 8 px patches: 64 + 1 tokens of width 128) and its processor."""
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=64,
+    )
+    CLIPVisionModelWithProjection(config).save_pretrained(path)
+    size = {"shortest_edge": IMAGE_SIZE}
+    CLIPImageProcessor(size=size, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+@dataclass
+class RenderPool:
+    """Rendered training images (uint8, (N, 3, 64, 64)) and their class + context captions."""
+
+    images: torch.Tensor
+    captions: list[str]
+
+
+def render_pool(
+    count: int, seed: int, pair_fraction: float = 0.2, held_out_fraction: float = 0.2
+) -> RenderPool:
+    """``count`` renders of TRAIN identities: faces, pets and person + pet pairs in every captioned context.
+
+    Deterministic in ``seed``. Captions use class words ("a photo of a person at the beach"), never identity.
+    """
+    rng = random.Random(f"toybase-pool-{seed}")
+    faces = split_identities("faces", held_out_fraction)[0]
+    pets = split_identities("pets", held_out_fraction)[0]
+    scenes, images, captions = list(SCENES), [], []
+    for index in range(count):
+        context = Context(rng.choice(scenes), rng.choice(STYLES))
+        render_seed = rng.randrange(2**31)
+        if rng.random() < pair_fraction:
+            image = render_pair(rng.choice(faces), rng.choice(pets), context, seed=render_seed)
+            text = caption("pair", context)
+        else:
+            domain = "faces" if index % 2 == 0 else "pets"
+            identity = rng.choice(faces if domain == "faces" else pets)
+            image = render(identity, context, seed=render_seed)
+            text = caption(domain, context)
+        images.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
+        captions.append(text)
+    return RenderPool(torch.stack(images), captions)
+
+
+def _to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the VAE's input range."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of ``peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- the VAE
+
+
+def train_vae(
+    vae: AutoencoderKL,
+    pool: RenderPool,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> AutoencoderKL:
+    """Reconstruction training (L1 + MSE + ``kl_weight`` KL), then the latent scaling factor is set to 1/std."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=50)
+        index = torch.randint(len(pool.images), (batch_size,), generator=generator)
+        images = _to_model_range(pool.images[index])
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        recon = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
+        loss = recon + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress(step, {"loss": loss.item(), "recon": recon.item()})
+    vae.eval().requires_grad_(False)
+    latents = encode_latents(vae, pool.images[:1024], scale=1.0)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+@torch.no_grad()
+def reconstruction_error(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    """Mean absolute error of encode -> decode (posterior mean) on uint8 ``images``, in 0-255 units."""
+    latents = vae.encode(_to_model_range(images)).latent_dist.mean
+    decoded = vae.decode(latents).sample.clamp(-1, 1)
+    return (decoded.add(1).mul(127.5) - images.float()).abs().mean().item()
+
+
+@torch.no_grad()
+def encode_latents(
+    vae: AutoencoderKL, images: torch.Tensor, scale: float | None = None, batch_size: int = 256
+):
+    """Posterior means of uint8 ``images``, times ``scale`` (default: the VAE's scaling factor)."""
+    scale = vae.config.scaling_factor if scale is None else scale
+    chunks = [
+        vae.encode(_to_model_range(images[i : i + batch_size])).latent_dist.mean * scale
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+# ----------------------------------------------------------------------------- the UNet
+
+
+@torch.no_grad()
+def encode_captions(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, captions: Sequence[str]):
+    """Last hidden states of each distinct caption (SD conditions on them): ``(texts, (K, 77, D))``."""
+    texts = sorted(set(captions))
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    return texts, text_encoder(ids.input_ids).last_hidden_state
+
+
+def train_unet(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    captions: Sequence[str],
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    caption_dropout: float = 0.1,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> UNet2DConditionModel:
+    """Epsilon-prediction training on cached latents; returns the EMA copy of the weights (what is saved)."""
+    texts, embeddings = encode_captions(tokenizer, text_encoder, [*captions, ""])
+    caption_index = torch.tensor([texts.index(text) for text in captions])
+    empty = texts.index("")
+    scheduler = DDPMScheduler(**SCHEDULE)
+    generator = torch.Generator().manual_seed(seed)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    unet.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=100)
+        index = torch.randint(len(latents), (batch_size,), generator=generator)
+        text = caption_index[index].clone()
+        text[torch.rand(batch_size, generator=generator) < caption_dropout] = empty
+        clean = latents[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        prediction = unet(noisy, timesteps, embeddings[text]).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early averages are not stuck at init
+        with torch.no_grad():
+            for averaged, live in zip(ema.parameters(), unet.parameters(), strict=True):
+                averaged.lerp_(live, 1 - decay)
+        if progress is not None:
+            progress(step, {"loss": loss.item()})
+    return ema
+
+
+def save_base_model(
+    path: Path,
+    *,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    image_encoder_seed: int,
+) -> Path:
+    """Write an SD 1.x pipeline folder (safetensors) plus ``image_encoder/``; returns ``path``.
+
+    The UNet and VAE are stored in float16 to halve the committed size; diffusers' ``from_pretrained`` loads
+    them back as float32 unless asked otherwise. The text encoder stays float32: transformers 5 loads
+    weights in their stored dtype by default, and a float16 CLIP on the CPU is slow and mismatched.
+    """
+    unet, vae = copy.deepcopy(unet).half(), copy.deepcopy(vae).half()
+    scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    write_image_encoder(path / "image_encoder", image_encoder_seed)
+    return path
