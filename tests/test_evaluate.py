@@ -1,4 +1,5 @@
-"""``nested eval``: the per-image CSV, the summary's points, the grid and the trade-off plot."""
+"""``nested eval``: the per-image CSV, the summary's points, the grid and the trade-off plot; with
+``--judges``, the toy-world judge columns and the ``--pair`` two-subject path."""
 
 from __future__ import annotations
 
@@ -14,8 +15,27 @@ from PIL import Image
 from nested.adapter import NestedAdapter
 from nested.backbone import DiffusionBackbone
 from nested.encoder import EncoderSpec
-from nested.evaluate import main_eval
+from nested.eval_args import read_pair_prompts, read_prompts
+from nested.evaluate import judge_chance, judge_images, judged_subjects, main_eval
+from nested.images import Reference, load_references
+from nested.report import JUDGE_COLUMNS
 from nested.testing import write_tiny_clip
+from nested.toyworld import (
+    FaceIdentity,
+    PetIdentity,
+    caption,
+    contexts,
+    parse_caption,
+    render,
+    render_pair,
+    split_identities,
+    write_world_shards,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+JUDGES = REPO / "data" / "toyworld" / "judges"
+PROMPTS = REPO / "data" / "prompts"
+needs_judges = pytest.mark.skipif(not JUDGES.is_dir(), reason=f"no trained judges at {JUDGES} yet")
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +54,36 @@ def tiny_adapter(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory) -
     )
     adapter.add_tokens(backbone.tokenizers, backbone.text_encoders)
     return adapter.save_pretrained(tmp_path_factory.mktemp("adapters") / "person")
+
+
+@pytest.fixture(scope="module")
+def tiny_pet_adapter(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained <pet> adapter (domain "pets") for the tiny SD pipeline, for --pair."""
+    backbone = DiffusionBackbone.from_pretrained(tiny_sd_path)
+    spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
+    torch.manual_seed(1)
+    adapter = NestedAdapter.for_unet(
+        backbone.unet,
+        token="<pet>",
+        class_word="pet",
+        encoder=spec,
+        base_model=str(tiny_sd_path),
+        domain="pets",
+    )
+    adapter.add_tokens(backbone.tokenizers, backbone.text_encoders)
+    return adapter.save_pretrained(tmp_path_factory.mktemp("adapters") / "pet")
+
+
+@pytest.fixture(scope="module")
+def world_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Held-out toy-world identities as reference shards, 2 per domain, one sample each."""
+    folder = tmp_path_factory.mktemp("world")
+    shards = {}
+    for domain in ("faces", "pets"):
+        held_out = split_identities(domain)[1]
+        write_world_shards(folder / domain, domain, identities=held_out[:2], samples_per_identity=1, seed=0)
+        shards[domain] = folder / domain / "shards.json"
+    return shards
 
 
 def _subjects(folder: Path) -> Path:
@@ -114,3 +164,302 @@ def test_eval_reports_a_prompt_without_the_token_in_one_line(tiny_adapter, tmp_p
     error = capsys.readouterr().err.strip()
     assert code == 2
     assert error.startswith("nested eval: error:") and "prompts.txt:2" in error and "\n" not in error
+
+
+# ----------------------------------------------------------------------------- --judges
+
+
+def _toy_prompts(path: Path, source: str, count: int = 2) -> Path:
+    """The first ``count`` templates of a data/prompts/toyworld-*.txt file (a small sweep)."""
+    lines = [
+        line for line in (PROMPTS / source).read_text().splitlines() if line and not line.startswith("#")
+    ]
+    path.write_text("\n".join(lines[:: len(lines) // count + 1][:count]) + "\n")  # other scenes and styles
+    return path
+
+
+def _judged_eval(tiny_sd_path: Path, out: Path, *extra: str) -> int:
+    return main_eval(
+        [
+            "--base", str(tiny_sd_path),
+            "--judges", str(JUDGES),
+            "--clip", "none",
+            "--seeds", "0",
+            "--steps", "2",
+            "--height", "32",
+            "--width", "32",
+            "--batch-size", "8",
+            "--reference-size", "32",
+            "--out", str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )  # fmt: skip
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "results.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def _check_point_means(points: list[dict], rows: list[dict[str, str]], columns: list[str]) -> None:
+    for point in points:
+        selected = [
+            r
+            for r in rows
+            if r["token"] == point["token"]
+            and r["variant"] == point["variant"]
+            and (point["strength"] is None or float(r["strength"]) == point["strength"])
+        ]
+        assert point["n"] == len(selected) > 0
+        for column in columns:
+            assert point[column] == pytest.approx(np.mean([float(r[column]) for r in selected]), abs=1e-5)
+
+
+@needs_judges
+def test_eval_with_judges_scores_every_image_against_the_true_label_and_the_prompt(
+    tiny_sd_path, tiny_adapter, world_shards, tmp_path, capsys
+):
+    out = tmp_path / "eval"
+    code = _judged_eval(
+        tiny_sd_path,
+        out,
+        "--adapter", f"<person>={tiny_adapter}",
+        "--prompts", str(_toy_prompts(tmp_path / "prompts.txt", "toyworld-faces.txt")),
+        "--subjects", str(world_shards["faces"]),
+        "--strengths", "0.5,1.0",
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+
+    rows = _rows(out)
+    assert list(rows[0])[-4:] == list(JUDGE_COLUMNS)
+    assert len([r for r in rows if r["variant"] == "adapter"]) == 2 * 2 * 2  # subjects x prompts x strengths
+    base = [r for r in rows if r["variant"] == "base"]
+    assert len(base) == 2 * 2 and len({r["subject"] for r in base}) == 2  # base images vs every subject
+    for row in rows:  # every row judged, base rows included
+        assert float(row["identity_exact"]) in (0.0, 1.0) and float(row["context"]) in (0.0, 1.0)
+        assert all(0.0 <= float(row[c]) <= 1.0 for c in JUDGE_COLUMNS)
+        assert float(row["identity_exact"]) <= float(row["identity_attributes"])
+        assert float(row["context"]) <= float(row["context_scene"])
+        assert row["prompt_alignment"] == "nan"  # --clip none
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clip"] is None and summary["judges"] == str(JUDGES)
+    points = summary["points"]
+    assert [p["label"] for p in points] == ["base", "s=0.5", "s=1"]
+    _check_point_means(points, rows, [*JUDGE_COLUMNS, "identity_similarity"])
+    refs = load_references(str(world_shards["faces"]), count=1, size=32, token="<person>")
+    expected_chance = judge_chance(judged_subjects({"<person>": refs})[0])
+    assert expected_chance["identity_exact"] == pytest.approx(1 / 1440)
+    assert expected_chance["context"] == pytest.approx(1 / 24)
+    for point in points:
+        assert point["prompt_alignment"] is None
+        assert point["chance"] == pytest.approx(expected_chance)
+    assert (
+        "identity exact" in printed and "(chance 0.000694)" in printed and "prompt alignment" not in printed
+    )
+    with Image.open(out / "tradeoff.png") as plot:
+        assert plot.format == "PNG" and plot.size == (640, 480)
+
+
+@needs_judges
+def test_eval_pair_binds_both_adapters_and_judges_each_subject_in_its_half(
+    tiny_sd_path, tiny_adapter, tiny_pet_adapter, world_shards, tmp_path
+):
+    out = tmp_path / "eval"
+    code = _judged_eval(
+        tiny_sd_path,
+        out,
+        "--adapter", f"<person>={tiny_adapter}",
+        "--adapter", f"<pet>={tiny_pet_adapter}",
+        "--pair", "<person>,<pet>",
+        "--prompts", str(_toy_prompts(tmp_path / "prompts.txt", "toyworld-pairs.txt")),
+        "--subjects", f"<person>={world_shards['faces']}",
+        "--subjects", f"<pet>={world_shards['pets']}",
+        "--strengths", "1.0",
+    )  # fmt: skip
+    assert code == 0
+
+    rows = _rows(out)
+    per_token = [
+        "identity_similarity_person", "identity_similarity_pet",
+        "identity_exact_person", "identity_attributes_person", "identity_exact_pet", "identity_attributes_pet",
+    ]  # fmt: skip
+    assert set(per_token + list(JUDGE_COLUMNS)) <= set(rows[0])
+    assert {r["token"] for r in rows} == {"<person>+<pet>"}
+    faces = load_references(str(world_shards["faces"]), size=32, token="<person>")
+    pets = load_references(str(world_shards["pets"]), size=32, token="<pet>")
+    assert {r["subject"] for r in rows} == {f"{a.name}+{b.name}" for a, b in zip(faces, pets, strict=True)}
+    assert len([r for r in rows if r["variant"] == "adapter"]) == 2 * 2  # pairs x prompts
+    base = [r for r in rows if r["variant"] == "base"]
+    assert len(base) == 2 * 2 and {r["clip_text"] for r in base} <= {
+        caption("pair", c, ("person", "pet")) for c in contexts()
+    }
+    for row in rows:
+        assert all(0.0 <= float(row[c]) <= 1.0 for c in [*JUDGE_COLUMNS, *per_token[2:]])
+        both = float(row["identity_exact_person"]) * float(row["identity_exact_pet"])
+        assert float(row["identity_exact"]) == both
+        mean = (float(row["identity_attributes_person"]) + float(row["identity_attributes_pet"])) / 2
+        assert float(row["identity_attributes"]) == pytest.approx(mean, abs=1e-5)
+        mean = (float(row["identity_similarity_person"]) + float(row["identity_similarity_pet"])) / 2
+        assert float(row["identity_similarity"]) == pytest.approx(mean, abs=1e-5)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pair"] == ["<person>", "<pet>"]
+    _check_point_means(summary["points"], rows, [*JUDGE_COLUMNS, *per_token])
+    chance = summary["points"][0]["chance"]
+    assert chance["identity_exact"] == pytest.approx(1 / 1440 / 432)
+    assert chance["identity_exact_pet"] == pytest.approx(1 / 432)
+    assert all(p["chance"] == chance for p in summary["points"])
+
+
+@pytest.fixture(scope="module")
+def many_references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Reference]]:
+    """12 held-out identities per domain, read back through load_references (labels from the shards)."""
+    folder = tmp_path_factory.mktemp("many")
+    references = {}
+    for domain, token in (("faces", "<person>"), ("pets", "<pet>")):
+        held_out = split_identities(domain)[1]
+        chosen = held_out[:: len(held_out) // 12][:12]  # spread over the attribute values
+        write_world_shards(folder / domain, domain, identities=chosen, samples_per_identity=1, seed=1)
+        references[token] = load_references(str(folder / domain / "shards.json"), size=32, token=token)
+    return references
+
+
+@needs_judges
+def test_judges_score_true_renders_highly_so_labels_prompts_and_halves_are_wired_right(many_references):
+    """Renders of the true identity in each prompt's context, scored in place of generated images by the
+    same functions as the sweep: high accuracy proves that labels, prompt parsing and halves line up."""
+    from nested.judges import ToyJudges  # only once the judges exist
+
+    judges = ToyJudges.from_pretrained(JUDGES)
+    faces, pets = many_references["<person>"], many_references["<pet>"]
+    prompts = [p for _, p in read_prompts(PROMPTS / "toyworld-faces.txt", ["<person>"])["<person>"]]
+    pair_prompts = [p for _, p in read_pair_prompts(PROMPTS / "toyworld-pairs.txt", ("<person>", "<pet>"))]
+
+    def tensor(images) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1).float() / 255 for i in images])
+
+    singles, pairs, swapped = [], [], []
+    for i, (face, pet) in enumerate(zip(faces, pets, strict=True)):
+        [subject] = judged_subjects({"<person>": [face]})[0]
+        face_id = FaceIdentity.from_label(face.meta["identity"])
+        images = tensor(render(face_id, parse_caption(p), seed=100 * i + k) for k, p in enumerate(prompts))
+        singles += judge_images(judges, images, prompts, [subject])
+
+        both = judged_subjects({"<person>": [face], "<pet>": [pet]})[0]
+        assert [s.half for s in both] == ["left", "right"] and both[1].domain == "pets"
+        pet_id = PetIdentity.from_label(pet.meta["identity"])
+        images = tensor(
+            render_pair(face_id, pet_id, parse_caption(p), seed=100 * i + k)
+            for k, p in enumerate(pair_prompts)
+        )
+        pairs += judge_images(judges, images, pair_prompts, both)
+        # Control: the same images with the halves swapped, each subject judged on the other's side.
+        wrong = [type(s)(s.token, s.domain, s.label, h) for s, h in zip(both, ["right", "left"], strict=True)]
+        swapped += judge_images(judges, images, pair_prompts, wrong)
+
+    def mean(rows, column):
+        return float(np.mean([row[column] for row in rows]))
+
+    # The judges' own held-out accuracy on clean renders (measured by their trainer, when recorded):
+    # miswired labels, prompts or halves would fall far below it, towards chance.
+    measured = judges.config.get("accuracy", {}).get("clean", {})
+
+    def floor(key: str, default: float) -> float:
+        return max(default, measured.get(key, {}).get("attributes", 0.0) - 0.1)
+
+    chance = judge_chance(both)
+    assert len(singles) == len(pairs) == 12 * 24
+    assert mean(singles, "context") >= 0.9 and mean(pairs, "context") >= 0.9
+    assert mean(singles, "context_scene") >= 0.95 and mean(pairs, "context_scene") >= 0.95
+    assert mean(singles, "identity_attributes") >= floor("faces_single", 0.55)  # chance 0.24
+    assert mean(singles, "identity_exact") >= 20 * chance["identity_exact_person"]
+    for token, key in (("person", "faces_pair"), ("pet", "pets_pair")):
+        column = f"identity_attributes_{token}"
+        assert mean(pairs, column) >= floor(key, 0.55) > chance[column] + 0.2
+        assert mean(swapped, column) <= mean(pairs, column) - 0.2  # the control falls towards chance
+
+
+def test_eval_with_judges_says_which_reference_has_no_label(tiny_adapter, tmp_path, capsys):
+    prompts = _toy_prompts(tmp_path / "prompts.txt", "toyworld-faces.txt")
+    code = main_eval(
+        ["--base", "unused", "--adapter", f"<person>={tiny_adapter}", "--prompts", str(prompts),
+         "--subjects", str(_subjects(tmp_path / "subjects")), "--judges", str(tmp_path), "--clip", "none",
+         "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error
+    assert error.startswith("nested eval: error: --judges needs the true identity")
+    assert "'alice'" in error and "no label" in error
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--judges": None}, "--clip none leaves nothing to plot"),
+        ({"--judges": "missing-judges"}, "is not a folder"),
+        ({"prompt": "a photo of <person> on the moon"}, "names no known scene"),
+        ({"prompt": "a photo of <person>"}, "names no scene"),
+        ({"--pair": "<person>,<pet>"}, "--pair '<person>,<pet>' evaluates exactly the adapters"),
+        ({"--pair": "<person>"}, "--pair expects two different tokens"),
+    ],
+)
+def test_eval_judges_and_pair_mistakes_end_in_one_line(tiny_adapter, tmp_path, capsys, change, message):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(change.pop("prompt", "a sketch of <person> at night") + "\n")
+    options = {"--judges": str(tmp_path), "--clip": "none", **change}
+    argv = ["--base", "unused", "--adapter", f"<person>={tiny_adapter}", "--prompts", str(prompts),
+            "--subjects", str(tmp_path), "--out", str(tmp_path / "out")]  # fmt: skip
+    for option, value in options.items():
+        argv += [option, value] if value is not None else []
+    code = main_eval(argv)
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.startswith("nested eval: error:") and "\n" not in error
+    assert message in error
+
+
+def test_judged_subjects_take_the_label_and_domain_from_the_shard_metadata_and_say_what_is_wrong():
+    label = FaceIdentity("tan", "ginger", "spiky", "azure", "oval").to_label()
+    face = Reference("f", torch.zeros(3, 8, 8), {"identity": label, "domain": "faces"})
+    pet = Reference(
+        "p",
+        torch.zeros(3, 8, 8),
+        {"identity": PetIdentity("cat", "grey", "solid", "round", "jade").to_label()},
+    )
+    [[subject]] = judged_subjects({"<person>": [face]})
+    assert (subject.domain, subject.label, subject.half) == ("faces", label, None)
+    [[a, b]] = judged_subjects(
+        {"<person>": [face], "<pet>": [pet]}, {"<pet>": "pets"}
+    )  # pet: adapter's domain
+    assert (a.half, b.half, b.domain) == ("left", "right", "pets")
+    with pytest.raises(ValueError, match="no toy-world domain for <pet> reference 'p'"):
+        judged_subjects({"<pet>": [pet]})
+    with pytest.raises(ValueError, match="'f' is from the faces domain but its adapter is a pets adapter"):
+        judged_subjects({"<pet>": [face]}, {"<pet>": "pets"})
+    no_skin = {"identity": {k: v for k, v in label.items() if k != "skin"}, "domain": "faces"}
+    with pytest.raises(ValueError, match="lacks skin of the faces domain"):
+        judged_subjects({"<person>": [Reference("g", face.image, no_skin)]})
+    with pytest.raises(ValueError, match="<person> reference 'x' has no label"):
+        judged_subjects({"<person>": [Reference("x", face.image)]})
+
+
+def test_pair_prompts_must_name_both_tokens(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of <person> and <pet> at night\na photo of <person> at night\n")
+    with pytest.raises(ValueError, match=r"prompts.txt:2: .* does not name <pet>"):
+        read_pair_prompts(prompts, ("<person>", "<pet>"))
+
+
+@pytest.mark.parametrize(
+    ("source", "domain", "token"),
+    [("toyworld-faces.txt", "faces", "<person>"), ("toyworld-pets.txt", "pets", "<pet>"),
+     ("toyworld-pairs.txt", "pair", ("<person>", "<pet>"))],
+)  # fmt: skip
+def test_toyworld_prompt_files_are_the_worlds_captions_of_every_context(source, domain, token):
+    lines = [
+        line for line in (PROMPTS / source).read_text().splitlines() if line and not line.startswith("#")
+    ]
+    assert lines == [caption(domain, context, token) for context in contexts()]
+    assert [parse_caption(line) for line in lines] == contexts()

@@ -24,6 +24,7 @@ from nested.toyworld import (
     contexts,
     identities,
     identity_class,
+    parse_caption,
     png_bytes,
     render,
     render_pair,
@@ -130,6 +131,29 @@ def test_captions_never_name_identity() -> None:
     assert caption("faces", Context("plain")) == "a photo of a person"
     with pytest.raises(ValueError):
         caption("pair", Context("city"), "<person>")
+
+
+def test_parse_caption_inverts_caption_for_every_context_domain_and_pair() -> None:
+    for context in [*contexts(), Context("plain")]:
+        texts = [
+            caption("faces", context),
+            caption("pets", context),
+            caption("pair", context),
+            caption("faces", context, "<person>"),
+            caption("pets", context, "<pet>"),
+            caption("pair", context, ("<person>", "<pet>")),
+            caption("faces", context, "person"),  # nested eval's base rows: the token -> its class word
+        ]
+        for text in texts:
+            assert parse_caption(text) == context, text
+            assert parse_caption(f"  {text.replace(' ', '  ')} ") == context  # spacing does not matter
+    for text in (
+        "a photo of <person> on the moon",
+        "a photo of <person> at the beach today",
+        "a drawing of a pet",
+    ):
+        with pytest.raises(ValueError, match=re.escape(repr(text))):
+            parse_caption(text)
 
 
 def test_contexts_are_distinguishable() -> None:

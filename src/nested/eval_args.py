@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
 from nested.generate import UsageError
 
-__all__ = ["DTYPES", "eval_parser", "read_prompts"]
+__all__ = ["DTYPES", "column_suffix", "eval_parser", "read_pair_prompts", "read_prompts"]
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -17,7 +18,8 @@ def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nested eval",
         description="Measure identity similarity vs prompt alignment of nested adapters over strengths and seeds, "
-        "against the base model, and plot the trade-off.",
+        "against the base model, and plot the trade-off; in the toy world, --judges adds identity and context "
+        "accuracy against the true labels.",
         epilog=(
             "example: nested eval --base data/models/tiny-sd --adapter '<person>=runs/demo/adapters/last' "
             "--prompts data/prompts/faces.txt --subjects data/demo/faces/val/shards.json --clip openai/clip-vit-large-patch14 "
@@ -33,17 +35,29 @@ def eval_parser() -> argparse.ArgumentParser:
         default=[],
         required=True,
         metavar="TOKEN=PATH_OR_REPO",
-        help="an adapter folder or hub repo bound to TOKEN; repeatable (each token is evaluated on its own)",
+        help="an adapter folder or hub repo bound to TOKEN; repeatable (each token is evaluated on its own, "
+        "or the two together with --pair)",
     )
     models.add_argument(
         "--clip",
         default="openai/clip-vit-large-patch14",
-        help="full CLIP (folder or hub id) for prompt alignment (default: openai/clip-vit-large-patch14)",
+        help="full CLIP (folder or hub id) for prompt alignment (default: openai/clip-vit-large-patch14); "
+        "'none' skips prompt alignment (needs --judges, which then score the prompt instead)",
     )
     models.add_argument(
         "--identity-model",
         default=None,
         help="CLIP vision or DINOv2 folder / hub id for identity similarity (default: the adapter's image encoder)",
+    )
+    models.add_argument(
+        "--judges",
+        default=None,
+        metavar="DIR",
+        help="toy-world judges (nested.judges, e.g. data/toyworld/judges): also score every image's identity "
+        "(identity_exact, identity_attributes: the judge's prediction vs the reference's label from its shard "
+        "metadata) and context (context_scene, context: vs the scene and style the prompt asks for); needs "
+        "toy-world shards as --subjects and prompts in the world's caption phrasing "
+        "(data/prompts/toyworld-*.txt)",
     )
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -59,6 +73,14 @@ def eval_parser() -> argparse.ArgumentParser:
         metavar="[TOKEN=]DIR_OR_SHARDS",
         help="reference images: a folder, an image, or shards (shards.json, .tar, brace pattern); "
         "TOKEN=... for one token only; repeatable",
+    )
+    data.add_argument(
+        "--pair",
+        default=None,
+        metavar="TOKEN_A,TOKEN_B",
+        help="two-subject prompts: every template names both tokens (e.g. data/prompts/toyworld-pairs.txt), the "
+        "i-th subject of TOKEN_A is generated with the i-th of TOKEN_B, both adapters bound in one call; with "
+        "--judges, TOKEN_A is judged in the left half of the image and TOKEN_B in the right half",
     )
     data.add_argument("--max-subjects", type=int, default=4, help="subjects per token (default 4)")
     data.add_argument(
@@ -104,6 +126,21 @@ def _numbers(text: str, option: str, convert) -> list:
     return values
 
 
+def _templates(path: str | Path) -> tuple[Path, list[tuple[int, str]]]:
+    """A prompts file's (line number, template) pairs: blank lines and ``#`` comments skipped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {str(path)!r} does not exist.")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    templates = [(n, line.strip()) for n, line in enumerate(lines, start=1)]
+    templates = [(n, t) for n, t in templates if t and not t.startswith("#")]
+    if not templates:
+        raise UsageError(
+            f"{path} holds no prompt (one template a line, e.g. 'a photo of {{token}} at the beach')."
+        )
+    return path, templates
+
+
 def read_prompts(path: str | Path, tokens: list[str]) -> dict[str, list[tuple[int, str]]]:
     """Prompt templates -> for each token, its (line index, prompt) pairs.
 
@@ -113,15 +150,9 @@ def read_prompts(path: str | Path, tokens: list[str]) -> dict[str, list[tuple[in
     Raises:
         FileNotFoundError: no such file. UsageError: a line names no token, or no prompt at all.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts {str(path)!r} does not exist.")
+    path, templates = _templates(path)
     per_token: dict[str, list[tuple[int, str]]] = {token: [] for token in tokens}
-    index = 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        template = line.strip()
-        if not template or template.startswith("#"):
-            continue
+    for index, (number, template) in enumerate(templates):
         matched = False
         for token in tokens:
             if "{token}" in template or token in template:
@@ -132,12 +163,24 @@ def read_prompts(path: str | Path, tokens: list[str]) -> dict[str, list[tuple[in
                 f"{path}:{number}: {template!r} names no subject: write {{token}} (or one of {', '.join(tokens)}) "
                 "where the subject goes."
             )
-        index += 1
-    if index == 0:
-        raise UsageError(
-            f"{path} holds no prompt (one template a line, e.g. 'a photo of {{token}} at the beach')."
-        )
     return per_token
+
+
+def read_pair_prompts(path: str | Path, pair: tuple[str, str]) -> list[tuple[int, str]]:
+    """Two-subject prompt templates -> (line index, prompt) pairs; every line names both tokens literally.
+
+    Raises:
+        FileNotFoundError: no such file. UsageError: a line misses a token, or no prompt at all.
+    """
+    path, templates = _templates(path)
+    for number, template in templates:
+        missing = [token for token in pair if token not in template]
+        if missing:
+            raise UsageError(
+                f"{path}:{number}: {template!r} does not name {' and '.join(missing)}: --pair prompts name both "
+                f"subjects, e.g. 'a photo of {pair[0]} and {pair[1]} at the beach'."
+            )
+    return [(index, template) for index, (_, template) in enumerate(templates)]
 
 
 def _subject_sources(values: list[str], tokens: list[str]) -> dict[str, str]:
@@ -161,8 +204,51 @@ def _subject_sources(values: list[str], tokens: list[str]) -> dict[str, str]:
     return {token: own.get(token, shared) for token in tokens}
 
 
+def column_suffix(token: str) -> str:
+    """The per-token CSV column suffix of a --pair token: ``<person>`` -> ``person``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", token).strip("_").lower() or "token"
+
+
+def _pair(text: str, adapters: dict[str, str]) -> tuple[str, str]:
+    tokens = [part.strip() for part in text.split(",")]
+    if len(tokens) != 2 or not all(tokens) or tokens[0] == tokens[1]:
+        raise UsageError(f"--pair expects two different tokens, e.g. --pair '<person>,<pet>', got {text!r}.")
+    if set(tokens) != set(adapters):
+        raise UsageError(
+            f"--pair {text!r} evaluates exactly the adapters of its two tokens; --adapter gives "
+            f"{', '.join(adapters) or 'none'}."
+        )
+    if column_suffix(tokens[0]) == column_suffix(tokens[1]):
+        raise UsageError(f"--pair tokens {tokens[0]!r} and {tokens[1]!r} give the same CSV column names.")
+    return tokens[0], tokens[1]
+
+
+def _prompt_contexts(prompts: dict[str, list[tuple[int, str]]], path: str) -> dict[str, Any]:
+    """prompt -> the toy-world Context it asks for (what --judges score the image's context against)."""
+    from nested.toyworld import parse_caption
+
+    parsed = {}
+    for _, prompt in (pair for per_group in prompts.values() for pair in per_group):
+        try:
+            parsed[prompt] = parse_caption(prompt)
+        except ValueError as error:
+            raise UsageError(
+                f"--prompts {path}: {error}; --judges needs the toy world's phrasing (data/prompts/toyworld-*.txt)."
+            ) from None
+        if parsed[prompt].scene == "plain":
+            raise UsageError(
+                f"--prompts {path}: {prompt!r} names no scene; --judges score prompts that ask for one of the "
+                "world's scenes (data/prompts/toyworld-*.txt)."
+            )
+    return parsed
+
+
 def _check(args: argparse.Namespace) -> dict[str, Any]:
-    """Every problem that needs no model, found before loading; returns the parsed options."""
+    """Every problem that needs no model, found before loading; returns the parsed options.
+
+    ``groups``: what one generation binds, name -> tokens: each token on its own, or with --pair the two
+    tokens under the name ``A+B``; ``prompts``: group name -> its (line index, prompt) pairs.
+    """
     from nested.generate import _pairs
 
     adapters = _pairs(args.adapter, "--adapter")
@@ -174,13 +260,32 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
     for size in (args.height, args.width):
         if size is not None and (size < 8 or size % 8):
             raise UsageError(f"--height and --width must be positive multiples of 8, got {size}.")
-    prompts = read_prompts(args.prompts, tokens)
+    if args.clip.lower() == "none" and not args.judges:
+        raise UsageError(
+            "--clip none leaves nothing to plot against identity; add --judges DIR or a CLIP model."
+        )
+    if args.judges and not Path(args.judges).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"--judges {args.judges!r} is not a folder; pass trained toy-world judges, e.g. data/toyworld/judges."
+        )
+    pair = _pair(args.pair, adapters) if args.pair else None
+    if pair:
+        name = "+".join(pair)
+        groups = {name: list(pair)}
+        prompts = {name: read_pair_prompts(args.prompts, pair)}
+    else:
+        groups = {token: [token] for token in tokens}
+        prompts = read_prompts(args.prompts, tokens)
+    contexts = _prompt_contexts(prompts, args.prompts) if args.judges else {}
     sources = _subject_sources(args.subjects, tokens)
     return {
         "adapters": adapters,
         "tokens": tokens,
+        "pair": pair,
+        "groups": groups,
         "strengths": strengths,
         "seeds": seeds,
         "prompts": prompts,
+        "contexts": contexts,
         "sources": sources,
     }

@@ -9,6 +9,18 @@ scores each image with :mod:`nested.metrics`:
 * prompt alignment: CLIP score between the image and the prompt with the token replaced by its class word
   (``--clip``), so adapter and base images are scored against the same text.
 
+With ``--judges`` (toy-world judges, :mod:`nested.judges`) every image is also scored by classifiers that
+know the answer: ``identity_exact`` / ``identity_attributes`` (the identity judge's prediction vs the
+reference's true label from its shard metadata; base-model rows against every subject: the no-adapter
+baseline, at chance) and ``context_scene`` / ``context`` (the context judge vs the scene and style the
+prompt asks for, :func:`nested.toyworld.parse_caption`). ``tradeoff.png`` then plots identity accuracy vs
+context accuracy with the chance levels, and ``--clip none`` skips the CLIP model.
+
+With ``--pair A,B`` every prompt names two tokens: the i-th subjects of A and B are generated together (both
+adapters bound in one call), each measured in its half of the image (A left, B right, the toy world's
+``render_pair`` layout) in columns suffixed with its token (``identity_exact_person``); the unsuffixed
+columns cover both (exact: both right; otherwise the mean).
+
 Writes to ``--out``: ``results.csv`` (one row per image and subject), ``summary.json`` (settings, means per
 strength, and the plotted ``points``), ``grid.png`` (reference | base | each strength, first seed) and
 ``tradeoff.png`` (identity y vs alignment x, one point per strength plus the base model). User mistakes end
@@ -19,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -27,19 +40,243 @@ from pathlib import Path
 from typing import Any
 
 from nested.eval_args import DTYPES as DTYPES
-from nested.eval_args import _check, eval_parser, read_prompts
+from nested.eval_args import _check, column_suffix, eval_parser, read_prompts
 from nested.generate import USER_ERRORS, _one_line, _quiet_libraries
 from nested.report import CSV_COLUMNS as CSV_COLUMNS
-from nested.report import _write_csv, _write_grid, plot_tradeoff, summarize
+from nested.report import JUDGE_METRICS, _write_csv, _write_grid, plot_tradeoff, result_columns, summarize
 
-__all__ = ["eval_parser", "main_eval", "plot_tradeoff", "read_prompts", "run_eval", "summarize"]
+__all__ = [
+    "JudgedSubject",
+    "eval_parser",
+    "judge_chance",
+    "judge_images",
+    "judge_predictions",
+    "judge_scores",
+    "judged_subject",
+    "judged_subjects",
+    "main_eval",
+    "plot_tradeoff",
+    "read_prompts",
+    "run_eval",
+    "summarize",
+]
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
+# ----------------------------------------------------------------------------- judges
+
+
+@dataclass(frozen=True)
+class JudgedSubject:
+    """A subject of generated images as the judges see it: its true identity and where it stands."""
+
+    token: str
+    domain: str
+    label: dict[str, str]
+    half: str | None = None  # None: the whole image; "left" / "right" of a two-subject image
+
+
+def _halves(tokens: list[str]) -> list[str | None]:
+    """Where each token's subject stands: a single subject fills the image; with --pair the first token
+    is on the left and the second on the right (the toy world's ``render_pair`` layout)."""
+    if len(tokens) not in (1, 2):
+        raise ValueError(f"one or two subjects per image, got {tokens}.")
+    return [None] if len(tokens) == 1 else ["left", "right"]
+
+
+def _label(reference: Any, token: str) -> dict[str, Any]:
+    label = reference.meta.get("identity")
+    if not isinstance(label, dict) or not label:
+        raise ValueError(
+            f"--judges needs the true identity of every reference, but {token} reference {reference.name!r} has "
+            "no label (no 'identity' in its shard json): pass toy-world shards (nested.toyworld.write_world_shards) "
+            "as --subjects."
+        )
+    return label
+
+
+def judged_subject(
+    reference: Any, token: str, domain: str | None = None, half: str | None = None
+) -> JudgedSubject:
+    """The truth the judges compare with: ``reference``'s identity label from its shard metadata.
+
+    The domain is the metadata's ``domain``, else ``domain`` (the adapter config's); they must agree.
+
+    Raises:
+        ValueError: no label, no (or a disagreeing) toy-world domain, or a label that lacks an attribute
+            of the domain.
+    """
+    from nested.toyworld import DOMAINS, identity_class
+
+    label = _label(reference, token)
+    stored = reference.meta.get("domain")
+    if stored in DOMAINS and domain in DOMAINS and stored != domain:
+        raise ValueError(
+            f"--judges: {token} reference {reference.name!r} is from the {stored} domain but its adapter is a "
+            f"{domain} adapter; pass {token}'s own shards (--subjects '{token}=...')."
+        )
+    chosen = stored if stored in DOMAINS else domain
+    if chosen not in DOMAINS:
+        raise ValueError(
+            f"--judges: no toy-world domain for {token} reference {reference.name!r} (shard json: {stored!r}, "
+            f"adapter config: {domain!r}); expected one of {', '.join(DOMAINS)}."
+        )
+    missing = [name for name in identity_class(chosen).ATTRIBUTES if name not in label]
+    if missing:
+        raise ValueError(
+            f"--judges: the identity label of {token} reference {reference.name!r} lacks {', '.join(missing)} "
+            f"of the {chosen} domain."
+        )
+    return JudgedSubject(token, chosen, {key: str(value) for key, value in label.items()}, half)
+
+
+def judged_subjects(
+    references: dict[str, list], domains: dict[str, str | None] | None = None
+) -> list[list[JudgedSubject]]:
+    """Per subject index, the subjects generated together: ``references`` is token -> its references
+    (one token, or the two of --pair in order, placed left and right); ``domains``: token -> fallback
+    domain (the adapter config's)."""
+    tokens = list(references)
+    count = min(len(refs) for refs in references.values())
+    return [
+        [
+            judged_subject(references[token][i], token, (domains or {}).get(token), half)
+            for token, half in zip(tokens, _halves(tokens), strict=True)
+        ]
+        for i in range(count)
+    ]
+
+
+def judge_predictions(judges: Any, images: Any, subjects: list[JudgedSubject]) -> dict[str, Any]:
+    """What the judges see in ``images``: the identity for each (domain, half) of ``subjects``, and the
+    context. Computed once per image batch, then compared with every subject's truth."""
+    identity: dict[tuple[str, str | None], list[dict[str, str]]] = {}
+    for subject in subjects:
+        key = (subject.domain, subject.half)
+        if key not in identity:
+            identity[key] = judges.identity(subject.domain, images, half=subject.half)
+    return {"identity": identity, "context": judges.context(images)}
+
+
+def judge_scores(
+    predictions: dict[str, Any], subjects: list[JudgedSubject], contexts: list[Any]
+) -> list[dict[str, float]]:
+    """Per image, the judge columns: each subject's predicted identity vs its label, and the predicted
+    context vs ``contexts`` (what each image's prompt asked for).
+
+    ``identity_exact`` / ``identity_attributes`` cover every subject (all exact; mean fraction); with two
+    subjects, ``identity_exact_<token>`` / ``identity_attributes_<token>`` give each on its own.
+    """
+    from nested.judges import identity_match
+
+    rows = []
+    for k, asked in enumerate(contexts):
+        row: dict[str, float] = {}
+        exact, fractions = [], []
+        for subject in subjects:
+            predicted = predictions["identity"][(subject.domain, subject.half)][k]
+            right, fraction = identity_match(predicted, subject.label)
+            exact.append(right)
+            fractions.append(fraction)
+            if len(subjects) > 1:
+                suffix = column_suffix(subject.token)
+                row[f"identity_exact_{suffix}"] = float(right)
+                row[f"identity_attributes_{suffix}"] = fraction
+        seen = predictions["context"][k]
+        scene = seen["scene"] == asked.scene
+        row["identity_exact"] = float(all(exact))
+        row["identity_attributes"] = sum(fractions) / len(fractions)
+        row["context_scene"] = float(scene)
+        row["context"] = float(scene and seen["style"] == asked.style)
+        rows.append(row)
+    return rows
+
+
+def judge_images(
+    judges: Any, images: Any, prompts: list[str], subjects: list[JudgedSubject]
+) -> list[dict[str, float]]:
+    """The judge columns ``nested eval --judges`` writes for ``images`` generated from ``prompts`` with
+    ``subjects`` (the context asked for is read from each prompt with :func:`nested.toyworld.parse_caption`)."""
+    from nested.toyworld import parse_caption
+
+    asked = [parse_caption(prompt) for prompt in prompts]
+    return judge_scores(judge_predictions(judges, images, subjects), subjects, asked)
+
+
+def judge_chance(subjects: list[JudgedSubject]) -> dict[str, float]:
+    """Each judge column's value under uniform guessing: the level a model without the subject gets."""
+    from nested.judges import CONTEXT_CHANCE, chance_levels
+
+    levels = [chance_levels(subject.domain) for subject in subjects]
+    chance = {
+        "identity_exact": math.prod(level["identity"] for level in levels),
+        "identity_attributes": sum(level["attributes"] for level in levels) / len(levels),
+        "context_scene": CONTEXT_CHANCE["scene"],
+        "context": CONTEXT_CHANCE["context"],
+    }
+    if len(subjects) > 1:
+        for subject, level in zip(subjects, levels, strict=True):
+            chance[f"identity_exact_{column_suffix(subject.token)}"] = level["identity"]
+            chance[f"identity_attributes_{column_suffix(subject.token)}"] = level["attributes"]
+    return chance
+
+
 # ----------------------------------------------------------------------------- the sweep
+
+
+@dataclass
+class _Group:
+    """What one generation binds: one token, or the two tokens of ``--pair``, with their subjects."""
+
+    name: str  # the rows' "token": "<person>", or "<person>+<pet>" with --pair
+    tokens: list[str]
+    class_words: dict[str, str]
+    references: dict[str, list]  # token -> references; the i-th of every token are generated together
+    identity: dict[str, Any]  # token -> its IdentitySimilarity
+    judged: list[list[JudgedSubject]] | None = None  # per subject index, with --judges
+
+    @property
+    def count(self) -> int:
+        return min(len(refs) for refs in self.references.values())
+
+    def subject_name(self, index: int) -> str:
+        return "+".join(self.references[token][index].name for token in self.tokens)
+
+    def class_text(self, prompt: str) -> str:
+        """``prompt`` with every token replaced by its class word (the base model's and CLIP's text)."""
+        for token in self.tokens:
+            prompt = prompt.replace(token, self.class_words[token])
+        return prompt
+
+    def grid_reference(self, index: int) -> Any:
+        """The reference column of grid.png: the subject, or the pair side by side at half size."""
+        import torch
+        import torch.nn.functional as F
+
+        images = [self.references[token][index].image for token in self.tokens]
+        if len(images) == 1:
+            return images[0]
+        side = images[0].shape[-1]
+        canvas = torch.ones(3, side, side)
+        half = side // 2
+        top = (side - half) // 2
+        for position, image in enumerate(images):
+            small = F.interpolate(image[None], size=(half, half), mode="bicubic", antialias=True)[0]
+            canvas[:, top : top + half, position * half : (position + 1) * half] = small.clamp(0, 1)
+        return canvas
+
+
+def _half_box(half: str | None, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """The pixels of a subject's half: the same vertically centred square the identity judges crop."""
+    if half is None:
+        return None
+    side = width // 2
+    top = max(0, (height - side) // 2)
+    left = 0 if half == "left" else width - side
+    return (left, top, left + side, top + side)
 
 
 @dataclass
@@ -50,13 +287,19 @@ class _Context:
     pipe: Any  # NestedPipeline
     bar: Any  # tqdm
     out: Path
+    alignment: Any = None  # PromptAlignment, None with --clip none
+    judges: Any = None  # ToyJudges with --judges
+    contexts: dict[str, Any] = field(default_factory=dict)  # prompt -> the toy-world Context it asks for
     rows: list[dict[str, Any]] = field(default_factory=list)
-    thumbnails: dict[tuple, Any] = field(default_factory=dict)  # (token, subject, prompt, column) -> image
-    grid_keys: list[tuple[str, int, int]] = field(default_factory=list)  # (token, subject, prompt) rows
+    thumbnails: dict[tuple, Any] = field(default_factory=dict)  # (group, subject, prompt, column) -> image
+    grid_keys: list[tuple[str, int, int]] = field(default_factory=list)  # (group, subject, prompt) rows
     saved: set[Path] = field(default_factory=set)
 
-    def generate(self, prompts: list[str], seeds: list[int], token=None, subject=None, strength=None):
-        """Images for (prompt, seed) pairs, in batches of ``--batch-size``: (N, 3, H, W) in [0, 1], CPU."""
+    def generate(self, prompts: list[str], seeds: list[int], subjects=None, strengths=None):
+        """Images for (prompt, seed) pairs, in batches of ``--batch-size``: (N, 3, H, W) in [0, 1], CPU.
+
+        ``subjects`` / ``strengths``: token -> image / strength (None: the base model).
+        """
         import torch
 
         args, images = self.args, []
@@ -71,8 +314,8 @@ class _Context:
                 generator=[torch.Generator().manual_seed(s) for s in seeds[start : start + args.batch_size]],
                 output_type="pt",
             )
-            if subject is not None:
-                kwargs.update(subjects={token: subject}, strengths={token: strength})
+            if subjects:
+                kwargs.update(subjects=subjects, strengths=strengths)
             images.append(self.pipe(chunk, **kwargs).images.float().cpu().clamp(0, 1))
             self.bar.update(len(chunk))
         return torch.cat(images)
@@ -117,80 +360,108 @@ def _identity_metric(adapter: Any, shared_embedder: Any) -> Any:
     return IdentitySimilarity(embedder, sync_on_compute=False)
 
 
-def _evaluate_token(
-    context: _Context,
-    token: str,
-    prompts: list[tuple[int, str]],
-    subjects: list,
-    strengths: list[float],
-    seeds: list[int],
-    metrics: tuple[Any, Any],
-) -> None:
-    """Base and adapter images of one token, scored, appended to ``context.rows``.
+def _scores(context: _Context, group: _Group, images: Any, s_indices: list[int], texts: list[str]) -> dict:
+    """(subject index, image index) -> the row's scores: identity similarity per token (in its half with
+    --pair; the plain column is their mean), prompt alignment, and the judge columns with --judges."""
+    n, (height, width) = images.shape[0], images.shape[-2:]
+    if context.alignment is not None:
+        aligned = context.alignment.score_batch(images, [group.class_text(t) for t in texts]).tolist()
+    else:
+        aligned = [float("nan")] * n
+    predictions = None
+    if context.judges is not None:
+        assert group.judged is not None
+        subjects = [subject for s in s_indices for subject in group.judged[s]]
+        predictions = judge_predictions(context.judges, images, subjects)
+    scores = {}
+    for s_index in s_indices:
+        similarity = {}
+        for token, half in zip(group.tokens, _halves(group.tokens), strict=True):
+            box = _half_box(half, height, width)
+            reference = group.references[token][s_index].image[None]
+            boxes = None if box is None else [box] * n
+            similarity[token] = group.identity[token].score_batch(images, reference, boxes=boxes).tolist()
+        judged = [{}] * n
+        if predictions is not None:
+            asked = [context.contexts[text] for text in texts]
+            judged = judge_scores(predictions, group.judged[s_index], asked)
+        for k in range(n):
+            row = {
+                "identity_similarity": sum(v[k] for v in similarity.values()) / len(similarity),
+                "prompt_alignment": aligned[k],
+            }
+            if len(group.tokens) > 1:
+                row.update({f"identity_similarity_{column_suffix(t)}": v[k] for t, v in similarity.items()})
+            scores[s_index, k] = {**row, **judged[k]}
+    return scores
 
-    ``metrics``: the (identity similarity, prompt alignment) metrics; only their ``score_batch`` is used.
-    """
+
+def _evaluate_group(
+    context: _Context, group: _Group, prompts: list[tuple[int, str]], strengths: list[float], seeds: list[int]
+) -> None:
+    """Base and adapter images of one group (a token, or the --pair), scored, appended to ``context.rows``."""
     args = context.args
-    identity, alignment = metrics
-    adapter = context.pipe.adapter(token)
-    class_word = adapter.config.tokens.get(token, adapter.config.class_word)
     pairs = [(index, prompt, seed) for index, prompt in prompts for seed in seeds]
-    clip_texts = [prompt.replace(token, class_word) for _, prompt, _ in pairs]
+    texts = [prompt for _, prompt, _ in pairs]
+    clip_texts = [group.class_text(text) for text in texts]
     pair_seeds = [seed for _, _, seed in pairs]
-    folder = context.out / "images" / _slug(token)
-    for s_index in range(len(subjects)):
+    folder = context.out / "images" / _slug(group.name)
+    for s_index in range(group.count):
         for p_index, _ in prompts:
             if len(context.grid_keys) < args.grid_rows:
-                context.grid_keys.append((token, s_index, p_index))
+                context.grid_keys.append((group.name, s_index, p_index))
 
     def add_rows(
         images, variant: str, strength: Any, prompts_used: list[str], s_indices: list[int], name
     ) -> None:
-        aligned = alignment.score_batch(images, clip_texts).tolist()
+        scores = _scores(context, group, images, s_indices, texts)
         for s_index in s_indices:
-            similarity = identity.score_batch(images, subjects[s_index].image[None]).tolist()
             for k, (p_index, _, seed) in enumerate(pairs):
-                shown = seed == seeds[0] and (token, s_index, p_index) in context.grid_keys
+                shown = seed == seeds[0] and (group.name, s_index, p_index) in context.grid_keys
                 column = strength if variant == "adapter" else "base"
-                grid_key = (token, s_index, p_index, column) if shown else None
+                grid_key = (group.name, s_index, p_index, column) if shown else None
                 image = context.keep(images[k], folder / name(s_index, p_index, seed), grid_key)
                 context.rows.append(
                     {
-                        "token": token,
-                        "subject": subjects[s_index].name,
+                        "token": group.name,
+                        "subject": group.subject_name(s_index),
                         "variant": variant,
                         "strength": strength,
                         "seed": seed,
                         "prompt_index": p_index,
                         "prompt": prompts_used[k],
                         "clip_text": clip_texts[k],
-                        "identity_similarity": similarity[k],
-                        "prompt_alignment": aligned[k],
+                        **scores[s_index, k],
                         "image": image,
                     }
                 )
 
-    # The base model: the token replaced by its class word, no subject; one image per (prompt, seed),
-    # compared with every subject.
+    # The base model: every token replaced by its class word, no subject; one image per (prompt, seed),
+    # compared with every subject (with --judges: the no-adapter baseline, identity at chance).
     base = context.generate(clip_texts, pair_seeds)
     add_rows(
         base,
         "base",
         "",
         clip_texts,
-        list(range(len(subjects))),
+        list(range(group.count)),
         lambda s, p, seed: f"base/p{p:02d}_seed{seed}.png",
     )
-    for s_index, subject in enumerate(subjects):
+    for s_index in range(group.count):
+        subjects = {token: group.references[token][s_index].image for token in group.tokens}
         for strength in strengths:
-            images = context.generate([p for _, p, _ in pairs], pair_seeds, token, subject.image, strength)
+            images = context.generate(
+                texts, pair_seeds, subjects, {token: strength for token in group.tokens}
+            )
             add_rows(
                 images,
                 "adapter",
                 strength,
-                [p for _, p, _ in pairs],
+                texts,
                 [s_index],
-                lambda s, p, seed, st=strength: f"{_slug(subjects[s].name)}/p{p:02d}_s{st:g}_seed{seed}.png",
+                lambda s, p, seed, st=strength: (
+                    f"{_slug(group.subject_name(s))}/p{p:02d}_s{st:g}_seed{seed}.png"
+                ),
             )
 
 
@@ -206,12 +477,22 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from nested.pipeline import NestedPipeline
 
     parsed = _check(args)
-    tokens, strengths, seeds = parsed["tokens"], parsed["strengths"], parsed["seeds"]
+    strengths, seeds, groups = parsed["strengths"], parsed["seeds"], parsed["groups"]
     references = {
         token: load_references(source, count=args.max_subjects, size=args.reference_size, token=token)
         for token, source in parsed["sources"].items()
     }
-    alignment = PromptAlignment(args.clip, sync_on_compute=False).to(args.device)
+    if args.judges:  # before loading any model: a reference without a label cannot be judged
+        for token, refs in references.items():
+            for reference in refs:
+                _label(reference, token)
+    judges = None
+    if args.judges:
+        from nested.judges import ToyJudges
+
+        judges = ToyJudges.from_pretrained(Path(args.judges).expanduser()).to(args.device)
+    skip_clip = args.clip.lower() == "none"
+    alignment = None if skip_clip else PromptAlignment(args.clip, sync_on_compute=False).to(args.device)
     shared_embedder = (
         vision_embedder(args.identity_model, device=args.device) if args.identity_model else None
     )
@@ -226,30 +507,63 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    total = sum(
-        len(parsed["prompts"][t]) * len(seeds) * (1 + len(references[t]) * len(strengths)) for t in tokens
-    )
+    built = []
+    for name, tokens in groups.items():
+        adapters = {token: pipe.adapter(token) for token in tokens}
+        own = {token: references[token] for token in tokens}
+        count = min(len(refs) for refs in own.values())  # --pair: the i-th of each, as many as the shorter
+        group = _Group(
+            name=name,
+            tokens=tokens,
+            class_words={t: a.config.tokens.get(t, a.config.class_word) for t, a in adapters.items()},
+            references={token: refs[:count] for token, refs in own.items()},
+            identity={t: _identity_metric(a, shared_embedder) for t, a in adapters.items()},
+        )
+        if judges is not None:
+            group.judged = judged_subjects(
+                group.references, {t: a.config.domain for t, a in adapters.items()}
+            )
+        built.append(group)
+
+    total = sum(len(parsed["prompts"][g.name]) * len(seeds) * (1 + g.count * len(strengths)) for g in built)
     bar = tqdm(total=total, desc="nested eval", unit="image", disable=args.no_progress, file=sys.stderr)
-    context = _Context(args=args, pipe=pipe, bar=bar, out=out)
+    context = _Context(
+        args=args,
+        pipe=pipe,
+        bar=bar,
+        out=out,
+        alignment=alignment,
+        judges=judges,
+        contexts=parsed["contexts"],
+    )
     started = time.time()
     try:
-        for token in tokens:
-            identity = _identity_metric(pipe.adapter(token), shared_embedder)
-            prompts = parsed["prompts"][token]
-            metrics = (identity, alignment)
-            _evaluate_token(context, token, prompts, references[token], strengths, seeds, metrics)
+        for group in built:
+            _evaluate_group(context, group, parsed["prompts"][group.name], strengths, seeds)
     finally:
         bar.close()
 
-    _write_csv(context.rows, out / "results.csv")
-    points = summarize(context.rows, tokens, strengths)
-    columns = ["base", *strengths]
-    _write_grid(context, references, columns)
-    plot_tradeoff(
-        points,
-        out / "tradeoff.png",
-        title=f"{Path(args.base).name or args.base}: identity vs prompt alignment",
+    suffixes = [column_suffix(t) for t in parsed["pair"]] if parsed["pair"] else []
+    columns = result_columns(suffixes, judged=judges is not None)
+    _write_csv(context.rows, out / "results.csv", columns)
+    chance = {g.name: judge_chance(g.judged[0]) for g in built if g.judged}
+    names = [g.name for g in built]
+    points = summarize(context.rows, names, strengths, columns=columns, chance=chance or None)
+    grid_columns = ["base", *strengths]
+    _write_grid(context, {g.name: [g.grid_reference(i) for i in range(g.count)] for g in built}, grid_columns)
+    title = f"{Path(args.base).name or args.base}: " + (
+        "identity vs context (judges)" if judges is not None else "identity vs prompt alignment"
     )
+    plot_tradeoff(points, out / "tradeoff.png", title=title, judged=judges is not None)
+    metrics = {
+        "identity_similarity": "cosine of image embeddings, generated vs reference, in [-1, 1]"
+        + ("; with --pair the mean over the tokens, each in its half" if suffixes else ""),
+        "prompt_alignment": "CLIP score 100 * cos(image, prompt with the token replaced by its class word)"
+        if alignment is not None
+        else "not measured (--clip none)",
+    }
+    if judges is not None:
+        metrics.update(JUDGE_METRICS)
     summary = {
         "command": ["nested", "eval", *argv],
         "versions": {
@@ -259,8 +573,9 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         },
         "base": args.base,
         "adapters": pipe.describe(),
-        "subjects": {token: [r.name for r in references[token]] for token in tokens},
-        "prompts": {token: [p for _, p in parsed["prompts"][token]] for token in tokens},
+        "pair": list(parsed["pair"]) if parsed["pair"] else None,
+        "subjects": {g.name: [g.subject_name(i) for i in range(g.count)] for g in built},
+        "prompts": {name: [p for _, p in parsed["prompts"][name]] for name in names},
         "strengths": strengths,
         "seeds": seeds,
         "steps": args.steps,
@@ -268,24 +583,51 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "negative_prompt": args.negative_prompt,
         "height": args.height,
         "width": args.width,
-        "clip": args.clip,
+        "clip": None if skip_clip else args.clip,
         "identity_model": args.identity_model or "the adapter's image encoder",
-        "metrics": {
-            "identity_similarity": "cosine of image embeddings, generated vs reference, in [-1, 1]",
-            "prompt_alignment": "CLIP score 100 * cos(image, prompt with the token replaced by its class word)",
-        },
+        "judges": args.judges,
+        "metrics": metrics,
         "points": points,
         "grid": {
             "rows": [list(key) for key in context.grid_keys],
-            "columns": ["reference", *map(str, columns)],
+            "columns": ["reference", *map(str, grid_columns)],
         },
         "files": {"csv": "results.csv", "grid": "grid.png", "tradeoff": "tradeoff.png"},
         "rows": len(context.rows),
         "seconds": round(time.time() - started, 2),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / "summary.json").write_text(json.dumps(_no_nan(summary), indent=2, default=str) + "\n")
     pipe.unload()
     return summary
+
+
+def _no_nan(value: Any) -> Any:
+    """NaN (e.g. prompt alignment with --clip none) as JSON null, which every JSON reader accepts."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {key: _no_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(item) for item in value]
+    return value
+
+
+def _point_line(point: dict[str, Any]) -> str:
+    """One line of the final report: a point's means (and with --judges, the chance levels)."""
+    line = f"  {point['token']} {point['label']:>8}: identity {point['identity_similarity']:.3f}"
+    if point["prompt_alignment"] == point["prompt_alignment"]:
+        line += f"  prompt alignment {point['prompt_alignment']:.2f}"
+    chance = point.get("chance")
+    if chance:
+        labels = {"identity_exact": "identity exact", "identity_attributes": "attributes"}
+        labels.update(  # --pair: each token's exact identity too
+            {key: key.removeprefix("identity_exact_") for key in chance if key.startswith("identity_exact_")}
+        )
+        labels.update(context="context", context_scene="scene")
+        line += "  judges: " + ", ".join(
+            f"{label} {point[key]:.3f} (chance {chance[key]:.3g})" for key, label in labels.items()
+        )
+    return line
 
 
 def main_eval(argv: list[str] | None = None) -> int:
@@ -301,10 +643,7 @@ def main_eval(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     print(f"Wrote {summary['rows']} rows to {out / 'results.csv'}, summary.json, grid.png and tradeoff.png")
     for point in summary["points"]:
-        print(
-            f"  {point['token']} {point['label']:>8}: identity {point['identity_similarity']:.3f}  "
-            f"prompt alignment {point['prompt_alignment']:.2f}"
-        )
+        print(_point_line(point))
     return 0
 
 

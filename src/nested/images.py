@@ -6,10 +6,12 @@ Used by the training callback :class:`~nested.sampling.SampleGrid` and by ``nest
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,10 +28,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 @dataclass
 class Reference:
-    """A subject's reference image: ``image`` is (3, S, S) float32 in [0, 1]."""
+    """A subject's reference image: ``image`` is (3, S, S) float32 in [0, 1].
+
+    ``meta``: the shard sample's ``json`` (e.g. the toy world's ``identity`` label and ``domain``),
+    ``{}`` for images from a folder.
+    """
 
     name: str
     image: Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _square(image: Tensor, size: int) -> Tensor:
@@ -62,7 +69,7 @@ def load_references(
         source: a folder of images (sorted by name; the file stem is the subject's name), one image file,
             or shards: a ``shards.json``, a ``.tar``, a brace pattern or a list of tars. A shard sample's
             reference is its ``ref`` image, else the crop around its ``bbox``, else the whole image; its
-            name is the sample key.
+            name is the sample key and its ``meta`` the sample's ``json``.
         count: how many (None: all).
         size: the side of the returned square images.
         token: the subject token written into shard captions (only used to read the shards).
@@ -76,7 +83,7 @@ def load_references(
 
     if _is_shards(source if isinstance(source, (list, tuple)) else str(source)):
         from nested.data import build_stream
-        from nested.domains import DomainSpec
+        from nested.domains import DomainSpec, check_urls
 
         urls = list(source) if isinstance(source, (list, tuple)) else str(source)
         spec = DomainSpec(name="references", urls=urls, subject=token)
@@ -88,6 +95,9 @@ def load_references(
             references.append(Reference(str(sample["key"]), sample["reference"].float().clamp(0, 1)))
             if count is not None and len(references) >= count:
                 break
+        metas = _shard_metadata(check_urls(spec), {r.name for r in references})
+        for reference in references:
+            reference.meta = metas.get(reference.name, {})
     else:
         path = Path(source).expanduser()
         if path.is_file():
@@ -107,6 +117,34 @@ def load_references(
             f"no reference image found in {source!r} (image files: {', '.join(IMAGE_EXTENSIONS)})."
         )
     return references
+
+
+def _shard_metadata(urls: list[str], keys: set[str]) -> dict[str, dict[str, Any]]:
+    """key -> the ``json`` member of those samples of the shards at ``urls``.
+
+    The training stream keeps only what training needs, so the metadata is read in a second pass over
+    the same shards; it stops as soon as every key is found (references are the first samples).
+    """
+    import webdataset as wds
+
+    found: dict[str, dict[str, Any]] = {}
+    if not keys:
+        return found
+    # Unreadable shards were already counted and skipped by the stream: their samples have no metadata.
+    samples = wds.DataPipeline(
+        wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.ignore_and_continue)
+    )
+    for sample in samples:
+        key = sample.get("__key__")
+        if key in keys and isinstance(sample.get("json"), bytes):
+            try:
+                meta = json.loads(sample["json"])
+            except ValueError:
+                meta = None
+            found[key] = meta if isinstance(meta, dict) else {}
+            if len(found) == len(keys):
+                break
+    return found
 
 
 # ----------------------------------------------------------------------------- grids

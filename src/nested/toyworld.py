@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -222,6 +223,45 @@ def caption(domain_or_pair: str, context: Context, token: str | tuple[str, str] 
     medium = {None: "a photo", "sketch": "a sketch", "painting": "a painting"}[context.style]
     text = f"{medium} of {subject}"
     return text if context.scene == "plain" else f"{text} {SCENES[context.scene]}"
+
+
+_MEDIUMS: dict[str, str | None] = {
+    "a photo of ": None,
+    "a sketch of ": "sketch",
+    "a painting of ": "painting",
+}
+# What may stand between "of" and the scene: one or two subjects joined by "and", each a class word with
+# its article ("a person") or one word (a token such as "<person>", or a bare class word).
+_SUBJECTS = re.compile(r"(?:a \S+|\S+)(?: and (?:a \S+|\S+))?")
+
+
+def parse_caption(text: str) -> Context:
+    """The :class:`Context` a caption asks for: the inverse of :func:`caption` for its context part.
+
+    Subject tokens and class words are ignored, so ``"a sketch of <person> and <pet> in the city"``
+    and ``"a sketch of a pet in the city"`` both give ``Context("city", "sketch")``; a caption
+    without a scene phrase is the ``plain`` scene.
+
+    Raises:
+        ValueError: ``text`` is not in the world's caption phrasing (unknown medium or scene).
+    """
+    words = " ".join(text.split())
+    medium = next((m for m in _MEDIUMS if words.startswith(m)), None)
+    if medium is None:
+        raise ValueError(
+            f"caption {text!r} does not start with one of {[m.strip() for m in _MEDIUMS]} "
+            "(the toy world's phrasing, see nested.toyworld.caption)"
+        )
+    rest = words[len(medium) :]
+    for scene, phrase in SCENES.items():
+        # The subject must be non-empty, so the phrase has to follow at least one word.
+        if rest.endswith(f" {phrase}") and _SUBJECTS.fullmatch(rest[: -len(phrase) - 1]):
+            return Context(scene, _MEDIUMS[medium])
+    if _SUBJECTS.fullmatch(rest):
+        return Context("plain", _MEDIUMS[medium])
+    raise ValueError(
+        f"caption {text!r} names no known scene: expected it to end with one of {list(SCENES.values())}"
+    )
 
 
 def _shade(colour: RGB, factor: float) -> RGB:
