@@ -83,7 +83,7 @@ def test_vae_and_unet_training_reduce_their_losses(tmp_path):
     before = toybase.reconstruction_error(vae, pool.images[:8])
     losses: list[float] = []
     toybase.train_vae(
-        vae, pool, steps=30, batch_size=8, lr=2e-3, progress=lambda s, logs: losses.append(logs["loss"])
+        vae, pool, steps=30, batch_size=4, lr=2e-3, progress=lambda s, logs: losses.append(logs["loss"])
     )
     assert toybase.reconstruction_error(vae, pool.images[:8]) < before
     assert vae.config.scaling_factor == pytest.approx(

@@ -3,9 +3,11 @@
 #
 #   bash scripts/toyworld/reproduce.sh                  # everything from scratch into runs/toyworld
 #   bash scripts/toyworld/reproduce.sh --committed      # reuse data/models/toy-sd and data/toyworld/judges
+#   bash scripts/toyworld/reproduce.sh --committed --eval-only   # re-evaluate the adapters in $OUT
 #
 # Stages (each timed into $OUT/timings.json):
-#   world     render the shards of both domains (train identities, held-out identities)
+#   world     render the shards of both domains (train identities, held-out identities); shards already
+#             in data/toyworld/shards are reused (rendering is deterministic) unless --fresh-world
 #   base      scripts/toyworld/train_base.py         -> $OUT/toy-sd        (skipped with --committed)
 #   judges    scripts/toyworld/train_judges.py       -> $OUT/judges        (skipped with --committed)
 #   adapters  nested fit, faces and pets, injection nested and decoupled (two runs at a time)
@@ -13,25 +15,29 @@
 #   results   scripts/toyworld/results.py -> $OUT/results.md, benchmarks/toyworld.md (with --publish),
 #             $OUT/tradeoff.png
 # Environment: OUT (default runs/toyworld), NESTED_BIN (default .venv/bin), STEPS (adapter steps, default
-# from the configs), SUBJECTS (held-out subjects per domain, default 12).
+# from the configs), SUBJECTS (held-out subjects per domain, default 8).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${NESTED_BIN:-.venv/bin}
 OUT=${OUT:-runs/toyworld}
-SUBJECTS=${SUBJECTS:-12}
+SUBJECTS=${SUBJECTS:-8}
 export OMP_NUM_THREADS=1  # tiny models: one thread per process, two processes at a time on 2 cores
 COMMITTED=0
+FRESH_WORLD=0
+EVAL_ONLY=0
 PUBLISH=()
 for arg in "$@"; do
     case $arg in
         --committed) COMMITTED=1 ;;
+        --fresh-world) FRESH_WORLD=1 ;;
+        --eval-only) EVAL_ONLY=1 ;;
         --publish) PUBLISH=(--publish) ;;
-        *) echo "reproduce.sh: unknown argument $arg (use --committed, --publish)" >&2; exit 2 ;;
+        *) echo "reproduce.sh: unknown argument $arg (use --committed, --fresh-world, --eval-only, --publish)" >&2; exit 2 ;;
     esac
 done
 mkdir -p "$OUT"
 TIMINGS="$OUT/timings.tsv"
-: > "$TIMINGS"
+[ "$EVAL_ONLY" = 1 ] || : > "$TIMINGS"
 stage() {  # stage NAME COMMAND...: run, time, record
     local name=$1; shift
     local start; start=$(date +%s)
@@ -47,14 +53,19 @@ both() {  # run two commands in parallel; fail if either fails
 
 SHARDS=data/toyworld/shards
 world() {
+    if [ "$FRESH_WORLD" = 0 ] && [ -f $SHARDS/faces/held_out/shards.json ] && [ -f $SHARDS/pets/held_out/shards.json ] \
+        && [ -f $SHARDS/faces/train/shards.json ] && [ -f $SHARDS/pets/train/shards.json ]; then
+        echo "reusing the world shards in $SHARDS (--fresh-world renders them again)" >&2
+        return
+    fi
     "$BIN/python" scripts/toyworld/make_world.py --out $SHARDS --domains faces --train-identities 0 \
         --held-out-identities 0 --samples-per-identity 3 --overwrite
     "$BIN/python" scripts/toyworld/make_world.py --out $SHARDS --domains pets --train-identities 0 \
         --held-out-identities 0 --samples-per-identity 8 --overwrite
 }
-stage world world
+[ "$EVAL_ONLY" = 1 ] || stage world world
 
-if [ "$COMMITTED" = 1 ]; then
+if [ "$COMMITTED" = 1 ] || [ "$EVAL_ONLY" = 1 ]; then
     BASE=data/models/toy-sd
     JUDGES=data/toyworld/judges
 else
@@ -74,15 +85,17 @@ fit() {  # fit DOMAIN INJECTION
 }
 export -f fit
 export BIN BASE OUT STEPS
-stage adapters-nested both "fit faces nested" "fit pets nested"
-stage adapters-decoupled both "fit faces decoupled" "fit pets decoupled"
+if [ "$EVAL_ONLY" = 0 ]; then
+    stage adapters-nested both "fit faces nested" "fit pets nested"
+    stage adapters-decoupled both "fit faces decoupled" "fit pets decoupled"
+fi
 
 evaluate() {  # evaluate DOMAIN INJECTION: held-out identities, every context, a strength sweep
     local token; [ "$1" = faces ] && token='<person>' || token='<pet>'
     "$BIN/nested" eval --base "$BASE" --adapter "$token=$OUT/$1-$2/adapters/last" \
         --subjects "$SHARDS/$1/held_out/shards.json" --max-subjects "$SUBJECTS" --reference-size 64 \
         --prompts "data/prompts/toyworld-$1.txt" --judges "$JUDGES" --clip none \
-        --strengths 0.25,0.5,1.0,1.5 --seeds 0 --steps 20 --batch-size 16 --no-images \
+        --strengths 0.5,1.0,1.5 --seeds 0 --steps 20 --batch-size 16 --no-images \
         --no-progress --out "$OUT/eval-$1-$2" > "$OUT/eval-$1-$2.log" 2>&1
 }
 evaluate_pair() {  # evaluate_pair INJECTION: a held-out person and a held-out pet in one prompt
@@ -100,4 +113,4 @@ stage eval-faces both "evaluate faces nested" "evaluate faces decoupled"
 stage eval-pets both "evaluate pets nested" "evaluate pets decoupled"
 stage eval-pairs both "evaluate_pair nested" "evaluate_pair decoupled"
 
-"$BIN/python" scripts/toyworld/results.py --runs "$OUT" --judges "$JUDGES" "${PUBLISH[@]}"
+"$BIN/python" scripts/toyworld/results.py --runs "$OUT" --judges "$JUDGES" --base "$BASE" "${PUBLISH[@]}"
