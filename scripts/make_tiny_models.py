@@ -1,4 +1,4 @@
-"""Write the tiny random demo checkpoints (tiny-sd, tiny-sdxl, tiny-clip) used by the CPU demo.
+"""Write the tiny random checkpoints (tiny-sd, tiny-sdxl, tiny-clip) used by the tests and configs/smoke.yaml.
 
     python scripts/make_tiny_models.py                  # -> data/models/tiny-sd, data/models/tiny-sdxl
     python scripts/make_tiny_models.py --out /tmp/models --seed 1

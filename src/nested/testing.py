@@ -41,8 +41,10 @@ except ImportError:  # transformers 4.x
 
 __all__ = [
     "SDXL_UNET_CONFIG",
+    "SD_SCHEDULE",
     "TINY_WORDS",
     "build_tiny_tokenizer",
+    "sd_pipeline",
     "write_tiny_clip",
     "write_tiny_pipeline",
     "write_tiny_tokenizer",
@@ -287,6 +289,34 @@ def _write_image_encoder(path: Path, seed: int) -> None:
     )
 
 
+# SD 1.x's noise schedule (scaled-linear betas, 1000 steps, epsilon prediction).
+SD_SCHEDULE: dict = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+}
+
+
+def sd_pipeline(
+    *, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
+    """An SD 1.x pipeline around these modules, with SD's DDIM scheduler and no safety checker."""
+    scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
 def write_tiny_pipeline(
     path: str | Path, kind: Literal["sd", "sdxl"], seed: int = 0, with_image_encoder: bool = True
 ) -> Path:
@@ -310,22 +340,10 @@ def write_tiny_pipeline(
     unet = _tiny_unet(kind)
     torch.manual_seed(seed + 2)
     vae = _tiny_vae(kind)
-    schedule = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-    schedule |= {"num_train_timesteps": 1000, "prediction_type": "epsilon"}
+    schedule = SD_SCHEDULE
 
     if kind == "sd":
-        scheduler = DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-        pipeline = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
-        )
+        pipeline = sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
     else:
         tokenizer_2 = write_tiny_tokenizer(path / "tokenizer_2", pad_token="!")  # like the real SDXL
         torch.manual_seed(seed + 3)

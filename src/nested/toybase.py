@@ -35,9 +35,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     DDPMScheduler,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from transformers import (
@@ -49,16 +47,11 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from nested.testing import SD_SCHEDULE, sd_pipeline
 from nested.toyworld import SCENES, STYLES, Context, caption, render, render_pair, split_identities
 
 IMAGE_SIZE = 64
-SCHEDULE = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-}
+SCHEDULE = SD_SCHEDULE  # the noise schedule of training and of the saved DDIM scheduler
 
 Progress = Callable[[int, dict[str, float]], None]  # (step, logs) after each optimizer step
 
@@ -314,18 +307,7 @@ def save_base_model(
     weights in their stored dtype by default, and a float16 CLIP on the CPU is slow and mismatched.
     """
     unet, vae = copy.deepcopy(unet).half(), copy.deepcopy(vae).half()
-    scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
-    )
+    pipeline = sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
     pipeline.save_pretrained(path, safe_serialization=True)
     write_image_encoder(path / "image_encoder", image_encoder_seed)
     return path
