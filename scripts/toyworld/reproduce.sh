@@ -72,7 +72,7 @@ else
     BASE=$OUT/toy-sd
     JUDGES=$OUT/judges
     stage base "$BIN/python" scripts/toyworld/train_base.py --out "$BASE" --overwrite --sheet "$OUT/base-sheet.png"
-    stage judges "$BIN/python" scripts/toyworld/train_judges.py --out "$JUDGES" --threads 1
+    stage judges "$BIN/python" scripts/toyworld/train_judges.py --out "$JUDGES" --threads 2
 fi
 
 fit() {  # fit DOMAIN INJECTION
