@@ -45,6 +45,7 @@ __all__ = [
     "TINY_WORDS",
     "build_tiny_tokenizer",
     "sd_pipeline",
+    "tiny_text_config",
     "write_tiny_clip",
     "write_tiny_pipeline",
     "write_tiny_tokenizer",
@@ -202,14 +203,16 @@ def write_tiny_tokenizer(path: str | Path, pad_token: str = EOS_TOKEN) -> CLIPTo
     return loaded
 
 
-def _text_config(tokenizer: CLIPTokenizer, projection_dim: int = 32) -> CLIPTextConfig:
-    """Tiny CLIP text config whose vocabulary and special ids match ``tokenizer``."""
+def tiny_text_config(
+    tokenizer: CLIPTokenizer, projection_dim: int = 32, hidden_size: int = 32, heads: int = 2
+) -> CLIPTextConfig:
+    """Tiny two-layer CLIP text config whose vocabulary and special ids match ``tokenizer``."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         projection_dim=projection_dim,
         hidden_act="quick_gelu",
@@ -335,7 +338,7 @@ def write_tiny_pipeline(
     # Tokenizers are written first: the text encoders' vocab size and special ids come from them.
     tokenizer = write_tiny_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
     torch.manual_seed(seed + 1)
     unet = _tiny_unet(kind)
     torch.manual_seed(seed + 2)
@@ -347,7 +350,7 @@ def write_tiny_pipeline(
     else:
         tokenizer_2 = write_tiny_tokenizer(path / "tokenizer_2", pad_token="!")  # like the real SDXL
         torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=32))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, projection_dim=32))
         scheduler = EulerDiscreteScheduler(**schedule, timestep_spacing="leading", steps_offset=1)
         pipeline = StableDiffusionXLPipeline(
             vae=vae,
@@ -416,7 +419,7 @@ def write_tiny_clip(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     tokenizer = write_tiny_tokenizer(path, pad_token=EOS_TOKEN)
-    text_config = _text_config(tokenizer).to_dict()
+    text_config = tiny_text_config(tokenizer).to_dict()
     vision_config = {
         "hidden_size": 32,
         "intermediate_size": 64,

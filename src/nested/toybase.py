@@ -40,14 +40,13 @@ from diffusers import (
 )
 from transformers import (
     CLIPImageProcessor,
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
 
-from nested.testing import SD_SCHEDULE, sd_pipeline
+from nested.testing import SD_SCHEDULE, sd_pipeline, tiny_text_config
 from nested.toyworld import SCENES, STYLES, Context, caption, render, render_pair, split_identities
 
 IMAGE_SIZE = 64
@@ -88,19 +87,7 @@ def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
 def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
     """A random tiny CLIP text tower whose vocabulary and special ids match ``tokenizer``."""
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=64,
-        hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_text_config(tokenizer, projection_dim=64, hidden_size=64, heads=4)
     return CLIPTextModel(config).eval().requires_grad_(False)
 
 
