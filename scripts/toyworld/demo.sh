@@ -5,17 +5,21 @@
 #   2. nested fit --config configs/demo.yaml          -> runs/demo/adapters/last
 #   3. nested eval with the committed judges on 6 held-out people x 24 contexts (8 scenes x 3 styles), base model vs adapter
 #      -> runs/demo/eval/{grid.png,tradeoff.png,results.csv,summary.json}, accuracies printed.
-# Extra arguments go to `nested fit` (e.g. --trainer.max_steps=100). Re-running resumes / reuses runs/demo.
+# Extra arguments go to `nested fit` (e.g. --trainer.max_steps=100). Re-running resumes the finished run in
+# runs/demo (it stops at once) and evaluates again; delete runs/demo to train again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${NESTED_BIN:-.venv/bin}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny models: one thread per process is faster on 2 shared cores
 SHARDS=data/toyworld/shards/faces
+echo "== 1/3 world shards ($SHARDS)" >&2
 if [ ! -f "$SHARDS/train/shards.json" ] || [ ! -f "$SHARDS/held_out/shards.json" ]; then
     "$BIN/python" scripts/toyworld/make_world.py --domains faces --train-identities 0 \
         --held-out-identities 0 --samples-per-identity 3 --overwrite
 fi
+echo "== 2/3 nested fit --config configs/demo.yaml $*" >&2
 "$BIN/nested" fit --config configs/demo.yaml "$@"
+echo "== 3/3 nested eval --judges on held-out people" >&2
 "$BIN/nested" eval --base data/models/toy-sd --adapter '<person>=runs/demo/adapters/last' \
     --subjects "$SHARDS/held_out/shards.json" --max-subjects 6 --reference-size 64 \
     --prompts data/prompts/toyworld-faces.txt --judges data/toyworld/judges --clip none \

@@ -21,9 +21,10 @@ def eval_parser() -> argparse.ArgumentParser:
         "against the base model, and plot the trade-off; in the toy world, --judges adds identity and context "
         "accuracy against the true labels.",
         epilog=(
-            "example: nested eval --base data/models/tiny-sd --adapter '<person>=runs/demo/adapters/last' "
-            "--prompts data/prompts/faces.txt --subjects data/demo/faces/val/shards.json --clip openai/clip-vit-large-patch14 "
-            "--out runs/demo/eval"
+            "example (the toy world, after scripts/toyworld/demo.sh): nested eval --base data/models/toy-sd "
+            "--adapter '<person>=runs/demo/adapters/last' --prompts data/prompts/toyworld-faces.txt "
+            "--subjects data/toyworld/shards/faces/held_out/shards.json --reference-size 64 "
+            "--judges data/toyworld/judges --clip none --out runs/demo/eval"
         ),
     )
     models = parser.add_argument_group("models")
