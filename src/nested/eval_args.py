@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nested.generate import UsageError
+from nested.generate import UsageError, add_base_arguments
 
 __all__ = ["DTYPES", "column_suffix", "eval_parser", "read_pair_prompts", "read_prompts"]
 
@@ -27,9 +27,7 @@ def eval_parser() -> argparse.ArgumentParser:
             "--judges data/toyworld/judges --clip none --out runs/demo/eval"
         ),
     )
-    models = parser.add_argument_group("models")
-    models.add_argument("--base", required=True, help="base SD / SDXL diffusers folder or hub id")
-    models.add_argument("--revision", default=None, help="hub revision of the base model")
+    models = add_base_arguments(parser)
     models.add_argument(
         "--adapter",
         action="append",

@@ -41,7 +41,7 @@ from typing import Any
 
 from nested.eval_args import DTYPES as DTYPES
 from nested.eval_args import _check, column_suffix, eval_parser, read_prompts
-from nested.generate import USER_ERRORS, _one_line, _quiet_libraries
+from nested.generate import run_user_command
 from nested.report import CSV_COLUMNS as CSV_COLUMNS
 from nested.report import JUDGE_METRICS, _write_csv, _write_grid, plot_tradeoff, result_columns, summarize
 
@@ -634,11 +634,8 @@ def main_eval(argv: list[str] | None = None) -> int:
     """``nested eval``: returns the exit code (0 ok, 2 for a user error, shown in one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = eval_parser().parse_args(argv)
-    try:
-        with _quiet_libraries(args.verbose):
-            summary = run_eval(args, argv)
-    except USER_ERRORS as error:
-        print(f"nested eval: error: {_one_line(error)}", file=sys.stderr)
+    summary = run_user_command("nested eval", args.verbose, lambda: run_eval(args, argv))
+    if summary is None:
         return 2
     out = Path(args.out).resolve()
     print(f"Wrote {summary['rows']} rows to {out / 'results.csv'}, summary.json, grid.png and tradeoff.png")

@@ -57,6 +57,27 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def add_base_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "models" group with ``--base`` and ``--revision``, shared by ``nested generate`` and ``nested eval``."""
+    models = parser.add_argument_group("models")
+    models.add_argument("--base", required=True, help="base SD / SDXL diffusers folder or hub id")
+    models.add_argument("--revision", default=None, help="hub revision of the base model")
+    return models
+
+
+def run_user_command(prog: str, verbose: bool, run):
+    """``run()`` with the libraries quiet (unless ``verbose``); a user error becomes one stderr line.
+
+    Returns ``run()``'s result, or None after printing ``<prog>: error: ...`` (the caller exits 2).
+    """
+    try:
+        with _quiet_libraries(verbose):
+            return run()
+    except USER_ERRORS as error:
+        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        return None
+
+
 def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nested generate",
@@ -67,9 +88,7 @@ def generate_parser() -> argparse.ArgumentParser:
             "--subject '<dog>=rex.jpg' --prompt 'a photo of <person> walking <dog> on a beach' --out outputs/"
         ),
     )
-    model = parser.add_argument_group("models")
-    model.add_argument("--base", required=True, help="base SD / SDXL diffusers folder or hub id")
-    model.add_argument("--revision", default=None, help="hub revision of the base model")
+    model = add_base_arguments(parser)
     model.add_argument(
         "--adapter",
         action="append",
@@ -298,11 +317,8 @@ def main_generate(argv: list[str] | None = None) -> int:
     """``nested generate``: returns the exit code (0 ok, 2 for a user error, shown in one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = generate_parser().parse_args(argv)
-    try:
-        with _quiet_libraries(args.verbose):
-            out = run_generate(args, argv)
-    except USER_ERRORS as error:
-        print(f"nested generate: error: {_one_line(error)}", file=sys.stderr)
+    out = run_user_command("nested generate", args.verbose, lambda: run_generate(args, argv))
+    if out is None:
         return 2
     print(f"Wrote {args.num_images} image(s) and generation.json to {out.resolve()}")
     return 0
