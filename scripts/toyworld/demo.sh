@@ -8,6 +8,7 @@
 # Extra arguments go to `nested fit` (e.g. --trainer.max_steps=100). Re-running resumes the finished run in
 # runs/demo (it stops at once) and evaluates again; delete runs/demo to train again.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/../.."
 BIN=${NESTED_BIN:-.venv/bin}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny models: one thread per process is faster on 2 shared cores

@@ -5,7 +5,7 @@
 #   bash scripts/toyworld/reproduce.sh --committed      # reuse data/models/toy-sd and data/toyworld/judges
 #   bash scripts/toyworld/reproduce.sh --committed --eval-only   # re-evaluate the adapters in $OUT
 #
-# Stages (each timed into $OUT/timings.json):
+# Stages (each timed into $OUT/timings.tsv):
 #   world     render the shards of both domains (train identities, held-out identities); shards already
 #             in data/toyworld/shards are reused (rendering is deterministic) unless --fresh-world
 #   base      scripts/toyworld/train_base.py         -> $OUT/toy-sd        (skipped with --committed)
@@ -28,6 +28,7 @@ EVAL_ONLY=0
 PUBLISH=()
 for arg in "$@"; do
     case $arg in
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         --committed) COMMITTED=1 ;;
         --fresh-world) FRESH_WORLD=1 ;;
         --eval-only) EVAL_ONLY=1 ;;
