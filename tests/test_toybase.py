@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +113,88 @@ def test_results_interpolates_context_at_equal_identity():
     assert results.context_at_identity(curve, 0.3) == pytest.approx(0.7)
     assert results.context_at_identity(curve, 0.1) == pytest.approx(0.9)
     assert results.context_at_identity(curve, 0.6) is None  # outside the sweep: no claim
+
+
+def test_committed_image_encoder_recognises_held_out_identities():
+    """Pretrained, not random: mean-pooled features of two renders of one HELD-OUT identity (never seen in
+    pretraining) are each other's nearest neighbour among 24 identities far above chance (1/24)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from nested.toyworld import render, split_identities
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(TOY_SD / "image_encoder").eval()
+    people = split_identities("faces")[1][::12][:12] + split_identities("pets")[1][::7][:12]
+
+    def views(seed: int) -> torch.Tensor:
+        images = [np.array(render(p, Context("plain"), seed=seed + i)) for i, p in enumerate(people)]
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+    with torch.no_grad():
+        first, second = (
+            torch.nn.functional.normalize(toybase.pooled_features(encoder, views(s)), dim=-1)
+            for s in (0, 100)
+        )
+    top1 = ((first @ second.T).argmax(1) == torch.arange(len(people))).float().mean().item()
+    assert top1 >= 0.5, top1
+
+
+def test_image_encoder_pretraining_learns_to_match_renders_of_one_identity():
+    from nested.toyworld import split_identities
+
+    people = split_identities("faces")[0][::60] + split_identities("pets")[0][::20]  # 38 train identities
+    views = toybase.render_views(2, seed=0, people=people)
+    logs: list[dict[str, float]] = []
+    toybase.train_image_encoder(
+        toybase.build_image_encoder(seed=0), views, steps=40, batch_size=16, lr=2e-3,
+        progress=lambda s, entry: logs.append(entry),
+    )  # fmt: skip
+    assert sum(e["loss"] for e in logs[-10:]) < sum(e["loss"] for e in logs[:10])
+
+
+def test_committed_base_model_attends_to_the_class_word():
+    """Nested attention changes only the subject token's value, so the base model must read the subject from
+    its class word. Some cross-attention layer gives "person" / "pet" >= 10 % of its attention on average over
+    every pixel (the base model trained on a deep random text tower gave it 1-2 % in every layer)."""
+    from diffusers import StableDiffusionPipeline
+
+    from nested.toyworld import identities, render
+
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_SD, safety_checker=None, requires_safety_checker=False)
+    contexts_ = [Context("beach"), Context("red", "sketch"), Context("snow"), Context("city", "painting")]
+    prompts = [caption(d, c) for d in ("faces", "pets") for c in contexts_]
+    subjects = [identities(d)[7 * i] for d in ("faces", "pets") for i in range(len(contexts_))]
+    images = np.stack(
+        [np.array(render(s, c, seed=i)) for i, (s, c) in enumerate(zip(subjects, contexts_ * 2, strict=True))]
+    )
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                            return_tensors="pt").input_ids  # fmt: skip
+    class_ids = pipe.tokenizer.convert_tokens_to_ids(["person</w>", "pet</w>"])
+    class_mask = torch.isin(tokens, torch.tensor(class_ids))
+    assert class_mask.sum(1).tolist() == [1] * len(prompts)
+
+    shares: dict[str, float] = {}
+
+    def measure(name):
+        def hook(module, args, kwargs):
+            query = module.to_q(args[0] if args else kwargs["hidden_states"])
+            key = module.to_k(kwargs["encoder_hidden_states"])
+            heads = module.heads
+            query = query.unflatten(-1, (heads, -1)).transpose(1, 2)
+            key = key.unflatten(-1, (heads, -1)).transpose(1, 2)
+            probs = (query @ key.transpose(-1, -2) * module.scale).softmax(-1)  # (B, H, N, T)
+            shares[name] = probs.mean(dim=(1, 2))[class_mask].mean().item()
+
+        return hook
+
+    for name, module in pipe.unet.named_modules():
+        if name.endswith("attn2"):
+            module.register_forward_pre_hook(measure(name), with_kwargs=True)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+        timesteps = torch.full((len(prompts),), 500)
+        pipe.unet(
+            pipe.scheduler.add_noise(latents, noise, timesteps), timesteps, pipe.text_encoder(tokens)[0]
+        )
+    assert len(shares) == 7 and max(shares.values()) >= 0.10, shares

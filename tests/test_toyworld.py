@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from itertools import combinations
@@ -17,6 +18,7 @@ from nested.toyworld import (
     DOMAINS,
     SCENES,
     STYLES,
+    WORLD_VERSION,
     Context,
     FaceIdentity,
     PetIdentity,
@@ -32,6 +34,7 @@ from nested.toyworld import (
     write_world_shards,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 FACE = FaceIdentity("tan", "ginger", "spiky", "azure", "oval")
 PET = PetIdentity("cat", "grey", "stripes", "pointy", "amber")
 
@@ -125,9 +128,9 @@ def test_captions_never_name_identity() -> None:
     assert not caption_words & attribute_words  # includes the species words "cat" / "dog"
     assert caption("faces", Context("beach")) == "a photo of a person at the beach"
     assert caption("pets", Context("snow", "sketch")) == "a sketch of a pet in the snow"
-    assert caption("faces", Context("beach"), "<person>") == "a photo of <person> at the beach"
+    assert caption("faces", Context("beach"), "<person>") == "a photo of a <person> at the beach"
     assert caption("pair", Context("city")) == "a photo of a person and a pet in the city"
-    assert caption("pair", Context("city"), ("<p>", "<q>")) == "a photo of <p> and <q> in the city"
+    assert caption("pair", Context("city"), ("<p>", "<q>")) == "a photo of a <p> and a <q> in the city"
     assert caption("faces", Context("plain")) == "a photo of a person"
     with pytest.raises(ValueError):
         caption("pair", Context("city"), "<person>")
@@ -217,3 +220,51 @@ def test_shards_read_back_through_build_stream(
         assert tuple(s["pixel_values"].shape) == (3, 64, 64)
         assert s["reference"].shape[-2:] == (64, 64)
         assert sum(s["skipped"].values()) == 0
+
+
+def _make_world_script():
+    spec = importlib.util.spec_from_file_location(
+        "make_world", REPO / "scripts" / "toyworld" / "make_world.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_world_skip_if_current_keeps_current_shards_and_renders_stale_ones(
+    tmp_path: Path, capsys
+) -> None:
+    make_world = _make_world_script()
+    args = [
+        "--out",
+        str(tmp_path),
+        "--domains",
+        "pets",
+        "--train-identities",
+        "3",
+        "--held-out-identities",
+        "2",
+    ]
+    assert make_world.main([*args, "--skip-if-current"]) == 0
+    train = tmp_path / "pets" / "train"
+    recipe = json.loads((train / "world.json").read_text())
+    assert recipe["world_version"] == WORLD_VERSION and recipe["identities"] == 3
+    first = (train / "shards.json").read_text()
+    capsys.readouterr()
+
+    assert make_world.main([*args, "--skip-if-current"]) == 0
+    assert capsys.readouterr().out.count("up to date") == 2  # both splits kept
+    assert (train / "shards.json").read_text() == first
+
+    # Other arguments, or shards from before the recipe was recorded (no world.json): rendered again.
+    assert make_world.main([*args, "--samples-per-identity", "2", "--skip-if-current"]) == 0
+    assert json.loads((train / "shards.json").read_text())["total_samples"] == 6
+    (train / "world.json").unlink()
+    assert make_world.main([*args, "--skip-if-current"]) == 0
+    assert "pets/train: up to date" not in capsys.readouterr().out
+    assert json.loads((train / "shards.json").read_text())["total_samples"] == 3
+
+    # Without --skip-if-current or --overwrite, existing shards are never replaced.
+    assert make_world.main(args) == 2
+    assert "already holds shards" in capsys.readouterr().err
+    assert (train / "world.json").is_file()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo (the README's first command runs it after setup): a toy-world faces adapter, trained from the
 # committed toy base model, generating HELD-OUT people it never saw in the prompt's scene and style.
-#   1. render the world's faces shards if missing (deterministic, gitignored, about a minute);
+#   1. render the world's faces shards unless current ones exist (deterministic, gitignored, about a minute);
 #   2. nested fit --config configs/demo.yaml          -> runs/demo/adapters/last
 #   3. nested eval with the committed judges on 6 held-out people x 24 contexts (8 scenes x 3 styles), base model vs adapter
 #      -> runs/demo/eval/{grid.png,tradeoff.png,results.csv,summary.json}, accuracies printed.
@@ -14,10 +14,8 @@ BIN=${NESTED_BIN:-.venv/bin}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny models: one thread per process is faster on 2 shared cores
 SHARDS=data/toyworld/shards/faces
 echo "== 1/3 world shards ($SHARDS)" >&2
-if [ ! -f "$SHARDS/train/shards.json" ] || [ ! -f "$SHARDS/held_out/shards.json" ]; then
-    "$BIN/python" scripts/toyworld/make_world.py --domains faces --train-identities 0 \
-        --held-out-identities 0 --samples-per-identity 3 --overwrite
-fi
+"$BIN/python" scripts/toyworld/make_world.py --domains faces --train-identities 0 \
+    --held-out-identities 0 --samples-per-identity 3 --skip-if-current
 echo "== 2/3 nested fit --config configs/demo.yaml $*" >&2
 "$BIN/nested" fit --config configs/demo.yaml "$@"
 echo "== 3/3 nested eval --judges on held-out people" >&2

@@ -12,6 +12,7 @@ subset), ``--samples-per-identity`` images each. The defaults stay well under 2 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import sys
@@ -24,6 +25,7 @@ from nested.toyworld import (
     DEFAULT_TOKENS,
     DOMAINS,
     SCENES,
+    WORLD_VERSION,
     Context,
     identities,
     render,
@@ -81,7 +83,36 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--sheet", type=Path, default=None, help="also save an example contact sheet PNG")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    parser.add_argument(
+        "--skip-if-current",
+        action="store_true",
+        help="leave a split alone when its shards were rendered by this world version with these arguments "
+        "(recorded in world.json); render it again (replacing it) otherwise",
+    )
     return parser
+
+
+RECIPE_FILE = "world.json"  # next to shards.json: what rendered the split, for --skip-if-current
+
+
+def split_recipe(args: argparse.Namespace, domain: str, split: str) -> dict:
+    """Everything that determines a split's samples (with WORLD_VERSION for the drawing and captions)."""
+    return {
+        "world_version": WORLD_VERSION, "domain": domain, "split": split, "size": args.size,
+        "seed": args.seed, "split_seed": args.split_seed, "held_out_fraction": args.held_out_fraction,
+        "identities": args.train_identities if split == "train" else args.held_out_identities,
+        "samples_per_identity": (
+            args.samples_per_identity if split == "train" else args.held_out_samples_per_identity
+        ),
+    }  # fmt: skip
+
+
+def is_current(out: Path, recipe: dict) -> bool:
+    """True when ``out`` holds complete shards written from exactly ``recipe``."""
+    try:
+        return (out / "shards.json").is_file() and json.loads((out / RECIPE_FILE).read_text()) == recipe
+    except (OSError, ValueError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,18 +130,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             chosen = list(chosen)
             random.Random(f"{args.seed}-{domain}-{name}-order").shuffle(chosen)
             out = args.out / domain / name
-            report = write_world_shards(
-                out,
-                domain,
-                identities=chosen,
-                samples_per_identity=(
-                    args.samples_per_identity if name == "train" else args.held_out_samples_per_identity
-                ),
-                seed=args.seed + (0 if name == "train" else 1),
-                token=DEFAULT_TOKENS[domain],
-                size=args.size,
-                overwrite=args.overwrite,
-            )
+            recipe = split_recipe(args, domain, name)
+            if args.skip_if_current and is_current(out, recipe):
+                print(f"{out}: up to date (world version {WORLD_VERSION}), kept")
+                continue
+            if args.overwrite or args.skip_if_current:
+                (out / RECIPE_FILE).unlink(missing_ok=True)  # an interrupted re-render is never "current"
+            try:
+                report = write_world_shards(
+                    out,
+                    domain,
+                    identities=chosen,
+                    samples_per_identity=(
+                        args.samples_per_identity if name == "train" else args.held_out_samples_per_identity
+                    ),
+                    seed=args.seed + (0 if name == "train" else 1),
+                    token=DEFAULT_TOKENS[domain],
+                    size=args.size,
+                    overwrite=args.overwrite or args.skip_if_current,
+                )
+            except FileExistsError as error:
+                print(f"make_world: error: {error}", file=sys.stderr)
+                return 2
+            (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
             size = sum(s["bytes"] for s in report.shards)
             total += size
             print(f"{out}: {len(chosen)} identities, {report.total_samples} samples, {size / 1024:.0f} KiB")

@@ -6,8 +6,8 @@
 #   bash scripts/toyworld/reproduce.sh --committed --eval-only   # re-evaluate the adapters in $OUT
 #
 # Stages (each timed into $OUT/timings.tsv):
-#   world     render the shards of both domains (train identities, held-out identities); shards already
-#             in data/toyworld/shards are reused (rendering is deterministic) unless --fresh-world
+#   world     render the shards of both domains (train identities, held-out identities); shards rendered
+#             by the current world version with the same arguments are kept, unless --fresh-world
 #   base      scripts/toyworld/train_base.py         -> $OUT/toy-sd        (skipped with --committed)
 #   judges    scripts/toyworld/train_judges.py       -> $OUT/judges        (skipped with --committed)
 #   adapters  nested fit, faces and pets, injection nested and decoupled (two runs at a time)
@@ -53,16 +53,13 @@ both() {  # run two commands in parallel; fail if either fails
 }
 
 SHARDS=data/toyworld/shards
-world() {
-    if [ "$FRESH_WORLD" = 0 ] && [ -f $SHARDS/faces/held_out/shards.json ] && [ -f $SHARDS/pets/held_out/shards.json ] \
-        && [ -f $SHARDS/faces/train/shards.json ] && [ -f $SHARDS/pets/train/shards.json ]; then
-        echo "reusing the world shards in $SHARDS (--fresh-world renders them again)" >&2
-        return
-    fi
+world() {  # shards rendered by this world version with these arguments are kept (world.json says so)
+    local keep=(--skip-if-current)
+    [ "$FRESH_WORLD" = 1 ] && keep=(--overwrite)
     "$BIN/python" scripts/toyworld/make_world.py --out $SHARDS --domains faces --train-identities 0 \
-        --held-out-identities 0 --samples-per-identity 3 --overwrite
+        --held-out-identities 0 --samples-per-identity 3 "${keep[@]}"
     "$BIN/python" scripts/toyworld/make_world.py --out $SHARDS --domains pets --train-identities 0 \
-        --held-out-identities 0 --samples-per-identity 8 --overwrite
+        --held-out-identities 0 --samples-per-identity 8 "${keep[@]}"
 }
 [ "$EVAL_ONLY" = 1 ] || stage world world
 

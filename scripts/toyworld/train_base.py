@@ -2,7 +2,7 @@
 """Train the toy world's base model (issue 7, part 2) and write it as an SD 1.x diffusers folder.
 
 Stages, each timed: render a pool of train-identity images -> train the VAE -> cache latents -> train the
-UNet (EMA) -> save (atomically: a staging folder, then a rename) -> reload the folder through
+UNet (EMA) -> pretrain the subject encoder's image backbone (identity-contrastive, train identities) -> save (atomically: a staging folder, then a rename) -> reload the folder through
 ``StableDiffusionPipeline.from_pretrained`` and draw a sample sheet (one row per subject kind, one column per
 scene). See :mod:`nested.toybase` for the models.
 
@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
+from transformers import CLIPVisionModelWithProjection
 
 from nested import toybase
 from nested.testing import _tidy_tokenizer_folder, write_tiny_tokenizer
@@ -39,9 +40,23 @@ def _parser() -> argparse.ArgumentParser:
         "--vae", type=Path, default=None, help="reuse this trained VAE folder (skips its stage)"
     )
     parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument(
+        "--unet", type=Path, default=None,
+        help="start the UNet from this trained folder (e.g. data/models/toy-sd/unet) instead of from scratch",
+    )  # fmt: skip
     parser.add_argument("--unet-steps", type=int, default=1800)
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--encoder-steps",
+        type=int,
+        default=600,
+        help="subject-encoder backbone pretraining steps (default 600)",
+    )
+    parser.add_argument(
+        "--image-encoder", type=Path, default=None,
+        help="reuse this pretrained image encoder folder (skips its stage)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
@@ -124,17 +139,36 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = write_tiny_tokenizer(staging / "tokenizer")
     text_encoder = toybase.build_text_encoder(tokenizer, seed=args.seed + 1)
     torch.manual_seed(args.seed + 2)
+    if args.unet is not None:
+        start = UNet2DConditionModel.from_pretrained(args.unet, torch_dtype=torch.float32)
+    else:
+        start = toybase.build_unet(text_encoder.config.hidden_size)
     unet = toybase.train_unet(
-        toybase.build_unet(text_encoder.config.hidden_size), latents, pool.captions, tokenizer, text_encoder,
+        start, latents, pool.captions, tokenizer, text_encoder,
         steps=args.unet_steps, batch_size=args.unet_batch, lr=args.unet_lr, seed=args.seed,
         progress=_bar(args.unet_steps, "unet"),
     )  # fmt: skip
     times["unet"] = time.time() - mark
 
+    mark = time.time()
+    if args.image_encoder is not None:
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(args.image_encoder)
+    else:
+        views = toybase.render_views(4, seed=args.seed)
+        image_encoder = toybase.train_image_encoder(
+            toybase.build_image_encoder(seed=args.seed + 3), views, steps=args.encoder_steps, seed=args.seed,
+            progress=_bar(args.encoder_steps, "image encoder"),
+        )  # fmt: skip
+    times["image_encoder"] = time.time() - mark
+
     toybase.save_base_model(
-        staging, vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
-        image_encoder_seed=args.seed + 3,
-    )  # fmt: skip
+        staging,
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        image_encoder=image_encoder,
+    )
     _tidy_tokenizer_folder(staging / "tokenizer")
     times["total"] = time.time() - started
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

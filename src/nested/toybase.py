@@ -6,9 +6,10 @@ generate``, ``nested eval``, :class:`~nested.pipeline.NestedPipeline`) loads it 
 
 * ``vae``: an :class:`~diffusers.AutoencoderKL` with spatial factor 4 (64 px images, 16 x 16 x 4 latents),
   trained here as a reconstruction autoencoder (L1 + MSE, a tiny KL term) on renders of the world;
-* ``text_encoder`` / ``tokenizer``: a random, FROZEN tiny CLIP text tower with a real byte-level BPE
-  tokenizer (:func:`nested.testing.write_tiny_tokenizer`). It is never trained: the UNet's cross-attention
-  learns to read it, as a real UNet reads a frozen CLIP;
+* ``text_encoder`` / ``tokenizer``: a random, FROZEN tiny CLIP text model with a real byte-level BPE
+  tokenizer (:func:`nested.testing.write_tiny_tokenizer`), 20-token prompts and no transformer layers, so
+  every word's feature is that word's alone (see :func:`build_text_encoder`). It is never trained: the
+  UNet's cross-attention learns to read it, as a real UNet reads a frozen CLIP;
 * ``unet``: an SD-layout :class:`~diffusers.UNet2DConditionModel` (cross-attention at 16 x 16 and 8 x 8),
   trained with the epsilon objective on (render, class + context caption) pairs, captions dropped 10 % of
   the time for classifier-free guidance, weights exported from an EMA;
@@ -24,6 +25,7 @@ The base model sees only TRAIN identities, and captions never name identity attr
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -46,10 +48,12 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from nested.encoder import CLIP_MEAN, CLIP_STD
 from nested.testing import SD_SCHEDULE, sd_pipeline, tiny_text_config
-from nested.toyworld import SCENES, STYLES, Context, caption, render, render_pair, split_identities
+from nested.toyworld import SCENES, STYLES, Context, Identity, caption, render, render_pair, split_identities
 
 IMAGE_SIZE = 64
+TEXT_LENGTH = 20  # tokens per prompt, BOS and EOS included; the longest world caption needs 15
 SCHEDULE = SD_SCHEDULE  # the noise schedule of training and of the saved DDIM scheduler
 
 Progress = Callable[[int, dict[str, float]], None]  # (step, logs) after each optimizer step
@@ -85,14 +89,25 @@ def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
-    """A random tiny CLIP text tower whose vocabulary and special ids match ``tokenizer``."""
+    """A random tiny CLIP text model with NO transformer layers, and ``tokenizer`` cut to ``TEXT_LENGTH``.
+
+    Nested attention changes only the subject token's value, so it needs a base model that reads the subject
+    from its class word, as SD reads "person" where it draws the person. A random deep causal tower does not
+    give that: it smears the whole sentence into every later token, and a UNet trained on it took ~80 % of
+    its cross-attention from the padding and 1-2 % from "person" (measured), so an adapter's value changed
+    the image by almost nothing. Per-token features (embedding + position + final norm) make each word carry
+    only itself, and a short context leaves few padding slots to absorb attention.
+    """
     torch.manual_seed(seed)
     config = tiny_text_config(tokenizer, projection_dim=64, hidden_size=64, heads=4)
+    config.num_hidden_layers = 0
+    config.max_position_embeddings = TEXT_LENGTH
+    tokenizer.model_max_length = TEXT_LENGTH
     return CLIPTextModel(config).eval().requires_grad_(False)
 
 
-def write_image_encoder(path: Path, seed: int) -> None:
-    """A random tiny CLIP vision tower (64 px, 8 px patches: 64 + 1 tokens of width 128) and its processor."""
+def build_image_encoder(seed: int) -> CLIPVisionModelWithProjection:
+    """A random tiny CLIP vision tower: 64 px, 8 px patches (64 + 1 tokens of width 128), two layers."""
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
         hidden_size=128,
@@ -103,9 +118,84 @@ def write_image_encoder(path: Path, seed: int) -> None:
         patch_size=8,
         projection_dim=64,
     )
-    CLIPVisionModelWithProjection(config).save_pretrained(path)
+    return CLIPVisionModelWithProjection(config)
+
+
+def write_image_encoder(path: Path, encoder: CLIPVisionModelWithProjection) -> None:
+    """Save ``encoder`` with a CLIP image processor for 64 px inputs (what ``nested`` loads as a backbone)."""
+    encoder.save_pretrained(path)
     size = {"shortest_edge": IMAGE_SIZE}
     CLIPImageProcessor(size=size, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+
+
+def render_views(
+    views: int, seed: int, people: Sequence[Identity] | None = None, held_out_fraction: float = 0.2
+) -> torch.Tensor:
+    """``views`` plain-background renders (a fresh nuisance each) of each of ``people`` (default: every TRAIN
+    face and pet), uint8 (identities, views, 3, 64, 64): the subject encoder's pretraining data."""
+    rng = random.Random(f"toybase-views-{seed}")
+    if people is None:
+        people = [i for domain in ("faces", "pets") for i in split_identities(domain, held_out_fraction)[0]]
+    images = [
+        [np.array(render(identity, Context("plain"), seed=rng.randrange(2**31))) for _ in range(views)]
+        for identity in people
+    ]
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 1, 4, 2, 3)
+
+
+def pooled_features(encoder: CLIPVisionModelWithProjection, images: torch.Tensor) -> torch.Tensor:
+    """Mean over all tokens of the last hidden state (what a fresh resampler's queries start by reading)."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    pixels = (images.float() / 255.0 - mean) / std
+    return encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-1].mean(1)
+
+
+def train_image_encoder(
+    encoder: CLIPVisionModelWithProjection,
+    views: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    temperature: float = 0.1,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> CLIPVisionModelWithProjection:
+    """Pretrain the subject encoder's backbone as a recognition model: InfoNCE between two renders of one
+    TRAIN identity (other nuisance) against the batch's other identities, on mean-pooled last-layer features.
+
+    This stands in for the pretrained CLIP / face-recognition backbones real encoders start from (the method
+    keeps them frozen). A random tower's features are dominated by what every image shares (position
+    embeddings, the plain background), so a fresh resampler reads nearly the same tokens for every subject
+    (measured: 0.5 % variation across references) and training cannot move off that. It never sees labels,
+    only which renders show the same subject; held-out identities stay unseen.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Sequential(
+        torch.nn.Linear(encoder.config.hidden_size, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)
+    )
+    parameters = [*encoder.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
+    encoder.train()
+    count, per_identity = views.shape[:2]
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=50)
+        people = torch.randperm(count, generator=generator)[:batch_size]
+        pick = torch.stack([torch.randperm(per_identity, generator=generator)[:2] for _ in people])
+        images = torch.cat([views[people, pick[:, 0]], views[people, pick[:, 1]]])
+        embeddings = F.normalize(head(pooled_features(encoder, images)), dim=-1)
+        first, second = embeddings.chunk(2)
+        logits = first @ second.T / temperature
+        target = torch.arange(len(people))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress(step, {"loss": loss.item(), "top1": (logits.argmax(1) == target).float().mean().item()})
+    return encoder.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- training data
@@ -285,7 +375,7 @@ def save_base_model(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
     tokenizer: CLIPTokenizer,
-    image_encoder_seed: int,
+    image_encoder: CLIPVisionModelWithProjection,
 ) -> Path:
     """Write an SD 1.x pipeline folder (safetensors) plus ``image_encoder/``; returns ``path``.
 
@@ -296,5 +386,10 @@ def save_base_model(
     unet, vae = copy.deepcopy(unet).half(), copy.deepcopy(vae).half()
     pipeline = sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
     pipeline.save_pretrained(path, safe_serialization=True)
-    write_image_encoder(path / "image_encoder", image_encoder_seed)
+    for part in ("unet", "vae"):  # a warm start (train_base.py --unet/--vae) records where it came from
+        config_file = path / part / "config.json"
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_image_encoder(path / "image_encoder", image_encoder)
     return path

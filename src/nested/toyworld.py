@@ -31,6 +31,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from nested.shards import INDEX_NAME, ShardReport, _build_time, _prepare_out, _ShardSink
 
 RGB = tuple[int, int, int]
+# Bumped whenever the same arguments would render different shards (drawing or caption changes), so
+# scripts/toyworld/make_world.py --skip-if-current renders stale shards again. 2: "a <person>" captions.
+WORLD_VERSION = 2
 DOMAINS: tuple[str, ...] = ("faces", "pets")
 CLASS_WORDS: dict[str, str] = {"faces": "person", "pets": "pet"}
 DEFAULT_TOKENS: dict[str, str] = {"faces": "<person>", "pets": "<pet>"}
@@ -210,16 +213,18 @@ def caption(domain_or_pair: str, context: Context, token: str | tuple[str, str] 
     """The caption of a render: class words (or subject tokens) and context, never identity.
 
     ``domain_or_pair`` is ``"faces"``, ``"pets"`` or ``"pair"`` (a person and a pet); for a pair
-    ``token`` is a ``(person_token, pet_token)`` tuple. ``"a photo of <person> at the beach"``.
+    ``token`` is a ``(person_token, pet_token)`` tuple. ``"a photo of a <person> at the beach"``.
     """
     if token is not None and isinstance(token, tuple) != (domain_or_pair == "pair"):
         raise ValueError(
             f"{domain_or_pair!r} captions take {'a token pair' if domain_or_pair == 'pair' else 'one token'}"
         )
+    # A token takes its class word's place after the article ("a <person>"), so replacing the token by its
+    # class word gives back exactly the caption the base model was trained on.
     if domain_or_pair == "pair":
-        subject = "a person and a pet" if token is None else f"{token[0]} and {token[1]}"
+        subject = "a person and a pet" if token is None else f"a {token[0]} and a {token[1]}"
     else:
-        subject = token or f"a {CLASS_WORDS[identity_class(domain_or_pair).DOMAIN]}"
+        subject = f"a {token or CLASS_WORDS[identity_class(domain_or_pair).DOMAIN]}"
     medium = {None: "a photo", "sketch": "a sketch", "painting": "a painting"}[context.style]
     text = f"{medium} of {subject}"
     return text if context.scene == "plain" else f"{text} {SCENES[context.scene]}"
@@ -238,7 +243,7 @@ _SUBJECTS = re.compile(r"(?:a \S+|\S+)(?: and (?:a \S+|\S+))?")
 def parse_caption(text: str) -> Context:
     """The :class:`Context` a caption asks for: the inverse of :func:`caption` for its context part.
 
-    Subject tokens and class words are ignored, so ``"a sketch of <person> and <pet> in the city"``
+    Subject tokens and class words are ignored, so ``"a sketch of a <person> and a <pet> in the city"``
     and ``"a sketch of a pet in the city"`` both give ``Context("city", "sketch")``; a caption
     without a scene phrase is the ``plain`` scene.
 
