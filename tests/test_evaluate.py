@@ -233,7 +233,8 @@ def test_eval_with_judges_scores_every_image_against_the_true_label_and_the_prom
     assert code == 0
 
     rows = _rows(out)
-    assert list(rows[0])[-4:] == list(JUDGE_COLUMNS)
+    attributes = [f"identity_attr_{a}" for a in FaceIdentity.ATTRIBUTES]
+    assert list(rows[0])[-9:] == [*JUDGE_COLUMNS, *attributes]
     assert len([r for r in rows if r["variant"] == "adapter"]) == 2 * 2 * 2  # subjects x prompts x strengths
     base = [r for r in rows if r["variant"] == "base"]
     assert len(base) == 2 * 2 and len({r["subject"] for r in base}) == 2  # base images vs every subject
@@ -243,16 +244,21 @@ def test_eval_with_judges_scores_every_image_against_the_true_label_and_the_prom
         assert float(row["identity_exact"]) <= float(row["identity_attributes"])
         assert float(row["context"]) <= float(row["context_scene"])
         assert row["prompt_alignment"] == "nan"  # --clip none
+        per_attribute = [float(row[c]) for c in attributes]  # the summaries are these, per attribute
+        assert set(per_attribute) <= {0.0, 1.0}
+        assert float(row["identity_attributes"]) == pytest.approx(sum(per_attribute) / len(attributes))
+        assert float(row["identity_exact"]) == float(all(per_attribute))
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["clip"] is None and summary["judges"] == str(JUDGES)
     points = summary["points"]
     assert [p["label"] for p in points] == ["base", "s=0.5", "s=1"]
-    _check_point_means(points, rows, [*JUDGE_COLUMNS, "identity_similarity"])
+    _check_point_means(points, rows, [*JUDGE_COLUMNS, *attributes, "identity_similarity"])
     refs = load_references(str(world_shards["faces"]), count=1, size=32, token="<person>")
     expected_chance = judge_chance(judged_subjects({"<person>": refs})[0])
     assert expected_chance["identity_exact"] == pytest.approx(1 / 1440)
     assert expected_chance["context"] == pytest.approx(1 / 24)
+    assert expected_chance["identity_attr_hair_style"] == pytest.approx(1 / 4)  # bald, short, long, spiky
     for point in points:
         assert point["prompt_alignment"] is None
         assert point["chance"] == pytest.approx(expected_chance)
@@ -304,6 +310,9 @@ def test_eval_pair_binds_both_adapters_and_judges_each_subject_in_its_half(
         assert float(row["identity_attributes"]) == pytest.approx(mean, abs=1e-5)
         mean = (float(row["identity_similarity_person"]) + float(row["identity_similarity_pet"])) / 2
         assert float(row["identity_similarity"]) == pytest.approx(mean, abs=1e-5)
+        pet = [float(row[f"identity_attr_{a}_pet"]) for a in PetIdentity.ATTRIBUTES]  # each token's own
+        assert float(row["identity_attributes_pet"]) == pytest.approx(sum(pet) / len(pet), abs=1e-5)
+        assert "identity_attr_eye_colour_person" in row and "identity_attr_eye_colour" not in row
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pair"] == ["<person>", "<pet>"]
@@ -311,6 +320,7 @@ def test_eval_pair_binds_both_adapters_and_judges_each_subject_in_its_half(
     chance = summary["points"][0]["chance"]
     assert chance["identity_exact"] == pytest.approx(1 / 1440 / 432)
     assert chance["identity_exact_pet"] == pytest.approx(1 / 432)
+    assert chance["identity_attr_species_pet"] == pytest.approx(1 / 2)
     assert all(p["chance"] == chance for p in summary["points"])
 
 

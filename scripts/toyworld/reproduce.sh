@@ -38,7 +38,11 @@ for arg in "$@"; do
 done
 mkdir -p "$OUT"
 TIMINGS="$OUT/timings.tsv"
-[ "$EVAL_ONLY" = 1 ] || : > "$TIMINGS"
+if [ "$EVAL_ONLY" = 1 ]; then  # keep the other stages' timings, replace the evaluations'
+    [ -f "$TIMINGS" ] && { grep -v '^eval-' "$TIMINGS" > "$TIMINGS.tmp" || true; mv "$TIMINGS.tmp" "$TIMINGS"; }
+else
+    : > "$TIMINGS"
+fi
 stage() {  # stage NAME COMMAND...: run, time, record
     local name=$1; shift
     local start; start=$(date +%s)

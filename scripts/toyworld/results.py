@@ -74,6 +74,32 @@ def domain_table(domain: str, runs: Path) -> tuple[list[str], dict[str, list[dic
     return lines, sweeps
 
 
+def attribute_table(domain: str, sweeps: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: each identity attribute's accuracy (``identity_attr_*``), base and every sweep point.
+
+    Exact identity needs every attribute at once; this table shows which ones an adapter does carry.
+    """
+    base = next(p for p in sweeps["nested"] if p["variant"] == "base")
+    columns = [key for key in base["chance"] if key.startswith("identity_attr_")]
+    if not columns:
+        return []  # evaluated before nested eval wrote per-attribute columns
+    names = [key.removeprefix("identity_attr_").replace("_", " ") for key in columns]
+    lines = [
+        f"Per attribute, **{domain}** (% right; chance in the header):",
+        "",
+        "| model | strength | "
+        + " | ".join(f"{n} ({_pct(base['chance'][c])})" for n, c in zip(names, columns, strict=True))
+        + " |",
+        "| --- | --- |" + " --- |" * len(columns),
+        "| base (no adapter) | - | " + " | ".join(_pct(base.get(c)) for c in columns) + " |",
+    ]
+    for method in METHODS:
+        for point in (p for p in sweeps[method] if p["variant"] == "adapter"):
+            cells = " | ".join(_pct(point.get(c)) for c in columns)
+            lines.append(f"| {method} | {point['strength']:g} | {cells} |")
+    return lines
+
+
 def pair_table(runs: Path) -> list[str]:
     """Markdown rows of the two-subject prompts: each subject judged in its half."""
     lines = [
@@ -227,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     for domain in DOMAINS:
         rows, sweeps_by_domain[domain] = domain_table(domain, args.runs)
         lines += [*rows, ""]
+        attributes = attribute_table(domain, sweeps_by_domain[domain])
+        lines += [*attributes, ""] if attributes else []
     lines += ["### Two subjects in one prompt (faces + pets adapters, each judged in its half)", ""]
     lines += [*pair_table(args.runs), ""]
     lines += ["### The judges", "", *judges_table(args.judges), ""]

@@ -2,9 +2,11 @@
 """Train the toy world's base model (issue 7, part 2) and write it as an SD 1.x diffusers folder.
 
 Stages, each timed: render a pool of train-identity images -> train the VAE -> cache latents -> train the
-UNet (EMA) -> pretrain the subject encoder's image backbone (identity-contrastive, train identities) -> save (atomically: a staging folder, then a rename) -> reload the folder through
+UNet (EMA) -> pretrain the subject encoder's image backbone (identity-contrastive, train identities) ->
+save (atomically: a staging folder, then a rename) -> reload the folder through
 ``StableDiffusionPipeline.from_pretrained`` and draw a sample sheet (one row per subject kind, one column per
-scene). See :mod:`nested.toybase` for the models.
+scene). See :mod:`nested.toybase` for the models. ``--vae``, ``--unet`` and ``--image-encoder`` start from
+(or reuse) trained parts, e.g. to train the UNet further.
 
     python scripts/toyworld/train_base.py --out data/models/toy-sd --sheet docs/toyworld-base.png
 """
@@ -34,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("data/models/toy-sd"), help="output model folder")
-    parser.add_argument("--pool", type=int, default=10000, help="rendered training images (default 10000)")
+    parser.add_argument("--pool", type=int, default=20000, help="rendered training images (default 20000)")
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument(
         "--vae", type=Path, default=None, help="reuse this trained VAE folder (skips its stage)"
@@ -44,7 +46,10 @@ def _parser() -> argparse.ArgumentParser:
         "--unet", type=Path, default=None,
         help="start the UNet from this trained folder (e.g. data/models/toy-sd/unet) instead of from scratch",
     )  # fmt: skip
-    parser.add_argument("--unet-steps", type=int, default=1800)
+    parser.add_argument(
+        "--unet-steps", type=int, default=4800,
+        help="UNet steps (default 4800: as many as the committed UNet had in its two legs, see its training.json)",
+    )  # fmt: skip
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument(

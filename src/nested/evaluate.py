@@ -42,11 +42,20 @@ from typing import Any
 from nested.eval_args import DTYPES as DTYPES
 from nested.eval_args import _check, column_suffix, eval_parser, read_prompts
 from nested.generate import run_user_command
+from nested.report import (
+    ATTRIBUTE_PREFIX,
+    JUDGE_METRICS,
+    _write_csv,
+    _write_grid,
+    plot_tradeoff,
+    result_columns,
+    summarize,
+)
 from nested.report import CSV_COLUMNS as CSV_COLUMNS
-from nested.report import JUDGE_METRICS, _write_csv, _write_grid, plot_tradeoff, result_columns, summarize
 
 __all__ = [
     "JudgedSubject",
+    "attribute_columns",
     "eval_parser",
     "judge_chance",
     "judge_images",
@@ -168,9 +177,11 @@ def judge_scores(
     context vs ``contexts`` (what each image's prompt asked for).
 
     ``identity_exact`` / ``identity_attributes`` cover every subject (all exact; mean fraction); with two
-    subjects, ``identity_exact_<token>`` / ``identity_attributes_<token>`` give each on its own.
+    subjects, ``identity_exact_<token>`` / ``identity_attributes_<token>`` give each on its own. Each
+    attribute has its own column too (:func:`attribute_columns`), so a partial transfer (skin and hair but
+    not the eyes) shows where exact identity cannot.
     """
-    from nested.judges import identity_match
+    from nested.judges import attribute_matches
 
     rows = []
     for k, asked in enumerate(contexts):
@@ -178,7 +189,10 @@ def judge_scores(
         exact, fractions = [], []
         for subject in subjects:
             predicted = predictions["identity"][(subject.domain, subject.half)][k]
-            right, fraction = identity_match(predicted, subject.label)
+            matches = attribute_matches(predicted, subject.label)
+            for attribute, column in attribute_columns([subject], len(subjects) > 1).items():
+                row[column] = float(matches[attribute])
+            right, fraction = all(matches.values()), sum(matches.values()) / len(matches)
             exact.append(right)
             fractions.append(fraction)
             if len(subjects) > 1:
@@ -206,9 +220,24 @@ def judge_images(
     return judge_scores(judge_predictions(judges, images, subjects), subjects, asked)
 
 
+def attribute_columns(subjects: list[JudgedSubject], suffixed: bool) -> dict[str, str]:
+    """Attribute name -> its results.csv column, ``identity_attr_<attribute>`` (``..._<token>`` if ``suffixed``,
+    i.e. with --pair), for every attribute of every subject's domain (for two subjects: keys collide, so
+    call this once per subject)."""
+    from nested.toyworld import identity_class
+
+    columns = {}
+    for subject in subjects:
+        suffix = f"_{column_suffix(subject.token)}" if suffixed else ""
+        for attribute in identity_class(subject.domain).ATTRIBUTES:
+            columns[attribute] = f"{ATTRIBUTE_PREFIX}{attribute}{suffix}"
+    return columns
+
+
 def judge_chance(subjects: list[JudgedSubject]) -> dict[str, float]:
     """Each judge column's value under uniform guessing: the level a model without the subject gets."""
     from nested.judges import CONTEXT_CHANCE, chance_levels
+    from nested.toyworld import identity_class
 
     levels = [chance_levels(subject.domain) for subject in subjects]
     chance = {
@@ -221,6 +250,10 @@ def judge_chance(subjects: list[JudgedSubject]) -> dict[str, float]:
         for subject, level in zip(subjects, levels, strict=True):
             chance[f"identity_exact_{column_suffix(subject.token)}"] = level["identity"]
             chance[f"identity_attributes_{column_suffix(subject.token)}"] = level["attributes"]
+    for subject in subjects:
+        values = identity_class(subject.domain).ATTRIBUTES
+        for attribute, column in attribute_columns([subject], len(subjects) > 1).items():
+            chance[column] = 1.0 / len(values[attribute])
     return chance
 
 
@@ -545,6 +578,10 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     suffixes = [column_suffix(t) for t in parsed["pair"]] if parsed["pair"] else []
     columns = result_columns(suffixes, judged=judges is not None)
+    for group in built:  # the judged attributes of every group's domain(s), in order, once
+        for subject in group.judged[0] if group.judged else []:
+            suffixed = len(group.judged[0]) > 1
+            columns += [c for c in attribute_columns([subject], suffixed).values() if c not in columns]
     _write_csv(context.rows, out / "results.csv", columns)
     chance = {g.name: judge_chance(g.judged[0]) for g in built if g.judged}
     names = [g.name for g in built]

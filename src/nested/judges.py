@@ -53,6 +53,7 @@ __all__ = [
     "context_heads",
     "default_config",
     "identity_heads",
+    "attribute_matches",
     "identity_match",
     "prepare_context",
     "prepare_identity",
@@ -85,8 +86,8 @@ def chance_levels(domain: str) -> dict[str, float]:
     }
 
 
-def identity_match(predicted: Mapping[str, str], truth: Mapping[str, Any]) -> tuple[bool, float]:
-    """``(all attributes right, fraction of attributes right)`` of a prediction against the truth.
+def attribute_matches(predicted: Mapping[str, str], truth: Mapping[str, Any]) -> dict[str, bool]:
+    """Per attribute of a prediction, whether it equals the truth.
 
     The attributes are the keys of ``predicted`` (a judge output); keys only in ``truth`` (like
     ``"domain"``) are ignored, so a shard's label dict can be passed as is.
@@ -96,8 +97,14 @@ def identity_match(predicted: Mapping[str, str], truth: Mapping[str, Any]) -> tu
     missing = [name for name in predicted if name not in truth]
     if missing:
         raise ValueError(f"identity_match: the truth {dict(truth)} lacks attributes {missing}")
-    right = sum(predicted[name] == truth[name] for name in predicted)
-    return right == len(predicted), right / len(predicted)
+    return {name: predicted[name] == truth[name] for name in predicted}
+
+
+def identity_match(predicted: Mapping[str, str], truth: Mapping[str, Any]) -> tuple[bool, float]:
+    """``(all attributes right, fraction of attributes right)`` of a prediction against the truth."""
+    matches = attribute_matches(predicted, truth)
+    right = sum(matches.values())
+    return right == len(matches), right / len(matches)
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CSV_COLUMNS", "JUDGE_COLUMNS", "plot_tradeoff", "result_columns", "summarize"]
+__all__ = ["ATTRIBUTE_PREFIX", "CSV_COLUMNS", "JUDGE_COLUMNS", "plot_tradeoff", "result_columns", "summarize"]
 
 CSV_COLUMNS = (
     "token",
@@ -24,12 +24,15 @@ CSV_COLUMNS = (
 )
 # With --judges (nested.judges): accuracies in [0, 1] per image, after the columns above.
 JUDGE_COLUMNS = ("identity_exact", "identity_attributes", "context_scene", "context")
+ATTRIBUTE_PREFIX = "identity_attr_"  # + attribute (+ "_<token>" with --pair): one column per attribute
 JUDGE_METRICS = {
     "identity_exact": "1 if the identity judge predicts every attribute of the reference's true label "
     "(with --pair: of both subjects, each in its half), else 0",
     "identity_attributes": "fraction of the true label's attributes the identity judge predicts (--pair: mean)",
     "context_scene": "1 if the context judge sees the scene the prompt asks for, else 0",
     "context": "1 if the context judge sees both the scene and the style the prompt asks for, else 0",
+    "identity_attr_<attribute>": "1 if the identity judge predicts that attribute of the true label, else 0 "
+    "(--pair: identity_attr_<attribute>_<token>)",
     "chance": "each judge column's value under uniform guessing (the no-subject level)",
 }
 
@@ -88,7 +91,9 @@ def summarize(
                 "prompt_alignment": alignment_mean,
                 "prompt_alignment_std": alignment_std,
             }
-            point.update({column: _mean_std([r[column] for r in selected])[0] for column in extra})
+            for column in extra:  # not a column of another token's domain (an attribute this one lacks)
+                if any(column in r for r in selected):
+                    point[column] = _mean_std([r[column] for r in selected])[0]
             point["n"] = len(selected)
             if chance and token in chance:
                 point["chance"] = dict(chance[token])
@@ -104,7 +109,9 @@ def _cell(column: str, value: Any) -> Any:
         return f"{value:.6f}"
     if column == "prompt_alignment":
         return f"{value:.4f}"
-    if column in JUDGE_COLUMNS or column.startswith(("identity_exact_", "identity_attributes_")):
+    if column in JUDGE_COLUMNS or column.startswith(
+        ("identity_exact_", "identity_attributes_", ATTRIBUTE_PREFIX)
+    ):
         return f"{value:.6g}"
     return value  # e.g. the strength: as before
 

@@ -14,9 +14,10 @@ generate``, ``nested eval``, :class:`~nested.pipeline.NestedPipeline`) loads it 
   trained with the epsilon objective on (render, class + context caption) pairs, captions dropped 10 % of
   the time for classifier-free guidance, weights exported from an EMA;
 * ``scheduler``: DDIM with SD's scaled-linear betas;
-* ``image_encoder/``: a random, frozen tiny CLIP vision tower (64 px, patch 8) for the subject encoder,
-  outside ``model_index.json`` (IP-Adapter's layout). Like a real CLIP it was never taught identities: the
-  adapter's trainable resampler has to learn to read them.
+* ``image_encoder/``: a tiny CLIP vision tower (64 px, patch 8) for the subject encoder, outside
+  ``model_index.json`` (IP-Adapter's layout), pretrained here as a recognition model on TRAIN identities
+  (:func:`train_image_encoder`) and frozen by the adapters, as the method freezes a pretrained CLIP. It
+  never saw attribute labels or held-out identities; the adapter's resampler learns to read it.
 
 The base model sees only TRAIN identities, and captions never name identity attributes, so it learns to draw
 "a person at the beach" with random identities: only an adapter can make it draw a given one.
