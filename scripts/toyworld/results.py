@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 DOMAINS = {"faces": "<person>", "pets": "<pet>"}
+# The largest single region of each domain's identity, the attribute an adapter carries first: plotted too.
+MAIN_ATTRIBUTE = {"faces": "identity_attr_hair_colour", "pets": "identity_attr_fur_colour"}
 METHODS = ("nested", "decoupled")
 README_START, README_END = "<!-- toyworld-results:start -->", "<!-- toyworld-results:end -->"
 
@@ -74,18 +76,19 @@ def domain_table(domain: str, runs: Path) -> tuple[list[str], dict[str, list[dic
     return lines, sweeps
 
 
-def attribute_table(domain: str, sweeps: dict[str, list[dict]]) -> list[str]:
+def attribute_table(title: str, sweeps: dict[str, list[dict]], suffix: str = "") -> list[str]:
     """Markdown rows: each identity attribute's accuracy (``identity_attr_*``), base and every sweep point.
 
     Exact identity needs every attribute at once; this table shows which ones an adapter does carry.
+    ``suffix``: a two-subject evaluation's token suffix (``"_person"``), selecting that subject's columns.
     """
     base = next(p for p in sweeps["nested"] if p["variant"] == "base")
-    columns = [key for key in base["chance"] if key.startswith("identity_attr_")]
+    columns = [k for k in base["chance"] if k.startswith("identity_attr_") and k.endswith(suffix)]
     if not columns:
         return []  # evaluated before nested eval wrote per-attribute columns
-    names = [key.removeprefix("identity_attr_").replace("_", " ") for key in columns]
+    names = [k.removeprefix("identity_attr_").removesuffix(suffix).replace("_", " ") for k in columns]
     lines = [
-        f"Per attribute, **{domain}** (% right; chance in the header):",
+        f"Per attribute, {title} (% right; chance in the header):",
         "",
         "| model | strength | "
         + " | ".join(f"{n} ({_pct(base['chance'][c])})" for n, c in zip(names, columns, strict=True))
@@ -204,7 +207,8 @@ def timings_table(runs: Path) -> list[str]:
 
 
 def plot(sweeps_by_domain: dict[str, dict[str, list[dict]]], path: Path) -> None:
-    """One panel per domain: identity accuracy (y: attributes solid, exact dashed) vs context accuracy (x).
+    """One panel per domain: identity accuracy (y: attributes solid, exact dashed, the domain's main colour
+    attribute dotted) vs context accuracy (x).
 
     Attribute accuracy is on the y axis as well as exact identity because it moves before exact identity
     does: a run that transfers skin and hair but not eye colour shows up here and not in the exact curve.
@@ -217,12 +221,16 @@ def plot(sweeps_by_domain: dict[str, dict[str, list[dict]]], path: Path) -> None
     figure, axes = plt.subplots(1, len(sweeps_by_domain), figsize=(5.5 * len(sweeps_by_domain), 4.5))
     for axis, (domain, sweeps) in zip(axes, sweeps_by_domain.items(), strict=True):
         base = next(p for p in sweeps["nested"] if p["variant"] == "base")
-        for key, style in (("identity_attributes", "-"), ("identity_exact", "--")):
-            axis.scatter([base["context"]], [base[key]], color="black", marker="s", label=f"base ({key[9:]})")
+        curves = [("identity_attributes", "-"), ("identity_exact", "--")]
+        if MAIN_ATTRIBUTE[domain] in base:
+            curves.append((MAIN_ATTRIBUTE[domain], ":"))
+        for key, style in curves:
+            name = key.removeprefix("identity_attr_").removeprefix("identity_").replace("_", " ")
+            axis.scatter([base["context"]], [base[key]], color="black", marker="s", label=f"base ({name})")
             for method, colour in zip(METHODS, ("tab:blue", "tab:orange"), strict=True):
                 points = [p for p in sweeps[method] if p["variant"] == "adapter"]
                 xs, ys = [p["context"] for p in points], [p[key] for p in points]
-                axis.plot(xs, ys, "o" + style, color=colour, label=f"{method} ({key[9:]})")
+                axis.plot(xs, ys, "o" + style, color=colour, label=f"{method} ({name})")
                 if key == "identity_attributes":
                     for p in points:
                         axis.annotate(f"s={p['strength']:g}", (p["context"], p[key]), fontsize=7)
@@ -230,7 +238,9 @@ def plot(sweeps_by_domain: dict[str, dict[str, list[dict]]], path: Path) -> None
         axis.set_xlabel("context accuracy (scene + style)")
         axis.set_ylabel("identity accuracy (dotted: chance)")
         axis.set_title(f"{domain}: held-out identities")
-        axis.set_xlim(0, 1.02)
+        # Zoomed to the measured contexts: when every point keeps the scene, the differences are small.
+        lowest = min(p["context"] for points in sweeps.values() for p in points)
+        axis.set_xlim(max(0.0, lowest - 0.1), 1.01)
         axis.set_ylim(0, 1.02)
         axis.legend(loc="upper right", fontsize=7)
     figure.tight_layout()
@@ -253,10 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     for domain in DOMAINS:
         rows, sweeps_by_domain[domain] = domain_table(domain, args.runs)
         lines += [*rows, ""]
-        attributes = attribute_table(domain, sweeps_by_domain[domain])
+        attributes = attribute_table(f"**{domain}**", sweeps_by_domain[domain])
         lines += [*attributes, ""] if attributes else []
     lines += ["### Two subjects in one prompt (faces + pets adapters, each judged in its half)", ""]
     lines += [*pair_table(args.runs), ""]
+    pair_sweeps = {m: _points(args.runs / f"eval-pairs-{m}" / "summary.json") for m in METHODS}
+    for token, domain in (("person", "faces"), ("pet", "pets")):
+        attributes = attribute_table(f"the {token} of each pair ({domain})", pair_sweeps, suffix=f"_{token}")
+        lines += [*attributes, ""] if attributes else []
     lines += ["### The judges", "", *judges_table(args.judges), ""]
     lines += [
         "Held-out renders, judged as drawn and after an encode/decode by the base model's VAE (a ceiling for",

@@ -173,6 +173,8 @@ def train_image_encoder(
     only which renders show the same subject; held-out identities stay unseen.
     """
     generator = torch.Generator().manual_seed(seed)
+    # The projection head (thrown away after training) draws its initialisation from the global generator,
+    # right after build_image_encoder seeded it: the same seed gives the same encoder.
     head = torch.nn.Sequential(
         torch.nn.Linear(encoder.config.hidden_size, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)
     )
