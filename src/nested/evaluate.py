@@ -181,7 +181,7 @@ def judge_scores(
     attribute has its own column too (:func:`attribute_columns`), so a partial transfer (skin and hair but
     not the eyes) shows where exact identity cannot.
     """
-    from nested.judges import attribute_matches
+    from nested.judges import attribute_matches, identity_match
 
     rows = []
     for k, asked in enumerate(contexts):
@@ -190,9 +190,9 @@ def judge_scores(
         for subject in subjects:
             predicted = predictions["identity"][(subject.domain, subject.half)][k]
             matches = attribute_matches(predicted, subject.label)
-            for attribute, column in attribute_columns([subject], len(subjects) > 1).items():
+            for attribute, column in attribute_columns(subject, len(subjects) > 1).items():
                 row[column] = float(matches[attribute])
-            right, fraction = all(matches.values()), sum(matches.values()) / len(matches)
+            right, fraction = identity_match(predicted, subject.label)
             exact.append(right)
             fractions.append(fraction)
             if len(subjects) > 1:
@@ -220,18 +220,13 @@ def judge_images(
     return judge_scores(judge_predictions(judges, images, subjects), subjects, asked)
 
 
-def attribute_columns(subjects: list[JudgedSubject], suffixed: bool) -> dict[str, str]:
+def attribute_columns(subject: JudgedSubject, suffixed: bool) -> dict[str, str]:
     """Attribute name -> its results.csv column, ``identity_attr_<attribute>`` (``..._<token>`` if ``suffixed``,
-    i.e. with --pair), for every attribute of every subject's domain (for two subjects: keys collide, so
-    call this once per subject)."""
+    i.e. with --pair), for every attribute of the subject's domain."""
     from nested.toyworld import identity_class
 
-    columns = {}
-    for subject in subjects:
-        suffix = f"_{column_suffix(subject.token)}" if suffixed else ""
-        for attribute in identity_class(subject.domain).ATTRIBUTES:
-            columns[attribute] = f"{ATTRIBUTE_PREFIX}{attribute}{suffix}"
-    return columns
+    suffix = f"_{column_suffix(subject.token)}" if suffixed else ""
+    return {a: f"{ATTRIBUTE_PREFIX}{a}{suffix}" for a in identity_class(subject.domain).ATTRIBUTES}
 
 
 def judge_chance(subjects: list[JudgedSubject]) -> dict[str, float]:
@@ -252,7 +247,7 @@ def judge_chance(subjects: list[JudgedSubject]) -> dict[str, float]:
             chance[f"identity_attributes_{column_suffix(subject.token)}"] = level["attributes"]
     for subject in subjects:
         values = identity_class(subject.domain).ATTRIBUTES
-        for attribute, column in attribute_columns([subject], len(subjects) > 1).items():
+        for attribute, column in attribute_columns(subject, len(subjects) > 1).items():
             chance[column] = 1.0 / len(values[attribute])
     return chance
 
@@ -581,7 +576,7 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     for group in built:  # the judged attributes of every group's domain(s), in order, once
         for subject in group.judged[0] if group.judged else []:
             suffixed = len(group.judged[0]) > 1
-            columns += [c for c in attribute_columns([subject], suffixed).values() if c not in columns]
+            columns += [c for c in attribute_columns(subject, suffixed).values() if c not in columns]
     _write_csv(context.rows, out / "results.csv", columns)
     chance = {g.name: judge_chance(g.judged[0]) for g in built if g.judged}
     names = [g.name for g in built]
