@@ -4,6 +4,7 @@ captions ask for; the training helpers are deterministic and learn."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,7 @@ def test_vae_and_unet_training_reduce_their_losses(tmp_path):
         1.0 / toybase.encode_latents(vae, pool.images[:32], scale=1.0).std().item(), rel=0.2
     )
 
-    from nested.testing import write_tiny_tokenizer
-
-    tokenizer = write_tiny_tokenizer(tmp_path / "tokenizer")
+    tokenizer = toybase.write_world_tokenizer(tmp_path / "tokenizer")
     text_encoder = toybase.build_text_encoder(tokenizer, seed=0)
     latents = toybase.encode_latents(vae, pool.images)
     unet_losses: list[float] = []
@@ -105,10 +104,16 @@ def test_vae_and_unet_training_reduce_their_losses(tmp_path):
     assert sum(unet_losses[-10:]) < sum(unet_losses[:10])
 
 
+def _script(name: str):
+    """Import ``scripts/toyworld/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(f"toy_{name}", REPO / "scripts" / "toyworld" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_results_interpolates_context_at_equal_identity():
-    spec = importlib.util.spec_from_file_location("toy_results", REPO / "scripts" / "toyworld" / "results.py")
-    results = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(results)
+    results = _script("results")
     curve = [{"identity_exact": 0.1, "context": 0.9}, {"identity_exact": 0.5, "context": 0.5}]
     assert results.context_at_identity(curve, 0.3) == pytest.approx(0.7)
     assert results.context_at_identity(curve, 0.1) == pytest.approx(0.9)
@@ -198,3 +203,85 @@ def test_committed_base_model_attends_to_the_class_word():
             pipe.scheduler.add_noise(latents, noise, timesteps), timesteps, pipe.text_encoder(tokens)[0]
         )
     assert len(shares) == 7 and max(shares.values()) >= 0.10, shares
+
+
+def test_world_tokenizer_keeps_every_tiny_id_and_makes_identity_words_whole(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from nested.testing import write_tiny_tokenizer
+    from nested.toyworld import contexts, identities
+
+    tiny = write_tiny_tokenizer(tmp_path / "tiny")
+    world = toybase.write_world_tokenizer(tmp_path / "world")
+    assert len(CLIPTokenizer.from_pretrained(tmp_path / "world")) == len(world) > len(tiny)
+    plain = [caption(d, c) for d in ("faces", "pets", "pair") for c in contexts()] + ["a background standing"]
+    assert world(plain).input_ids == tiny(plain).input_ids  # "round" in "background" is not split out
+    longest = 0
+    for domain in ("faces", "pets"):
+        for identity in identities(domain)[::7]:
+            text = toybase.described_caption(identity, Context("red", "painting"))  # the longest scene phrase
+            tokens = world.convert_ids_to_tokens(world(text).input_ids)
+            described = toybase.describe(identity).split()
+            words = [token.removesuffix("</w>") for token in tokens[6 : 6 + len(described)]]
+            assert words == described, (
+                tokens
+            )  # one token per word, right after the class word in every caption
+            longest = max(longest, len(tokens))
+    assert longest <= toybase.TEXT_LENGTH == world.model_max_length
+
+
+def test_described_captions_name_each_identity_uniquely():
+    from nested.toyworld import identities
+
+    for domain in ("faces", "pets"):
+        texts = {toybase.describe(identity) for identity in identities(domain)}
+        assert len(texts) == len(identities(domain))
+    pool = toybase.render_pool(40, seed=0, described_fraction=0.5)
+    described = [text for text in pool.captions if " with " in text]
+    assert 5 <= len(described) <= 30 and not any(" and a " in text for text in described)
+
+
+def test_text_encoder_grown_from_a_start_keeps_its_features(tmp_path):
+    from transformers import CLIPTextModel
+
+    from nested.testing import tiny_text_config, write_tiny_tokenizer
+
+    tiny = write_tiny_tokenizer(tmp_path / "tiny")
+    config = tiny_text_config(tiny, projection_dim=64, hidden_size=64, heads=4)
+    config.num_hidden_layers, config.max_position_embeddings = 0, 20  # the layout of the v2 base model
+    torch.manual_seed(5)
+    old = CLIPTextModel(config).eval()
+    world = toybase.write_world_tokenizer(tmp_path / "world")
+    grown = toybase.build_text_encoder(world, seed=1, start=old)
+    assert (
+        grown.config.vocab_size == len(world) and grown.config.max_position_embeddings == toybase.TEXT_LENGTH
+    )
+    ids = tiny(
+        ["a photo of a pet at night"], padding="max_length", max_length=20, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        assert torch.equal(old(ids).last_hidden_state, grown(ids).last_hidden_state)
+    with pytest.raises(ValueError, match="does not fit"):
+        toybase.build_text_encoder(tiny, seed=1, start=grown)
+
+
+def test_check_base_scores_described_and_plain_prompts_and_results_tables_them(tmp_path):
+    """check_base.py end to end on the committed model (a few images): every domain gets chance, plain and
+    words scores that are fractions, the mean is the mean of the attributes, and results.py tables them."""
+    out = tmp_path / "base-words.json"
+    assert (
+        _script("check_base").main(["--images", "4", "--steps", "2", "--batch-size", "4", "--out", str(out)])
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert set(report) == {"faces", "pets"}
+    for domain, kinds in report.items():
+        assert set(kinds) == {"chance", "plain", "words"}
+        for scores in kinds.values():
+            attributes = [v for k, v in scores.items() if k.startswith("attr_")]
+            assert len(attributes) == 5 and all(0 <= v <= 1 for v in scores.values())
+            assert scores["attributes"] == pytest.approx(sum(attributes) / 5)
+        assert kinds["chance"]["exact"] == pytest.approx(1 / (1440 if domain == "faces" else 432))
+    rows = _script("results").words_table(tmp_path)
+    assert sum(row.startswith("| identity in words |") for row in rows) == 2
+    assert rows[0].startswith("| faces | skin | hair colour |")

@@ -10,6 +10,8 @@
 #             by the current world version with the same arguments are kept, unless --fresh-world
 #   base      scripts/toyworld/train_base.py         -> $OUT/toy-sd        (skipped with --committed)
 #   judges    scripts/toyworld/train_judges.py       -> $OUT/judges        (skipped with --committed)
+#   base-words scripts/toyworld/check_base.py        -> $OUT/base-words.json (the base model told the
+#             identity in words: the ceiling an adapter works under)
 #   adapters  nested fit, faces and pets, injection nested and decoupled (two runs at a time)
 #   eval      nested eval on HELD-OUT identities for each adapter, then the two-subject prompts
 #   results   scripts/toyworld/results.py -> $OUT/results.md, benchmarks/toyworld.md (with --publish),
@@ -76,6 +78,9 @@ else
     stage base "$BIN/python" scripts/toyworld/train_base.py --out "$BASE" --overwrite --sheet "$OUT/base-sheet.png"
     stage judges "$BIN/python" scripts/toyworld/train_judges.py --out "$JUDGES" --threads 2
 fi
+
+[ "$EVAL_ONLY" = 1 ] || stage base-words "$BIN/python" scripts/toyworld/check_base.py --base "$BASE" \
+    --judges "$JUDGES" --out "$OUT/base-words.json"
 
 fit() {  # fit DOMAIN INJECTION
     local extra=()

@@ -2,7 +2,7 @@
 """Tables and the trade-off plot of a toy-world reproduction (scripts/toyworld/reproduce.sh).
 
 Reads ``RUNS/eval-{faces,pets}-{nested,decoupled}/summary.json``, ``RUNS/eval-pairs-*/summary.json``,
-``RUNS/timings.tsv`` and the judges' ``config.json`` (their accuracy on held-out real renders), and writes
+``RUNS/base-words.json`` (scripts/toyworld/check_base.py), ``RUNS/timings.tsv`` and the judges' ``config.json`` (their accuracy on held-out real renders), and writes
 ``RUNS/results.md`` and ``RUNS/tradeoff.png``. With ``--publish`` it also copies them to
 ``benchmarks/toyworld.md`` and ``docs/toyworld-tradeoff.png`` and replaces the README's block between
 ``<!-- toyworld-results:start -->`` and ``<!-- toyworld-results:end -->``.
@@ -195,6 +195,31 @@ def vae_ceiling(base: Path, judges_path: Path, count: int = 96, seed: int = 7) -
     return lines
 
 
+def words_table(runs: Path) -> list[str]:
+    """Markdown rows of ``check_base.py``: the base model prompted with and without the identity in words.
+
+    The "words" row is what the frozen base model can draw of a held-out identity when told it: the most an
+    adapter, which only changes the subject token's value, can be expected to reach.
+    """
+    path = runs / "base-words.json"
+    if not path.is_file():
+        return []
+    report = json.loads(path.read_text())
+    lines = []
+    for domain, kinds in report.items():
+        columns = list(kinds["plain"])
+        names = [c.removeprefix("attr_").replace("_", " ") for c in columns]
+        lines += [
+            f"| {domain} | " + " | ".join(names) + " |",
+            "| --- |" + " --- |" * len(columns),
+        ]
+        labels = {"chance": "chance", "plain": "class word only (the base row)", "words": "identity in words"}
+        for kind, label in labels.items():
+            lines.append(f"| {label} | " + " | ".join(_pct(kinds[kind][c]) for c in columns) + " |")
+        lines.append("")
+    return lines[:-1]
+
+
 def timings_table(runs: Path) -> list[str]:
     path = runs / "timings.tsv"
     if not path.is_file():
@@ -279,6 +304,17 @@ def main(argv: list[str] | None = None) -> int:
         *vae_ceiling(args.base, args.judges),
         "",
     ]
+    words = words_table(args.runs)
+    if words:
+        lines += [
+            "### What the base model draws when the prompt names the identity",
+            "",
+            "Held-out identities, % right (`scripts/toyworld/check_base.py`). An adapter drives the frozen base",
+            "model through one token's value, so the words row is about the most it can carry:",
+            "",
+            *words,
+            "",
+        ]
     timings = timings_table(args.runs)
     if timings:
         lines += ["### Wall-clock on this machine (2 CPU cores, shared)", "", *timings, ""]

@@ -5,8 +5,8 @@ Stages, each timed: render a pool of train-identity images -> train the VAE -> c
 UNet (EMA) -> pretrain the subject encoder's image backbone (identity-contrastive, train identities) ->
 save (atomically: a staging folder, then a rename) -> reload the folder through
 ``StableDiffusionPipeline.from_pretrained`` and draw a sample sheet (one row per subject kind, one column per
-scene). See :mod:`nested.toybase` for the models. ``--vae``, ``--unet`` and ``--image-encoder`` start from
-(or reuse) trained parts, e.g. to train the UNet further.
+scene). See :mod:`nested.toybase` for the models. ``--vae``, ``--unet``, ``--text-encoder`` and
+``--image-encoder`` start from (or reuse) trained parts, e.g. to train the UNet further.
 
     python scripts/toyworld/train_base.py --out data/models/toy-sd --sheet docs/toyworld-base.png
 """
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
-from transformers import CLIPVisionModelWithProjection
+from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
 from nested import toybase
-from nested.testing import _tidy_tokenizer_folder, write_tiny_tokenizer
+from nested.testing import _tidy_tokenizer_folder
 from nested.toyworld import SCENES, Context, caption
 
 
@@ -37,11 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=Path("data/models/toy-sd"), help="output model folder")
     parser.add_argument("--pool", type=int, default=20000, help="rendered training images (default 20000)")
-    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument(
+        "--described", type=float, default=0.5,
+        help="fraction of single-subject captions that also name the identity (default 0.5; see"
+        " toybase.render_pool)",
+    )  # fmt: skip
+    parser.add_argument("--vae-steps", type=int, default=3000, help="VAE steps (default 3000)")
     parser.add_argument(
         "--vae", type=Path, default=None, help="reuse this trained VAE folder (skips its stage)"
     )
-    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-batch", type=int, default=16, help="VAE batch size (default 16)")
     parser.add_argument(
         "--unet", type=Path, default=None,
         help="start the UNet from this trained folder (e.g. data/models/toy-sd/unet) instead of from scratch",
@@ -50,8 +55,13 @@ def _parser() -> argparse.ArgumentParser:
         "--unet-steps", type=int, default=4800,
         help="UNet steps (default 4800: as many as the committed UNet had in its two legs, see its training.json)",
     )  # fmt: skip
-    parser.add_argument("--unet-batch", type=int, default=32)
-    parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-batch", type=int, default=32, help="UNet batch size (default 32)")
+    parser.add_argument("--unet-lr", type=float, default=1e-3, help="UNet peak learning rate (default 1e-3)")
+    parser.add_argument(
+        "--text-encoder", type=Path, default=None,
+        help="keep this text model's rows (the one --unet was trained with); new tokens and positions get"
+        " random rows",
+    )  # fmt: skip
     parser.add_argument(
         "--encoder-steps",
         type=int,
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
     started = time.time()
 
-    pool = toybase.render_pool(args.pool, seed=args.seed)
+    pool = toybase.render_pool(args.pool, seed=args.seed, described_fraction=args.described)
     times["render"] = time.time() - started
     print(f"rendered {len(pool.images)} images in {times['render']:.0f} s", file=sys.stderr)
 
@@ -141,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     times["latents"] = time.time() - mark
 
     mark = time.time()
-    tokenizer = write_tiny_tokenizer(staging / "tokenizer")
-    text_encoder = toybase.build_text_encoder(tokenizer, seed=args.seed + 1)
+    tokenizer = toybase.write_world_tokenizer(staging / "tokenizer")
+    start_text = None if args.text_encoder is None else CLIPTextModel.from_pretrained(args.text_encoder)
+    text_encoder = toybase.build_text_encoder(tokenizer, seed=args.seed + 1, start=start_text)
     torch.manual_seed(args.seed + 2)
     if args.unet is not None:
         start = UNet2DConditionModel.from_pretrained(args.unet, torch_dtype=torch.float32)
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer=tokenizer,
         image_encoder=image_encoder,
     )
-    _tidy_tokenizer_folder(staging / "tokenizer")
+    _tidy_tokenizer_folder(staging / "tokenizer", keep_tokenizer_json=True)
     times["total"] = time.time() - started
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     record = {"recipe": recipe, "seconds": {k: round(v, 1) for k, v in times.items()}}

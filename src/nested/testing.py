@@ -161,14 +161,16 @@ def build_tiny_tokenizer(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str,
     return vocab, merges
 
 
-def _tidy_tokenizer_folder(path: Path) -> None:
+def _tidy_tokenizer_folder(path: Path, keep_tokenizer_json: bool = False) -> None:
     """Make a saved tokenizer folder look like the real SD / SDXL ones.
 
     transformers 5 also writes ``tokenizer.json``: dropping it makes loading go through vocab.json +
-    merges.txt, as for the real repositories, which ship none. It also records how the tokenizer was last
-    loaded (``is_local``, ``local_files_only``) in tokenizer_config.json; that is not part of the model.
+    merges.txt, as for the real repositories, which ship none. Keep it (``keep_tokenizer_json``) when the
+    tokenizer has added tokens: transformers 5 stores them only there. It also records how the tokenizer was
+    last loaded (``is_local``, ``local_files_only``) in tokenizer_config.json; that is not part of the model.
     """
-    (path / "tokenizer.json").unlink(missing_ok=True)
+    if not keep_tokenizer_json:
+        (path / "tokenizer.json").unlink(missing_ok=True)
     config_file = path / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     for key in ("is_local", "local_files_only"):

@@ -42,6 +42,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import (
+    AddedToken,
     CLIPImageProcessor,
     CLIPTextModel,
     CLIPTokenizer,
@@ -50,11 +51,29 @@ from transformers import (
 )
 
 from nested.encoder import CLIP_MEAN, CLIP_STD
-from nested.testing import SD_SCHEDULE, sd_pipeline, tiny_text_config
-from nested.toyworld import SCENES, STYLES, Context, Identity, caption, render, render_pair, split_identities
+from nested.testing import (
+    SD_SCHEDULE,
+    _tidy_tokenizer_folder,
+    sd_pipeline,
+    tiny_text_config,
+    write_tiny_tokenizer,
+)
+from nested.toyworld import (
+    CLASS_WORDS,
+    SCENES,
+    STYLES,
+    Context,
+    FaceIdentity,
+    Identity,
+    caption,
+    identity_class,
+    render,
+    render_pair,
+    split_identities,
+)
 
 IMAGE_SIZE = 64
-TEXT_LENGTH = 20  # tokens per prompt, BOS and EOS included; the longest world caption needs 15
+TEXT_LENGTH = 24  # tokens per prompt, BOS and EOS included; the longest described caption needs 21
 SCHEDULE = SD_SCHEDULE  # the noise schedule of training and of the saved DDIM scheduler
 
 Progress = Callable[[int, dict[str, float]], None]  # (step, logs) after each optimizer step
@@ -89,8 +108,70 @@ def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
     )
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
-    """A random tiny CLIP text model with NO transformer layers, and ``tokenizer`` cut to ``TEXT_LENGTH``.
+def describe(identity: Identity) -> str:
+    """Words naming every attribute of ``identity``: ``"with tan skin blonde spiky hair azure eyes round face"``.
+
+    Only the base model's training captions use them (see :func:`render_pool`); adapter shards and prompts
+    never name identity, so there only the reference image can carry it.
+    """
+    if isinstance(identity, FaceIdentity):
+        i = identity
+        return (
+            f"with {i.skin} skin {i.hair_colour} {i.hair_style} hair {i.eye_colour} eyes {i.face_shape} face"
+        )
+    i = identity
+    return f"{i.species} with {i.fur_colour} {i.pattern} fur {i.ear_shape} ears {i.eye_colour} eyes"
+
+
+def described_caption(identity: Identity, context: Context) -> str:
+    """The caption of a render with its identity named after the class word, before the scene.
+
+    ``"a photo of a person with tan skin ... round face at the beach"``. The description sits right after
+    the class word so each attribute word has the same position in every context (the text model has no
+    layers, so position is all that tells "brown" skin from "brown" hair).
+    """
+    domain = identity.DOMAIN
+    # caption() writes its token after the article: a class word plus description reads "a person with ...".
+    return caption(domain, context, token=f"{CLASS_WORDS[domain]} {describe(identity)}")
+
+
+def description_vocabulary() -> list[str]:
+    """Every word :func:`describe` can write, in a fixed order."""
+    words = ["with", "skin", "hair", "eyes", "face", "fur", "ears"]
+    for domain in CLASS_WORDS:
+        for values in identity_class(domain).ATTRIBUTES.values():
+            words += [value for value in values if value not in words]
+    return words
+
+
+def write_world_tokenizer(path: Path) -> CLIPTokenizer:
+    """The toy base model's tokenizer: the tiny CLIP BPE plus whole-word tokens for the identity words.
+
+    The tiny BPE splits words it did not learn ("blonde" -> b, lo, n, d, e), and a text model without layers
+    cannot put the pieces back together. Added tokens keep every existing id (a UNet trained on the plain
+    tokenizer still reads its captions the same) and match whole words only, so "round" inside "background"
+    stays as it was. Prompts are cut to ``TEXT_LENGTH``. The folder keeps ``tokenizer.json``, where
+    transformers 5 stores added tokens.
+    """
+    tokenizer = write_tiny_tokenizer(path)
+    whole = set(tokenizer.get_vocab())
+    missing = [word for word in description_vocabulary() if f"{word}</w>" not in whole]
+    tokenizer.add_tokens([AddedToken(word, single_word=True, normalized=True) for word in missing])
+    tokenizer.model_max_length = TEXT_LENGTH
+    tokenizer.save_pretrained(path)
+    _tidy_tokenizer_folder(path, keep_tokenizer_json=True)
+    loaded = CLIPTokenizer.from_pretrained(path)
+    if len(loaded) != len(tokenizer):
+        raise RuntimeError(
+            f"world tokenizer at {path} reloads with {len(loaded)} tokens, not {len(tokenizer)}"
+        )
+    return loaded
+
+
+def build_text_encoder(
+    tokenizer: CLIPTokenizer, seed: int, start: CLIPTextModel | None = None
+) -> CLIPTextModel:
+    """A random tiny CLIP text model with NO transformer layers, sized for ``tokenizer`` and ``TEXT_LENGTH``.
 
     Nested attention changes only the subject token's value, so it needs a base model that reads the subject
     from its class word, as SD reads "person" where it draws the person. A random deep causal tower does not
@@ -98,13 +179,30 @@ def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
     its cross-attention from the padding and 1-2 % from "person" (measured), so an adapter's value changed
     the image by almost nothing. Per-token features (embedding + position + final norm) make each word carry
     only itself, and a short context leaves few padding slots to absorb attention.
+
+    ``start`` (a smaller earlier text model, e.g. before the identity words were added) keeps its rows: the
+    new model gives the same features to every token and position the old one had, so a UNet trained on it
+    can be trained further.
     """
     torch.manual_seed(seed)
     config = tiny_text_config(tokenizer, projection_dim=64, hidden_size=64, heads=4)
     config.num_hidden_layers = 0
     config.max_position_embeddings = TEXT_LENGTH
-    tokenizer.model_max_length = TEXT_LENGTH
-    return CLIPTextModel(config).eval().requires_grad_(False)
+    model = CLIPTextModel(config)
+    if start is not None:
+        new, old = model.state_dict(), start.state_dict()
+        if set(new) != set(old):
+            raise ValueError("build_text_encoder: start is not a text model of the same layout")
+        with torch.no_grad():
+            for name, tensor in old.items():
+                if (
+                    tensor.ndim == 0
+                    or tensor.shape[1:] != new[name].shape[1:]
+                    or len(tensor) > len(new[name])
+                ):
+                    raise ValueError(f"build_text_encoder: start's {name} {tuple(tensor.shape)} does not fit")
+                new[name][: len(tensor)] = tensor
+    return model.eval().requires_grad_(False)
 
 
 def build_image_encoder(seed: int) -> CLIPVisionModelWithProjection:
@@ -213,11 +311,18 @@ class RenderPool:
 
 
 def render_pool(
-    count: int, seed: int, pair_fraction: float = 0.2, held_out_fraction: float = 0.2
+    count: int,
+    seed: int,
+    pair_fraction: float = 0.2,
+    held_out_fraction: float = 0.2,
+    described_fraction: float = 0.0,
 ) -> RenderPool:
     """``count`` renders of TRAIN identities: faces, pets and person + pet pairs in every captioned context.
 
-    Deterministic in ``seed``. Captions use class words ("a photo of a person at the beach"), never identity.
+    Deterministic in ``seed``. Captions use class words ("a photo of a person at the beach"). A
+    ``described_fraction`` of the single-subject captions also name the identity (:func:`described_caption`),
+    as web captions describe the people in photos: that teaches the base model to draw a hair style or an ear
+    shape from a word, the pathway a subject token's value later drives. The rest, and all pairs, never do.
     """
     rng = random.Random(f"toybase-pool-{seed}")
     faces = split_identities("faces", held_out_fraction)[0]
@@ -233,7 +338,8 @@ def render_pool(
             domain = "faces" if index % 2 == 0 else "pets"
             identity = rng.choice(faces if domain == "faces" else pets)
             image = render(identity, context, seed=render_seed)
-            text = caption(domain, context)
+            described = described_fraction > 0 and rng.random() < described_fraction
+            text = described_caption(identity, context) if described else caption(domain, context)
         images.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
         captions.append(text)
     return RenderPool(torch.stack(images), captions)

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""How much of an identity the toy base model can draw when the prompt NAMES it (issue 7).
+
+Nested attention drives the base model through one token's value, so an adapter can only make the model draw
+what the model already knows how to draw from words. This measures that ceiling: held-out identities (never
+in any training caption) prompted with their attributes in words (``toybase.described_caption``), against the
+same prompts without them (the base row of the evaluation, where identity is random). The committed judges
+score every image.
+
+    python scripts/toyworld/check_base.py --base data/models/toy-sd --judges data/toyworld/judges \\
+        --out runs/toyworld/base-words.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from nested.judges import ToyJudges, attribute_matches, chance_levels
+from nested.toybase import described_caption
+from nested.toyworld import DOMAINS, caption, contexts, identity_class, split_identities
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--base", type=Path, default=Path("data/models/toy-sd"), help="base model folder")
+    parser.add_argument("--judges", type=Path, default=Path("data/toyworld/judges"), help="judges folder")
+    parser.add_argument(
+        "--images", type=int, default=96, help="images per domain and prompt kind (default 96)"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as nested eval)")
+    parser.add_argument(
+        "--guidance", type=float, default=5.0, help="guidance scale (default 5, as nested eval)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the scores here (JSON)")
+    return parser
+
+
+@torch.no_grad()
+def score(pipe, judges: ToyJudges, domain: str, count: int, *, described: bool, args) -> dict[str, float]:
+    """Per-attribute and exact accuracy of ``count`` images of held-out identities (cycled), every context."""
+    held_out = split_identities(domain)[1]
+    step = max(1, len(held_out) // count)
+    subjects = [held_out[(i * step) % len(held_out)] for i in range(count)]
+    scenes = contexts()
+    prompts = [
+        described_caption(s, scenes[i % len(scenes)])
+        if described
+        else caption(domain, scenes[i % len(scenes)])
+        for i, s in enumerate(subjects)
+    ]
+    hits: dict[str, float] = dict.fromkeys(identity_class(domain).ATTRIBUTES, 0.0)
+    exact = 0
+    generator = torch.Generator().manual_seed(args.seed)
+    for start in tqdm(range(0, count, args.batch_size), desc=f"{domain} {'words' if described else 'plain'}",
+                      file=sys.stderr, mininterval=5):  # fmt: skip
+        batch = slice(start, start + args.batch_size)
+        images = pipe(prompts[batch], num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      generator=generator, output_type="pt").images  # fmt: skip
+        for predicted, truth in zip(judges.identity(domain, images), subjects[batch], strict=True):
+            matches = attribute_matches(predicted, truth.to_label())
+            for name, ok in matches.items():
+                hits[name] += ok
+            exact += all(matches.values())
+    result = {f"attr_{name}": value / count for name, value in hits.items()}
+    result["attributes"] = sum(hits.values()) / count / len(hits)
+    result["exact"] = exact / count
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.base, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    judges = ToyJudges.from_pretrained(args.judges)
+    report: dict[str, dict[str, dict[str, float]]] = {}
+    for domain in DOMAINS:
+        report[domain] = {
+            "plain": score(pipe, judges, domain, args.images, described=False, args=args),
+            "words": score(pipe, judges, domain, args.images, described=True, args=args),
+            "chance": {
+                **{f"attr_{n}": 1 / len(v) for n, v in identity_class(domain).ATTRIBUTES.items()},
+                "attributes": chance_levels(domain)["attributes"],
+                "exact": chance_levels(domain)["identity"],
+            },
+        }
+        columns = list(report[domain]["plain"])
+        print(f"{domain}: " + "  ".join(columns))
+        for kind in ("chance", "plain", "words"):
+            print(f"  {kind:>6}: " + "  ".join(f"{100 * report[domain][kind][c]:.1f}" for c in columns))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
