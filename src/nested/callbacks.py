@@ -85,4 +85,3 @@ class AdapterExport(L.Callback):
         self.last_path = self.export(trainer, pl_module, "last")
         if self.last_path is not None:
             rank_zero_info(f"nested: adapter exported to {self.last_path.resolve()}")
-            print(f"Adapter exported to {self.last_path.resolve()}")
