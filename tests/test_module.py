@@ -213,6 +213,23 @@ def test_dropout_rates_are_within_tolerance():
         ConditioningDropout(text=0.6, image=0.5)
 
 
+@pytest.mark.parametrize(("dropout", "bound"), [({"text": 1.0, "image": 0.0}, 1.0), ({"both": 1.0}, 0.0)])
+def test_text_dropout_keeps_the_subject_token_and_both_drops_it(tiny_sd_path, dropout, bound):
+    """Text-only dropout leaves the subject token as the whole caption, so the image still conditions every
+    sample; dropping both leaves an empty caption and no subject."""
+    module = make_module(tiny_sd_path, dropout=ConditioningDropout(**{"text": 0.0, "image": 0.0, "both": 0.0, **dropout}))
+    module.configure_model()
+    data = make_data(str(DEMO_FACES / "shards.json"))
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    seen: list[list[str]] = []
+    encode = module.backbone.encode_prompts
+    module.backbone.encode_prompts = lambda captions: seen.append(list(captions)) or encode(captions)
+    out = module.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    assert out["subject_fraction"] == bound
+    assert seen == [list(batch["subjects"]) if bound else [""] * len(batch["subjects"])]
+
+
 def test_every_adapter_weight_gets_a_gradient_even_when_all_subjects_dropped(tiny_sd_path):
     module = make_module(tiny_sd_path, dropout=ConditioningDropout(text=0.0, image=1.0, both=0.0))
     module.configure_model()

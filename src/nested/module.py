@@ -34,7 +34,8 @@ class ConditioningDropout:
     """Classifier-free-guidance dropout, drawn independently per sample (exclusive events).
 
     Attributes:
-        text: probability of dropping the caption only (the subject image still conditions).
+        text: probability of dropping the caption only: it becomes the subject token alone, so the subject
+            image still conditions.
         image: probability of dropping the subject image only (the caption keeps its token).
         both: probability of dropping caption and image together.
     """
@@ -239,8 +240,13 @@ class NestedAttentionModule(L.LightningModule):
             drop_text, drop_image = self.dropout.sample(batch_size, generator)
         else:
             drop_text = drop_image = torch.zeros(batch_size, dtype=torch.bool)
+        # Dropping the text keeps the subject token alone as the caption: nested attention reaches the
+        # image only through that token, so an empty caption would drop the image as well.
         captions = [
-            "" if drop else caption for caption, drop in zip(captions, drop_text.tolist(), strict=True)
+            ("" if no_image else subject) if no_text else caption
+            for caption, subject, no_text, no_image in zip(
+                captions, subjects, drop_text.tolist(), drop_image.tolist(), strict=True
+            )
         ]
 
         with torch.no_grad():
