@@ -217,7 +217,9 @@ def test_dropout_rates_are_within_tolerance():
 def test_text_dropout_keeps_the_subject_token_and_both_drops_it(tiny_sd_path, dropout, bound):
     """Text-only dropout leaves the subject token as the whole caption, so the image still conditions every
     sample; dropping both leaves an empty caption and no subject."""
-    module = make_module(tiny_sd_path, dropout=ConditioningDropout(**{"text": 0.0, "image": 0.0, "both": 0.0, **dropout}))
+    module = make_module(
+        tiny_sd_path, dropout=ConditioningDropout(**{"text": 0.0, "image": 0.0, "both": 0.0, **dropout})
+    )
     module.configure_model()
     data = make_data(str(DEMO_FACES / "shards.json"))
     data.setup("fit")
