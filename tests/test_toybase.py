@@ -285,3 +285,26 @@ def test_check_base_scores_described_and_plain_prompts_and_results_tables_them(t
     rows = _script("results").words_table(tmp_path)
     assert sum(row.startswith("| identity in words |") for row in rows) == 2
     assert rows[0].startswith("| faces | skin | hair colour |")
+
+
+def test_committed_base_model_draws_an_identity_it_is_told_in_words():
+    """The pathway an adapter drives: told a HELD-OUT identity in words, the base model draws it (the judges'
+    mean attribute accuracy >= 20 points over the same prompts with the class word only, where identity is
+    random). Measured at 96 images per domain: faces 66.5 vs 23.1 %, pets 68.8 vs 31.2 %."""
+    from argparse import Namespace
+
+    from diffusers import StableDiffusionPipeline
+
+    from nested.judges import ToyJudges
+
+    check_base = _script("check_base")
+    judges = ToyJudges.from_pretrained(REPO / "data" / "toyworld" / "judges")
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_SD, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    args = Namespace(steps=15, guidance=5.0, batch_size=16, seed=0)
+    for domain in ("faces", "pets"):
+        plain, words = (
+            check_base.score(pipe, judges, domain, 16, described=described, args=args)
+            for described in (False, True)
+        )
+        assert words["attributes"] >= plain["attributes"] + 0.2, (domain, plain, words)
