@@ -154,6 +154,33 @@ def test_eval_writes_one_row_per_image_and_plots_every_strength_and_the_base(
         assert grid.size == (4 * 32 + 5 * 2, 4 * 32 + 5 * 2)
 
 
+def test_eval_token_weight_changes_the_adapter_images_only_and_is_recorded(
+    tiny_sd_path, tiny_adapter, tiny_clip_path, tmp_path
+):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {token}\n")
+    subjects = _subjects(tmp_path / "subjects")
+    scores = {}
+    for weight in (None, "4"):
+        out = tmp_path / f"eval-{weight}"
+        argv = ["--base", str(tiny_sd_path), "--adapter", f"<person>={tiny_adapter}", "--prompts", str(prompts),
+                "--subjects", str(subjects), "--strengths", "1.0", "--seeds", "0", "--clip", str(tiny_clip_path),
+                "--steps", "2", "--height", "32", "--width", "32", "--out", str(out), "--no-progress",
+                "--no-images"]  # fmt: skip
+        assert main_eval(argv + (["--token-weight", f"<person>={weight}"] if weight else [])) == 0
+        with open(out / "results.csv") as file:
+            scores[weight] = {
+                (r["variant"], r["subject"]): float(r["identity_similarity"]) for r in csv.DictReader(file)
+            }
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["token_weights"] == ({"<person>": 4.0} if weight else {})
+    for key, plain in scores[None].items():
+        if key[0] == "base":
+            assert scores["4"][key] == pytest.approx(plain, abs=1e-6)
+        else:
+            assert abs(scores["4"][key] - plain) > 1e-4, key
+
+
 def test_eval_reports_a_prompt_without_the_token_in_one_line(tiny_adapter, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of {token}\na photo of a dog\n")
@@ -414,6 +441,8 @@ def test_eval_with_judges_says_which_reference_has_no_label(tiny_adapter, tmp_pa
         ({"prompt": "a photo of <person>"}, "names no scene"),
         ({"--pair": "<person>,<pet>"}, "--pair '<person>,<pet>' evaluates exactly the adapters"),
         ({"--pair": "<person>"}, "--pair expects two different tokens"),
+        ({"--token-weight": "<pet>=2"}, "'<pet>' has no --adapter"),
+        ({"--token-weight": "<person>=0"}, "the weight must be > 0"),
     ],
 )
 def test_eval_judges_and_pair_mistakes_end_in_one_line(tiny_adapter, tmp_path, capsys, change, message):

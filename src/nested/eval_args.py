@@ -90,6 +90,14 @@ def eval_parser() -> argparse.ArgumentParser:
         "--strengths", default="0.25,0.5,1.0", help="comma-separated subject strengths (default 0.25,0.5,1.0)"
     )
     sweep.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    sweep.add_argument(
+        "--token-weight",
+        action="append",
+        default=[],
+        metavar="TOKEN=W",
+        help="multiplies TOKEN's attention at every strength (the official demo's special_token_weight; "
+        "nested adapters only; default 1)",
+    )
     sweep.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     sweep.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
     sweep.add_argument("--negative-prompt", default=None)
@@ -253,6 +261,12 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
     adapters = _pairs(args.adapter, "--adapter")
     tokens = list(adapters)
     strengths = _numbers(args.strengths, "--strengths", float)
+    token_weights = _pairs(args.token_weight, "--token-weight", float)
+    for token, weight in token_weights.items():
+        if token not in adapters:
+            raise UsageError(f"--token-weight {token}={weight}: {token!r} has no --adapter.")
+        if weight <= 0:
+            raise UsageError(f"--token-weight {token}={weight}: the weight must be > 0.")
     seeds = _numbers(args.seeds, "--seeds", int)
     if args.steps < 1 or args.batch_size < 1 or args.max_subjects < 1 or args.grid_rows < 1:
         raise UsageError("--steps, --batch-size, --max-subjects and --grid-rows must be >= 1.")
@@ -283,6 +297,7 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         "pair": pair,
         "groups": groups,
         "strengths": strengths,
+        "token_weights": token_weights,
         "seeds": seeds,
         "prompts": prompts,
         "contexts": contexts,

@@ -318,6 +318,7 @@ class _Context:
     alignment: Any = None  # PromptAlignment, None with --clip none
     judges: Any = None  # ToyJudges with --judges
     contexts: dict[str, Any] = field(default_factory=dict)  # prompt -> the toy-world Context it asks for
+    token_weights: dict[str, float] = field(default_factory=dict)  # --token-weight
     rows: list[dict[str, Any]] = field(default_factory=list)
     thumbnails: dict[tuple, Any] = field(default_factory=dict)  # (group, subject, prompt, column) -> image
     grid_keys: list[tuple[str, int, int]] = field(default_factory=list)  # (group, subject, prompt) rows
@@ -343,7 +344,8 @@ class _Context:
                 output_type="pt",
             )
             if subjects:
-                kwargs.update(subjects=subjects, strengths=strengths)
+                weights = {t: w for t, w in self.token_weights.items() if t in subjects}
+                kwargs.update(subjects=subjects, strengths=strengths, token_weights=weights or None)
             images.append(self.pipe(chunk, **kwargs).images.float().cpu().clamp(0, 1))
             self.bar.update(len(chunk))
         return torch.cat(images)
@@ -563,6 +565,7 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         alignment=alignment,
         judges=judges,
         contexts=parsed["contexts"],
+        token_weights=parsed["token_weights"],
     )
     started = time.time()
     try:
@@ -609,6 +612,7 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "subjects": {g.name: [g.subject_name(i) for i in range(g.count)] for g in built},
         "prompts": {name: [p for _, p in parsed["prompts"][name]] for name in names},
         "strengths": strengths,
+        "token_weights": parsed["token_weights"],
         "seeds": seeds,
         "steps": args.steps,
         "guidance": args.guidance,
