@@ -13,16 +13,18 @@
 #   base-words scripts/toyworld/check_base.py        -> $OUT/base-words.json (the base model told the
 #             identity in words: the ceiling an adapter works under)
 #   adapters  nested fit, faces and pets, injection nested and decoupled (two runs at a time)
-#   eval      nested eval on HELD-OUT identities for each adapter, then the two-subject prompts
+#   eval      nested eval on HELD-OUT identities for each adapter, then the nested adapters again with
+#             --token-weight (the subject token's attention times TOKEN_WEIGHT), then the two-subject prompts
 #   results   scripts/toyworld/results.py -> $OUT/results.md, benchmarks/toyworld.md (with --publish),
 #             $OUT/tradeoff.png
 # Environment: OUT (default runs/toyworld), NESTED_BIN (default .venv/bin), STEPS (adapter steps, default
-# from the configs), SUBJECTS (held-out subjects per domain, default 8).
+# from the configs), SUBJECTS (held-out subjects per domain, default 8), TOKEN_WEIGHT (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${NESTED_BIN:-.venv/bin}
 OUT=${OUT:-runs/toyworld}
 SUBJECTS=${SUBJECTS:-8}
+TOKEN_WEIGHT=${TOKEN_WEIGHT:-3}
 export OMP_NUM_THREADS=1  # tiny models: one thread per process, two processes at a time on 2 cores
 COMMITTED=0
 FRESH_WORLD=0
@@ -97,13 +99,15 @@ if [ "$EVAL_ONLY" = 0 ]; then
     stage adapters-decoupled both "fit faces decoupled" "fit pets decoupled"
 fi
 
-evaluate() {  # evaluate DOMAIN INJECTION: held-out identities, every context, a strength sweep
+evaluate() {  # evaluate DOMAIN INJECTION [TOKEN_WEIGHT]: held-out identities, every context, a strength sweep
     local token; [ "$1" = faces ] && token='<person>' || token='<pet>'
+    local name="$1-$2" extra=(--strengths 0.5,1.0,1.5)
+    [ -n "${3:-}" ] && { name="$name-tw$3"; extra=(--strengths 1.0,1.5 --token-weight "$token=$3"); }
     "$BIN/nested" eval --base "$BASE" --adapter "$token=$OUT/$1-$2/adapters/last" \
         --subjects "$SHARDS/$1/held_out/shards.json" --max-subjects "$SUBJECTS" --reference-size 64 \
         --prompts "data/prompts/toyworld-$1.txt" --judges "$JUDGES" --clip none \
-        --strengths 0.5,1.0,1.5 --seeds 0 --steps 20 --batch-size 16 --no-images \
-        --no-progress --out "$OUT/eval-$1-$2" > "$OUT/eval-$1-$2.log" 2>&1
+        "${extra[@]}" --seeds 0 --steps 20 --batch-size 16 --no-images \
+        --no-progress --out "$OUT/eval-$name" > "$OUT/eval-$name.log" 2>&1
 }
 evaluate_pair() {  # evaluate_pair INJECTION: a held-out person and a held-out pet in one prompt
     "$BIN/nested" eval --base "$BASE" --pair '<person>,<pet>' \
@@ -118,6 +122,7 @@ export -f evaluate evaluate_pair
 export SHARDS JUDGES SUBJECTS
 stage eval-faces both "evaluate faces nested" "evaluate faces decoupled"
 stage eval-pets both "evaluate pets nested" "evaluate pets decoupled"
+stage eval-token-weight both "evaluate faces nested $TOKEN_WEIGHT" "evaluate pets nested $TOKEN_WEIGHT"
 stage eval-pairs both "evaluate_pair nested" "evaluate_pair decoupled"
 
 "$BIN/python" scripts/toyworld/results.py --runs "$OUT" --judges "$JUDGES" --base "$BASE" "${PUBLISH[@]}"

@@ -45,6 +45,16 @@ def context_at_identity(curve: list[dict], identity: float) -> float | None:
     return None
 
 
+def weighted_sweeps(domain: str, runs: Path) -> dict[str, list[dict]]:
+    """Extra nested sweeps at a token weight (``RUNS/eval-DOMAIN-nested-tw<W>``): label -> adapter points."""
+    sweeps = {}
+    for folder in sorted(runs.glob(f"eval-{domain}-nested-tw*")):
+        weight = folder.name.rsplit("-tw", 1)[1]
+        points = [p for p in _points(folder / "summary.json") if p["variant"] == "adapter"]
+        sweeps[f"nested, token weight {weight}"] = points
+    return sweeps
+
+
 def domain_table(domain: str, runs: Path) -> tuple[list[str], dict[str, list[dict]]]:
     """Markdown rows for one domain: chance, base, each method x strength; and the sweeps by method."""
     sweeps = {method: _points(runs / f"eval-{domain}-{method}" / "summary.json") for method in METHODS}
@@ -62,11 +72,11 @@ def domain_table(domain: str, runs: Path) -> tuple[list[str], dict[str, list[dic
         f"| {_pct(base['context'])} | {_pct(base['context_scene'])} | |",
     ]
     adapters = {m: [p for p in sweeps[m] if p["variant"] == "adapter"] for m in METHODS}
-    for method in METHODS:
-        for point in adapters[method]:
+    for method, points in {**adapters, **weighted_sweeps(domain, runs)}.items():
+        for point in points:
             matched = ""
             # Only where there is identity to match: at chance level every sweep "matches" trivially.
-            if method == "nested" and point["identity_exact"] >= 3 * chance["identity_exact"] > 0:
+            if method.startswith("nested") and point["identity_exact"] >= 3 * chance["identity_exact"] > 0:
                 matched = _pct(context_at_identity(adapters["decoupled"], point["identity_exact"]))
             lines.append(
                 f"| {method} | {point['strength']:g} | {_pct(point['identity_exact'])} "
@@ -76,11 +86,14 @@ def domain_table(domain: str, runs: Path) -> tuple[list[str], dict[str, list[dic
     return lines, sweeps
 
 
-def attribute_table(title: str, sweeps: dict[str, list[dict]], suffix: str = "") -> list[str]:
+def attribute_table(
+    title: str, sweeps: dict[str, list[dict]], suffix: str = "", extra: dict[str, list[dict]] | None = None
+) -> list[str]:
     """Markdown rows: each identity attribute's accuracy (``identity_attr_*``), base and every sweep point.
 
     Exact identity needs every attribute at once; this table shows which ones an adapter does carry.
     ``suffix``: a two-subject evaluation's token suffix (``"_person"``), selecting that subject's columns.
+    ``extra``: more labelled adapter sweeps (:func:`weighted_sweeps`).
     """
     base = next(p for p in sweeps["nested"] if p["variant"] == "base")
     columns = [k for k in base["chance"] if k.startswith("identity_attr_") and k.endswith(suffix)]
@@ -96,8 +109,9 @@ def attribute_table(title: str, sweeps: dict[str, list[dict]], suffix: str = "")
         "| --- | --- |" + " --- |" * len(columns),
         "| base (no adapter) | - | " + " | ".join(_pct(base.get(c)) for c in columns) + " |",
     ]
-    for method in METHODS:
-        for point in (p for p in sweeps[method] if p["variant"] == "adapter"):
+    labelled = {m: [p for p in sweeps[m] if p["variant"] == "adapter"] for m in METHODS} | (extra or {})
+    for method, points in labelled.items():
+        for point in points:
             cells = " | ".join(_pct(point.get(c)) for c in columns)
             lines.append(f"| {method} | {point['strength']:g} | {cells} |")
     return lines
@@ -288,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     for domain in DOMAINS:
         rows, sweeps_by_domain[domain] = domain_table(domain, args.runs)
         lines += [*rows, ""]
-        attributes = attribute_table(f"**{domain}**", sweeps_by_domain[domain])
+        attributes = attribute_table(
+            f"**{domain}**", sweeps_by_domain[domain], extra=weighted_sweeps(domain, args.runs)
+        )
         lines += [*attributes, ""] if attributes else []
     lines += ["### Two subjects in one prompt (faces + pets adapters, each judged in its half)", ""]
     lines += [*pair_table(args.runs), ""]
