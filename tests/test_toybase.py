@@ -308,3 +308,13 @@ def test_committed_base_model_draws_an_identity_it_is_told_in_words():
             for described in (False, True)
         )
         assert words["attributes"] >= plain["attributes"] + 0.2, (domain, plain, words)
+
+
+def test_results_finds_token_weight_sweeps_and_skips_their_logs(tmp_path):
+    folder = tmp_path / "eval-faces-nested-tw3"
+    folder.mkdir()
+    points = [{"variant": "base", "strength": None}, {"variant": "adapter", "strength": 1.0}]
+    (folder / "summary.json").write_text(json.dumps({"points": points}))
+    (tmp_path / "eval-faces-nested-tw3.log").write_text("a log, not a sweep\n")
+    sweeps = _script("results").weighted_sweeps("faces", tmp_path)
+    assert sweeps == {"nested, token weight 3": [points[1]]}
