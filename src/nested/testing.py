@@ -195,12 +195,23 @@ def write_tiny_tokenizer(path: str | Path, pad_token: str = EOS_TOKEN) -> CLIPTo
         pad_token=pad_token,
         model_max_length=77,
     )
+    return save_tokenizer(tokenizer, path, expected_tokens=len(vocab))
+
+
+def save_tokenizer(
+    tokenizer: CLIPTokenizer, path: Path, expected_tokens: int, keep_tokenizer_json: bool = False
+) -> CLIPTokenizer:
+    """Save ``tokenizer`` to ``path`` (tidied, see :func:`_tidy_tokenizer_folder`) and load it back.
+
+    Raises if the folder reloads with other than ``expected_tokens`` tokens: the offline fallback
+    tokenizer, or added tokens lost with ``tokenizer.json``, would otherwise go unnoticed.
+    """
     tokenizer.save_pretrained(path)
-    _tidy_tokenizer_folder(path)
+    _tidy_tokenizer_folder(path, keep_tokenizer_json=keep_tokenizer_json)
     loaded = CLIPTokenizer.from_pretrained(path)
-    if len(loaded) != len(vocab):
+    if len(loaded) != expected_tokens:
         raise RuntimeError(
-            f"tiny tokenizer at {path} reloads with {len(loaded)} tokens, expected {len(vocab)}"
+            f"tokenizer at {path} reloads with {len(loaded)} tokens, expected {expected_tokens}"
         )
     return loaded
 

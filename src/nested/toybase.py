@@ -53,7 +53,7 @@ from transformers import (
 from nested.encoder import CLIP_MEAN, CLIP_STD
 from nested.testing import (
     SD_SCHEDULE,
-    _tidy_tokenizer_folder,
+    save_tokenizer,
     sd_pipeline,
     tiny_text_config,
     write_tiny_tokenizer,
@@ -158,14 +158,7 @@ def write_world_tokenizer(path: Path) -> CLIPTokenizer:
     missing = [word for word in description_vocabulary() if f"{word}</w>" not in whole]
     tokenizer.add_tokens([AddedToken(word, single_word=True, normalized=True) for word in missing])
     tokenizer.model_max_length = TEXT_LENGTH
-    tokenizer.save_pretrained(path)
-    _tidy_tokenizer_folder(path, keep_tokenizer_json=True)
-    loaded = CLIPTokenizer.from_pretrained(path)
-    if len(loaded) != len(tokenizer):
-        raise RuntimeError(
-            f"world tokenizer at {path} reloads with {len(loaded)} tokens, not {len(tokenizer)}"
-        )
-    return loaded
+    return save_tokenizer(tokenizer, path, expected_tokens=len(tokenizer), keep_tokenizer_json=True)
 
 
 def build_text_encoder(
