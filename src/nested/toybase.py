@@ -7,20 +7,22 @@ generate``, ``nested eval``, :class:`~nested.pipeline.NestedPipeline`) loads it 
 * ``vae``: an :class:`~diffusers.AutoencoderKL` with spatial factor 4 (64 px images, 16 x 16 x 4 latents),
   trained here as a reconstruction autoencoder (L1 + MSE, a tiny KL term) on renders of the world;
 * ``text_encoder`` / ``tokenizer``: a random, FROZEN tiny CLIP text model with a real byte-level BPE
-  tokenizer (:func:`nested.testing.write_tiny_tokenizer`), 20-token prompts and no transformer layers, so
+  tokenizer (:func:`write_world_tokenizer`: the tiny BPE plus whole-word identity words), 24-token prompts
+  and no transformer layers, so
   every word's feature is that word's alone (see :func:`build_text_encoder`). It is never trained: the
   UNet's cross-attention learns to read it, as a real UNet reads a frozen CLIP;
 * ``unet``: an SD-layout :class:`~diffusers.UNet2DConditionModel` (cross-attention at 16 x 16 and 8 x 8),
-  trained with the epsilon objective on (render, class + context caption) pairs, captions dropped 10 % of
-  the time for classifier-free guidance, weights exported from an EMA;
+  trained with the epsilon objective on (render, caption) pairs, captions dropped 10 % of the time for
+  classifier-free guidance, weights exported from an EMA. Captions give class and context, and some also
+  name the identity (:func:`described_caption`), as web captions describe people;
 * ``scheduler``: DDIM with SD's scaled-linear betas;
 * ``image_encoder/``: a tiny CLIP vision tower (64 px, patch 8) for the subject encoder, outside
   ``model_index.json`` (IP-Adapter's layout), pretrained here as a recognition model on TRAIN identities
   (:func:`train_image_encoder`) and frozen by the adapters, as the method freezes a pretrained CLIP. It
   never saw attribute labels or held-out identities; the adapter's resampler learns to read it.
 
-The base model sees only TRAIN identities, and captions never name identity attributes, so it learns to draw
-"a person at the beach" with random identities: only an adapter can make it draw a given one.
+The base model sees only TRAIN identities. Prompted with the class word ("a person at the beach"), it draws a
+random identity: only an adapter (or naming the attributes in words) makes it draw a given one.
 """
 
 from __future__ import annotations
