@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Tables and the trade-off plot of a toy-world reproduction (scripts/toyworld/reproduce.sh).
 
-Reads ``RUNS/eval-{faces,pets}-{nested,decoupled}/summary.json``, ``RUNS/eval-pairs-*/summary.json``,
-``RUNS/base-words.json`` (scripts/toyworld/check_base.py), ``RUNS/timings.tsv`` and the judges' ``config.json`` (their accuracy on held-out real renders), and writes
+Reads ``RUNS/eval-{faces,pets}-{nested,decoupled}/summary.json`` (and ``-nested-tw<W>``),
+``RUNS/eval-pairs-*/summary.json``, ``RUNS/base-words.json`` (scripts/toyworld/check_base.py),
+``RUNS/timings.tsv`` and the judges' ``config.json`` (their accuracy on held-out real renders), and writes
 ``RUNS/results.md`` and ``RUNS/tradeoff.png``. With ``--publish`` it also copies them to
 ``benchmarks/toyworld.md`` and ``docs/toyworld-tradeoff.png`` and replaces the README's block between
 ``<!-- toyworld-results:start -->`` and ``<!-- toyworld-results:end -->``.
@@ -55,8 +56,11 @@ def weighted_sweeps(domain: str, runs: Path) -> dict[str, list[dict]]:
     return sweeps
 
 
-def domain_table(domain: str, runs: Path) -> tuple[list[str], dict[str, list[dict]]]:
-    """Markdown rows for one domain: chance, base, each method x strength; and the sweeps by method."""
+def domain_table(
+    domain: str, runs: Path, extra: dict[str, list[dict]]
+) -> tuple[list[str], dict[str, list[dict]]]:
+    """Markdown rows for one domain: chance, base, each method x strength, then the ``extra`` labelled
+    sweeps (:func:`weighted_sweeps`); and the sweeps by method."""
     sweeps = {method: _points(runs / f"eval-{domain}-{method}" / "summary.json") for method in METHODS}
     base = next(p for p in sweeps["nested"] if p["variant"] == "base")
     chance = base["chance"]
@@ -72,7 +76,7 @@ def domain_table(domain: str, runs: Path) -> tuple[list[str], dict[str, list[dic
         f"| {_pct(base['context'])} | {_pct(base['context_scene'])} | |",
     ]
     adapters = {m: [p for p in sweeps[m] if p["variant"] == "adapter"] for m in METHODS}
-    for method, points in {**adapters, **weighted_sweeps(domain, runs)}.items():
+    for method, points in {**adapters, **extra}.items():
         for point in points:
             matched = ""
             # Only where there is identity to match: at chance level every sweep "matches" trivially, and
@@ -306,11 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["### Held-out identities, one domain at a time", ""]
     sweeps_by_domain = {}
     for domain in DOMAINS:
-        rows, sweeps_by_domain[domain] = domain_table(domain, args.runs)
+        weighted = weighted_sweeps(domain, args.runs)
+        rows, sweeps_by_domain[domain] = domain_table(domain, args.runs, weighted)
         lines += [*rows, ""]
-        attributes = attribute_table(
-            f"**{domain}**", sweeps_by_domain[domain], extra=weighted_sweeps(domain, args.runs)
-        )
+        attributes = attribute_table(f"**{domain}**", sweeps_by_domain[domain], extra=weighted)
         lines += [*attributes, ""] if attributes else []
     lines += ["### Two subjects in one prompt (faces + pets adapters, each judged in its half)", ""]
     lines += [*pair_table(args.runs), ""]

@@ -116,12 +116,11 @@ def describe(identity: Identity) -> str:
     Only the base model's training captions use them (see :func:`render_pool`); adapter shards and prompts
     never name identity, so there only the reference image can carry it.
     """
-    if isinstance(identity, FaceIdentity):
-        i = identity
+    i = identity
+    if isinstance(i, FaceIdentity):
         return (
             f"with {i.skin} skin {i.hair_colour} {i.hair_style} hair {i.eye_colour} eyes {i.face_shape} face"
         )
-    i = identity
     return f"{i.species} with {i.fur_colour} {i.pattern} fur {i.ear_shape} ears {i.eye_colour} eyes"
 
 
@@ -333,6 +332,7 @@ def render_pool(
             domain = "faces" if index % 2 == 0 else "pets"
             identity = rng.choice(faces if domain == "faces" else pets)
             image = render(identity, context, seed=render_seed)
+            # No extra draw when nothing is described: a pool of the earlier recipe stays the same pool.
             described = described_fraction > 0 and rng.random() < described_fraction
             text = described_caption(identity, context) if described else caption(domain, context)
         images.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
