@@ -105,6 +105,50 @@ def test_only_the_adapter_trains_and_the_checkpoint_holds_no_frozen_weight(
     )
 
 
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_a_trained_placeholder_embedding_is_saved_and_read_back_at_inference(
+    kind, tiny_sd_path, tiny_sdxl_path, tmp_path
+):
+    """model.train_token_embeddings: the placeholder rows move (one per text encoder), the frozen text
+    encoders do not, and a fresh backbone with the exported adapter encodes prompts exactly as training did."""
+    from nested.backbone import DiffusionBackbone
+
+    path = {"sd": tiny_sd_path, "sdxl": tiny_sdxl_path}[kind]
+    module = make_module(path, train_token_embeddings=True)
+    module.configure_model()
+    before_frozen = frozen_state(module)
+    before = {k: v.detach().clone() for k, v in module.adapter.token_embeddings.items()}
+    assert len(before) == len(module.backbone.text_encoders)
+    make_trainer(tmp_path, max_steps=3).fit(module, datamodule=make_data(str(DEMO_FACES / "shards.json")))
+
+    assert all(torch.equal(v, frozen_state(module)[k]) for k, v in before_frozen.items()), "a frozen weight changed"
+    for key, vector in module.adapter.token_embeddings.items():
+        assert vector.requires_grad and not torch.equal(vector.detach(), before[key]), key
+
+    prompts = ["a photo of a <person> at the beach", "a photo of a person at the beach"]
+    with torch.no_grad():
+        trained = module.backbone.encode_prompts(prompts)
+        fresh = DiffusionBackbone.from_pretrained(str(path))
+        NestedAdapter.from_pretrained(tmp_path / "adapters" / "last").add_tokens(
+            fresh.tokenizers, fresh.text_encoders
+        )
+        loaded = fresh.encode_prompts(prompts)
+    torch.testing.assert_close(loaded.prompt_embeds, trained.prompt_embeds)
+    if kind == "sdxl":
+        torch.testing.assert_close(loaded.pooled_prompt_embeds, trained.pooled_prompt_embeds)
+    # The placeholder no longer reads as its class word; the class word itself is unchanged.
+    assert not torch.allclose(trained.prompt_embeds[0], trained.prompt_embeds[1])
+    with torch.no_grad():
+        plain = DiffusionBackbone.from_pretrained(str(path)).encode_prompts(prompts[1:])
+    torch.testing.assert_close(trained.prompt_embeds[1:], plain.prompt_embeds)
+
+
+def test_training_the_embedding_of_a_vocabulary_word_is_refused(tiny_sd_path):
+    module = make_module(tiny_sd_path, subjects={"person": "person"}, train_token_embeddings=True)
+    with pytest.raises(ValueError, match="no placeholder embedding to train.*<person>"):
+        module.configure_model()
+
+
 def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(tiny_sd_path, tmp_path):
     data = str(DEMO_FACES / "shards.json")
     first = make_module(tiny_sd_path)

@@ -225,6 +225,11 @@ def _unescape(key: str) -> str:
     return key.replace("__", ".")
 
 
+def _text_encoder_names(text_encoders: Sequence, names: Sequence[str] | None) -> list[str]:
+    """The diffusers attribute names of the text encoders: ``text_encoder``, ``text_encoder_2``, ..."""
+    return list(names or [f"text_encoder{'' if i == 0 else f'_{i + 1}'}" for i in range(len(text_encoders))])
+
+
 class NestedAdapter(nn.Module):
     """Subject encoder + per-layer nested projections (+ placeholder embeddings) of one adapter.
 
@@ -285,7 +290,8 @@ class NestedAdapter(nn.Module):
         return cls(config, subject_encoder)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The resampler and every nested projection (the frozen backbone is not a submodule)."""
+        """The resampler, every nested projection and, if :meth:`train_token_embeddings` was called, the
+        placeholder embeddings (the frozen backbone is not a submodule)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------ subjects
@@ -416,9 +422,7 @@ class NestedAdapter(nn.Module):
         """
         from nested.tokens import add_placeholder_token, get_token_embedding, set_token_embedding
 
-        names = list(
-            names or [f"text_encoder{'' if i == 0 else f'_{i + 1}'}" for i in range(len(text_encoders))]
-        )
+        names = _text_encoder_names(text_encoders, names)
         for token, class_word in self.config.placeholders.items():
             for name, tokenizer, text_encoder in zip(names, tokenizers, text_encoders, strict=True):
                 token_id = add_placeholder_token(tokenizer, text_encoder, token, class_word)
@@ -430,6 +434,36 @@ class NestedAdapter(nn.Module):
                     self.token_embeddings[key] = nn.Parameter(vector, requires_grad=False)
                     if name not in self.config.token_encoders:
                         self.config.token_encoders.append(name)
+
+    def train_token_embeddings(
+        self, tokenizers: Sequence, text_encoders: Sequence, names: Sequence[str] | None = None
+    ) -> list:
+        """Make the placeholder embeddings trainable (textual-inversion style, method.md section 7).
+
+        Call after :meth:`add_tokens` with the same tokenizers and text encoders. The text encoders stay
+        frozen: they read each placeholder's row from this adapter's Parameter through a forward hook
+        (:func:`~nested.tokens.read_token_embeddings_from`), so the trained rows are saved with the adapter
+        and loaded by :meth:`add_tokens` at inference. Returns the hooks' handles (``.remove()`` to undo).
+        """
+        from nested.tokens import read_token_embeddings_from, subject_token_ids
+
+        if not self.config.placeholders:
+            raise ValueError(
+                f"there is no placeholder embedding to train: the adapter's tokens {list(self.config.tokens)} "
+                "are vocabulary words. Bind a new token such as <person> (model.subjects: {<person>: person})."
+            )
+        handles = []
+        for name, tokenizer, text_encoder in zip(
+            _text_encoder_names(text_encoders, names), tokenizers, text_encoders, strict=True
+        ):
+            rows = {}
+            for token in self.config.placeholders:
+                parameter = self.token_embeddings[f"{name}:{token}"]  # KeyError: add_tokens was not called
+                parameter.requires_grad_(True)
+                (token_id,) = subject_token_ids(tokenizer, token)
+                rows[token_id] = parameter
+            handles.append(read_token_embeddings_from(text_encoder, rows))
+        return handles
 
     # -------------------------------------------------------------------------- save / load
     def adapter_state_dict(self) -> dict[str, Tensor]:

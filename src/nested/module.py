@@ -1,8 +1,8 @@
 """The LightningModule: a frozen diffusion backbone, a trainable nested adapter, the diffusion loss.
 
-What is trained: the adapter's resampler and nested projections. What is frozen and never
-checkpointed: the UNet, VAE, text encoder(s) and the image backbone. They are held outside the
-module tree (:class:`~nested.encoder.FrozenModules`), so ``state_dict()``, ``parameters()``, DDP
+What is trained: the adapter's resampler and nested projections (and, optionally, the placeholder
+token embeddings). What is frozen and never checkpointed: the UNet, VAE, text encoder(s) and the
+image backbone. They are held outside the module tree (:class:`~nested.encoder.FrozenModules`), so ``state_dict()``, ``parameters()``, DDP
 and weight averaging see only the trainable adapter; a resumed run reloads them from their paths.
 """
 
@@ -68,6 +68,10 @@ class NestedAttentionModule(L.LightningModule):
             ``{"<person>": "person"}``; a token equal to its class word needs no new embedding.
             The first is the adapter's default token. Each sample binds to its batch ``subjects`` entry.
         value_norm_factor: rescaling of the nested values relative to ||V_s|| (None: off).
+        train_token_embeddings: also train the placeholder tokens' input embeddings (``<person>``, initialised
+            from the class word), textual-inversion style; the text encoders stay frozen. One embedding shared
+            by every subject, so it cannot carry an identity: it learns how the token is read, e.g. how much
+            attention it draws. Saved in the adapter. Needs a placeholder token, not a vocabulary word.
         injection: ``"nested"`` (the method) or ``"decoupled"`` (IP-Adapter-style decoupled
             cross-attention with the same encoder and per-layer projections, for ablations; needs
             ``value_norm_factor: null``). Recorded in the exported adapter's config.
@@ -91,6 +95,7 @@ class NestedAttentionModule(L.LightningModule):
         encoder: EncoderSpec,
         subjects: dict[str, str] | None = None,
         value_norm_factor: float | None = None,
+        train_token_embeddings: bool = False,
         injection: InjectionMode = "nested",
         domain: str = "",
         dropout: ConditioningDropout | None = None,
@@ -126,6 +131,7 @@ class NestedAttentionModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.seed = seed
         self.value_norm_factor = value_norm_factor
+        self.train_token_embeddings = train_token_embeddings
         self.injection = injection
         self.domain = domain
         self.frozen: FrozenModules | None = None
@@ -156,6 +162,8 @@ class NestedAttentionModule(L.LightningModule):
         )
         adapter.config.extra_tokens = dict(extra)
         adapter.add_tokens(backbone.tokenizers, backbone.text_encoders)
+        if self.train_token_embeddings:
+            adapter.train_token_embeddings(backbone.tokenizers, backbone.text_encoders)
         adapter.attach(backbone.unet)
         modules = {"unet": backbone.unet, "vae": backbone.vae}
         modules.update({f"text_encoder_{i}": encoder for i, encoder in enumerate(backbone.text_encoders)})
@@ -255,6 +263,8 @@ class NestedAttentionModule(L.LightningModule):
             else:
                 pixels = batch["pixel_values"].to(device, backbone.vae.dtype)
                 latents = backbone.encode_images(pixels, generator=generator).float()
+        # The frozen text encoders need a graph only to carry gradients to trained placeholder embeddings.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_token_embeddings):
             conditioning = backbone.encode_prompts(captions)
 
         noise = torch.randn(latents.shape, generator=generator).to(device)

@@ -7,14 +7,16 @@ A subject is anchored to one text token (a class word such as ``person`` or a ne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "add_placeholder_token",
     "get_token_embedding",
+    "read_token_embeddings_from",
     "set_token_embedding",
     "subject_masks",
     "subject_masks_for_tokenizers",
@@ -154,3 +156,20 @@ def set_token_embedding(text_encoder: Any, token_id: int, vector: torch.Tensor) 
         )
     with torch.no_grad():
         weight[token_id] = vector.to(weight.device, weight.dtype)
+
+
+def read_token_embeddings_from(text_encoder: Any, rows: Mapping[int, torch.Tensor]) -> RemovableHandle:
+    """Make ``text_encoder`` embed each ``token_id`` in ``rows`` as the live tensor ``rows[token_id]`` (C,).
+
+    Used to train a placeholder's embedding while the text encoder stays frozen: its embedding matrix is
+    not touched, the rows are substituted in the output of its input-embedding layer, so gradients reach
+    only those tensors (e.g. the adapter's ``token_embeddings`` Parameters). ``handle.remove()`` undoes it.
+    """
+    def substitute(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        input_ids = args[0]
+        for token_id, vector in rows.items():
+            at_token = (input_ids == token_id).unsqueeze(-1)
+            output = torch.where(at_token, vector.to(output.device, output.dtype), output)
+        return output
+
+    return text_encoder.get_input_embeddings().register_forward_hook(substitute)
