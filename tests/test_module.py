@@ -121,7 +121,9 @@ def test_a_trained_placeholder_embedding_is_saved_and_read_back_at_inference(
     assert len(before) == len(module.backbone.text_encoders)
     make_trainer(tmp_path, max_steps=3).fit(module, datamodule=make_data(str(DEMO_FACES / "shards.json")))
 
-    assert all(torch.equal(v, frozen_state(module)[k]) for k, v in before_frozen.items()), "a frozen weight changed"
+    assert all(torch.equal(v, frozen_state(module)[k]) for k, v in before_frozen.items()), (
+        "a frozen weight changed"
+    )
     for key, vector in module.adapter.token_embeddings.items():
         assert vector.requires_grad and not torch.equal(vector.detach(), before[key]), key
 

@@ -165,6 +165,7 @@ def read_token_embeddings_from(text_encoder: Any, rows: Mapping[int, torch.Tenso
     not touched, the rows are substituted in the output of its input-embedding layer, so gradients reach
     only those tensors (e.g. the adapter's ``token_embeddings`` Parameters). ``handle.remove()`` undoes it.
     """
+
     def substitute(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         input_ids = args[0]
         for token_id, vector in rows.items():
