@@ -145,6 +145,15 @@ def test_a_trained_placeholder_embedding_is_saved_and_read_back_at_inference(
     torch.testing.assert_close(trained.prompt_embeds[1:], plain.prompt_embeds)
 
 
+def test_a_checkpoint_resumes_only_with_the_embedding_setting_it_was_trained_with(tiny_sd_path):
+    module = make_module(tiny_sd_path, train_token_embeddings=True)
+    module.configure_model()
+    state = module.state_dict()
+    with pytest.raises(ValueError, match="train_token_embeddings=False.*model.train_token_embeddings: false"):
+        module.on_load_checkpoint({"hyper_parameters": {}, "state_dict": state})  # from before the option
+    module.on_load_checkpoint({"hyper_parameters": dict(module.hparams), "state_dict": state})
+
+
 def test_training_the_embedding_of_a_vocabulary_word_is_refused(tiny_sd_path):
     module = make_module(tiny_sd_path, subjects={"person": "person"}, train_token_embeddings=True)
     with pytest.raises(ValueError, match="no placeholder embedding to train.*<person>"):

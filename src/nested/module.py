@@ -187,14 +187,17 @@ class NestedAttentionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()  # the adapter must exist before its state is loaded
-        # Both modes have the same tensors, so the key check below cannot tell them apart; a resumed
-        # ablation must not silently switch mode. Checkpoints from before the option are nested.
-        trained = (checkpoint.get("hyper_parameters") or {}).get("injection", "nested")
-        if trained != self.injection:
-            raise ValueError(
-                f"the checkpoint was trained with injection={trained!r}, this model is configured with "
-                f"injection={self.injection!r}; set model.injection: {trained} to resume it."
-            )
+        # These settings keep the same tensors, so the key check below cannot tell them apart: a resumed
+        # ablation must not silently switch mode, and a trained embedding changes the optimizer's groups.
+        # Checkpoints from before an option have no key and were trained with its default.
+        recorded = checkpoint.get("hyper_parameters") or {}
+        for option, default in (("injection", "nested"), ("train_token_embeddings", False)):
+            trained, configured = recorded.get(option, default), getattr(self, option)
+            if trained != configured:
+                raise ValueError(
+                    f"the checkpoint was trained with {option}={trained!r}, this model is configured with "
+                    f"{option}={configured!r}; set model.{option}: {str(trained).lower()} to resume it."
+                )
         if "state_dict" not in checkpoint:
             return  # FSDP loads the (full) state dict itself and removes it before this hook
         expected = set(self.state_dict())
