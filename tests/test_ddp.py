@@ -163,7 +163,9 @@ def run_fsdp_rank(out: Path, model: str) -> None:
 
     L.seed_everything(0, verbose=False)
     spec = EncoderSpec(backbone=f"{model}/image_encoder", num_tokens=4, width=32, depth=1, heads=2)
-    module = NestedAttentionModule(model, spec, learning_rate=1e-3)
+    # The placeholder embedding trains too: FSDP replaces the registered parameters with views of its flat
+    # parameter, which the text encoder's embedding hook must follow.
+    module = NestedAttentionModule(model, spec, learning_rate=1e-3, train_token_embeddings=True)
     data = NestedDataModule(
         [DomainSpec("faces", str(REPO / "data/demo/faces/shards.json"), "<person>")],
         resolution=64,
@@ -322,6 +324,9 @@ def test_fsdp_preset_shards_only_the_adapter_and_writes_full_checkpoints(tiny_sd
     assert checkpoint["global_step"] == 3 and all(k.startswith("adapter.") for k in checkpoint["state_dict"])
     assert len(checkpoint["NestedDataModule"]["ranks"]) == 2  # both ranks' stream positions
     assert checkpoint["optimizer_states"][0]["state"]  # the full AdamW state, gathered
+    (first,) = (tmp_path / "checkpoints").glob("*step=1.ckpt")
+    key = "adapter.token_embeddings.text_encoder:<person>"
+    assert not torch.equal(torch.load(first, weights_only=True)["state_dict"][key], checkpoint["state_dict"][key])
 
 
 def test_fsdp_preset_composes_with_a_config(capsys, monkeypatch):

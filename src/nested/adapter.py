@@ -456,14 +456,19 @@ class NestedAdapter(nn.Module):
         for name, tokenizer, text_encoder in zip(
             _text_encoder_names(text_encoders, names), tokenizers, text_encoders, strict=True
         ):
-            rows = {}
+            keys = {}  # token id -> its key in self.token_embeddings
             for token in self.config.placeholders:
-                parameter = self.token_embeddings[f"{name}:{token}"]  # KeyError: add_tokens was not called
-                parameter.requires_grad_(True)
+                key = f"{name}:{token}"
+                self.token_embeddings[key].requires_grad_(True)  # KeyError: add_tokens was not called
                 (token_id,) = subject_token_ids(tokenizer, token)
-                rows[token_id] = parameter
+                keys[token_id] = key
+            rows = functools.partial(self._token_embedding_rows, keys)
             handles.append(read_token_embeddings_from(text_encoder, rows))
         return handles
+
+    def _token_embedding_rows(self, keys: dict[int, str]) -> dict[int, Tensor]:
+        # Looked up at every forward: under FSDP the registered tensors change (views of a gathered flat param).
+        return {token_id: self.token_embeddings[key] for token_id, key in keys.items()}
 
     # -------------------------------------------------------------------------- save / load
     def adapter_state_dict(self) -> dict[str, Tensor]:

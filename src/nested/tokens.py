@@ -7,7 +7,7 @@ A subject is anchored to one text token (a class word such as ``person`` or a ne
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -158,17 +158,21 @@ def set_token_embedding(text_encoder: Any, token_id: int, vector: torch.Tensor) 
         weight[token_id] = vector.to(weight.device, weight.dtype)
 
 
-def read_token_embeddings_from(text_encoder: Any, rows: Mapping[int, torch.Tensor]) -> RemovableHandle:
-    """Make ``text_encoder`` embed each ``token_id`` in ``rows`` as the live tensor ``rows[token_id]`` (C,).
+def read_token_embeddings_from(
+    text_encoder: Any, rows: Callable[[], Mapping[int, torch.Tensor]]
+) -> RemovableHandle:
+    """Make ``text_encoder`` embed each ``token_id`` in ``rows()`` as the tensor ``rows()[token_id]`` (C,).
 
     Used to train a placeholder's embedding while the text encoder stays frozen: its embedding matrix is
     not touched, the rows are substituted in the output of its input-embedding layer, so gradients reach
-    only those tensors (e.g. the adapter's ``token_embeddings`` Parameters). ``handle.remove()`` undoes it.
+    only those tensors (e.g. the adapter's ``token_embeddings`` Parameters). ``rows`` is called at every
+    forward, not once: FSDP swaps a module's parameters for views of its gathered flat parameter, and a
+    tensor captured here would go stale. ``handle.remove()`` undoes it.
     """
 
     def substitute(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         input_ids = args[0]
-        for token_id, vector in rows.items():
+        for token_id, vector in rows().items():
             at_token = (input_ids == token_id).unsqueeze(-1)
             output = torch.where(at_token, vector.to(output.device, output.dtype), output)
         return output
