@@ -326,7 +326,9 @@ def test_fsdp_preset_shards_only_the_adapter_and_writes_full_checkpoints(tiny_sd
     assert checkpoint["optimizer_states"][0]["state"]  # the full AdamW state, gathered
     (first,) = (tmp_path / "checkpoints").glob("*step=1.ckpt")
     key = "adapter.token_embeddings.text_encoder:<person>"
-    assert not torch.equal(torch.load(first, weights_only=True)["state_dict"][key], checkpoint["state_dict"][key])
+    assert not torch.equal(
+        torch.load(first, weights_only=True)["state_dict"][key], checkpoint["state_dict"][key]
+    )
 
 
 def test_fsdp_preset_composes_with_a_config(capsys, monkeypatch):
