@@ -154,6 +154,27 @@ def test_a_checkpoint_resumes_only_with_the_embedding_setting_it_was_trained_wit
     module.on_load_checkpoint({"hyper_parameters": dict(module.hparams), "state_dict": state})
 
 
+def test_a_training_token_weight_reweights_the_subject_and_is_saved_in_the_adapter(tiny_sd_path, tmp_path):
+    data = make_data(str(DEMO_FACES / "shards.json"))
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    modules = [make_module(tiny_sd_path, token_weight=weight) for weight in (1.0, 3.0)]
+    for module in modules:
+        module.configure_model()
+    modules[1].adapter.load_state_dict(modules[0].adapter.state_dict())  # the same adapter, two weights
+    losses = [
+        m.diffusion_loss(batch, torch.Generator().manual_seed(0), apply_dropout=False)["loss"].item()
+        for m in modules
+    ]
+    assert abs(losses[0] - losses[1]) > 1e-7, "the token weight must act during training"
+    modules[1].adapter.save_pretrained(tmp_path / "adapter")
+    assert NestedAdapter.from_pretrained(tmp_path / "adapter").config.token_weight == 3.0
+    with pytest.raises(ValueError, match="token_weight=2.0 .*decoupled"):
+        make_module(tiny_sd_path, token_weight=2.0, injection="decoupled")
+    with pytest.raises(ValueError, match="model.token_weight must be > 0"):
+        make_module(tiny_sd_path, token_weight=0.0)
+
+
 def test_training_the_embedding_of_a_vocabulary_word_is_refused(tiny_sd_path):
     module = make_module(tiny_sd_path, subjects={"person": "person"}, train_token_embeddings=True)
     with pytest.raises(ValueError, match="no placeholder embedding to train.*<person>"):

@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from nested.adapter import NestedAdapter, cross_attention_layers
+from nested.adapter import AdapterConfig, NestedAdapter, cross_attention_layers
 from nested.encoder import EncoderSpec
 from nested.pipeline import NestedPipeline, Subject, load_image
 
@@ -248,6 +248,33 @@ def test_strength_token_weight_and_value_norm_factor(sd_pipe, sd_adapters):
     for other in (half, weighted, normed):
         assert (other - full).abs().max() > 1e-4
     assert (half - plain).abs().max() > 1e-4
+
+
+def test_an_adapter_trained_with_a_token_weight_uses_it_unless_a_call_sets_one(
+    sd_pipe, sd_adapters, tmp_path
+):
+    import json
+    import shutil
+
+    prompt, person = "a <person> on the beach", images(10)
+    trained_at_3 = shutil.copytree(sd_adapters["faces"], tmp_path / "faces-tw3")
+    config = json.loads((trained_at_3 / "adapter_config.json").read_text())
+    assert config["token_weight"] == 1.0  # the default, recorded
+    legacy = {
+        key: value for key, value in config.items() if key != "token_weight"
+    }  # written before the option
+    assert AdapterConfig.from_dict(legacy).token_weight == 1.0
+    (trained_at_3 / "adapter_config.json").write_text(json.dumps({**config, "token_weight": 3.0}))
+    subjects = {"<person>": person}
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
+        weight_1 = generate(nested, prompt, subjects=subjects)
+        weight_3 = generate(nested, prompt, subjects=subjects, token_weights={"<person>": 3.0})
+    with NestedPipeline(sd_pipe, {"<person>": trained_at_3}) as nested:
+        assert nested.adapter("<person>").config.token_weight == 3.0
+        torch.testing.assert_close(generate(nested, prompt, subjects=subjects), weight_3)
+        overridden = generate(nested, prompt, subjects={"<person>": Subject(person, token_weight=1.0)})
+        torch.testing.assert_close(overridden, weight_1)
+    assert (weight_3 - weight_1).abs().max() > 1e-4
 
 
 def test_images_from_paths_pil_and_tensors(tmp_path):

@@ -86,6 +86,9 @@ class AdapterConfig:
         extra_tokens: further tokens the adapter was trained on (token -> class word), e.g. the
             pets token of a faces + pets adapter.
         token_encoders: names of the text encoders that hold a placeholder embedding.
+        token_weight: the subject column's attention weight the adapter was trained with
+            (``model.token_weight``); inference uses it unless a call sets its own. Configs written before
+            this option have no key and are 1.
         injection: how the per-layer subject keys/values enter each cross-attention layer:
             ``"nested"`` (the subject token's value becomes a query-dependent nested attention) or
             ``"decoupled"`` (IP-Adapter-style: an image attention added to every query of a bound
@@ -103,11 +106,16 @@ class AdapterConfig:
     extra_tokens: dict[str, str] = field(default_factory=dict)
     token_encoders: list[str] = field(default_factory=list)
     injection: InjectionMode = "nested"
+    token_weight: float = 1.0
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         check_injection_mode(self.injection)
-        check_injection_options(self.injection, value_norm_factor=self.value_norm_factor)
+        if not self.token_weight > 0:
+            raise ValueError(f"token_weight must be > 0, got {self.token_weight}.")
+        check_injection_options(
+            self.injection, token_weight=self.token_weight, value_norm_factor=self.value_norm_factor
+        )
 
     @property
     def tokens(self) -> dict[str, str]:

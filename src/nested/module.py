@@ -68,6 +68,10 @@ class NestedAttentionModule(L.LightningModule):
             ``{"<person>": "person"}``; a token equal to its class word needs no new embedding.
             The first is the adapter's default token. Each sample binds to its batch ``subjects`` entry.
         value_norm_factor: rescaling of the nested values relative to ||V_s|| (None: off).
+        token_weight: multiplies the subject column's attention probability during training (the
+            official demo's ``special_token_weight``, which it applies at inference): > 1 widens the channel
+            nested attention drives the UNet through. Saved in the adapter, whose inference uses it by
+            default. Nested injection only.
         train_token_embeddings: also train the placeholder tokens' input embeddings (``<person>``, initialised
             from the class word), textual-inversion style; the text encoders stay frozen. One embedding shared
             by every subject, so it cannot carry an identity: it learns how the token is read, e.g. how much
@@ -95,6 +99,7 @@ class NestedAttentionModule(L.LightningModule):
         encoder: EncoderSpec,
         subjects: dict[str, str] | None = None,
         value_norm_factor: float | None = None,
+        token_weight: float = 1.0,
         train_token_embeddings: bool = False,
         injection: InjectionMode = "nested",
         domain: str = "",
@@ -112,7 +117,11 @@ class NestedAttentionModule(L.LightningModule):
             raise ValueError(f"frozen_dtype must be one of {sorted(_DTYPES)}, got {frozen_dtype!r}.")
         # Checked here, not when the adapter is built in configure_model: a bad config fails at startup.
         check_injection_mode(injection, "model.injection")
-        check_injection_options(injection, value_norm_factor=value_norm_factor, source="model")
+        if not token_weight > 0:
+            raise ValueError(f"model.token_weight must be > 0, got {token_weight}.")
+        check_injection_options(
+            injection, token_weight=token_weight, value_norm_factor=value_norm_factor, source="model"
+        )
         # Hyper-parameters as plain data, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["encoder", "dropout"])
         self.hparams["encoder"] = encoder.to_dict()
@@ -131,6 +140,7 @@ class NestedAttentionModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.seed = seed
         self.value_norm_factor = value_norm_factor
+        self.token_weight = token_weight
         self.train_token_embeddings = train_token_embeddings
         self.injection = injection
         self.domain = domain
@@ -161,6 +171,7 @@ class NestedAttentionModule(L.LightningModule):
             base_model=self.base_model,
         )
         adapter.config.extra_tokens = dict(extra)
+        adapter.config.token_weight = self.token_weight
         adapter.add_tokens(backbone.tokenizers, backbone.text_encoders)
         if self.train_token_embeddings:
             adapter.train_token_embeddings(backbone.tokenizers, backbone.text_encoders)
@@ -289,7 +300,9 @@ class NestedAttentionModule(L.LightningModule):
         for token in self.subjects:
             rows = torch.tensor([s == token for s in subjects]) & keep
             masks = subject_masks_for_tokenizers(backbone.tokenizers, captions, token) & rows[:, None]
-            bindings.append(SubjectBinding(tokens=tokens, masks=masks.to(device)))
+            bindings.append(
+                SubjectBinding(tokens=tokens, masks=masks.to(device), token_weight=self.token_weight)
+            )
         adapter.set_subjects(bindings)
         try:
             added = None

@@ -334,6 +334,8 @@ class NestedPipeline:
 
         masks, images = {}, {}
         for token, spec in specs.items():  # all checks before any encoding work
+            if spec.token_weight is None:  # the weight the adapter was trained with
+                spec.token_weight = self._tokens[token].adapter.config.token_weight
             check_injection_options(
                 self._tokens[token].adapter.config.injection,
                 token_weight=spec.token_weight,

@@ -37,18 +37,19 @@ class Subject:
         scale: blend of the subject token's value: 0 -> the plain text value, 1 -> the nested value.
             For an adapter with ``injection: "decoupled"``: the weight of its added image attention.
         token_weight: multiplies the attention probability of the subject column (the official demo's
-            ``special_token_weight``); > 1 strengthens the subject's presence. Nested adapters only.
+            ``special_token_weight``); > 1 strengthens the subject's presence. None: the weight the adapter
+            was trained with (1 unless trained with ``model.token_weight``). Nested adapters only.
         value_norm_factor: rescales the nested values to ``factor * ||V_s||``; None: the adapter's default.
             Nested adapters only.
     """
 
     image: ImageInput | Sequence[ImageInput]
     scale: float = 1.0
-    token_weight: float = 1.0
+    token_weight: float | None = None
     value_norm_factor: float | None = None
 
     def __post_init__(self) -> None:
-        if self.token_weight <= 0:
+        if self.token_weight is not None and not self.token_weight > 0:
             raise ValueError(f"token_weight must be > 0, got {self.token_weight}.")
 
 
