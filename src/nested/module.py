@@ -2,8 +2,9 @@
 
 What is trained: the adapter's resampler and nested projections (and, optionally, the placeholder
 token embeddings). What is frozen and never checkpointed: the UNet, VAE, text encoder(s) and the
-image backbone. They are held outside the module tree (:class:`~nested.encoder.FrozenModules`), so ``state_dict()``, ``parameters()``, DDP
-and weight averaging see only the trainable adapter; a resumed run reloads them from their paths.
+image backbone. They are held outside the module tree (:class:`~nested.encoder.FrozenModules`), so
+``state_dict()``, ``parameters()``, DDP and weight averaging see only the trainable adapter; a resumed
+run reloads them from their paths.
 """
 
 from __future__ import annotations
