@@ -60,6 +60,20 @@ def command(setup, out, *extra):
     ]
 
 
+def test_generate_records_the_token_weight_an_adapter_was_trained_with(setup, tmp_path):
+    import shutil
+
+    faces = shutil.copytree(setup["faces"], tmp_path / "faces-tw3")
+    config = json.loads((faces / "adapter_config.json").read_text())
+    (faces / "adapter_config.json").write_text(json.dumps({**config, "token_weight": 3.0}))
+    argv = command({**setup, "faces": faces}, tmp_path / "out", "--no-progress", "--token-weight", "<dog>=2")
+    assert main_generate(argv) == 0
+    settings = json.loads((tmp_path / "out" / "generation.json").read_text())
+    assert settings["adapters"]["<person>"]["token_weight"] == 3.0
+    assert settings["subjects"]["<person>"]["token_weight"] == 3.0  # the adapter's, no --token-weight
+    assert settings["subjects"]["<dog>"]["token_weight"] == 2.0  # the command line's
+
+
 def test_generate_writes_images_and_settings_and_is_reproducible(setup, tmp_path, capsys):
     assert main_generate(command(setup, tmp_path / "a")) == 0
     err = capsys.readouterr().err

@@ -32,7 +32,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from nested.attention import InjectionMode, NestedAttnProcessor, NestedSubject, check_injection_mode
+from nested.attention import (
+    InjectionMode,
+    NestedAttnProcessor,
+    NestedSubject,
+    check_injection_mode,
+    check_token_weight,
+)
 from nested.encoder import EncoderSpec, SubjectEncoder
 
 __all__ = ["AdapterConfig", "NestedAdapter", "SubjectBinding", "cross_attention_layers", "unet_fingerprint"]
@@ -111,8 +117,7 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         check_injection_mode(self.injection)
-        if not self.token_weight > 0:
-            raise ValueError(f"token_weight must be > 0, got {self.token_weight}.")
+        check_token_weight(self.token_weight)
         check_injection_options(
             self.injection, token_weight=self.token_weight, value_norm_factor=self.value_norm_factor
         )

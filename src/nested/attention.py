@@ -43,6 +43,7 @@ __all__ = [
     "nested_attention_subjects",
     "NestedAttnProcessor",
     "check_injection_mode",
+    "check_token_weight",
 ]
 
 InjectionMode = Literal["nested", "decoupled"]
@@ -56,6 +57,13 @@ def check_injection_mode(mode: str, source: str = "injection") -> str:
         allowed = ", ".join(repr(m) for m in INJECTION_MODES)
         raise ValueError(f"{source} must be one of {allowed}; got {mode!r}.")
     return mode
+
+
+def check_token_weight(weight: float, source: str = "token_weight") -> float:
+    """``weight`` if it is > 0 (it becomes ``log(weight)`` on the subject's logits), else a ValueError."""
+    if not weight > 0:
+        raise ValueError(f"{source} must be > 0, got {weight}.")
+    return weight
 
 
 @dataclass
@@ -250,8 +258,7 @@ def _nested_attention_active(
         token_bias = torch.zeros(q.shape[0], tokens, dtype=q.dtype, device=q.device)
         for s, mask in zip(active, masks, strict=True):
             if s.token_weight != 1.0:
-                if s.token_weight <= 0:
-                    raise ValueError(f"token_weight must be > 0, got {s.token_weight}.")
+                check_token_weight(s.token_weight)
                 token_bias = token_bias + mask.to(q.dtype) * math.log(s.token_weight)
         token_bias = token_bias[:, None, None, :]
         mask_rows = token_bias if mask_rows is None else mask_rows + token_bias

@@ -96,7 +96,7 @@ def eval_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="TOKEN=W",
         help="multiplies TOKEN's attention at every strength (the official demo's special_token_weight; "
-        "nested adapters only; default 1)",
+        "nested adapters only; default: the weight its adapter was trained with, 1 unless set)",
     )
     sweep.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     sweep.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")

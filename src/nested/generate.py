@@ -116,7 +116,8 @@ def generate_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TOKEN=FLOAT",
-        help="multiplies TOKEN's attention (the demo's special_token_weight; default 1)",
+        help="multiplies TOKEN's attention (the demo's special_token_weight; default: the weight its adapter "
+        "was trained with, 1 unless set)",
     )
     subjects.add_argument(
         "--value-norm-factor",
@@ -287,7 +288,7 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> Path:
                 "image": str(path),
                 "sha256": _sha256(Path(path).expanduser()),
                 "strength": parsed["strengths"].get(token, 1.0),
-                "token_weight": parsed["token_weights"].get(token, 1.0),
+                "token_weight": parsed["token_weights"].get(token, pipe.adapter(token).config.token_weight),
                 "value_norm_factor": parsed["value_norm_factors"].get(
                     token, pipe.adapter(token).config.value_norm_factor
                 ),

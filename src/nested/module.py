@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding, check_injection_options
-from nested.attention import InjectionMode, check_injection_mode
+from nested.attention import InjectionMode, check_injection_mode, check_token_weight
 from nested.backbone import DiffusionBackbone
 from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
 from nested.tokens import subject_masks_for_tokenizers
@@ -118,8 +118,7 @@ class NestedAttentionModule(L.LightningModule):
             raise ValueError(f"frozen_dtype must be one of {sorted(_DTYPES)}, got {frozen_dtype!r}.")
         # Checked here, not when the adapter is built in configure_model: a bad config fails at startup.
         check_injection_mode(injection, "model.injection")
-        if not token_weight > 0:
-            raise ValueError(f"model.token_weight must be > 0, got {token_weight}.")
+        check_token_weight(token_weight, "model.token_weight")
         check_injection_options(
             injection, token_weight=token_weight, value_norm_factor=value_norm_factor, source="model"
         )

@@ -411,7 +411,7 @@ class NestedPipeline:
             strengths: token -> ``scale`` (0: plain text value, 1: the nested value; for a decoupled
                 adapter, the weight of its added image attention).
             token_weights: token -> ``token_weight`` (the demo's ``special_token_weight``; nested
-                adapters only).
+                adapters only); a token without one uses its adapter's trained ``token_weight``.
             value_norm_factors: token -> override of the adapter's ``value_norm_factor`` (nested
                 adapters only).
             num_images_per_prompt: images per prompt (all share the prompt's subject image).
@@ -447,6 +447,7 @@ class NestedPipeline:
                 "base_model": bound.adapter.config.base_model,
                 "num_tokens": bound.adapter.config.encoder.num_tokens,
                 "value_norm_factor": bound.adapter.config.value_norm_factor,
+                "token_weight": bound.adapter.config.token_weight,
                 "injection": bound.adapter.config.injection,
                 "placeholder_added": bound.placeholder,
             }

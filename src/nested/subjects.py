@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nested.attention import check_token_weight
 from nested.tokens import set_token_embedding
 
 __all__ = ["ImageInput", "Subject", "load_image"]
@@ -49,8 +50,8 @@ class Subject:
     value_norm_factor: float | None = None
 
     def __post_init__(self) -> None:
-        if self.token_weight is not None and not self.token_weight > 0:
-            raise ValueError(f"token_weight must be > 0, got {self.token_weight}.")
+        if self.token_weight is not None:
+            check_token_weight(self.token_weight)
 
 
 def load_image(image: ImageInput, name: str = "subject") -> Tensor:

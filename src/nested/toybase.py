@@ -8,8 +8,7 @@ generate``, ``nested eval``, :class:`~nested.pipeline.NestedPipeline`) loads it 
   trained here as a reconstruction autoencoder (L1 + MSE, a tiny KL term) on renders of the world;
 * ``text_encoder`` / ``tokenizer``: a random, FROZEN tiny CLIP text model with a real byte-level BPE
   tokenizer (:func:`write_world_tokenizer`: the tiny BPE plus whole-word identity words), 24-token prompts
-  and no transformer layers, so
-  every word's feature is that word's alone (see :func:`build_text_encoder`). It is never trained: the
+  and no transformer layers, so every word's feature is that word's alone (see :func:`build_text_encoder`). It is never trained: the
   UNet's cross-attention learns to read it, as a real UNet reads a frozen CLIP;
 * ``unet``: an SD-layout :class:`~diffusers.UNet2DConditionModel` (cross-attention at 16 x 16 and 8 x 8),
   trained with the epsilon objective on (render, caption) pairs, captions dropped 10 % of the time for
