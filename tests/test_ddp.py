@@ -113,6 +113,14 @@ def run_rank(out: Path, shard: str, model: str) -> None:
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    _shut_down()
+
+
+def _shut_down() -> None:
+    """Destroy the process group before the rank exits: left to interpreter exit, gloo's threads can
+    abort the process ("terminate called without an active exception", seen once under load)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def cpu_fsdp_strategy():
@@ -194,6 +202,7 @@ def run_fsdp_rank(out: Path, model: str) -> None:
         "frozen_in_tree": any("unet" in name for name, _ in wrapped.named_parameters()),
     }
     (out / f"fsdp-rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    _shut_down()
 
 
 # ----------------------------------------------------------------------------- tests
