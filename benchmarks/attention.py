@@ -24,6 +24,8 @@ exactly the plain output.
 
     python benchmarks/attention.py --config tiny --pairs 5 --warmup 1   # smoke run, ~20 s
     python benchmarks/attention.py --config sdxl --pairs 12 --warmup 1 --threads 1   # ~12 min
+    python benchmarks/attention.py --config narrow --latent 8 --tokens 16 --token-dim 32 --cfg \
+        --threads 1 --pairs 40 --no-flops   # the host cost per step: what bounds an eager GPU step
 
 Both wall-clock and process CPU time are recorded per step. On a shared machine read the CPU-time
 table of a ``--threads 1`` run: with two threads a busy neighbour stalls torch's thread barriers
@@ -47,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from nested.testing import SDXL_UNET_CONFIG
 
-SDXL_UNET = SDXL_UNET_CONFIG  # method.md section 9
+SDXL_UNET = SDXL_UNET_CONFIG
 # Same block types, a few channels: for a smoke run in seconds.
 TINY_UNET = {
     "sample_size": 32,
@@ -65,7 +67,21 @@ TINY_UNET = {
     "addition_time_embed_dim": 8,
     "projection_class_embeddings_input_dim": 32 + 6 * 8,
 }
-CONFIGS = {"sdxl": (SDXL_UNET, 1280), "tiny": (TINY_UNET, 32)}  # UNet config, pooled text width
+# The SDXL block structure (70 cross-attention layers) with 32-128 channels: its step costs almost no
+# arithmetic, so its time is the per-step host cost (Python, op dispatch), which bounds an eager GPU step.
+NARROW_SDXL_UNET = {
+    **SDXL_UNET,
+    "block_out_channels": (32, 64, 128),
+    "attention_head_dim": (1, 2, 4),
+    "cross_attention_dim": 64,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
+CONFIGS = {  # UNet config, pooled text width
+    "sdxl": (SDXL_UNET, 1280),
+    "tiny": (TINY_UNET, 32),
+    "narrow": (NARROW_SDXL_UNET, 32),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TEXT_TOKENS = 77
 SUBJECT_POSITION = 5

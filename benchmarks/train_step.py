@@ -24,7 +24,7 @@ timed step therefore keeps the subjects bound until after ``backward()`` (the fi
 gradients with and without checkpointing.
 
 (b) Parameter counts of the real SDXL configuration built on the meta device (no download, no
-memory): the UNet (``/work/shared/method.md`` section 9), both text encoders, the VAE, the
+memory): the UNet, both text encoders, the VAE, the
 ViT-H/14 image backbone, and the trainable part, ``Resampler(1280, num_tokens=1024, width=1024,
 depth=4, heads=16, output_dim=1024)`` + one ``NestedLayer(1024, inner_dim, heads)`` per
 cross-attention layer of ``unet_fingerprint(unet)``; with bytes for trainable fp32 weights,
@@ -55,48 +55,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from nested.testing import SDXL_UNET_CONFIG
+from nested.testing import (
+    SDXL_TEXT_ENCODER_2_CONFIG,
+    SDXL_TEXT_ENCODER_CONFIG,
+    SDXL_UNET_CONFIG,
+    SDXL_VAE_CONFIG,
+    VIT_H_14_CONFIG,
+)
 
-SDXL_UNET = SDXL_UNET_CONFIG  # method.md section 9
-CLIP_L_TEXT: dict[str, Any] = {  # SDXL text_encoder: OpenAI CLIP ViT-L/14 text tower
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-}
-BIGG_TEXT: dict[str, Any] = {  # SDXL text_encoder_2: OpenCLIP ViT-bigG/14 text tower + projection
-    "vocab_size": 49408,
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-    "max_position_embeddings": 77,
-    "hidden_act": "gelu",
-    "projection_dim": 1280,
-}
-VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "sample_size": 1024,
-}
-VIT_H: dict[str, Any] = {  # OpenCLIP ViT-H/14 vision tower (IP-Adapter's image_encoder)
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 16,
-    "patch_size": 14,
-    "image_size": 224,
-    "projection_dim": 1024,
-    "hidden_act": "gelu",
-}
+SDXL_UNET = SDXL_UNET_CONFIG
+CLIP_L_TEXT: dict[str, Any] = {"vocab_size": 49408, **SDXL_TEXT_ENCODER_CONFIG}
+BIGG_TEXT: dict[str, Any] = {"vocab_size": 49408, **SDXL_TEXT_ENCODER_2_CONFIG}
+VAE = SDXL_VAE_CONFIG
+VIT_H = VIT_H_14_CONFIG
 RESAMPLER = {"num_tokens": 1024, "width": 1024, "depth": 4, "heads": 16, "output_dim": 1024}
 MB = 1024**2
 GIB = 1024**3

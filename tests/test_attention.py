@@ -1,5 +1,6 @@
 """The nested attention math against a naive reference that builds every per-query value."""
 
+import dataclasses
 import math
 
 import pytest
@@ -179,3 +180,64 @@ def test_gradients_reach_nested_keys_and_values():
     nested_values = [v.requires_grad_() for v in nested_values]
     nested_attention(query, key, value, nested_keys, nested_values, masks).square().sum().backward()
     assert nested_keys[0].grad.abs().sum() > 0 and nested_values[0].grad.abs().sum() > 0
+
+
+def _mixed_subjects(device, batch=4, heads=2, tokens=9, dim=8, generator=None):
+    """A nested subject on samples 0, 2, 3 (value norm, token weight, one shared image) and a
+    decoupled one on sample 1: every branch of the layer, with their presence known on the host."""
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device)
+
+    nested_mask = torch.zeros(batch, tokens, dtype=torch.bool)
+    nested_mask[[0, 2, 3], 4] = True
+    decoupled_mask = torch.zeros(batch, tokens, dtype=torch.bool)
+    decoupled_mask[1, 6] = True
+    nested = NestedSubject(
+        mask=nested_mask.to(device),
+        keys=randn(1, heads, 3, dim),
+        values=randn(1, heads, 3, dim),
+        image_index=torch.zeros(batch, dtype=torch.long, device=device),
+        value_norm_factor=2.0,
+        token_weight=2.0,
+        scale=0.8,
+    )
+    decoupled = NestedSubject(
+        mask=decoupled_mask.to(device),
+        keys=randn(batch, heads, 5, dim),
+        values=randn(batch, heads, 5, dim),
+        mode="decoupled",
+        scale=0.5,
+    )
+    return [nested, decoupled]
+
+
+def _with_presence(subjects):
+    return [dataclasses.replace(s, present=tuple(s.mask.cpu().any(-1).tolist())) for s in subjects]
+
+
+def test_known_presence_gives_the_same_output_as_reading_the_masks():
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(4, 2, 6 if i == 0 else 9, 8, generator=generator) for i in range(3))
+    subjects = _mixed_subjects("cpu", generator=generator)
+    read = nested_attention_subjects(query, key, value, subjects)
+    known = nested_attention_subjects(query, key, value, _with_presence(subjects))
+    assert torch.equal(read, known)
+    plain = F.scaled_dot_product_attention(query, key, value)
+    assert not torch.allclose(known[[0, 1, 2, 3]], plain, atol=1e-3)  # both subjects act
+
+
+def test_with_known_presence_no_branch_reads_a_tensor_value():
+    """On the meta device every read of a value (bool(), .tolist(), nonzero) raises: the layer's
+    path must run there when the subjects' presence is known, and fails there when it is not."""
+    meta = torch.device("meta")
+    query = torch.empty(4, 2, 6, 8, device=meta)
+    key, value = torch.empty(4, 2, 9, 8, device=meta), torch.empty(4, 2, 9, 8, device=meta)
+    presence = [s.present for s in _with_presence(_mixed_subjects("cpu"))]
+    subjects = [
+        dataclasses.replace(s, present=p) for s, p in zip(_mixed_subjects(meta), presence, strict=True)
+    ]
+    out = nested_attention_subjects(query, key, value, subjects)
+    assert out.shape == query.shape and out.is_meta
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        nested_attention_subjects(query, key, value, _mixed_subjects(meta))

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -41,7 +42,15 @@ from nested.attention import (
 )
 from nested.encoder import EncoderSpec, SubjectEncoder
 
-__all__ = ["AdapterConfig", "NestedAdapter", "SubjectBinding", "cross_attention_layers", "unet_fingerprint"]
+__all__ = [
+    "AdapterConfig",
+    "BatchLayout",
+    "NestedAdapter",
+    "SubjectBinding",
+    "check_bindings_disjoint",
+    "cross_attention_layers",
+    "unet_fingerprint",
+]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter.safetensors"
@@ -228,6 +237,60 @@ class SubjectBinding:
     value_norm_factor: float | None = None
     # layer name -> (keys, values), computed once per binding (not per denoising step).
     nested_kv: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+    # The tensors those keys and values are slices of (one per head dim).
+    projections: list[Tensor] = field(default_factory=list, repr=False)
+    # UNet batch size -> where the subject sits in such a batch, computed once per binding.
+    layouts: dict[int, BatchLayout] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where one binding's subject sits in a UNet batch of a given size, ready for every layer call.
+
+    Attributes:
+        masks: (B, T) bool on the device of the nested keys/values.
+        image_index: (B,) long on that device, or None (sample b uses image b).
+        present: ``masks.any(-1)`` on the host, so that no layer reads the masks back from the device.
+        marked: every (sample, token position) the subject marks, on the host (overlap checks).
+        memo: what the attention layers derive from the masks, built by the first layer that needs it
+            (:attr:`~nested.attention.NestedSubject.memo`).
+    """
+
+    masks: Tensor
+    image_index: Tensor | None
+    present: tuple[bool, ...]
+    marked: frozenset[tuple[int, int]]
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, masks: Tensor, image_index: Tensor | None, device: torch.device) -> BatchLayout:
+        """From (B, T) bool ``masks`` and (B,) ``image_index`` (any device; read once, here)."""
+        host = masks.detach().cpu()
+        return cls(
+            masks=masks.to(device),
+            image_index=None if image_index is None else image_index.to(device),
+            present=tuple(host.any(-1).tolist()),
+            marked=frozenset((int(b), int(t)) for b, t in host.nonzero().tolist()),
+        )
+
+
+def batch_layouts(binding: SubjectBinding, device: torch.device) -> dict[int, BatchLayout]:
+    """The layouts of ``binding`` for the UNet batches it can meet: its prompts, or twice them.
+
+    Diffusers pipelines run classifier-free guidance as ``cat([unconditional, conditional])``; when the
+    UNet batch is twice the bound prompts, the first half is the unconditional one and gets no subject.
+    """
+    rows = binding.masks.shape[0]
+    index = binding.image_index
+    doubled_index = torch.arange(rows) if index is None else index
+    return {
+        rows: BatchLayout.build(binding.masks, index, device),
+        2 * rows: BatchLayout.build(
+            torch.cat([torch.zeros_like(binding.masks), binding.masks]),
+            torch.cat([doubled_index, doubled_index]),
+            device,
+        ),
+    }
 
 
 def _escape(layer_name: str) -> str:
@@ -334,8 +397,46 @@ class NestedAdapter(nn.Module):
                 value_norm_factor=binding.value_norm_factor or None,  # a binding's 0 means off
                 source=f"adapter {self.config.token!r}",
             )
-            binding.nested_kv = {_unescape(key): layer(binding.tokens) for key, layer in self.layers.items()}
+            binding.nested_kv, binding.projections = self._project(binding.tokens)
+            binding.layouts = batch_layouts(binding, next(iter(binding.nested_kv.values()))[0].device)
+        check_bindings_disjoint(bindings)
         self._bindings = list(bindings)
+
+    def project(self, tokens: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Every layer's nested keys and values of (S, M, d) subject tokens: layer -> ((S, H, M, D), same).
+
+        Equal to calling each :class:`NestedLayer`, but one matrix product per head dim (SDXL: one for all
+        70 layers) instead of 140: on a GPU the per-layer launches, not the arithmetic, would dominate.
+        """
+        return self._project(tokens)[0]
+
+    def _project(self, tokens: Tensor) -> tuple[dict[str, tuple[Tensor, Tensor]], list[Tensor]]:
+        """:meth:`project`, and the (S, heads, M, D) tensors whose slices the keys and values are."""
+        by_head_dim: dict[int, list[tuple[str, NestedLayer]]] = {}
+        for key, layer in self.layers.items():
+            by_head_dim.setdefault(layer.to_k.out_features // layer.heads, []).append((key, layer))
+        projected: dict[str, tuple[Tensor, Tensor]] = {}
+        stacks = []
+        s, m, _ = tokens.shape
+        for head_dim, layers in by_head_dim.items():
+            weight = torch.cat([w for _, layer in layers for w in (layer.to_k.weight, layer.to_v.weight)])
+            heads = weight.shape[0] // head_dim
+            # (S, M, heads of every layer, D) -> (S, heads, M, D), contiguous once: every layer's keys and
+            # values are then contiguous slices, read by every denoising step's attention.
+            stack = (
+                F.linear(tokens.to(weight.dtype), weight)
+                .view(s, m, heads, head_dim)
+                .transpose(1, 2)
+                .contiguous()
+            )
+            start = 0
+            for key, layer in layers:
+                keys = stack[:, start : start + layer.heads]
+                values = stack[:, start + layer.heads : start + 2 * layer.heads]
+                projected[_unescape(key)] = (keys, values)
+                start += 2 * layer.heads
+            stacks.append(stack)
+        return projected, stacks
 
     def clear_subjects(self) -> None:
         self._bindings = []
@@ -346,14 +447,28 @@ class NestedAdapter(nn.Module):
         """Called by the processor of ``layer_name`` for a batch of ``batch_size`` samples."""
         subjects = []
         for binding in self._bindings:
-            masks, image_index = _expand_for_guidance(binding, batch_size)
+            layout = binding.layouts.get(batch_size)
+            if layout is None:
+                rows = binding.masks.shape[0]
+                raise ValueError(
+                    f"subjects were bound for {rows} prompts but the UNet got a batch of {batch_size} "
+                    f"(expected {rows}, or {2 * rows} with classifier-free guidance). Call set_subjects with "
+                    "one mask row per sample."
+                )
             keys, values = binding.nested_kv[layer_name]
+            if keys.dtype != dtype:
+                keys, values = keys.to(dtype), values.to(dtype)
+                if not (keys.requires_grad or values.requires_grad):
+                    # Inference (e.g. float32 projections on a float16 UNet): cast once, not at every step.
+                    binding.nested_kv[layer_name] = (keys, values)
             subjects.append(
                 NestedSubject(
-                    mask=masks.to(keys.device),
-                    keys=keys.to(dtype),
-                    values=values.to(dtype),
-                    image_index=None if image_index is None else image_index.to(keys.device),
+                    mask=layout.masks,
+                    keys=keys,
+                    values=values,
+                    image_index=layout.image_index,
+                    present=layout.present,
+                    memo=layout.memo,
                     # None: the adapter's default; 0: rescaling off for this binding.
                     value_norm_factor=self.config.value_norm_factor
                     if binding.value_norm_factor is None
@@ -401,7 +516,7 @@ class NestedAdapter(nn.Module):
                 attn.set_processor(registry[name])
             setattr(unet, _REGISTRY_ATTR, registry)
             # The layer modules are looked up once here, not on every UNet call.
-            hook = functools.partial(_reinstall_replaced_processors, layers)
+            hook = functools.partial(_before_unet_call, layers)
             setattr(unet, _HOOK_ATTR, unet.register_forward_pre_hook(hook))
         for processor in registry.values():
             if self not in processor.bindings:
@@ -594,44 +709,43 @@ class NestedAdapter(nn.Module):
         return adapter
 
 
-def _expand_for_guidance(binding: SubjectBinding, batch_size: int) -> tuple[Tensor, Tensor | None]:
-    """Masks for a UNet batch: as given, or doubled for classifier-free guidance.
+def check_bindings_disjoint(bindings: Sequence[SubjectBinding]) -> None:
+    """Raise a ValueError if two bound subjects mark the same token of a prompt (host-side sets only)."""
+    seen: dict[int, set[tuple[int, int]]] = {}
+    for binding in bindings:
+        rows = binding.masks.shape[0]
+        marked = binding.layouts[rows].marked
+        taken = seen.setdefault(rows, set())
+        clash = taken & marked
+        if clash:
+            sample, position = min(clash)
+            raise ValueError(
+                f"two subjects mark the same token position {position} in sample {sample}; each "
+                "subject must bind to its own token."
+            )
+        taken |= marked
 
-    Diffusers pipelines run ``cat([unconditional, conditional])``; when the UNet batch is twice
-    the bound prompts, the first half is the unconditional one and gets no subject.
+
+def _before_unet_call(layers: dict[str, nn.Module], unet: nn.Module, args) -> None:
+    """Forward pre-hook: put back processors replaced since attach; check that adapters' subjects are disjoint.
+
+    Both read only Python state (no tensor is read), so the hook costs no device sync.
     """
-    rows = binding.masks.shape[0]
-    if batch_size == rows:
-        return binding.masks, binding.image_index
-    if batch_size == 2 * rows:
-        masks = torch.cat([torch.zeros_like(binding.masks), binding.masks])
-        index = (
-            binding.image_index
-            if binding.image_index is not None
-            else torch.arange(rows, device=binding.masks.device)
-        )
-        return masks, torch.cat([index, index])
-    raise ValueError(
-        f"subjects were bound for {rows} prompts but the UNet got a batch of {batch_size} "
-        f"(expected {rows}, or {2 * rows} with classifier-free guidance). Call set_subjects with one mask row per sample."
-    )
-
-
-def _reinstall_replaced_processors(layers: dict[str, nn.Module], unet: nn.Module, args) -> None:
-    """Forward pre-hook: if something replaced our processors since attach, put them back."""
     registry: dict[str, NestedAttnProcessor] = getattr(unet, _REGISTRY_ATTR, {})
     replaced = [name for name, processor in registry.items() if layers[name].processor is not processor]
-    if not replaced:
-        return
-    warnings.warn(
-        f"the nested attention processors of {len(replaced)} layers were replaced (by set_attn_processor or "
-        "enable_xformers_memory_efficient_attention?) after the adapters were attached; re-attaching them. "
-        "The replacing processors are kept and restored on detach.",
-        stacklevel=2,
-    )
-    for name in replaced:
-        registry[name].original_processor = layers[name].processor
-        layers[name].set_processor(registry[name])
+    if replaced:
+        warnings.warn(
+            f"the nested attention processors of {len(replaced)} layers were replaced (by set_attn_processor or "
+            "enable_xformers_memory_efficient_attention?) after the adapters were attached; re-attaching them. "
+            "The replacing processors are kept and restored on detach.",
+            stacklevel=2,
+        )
+        for name in replaced:
+            registry[name].original_processor = layers[name].processor
+            layers[name].set_processor(registry[name])
+    adapters = next(iter(registry.values())).bindings if registry else []
+    if len(adapters) > 1:  # one adapter's subjects were checked when they were bound
+        check_bindings_disjoint([b for adapter in adapters for b in getattr(adapter, "_bindings", [])])
 
 
 def replace_directory(staging: Path, directory: Path) -> None:

@@ -26,9 +26,10 @@ bound sample, whatever that query attends to in the text:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -42,6 +43,7 @@ __all__ = [
     "nested_attention",
     "nested_attention_subjects",
     "NestedAttnProcessor",
+    "check_disjoint",
     "check_injection_mode",
     "check_token_weight",
 ]
@@ -84,6 +86,14 @@ class NestedSubject:
             (every query of a sample whose mask row is not all False gets ``scale * SDPA(q, K~, V~)``
             added; the text attention stays plain, so ``value_norm_factor`` must be None and
             ``token_weight`` 1).
+        present: ``mask.any(-1)`` known on the host, one bool per sample. A caller that binds the
+            same subject for many layer calls computes it once and passes it: the layer then never
+            reads the mask back from the device (on a GPU each read is a host-device sync), and the
+            caller is responsible for the subjects of one call marking disjoint positions. None:
+            read from ``mask`` at every call, and the subjects are checked for overlap.
+        memo: a dict the caller keeps for as long as ``mask``, ``present``, ``scale`` and
+            ``token_weight`` stay the same (a bound batch): the tensors the layer derives from them are
+            built once and kept there instead of being rebuilt in every layer and step. None: no memo.
     """
 
     mask: Tensor
@@ -94,6 +104,8 @@ class NestedSubject:
     scale: float = 1.0
     token_weight: float = 1.0
     mode: InjectionMode = "nested"
+    present: tuple[bool, ...] | None = None
+    memo: dict | None = field(default=None, repr=False, compare=False)
 
 
 def nested_attention(
@@ -138,6 +150,19 @@ def nested_attention(
     return nested_attention_subjects(query, key, value, subjects)
 
 
+def check_disjoint(masks: Sequence[Tensor]) -> None:
+    """Raise a ValueError if two of the (B, T) bool ``masks`` mark the same token of a sample."""
+    if len(masks) < 2:
+        return
+    overlap = torch.stack(list(masks)).sum(0) > 1
+    if overlap.any():
+        sample, position = (int(x) for x in overlap.nonzero()[0])
+        raise ValueError(
+            f"two subjects mark the same token position {position} in sample {sample}; each "
+            "subject must bind to its own token."
+        )
+
+
 def _check_shapes(query: Tensor, key: Tensor, value: Tensor, subjects: Sequence[NestedSubject]) -> None:
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
         raise ValueError(
@@ -166,6 +191,10 @@ def _check_shapes(query: Tensor, key: Tensor, value: Tensor, subjects: Sequence[
                 f"subject {i}: mask must be a bool tensor of shape (B={batch}, T={tokens}); "
                 f"got {subject.mask.dtype} {tuple(subject.mask.shape)}."
             )
+        if subject.present is not None and len(subject.present) != batch:
+            raise ValueError(
+                f"subject {i}: present has {len(subject.present)} entries for a batch of {batch}."
+            )
         keys, values = subject.keys, subject.values
         if keys.ndim != 4 or keys.shape != values.shape or keys.shape[1] != heads or keys.shape[-1] != dim:
             raise ValueError(
@@ -181,14 +210,27 @@ def _check_shapes(query: Tensor, key: Tensor, value: Tensor, subjects: Sequence[
             raise ValueError(
                 f"subject {i}: image_index must have shape ({batch},), got {tuple(subject.image_index.shape)}."
             )
-    if len(subjects) > 1:
-        overlap = torch.stack([s.mask for s in subjects]).sum(0) > 1
-        if overlap.any():
-            sample, position = (int(x) for x in overlap.nonzero()[0])
-            raise ValueError(
-                f"two subjects mark the same token position {position} in sample {sample}; each "
-                "subject must bind to its own token."
-            )
+    if any(subject.present is None for subject in subjects):
+        check_disjoint([subject.mask for subject in subjects])
+
+
+# A subject of one call with its per-sample presence on the host.
+_Active = tuple[NestedSubject, tuple[bool, ...]]
+
+
+def _rows_present(subject: NestedSubject) -> tuple[bool, ...]:
+    if subject.present is not None:
+        return subject.present
+    return tuple(subject.mask.any(-1).tolist())
+
+
+def _true_indices(flags: Tensor, host_flags: Sequence[bool]) -> Tensor:
+    """(R,) long indices of the True entries of the (B,) bool ``flags``, given their host copy.
+
+    A stable sort puts the True entries first, in order; their count comes from the host, so unlike
+    ``nonzero`` (which must read the device to size its output) this never waits for the device.
+    """
+    return torch.argsort((~flags).to(torch.uint8), stable=True)[: sum(host_flags)]
 
 
 def nested_attention_subjects(
@@ -209,76 +251,156 @@ def nested_attention_subjects(
         (B, H, N, D). Samples without any subject position are exactly
         ``F.scaled_dot_product_attention(query, key, value, attn_mask)``: no nested work is done
         for them. Nested and decoupled subjects combine: the nested ones shape the text attention,
-        each decoupled one adds its own image attention on top.
+        each decoupled one adds its own image attention on top. When every subject carries
+        ``present``, no branch depends on tensor values: nothing waits for the device.
     """
     _check_shapes(query, key, value, subjects)
-    active = [s for s in subjects if s.mask.any()]
-    decoupled = [s for s in active if s.mode == "decoupled"]
+    active = []
+    for subject in subjects:
+        present = _rows_present(subject)
+        if any(present):
+            active.append((subject, present))
+    nested = [(s, present) for s, present in active if s.mode != "decoupled"]
+    decoupled = [(s, present) for s, present in active if s.mode == "decoupled"]
+    out = _nested_attention_active(query, key, value, nested, attn_mask)
     if decoupled:
-        nested = [s for s in active if s.mode != "decoupled"]
-        out = _nested_attention_active(query, key, value, nested, attn_mask)
-        return _add_decoupled(out, query, decoupled)
-    return _nested_attention_active(query, key, value, active, attn_mask)
+        out = _add_decoupled(out, query, decoupled)
+    return out
 
 
 def _nested_attention_active(
-    query: Tensor, key: Tensor, value: Tensor, active: list[NestedSubject], attn_mask: Tensor | None
+    query: Tensor, key: Tensor, value: Tensor, active: list[_Active], attn_mask: Tensor | None
 ) -> Tensor:
     """The nested attention of checked subjects that each mark at least one position."""
     if not active:
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False
         )
-
-    batch, heads, _, dim = query.shape
-    tokens = key.shape[2]
-    has_subject = torch.stack([s.mask.any(-1) for s in active]).any(0)  # (B,)
-    all_rows = bool(has_subject.all())
-    if all_rows:
-        # Every sample has a subject (batch 1, or no guidance): no gathers, no scatter.
-        rows, q, k, v, out = None, query, key, value, None
-        mask_rows = attn_mask
-    else:
-        # Samples without a subject get exactly the plain attention; the others are recomputed.
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False
+    batch = query.shape[0]
+    # Which samples bind any subject, on the host: the branches below never read the device.
+    union = tuple(any(flags) for flags in zip(*(present for _, present in active), strict=True))
+    if all(union):  # batch 1, no guidance, or training: no gathers, no scatter
+        return _nested_rows(query, key, value, active, attn_mask, (0, batch))
+    span = _contiguous_span(union)
+    if span is not None:
+        # One run of bound samples (a guided batch: the unconditional half first): views, no gathers;
+        # the other samples get exactly the plain attention.
+        start, stop = span
+        parts = []
+        if start > 0:
+            parts.append(_plain_rows(query, key, value, attn_mask, 0, start))
+        sliced = [(_slice_subject(s, start, stop), present[start:stop]) for s, present in active]
+        mask = attn_mask[start:stop] if attn_mask is not None and attn_mask.shape[0] == batch else attn_mask
+        parts.append(
+            _nested_rows(query[start:stop], key[start:stop], value[start:stop], sliced, mask, (start, stop))
         )
-        rows = has_subject.nonzero().squeeze(-1)
-        q, k, v = query[rows], key[rows], value[rows]
-        mask_rows = None
-        if attn_mask is not None:
-            mask_rows = attn_mask[rows] if attn_mask.shape[0] == batch else attn_mask
+        if stop < batch:
+            parts.append(_plain_rows(query, key, value, attn_mask, stop, batch))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    # Bound samples scattered through the batch: gather them, then scatter the result back.
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False
+    )
+    has_subject = torch.stack([s.mask.any(-1) for s, _ in active]).any(0)  # (B,)
+    rows = _true_indices(has_subject, union)
+    kept = [row for row, flag in enumerate(union) if flag]
+    gathered = [
+        (
+            dataclasses.replace(
+                s,
+                mask=s.mask[rows],
+                image_index=rows if s.image_index is None else s.image_index[rows],
+                present=None,
+                memo=None,
+            ),
+            tuple(present[row] for row in kept),
+        )
+        for s, present in active
+    ]
+    mask = attn_mask[rows] if attn_mask is not None and attn_mask.shape[0] == batch else attn_mask
+    result = _nested_rows(query[rows], key[rows], value[rows], gathered, mask, None)
+    return out.index_copy(0, rows, result.to(out.dtype))
+
+
+def _contiguous_span(flags: Sequence[bool]) -> tuple[int, int] | None:
+    """(start, stop) if the True entries of ``flags`` form one run, else None."""
+    true = [index for index, flag in enumerate(flags) if flag]
+    if true and true[-1] - true[0] + 1 == len(true):
+        return true[0], true[-1] + 1
+    return None
+
+
+def _plain_rows(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, start: int, stop: int
+) -> Tensor:
+    if attn_mask is not None and attn_mask.shape[0] == query.shape[0]:
+        attn_mask = attn_mask[start:stop]
+    return F.scaled_dot_product_attention(
+        query[start:stop],
+        key[start:stop],
+        value[start:stop],
+        attn_mask=attn_mask,
+        dropout_p=0.0,
+        is_causal=False,
+    )
+
+
+def _slice_subject(subject: NestedSubject, start: int, stop: int) -> NestedSubject:
+    """The subject for samples ``start:stop`` of its batch (views; the memo stays shared)."""
+    image_index = None if subject.image_index is None else subject.image_index[start:stop]
+    present = None if subject.present is None else subject.present[start:stop]
+    keys, values = subject.keys, subject.values
+    if image_index is None:  # sample b reads image b
+        keys, values = keys[start:stop], values[start:stop]
+    return dataclasses.replace(
+        subject,
+        mask=subject.mask[start:stop],
+        keys=keys,
+        values=values,
+        image_index=image_index,
+        present=present,
+    )
+
+
+def _nested_rows(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    active: list[_Active],
+    attn_mask: Tensor | None,
+    rows_key: tuple[int, int] | None,
+) -> Tensor:
+    """Nested attention of a batch in which every sample binds at least one of ``active``.
+
+    ``rows_key`` names which samples of the subjects' own batch these are, for the memo.
+    """
+    heads, dim = q.shape[1], q.shape[-1]
+    mask_rows = attn_mask
     if mask_rows is not None and mask_rows.dtype == torch.bool:
         mask_rows = torch.zeros(mask_rows.shape, dtype=q.dtype, device=q.device).masked_fill(
             ~mask_rows, float("-inf")
         )
-    masks = [s.mask if rows is None else s.mask[rows] for s in active]  # each (R, T)
-
-    if any(s.token_weight != 1.0 for s in active):
-        token_bias = torch.zeros(q.shape[0], tokens, dtype=q.dtype, device=q.device)
-        for s, mask in zip(active, masks, strict=True):
-            if s.token_weight != 1.0:
-                check_token_weight(s.token_weight)
-                token_bias = token_bias + mask.to(q.dtype) * math.log(s.token_weight)
-        token_bias = token_bias[:, None, None, :]
+    if any(s.token_weight != 1.0 for s, _ in active):
+        token_bias = _memoized(
+            active, ("token_bias", rows_key, q.dtype, q.device), lambda: _token_bias(active, q)
+        )
         mask_rows = token_bias if mask_rows is None else mask_rows + token_bias
 
     # One SDPA over the text gives sum_{t not in s} a_t V_t + (1 - scale) sum_{t in s} a_t V_t and, in
     # extra value columns, each subject's probability a_s (and sum_s a_s ||V_s|| for the value norm):
     # the N x T probabilities are never materialised and no second pass over the text is needed.
-    keep = torch.ones(q.shape[0], tokens, dtype=q.dtype, device=q.device)
+    layout = tuple((s.scale, s.value_norm_factor is not None) for s, _ in active)
+    keep, one_hots, padding = _memoized(
+        active, ("columns", rows_key, heads, v.dtype, v.device, layout), lambda: _value_columns(active, v)
+    )
     columns = []
-    for s, mask in zip(active, masks, strict=True):
-        weight = mask.to(q.dtype)[:, None, :, None].expand(-1, heads, -1, 1)  # (R, H, T, 1)
-        keep = keep - s.scale * mask.to(q.dtype)
-        columns.append(weight)
+    for (s, _), one_hot in zip(active, one_hots, strict=True):
+        columns.append(one_hot)
         if s.value_norm_factor is not None:
-            columns.append(weight * v.norm(dim=-1, keepdim=True))
-    width = dim + len(columns)
-    pad = (-width) % 8  # keep the head dim a multiple of 8 for the fused GPU kernels
-    if pad:
-        columns.append(v.new_zeros(v.shape[0], heads, tokens, pad))
-    v_aug = torch.cat([v * keep[:, None, :, None], *columns], dim=-1)
+            columns.append(one_hot * v.norm(dim=-1, keepdim=True))
+    if padding is not None:
+        columns.append(padding)
+    v_aug = torch.cat([v * keep, *columns], dim=-1)
     # Zero-padding q and k leaves the logits unchanged (the scale is passed explicitly) and keeps
     # q, k and v at one head dim, which the fused CPU and GPU kernels need.
     q_aug = F.pad(q, (0, v_aug.shape[-1] - dim))
@@ -289,75 +411,109 @@ def _nested_attention_active(
     result = fused[..., :dim]
 
     column = dim
-    for s, mask in zip(active, masks, strict=True):
+    for s, present in active:
         probability = fused[..., column : column + 1]
         column += 1
         if s.value_norm_factor is not None:
             norm_weight = fused[..., column : column + 1]
             column += 1
-        has = mask.any(-1)
-        whole = bool(has.all())
-        if whole:
-            sub, q_sub = None, q
-            if s.image_index is None:
-                image_rows = rows
-            else:
-                image_rows = s.image_index if rows is None else s.image_index[rows]
+        if all(present):
+            sub, q_sub, image_rows = None, q, s.image_index
         else:
-            sub = has.nonzero().squeeze(-1)
+            sub = _true_indices(s.mask.any(-1), present)
             q_sub = q[sub]
-            source = sub if rows is None else rows[sub]
-            image_rows = source if s.image_index is None else s.image_index[source]
-        if image_rows is None:
-            nested_k, nested_v = s.keys, s.values
-        elif s.keys.shape[0] == 1:  # one subject image for every sample: a view, not a copy
-            nested_k = s.keys.expand(q_sub.shape[0], -1, -1, -1)
-            nested_v = s.values.expand(q_sub.shape[0], -1, -1, -1)
-        else:
-            nested_k, nested_v = s.keys[image_rows], s.values[image_rows]
-        v_star = F.scaled_dot_product_attention(
-            q_sub, nested_k.to(q.dtype), nested_v.to(q.dtype)
-        )  # (R', H, N, D)
-        if s.value_norm_factor is None:
-            weight = probability
-        else:
+            image_rows = sub if s.image_index is None else s.image_index[sub]
+        nested_k, nested_v = _subject_keys_values(s, image_rows, q_sub.shape[0], q.dtype)
+        v_star = F.scaled_dot_product_attention(q_sub, nested_k, nested_v)  # (R', H, N, D)
+        weight, strength = (probability, s.scale) if s.value_norm_factor is None else (norm_weight, None)
+        if sub is not None:
+            weight = weight[sub]
+        if strength is None:
             # Each position s gets v* rescaled to factor * ||V_s||: sum_s p_s factor ||V_s|| v*/||v*||.
-            v_star = v_star / v_star.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            weight = s.value_norm_factor * norm_weight
+            weight = weight / v_star.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            strength = s.scale * s.value_norm_factor
         if sub is None:
-            result = torch.addcmul(result, weight, v_star, value=s.scale)
+            result = torch.addcmul(result, weight, v_star, value=strength)
         else:
-            result = result.index_add(0, sub, s.scale * weight[sub] * v_star)
-    if rows is None:
-        return result
-    return out.index_copy(0, rows, result.to(out.dtype))
+            result = result.index_add(0, sub, strength * weight * v_star)
+    return result
 
 
-def _add_decoupled(out: Tensor, query: Tensor, subjects: list[NestedSubject]) -> Tensor:
+def _memoized(active: list[_Active], key: tuple, build):
+    """``build()``, kept in the subject's memo when there is one subject that carries a memo.
+
+    The tensors built from the masks are the same in every layer of a UNet call and in every step of a
+    sampling loop: built once per bound batch instead of once per layer. Not under torch.compile, which
+    folds them into the graph itself.
+    """
+    if len(active) != 1 or active[0][0].memo is None or torch.compiler.is_compiling():
+        return build()
+    memo = active[0][0].memo
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
+
+
+def _token_bias(active: list[_Active], q: Tensor) -> Tensor:
+    """(R, 1, 1, T) additive logits: log(token_weight) on each subject's positions."""
+    token_bias = torch.zeros(q.shape[0], active[0][0].mask.shape[-1], dtype=q.dtype, device=q.device)
+    for s, _ in active:
+        if s.token_weight != 1.0:
+            check_token_weight(s.token_weight)
+            token_bias = token_bias + s.mask.to(q.dtype) * math.log(s.token_weight)
+    return token_bias[:, None, None, :]
+
+
+def _value_columns(active: list[_Active], v: Tensor) -> tuple[Tensor, list[Tensor], Tensor | None]:
+    """What the fused SDPA's value gets besides V: ``keep`` (R, 1, T, 1), the weight of each text value
+    (1 - scale on subject positions), one (R, H, T, 1) one-hot column per subject, and zeros (R, H, T, pad)
+    that keep the head dim a multiple of 8 for the fused GPU kernels (None when none are needed)."""
+    rows, heads, tokens, dim = v.shape
+    keep = torch.ones(rows, tokens, dtype=v.dtype, device=v.device)
+    one_hots = []
+    for s, _ in active:
+        weight = s.mask.to(v.dtype)
+        keep = keep - s.scale * weight
+        one_hots.append(weight[:, None, :, None].expand(-1, heads, -1, 1).contiguous())
+    width = dim + sum(1 + (s.value_norm_factor is not None) for s, _ in active)
+    pad = (-width) % 8
+    padding = v.new_zeros(rows, heads, tokens, pad) if pad else None
+    return keep[:, None, :, None], one_hots, padding
+
+
+def _subject_keys_values(
+    subject: NestedSubject, image_rows: Tensor | None, count: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """The nested keys/values, in ``dtype``, of the ``count`` samples that read images ``image_rows``
+    (None: all, in order)."""
+    keys, values = subject.keys, subject.values
+    if keys.dtype != dtype:
+        keys, values = keys.to(dtype), values.to(dtype)
+    if image_rows is None:
+        return keys, values
+    if keys.shape[0] == 1:  # one subject image for every sample: a view, not a copy
+        return keys.expand(count, -1, -1, -1), values.expand(count, -1, -1, -1)
+    return keys[image_rows], values[image_rows]
+
+
+def _add_decoupled(out: Tensor, query: Tensor, subjects: list[_Active]) -> Tensor:
     """``out`` plus ``scale * SDPA(q, K~, V~)`` of every decoupled subject, on its bound samples only.
 
     The image attention takes no text mask: the text padding mask says nothing about the subject
     tokens, and all M of them are real (as in diffusers' ``IPAdapterAttnProcessor2_0``).
     """
-    for s in subjects:
+    for s, present in subjects:
         if s.scale == 0:
             continue  # exactly the text attention, and no work
-        has = s.mask.any(-1)
-        if bool(has.all()):
+        if all(present):
             sub, q_sub, image_rows = None, query, s.image_index
         else:
             # Unbound samples (the unconditional half of a CFG batch) keep the plain output bit for bit.
-            sub = has.nonzero().squeeze(-1)
+            sub = _true_indices(s.mask.any(-1), present)
             q_sub = query[sub]
             image_rows = sub if s.image_index is None else s.image_index[sub]
-        if image_rows is None:
-            keys, values = s.keys, s.values
-        elif s.keys.shape[0] == 1:  # one subject image for every sample: a view, not a copy
-            keys = s.keys.expand(q_sub.shape[0], -1, -1, -1)
-            values = s.values.expand(q_sub.shape[0], -1, -1, -1)
-        else:
-            keys, values = s.keys[image_rows], s.values[image_rows]
-        attended = F.scaled_dot_product_attention(q_sub, keys.to(query.dtype), values.to(query.dtype))
+        keys, values = _subject_keys_values(s, image_rows, q_sub.shape[0], query.dtype)
+        attended = F.scaled_dot_product_attention(q_sub, keys, values)
         if sub is None:
             out = torch.add(out, attended.to(out.dtype), alpha=s.scale)
         else:

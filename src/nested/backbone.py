@@ -15,7 +15,7 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
-__all__ = ["DiffusionBackbone", "TextConditioning", "check_tokenizer"]
+__all__ = ["DiffusionBackbone", "TextConditioning", "check_tokenizer", "first_parameter"]
 
 EXPECTED_LAYOUT = (
     "a diffusers folder or Hub id with model_index.json and the subfolders unet/, vae/, scheduler/, "
@@ -74,6 +74,15 @@ def _read_model_index(name_or_path: str, **hub_kwargs: Any) -> dict[str, Any]:
             f"cannot load model_index.json of {name_or_path!r} ({error}). Expected {EXPECTED_LAYOUT}. "
             "Offline, a Hub id must already be in the local cache: download it, or pass a local folder."
         ) from error
+
+
+def first_parameter(module: torch.nn.Module) -> torch.Tensor:
+    """The module's first parameter, for its device and dtype.
+
+    diffusers' ``ModelMixin.dtype`` / ``.device`` walk every submodule at each call (milliseconds for a
+    UNet): in a loop of steps that host time adds up, and on a GPU it stalls the kernel queue.
+    """
+    return next(module.parameters())
 
 
 def _frozen(module: torch.nn.Module) -> torch.nn.Module:
@@ -197,7 +206,8 @@ class DiffusionBackbone:
 
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f), f = ``vae_scale_factor``."""
-        latent_dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        weight = first_parameter(self.vae)
+        latent_dist = self.vae.encode(images.to(weight.device, weight.dtype)).latent_dist
         return self.latent_scaling(latent_dist.sample(generator))
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:

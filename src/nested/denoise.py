@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding
-from nested.backbone import DiffusionBackbone
+from nested.backbone import DiffusionBackbone, first_parameter
 from nested.tokens import subject_masks_for_tokenizers
 
 __all__ = ["build_scheduler", "default_size", "sample_images"]
@@ -119,7 +119,7 @@ def sample_images(
     if height % factor or width % factor:
         raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}.")
     unet, vae = backbone.unet, backbone.vae
-    device = unet.device
+    device, unet_dtype = first_parameter(unet).device, first_parameter(unet).dtype
     tokens = None
     if adapter is not None:
         if references is None:
@@ -192,9 +192,9 @@ def sample_images(
                 model_input = torch.cat([latents] * 2) if use_guidance else latents
                 model_input = noise_scheduler.scale_model_input(model_input, t)
                 noise = unet(
-                    model_input.to(unet.dtype),
+                    model_input.to(unet_dtype),
                     t,
-                    encoder_hidden_states=embeds.to(unet.dtype),
+                    encoder_hidden_states=embeds.to(unet_dtype),
                     added_cond_kwargs=added,
                     return_dict=False,
                 )[0].to(latents.dtype)
@@ -202,7 +202,9 @@ def sample_images(
                     unconditional, conditional = noise.chunk(2)
                     noise = unconditional + guidance * (conditional - unconditional)
                 latents = noise_scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-        decoded = vae.decode(backbone.latent_unscaling(latents).to(vae.dtype), return_dict=False)[0]
+        decoded = vae.decode(
+            backbone.latent_unscaling(latents).to(first_parameter(vae).dtype), return_dict=False
+        )[0]
         outputs.append((decoded.float() / 2 + 0.5).clamp(0, 1).cpu())
         if on_batch_end is not None:
             on_batch_end(n)

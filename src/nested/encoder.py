@@ -288,7 +288,7 @@ class SubjectEncoder(nn.Module):
         """(B, 3, H, W) RGB in [0, 1] -> (B, 3, S, S) normalised for the backbone."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"subject images must be (B, 3, H, W) RGB in [0, 1], got {tuple(images.shape)}.")
-        images = images.float()
+        images = images.to(self.image_mean.device, torch.float32)
         if images.shape[-2:] != (self.image_size, self.image_size):
             images = F.interpolate(
                 images,

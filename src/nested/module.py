@@ -21,7 +21,7 @@ from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding, check_injection_options
 from nested.attention import InjectionMode, check_injection_mode, check_token_weight
-from nested.backbone import DiffusionBackbone
+from nested.backbone import DiffusionBackbone, first_parameter
 from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
 from nested.tokens import subject_masks_for_tokenizers
 
@@ -155,9 +155,18 @@ class NestedAttentionModule(L.LightningModule):
         backbone = DiffusionBackbone.from_pretrained(self.base_model, dtype=self.frozen_dtype)
         if self.frozen_dtype == torch.float16:
             backbone.vae.to(torch.float32)
+        image_backbone = load_vision_backbone(self.encoder_spec, dtype=self.frozen_dtype)
+        self.build_adapter(backbone, image_backbone)
+
+    def build_adapter(self, backbone: DiffusionBackbone, image_backbone: tuple) -> None:
+        """Build the adapter on frozen parts that are already loaded, and attach it to their UNet.
+
+        :meth:`configure_model` loads them from ``base_model`` and ``encoder.backbone``; benchmarks and
+        notebooks that hold them in memory call this instead. ``image_backbone`` is
+        ``(model, image_size, mean, std)``, as :func:`~nested.encoder.load_vision_backbone` returns it.
+        """
         if self.gradient_checkpointing:
             backbone.unet.enable_gradient_checkpointing()
-        image_backbone = load_vision_backbone(self.encoder_spec, dtype=self.frozen_dtype)
         (token, class_word), *extra = self.subjects.items()
         adapter = NestedAdapter.for_unet(
             backbone.unet,
@@ -275,7 +284,7 @@ class NestedAttentionModule(L.LightningModule):
             if "latents" in batch:
                 latents = batch["latents"].to(device, torch.float32)
             else:
-                pixels = batch["pixel_values"].to(device, backbone.vae.dtype)
+                pixels = batch["pixel_values"].to(device, first_parameter(backbone.vae).dtype)
                 latents = backbone.encode_images(pixels, generator=generator).float()
         # The frozen text encoders need a graph only to carry gradients to trained placeholder embeddings.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_token_embeddings):
@@ -312,15 +321,16 @@ class NestedAttentionModule(L.LightningModule):
                     batch["original_sizes"], batch["crops_top_left"], (resolution, resolution)
                 )
                 added = backbone.unet_added_cond_kwargs(conditioning, time_ids.to(device))
+            unet_dtype = first_parameter(backbone.unet).dtype
             prediction = backbone.unet(
-                noisy.to(backbone.unet.dtype),
+                noisy.to(unet_dtype),
                 timesteps,
-                conditioning.prompt_embeds.to(backbone.unet.dtype),
+                conditioning.prompt_embeds.to(unet_dtype),
                 added_cond_kwargs=added,
             ).sample.float()
             # Zero-weighted use of every nested projection: keeps DDP's gradient buckets complete
             # when dropout removed every subject of a rank's batch.
-            participation = sum(k.sum() + v.sum() for b in bindings for k, v in b.nested_kv.values()) * 0.0
+            participation = sum(stack.sum() for b in bindings for stack in b.projections) * 0.0
         finally:
             # Gradient checkpointing re-runs the UNet's blocks during backward(), and they must see the
             # same subjects (unbound, the re-run takes the plain-attention path and torch raises

@@ -17,6 +17,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -33,6 +34,9 @@ from transformers import (
     Dinov2Model,
 )
 
+from nested.backbone import DiffusionBackbone
+from nested.encoder import CLIP_MEAN, CLIP_STD
+
 try:  # transformers >= 5 without torchvision: the PIL backends, imported directly to avoid a fallback warning
     from transformers import BitImageProcessorPil as BitImageProcessor
     from transformers import CLIPImageProcessorPil as CLIPImageProcessor
@@ -40,10 +44,17 @@ except ImportError:  # transformers 4.x
     from transformers import BitImageProcessor, CLIPImageProcessor
 
 __all__ = [
+    "SDXL_TEXT_ENCODER_2_CONFIG",
+    "SDXL_TEXT_ENCODER_CONFIG",
     "SDXL_UNET_CONFIG",
+    "SDXL_VAE_CONFIG",
+    "NARROW_WIDTHS",
+    "VIT_H_14_CONFIG",
     "SD_SCHEDULE",
     "TINY_WORDS",
+    "build_sdxl_backbone",
     "build_tiny_tokenizer",
+    "reference_nested_attention",
     "sd_pipeline",
     "tiny_text_config",
     "write_tiny_clip",
@@ -73,6 +84,47 @@ SDXL_UNET_CONFIG: dict = {
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
+}
+
+# The other components of the real SDXL setup, for building it with random weights in benchmarks.
+SDXL_TEXT_ENCODER_CONFIG: dict = {  # text_encoder: OpenAI CLIP ViT-L/14 text tower
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+SDXL_TEXT_ENCODER_2_CONFIG: dict = {  # text_encoder_2: OpenCLIP ViT-bigG/14 text tower + projection
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+SDXL_VAE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+VIT_H_14_CONFIG: dict = {  # OpenCLIP ViT-H/14 vision tower + projection (IP-Adapter's image_encoder)
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 224,
+    "projection_dim": 1024,
+    "hidden_act": "gelu",
 }
 
 # Caption vocabulary of the tiny tokenizer: every word here becomes ONE token (``word</w>``); anything else
@@ -448,3 +500,107 @@ def write_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     _tidy_tokenizer_folder(path)
     return path
+
+
+# Every width of the SDXL setup divided down, every depth kept: a step of it costs almost no arithmetic,
+# so its time is the host's (Python, op dispatch) share of a real step.
+NARROW_WIDTHS: dict[str, dict] = {
+    "unet": {
+        "block_out_channels": (32, 64, 128),
+        "attention_head_dim": (1, 2, 4),
+        "cross_attention_dim": 64,
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 32 + 6 * 8,
+    },
+    "text": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2},
+    "text_2": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "projection_dim": 32},
+    "vae": {"block_out_channels": (32, 32, 32, 32), "norm_num_groups": 8},
+    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "projection_dim": 32},
+}
+
+
+def build_sdxl_backbone(
+    tokenizer_folder: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    narrow: bool = False,
+) -> tuple[DiffusionBackbone, tuple]:
+    """The real SDXL base architecture with random weights, built in memory on ``device`` (no download).
+
+    UNet (:data:`SDXL_UNET_CONFIG`), both text encoders, the VAE, and an OpenCLIP ViT-H/14-sized vision
+    tower for the subject encoder: what the faces / pets SDXL recipes train on, for measuring speed and
+    memory. The tokenizers are the tiny ones written to ``tokenizer_folder`` (``tokenizer/``,
+    ``tokenizer_2/``); the text encoders' vocabularies match them. ``narrow`` keeps every depth but
+    divides the widths (:data:`NARROW_WIDTHS`): for measuring the host's cost of a step on a CPU.
+
+    Returns:
+        ``(backbone, image_backbone)``: a :class:`~nested.backbone.DiffusionBackbone` and
+        ``(vision_model, 224, mean, std)`` as :func:`~nested.encoder.load_vision_backbone` returns it.
+    """
+    folder = Path(tokenizer_folder)
+    tokenizer = write_tiny_tokenizer(folder / "tokenizer", pad_token=EOS_TOKEN)
+    tokenizer_2 = write_tiny_tokenizer(folder / "tokenizer_2", pad_token="!")
+
+    def text_config(config: dict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+        special = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        return CLIPTextConfig(**config, vocab_size=len(tokenizer), **special)
+
+    def sized(config: dict, part: str) -> dict:
+        return {**config, **NARROW_WIDTHS[part]} if narrow else config
+
+    with torch.device(device):
+        unet = UNet2DConditionModel(**sized(SDXL_UNET_CONFIG, "unet")).to(dtype)
+        text_encoder = CLIPTextModel(text_config(sized(SDXL_TEXT_ENCODER_CONFIG, "text"), tokenizer)).to(
+            dtype
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            text_config(sized(SDXL_TEXT_ENCODER_2_CONFIG, "text_2"), tokenizer_2)
+        )
+        vae = AutoencoderKL(**sized(SDXL_VAE_CONFIG, "vae")).to(dtype)
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**sized(VIT_H_14_CONFIG, "vision"))).to(dtype)
+    text_encoder_2.to(dtype)
+    for module in (unet, text_encoder, text_encoder_2, vae, vision):
+        module.eval().requires_grad_(False)
+    scheduler = DDPMScheduler(**SD_SCHEDULE)
+    backbone = DiffusionBackbone(
+        unet=unet,
+        vae=vae,
+        noise_scheduler=scheduler,
+        tokenizers=[tokenizer, tokenizer_2],
+        text_encoders=[text_encoder, text_encoder_2],
+        kind="sdxl",
+        source="random SDXL architecture",
+        scheduler_config=dict(scheduler.config),
+    )
+    return backbone, (vision, VIT_H_14_CONFIG["image_size"], CLIP_MEAN, CLIP_STD)
+
+
+def reference_nested_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    nested_keys: list[torch.Tensor],
+    nested_values: list[torch.Tensor],
+    subject_masks: list[torch.Tensor],
+) -> torch.Tensor:
+    """Nested attention by its definition, in float64, for checking the fused path at real shapes.
+
+    Explicit softmaxes, no fused kernel: ``out_n = sum_t a_{n,t} V_t`` with each subject position's value
+    ``V_s`` replaced by the query's own ``v*_n = softmax(q_n K~^T / sqrt(D)) V~``. It needs the (B, H, N, T)
+    probabilities and one (B, H, N, D) ``v*`` per subject, never the (B, H, N, T, D) per-query values.
+    Shapes as :func:`nested.attention.nested_attention`; returns (B, H, N, D) float64.
+    """
+    q, k, v = query.double(), key.double(), value.double()
+    scale = q.shape[-1] ** -0.5
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (B, H, N, T)
+    out = probs @ v
+    for nested_k, nested_v, mask in zip(nested_keys, nested_values, subject_masks, strict=True):
+        v_star = torch.softmax(q @ nested_k.double().transpose(-1, -2) * scale, dim=-1) @ nested_v.double()
+        on_subject = probs * mask[:, None, None, :].to(probs)  # (B, H, N, T): a_{n,t} for t in s
+        out = out - on_subject @ v + on_subject.sum(-1, keepdim=True) * v_star
+    return out

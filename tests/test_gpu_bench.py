@@ -1,0 +1,58 @@
+"""benchmarks/gpu/bench.py in its smoke mode: every section runs on tiny models and reports its figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_benchmark_runs_every_section_in_smoke_mode(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu/bench.py", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["errors"] == {}, report["errors"]
+    assert done.returncode == 0, done.stderr[-3000:]
+    sections = report["sections"]
+    assert list(sections) == [
+        "environment",
+        "tests",
+        "accuracy",
+        "inference",
+        "training",
+        "loader",
+        "compile",
+    ]
+
+    tests = sections["tests"]
+    on_gpu = torch.cuda.is_available()
+    assert tests["counts"]["passed" if on_gpu else "skipped"] == len(tests["cases"]) > 0
+    assert all(row["error_ratio"] < 4 and row["unbound_row_exact"] for row in sections["accuracy"]["rows"])
+
+    for row in sections["inference"]["batches"].values():
+        assert row["checks"]["nested_differs_from_plain"] and row["checks"]["finite"]
+        assert row["nested/plain"] > 0 and row["nested/ip16"] > 0
+    assert sections["inference"]["batches"]["2"]["checks"]["unbound_row_equals_plain"]
+
+    rows = sections["training"]["rows"]
+    # nested: 2 checkpointing settings x 2 batches + 2 VAE rows; decoupled: 2 x 2
+    assert [r["injection"] for r in rows].count("nested") == 6 and len(rows) == 10
+    assert all(r["step/frozen"] > 0 for r in rows if r["injection"] == "nested" and r["inputs"] == "latents")
+
+    assert sections["compile"]["fullgraph"] and sections["compile"]["graph_breaks_in_nested"] == 0
+    assert not sections["compile"]["recompiled_on_rebinding"]
+    assert sections["loader"]["workers_needed"] >= 1
+
+    table = (tmp_path / "gpu.md").read_text()
+    assert "## Targets" in table and "graph breaks in the nested processor" in table
