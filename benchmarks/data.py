@@ -18,7 +18,7 @@ timed block, the batches a worker prefetched while another variant ran are drain
 
 Besides the current code (``stream``; it includes patch A, which has landed in src), the proposed
 patch B is timed in the same rounds as ``uint8``: pixel_values leave the loader as uint8 (src's
-``target_transform`` with a uint8 ``_to_tensor``, monkeypatched into ``nested.data``; see "patch
+``target_transform`` with a uint8 ``_to_tensor``, monkeypatched into ``nested.data.loading``; see "patch
 B" below). A check first confirms that it gives the current stream's samples (same keys,
 bit-identical pixels after the on-device conversion, references, sizes, crops, skip counts).
 ``--profile`` prints a cProfile of the in-process stream, a per-stage cost table (decode,
@@ -51,8 +51,9 @@ import torch
 from PIL import Image, ImageEnhance
 
 import nested.data as nd
-import nested.transforms as nt
-from nested.shards import build_shards
+import nested.data.loading as loading
+import nested.data.transforms as nt
+from nested.data.shards import build_shards
 
 # name -> (caption, subject bbox [x0, y0, x1, y1] in the skimage photo's pixels, or None)
 PHOTOS: dict[str, tuple[str, list[float] | None]] = {
@@ -186,7 +187,7 @@ def build_dataset(root: Path, args: argparse.Namespace) -> tuple[Path, list[byte
 #     the device with the same arithmetic (x / 255 * 2 - 1, bit-identical). That conversion is not
 #     part of the stream's samples/s below: on a GPU it costs microseconds.
 # It runs src's target_transform with src's ``_to_tensor`` swapped for a uint8 one for the call,
-# and is applied to the stream by monkeypatching ``nested.data.target_transform``.
+# and is applied to the stream by monkeypatching ``nested.data.loading.target_transform``.
 
 
 class _Uint8Pixels:
@@ -223,17 +224,18 @@ def pixels_on_device(pixels: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def patched(variant: str) -> Iterator[None]:
-    """Apply patch B ("uint8") to ``nested.data`` inside the block ("stream": nothing).
+    """Apply patch B ("uint8") to the stream's ``target_transform`` (in :mod:`nested.data.loading`)
+    inside the block ("stream": nothing).
 
     Workers forked inside the block keep the patch; in the main process it applies per call.
     """
-    saved = nd.target_transform
+    saved = loading.target_transform
     if variant == "uint8":
-        nd.target_transform = uint8_target_transform
+        loading.target_transform = uint8_target_transform
     try:
         yield
     finally:
-        nd.target_transform = saved
+        loading.target_transform = saved
 
 
 # ------------------------------------------------------------------------------------ variants
@@ -397,7 +399,7 @@ def _stage_samples(index: Path, count: int) -> list[dict]:
     import webdataset as wds
 
     urls = nd.expand_urls(str(index))
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(nd.decoder()))
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(loading.decoder()))
     return list(itertools.islice(pipeline, count))
 
 
@@ -481,7 +483,7 @@ def profile(args: argparse.Namespace, index: Path, jpegs: list[bytes]) -> dict:
     n_bbox = sum(raw["json"].get("bbox") is not None for raw in samples)
     stages: dict[str, tuple[Callable[[], None], int]] = {
         "PIL decode (baseline)": (run_decode, len(samples)),
-        "decoder": (run_decoder(nd.decoder), len(samples)),
+        "decoder": (run_decoder(loading.decoder), len(samples)),
         "target_transform: current (float32)": (run_target(nd.target_transform), len(samples)),
         "target_transform: uint8 (B)": (run_target(uint8_target_transform), len(samples)),
         "  B's uint8 -> float (GPU in training)": (run_to_float, len(samples)),

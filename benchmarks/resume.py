@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from nested.data import DomainSpec, build_stream
-from nested.trainstream import ReaderPosition, ResumePoint
+from nested.data.train_stream import ReaderPosition, ResumePoint
 
 SHARDS = Path(__file__).resolve().parents[1] / "data" / "demo" / "faces" / "shards.json"
 

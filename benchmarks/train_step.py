@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- (a) the training step
 def build_module(pipeline: Path, tokens: int):
     from nested.encoder import EncoderSpec
-    from nested.module import NestedAttentionModule
+    from nested.training.module import NestedAttentionModule
 
     spec = EncoderSpec(
         backbone=str(pipeline / "image_encoder"), num_tokens=tokens, width=32, depth=1, heads=2

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-from nested.shards import build_shards
+from nested.data.shards import build_shards
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "demo"
 SIZE = 128  # short side of the stored targets

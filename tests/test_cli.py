@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nested.cli import SUBCOMMANDS, main
+from nested.cli.main import SUBCOMMANDS, main
 
 REPO = Path(__file__).resolve().parents[1]
 

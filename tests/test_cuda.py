@@ -18,7 +18,7 @@ from test_pipeline import tiny_pipeline, write_adapter
 
 from nested.attention import nested_attention
 from nested.backbone import DiffusionBackbone
-from nested.pipeline import NestedPipeline
+from nested.inference.pipeline import NestedPipeline
 from nested.testing import reference_nested_attention
 
 pytestmark = [

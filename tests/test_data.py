@@ -29,6 +29,7 @@ from nested.data import (
     reference_transform,
     target_transform,
 )
+from nested.errors import DataError
 
 BATCH_KEYS = {
     "pixel_values",
@@ -130,7 +131,7 @@ def test_entirely_broken_data_raises_instead_of_spinning(tmp_path: Path) -> None
     shard = _write_shard(tmp_path / "bad.tar", [_sample("x", caption="no token here")])
     spec = DomainSpec("faces", str(shard), "<person>", caption_rule="drop")
     stream = build_stream([spec], train=True, resolution=16, reference_size=8, max_consecutive_failures=50)
-    with pytest.raises(RuntimeError, match="in a row were skipped"):
+    with pytest.raises(DataError, match="in a row were skipped"):
         next(iter(stream))
 
 

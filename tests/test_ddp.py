@@ -26,6 +26,7 @@ from nested.data import DomainSpec, build_stream, collate_batch
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SHARD = REPO / "data" / "demo" / "faces" / "faces-000000.tar"
 CORRUPT = (5, 6)  # sample indices: reader 1 (rank 0, worker 1) and reader 2 (rank 1, worker 0)
+ADAMW_1E3 = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
 
 
 def _demo_samples() -> list[dict[str, bytes | str]]:
@@ -57,7 +58,7 @@ def run_rank(out: Path, shard: str, model: str) -> None:
 
     from nested.data import NestedDataModule
     from nested.encoder import EncoderSpec
-    from nested.module import ConditioningDropout, NestedAttentionModule
+    from nested.training.module import ConditioningDropout, NestedAttentionModule
 
     class Record(L.Callback):
         def __init__(self) -> None:
@@ -76,7 +77,7 @@ def run_rank(out: Path, shard: str, model: str) -> None:
     L.seed_everything(0, verbose=False)
     spec = EncoderSpec(backbone=f"{model}/image_encoder", num_tokens=4, width=32, depth=1, heads=2)
     module = NestedAttentionModule(
-        model, spec, dropout=ConditioningDropout(text=0.0, image=1.0, both=0.0), learning_rate=1e-3
+        model, spec, dropout=ConditioningDropout(text=0.0, image=1.0, both=0.0), optimizer=ADAMW_1E3
     )
     data = NestedDataModule(
         [DomainSpec("faces", shard, "<person>")],
@@ -166,14 +167,14 @@ def run_fsdp_rank(out: Path, model: str) -> None:
 
     from nested.data import NestedDataModule
     from nested.encoder import EncoderSpec
-    from nested.module import NestedAttentionModule
-    from nested.resume import AtomicCheckpointIO
+    from nested.training.module import NestedAttentionModule
+    from nested.training.resume import AtomicCheckpointIO
 
     L.seed_everything(0, verbose=False)
     spec = EncoderSpec(backbone=f"{model}/image_encoder", num_tokens=4, width=32, depth=1, heads=2)
     # The placeholder embedding trains too: FSDP replaces the registered parameters with views of its flat
     # parameter, which the text encoder's embedding hook must follow.
-    module = NestedAttentionModule(model, spec, learning_rate=1e-3, train_token_embeddings=True)
+    module = NestedAttentionModule(model, spec, train_token_embeddings=True, optimizer=ADAMW_1E3)
     data = NestedDataModule(
         [DomainSpec("faces", str(REPO / "data/demo/faces/shards.json"), "<person>")],
         resolution=64,
@@ -341,7 +342,7 @@ def test_fsdp_preset_shards_only_the_adapter_and_writes_full_checkpoints(tiny_sd
 
 
 def test_fsdp_preset_composes_with_a_config(capsys, monkeypatch):
-    from nested.cli import main
+    from nested.cli.main import main
 
     monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit):

@@ -14,13 +14,13 @@ from PIL import Image
 
 from nested.adapter import NestedAdapter
 from nested.backbone import DiffusionBackbone
+from nested.cli.eval import main_eval, read_pair_prompts, read_prompts
 from nested.encoder import EncoderSpec
-from nested.eval_args import read_pair_prompts, read_prompts
-from nested.evaluate import judge_chance, judge_images, judged_subjects, main_eval
-from nested.images import Reference, load_references
-from nested.report import JUDGE_COLUMNS
+from nested.evaluation.images import Reference, load_references
+from nested.evaluation.report import JUDGE_COLUMNS
 from nested.testing import write_tiny_clip
-from nested.toyworld import (
+from nested.toyworld.judges import judge_chance, judge_images, judged_subjects
+from nested.toyworld.world import (
     FaceIdentity,
     PetIdentity,
     caption,
@@ -368,7 +368,7 @@ def many_references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[
 def test_judges_score_true_renders_highly_so_labels_prompts_and_halves_are_wired_right(many_references):
     """Renders of the true identity in each prompt's context, scored in place of generated images by the
     same functions as the sweep: high accuracy proves that labels, prompt parsing and halves line up."""
-    from nested.judges import ToyJudges  # only once the judges exist
+    from nested.toyworld.judges import ToyJudges  # only once the judges exist
 
     judges = ToyJudges.from_pretrained(JUDGES)
     faces, pets = many_references["<person>"], many_references["<pet>"]
@@ -423,7 +423,7 @@ def test_eval_with_judges_says_which_reference_has_no_label(tiny_adapter, tmp_pa
     prompts = _toy_prompts(tmp_path / "prompts.txt", "toyworld-faces.txt")
     code = main_eval(
         ["--base", "unused", "--adapter", f"<person>={tiny_adapter}", "--prompts", str(prompts),
-         "--subjects", str(_subjects(tmp_path / "subjects")), "--judges", str(tmp_path), "--clip", "none",
+         "--subjects", str(_subjects(tmp_path / "subjects")), "--judges", str(JUDGES), "--clip", "none",
          "--out", str(tmp_path / "out")]
     )  # fmt: skip
     error = capsys.readouterr().err.strip()
@@ -448,7 +448,7 @@ def test_eval_with_judges_says_which_reference_has_no_label(tiny_adapter, tmp_pa
 def test_eval_judges_and_pair_mistakes_end_in_one_line(tiny_adapter, tmp_path, capsys, change, message):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(change.pop("prompt", "a sketch of <person> at night") + "\n")
-    options = {"--judges": str(tmp_path), "--clip": "none", **change}
+    options = {"--judges": str(JUDGES), "--clip": "none", **change}
     argv = ["--base", "unused", "--adapter", f"<person>={tiny_adapter}", "--prompts", str(prompts),
             "--subjects", str(tmp_path), "--out", str(tmp_path / "out")]  # fmt: skip
     for option, value in options.items():

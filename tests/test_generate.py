@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from test_pipeline import tiny_pipeline, write_adapter
 
-from nested.generate import main_generate
+from nested.cli.generate import main_generate
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,10 @@ from huggingface_hub import ModelCard, constants
 
 from nested.adapter import NestedAdapter
 from nested.backbone import DiffusionBackbone
+from nested.callbacks import HubUpload
 from nested.encoder import EncoderSpec
-from nested.hub import HubUpload, model_card, push_adapter
+from nested.hub.model_card import model_card
+from nested.hub.push import push_adapter
 
 SECRET = "hf_test_secret_123"
 LFS_SUFFIXES = (".safetensors", ".png", ".jpg", ".bin")
@@ -455,7 +457,7 @@ def test_push_then_load_by_repo_id_gives_identical_outputs(hub, adapter_dir, sd_
     # End to end through the UNet, loaded by repo id.
     from test_pipeline import generate, tiny_pipeline
 
-    from nested.pipeline import NestedPipeline
+    from nested.inference.pipeline import NestedPipeline
 
     pipe = tiny_pipeline(tiny_sd_path)
     subjects = {"<person>": images[:1]}
@@ -475,7 +477,8 @@ def test_push_then_load_by_repo_id_gives_identical_outputs(hub, adapter_dir, sd_
 def test_push_command_line_then_generate_from_the_repo(hub, adapter_dir, tiny_sd_path, tmp_path, capsys):
     from PIL import Image
 
-    from nested.generate import main_generate, main_push
+    from nested.cli.generate import main_generate
+    from nested.cli.push import main_push
 
     assert main_push([str(adapter_dir), "me/cli", "--private", "--commit-message", "from the CLI"]) == 0
     assert hub.repos["me/cli"]["private"] and "from the CLI" in hub.commit_messages("me/cli")
@@ -532,7 +535,7 @@ class _ExportingModule(L.LightningModule):
 def _fit(root: Path, adapter, upload: HubUpload) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from nested.callbacks import AdapterExport
+    from nested.callbacks.export import AdapterExport
 
     trainer = L.Trainer(
         default_root_dir=root,
@@ -604,7 +607,7 @@ def test_upload_retries_with_backoff_and_gives_up_at_once_on_auth_errors(
 ):
     import httpx2
 
-    import nested.hub
+    import nested.callbacks.hub_upload as hub_upload
 
     export = tmp_path / "adapters" / "step=1"
     export.parent.mkdir()
@@ -616,7 +619,7 @@ def test_upload_retries_with_backoff_and_gives_up_at_once_on_auth_errors(
     delays = []
     monkeypatch.setattr(upload._stop, "wait", lambda delay: delays.append(delay) or False)
 
-    real_push, attempts = nested.hub.push_adapter, []
+    real_push, attempts = hub_upload.push_adapter, []
 
     def flaky_push(*args, **kwargs):
         attempts.append(1)
@@ -624,12 +627,12 @@ def test_upload_retries_with_backoff_and_gives_up_at_once_on_auth_errors(
             raise httpx2.ConnectError("hub down")
         return real_push(*args, **kwargs)
 
-    monkeypatch.setattr(nested.hub, "push_adapter", flaky_push)
+    monkeypatch.setattr(hub_upload, "push_adapter", flaky_push)
     upload._upload_with_retries("step=1")
     assert delays == [0.5, 1.0, 1.0] and upload.uploaded == ["step=1"]  # exponential, capped
     assert "adapter.safetensors" in hub.files("me/r")
 
-    monkeypatch.setattr(nested.hub, "push_adapter", real_push)
+    monkeypatch.setattr(hub_upload, "push_adapter", real_push)
     hub.required_token = "hf_the_right_one_456"
     delays.clear()
     upload._upload_with_retries("step=1")

@@ -22,9 +22,9 @@ from test_pipeline import generate, images, tiny_pipeline, write_adapter
 from nested.adapter import AdapterConfig, NestedAdapter, SubjectBinding, cross_attention_layers
 from nested.attention import NestedSubject, nested_attention_subjects
 from nested.backbone import DiffusionBackbone
-from nested.cli import main
-from nested.model_card import model_card
-from nested.pipeline import NestedPipeline
+from nested.cli.main import main
+from nested.hub.model_card import model_card
+from nested.inference.pipeline import NestedPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from nested.judges import (
+from nested.toyworld.judges import (
     CONFIG_NAME,
     CONTEXT_CHANCE,
     WEIGHTS_NAME,
@@ -27,7 +27,7 @@ from nested.judges import (
     identity_match,
     prepare_identity,
 )
-from nested.toyworld import SCENES, STYLES, Context, render, render_pair, split_identities
+from nested.toyworld.world import SCENES, STYLES, Context, render, render_pair, split_identities
 
 REPO = Path(__file__).resolve().parents[1]
 JUDGES = REPO / "data" / "toyworld" / "judges"

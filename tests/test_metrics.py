@@ -10,7 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nested.metrics import IdentitySimilarity, PromptAlignment, crop_boxes, load_clip, vision_embedder
+from nested.evaluation.metrics import (
+    IdentitySimilarity,
+    PromptAlignment,
+    crop_boxes,
+    load_clip,
+    vision_embedder,
+)
 from nested.testing import write_tiny_clip, write_tiny_vision_model
 
 

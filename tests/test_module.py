@@ -16,11 +16,11 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from nested.adapter import NestedAdapter
-from nested.callbacks import AdapterExport
-from nested.cli import main
+from nested.callbacks.export import AdapterExport
+from nested.cli.main import main
 from nested.data import DomainSpec, NestedDataModule
 from nested.encoder import EncoderSpec
-from nested.module import ConditioningDropout, NestedAttentionModule
+from nested.training.module import ConditioningDropout, NestedAttentionModule
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_FACES = REPO / "data" / "demo" / "faces"
@@ -31,8 +31,13 @@ def make_module(pipeline_path: Path, **kwargs) -> NestedAttentionModule:
         backbone=str(pipeline_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2
     )
     kwargs.setdefault("subjects", {"<person>": "person"})
-    kwargs.setdefault("learning_rate", 1e-3)
+    kwargs.setdefault("optimizer", adamw(1e-3))
     return NestedAttentionModule(str(pipeline_path), spec, **kwargs)
+
+
+def adamw(lr: float) -> dict:
+    """The module's ``optimizer`` argument for AdamW at ``lr``, as a config's ``optimizer:`` section gives it."""
+    return {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}}
 
 
 def make_data(urls, **kwargs) -> NestedDataModule:

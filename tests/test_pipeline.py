@@ -13,7 +13,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from nested.adapter import AdapterConfig, NestedAdapter, cross_attention_layers
 from nested.encoder import EncoderSpec
-from nested.pipeline import NestedPipeline, Subject, load_image
+from nested.inference.pipeline import NestedPipeline
+from nested.inference.subjects import Subject, load_image
 
 PROMPT = "a <person> walking a <dog> on the beach"
 

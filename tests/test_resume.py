@@ -17,8 +17,13 @@ import torch
 from nested.callbacks import AdapterEMA
 from nested.data import DomainSpec, NestedDataModule
 from nested.encoder import EncoderSpec
-from nested.module import NestedAttentionModule
-from nested.resume import AtomicCheckpointIO, PreemptionCheckpoint, find_resume_checkpoint, partial_path
+from nested.training.module import NestedAttentionModule
+from nested.training.resume import (
+    AtomicCheckpointIO,
+    PreemptionCheckpoint,
+    find_resume_checkpoint,
+    partial_path,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = str(REPO / "data" / "demo" / "faces" / "shards.json")
@@ -36,7 +41,8 @@ class ScheduledModule(NestedAttentionModule):
 
 def make_module(model: Path) -> NestedAttentionModule:
     spec = EncoderSpec(backbone=str(model / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
-    return ScheduledModule(str(model), spec, subjects={"<person>": "person"}, learning_rate=1e-3, seed=3)
+    adamw = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
+    return ScheduledModule(str(model), spec, subjects={"<person>": "person"}, seed=3, optimizer=adamw)
 
 
 def make_data(num_workers: int = 2) -> NestedDataModule:
@@ -147,7 +153,7 @@ SLOW_WRITER = textwrap.dedent(
     """
     import io, sys, time
     import torch
-    import nested.resume as resume
+    import nested.training.resume as resume
 
     real_save = torch.save
 

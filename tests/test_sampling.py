@@ -15,15 +15,18 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
+from test_module import adamw
 
 from nested.adapter import NestedAdapter
 from nested.backbone import DiffusionBackbone
+from nested.callbacks import SampleGrid
 from nested.data import DomainSpec, NestedDataModule
 from nested.encoder import EncoderSpec
-from nested.module import NestedAttentionModule
-from nested.pipeline import NestedPipeline
-from nested.sampling import SampleGrid, build_scheduler, load_references, make_grid, sample_images
+from nested.evaluation.images import load_references, make_grid
+from nested.inference.pipeline import NestedPipeline
+from nested.inference.sampler import build_scheduler, sample_images
 from nested.testing import write_tiny_clip
+from nested.training.module import NestedAttentionModule
 
 DEMO_FACES = Path(__file__).resolve().parents[1] / "data" / "demo" / "faces"
 
@@ -180,7 +183,7 @@ class _RngProbe(L.Callback):
 def _fit(model_path: Path, root: Path, callbacks: list, loggers) -> NestedAttentionModule:
     torch.manual_seed(0)
     module = NestedAttentionModule(
-        str(model_path), _encoder_spec(model_path), subjects={"<person>": "person"}, learning_rate=1e-2
+        str(model_path), _encoder_spec(model_path), subjects={"<person>": "person"}, optimizer=adamw(1e-2)
     )
     data = NestedDataModule(
         [DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")],
@@ -263,7 +266,7 @@ def test_sample_grid_logs_the_grid_and_metrics_without_copying_the_unet_or_chang
 def test_sample_grid_under_ddp_samples_on_rank_zero_without_hanging(tiny_sd_path, tiny_clip_path, tmp_path):
     """Two CPU ranks (gloo, forked): rank 0 samples while rank 1 waits at the next gradient sync."""
     module = NestedAttentionModule(
-        str(tiny_sd_path), _encoder_spec(tiny_sd_path), subjects={"<person>": "person"}, learning_rate=1e-2
+        str(tiny_sd_path), _encoder_spec(tiny_sd_path), subjects={"<person>": "person"}, optimizer=adamw(1e-2)
     )
     data = NestedDataModule(
         [DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")],
@@ -312,6 +315,6 @@ def test_the_samples_preset_builds_the_callback():
 
     preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "callbacks" / "samples.yaml").read_text())
     (entry,) = preset["trainer"]["callbacks+"]
-    assert entry["class_path"] == "nested.sampling.SampleGrid"
+    assert entry["class_path"] == "nested.callbacks.SampleGrid"
     callback = SampleGrid(**entry["init_args"])  # every key is a real argument, with a valid value
     assert callback.every_n_steps == 500 and callback.clip_model

@@ -1,4 +1,4 @@
-"""Tests of nested.shards: validation, rejection reasons, the index, sharding, latents, CLI."""
+"""Tests of nested.data.shards: validation, rejection reasons, the index, sharding, latents, CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from nested.shards import build_shards, main_shards
+from nested.cli.shards import main_shards
+from nested.data.shards import build_shards
 
 
 def _save_image(path: Path, width: int, height: int, seed: int = 0) -> None:
@@ -218,11 +219,11 @@ def test_cli(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_interrupted_run_leaves_no_index_and_no_partial_shard(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nested.shards
+    import nested.data.shards
 
     out = tmp_path / "out"
     build_shards(image_folder, out, domain="faces", subject="p", progress=False)
-    real = nested.shards.make_sample
+    real = nested.data.shards.make_sample
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -231,7 +232,7 @@ def test_interrupted_run_leaves_no_index_and_no_partial_shard(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(nested.shards, "make_sample", interrupted)
+    monkeypatch.setattr(nested.data.shards, "make_sample", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_shards(
             image_folder, out, domain="faces", subject="p", maxcount=2, overwrite=True, progress=False

@@ -70,7 +70,9 @@ def _config(tmp_path: Path, model: Path, name: str) -> Path:
               base_model: {model}
               encoder: {{backbone: {model / "image_encoder"}, num_tokens: 4, width: 32, depth: 1, heads: 2}}
               subjects: {{"<person>": person}}
-              learning_rate: 1.0e-3
+            optimizer:
+              class_path: torch.optim.AdamW
+              init_args: {{lr: 1.0e-3}}
             data:
               domains:
                 - {{name: faces, urls: {REPO / "data/demo/faces/shards.json"}, subject: "<person>"}}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from nested import toybase
-from nested.toyworld import SCENES, Context, caption
+from nested.toyworld import base_model as toybase
+from nested.toyworld.world import SCENES, Context, caption
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_SD = REPO / "data" / "models" / "toy-sd"
@@ -50,7 +50,7 @@ def test_committed_base_model_draws_the_captioned_scene():
     judge far above chance (1/8)."""
     from diffusers import StableDiffusionPipeline
 
-    from nested.judges import ToyJudges
+    from nested.toyworld.judges import ToyJudges
 
     judges = ToyJudges.from_pretrained(REPO / "data" / "toyworld" / "judges")
     pipe = StableDiffusionPipeline.from_pretrained(TOY_SD, safety_checker=None, requires_safety_checker=False)
@@ -125,7 +125,7 @@ def test_committed_image_encoder_recognises_held_out_identities():
     pretraining) are each other's nearest neighbour among 24 identities far above chance (1/24)."""
     from transformers import CLIPVisionModelWithProjection
 
-    from nested.toyworld import render, split_identities
+    from nested.toyworld.world import render, split_identities
 
     encoder = CLIPVisionModelWithProjection.from_pretrained(TOY_SD / "image_encoder").eval()
     people = split_identities("faces")[1][::12][:12] + split_identities("pets")[1][::7][:12]
@@ -144,7 +144,7 @@ def test_committed_image_encoder_recognises_held_out_identities():
 
 
 def test_image_encoder_pretraining_learns_to_match_renders_of_one_identity():
-    from nested.toyworld import split_identities
+    from nested.toyworld.world import split_identities
 
     people = split_identities("faces")[0][::60] + split_identities("pets")[0][::20]  # 38 train identities
     views = toybase.render_views(2, seed=0, people=people)
@@ -162,7 +162,7 @@ def test_committed_base_model_attends_to_the_class_word():
     every pixel (the base model trained on a deep random text tower gave it 1-2 % in every layer)."""
     from diffusers import StableDiffusionPipeline
 
-    from nested.toyworld import identities, render
+    from nested.toyworld.world import identities, render
 
     pipe = StableDiffusionPipeline.from_pretrained(TOY_SD, safety_checker=None, requires_safety_checker=False)
     contexts_ = [Context("beach"), Context("red", "sketch"), Context("snow"), Context("city", "painting")]
@@ -209,7 +209,7 @@ def test_world_tokenizer_keeps_every_tiny_id_and_makes_identity_words_whole(tmp_
     from transformers import CLIPTokenizer
 
     from nested.testing import write_tiny_tokenizer
-    from nested.toyworld import contexts, identities
+    from nested.toyworld.world import contexts, identities
 
     tiny = write_tiny_tokenizer(tmp_path / "tiny")
     world = toybase.write_world_tokenizer(tmp_path / "world")
@@ -231,7 +231,7 @@ def test_world_tokenizer_keeps_every_tiny_id_and_makes_identity_words_whole(tmp_
 
 
 def test_described_captions_name_each_identity_uniquely():
-    from nested.toyworld import identities
+    from nested.toyworld.world import identities
 
     for domain in ("faces", "pets"):
         texts = {toybase.describe(identity) for identity in identities(domain)}
@@ -295,7 +295,7 @@ def test_committed_base_model_draws_an_identity_it_is_told_in_words():
 
     from diffusers import StableDiffusionPipeline
 
-    from nested.judges import ToyJudges
+    from nested.toyworld.judges import ToyJudges
 
     check_base = _script("check_base")
     judges = ToyJudges.from_pretrained(REPO / "data" / "toyworld" / "judges")

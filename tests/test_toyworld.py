@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 
 from nested.data import DomainSpec, build_stream
-from nested.toyworld import (
+from nested.toyworld.world import (
     DEFAULT_TOKENS,
     DOMAINS,
     SCENES,

@@ -572,7 +572,7 @@ def training_parts(args: argparse.Namespace, tmp: Path) -> tuple[Any, tuple, Any
 
 
 def build_module(backbone, image_backbone, spec, injection: str, device: torch.device):
-    from nested.module import NestedAttentionModule
+    from nested.training.module import NestedAttentionModule
 
     module = NestedAttentionModule(
         "random SDXL",

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nested.judges import ToyJudges, attribute_matches, chance_levels
-from nested.toybase import described_caption
-from nested.toyworld import DOMAINS, caption, contexts, identity_class, split_identities
+from nested.toyworld.base_model import described_caption
+from nested.toyworld.judges import ToyJudges, attribute_matches, chance_levels
+from nested.toyworld.world import DOMAINS, caption, contexts, identity_class, split_identities
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from nested.toyworld import (
+from nested.toyworld.world import (
     DEFAULT_TOKENS,
     DOMAINS,
     SCENES,

@@ -183,8 +183,8 @@ def vae_ceiling(base: Path, judges_path: Path, count: int = 96, seed: int = 7) -
     import torch
     from diffusers import AutoencoderKL
 
-    from nested.judges import ToyJudges, identity_match
-    from nested.toyworld import contexts, render, split_identities
+    from nested.toyworld.judges import ToyJudges, identity_match
+    from nested.toyworld.world import contexts, render, split_identities
 
     judges = ToyJudges.from_pretrained(judges_path)
     vae = AutoencoderKL.from_pretrained(base / "vae").eval()

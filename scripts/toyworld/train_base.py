@@ -26,9 +26,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
-from nested import toybase
 from nested.testing import _tidy_tokenizer_folder
-from nested.toyworld import SCENES, Context, caption
+from nested.toyworld import base_model as toybase
+from nested.toyworld.world import SCENES, Context, caption
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,7 +103,7 @@ def sample_sheet(model: Path, path: Path, seed: int = 0, steps: int = 25, guidan
     """Rows: person, pet, person + pet; columns: every scene. Loaded back through ``from_pretrained``."""
     from diffusers import StableDiffusionPipeline
 
-    from nested.images import save_png
+    from nested.evaluation.images import save_png
 
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from nested.judges import (
+from nested.toyworld.judges import (
     CONTEXT_CHANCE,
     CONTEXT_SCENES,
     JudgeNet,
@@ -52,7 +52,7 @@ from nested.judges import (
     prepare_context,
     prepare_identity,
 )
-from nested.toyworld import (
+from nested.toyworld.world import (
     DOMAINS,
     STYLES,
     Context,

@@ -41,6 +41,7 @@ from nested.attention import (
     check_token_weight,
 )
 from nested.encoder import EncoderSpec, SubjectEncoder
+from nested.errors import AdapterError, ConfigError, HubError, MissingFileError
 
 __all__ = [
     "AdapterConfig",
@@ -158,17 +159,17 @@ class AdapterConfig:
             and f.default_factory is dataclasses.MISSING
         )  # noqa: E501
         if unknown or missing:
-            raise ValueError(f"{source}: unknown keys {unknown}, missing keys {missing}.")
+            raise AdapterError(f"{source}: unknown keys {unknown}, missing keys {missing}.")
         version = data.get("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
-            raise ValueError(
+            raise AdapterError(
                 f"{source} has format version {version}; this nested reads up to {FORMAT_VERSION}. Upgrade nested."
             )
         encoder = EncoderSpec.from_dict(data["encoder"])
         try:
             return cls(**{**data, "encoder": encoder})
         except ValueError as error:  # an invalid injection mode or option: say which file
-            raise ValueError(f"{source}: {error}") from error
+            raise AdapterError(f"{source}: {error}") from error
 
 
 def check_injection_options(
@@ -188,7 +189,7 @@ def check_injection_options(
     if token_weight != 1.0:
         problems.append(f"token_weight={token_weight} (use 1)")
     if problems:
-        raise ValueError(
+        raise ConfigError(
             f"{source + ': ' if source else ''}{' and '.join(problems)}: these act on the subject token's "
             "nested value, which injection='decoupled' does not have; its strength is the scale "
             "(strengths=)."
@@ -350,7 +351,7 @@ class NestedAdapter(nn.Module):
         subject_encoder = subject_encoder or SubjectEncoder.from_spec(encoder)
         layers = unet_fingerprint(unet)
         if not layers:
-            raise ValueError(
+            raise ConfigError(
                 "this UNet has no cross-attention (attn2) layers: nothing to attach nested attention to."
             )
         config = AdapterConfig(
@@ -487,19 +488,19 @@ class NestedAdapter(nn.Module):
         ours = self.config.layers
         for name in sorted(set(ours) | set(theirs)):
             if name not in theirs:
-                raise ValueError(
+                raise AdapterError(
                     f"the adapter has nested projections for layer {name!r}, which this UNet does not have "
                     f"(adapter: {len(ours)} cross-attention layers, UNet: {len(theirs)}). The adapter was made "
                     f"for base model {self.config.base_model or '<unknown>'}."
                 )
             if name not in ours:
-                raise ValueError(
+                raise AdapterError(
                     f"layer {name!r} of this UNet has no nested projections in the adapter (adapter: {len(ours)} "
                     f"cross-attention layers, UNet: {len(theirs)}). The adapter was made for base model "
                     f"{self.config.base_model or '<unknown>'}."
                 )
             if ours[name] != theirs[name]:
-                raise ValueError(
+                raise AdapterError(
                     f"layer {name!r} does not fit: the adapter expects {ours[name]}, this UNet has {theirs[name]}. "
                     f"The adapter was made for base model {self.config.base_model or '<unknown>'}."
                 )
@@ -576,7 +577,7 @@ class NestedAdapter(nn.Module):
         from nested.tokens import read_token_embeddings_from, subject_token_ids
 
         if not self.config.placeholders:
-            raise ValueError(
+            raise ConfigError(
                 f"there is no placeholder embedding to train: the adapter's tokens {list(self.config.tokens)} "
                 "are vocabulary words. Bind a new token such as <person> (model.subjects: {<person>: person})."
             )
@@ -634,7 +635,7 @@ class NestedAdapter(nn.Module):
                 f"layers in the file but not in the config: {extra[:3]}; in the config but not the file: {absent[:3]}"
             )
         if problems:
-            raise ValueError(f"{source} does not match its adapter config: " + "; ".join(problems))
+            raise AdapterError(f"{source} does not match its adapter config: " + "; ".join(problems))
         self.encoder.resampler.load_state_dict(resampler, strict=True)
         for key, layer_state in layers.items():
             self.layers[key].load_state_dict(layer_state, strict=True)
@@ -685,7 +686,7 @@ class NestedAdapter(nn.Module):
         try:
             state = load_file(weights_path)
         except Exception as error:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(
+            raise AdapterError(
                 f"{weights_path} is not a valid safetensors file ({error}); nested never unpickles weights."
             ) from error
 
@@ -719,7 +720,7 @@ def check_bindings_disjoint(bindings: Sequence[SubjectBinding]) -> None:
         clash = taken & marked
         if clash:
             sample, position = min(clash)
-            raise ValueError(
+            raise ConfigError(
                 f"two subjects mark the same token position {position} in sample {sample}; each "
                 "subject must bind to its own token."
             )
@@ -772,7 +773,7 @@ def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | N
             or str(name_or_path).startswith((".", "~"))
             or str(name_or_path).count("/") != 1
         ):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"adapter folder {str(name_or_path)!r} does not exist (and is not a hub repo id user/name)."
             )
         from huggingface_hub import snapshot_download
@@ -786,21 +787,21 @@ def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | N
                 )
             )
         except Exception as error:
-            raise OSError(
+            raise HubError(
                 f"could not download adapter {str(name_or_path)!r} (revision {revision or 'main'}) from the Hub: {error}. "
                 "Check the repo id, your network / HF_ENDPOINT, and your token (huggingface-cli login) for private repos."
             ) from error
     if not path.is_dir():
-        raise NotADirectoryError(
+        raise MissingFileError(
             f"{path} is not an adapter folder (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})."
         )
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(
+        raise AdapterError(
             f"{path} contains pickle-format weights {pickles}; nested loads only {WEIGHTS_NAME} (safetensors) and "
             "never unpickles. Remove those files or convert them with safetensors."
         )
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (path / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path} is not a nested adapter folder: missing {missing}.")
+        raise MissingFileError(f"{path} is not a nested adapter folder: missing {missing}.")
     return path

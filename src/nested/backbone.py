@@ -15,6 +15,8 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
+from nested.errors import ConfigError, MissingFileError
+
 __all__ = ["DiffusionBackbone", "TextConditioning", "check_tokenizer", "first_parameter"]
 
 EXPECTED_LAYOUT = (
@@ -45,12 +47,12 @@ def check_tokenizer(tokenizer: Any, text_encoder: Any, where: str) -> None:
     """
     size, embeddings = len(tokenizer), text_encoder.config.vocab_size
     if size > embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer at {where} has {size} tokens but its text encoder only {embeddings} embeddings: "
             "they come from different models, or the text encoder was not resized after adding tokens."
         )
     if size <= 1000 and size != embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer at {where} has {size} tokens (its text encoder has {embeddings}): the tokenizer files "
             "(vocab.json, merges.txt) are missing; is the model downloaded? Offline, transformers returns an "
             "empty tokenizer instead of failing. Download the model (or fix the path) and retry."
@@ -62,15 +64,15 @@ def _read_model_index(name_or_path: str, **hub_kwargs: Any) -> dict[str, Any]:
     local = Path(name_or_path).expanduser()
     looks_local = local.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
     if looks_local and not local.is_dir():
-        raise FileNotFoundError(f"no model folder at {local}: expected {EXPECTED_LAYOUT}.")
+        raise MissingFileError(f"no model folder at {local}: expected {EXPECTED_LAYOUT}.")
     if local.is_dir() and not (local / "model_index.json").is_file():
-        raise FileNotFoundError(f"{local} has no model_index.json: expected {EXPECTED_LAYOUT}.")
+        raise MissingFileError(f"{local} has no model_index.json: expected {EXPECTED_LAYOUT}.")
     try:
         return dict(
             DiffusionPipeline.load_config(str(local) if local.is_dir() else name_or_path, **hub_kwargs)
         )
     except OSError as error:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"cannot load model_index.json of {name_or_path!r} ({error}). Expected {EXPECTED_LAYOUT}. "
             "Offline, a Hub id must already be in the local cache: download it, or pass a local folder."
         ) from error
@@ -137,14 +139,14 @@ class DiffusionBackbone:
         ]
         missing = [name for name in required if not _registered(index, name)]
         if missing:
-            raise ValueError(f"{source}: model_index.json has no {missing}; expected {EXPECTED_LAYOUT}.")
+            raise ConfigError(f"{source}: model_index.json has no {missing}; expected {EXPECTED_LAYOUT}.")
 
         weights_kwargs = {**hub_kwargs, "variant": variant}
         unet = UNet2DConditionModel.from_pretrained(
             source, subfolder="unet", torch_dtype=dtype, **weights_kwargs
         )
         if unet.config.addition_embed_type == "text_time" and kind != "sdxl":
-            raise ValueError(f"{source}: the UNet expects SDXL conditioning but there is no text_encoder_2.")
+            raise ConfigError(f"{source}: the UNet expects SDXL conditioning but there is no text_encoder_2.")
 
         vae_source = str(vae_name_or_path) if vae_name_or_path is not None else source
         vae_subfolder = "vae" if vae_name_or_path is None or (Path(vae_source) / "vae").is_dir() else None

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nested.errors import ConfigError, MissingFileError
+
 __all__ = ["EncoderSpec", "FrozenModules", "Resampler", "SubjectEncoder", "load_vision_backbone"]
 
 # CLIP's normalisation, the fallback when a backbone folder ships no image processor config.
@@ -82,7 +84,7 @@ class EncoderSpec:
         if self.heads < 1 or self.width % self.heads:
             problems.append(f"width ({self.width}) must be a positive multiple of heads ({self.heads})")
         if problems:
-            raise ValueError("invalid encoder spec: " + "; ".join(problems))
+            raise ConfigError("invalid encoder spec: " + "; ".join(problems))
 
     @property
     def token_dim(self) -> int:
@@ -96,7 +98,7 @@ class EncoderSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown encoder spec keys {unknown}; expected some of {sorted(known)}.")
+            raise ConfigError(f"unknown encoder spec keys {unknown}; expected some of {sorted(known)}.")
         return cls(**data)
 
 
@@ -194,7 +196,7 @@ def load_vision_backbone(
     try:
         config = AutoConfig.from_pretrained(spec.backbone, **kwargs)
     except OSError as error:
-        raise OSError(
+        raise MissingFileError(
             f"could not load the image encoder {spec.backbone!r} (subfolder {spec.subfolder!r}): {error}. "
             "Pass a local folder with a Hugging Face vision model (config.json + weights), or a hub id "
             "that is in the local cache when offline."

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from nested.errors import ConfigError
+
 __all__ = [
     "add_placeholder_token",
     "get_token_embedding",
@@ -33,7 +35,7 @@ def subject_token_ids(tokenizer: Any, token: str) -> list[int]:
     """
     ids = tokenizer(token, add_special_tokens=False).input_ids
     if not ids:
-        raise ValueError(f"subject token {token!r} tokenizes to nothing; use a non-empty word.")
+        raise ConfigError(f"subject token {token!r} tokenizes to nothing; use a non-empty word.")
     return list(ids)
 
 
@@ -49,12 +51,14 @@ def add_placeholder_token(tokenizer: Any, text_encoder: Any, placeholder: str, c
     if tokenizer.add_tokens([placeholder]) == 0 and old_rows >= len(tokenizer):
         ids = subject_token_ids(tokenizer, placeholder)
         if len(ids) != 1:
-            raise ValueError(f"{placeholder!r} is already in the vocabulary but tokenizes to {len(ids)} ids.")
+            raise ConfigError(
+                f"{placeholder!r} is already in the vocabulary but tokenizes to {len(ids)} ids."
+            )
         _pool_at_eos(tokenizer, text_encoder)
         return ids[0]
     ids = subject_token_ids(tokenizer, placeholder)
     if len(ids) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"placeholder {placeholder!r} tokenizes to {len(ids)} ids after being added; use a placeholder "
             "without spaces, like '<person>'."
         )
@@ -129,12 +133,12 @@ def subject_masks_for_tokenizers(
     first, *others = (subject_masks(tokenizer, prompts, token) for tokenizer in tokenizers)
     for index, other in enumerate(others, start=1):
         if other.shape != first.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizers 0 and {index} have different max lengths: {first.shape} vs {other.shape}"
             )
         differing = (first != other).any(dim=1).nonzero()
         if len(differing):
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizers 0 and {index} place the subject token {token!r} at different positions in the "
                 f"prompt {prompts[int(differing[0])]!r}; add the same placeholder to both tokenizers "
                 "(add_placeholder_token)."

@@ -1,0 +1,17 @@
+"""Lightning callbacks: one home for every class a ``callbacks/*.yaml`` preset names.
+
+``AdapterExport`` (the inference-ready adapter at every checkpoint), ``AdapterEMA`` (an EMA of the adapter),
+``SampleGrid`` (sample grids and metrics during training), ``HubUpload`` (every export pushed to the Hub).
+"""
+
+from nested._lazy import lazy_exports
+
+lazy_exports(
+    globals(),
+    {
+        "AdapterEMA": "nested.callbacks.ema",
+        "AdapterExport": "nested.callbacks.export",
+        "HubUpload": "nested.callbacks.hub_upload",
+        "SampleGrid": "nested.callbacks.sample_grid",
+    },
+)

@@ -1,0 +1,302 @@
+"""``nested eval``: the identity vs prompt-alignment sweep of adapters (:mod:`nested.evaluation.sweep`).
+
+This module holds the command line: its parser and every check that needs no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from nested.cli.common import add_base_arguments, pairs, run_user_command
+from nested.errors import MissingFileError, UsageError
+from nested.evaluation.report import column_suffix
+from nested.evaluation.sweep import point_line, run_eval
+
+__all__ = ["DTYPES", "check_eval_arguments", "eval_parser", "main_eval", "read_pair_prompts", "read_prompts"]
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nested eval",
+        description="Measure identity similarity vs prompt alignment of nested adapters over strengths and seeds, "
+        "against the base model, and plot the trade-off; in the toy world, --judges adds identity and context "
+        "accuracy against the true labels.",
+        epilog=(
+            "example (the toy world, after scripts/toyworld/demo.sh): nested eval --base data/models/toy-sd "
+            "--adapter '<person>=runs/demo/adapters/last' --prompts data/prompts/toyworld-faces.txt "
+            "--subjects data/toyworld/shards/faces/held_out/shards.json --reference-size 64 "
+            "--judges data/toyworld/judges --clip none --out runs/demo/eval"
+        ),
+    )
+    models = add_base_arguments(parser)
+    models.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        required=True,
+        metavar="TOKEN=PATH_OR_REPO",
+        help="an adapter folder or hub repo bound to TOKEN; repeatable (each token is evaluated on its own, "
+        "or the two together with --pair)",
+    )
+    models.add_argument(
+        "--clip",
+        default="openai/clip-vit-large-patch14",
+        help="full CLIP (folder or hub id) for prompt alignment (default: openai/clip-vit-large-patch14); "
+        "'none' skips prompt alignment (needs --judges, which then score the prompt instead)",
+    )
+    models.add_argument(
+        "--identity-model",
+        default=None,
+        help="CLIP vision or DINOv2 folder / hub id for identity similarity (default: the adapter's image encoder)",
+    )
+    models.add_argument(
+        "--judges",
+        default=None,
+        metavar="DIR",
+        help="toy-world judges (nested.judges, e.g. data/toyworld/judges): also score every image's identity "
+        "(identity_exact, identity_attributes: the judge's prediction vs the reference's label from its shard "
+        "metadata) and context (context_scene, context: vs the scene and style the prompt asks for); needs "
+        "toy-world shards as --subjects and prompts in the world's caption phrasing "
+        "(data/prompts/toyworld-*.txt)",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--prompts",
+        required=True,
+        help="text file, one template per line with {token} or the literal token (# comments)",
+    )
+    data.add_argument(
+        "--subjects",
+        action="append",
+        default=[],
+        required=True,
+        metavar="[TOKEN=]DIR_OR_SHARDS",
+        help="reference images: a folder, an image, or shards (shards.json, .tar, brace pattern); "
+        "TOKEN=... for one token only; repeatable",
+    )
+    data.add_argument(
+        "--pair",
+        default=None,
+        metavar="TOKEN_A,TOKEN_B",
+        help="two-subject prompts: every template names both tokens (e.g. data/prompts/toyworld-pairs.txt), the "
+        "i-th subject of TOKEN_A is generated with the i-th of TOKEN_B, both adapters bound in one call; with "
+        "--judges, TOKEN_A is judged in the left half of the image and TOKEN_B in the right half",
+    )
+    data.add_argument("--max-subjects", type=int, default=4, help="subjects per token (default 4)")
+    data.add_argument(
+        "--reference-size", type=int, default=512, help="side of the reference images (default 512)"
+    )
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument(
+        "--strengths", default="0.25,0.5,1.0", help="comma-separated subject strengths (default 0.25,0.5,1.0)"
+    )
+    sweep.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    sweep.add_argument(
+        "--token-weight",
+        action="append",
+        default=[],
+        metavar="TOKEN=W",
+        help="multiplies TOKEN's attention at every strength (the official demo's special_token_weight; "
+        "nested adapters only; default: the weight its adapter was trained with, 1 unless set)",
+    )
+    sweep.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    sweep.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    sweep.add_argument("--negative-prompt", default=None)
+    sweep.add_argument("--height", type=int, default=None, help="pixels (default: the base model's)")
+    sweep.add_argument("--width", type=int, default=None, help="pixels (default: the base model's)")
+    sweep.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", required=True, help="output folder")
+    output.add_argument("--grid-rows", type=int, default=12, help="rows of grid.png (default 12)")
+    output.add_argument("--no-images", action="store_true", help="do not keep every generated image")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps... (default cpu)")
+    runtime.add_argument("--dtype", default="float32", choices=DTYPES)
+    runtime.add_argument("--no-progress", action="store_true", help="no progress bar")
+    runtime.add_argument(
+        "--verbose", action="store_true", help="show the libraries' loading bars and warnings"
+    )
+    return parser
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _numbers(text: str, option: str, convert) -> list:
+    try:
+        values = [convert(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"{option} expects comma-separated numbers, got {text!r}.") from None
+    if not values:
+        raise UsageError(f"{option} is empty.")
+    if len(set(values)) != len(values):
+        raise UsageError(f"{option} repeats a value: {text!r}.")
+    return values
+
+
+def _templates(path: str | Path) -> tuple[Path, list[tuple[int, str]]]:
+    """A prompts file's (line number, template) pairs: blank lines and ``#`` comments skipped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingFileError(f"--prompts {str(path)!r} does not exist.")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    templates = [(n, line.strip()) for n, line in enumerate(lines, start=1)]
+    templates = [(n, t) for n, t in templates if t and not t.startswith("#")]
+    if not templates:
+        raise UsageError(
+            f"{path} holds no prompt (one template a line, e.g. 'a photo of {{token}} at the beach')."
+        )
+    return path, templates
+
+
+def read_prompts(path: str | Path, tokens: list[str]) -> dict[str, list[tuple[int, str]]]:
+    """Prompt templates -> for each token, its (line index, prompt) pairs.
+
+    A line with ``{token}`` applies to every token; a line with a literal token applies to that token.
+    Blank lines and ``#`` comments are skipped.
+
+    Raises:
+        FileNotFoundError: no such file. UsageError: a line names no token, or no prompt at all.
+    """
+    path, templates = _templates(path)
+    per_token: dict[str, list[tuple[int, str]]] = {token: [] for token in tokens}
+    for index, (number, template) in enumerate(templates):
+        matched = False
+        for token in tokens:
+            if "{token}" in template or token in template:
+                per_token[token].append((index, template.replace("{token}", token)))
+                matched = True
+        if not matched:
+            raise UsageError(
+                f"{path}:{number}: {template!r} names no subject: write {{token}} (or one of {', '.join(tokens)}) "
+                "where the subject goes."
+            )
+    return per_token
+
+
+def read_pair_prompts(path: str | Path, pair: tuple[str, str]) -> list[tuple[int, str]]:
+    """Two-subject prompt templates -> (line index, prompt) pairs; every line names both tokens literally.
+
+    Raises:
+        FileNotFoundError: no such file. UsageError: a line misses a token, or no prompt at all.
+    """
+    path, templates = _templates(path)
+    for number, template in templates:
+        missing = [token for token in pair if token not in template]
+        if missing:
+            raise UsageError(
+                f"{path}:{number}: {template!r} does not name {' and '.join(missing)}: --pair prompts name both "
+                f"subjects, e.g. 'a photo of {pair[0]} and {pair[1]} at the beach'."
+            )
+    return [(index, template) for index, (_, template) in enumerate(templates)]
+
+
+def _subject_sources(values: list[str], tokens: list[str]) -> dict[str, str]:
+    """``--subjects`` -> token -> source; an unprefixed source serves every token without its own."""
+    shared, own = None, {}
+    for value in values:
+        token, sep, rest = value.partition("=")
+        if sep and token in tokens:
+            if token in own:
+                raise UsageError(f"--subjects is given twice for {token!r}.")
+            own[token] = rest
+        elif shared is None:
+            shared = value
+        else:
+            raise UsageError("--subjects without TOKEN= is given twice; prefix each with its token.")
+    missing = [token for token in tokens if token not in own and shared is None]
+    if missing:
+        raise UsageError(
+            f"no --subjects for {', '.join(missing)}: add --subjects '{missing[0]}=DIR_OR_SHARDS'."
+        )
+    return {token: own.get(token, shared) for token in tokens}
+
+
+def _pair(text: str, adapters: dict[str, str]) -> tuple[str, str]:
+    tokens = [part.strip() for part in text.split(",")]
+    if len(tokens) != 2 or not all(tokens) or tokens[0] == tokens[1]:
+        raise UsageError(f"--pair expects two different tokens, e.g. --pair '<person>,<pet>', got {text!r}.")
+    if set(tokens) != set(adapters):
+        raise UsageError(
+            f"--pair {text!r} evaluates exactly the adapters of its two tokens; --adapter gives "
+            f"{', '.join(adapters) or 'none'}."
+        )
+    if column_suffix(tokens[0]) == column_suffix(tokens[1]):
+        raise UsageError(f"--pair tokens {tokens[0]!r} and {tokens[1]!r} give the same CSV column names.")
+    return tokens[0], tokens[1]
+
+
+def check_eval_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Every problem that needs no model, found before loading; returns the parsed options.
+
+    ``groups``: what one generation binds, name -> tokens: each token on its own, or with --pair the two
+    tokens under the name ``A+B``; ``prompts``: group name -> its (line index, prompt) pairs.
+    """
+    adapters = pairs(args.adapter, "--adapter")
+    tokens = list(adapters)
+    strengths = _numbers(args.strengths, "--strengths", float)
+    token_weights = pairs(args.token_weight, "--token-weight", float)
+    for token, weight in token_weights.items():
+        if token not in adapters:
+            raise UsageError(f"--token-weight {token}={weight}: {token!r} has no --adapter.")
+        if weight <= 0:
+            raise UsageError(f"--token-weight {token}={weight}: the weight must be > 0.")
+    seeds = _numbers(args.seeds, "--seeds", int)
+    if args.steps < 1 or args.batch_size < 1 or args.max_subjects < 1 or args.grid_rows < 1:
+        raise UsageError("--steps, --batch-size, --max-subjects and --grid-rows must be >= 1.")
+    for size in (args.height, args.width):
+        if size is not None and (size < 8 or size % 8):
+            raise UsageError(f"--height and --width must be positive multiples of 8, got {size}.")
+    if args.clip.lower() == "none" and not args.judges:
+        raise UsageError(
+            "--clip none leaves nothing to plot against identity; add --judges DIR or a CLIP model."
+        )
+    if args.judges and not Path(args.judges).expanduser().is_dir():
+        raise MissingFileError(
+            f"--judges {args.judges!r} is not a folder; pass trained judges, e.g. data/toyworld/judges."
+        )
+    pair = _pair(args.pair, adapters) if args.pair else None
+    if pair:
+        name = "+".join(pair)
+        groups = {name: list(pair)}
+        prompts = {name: read_pair_prompts(args.prompts, pair)}
+    else:
+        groups = {token: [token] for token in tokens}
+        prompts = read_prompts(args.prompts, tokens)
+    sources = _subject_sources(args.subjects, tokens)
+    return {
+        "adapters": adapters,
+        "tokens": tokens,
+        "pair": pair,
+        "groups": groups,
+        "strengths": strengths,
+        "token_weights": token_weights,
+        "seeds": seeds,
+        "prompts": prompts,
+        "sources": sources,
+    }
+
+
+def main_eval(argv: list[str] | None = None) -> int:
+    """``nested eval``: returns the exit code (0 ok, 2 for a user error, shown in one line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = eval_parser().parse_args(argv)
+    summary = run_user_command(
+        "nested eval", args.verbose, lambda: run_eval(args, check_eval_arguments(args), argv)
+    )
+    if summary is None:
+        return 2
+    out = Path(args.out).resolve()
+    print(f"Wrote {summary['rows']} rows to {out / 'results.csv'}, summary.json, grid.png and tradeoff.png")
+    for point in summary["points"]:
+        print(point_line(point))
+    return 0
+
+
+if __name__ == "__main__":  # python -m nested.cli.eval ...
+    sys.exit(main_eval())

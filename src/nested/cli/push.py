@@ -1,0 +1,64 @@
+"""``nested push``: upload an adapter folder to the Hugging Face Hub, with a model card (no Lightning needed)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nested.cli.common import one_line
+from nested.errors import MissingFileError, NestedUserError
+
+__all__ = ["main_push", "push_parser"]
+
+
+def push_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nested push",
+        description="Upload an adapter folder to a Hugging Face Hub model repo, with a model card. The token comes "
+        "from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects the Hub.",
+    )
+    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="e.g. runs/demo/adapters/last")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="user/name (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--license", default="other", help="license in the model card (default: other)")
+    parser.add_argument(
+        "--base-model", default=None, help="hub id of the base model, for the card's metadata"
+    )
+    parser.add_argument(
+        "--training-config", default=None, help="LightningCLI config.yaml to summarise in the card"
+    )
+    return parser
+
+
+def main_push(argv: list[str] | None = None) -> int:
+    """``nested push``: returns the exit code (0 ok, 2 for an error, shown in one line)."""
+    from nested.hub.model_card import redact
+    from nested.hub.push import push_adapter
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = push_parser().parse_args(argv)
+    try:
+        if args.training_config and not Path(args.training_config).is_file():
+            raise MissingFileError(f"--training-config {args.training_config!r} does not exist.")
+        info = push_adapter(
+            args.adapter_dir,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            license=args.license,
+            base_model=args.base_model,
+            training_config=args.training_config,
+        )
+    except NestedUserError as error:
+        print(f"nested push: error: {redact(one_line(error))}", file=sys.stderr)
+        return 2
+    print(f"Pushed {args.adapter_dir} to {args.repo_id}: {info.commit_url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_push())

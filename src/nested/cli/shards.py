@@ -1,0 +1,87 @@
+"""``nested shards``: validated images + captions -> webdataset shards and a ``shards.json`` index."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nested.data.shards import build_shards
+
+__all__ = ["main_shards", "shards_parser"]
+
+
+def shards_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nested shards",
+        description="Validate images + captions and write webdataset shards with a shards.json index.",
+    )
+    parser.add_argument(
+        "src", type=Path, help="folder of images with .txt captions, or a .jsonl/.csv manifest"
+    )
+    parser.add_argument("out", type=Path, help="output folder")
+    parser.add_argument("--domain", required=True, help="domain name, e.g. faces (prefix of the shard files)")
+    parser.add_argument("--subject", required=True, help="the domain's subject token, e.g. '<person>' or dog")
+    parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument(
+        "--maxsize", type=int, default=512 * 1024**2, help="bytes per shard (default 512 MiB)"
+    )
+    parser.add_argument(
+        "--min-size", type=int, default=64, help="reject images with a shorter side (default 64)"
+    )
+    parser.add_argument(
+        "--max-pixels", type=int, default=50_000_000, help="reject larger images (bomb guard)"
+    )
+    parser.add_argument("--image-size", type=int, default=None, help="downscale so the short side <= N")
+    parser.add_argument("--cache-latents", action="store_true", help="store VAE latents (needs --model)")
+    parser.add_argument("--model", default=None, help="diffusers model folder/id whose vae/ encodes latents")
+    parser.add_argument("--resolution", type=int, default=1024, help="training resolution of cached latents")
+    parser.add_argument("--device", default=None, help="device for the VAE (default: cuda if available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing shards in OUT")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main_shards(argv: Sequence[str] | None = None) -> int:
+    """``nested shards SRC OUT --domain NAME --subject WORD ...``; returns the exit code."""
+    parser = shards_parser()
+    args = parser.parse_args(argv)
+    vae = None
+    if args.cache_latents:
+        if args.model is None:
+            parser.error("--cache-latents needs --model PATH (a diffusers model with a vae/ subfolder)")
+        import torch
+        from diffusers import AutoencoderKL
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval()
+    try:
+        report = build_shards(
+            args.src,
+            args.out,
+            domain=args.domain,
+            subject=args.subject,
+            maxcount=args.maxcount,
+            maxsize=args.maxsize,
+            min_size=args.min_size,
+            max_pixels=args.max_pixels,
+            image_size=args.image_size,
+            cache_latents=args.cache_latents,
+            vae=vae,
+            resolution=args.resolution,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"nested shards: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {report.total_samples} samples in {len(report.shards)} shards to {report.out} "
+        f"({report.rejected} rejected, see {report.rejected_path})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_shards())

@@ -1,0 +1,211 @@
+"""What the training data is: domains, their shard urls and sample counts, and skip counting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import webdataset as wds
+
+from nested.errors import ConfigError, DataError, MissingFileError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SKIP_KEYS",
+    "DomainSpec",
+    "SkipCounter",
+    "check_urls",
+    "expand_urls",
+    "is_local_url",
+    "local_path",
+    "shard_counts",
+]
+
+SKIP_KEYS = ("corrupt", "broken_shards", "no_subject_dropped", "no_subject_inserted", "no_reference")
+
+
+@dataclass
+class DomainSpec:
+    """One training domain (faces, pets...): its shards and the subject token it binds to.
+
+    Attributes:
+        name: domain name (logged, and ``batch["domains"]``).
+        urls: a brace pattern (``"data/faces/faces-{000000..000009}.tar"``), a list of tar
+            paths/urls, or the path of a ``shards.json`` (expands to its shards, relative to it).
+        subject: the token the subject binds to, e.g. ``"<person>"`` or ``"dog"``.
+        weight: relative sampling weight in the mixed stream (> 0).
+        caption_rule: what to do with a caption that lacks the subject token (matched as a whole
+            word, case-insensitively): ``"insert"`` prepends the formatted ``insert_template``
+            and a comma, ``"a cat on a sofa"`` -> ``"a photo of <cat>, a cat on a sofa"`` (an
+            empty caption becomes the template alone); ``"drop"`` skips the sample.
+        insert_template: must contain ``{subject}``.
+        reference: where the encoder's reference comes from when a sample has no ref image (a
+            ref image is always used when present): ``"bbox_crop"`` crops the target around its
+            ``bbox`` (the whole target when there is none); ``"target"`` uses the whole target;
+            ``"ref"`` requires a ref image and skips samples without one.
+        bbox_margin: context added on every side of a bbox crop, as a fraction of the box size.
+    """
+
+    name: str
+    urls: str | list[str]
+    subject: str
+    weight: float = 1.0
+    caption_rule: Literal["insert", "drop"] = "insert"
+    insert_template: str = "a photo of {subject}"
+    reference: Literal["ref", "bbox_crop", "target"] = "bbox_crop"
+    bbox_margin: float = 0.1
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.name:
+            problems.append("name is empty: give the domain a name such as 'faces'")
+        if not self.urls or (isinstance(self.urls, list) and not all(self.urls)):
+            problems.append("urls is empty: give a brace pattern, a list of .tar paths or a shards.json path")
+        if not self.subject or self.subject != self.subject.strip():
+            problems.append(f"subject {self.subject!r} must be a non-empty token without surrounding spaces")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            problems.append(f"weight={self.weight} must be a positive number")
+        if self.caption_rule not in ("insert", "drop"):
+            problems.append(f"caption_rule={self.caption_rule!r} must be 'insert' or 'drop'")
+        if self.reference not in ("ref", "bbox_crop", "target"):
+            problems.append(f"reference={self.reference!r} must be 'ref', 'bbox_crop' or 'target'")
+        if "{subject}" not in self.insert_template:
+            problems.append(f"insert_template={self.insert_template!r} must contain '{{subject}}'")
+        else:
+            try:
+                self.insert_template.format(subject=self.subject)
+            except (KeyError, IndexError, ValueError) as exc:
+                problems.append(
+                    f"insert_template={self.insert_template!r} has a field other than {{subject}}: {exc}"
+                )
+        if not self.bbox_margin >= 0:
+            problems.append(f"bbox_margin={self.bbox_margin} must be >= 0")
+        if problems:
+            raise ConfigError(f"invalid DomainSpec {self.name!r}:\n  - " + "\n  - ".join(problems))
+
+
+# ----------------------------------------------------------------------------- urls
+
+
+def is_local_url(url: str) -> bool:
+    return url.startswith("file://") or ("://" not in url and not url.startswith("pipe:"))
+
+
+def local_path(url: str) -> Path:
+    return Path(url.removeprefix("file://"))
+
+
+def _expand(urls: str | list[str]) -> list[tuple[str, int | None]]:
+    """(url, sample count if a shards.json lists it) for every shard ``urls`` expands to."""
+    result: list[tuple[str, int | None]] = []
+    for item in [urls] if isinstance(urls, str) else list(urls):
+        for url in wds.shardlists.expand_urls(item):
+            path = local_path(url)
+            if is_local_url(url) and url.endswith(".json") and path.is_file():
+                index = json.loads(path.read_text(encoding="utf-8"))
+                for shard in index.get("shards", []):
+                    shard_url = (
+                        str(path.parent / shard["url"]) if is_local_url(shard["url"]) else shard["url"]
+                    )
+                    samples = shard.get("samples")
+                    result.append((shard_url, int(samples) if isinstance(samples, int) else None))
+            else:
+                result.append((url, None))
+    return result
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """Expand brace patterns, ``::``-joined lists and ``shards.json`` indexes into shard urls.
+
+    A shards.json that does not exist is kept as is, so ``check_urls`` can name it.
+    """
+    return [url for url, _ in _expand(urls)]
+
+
+def shard_counts(urls: str | list[str]) -> dict[str, int]:
+    """Samples per shard url, for the shards a ``shards.json`` in ``urls`` lists with a count.
+
+    The resumable training stream skips whole shards by these counts; shards without one are
+    counted from their tar headers when first needed (``nested.trainstream.count_samples``).
+    """
+    return {url: count for url, count in _expand(urls) if count is not None}
+
+
+def check_urls(spec: DomainSpec) -> list[str]:
+    """Expand ``spec.urls`` and fail now, naming the urls, if there is nothing to read.
+
+    Remote urls (``http://``, ``pipe:``...) cannot be checked here and are trusted.
+
+    Raises:
+        FileNotFoundError: when no url expands, or local shard files are missing.
+    """
+    urls = expand_urls(spec.urls)
+    if not urls:
+        raise MissingFileError(
+            f"domain {spec.name!r}: urls {spec.urls!r} expand to no shard files; expected a brace pattern like "
+            "'data/faces/faces-{000000..000009}.tar', a list of .tar files or a shards.json listing shards"
+        )
+    missing = [url for url in urls if is_local_url(url) and not local_path(url).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise MissingFileError(
+            f"domain {spec.name!r}: {len(missing)} of {len(urls)} shard files from urls {spec.urls!r} do not exist: "
+            f"{shown}. Build them with `nested shards` or fix the path (relative paths are resolved from the "
+            "working directory)."
+        )
+    return urls
+
+
+# ----------------------------------------------------------------------------- skip counting
+
+
+class SkipCounter:
+    """Per-worker counts of skipped samples since the last yielded sample.
+
+    Raises after ``max_consecutive`` skips without a single good sample, so a dataset that is
+    entirely broken (or a ``drop`` rule that drops everything) fails loudly instead of spinning.
+    """
+
+    def __init__(self, max_consecutive: int = 1000) -> None:
+        self.max_consecutive = max_consecutive
+        self.pending = dict.fromkeys(SKIP_KEYS, 0)
+        self.totals = dict.fromkeys(SKIP_KEYS, 0)
+        self.consecutive = 0
+
+    def add(self, kind: str, reason: object = None) -> None:
+        self.pending[kind] += 1
+        self.totals[kind] += 1
+        total = self.totals[kind]
+        if reason is not None and total & (total - 1) == 0:  # log the 1st, 2nd, 4th, 8th...
+            log.warning("data: %s #%d in this worker: %s", kind, total, reason)
+        if kind == "no_subject_inserted":
+            return
+        self.consecutive += 1
+        if self.consecutive > self.max_consecutive:
+            raise DataError(
+                f"data: {self.consecutive} samples/shards in a row were skipped ({self.totals}); last: {reason}. "
+                "Check the shards (corrupt or unreadable?) and the domains' caption_rule/reference settings."
+            )
+
+    def handler(self, kind: str) -> Callable[[BaseException], bool]:
+        """A webdataset exception handler that counts under ``kind`` and continues."""
+        return _CountingHandler(self, kind)
+
+    def drain(self) -> dict[str, int]:
+        counts, self.pending, self.consecutive = self.pending, dict.fromkeys(SKIP_KEYS, 0), 0
+        return counts
+
+
+class _CountingHandler:
+    def __init__(self, counter: SkipCounter, kind: str) -> None:
+        self.counter, self.kind = counter, kind
+
+    def __call__(self, exc: BaseException) -> bool:
+        self.counter.add(self.kind, repr(exc)[:300])
+        return True

@@ -1,0 +1,191 @@
+"""Reference images and image grids: loading subjects' reference images, tiling and writing PNGs.
+
+Used by the training callback :class:`~nested.sampling.SampleGrid` and by ``nested eval``
+(:mod:`nested.evaluate`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nested.errors import DataError, MissingFileError
+
+__all__ = ["IMAGE_EXTENSIONS", "Reference", "load_references", "make_grid", "save_png", "to_uint8_hwc"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+# ----------------------------------------------------------------------------- references
+
+
+@dataclass
+class Reference:
+    """A subject's reference image: ``image`` is (3, S, S) float32 in [0, 1].
+
+    ``meta``: the shard sample's ``json`` (e.g. the toy world's ``identity`` label and ``domain``),
+    ``{}`` for images from a folder.
+    """
+
+    name: str
+    image: Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _square(image: Tensor, size: int) -> Tensor:
+    """(1, 3, H, W) -> (3, size, size): center square crop, resized (bicubic, antialiased)."""
+    height, width = image.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = image[..., top : top + side, left : left + side]
+    if side != size:
+        square = F.interpolate(square, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return square[0].clamp(0, 1)
+
+
+def _is_shards(source: str | Sequence[str]) -> bool:
+    if not isinstance(source, str):
+        return True
+    return source.endswith((".tar", ".json")) or ("{" in source and ".." in source) or "://" in source
+
+
+def load_references(
+    source: str | os.PathLike | Sequence[str],
+    *,
+    count: int | None = None,
+    size: int = 224,
+    token: str = "<subject>",
+) -> list[Reference]:
+    """The first ``count`` reference images of a folder of images or of (validation) shards.
+
+    Args:
+        source: a folder of images (sorted by name; the file stem is the subject's name), one image file,
+            or shards: a ``shards.json``, a ``.tar``, a brace pattern or a list of tars. A shard sample's
+            reference is its ``ref`` image, else the crop around its ``bbox``, else the whole image; its
+            name is the sample key and its ``meta`` the sample's ``json``.
+        count: how many (None: all).
+        size: the side of the returned square images.
+        token: the subject token written into shard captions (only used to read the shards).
+
+    Raises:
+        FileNotFoundError: nothing to read at ``source``. ValueError: no image found.
+    """
+    if count is not None and count < 1:
+        raise ValueError(f"count must be >= 1, got {count}.")
+    from nested.inference.subjects import load_image
+
+    if _is_shards(source if isinstance(source, (list, tuple)) else str(source)):
+        from nested.data.domains import DomainSpec, check_urls
+        from nested.data.loading import build_stream
+
+        urls = list(source) if isinstance(source, (list, tuple)) else str(source)
+        spec = DomainSpec(name="references", urls=urls, subject=token)
+        stream = build_stream(
+            [spec], train=False, resolution=max(8, -(-size // 8) * 8), reference_size=size, max_samples=count
+        )
+        references = []
+        for sample in stream:
+            references.append(Reference(str(sample["key"]), sample["reference"].float().clamp(0, 1)))
+            if count is not None and len(references) >= count:
+                break
+        metas = _shard_metadata(check_urls(spec), {r.name for r in references})
+        for reference in references:
+            reference.meta = metas.get(reference.name, {})
+    else:
+        path = Path(source).expanduser()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        else:
+            raise MissingFileError(
+                f"no reference images at {str(path)!r}: expected a folder of images, an image file, a shards.json, "
+                "a .tar or a brace pattern of shards."
+            )
+        references = [
+            Reference(file.stem, _square(load_image(file, file.name), size)) for file in files[:count]
+        ]
+    if not references:
+        raise DataError(
+            f"no reference image found in {source!r} (image files: {', '.join(IMAGE_EXTENSIONS)})."
+        )
+    return references
+
+
+def _shard_metadata(urls: list[str], keys: set[str]) -> dict[str, dict[str, Any]]:
+    """key -> the ``json`` member of those samples of the shards at ``urls``.
+
+    The training stream keeps only what training needs, so the metadata is read in a second pass over
+    the same shards; it stops as soon as every key is found (references are the first samples).
+    """
+    import webdataset as wds
+
+    found: dict[str, dict[str, Any]] = {}
+    if not keys:
+        return found
+    # Unreadable shards were already counted and skipped by the stream: their samples have no metadata.
+    samples = wds.DataPipeline(
+        wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.ignore_and_continue)
+    )
+    for sample in samples:
+        key = sample.get("__key__")
+        if key in keys and isinstance(sample.get("json"), bytes):
+            try:
+                meta = json.loads(sample["json"])
+            except ValueError:
+                meta = None
+            found[key] = meta if isinstance(meta, dict) else {}
+            if len(found) == len(keys):
+                break
+    return found
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def make_grid(rows: Sequence[Sequence[Tensor]], padding: int = 2, pad_value: float = 1.0) -> Tensor:
+    """Tile images (each (3, h, w) in [0, 1], all the same size) into one (3, H, W) grid.
+
+    ``H = R * h + (R + 1) * padding`` and ``W = C * w + (C + 1) * padding`` for R rows of C images.
+    """
+    if not rows or not rows[0]:
+        raise ValueError("make_grid needs at least one row with one image.")
+    height, width = rows[0][0].shape[-2:]
+    columns = max(len(row) for row in rows)
+    grid = torch.full(
+        (3, len(rows) * height + (len(rows) + 1) * padding, columns * width + (columns + 1) * padding),
+        pad_value,
+    )
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            if image.shape[-2:] != (height, width):
+                image = F.interpolate(
+                    image[None].float(), size=(height, width), mode="bicubic", antialias=True
+                )[0]
+            top, left = padding + r * (height + padding), padding + c * (width + padding)
+            grid[:, top : top + height, left : left + width] = image.float().clamp(0, 1)
+    return grid
+
+
+def to_uint8_hwc(image: Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def save_png(image: Tensor, path: str | os.PathLike) -> Path:
+    """Write a (3, H, W) [0, 1] image as PNG; returns the path."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8_hwc(image)).save(path)
+    return path

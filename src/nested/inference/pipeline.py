@@ -1,0 +1,465 @@
+"""Inference: any number of nested adapters on a diffusers SD / SDXL pipeline, one subject per token.
+
+:class:`NestedPipeline` wraps an existing ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
+(in the spirit of diffusers' ``load_ip_adapter``): each loaded adapter is bound to a prompt token, and
+each call says which image that token's subject is::
+
+    pipe = NestedPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0",
+                                          adapters={"<person>": "me/faces", "<dog>": "me/pets"})
+    image = pipe("<person> walking <dog> on a beach", subjects={"<person>": "me.jpg", "<dog>": "rex.jpg"},
+                 strengths={"<dog>": 0.8}, generator=torch.Generator().manual_seed(0)).images[0]
+    pipe.unload()  # the wrapped pipeline is exactly as before
+
+* Adapters of different domains combine; each acts only on its own token's value. An adapter saved
+  with ``injection: "decoupled"`` (the IP-Adapter-style ablation) instead adds its image attention to
+  every query of the prompts that contain its token; both kinds combine in one call, and ``strengths``
+  scale either.
+* One adapter may serve several tokens (``{"<person1>": faces, "<person2>": faces}``) with a different
+  image each; a token the adapter was not trained on is added as a placeholder initialised from the
+  adapter's learned token embedding (or its class word).
+* Subject images are encoded, and every layer's nested keys/values computed, once per call.
+* With classifier-free guidance the unconditional half of the batch gets no subject (no nested work).
+* :meth:`NestedPipeline.unload` detaches the processors and restores tokenizers and text encoders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nested.adapter import (
+    CONFIG_NAME,
+    AdapterConfig,
+    NestedAdapter,
+    SubjectBinding,
+    check_injection_options,
+    resolve_adapter_folder,
+)
+from nested.errors import AdapterError, ConfigError, MissingFileError
+from nested.inference.subjects import (
+    ImageInput,
+    Snapshot,
+    Subject,
+    restore_snapshot,
+    subject_images,
+    subject_specs,
+    take_snapshot,
+)
+from nested.tokens import add_placeholder_token, set_token_embedding, subject_masks, subject_token_ids
+
+__all__ = ["NestedPipeline", "load_nested_adapters"]
+
+
+@dataclass
+class _Token:
+    """A prompt token bound to an adapter."""
+
+    adapter: NestedAdapter
+    source: str  # where the adapter came from (folder, hub id or "<object>")
+    revision: str | None
+    placeholder: bool  # added to the tokenizers by us
+
+
+class NestedPipeline:
+    """A diffusers SD / SDXL pipeline with nested-attention adapters bound to prompt tokens.
+
+    Args:
+        pipe: a loaded ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (or any pipeline
+            with ``unet``, ``tokenizer`` / ``text_encoder`` and optionally ``tokenizer_2`` /
+            ``text_encoder_2``). It is modified in place until :meth:`unload`.
+        adapters: token -> adapter folder, hub repo id (``user/repo`` or ``user/repo@revision``) or a
+            loaded :class:`NestedAdapter`; see :meth:`load_adapter`.
+        image_encoder: overrides where every adapter's frozen vision backbone is loaded from.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        adapters: Mapping[str, str | os.PathLike | NestedAdapter] | None = None,
+        *,
+        image_encoder: str | os.PathLike | None = None,
+    ):
+        if not hasattr(pipe, "unet") or not hasattr(pipe, "tokenizer"):
+            raise ConfigError(
+                f"NestedPipeline needs a Stable Diffusion (XL) pipeline with a UNet and tokenizers; got "
+                f"{type(pipe).__name__}."
+            )
+        self.pipe = pipe
+        self.image_encoder = image_encoder
+        self._tokens: dict[str, _Token] = {}
+        self._loaded: dict[tuple[str, str | None], NestedAdapter] = {}
+        self._snapshot: Snapshot | None = None
+        self._backbones: dict[tuple, Any] = {}  # vision backbone location -> a loaded SubjectEncoder
+        for token, adapter in (adapters or {}).items():
+            self.load_adapter(token, adapter)
+
+    # ------------------------------------------------------------------------------ building
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        adapters: Mapping[str, str | os.PathLike | NestedAdapter] | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        revision: str | None = None,
+        image_encoder: str | os.PathLike | None = None,
+        **pipeline_kwargs: Any,
+    ) -> NestedPipeline:
+        """Load a base SD / SDXL pipeline (folder or hub id) and the given adapters onto it.
+
+        ``dtype`` applies to the pipeline (the SDXL VAE is upcast by diffusers when it needs it) and to
+        the adapters' vision backbones; the adapters' projections stay float32.
+
+        ``pipeline_kwargs`` go to ``DiffusionPipeline.from_pretrained`` (e.g. ``variant="fp16"``).
+        Hub ids download through the huggingface_hub cache; ``HF_HUB_OFFLINE=1`` is honoured.
+        """
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(
+                str(base), dtype=dtype, revision=revision, **pipeline_kwargs
+            )
+        except OSError as error:
+            raise MissingFileError(
+                f"could not load the base pipeline {str(base)!r}: {error}. Pass a diffusers folder or a hub id "
+                "(cached when offline)."
+            ) from error
+        pipe.to(device)
+        return cls(pipe, adapters, image_encoder=image_encoder)
+
+    @property
+    def _text_pairs(self) -> list[tuple[str, str, Any, torch.nn.Module]]:
+        """(tokenizer attribute, text encoder attribute, tokenizer, text encoder) for each text encoder."""
+        pairs = []
+        for suffix in ("", "_2"):
+            tokenizer = getattr(self.pipe, f"tokenizer{suffix}", None)
+            text_encoder = getattr(self.pipe, f"text_encoder{suffix}", None)
+            if tokenizer is not None and text_encoder is not None:
+                pairs.append((f"tokenizer{suffix}", f"text_encoder{suffix}", tokenizer, text_encoder))
+        return pairs
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [pair[2] for pair in self._text_pairs]
+
+    @property
+    def tokens(self) -> list[str]:
+        """The tokens that have an adapter, in load order."""
+        return list(self._tokens)
+
+    def adapter(self, token: str) -> NestedAdapter:
+        """The adapter serving ``token``."""
+        self._check_token(token)
+        return self._tokens[token].adapter
+
+    def load_adapter(
+        self,
+        token: str,
+        adapter: str | os.PathLike | NestedAdapter,
+        *,
+        revision: str | None = None,
+        image_encoder: str | os.PathLike | None = None,
+    ) -> NestedAdapter:
+        """Bind an adapter to ``token``; returns the adapter.
+
+        Args:
+            token: the prompt token the subject binds to: the adapter's own token (``config.token``),
+                any new placeholder (``<person2>``: added to every tokenizer, initialised from the
+                adapter's learned embedding or its class word), or a plain vocabulary word.
+            adapter: a folder, a hub id (``user/repo``, ``user/repo@revision``) or a loaded adapter.
+                The same folder/hub id loaded for two tokens is loaded once and shared.
+            revision: hub revision to pin (branch, tag or commit).
+            image_encoder: overrides the adapter's vision backbone location.
+
+        Raises:
+            ValueError: the token is already bound, or the adapter was made for another base UNet.
+        """
+        if token in self._tokens:
+            raise ConfigError(f"token {token!r} already has an adapter; call unload() first to change it.")
+        if not token or token != token.strip() or " " in token:
+            raise ConfigError(f"subject token {token!r} must be one word without spaces, like '<person>'.")
+        key = None
+        if isinstance(adapter, NestedAdapter):
+            loaded, source = adapter, "<object>"  # used as it is (device, mode): it may be in training
+        else:
+            source = str(adapter)
+            if revision is None and "@" in source and not Path(source).exists():
+                source, revision = source.rsplit("@", 1)
+            key = (source, revision)
+            loaded = self._loaded.get(key)
+            if loaded is None:
+                loaded = self._load(source, revision, image_encoder or self.image_encoder)
+                loaded.eval().requires_grad_(False).to(self.pipe.unet.device)
+        try:
+            loaded.check_fits(self.pipe.unet)
+        except ValueError as error:
+            raise AdapterError(
+                f"the adapter for {token!r} ({source}) does not fit this base model: {error}"
+            ) from error
+        if key is not None:
+            self._loaded[key] = loaded
+        placeholder = self._add_token(token, loaded)
+        loaded.attach(self.pipe.unet)
+        self._tokens[token] = _Token(loaded, source, revision, placeholder)
+        return loaded
+
+    def _load(
+        self, source: str, revision: str | None, image_encoder: str | os.PathLike | None
+    ) -> NestedAdapter:
+        """Load an adapter, sharing the frozen vision backbone with an adapter that already has the same one."""
+        folder = resolve_adapter_folder(source, revision=revision)
+        spec = AdapterConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text())).encoder
+        backbone = (str(image_encoder),) if image_encoder else (spec.backbone, spec.subfolder, spec.revision)
+        adapter = NestedAdapter.from_pretrained(
+            folder, image_encoder=self._backbones.get(backbone) or image_encoder, dtype=self.pipe.unet.dtype
+        )
+        self._backbones.setdefault(backbone, adapter.encoder)
+        return adapter
+
+    def _add_token(self, token: str, adapter: NestedAdapter) -> bool:
+        """Make ``token`` one token in every tokenizer; returns whether a placeholder was added."""
+        config = adapter.config
+        known = config.tokens
+        source_token = token if token in known else config.token
+        class_word = known[source_token]
+        if token not in config.placeholders and (
+            token == class_word
+            or all(len(subject_token_ids(tokenizer, token)) == 1 for tokenizer in self.tokenizers)
+        ):
+            return False  # a vocabulary word: used as it is
+        if self._snapshot is None:
+            self._snapshot = take_snapshot(self.pipe, self._text_pairs)
+        # Resizing draws random rows from the global RNG; keep the user's RNG stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            for index, (_, encoder_attr, tokenizer, text_encoder) in enumerate(self._text_pairs):
+                name = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+                token_id = add_placeholder_token(tokenizer, text_encoder, token, class_word)
+                learned = adapter.token_embeddings.get(f"{name}:{source_token}")
+                if learned is None:
+                    continue
+                if token_id < self._snapshot.text_encoders[encoder_attr].num_embeddings:
+                    # A token the pipeline already had (e.g. textual inversion): its row is restored on unload.
+                    row = text_encoder.get_input_embeddings().weight[token_id].detach().clone()
+                    self._snapshot.rows.append((encoder_attr, token_id, row))
+                set_token_embedding(text_encoder, token_id, learned.detach())
+        return True
+
+    def unload(self) -> None:
+        """Detach every adapter and restore the pipeline exactly (processors, tokenizers, text encoders)."""
+        for adapter in {id(t.adapter): t.adapter for t in self._tokens.values()}.values():
+            adapter.clear_subjects()
+            adapter.detach(self.pipe.unet)
+        if self._snapshot is not None:
+            restore_snapshot(self.pipe, self._snapshot)
+        self._snapshot = None
+        self._tokens.clear()
+        self._loaded.clear()
+        self._backbones.clear()
+
+    def __enter__(self) -> NestedPipeline:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.unload()
+
+    # ------------------------------------------------------------------------------ subjects
+    def _check_token(self, token: str) -> None:
+        if token not in self._tokens:
+            loaded = ", ".join(self._tokens) or "none"
+            raise ConfigError(
+                f"no adapter is loaded for token {token!r} (loaded: {loaded}). Load one with "
+                f"load_adapter({token!r}, 'path/or/user/repo') or --adapter '{token}=PATH_OR_REPO'."
+            )
+
+    def _masks(self, token: str, prompts: list[str], prompts_2: list[str] | None) -> Tensor:
+        """(B, T) bool positions of ``token``; every tokenizer must agree."""
+        per_tokenizer = [
+            subject_masks(tokenizer, prompts_2 if index == 1 and prompts_2 else prompts, token)
+            for index, tokenizer in enumerate(self.tokenizers)
+        ]
+        first = per_tokenizer[0]
+        for other in per_tokenizer[1:]:
+            if not torch.equal(first, other):
+                raise ConfigError(
+                    f"the subject token {token!r} sits at different positions in prompt and prompt_2; use the "
+                    "same token at the same place in both."
+                )
+        return first
+
+    @contextlib.contextmanager
+    def bind(
+        self,
+        prompt: str | Sequence[str],
+        subjects: Mapping[str, ImageInput | Subject | Sequence[ImageInput]],
+        *,
+        strengths: Mapping[str, float] | None = None,
+        token_weights: Mapping[str, float] | None = None,
+        value_norm_factors: Mapping[str, float] | None = None,
+        num_images_per_prompt: int = 1,
+        prompt_2: str | Sequence[str] | None = None,
+    ) -> Iterator[dict[str, SubjectBinding]]:
+        """Bind subjects for UNet calls on ``prompt`` (as the diffusers pipelines batch it), then unbind.
+
+        Encodes each subject image and computes every layer's nested keys/values once, on entry.
+        The UNet batch must be ``len(prompts) * num_images_per_prompt`` rows (in diffusers' order:
+        each prompt repeated), or twice that with classifier-free guidance (unconditional first).
+
+        Yields:
+            token -> its :class:`SubjectBinding`.
+
+        Raises:
+            ValueError: a subject for a token without adapter, a token missing from every prompt, an
+                option for a token that has no subject.
+            FileNotFoundError: a subject image path that does not exist.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts_2 = (
+            None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+        )
+        if num_images_per_prompt < 1:
+            raise ConfigError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
+        for token in subjects:
+            self._check_token(token)
+        specs = subject_specs(subjects, strengths, token_weights, value_norm_factors)
+
+        masks, images = {}, {}
+        for token, spec in specs.items():  # all checks before any encoding work
+            if spec.token_weight is None:  # the weight the adapter was trained with
+                spec.token_weight = self._tokens[token].adapter.config.token_weight
+            check_injection_options(
+                self._tokens[token].adapter.config.injection,
+                token_weight=spec.token_weight,
+                value_norm_factor=spec.value_norm_factor or None,
+                source=f"the adapter of {token!r}",
+            )
+            masks[token] = self._masks(token, prompts, prompts_2)
+            present = masks[token].any(-1)
+            if not present.any():
+                raise ConfigError(
+                    f"the subject token {token!r} is not in the prompt {prompts[0]!r}"
+                    + (" (nor in the other prompts)" if len(prompts) > 1 else "")
+                    + f"; write {token!r} where the subject should appear (it may also have been cut by "
+                    "the 77-token limit)."
+                )
+            if not present.all():
+                missing = [p for p, has in zip(prompts, present.tolist(), strict=True) if not has]
+                warnings.warn(
+                    f"{token!r} is not in the prompts {missing}; they get no subject.", stacklevel=3
+                )
+            images[token] = subject_images(spec.image, token, prompts)
+
+        bindings: dict[str, SubjectBinding] = {}
+        per_adapter: dict[int, list[SubjectBinding]] = {}
+        adapters: dict[int, NestedAdapter] = {}
+        for token, spec in specs.items():
+            adapter = self._tokens[token].adapter
+            device = next(adapter.parameters()).device
+            with torch.no_grad():
+                tokens = torch.cat([adapter.encode(image.to(device)) for image in images[token]])
+            if len(images[token]) == 1:
+                image_index = torch.zeros(len(prompts) * num_images_per_prompt, dtype=torch.long)
+            else:
+                image_index = torch.arange(len(prompts)).repeat_interleave(num_images_per_prompt)
+            binding = SubjectBinding(
+                tokens=tokens,
+                masks=masks[token].repeat_interleave(num_images_per_prompt, dim=0),
+                image_index=image_index.to(device),
+                scale=spec.scale,
+                token_weight=spec.token_weight,
+                value_norm_factor=spec.value_norm_factor,
+            )
+            bindings[token] = binding
+            per_adapter.setdefault(id(adapter), []).append(binding)
+            adapters[id(adapter)] = adapter
+        try:
+            with torch.no_grad():
+                for key, adapter in adapters.items():
+                    adapter.set_subjects(per_adapter[key])
+            yield bindings
+        finally:
+            for adapter in adapters.values():
+                adapter.clear_subjects()
+
+    # ------------------------------------------------------------------------------ generate
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        subjects: Mapping[str, ImageInput | Subject | Sequence[ImageInput]] | None = None,
+        *,
+        strengths: Mapping[str, float] | None = None,
+        token_weights: Mapping[str, float] | None = None,
+        value_norm_factors: Mapping[str, float] | None = None,
+        num_images_per_prompt: int = 1,
+        **pipeline_kwargs: Any,
+    ) -> Any:
+        """Generate with the subjects bound; returns the wrapped pipeline's output (``.images``).
+
+        Args:
+            prompt: one prompt or a list; each subject token must appear in it.
+            subjects: token -> image (PIL, path, tensor in [0, 1], array), a list with one image per
+                prompt, or a :class:`Subject` with per-subject options.
+            strengths: token -> ``scale`` (0: plain text value, 1: the nested value; for a decoupled
+                adapter, the weight of its added image attention).
+            token_weights: token -> ``token_weight`` (the demo's ``special_token_weight``; nested
+                adapters only); a token without one uses its adapter's trained ``token_weight``.
+            value_norm_factors: token -> override of the adapter's ``value_norm_factor`` (nested
+                adapters only).
+            num_images_per_prompt: images per prompt (all share the prompt's subject image).
+            pipeline_kwargs: everything else goes to the wrapped pipeline (``negative_prompt``,
+                ``num_inference_steps``, ``guidance_scale``, ``generator``, ``height``...).
+        """
+        if "prompt_embeds" in pipeline_kwargs and subjects:
+            raise ConfigError(
+                "subjects need the prompt text to find their tokens; pass prompt, not prompt_embeds."
+            )
+        if not subjects:
+            return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)
+        with self.bind(
+            prompt,
+            subjects,
+            strengths=strengths,
+            token_weights=token_weights,
+            value_norm_factors=value_norm_factors,
+            num_images_per_prompt=num_images_per_prompt,
+            prompt_2=pipeline_kwargs.get("prompt_2"),
+        ):
+            return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """token -> where its adapter came from and what it is (for logs and reproducibility)."""
+        return {
+            token: {
+                "source": bound.source,
+                "revision": bound.revision,
+                "adapter_token": bound.adapter.config.token,
+                "class_word": bound.adapter.config.class_word,
+                "domain": bound.adapter.config.domain,
+                "base_model": bound.adapter.config.base_model,
+                "num_tokens": bound.adapter.config.encoder.num_tokens,
+                "value_norm_factor": bound.adapter.config.value_norm_factor,
+                "token_weight": bound.adapter.config.token_weight,
+                "injection": bound.adapter.config.injection,
+                "placeholder_added": bound.placeholder,
+            }
+            for token, bound in self._tokens.items()
+        }
+
+
+def load_nested_adapters(
+    pipe: Any,
+    adapters: Mapping[str, str | os.PathLike | NestedAdapter],
+    *,
+    image_encoder: str | os.PathLike | None = None,
+) -> NestedPipeline:
+    """Functional form: ``load_nested_adapters(pipe, {"<person>": "me/faces"})`` -> :class:`NestedPipeline`."""
+    return NestedPipeline(pipe, adapters, image_encoder=image_encoder)

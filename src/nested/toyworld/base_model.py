@@ -1,0 +1,498 @@
+"""The toy world's base model (issue 7, part 2): a small text-to-image diffusion model trained from scratch.
+
+It is an ordinary Stable Diffusion 1.x pipeline folder, so everything downstream (``nested fit``, ``nested
+generate``, ``nested eval``, :class:`~nested.pipeline.NestedPipeline`) loads it through the same
+``from_pretrained`` path as a real SD checkpoint:
+
+* ``vae``: an :class:`~diffusers.AutoencoderKL` with spatial factor 4 (64 px images, 16 x 16 x 4 latents),
+  trained here as a reconstruction autoencoder (L1 + MSE, a tiny KL term) on renders of the world;
+* ``text_encoder`` / ``tokenizer``: a random, FROZEN tiny CLIP text model with a real byte-level BPE
+  tokenizer (:func:`write_world_tokenizer`: the tiny BPE plus whole-word identity words), 24-token prompts
+  and no transformer layers, so every word's feature is that word's alone (see :func:`build_text_encoder`). It is never trained: the
+  UNet's cross-attention learns to read it, as a real UNet reads a frozen CLIP;
+* ``unet``: an SD-layout :class:`~diffusers.UNet2DConditionModel` (cross-attention at 16 x 16 and 8 x 8),
+  trained with the epsilon objective on (render, caption) pairs, captions dropped 10 % of the time for
+  classifier-free guidance, weights exported from an EMA. Captions give class and context, and some also
+  name the identity (:func:`described_caption`), as web captions describe people;
+* ``scheduler``: DDIM with SD's scaled-linear betas;
+* ``image_encoder/``: a tiny CLIP vision tower (64 px, patch 8) for the subject encoder, outside
+  ``model_index.json`` (IP-Adapter's layout), pretrained here as a recognition model on TRAIN identities
+  (:func:`train_image_encoder`) and frozen by the adapters, as the method freezes a pretrained CLIP. It
+  never saw attribute labels or held-out identities; the adapter's resampler learns to read it.
+
+The base model sees only TRAIN identities. Prompted with the class word ("a person at the beach"), it draws a
+random identity: only an adapter (or naming the attributes in words) makes it draw a given one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    UNet2DConditionModel,
+)
+from transformers import (
+    AddedToken,
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+from nested.encoder import CLIP_MEAN, CLIP_STD
+from nested.testing import (
+    SD_SCHEDULE,
+    save_tokenizer,
+    sd_pipeline,
+    tiny_text_config,
+    write_tiny_tokenizer,
+)
+from nested.toyworld.world import (
+    CLASS_WORDS,
+    SCENES,
+    STYLES,
+    Context,
+    FaceIdentity,
+    Identity,
+    caption,
+    identity_class,
+    render,
+    render_pair,
+    split_identities,
+)
+
+IMAGE_SIZE = 64
+TEXT_LENGTH = 24  # tokens per prompt, BOS and EOS included; the longest described caption needs 21
+SCHEDULE = SD_SCHEDULE  # the noise schedule of training and of the saved DDIM scheduler
+
+Progress = Callable[[int, dict[str, float]], None]  # (step, logs) after each optimizer step
+
+
+def build_vae() -> AutoencoderKL:
+    """Spatial factor 4 (three blocks, two downsamplings): 64 px -> 16 x 16 x 4 latents."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),  # (32, 64, 64): 2.4x the time per step
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    """SD layout: cross-attention at 16 x 16 and 8 x 8 (and the 4 x 4 mid block), none at the bottom level."""
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4,
+        block_out_channels=(48, 96, 96),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=6,  # SD-style configs: the number of heads (16 channels each at 96)
+        norm_num_groups=16,
+    )
+
+
+def describe(identity: Identity) -> str:
+    """Words naming every attribute of ``identity``: ``"with tan skin blonde spiky hair azure eyes round face"``.
+
+    Only the base model's training captions use them (see :func:`render_pool`); adapter shards and prompts
+    never name identity, so there only the reference image can carry it.
+    """
+    i = identity
+    if isinstance(i, FaceIdentity):
+        return (
+            f"with {i.skin} skin {i.hair_colour} {i.hair_style} hair {i.eye_colour} eyes {i.face_shape} face"
+        )
+    return f"{i.species} with {i.fur_colour} {i.pattern} fur {i.ear_shape} ears {i.eye_colour} eyes"
+
+
+def described_caption(identity: Identity, context: Context) -> str:
+    """The caption of a render with its identity named after the class word, before the scene.
+
+    ``"a photo of a person with tan skin ... round face at the beach"``. The description sits right after
+    the class word so each attribute word has the same position in every context (the text model has no
+    layers, so position is all that tells "brown" skin from "brown" hair).
+    """
+    domain = identity.DOMAIN
+    # caption() writes its token after the article: a class word plus description reads "a person with ...".
+    return caption(domain, context, token=f"{CLASS_WORDS[domain]} {describe(identity)}")
+
+
+def description_vocabulary() -> list[str]:
+    """Every word :func:`describe` can write, in a fixed order."""
+    words = ["with", "skin", "hair", "eyes", "face", "fur", "ears"]
+    for domain in CLASS_WORDS:
+        for values in identity_class(domain).ATTRIBUTES.values():
+            words += [value for value in values if value not in words]
+    return words
+
+
+def write_world_tokenizer(path: Path) -> CLIPTokenizer:
+    """The toy base model's tokenizer: the tiny CLIP BPE plus whole-word tokens for the identity words.
+
+    The tiny BPE splits words it did not learn ("blonde" -> b, lo, n, d, e), and a text model without layers
+    cannot put the pieces back together. Added tokens keep every existing id (a UNet trained on the plain
+    tokenizer still reads its captions the same) and match whole words only, so "round" inside "background"
+    stays as it was. Prompts are cut to ``TEXT_LENGTH``. The folder keeps ``tokenizer.json``, where
+    transformers 5 stores added tokens.
+    """
+    tokenizer = write_tiny_tokenizer(path)
+    whole = set(tokenizer.get_vocab())
+    missing = [word for word in description_vocabulary() if f"{word}</w>" not in whole]
+    tokenizer.add_tokens([AddedToken(word, single_word=True, normalized=True) for word in missing])
+    tokenizer.model_max_length = TEXT_LENGTH
+    return save_tokenizer(tokenizer, path, expected_tokens=len(tokenizer), keep_tokenizer_json=True)
+
+
+def build_text_encoder(
+    tokenizer: CLIPTokenizer, seed: int, start: CLIPTextModel | None = None
+) -> CLIPTextModel:
+    """A random tiny CLIP text model with NO transformer layers, sized for ``tokenizer`` and ``TEXT_LENGTH``.
+
+    Nested attention changes only the subject token's value, so it needs a base model that reads the subject
+    from its class word, as SD reads "person" where it draws the person. A random deep causal tower does not
+    give that: it smears the whole sentence into every later token, and a UNet trained on it took ~80 % of
+    its cross-attention from the padding and 1-2 % from "person" (measured), so an adapter's value changed
+    the image by almost nothing. Per-token features (embedding + position + final norm) make each word carry
+    only itself, and a short context leaves few padding slots to absorb attention.
+
+    ``start`` (a smaller earlier text model, e.g. before the identity words were added) keeps its rows: the
+    new model gives the same features to every token and position the old one had, so a UNet trained on it
+    can be trained further.
+    """
+    torch.manual_seed(seed)
+    config = tiny_text_config(tokenizer, projection_dim=64, hidden_size=64, heads=4)
+    config.num_hidden_layers = 0
+    config.max_position_embeddings = TEXT_LENGTH
+    model = CLIPTextModel(config)
+    if start is not None:
+        new, old = model.state_dict(), start.state_dict()
+        if set(new) != set(old):
+            raise ValueError("build_text_encoder: start is not a text model of the same layout")
+        with torch.no_grad():
+            for name, tensor in old.items():
+                if (
+                    tensor.ndim == 0
+                    or tensor.shape[1:] != new[name].shape[1:]
+                    or len(tensor) > len(new[name])
+                ):
+                    raise ValueError(f"build_text_encoder: start's {name} {tuple(tensor.shape)} does not fit")
+                new[name][: len(tensor)] = tensor
+    return model.eval().requires_grad_(False)
+
+
+def build_image_encoder(seed: int) -> CLIPVisionModelWithProjection:
+    """A random tiny CLIP vision tower: 64 px, 8 px patches (64 + 1 tokens of width 128), two layers."""
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=64,
+    )
+    return CLIPVisionModelWithProjection(config)
+
+
+def write_image_encoder(path: Path, encoder: CLIPVisionModelWithProjection) -> None:
+    """Save ``encoder`` with a CLIP image processor for 64 px inputs (what ``nested`` loads as a backbone)."""
+    encoder.save_pretrained(path)
+    size = {"shortest_edge": IMAGE_SIZE}
+    CLIPImageProcessor(size=size, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+
+
+def render_views(
+    views: int, seed: int, people: Sequence[Identity] | None = None, held_out_fraction: float = 0.2
+) -> torch.Tensor:
+    """``views`` plain-background renders (a fresh nuisance each) of each of ``people`` (default: every TRAIN
+    face and pet), uint8 (identities, views, 3, 64, 64): the subject encoder's pretraining data."""
+    rng = random.Random(f"toybase-views-{seed}")
+    if people is None:
+        people = [i for domain in ("faces", "pets") for i in split_identities(domain, held_out_fraction)[0]]
+    images = [
+        [np.array(render(identity, Context("plain"), seed=rng.randrange(2**31))) for _ in range(views)]
+        for identity in people
+    ]
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 1, 4, 2, 3)
+
+
+def pooled_features(encoder: CLIPVisionModelWithProjection, images: torch.Tensor) -> torch.Tensor:
+    """Mean over all tokens of the last hidden state (what a fresh resampler's queries start by reading)."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    pixels = (images.float() / 255.0 - mean) / std
+    return encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-1].mean(1)
+
+
+def train_image_encoder(
+    encoder: CLIPVisionModelWithProjection,
+    views: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    temperature: float = 0.1,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> CLIPVisionModelWithProjection:
+    """Pretrain the subject encoder's backbone as a recognition model: InfoNCE between two renders of one
+    TRAIN identity (other nuisance) against the batch's other identities, on mean-pooled last-layer features.
+
+    This stands in for the pretrained CLIP / face-recognition backbones real encoders start from (the method
+    keeps them frozen). A random tower's features are dominated by what every image shares (position
+    embeddings, the plain background), so a fresh resampler reads nearly the same tokens for every subject
+    (measured: 0.5 % variation across references) and training cannot move off that. It never sees labels,
+    only which renders show the same subject; held-out identities stay unseen.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    # The projection head (thrown away after training) draws its initialisation from the global generator,
+    # right after build_image_encoder seeded it: the same seed gives the same encoder.
+    head = torch.nn.Sequential(
+        torch.nn.Linear(encoder.config.hidden_size, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)
+    )
+    parameters = [*encoder.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
+    encoder.train()
+    count, per_identity = views.shape[:2]
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=50)
+        people = torch.randperm(count, generator=generator)[:batch_size]
+        pick = torch.stack([torch.randperm(per_identity, generator=generator)[:2] for _ in people])
+        images = torch.cat([views[people, pick[:, 0]], views[people, pick[:, 1]]])
+        embeddings = F.normalize(head(pooled_features(encoder, images)), dim=-1)
+        first, second = embeddings.chunk(2)
+        logits = first @ second.T / temperature
+        target = torch.arange(len(people))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress(step, {"loss": loss.item(), "top1": (logits.argmax(1) == target).float().mean().item()})
+    return encoder.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+@dataclass
+class RenderPool:
+    """Rendered training images (uint8, (N, 3, 64, 64)) and their class + context captions."""
+
+    images: torch.Tensor
+    captions: list[str]
+
+
+def render_pool(
+    count: int,
+    seed: int,
+    pair_fraction: float = 0.2,
+    held_out_fraction: float = 0.2,
+    described_fraction: float = 0.0,
+) -> RenderPool:
+    """``count`` renders of TRAIN identities: faces, pets and person + pet pairs in every captioned context.
+
+    Deterministic in ``seed``. Captions use class words ("a photo of a person at the beach"). A
+    ``described_fraction`` of the single-subject captions also name the identity (:func:`described_caption`),
+    as web captions describe the people in photos: that teaches the base model to draw a hair style or an ear
+    shape from a word, the pathway a subject token's value later drives. The rest, and all pairs, never do.
+    """
+    rng = random.Random(f"toybase-pool-{seed}")
+    faces = split_identities("faces", held_out_fraction)[0]
+    pets = split_identities("pets", held_out_fraction)[0]
+    scenes, images, captions = list(SCENES), [], []
+    for index in range(count):
+        context = Context(rng.choice(scenes), rng.choice(STYLES))
+        render_seed = rng.randrange(2**31)
+        if rng.random() < pair_fraction:
+            image = render_pair(rng.choice(faces), rng.choice(pets), context, seed=render_seed)
+            text = caption("pair", context)
+        else:
+            domain = "faces" if index % 2 == 0 else "pets"
+            identity = rng.choice(faces if domain == "faces" else pets)
+            image = render(identity, context, seed=render_seed)
+            # No extra draw when nothing is described: a pool of the earlier recipe stays the same pool.
+            described = described_fraction > 0 and rng.random() < described_fraction
+            text = described_caption(identity, context) if described else caption(domain, context)
+        images.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
+        captions.append(text)
+    return RenderPool(torch.stack(images), captions)
+
+
+def _to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the VAE's input range."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of ``peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- the VAE
+
+
+def train_vae(
+    vae: AutoencoderKL,
+    pool: RenderPool,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> AutoencoderKL:
+    """Reconstruction training (L1 + MSE + ``kl_weight`` KL), then the latent scaling factor is set to 1/std."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=50)
+        index = torch.randint(len(pool.images), (batch_size,), generator=generator)
+        images = _to_model_range(pool.images[index])
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        recon = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
+        loss = recon + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress(step, {"loss": loss.item(), "recon": recon.item()})
+    vae.eval().requires_grad_(False)
+    latents = encode_latents(vae, pool.images[:1024], scale=1.0)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+@torch.no_grad()
+def reconstruction_error(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    """Mean absolute error of encode -> decode (posterior mean) on uint8 ``images``, in 0-255 units."""
+    latents = vae.encode(_to_model_range(images)).latent_dist.mean
+    decoded = vae.decode(latents).sample.clamp(-1, 1)
+    return (decoded.add(1).mul(127.5) - images.float()).abs().mean().item()
+
+
+@torch.no_grad()
+def encode_latents(
+    vae: AutoencoderKL, images: torch.Tensor, scale: float | None = None, batch_size: int = 256
+):
+    """Posterior means of uint8 ``images``, times ``scale`` (default: the VAE's scaling factor)."""
+    scale = vae.config.scaling_factor if scale is None else scale
+    chunks = [
+        vae.encode(_to_model_range(images[i : i + batch_size])).latent_dist.mean * scale
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+# ----------------------------------------------------------------------------- the UNet
+
+
+@torch.no_grad()
+def encode_captions(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, captions: Sequence[str]):
+    """Last hidden states of each distinct caption (SD conditions on them): ``(texts, (K, 77, D))``."""
+    texts = sorted(set(captions))
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    return texts, text_encoder(ids.input_ids).last_hidden_state
+
+
+def train_unet(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    captions: Sequence[str],
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    caption_dropout: float = 0.1,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> UNet2DConditionModel:
+    """Epsilon-prediction training on cached latents; returns the EMA copy of the weights (what is saved)."""
+    texts, embeddings = encode_captions(tokenizer, text_encoder, [*captions, ""])
+    caption_index = torch.tensor([texts.index(text) for text in captions])
+    empty = texts.index("")
+    scheduler = DDPMScheduler(**SCHEDULE)
+    generator = torch.Generator().manual_seed(seed)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    unet.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=100)
+        index = torch.randint(len(latents), (batch_size,), generator=generator)
+        text = caption_index[index].clone()
+        text[torch.rand(batch_size, generator=generator) < caption_dropout] = empty
+        clean = latents[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        prediction = unet(noisy, timesteps, embeddings[text]).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early averages are not stuck at init
+        with torch.no_grad():
+            for averaged, live in zip(ema.parameters(), unet.parameters(), strict=True):
+                averaged.lerp_(live, 1 - decay)
+        if progress is not None:
+            progress(step, {"loss": loss.item()})
+    return ema
+
+
+def save_base_model(
+    path: Path,
+    *,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    image_encoder: CLIPVisionModelWithProjection,
+) -> Path:
+    """Write an SD 1.x pipeline folder (safetensors) plus ``image_encoder/``; returns ``path``.
+
+    The UNet and VAE are stored in float16 to halve the committed size; diffusers' ``from_pretrained`` loads
+    them back as float32 unless asked otherwise. The text encoder stays float32: transformers 5 loads
+    weights in their stored dtype by default, and a float16 CLIP on the CPU is slow and mismatched.
+    """
+    unet, vae = copy.deepcopy(unet).half(), copy.deepcopy(vae).half()
+    pipeline = sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
+    pipeline.save_pretrained(path, safe_serialization=True)
+    for part in ("unet", "vae"):  # a warm start (train_base.py --unet/--vae) records where it came from
+        config_file = path / part / "config.json"
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_image_encoder(path / "image_encoder", image_encoder)
+    return path

@@ -1,0 +1,394 @@
+"""The LightningModule: a frozen diffusion backbone, a trainable nested adapter, the diffusion loss.
+
+What is trained: the adapter's resampler and nested projections (and, optionally, the placeholder
+token embeddings). What is frozen and never checkpointed: the UNet, VAE, text encoder(s) and the
+image backbone. They are held outside the module tree (:class:`~nested.encoder.FrozenModules`), so
+``state_dict()``, ``parameters()``, DDP and weight averaging see only the trainable adapter; a resumed
+run reloads them from their paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nested.adapter import NestedAdapter, SubjectBinding, check_injection_options
+from nested.attention import InjectionMode, check_injection_mode, check_token_weight
+from nested.backbone import DiffusionBackbone, first_parameter
+from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
+from nested.errors import AdapterError, ConfigError
+from nested.tokens import subject_masks_for_tokenizers
+
+__all__ = ["ConditioningDropout", "NestedAttentionModule"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The optimizer when none is configured: the recipes' AdamW.
+DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-4, "weight_decay": 0.01}}
+
+
+@dataclasses.dataclass
+class ConditioningDropout:
+    """Classifier-free-guidance dropout, drawn independently per sample (exclusive events).
+
+    Attributes:
+        text: probability of dropping the caption only: it becomes the subject token alone, so the subject
+            image still conditions.
+        image: probability of dropping the subject image only (the caption keeps its token).
+        both: probability of dropping caption and image together.
+    """
+
+    text: float = 0.05
+    image: float = 0.05
+    both: float = 0.05
+
+    def __post_init__(self) -> None:
+        if min(self.text, self.image, self.both) < 0 or self.text + self.image + self.both > 1:
+            raise ConfigError(f"dropout probabilities must be >= 0 and sum to <= 1, got {self}.")
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """-> (drop_text, drop_image): (B,) bool each; 'both' sets the two."""
+        u = torch.rand(batch_size, generator=generator)
+        drop_text_only = u < self.text
+        drop_image_only = (u >= self.text) & (u < self.text + self.image)
+        drop_both = (u >= self.text + self.image) & (u < self.text + self.image + self.both)
+        return drop_text_only | drop_both, drop_image_only | drop_both
+
+
+class NestedAttentionModule(L.LightningModule):
+    """Train a nested-attention adapter on a frozen SD 1.x/2.x or SDXL backbone.
+
+    Args:
+        base_model: diffusers folder or hub id of the frozen base (e.g.
+            ``stabilityai/stable-diffusion-xl-base-1.0``).
+        encoder: the subject encoder (image backbone + resampler size, M = ``num_tokens``).
+        subjects: every subject token the adapter learns, mapped to its class word, e.g.
+            ``{"<person>": "person"}``; a token equal to its class word needs no new embedding.
+            The first is the adapter's default token. Each sample binds to its batch ``subjects`` entry.
+        value_norm_factor: rescaling of the nested values relative to ||V_s|| (None: off).
+        token_weight: multiplies the subject column's attention probability during training (the
+            official demo's ``special_token_weight``, which it applies at inference): > 1 widens the channel
+            nested attention drives the UNet through. Saved in the adapter, whose inference uses it by
+            default. Nested injection only.
+        train_token_embeddings: also train the placeholder tokens' input embeddings (``<person>``, initialised
+            from the class word), textual-inversion style; the text encoders stay frozen. One embedding shared
+            by every subject, so it cannot carry an identity: it learns how the token is read, e.g. how much
+            attention it draws. Saved in the adapter. Needs a placeholder token, not a vocabulary word.
+        injection: ``"nested"`` (the method) or ``"decoupled"`` (IP-Adapter-style decoupled
+            cross-attention with the same encoder and per-layer projections, for ablations; needs
+            ``value_norm_factor: null``). Recorded in the exported adapter's config.
+        domain: recorded in the exported adapter.
+        dropout: classifier-free-guidance dropout of text / image / both.
+        min_snr_gamma: min-SNR loss weighting (None: plain MSE).
+        noise_offset: adds ``noise_offset * N(0, 1)`` per sample and channel to the noise.
+        frozen_dtype: dtype of the frozen backbone ("bfloat16" on GPUs; the VAE stays float32 if
+            this is float16, since the SDXL VAE overflows in fp16).
+        gradient_checkpointing: checkpoint the frozen UNet's blocks (less memory, ~30% slower).
+        optimizer: ``{"class_path": ..., "init_args": {...}}`` of a torch optimizer; a config's top-level
+            ``optimizer:`` section lands here (the one place to set the learning rate). None: AdamW(lr=1e-4,
+            weight_decay=0.01). It is built over the adapter's trainable parameters when training starts:
+            they exist only once the base model is loaded.
+        lr_scheduler: the same for a torch LR scheduler (the config's ``lr_scheduler:``), stepped after
+            every optimizer step; None: a constant learning rate.
+        seed: seeds the per-step randomness (dropout, noise, timesteps) with the global step, so
+            a resumed run draws the same numbers as an uninterrupted one; torch's, numpy's and
+            Python's global generators are reseeded the same way before every training step.
+    """
+
+    def __init__(
+        self,
+        base_model: str,
+        encoder: EncoderSpec,
+        subjects: dict[str, str] | None = None,
+        value_norm_factor: float | None = None,
+        token_weight: float = 1.0,
+        train_token_embeddings: bool = False,
+        injection: InjectionMode = "nested",
+        domain: str = "",
+        dropout: ConditioningDropout | None = None,
+        min_snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        frozen_dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+        optimizer: dict[str, Any] | None = None,
+        lr_scheduler: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if frozen_dtype not in _DTYPES:
+            raise ConfigError(f"frozen_dtype must be one of {sorted(_DTYPES)}, got {frozen_dtype!r}.")
+        # Checked here, not when the adapter is built in configure_model: a bad config fails at startup.
+        check_injection_mode(injection, "model.injection")
+        check_token_weight(token_weight, "model.token_weight")
+        check_injection_options(
+            injection, token_weight=token_weight, value_norm_factor=value_norm_factor, source="model"
+        )
+        # Hyper-parameters as plain data, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["encoder", "dropout"])
+        self.hparams["encoder"] = encoder.to_dict()
+        self.hparams["dropout"] = dataclasses.asdict(dropout or ConditioningDropout())
+        self.base_model = base_model
+        self.encoder_spec = encoder
+        self.subjects = dict(subjects or {"<person>": "person"})
+        if not self.subjects:
+            raise ConfigError("subjects must name at least one token, e.g. {'<person>': 'person'}.")
+        self.dropout = dropout or ConditioningDropout()
+        self.min_snr_gamma = min_snr_gamma
+        self.noise_offset = noise_offset
+        self.frozen_dtype = _DTYPES[frozen_dtype]
+        self.gradient_checkpointing = gradient_checkpointing
+        self.seed = seed
+        self.optimizer_config = optimizer or DEFAULT_OPTIMIZER
+        self.lr_scheduler_config = lr_scheduler
+        self.value_norm_factor = value_norm_factor
+        self.token_weight = token_weight
+        self.train_token_embeddings = train_token_embeddings
+        self.injection = injection
+        self.domain = domain
+        self.frozen: FrozenModules | None = None
+        self.adapter: NestedAdapter | None = None
+
+    # ------------------------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        """Load the frozen parts and build the adapter (once; idempotent)."""
+        if self.adapter is not None:
+            return
+        backbone = DiffusionBackbone.from_pretrained(self.base_model, dtype=self.frozen_dtype)
+        if self.frozen_dtype == torch.float16:
+            backbone.vae.to(torch.float32)
+        image_backbone = load_vision_backbone(self.encoder_spec, dtype=self.frozen_dtype)
+        self.build_adapter(backbone, image_backbone)
+
+    def build_adapter(self, backbone: DiffusionBackbone, image_backbone: tuple) -> None:
+        """Build the adapter on frozen parts that are already loaded, and attach it to their UNet.
+
+        :meth:`configure_model` loads them from ``base_model`` and ``encoder.backbone``; benchmarks and
+        notebooks that hold them in memory call this instead. ``image_backbone`` is
+        ``(model, image_size, mean, std)``, as :func:`~nested.encoder.load_vision_backbone` returns it.
+        """
+        if self.gradient_checkpointing:
+            backbone.unet.enable_gradient_checkpointing()
+        (token, class_word), *extra = self.subjects.items()
+        adapter = NestedAdapter.for_unet(
+            backbone.unet,
+            token=token,
+            class_word=class_word,
+            encoder=self.encoder_spec,
+            subject_encoder=SubjectEncoder.from_spec(self.encoder_spec, backbone=image_backbone),
+            value_norm_factor=self.value_norm_factor,
+            injection=self.injection,
+            domain=self.domain,
+            base_model=self.base_model,
+        )
+        adapter.config.extra_tokens = dict(extra)
+        adapter.config.token_weight = self.token_weight
+        adapter.add_tokens(backbone.tokenizers, backbone.text_encoders)
+        if self.train_token_embeddings:
+            adapter.train_token_embeddings(backbone.tokenizers, backbone.text_encoders)
+        adapter.attach(backbone.unet)
+        modules = {"unet": backbone.unet, "vae": backbone.vae}
+        modules.update({f"text_encoder_{i}": encoder for i, encoder in enumerate(backbone.text_encoders)})
+        self.frozen = FrozenModules(backbone=backbone, **modules)
+        self.adapter = adapter
+
+    @property
+    def backbone(self) -> DiffusionBackbone:
+        return self.frozen.backbone
+
+    def _apply(self, fn, recurse: bool = True):
+        if self.frozen is not None:
+            self.frozen.apply(fn)  # frozen modules follow .to(device); they are not submodules
+        return super()._apply(fn, recurse)
+
+    def configure_optimizers(self) -> Any:
+        from lightning.pytorch.cli import instantiate_class
+
+        optimizer = instantiate_class(self.adapter.trainable_parameters(), self.optimizer_config)
+        if self.lr_scheduler_config is None:
+            return optimizer
+        scheduler = instantiate_class(optimizer, self.lr_scheduler_config)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()  # the adapter must exist before its state is loaded
+        # These settings keep the same tensors, so the key check below cannot tell them apart: a resumed
+        # ablation must not silently switch mode, and a trained embedding changes the optimizer's groups.
+        # Checkpoints from before an option have no key and were trained with its default.
+        recorded = checkpoint.get("hyper_parameters") or {}
+        for option, default in (("injection", "nested"), ("train_token_embeddings", False)):
+            trained, configured = recorded.get(option, default), getattr(self, option)
+            if trained != configured:
+                raise AdapterError(
+                    f"the checkpoint was trained with {option}={trained!r}, this model is configured with "
+                    f"{option}={configured!r}; set model.{option}: {str(trained).lower()} to resume it."
+                )
+        if "state_dict" not in checkpoint:
+            return  # FSDP loads the (full) state dict itself and removes it before this hook
+        expected = set(self.state_dict())
+        found = set(checkpoint["state_dict"])
+        if expected != found:
+            raise AdapterError(
+                "the checkpoint does not match this model's adapter: missing "
+                f"{sorted(expected - found)[:3]}, unexpected {sorted(found - expected)[:3]}. Was it trained with a "
+                "different base model, encoder or token list?"
+            )
+
+    # --------------------------------------------------------------------------- training
+    def _step_seed(self, offset: int = 0) -> int:
+        """A seed determined by (seed, global step, rank, offset): resumable, distinct per rank/micro-batch."""
+        key = f"step:{self.seed}:{self.global_step}:{self.global_rank}:{offset}"
+        return random.Random(key).getrandbits(63)  # str seeds are hashed with sha512: stable everywhere
+
+    def _generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator determined by (seed, global step, rank, offset): resumable and per-rank."""
+        return torch.Generator().manual_seed(self._step_seed(offset))
+
+    def _micro_batch(self, batch_idx: int) -> int:
+        """Index of this batch inside its gradient-accumulation window (0 without accumulation)."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return batch_idx % accumulate
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Anything that draws from the global generators (a library, a dropout layer) draws the
+        # same numbers in a resumed run as in an uninterrupted one: they restart at every step.
+        seed = self._step_seed(1_000 + self._micro_batch(batch_idx))
+        torch.manual_seed(seed)  # also seeds every CUDA device
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    def diffusion_loss(
+        self, batch: dict[str, Any], generator: torch.Generator, apply_dropout: bool = True
+    ) -> dict[str, Tensor]:
+        """Noise-prediction loss of one batch; returns {"loss", "subject_fraction"}."""
+        backbone, adapter = self.backbone, self.adapter
+        captions: list[str] = list(batch["captions"])
+        subjects: list[str] = list(batch["subjects"])
+        batch_size = len(captions)
+        unknown = sorted(set(subjects) - set(self.subjects))
+        if unknown:
+            raise ConfigError(
+                f"batch binds to tokens {unknown}, but the module learns only {sorted(self.subjects)}."
+            )
+        device = self.device
+
+        if apply_dropout:
+            drop_text, drop_image = self.dropout.sample(batch_size, generator)
+        else:
+            drop_text = drop_image = torch.zeros(batch_size, dtype=torch.bool)
+        # Dropping the text keeps the subject token alone as the caption: nested attention reaches the
+        # image only through that token, so an empty caption would drop the image as well.
+        captions = [
+            ("" if no_image else subject) if no_text else caption
+            for caption, subject, no_text, no_image in zip(
+                captions, subjects, drop_text.tolist(), drop_image.tolist(), strict=True
+            )
+        ]
+
+        with torch.no_grad():
+            if "latents" in batch:
+                latents = batch["latents"].to(device, torch.float32)
+            else:
+                pixels = batch["pixel_values"].to(device, first_parameter(backbone.vae).dtype)
+                latents = backbone.encode_images(pixels, generator=generator).float()
+        # The frozen text encoders need a graph only to carry gradients to trained placeholder embeddings.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_token_embeddings):
+            conditioning = backbone.encode_prompts(captions)
+
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(
+                latents.shape[:2] + (1, 1), generator=generator
+            ).to(device)
+        scheduler = backbone.noise_scheduler
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
+        ).to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+
+        # Subject tokens for every sample (even dropped ones) so every adapter weight takes part
+        # in every step: DDP then needs no find_unused_parameters.
+        tokens = adapter.encode(batch["reference"].to(device))
+        bindings = []
+        keep = ~drop_image
+        for token in self.subjects:
+            rows = torch.tensor([s == token for s in subjects]) & keep
+            masks = subject_masks_for_tokenizers(backbone.tokenizers, captions, token) & rows[:, None]
+            bindings.append(
+                SubjectBinding(tokens=tokens, masks=masks.to(device), token_weight=self.token_weight)
+            )
+        adapter.set_subjects(bindings)
+        try:
+            added = None
+            if backbone.kind == "sdxl":
+                resolution = latents.shape[-1] * backbone.vae_scale_factor
+                time_ids = backbone.time_ids(
+                    batch["original_sizes"], batch["crops_top_left"], (resolution, resolution)
+                )
+                added = backbone.unet_added_cond_kwargs(conditioning, time_ids.to(device))
+            unet_dtype = first_parameter(backbone.unet).dtype
+            prediction = backbone.unet(
+                noisy.to(unet_dtype),
+                timesteps,
+                conditioning.prompt_embeds.to(unet_dtype),
+                added_cond_kwargs=added,
+            ).sample.float()
+            # Zero-weighted use of every nested projection: keeps DDP's gradient buckets complete
+            # when dropout removed every subject of a rank's batch.
+            participation = sum(stack.sum() for b in bindings for stack in b.projections) * 0.0
+        finally:
+            # Gradient checkpointing re-runs the UNet's blocks during backward(), and they must see the
+            # same subjects (unbound, the re-run takes the plain-attention path and torch raises
+            # CheckpointError): then they stay bound until on_after_backward.
+            if not (torch.is_grad_enabled() and backbone.unet.is_gradient_checkpointing):
+                adapter.clear_subjects()
+
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        if self.min_snr_gamma is not None:
+            per_sample = per_sample * self._min_snr_weights(timesteps, scheduler.config.prediction_type)
+        subject_fraction = torch.stack([b.masks.any(-1) for b in bindings]).any(0).float().mean()
+        return {"loss": per_sample.mean() + participation, "subject_fraction": subject_fraction}
+
+    def _min_snr_weights(self, timesteps: Tensor, prediction_type: str) -> Tensor:
+        alphas_cumprod = self.backbone.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+    def on_after_backward(self) -> None:
+        if self.adapter is not None:
+            self.adapter.clear_subjects()  # kept bound through backward() under gradient checkpointing
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        out = self.diffusion_loss(batch, self._generator(self._micro_batch(batch_idx)))
+        batch_size = len(batch["captions"])
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log("train/subject_fraction", out["subject_fraction"], batch_size=batch_size, sync_dist=True)
+        for name, count in (batch.get("skipped") or {}).items():
+            # Summed over the epoch and across ranks: how many samples the data pipeline skipped.
+            self.log(
+                f"data/skipped_{name}",
+                torch.as_tensor(count, dtype=torch.float32, device=self.device),
+                reduce_fx="sum",
+                on_step=False,
+                on_epoch=True,
+                batch_size=1,
+                sync_dist=True,
+            )
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        # Fixed generator per batch index: validation losses are comparable across epochs.
+        generator = torch.Generator().manual_seed(self.seed + batch_idx)
+        out = self.diffusion_loss(batch, generator, apply_dropout=False)
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=len(batch["captions"]), sync_dist=True)
+        return out["loss"]

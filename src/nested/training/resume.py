@@ -1,0 +1,312 @@
+"""Preemption and resume: atomic checkpoints, SIGUSR1/SIGTERM at a step boundary, SLURM requeue.
+
+- :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the SAME directory,
+  fsyncs it, then ``os.replace``-s it over the target: a process killed mid-write leaves the
+  previous checkpoint intact. (Lightning's ``_atomic_save`` stages the bytes in memory, writes them
+  to a file in the system temp dir and ``shutil.move``-s it: across file systems, as from a node's
+  /tmp to a shared checkpoint folder, that is a copy over the target, not atomic; and no fsync.)
+- :class:`PreemptionCheckpoint` turns SIGUSR1 (SLURM's warning before the time limit,
+  ``#SBATCH --signal=USR1@90``) and SIGTERM (scancel, preemption, a node being drained) into a
+  checkpoint ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` written at the next step boundary that every
+  rank agrees on, then, for SIGUSR1 under SLURM, ``scontrol requeue <job>``, then a clean stop.
+  The signal handlers only set a flag: no I/O, no collective inside a handler (Lightning's own
+  handler saves inside the handler, possibly mid-step, #21406).
+- :func:`find_resume_checkpoint` picks the newest of the hpc checkpoints and the checkpoint
+  callbacks' files (by the global step inside, then hpc first, then mtime), skipping unreadable
+  ones; ``nested fit`` resumes from it when no ``--ckpt_path`` is given, and starts fresh when there
+  is none (Lightning's ``ckpt_path="hpc"`` raises then, #20347).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from nested.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "PreemptionCheckpoint",
+    "checkpoint_step",
+    "find_resume_checkpoint",
+    "install_signal_flags",
+    "received_signals",
+]
+
+_HPC = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
+_RECEIVED: set[int] = set()
+_STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some file systems do not allow opening a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def partial_path(path: Path) -> Path:
+    """The temporary file a checkpoint is written to before it replaces ``path``.
+
+    Hidden, beside its target (same file system: ``os.replace`` is atomic), and named without
+    ``ckpt_`` so Lightning's hpc checkpoint numbering never counts it; the same name for the same
+    target, so a write killed before overwrites the leftover of the previous one.
+    """
+    digest = hashlib.sha1(path.name.encode()).hexdigest()[:12]
+    return path.parent / f".partial-{digest}.tmp"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local writes are atomic and durable (remote paths: Lightning's way).
+
+    The checkpoint streams to :func:`partial_path` (no second in-memory copy), is fsynced, then
+    renamed over the target, and the directory is fsynced. ``nested fit`` uses it by default.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = partial_path(path)
+        try:
+            with open(partial, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+# ----------------------------------------------------------------------------- which checkpoint
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The ``global_step`` stored in a checkpoint, read without loading its tensors (mmap)."""
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return int(checkpoint["global_step"])
+
+
+def hpc_checkpoints(root: str | Path) -> list[Path]:
+    """``<root>/hpc_ckpt_<n>.ckpt`` files, oldest (lowest n) first."""
+    root = Path(root)
+    found = [(int(m.group(1)), p) for p in root.glob("hpc_ckpt_*.ckpt") if (m := _HPC.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_checkpoint(root: str | Path, checkpoint_dirs: list[str | Path] = ()) -> Path | None:
+    """The newest readable checkpoint in ``root`` (hpc) and ``checkpoint_dirs`` (``*.ckpt``), or None.
+
+    Ordered by the global step stored inside, then hpc before others (a preemption checkpoint is
+    taken mid-epoch; a callback's checkpoint at the same step may come from the epoch end the
+    stop triggered), then modification time. Unreadable files are skipped with a warning.
+    """
+    candidates = {p: True for p in hpc_checkpoints(root)}
+    for folder in checkpoint_dirs:
+        if Path(folder).is_dir():
+            candidates.update({p: False for p in Path(folder).glob("*.ckpt") if p not in candidates})
+    ranked = []
+    for path, is_hpc in candidates.items():
+        try:
+            ranked.append(((checkpoint_step(path), is_hpc, path.stat().st_mtime), path))
+        except Exception as exc:
+            rank_zero_warn(f"resume: skipping unreadable checkpoint {path}: {exc!r}")
+    return max(ranked)[1] if ranked else None
+
+
+def checkpoint_dirs(trainer: L.Trainer) -> list[Path]:
+    """Where the trainer's ModelCheckpoint callbacks write (those with a fixed ``dirpath``)."""
+    return [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+
+
+def stable_checkpoint_dirs(trainer: L.Trainer) -> None:
+    """Give every ModelCheckpoint without a ``dirpath`` ``<default_root_dir>/checkpoints``.
+
+    Lightning's default is the logger's ``version_<n>/checkpoints``: a new folder per run, where
+    a requeued job would not find its ``last.ckpt``.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def _set_flag(signum: int, frame: Any) -> None:
+    _RECEIVED.add(signum)  # only a flag: a handler runs between two bytecodes of anything
+
+
+def install_signal_flags(names: tuple[str, ...] = _STOP_SIGNALS) -> dict[int, Any]:
+    """Make the named signals set a flag (see :func:`received_signals`) instead of their default.
+
+    Called by ``nested fit`` at start (a SIGUSR1 during model loading no longer kills the
+    process) and by :class:`PreemptionCheckpoint` when training starts (over Lightning's handlers).
+    Only possible in the main thread; elsewhere this does nothing. Returns the previous handlers
+    (for :func:`restore_signal_handlers`).
+    """
+    previous: dict[int, Any] = {}
+    for name in names:
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        try:
+            previous[signum] = signal.signal(signum, _set_flag)
+        except ValueError:  # not the main thread
+            break
+    return previous
+
+
+def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    """Put back the handlers :func:`install_signal_flags` replaced."""
+    for signum, handler in previous.items():
+        if handler is not None:
+            signal.signal(signum, handler)
+
+
+def received_signals() -> set[int]:
+    """The stop signals received so far by this process (cleared by :func:`clear_signals`)."""
+    return set(_RECEIVED)
+
+
+def clear_signals() -> None:
+    _RECEIVED.clear()
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Checkpoint, requeue and stop at the first step boundary after SIGUSR1 or SIGTERM.
+
+    At the end of every optimizer step the ranks agree (one tiny all-reduce) whether any of them
+    received a signal; if so, all of them write ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` (through
+    the trainer's checkpoint IO: atomic with ``nested fit``), keep the ``keep`` newest hpc files,
+    requeue the SLURM job if the signal was the requeue signal, and stop training.
+
+    Args:
+        requeue: run ``scontrol requeue <job id>`` (global rank 0) after a requeue signal. None:
+            when the trainer runs in a ``SLURMEnvironment`` with ``auto_requeue``.
+        requeue_signal: the signal meaning "time is almost up" (SLURM: ``--signal=USR1@90``).
+        keep: hpc checkpoints to keep (older ones are deleted after a successful write).
+
+    It moves itself after the other callbacks (before Lightning's checkpoint callbacks) at setup,
+    so the step's EMA update is in the checkpoint. (Not a ``Checkpoint`` subclass: that would
+    suppress Lightning's default ModelCheckpoint.)
+    """
+
+    def __init__(self, requeue: bool | None = None, requeue_signal: str = "SIGUSR1", keep: int = 2) -> None:
+        if keep < 1:
+            raise ConfigError(
+                f"keep={keep} must be >= 1: the newest hpc checkpoint is the one to resume from"
+            )
+        self.requeue = requeue
+        self.requeue_signal = requeue_signal
+        self.keep = keep
+        self.saved_path: Path | None = None
+        self.requeued = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Rebinding (not mutating) the list: Lightning is iterating the old one right now.
+        others = [c for c in trainer.callbacks if c is not self and not isinstance(c, Checkpoint)]
+        trainer.callbacks = [*others, self, *(c for c in trainer.callbacks if isinstance(c, Checkpoint))]
+
+    def _install(self) -> None:
+        install_signal_flags(tuple(dict.fromkeys((self.requeue_signal, "SIGTERM"))))
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()  # after Lightning registered its own handlers (just before the run stage)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()
+
+    def _should_requeue(self, trainer: L.Trainer) -> bool:
+        if self.requeue is not None:
+            return self.requeue
+        environment = trainer._accelerator_connector.cluster_environment
+        return isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+
+    def _agree(self, pl_module: L.LightningModule) -> tuple[bool, bool]:
+        """(requeue signal, any stop signal) received on ANY rank."""
+        received = received_signals()
+        requeue_signum = getattr(signal, self.requeue_signal, None)
+        flags = torch.tensor(
+            [int(requeue_signum in received), int(bool(received))], dtype=torch.int32, device=pl_module.device
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        accumulating = (batch_idx + 1) % trainer.accumulate_grad_batches != 0
+        if accumulating and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # a checkpoint inside an accumulation window would lose the accumulated gradients
+        requeue_signal, stop = self._agree(pl_module)
+        if not stop:
+            return
+        root = Path(trainer.default_root_dir)
+        existing = hpc_checkpoints(root)
+        number = int(_HPC.match(existing[-1].name).group(1)) + 1 if existing else 1
+        path = trainer.strategy.broadcast(str(root / f"hpc_ckpt_{number}.ckpt"))
+        trainer.save_checkpoint(path, weights_only=False)
+        self.saved_path = Path(path)
+        if trainer.is_global_zero:
+            for old in hpc_checkpoints(root)[: -self.keep]:
+                old.unlink(missing_ok=True)
+        finished = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        if requeue_signal and not finished and self._should_requeue(trainer) and trainer.is_global_zero:
+            self.requeued = _scontrol_requeue()
+        rank_zero_info(
+            f"preemption: stop signal received; checkpoint {path} written at step {trainer.global_step}"
+            + ("; job requeued" if self.requeued else "")
+            + ". Run the same command again to resume from it."
+        )
+        trainer.should_stop = True
+        clear_signals()
+
+
+def _scontrol_requeue() -> bool:
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID")
+    if not job or not re.fullmatch(r"[0-9_]+", job):
+        rank_zero_warn(f"preemption: cannot requeue: no usable SLURM job id ({job!r})")
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        rank_zero_warn(f"preemption: `scontrol requeue {job}` failed: {exc!r}")
+        return False
+    if result.returncode != 0:
+        rank_zero_warn(
+            f"preemption: `scontrol requeue {job}` exited {result.returncode}: {result.stderr.strip()}"
+        )
+        return False
+    return True
