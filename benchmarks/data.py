@@ -399,7 +399,9 @@ def _stage_samples(index: Path, count: int) -> list[dict]:
     import webdataset as wds
 
     urls = nd.expand_urls(str(index))
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(loading.decoder()))
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(loading.decoder())
+    )
     return list(itertools.islice(pipeline, count))
 
 

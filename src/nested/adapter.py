@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import snapshot_download
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -42,6 +43,13 @@ from nested.attention import (
 )
 from nested.encoder import EncoderSpec, SubjectEncoder
 from nested.errors import AdapterError, ConfigError, HubError, MissingFileError
+from nested.tokens import (
+    add_placeholder_token,
+    get_token_embedding,
+    read_token_embeddings_from,
+    set_token_embedding,
+    subject_token_ids,
+)
 
 __all__ = [
     "AdapterConfig",
@@ -64,7 +72,9 @@ _HOOK_ATTR = "_nested_hook"
 
 def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
     """The ``attn2`` (cross-attention) modules of a diffusers UNet, by their module name."""
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import (
+        Attention,  # not at the top: `nested push` needs no diffusers
+    )
 
     return {
         name: module
@@ -549,7 +559,6 @@ class NestedAdapter(nn.Module):
         in this adapter, else it is initialised from the class word (and remembered here, so it is
         saved with the adapter). Plain class words need nothing.
         """
-        from nested.tokens import add_placeholder_token, get_token_embedding, set_token_embedding
 
         names = _text_encoder_names(text_encoders, names)
         for token, class_word in self.config.placeholders.items():
@@ -574,7 +583,6 @@ class NestedAdapter(nn.Module):
         (:func:`~nested.tokens.read_token_embeddings_from`), so the trained rows are saved with the adapter
         and loaded by :meth:`add_tokens` at inference. Returns the hooks' handles (``.remove()`` to undo).
         """
-        from nested.tokens import read_token_embeddings_from, subject_token_ids
 
         if not self.config.placeholders:
             raise ConfigError(
@@ -776,7 +784,6 @@ def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | N
             raise MissingFileError(
                 f"adapter folder {str(name_or_path)!r} does not exist (and is not a hub repo id user/name)."
             )
-        from huggingface_hub import snapshot_download
 
         try:
             path = Path(

@@ -188,6 +188,8 @@ def load_vision_backbone(
     Returns:
         (model, image_size, mean, std): the model in eval mode with ``requires_grad`` off.
     """
+    # Here, not at the top: the encoder is imported by `nested push` (through the adapter), which needs no model.
+    import transformers
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModel, SiglipVisionModel
 
     kwargs = {"revision": spec.revision, "subfolder": spec.subfolder or ""}
@@ -203,8 +205,6 @@ def load_vision_backbone(
         ) from error
     # A full CLIP/SigLIP checkpoint also holds a text tower: load only the vision half. A
     # vision-only checkpoint (e.g. CLIPVisionModelWithProjection) is loaded with its own class.
-    import transformers
-
     architecture = (getattr(config, "architectures", None) or [""])[0]
     model_class = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}.get(config.model_type, AutoModel)
     if "Vision" in architecture and hasattr(transformers, architecture):

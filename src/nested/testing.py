@@ -24,6 +24,9 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -480,7 +483,6 @@ def write_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     the tokenizer is :func:`write_tiny_tokenizer`'s. Loads with ``CLIPModel.from_pretrained(path)`` and
     ``CLIPProcessor.from_pretrained(path)`` (the PIL image processor: no torchvision needed).
     """
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     path = Path(path)
     tokenizer = write_tiny_tokenizer(path, pad_token=EOS_TOKEN)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import yaml
+from huggingface_hub import get_token
 from lightning.pytorch.utilities import rank_zero_info
 
 from nested.adapter import CONFIG_NAME, WEIGHTS_NAME
@@ -91,7 +92,6 @@ class HubUpload(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero or self._thread is not None:
             return
-        from huggingface_hub import get_token
 
         self._root = self._export_root(trainer)
         # LightningCLI saves config.yaml during setup too: it is looked up at upload time.

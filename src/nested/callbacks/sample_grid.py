@@ -33,6 +33,12 @@ from nested.evaluation.images import (
     save_png,
     to_uint8_hwc,
 )
+from nested.evaluation.metrics import (
+    IdentitySimilarity,
+    PromptAlignment,
+    VisionEmbedder,
+    vision_embedder,
+)
 from nested.inference.sampler import default_size, sample_images
 
 __all__ = ["DEFAULT_PROMPTS", "SampleGrid"]
@@ -170,12 +176,6 @@ class SampleGrid(L.Callback):
 
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Load the references and the metric models once, on rank 0."""
-        from nested.evaluation.metrics import (
-            IdentitySimilarity,
-            PromptAlignment,
-            VisionEmbedder,
-            vision_embedder,
-        )
 
         adapter: NestedAdapter = pl_module.adapter
         token = self.token or adapter.config.token

@@ -74,6 +74,7 @@ def run_user_command(prog: str, verbose: bool, run):
 @contextlib.contextmanager
 def quiet_libraries(verbose: bool):
     """Hide diffusers' / transformers' loading bars and warnings, so the output is our progress bar and errors."""
+    # Here, not at the top: the dispatcher imports this module for every command, `--help` included.
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 

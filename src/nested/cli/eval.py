@@ -12,8 +12,6 @@ from typing import Any
 
 from nested.cli.common import add_base_arguments, pairs, run_user_command
 from nested.errors import MissingFileError, UsageError
-from nested.evaluation.report import column_suffix
-from nested.evaluation.sweep import point_line, run_eval
 
 __all__ = ["DTYPES", "check_eval_arguments", "eval_parser", "main_eval", "read_pair_prompts", "read_prompts"]
 
@@ -218,6 +216,9 @@ def _subject_sources(values: list[str], tokens: list[str]) -> dict[str, str]:
 
 
 def _pair(text: str, adapters: dict[str, str]) -> tuple[str, str]:
+    # Here, not at the top: `nested eval --help` stays light.
+    from nested.evaluation.report import column_suffix
+
     tokens = [part.strip() for part in text.split(",")]
     if len(tokens) != 2 or not all(tokens) or tokens[0] == tokens[1]:
         raise UsageError(f"--pair expects two different tokens, e.g. --pair '<person>,<pet>', got {text!r}.")
@@ -286,6 +287,9 @@ def main_eval(argv: list[str] | None = None) -> int:
     """``nested eval``: returns the exit code (0 ok, 2 for a user error, shown in one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = eval_parser().parse_args(argv)
+    # Imported after parsing: `nested eval --help` answers without loading torch.
+    from nested.evaluation.sweep import point_line, run_eval
+
     summary = run_user_command(
         "nested eval", args.verbose, lambda: run_eval(args, check_eval_arguments(args), argv)
     )

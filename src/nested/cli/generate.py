@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from nested.cli.common import add_base_arguments, pairs, run_user_command, sha256
 from nested.errors import MissingFileError, UsageError
 
@@ -133,13 +135,13 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _progress(total: int, disable: bool):
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="nested generate", unit="step", disable=disable, file=sys.stderr)
 
 
 def run_generate(args: argparse.Namespace, argv: list[str]) -> Path:
     """Generate the images; returns the output folder."""
+    # Here, not at the top: `nested generate --help` and argument errors answer without loading torch.
     import diffusers
     import torch
 

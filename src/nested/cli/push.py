@@ -35,11 +35,12 @@ def push_parser() -> argparse.ArgumentParser:
 
 def main_push(argv: list[str] | None = None) -> int:
     """``nested push``: returns the exit code (0 ok, 2 for an error, shown in one line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = push_parser().parse_args(argv)
+    # Imported after parsing: `nested push --help` answers without loading torch.
     from nested.hub.model_card import redact
     from nested.hub.push import push_adapter
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = push_parser().parse_args(argv)
     try:
         if args.training_config and not Path(args.training_config).is_file():
             raise MissingFileError(f"--training-config {args.training_config!r} does not exist.")

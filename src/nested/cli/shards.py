@@ -7,8 +7,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nested.data.shards import build_shards
-
 __all__ = ["main_shards", "shards_parser"]
 
 
@@ -47,11 +45,14 @@ def main_shards(argv: Sequence[str] | None = None) -> int:
     """``nested shards SRC OUT --domain NAME --subject WORD ...``; returns the exit code."""
     parser = shards_parser()
     args = parser.parse_args(argv)
+    # Imported after parsing: `nested shards --help` answers without loading the image stack.
+    from nested.data.shards import build_shards
+
     vae = None
     if args.cache_latents:
         if args.model is None:
             parser.error("--cache-latents needs --model PATH (a diffusers model with a vae/ subfolder)")
-        import torch
+        import torch  # only --cache-latents loads a model
         from diffusers import AutoencoderKL
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

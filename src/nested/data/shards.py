@@ -51,10 +51,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from nested.data.transforms import target_transform
 from nested.errors import ConfigError, DataError, MissingFileError, OutputExistsError
 
 if TYPE_CHECKING:
@@ -317,10 +319,6 @@ def encode_latents(vae: AutoencoderKL, image: Image.Image, resolution: int) -> n
         float16 numpy array (C, resolution / 8, resolution / 8): ``latent_dist.mean *
         scaling_factor`` (the mean, not a sample, so the cache is deterministic).
     """
-    import torch
-
-    from nested.data.loading import target_transform  # lazy: keeps `nested shards` free of lightning
-
     pixels = target_transform(image, resolution=resolution, center_crop=True, random_flip=False).pixel_values
     param = next(vae.parameters())
     with torch.no_grad():

@@ -16,9 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
 from torch import Tensor
 
+from nested.data.domains import DomainSpec, check_urls
+from nested.data.loading import build_stream
 from nested.errors import DataError, MissingFileError
+from nested.inference.subjects import load_image
 
 __all__ = ["IMAGE_EXTENSIONS", "Reference", "load_references", "make_grid", "save_png", "to_uint8_hwc"]
 
@@ -81,12 +86,8 @@ def load_references(
     """
     if count is not None and count < 1:
         raise ValueError(f"count must be >= 1, got {count}.")
-    from nested.inference.subjects import load_image
 
     if _is_shards(source if isinstance(source, (list, tuple)) else str(source)):
-        from nested.data.domains import DomainSpec, check_urls
-        from nested.data.loading import build_stream
-
         urls = list(source) if isinstance(source, (list, tuple)) else str(source)
         spec = DomainSpec(name="references", urls=urls, subject=token)
         stream = build_stream(
@@ -127,7 +128,6 @@ def _shard_metadata(urls: list[str], keys: set[str]) -> dict[str, dict[str, Any]
     The training stream keeps only what training needs, so the metadata is read in a second pass over
     the same shards; it stops as soon as every key is found (references are the first samples).
     """
-    import webdataset as wds
 
     found: dict[str, dict[str, Any]] = {}
     if not keys:
@@ -183,7 +183,6 @@ def to_uint8_hwc(image: Tensor) -> np.ndarray:
 
 def save_png(image: Tensor, path: str | os.PathLike) -> Path:
     """Write a (3, H, W) [0, 1] image as PNG; returns the path."""
-    from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,10 +26,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import Tensor, nn
 from torchmetrics import Metric
+from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 from torchmetrics.multimodal.clip_score import CLIPScore
 from torchmetrics.utilities import dim_zero_cat
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
 from nested.encoder import CLIP_MEAN, CLIP_STD, FrozenModules
 from nested.errors import ConfigError, MissingFileError
@@ -188,8 +191,6 @@ def vision_embedder(
     Raises:
         OSError: the model cannot be loaded (missing folder, or a hub id not cached when offline).
     """
-    import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
     kwargs: dict[str, Any] = {"revision": revision, "subfolder": subfolder or ""}
     source = str(name_or_path)
@@ -406,7 +407,6 @@ def load_clip(
     Raises:
         OSError: the model cannot be loaded. ValueError: the tokenizer does not match the model.
     """
-    from transformers import CLIPModel, CLIPProcessor
 
     source = str(name_or_path)
     try:
@@ -477,7 +477,6 @@ class PromptAlignment(_SyncedValues, CLIPScore):
     @torch.no_grad()
     def score_batch(self, images: Tensor, prompts: str | Sequence[str]) -> Tensor:
         """Per-sample ``100 * cos`` of one batch, (B,), without touching the metric state."""
-        from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) != images.shape[0]:

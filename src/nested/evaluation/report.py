@@ -8,6 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch.nn.functional as F
+
+from nested.evaluation.images import make_grid, save_png
+
 __all__ = [
     "ATTRIBUTE_PREFIX",
     "CSV_COLUMNS",
@@ -149,9 +153,6 @@ def write_grid(context: Any, references: dict[str, list], columns: list) -> None
     ``context``: the sweep's :class:`nested.evaluate._Context` (its ``grid_keys``, ``thumbnails`` and ``out``);
     ``references``: token (or --pair group) -> each subject's reference image, (3, S, S) in [0, 1].
     """
-    import torch.nn.functional as F
-
-    from nested.evaluation.images import make_grid, save_png
 
     rows = []
     for token, s_index, p_index in context.grid_keys:
@@ -176,11 +177,9 @@ def plot_tradeoff(
     ``judged`` (points from ``nested eval --judges``): identity accuracy (y: exact, solid; attributes,
     dashed) against context accuracy (x: scene and style right), with dotted chance lines.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:  # pragma: no cover - matplotlib is a dependency
-        raise ImportError("the trade-off plot needs matplotlib: pip install matplotlib") from error
+    # Here, not at the top: matplotlib is needed by the plot alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6.4, 4.8), dpi=100)
     FigureCanvasAgg(figure)

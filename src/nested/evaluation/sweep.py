@@ -38,7 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import nested
+from nested.evaluation.images import load_references, save_png
 from nested.evaluation.judging import Judges, load_judges
+from nested.evaluation.metrics import IdentitySimilarity, PromptAlignment, VisionEmbedder, vision_embedder
 from nested.evaluation.report import (
     column_suffix,
     plot_tradeoff,
@@ -47,6 +55,7 @@ from nested.evaluation.report import (
     write_csv,
     write_grid,
 )
+from nested.inference.pipeline import NestedPipeline
 
 __all__ = ["point_line", "run_eval", "subject_halves"]
 
@@ -92,8 +101,6 @@ class _Group:
 
     def grid_reference(self, index: int) -> Any:
         """The reference column of grid.png: the subject, or the pair side by side at half size."""
-        import torch
-        import torch.nn.functional as F
 
         images = [self.references[token][index].image for token in self.tokens]
         if len(images) == 1:
@@ -139,7 +146,6 @@ class _Context:
 
         ``subjects`` / ``strengths``: token -> image / strength (None: the base model).
         """
-        import torch
 
         args, images = self.args, []
         for start in range(0, len(prompts), args.batch_size):
@@ -170,8 +176,6 @@ class _Context:
         if self.args.no_images:
             return ""
         if path not in self.saved:
-            from nested.evaluation.images import save_png
-
             save_png(image, path)
             self.saved.add(path)
         return str(path.relative_to(self.out))
@@ -179,7 +183,6 @@ class _Context:
 
 def _thumbnail(image):
     """An image for grid.png: at most 256 px on its longer side."""
-    import torch.nn.functional as F
 
     scale = min(1.0, 256 / max(image.shape[-2:]))
     size = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
@@ -188,7 +191,6 @@ def _thumbnail(image):
 
 def _identity_metric(adapter: Any, shared_embedder: Any) -> Any:
     """Identity similarity with ``--identity-model``, else the adapter's own image encoder."""
-    from nested.evaluation.metrics import IdentitySimilarity, VisionEmbedder
 
     encoder = adapter.encoder
     embedder = shared_embedder or VisionEmbedder(
@@ -310,14 +312,6 @@ def run_eval(args: argparse.Namespace, parsed: dict[str, Any], argv: list[str]) 
     ``args``: the ``nested eval`` options; ``parsed``: what :func:`nested.cli.eval.check_eval_arguments`
     made of them (adapters, groups, prompts, strengths, seeds, subject sources).
     """
-    import diffusers
-    import torch
-    from tqdm.auto import tqdm
-
-    import nested
-    from nested.evaluation.images import load_references
-    from nested.evaluation.metrics import PromptAlignment, vision_embedder
-    from nested.inference.pipeline import NestedPipeline
 
     strengths, seeds, groups = parsed["strengths"], parsed["seeds"], parsed["groups"]
     judges = None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import ModelCardData, get_token
 
 from nested.adapter import CONFIG_NAME, AdapterConfig
 
@@ -38,7 +39,6 @@ _SECRET_KEYS = re.compile(r"(password|secret|api_key|apikey|auth|hf_token|access
 
 def redact(text: str) -> str:
     """``text`` with the active Hub token and anything shaped like a Hub token replaced by ``***``."""
-    from huggingface_hub import get_token
 
     secret = get_token()
     if secret:
@@ -111,7 +111,6 @@ def model_card(
             ``config.yaml`` inside ``adapter_dir`` when present.
         tags: extra tags.
     """
-    from huggingface_hub import ModelCardData
 
     folder = Path(adapter_dir)
     config = AdapterConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()), source=str(folder))

@@ -20,6 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
 from nested.adapter import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME
 from nested.errors import AdapterError, HubError, MissingFileError
 from nested.hub.model_card import (
@@ -55,7 +58,6 @@ def _check_adapter_dir(adapter_dir: Path) -> None:
 
 def _is_network_error(error: BaseException) -> bool:
     """An HTTP error answer, or no answer at all (huggingface_hub talks through httpx or requests)."""
-    from huggingface_hub.errors import HfHubHTTPError
 
     module = type(error).__module__.split(".")[0]
     return isinstance(error, (HfHubHTTPError, ConnectionError, TimeoutError)) or module in (
@@ -93,7 +95,6 @@ def push_adapter(
     ``training_config.yaml`` and sample images. ``token`` defaults to ``HF_TOKEN`` / the saved login;
     ``revision`` is a branch, created from main if missing.
     """
-    from huggingface_hub import HfApi
 
     folder = Path(adapter_dir)
     _check_adapter_dir(folder)
@@ -135,7 +136,6 @@ def is_permanent_error(error: BaseException) -> bool:
 
     A :class:`~nested.errors.HubError` is judged by the error it wraps.
     """
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if isinstance(error, HubError) and error.__cause__ is not None:
         return is_permanent_error(error.__cause__)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
 from torch import Tensor
 
 from nested.adapter import (
@@ -123,7 +124,6 @@ class NestedPipeline:
         ``pipeline_kwargs`` go to ``DiffusionPipeline.from_pretrained`` (e.g. ``variant="fp16"``).
         Hub ids download through the huggingface_hub cache; ``HF_HUB_OFFLINE=1`` is honoured.
         """
-        from diffusers import DiffusionPipeline
 
         try:
             pipe = DiffusionPipeline.from_pretrained(

@@ -14,11 +14,12 @@ import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import diffusers
 import torch
 from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding
-from nested.backbone import DiffusionBackbone, first_parameter
+from nested.backbone import DiffusionBackbone, TextConditioning, first_parameter
 from nested.errors import ConfigError
 from nested.tokens import subject_masks_for_tokenizers
 
@@ -31,7 +32,6 @@ def build_scheduler(backbone: DiffusionBackbone, name: str | None = None) -> Any
     ``name``: a diffusers scheduler class name (``"DDIMScheduler"``, ``"EulerDiscreteScheduler"``...); None:
     the model's own scheduler class, except DDPM (made for 1000 steps), which is replaced by DDIM.
     """
-    import diffusers
 
     config = dict(backbone.scheduler_config or backbone.noise_scheduler.config)
     name = name or config.get("_class_name") or "DDIMScheduler"
@@ -54,7 +54,6 @@ def default_size(backbone: DiffusionBackbone) -> int:
 
 def _negative_conditioning(backbone: DiffusionBackbone, negative_prompt: str, batch: int, cond: Any) -> Any:
     """The unconditional half: SDXL uses zeros for an empty negative prompt (``force_zeros_for_empty_prompt``)."""
-    from nested.backbone import TextConditioning
 
     if backbone.kind == "sdxl" and not negative_prompt:
         pooled = cond.pooled_prompt_embeds

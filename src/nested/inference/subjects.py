@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from nested.attention import check_token_weight
@@ -71,7 +72,6 @@ def load_image(image: ImageInput, name: str = "subject") -> Tensor:
         FileNotFoundError: a path that does not exist.
         ValueError: an unsupported type, shape or value range.
     """
-    from PIL import Image, ImageOps
 
     if isinstance(image, (str, os.PathLike)):
         path = Path(image).expanduser()

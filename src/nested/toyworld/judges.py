@@ -617,7 +617,6 @@ def attribute_columns(subject: JudgedSubject, suffixed: bool) -> dict[str, str]:
 
 def judge_chance(subjects: list[JudgedSubject]) -> dict[str, float]:
     """Each judge column's value under uniform guessing: the level a model without the subject gets."""
-    from nested.toyworld.judges import CONTEXT_CHANCE, chance_levels
 
     levels = [chance_levels(subject.domain) for subject in subjects]
     chance = {

@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import instantiate_class
 from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding, check_injection_options
@@ -207,7 +208,6 @@ class NestedAttentionModule(L.LightningModule):
         return super()._apply(fn, recurse)
 
     def configure_optimizers(self) -> Any:
-        from lightning.pytorch.cli import instantiate_class
 
         optimizer = instantiate_class(self.adapter.trainable_parameters(), self.optimizer_config)
         if self.lr_scheduler_config is None:
