@@ -71,3 +71,37 @@ def test_a_typo_in_a_config_file_fails_naming_the_key(tmp_path, capsys):
         main(["fit", "--config", "configs/smoke.yaml", "--config", str(typo), "--print_config"])
     assert exit_info.value.code != 0
     assert "learnin_rate" in capsys.readouterr().err
+
+
+def test_a_user_mistake_is_one_line_and_exit_2(capsys, tmp_path):
+    assert main(["push", str(tmp_path / "no-such-adapter"), "me/adapter"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("nested push: error: adapter folder") and "does not exist" in error
+    assert "\n" not in error and "Traceback" not in error
+
+
+def test_a_bug_inside_the_library_keeps_its_traceback(monkeypatch, tmp_path):
+    """A ValueError from deep inside (here a shape bug planted in the pipeline) is not the user's: it is
+    raised, not printed as a one-line user error."""
+    import nested.inference.pipeline
+
+    def broken(*args, **kwargs):
+        raise ValueError("shape mismatch: (2, 77) vs (1, 77)")
+
+    monkeypatch.setattr(nested.inference.pipeline.NestedPipeline, "from_pretrained", broken)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    image = tmp_path / "me.png"
+    image.write_bytes(b"")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        main(["generate", "--base", "unused", "--adapter", f"<person>={adapter}", "--subject", f"<person>={image}",
+              "--prompt", "a photo of <person>", "--out", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+
+
+def test_fit_reports_a_configuration_mistake_in_one_line(capsys):
+    """A value the module refuses (a user error raised while LightningCLI builds the model) is one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/smoke.yaml", "--model.frozen_dtype=float64", "--trainer.max_steps=1"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("nested fit: error: frozen_dtype must be one of")

@@ -204,7 +204,7 @@ def test_decoupled_adapter_round_trips_through_its_config_and_acts_on_bound_prom
     finally:
         loaded.detach(backbone.unet)
 
-    raw.pop("injection")  # a config written before the option existed
+    raw.pop("injection")  # a config without the key
     (folder / "adapter_config.json").write_text(json.dumps(raw))
     assert NestedAdapter.from_pretrained(folder).config.injection == "nested"
     raw["injection"] = "ip-adapter"

@@ -263,7 +263,7 @@ def test_an_adapter_trained_with_a_token_weight_uses_it_unless_a_call_sets_one(
     assert config["token_weight"] == 1.0  # the default, recorded
     legacy = {
         key: value for key, value in config.items() if key != "token_weight"
-    }  # written before the option
+    }  # a config without the key
     assert AdapterConfig.from_dict(legacy).token_weight == 1.0
     (trained_at_3 / "adapter_config.json").write_text(json.dumps({**config, "token_weight": 3.0}))
     subjects = {"<person>": person}

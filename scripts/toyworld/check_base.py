@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How much of an identity the toy base model can draw when the prompt NAMES it (issue 7).
+"""How much of an identity the toy base model can draw when the prompt NAMES it.
 
 Nested attention drives the base model through one token's value, so an adapter can only make the model draw
 what the model already knows how to draw from words. This measures that ceiling: held-out identities (never

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the toy world's train / held-out shards for both domains (issue 7), and a contact sheet.
+"""Write the toy world's train / held-out shards for both domains, and a contact sheet.
 
 Layout: ``OUT/<domain>/<split>/{<domain>-000000.tar, ..., shards.json}`` for domain in faces, pets
 and split in train, held_out. Identities are split with ``nested.toyworld.split_identities``; at

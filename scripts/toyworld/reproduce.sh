@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Full toy-world reproduction (issue 7): world -> base model -> judges -> adapters -> evaluation table.
+# Full toy-world reproduction: world -> base model -> judges -> adapters -> evaluation table.
 #
 #   bash scripts/toyworld/reproduce.sh                  # everything from scratch into runs/toyworld
 #   bash scripts/toyworld/reproduce.sh --committed      # reuse data/models/toy-sd and data/toyworld/judges

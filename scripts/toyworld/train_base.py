@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the toy world's base model (issue 7, part 2) and write it as an SD 1.x diffusers folder.
+"""Train the toy world's base model and write it as an SD 1.x diffusers folder.
 
 Stages, each timed: render a pool of train-identity images -> train the VAE -> cache latents -> train the
 UNet (EMA) -> pretrain the subject encoder's image backbone (identity-contrastive, train identities) ->

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the toy-world judges (issue 7, item 3) and write them to one folder with their accuracies.
+"""Train the toy-world judges and write them to one folder with their accuracies.
 
 Three small CNNs (``nested.judges``): an identity recognizer per domain (predicts every attribute of
 the subject) and a context classifier (scene + style). Training images are renders of the *train*

@@ -72,9 +72,8 @@ _HOOK_ATTR = "_nested_hook"
 
 def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
     """The ``attn2`` (cross-attention) modules of a diffusers UNet, by their module name."""
-    from diffusers.models.attention_processor import (
-        Attention,  # not at the top: `nested push` needs no diffusers
-    )
+    # Here, not at the top: `nested push` imports this module and needs no diffusers.
+    from diffusers.models.attention_processor import Attention
 
     return {
         name: module
@@ -113,13 +112,13 @@ class AdapterConfig:
             pets token of a faces + pets adapter.
         token_encoders: names of the text encoders that hold a placeholder embedding.
         token_weight: the subject column's attention weight the adapter was trained with
-            (``model.token_weight``); inference uses it unless a call sets its own. Configs written before
-            this option have no key and are 1.
+            (``model.token_weight``); inference uses it unless a call sets its own. A config without the
+            key means 1.
         injection: how the per-layer subject keys/values enter each cross-attention layer:
             ``"nested"`` (the subject token's value becomes a query-dependent nested attention) or
             ``"decoupled"`` (IP-Adapter-style: an image attention added to every query of a bound
-            sample, the text attention left plain). Same parameters either way; configs written
-            before this option existed have no key and are ``"nested"``.
+            sample, the text attention left plain). Same parameters either way; a config without the key
+            means ``"nested"``.
     """
 
     token: str
@@ -576,7 +575,7 @@ class NestedAdapter(nn.Module):
     def train_token_embeddings(
         self, tokenizers: Sequence, text_encoders: Sequence, names: Sequence[str] | None = None
     ) -> list:
-        """Make the placeholder embeddings trainable (textual-inversion style, method.md section 7).
+        """Make the placeholder embeddings trainable (textual-inversion style).
 
         Call after :meth:`add_tokens` with the same tokenizers and text encoders. The text encoders stay
         frozen: they read each placeholder's row from this adapter's Parameter through a forward hook

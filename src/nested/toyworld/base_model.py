@@ -1,4 +1,4 @@
-"""The toy world's base model (issue 7, part 2): a small text-to-image diffusion model trained from scratch.
+"""The toy world's base model: a small text-to-image diffusion model trained from scratch.
 
 It is an ordinary Stable Diffusion 1.x pipeline folder, so everything downstream (``nested fit``, ``nested
 generate``, ``nested eval``, :class:`~nested.pipeline.NestedPipeline`) loads it through the same

@@ -1,4 +1,4 @@
-"""Judges for the toy world (issue 7, item 3): who is in an image, and in which context.
+"""Judges for the toy world: who is in an image, and in which context.
 
 Personalization is proven in the toy world by asking two questions of every generated image: is the
 subject the reference identity (an *identity recognizer* per domain, the toy analogue of a

@@ -1,4 +1,4 @@
-"""A procedural two-domain world for proving that personalization learns (issue 7, part 1).
+"""A procedural two-domain world for proving that personalization learns.
 
 ``faces``: cartoon faces, identity :class:`FaceIdentity` (skin, hair colour, hair style, eye colour,
 face shape: 1440 identities). ``pets``: cartoon cats and dogs, identity :class:`PetIdentity`
