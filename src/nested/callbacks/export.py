@@ -31,7 +31,8 @@ class AdapterExport(L.Callback):
         self.last_path: Path | None = None
         self._last_exported_step = -1
 
-    def _root(self, trainer: L.Trainer) -> Path:
+    def export_root(self, trainer: L.Trainer) -> Path:
+        """The folder the exports go to."""
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "adapters"
 
     def _adapter_to_export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> NestedAdapter:
@@ -44,7 +45,7 @@ class AdapterExport(L.Callback):
         """Write ``<root>/<name>/`` on global rank 0; returns the folder (None on other ranks)."""
         if not trainer.is_global_zero:
             return None
-        return self._adapter_to_export(trainer, pl_module).save_pretrained(self._root(trainer) / name)
+        return self._adapter_to_export(trainer, pl_module).save_pretrained(self.export_root(trainer) / name)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         step = trainer.global_step

@@ -16,6 +16,7 @@ from huggingface_hub import get_token
 from lightning.pytorch.utilities import rank_zero_info
 
 from nested.adapter import CONFIG_NAME, WEIGHTS_NAME
+from nested.callbacks.export import AdapterExport
 from nested.errors import ConfigError
 from nested.hub.model_card import REPO_ID_PATTERN, scrub_config
 from nested.hub.push import is_permanent_error, push_adapter, redact, stage_export
@@ -150,8 +151,8 @@ class HubUpload(L.Callback):
         if self.dirpath:
             return Path(self.dirpath)
         for callback in trainer.callbacks:
-            if type(callback).__name__ == "AdapterExport" and hasattr(callback, "_root"):
-                return Path(callback._root(trainer))
+            if isinstance(callback, AdapterExport):
+                return callback.export_root(trainer)
         return Path(trainer.default_root_dir) / "adapters"
 
     def _signatures(self) -> dict[str, tuple[int, int]]:
