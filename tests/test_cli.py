@@ -101,7 +101,9 @@ def test_a_bug_inside_the_library_keeps_its_traceback(monkeypatch, tmp_path):
 def test_fit_reports_a_configuration_mistake_in_one_line(capsys):
     """A value the module refuses (a user error raised while LightningCLI builds the model) is one line."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "configs/smoke.yaml", "--model.frozen_dtype=float64", "--trainer.max_steps=1"])
+        main(
+            ["fit", "--config", "configs/smoke.yaml", "--model.frozen_dtype=float64", "--trainer.max_steps=1"]
+        )
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("nested fit: error: frozen_dtype must be one of")

@@ -57,7 +57,11 @@ def nested_imports(source: str, module: str) -> list[tuple[int, str, list[str], 
             inside.update(id(sub) for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom)))
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "nested":
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").split(".")[0] == "nested"
+        ):
             found.append((node.lineno, node.module, [a.name for a in node.names], id(node) in inside))
         elif isinstance(node, ast.Import):
             for alias in node.names:
@@ -102,13 +106,29 @@ def test_imports_point_one_way_and_no_private_name_crosses_a_module():
 @pytest.mark.parametrize(
     ("module", "source", "expected"),
     [
-        ("nested.adapter", "from nested.training.module import NestedAttentionModule\n", "core may not import"),
-        ("nested.data.shards", "from nested.inference.pipeline import NestedPipeline\n", "data may not import"),
-        ("nested.evaluation.sweep", "from nested.toyworld.judges import ToyJudges\n", "never imports the toy"),
+        (
+            "nested.adapter",
+            "from nested.training.module import NestedAttentionModule\n",
+            "core may not import",
+        ),
+        (
+            "nested.data.shards",
+            "from nested.inference.pipeline import NestedPipeline\n",
+            "data may not import",
+        ),
+        (
+            "nested.evaluation.sweep",
+            "from nested.toyworld.judges import ToyJudges\n",
+            "never imports the toy",
+        ),
         ("nested.hub.push", "from nested.cli.push import main_push\n", "hub may not import cli"),
         ("nested.cli.push", "from nested.hub.push import _stage\n", "private names ['_stage']"),
         ("nested.cli.eval", "from nested.pipeline import NestedPipeline\n", "an older path"),
-        ("nested.training.module", "def f():\n    from nested.cli.fit import NestedCLI\n", "training may not import"),
+        (
+            "nested.training.module",
+            "def f():\n    from nested.cli.fit import NestedCLI\n",
+            "training may not import",
+        ),
     ],
 )
 def test_a_wrong_way_import_is_caught(module, source, expected):
