@@ -12,6 +12,8 @@ from typing import Any
 from nested.errors import NestedUserError, UsageError
 
 __all__ = [
+    "DTYPES",
+    "add_runtime_arguments",
     "add_base_arguments",
     "one_line",
     "pairs",
@@ -56,6 +58,17 @@ def add_base_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     models.add_argument("--base", required=True, help="base SD / SDXL diffusers folder or hub id")
     models.add_argument("--revision", default=None, help="hub revision of the base model")
     return models
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_runtime_arguments(group: argparse._ArgumentGroup) -> None:
+    """``--device``, ``--dtype``, ``--no-progress`` and ``--verbose``, shared by ``generate`` and ``eval``."""
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps... (default cpu)")
+    group.add_argument("--dtype", default="float32", choices=DTYPES)
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--verbose", action="store_true", help="show the libraries' loading bars and warnings")
 
 
 def run_user_command(prog: str, verbose: bool, run):

@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nested.cli.common import add_base_arguments, pairs, run_user_command
+from nested.cli.common import add_base_arguments, add_runtime_arguments, pairs, run_user_command
 from nested.errors import MissingFileError, UsageError
 
-__all__ = ["DTYPES", "check_eval_arguments", "eval_parser", "main_eval", "read_pair_prompts", "read_prompts"]
-
-DTYPES = ("float32", "float16", "bfloat16")
+__all__ = ["check_eval_arguments", "eval_parser", "main_eval", "read_pair_prompts", "read_prompts"]
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -113,12 +111,7 @@ def eval_parser() -> argparse.ArgumentParser:
     output.add_argument("--grid-rows", type=int, default=12, help="rows of grid.png (default 12)")
     output.add_argument("--no-images", action="store_true", help="do not keep every generated image")
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps... (default cpu)")
-    runtime.add_argument("--dtype", default="float32", choices=DTYPES)
-    runtime.add_argument("--no-progress", action="store_true", help="no progress bar")
-    runtime.add_argument(
-        "--verbose", action="store_true", help="show the libraries' loading bars and warnings"
-    )
+    add_runtime_arguments(runtime)
     return parser
 
 

@@ -17,12 +17,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from nested.cli.common import add_base_arguments, pairs, run_user_command, sha256
+from nested.cli.common import (
+    add_base_arguments,
+    add_runtime_arguments,
+    pairs,
+    run_user_command,
+    sha256,
+)
 from nested.errors import MissingFileError, UsageError
 
 __all__ = ["generate_parser", "main_generate", "run_generate"]
-
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -90,12 +94,7 @@ def generate_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--width", type=int, default=None, help="pixels (default: the base model's)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--out", default="outputs", help="output folder (default: outputs)")
-    runtime.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps... (default cpu)")
-    runtime.add_argument("--dtype", default="float32", choices=DTYPES)
-    runtime.add_argument("--no-progress", action="store_true", help="no progress bar")
-    runtime.add_argument(
-        "--verbose", action="store_true", help="show the libraries' loading bars and warnings"
-    )
+    add_runtime_arguments(runtime)
     return parser
 
 
