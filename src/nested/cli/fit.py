@@ -81,7 +81,14 @@ class NestedCLI(LightningCLI):
 
 
 def _plain(value: Any) -> Any:
-    return value.as_dict() if isinstance(value, Namespace) else value
+    """A linked section as plain data: dicts and lists (a tuple would not survive the saved config.yaml)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def main_fit(command: str, argv: list[str] | None) -> int:
