@@ -27,7 +27,7 @@ rotating), medians of per-round ratios. Output: ``gpu.json`` (every figure) and 
 table), rewritten after each section.
 
     python benchmarks/gpu/bench.py --out benchmarks/gpu/results       # on a GPU, ~6 min
-    python benchmarks/gpu/bench.py --smoke --out /tmp/gpu-smoke       # tiny models, ~1 min
+    python benchmarks/gpu/bench.py --smoke --out runs/gpu-smoke       # tiny models, 30 s
 """
 
 from __future__ import annotations
