@@ -239,3 +239,21 @@ def test_interrupted_run_leaves_no_index_and_no_partial_shard(
         )
     assert not (out / "shards.json").exists()  # the old index went first; no new one was written
     assert sorted(p.name for p in out.glob("faces-*")) == ["faces-000000.tar"]  # finished shards only
+
+
+def test_a_bug_while_writing_shards_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the user's mistakes become one line: a ValueError from inside the writer is raised."""
+    import nested.data.shards
+
+    def broken(*args, **kwargs):
+        raise ValueError("index out of range in the encoder")
+
+    monkeypatch.setattr(nested.data.shards, "make_sample", broken)
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (96, 96), "red").save(src / "a.jpg")
+    (src / "a.txt").write_text("a photo of <person>")
+    with pytest.raises(ValueError, match="index out of range"):
+        main_shards(
+            [str(src), str(tmp_path / "out"), "--domain", "faces", "--subject", "<person>", "--no-progress"]
+        )

@@ -7,6 +7,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from nested.cli.common import one_line
+from nested.errors import MissingFileError, NestedUserError
+
 __all__ = ["main_shards", "shards_parser"]
 
 
@@ -45,19 +48,13 @@ def main_shards(argv: Sequence[str] | None = None) -> int:
     """``nested shards SRC OUT --domain NAME --subject WORD ...``; returns the exit code."""
     parser = shards_parser()
     args = parser.parse_args(argv)
+    if args.cache_latents and args.model is None:
+        parser.error("--cache-latents needs --model PATH (a diffusers model with a vae/ subfolder)")
     # Imported after parsing: `nested shards --help` answers without loading the image stack.
     from nested.data.shards import build_shards
 
-    vae = None
-    if args.cache_latents:
-        if args.model is None:
-            parser.error("--cache-latents needs --model PATH (a diffusers model with a vae/ subfolder)")
-        import torch  # only --cache-latents loads a model
-        from diffusers import AutoencoderKL
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device).eval()
     try:
+        vae = _latents_vae(args) if args.cache_latents else None
         report = build_shards(
             args.src,
             args.out,
@@ -74,14 +71,29 @@ def main_shards(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
-        print(f"nested shards: error: {exc}", file=sys.stderr)
+    except NestedUserError as error:
+        print(f"nested shards: error: {one_line(error)}", file=sys.stderr)
         return 2
     print(
         f"wrote {report.total_samples} samples in {len(report.shards)} shards to {report.out} "
         f"({report.rejected} rejected, see {report.rejected_path})"
     )
     return 0
+
+
+def _latents_vae(args: argparse.Namespace):
+    """The VAE of ``--model`` that encodes the cached latents, on ``--device``."""
+    import torch  # only --cache-latents loads a model
+    from diffusers import AutoencoderKL
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae")
+    except OSError as error:
+        raise MissingFileError(
+            f"--model {args.model!r} has no loadable vae/ ({error}); pass a diffusers model folder or a cached hub id."
+        ) from error
+    return vae.to(device).eval()
 
 
 if __name__ == "__main__":
