@@ -21,8 +21,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from nested.attention import (
 )
 from nested.encoder import EncoderSpec, SubjectEncoder
 from nested.errors import AdapterError, ConfigError, HubError, MissingFileError
+from nested.files import staged_directory
 from nested.tokens import (
     add_placeholder_token,
     get_token_embedding,
@@ -650,11 +649,10 @@ class NestedAdapter(nn.Module):
             self.token_embeddings[name] = nn.Parameter(tensor.clone(), requires_grad=False)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``adapter.safetensors`` + ``adapter_config.json`` atomically (temp folder, then rename)."""
+        """Write ``adapter.safetensors`` + ``adapter_config.json`` atomically (a staged folder that
+        replaces ``directory`` when complete; modes follow the umask)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with staged_directory(directory) as staging:
             save_file(
                 self.adapter_state_dict(),
                 staging / WEIGHTS_NAME,
@@ -663,9 +661,6 @@ class NestedAdapter(nn.Module):
             (staging / CONFIG_NAME).write_text(
                 json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
             )
-            replace_directory(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return directory
 
     @classmethod
@@ -754,21 +749,6 @@ def _before_unet_call(layers: dict[str, nn.Module], unet: nn.Module, args) -> No
     adapters = next(iter(registry.values())).bindings if registry else []
     if len(adapters) > 1:  # one adapter's subjects were checked when they were bound
         check_bindings_disjoint([b for adapter in adapters for b in getattr(adapter, "_bindings", [])])
-
-
-def replace_directory(staging: Path, directory: Path) -> None:
-    """Move ``staging`` to ``directory``, replacing an existing folder with minimal exposure.
-
-    The old folder is renamed aside first and deleted only after the new one is in place, so a
-    crash leaves either the old or the new folder (and at worst a stray ``.old`` folder).
-    """
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-    os.replace(staging, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:

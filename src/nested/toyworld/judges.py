@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from torch import Tensor, nn
 
 from nested.errors import ConfigError, DataError
 from nested.evaluation.report import ATTRIBUTE_PREFIX, JUDGE_METRICS, column_suffix
+from nested.files import staged_directory
 from nested.toyworld.world import DOMAINS, SCENES, STYLES, identity_class, parse_caption
 
 __all__ = [
@@ -366,10 +365,7 @@ class ToyJudges:
         A reader never sees a half-written folder; an existing folder at ``path`` is replaced. Float
         tensors are stored as float16 (see :meth:`round_weights_`).
         """
-        folder = Path(path)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
+        with staged_directory(path) as tmp:
             tensors = {
                 f"{name}.{key}": _storage(value)
                 for name, net in self.nets.items()
@@ -378,19 +374,6 @@ class ToyJudges:
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
             text = json.dumps(self.config, indent=2) + "\n"
             (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
-            tmp.chmod(0o755)  # mkdtemp and safetensors create private modes; these files are shared
-            for file in (CONFIG_NAME, WEIGHTS_NAME):
-                (tmp / file).chmod(0o644)
-            if folder.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-                os.replace(folder, old / folder.name)
-                os.replace(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def to(self, device: str | torch.device) -> ToyJudges:
         """Move the networks to ``device`` (inputs are moved to it on every call)."""

@@ -36,6 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nested.errors import ConfigError
+from nested.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +55,6 @@ _STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 
 
 # ----------------------------------------------------------------------------- atomic writes
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some file systems do not allow opening a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def partial_path(path: Path) -> Path:
@@ -104,7 +92,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------- which checkpoint

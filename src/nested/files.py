@@ -1,0 +1,139 @@
+"""Writing files so that nothing is lost and everyone who should can read them.
+
+Every file and folder the framework publishes (adapters, shards and their index, images, reports)
+is written through these helpers:
+
+- **atomic**: the content goes to a hidden sibling first (same file system, so ``os.replace`` is
+  atomic), is flushed and fsynced, then renamed over the target. A process killed at any moment
+  leaves the old version or the new one, never a mix, and at worst a hidden leftover;
+- **replaced last**: an existing folder is renamed aside only once its replacement is complete and
+  deleted only after the new one is in place;
+- **shared like any other file**: ``tempfile.mkstemp``/``mkdtemp`` create private modes (0600/0700);
+  the helpers give the result the modes the user's umask gives a plain ``open`` (0644/0755 under
+  umask 022), so a teammate on a shared cluster can read an export as they can read a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it: done under a lock and restored at once)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def public_modes(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything under it) the modes a plain ``open`` or
+    ``mkdir`` would have given it under the current umask."""
+    mask = current_umask()
+    path = Path(path)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable (best effort: some file systems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Open a hidden sibling of ``path`` for writing; on a clean exit it replaces ``path``.
+
+    On an exception the sibling is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        public_modes(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, "wb") as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def replace_directory(staging: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Move the complete folder ``staging`` to ``directory``, replacing an existing one.
+
+    The old folder is renamed aside first and deleted only after the new one is in place, so a
+    crash leaves either the old or the new folder (and at worst a hidden ``.old`` folder beside it).
+    """
+    staging, directory = Path(staging), Path(directory)
+    old = None
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+        os.replace(directory, old / directory.name)
+    os.replace(staging, directory)
+    fsync_dir(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden sibling folder to fill; on a clean exit it replaces ``directory``
+    (:func:`replace_directory`) with umask modes (:func:`public_modes`). On an exception it is
+    removed and ``directory`` is untouched."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield staging
+        for path in staging.rglob("*"):
+            if path.is_file():
+                with open(path, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        public_modes(staging)
+        replace_directory(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
