@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 PACER = '''
+import os
 import time
 from pathlib import Path
 
@@ -29,7 +30,8 @@ import lightning as L
 
 
 class Pacer(L.Callback):
-    """Slows each step down (sleeping, not computing) and writes the step reached to a file."""
+    """Slows each step down (sleeping, not computing) and writes the step reached to ``marker``;
+    appends "<SLURM restart count> <step>" to ``<marker>.history`` (which run reached which step)."""
 
     def __init__(self, marker: str, sleep: float = 0.3) -> None:
         self.marker, self.sleep = Path(marker), sleep
@@ -38,6 +40,8 @@ class Pacer(L.Callback):
         time.sleep(self.sleep)
         if trainer.is_global_zero:
             self.marker.write_text(str(trainer.global_step))
+            with open(f"{self.marker}.history", "a") as history:
+                history.write(f"{os.environ.get('SLURM_RESTART_COUNT', '0')} {trainer.global_step}\\n")
 '''
 
 
@@ -47,14 +51,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _config(tmp_path: Path, model: Path, name: str) -> Path:
+def _config(tmp_path: Path, model: Path, name: str, pace: float = 0.3, accelerator: str = "cpu") -> Path:
+    """The tiny model on the demo faces, 2 DDP tasks, paced by ``pace`` seconds a step."""
     config = tmp_path / f"{name}.yaml"
     config.write_text(
         textwrap.dedent(
             f"""
             seed_everything: 0
             trainer:
-              accelerator: cpu
+              accelerator: {accelerator}
               strategy: ddp
               max_steps: {STEPS}
               logger: false
@@ -65,7 +70,7 @@ def _config(tmp_path: Path, model: Path, name: str) -> Path:
                 - class_path: nested.callbacks.AdapterEMA
                   init_args: {{decay: 0.9}}
                 - class_path: pacer.Pacer
-                  init_args: {{marker: {tmp_path / name}.step}}
+                  init_args: {{marker: {tmp_path / name}.step, sleep: {pace}}}
             model:
               base_model: {model}
               encoder: {{backbone: {model / "image_encoder"}, num_tokens: 4, width: 32, depth: 1, heads: 2}}
