@@ -33,7 +33,7 @@ FIT_SBATCH = REPO / "scripts" / "slurm" / "fit.sbatch"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm_cluster() -> None:
     if shutil.which("sbatch") is None:
         pytest.skip(

@@ -27,6 +27,7 @@ if alive "$MUNGE_PID" && alive "$SLURMCTLD_PID" && alive "$SLURMD_PID" \
 fi
 
 if ! command -v sbatch >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
+  command -v apt-get >/dev/null || { echo "scripts/ci/slurm.sh: SLURM is not installed and there is no apt-get to install it (Debian/Ubuntu)" >&2; exit 2; }
   export DEBIAN_FRONTEND=noninteractive
   # Package scripts must not start the daemons (there is usually no init system here): a
   # policy-rc.d that denies them, unless the machine already has one.
