@@ -333,6 +333,36 @@ def test_a_signal_during_overwrite_keeps_the_previous_dataset(
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_signal_during_the_swap_takes_effect_after_it(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    build_shards(image_folder, out, domain="faces", subject="p", maxcount=1, progress=False)
+    replace, swapped = os.replace, []
+
+    def replace_then_interrupt(source: Path, target: Path) -> None:
+        replace(source, target)
+        if Path(target).parent == out:  # a new file moved in
+            swapped.append(target)
+            if len(swapped) == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(
+            image_folder, out, domain="faces", subject="p", maxcount=2, overwrite=True, progress=False
+        )
+    assert len(swapped) == 5  # 3 shards, rejected.jsonl, shards.json: all moved in before the interrupt
+    assert sorted(p.name for p in out.iterdir()) == [
+        "faces-000000.tar",
+        "faces-000001.tar",
+        "faces-000002.tar",
+        "rejected.jsonl",
+        "shards.json",
+    ]
+    assert json.loads((out / "shards.json").read_text())["total_samples"] == len(_read_samples(out)) == 5
+
+
 def test_overwrite_replaces_only_what_the_previous_build_wrote(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     build_shards(image_folder, out, domain="face", subject="p", maxcount=2, progress=False)
@@ -466,6 +496,10 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
     hole = palette.getpixel((0, 0))  # the palette entry made transparent
     palette_rgb = np.asarray(palette.convert("RGB")).copy()
     palette_rgb[np.asarray(palette) == hole] = 255
+    key = (0, 255, 0)  # the colour an RGB png's tRNS chunk makes transparent: a block of it
+    keyed = rgb.copy()
+    keyed[:32, :32] = key
+    keyed_rgb = np.where((keyed == key).all(-1, keepdims=True), 255, keyed)
 
     def gray_rgb(values: np.ndarray) -> np.ndarray:
         return np.repeat(np.asarray(values, dtype=np.float64)[..., None], 3, -1)
@@ -483,6 +517,7 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
         "rgba.png": (Image.fromarray(np.dstack([rgb, ramp])), over_white(rgb, ramp)),
         "rgba-webp.webp": (Image.fromarray(np.dstack([rgb, ramp])), over_white(rgb, ramp)),
         "p.png": (palette, palette_rgb),
+        "rgb-trns.png": (Image.fromarray(keyed), keyed_rgb),
         "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), rgb),
         "cmyk-tiff.tif": (Image.fromarray(rgb).convert("CMYK"), rgb),
         "ycbcr.tif": (Image.fromarray(rgb).convert("YCbCr"), rgb),
@@ -494,7 +529,7 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for name, (image, _) in cases.items():
-        options = {"transparency": hole} if name.startswith("p") else {}
+        options = {"p.png": {"transparency": hole}, "rgb-trns.png": {"transparency": key}}.get(name, {})
         image.save(src / name, **options, **({"lossless": True} if name.endswith(".webp") else {}))
     Image.fromarray(deep.astype(np.int32) * 4).save(src / "beyond16.tif")  # 32-bit values: no 8-bit meaning
     Image.fromarray(unit * 2).save(src / "hdr.tif")  # floats beyond 1
@@ -530,4 +565,4 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
         )
     for name in ("l.png", "one.png", "opaque.png"):  # the reader's conversion is already right: stored as is
         assert "png" in samples[name] and "jpg" not in samples[name], name
-    assert all("jpg" in samples[name] for name in ("i16.png", "la.png", "p.png", "cmyk.jpg"))
+    assert all("jpg" in samples[name] for name in ("i16.png", "la.png", "p.png", "rgb-trns.png"))

@@ -167,7 +167,8 @@ def _read_caption(path: Path) -> tuple[str | None, str | None]:
     if not path.is_file():
         return None, None
     try:
-        return path.read_bytes().decode("utf-8-sig"), None
+        text = path.read_bytes().decode("utf-8-sig")
+        return text.replace("\r\n", "\n").replace("\r", "\n"), None  # as read_text would
     except UnicodeDecodeError as exc:
         return None, f"caption {_not_utf8(exc.object[exc.start], exc.start)} ({path})"
     except OSError as exc:
@@ -228,7 +229,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Raises:
         Rejected: when the pixel values have no defined 8-bit meaning.
     """
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode == "F" or image.mode.startswith("I"):
         pixels = np.asarray(image, dtype=np.float64)
