@@ -458,6 +458,7 @@ def test_nested_fit_stops_at_start_naming_the_shard_that_differs(
     shard = index.parent / "faces-000000.tar"
     shard.write_bytes(shard.read_bytes()[:-512])
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr("sys.argv", ["nested"])  # the arguments below are the command line
     domains = json.dumps([{"name": "faces", "urls": str(index), "subject": "<person>"}])
     with pytest.raises(SystemExit) as exit_info:
         main(
