@@ -42,7 +42,9 @@ def shards_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="diffusers model folder/id whose vae/ encodes latents")
     parser.add_argument("--resolution", type=int, default=1024, help="training resolution of cached latents")
     parser.add_argument("--device", default=None, help="device for the VAE (default: cuda if available)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing shards in OUT")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the shards in OUT (once the new ones are complete)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
