@@ -374,3 +374,99 @@ def test_datamodule_parses_from_lightning_cli_yaml() -> None:
     config["data"]["domains"][0]["wieght"] = 0.7  # a typo is an error, not silently ignored
     with pytest.raises(Exception, match="wieght"):
         parser.parse_object(config)
+
+
+# ----------------------------------------------------------------------------- shards against their index
+
+
+def _built_shards(tmp_path: Path) -> Path:
+    """4 samples in 2 shards, written by ``nested shards``; returns their shards.json."""
+    from nested.data.shards import build_shards
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(_noise(64, 64, seed=i)).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text("a photo of <person>")
+    out = tmp_path / "shards"
+    build_shards(src, out, domain="faces", subject="<person>", maxcount=2, min_size=16, progress=False)
+    return out / "shards.json"
+
+
+def test_shards_that_differ_from_their_index_fail_at_setup_naming_them(tmp_path: Path) -> None:
+    index = _built_shards(tmp_path)
+    spec = DomainSpec("faces", str(index), "<person>")
+
+    def setup(verify: str = "size") -> None:
+        NestedDataModule([spec], resolution=16, num_workers=0, verify_shards=verify).setup("fit")
+
+    setup()
+    setup("sha256")
+    shard = index.parent / "faces-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-512])  # cut short
+    with pytest.raises(DataError) as error:
+        setup()
+    assert f"shard {shard} differs from its index {index} (entry 1): it has {len(data) - 512} bytes" in str(
+        error.value
+    )
+    shard.write_bytes(data[:600] + bytes([data[600] ^ 1]) + data[601:])  # same size, one bit flipped
+    setup()  # a size check cannot see it; a hash check does
+    with pytest.raises(DataError, match=r"faces-000001\.tar differs .* \(entry 1\): its sha256 is"):
+        setup("sha256")
+    setup("off")
+
+    shard.write_bytes(data)
+    record = json.loads(index.read_text())
+    for entry in record["shards"]:
+        entry["sha256"] = "0" * 64
+    index.write_text(json.dumps(record))
+    with pytest.raises(DataError, match=r"faces-000000\.tar differs .* \(entry 0\)"):
+        setup("sha256")
+    with pytest.raises(ValueError, match="verify_shards='md5' must be one of size, sha256, off"):
+        NestedDataModule([spec], verify_shards="md5")
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (
+            '{"shards": [\n  {"url": "a.tar",}\n]}',
+            "is not valid JSON (line 2, column 19: Expecting property name",
+        ),
+        ("[]", "is not a shards index: it has no 'shards' list"),
+        ('{"shards": [{"url": "a.tar"}, {"bytes": 3}]}', "is not a shards index: shard entry 1 has no 'url'"),
+    ],
+)
+def test_a_malformed_index_is_one_error_naming_the_file_and_the_fix(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    index = tmp_path / "shards.json"
+    index.write_text(text)
+    with pytest.raises(DataError) as error:
+        NestedDataModule([DomainSpec("faces", str(index), "<person>")], num_workers=0).setup("fit")
+    assert str(error.value).startswith(f"{index} {problem}")
+    assert f"rebuild it with `nested shards SRC {tmp_path} " in str(error.value)
+
+
+def test_nested_fit_stops_at_start_naming_the_shard_that_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nested.cli.main import main
+
+    index = _built_shards(tmp_path)
+    shard = index.parent / "faces-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-512])
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr("sys.argv", ["nested"])  # the arguments below are the command line
+    domains = json.dumps([{"name": "faces", "urls": str(index), "subject": "<person>"}])
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["fit", "--config", "configs/smoke.yaml", f"--data.domains={domains}", "--trainer.max_steps=1",
+             f"--trainer.default_root_dir={tmp_path / 'run'}"]
+        )  # fmt: skip
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(
+        f"nested fit: error: domain 'faces': shard {shard} differs from its index {index}"
+    )

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +20,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import nested
 from nested.cli.shards import main_shards
 from nested.data.shards import build_shards
 
@@ -89,16 +97,17 @@ def test_decompression_bomb_guards(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     src.mkdir()
     _save_image(src / "big.png", 120, 100)
     (src / "big.txt").write_text("x")
+    _save_image(src / "small.png", 96, 80)
+    (src / "small.txt").write_text("x")
     report = build_shards(src, tmp_path / "a", domain="d", subject="x", max_pixels=100 * 100, progress=False)
     reason = json.loads((tmp_path / "a" / "rejected.jsonl").read_text())["reason"]
-    assert report.total_samples == 0 and reason.startswith("too many pixels")
+    assert report.total_samples == 1 and reason.startswith("too many pixels")
 
     # PIL's own guard (a warning between MAX_IMAGE_PIXELS and twice that) is a rejection too.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     report = build_shards(src, tmp_path / "b", domain="d", subject="x", progress=False)
     reason = json.loads((tmp_path / "b" / "rejected.jsonl").read_text())["reason"]
-    assert report.total_samples == 0 and reason.startswith("decompression bomb")
-    assert json.loads((tmp_path / "b" / "shards.json").read_text())["shards"] == []
+    assert report.total_samples == 1 and reason.startswith("decompression bomb")
 
 
 def test_manifests_with_ref_bbox_and_resize(tmp_path: Path) -> None:
@@ -216,13 +225,19 @@ def test_cli(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--model" in capsys.readouterr().err
 
 
-def test_interrupted_run_leaves_no_index_and_no_partial_shard(
+def _contents(folder: Path) -> dict[str, bytes]:
+    """Every entry of ``folder`` (hidden ones included) -> its bytes (b"<dir>" for a folder)."""
+    return {p.name: b"<dir>" if p.is_dir() else p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_interrupted_overwrite_keeps_the_previous_dataset(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import nested.data.shards
 
     out = tmp_path / "out"
     build_shards(image_folder, out, domain="faces", subject="p", progress=False)
+    before = _contents(out)
     real = nested.data.shards.make_sample
     calls = []
 
@@ -237,8 +252,7 @@ def test_interrupted_run_leaves_no_index_and_no_partial_shard(
         build_shards(
             image_folder, out, domain="faces", subject="p", maxcount=2, overwrite=True, progress=False
         )
-    assert not (out / "shards.json").exists()  # the old index went first; no new one was written
-    assert sorted(p.name for p in out.glob("faces-*")) == ["faces-000000.tar"]  # finished shards only
+    assert _contents(out) == before  # the old index, shards and rejected.jsonl; no staging left
 
 
 def test_a_bug_while_writing_shards_keeps_its_traceback(tmp_path, monkeypatch):
@@ -257,3 +271,298 @@ def test_a_bug_while_writing_shards_keeps_its_traceback(tmp_path, monkeypatch):
         main_shards(
             [str(src), str(tmp_path / "out"), "--domain", "faces", "--subject", "<person>", "--no-progress"]
         )
+
+
+# ----------------------------------------------------------------------------- nothing lost
+
+
+def _nested_shards(*args: str) -> subprocess.Popen:
+    """``nested shards ARGS`` as a real process, running the ``nested`` this test imports."""
+    source = str(Path(nested.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-c", "import sys; from nested.cli.main import main; sys.exit(main())"]
+    command += ["shards", *args, "--no-progress"]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_overwrite_keeps_the_previous_dataset(
+    image_folder: Path, tmp_path: Path, signum: int
+) -> None:
+    out = tmp_path / "out"
+    build_shards(image_folder, out, domain="faces", subject="<person>", maxcount=2, progress=False)
+    (out / "notes.txt").write_text("the user's own file")
+    before = _contents(out)
+    src = tmp_path / "many"
+    src.mkdir()
+    _save_image(src / "0000.bmp", 192, 192)  # BMP: re-encoded, a few ms per sample
+    (src / "0000.txt").write_text("a photo of <person>")
+    for i in range(1, 200):
+        shutil.copy(src / "0000.bmp", src / f"{i:04d}.bmp")
+        shutil.copy(src / "0000.txt", src / f"{i:04d}.txt")
+    args = [
+        str(src),
+        str(out),
+        "--domain",
+        "faces",
+        "--subject",
+        "<person>",
+        "--maxcount",
+        "1",
+        "--overwrite",
+    ]
+
+    process = _nested_shards(*args)
+    deadline = time.monotonic() + 120
+    while not list(out.rglob("faces-000004.tar")):  # mid-build: the old dataset has 3 shards, the new 200
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+
+    assert process.returncode == 128 + signum, err
+    assert f"interrupted ({signal.Signals(signum).name})" in err and "Traceback" not in err
+    assert _contents(out) == before  # old index, shards, rejected.jsonl, the user's file; no staging left
+    assert len(_read_samples(out)) == 5
+
+    assert main_shards([*args, "--no-progress"]) == 0  # the re-run completes
+    assert json.loads((out / "shards.json").read_text())["total_samples"] == 200
+    assert len(list(out.glob("faces-*.tar"))) == 200
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_signal_during_the_swap_takes_effect_after_it(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    build_shards(image_folder, out, domain="faces", subject="p", maxcount=1, progress=False)
+    replace, swapped = os.replace, []
+
+    def replace_then_interrupt(source: Path, target: Path) -> None:
+        replace(source, target)
+        if Path(target).parent == out:  # a new file moved in
+            swapped.append(target)
+            if len(swapped) == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(
+            image_folder, out, domain="faces", subject="p", maxcount=2, overwrite=True, progress=False
+        )
+    assert len(swapped) == 5  # 3 shards, rejected.jsonl, shards.json: all moved in before the interrupt
+    assert sorted(p.name for p in out.iterdir()) == [
+        "faces-000000.tar",
+        "faces-000001.tar",
+        "faces-000002.tar",
+        "rejected.jsonl",
+        "shards.json",
+    ]
+    assert json.loads((out / "shards.json").read_text())["total_samples"] == len(_read_samples(out)) == 5
+
+
+def test_overwrite_replaces_only_what_the_previous_build_wrote(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    build_shards(image_folder, out, domain="face", subject="p", maxcount=2, progress=False)
+    (out / "notes.txt").write_text("mine")
+    _save_image(out / "cover.png", 8, 8)
+    (out / "faces-val-000000.tar").write_bytes(b"another dataset's shard")
+    build_shards(image_folder, out, domain="faces", subject="p", overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cover.png",
+        "faces-000000.tar",
+        "faces-val-000000.tar",
+        "notes.txt",
+        "rejected.jsonl",
+        "shards.json",
+    ]  # the old index's face-00000N.tar are gone with it; the user's files stay
+
+
+def test_shards_and_index_follow_the_umask(image_folder: Path, tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        build_shards(image_folder, tmp_path / "out", domain="faces", subject="p", maxcount=2, progress=False)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes == {
+        "faces-000000.tar": 0o640,
+        "faces-000001.tar": 0o640,
+        "faces-000002.tar": 0o640,
+        "rejected.jsonl": 0o640,
+        "shards.json": 0o640,
+    }
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+
+
+# ----------------------------------------------------------------------------- nothing silent
+
+
+def _fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``nested shards ARGS``, check it exits 2 with one line, and return that line."""
+    assert main_shards([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nested shards: error: ") and "\n" not in err
+    return err
+
+
+def test_zero_usable_samples_exit_2_with_the_reasons_and_write_nothing(
+    image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no_captions = tmp_path / "no-captions"
+    no_captions.mkdir()
+    for i in range(3):
+        _save_image(no_captions / f"{i}.png", 96, 96, seed=i)
+    (no_captions / "broken.jpg").write_bytes(b"not a jpeg")
+    (no_captions / "broken.txt").write_text("a photo of <person>")
+    out = tmp_path / "out"
+    options = ["--domain", "faces", "--subject", "<person>"]
+
+    err = _fails([str(no_captions), str(out), *options], capsys)
+    assert "all 4 items were rejected (3 missing caption, 1 unreadable image;" in err
+    assert not out.exists()  # no folder, no index
+
+    (tmp_path / "empty").mkdir()
+    assert "holds no images" in _fails([str(tmp_path / "empty"), str(out), *options], capsys)
+    assert not out.exists()
+
+    build_shards(image_folder, out, domain="faces", subject="<person>", progress=False)
+    before = _contents(out)
+    err = _fails([str(no_captions), str(out), *options, "--overwrite"], capsys)
+    assert "3 missing caption" in err and f"Nothing in {out} was changed" in err
+    assert _contents(out) == before  # the good dataset is not replaced by an empty one
+
+
+def test_a_caption_or_manifest_line_that_is_not_utf8_is_one_rejected_item(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("latin1", "utf8", "bom"):
+        _save_image(src / f"{name}.png", 96, 96)
+    (src / "latin1.txt").write_bytes("un caf\u00e9 avec <person>".encode("latin-1"))
+    (src / "utf8.txt").write_text("un caf\u00e9 avec <person>", encoding="utf-8")
+    (src / "bom.txt").write_text("\ufeffa photo of <person>", encoding="utf-8")
+    report = build_shards(src, tmp_path / "out", domain="faces", subject="<person>", progress=False)
+    assert report.total_samples == 2
+    (rejected,) = map(json.loads, (tmp_path / "out" / "rejected.jsonl").open())
+    assert rejected["path"] == str(src / "latin1.png")
+    assert rejected["reason"].startswith("caption not UTF-8: byte 0xe9 at offset 6")
+    assert str(src / "latin1.txt") in rejected["reason"]
+    captions = sorted(s["json"]["caption"] for s in _read_samples(tmp_path / "out"))
+    assert captions == ["a photo of <person>", "un caf\u00e9 avec <person>"]  # the BOM is not part of it
+
+    jsonl = src / "m.jsonl"
+    lines = [json.dumps({"image": "utf8.png", "caption": f"<person> {i}"}).encode() for i in range(2)]
+    jsonl.write_bytes(
+        b"\n".join([lines[0], '{"image": "bom.png", "caption": "caf\u00e9"}'.encode("latin-1"), lines[1]])
+    )
+    csv_manifest = src / "m.csv"
+    csv_manifest.write_bytes(
+        "image,caption\nutf8.png,<person>\nbom.png,caf\u00e9 <person>\n".encode("cp1252")
+    )
+    for manifest, samples, line in [(jsonl, 2, 2), (csv_manifest, 1, 3)]:
+        out = tmp_path / manifest.suffix[1:]
+        report = build_shards(manifest, out, domain="faces", subject="<person>", progress=False)
+        assert report.total_samples == samples
+        (rejected,) = map(json.loads, (out / "rejected.jsonl").open())
+        assert rejected["path"] == f"{manifest}:{line}"
+        assert rejected["reason"].startswith("manifest line not UTF-8: byte 0xe9")
+
+
+# ----------------------------------------------------------------------------- image modes
+
+
+def _composite_over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha[..., None].astype(np.float64) / 255
+    return rgb.astype(np.float64) * a + 255 * (1 - a)
+
+
+def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
+    """Each source is stored so that the training reader decodes the pixels it stands for."""
+    from skimage import data
+
+    from nested.data.loading import decoder
+
+    rng = np.random.default_rng(0)
+    rgb = data.astronaut()[:128, 160:288]
+    gray = data.camera()[100:228, 200:328]
+    deep = (
+        (gray.astype(np.int64) * 257 + rng.integers(-128, 128, gray.shape)).clip(0, 65535).astype(np.uint16)
+    )  # 16-bit
+    unit = (gray / 255 + rng.uniform(-1e-3, 1e-3, gray.shape)).clip(0, 1).astype(np.float32)  # floats in 0..1
+    ramp = np.tile(np.linspace(0, 255, 128).astype(np.uint8), (128, 1))  # alpha: transparent at the left
+    palette = Image.fromarray(rgb).quantize(32)
+    hole = palette.getpixel((0, 0))  # the palette entry made transparent
+    palette_rgb = np.asarray(palette.convert("RGB")).copy()
+    palette_rgb[np.asarray(palette) == hole] = 255
+    key = (0, 255, 0)  # the colour an RGB png's tRNS chunk makes transparent: a block of it
+    keyed = rgb.copy()
+    keyed[:32, :32] = key
+    keyed_rgb = np.where((keyed == key).all(-1, keepdims=True), 255, keyed)
+
+    def gray_rgb(values: np.ndarray) -> np.ndarray:
+        return np.repeat(np.asarray(values, dtype=np.float64)[..., None], 3, -1)
+
+    def over_white(pixels: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        a = alpha[..., None] / 255
+        return pixels * a + 255 * (1 - a)
+
+    cases = {  # source file -> (image saved there, the RGB pixels it stands for)
+        "i16.png": (Image.fromarray(deep), gray_rgb(deep / 257)),
+        "i16-tiff.tif": (Image.fromarray(deep), gray_rgb(deep / 257)),
+        "i32.tif": (Image.fromarray(deep.astype(np.int32)), gray_rgb(deep / 257)),
+        "f.tif": (Image.fromarray(unit), gray_rgb(unit * 255.0)),
+        "la.png": (Image.fromarray(np.stack([gray, ramp], -1), "LA"), over_white(gray_rgb(gray), ramp)),
+        "rgba.png": (Image.fromarray(np.dstack([rgb, ramp])), over_white(rgb, ramp)),
+        "rgba-webp.webp": (Image.fromarray(np.dstack([rgb, ramp])), over_white(rgb, ramp)),
+        "p.png": (palette, palette_rgb),
+        "rgb-trns.png": (Image.fromarray(keyed), keyed_rgb),
+        "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), rgb),
+        "cmyk-tiff.tif": (Image.fromarray(rgb).convert("CMYK"), rgb),
+        "ycbcr.tif": (Image.fromarray(rgb).convert("YCbCr"), rgb),
+        "lab.tif": (Image.fromarray(rgb).convert("LAB"), rgb),
+        "one.png": (Image.fromarray(gray > 128), gray_rgb(np.where(gray > 128, 255, 0))),
+        "l.png": (Image.fromarray(gray), gray_rgb(gray)),
+        "opaque.png": (Image.fromarray(np.dstack([rgb, np.full_like(ramp, 255)])), rgb),
+    }
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, (image, _) in cases.items():
+        options = {"p.png": {"transparency": hole}, "rgb-trns.png": {"transparency": key}}.get(name, {})
+        image.save(src / name, **options, **({"lossless": True} if name.endswith(".webp") else {}))
+    Image.fromarray(deep.astype(np.int32) * 4).save(src / "beyond16.tif")  # 32-bit values: no 8-bit meaning
+    Image.fromarray(unit * 2).save(src / "hdr.tif")  # floats beyond 1
+    for path in src.iterdir():
+        path.with_suffix(".txt").write_text("a photo of <person>")
+    opened = {
+        name: Image.open(src / name).mode for name in ("i16.png", "i32.tif", "f.tif", "la.png", "p.png")
+    }
+    assert opened == {"i16.png": "I;16", "i32.tif": "I", "f.tif": "F", "la.png": "LA", "p.png": "P"}
+
+    build_shards(src, tmp_path / "out", domain="faces", subject="<person>", progress=False)
+    rejected = {
+        Path(r["path"]).name: r["reason"]
+        for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").open())
+    }
+    assert set(rejected) == {"beyond16.tif", "hdr.tif"}
+    assert "outside the 16-bit range" in rejected["beyond16.tif"] and "outside 0..1" in rejected["hdr.tif"]
+
+    urls = sorted(str(p) for p in (tmp_path / "out").glob("*.tar"))
+    decode = decoder()  # what training reads
+    samples = {
+        s["json"]["source"]: s
+        for s in map(decode, wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    }
+    assert set(samples) == set(cases)
+    for name, (_, expected) in cases.items():
+        image = next(samples[name][k] for k in ("jpg", "png", "webp") if k in samples[name])
+        error = np.abs(np.asarray(image, dtype=np.float64) - expected)
+        # JPEG (quality 95) re-encoding costs a few levels; a wrong conversion costs tens to hundreds.
+        assert image.mode == "RGB" and error.mean() < 4 and np.percentile(error, 99) < 20, (
+            name,
+            error.mean(),
+        )
+    for name in ("l.png", "one.png", "opaque.png"):  # the reader's conversion is already right: stored as is
+        assert "png" in samples[name] and "jpg" not in samples[name], name
+    assert all("jpg" in samples[name] for name in ("i16.png", "la.png", "p.png", "rgb-trns.png"))

@@ -6,8 +6,8 @@ is written through these helpers:
 - **atomic**: the content goes to a hidden sibling first (same file system, so ``os.replace`` is
   atomic), is flushed and fsynced, then renamed over the target. A process killed at any moment
   leaves the old version or the new one, never a mix, and at worst a hidden leftover;
-- **replaced last**: an existing folder is renamed aside only once its replacement is complete and
-  deleted only after the new one is in place;
+- **replaced last**: an existing folder (or the files a command owns in a shared folder) is renamed
+  aside only once its replacement is complete and deleted only after the new one is in place;
 - **shared like any other file**: ``tempfile.mkstemp``/``mkdtemp`` create private modes (0600/0700);
   the helpers give the result the modes the user's umask gives a plain ``open`` (0644/0755 under
   umask 022), so a teammate on a shared cluster can read an export as they can read a checkpoint.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -137,3 +138,61 @@ def staged_directory(directory: str | os.PathLike) -> Iterator[Path]:
         replace_directory(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Inside, SIGINT, SIGTERM and SIGHUP are recorded instead of acted on; on exit the previous
+    handlers come back and the recorded signals are delivered to them. For a few renames that
+    must all happen or none (a Ctrl-C then lands after them). Only the main thread can install
+    handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            # None: a handler installed outside Python; the default is the closest we can restore.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
+
+
+def staging_folder(directory: str | os.PathLike, prefix: str) -> Path:
+    """Create ``directory`` if needed and a new hidden folder ``directory/.<prefix>.staging-*`` in it
+    (same file system: its files can be renamed into ``directory``, see :func:`swap_files`). The
+    caller removes it when done."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{prefix}.staging-", dir=directory))
+
+
+def swap_files(directory: str | os.PathLike, new: list[Path], old: list[Path]) -> None:
+    """Put the complete files ``new`` (in a :func:`staging_folder` of ``directory``) into
+    ``directory`` under their names, in place of the files ``old`` (which need not have
+    counterparts in ``new``). Other files in ``directory`` are left alone.
+
+    The new files are flushed to disk first; then the old ones are renamed into a hidden
+    ``.old-*`` folder (in the order given), the new ones renamed in (in the order given: the one
+    that makes the set valid, such as an index, goes last) and only then the old ones deleted.
+    Stop signals wait for the renames (:func:`stop_signals_deferred`); a hard crash in between
+    leaves the old files in the hidden folder, never deleted.
+    """
+    directory = Path(directory)
+    for path in new:
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+    with stop_signals_deferred():
+        aside = Path(tempfile.mkdtemp(prefix=".old-", dir=directory))
+        for path in old:
+            if path.exists():
+                os.replace(path, aside / path.name)
+        for path in new:
+            os.replace(path, directory / path.name)
+        fsync_dir(directory)
+        shutil.rmtree(aside, ignore_errors=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,7 +42,9 @@ def shards_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="diffusers model folder/id whose vae/ encodes latents")
     parser.add_argument("--resolution", type=int, default=1024, help="training resolution of cached latents")
     parser.add_argument("--device", default=None, help="device for the VAE (default: cuda if available)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing shards in OUT")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the shards in OUT (once the new ones are complete)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -55,30 +60,66 @@ def main_shards(argv: Sequence[str] | None = None) -> int:
 
     try:
         vae = _latents_vae(args) if args.cache_latents else None
-        report = build_shards(
-            args.src,
-            args.out,
-            domain=args.domain,
-            subject=args.subject,
-            maxcount=args.maxcount,
-            maxsize=args.maxsize,
-            min_size=args.min_size,
-            max_pixels=args.max_pixels,
-            image_size=args.image_size,
-            cache_latents=args.cache_latents,
-            vae=vae,
-            resolution=args.resolution,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
+        with _stop_signals_raise():
+            report = build_shards(
+                args.src,
+                args.out,
+                domain=args.domain,
+                subject=args.subject,
+                maxcount=args.maxcount,
+                maxsize=args.maxsize,
+                min_size=args.min_size,
+                max_pixels=args.max_pixels,
+                image_size=args.image_size,
+                cache_latents=args.cache_latents,
+                vae=vae,
+                resolution=args.resolution,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
     except NestedUserError as error:
         print(f"nested shards: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, _Stopped) as stop:
+        signum = stop.signum if isinstance(stop, _Stopped) else signal.SIGINT
+        print(
+            f"nested shards: interrupted ({signal.Signals(signum).name}); {args.out} keeps what it held "
+            "before, unless the new shards were already complete",
+            file=sys.stderr,
+        )
+        return 128 + signum
     print(
         f"wrote {report.total_samples} samples in {len(report.shards)} shards to {report.out} "
         f"({report.rejected} rejected, see {report.rejected_path})"
     )
     return 0
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP during a build (a BaseException, like KeyboardInterrupt for Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_signals_raise():
+    """Inside, SIGTERM and SIGHUP raise ``_Stopped`` as Ctrl-C raises KeyboardInterrupt, so the build
+    unwinds and removes its staging folder instead of dying with it on disk."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def _latents_vae(args: argparse.Namespace):

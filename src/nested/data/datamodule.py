@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from nested.data.domains import DomainSpec, check_urls, expand_urls
+from nested.data.domains import VERIFY_MODES, DomainSpec, check_urls, expand_urls, verify_shards
 from nested.data.loading import (
     TrainLoader,
     build_stream,
@@ -55,6 +55,10 @@ class NestedDataModule(L.LightningDataModule):
         val_samples: cap on validation samples per pass (all ranks); None: all.
         reference_augment: reference augmentation (default ``ReferenceAugment()``).
         max_consecutive_failures: raise after this many skips in a row in one worker.
+        verify_shards: at setup, compare the shards a ``shards.json`` lists with its record:
+            ``"size"`` (one ``stat`` per shard), ``"sha256"`` (also hashes every shard: reads all
+            the data on every rank) or ``"off"``. A shard that differs fails the run at once,
+            named with its index entry (``nested.data.domains.verify_shards``).
 
     Checkpoints hold the training stream's position (``state_dict``: per rank, per worker, the
     samples drawn and raw positions consumed by the batches the training loop took). Resumed with
@@ -81,6 +85,7 @@ class NestedDataModule(L.LightningDataModule):
         val_samples: int | None = None,
         reference_augment: ReferenceAugment | None = None,
         max_consecutive_failures: int = 1000,
+        verify_shards: Literal["size", "sha256", "off"] = "size",
     ) -> None:
         super().__init__()
         self.domains = [d if isinstance(d, DomainSpec) else DomainSpec(**d) for d in domains]
@@ -101,6 +106,8 @@ class NestedDataModule(L.LightningDataModule):
             problems.append(f"open_shards={open_shards} must be >= 1")
         if val_samples is not None and val_samples <= 0:
             problems.append(f"val_samples={val_samples} must be > 0 or None")
+        if verify_shards not in VERIFY_MODES:
+            problems.append(f"verify_shards={verify_shards!r} must be one of {', '.join(VERIFY_MODES)}")
         if problems:
             raise ConfigError("invalid NestedDataModule arguments:\n  - " + "\n  - ".join(problems))
         self.resolution, self.reference_size = resolution, reference_size
@@ -111,6 +118,7 @@ class NestedDataModule(L.LightningDataModule):
         self.val_samples = val_samples
         self.reference_augment = reference_augment if reference_augment is not None else ReferenceAugment()
         self.max_consecutive_failures = max_consecutive_failures
+        self.verify_shards = verify_shards
         self.progress = StreamProgress()
         self._saved_stream: dict[str, Any] | None = None
 
@@ -122,13 +130,13 @@ class NestedDataModule(L.LightningDataModule):
         return 0, 1
 
     def setup(self, stage: str | None = None) -> None:
-        """Fail now, naming the urls, if any domain's shards are missing."""
-        if stage in (None, "fit"):
-            for spec in self.domains:
-                check_urls(spec)
+        """Fail now, naming the shard, if any domain's shards are missing or differ from their index."""
+        specs = self.domains if stage in (None, "fit") else []
         if stage in (None, "fit", "validate"):
-            for spec in self.val_domains:
-                check_urls(spec)
+            specs = [*specs, *self.val_domains]
+        for spec in specs:
+            check_urls(spec)
+            verify_shards(spec, self.verify_shards)
 
     def _stream(self, domains: list[DomainSpec], train: bool) -> TrainStream | ValidationStream:
         rank, world_size = self._rank_world()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import webdataset as wds
 
@@ -18,16 +19,20 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SKIP_KEYS",
+    "VERIFY_MODES",
     "DomainSpec",
     "SkipCounter",
     "check_urls",
     "expand_urls",
     "is_local_url",
     "local_path",
+    "read_index",
     "shard_counts",
+    "verify_shards",
 ]
 
 SKIP_KEYS = ("corrupt", "broken_shards", "no_subject_dropped", "no_subject_inserted", "no_reference")
+VERIFY_MODES = ("size", "sha256", "off")
 
 
 @dataclass
@@ -101,22 +106,80 @@ def local_path(url: str) -> Path:
     return Path(url.removeprefix("file://"))
 
 
-def _expand(urls: str | list[str]) -> list[tuple[str, int | None]]:
-    """(url, sample count if a shards.json lists it) for every shard ``urls`` expands to."""
-    result: list[tuple[str, int | None]] = []
+def read_index(path: Path) -> dict[str, Any]:
+    """The ``shards.json`` at ``path``, checked to be an object with a ``shards`` list of entries
+    that each have a ``url``.
+
+    Raises:
+        DataError: naming the file (and the line and column of a JSON syntax error) and the fix.
+    """
+    fix = f"rebuild it with `nested shards SRC {path.parent} --domain NAME --subject TOKEN --overwrite`"
+    try:
+        index = json.loads(path.read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); {fix}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte offset {exc.start}); {fix}") from None
+    shards = index.get("shards") if isinstance(index, dict) else None
+    bad = (
+        "it has no 'shards' list"
+        if not isinstance(shards, list)
+        else next(
+            (
+                f"shard entry {i} has no 'url'"
+                for i, shard in enumerate(shards)
+                if not isinstance(shard, dict) or not isinstance(shard.get("url"), str) or not shard["url"]
+            ),
+            None,
+        )
+    )
+    if bad is not None:
+        raise DataError(f"{path} is not a shards index: {bad}; {fix}")
+    return index
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """A shard url, and what the ``shards.json`` that lists it records (None: not recorded)."""
+
+    url: str
+    samples: int | None = None
+    size: int | None = None
+    sha256: str | None = None
+    index: Path | None = None
+    position: int = 0  # its entry in the index
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _expand(urls: str | list[str]) -> list[_Shard]:
+    """Every shard ``urls`` expands to, with what a shards.json records about it."""
+    result: list[_Shard] = []
     for item in [urls] if isinstance(urls, str) else list(urls):
         for url in wds.shardlists.expand_urls(item):
             path = local_path(url)
             if is_local_url(url) and url.endswith(".json") and path.is_file():
-                index = json.loads(path.read_text(encoding="utf-8"))
-                for shard in index.get("shards", []):
+                for position, shard in enumerate(read_index(path)["shards"]):
                     shard_url = (
                         str(path.parent / shard["url"]) if is_local_url(shard["url"]) else shard["url"]
                     )
-                    samples = shard.get("samples")
-                    result.append((shard_url, int(samples) if isinstance(samples, int) else None))
+                    sha256 = shard.get("sha256")
+                    result.append(
+                        _Shard(
+                            shard_url,
+                            samples=_int(shard.get("samples")),
+                            size=_int(shard.get("bytes")),
+                            sha256=sha256 if isinstance(sha256, str) else None,
+                            index=path,
+                            position=position,
+                        )
+                    )
             else:
-                result.append((url, None))
+                result.append(_Shard(url))
     return result
 
 
@@ -125,7 +188,7 @@ def expand_urls(urls: str | list[str]) -> list[str]:
 
     A shards.json that does not exist is kept as is, so ``check_urls`` can name it.
     """
-    return [url for url, _ in _expand(urls)]
+    return [shard.url for shard in _expand(urls)]
 
 
 def shard_counts(urls: str | list[str]) -> dict[str, int]:
@@ -134,7 +197,55 @@ def shard_counts(urls: str | list[str]) -> dict[str, int]:
     The resumable training stream skips whole shards by these counts; shards without one are
     counted from their tar headers when first needed (``nested.trainstream.count_samples``).
     """
-    return {url: count for url, count in _expand(urls) if count is not None}
+    return {shard.url: shard.samples for shard in _expand(urls) if shard.samples is not None}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_shards(spec: DomainSpec, mode: str = "size") -> None:
+    """Check the local shards that a ``shards.json`` in ``spec.urls`` lists against what it records.
+
+    ``mode``: ``"size"`` compares byte sizes (one ``stat`` per shard), ``"sha256"`` also hashes
+    every shard (reads all the data), ``"off"`` checks nothing. Shards given without an index, remote
+    shards and entries without a record are not checked; missing files are ``check_urls``'s.
+
+    Raises:
+        DataError: naming the first shard that differs, its index and its entry there.
+    """
+    if mode not in VERIFY_MODES:
+        raise ConfigError(f"verify_shards={mode!r} must be one of {', '.join(VERIFY_MODES)}")
+    if mode == "off":
+        return
+    for shard in _expand(spec.urls):
+        if shard.index is None or not is_local_url(shard.url) or not local_path(shard.url).is_file():
+            continue
+        path = local_path(shard.url)
+        difference = _difference(path, shard, mode)
+        if difference is not None:
+            raise DataError(
+                f"domain {spec.name!r}: shard {path} differs from its index {shard.index} (entry "
+                f"{shard.position}): {difference}. The file was changed or cut short after `nested shards` "
+                "wrote it: restore it or rebuild the shards with `nested shards ... --overwrite` "
+                "(data.verify_shards=off skips this check)."
+            )
+
+
+def _difference(path: Path, shard: _Shard, mode: str) -> str | None:
+    """How the file ``path`` differs from the index's record ``shard`` (None: it does not)."""
+    size = path.stat().st_size
+    if shard.size is not None and size != shard.size:
+        return f"it has {size} bytes, the index records {shard.size}"
+    if mode == "sha256" and shard.sha256 is not None:
+        digest = _file_sha256(path)
+        if digest != shard.sha256.lower():
+            return f"its sha256 is {digest}, the index records {shard.sha256}"
+    return None
 
 
 def check_urls(spec: DomainSpec) -> list[str]:

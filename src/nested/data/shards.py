@@ -2,8 +2,9 @@
 
 Sample format (one webdataset sample per training image; all members share the ``__key__``):
 
-- ``jpg`` | ``png`` | ``webp``: the target image (exactly one). The source file's bytes when
-  possible, else re-encoded as JPEG (quality 95).
+- ``jpg`` | ``png`` | ``webp``: the target image (exactly one), 8-bit RGB. The source file's
+  bytes when the reader's plain RGB conversion of them gives exactly the pixels validated here
+  (see ``to_rgb``), else those pixels re-encoded as JPEG (quality 95).
 - ``ref.jpg`` | ``ref.png`` (optional): the subject encoder's input, e.g. an aligned face crop.
   Without it, the domain's ``reference`` rule derives it from the target
   (``nested.data.DomainSpec``).
@@ -27,14 +28,21 @@ Output folder: ``<domain>-000000.tar, <domain>-000001.tar, ...``, ``rejected.jso
     {"version": 1, "domain", "subject", "created", "total_samples", "rejected",
      "shards": [{"url": "faces-000000.tar", "samples": n, "bytes": size, "sha256": hex}]}
 
-Each tar is written as ``*.tar.tmp`` and renamed when complete, and ``shards.json`` is written
-last (temp file + ``os.replace``) after removing any stale one first, so an interrupted run
-never leaves an index that lists missing or partial shards. With ``SOURCE_DATE_EPOCH`` set, the
-tar timestamps and ``created`` come from it, and the same input gives byte-identical shards.
+A build writes everything into a hidden staging folder inside the output folder
+(``.<domain>.staging-*``). Only when it is complete and holds at least one sample are its files
+swapped in for the previous build's (``nested.files.swap_files``: the old index, shards and
+``rejected.jsonl`` are renamed aside, the new shards, ``rejected.jsonl`` and, last, the index
+renamed in, then the old ones deleted); other files in the folder are left alone. An interrupted
+or failed build leaves the previous dataset as it was. With ``SOURCE_DATE_EPOCH`` set, the tar
+timestamps and ``created`` come from it, and the same input gives byte-identical shards.
+
+Captions (``.txt`` files and manifests) are UTF-8, with or without a byte-order mark; a caption
+file or manifest line that is not is a rejected item, named with the offending byte.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -42,8 +50,10 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -58,6 +68,7 @@ from tqdm import tqdm
 
 from nested.data.transforms import target_transform
 from nested.errors import ConfigError, DataError, MissingFileError, OutputExistsError
+from nested.files import staging_folder, swap_files
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -115,25 +126,25 @@ def iter_source(src: Path) -> Iterator[SourceItem]:
     """
     if src.is_dir():
         for path in sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            caption_path = path.with_suffix(".txt")
-            caption = caption_path.read_text(encoding="utf-8") if caption_path.is_file() else None
+            caption, problem = _read_caption(path.with_suffix(".txt"))
             name = path.relative_to(src).as_posix()
-            yield SourceItem(image=path, caption=caption, origin=str(path), name=name)
+            yield SourceItem(image=path, caption=caption, origin=str(path), name=name, problem=problem)
         return
     if not src.is_file():
         raise MissingFileError(f"shards source {src} does not exist: pass a folder of images or a manifest")
     suffix = src.suffix.lower()
     if suffix == ".jsonl":
-        rows: Iterator[tuple[int, Any]] = _jsonl_rows(src)
+        rows: Iterator[tuple[int, Any, str | None]] = _jsonl_rows(src)
     elif suffix == ".csv":
         rows = _csv_rows(src)
     else:
         raise ConfigError(f"unsupported shards source {src}: expected a folder, a .jsonl or a .csv manifest")
-    for line, row in rows:
+    for line, row, problem in rows:
         origin = f"{src}:{line}"
-        if not isinstance(row, dict) or not row.get("image"):
-            # Kept as a rejection, not an error: one bad line must not sink a large manifest.
+        if problem is None and (not isinstance(row, dict) or not row.get("image")):
             problem = "manifest row is not a JSON object with an 'image'"
+        if problem is not None:
+            # Kept as a rejection, not an error: one bad line must not sink a large manifest.
             yield SourceItem(image=Path(""), caption=None, origin=origin, problem=problem)
             continue
         ref = row.get("ref") or None
@@ -147,36 +158,111 @@ def iter_source(src: Path) -> Iterator[SourceItem]:
         )
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+def _not_utf8(byte: int, offset: int) -> str:
+    return f"not UTF-8: byte 0x{byte:02x} at offset {offset}; save it as UTF-8"
+
+
+def _read_caption(path: Path) -> tuple[str | None, str | None]:
+    """``(caption, problem)`` of a sidecar caption file: (None, None) when there is none."""
+    if not path.is_file():
+        return None, None
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+        return text.replace("\r\n", "\n").replace("\r", "\n"), None  # as read_text would
+    except UnicodeDecodeError as exc:
+        return None, f"caption {_not_utf8(exc.object[exc.start], exc.start)} ({path})"
+    except OSError as exc:
+        return None, f"caption unreadable: {exc}"
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """``(line number, row, problem)``: row None for a line that is not JSON."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield line_no, None, f"manifest line {_not_utf8(exc.object[exc.start], exc.start)}"
+                continue
             if not line.strip():
                 continue
             try:
-                yield line_no, json.loads(line)
+                yield line_no, json.loads(line), None
             except json.JSONDecodeError:
-                yield line_no, None
+                yield line_no, None, None
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
+def _csv_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """``(line number, row, problem)``; bytes that are not UTF-8 come in as lone surrogates."""
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "image" not in reader.fieldnames:
             raise DataError(
                 f"{path}: a csv manifest needs a header with an 'image' column, got {reader.fieldnames}"
             )
-        yield from enumerate(reader, start=2)
+        for row in reader:
+            text = "".join(v for v in row.values() if isinstance(v, str))
+            bad = next((c for c in text if "\udc80" <= c <= "\udcff"), None)
+            if bad is None:
+                yield reader.line_num, row, None
+            else:
+                byte = ord(bad) - 0xDC00
+                yield reader.line_num, None, f"manifest line not UTF-8: byte 0x{byte:02x}; save it as UTF-8"
 
 
 # ----------------------------------------------------------------------------- validation
+
+
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB pixels of an image in any mode PIL opens.
+
+    PIL's ``convert("RGB")`` is right for 8-bit modes without transparency (``L``, ``1``, ``P``,
+    ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``), but clips 16-bit and 32-bit integers at 255
+    and drops alpha. So: ``I;16*`` (16-bit) is scaled from 0..65535, ``I`` (32-bit integers) is read
+    as 16-bit too (rejected outside 0..65535), ``F`` (floats) is scaled from 0..1 (rejected
+    outside), and transparency (an alpha channel, or a ``transparency`` entry of ``P``, ``L`` and
+    ``RGB`` images) is composited over white.
+
+    Raises:
+        Rejected: when the pixel values have no defined 8-bit meaning.
+    """
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode == "F" or image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+        if image.mode == "F":
+            if not (low >= 0 and high <= 1):  # NaN fails too
+                raise Rejected(
+                    f"floating-point pixels (mode F) outside 0..1 (min {low:g}, max {high:g}); "
+                    "save it as an 8- or 16-bit image"
+                )
+            pixels = pixels * 255
+        else:
+            if low < 0 or high > 65535:
+                raise Rejected(
+                    f"integer pixels (mode {image.mode}) outside the 16-bit range 0..65535 (min {low:g}, "
+                    f"max {high:g}); save it as an 8- or 16-bit image"
+                )
+            pixels = pixels / 257
+        return Image.fromarray(np.rint(pixels).astype(np.uint8)).convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def load_checked_image(path: Path, *, min_size: int, max_pixels: int) -> tuple[Image.Image, str | None, bool]:
     """Decode ``path`` fully and check it; raise ``Rejected`` with the reason if it is unusable.
 
     Returns:
-        ``(rgb_image, format, transposed)``: the EXIF-upright RGB image, the PIL format name, and
-        whether EXIF orientation changed the pixels (then the source bytes cannot be stored as is).
+        ``(rgb_image, format, reencode)``: the EXIF-upright 8-bit RGB image (``to_rgb``), the PIL
+        format name, and whether the source bytes must not be stored as is: EXIF orientation
+        changed the pixels, or the reader's plain ``convert("RGB")`` of them would give other
+        pixels (16-bit, alpha...).
     """
     if not path.is_file():
         raise Rejected(f"file not found: {path}")
@@ -193,7 +279,11 @@ def load_checked_image(path: Path, *, min_size: int, max_pixels: int) -> tuple[I
                 image_format = image.format
                 transposed = image.getexif().get(0x0112, 1) != 1  # EXIF orientation tag
                 upright = ImageOps.exif_transpose(image) if transposed else image
-                rgb = upright.convert("RGB")
+                rgb = to_rgb(upright)
+                reencode = transposed or (
+                    rgb is not upright
+                    and not np.array_equal(np.asarray(image.convert("RGB")), np.asarray(rgb))
+                )
     except Rejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -202,7 +292,7 @@ def load_checked_image(path: Path, *, min_size: int, max_pixels: int) -> tuple[I
         raise Rejected(f"unreadable image: {type(exc).__name__}: {exc}") from exc
     if min(rgb.size) < min_size:
         raise Rejected(f"too small: {rgb.width}x{rgb.height}, the short side must be >= min_size={min_size}")
-    return rgb, image_format, transposed
+    return rgb, image_format, reencode
 
 
 def check_bbox(bbox: Any, width: int, height: int) -> list[float]:
@@ -265,9 +355,7 @@ def make_sample(
     caption = (item.caption or "").strip()
     if not caption:
         raise Rejected("missing caption" if item.caption is None else "empty caption")
-    target, image_format, transposed = load_checked_image(
-        item.image, min_size=min_size, max_pixels=max_pixels
-    )
+    target, image_format, reencode = load_checked_image(item.image, min_size=min_size, max_pixels=max_pixels)
     original_size = [target.height, target.width]
     scale = 1.0
     if image_size is not None and min(target.size) > image_size:
@@ -285,18 +373,18 @@ def make_sample(
         box = check_bbox(item.bbox, original_size[1], original_size[0])
         meta["bbox"] = [round(v * scale, 2) for v in box]
     sample: dict[str, Any] = {"__key__": key}
-    if scale == 1.0 and not transposed and image_format in _STORED_FORMATS:
+    if scale == 1.0 and not reencode and image_format in _STORED_FORMATS:
         sample[_STORED_FORMATS[image_format]] = item.image.read_bytes()
     else:
         sample["jpg"] = _encode_jpeg(target)
     if item.ref is not None:
         try:
-            ref, ref_format, ref_transposed = load_checked_image(
+            ref, ref_format, ref_reencode = load_checked_image(
                 item.ref, min_size=min_size, max_pixels=max_pixels
             )
         except Rejected as exc:
             raise Rejected(f"reference image: {exc}") from exc
-        if not ref_transposed and ref_format in _REF_FORMATS:
+        if not ref_reencode and ref_format in _REF_FORMATS:
             sample[f"ref.{_REF_FORMATS[ref_format]}"] = item.ref.read_bytes()
         else:
             sample["ref.jpg"] = _encode_jpeg(ref)
@@ -389,21 +477,41 @@ class ShardSink:
             (self.out / (self._name + ".tmp")).unlink(missing_ok=True)
 
 
-def prepare_out(out: Path, domain: str, overwrite: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_out(out: Path, domain: str, overwrite: bool) -> list[Path]:
+    """The files of a previous build in ``out`` that a new build replaces, its index first: the
+    index, the shards it lists, ``<domain>-NNNNNN.tar[.tmp]`` and ``rejected.jsonl``. Nothing is
+    deleted here (``build_shards`` swaps the new files in when they are complete).
+
+    Raises:
+        OutputExistsError: when there are shards or an index and not ``overwrite``.
+    """
     index = out / INDEX_NAME
     pattern = re.compile(rf"{re.escape(domain)}-\d{{6}}\.tar(\.tmp)?")  # ours only, not "faces-val-..."
-    old = sorted(p for p in out.iterdir() if pattern.fullmatch(p.name))
+    old = sorted(p for p in out.iterdir() if pattern.fullmatch(p.name)) if out.is_dir() else []
     if (index.exists() or old) and not overwrite:
         raise OutputExistsError(
             f"{out} already holds shards ({INDEX_NAME} or {domain}-*.tar); "
             "choose an empty folder or pass overwrite=True (--overwrite) to replace them"
         )
-    # The index goes first: from here on, no shards.json exists until the new one is complete.
-    index.unlink(missing_ok=True)
-    for path in old:
-        path.unlink()
-    (out / REJECTED_NAME).unlink(missing_ok=True)
+    listed = [p for p in _indexed_shards(index) if p not in old]
+    return [index, *listed, *old, out / REJECTED_NAME]
+
+
+def _indexed_shards(index: Path) -> list[Path]:
+    """The shard files beside ``index`` that it lists (none when it is missing or malformed)."""
+    try:
+        names = [shard["url"] for shard in json.loads(index.read_text(encoding="utf-8"))["shards"]]
+    except (OSError, ValueError, LookupError, TypeError):
+        return []
+    return [
+        index.parent / n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith(".tar")
+    ]
+
+
+def _rejection_summary(reasons: list[str]) -> str:
+    """``"3 missing caption, 1 too small"``: the rejections counted by the start of their reason."""
+    kinds = Counter(re.split(r"[:(\[']", reason, maxsplit=1)[0].strip() for reason in reasons)
+    return ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
 
 
 def build_shards(
@@ -458,8 +566,15 @@ def build_shards(
     if not re.fullmatch(r"[A-Za-z0-9_-]+", domain):
         raise ConfigError(f"domain {domain!r} must match [A-Za-z0-9_-]+ (it names the shard files)")
     items = list(iter_source(src))  # a list, so the progress bar knows the total
-    prepare_out(out, domain, overwrite)
-    sink = ShardSink(out, domain, maxcount, maxsize)
+    if not items:
+        raise DataError(
+            f"{src} holds no images to write: a folder needs image files ({', '.join(IMAGE_SUFFIXES)}) "
+            "with .txt captions, a manifest needs rows"
+        )
+    old = prepare_out(out, domain, overwrite)
+    created_out = not out.exists()
+    staging = staging_folder(out, domain)
+    sink = ShardSink(staging, domain, maxcount, maxsize)
     options = dict(
         domain=domain,
         subject=subject,
@@ -468,9 +583,9 @@ def build_shards(
         image_size=image_size,
         resolution=resolution,
     )
-    rejected = 0
+    reasons: list[str] = []
     try:
-        with (out / REJECTED_NAME).open("w", encoding="utf-8") as rejected_file:
+        with (staging / REJECTED_NAME).open("w", encoding="utf-8") as rejected_file:
             for index, item in enumerate(
                 tqdm(items, desc=f"shards {domain}", disable=not progress, unit="img")
             ):
@@ -478,29 +593,41 @@ def build_shards(
                 try:
                     sink.write(make_sample(item, key, vae=vae if cache_latents else None, **options))
                 except Rejected as exc:
-                    rejected += 1
+                    reasons.append(str(exc))
                     rejected_file.write(json.dumps({"path": item.origin, "reason": str(exc)}) + "\n")
+        shards = sink.close()
+        report = ShardReport(
+            out=out,
+            index=out / INDEX_NAME,
+            shards=shards,
+            total_samples=sum(s["samples"] for s in shards),
+            rejected=len(reasons),
+        )
+        if report.total_samples == 0:
+            raise DataError(  # every item was rejected: reasons[i] is items[i]'s
+                f"no usable sample in {src}: all {len(items)} items were rejected "
+                f"({_rejection_summary(reasons)}; e.g. {items[0].origin}: {reasons[0]}). "
+                f"Nothing in {out} was changed; fix the inputs and run again."
+            )
+        index_data = {
+            "version": 1,
+            "domain": domain,
+            "subject": subject,
+            "created": datetime.fromtimestamp(build_time(), timezone.utc).isoformat(timespec="seconds"),
+            "shards": shards,
+            "total_samples": report.total_samples,
+            "rejected": report.rejected,
+        }
+        (staging / INDEX_NAME).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
+        new = [staging / s["url"] for s in shards] + [staging / REJECTED_NAME, staging / INDEX_NAME]
+        swap_files(out, new, old)
     except BaseException:
-        sink.abort()  # no half-written shard is left behind under its final name
+        sink.abort()  # close the shard in progress (it goes with the staging folder)
+        if created_out:
+            shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty: this run made it and put nothing in it
         raise
-    shards = sink.close()
-    report = ShardReport(
-        out=out,
-        index=out / INDEX_NAME,
-        shards=shards,
-        total_samples=sum(s["samples"] for s in shards),
-        rejected=rejected,
-    )
-    index_data = {
-        "version": 1,
-        "domain": domain,
-        "subject": subject,
-        "created": datetime.fromtimestamp(build_time(), timezone.utc).isoformat(timespec="seconds"),
-        "shards": shards,
-        "total_samples": report.total_samples,
-        "rejected": rejected,
-    }
-    tmp = report.index.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, report.index)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report

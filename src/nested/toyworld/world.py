@@ -19,6 +19,7 @@ import io
 import json
 import random
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ from typing import Any, ClassVar
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from nested.data.shards import INDEX_NAME, ShardReport, ShardSink, build_time, prepare_out
+from nested.files import staging_folder, swap_files
 
 RGB = tuple[int, int, int]
 # Bumped whenever the same arguments would render different shards (drawing or caption changes), so
@@ -507,8 +509,9 @@ def write_world_shards(
     token = token or DEFAULT_TOKENS[domain]
     choices = list(contexts_) if contexts_ is not None else contexts()
     out = Path(out)
-    prepare_out(out, domain, overwrite)
-    sink = ShardSink(out, domain, maxcount, 512 * 1024**2)
+    old = prepare_out(out, domain, overwrite)
+    staging = staging_folder(out, domain)  # swapped in for the old shards when complete
+    sink = ShardSink(staging, domain, maxcount, 512 * 1024**2)
     index = 0
     try:
         for ident in identities:
@@ -527,17 +530,17 @@ def write_world_shards(
                 key, data = f"{index:07d}_{domain}", json.dumps(meta).encode("utf-8")
                 sink.write({"__key__": key, "png": target, "ref.png": ref, "json": data})
                 index += 1
+        shards = sink.close()
+        created = datetime.fromtimestamp(build_time(), timezone.utc).isoformat(timespec="seconds")
+        index_data = {
+            "version": 1, "domain": domain, "subject": token, "created": created, "shards": shards,
+            "total_samples": index, "rejected": 0,
+        }  # fmt: skip
+        (staging / INDEX_NAME).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
+        swap_files(out, [*(staging / s["url"] for s in shards), staging / INDEX_NAME], old)
     except BaseException:
         sink.abort()
         raise
-    shards = sink.close()
-    report = ShardReport(out=out, index=out / INDEX_NAME, shards=shards, total_samples=index)
-    created = datetime.fromtimestamp(build_time(), timezone.utc).isoformat(timespec="seconds")
-    index_data = {
-        "version": 1, "domain": domain, "subject": token, "created": created, "shards": shards,
-        "total_samples": index, "rejected": 0,
-    }  # fmt: skip
-    tmp = report.index.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(report.index)
-    return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ShardReport(out=out, index=out / INDEX_NAME, shards=shards, total_samples=index)
