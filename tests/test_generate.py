@@ -252,3 +252,16 @@ def test_a_strength_outside_the_range_warns_once_in_one_line(setup, tmp_path, ca
     ]
     settings = json.loads((tmp_path / "out" / "generation.json").read_text())
     assert settings["subjects"]["<dog>"]["strength"] == 3.0
+
+
+def test_out_is_never_the_current_directory_or_above_it(setup, tmp_path, monkeypatch, capsys):
+    """--overwrite replaces --out as a whole: the folder the user stands in (empty here) is refused."""
+    monkeypatch.chdir(tmp_path)
+    for out in (".", ".."):
+        assert main_generate(command(setup, Path(out), "--no-progress", "--overwrite")) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"nested generate: error: --out '{out}' holds the current directory; choose a folder of its own, "
+            "e.g. --out outputs/run1."
+        )
+    assert list(tmp_path.iterdir()) == []
