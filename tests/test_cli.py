@@ -91,8 +91,11 @@ def test_a_bug_inside_the_library_keeps_its_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr(nested.inference.pipeline.NestedPipeline, "from_pretrained", broken)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
+    from PIL import Image
+    from skimage import data
+
     image = tmp_path / "me.png"
-    image.write_bytes(b"")
+    Image.fromarray(data.camera()).save(image)  # subject images are checked before the model loads
     with pytest.raises(ValueError, match="shape mismatch"):
         main(["generate", "--base", "unused", "--adapter", f"<person>={adapter}", "--subject", f"<person>={image}",
               "--prompt", "a photo of <person>", "--out", str(tmp_path / "out"), "--no-progress"])  # fmt: skip

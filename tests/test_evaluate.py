@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_generate import strict_json
+from test_pipeline import write_bomb_png, write_truncated_jpeg
 
 from nested.adapter import NestedAdapter
 from nested.backbone import DiffusionBackbone
@@ -84,6 +86,12 @@ def world_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         write_world_shards(folder / domain, domain, identities=held_out[:2], samples_per_identity=1, seed=0)
         shards[domain] = folder / domain / "shards.json"
     return shards
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _subjects(folder: Path) -> Path:
@@ -191,6 +199,91 @@ def test_eval_reports_a_prompt_without_the_token_in_one_line(tiny_adapter, tmp_p
     error = capsys.readouterr().err.strip()
     assert code == 2
     assert error.startswith("nested eval: error:") and "prompts.txt:2" in error and "\n" not in error
+
+
+def test_eval_refuses_a_used_out_and_overwrite_replaces_the_earlier_run_whole(
+    tiny_sd_path, tiny_adapter, tiny_clip_path, tmp_path, capsys
+):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {token}\n")
+    out = tmp_path / "eval"
+    argv = ["--base", str(tiny_sd_path), "--adapter", f"<person>={tiny_adapter}", "--prompts", str(prompts),
+            "--subjects", str(_subjects(tmp_path / "subjects")), "--max-subjects", "1", "--strengths", "1.0",
+            "--seeds", "0", "--clip", str(tiny_clip_path), "--steps", "2", "--height", "32", "--width", "32",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main_eval(argv) == 0
+    first = _tree(out)
+    assert sorted(first) == [
+        "grid.png", "images/person/alice/p00_s1_seed0.png", "images/person/base/p00_seed0.png", "results.csv",
+        "summary.json", "tradeoff.png",
+    ]  # fmt: skip
+    capsys.readouterr()
+
+    assert main_eval([*argv, "--no-images"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"nested eval: error: --out '{out}' is not empty (it holds 'grid.png' and 5 more files)"
+    )
+    assert "--overwrite" in err and "\n" not in err and _tree(out) == first
+
+    assert main_eval([*argv, "--no-images", "--overwrite"]) == 0
+    second = _tree(out)
+    assert sorted(second) == ["grid.png", "results.csv", "summary.json", "tradeoff.png"]  # no stale images/
+    assert strict_json(out / "summary.json")["rows"] == 2 and all(row["image"] == "" for row in _rows(out))
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging left
+
+    (out / "images").mkdir()
+    (out / "images" / "notes.txt").write_text("mine")
+    assert main_eval([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out '{out}' holds 'images/notes.txt', which nested eval did not write" in err
+    assert (out / "images" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--strengths": "0.5,nan"}, "--strengths: nan is not a finite number."),
+        ({"--guidance": "inf"}, "--guidance: inf is not a finite number."),
+        ({"--token-weight": "<person>=nan"}, "--token-weight '<person>=nan': nan is not a finite number."),
+        # A subject image that cannot be used is fatal, named, before any model loads (--base is not one).
+        ({"subject": "truncated.jpg"}, "truncated.jpg': the file is damaged (image file is truncated"),
+        ({"subject": "bomb.png"}, "bomb.png': Image size (400000000 pixels) exceeds limit"),
+    ],
+)
+def test_eval_bad_numbers_and_a_damaged_subject_image_end_in_one_line(
+    tiny_adapter, tmp_path, capsys, change, message
+):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {token}\n")
+    subjects = _subjects(tmp_path / "subjects")
+    argv = ["--base", "unused", "--adapter", f"<person>={tiny_adapter}", "--prompts", str(prompts),
+            "--subjects", str(subjects), "--out", str(tmp_path / "out")]  # fmt: skip
+    for option, value in change.items():
+        if option == "subject":
+            {"truncated.jpg": write_truncated_jpeg, "bomb.png": write_bomb_png}[value](subjects / value)
+        else:
+            argv += [option, value]
+    assert main_eval(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("nested eval: error:") and message in error and "\n" not in error
+    if "subject" in change:
+        assert f"cannot use the image '{subjects / change['subject']}'" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_warns_of_a_strength_outside_the_range_before_loading_anything(tiny_adapter, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {token}\na photo of a dog\n")  # line 2: an error found after the strengths
+    argv = ["--base", "unused", "--adapter", f"<person>={tiny_adapter}", "--prompts", str(prompts),
+            "--subjects", str(tmp_path), "--strengths", "0.5,2.5", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main_eval(argv) == 2
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning == (
+        "nested eval: warning: the strength of '<person>' (2.5) is outside [0, 2], the range adapters are made for "
+        "(0: the plain prompt, 1: the subject); images may break down."
+    )
+    assert error.startswith("nested eval: error:") and "prompts.txt:2" in error
 
 
 # ----------------------------------------------------------------------------- --judges

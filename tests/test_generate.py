@@ -1,15 +1,41 @@
-"""``nested generate`` on tiny pipelines: PNGs + generation.json, reproducibility, one-line errors."""
+"""``nested generate`` on tiny pipelines: PNGs + generation.json, reproducibility, one-line errors, an
+output folder never shared by two runs."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from test_pipeline import tiny_pipeline, write_adapter
+from test_pipeline import tiny_pipeline, write_adapter, write_bomb_png, write_truncated_jpeg
 
 from nested.cli.generate import main_generate
+
+REPO = Path(__file__).resolve().parents[1]
+# The installed console script beside this interpreter, else the same entry point through -c.
+SCRIPT = Path(sys.executable).with_name("nested")
+NESTED = (
+    [str(SCRIPT)]
+    if SCRIPT.is_file()
+    else [sys.executable, "-c", "import sys; from nested.cli.main import main; sys.exit(main())"]
+)
+
+
+def strict_json(path: Path):
+    """``path`` read as standard JSON: a bare NaN or Infinity (Python's extension) fails the test."""
+
+    def refuse(constant: str):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+IMAGE_FAULTS = {"bomb.png": write_bomb_png, "truncated.jpg": write_truncated_jpeg}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +116,7 @@ def test_generate_writes_images_and_settings_and_is_reproducible(setup, tmp_path
         != Image.open(tmp_path / "a" / "image-001.png").tobytes()
     )
 
-    settings = json.loads((tmp_path / "a" / "generation.json").read_text())
+    settings = strict_json(tmp_path / "a" / "generation.json")
     assert settings["seed"] == 7 and [i["seed"] for i in settings["images"]] == [7, 8]
     assert settings["steps"] == 2 and settings["guidance"] == 5.0 and settings["height"] == 64
     assert settings["negative_prompt"] == "lowres, bad anatomy"
@@ -125,19 +151,117 @@ def test_generate_writes_images_and_settings_and_is_reproducible(setup, tmp_path
         ({"adapter": "sdxl"}, "does not fit this base model"),
         ({"--strength": "<cat>=0.5"}, "'<cat>' has no --subject"),
         ({"--strength": "<dog>=strong"}, "is not a number"),
+        # NaN and infinity would give black images with exit 0.
+        ({"--strength": "<dog>=nan"}, "--strength '<dog>=nan': nan is not a finite number"),
+        ({"--token-weight": "<dog>=inf"}, "--token-weight '<dog>=inf': inf is not a finite number"),
+        ({"--value-norm-factor": "<dog>=-inf"}, "--value-norm-factor '<dog>=-inf': -inf is not a finite"),
+        ({"--guidance": "nan"}, "--guidance: nan is not a finite number"),
+        ({"--token-weight": "<dog>=-1"}, "--token-weight <dog>=-1.0: the weight must be > 0"),
+        ({"no subject": "<dog>"}, "--adapter '<dog>' has no --subject: add --subject '<dog>=IMAGE'"),
+        ({"subject": "bomb.png"}, "bomb.png': Image size (400000000 pixels) exceeds limit"),
+        ({"subject": "truncated.jpg"}, "truncated.jpg': the file is damaged (image file is truncated"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(setup, tmp_path, capsys, change, message):
     argv = command(setup, tmp_path / "out", "--no-progress")
     for option, value in change.items():
         if option == "subject":
+            if value in IMAGE_FAULTS:
+                IMAGE_FAULTS[value](tmp_path / value)
             argv[argv.index(f"<person>={setup['images']['me']}")] = f"<person>={tmp_path / value}"
         elif option == "adapter":
             argv[argv.index(f"<person>={setup['faces']}")] = f"<person>={setup['sdxl']}"
-        else:
+        elif option == "no subject":
+            at = argv.index(f"{value}={setup['images']['rex']}")
+            del argv[at - 1 : at + 1]
+            del argv[argv.index("--strength") : argv.index("--strength") + 2]
+        elif option in argv:
             argv[argv.index(option) + 1] = value
+        else:
+            argv += [option, value]
     assert main_generate(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("nested generate: error:") and message in err
     assert "\n" not in err and "Traceback" not in err
-    assert not (tmp_path / "out" / "generation.json").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_decompression_bomb_is_one_line_from_the_real_command_before_any_model_loads(tmp_path):
+    """The installed ``nested`` command, as a user runs it: the base model does not even exist, so the
+    image is refused before anything loads (PIL's warning-only range: test_pipeline.py)."""
+    image = write_bomb_png(tmp_path / "bomb.png")
+    result = subprocess.run(
+        [*NESTED, "generate", "--base", str(tmp_path / "no-model"), "--adapter", "<person>=me/faces",
+         "--subject", f"<person>={image}", "--prompt", "a <person>", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"nested generate: error: cannot use the image '{image}': Image size (400000000 pixels) exceeds limit "
+        "of 178956970 pixels, could be decompression bomb DOS attack. Resize it."
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_used_out_folder_is_refused_and_overwrite_replaces_the_earlier_run_whole(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main_generate(command(setup, out, "--no-progress")) == 0  # 2 images
+    first = _tree(out)
+    assert sorted(first) == ["generation.json", "image-000.png", "image-001.png"]
+
+    one_image = command(setup, out, "--no-progress", "--seed", "3")
+    one_image[one_image.index("--num-images") + 1] = "1"
+    assert main_generate(one_image) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"nested generate: error: --out '{out}' is not empty (it holds 'generation.json' and 2 more files) and "
+        "nested generate does not mix two runs in one folder: choose another --out, or pass --overwrite to replace "
+        "an earlier nested generate run."
+    )
+    assert _tree(out) == first  # untouched
+
+    assert main_generate([*one_image, "--overwrite"]) == 0
+    second = _tree(out)
+    assert sorted(second) == ["generation.json", "image-000.png"]  # no image-001.png of the other run
+    assert second["image-000.png"] != first["image-000.png"]
+    settings = json.loads(second["generation.json"])
+    assert settings["num_images"] == 1 and [i["file"] for i in settings["images"]] == ["image-000.png"]
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no staging folder left beside it
+
+    (out / "notes.txt").write_text(
+        "mine"
+    )  # a file nested generate did not write: --overwrite would delete it
+    assert main_generate([*one_image, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out '{out}' holds 'notes.txt', which nested generate did not write" in err and "\n" not in err
+    assert _tree(out) == {**second, "notes.txt": b"mine"}
+
+
+def test_a_strength_outside_the_range_warns_once_in_one_line(setup, tmp_path, capsys):
+    argv = command(setup, tmp_path / "out", "--no-progress")
+    argv[argv.index("--strength") + 1] = "<dog>=3"
+    assert main_generate(argv) == 0  # 2 images, each a pipeline call with the strength
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "nested generate: warning: the strength of '<dog>' (3) is outside [0, 2], the range adapters are made "
+        "for (0: the plain prompt, 1: the subject); images may break down."
+    ]
+    settings = json.loads((tmp_path / "out" / "generation.json").read_text())
+    assert settings["subjects"]["<dog>"]["strength"] == 3.0
+
+
+def test_out_is_never_the_current_directory_or_above_it(setup, tmp_path, monkeypatch, capsys):
+    """--overwrite replaces --out as a whole: the folder the user stands in (empty here) is refused."""
+    monkeypatch.chdir(tmp_path)
+    for out in (".", ".."):
+        assert main_generate(command(setup, Path(out), "--no-progress", "--overwrite")) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"nested generate: error: --out '{out}' holds the current directory; choose a folder of its own, "
+            "e.g. --out outputs/run1."
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import copy
+import io
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image
+from skimage import data as skimage_data
 
 from nested.adapter import AdapterConfig, NestedAdapter, cross_attention_layers
 from nested.encoder import EncoderSpec
+from nested.errors import ConfigError, DataError
+from nested.image_files import ImageFileError, open_image
 from nested.inference.pipeline import NestedPipeline
 from nested.inference.subjects import Subject, load_image
 
@@ -32,6 +39,30 @@ def generate(pipe, prompt, seed=0, **kwargs):
     kwargs = {"num_inference_steps": 3, "guidance_scale": 5.0, "height": 64, "width": 64, **kwargs}
     generator = torch.Generator().manual_seed(seed)
     return pipe(prompt, generator=generator, output_type="pt", **kwargs).images
+
+
+def write_bomb_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A 200-byte PNG whose header claims ``width`` x ``height`` grey pixels: a decompression bomb (PIL refuses
+    beyond 2 x MAX_IMAGE_PIXELS, about 179 M pixels, and only warns between MAX_IMAGE_PIXELS and that)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (width + 1) * 4)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def write_truncated_jpeg(path: Path) -> Path:
+    """The first half of a JPEG of scikit-image's astronaut: PIL says "image file is truncated"."""
+    buffer = io.BytesIO()
+    Image.fromarray(skimage_data.astronaut()).save(buffer, format="JPEG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path
 
 
 def write_adapter(
@@ -85,10 +116,14 @@ def test_two_domain_adapters_combine_each_on_its_own_token(sd_pipe, sd_adapters)
         assert (
             nested.adapter("<person>").encoder.backbone is nested.adapter("<dog>").encoder.backbone
         )  # shared
-        plain = generate(nested, PROMPT)  # placeholders, no subject bound
+        with pytest.warns(UserWarning, match="is in the prompt but has no subject") as warned:
+            plain = generate(nested, PROMPT)  # placeholders, no subject bound
+        assert sorted(str(w.message).split()[0] for w in warned) == ["'<dog>'", "'<person>'"]
         both = generate(nested, PROMPT, subjects={"<person>": person, "<dog>": dog})
-        person_only = generate(nested, PROMPT, subjects={"<person>": person})
-        dog_only = generate(nested, PROMPT, subjects={"<dog>": dog})
+        with pytest.warns(UserWarning, match="'<dog>' is in the prompt but has no subject"):
+            person_only = generate(nested, PROMPT, subjects={"<person>": person})
+        with pytest.warns(UserWarning, match="'<person>' is in the prompt but has no subject"):
+            dog_only = generate(nested, PROMPT, subjects={"<dog>": dog})
     outputs = {"plain": plain, "both": both, "person": person_only, "dog": dog_only}
     for a in outputs:
         for b in outputs:
@@ -192,7 +227,8 @@ def test_guidance_keeps_the_unconditional_half_plain(sd_pipe, sd_adapters):
     sd_pipe.unet.register_forward_hook(lambda module, args, kwargs_out: outputs.append(kwargs_out[0]))
     prompt = "a <person> on the beach"
     with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
-        generate(nested, prompt, negative_prompt="lowres, bad anatomy")
+        with pytest.warns(UserWarning, match="has no subject"):
+            generate(nested, prompt, negative_prompt="lowres, bad anatomy")
         plain_first_step = outputs[0]
         outputs.clear()
         generate(nested, prompt, subjects={"<person>": images(7)}, negative_prompt="lowres, bad anatomy")
@@ -239,7 +275,8 @@ def test_encoder_and_nested_kv_are_computed_once_per_call(sd_pipe, sd_adapters):
 def test_strength_token_weight_and_value_norm_factor(sd_pipe, sd_adapters):
     prompt, person = "a <person> on the beach", images(10)
     with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
-        plain = generate(nested, prompt)
+        with pytest.warns(UserWarning, match="has no subject"):
+            plain = generate(nested, prompt)
         full = generate(nested, prompt, subjects={"<person>": person})
         off = generate(nested, prompt, subjects={"<person>": person}, strengths={"<person>": 0.0})
         half = generate(nested, prompt, subjects={"<person>": Subject(person, scale=0.5)})
@@ -351,3 +388,76 @@ def test_unload_restores_a_token_the_pipeline_already_had(sd_pipe, sd_adapters):
         assert torch.equal(sd_pipe.text_encoder.get_input_embeddings().weight[token_id], learned)
     assert torch.equal(sd_pipe.text_encoder.get_input_embeddings().weight[token_id], users_row)
     assert len(sd_pipe.tokenizer) == vocab
+
+
+def test_non_finite_numbers_are_refused_and_a_strength_outside_its_range_warns(sd_pipe, sd_adapters):
+    prompt, person = "a <person> on the beach", images(12)
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
+        for option, value in [
+            ("strengths", float("nan")),
+            ("strengths", float("inf")),
+            ("token_weights", float("inf")),
+            ("value_norm_factors", float("-inf")),
+        ]:
+            message = rf"{option}\['<person>'\] must be a finite number, got {value}"
+            with pytest.raises(ConfigError, match=message):  # before NaN turns the image black
+                generate(nested, prompt, subjects={"<person>": person}, **{option: {"<person>": value}})
+        for field in ("scale", "token_weight", "value_norm_factor"):
+            with pytest.raises(ConfigError, match=f"{field} must be a finite number, got nan"):
+                Subject(person, **{field: float("nan")})
+
+        with pytest.warns(UserWarning, match=r"the strength of '<person>' \(2.5\) is outside \[0, 2\]"):
+            generate(
+                nested,
+                prompt,
+                subjects={"<person>": person},
+                strengths={"<person>": 2.5},
+                num_inference_steps=1,
+            )
+        with pytest.warns(UserWarning, match=r"the strength of '<person>' \(-0.5\) is outside"):
+            generate(
+                nested, prompt, subjects={"<person>": Subject(person, scale=-0.5)}, num_inference_steps=1
+            )
+        with pytest.warns(UserWarning, match=r"'<person>' is in the prompt but has no subject"):
+            generate(nested, prompt, num_inference_steps=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            generate(
+                nested,
+                prompt,
+                subjects={"<person>": person},
+                strengths={"<person>": 1.5},
+                num_inference_steps=1,
+            )
+            generate(nested, "a person on the beach", num_inference_steps=1)  # the base model's prompt
+
+
+def test_image_files_are_decoded_and_checked_and_a_bad_one_is_named(tmp_path):
+    cat = skimage_data.chelsea()  # 300 x 451 RGB
+    Image.fromarray(cat).save(tmp_path / "cat.png")
+    loaded = load_image(tmp_path / "cat.png")
+    assert torch.equal(loaded, torch.from_numpy(cat).permute(2, 0, 1)[None].float() / 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    Image.fromarray(cat).save(tmp_path / "turned.jpg", exif=exif)
+    opened = open_image(tmp_path / "turned.jpg")
+    assert opened.transposed and opened.format == "JPEG" and opened.rgb.size == (300, 451)
+
+    write_bomb_png(tmp_path / "bomb.png")
+    write_bomb_png(tmp_path / "big.png", 10000, 10000)  # PIL only warns here, then would decode 100 M pixels
+    write_truncated_jpeg(tmp_path / "truncated.jpg")
+    (tmp_path / "text.png").write_text("not an image")
+    for name, reason in [
+        ("bomb.png", "Image size (400000000 pixels) exceeds limit of 178956970 pixels"),
+        ("big.png", "10000x10000 is more than 89478485 pixels (a decompression bomb?); resize it"),
+        ("truncated.jpg", "the file is damaged (image file is truncated"),
+        ("text.png", "not an image file PIL can read"),
+    ]:
+        with pytest.raises(ImageFileError) as caught:
+            load_image(tmp_path / name, "<person>")
+        assert isinstance(caught.value, DataError) and caught.value.path == tmp_path / name
+        assert str(caught.value).startswith(f"cannot use the image '{tmp_path / name}': ") and reason in str(
+            caught.value
+        )
+    with pytest.raises(ImageFileError, match=r"451x300 is more than 1000 pixels"):
+        open_image(tmp_path / "cat.png", max_pixels=1000)

@@ -23,7 +23,7 @@ echo "== 3/3 nested eval --judges on held-out people" >&2
 "$BIN/nested" eval --base data/models/toy-sd --adapter '<person>=runs/demo/adapters/last' \
     --subjects "$SHARDS/held_out/shards.json" --max-subjects 6 --reference-size 64 \
     --prompts data/prompts/toyworld-faces.txt --judges data/toyworld/judges --clip none \
-    --strengths 1.0,1.5 --seeds 0 --steps 20 --batch-size 8 --out runs/demo/eval
+    --strengths 1.0,1.5 --seeds 0 --steps 20 --batch-size 8 --overwrite --out runs/demo/eval
 # Exact identity needs all five attributes; which ones the adapter carries is in the per-attribute means.
 "$BIN/python" - <<'PY'
 import json

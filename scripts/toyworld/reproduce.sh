@@ -106,7 +106,7 @@ evaluate() {  # evaluate DOMAIN INJECTION [TOKEN_WEIGHT]: held-out identities, e
     "$BIN/nested" eval --base "$BASE" --adapter "$token=$OUT/$1-$2/adapters/last" \
         --subjects "$SHARDS/$1/held_out/shards.json" --max-subjects "$SUBJECTS" --reference-size 64 \
         --prompts "data/prompts/toyworld-$1.txt" --judges "$JUDGES" --clip none \
-        "${extra[@]}" --seeds 0 --steps 20 --batch-size 16 --no-images \
+        "${extra[@]}" --seeds 0 --steps 20 --batch-size 16 --no-images --overwrite \
         --no-progress --out "$OUT/eval-$name" > "$OUT/eval-$name.log" 2>&1
 }
 evaluate_pair() {  # evaluate_pair INJECTION: a held-out person and a held-out pet in one prompt
@@ -115,7 +115,7 @@ evaluate_pair() {  # evaluate_pair INJECTION: a held-out person and a held-out p
         --subjects "<person>=$SHARDS/faces/held_out/shards.json" \
         --subjects "<pet>=$SHARDS/pets/held_out/shards.json" --max-subjects "$SUBJECTS" --reference-size 64 \
         --prompts data/prompts/toyworld-pairs.txt --judges "$JUDGES" --clip none \
-        --strengths 0.5,1.0 --seeds 0 --steps 20 --batch-size 16 --no-images \
+        --strengths 0.5,1.0 --seeds 0 --steps 20 --batch-size 16 --no-images --overwrite \
         --no-progress --out "$OUT/eval-pairs-$1" > "$OUT/eval-pairs-$1.log" 2>&1
 }
 export -f evaluate evaluate_pair

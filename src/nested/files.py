@@ -16,6 +16,7 @@ is written through these helpers:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -101,6 +102,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_file(path, "w") as handle:
         handle.write(text)
     return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: object) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically (see :func:`atomic_file`).
+
+    Strict JSON: NaN or infinity is a ValueError here (``json.dumps`` would write a bare ``NaN``, which
+    other JSON readers refuse), so replace such values (e.g. with None) first. Values JSON has no type
+    for (paths, dtypes) are written as their ``str``.
+    """
+    return write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
 
 
 def replace_directory(staging: str | os.PathLike, directory: str | os.PathLike) -> None:

@@ -5,18 +5,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import math
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nested.errors import NestedUserError, UsageError
+from nested.errors import NestedUserError, OutputExistsError, UsageError
 
 __all__ = [
     "DTYPES",
     "add_runtime_arguments",
     "add_base_arguments",
+    "check_output_folder",
+    "finite",
     "one_line",
     "pairs",
+    "parse_number",
     "quiet_libraries",
     "report_user_errors",
     "run_user_command",
@@ -24,8 +30,29 @@ __all__ = [
 ]
 
 
-def pairs(values: list[str], option: str, convert=str) -> dict[str, Any]:
-    """``["<person>=a.jpg", ...]`` -> ``{"<person>": "a.jpg"}``; each token at most once."""
+def finite(value: float, option: str) -> float:
+    """``value`` if it is a finite number; NaN or infinity (which silently give black images) is a
+    UsageError naming ``option``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{option}: {value} is not a finite number.")
+    return value
+
+
+def parse_number(text: str, option: str, convert: Callable[[str], Any] = float) -> Any:
+    """``text`` as a finite number (``convert``: ``float`` or ``int``), else a UsageError naming ``option``.
+    Every number a command reads from its command line goes through here or :func:`finite`."""
+    try:
+        value = convert(text.strip())
+    except ValueError:
+        raise UsageError(f"{option}: {text!r} is not a number.") from None
+    return finite(value, option)
+
+
+def pairs(values: list[str], option: str, convert: Callable[[str], Any] = str) -> dict[str, Any]:
+    """``["<person>=a.jpg", ...]`` -> ``{"<person>": "a.jpg"}``; each token at most once.
+
+    ``convert``: ``str`` keeps the text; ``float`` or ``int`` read a finite number (:func:`parse_number`).
+    """
     result: dict[str, Any] = {}
     for value in values:
         token, sep, rest = value.partition("=")
@@ -33,11 +60,44 @@ def pairs(values: list[str], option: str, convert=str) -> dict[str, Any]:
             raise UsageError(f"{option} expects TOKEN=VALUE (e.g. {option} '<person>=...'), got {value!r}.")
         if token in result:
             raise UsageError(f"{option} is given twice for {token!r}.")
-        try:
-            result[token] = convert(rest)
-        except ValueError:
-            raise UsageError(f"{option} {value!r}: {rest!r} is not a number.") from None
+        result[token] = rest if convert is str else parse_number(rest, f"{option} {value!r}", convert)
     return result
+
+
+def check_output_folder(out: Path, *, overwrite: bool, ours: Callable[[Path], bool], prog: str) -> None:
+    """Refuse to mix two runs in one output folder, before any work is done.
+
+    ``out`` may be missing or empty. With ``overwrite`` it may also hold an earlier run, but only files
+    that ``ours(path relative to out)`` recognises as ``prog``'s outputs: the new run replaces the folder
+    as a whole (:func:`nested.files.staged_directory`), so anything else in it would be deleted.
+
+    Raises:
+        OutputExistsError: ``out`` is a file, holds files without ``overwrite``, or holds a file that is not
+            one of ``prog``'s outputs.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"--out {str(out)!r} is a file; choose a folder.")
+    if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise OutputExistsError(
+            f"--out {str(out)!r} holds the current directory; choose a folder of its own, e.g. --out outputs/run1."
+        )
+    files = sorted(path.relative_to(out) for path in out.rglob("*") if not path.is_dir())
+    if not files:
+        return
+    if not overwrite:
+        more = f" and {len(files) - 1} more files" if len(files) > 1 else ""
+        raise OutputExistsError(
+            f"--out {str(out)!r} is not empty (it holds {str(files[0])!r}{more}) and {prog} does not mix two runs "
+            f"in one folder: choose another --out, or pass --overwrite to replace an earlier {prog} run."
+        )
+    foreign = [path for path in files if not ours(path)]
+    if foreign:
+        raise OutputExistsError(
+            f"--out {str(out)!r} holds {str(foreign[0])!r}, which {prog} did not write; --overwrite replaces only "
+            f"a folder of {prog}'s own outputs: move that file away or choose another --out."
+        )
 
 
 def one_line(error: BaseException) -> str:
@@ -72,12 +132,17 @@ def add_runtime_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def run_user_command(prog: str, verbose: bool, run):
-    """``run()`` with the libraries quiet (unless ``verbose``); a user error becomes one stderr line.
+    """``run()`` with the libraries quiet and each warning one ``<prog>: warning: ...`` line (unless
+    ``verbose``); a user error becomes one stderr line.
 
     Returns ``run()``'s result, or None after printing ``<prog>: error: ...`` (the caller exits 2).
     """
     try:
-        with quiet_libraries(verbose):
+        with quiet_libraries(verbose), warnings.catch_warnings():
+            if not verbose:
+                warnings.showwarning = lambda message, *_, **__: print(
+                    f"{prog}: warning: {one_line(message)}", file=sys.stderr
+                )
             return run()
     except NestedUserError as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)

@@ -1,19 +1,38 @@
 """``nested eval``: the identity vs prompt-alignment sweep of adapters (:mod:`nested.evaluation.sweep`).
 
-This module holds the command line: its parser and every check that needs no model.
+This module holds the command line: its parser and every check that needs no model. Like ``nested generate``,
+it refuses a non-empty ``--out`` unless ``--overwrite`` (which replaces an earlier ``nested eval`` folder as a
+whole), and every number must be finite.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
-from nested.cli.common import add_base_arguments, add_runtime_arguments, pairs, run_user_command
+from nested.cli.common import (
+    add_base_arguments,
+    add_runtime_arguments,
+    check_output_folder,
+    finite,
+    pairs,
+    parse_number,
+    run_user_command,
+)
 from nested.errors import MissingFileError, UsageError
 
-__all__ = ["check_eval_arguments", "eval_parser", "main_eval", "read_pair_prompts", "read_prompts"]
+__all__ = [
+    "check_eval_arguments",
+    "eval_parser",
+    "main_eval",
+    "read_pair_prompts",
+    "read_prompts",
+    "written_by_eval",
+]
+
+EVAL_FILES = ("results.csv", "summary.json", "grid.png", "tradeoff.png")  # and images/**.png
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -107,7 +126,12 @@ def eval_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--width", type=int, default=None, help="pixels (default: the base model's)")
     sweep.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
     output = parser.add_argument_group("output")
-    output.add_argument("--out", required=True, help="output folder")
+    output.add_argument("--out", required=True, help="output folder, missing or empty")
+    output.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier nested eval run in --out (only the files nested eval writes)",
+    )
     output.add_argument("--grid-rows", type=int, default=12, help="rows of grid.png (default 12)")
     output.add_argument("--no-images", action="store_true", help="do not keep every generated image")
     runtime = parser.add_argument_group("runtime")
@@ -118,11 +142,13 @@ def eval_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- arguments
 
 
+def written_by_eval(path: PurePath) -> bool:
+    """Whether ``path`` (relative to ``--out``) is a file ``nested eval`` writes."""
+    return path.as_posix() in EVAL_FILES or (path.parts[0] == "images" and path.suffix == ".png")
+
+
 def _numbers(text: str, option: str, convert) -> list:
-    try:
-        values = [convert(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"{option} expects comma-separated numbers, got {text!r}.") from None
+    values = [parse_number(part, option, convert) for part in text.split(",") if part.strip()]
     if not values:
         raise UsageError(f"{option} is empty.")
     if len(set(values)) != len(values):
@@ -233,7 +259,14 @@ def check_eval_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """
     adapters = pairs(args.adapter, "--adapter")
     tokens = list(adapters)
+    # Here, not at the top: `nested eval --help` stays light.
+    from nested.inference.subjects import check_strength
+
     strengths = _numbers(args.strengths, "--strengths", float)
+    for token in tokens:  # a strength outside the adapters' range warns now, not after loading the models
+        for strength in strengths:
+            check_strength(strength, token)
+    finite(args.guidance, "--guidance")
     token_weights = pairs(args.token_weight, "--token-weight", float)
     for token, weight in token_weights.items():
         if token not in adapters:
@@ -263,6 +296,7 @@ def check_eval_arguments(args: argparse.Namespace) -> dict[str, Any]:
         groups = {token: [token] for token in tokens}
         prompts = read_prompts(args.prompts, tokens)
     sources = _subject_sources(args.subjects, tokens)
+    check_output_folder(Path(args.out), overwrite=args.overwrite, ours=written_by_eval, prog="nested eval")
     return {
         "adapters": adapters,
         "tokens": tokens,

@@ -1,15 +1,17 @@
 """``nested generate``: a plain argparse program over :class:`nested.inference.pipeline.NestedPipeline`.
 
 ``nested generate`` writes ``image-000.png``... and ``generation.json`` (every setting needed to reproduce
-the images: the same command with the same seed gives identical images on CPU). User mistakes (a token
-missing from the prompt, an adapter for another base model, a missing image...) end with exit code 2 and a
-one-line message, never a traceback.
+the images: the same command with the same seed gives identical images on CPU). The folder appears complete
+when the run ends, or not at all; a non-empty ``--out`` is refused (two runs never mix in one folder) unless
+``--overwrite``, which replaces an earlier run's folder as a whole. User mistakes (a token missing from the
+prompt, an adapter for another base model, a missing or damaged image, a number that is NaN...) end with
+exit code 2 and a one-line message, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,11 +22,14 @@ from tqdm.auto import tqdm
 from nested.cli.common import (
     add_base_arguments,
     add_runtime_arguments,
+    check_output_folder,
+    finite,
     pairs,
     run_user_command,
     sha256,
 )
 from nested.errors import MissingFileError, UsageError
+from nested.files import staged_directory, write_json_atomic
 
 __all__ = ["generate_parser", "main_generate", "run_generate"]
 
@@ -60,7 +65,7 @@ def generate_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TOKEN=FLOAT",
-        help="blend of TOKEN's value: 0 plain text, 1 nested (default 1)",
+        help="blend of TOKEN's value: 0 plain text, 1 nested (default 1); outside [0, 2] it warns",
     )
     subjects.add_argument(
         "--token-weight",
@@ -93,13 +98,28 @@ def generate_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--height", type=int, default=None, help="pixels (default: the base model's)")
     sampling.add_argument("--width", type=int, default=None, help="pixels (default: the base model's)")
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    runtime.add_argument(
+        "--out", default="outputs", help="output folder, missing or empty (default: outputs)"
+    )
+    runtime.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier nested generate run in --out (only its images and generation.json)",
+    )
     add_runtime_arguments(runtime)
     return parser
 
 
+def written_by_generate(path: Path) -> bool:
+    """Whether ``path`` (relative to ``--out``) is a file ``nested generate`` writes."""
+    return re.fullmatch(r"image-\d{3,}\.png|generation\.json", path.as_posix()) is not None
+
+
 def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """Every problem that needs no model, found before the (slow) loading; returns parsed options."""
+    """Every problem found before the (slow) model loading; returns parsed options, and in ``images`` each
+    subject's decoded image (a damaged file or a decompression bomb is named now)."""
+    from nested.inference.subjects import load_image, subject_specs  # imports torch: not for --help
+
     adapters = pairs(args.adapter, "--adapter")
     subjects = pairs(args.subject, "--subject")
     options = {
@@ -107,6 +127,10 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "token_weights": pairs(args.token_weight, "--token-weight", float),
         "value_norm_factors": pairs(args.value_norm_factor, "--value-norm-factor", float),
     }
+    finite(args.guidance, "--guidance")
+    for token, weight in options["token_weights"].items():
+        if weight <= 0:
+            raise UsageError(f"--token-weight {token}={weight}: the weight must be > 0.")
     if args.steps < 1 or args.num_images < 1:
         raise UsageError("--steps and --num-images must be >= 1.")
     for size in (args.height, args.width):
@@ -126,11 +150,22 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
         path = Path(subjects[token]).expanduser()
         if not path.is_file():
             raise MissingFileError(f"the image for {token} does not exist: {str(path)!r}.")
+    for token in adapters:
+        if token not in subjects:
+            raise UsageError(
+                f"--adapter {token!r} has no --subject: add --subject '{token}=IMAGE', or drop that --adapter "
+                "(an adapter without its subject image would silently generate without the subject)."
+            )
     for name, values in options.items():
         for token in values:
             if token not in subjects:
                 raise UsageError(f"--{name.rstrip('s').replace('_', '-')} {token!r} has no --subject.")
-    return {"adapters": adapters, "subjects": subjects, **options}
+    check_output_folder(
+        Path(args.out), overwrite=args.overwrite, ours=written_by_generate, prog="nested generate"
+    )
+    images = {token: load_image(Path(path).expanduser(), token) for token, path in subjects.items()}
+    subject_specs(images, **options)  # the library's own checks: a strength outside its range warns now
+    return {"adapters": adapters, "subjects": subjects, "images": images, **options}
 
 
 def _progress(total: int, disable: bool):
@@ -141,10 +176,8 @@ def _progress(total: int, disable: bool):
 def run_generate(args: argparse.Namespace, argv: list[str]) -> Path:
     """Generate the images; returns the output folder."""
     # Here, not at the top: `nested generate --help` and argument errors answer without loading torch.
-    import diffusers
     import torch
 
-    import nested
     from nested.inference.pipeline import NestedPipeline
 
     parsed = _check_arguments(args)
@@ -159,7 +192,21 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> Path:
     )
     pipe.pipe.set_progress_bar_config(disable=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_directory(out) as staging:  # --out appears complete, or stays as it was
+        _generate(args, argv, parsed, pipe, staging)
+    pipe.unload()
+    return out
+
+
+def _generate(
+    args: argparse.Namespace, argv: list[str], parsed: dict[str, Any], pipe: Any, out: Path
+) -> None:
+    """Write the images and generation.json into ``out``."""
+    import diffusers  # for the versions recorded; like torch, kept out of `nested generate --help`
+    import torch
+
+    import nested
+
     records = []
     bar = _progress(args.num_images * args.steps, args.no_progress)
 
@@ -174,7 +221,7 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> Path:
             generator = torch.Generator(device="cpu").manual_seed(seed)
             image = pipe(
                 args.prompt,
-                subjects=parsed["subjects"],
+                subjects=parsed["images"],
                 strengths=parsed["strengths"],
                 token_weights=parsed["token_weights"],
                 value_norm_factors=parsed["value_norm_factors"],
@@ -230,9 +277,7 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> Path:
         "images": records,
         "seconds": round(time.time() - started, 2),
     }
-    (out / "generation.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
-    pipe.unload()
-    return out
+    write_json_atomic(out / "generation.json", settings)
 
 
 def main_generate(argv: list[str] | None = None) -> int:

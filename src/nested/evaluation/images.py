@@ -23,6 +23,7 @@ from torch import Tensor
 from nested.data.domains import DomainSpec, check_urls
 from nested.data.loading import build_stream
 from nested.errors import DataError, MissingFileError
+from nested.files import atomic_file
 from nested.inference.subjects import load_image
 
 __all__ = ["IMAGE_EXTENSIONS", "Reference", "load_references", "make_grid", "save_png", "to_uint8_hwc"]
@@ -82,7 +83,9 @@ def load_references(
         token: the subject token written into shard captions (only used to read the shards).
 
     Raises:
-        FileNotFoundError: nothing to read at ``source``. ValueError: no image found.
+        FileNotFoundError: nothing to read at ``source``. ValueError: no image found, or an image file of the
+        folder that is damaged or too large (:func:`nested.image_files.open_image`: fatal, naming the file,
+        so that the subjects measured are the ones asked for).
     """
     if count is not None and count < 1:
         raise ValueError(f"count must be >= 1, got {count}.")
@@ -182,9 +185,9 @@ def to_uint8_hwc(image: Tensor) -> np.ndarray:
 
 
 def save_png(image: Tensor, path: str | os.PathLike) -> Path:
-    """Write a (3, H, W) [0, 1] image as PNG; returns the path."""
+    """Write a (3, H, W) [0, 1] image as PNG, atomically (:func:`nested.files.atomic_file`); returns the path."""
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8_hwc(image)).save(path)
+    with atomic_file(path) as file:
+        Image.fromarray(to_uint8_hwc(image)).save(file, format="PNG")
     return path

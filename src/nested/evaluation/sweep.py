@@ -23,14 +23,15 @@ columns cover both (exact: both right; otherwise the mean).
 
 Writes to ``--out``: ``results.csv`` (one row per image and subject), ``summary.json`` (settings, means per
 strength, and the plotted ``points``), ``grid.png`` (reference | base | each strength, first seed) and
-``tradeoff.png`` (identity y vs alignment x, one point per strength plus the base model). User mistakes end
-with exit code 2 and a one-line message.
+``tradeoff.png`` (identity y vs alignment x, one point per strength plus the base model); the folder appears
+complete when the sweep ends (:func:`nested.files.staged_directory`). User mistakes, a damaged or oversized
+reference image among them (named, before any model loads), end with exit code 2 and a one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import re
 import sys
 import time
@@ -55,6 +56,7 @@ from nested.evaluation.report import (
     write_csv,
     write_grid,
 )
+from nested.files import staged_directory, write_json_atomic
 from nested.inference.pipeline import NestedPipeline
 
 __all__ = ["point_line", "run_eval", "subject_halves"]
@@ -339,110 +341,115 @@ def run_eval(args: argparse.Namespace, parsed: dict[str, Any], argv: list[str]) 
         revision=args.revision,
     )
     pipe.pipe.set_progress_bar_config(disable=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    built = []
-    for name, tokens in groups.items():
-        adapters = {token: pipe.adapter(token) for token in tokens}
-        own = {token: references[token] for token in tokens}
-        count = min(len(refs) for refs in own.values())  # --pair: the i-th of each, as many as the shorter
-        group = _Group(
-            name=name,
-            tokens=tokens,
-            class_words={t: a.config.tokens.get(t, a.config.class_word) for t, a in adapters.items()},
-            references={token: refs[:count] for token, refs in own.items()},
-            identity={t: _identity_metric(a, shared_embedder) for t, a in adapters.items()},
-        )
-        if judges is not None:
-            group.judged = judges.subjects(
-                group.references, {t: a.config.domain for t, a in adapters.items()}, subject_halves(tokens)
+    with staged_directory(args.out) as out:  # --out appears complete, or stays as it was
+        built = []
+        for name, tokens in groups.items():
+            adapters = {token: pipe.adapter(token) for token in tokens}
+            own = {token: references[token] for token in tokens}
+            # --pair: the i-th of each token together, as many as the shorter list
+            count = min(len(refs) for refs in own.values())
+            group = _Group(
+                name=name,
+                tokens=tokens,
+                class_words={t: a.config.tokens.get(t, a.config.class_word) for t, a in adapters.items()},
+                references={token: refs[:count] for token, refs in own.items()},
+                identity={t: _identity_metric(a, shared_embedder) for t, a in adapters.items()},
             )
-        built.append(group)
+            if judges is not None:
+                group.judged = judges.subjects(
+                    group.references,
+                    {t: a.config.domain for t, a in adapters.items()},
+                    subject_halves(tokens),
+                )
+            built.append(group)
 
-    total = sum(len(parsed["prompts"][g.name]) * len(seeds) * (1 + g.count * len(strengths)) for g in built)
-    bar = tqdm(total=total, desc="nested eval", unit="image", disable=args.no_progress, file=sys.stderr)
-    context = _Context(
-        args=args,
-        pipe=pipe,
-        bar=bar,
-        out=out,
-        alignment=alignment,
-        judges=judges,
-        token_weights=parsed["token_weights"],
-    )
-    started = time.time()
-    try:
-        for group in built:
-            _evaluate_group(context, group, parsed["prompts"][group.name], strengths, seeds)
-    finally:
-        bar.close()
+        total = sum(
+            len(parsed["prompts"][g.name]) * len(seeds) * (1 + g.count * len(strengths)) for g in built
+        )
+        bar = tqdm(total=total, desc="nested eval", unit="image", disable=args.no_progress, file=sys.stderr)
+        context = _Context(
+            args=args,
+            pipe=pipe,
+            bar=bar,
+            out=out,
+            alignment=alignment,
+            judges=judges,
+            token_weights=parsed["token_weights"],
+        )
+        started = time.time()
+        try:
+            for group in built:
+                _evaluate_group(context, group, parsed["prompts"][group.name], strengths, seeds)
+        finally:
+            bar.close()
 
-    suffixes = [column_suffix(t) for t in parsed["pair"]] if parsed["pair"] else []
-    columns = result_columns(suffixes, judged=judges is not None)
-    for group in built:  # the judges' extra columns of every group, in order, once
-        if group.judged:
-            columns += [c for c in judges.columns(group.judged[0]) if c not in columns]
-    write_csv(context.rows, out / "results.csv", columns)
-    chance = {g.name: judges.chance(g.judged[0]) for g in built if g.judged}
-    names = [g.name for g in built]
-    points = summarize(context.rows, names, strengths, columns=columns, chance=chance or None)
-    grid_columns = ["base", *strengths]
-    write_grid(context, {g.name: [g.grid_reference(i) for i in range(g.count)] for g in built}, grid_columns)
-    title = f"{Path(args.base).name or args.base}: " + (
-        "identity vs context (judges)" if judges is not None else "identity vs prompt alignment"
-    )
-    plot_tradeoff(points, out / "tradeoff.png", title=title, judged=judges is not None)
-    metrics = {
-        "identity_similarity": "cosine of image embeddings, generated vs reference, in [-1, 1]"
-        + ("; with --pair the mean over the tokens, each in its half" if suffixes else ""),
-        "prompt_alignment": "CLIP score 100 * cos(image, prompt with the token replaced by its class word)"
-        if alignment is not None
-        else "not measured (--clip none)",
-    }
-    if judges is not None:
-        metrics.update(judges.metrics)
-    summary = {
-        "command": ["nested", "eval", *argv],
-        "versions": {
-            "nested": nested.__version__,
-            "diffusers": diffusers.__version__,
-            "torch": torch.__version__,
-        },
-        "base": args.base,
-        "adapters": pipe.describe(),
-        "pair": list(parsed["pair"]) if parsed["pair"] else None,
-        "subjects": {g.name: [g.subject_name(i) for i in range(g.count)] for g in built},
-        "prompts": {name: [p for _, p in parsed["prompts"][name]] for name in names},
-        "strengths": strengths,
-        "token_weights": parsed["token_weights"],
-        "seeds": seeds,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "negative_prompt": args.negative_prompt,
-        "height": args.height,
-        "width": args.width,
-        "clip": None if skip_clip else args.clip,
-        "identity_model": args.identity_model or "the adapter's image encoder",
-        "judges": args.judges,
-        "metrics": metrics,
-        "points": points,
-        "grid": {
-            "rows": [list(key) for key in context.grid_keys],
-            "columns": ["reference", *map(str, grid_columns)],
-        },
-        "files": {"csv": "results.csv", "grid": "grid.png", "tradeoff": "tradeoff.png"},
-        "rows": len(context.rows),
-        "seconds": round(time.time() - started, 2),
-    }
-    (out / "summary.json").write_text(json.dumps(_no_nan(summary), indent=2, default=str) + "\n")
+        suffixes = [column_suffix(t) for t in parsed["pair"]] if parsed["pair"] else []
+        columns = result_columns(suffixes, judged=judges is not None)
+        for group in built:  # the judges' extra columns of every group, in order, once
+            if group.judged:
+                columns += [c for c in judges.columns(group.judged[0]) if c not in columns]
+        write_csv(context.rows, out / "results.csv", columns)
+        chance = {g.name: judges.chance(g.judged[0]) for g in built if g.judged}
+        names = [g.name for g in built]
+        points = summarize(context.rows, names, strengths, columns=columns, chance=chance or None)
+        grid_columns = ["base", *strengths]
+        write_grid(
+            context, {g.name: [g.grid_reference(i) for i in range(g.count)] for g in built}, grid_columns
+        )
+        title = f"{Path(args.base).name or args.base}: " + (
+            "identity vs context (judges)" if judges is not None else "identity vs prompt alignment"
+        )
+        plot_tradeoff(points, out / "tradeoff.png", title=title, judged=judges is not None)
+        metrics = {
+            "identity_similarity": "cosine of image embeddings, generated vs reference, in [-1, 1]"
+            + ("; with --pair the mean over the tokens, each in its half" if suffixes else ""),
+            "prompt_alignment": "CLIP score 100 * cos(image, prompt with the token replaced by its class word)"
+            if alignment is not None
+            else "not measured (--clip none)",
+        }
+        if judges is not None:
+            metrics.update(judges.metrics)
+        summary = {
+            "command": ["nested", "eval", *argv],
+            "versions": {
+                "nested": nested.__version__,
+                "diffusers": diffusers.__version__,
+                "torch": torch.__version__,
+            },
+            "base": args.base,
+            "adapters": pipe.describe(),
+            "pair": list(parsed["pair"]) if parsed["pair"] else None,
+            "subjects": {g.name: [g.subject_name(i) for i in range(g.count)] for g in built},
+            "prompts": {name: [p for _, p in parsed["prompts"][name]] for name in names},
+            "strengths": strengths,
+            "token_weights": parsed["token_weights"],
+            "seeds": seeds,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "negative_prompt": args.negative_prompt,
+            "height": args.height,
+            "width": args.width,
+            "clip": None if skip_clip else args.clip,
+            "identity_model": args.identity_model or "the adapter's image encoder",
+            "judges": args.judges,
+            "metrics": metrics,
+            "points": points,
+            "grid": {
+                "rows": [list(key) for key in context.grid_keys],
+                "columns": ["reference", *map(str, grid_columns)],
+            },
+            "files": {"csv": "results.csv", "grid": "grid.png", "tradeoff": "tradeoff.png"},
+            "rows": len(context.rows),
+            "seconds": round(time.time() - started, 2),
+        }
+        write_json_atomic(out / "summary.json", _no_nan(summary))
     pipe.unload()
     return summary
 
 
 def _no_nan(value: Any) -> Any:
-    """NaN (e.g. prompt alignment with --clip none) as JSON null, which every JSON reader accepts."""
-    if isinstance(value, float) and value != value:
+    """NaN or infinity (e.g. prompt alignment with --clip none) as JSON null, which every JSON reader accepts."""
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {key: _no_nan(item) for key, item in value.items()}

@@ -423,6 +423,7 @@ class NestedPipeline:
                 "subjects need the prompt text to find their tokens; pass prompt, not prompt_embeds."
             )
         if not subjects:
+            self._warn_tokens_without_subject(prompt, {})
             return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)
         with self.bind(
             prompt,
@@ -433,7 +434,27 @@ class NestedPipeline:
             num_images_per_prompt=num_images_per_prompt,
             prompt_2=pipeline_kwargs.get("prompt_2"),
         ):
+            self._warn_tokens_without_subject(prompt, subjects)
             return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)
+
+    def _warn_tokens_without_subject(
+        self, prompt: str | Sequence[str] | None, subjects: Mapping[str, Any]
+    ) -> None:
+        """Warn for each placeholder token in the prompts that has no subject in this call: it gets its
+        learned embedding but no subject image, which is rarely what was meant."""
+        if prompt is None:  # prompt_embeds: no text to look in
+            return
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        for token, bound in self._tokens.items():
+            if token in subjects or not bound.placeholder:
+                continue
+            if subject_masks(self.tokenizers[0], prompts, token).any():
+                warnings.warn(
+                    f"{token!r} is in the prompt but has no subject: it is generated without its subject image "
+                    f"(pass subjects={{{token!r}: image}}).",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """token -> where its adapter came from and what it is (for logs and reproducibility)."""

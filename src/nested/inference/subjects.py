@@ -1,6 +1,8 @@
 """Subjects of a :class:`~nested.pipeline.NestedPipeline` call, and the pipeline state adapters change.
 
-* :class:`Subject` and :func:`load_image`: one token's image(s) and options, and image normalisation.
+* :class:`Subject` and :func:`load_image`: one token's image(s) and options (checked: finite numbers, a
+  strength outside :data:`STRENGTH_RANGE` warns), and image normalisation. Image files open through
+  :func:`nested.image_files.open_image`, which names a damaged file or a decompression bomb.
 * The snapshot of the tokenizers / text encoders taken before placeholder tokens are added, so that
   ``NestedPipeline.unload`` restores them exactly.
 """
@@ -9,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +21,21 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
 from nested.attention import check_token_weight
 from nested.errors import ConfigError, DataError, MissingFileError
+from nested.image_files import open_image
 from nested.tokens import set_token_embedding
 
 __all__ = [
+    "STRENGTH_RANGE",
     "ImageInput",
     "Snapshot",
     "Subject",
+    "check_finite",
+    "check_strength",
     "load_image",
     "restore_snapshot",
     "subject_images",
@@ -37,6 +45,37 @@ __all__ = [
 
 
 ImageInput = Union["PIL.Image.Image", str, os.PathLike, Tensor, np.ndarray]  # noqa: F821
+
+# The strengths adapters are made for: 0 is the plain prompt, 1 the subject, above 1 extrapolates past it
+# (the toy world's evaluations use 1.5). Outside this range images usually break down: it warns.
+STRENGTH_RANGE = (0.0, 2.0)
+
+
+def check_finite(value: float, source: str) -> float:
+    """``value`` as a float if it is a finite number; NaN or infinity is a ConfigError naming ``source``
+    (either would silently turn every image black)."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ConfigError(f"{source} must be a finite number, got {value}.")
+    return number
+
+
+def check_strength(value: float, token: str) -> float:
+    """``token``'s strength: finite (else a ConfigError); outside :data:`STRENGTH_RANGE` it warns.
+
+    The warning is raised from here (not the caller's line), so the same strength of the same token warns
+    once, however many calls use it.
+    """
+    strength = check_finite(value, f"the strength of {token!r}")
+    low, high = STRENGTH_RANGE
+    if not low <= strength <= high:
+        warnings.warn(
+            f"the strength of {token!r} ({strength:g}) is outside [{low:g}, {high:g}], the range adapters are "
+            "made for (0: the plain prompt, 1: the subject); images may break down.",
+            UserWarning,
+            stacklevel=1,
+        )
+    return strength
 
 
 @dataclass
@@ -48,6 +87,7 @@ class Subject:
             [0, 255] also accepted) or an (H, W, 3) array; or a list with one image per prompt.
         scale: blend of the subject token's value: 0 -> the plain text value, 1 -> the nested value.
             For an adapter with ``injection: "decoupled"``: the weight of its added image attention.
+            Every number here must be finite; a scale outside :data:`STRENGTH_RANGE` warns.
         token_weight: multiplies the attention probability of the subject column (the official demo's
             ``special_token_weight``); > 1 strengthens the subject's presence. None: the weight the adapter
             was trained with (1 unless trained with ``model.token_weight``). Nested adapters only.
@@ -61,8 +101,11 @@ class Subject:
     value_norm_factor: float | None = None
 
     def __post_init__(self) -> None:
+        self.scale = check_finite(self.scale, "scale")
         if self.token_weight is not None:
-            check_token_weight(self.token_weight)
+            self.token_weight = check_token_weight(check_finite(self.token_weight, "token_weight"))
+        if self.value_norm_factor is not None:
+            self.value_norm_factor = check_finite(self.value_norm_factor, "value_norm_factor")
 
 
 def load_image(image: ImageInput, name: str = "subject") -> Tensor:
@@ -70,15 +113,15 @@ def load_image(image: ImageInput, name: str = "subject") -> Tensor:
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        ValueError: an unsupported type, shape or value range.
+        ValueError: an unsupported type, shape or value range; an image file that is damaged, not an
+            image, or a decompression bomb (:class:`nested.image_files.ImageFileError`, naming the file).
     """
 
     if isinstance(image, (str, os.PathLike)):
         path = Path(image).expanduser()
         if not path.is_file():
             raise MissingFileError(f"the image for {name} does not exist: {str(path)!r}.")
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+        image = open_image(path).rgb
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
@@ -129,12 +172,19 @@ def subject_specs(
         token: dataclasses.replace(value) if isinstance(value, Subject) else Subject(image=value)
         for token, value in subjects.items()
     }
+    # Checked here too, so that a message names the token (dataclasses.replace runs Subject's own checks).
     for token, value in (strengths or {}).items():
-        specs[token].scale = float(value)
+        specs[token] = dataclasses.replace(specs[token], scale=check_finite(value, f"strengths[{token!r}]"))
     for token, value in (value_norm_factors or {}).items():
-        specs[token].value_norm_factor = float(value)
+        value = check_finite(value, f"value_norm_factors[{token!r}]")
+        specs[token] = dataclasses.replace(specs[token], value_norm_factor=value)
     for token, value in (token_weights or {}).items():
-        specs[token] = dataclasses.replace(specs[token], token_weight=float(value))  # re-validated
+        value = check_token_weight(
+            check_finite(value, f"token_weights[{token!r}]"), f"token_weights[{token!r}]"
+        )
+        specs[token] = dataclasses.replace(specs[token], token_weight=value)
+    for token, spec in specs.items():
+        check_strength(spec.scale, token)
     return specs
 
 
