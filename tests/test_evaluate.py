@@ -247,8 +247,14 @@ def test_eval_refuses_a_used_out_and_overwrite_replaces_the_earlier_run_whole(
         ({"--guidance": "inf"}, "--guidance: inf is not a finite number."),
         ({"--token-weight": "<person>=nan"}, "--token-weight '<person>=nan': nan is not a finite number."),
         # A subject image that cannot be used is fatal, named, before any model loads (--base is not one).
-        ({"subject": "truncated.jpg"}, "truncated.jpg': the file is damaged (image file is truncated"),
-        ({"subject": "bomb.png"}, "bomb.png': Image size (400000000 pixels) exceeds limit"),
+        (
+            {"subject": "truncated.jpg"},
+            "truncated.jpg': unreadable image: the file is damaged (image file is truncated",
+        ),
+        (
+            {"subject": "bomb.png"},
+            "bomb.png': decompression bomb: Image size (400000000 pixels) exceeds limit",
+        ),
     ],
 )
 def test_eval_bad_numbers_and_a_damaged_subject_image_end_in_one_line(

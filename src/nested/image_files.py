@@ -8,9 +8,11 @@ same things with the same words:
   beyond, whatever ``max_pixels`` says);
 - a truncated or corrupt file: the whole image is decoded here, so a broken file fails now, with its
   name, and not later in the middle of a run with PIL's bare "image file is truncated";
-- a file PIL cannot identify.
+- a file PIL cannot identify;
+- pixels with no defined 8-bit meaning (integers beyond 16 bits, floats outside 0..1).
 
-The result is upright (its EXIF orientation applied) and RGB.
+The result is upright (its EXIF orientation applied) and correct 8-bit RGB in every mode PIL opens
+(:func:`to_rgb`: PIL's own ``convert("RGB")`` clips 16-bit images and drops transparency).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from nested.errors import DataError, MissingFileError
 
-__all__ = ["ImageFileError", "OpenedImage", "open_image"]
+__all__ = ["ImageFileError", "OpenedImage", "UnusablePixels", "open_image", "to_rgb"]
 
 # What PIL raises for a file it cannot decode, across its format plugins.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
@@ -42,12 +45,60 @@ class ImageFileError(DataError):
 
 @dataclass
 class OpenedImage:
-    """A decoded image file: ``rgb`` upright RGB pixels, PIL's ``format`` name, and whether EXIF
-    orientation changed the pixels (``transposed``: then the file's bytes differ from ``rgb``)."""
+    """A decoded image file: ``rgb`` upright 8-bit RGB pixels, PIL's ``format`` name, and
+    ``bytes_differ``: whether a plain ``Image.open(path).convert("RGB")`` of the file would give other
+    pixels than ``rgb`` (EXIF orientation, 16-bit or transparent images), so the file's bytes must
+    not stand for ``rgb``."""
 
     rgb: Image.Image
     format: str | None
-    transposed: bool
+    bytes_differ: bool
+
+
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+class UnusablePixels(ValueError):
+    """Pixels with no defined 8-bit meaning (the reason, without the path)."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB pixels of an image in any mode PIL opens.
+
+    PIL's ``convert("RGB")`` is right for 8-bit modes without transparency (``L``, ``1``, ``P``,
+    ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``), but clips 16-bit and 32-bit integers at 255
+    and drops alpha. So: ``I;16*`` (16-bit) is scaled from 0..65535, ``I`` (32-bit integers) is read
+    as 16-bit too (refused outside 0..65535), ``F`` (floats) is scaled from 0..1 (refused
+    outside), and transparency (an alpha channel, or a ``transparency`` entry of ``P``, ``L`` and
+    ``RGB`` images) is composited over white.
+
+    Raises:
+        UnusablePixels: when the pixel values have no defined 8-bit meaning (the message says why).
+    """
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode == "F" or image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+        if image.mode == "F":
+            if not (low >= 0 and high <= 1):  # NaN fails too
+                raise UnusablePixels(
+                    f"floating-point pixels (mode F) outside 0..1 (min {low:g}, max {high:g}); "
+                    "save it as an 8- or 16-bit image"
+                )
+            pixels = pixels * 255
+        else:
+            if low < 0 or high > 65535:
+                raise UnusablePixels(
+                    f"integer pixels (mode {image.mode}) outside the 16-bit range 0..65535 (min {low:g}, "
+                    f"max {high:g}); save it as an 8- or 16-bit image"
+                )
+            pixels = pixels / 257
+        return Image.fromarray(np.rint(pixels).astype(np.uint8)).convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def open_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> OpenedImage:
@@ -55,8 +106,10 @@ def open_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ope
 
     Args:
         path: the file.
-        max_pixels: the most pixels (width x height) accepted; None: ``PIL.Image.MAX_IMAGE_PIXELS``
-            (read at each call, so raising it from Python raises this limit too; PIL's None: no limit).
+        max_pixels: the most pixels (width x height) the caller accepts (None: no limit of its own).
+            PIL's ``Image.MAX_IMAGE_PIXELS`` applies as well (read at each call, so raising it from
+            Python raises that limit; None: none): an image beyond it is refused as a decompression
+            bomb, where PIL itself would only warn.
 
     Raises:
         MissingFileError: no file at ``path``.
@@ -65,26 +118,37 @@ def open_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ope
     path = Path(path).expanduser()
     if not path.is_file():
         raise MissingFileError(f"the image {str(path)!r} does not exist.")
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, by ``limit``
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
             with Image.open(path) as image:
                 width, height = image.size
-                if limit is not None and width * height > limit:
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageFileError(path, f"too many pixels: {width}x{height} > {max_pixels}; resize it")
+                if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
                     raise ImageFileError(
                         path,
-                        f"{width}x{height} is more than {limit} pixels (a decompression bomb?); resize it",
+                        f"decompression bomb: {width}x{height} is more than PIL's Image.MAX_IMAGE_PIXELS "
+                        f"({Image.MAX_IMAGE_PIXELS}); resize it",
                     )
                 image.load()
                 transposed = image.getexif().get(0x0112, 1) != 1  # the EXIF orientation tag
                 upright = ImageOps.exif_transpose(image) if transposed else image
-                return OpenedImage(upright.convert("RGB"), image.format, transposed)
+                rgb = to_rgb(upright)
+                bytes_differ = transposed or (
+                    rgb is not upright
+                    and not np.array_equal(np.asarray(image.convert("RGB")), np.asarray(rgb))
+                )
+                return OpenedImage(rgb, image.format, bytes_differ)
     except ImageFileError:
         raise
+    except UnusablePixels as error:
+        raise ImageFileError(path, f"unusable pixels: {error}") from None
     except Image.DecompressionBombError as error:
-        raise ImageFileError(path, f"{error} Resize it") from error
+        raise ImageFileError(path, f"decompression bomb: {str(error).rstrip('.')}") from error
     except Image.UnidentifiedImageError as error:
-        raise ImageFileError(path, "not an image file PIL can read") from error
+        raise ImageFileError(path, "unreadable image: not an image file PIL can read") from error
     except _DECODE_ERRORS as error:
-        raise ImageFileError(path, f"the file is damaged ({error}); re-save or replace it") from error
+        raise ImageFileError(
+            path, f"unreadable image: the file is damaged ({error}); re-save or replace it"
+        ) from error

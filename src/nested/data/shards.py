@@ -4,7 +4,7 @@ Sample format (one webdataset sample per training image; all members share the `
 
 - ``jpg`` | ``png`` | ``webp``: the target image (exactly one), 8-bit RGB. The source file's
   bytes when the reader's plain RGB conversion of them gives exactly the pixels validated here
-  (see ``to_rgb``), else those pixels re-encoded as JPEG (quality 95).
+  (see ``nested.image_files.to_rgb``), else those pixels re-encoded as JPEG (quality 95).
 - ``ref.jpg`` | ``ref.png`` (optional): the subject encoder's input, e.g. an aligned face crop.
   Without it, the domain's ``reference`` rule derives it from the target
   (``nested.data.DomainSpec``).
@@ -52,7 +52,6 @@ import os
 import re
 import shutil
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -63,12 +62,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from nested.data.transforms import target_transform
 from nested.errors import ConfigError, DataError, MissingFileError, OutputExistsError
 from nested.files import staging_folder, swap_files
+from nested.image_files import ImageFileError, open_image
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -213,86 +213,24 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 # ----------------------------------------------------------------------------- validation
 
 
-_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """The 8-bit RGB pixels of an image in any mode PIL opens.
-
-    PIL's ``convert("RGB")`` is right for 8-bit modes without transparency (``L``, ``1``, ``P``,
-    ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``), but clips 16-bit and 32-bit integers at 255
-    and drops alpha. So: ``I;16*`` (16-bit) is scaled from 0..65535, ``I`` (32-bit integers) is read
-    as 16-bit too (rejected outside 0..65535), ``F`` (floats) is scaled from 0..1 (rejected
-    outside), and transparency (an alpha channel, or a ``transparency`` entry of ``P``, ``L`` and
-    ``RGB`` images) is composited over white.
-
-    Raises:
-        Rejected: when the pixel values have no defined 8-bit meaning.
-    """
-    if image.mode == "RGB" and "transparency" not in image.info:
-        return image
-    if image.mode == "F" or image.mode.startswith("I"):
-        pixels = np.asarray(image, dtype=np.float64)
-        low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
-        if image.mode == "F":
-            if not (low >= 0 and high <= 1):  # NaN fails too
-                raise Rejected(
-                    f"floating-point pixels (mode F) outside 0..1 (min {low:g}, max {high:g}); "
-                    "save it as an 8- or 16-bit image"
-                )
-            pixels = pixels * 255
-        else:
-            if low < 0 or high > 65535:
-                raise Rejected(
-                    f"integer pixels (mode {image.mode}) outside the 16-bit range 0..65535 (min {low:g}, "
-                    f"max {high:g}); save it as an 8- or 16-bit image"
-                )
-            pixels = pixels / 257
-        return Image.fromarray(np.rint(pixels).astype(np.uint8)).convert("RGB")
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def load_checked_image(path: Path, *, min_size: int, max_pixels: int) -> tuple[Image.Image, str | None, bool]:
-    """Decode ``path`` fully and check it; raise ``Rejected`` with the reason if it is unusable.
+    """Decode ``path`` fully and check it (:func:`nested.image_files.open_image`); raise ``Rejected``
+    with the reason if it is unusable or its short side is under ``min_size``.
 
     Returns:
-        ``(rgb_image, format, reencode)``: the EXIF-upright 8-bit RGB image (``to_rgb``), the PIL
-        format name, and whether the source bytes must not be stored as is: EXIF orientation
-        changed the pixels, or the reader's plain ``convert("RGB")`` of them would give other
-        pixels (16-bit, alpha...).
+        ``(rgb_image, format, reencode)``: the EXIF-upright 8-bit RGB image, the PIL format name, and
+        whether the source bytes must not be stored as is (``OpenedImage.bytes_differ``).
     """
-    if not path.is_file():
-        raise Rejected(f"file not found: {path}")
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that; we reject instead.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                # Checked on the header, before load(), so a bomb is never decoded.
-                if width * height > max_pixels:
-                    raise Rejected(f"too many pixels: {width}x{height} > max_pixels={max_pixels}")
-                image.load()
-                image_format = image.format
-                transposed = image.getexif().get(0x0112, 1) != 1  # EXIF orientation tag
-                upright = ImageOps.exif_transpose(image) if transposed else image
-                rgb = to_rgb(upright)
-                reencode = transposed or (
-                    rgb is not upright
-                    and not np.array_equal(np.asarray(image.convert("RGB")), np.asarray(rgb))
-                )
-    except Rejected:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise Rejected(f"decompression bomb: {exc}") from exc
-    except Exception as exc:  # PIL raises many types for broken files; all mean "unreadable"
-        raise Rejected(f"unreadable image: {type(exc).__name__}: {exc}") from exc
+        opened = open_image(path, max_pixels=max_pixels)
+    except MissingFileError:
+        raise Rejected(f"file not found: {path}") from None
+    except ImageFileError as error:
+        raise Rejected(error.reason) from error
+    rgb = opened.rgb
     if min(rgb.size) < min_size:
         raise Rejected(f"too small: {rgb.width}x{rgb.height}, the short side must be >= min_size={min_size}")
-    return rgb, image_format, reencode
+    return rgb, opened.format, opened.bytes_differ
 
 
 def check_bbox(bbox: Any, width: int, height: int) -> list[float]:
