@@ -15,7 +15,18 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "nested"
 
 # Lower layers never import higher ones; modules of one subpackage may import each other.
-CORE = {"attention", "adapter", "encoder", "tokens", "backbone", "errors", "files", "testing", "_lazy"}
+CORE = {
+    "attention",
+    "adapter",
+    "encoder",
+    "tokens",
+    "backbone",
+    "errors",
+    "files",
+    "signals",
+    "testing",
+    "_lazy",
+}
 LAYERS = {
     "core": 0,
     "data": 1,

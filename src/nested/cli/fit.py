@@ -28,15 +28,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from nested.callbacks.export import AdapterExport, stopped_early
 from nested.data.datamodule import NestedDataModule
 from nested.errors import UsageError
+from nested.signals import clear_signals, install_signal_flags, restore_signal_handlers
 from nested.training.module import NestedAttentionModule
 from nested.training.resume import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
     checkpoint_dirs,
-    clear_signals,
     find_resume_checkpoint,
-    install_signal_flags,
-    restore_signal_handlers,
     stable_checkpoint_dirs,
 )
 

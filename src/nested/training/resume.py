@@ -1,4 +1,4 @@
-"""Preemption and resume: atomic checkpoints, SIGUSR1/SIGTERM at a step boundary, SLURM requeue.
+"""Preemption and resume: atomic checkpoints, a stop signal acted on at a step boundary, SLURM requeue.
 
 - :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the SAME directory,
   fsyncs it, then ``os.replace``-s it over the target: a process killed mid-write leaves the
@@ -9,10 +9,9 @@
   ``#SBATCH --signal=USR1@90``), SIGTERM (scancel, preemption, a node being drained) and SIGINT
   (Ctrl-C) into a checkpoint ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` written at the next step
   boundary that every rank agrees on, then, for SIGUSR1 under SLURM, ``scontrol requeue <job>``,
-  then a clean stop. The signal handlers only set a flag: no I/O, no collective inside a handler
-  (Lightning's own handler saves inside the handler, possibly mid-step, #21406). A second stop
-  signal while stopping ends the process at once, by that signal's default action (exit status
-  130 for SIGINT, 143 for SIGTERM), so nothing can keep a user or SLURM waiting.
+  then a clean stop. The signal handlers (:mod:`nested.signals`) only set a flag: no I/O, no
+  collective inside a handler (Lightning's own handler saves inside the handler, possibly mid-step,
+  #21406); a second stop signal ends the process at once.
 - :func:`find_resume_checkpoint` picks the newest of the hpc checkpoints and the checkpoint
   callbacks' files (by the global step inside, then hpc first, then mtime), skipping unreadable
   ones; ``nested fit`` resumes from it when no ``--ckpt_path`` is given, and starts fresh when there
@@ -39,25 +38,19 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nested.errors import ConfigError
 from nested.files import fsync_dir
+from nested.signals import STOP_SIGNALS, clear_signals, install_signal_flags, received_signals
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "STOP_SIGNALS",
     "AtomicCheckpointIO",
     "PreemptionCheckpoint",
     "checkpoint_step",
-    "clear_signals",
     "find_resume_checkpoint",
-    "install_signal_flags",
-    "received_signals",
+    "training_finished",
 ]
 
 _HPC = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
-# The stop signals received since the last clear_signals(), in order: the first asks for a checkpoint and a
-# stop at the next step boundary, any further one ends the process at once.
-_RECEIVED: list[int] = []
-STOP_SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -151,64 +144,6 @@ def stable_checkpoint_dirs(trainer: L.Trainer) -> None:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-def _set_flag(signum: int, frame: Any) -> None:
-    """The stop signals' handler: the first one only sets a flag (a handler runs between two bytecodes of
-    anything: no I/O beyond one write to stderr, no collective); a second one ends the process at once."""
-    name = signal.Signals(signum).name
-    if _RECEIVED:
-        os.write(2, f"\nnested: {name} while stopping: exiting at once.\n".encode())
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)  # the signal's default action: the shell sees 128 + its number
-        return
-    _RECEIVED.append(signum)
-    os.write(
-        2,
-        f"\nnested: {name} received: stopping at the end of the current step, with a checkpoint "
-        "(send a stop signal again to exit at once).\n".encode(),
-    )
-
-
-def install_signal_flags(names: tuple[str, ...] = STOP_SIGNALS) -> dict[int, Any]:
-    """Make the named signals set a flag (see :func:`received_signals`) instead of their default.
-
-    Called by ``nested fit`` at start (a SIGUSR1 during model loading no longer kills the
-    process) and by :class:`PreemptionCheckpoint` when training starts (over Lightning's handlers).
-    Only possible in the main thread; elsewhere this does nothing. Returns the previous handlers
-    (for :func:`restore_signal_handlers`).
-    """
-    previous: dict[int, Any] = {}
-    for name in names:
-        signum = getattr(signal, name, None)
-        if signum is None:
-            continue
-        try:
-            previous[signum] = signal.signal(signum, _set_flag)
-        except ValueError:  # not the main thread
-            break
-    return previous
-
-
-def restore_signal_handlers(previous: dict[int, Any]) -> None:
-    """Put back the handlers :func:`install_signal_flags` replaced."""
-    for signum, handler in previous.items():
-        if handler is not None:
-            signal.signal(signum, handler)
-
-
-def received_signals() -> set[int]:
-    """The stop signals received so far by this process (cleared by :func:`clear_signals`); while there
-    is one, a further stop signal ends the process at once."""
-    return set(_RECEIVED)
-
-
-def clear_signals() -> None:
-    """Forget the stop signals received (a new fit starts): the next one is a first one again."""
-    _RECEIVED.clear()
 
 
 class PreemptionCheckpoint(L.Callback):
