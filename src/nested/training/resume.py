@@ -9,7 +9,7 @@
   ``#SBATCH --signal=USR1@90``), SIGTERM (scancel, preemption, a node being drained) and SIGINT
   (Ctrl-C) into a checkpoint ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` written at the next step
   boundary that every rank agrees on, then, for SIGUSR1 under SLURM, ``scontrol requeue <job>``,
-  then a clean stop. The signal handlers (:mod:`nested.signals`) only set a flag: no I/O, no
+  then a clean stop. The signal handlers (:mod:`nested.signals`) only set a flag: no checkpoint, no
   collective inside a handler (Lightning's own handler saves inside the handler, possibly mid-step,
   #21406); a second stop signal ends the process at once.
 - :func:`find_resume_checkpoint` picks the newest of the hpc checkpoints and the checkpoint
@@ -188,8 +188,8 @@ class PreemptionCheckpoint(L.Callback):
         trainer.callbacks = [*others, self, *(c for c in trainer.callbacks if isinstance(c, Checkpoint))]
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # The fit is over (the other callbacks' teardown, e.g. HubUpload's wait, ran before this one: a
-        # second signal still ended it at once); a later fit in this process starts with no signal.
+        # Runs after the other callbacks' teardown (HubUpload's wait among them), during which a second signal
+        # still ends the process at once. A later fit in this process starts with no signal pending.
         clear_signals()
 
     def _install(self) -> None:
@@ -258,7 +258,7 @@ class PreemptionCheckpoint(L.Callback):
 def training_finished(trainer: L.Trainer) -> bool:
     """Whether the step that just ended was the last one of the fit (``max_steps``, or the last batch of
     the ``max_epochs``-th epoch)."""
-    if trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+    if trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
         return True
     last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
     max_epochs = trainer.max_epochs
