@@ -15,18 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "nested"
 
 # Lower layers never import higher ones; modules of one subpackage may import each other.
-CORE = {
-    "attention",
-    "adapter",
-    "encoder",
-    "tokens",
-    "backbone",
-    "errors",
-    "files",
-    "signals",
-    "testing",
-    "_lazy",
-}
+CORE = {"attention", "adapter", "encoder", "tokens", "backbone", "errors", "files", "testing", "_lazy"}
 LAYERS = {
     "core": 0,
     "data": 1,
@@ -40,6 +29,7 @@ LAYERS = {
     "toyworld": 6,  # research code that uses the library; the library never imports it
 }
 COMPAT = {"pipeline", "module", "metrics", "sampling"}
+CORE |= {"signals"}  # nested.signals: the stop-signal flag that training, callbacks and the CLI share
 
 
 def layer_of(module: str) -> str:
