@@ -139,6 +139,7 @@ SLURM_VALUES = {
     "SLURM_NTASKS_PER_NODE": "2",
     "SLURM_JOB_NAME": "job",
     "RUN_DIR": "runs/job",
+    "ACCELERATOR": "cpu",
 }
 
 
