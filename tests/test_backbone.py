@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from transformers import CLIPTokenizer
 
 from nested.backbone import DiffusionBackbone, check_tokenizer
+from nested.errors import MissingFileError
 
 PROMPTS = [
     "a photo of a person on the beach",
@@ -147,6 +148,29 @@ def test_missing_component_error(tiny_sd_path: Path, tmp_path: Path) -> None:
     (path / "model_index.json").write_text(json.dumps(index | {"text_encoder": [None, None]}))
     with pytest.raises(ValueError, match="no \\['text_encoder'\\]"):
         DiffusionBackbone.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    ("remove", "problem"),
+    [
+        ("unet", "has no unet/ folder"),
+        ("scheduler/scheduler_config.json", "has no scheduler/scheduler_config.json"),
+        (
+            "vae/diffusion_pytorch_model.safetensors",
+            "has no weights in vae/ (diffusion_pytorch_model*.safetensors",
+        ),
+        ("text_encoder/model.safetensors", "has no weights in text_encoder/ (model*.safetensors"),
+    ],
+)
+def test_an_incomplete_model_folder_names_the_missing_part(tiny_sd_path, tmp_path, remove, problem) -> None:
+    """diffusers would say "no file named config.json found in directory <the root folder>"."""
+    path = shutil.copytree(tiny_sd_path, tmp_path / "partial")
+    target = path / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(MissingFileError) as error:
+        DiffusionBackbone.from_pretrained(path)
+    message = str(error.value)
+    assert message.startswith(f"{path} {problem}") and "subfolders unet/, vae/, scheduler/" in message
 
 
 def test_two_token_tokenizer_trap_detected(tiny_sd_path: Path, tmp_path: Path) -> None:

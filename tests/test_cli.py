@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,119 @@ def test_fit_reports_a_configuration_mistake_in_one_line(capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("nested fit: error: frozen_dtype must be one of")
+
+
+def _joined_lines(text: str, comment: str = "") -> list[str]:
+    """The lines of ``text`` with shell continuations (``\\`` at the end) joined; ``comment``: a prefix to strip
+    first (``#`` for usage lines inside a script's comments)."""
+    lines = [
+        line.strip().removeprefix(comment).strip() if comment else line.strip() for line in text.splitlines()
+    ]
+    return re.sub(r"\s*\\\n\s*", " ", "\n".join(lines)).splitlines()
+
+
+def readme_fit_commands() -> list[str]:
+    """Every `nested fit ...` command line README.md shows (code-block lines and inline code spans), up to a
+    comment or the next command (`&&`, `;`, `|`), without standalone `...` placeholders. Fragments without a
+    `--config` (`nested fit --help`, `nested fit ... && ...` in prose) are left out."""
+    text = (REPO / "README.md").read_text()
+    commands = [m.group(1) for m in re.finditer(r"`(nested fit [^`]*)`", text)]
+    commands += [line for line in _joined_lines(text) if line.startswith("nested fit ")]
+    commands = [re.split(r"\s#|&&|;|\|", command)[0] for command in commands]
+    commands = [" ".join(token for token in command.split() if token != "...") for command in commands]
+    return [command for command in commands if "--config" in command]
+
+
+# What a SLURM job's environment gives fit.sbatch's `nested fit` line, for --print_config.
+SLURM_VALUES = {
+    "SLURM_NNODES": "1",
+    "SLURM_NTASKS_PER_NODE": "2",
+    "SLURM_JOB_NAME": "job",
+    "RUN_DIR": "runs/job",
+    "ACCELERATOR": "cpu",
+}
+
+
+def sbatch_fit_commands() -> list[str]:
+    """The `nested fit` line of scripts/slurm/fit.sbatch, once per `sbatch ... fit.sbatch CONFIG ARGS` usage that
+    README.md and the script's comments show, with the SLURM variables filled in."""
+    script = (REPO / "scripts/slurm/fit.sbatch").read_text()
+    (fit_line,) = [
+        line for line in _joined_lines(script) if "nested fit --" in line and not line.startswith("#")
+    ]
+    fit_args = fit_line.split("nested fit ", 1)[1]
+    usages = _joined_lines((REPO / "README.md").read_text()) + _joined_lines(script, comment="#")
+    commands = []
+    for line in usages:
+        match = re.search(r"scripts/slurm/fit\.sbatch (configs/\S+\.yaml)(.*)", line)
+        if not match:
+            continue
+        extra = (
+            re.sub(r"\[[^\]]*\]", "", match.group(2)).split(" #")[0].strip()
+        )  # drop "[more ...]" placeholders
+        values = {**SLURM_VALUES, "CONFIG": match.group(1)}
+        command = re.sub(
+            r"\$\{?(\w+)\}?",
+            lambda m, values=values: values.get(m.group(1), m.group(0)),
+            fit_args.replace('"$@"', extra),
+        )
+        commands.append(f"nested fit {command}")
+    return commands
+
+
+def test_every_fit_command_line_the_docs_show_parses(capsys):
+    """Each `nested fit` line of README.md and of the SLURM usage (README, fit.sbatch's comments) runs with
+    --print_config: the options it names exist, its config files compose."""
+    commands = readme_fit_commands() + sbatch_fit_commands()
+    assert len(commands) >= 10 and any("sbatch" not in c and "--data.domains" in c for c in commands)
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:2] == ["nested", "fit"] and "$" not in command, command
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv[1:], "--print_config"])
+        assert exit_info.value.code in (0, None), f"{command}:\n{capsys.readouterr().err[-2000:]}"
+        capsys.readouterr()
+
+
+def test_a_list_element_chosen_by_index_is_one_line_naming_what_works(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/faces-sdxl.yaml", "--data.domains.0.urls=/data/faces/shards.json"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("nested fit: error: --data.domains.0.urls:")
+    assert "--data.domains.urls=... sets urls in the LAST element of data.domains" in error
+
+
+def _fit_args(root: Path, *extra: str) -> list[str]:
+    """`nested fit` on the smoke config, one step, no validation, no worker, into ``root``."""
+    return ["fit", "--config", "configs/smoke.yaml", "--trainer.max_steps=1", f"--trainer.default_root_dir={root}",
+            "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--data.num_workers=0", *extra]  # fmt: skip
+
+
+def test_a_base_model_folder_without_its_unet_is_one_line_naming_it(tmp_path, capsys):
+    model = shutil.copytree(REPO / "data/models/tiny-sd", tmp_path / "tiny-sd")
+    shutil.rmtree(model / "unet")
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(tmp_path / "run", f"--model.base_model={model}"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"nested fit: error: {model} has no unet/ folder: it is not a complete diffusers")
+    assert "model_index.json and the subfolders unet/, vae/, scheduler/" in error
+
+
+def test_resuming_a_checkpoint_of_another_architecture_names_it_and_how_to_start_over(tmp_path, capsys):
+    """The run's checkpoint has 16 subject tokens; the same command with num_tokens=8 auto-resumes it and is
+    refused in one line: which checkpoint, which tensor and setting differ, how to start over."""
+    root = tmp_path / "run"
+    assert main(_fit_args(root)) == 0
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(root, "--trainer.max_steps=2", "--model.encoder.num_tokens=8"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"nested fit: error: cannot resume from the checkpoint {checkpoint}:")
+    assert "adapter.encoder.resampler.latents is [1, 16, 64] there, [1, 8, 64] here" in error
+    assert "encoder.num_tokens: 16 -> 8" in error
+    assert "--auto_resume=false or another --trainer.default_root_dir" in error

@@ -30,6 +30,7 @@ LAYERS = {
     "toyworld": 6,  # research code that uses the library; the library never imports it
 }
 COMPAT = {"pipeline", "module", "metrics", "sampling"}
+CORE |= {"signals"}  # nested.signals: the stop-signal flag that training, callbacks and the CLI share
 
 
 def layer_of(module: str) -> str:

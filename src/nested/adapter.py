@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ __all__ = [
     "SubjectBinding",
     "check_bindings_disjoint",
     "cross_attention_layers",
+    "training_is_complete",
     "unet_fingerprint",
 ]
 
@@ -67,6 +69,18 @@ CONFIG_NAME = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _REGISTRY_ATTR = "_nested_processors"
 _HOOK_ATTR = "_nested_hook"
+
+
+def training_is_complete(adapter_dir: str | os.PathLike) -> bool:
+    """False for the export of a training run that had not reached its end: a preempted or interrupted run,
+    or a snapshot taken during training (``"training": {"complete": false, ...}`` in its
+    ``adapter_config.json``); True otherwise, also for adapters saved outside ``nested fit``.
+
+    Reads only the config file: no torch, no weights.
+    """
+    config = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text(encoding="utf-8"))
+    training = config.get("training") if isinstance(config, dict) else None
+    return not (isinstance(training, dict) and training.get("complete") is False)
 
 
 def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
@@ -118,6 +132,10 @@ class AdapterConfig:
             ``"decoupled"`` (IP-Adapter-style: an image attention added to every query of a bound
             sample, the text attention left plain). Same parameters either way; a config without the key
             means ``"nested"``.
+        training: what training produced this export, written by ``nested fit``: ``{"step": N, "complete":
+            bool}``. ``complete`` is true only for the final adapter of a run that reached its
+            end (``adapters/last``); exports taken during training, and the adapter of a run stopped early
+            (preemption, Ctrl-C), record false. None (absent from the file): saved outside ``nested fit``.
     """
 
     token: str
@@ -131,6 +149,7 @@ class AdapterConfig:
     token_encoders: list[str] = field(default_factory=list)
     injection: InjectionMode = "nested"
     token_weight: float = 1.0
+    training: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -153,6 +172,8 @@ class AdapterConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["encoder"] = self.encoder.to_dict()
+        if data["training"] is None:
+            del data["training"]  # adapters saved outside `nested fit` keep the keys they always had
         return data
 
     @classmethod
@@ -648,19 +669,21 @@ class NestedAdapter(nn.Module):
         for name, tensor in token_embeddings.items():
             self.token_embeddings[name] = nn.Parameter(tensor.clone(), requires_grad=False)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(
+        self, directory: str | os.PathLike, *, training: dict[str, Any] | None = None
+    ) -> Path:
         """Write ``adapter.safetensors`` + ``adapter_config.json`` atomically (a staged folder that
-        replaces ``directory`` when complete; modes follow the umask)."""
+        replaces ``directory`` when complete; modes follow the umask). ``training``: recorded in the
+        config as :attr:`AdapterConfig.training` (``nested fit``'s exports)."""
         directory = Path(directory)
+        config = dataclasses.replace(self.config, training=training) if training is not None else self.config
         with staged_directory(directory) as staging:
             save_file(
                 self.adapter_state_dict(),
                 staging / WEIGHTS_NAME,
                 metadata={"format": "pt", "nested_format_version": str(FORMAT_VERSION)},
             )
-            (staging / CONFIG_NAME).write_text(
-                json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
-            )
+            (staging / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
         return directory
 
     @classmethod

@@ -17,7 +17,13 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DCon
 
 from nested.errors import ConfigError, MissingFileError
 
-__all__ = ["DiffusionBackbone", "TextConditioning", "check_tokenizer", "first_parameter"]
+__all__ = [
+    "DiffusionBackbone",
+    "TextConditioning",
+    "check_model_folder",
+    "check_tokenizer",
+    "first_parameter",
+]
 
 EXPECTED_LAYOUT = (
     "a diffusers folder or Hub id with model_index.json and the subfolders unet/, vae/, scheduler/, "
@@ -76,6 +82,39 @@ def _read_model_index(name_or_path: str, **hub_kwargs: Any) -> dict[str, Any]:
             f"cannot load model_index.json of {name_or_path!r} ({error}). Expected {EXPECTED_LAYOUT}. "
             "Offline, a Hub id must already be in the local cache: download it, or pass a local folder."
         ) from error
+
+
+# What each component folder of a local diffusers model must hold before its ``from_pretrained`` is called
+# (diffusers' own error names the model's root folder, not the missing subfolder): a config file, and for
+# models their weights (any variant or shard). A tokenizer folder is only required to exist: its files are
+# checked by ``check_tokenizer`` once it is loaded.
+_COMPONENT_FILES = {
+    "unet": ("config.json", ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
+    "vae": ("config.json", ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
+    "text_encoder": ("config.json", ("model*.safetensors", "pytorch_model*.bin")),
+    "scheduler": ("scheduler_config.json", ()),
+    "tokenizer": (None, ()),
+}
+
+
+def check_model_folder(folder: Path, components: list[str]) -> None:
+    """Raise :class:`MissingFileError` naming the first component of the local diffusers folder ``folder``
+    that is missing, or lacks its config or weights."""
+    for name in components:
+        config_name, weight_patterns = _COMPONENT_FILES[name.removesuffix("_2")]
+        part = folder / name
+        if not part.is_dir():
+            problem = f"has no {name}/ folder"
+        elif config_name and not (part / config_name).is_file():
+            problem = f"has no {name}/{config_name}"
+        elif weight_patterns and not any(any(part.glob(pattern)) for pattern in weight_patterns):
+            problem = f"has no weights in {name}/ ({' or '.join(weight_patterns)})"
+        else:
+            continue
+        raise MissingFileError(
+            f"{folder} {problem}: it is not a complete diffusers model folder; expected {EXPECTED_LAYOUT}. "
+            "Download the whole model (or fix the path) and retry."
+        )
 
 
 def first_parameter(module: torch.nn.Module) -> torch.Tensor:
@@ -140,6 +179,9 @@ class DiffusionBackbone:
         missing = [name for name in required if not _registered(index, name)]
         if missing:
             raise ConfigError(f"{source}: model_index.json has no {missing}; expected {EXPECTED_LAYOUT}.")
+        if Path(source).expanduser().is_dir():
+            local_parts = [name for name in required if name != "vae" or vae_name_or_path is None]
+            check_model_folder(Path(source).expanduser(), local_parts)
 
         weights_kwargs = {**hub_kwargs, "variant": variant}
         unet = UNet2DConditionModel.from_pretrained(

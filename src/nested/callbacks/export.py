@@ -10,15 +10,27 @@ from lightning.pytorch.utilities import rank_zero_info
 from nested.adapter import NestedAdapter
 from nested.callbacks.ema import AdapterEMA
 
-__all__ = ["AdapterExport"]
+__all__ = ["AdapterExport", "stopped_early"]
+
+
+def stopped_early(trainer: L.Trainer) -> bool:
+    """Whether a callback stopped this fit before its end and says so with a true ``stopped_early``
+    attribute (``nested.training.resume.PreemptionCheckpoint`` does, after a stop signal)."""
+    return any(getattr(callback, "stopped_early", False) for callback in trainer.callbacks)
 
 
 class AdapterExport(L.Callback):
     """Write the inference-ready adapter folder at every checkpoint and at the end of fit.
 
-    Folders: ``<dirpath>/step=<N>/`` and ``<dirpath>/last/`` (default ``dirpath``:
-    ``<default_root_dir>/adapters``), each written atomically (temporary folder, then rename).
-    With :class:`AdapterEMA`, the averaged weights are exported.
+    Folders: ``<dirpath>/step=<N>/`` at every checkpoint and ``<dirpath>/last/`` when the fit reaches
+    its end (default ``dirpath``: ``<default_root_dir>/adapters``), each written atomically (temporary
+    folder, then rename). With :class:`AdapterEMA`, the averaged weights are exported. Each records
+    ``"training": {"step", "complete"}`` in its ``adapter_config.json``: ``complete`` is true
+    only in ``last/``.
+
+    A fit stopped early (:func:`stopped_early`: a stop signal) never writes ``last/``, which keeps
+    meaning "the final adapter of a completed run": its adapter so far goes to ``step=<N>/`` (also
+    without ``every_checkpoint``), written with its checkpoint, before any SLURM requeue.
 
     Args:
         dirpath: where to write; default ``<trainer.default_root_dir>/adapters``.
@@ -29,6 +41,7 @@ class AdapterExport(L.Callback):
         self.dirpath = dirpath
         self.every_checkpoint = every_checkpoint
         self.last_path: Path | None = None
+        self.partial_path: Path | None = None
         self._last_exported_step = -1
 
     def export_root(self, trainer: L.Trainer) -> Path:
@@ -41,19 +54,37 @@ class AdapterExport(L.Callback):
                 return callback.averaged_adapter()
         return pl_module.adapter
 
-    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path | None:
+    def export(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, complete: bool = False
+    ) -> Path | None:
         """Write ``<root>/<name>/`` on global rank 0; returns the folder (None on other ranks)."""
         if not trainer.is_global_zero:
             return None
-        return self._adapter_to_export(trainer, pl_module).save_pretrained(self.export_root(trainer) / name)
+        training = {"step": trainer.global_step, "complete": complete}
+        adapter = self._adapter_to_export(trainer, pl_module)
+        return adapter.save_pretrained(self.export_root(trainer) / name, training=training)
+
+    def _export_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        step = trainer.global_step
+        path = self.export_root(trainer) / f"step={step}"
+        if step != self._last_exported_step:
+            self._last_exported_step = step
+            self.export(trainer, pl_module, path.name)
+        return path
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        step = trainer.global_step
-        if self.every_checkpoint and step != self._last_exported_step:
-            self._last_exported_step = step
-            self.export(trainer, pl_module, f"step={step}")
+        if self.every_checkpoint or stopped_early(trainer):
+            self._export_step(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.last_path = self.export(trainer, pl_module, "last")
+        if stopped_early(trainer):
+            self.partial_path = self._export_step(trainer, pl_module)
+            rank_zero_info(
+                f"nested: training stopped early at step {trainer.global_step}; the adapter so far is in "
+                f"{self.partial_path.resolve()} (adapters/last is written only when a run completes). "
+                "Run the same command again to resume."
+            )
+            return
+        self.last_path = self.export(trainer, pl_module, "last", complete=True)
         if self.last_path is not None:
             rank_zero_info(f"nested: adapter exported to {self.last_path.resolve()}")

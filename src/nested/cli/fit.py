@@ -2,14 +2,20 @@
 
 Several ``--config`` files compose (later ones win), ``--print_config`` shows the merged result, and an
 unknown key or a wrong type fails naming the key. ``nested fit`` is preemption-safe by default
-(:mod:`nested.training.resume`): checkpoints are written atomically, SIGUSR1/SIGTERM checkpoint at the next
-step (and requeue under SLURM), checkpoint callbacks without a ``dirpath`` write to
+(:mod:`nested.training.resume`): checkpoints are written atomically, SIGUSR1/SIGTERM/SIGINT checkpoint at the
+next step (and SIGUSR1 requeues under SLURM), checkpoint callbacks without a ``dirpath`` write to
 ``<default_root_dir>/checkpoints``, and without ``--ckpt_path`` a run resumes from the newest checkpoint of
 its ``default_root_dir`` (``--auto_resume=false`` starts over).
+
+Exit status: 0 when training reached its end (``adapters/last`` written), :data:`EXIT_STOPPED_EARLY` (75)
+when a stop signal ended it earlier with a checkpoint to resume from, 2 for a user mistake, 128 + the signal
+number when a second stop signal ended it at once.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from typing import Any
 
 import lightning as L
@@ -19,20 +25,26 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSched
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from nested.callbacks.export import AdapterExport
+from nested.callbacks.export import AdapterExport, stopped_early
 from nested.data.datamodule import NestedDataModule
+from nested.errors import UsageError
+from nested.signals import clear_signals, install_signal_flags, restore_signal_handlers
 from nested.training.module import NestedAttentionModule
 from nested.training.resume import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
     checkpoint_dirs,
     find_resume_checkpoint,
-    install_signal_flags,
-    restore_signal_handlers,
     stable_checkpoint_dirs,
 )
 
-__all__ = ["NestedCLI", "main_fit"]
+__all__ = ["EXIT_STOPPED_EARLY", "NestedCLI", "main_fit"]
+
+# sysexits.h's EX_TEMPFAIL, "try again later": the run stopped early and resumes when run again. Not 1 (a
+# crash), 2 (a user mistake) or 128 + n (killed by signal n), so scripts and SLURM jobs can tell it apart.
+EXIT_STOPPED_EARLY = 75
+# `--data.domains.0.urls=...`: a list element picked by its index, which jsonargparse has no syntax for.
+_INDEXED_OPTION = re.compile(r"^--((?:[A-Za-z_]\w*\.)+?)(\d+)((?:\.\w+)+)(?:=|$)")
 
 
 class NestedCLI(LightningCLI):
@@ -91,12 +103,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def check_list_indexes(argv: list[str]) -> None:
+    """Refuse ``--data.domains.0.urls=...``: jsonargparse cannot pick a list element by its index (it would
+    fail with "unrecognized arguments: --0.urls"); say what works instead."""
+    for arg in argv:
+        match = _INDEXED_OPTION.match(arg)
+        if match:
+            key, index, field = match.group(1).rstrip("."), match.group(2), match.group(3).lstrip(".")
+            raise UsageError(
+                f"{arg.partition('=')[0]}: a list element cannot be chosen by its index ({index}) on the command "
+                f"line: --{key}.{field}=... sets {field} in the LAST element of {key} (with one element, that "
+                f"one); to change another element, give the whole list (--{key}='[{{...}}, ...]') or put it in "
+                "one more --config file."
+            )
+
+
 def main_fit(command: str, argv: list[str] | None) -> int:
-    """``nested fit|validate ARGS``; ``argv`` None: LightningCLI reads ``sys.argv`` itself (it warns when given both)."""
-    # From now on SIGUSR1/SIGTERM only set a flag, acted on at a step end (PreemptionCheckpoint).
+    """``nested fit|validate ARGS``; ``argv`` None: LightningCLI reads ``sys.argv`` itself (it warns when given
+    both). Returns the exit status (module docstring)."""
+    check_list_indexes(sys.argv[2:] if argv is None else argv)
+    # From now on SIGUSR1/SIGTERM/SIGINT only set a flag, acted on at a step end (PreemptionCheckpoint).
+    clear_signals()
     previous = install_signal_flags() if command == "fit" else {}
     try:
-        NestedCLI(
+        cli = NestedCLI(
             NestedAttentionModule,
             NestedDataModule,
             args=None if argv is None else [command, *argv],
@@ -107,4 +137,14 @@ def main_fit(command: str, argv: list[str] | None) -> int:
         )
     finally:
         restore_signal_handlers(previous)
+    trainer = cli.trainer
+    # Global rank 0 only: the others exit 0, so that `srun --kill-on-bad-exit` never ends rank 0 while it still
+    # writes the adapter or uploads it (srun's own exit status is the highest of its tasks').
+    if command == "fit" and stopped_early(trainer) and trainer.is_global_zero:
+        print(
+            f"nested fit: stopped at step {trainer.global_step}, before the end of training; exit status "
+            f"{EXIT_STOPPED_EARLY}. Run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED_EARLY
     return 0

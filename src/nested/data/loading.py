@@ -372,7 +372,9 @@ class TrainLoader(DataLoader):
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: SLURM signals every process of a job step (``--signal``,
-    scancel); a worker killed by SIGUSR1/SIGTERM would crash the main process before it can
-    checkpoint. The main process handles them (``nested.resume.PreemptionCheckpoint``)."""
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
+    scancel) and Ctrl-C every process of the terminal's foreground group; a worker ended by
+    SIGUSR1/SIGTERM/SIGINT would crash the main process before it can checkpoint. The main process
+    handles them (``nested.training.resume.PreemptionCheckpoint``); if it exits at once, the workers
+    notice and exit too."""
+    for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)

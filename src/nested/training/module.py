@@ -217,27 +217,50 @@ class NestedAttentionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()  # the adapter must exist before its state is loaded
-        # These settings keep the same tensors, so the key check below cannot tell them apart: a resumed
+        # These settings keep the same tensors, so the tensor check below cannot tell them apart: a resumed
         # ablation must not silently switch mode, and a trained embedding changes the optimizer's groups.
         # Checkpoints from before an option have no key and were trained with its default.
         recorded = checkpoint.get("hyper_parameters") or {}
         for option, default in (("injection", "nested"), ("train_token_embeddings", False)):
             trained, configured = recorded.get(option, default), getattr(self, option)
             if trained != configured:
-                raise AdapterError(
-                    f"the checkpoint was trained with {option}={trained!r}, this model is configured with "
-                    f"{option}={configured!r}; set model.{option}: {str(trained).lower()} to resume it."
+                self._refuse_checkpoint(
+                    f"it was trained with {option}={trained!r}, this model is configured with "
+                    f"{option}={configured!r} (set model.{option}: {str(trained).lower()} to resume it)"
                 )
         if "state_dict" not in checkpoint:
             return  # FSDP loads the (full) state dict itself and removes it before this hook
-        expected = set(self.state_dict())
-        found = set(checkpoint["state_dict"])
+        expected = {name: tuple(value.shape) for name, value in self.state_dict().items()}
+        found = {name: tuple(value.shape) for name, value in checkpoint["state_dict"].items()}
         if expected != found:
-            raise AdapterError(
-                "the checkpoint does not match this model's adapter: missing "
-                f"{sorted(expected - found)[:3]}, unexpected {sorted(found - expected)[:3]}. Was it trained with a "
-                "different base model, encoder or token list?"
+            differences = [
+                f"{name} is {list(found[name])} there, {list(shape)} here"
+                for name, shape in sorted(expected.items())
+                if name in found and found[name] != shape
+            ]
+            differences += [f"{name} is missing" for name in sorted(expected.keys() - found.keys())]
+            differences += [f"{name} is unexpected" for name in sorted(found.keys() - expected.keys())]
+            shown = "; ".join(differences[:3]) + (
+                f"; {len(differences) - 3} more" if len(differences) > 3 else ""
             )
+            changed = _changed_settings(recorded, self.hparams)
+            self._refuse_checkpoint(
+                f"its adapter does not fit this model's ({shown}); "
+                + (
+                    f"settings that differ: {', '.join(changed)}"
+                    if changed
+                    else "was it trained with a different base model, encoder or token list?"
+                )
+            )
+
+    def _refuse_checkpoint(self, why: str) -> None:
+        """A checkpoint that cannot resume this model: one line naming it, why, and how to start over."""
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        raise AdapterError(
+            f"cannot resume from the checkpoint {path or ''}: {why}. Resume it with the configuration it was "
+            "trained with, or start a new run: nested fit resumes from the newest checkpoint under "
+            "trainer.default_root_dir, so pass --auto_resume=false or another --trainer.default_root_dir."
+        )
 
     # --------------------------------------------------------------------------- training
     def _step_seed(self, offset: int = 0) -> int:
@@ -392,3 +415,24 @@ class NestedAttentionModule(L.LightningModule):
         out = self.diffusion_loss(batch, generator, apply_dropout=False)
         self.log("val/loss", out["loss"], prog_bar=True, batch_size=len(batch["captions"]), sync_dist=True)
         return out["loss"]
+
+
+def _changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``["encoder.num_tokens: 16 -> 8", ...]``: the settings that decide the adapter's tensors (base
+    model, encoder, tokens) whose value in a checkpoint's hyper-parameters differs from the current one."""
+
+    def flat(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
+        return {prefix: value}
+
+    before, after = {}, {}
+    for key in ("base_model", "encoder", "subjects"):
+        if key in recorded and key in current:
+            before.update(flat(recorded[key], key))
+            after.update(flat(current[key], key))
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]

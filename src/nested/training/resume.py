@@ -1,4 +1,4 @@
-"""Preemption and resume: atomic checkpoints, SIGUSR1/SIGTERM at a step boundary, SLURM requeue.
+"""Preemption and resume: atomic checkpoints, a stop signal acted on at a step boundary, SLURM requeue.
 
 - :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the SAME directory,
   fsyncs it, then ``os.replace``-s it over the target: a process killed mid-write leaves the
@@ -6,11 +6,12 @@
   to a file in the system temp dir and ``shutil.move``-s it: across file systems, as from a node's
   /tmp to a shared checkpoint folder, that is a copy over the target, not atomic; and no fsync.)
 - :class:`PreemptionCheckpoint` turns SIGUSR1 (SLURM's warning before the time limit,
-  ``#SBATCH --signal=USR1@90``) and SIGTERM (scancel, preemption, a node being drained) into a
-  checkpoint ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` written at the next step boundary that every
-  rank agrees on, then, for SIGUSR1 under SLURM, ``scontrol requeue <job>``, then a clean stop.
-  The signal handlers only set a flag: no I/O, no collective inside a handler (Lightning's own
-  handler saves inside the handler, possibly mid-step, #21406).
+  ``#SBATCH --signal=USR1@90``), SIGTERM (scancel, preemption, a node being drained) and SIGINT
+  (Ctrl-C) into a checkpoint ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` written at the next step
+  boundary that every rank agrees on, then, for SIGUSR1 under SLURM, ``scontrol requeue <job>``,
+  then a clean stop. The signal handlers (:mod:`nested.signals`) only set a flag: no checkpoint, no
+  collective inside a handler (Lightning's own handler saves inside the handler, possibly mid-step,
+  #21406); a second stop signal ends the process at once.
 - :func:`find_resume_checkpoint` picks the newest of the hpc checkpoints and the checkpoint
   callbacks' files (by the global step inside, then hpc first, then mtime), skipping unreadable
   ones; ``nested fit`` resumes from it when no ``--ckpt_path`` is given, and starts fresh when there
@@ -37,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nested.errors import ConfigError
 from nested.files import fsync_dir
+from nested.signals import STOP_SIGNALS, clear_signals, install_signal_flags, received_signals
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +47,10 @@ __all__ = [
     "PreemptionCheckpoint",
     "checkpoint_step",
     "find_resume_checkpoint",
-    "install_signal_flags",
-    "received_signals",
+    "training_finished",
 ]
 
 _HPC = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
-_RECEIVED: set[int] = set()
-_STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -147,56 +146,16 @@ def stable_checkpoint_dirs(trainer: L.Trainer) -> None:
             callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
 
 
-# ----------------------------------------------------------------------------- signals
-
-
-def _set_flag(signum: int, frame: Any) -> None:
-    _RECEIVED.add(signum)  # only a flag: a handler runs between two bytecodes of anything
-
-
-def install_signal_flags(names: tuple[str, ...] = _STOP_SIGNALS) -> dict[int, Any]:
-    """Make the named signals set a flag (see :func:`received_signals`) instead of their default.
-
-    Called by ``nested fit`` at start (a SIGUSR1 during model loading no longer kills the
-    process) and by :class:`PreemptionCheckpoint` when training starts (over Lightning's handlers).
-    Only possible in the main thread; elsewhere this does nothing. Returns the previous handlers
-    (for :func:`restore_signal_handlers`).
-    """
-    previous: dict[int, Any] = {}
-    for name in names:
-        signum = getattr(signal, name, None)
-        if signum is None:
-            continue
-        try:
-            previous[signum] = signal.signal(signum, _set_flag)
-        except ValueError:  # not the main thread
-            break
-    return previous
-
-
-def restore_signal_handlers(previous: dict[int, Any]) -> None:
-    """Put back the handlers :func:`install_signal_flags` replaced."""
-    for signum, handler in previous.items():
-        if handler is not None:
-            signal.signal(signum, handler)
-
-
-def received_signals() -> set[int]:
-    """The stop signals received so far by this process (cleared by :func:`clear_signals`)."""
-    return set(_RECEIVED)
-
-
-def clear_signals() -> None:
-    _RECEIVED.clear()
-
-
 class PreemptionCheckpoint(L.Callback):
-    """Checkpoint, requeue and stop at the first step boundary after SIGUSR1 or SIGTERM.
+    """Checkpoint, requeue and stop at the first step boundary after SIGUSR1, SIGTERM or SIGINT.
 
     At the end of every optimizer step the ranks agree (one tiny all-reduce) whether any of them
     received a signal; if so, all of them write ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` (through
     the trainer's checkpoint IO: atomic with ``nested fit``), keep the ``keep`` newest hpc files,
-    requeue the SLURM job if the signal was the requeue signal, and stop training.
+    requeue the SLURM job if the signal was the requeue signal, and stop training. Unless that
+    step was the last one, ``stopped_early`` is then true: :class:`~nested.callbacks.AdapterExport`
+    exports the adapter as ``step=<N>`` with ``"complete": false`` instead of ``last``, and
+    ``nested fit`` exits with status 75.
 
     Args:
         requeue: run ``scontrol requeue <job id>`` (global rank 0) after a requeue signal. None:
@@ -219,14 +178,22 @@ class PreemptionCheckpoint(L.Callback):
         self.keep = keep
         self.saved_path: Path | None = None
         self.requeued = False
+        self.stopped_early = False
+        self._stopping = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.stopped_early = self._stopping = False
         # Rebinding (not mutating) the list: Lightning is iterating the old one right now.
         others = [c for c in trainer.callbacks if c is not self and not isinstance(c, Checkpoint)]
         trainer.callbacks = [*others, self, *(c for c in trainer.callbacks if isinstance(c, Checkpoint))]
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Runs after the other callbacks' teardown (HubUpload's wait among them), during which a second signal
+        # still ends the process at once. A later fit in this process starts with no signal pending.
+        clear_signals()
+
     def _install(self) -> None:
-        install_signal_flags(tuple(dict.fromkeys((self.requeue_signal, "SIGTERM"))))
+        install_signal_flags(tuple(dict.fromkeys((self.requeue_signal, *STOP_SIGNALS))))
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()  # after Lightning registered its own handlers (just before the run stage)
@@ -257,6 +224,8 @@ class PreemptionCheckpoint(L.Callback):
         accumulating = (batch_idx + 1) % trainer.accumulate_grad_batches != 0
         if accumulating and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # a checkpoint inside an accumulation window would lose the accumulated gradients
+        if self._stopping:
+            return  # this stop is checkpointed already (Lightning may still run steps up to min_steps)
         requeue_signal, stop = self._agree(pl_module)
         if not stop:
             return
@@ -264,21 +233,38 @@ class PreemptionCheckpoint(L.Callback):
         existing = hpc_checkpoints(root)
         number = int(_HPC.match(existing[-1].name).group(1)) + 1 if existing else 1
         path = trainer.strategy.broadcast(str(root / f"hpc_ckpt_{number}.ckpt"))
+        # Set before the checkpoint is written: AdapterExport exports the adapter beside it, marked partial.
+        self.stopped_early = not training_finished(trainer)
+        self._stopping = True
         trainer.save_checkpoint(path, weights_only=False)
         self.saved_path = Path(path)
         if trainer.is_global_zero:
             for old in hpc_checkpoints(root)[: -self.keep]:
                 old.unlink(missing_ok=True)
-        finished = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
-        if requeue_signal and not finished and self._should_requeue(trainer) and trainer.is_global_zero:
+        if requeue_signal and self.stopped_early and self._should_requeue(trainer) and trainer.is_global_zero:
             self.requeued = _scontrol_requeue()
         rank_zero_info(
             f"preemption: stop signal received; checkpoint {path} written at step {trainer.global_step}"
             + ("; job requeued" if self.requeued else "")
-            + ". Run the same command again to resume from it."
+            + (
+                ". Run the same command again to resume from it."
+                if self.stopped_early
+                else "; training is done."
+            )
         )
         trainer.should_stop = True
-        clear_signals()
+
+
+def training_finished(trainer: L.Trainer) -> bool:
+    """Whether the step that just ended was the last one of the fit (``max_steps``, or the last batch of
+    the ``max_epochs``-th epoch)."""
+    if trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+    max_epochs = trainer.max_epochs
+    return bool(
+        last_batch and max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
+    )
 
 
 def _scontrol_requeue() -> bool:
