@@ -133,14 +133,17 @@ def _launch(tmp_path: Path, config: Path, root: Path, job_id: str, log_name: str
     return processes
 
 
-def _wait(processes: list[subprocess.Popen], timeout: float, tmp_path: Path, log_name: str) -> None:
+def _wait(
+    processes: list[subprocess.Popen], timeout: float, tmp_path: Path, log_name: str, codes: tuple[int, ...] = (0, 0)
+) -> None:
+    """Wait for the tasks; each must exit with its code in ``codes`` (rank order)."""
     deadline = time.monotonic() + timeout
-    for process in processes:
+    for process, expected in zip(processes, codes, strict=True):
         try:
             code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             code = None
-        if code != 0:
+        if code != expected:
             logs = "\n".join((tmp_path / f"{log_name}-{r}.log").read_text()[-3000:] for r in range(2))
             raise AssertionError(f"{log_name}: a task ended with {code} (None: timed out)\n{logs}")
 
@@ -178,7 +181,7 @@ def test_sigusr1_checkpoints_requeues_once_and_the_relaunch_resumes_exactly(tiny
             time.sleep(0.1)
         for process in job:  # SLURM signals every process of the step, DataLoader workers included
             os.killpg(process.pid, signal.SIGUSR1)
-        _wait(job, 120, tmp_path, "job")
+        _wait(job, 120, tmp_path, "job", codes=(75, 0))  # stopped early: rank 0 says "run again" (75)
         stopped_at = int(marker.read_text())
         assert 2 <= stopped_at < STEPS, stopped_at
         assert [p.name for p in job_root.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"]
