@@ -794,6 +794,8 @@ def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | N
 # ------------------------------------------------------------------------------ checking a folder
 def check_adapter_file_set(folder: Path) -> None:
     """Raise unless ``folder`` holds ``adapter_config.json`` and ``adapter.safetensors`` and no pickle."""
+    if not folder.exists():
+        raise MissingFileError(f"adapter folder {str(folder)!r} does not exist.")
     if not folder.is_dir():
         raise MissingFileError(
             f"{folder} is not an adapter folder (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})."

@@ -12,9 +12,9 @@ import lightning as L
 from huggingface_hub import get_token
 from lightning.pytorch.utilities import rank_zero_info
 
-from nested.adapter import CONFIG_NAME, WEIGHTS_NAME
+from nested.adapter import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files
 from nested.callbacks.export import AdapterExport
-from nested.errors import ConfigError
+from nested.errors import ConfigError, NestedUserError
 from nested.hub.background import PushOutcome, PushProcess, PushRequest
 from nested.hub.model_card import REPO_ID_PATTERN, redact
 from nested.hub.push import stage_export
@@ -80,13 +80,14 @@ class HubUpload(L.Callback):
     ):
         if not REPO_ID_PATTERN.match(repo_id):
             raise ConfigError(f"repo_id must look like 'user/name', got {repo_id!r}.")
-        numbers = {"max_retries": max_retries, "backoff": backoff, "max_backoff": max_backoff}
-        numbers |= {"final_timeout": final_timeout, "grace_seconds": grace_seconds}
-        negative = [f"{name}={value}" for name, value in numbers.items() if value < 0]
-        if negative or attempt_timeout <= 0 or poll_interval <= 0:
+        at_least_0 = {"max_retries": max_retries, "backoff": backoff, "max_backoff": max_backoff}
+        at_least_0 |= {"final_timeout": final_timeout, "grace_seconds": grace_seconds}
+        above_0 = {"attempt_timeout": attempt_timeout, "poll_interval": poll_interval}
+        wrong = [f"{k}={v}" for k, v in at_least_0.items() if v < 0]
+        wrong += [f"{k}={v}" for k, v in above_0.items() if v <= 0]
+        if wrong:
             raise ConfigError(
-                f"HubUpload: {', '.join(negative) or f'attempt_timeout={attempt_timeout}, poll_interval={poll_interval}'}"
-                ": the retry counts and delays must be >= 0, attempt_timeout and poll_interval > 0."
+                f"HubUpload: {', '.join(wrong)}: {', '.join(at_least_0)} must be >= 0, {', '.join(above_0)} > 0."
             )
         self.repo_id = repo_id
         self.private = private
@@ -103,7 +104,6 @@ class HubUpload(L.Callback):
         self.uploaded: list[str] = []  # export names, in upload order
         self.not_uploaded: dict[str, str] = {}  # export name -> why
         self._root: Path | None = None
-        self._training_config: str | None = None
         self._config_dirs: list[Path] = []
         self._seen: dict[str, tuple[int, int]] = {}
         self._pending: str | None = None  # the newest export not started yet
@@ -181,8 +181,8 @@ class HubUpload(L.Callback):
                 thread.join(min(0.5, max(0.0, deadline - time.monotonic())))
         finally:
             self._cancel()
-            thread.join(10)
             self._report()
+            thread.join(10)  # the push process is killed: the thread only removes its snapshot
         return not self.not_uploaded
 
     def _cancel(self) -> None:
@@ -286,6 +286,9 @@ class HubUpload(L.Callback):
                 self.uploaded.append(name)
                 self.not_uploaded.pop(name, None)
                 return
+            if outcome.status == "failed":
+                self._give_up(name, outcome.message)
+                return
             with self._cond:
                 if self._pending is not None:
                     self.not_uploaded[name] = f"{_SUPERSEDED} {self._pending}"
@@ -293,13 +296,12 @@ class HubUpload(L.Callback):
                 if outcome.status == "stopped" or self._cancelled:
                     self.not_uploaded.setdefault(name, "still uploading when the run ended")
                     return
-            if outcome.status == "failed" or attempt == self.max_retries:
-                self.not_uploaded[name] = outcome.message
-                log.warning("HubUpload: %s was not uploaded to %s: %s", name, self.repo_id, outcome.message)
+            if attempt == self.max_retries:
+                self._give_up(name, outcome.message)
                 return
             delay = min(self.backoff * 2**attempt, self.max_backoff)
             log.warning(
-                "HubUpload: upload of %s to %s failed (%s); retry %d/%d in %.1f s.",
+                "HubUpload: upload of %s to %s failed (%s); retry %d/%d in %.3g s.",
                 name,
                 self.repo_id,
                 outcome.message,
@@ -310,6 +312,10 @@ class HubUpload(L.Callback):
             self.not_uploaded[name] = outcome.message
             if not self._sleep_before_retry(name, delay):
                 return
+
+    def _give_up(self, name: str, reason: str) -> None:
+        self.not_uploaded[name] = reason
+        log.warning("HubUpload: %s was not uploaded to %s: %s", name, self.repo_id, reason)
 
     def _sleep_before_retry(self, name: str, delay: float) -> bool:
         """Wait ``delay`` s; False (and why, in ``not_uploaded``) when a newer export or the end comes first."""
@@ -329,9 +335,14 @@ class HubUpload(L.Callback):
     def _attempt(self, name: str) -> PushOutcome:
         """One push of export ``name`` from a snapshot of it, in a child process."""
         folder = self._root / name
-        if not folder.is_dir():
-            return PushOutcome("failed", f"{folder} was removed before it could be uploaded")
-        staging = stage_export(folder, dir=self._root)
+        try:
+            check_adapter_files(folder)  # here too, so that a refusal names the export, not its snapshot
+        except NestedUserError as error:
+            return PushOutcome("failed", " ".join(str(error).split()))
+        try:
+            staging = stage_export(folder, dir=self._root)
+        except OSError as error:  # the export was being replaced: a retry sees the new one
+            return PushOutcome("retry", f"could not snapshot {folder}: {error}")
         try:
             step = name.partition("=")[2]
             request = self._request(staging, f"nested: adapter export ({f'step {step}' if step else name})")

@@ -184,12 +184,16 @@ def stage_export(folder: Path, dir: str | os.PathLike | None = None) -> Path:
     Hard links where possible (``dir`` on the export's file system: no copy); hidden files are left out.
     """
     staging = Path(tempfile.mkdtemp(prefix=".nested-hub-", dir=dir))
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.name.startswith("."):
-            target = staging / path.relative_to(folder)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copy2(path, target)
+    try:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                target = staging / path.relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, target)
+                except OSError:
+                    shutil.copy2(path, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return staging
