@@ -123,6 +123,7 @@ def main(argv: list[str]) -> int:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
+    # Imported only now: torch takes seconds to import, and a stop signal in that time must not kill the push.
     from nested.errors import NestedUserError
     from nested.hub.model_card import redact
     from nested.hub.push import is_permanent_error, push_adapter
