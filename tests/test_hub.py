@@ -687,7 +687,7 @@ def test_upload_retries_with_backoff_and_gives_up_at_once_on_auth_errors(hub, ad
         upload._upload_with_retries("step=1")
     assert re.findall(r"retry \d/3 in ([\d.]+) s", caplog.text) == ["0.05", "0.08"]  # doubling, capped
     assert upload.uploaded == ["step=1"] and "adapter.safetensors" in hub.files("me/r")
-    assert "503" in caplog.text
+    assert "503" in caplog.text and "push again later" in caplog.text
 
     hub.required_token = "hf_the_right_one_456"
     creates = sum(path == "/api/repos/create" for _, path in hub.requests)

@@ -137,10 +137,14 @@ def push_adapter(
         where = hub_endpoint(api, endpoint)
         detail = redact(" ".join(f"{type(cause).__name__}: {cause}".split())).rstrip(".")
         if isinstance(cause, HfHubHTTPError):
-            raise HubError(
-                f"the Hub at {where} refused the push to {repo_id}: {detail}. Check the repo id, your token "
-                "(HF_TOKEN or `hf auth login`) and that it may write to that repo."
-            ) from error
+            status = cause.response.status_code if cause.response is not None else 0
+            advice = (
+                "The Hub is failing or busy: push again later."
+                if status >= 500 or status == 429
+                else "Check the repo id (and --revision), your token (HF_TOKEN or `hf auth login`) and that it "
+                "may write to that repo."
+            )
+            raise HubError(f"the Hub at {where} refused the push to {repo_id}: {detail}. {advice}") from error
         raise HubError(
             f"could not reach the Hub at {where} to push to {repo_id}: {detail}. Check the network, or "
             "HF_ENDPOINT (unset it for huggingface.co)."
