@@ -181,6 +181,81 @@ def test_pickles_unknown_tensors_and_corrupt_files_are_refused(backbone, pipelin
         NestedAdapter.from_pretrained(tmp_path / "missing")
 
 
+def _edit_config(folder: Path, edit) -> Path:
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    return path
+
+
+FIRST_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "tensor"),
+    [
+        (
+            lambda c: c["layers"][FIRST_LAYER].update(inner_dim=2 * c["layers"][FIRST_LAYER]["inner_dim"]),
+            f"layers['{FIRST_LAYER}'].inner_dim",
+            f"layers.{FIRST_LAYER}.to_k.weight",
+        ),
+        (lambda c: c["encoder"].update(num_tokens=8), "encoder.num_tokens is 8", "resampler.latents"),
+        (lambda c: c["encoder"].update(width=64), "encoder.width is 64", "resampler.latents"),
+        (lambda c: c["encoder"].update(output_dim=16), "encoder.output_dim is 16", "resampler.norm_out"),
+        (lambda c: c["encoder"].update(depth=2), "encoder.depth = 2", "resampler.blocks"),
+        (lambda c: c["layers"].pop(FIRST_LAYER), "disagree on the cross-attention layers", FIRST_LAYER),
+        (
+            lambda c: c.update(token_encoders=["text_encoder"]),
+            "token_encoders",
+            "token_embeddings.text_encoder",
+        ),
+    ],
+    ids=["inner_dim", "num_tokens", "width", "output_dim", "depth", "layer", "token_encoders"],
+)
+def test_a_config_edited_against_its_weights_names_the_tensor_and_the_field(
+    tiny_sd_path, tmp_path, edit, field, tensor
+):
+    from nested.adapter import check_adapter_files
+    from nested.errors import AdapterError
+
+    sd = DiffusionBackbone.from_pretrained(tiny_sd_path)
+    adapter = make_adapter(sd, tiny_sd_path / "image_encoder", token="<person>")
+    folder = adapter.save_pretrained(tmp_path / "adapter")
+    assert FIRST_LAYER in json.loads((folder / "adapter_config.json").read_text())["layers"]
+    config_path = _edit_config(folder, edit)
+    for load in (NestedAdapter.from_pretrained, check_adapter_files):
+        with pytest.raises(AdapterError) as caught:
+            load(folder)
+        message = str(caught.value)
+        assert field in message and tensor in message and str(config_path) in message, message
+        assert "Restore the adapter_config.json saved with these weights" in message and "\n" not in message
+
+
+def test_a_truncated_weights_file_or_another_vision_backbone_is_named(tiny_sd_path, tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from nested.errors import AdapterError
+
+    sd = DiffusionBackbone.from_pretrained(tiny_sd_path)
+    folder = make_adapter(sd, tiny_sd_path / "image_encoder").save_pretrained(tmp_path / "adapter")
+    weights = folder / "adapter.safetensors"
+    data = weights.read_bytes()
+
+    # A backbone whose features are 48 wide, not the 32 the resampler was trained on.
+    wider = Dinov2Model(
+        Dinov2Config(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+    )
+    with pytest.raises(
+        AdapterError, match=r"gives 48-wide features, but the adapter's resampler\.proj_in\.weight"
+    ):
+        NestedAdapter.from_pretrained(folder, image_encoder=(wider, 28, (0.5,) * 3, (0.5,) * 3))
+
+    weights.write_bytes(data[: len(data) - 100])
+    with pytest.raises(AdapterError, match=rf"{weights} is not a valid safetensors file \(.*incomplete"):
+        NestedAdapter.from_pretrained(folder)
+
+
 def test_nested_kv_computed_once_per_image_over_a_guided_denoising_loop(tiny_sd_path):
     from diffusers import StableDiffusionPipeline
 

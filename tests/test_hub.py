@@ -11,7 +11,13 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -33,6 +39,7 @@ from nested.hub.model_card import model_card
 from nested.hub.push import push_adapter
 
 SECRET = "hf_test_secret_123"
+REPO = Path(__file__).resolve().parents[1]
 LFS_SUFFIXES = (".safetensors", ".png", ".jpg", ".bin")
 
 
@@ -49,6 +56,7 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         self.authorizations: set[str] = set()
         self.required_token: str | None = None  # if set, other tokens get 401
+        self.unavailable = 0  # answer this many repo creations with 503 (a Hub that is down for a while)
         self.lock = threading.Lock()
         hub = self
 
@@ -145,6 +153,10 @@ class FakeHub:
             if handler.headers.get("Authorization"):
                 self.authorizations.add(handler.headers["Authorization"])
         body = self._body(handler) if method in ("POST", "PUT") else b""
+        if path == "/api/repos/create" and self.unavailable > 0:
+            self.unavailable -= 1
+            self._send(handler, 503, {"error": "Service Unavailable"})
+            return
         if self.required_token and handler.headers.get("Authorization") != f"Bearer {self.required_token}":
             self._send(handler, 401, {"error": "Invalid credentials in Authorization header"})
             return
@@ -345,6 +357,47 @@ class FakeHub:
         if entry["lfs"]:
             headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(entry["data"]))}
         self._send(handler, 200, headers=headers, raw=entry["data"])
+
+
+class HangingHub:
+    """A Hub that accepts connections and reads requests but never answers (a network black hole).
+
+    ``accepted`` counts connections, ``open`` those whose client has not closed them yet.
+    """
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.accepted = self.open = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            with self.lock:
+                self.accepted += 1
+                self.open += 1
+            threading.Thread(target=self._drain, args=(connection,), daemon=True).start()
+
+    def _drain(self, connection) -> None:
+        with connection:
+            while connection.recv(1 << 16):
+                pass
+        with self.lock:
+            self.open -= 1
+
+    def wait_for(self, condition, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if condition(self):
+                    return True
+            time.sleep(0.1)
+        return False
 
 
 # --------------------------------------------------------------------------------------- fixtures
@@ -554,86 +607,274 @@ def _files_containing(root: Path, text: str) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
 
 
-def test_hub_upload_callback_uploads_every_export_in_the_background(hub, sd_backbone, tiny_sd_path, tmp_path):
+def test_hub_upload_callback_uploads_the_newest_export_in_the_background(
+    hub, sd_backbone, tiny_sd_path, tmp_path
+):
     adapter = make_adapter(sd_backbone, tiny_sd_path / "image_encoder", domain="faces")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": {"learning_rate": 0.1}}))
     upload = HubUpload("me/run", backoff=0.05, final_timeout=60, poll_interval=0.2)
     _fit(tmp_path / "run", adapter, upload)
-    assert upload.failed == [] and upload.uploaded[-1] == "last"
-    assert {"step=2", "step=4"} <= set(upload.uploaded)
-    messages = hub.commit_messages("me/run")
-    assert "nested: adapter export (step 2)" in messages and "nested: adapter export (step 4)" in messages
+    exports = tmp_path / "run" / "adapters"
+    assert upload.uploaded[-1] == "last"
+    # Every export was uploaded, or dropped for a newer one (only the newest matters).
+    assert set(upload.uploaded) | set(upload.not_uploaded) == {"step=2", "step=4", "last"}
+    assert all(why.startswith("superseded by the newer export") for why in upload.not_uploaded.values())
     files = hub.files("me/run")
+    assert files["adapter.safetensors"] == (exports / "last" / "adapter.safetensors").read_bytes()
+    assert "nested: adapter export (last)" in hub.commit_messages("me/run")
     assert "learning_rate: 0.1" in files["training_config.yaml"].decode()
     assert "## Training" in files["README.md"].decode()
-    # The export folders are left as the export callback wrote them; the token is nowhere.
-    assert sorted(p.name for p in (tmp_path / "run" / "adapters" / "last").iterdir()) == [
+    # The export folders are left as the export callback wrote them (no snapshot left); the token is nowhere.
+    assert sorted(p.name for p in (exports / "last").iterdir()) == [
         "adapter.safetensors",
         "adapter_config.json",
     ]
+    assert sorted(p.name for p in exports.iterdir()) == ["last", "step=2", "step=4"]
     assert _files_containing(tmp_path / "run", SECRET) == []
     assert all(SECRET.encode() not in data for data in files.values())
+
+
+def _dead_endpoint(monkeypatch) -> str:
+    """Point huggingface_hub (here and in child processes) at a port where nothing listens."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    return dead
+
+
+def _listed_commands(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("nested push ")]
 
 
 def test_unreachable_hub_does_not_stop_training(
     hub, sd_backbone, tiny_sd_path, tmp_path, monkeypatch, caplog
 ):
-    import socket
-
-    with socket.socket() as sock:  # a port with nothing listening
-        sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    dead = _dead_endpoint(monkeypatch)
     adapter = make_adapter(sd_backbone, tiny_sd_path / "image_encoder")
-    upload = HubUpload("me/run", max_retries=2, backoff=0.05, final_timeout=20, poll_interval=0.2)
-    started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="nested.hub"):
+    upload = HubUpload("me/run", max_retries=1, backoff=0.05, final_timeout=60, poll_interval=0.2)
+    with caplog.at_level(logging.INFO):
         trainer = _fit(tmp_path / "run", adapter, upload)
-    assert (
-        trainer.global_step == 4
-        and (tmp_path / "run" / "adapters" / "last" / "adapter.safetensors").is_file()
-    )
-    assert upload.uploaded == [] and "last" in upload.failed
-    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
-    assert retries and "ConnectError" in retries[0]
-    assert any("training continues" in r.getMessage() for r in caplog.records)
-    assert time.monotonic() - started < 30
+    last = tmp_path / "run" / "adapters" / "last"
+    assert trainer.global_step == 4 and (last / "adapter.safetensors").is_file()
+    assert upload.uploaded == [] and "last" in upload.not_uploaded
+    assert f"could not reach the Hub at {dead} (from HF_ENDPOINT)" in upload.not_uploaded["last"]
+    retries = [r.getMessage() for r in caplog.records if "retry 1/1" in r.getMessage()]
+    assert retries and "Connection refused" in retries[0]
+    # The newest export is listed last, with the command that uploads it later.
+    commands = _listed_commands(caplog.text)
+    assert commands[-1] == f"nested push {last.resolve()} me/run --private"
     assert SECRET not in caplog.text and _files_containing(tmp_path / "run", SECRET) == []
 
 
-def test_upload_retries_with_backoff_and_gives_up_at_once_on_auth_errors(
-    hub, adapter_dir, tmp_path, monkeypatch
-):
-    import httpx2
-
-    import nested.callbacks.hub_upload as hub_upload
-
-    export = tmp_path / "adapters" / "step=1"
-    export.parent.mkdir()
-    export.mkdir()
+def _export(adapter_dir: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True)
     for name in ("adapter.safetensors", "adapter_config.json"):
-        (export / name).write_bytes((adapter_dir / name).read_bytes())
-    upload = HubUpload("me/r", max_retries=4, backoff=0.5, max_backoff=1.0)
-    upload._root = export.parent
-    delays = []
-    monkeypatch.setattr(upload._stop, "wait", lambda delay: delays.append(delay) or False)
+        (folder / name).write_bytes((adapter_dir / name).read_bytes())
+    return folder
 
-    real_push, attempts = hub_upload.push_adapter, []
 
-    def flaky_push(*args, **kwargs):
-        attempts.append(1)
-        if len(attempts) <= 3:
-            raise httpx2.ConnectError("hub down")
-        return real_push(*args, **kwargs)
+def test_upload_retries_with_backoff_and_gives_up_at_once_on_auth_errors(hub, adapter_dir, tmp_path, caplog):
+    _export(adapter_dir, tmp_path / "adapters" / "step=1")
+    upload = HubUpload("me/r", max_retries=3, backoff=0.05, max_backoff=0.08)
+    upload._root = tmp_path / "adapters"
+    hub.unavailable = 2  # the Hub answers 503 twice, then works
+    with caplog.at_level(logging.WARNING, logger="nested.hub"):
+        upload._upload_with_retries("step=1")
+    assert re.findall(r"retry \d/3 in ([\d.]+) s", caplog.text) == ["0.05", "0.08"]  # doubling, capped
+    assert upload.uploaded == ["step=1"] and "adapter.safetensors" in hub.files("me/r")
+    assert "503" in caplog.text and "push again later" in caplog.text
 
-    monkeypatch.setattr(hub_upload, "push_adapter", flaky_push)
-    upload._upload_with_retries("step=1")
-    assert delays == [0.5, 1.0, 1.0] and upload.uploaded == ["step=1"]  # exponential, capped
-    assert "adapter.safetensors" in hub.files("me/r")
-
-    monkeypatch.setattr(hub_upload, "push_adapter", real_push)
     hub.required_token = "hf_the_right_one_456"
-    delays.clear()
-    upload._upload_with_retries("step=1")
-    assert delays == [] and upload.failed == ["step=1"]  # 401: retrying cannot help
+    creates = sum(path == "/api/repos/create" for _, path in hub.requests)
+    upload._upload_with_retries("step=1")  # 401: retrying cannot help
+    assert sum(path == "/api/repos/create" for _, path in hub.requests) == creates + 1
+    assert "refused the push to me/r" in upload.not_uploaded["step=1"]
+    assert "401" in upload.not_uploaded["step=1"]
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "dims"])
+def test_an_adapter_that_cannot_be_loaded_is_never_uploaded(hub, adapter_dir, tmp_path, capsys, damage):
+    from nested.cli.push import main_push
+
+    weights, config = adapter_dir / "adapter.safetensors", adapter_dir / "adapter_config.json"
+    if damage == "pickle":  # a pickle named adapter.safetensors
+        torch.save({"a": torch.zeros(2)}, weights)
+        expected = f"{weights} is not a valid safetensors file"
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-64])
+        expected = f"{weights} is not a valid safetensors file"
+    else:
+        raw = json.loads(config.read_text())
+        raw["encoder"]["num_tokens"] = 9
+        config.write_text(json.dumps(raw))
+        expected = f"{config} does not match {weights}: encoder.num_tokens is 9 but tensor resampler.latents"
+
+    assert main_push([str(adapter_dir), "me/bad"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nested push: error:") and expected in err and err.count("\n") == 1
+    assert hub.requests == []  # not a byte left the machine
+
+    # The training callback checks the same way: reported, not uploaded, not retried.
+    _export(adapter_dir, tmp_path / "adapters" / "step=3")
+    upload = HubUpload("me/bad", max_retries=3, backoff=0.05)
+    upload._root = tmp_path / "adapters"
+    upload._upload_with_retries("step=3")
+    named = expected.replace(str(adapter_dir), str(tmp_path / "adapters" / "step=3"))
+    assert upload.uploaded == [] and upload.not_uploaded["step=3"].startswith(named)
+    assert hub.requests == []
+
+
+def test_push_to_an_unreachable_hub_names_the_endpoint_and_where_it_came_from(
+    adapter_dir, tmp_path, monkeypatch
+):
+    dead = _dead_endpoint(monkeypatch)
+    nested = Path(sys.executable).with_name("nested")
+    result = subprocess.run(
+        [str(nested), "push", str(adapter_dir), "me/x"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert line.startswith(f"nested push: error: could not reach the Hub at {dead} (from HF_ENDPOINT)")
+    assert "Connection refused" in line
+
+    # The default endpoint is named as the default (offline: no request is even tried).
+    monkeypatch.delenv("HF_ENDPOINT")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = subprocess.run(
+        [str(nested), "push", str(adapter_dir), "me/x"], capture_output=True, text=True, timeout=120
+    )
+    assert (
+        result.returncode == 2 and "Hub at https://huggingface.co (the default; HF_ENDPOINT" in result.stderr
+    )
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_the_wait_at_the_end_of_fit_is_interruptible_and_stops_the_push(
+    sd_backbone, tiny_sd_path, tmp_path, monkeypatch, caplog
+):
+    """A signal handler that raises (as a second stop signal may) ends the wait at once; no push outlives it."""
+    hanging = HangingHub()
+    monkeypatch.setenv("HF_ENDPOINT", hanging.url)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    upload = HubUpload("me/run", final_timeout=600, poll_interval=0.2)
+
+    def interrupt_during_the_wait():
+        if hanging.wait_for(lambda h: h.accepted and upload._closing, timeout=300):
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    def raise_interrupted(signum, frame):
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGUSR2, raise_interrupted)
+    threading.Thread(target=interrupt_during_the_wait, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(_Interrupted):
+            _fit(tmp_path / "run", make_adapter(sd_backbone, tiny_sd_path / "image_encoder"), upload)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert time.monotonic() - started < 300  # final_timeout is 600 s: the wait did not run out
+    assert upload.not_uploaded["last"] == "still uploading when the run ended"
+    last = (tmp_path / "run" / "adapters" / "last").resolve()
+    assert _listed_commands(caplog.text)[-1] == f"nested push {last} me/run --private"
+    assert hanging.wait_for(lambda h: h.open == 0, timeout=30), "a push process outlived the run"
+
+
+def test_a_stop_signal_gives_the_uploads_a_bounded_grace_then_lists_the_push_commands(tiny_sd_path, tmp_path):
+    """`nested fit` with the Hub unreachable (it never answers) and SIGUSR1, as SLURM's --signal=USR1@90 sends:
+    the run exits within the 90 s, and lists the command that uploads each export it could not."""
+    hanging = HangingHub()
+    root = tmp_path / "run"
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed_everything": 0,
+                "trainer": {
+                    "accelerator": "cpu",
+                    "max_steps": 100000,  # ends by the signal only
+                    "logger": False,
+                    "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                    "num_sanity_val_steps": 0,
+                    "default_root_dir": str(root),
+                    "callbacks": [
+                        {
+                            "class_path": "nested.callbacks.HubUpload",
+                            "init_args": {"repo_id": "me/run", "grace_seconds": 5, "poll_interval": 0.5},
+                        }
+                    ],
+                },
+                "model": {
+                    "base_model": str(tiny_sd_path),
+                    "encoder": {
+                        "backbone": str(tiny_sd_path / "image_encoder"),
+                        "num_tokens": 4,
+                        "width": 32,
+                        "depth": 1,
+                        "heads": 2,
+                    },
+                    "subjects": {"<person>": "person"},
+                },
+                "data": {
+                    "domains": [
+                        {
+                            "name": "faces",
+                            "urls": str(REPO / "data/demo/faces/shards.json"),
+                            "subject": "<person>",
+                        }
+                    ],
+                    "resolution": 64,
+                    "reference_size": 32,
+                    "batch_size": 2,
+                    "num_workers": 0,
+                    "epoch_samples": 8,  # an epoch end (a checkpoint, an export) every 4 steps
+                    "shuffle_buffer": 8,
+                    "open_shards": 2,
+                },
+            }
+        )
+    )
+    env = dict(os.environ, HF_ENDPOINT=hanging.url, HF_TOKEN=SECRET, OMP_NUM_THREADS="1")
+    log_path = tmp_path / "fit.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("nested")), "fit", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+        )
+    try:
+        # Signal once an export's upload is in progress (and hanging).
+        uploading = hanging.wait_for(lambda h: h.accepted or process.poll() is not None, timeout=600)
+        assert uploading and process.poll() is None, log_path.read_text()[-3000:]
+        process.send_signal(signal.SIGUSR1)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("nested fit was still running 90 s after SIGUSR1:\n" + log_path.read_text()[-3000:])
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log_path.read_text()
+    assert list(root.glob("hpc_ckpt_*.ckpt")), output[-3000:]
+    exports = [p for p in (root / "adapters").iterdir() if (p / "adapter.safetensors").is_file()]
+    newest = max(exports, key=lambda p: (p / "adapter.safetensors").stat().st_mtime_ns)
+    commands = _listed_commands(output)
+    config_yaml = (root / "config.yaml").resolve()
+    assert commands[-1] == f"nested push {newest.resolve()} me/run --private --training-config {config_yaml}"
+    listed = [Path(shlex.split(command)[2]) for command in commands]
+    assert all((path / "adapter.safetensors").is_file() for path in listed)
+    assert hanging.wait_for(lambda h: h.open == 0, timeout=30), "a push process outlived nested fit"
+    assert SECRET not in output

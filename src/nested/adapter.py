@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -40,7 +41,7 @@ from nested.attention import (
     check_injection_mode,
     check_token_weight,
 )
-from nested.encoder import EncoderSpec, SubjectEncoder
+from nested.encoder import EncoderSpec, Resampler, SubjectEncoder
 from nested.errors import AdapterError, ConfigError, HubError, MissingFileError
 from nested.files import staged_directory
 from nested.tokens import (
@@ -56,6 +57,7 @@ __all__ = [
     "BatchLayout",
     "NestedAdapter",
     "SubjectBinding",
+    "check_adapter_files",
     "check_bindings_disjoint",
     "cross_attention_layers",
     "training_is_complete",
@@ -194,10 +196,12 @@ class AdapterConfig:
             raise AdapterError(
                 f"{source} has format version {version}; this nested reads up to {FORMAT_VERSION}. Upgrade nested."
             )
-        encoder = EncoderSpec.from_dict(data["encoder"])
+        if not isinstance(data["encoder"], dict) or not isinstance(data["layers"], dict):
+            raise AdapterError(f"{source}: 'encoder' and 'layers' must be mappings.")
         try:
+            encoder = EncoderSpec.from_dict(data["encoder"])
             return cls(**{**data, "encoder": encoder})
-        except ValueError as error:  # an invalid injection mode or option: say which file
+        except (ValueError, TypeError) as error:  # an invalid value or a wrong type: say which file
             raise AdapterError(f"{source}: {error}") from error
 
 
@@ -706,14 +710,12 @@ class NestedAdapter(nn.Module):
                 or a whole :class:`SubjectEncoder` whose backbone is reused.
         """
         folder = resolve_adapter_folder(name_or_path, revision=revision)
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        config = AdapterConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
+        config = check_adapter_files(folder)
+        weights_path = folder / WEIGHTS_NAME
         try:
             state = load_file(weights_path)
-        except Exception as error:  # safetensors raises its own error types for corrupt headers
-            raise AdapterError(
-                f"{weights_path} is not a valid safetensors file ({error}); nested never unpickles weights."
-            ) from error
+        except SafetensorError as error:  # changed on disk since it was checked
+            raise AdapterError(f"{weights_path} is not a valid safetensors file ({error}).") from error
 
         spec = config.encoder
         if isinstance(image_encoder, (str, os.PathLike)):
@@ -730,6 +732,14 @@ class NestedAdapter(nn.Module):
         elif isinstance(image_encoder, tuple):
             backbone = image_encoder
         encoder = SubjectEncoder.from_spec(spec, backbone=backbone, dtype=dtype)
+        trained_on = state["resampler.proj_in.weight"].shape[1]
+        if encoder.resampler.proj_in.in_features != trained_on:
+            raise AdapterError(
+                f"the image encoder {spec.backbone!r} gives {encoder.resampler.proj_in.in_features}-wide features, "
+                f"but the adapter's resampler.proj_in.weight in {weights_path} takes {trained_on}: it was trained "
+                "with another vision backbone. Use the one in its adapter_config.json (encoder.backbone), or pass "
+                "image_encoder= / --image-encoder with that one."
+            )
         adapter = cls(config, encoder)
         adapter.load_adapter_state_dict(state, source=str(weights_path))
         return adapter
@@ -800,17 +810,188 @@ def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | N
                 f"could not download adapter {str(name_or_path)!r} (revision {revision or 'main'}) from the Hub: {error}. "
                 "Check the repo id, your network / HF_ENDPOINT, and your token (huggingface-cli login) for private repos."
             ) from error
-    if not path.is_dir():
+    check_adapter_file_set(path)
+    return path
+
+
+# ------------------------------------------------------------------------------ checking a folder
+def check_adapter_file_set(folder: Path) -> None:
+    """Raise unless ``folder`` holds ``adapter_config.json`` and ``adapter.safetensors`` and no pickle."""
+    if not folder.exists():
+        raise MissingFileError(f"adapter folder {str(folder)!r} does not exist.")
+    if not folder.is_dir():
         raise MissingFileError(
-            f"{path} is not an adapter folder (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})."
+            f"{folder} is not an adapter folder (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})."
         )
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise AdapterError(
-            f"{path} contains pickle-format weights {pickles}; nested loads only {WEIGHTS_NAME} (safetensors) and "
-            "never unpickles. Remove those files or convert them with safetensors."
+            f"{folder} contains pickle-format weights {pickles}; nested loads only {WEIGHTS_NAME} (safetensors) "
+            "and never unpickles. Remove those files or convert them with safetensors."
         )
-    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (path / name).is_file()]
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
     if missing:
-        raise MissingFileError(f"{path} is not a nested adapter folder: missing {missing}.")
-    return path
+        raise MissingFileError(
+            f"{folder} is not a nested adapter folder: missing {missing} (export one with nested fit, or "
+            "NestedAdapter.save_pretrained)."
+        )
+
+
+def read_adapter_config(folder: Path) -> AdapterConfig:
+    """The ``adapter_config.json`` of ``folder``; an unreadable or invalid one names the file."""
+    path = folder / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterError(
+            f"{path} is not valid JSON ({error}); restore the {CONFIG_NAME} saved with the weights."
+        ) from error
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path} must hold a JSON object, not {type(data).__name__}.")
+    return AdapterConfig.from_dict(data, source=str(path))
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in a safetensors file, from its header (no tensor is read).
+
+    The header is validated as loading does: a pickle, a truncated file or a file with trailing bytes
+    is refused.
+    """
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except SafetensorError as error:
+        raise AdapterError(
+            f"{path} is not a valid safetensors file ({error}): truncated, or another format renamed; "
+            "nested never unpickles weights. Export the adapter again (nested fit, save_pretrained)."
+        ) from error
+
+
+def check_adapter_files(folder: str | os.PathLike) -> AdapterConfig:
+    """Check an adapter folder as loading it does, without building a model; returns its config.
+
+    The checks :meth:`NestedAdapter.from_pretrained` makes before it reads a tensor and ``nested push``
+    makes before it uploads a byte: the two files and no pickle, a valid config, a complete safetensors
+    file, and every tensor's name and shape matching the config. A mismatch names the tensor and the
+    config field.
+    """
+    folder = Path(folder)
+    check_adapter_file_set(folder)
+    config = read_adapter_config(folder)
+    _check_tensors_fit_config(config, tensor_shapes(folder / WEIGHTS_NAME), folder)
+    return config
+
+
+def _layer_tensor_shapes(config: AdapterConfig, source: Path) -> dict[str, tuple[int, ...]]:
+    """``layers.<layer>.to_k.weight`` / ``to_v.weight`` shapes, from the config's ``layers``."""
+    shapes = {}
+    for name, dims in config.layers.items():
+        inner, heads = (dims.get(key) if isinstance(dims, dict) else None for key in ("inner_dim", "heads"))
+        if not all(isinstance(v, int) and v > 0 for v in (inner, heads)) or inner % heads:
+            raise AdapterError(
+                f"{source}: layers[{name!r}] = {dims} needs positive integers inner_dim and heads, with heads "
+                f"dividing inner_dim; restore the {CONFIG_NAME} saved with the weights."
+            )
+        for projection in ("to_k", "to_v"):
+            shapes[f"layers.{name}.{projection}.weight"] = (inner, config.encoder.token_dim)
+    return shapes
+
+
+def _resampler_tensor_shapes(spec: EncoderSpec, input_dim: int) -> dict[str, tuple[int, ...]]:
+    """The resampler's tensor shapes for ``spec`` (built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        resampler = Resampler(
+            input_dim,
+            num_tokens=spec.num_tokens,
+            width=spec.width,
+            depth=spec.depth,
+            heads=spec.heads,
+            output_dim=spec.output_dim,
+        )
+    return {f"resampler.{key}": tuple(value.shape) for key, value in resampler.state_dict().items()}
+
+
+def _config_field(config: AdapterConfig, key: str, axis: int) -> tuple[str, object]:
+    """The config field (and its value) that sets dimension ``axis`` of tensor ``key``."""
+    spec = config.encoder
+    token_dim = ("encoder.output_dim", spec.output_dim) if spec.output_dim else ("encoder.width", spec.width)
+    if key.startswith("layers."):
+        layer = key[len("layers.") :].rsplit(".", 2)[0]
+        return (f"layers[{layer!r}].inner_dim", config.layers[layer]["inner_dim"]) if axis == 0 else token_dim
+    if key == "resampler.latents" and axis == 1:
+        return "encoder.num_tokens", spec.num_tokens
+    if key.startswith(("resampler.proj_out.", "resampler.norm_out.")) and axis == 0:
+        return token_dim
+    return "encoder.width", spec.width
+
+
+def _check_tensors_fit_config(config: AdapterConfig, found: dict[str, tuple[int, ...]], folder: Path) -> None:
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    fix = f"Restore the {CONFIG_NAME} saved with these weights (was it edited, or copied from another adapter?)."
+    unknown = sorted(k for k in found if not k.startswith(("resampler.", "layers.", "token_embeddings.")))
+    if unknown:
+        raise AdapterError(f"{weights_path} holds unknown tensors {unknown[:5]}; it is not a nested adapter.")
+
+    in_file = {k.rsplit(".", 2)[0][len("layers.") :] for k in found if k.startswith("layers.")}
+    extra, absent = sorted(in_file - set(config.layers)), sorted(set(config.layers) - in_file)
+    if extra or absent:
+        sides = [f"in the weights but not in the config's layers: {extra[:3]}"] if extra else []
+        sides += [f"in the config's layers but not in the weights: {absent[:3]}"] if absent else []
+        raise AdapterError(
+            f"{config_path} and {weights_path} disagree on the cross-attention layers ({'; '.join(sides)}). {fix}"
+        )
+
+    blocks = {int(k.split(".")[2]) for k in found if k.startswith("resampler.blocks.")}
+    if blocks and len(blocks) != config.encoder.depth:
+        raise AdapterError(
+            f"{config_path} says encoder.depth = {config.encoder.depth}, but {weights_path} holds "
+            f"{len(blocks)} resampler blocks (resampler.blocks.*). {fix}"
+        )
+
+    input_dim = found.get("resampler.proj_in.weight", (1, 1))[-1]  # the backbone's width: checked at load
+    expected = {
+        **_resampler_tensor_shapes(config.encoder, input_dim),
+        **_layer_tensor_shapes(config, config_path),
+    }
+    missing = sorted(set(expected) - set(found))
+    surplus = sorted(k for k in set(found) - set(expected) if not k.startswith("token_embeddings."))
+    if missing or surplus:
+        raise AdapterError(
+            f"{weights_path} does not match {config_path}: tensors missing {missing[:3]}, unexpected {surplus[:3]}. "
+            f"{fix}"
+        )
+    disagreements: dict[str, str] = {}
+    # The latents first: they carry both num_tokens and width.
+    for key in sorted(expected, key=lambda k: (k != "resampler.latents", not k.startswith("resampler."), k)):
+        want, have = expected[key], found[key]
+        if want == have:
+            continue
+        if len(want) != len(have):
+            disagreements.setdefault(key, f"tensor {key} has shape {have}, the config gives {want}")
+            continue
+        axis = next(i for i, (a, b) in enumerate(zip(want, have, strict=True)) if a != b)
+        field_name, value = _config_field(config, key, axis)
+        disagreements.setdefault(
+            field_name,
+            f"{field_name} is {value} but tensor {key} has shape {have} (dimension {axis}: {have[axis]})",
+        )
+    if disagreements:
+        raise AdapterError(
+            f"{config_path} does not match {weights_path}: " + "; ".join(disagreements.values()) + f". {fix}"
+        )
+
+    wanted_embeddings = {
+        f"token_embeddings.{encoder}:{token}"
+        for encoder in config.token_encoders
+        for token in config.placeholders
+    }
+    embeddings = {k for k in found if k.startswith("token_embeddings.")}
+    if embeddings != wanted_embeddings:
+        raise AdapterError(
+            f"{config_path} and {weights_path} disagree on the placeholder embeddings: the config's token_encoders "
+            f"{config.token_encoders} and tokens {sorted(config.placeholders)} need "
+            f"{sorted(wanted_embeddings)[:4]}, the weights hold {sorted(embeddings)[:4]}. {fix}"
+        )
+    bad = [k for k in embeddings if len(found[k]) != 1]
+    if bad:
+        raise AdapterError(f"{weights_path}: {bad[0]} must be a vector, it has shape {found[bad[0]]}.")

@@ -1,42 +1,51 @@
-"""``HubUpload``: upload every adapter export of a run to a Hub repo, in a background thread."""
+"""``HubUpload``: upload the newest adapter export of a run to a Hub repo, in the background."""
 
 from __future__ import annotations
 
 import logging
-import queue
-import re
 import shutil
 import threading
 import time
 from pathlib import Path
 
 import lightning as L
-import yaml
 from huggingface_hub import get_token
 from lightning.pytorch.utilities import rank_zero_info
 
-from nested.adapter import CONFIG_NAME, WEIGHTS_NAME
+from nested.adapter import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files
 from nested.callbacks.export import AdapterExport
-from nested.errors import ConfigError
-from nested.hub.model_card import REPO_ID_PATTERN, scrub_config
-from nested.hub.push import is_permanent_error, push_adapter, redact, stage_export
+from nested.errors import ConfigError, NestedUserError
+from nested.hub.background import PushOutcome, PushProcess, PushRequest
+from nested.hub.model_card import REPO_ID_PATTERN, redact
+from nested.hub.push import stage_export
 
 __all__ = ["HubUpload"]
 
 log = logging.getLogger("nested.hub")
+_SUPERSEDED = "superseded by the newer export"
 
 
 class HubUpload(L.Callback):
-    """Upload every adapter export of a run to a Hub repo, in a background thread.
+    """Upload each new adapter export of a run to a Hub repo, in the background; training never waits.
 
-    It watches the export folder (``<default_root_dir>/adapters`` or ``AdapterExport``'s ``dirpath``)
-    and uploads each new ``step=N/`` and ``last/`` folder as a commit to ``repo_id`` (the newest export
-    is always at the repo root; older ones stay in the commit history). Training never waits for the
-    Hub: failures are retried with exponential backoff, then reported as a warning. At the end of fit
-    it waits up to ``final_timeout`` seconds for pending uploads. Runs on global rank 0 only.
+    It watches the export folder (``<default_root_dir>/adapters`` or ``AdapterExport``'s ``dirpath``) and
+    pushes each new export (``step=N/``, ``last/``) as a commit to ``repo_id``: the newest export is at the
+    repo root, older ones stay in the commit history. Each push runs ``nested push`` in a child process
+    that the run can stop at any moment (:mod:`nested.hub.background`), and checks the export as loading it
+    would: an export that cannot be loaded is reported, not uploaded.
 
-    The Hub token comes from ``HF_TOKEN`` or ``hf auth login``; it is not a parameter, so it never
-    lands in a saved config.
+    Only the newest export matters: an export that is still waiting (a retry's backoff, or behind a push in
+    progress) when a newer one appears is dropped. A failed push is retried with exponential backoff; a
+    refusal that no retry can fix (a bad token, a bad adapter) is not retried.
+
+    At the end of fit the run waits for the pending push at most ``final_timeout`` seconds, or
+    ``grace_seconds`` when training stopped early (a stop signal such as SLURM's ``--signal=USR1@90``, an
+    exception, early stopping). Then the push is stopped, and every export that was not uploaded is listed
+    with the ``nested push`` command that uploads it. The waits can be interrupted by signals: a second stop
+    signal ends the run at once. Runs on global rank 0 only.
+
+    The Hub token comes from ``HF_TOKEN`` or ``hf auth login`` (and the Hub from ``HF_ENDPOINT``); it is not
+    a parameter, so it never lands in a saved config.
 
     Args:
         repo_id: the model repo, ``user/name`` (created if missing).
@@ -46,8 +55,11 @@ class HubUpload(L.Callback):
         max_retries: retries per export after the first attempt.
         backoff: first retry delay in seconds; doubles each retry, capped at ``max_backoff``.
         max_backoff: longest delay between retries.
-        final_timeout: seconds to wait for pending uploads at the end of fit.
-        poll_interval: seconds between scans of the export folder from the upload thread.
+        final_timeout: seconds to wait for the pending push when fit ends normally.
+        grace_seconds: seconds to wait for it when training stopped early. Under SLURM, keep the checkpoint
+            time plus this under the warning time of ``--signal=USR1@<seconds>``.
+        attempt_timeout: seconds one push may take before it is stopped and retried.
+        poll_interval: seconds between scans of the export folder from the background thread.
         dirpath: the export folder to watch (default: the one ``AdapterExport`` writes to).
     """
 
@@ -59,15 +71,24 @@ class HubUpload(L.Callback):
         license: str = "other",
         max_retries: int = 5,
         backoff: float = 5.0,
-        max_backoff: float = 300.0,
-        final_timeout: float = 600.0,
+        max_backoff: float = 60.0,
+        final_timeout: float = 120.0,
+        grace_seconds: float = 30.0,
+        attempt_timeout: float = 900.0,
         poll_interval: float = 30.0,
         dirpath: str | None = None,
     ):
         if not REPO_ID_PATTERN.match(repo_id):
             raise ConfigError(f"repo_id must look like 'user/name', got {repo_id!r}.")
-        if max_retries < 0 or backoff < 0 or final_timeout < 0 or poll_interval <= 0:
-            raise ConfigError("max_retries, backoff and final_timeout must be >= 0 and poll_interval > 0.")
+        at_least_0 = {"max_retries": max_retries, "backoff": backoff, "max_backoff": max_backoff}
+        at_least_0 |= {"final_timeout": final_timeout, "grace_seconds": grace_seconds}
+        above_0 = {"attempt_timeout": attempt_timeout, "poll_interval": poll_interval}
+        wrong = [f"{k}={v}" for k, v in at_least_0.items() if v < 0]
+        wrong += [f"{k}={v}" for k, v in above_0.items() if v <= 0]
+        if wrong:
+            raise ConfigError(
+                f"HubUpload: {', '.join(wrong)}: {', '.join(at_least_0)} must be >= 0, {', '.join(above_0)} > 0."
+            )
         self.repo_id = repo_id
         self.private = private
         self.revision = revision
@@ -76,16 +97,22 @@ class HubUpload(L.Callback):
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.final_timeout = final_timeout
+        self.grace_seconds = grace_seconds
+        self.attempt_timeout = attempt_timeout
         self.poll_interval = poll_interval
         self.dirpath = dirpath
         self.uploaded: list[str] = []  # export names, in upload order
-        self.failed: list[str] = []
+        self.not_uploaded: dict[str, str] = {}  # export name -> why
         self._root: Path | None = None
         self._config_dirs: list[Path] = []
         self._seen: dict[str, tuple[int, int]] = {}
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._pending: str | None = None  # the newest export not started yet
+        self._current: str | None = None  # the export being pushed
+        self._process: PushProcess | None = None
+        self._closing = False  # fit ended: finish the pending push, then stop
+        self._deadline: float | None = None  # when the wait at the end of fit ends (time.monotonic)
+        self._cancelled = False  # stop now
+        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._interrupted = False
 
@@ -104,7 +131,10 @@ class HubUpload(L.Callback):
                 "will probably fail. Training is not affected.",
                 self.repo_id,
             )
-        self._stop.clear()
+        for leftover in self._root.glob(".nested-hub-*"):  # snapshots of a run that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        self._closing = self._cancelled = False
+        self._deadline = None
         self._thread = threading.Thread(target=self._work, name="nested-hub-upload", daemon=True)
         self._thread.start()
 
@@ -122,31 +152,68 @@ class HubUpload(L.Callback):
         if stage != "fit" or self._thread is None:
             return
         self._scan()
-        self.wait(0.0 if self._interrupted else self.final_timeout)
+        stopped_early = self._interrupted or trainer.should_stop
+        self.finish(self.grace_seconds if stopped_early else self.final_timeout)
 
-    # ------------------------------------------------------------------------------ machinery
-    def wait(self, timeout: float) -> bool:
-        """Stop after the pending uploads, waiting at most ``timeout`` s; True if all finished."""
+    # ------------------------------------------------------------------------------ the end
+    def finish(self, timeout: float) -> bool:
+        """Finish the pending push, waiting at most ``timeout`` s; then stop and list what was not uploaded.
+
+        Returns True if nothing is left. The wait is interruptible: a signal handler that raises ends it,
+        and the push process is stopped all the same.
+        """
         thread, self._thread = self._thread, None
         if thread is None:
             return True
-        self._queue.put(None)
-        thread.join(timeout)
-        if thread.is_alive():
-            self._stop.set()  # no further retries; a running request ends on its own
-            pending = self._queue.qsize()
-            log.warning(
-                "HubUpload: uploads to %s still pending after %.0f s (%d queued); giving up on them. Push an "
-                "export by hand with: nested push %s %s",
-                self.repo_id,
-                timeout,
-                pending,
-                self._root / "last" if self._root else "ADAPTER_DIR",
-                self.repo_id,
-            )
-            return False
-        return True
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._closing, self._deadline = True, deadline
+            busy = self._pending or self._current
+            if self._pending and self._current and self._process is not None:
+                self._process.kill()  # only the newest export matters now
+            self._cond.notify_all()
+        try:
+            if busy:
+                rank_zero_info(
+                    f"HubUpload: waiting up to {timeout:.0f} s for the upload of {busy} to {self.repo_id}."
+                )
+            while thread.is_alive() and time.monotonic() < deadline:
+                thread.join(min(0.5, max(0.0, deadline - time.monotonic())))
+        finally:
+            self._cancel()
+            self._report()
+            thread.join(10)  # the push process is killed: the thread only removes its snapshot
+        return not self.not_uploaded
 
+    def _cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            if self._process is not None:
+                self._process.kill()
+            for name in filter(None, (self._current, self._pending)):
+                self.not_uploaded.setdefault(name, "still uploading when the run ended")
+            self._cond.notify_all()
+
+    def _report(self) -> None:
+        """List every export not uploaded with its command: a warning, unless each was only superseded."""
+        missing = {name: why for name, why in self.not_uploaded.items() if (self._root / name).is_dir()}
+        if not missing:
+            return
+        order = sorted(missing, key=lambda name: self._seen.get(name, (0, 0)))
+        lines = [
+            f"  {self._request(self._root / name).command()}\n      # {redact(missing[name])}"
+            for name in order
+        ]
+        text = (
+            f"HubUpload: {len(order)} export(s) not uploaded to {self.repo_id}. Push them with (oldest first: the "
+            "last one ends at the repo root):\n" + "\n".join(lines)
+        )
+        if all(why.startswith(_SUPERSEDED) for why in missing.values()):
+            rank_zero_info(text)
+        else:
+            log.warning(text)
+
+    # ------------------------------------------------------------------------------ watching
     def _export_root(self, trainer: L.Trainer) -> Path:
         if self.dirpath:
             return Path(self.dirpath)
@@ -171,93 +238,132 @@ class HubUpload(L.Callback):
         return signatures
 
     def _scan(self) -> None:
-        """Queue every export that is new or changed since the last scan (cheap: one directory listing)."""
+        """Make the newest new or changed export the pending one (cheap: one directory listing)."""
         if self._root is None:  # not set up, or not global rank 0
             return
-        with self._lock:
+        with self._cond:
             current = self._signatures()
             fresh = sorted(
-                (name for name, sig in current.items() if self._seen.get(name) != sig),
-                key=lambda name: (name == "last", _step_of(name)),
+                (n for n, sig in current.items() if self._seen.get(n) != sig), key=lambda n: current[n]
             )
             self._seen.update({name: current[name] for name in fresh})
-        for name in fresh:
-            self._queue.put(name)
+            if not fresh or self._cancelled:
+                return
+            for older in filter(None, [self._pending, *fresh[:-1]]):
+                self.not_uploaded[older] = f"{_SUPERSEDED} {fresh[-1]}"
+            self._pending = fresh[-1]
+            self.not_uploaded.pop(self._pending, None)
+            self._cond.notify_all()
 
+    # ------------------------------------------------------------------------------ uploading
     def _work(self) -> None:
         while True:
-            try:
-                name = self._queue.get(timeout=self.poll_interval)
-            except queue.Empty:
+            with self._cond:
+                if self._pending is None and not (self._closing or self._cancelled):
+                    self._cond.wait(self.poll_interval)
+                if self._cancelled or (self._closing and self._pending is None):
+                    return
+                name, self._pending = self._pending, None
+                self._current = name
+            if name is None:
                 self._scan()
                 continue
-            if name is None:
-                return
-            self._upload_with_retries(name)
+            try:
+                self._upload_with_retries(name)
+            finally:
+                with self._cond:
+                    self._current = None
 
     def _upload_with_retries(self, name: str) -> None:
-        assert self._root is not None
         for attempt in range(self.max_retries + 1):
-            if self._stop.is_set():
-                return
-            try:
-                started = time.monotonic()
-                info = self._upload(self._root / name)
+            started = time.monotonic()
+            outcome = self._attempt(name)
+            if outcome.status == "uploaded":
                 rank_zero_info(
                     f"HubUpload: {name} uploaded to {self.repo_id} in {time.monotonic() - started:.1f} s "
-                    f"({getattr(info, 'commit_url', '')})"
+                    f"({outcome.message})"
                 )
                 self.uploaded.append(name)
+                self.not_uploaded.pop(name, None)
                 return
-            except Exception as error:  # noqa: BLE001 - the Hub must never stop training
-                message = redact(f"{type(error).__name__}: {error}".splitlines()[0])
-                if is_permanent_error(error) or attempt == self.max_retries:
-                    log.warning(
-                        "HubUpload: could not upload %s to %s (%s); training continues. Push it later with: "
-                        "nested push %s %s",
-                        name,
-                        self.repo_id,
-                        message,
-                        self._root / name,
-                        self.repo_id,
-                    )
-                    self.failed.append(name)
+            if outcome.status == "failed":
+                self._give_up(name, outcome.message)
+                return
+            with self._cond:
+                if self._pending is not None:
+                    self.not_uploaded[name] = f"{_SUPERSEDED} {self._pending}"
                     return
-                delay = min(self.backoff * 2**attempt, self.max_backoff)
-                log.warning(
-                    "HubUpload: upload of %s to %s failed (%s); retry %d/%d in %.1f s.",
-                    name,
-                    self.repo_id,
-                    message,
-                    attempt + 1,
-                    self.max_retries,
-                    delay,
-                )
-                if self._stop.wait(delay):
+                if outcome.status == "stopped" or self._cancelled:
+                    self.not_uploaded.setdefault(name, "still uploading when the run ended")
                     return
-
-    def _upload(self, folder: Path):
-        staging = stage_export(folder)
-        try:
-            configs = [d / "config.yaml" for d in self._config_dirs if (d / "config.yaml").is_file()]
-            if configs and not (staging / "training_config.yaml").exists():
-                config = scrub_config(yaml.safe_load(configs[0].read_text()) or {})
-                text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
-                (staging / "training_config.yaml").write_text(redact(text))
-            step = _step_of(folder.name)
-            what = f"step {step}" if step >= 0 else folder.name
-            return push_adapter(
-                staging,
+            if attempt == self.max_retries:
+                self._give_up(name, outcome.message)
+                return
+            delay = min(self.backoff * 2**attempt, self.max_backoff)
+            log.warning(
+                "HubUpload: upload of %s to %s failed (%s); retry %d/%d in %.3g s.",
+                name,
                 self.repo_id,
-                private=self.private,
-                revision=self.revision,
-                commit_message=f"nested: adapter export ({what})",
-                license=self.license,
+                outcome.message,
+                attempt + 1,
+                self.max_retries,
+                delay,
             )
+            self.not_uploaded[name] = outcome.message
+            if not self._sleep_before_retry(name, delay):
+                return
+
+    def _give_up(self, name: str, reason: str) -> None:
+        self.not_uploaded[name] = reason
+        log.warning("HubUpload: %s was not uploaded to %s: %s", name, self.repo_id, reason)
+
+    def _sleep_before_retry(self, name: str, delay: float) -> bool:
+        """Wait ``delay`` s; False (and why, in ``not_uploaded``) when a newer export or the end comes first."""
+        retry_at = time.monotonic() + delay
+        with self._cond:
+            while True:
+                if self._pending is not None:
+                    self.not_uploaded[name] = f"{_SUPERSEDED} {self._pending}"
+                    return False
+                if self._cancelled or (self._deadline is not None and retry_at > self._deadline):
+                    return False  # the last failure is the reason
+                now = time.monotonic()
+                if now >= retry_at:
+                    return True
+                self._cond.wait(retry_at - now)
+
+    def _attempt(self, name: str) -> PushOutcome:
+        """One push of export ``name`` from a snapshot of it, in a child process."""
+        folder = self._root / name
+        try:
+            check_adapter_files(folder)  # here too, so that a refusal names the export, not its snapshot
+        except NestedUserError as error:
+            return PushOutcome("failed", " ".join(str(error).split()))
+        try:
+            staging = stage_export(folder, dir=self._root)
+        except OSError as error:  # the export was being replaced: a retry sees the new one
+            return PushOutcome("retry", f"could not snapshot {folder}: {error}")
+        try:
+            step = name.partition("=")[2]
+            request = self._request(staging, f"nested: adapter export ({f'step {step}' if step else name})")
+            with self._cond:
+                if self._cancelled:
+                    return PushOutcome("stopped")
+                process = self._process = PushProcess(request)
+            return process.wait(self.attempt_timeout)
         finally:
+            with self._cond:
+                self._process = None
             shutil.rmtree(staging, ignore_errors=True)
 
-
-def _step_of(name: str) -> int:
-    match = re.fullmatch(r"step=(\d+)", name)
-    return int(match.group(1)) if match else -1
+    def _request(self, folder: Path, commit_message: str | None = None) -> PushRequest:
+        configs = [d / "config.yaml" for d in self._config_dirs if (d / "config.yaml").is_file()]
+        return PushRequest(
+            adapter_dir=str(folder.resolve()),
+            repo_id=self.repo_id,
+            private=self.private,
+            revision=self.revision,
+            license=self.license,
+            training_config=str(configs[0].resolve()) if configs else None,
+            commit_message=commit_message,
+        )

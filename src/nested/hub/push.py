@@ -1,7 +1,8 @@
 """Sharing adapters on the Hugging Face Hub: ``push_adapter`` (no Lightning needed).
 
 The model card written on every push comes from :mod:`nested.hub.model_card`; the training callback that
-pushes every export is :class:`nested.callbacks.HubUpload`.
+pushes every export is :class:`nested.callbacks.HubUpload`, which runs each push in a child process
+(:mod:`nested.hub.background`).
 
 The Hub token is never an argument of anything that is configured or logged: it comes from the
 environment (``HF_TOKEN``) or the huggingface_hub login, and is scrubbed from every message and card we
@@ -11,7 +12,6 @@ cache; ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` are honoured).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,50 +20,64 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-from nested.adapter import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME
-from nested.errors import AdapterError, HubError, MissingFileError
+from nested.adapter import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files
+from nested.errors import HubError
+from nested.files import write_text_atomic
 from nested.hub.model_card import (
     CARD_MARKER,
     CARD_NAME,
     IMAGE_SUFFIXES,
     model_card,
     redact,
+    scrub_config,
 )
 
-__all__ = ["UPLOAD_PATTERNS", "is_permanent_error", "push_adapter", "stage_export", "write_model_card"]
+__all__ = [
+    "TRAINING_CONFIG_NAME",
+    "UPLOAD_PATTERNS",
+    "is_permanent_error",
+    "push_adapter",
+    "stage_export",
+    "write_model_card",
+]
 
 log = logging.getLogger("nested.hub")
 
-UPLOAD_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, "training_config.yaml", "samples/*"] + [
+TRAINING_CONFIG_NAME = "training_config.yaml"
+UPLOAD_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, TRAINING_CONFIG_NAME, "samples/*"] + [
     f"*{suffix}" for suffix in IMAGE_SUFFIXES
 ]
+# The libraries huggingface_hub has talked HTTP through: an error of theirs means no usable answer.
+_HTTP_LIBRARIES = ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
 
 
-def _check_adapter_dir(adapter_dir: Path) -> None:
-    if not adapter_dir.is_dir():
-        raise MissingFileError(f"adapter folder {str(adapter_dir)!r} does not exist.")
-    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (adapter_dir / name).is_file()]
-    if missing:
-        raise MissingFileError(
-            f"{adapter_dir} is not a nested adapter folder: missing {missing} (export one with nested fit, "
-            "or NestedAdapter.save_pretrained)."
-        )
-    pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise AdapterError(f"{adapter_dir} contains pickle files {pickles}; nested shares safetensors only.")
+def _network_error(error: BaseException) -> BaseException | None:
+    """The HTTP error answer or transport failure in ``error``'s chain of causes, if there is one.
+
+    huggingface_hub wraps some (an LFS upload's failure becomes a ``RuntimeError`` from the transport error).
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (HfHubHTTPError, ConnectionError, TimeoutError)):
+            return error
+        if type(error).__module__.split(".")[0] in _HTTP_LIBRARIES:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
-def _is_network_error(error: BaseException) -> bool:
-    """An HTTP error answer, or no answer at all (huggingface_hub talks through httpx or requests)."""
-
-    module = type(error).__module__.split(".")[0]
-    return isinstance(error, (HfHubHTTPError, ConnectionError, TimeoutError)) or module in (
-        "httpx",
-        "requests",
-    )
+def hub_endpoint(api: HfApi, endpoint: str | None = None) -> str:
+    """The Hub ``api`` talks to, and where that came from (for messages)."""
+    if endpoint:
+        return f"{api.endpoint} (the endpoint argument)"
+    if os.environ.get("HF_ENDPOINT"):
+        return f"{api.endpoint} (from HF_ENDPOINT)"
+    return f"{api.endpoint} (the default; HF_ENDPOINT selects another Hub)"
 
 
 def write_model_card(adapter_dir: str | os.PathLike, **card_kwargs: Any) -> Path:
@@ -72,8 +86,15 @@ def write_model_card(adapter_dir: str | os.PathLike, **card_kwargs: Any) -> Path
     if path.is_file() and CARD_MARKER not in path.read_text(encoding="utf8"):
         log.info("keeping the hand-written %s", path)
         return path
-    path.write_text(model_card(adapter_dir, **card_kwargs), encoding="utf8")
-    return path
+    return write_text_atomic(path, model_card(adapter_dir, **card_kwargs))
+
+
+def write_training_config(adapter_dir: Path, training_config: str | os.PathLike | Mapping) -> Path:
+    """``training_config.yaml`` in ``adapter_dir``: the run's config without secret-looking entries."""
+    if not isinstance(training_config, Mapping):
+        training_config = yaml.safe_load(Path(training_config).read_text(encoding="utf-8")) or {}
+    text = yaml.safe_dump(scrub_config(training_config), sort_keys=False, default_flow_style=False)
+    return write_text_atomic(adapter_dir / TRAINING_CONFIG_NAME, redact(text))
 
 
 def push_adapter(
@@ -91,33 +112,46 @@ def push_adapter(
 ):
     """Upload an adapter folder to a Hub model repo (created if needed); returns the ``CommitInfo``.
 
-    Writes the model card (README.md) into the folder first, then uploads the adapter files, the card,
-    ``training_config.yaml`` and sample images. ``token`` defaults to ``HF_TOKEN`` / the saved login;
-    ``revision`` is a branch, created from main if missing.
+    First checks the folder as loading it would (:func:`~nested.adapter.check_adapter_files`): an adapter
+    that cannot be loaded is refused before any byte is sent. Then writes the model card (README.md) and,
+    when ``training_config`` is given, ``training_config.yaml`` (secrets scrubbed) into the folder, and
+    uploads the adapter files, those two and sample images. ``token`` defaults to ``HF_TOKEN`` / the
+    saved login; ``revision`` is a branch, created from main if missing.
     """
 
     folder = Path(adapter_dir)
-    _check_adapter_dir(folder)
+    config = check_adapter_files(folder)
+    if training_config is not None:
+        write_training_config(folder, training_config)
     write_model_card(
         folder, repo_id=repo_id, license=license, base_model=base_model, training_config=training_config
     )
     api = HfApi(endpoint=endpoint, token=token)
-    config = json.loads((folder / CONFIG_NAME).read_text())
+    message = commit_message or f"Upload nested adapter for {config.token}"
     try:
-        return _upload(api, folder, repo_id, private, revision, commit_message, config)
+        return _upload(api, folder, repo_id, private, revision, message)
     except Exception as error:
-        if not _is_network_error(error):
+        cause = _network_error(error)
+        if cause is None:
             raise
-        where = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        where = hub_endpoint(api, endpoint)
+        detail = redact(" ".join(f"{type(cause).__name__}: {cause}".split())).rstrip(".")
+        if isinstance(cause, HfHubHTTPError):
+            status = cause.response.status_code if cause.response is not None else 0
+            advice = (
+                "The Hub is failing or busy: push again later."
+                if status >= 500 or status == 429
+                else "Check the repo id (and --revision), your token (HF_TOKEN or `hf auth login`) and that it "
+                "may write to that repo."
+            )
+            raise HubError(f"the Hub at {where} refused the push to {repo_id}: {detail}. {advice}") from error
         raise HubError(
-            f"the Hub at {where} refused or could not be reached while pushing to {repo_id}: "
-            f"{redact(str(error))}. Check the network, HF_ENDPOINT and your token (hf auth login)."
+            f"could not reach the Hub at {where} to push to {repo_id}: {detail}. Check the network, or "
+            "HF_ENDPOINT (unset it for huggingface.co)."
         ) from error
 
 
-def _upload(
-    api, folder: Path, repo_id: str, private: bool, revision: str | None, commit_message, config: dict
-):
+def _upload(api: HfApi, folder: Path, repo_id: str, private: bool, revision: str | None, message: str):
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -125,20 +159,21 @@ def _upload(
         repo_id=repo_id,
         folder_path=folder,
         revision=revision,
-        commit_message=commit_message or f"Upload nested adapter for {config.get('token', 'a subject')}",
+        commit_message=message,
         allow_patterns=UPLOAD_PATTERNS,
         ignore_patterns=[".*", "**/.*"],
     )
 
 
 def is_permanent_error(error: BaseException) -> bool:
-    """Errors that retrying cannot fix: authentication, permissions, bad requests, offline mode.
+    """Errors that retrying cannot fix: a bad adapter, authentication, permissions, bad requests, offline mode.
 
     A :class:`~nested.errors.HubError` is judged by the error it wraps.
     """
 
     if isinstance(error, HubError) and error.__cause__ is not None:
-        return is_permanent_error(error.__cause__)
+        cause = _network_error(error.__cause__)
+        return is_permanent_error(cause if cause is not None else error.__cause__)
     if isinstance(error, (OfflineModeIsEnabled, ValueError, FileNotFoundError)):
         return True
     if isinstance(error, HfHubHTTPError) and error.response is not None:
@@ -147,15 +182,22 @@ def is_permanent_error(error: BaseException) -> bool:
     return False
 
 
-def stage_export(folder: Path) -> Path:
-    """A private snapshot of an export (hard links when possible), safe from the folder being replaced."""
-    staging = Path(tempfile.mkdtemp(prefix="nested-hub-"))
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.name.startswith("."):
-            target = staging / path.relative_to(folder)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copy2(path, target)
+def stage_export(folder: Path, dir: str | os.PathLike | None = None) -> Path:
+    """A private snapshot of an export, safe from the folder being replaced while it is uploaded.
+
+    Hard links where possible (``dir`` on the export's file system: no copy); hidden files are left out.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".nested-hub-", dir=dir))
+    try:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                target = staging / path.relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, target)
+                except OSError:
+                    shutil.copy2(path, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return staging
