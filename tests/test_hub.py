@@ -878,3 +878,24 @@ def test_a_stop_signal_gives_the_uploads_a_bounded_grace_then_lists_the_push_com
     assert all((path / "adapter.safetensors").is_file() for path in listed)
     assert hanging.wait_for(lambda h: h.open == 0, timeout=30), "a push process outlived nested fit"
     assert SECRET not in output
+
+
+def test_push_of_an_unfinished_run_warns_in_one_line_and_pushes(hub, adapter_dir, capsys):
+    from nested.cli.push import main_push
+
+    config = adapter_dir / "adapter_config.json"
+    raw = json.loads(config.read_text())
+    raw["training"] = {"step": 3, "complete": False}
+    config.write_text(json.dumps(raw))
+    assert main_push([str(adapter_dir), "me/partial"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"nested push: warning: {adapter_dir} is the export of a run that had not finished "
+        "(adapter_config.json: training.complete is false); pushing it as it is"
+    ]
+    assert "me/partial" in hub.repos
+
+    raw["training"]["complete"] = True
+    config.write_text(json.dumps(raw))
+    assert main_push([str(adapter_dir), "me/complete"]) == 0
+    assert "warning" not in capsys.readouterr().err

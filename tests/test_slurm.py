@@ -134,7 +134,11 @@ def _launch(tmp_path: Path, config: Path, root: Path, job_id: str, log_name: str
 
 
 def _wait(
-    processes: list[subprocess.Popen], timeout: float, tmp_path: Path, log_name: str, codes: tuple[int, ...] = (0, 0)
+    processes: list[subprocess.Popen],
+    timeout: float,
+    tmp_path: Path,
+    log_name: str,
+    codes: tuple[int, ...] = (0, 0),
 ) -> None:
     """Wait for the tasks; each must exit with its code in ``codes`` (rank order)."""
     deadline = time.monotonic() + timeout

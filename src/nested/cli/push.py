@@ -44,6 +44,13 @@ def main_push(argv: list[str] | None = None) -> int:
     try:
         if args.training_config and not Path(args.training_config).is_file():
             raise MissingFileError(f"--training-config {args.training_config!r} does not exist.")
+        if _is_partial(args.adapter_dir):
+            # Snapshots during training are pushed on purpose (HubUpload does); say what this one is.
+            print(
+                f"nested push: warning: {args.adapter_dir} is the export of a run that had not finished "
+                "(adapter_config.json: training.complete is false); pushing it as it is",
+                file=sys.stderr,
+            )
         info = push_adapter(
             args.adapter_dir,
             args.repo_id,
@@ -59,6 +66,17 @@ def main_push(argv: list[str] | None = None) -> int:
         return 2
     print(f"Pushed {args.adapter_dir} to {args.repo_id}: {info.commit_url}")
     return 0
+
+
+def _is_partial(adapter_dir: str) -> bool:
+    """Whether the folder holds the export of an unfinished run (False when its config is missing or
+    malformed: the load check of the push names that)."""
+    from nested.adapter import training_is_complete
+
+    try:
+        return not training_is_complete(adapter_dir)
+    except (OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":
