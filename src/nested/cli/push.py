@@ -71,7 +71,7 @@ def main_push(argv: list[str] | None = None) -> int:
 def _is_partial(adapter_dir: str) -> bool:
     """Whether the folder holds the export of an unfinished run (False when its config is missing or
     malformed: the load check of the push names that)."""
-    from nested.adapter import training_is_complete
+    from nested.adapter import training_is_complete  # here: `nested push --help` loads no torch
 
     try:
         return not training_is_complete(adapter_dir)
