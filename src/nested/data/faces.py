@@ -5,10 +5,9 @@ Everything here runs dlib's models, from the optional extra ``nested[faces]`` (`
 ``nested`` imports without them; a faces feature used without them raises
 :class:`~nested.errors.MissingDependencyError` naming ``pip install 'nested[faces]'``.
 
-- :func:`detect_faces`: dlib's HOG frontal-face detector on a copy of the image whose longer side is at
-  most ``detect_size`` pixels, upsampled ``upsample`` times (with the defaults, faces from about 40 px of
-  that copy up), then dlib's 5-point landmarks (the outer and inner corner of each eye, the base of the
-  nose) on the full-size image. Boxes and landmarks are in pixels of the image given.
+- :func:`detect_faces`: dlib's HOG frontal-face detector on the image at about 1024 pixels (faces from about
+  8 % of its longer side), then dlib's 5-point landmarks (the outer and inner corner of each eye, the base
+  of the nose) on the full-size image. Boxes and landmarks are in pixels of the image given.
 - :func:`choose_subject`: which face is the photo's subject (the rule is in its docstring).
 - :func:`align_face`: the FFHQ-style crop: rotated so the eyes are level, scaled and shifted so that the
   eye centres land exactly on :data:`ALIGNED_EYES`.
@@ -112,7 +111,7 @@ class Face:
 def require_faces() -> Any:
     """The ``dlib`` module once its models are found, or :class:`MissingDependencyError` naming the extra."""
     try:
-        import dlib
+        import dlib  # here, not at the top: the rest of nested imports without the faces extra
     except ImportError as error:
         raise MissingDependencyError(
             f"face detection and face identity need dlib, which is not installed ({error}): {INSTALL_HINT}"
@@ -171,12 +170,12 @@ def _pixels(image: Image.Image) -> np.ndarray:
 # ----------------------------------------------------------------------------- detection
 
 
-def detect_faces(image: Image.Image, *, detect_size: int = 640, upsample: int = 1) -> list[Face]:
+def detect_faces(image: Image.Image, *, detect_size: int = 1024) -> list[Face]:
     """Every frontal face dlib finds in ``image``, largest first, with its 5 landmarks.
 
-    The detector runs on a copy whose longer side is at most ``detect_size`` (it is never enlarged),
-    upsampled ``upsample`` times: its smallest face is about ``80 / 2**upsample`` pixels of that copy.
-    The landmarks are found in the full-size image.
+    The detector sees the image with its longer side at most ``detect_size`` pixels (shrunk when larger,
+    enlarged twice by dlib when at most half of it) and finds faces from 80 pixels of that: with the
+    default, from about 8 % of a photo's longer side. The landmarks are found in the full-size image.
     """
     dlib = require_faces()
     factor = min(1.0, detect_size / max(image.size))
@@ -188,6 +187,7 @@ def detect_faces(image: Image.Image, *, detect_size: int = 640, upsample: int = 
             Image.Resampling.BILINEAR,
         )
     )
+    upsample = 1 if 2 * max(small.size) <= detect_size else 0
     rects, scores, _ = _detector().run(_pixels(small), upsample, 0.0)
     full = _pixels(image)
     faces = []

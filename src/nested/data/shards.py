@@ -749,7 +749,7 @@ def build_shards(
             raise ConfigError(
                 f"face_size={face_size} is too small for a face crop: use 16 or more (e.g. 512)"
             )
-        from nested.data.faces import load_models
+        from nested.data.faces import load_models  # dlib: only when faces are prepared
 
         load_models()  # before anything is written (a missing extra is one line naming it), shared by workers
     items = list(iter_source(src))  # a list, so the progress bar knows the total
