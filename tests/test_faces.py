@@ -25,13 +25,14 @@ from matplotlib import cbook
 from PIL import Image, ImageEnhance, ImageOps
 from skimage import data
 
+import nested
 from nested.cli.shards import main_shards
 
 needs_dlib = pytest.mark.skipif(
     importlib.util.find_spec("dlib") is None or importlib.util.find_spec("face_recognition_models") is None,
     reason="dlib and its models are not installed: pip install 'nested[faces]'",
 )
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(nested.__file__).resolve().parents[1]  # the nested under test, for subprocesses
 
 
 def astronaut() -> Image.Image:
