@@ -650,7 +650,12 @@ def _sample_or_reason(
 
 
 def _start_worker(options: dict[str, Any], parent: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process stops us
+    # Ctrl-C reaches the whole process group: the main process stops the workers. A forked worker would
+    # also inherit the handlers the main process set for its own clean-up: a worker just ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
     _worker_options.update(options)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
