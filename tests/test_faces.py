@@ -28,8 +28,16 @@ from skimage import data
 import nested
 from nested.cli.shards import main_shards
 
+
+def _installed(*names: str) -> bool:
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in names)
+    except ImportError:
+        return False
+
+
 needs_dlib = pytest.mark.skipif(
-    importlib.util.find_spec("dlib") is None or importlib.util.find_spec("face_recognition_models") is None,
+    not _installed("dlib", "face_recognition_models"),
     reason="dlib and its models are not installed: pip install 'nested[faces]'",
 )
 SRC = Path(nested.__file__).resolve().parents[1]  # the nested under test, for subprocesses

@@ -26,8 +26,16 @@ from nested.data import DomainSpec, NestedDataModule, build_stream
 from nested.encoder import EncoderSpec
 from nested.training.module import NestedAttentionModule
 
+
+def _installed(*names: str) -> bool:
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in names)
+    except ImportError:
+        return False
+
+
 needs_dlib = pytest.mark.skipif(
-    importlib.util.find_spec("dlib") is None or importlib.util.find_spec("face_recognition_models") is None,
+    not _installed("dlib", "face_recognition_models"),
     reason="dlib and its models are not installed: pip install 'nested[faces]'",
 )
 
@@ -162,7 +170,7 @@ def test_img2dataset_shards_train_as_they_are_with_the_original_sizes(tiny_sdxl_
         assert sample["caption"] == (json_caption or f"a photo of <person>, {name}")
 
 
-def test_nested_shards_reads_an_img2dataset_folder_as_its_source(tmp_path):
+def test_nested_shards_reads_an_img2dataset_folder_as_its_source(tmp_path, capsys):
     folder = write_img2dataset_output(tmp_path / "download")
     out = tmp_path / "shards"
     args = [
@@ -191,6 +199,13 @@ def test_nested_shards_reads_an_img2dataset_folder_as_its_source(tmp_path):
         meta = metas[f"{key[:5]}/{key}.jpg"]
         assert meta["original_size"] == [original_height, original_width]
         assert meta["caption"] == (caption or f"a photo of <person>, {name}")
+
+    # Images beside the tars: which to read is unclear, so nothing is read.
+    _photo("rocket", (64, 64)).save(folder / "stray.jpg")
+    capsys.readouterr()
+    assert main_shards([*args[:1], str(tmp_path / "other"), *args[2:]]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"{folder} holds both .tar files and images" in error
 
 
 @needs_dlib

@@ -120,9 +120,16 @@ def iter_source(src: Path) -> Iterator[SourceItem]:
     A folder is scanned recursively for image files; the caption of ``a/b.jpg`` is ``a/b.txt``.
     A ``.jsonl`` / ``.csv`` manifest has columns ``image`` (path relative to the manifest),
     ``caption`` and optional ``ref`` (path) and ``bbox`` ([x0, y0, x1, y1], in csv as
-    ``"x0,y0,x1,y1"`` or a JSON list).
+    ``"x0,y0,x1,y1"`` or a JSON list) and ``identity``. A folder of ``.tar`` files (img2dataset's
+    output) is read by ``iter_tar_source``.
     """
     if src.is_dir() and any(src.glob("*.tar")):
+        image = next((p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        if image is not None:
+            raise ConfigError(
+                f"{src} holds both .tar files and images (e.g. {image}): give a folder of images, or the folder "
+                "of .tar files that img2dataset wrote, not both"
+            )
         yield from iter_tar_source(src)
         return
     if src.is_dir():
