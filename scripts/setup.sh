@@ -11,5 +11,6 @@ fi
 # Pin torch first: an unpinned torch pulls a multi-GB CUDA build. Users with GPUs install the
 # torch build for their CUDA first; the constraints below accept any 2.13.0 build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+# faces: dlib and its models (face detection, alignment, face identity), prebuilt wheels: no compiler.
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,faces]"
 echo "nested installed in .venv ($(.venv/bin/python -c 'import nested; print(nested.__version__)'))"

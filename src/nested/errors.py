@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "HubError",
+    "MissingDependencyError",
     "MissingFileError",
     "NestedUserError",
     "OutputExistsError",
@@ -42,6 +43,10 @@ class AdapterError(NestedUserError, ValueError):
 
 class MissingFileError(NestedUserError, FileNotFoundError):
     """A file or folder the user named does not exist, or lacks what it must contain."""
+
+
+class MissingDependencyError(NestedUserError, ImportError):
+    """A feature needs an optional extra that is not installed; the message names the ``pip install``."""
 
 
 class HubError(NestedUserError, OSError):

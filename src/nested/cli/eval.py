@@ -67,7 +67,9 @@ def eval_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--identity-model",
         default=None,
-        help="CLIP vision or DINOv2 folder / hub id for identity similarity (default: the adapter's image encoder)",
+        help="identity similarity's embedder: 'face' (dlib's face recognition: detect, align, embed; adds the "
+        "face_detected column; pip install 'nested[faces]'), or a CLIP vision or DINOv2 folder / hub id (for pets) "
+        "(default: the adapter's image encoder)",
     )
     models.add_argument(
         "--judges",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -22,7 +23,10 @@ def shards_parser() -> argparse.ArgumentParser:
         description="Validate images + captions and write webdataset shards with a shards.json index.",
     )
     parser.add_argument(
-        "src", type=Path, help="folder of images with .txt captions, or a .jsonl/.csv manifest"
+        "src",
+        type=Path,
+        help="folder of images with .txt captions, a .jsonl/.csv manifest, or a folder of .tar files "
+        "(img2dataset's output: captions from json or txt, original_height/original_width kept)",
     )
     parser.add_argument("out", type=Path, help="output folder")
     parser.add_argument("--domain", required=True, help="domain name, e.g. faces (prefix of the shard files)")
@@ -46,6 +50,27 @@ def shards_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the shards in OUT (once the new ones are complete)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    faces = parser.add_argument_group("faces and identities")
+    faces.add_argument(
+        "--faces",
+        action="store_true",
+        help="detect the subject's face (dlib; pip install 'nested[faces]'): its box becomes bbox and its "
+        "FFHQ-style aligned crop ref.jpg; images without one clear face are rejected with the reason",
+    )
+    faces.add_argument("--face-size", type=int, default=512, help="side of the aligned crop (default 512)")
+    faces.add_argument(
+        "--identity-folders",
+        action="store_true",
+        help="SRC/<identity>/<image>: each target's reference is another photo of its identity (a manifest's "
+        "identity column does the same without this flag)",
+    )
+    faces.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes that prepare images (default: one per CPU core, at most 8; 0 with --cache-latents, "
+        "whose VAE runs in the main process)",
+    )
     return parser
 
 
@@ -55,6 +80,8 @@ def main_shards(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cache_latents and args.model is None:
         parser.error("--cache-latents needs --model PATH (a diffusers model with a vae/ subfolder)")
+    if args.cache_latents and args.workers:
+        parser.error("--workers prepares images in other processes: leave it out with --cache-latents")
     # Imported after parsing: `nested shards --help` answers without loading the image stack.
     from nested.data.shards import build_shards
 
@@ -76,6 +103,9 @@ def main_shards(argv: Sequence[str] | None = None) -> int:
                 resolution=args.resolution,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
+                face_size=args.face_size if args.faces else None,
+                identity_folders=args.identity_folders,
+                workers=_workers(args),
             )
     except NestedUserError as error:
         print(f"nested shards: error: {one_line(error)}", file=sys.stderr)
@@ -93,6 +123,16 @@ def main_shards(argv: Sequence[str] | None = None) -> int:
         f"({report.rejected} rejected, see {report.rejected_path})"
     )
     return 0
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """``--workers``, or by default one per CPU core this process may use, at most 8 (none with latents)."""
+    if args.workers is not None:
+        return args.workers
+    if args.cache_latents:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores)
 
 
 class _Stopped(BaseException):

@@ -52,6 +52,7 @@ from nested.data.transforms import (
 )
 from nested.data.val_stream import AttachSkipCounts, Partition, ReadShards, ValidationStream, WeightedMix
 from nested.errors import ConfigError
+from nested.image_files import to_rgb
 
 __all__ = [
     "TrainLoader",
@@ -60,6 +61,8 @@ __all__ = [
     "decode_stage",
     "decoder",
     "ignore_stop_signals",
+    "sample_caption",
+    "sample_original_size",
     "samples_per_worker",
 ]
 
@@ -68,6 +71,38 @@ log = logging.getLogger(__name__)
 _TARGET_KEYS = ("jpg", "jpeg", "png", "webp")
 _REF_KEYS = ("ref.jpg", "ref.png")
 _LATENT_KEYS = ("latents.npy", "latents.pth")
+
+
+# ----------------------------------------------------------------------------- sample metadata
+
+
+def sample_caption(meta: dict[str, Any], txt: bytes | str | None) -> str:
+    """A sample's caption: the json's ``caption`` string, else the ``txt`` member (img2dataset writes both).
+
+    Raises:
+        ValueError: neither holds a caption.
+    """
+    caption = meta.get("caption")
+    if isinstance(caption, str):
+        return caption
+    if isinstance(txt, bytes):
+        return txt.decode("utf-8")
+    if isinstance(txt, str):
+        return txt
+    raise ValueError("no caption: the json has no 'caption' string and there is no txt member")
+
+
+def sample_original_size(meta: dict[str, Any]) -> tuple[int, int] | None:
+    """``(h, w)`` of the image before any resize made when the data was prepared, for SDXL's
+    micro-conditioning: the json's ``original_size``, else img2dataset's ``original_height`` and
+    ``original_width``; None when neither is there (the stored image's own size is then the original)."""
+    size = meta.get("original_size")
+    if size:
+        return int(size[0]), int(size[1])
+    height, width = meta.get("original_height"), meta.get("original_width")
+    if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
+        return height, width
+    return None
 
 
 # ----------------------------------------------------------------------------- pipeline stages
@@ -82,11 +117,12 @@ _DECODED = [*_TARGET_KEYS, *_REF_KEYS, *_LATENT_KEYS, "json"]
 
 
 def _decode_rgb(data: bytes) -> Image.Image:
-    """An image member -> RGB PIL. webdataset's "pil" handler converts twice (two full copies of
-    every decoded image); this converts only what is not RGB already."""
+    """An image member -> 8-bit RGB PIL (:func:`nested.image_files.to_rgb`: also right for 16-bit or
+    transparent images in shards written by other tools). webdataset's "pil" handler converts twice
+    (two full copies of every decoded image); this converts only what is not RGB already."""
     image = Image.open(io.BytesIO(data))
     image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
 
 
 _IMAGE_HANDLER = wds.handle_extension(" ".join(_TARGET_KEYS), _decode_rgb)  # also ref.jpg, ref.png
@@ -144,10 +180,10 @@ class _ToTrainingSample:
         target = next((raw[k] for k in _TARGET_KEYS if k in raw), None)
         if not isinstance(target, Image.Image):
             raise ValueError(f"no target image (expected one of {_TARGET_KEYS}, got {sorted(raw)})")
-        meta = raw.get("json")
-        if not isinstance(meta, dict) or not isinstance(meta.get("caption"), str):
-            raise ValueError("json member missing or without a 'caption' string")
-        caption = meta["caption"].strip()
+        meta = raw.get("json", {})
+        if not isinstance(meta, dict):
+            raise ValueError("json member is not a JSON object")
+        caption = sample_caption(meta, raw.get("txt")).strip()
         if not contains_subject(caption, self.spec.subject):
             if self.spec.caption_rule == "drop":
                 self.counter.add("no_subject_dropped")
@@ -175,7 +211,7 @@ class _ToTrainingSample:
             augment=self.augment,
             rng=rng,
         )
-        original_size = meta.get("original_size") or view.original_size
+        original_size = sample_original_size(meta) or view.original_size
         sample = {
             "pixel_values": view.pixel_values,
             "reference": reference,

@@ -48,13 +48,18 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
+import signal
+import tarfile
+import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,6 +101,9 @@ class SourceItem:
     origin: str = ""  # how to find the item again in the input (path or manifest line)
     name: str = ""  # the image path relative to the input; recorded as json "source"
     problem: str | None = None  # set when the row itself is unusable (bad manifest line)
+    identity: str | None = None  # who the subject is: targets get references of other photos of them
+    original_size: list[int] | None = None  # [h, w] before a resize made elsewhere (img2dataset's)
+    member: tuple[int, int] | None = None  # (offset, size) of the image's bytes inside the tar ``image``
 
 
 @dataclass
@@ -122,8 +130,18 @@ def iter_source(src: Path) -> Iterator[SourceItem]:
     A folder is scanned recursively for image files; the caption of ``a/b.jpg`` is ``a/b.txt``.
     A ``.jsonl`` / ``.csv`` manifest has columns ``image`` (path relative to the manifest),
     ``caption`` and optional ``ref`` (path) and ``bbox`` ([x0, y0, x1, y1], in csv as
-    ``"x0,y0,x1,y1"`` or a JSON list).
+    ``"x0,y0,x1,y1"`` or a JSON list) and ``identity``. A folder of ``.tar`` files (img2dataset's
+    output) is read by ``iter_tar_source``.
     """
+    if src.is_dir() and any(src.glob("*.tar")):
+        image = next((p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        if image is not None:
+            raise ConfigError(
+                f"{src} holds both .tar files and images (e.g. {image}): give a folder of images, or the folder "
+                "of .tar files that img2dataset wrote, not both"
+            )
+        yield from iter_tar_source(src)
+        return
     if src.is_dir():
         for path in sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             caption, problem = _read_caption(path.with_suffix(".txt"))
@@ -155,6 +173,7 @@ def iter_source(src: Path) -> Iterator[SourceItem]:
             bbox=row.get("bbox") or None,
             origin=origin,
             name=str(row["image"]),
+            identity=_identity(row.get("identity")),
         )
 
 
@@ -208,6 +227,113 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             else:
                 byte = ord(bad) - 0xDC00
                 yield reader.line_num, None, f"manifest line not UTF-8: byte 0x{byte:02x}; save it as UTF-8"
+
+
+def _identity(value: Any) -> str | None:
+    """A manifest's ``identity`` cell: any non-empty value, as text (``7`` and ``"7"`` are one person)."""
+    return None if value is None or str(value).strip() == "" else str(value).strip()
+
+
+def with_folder_identities(items: list[SourceItem]) -> list[SourceItem]:
+    """Each item's identity from the first folder of its path under the source (``alice/1.jpg``: alice).
+
+    An image directly in the source folder belongs to no identity folder and is rejected with that reason.
+    """
+    result = []
+    for item in items:
+        folder, sep, _ = item.name.partition("/")
+        if item.problem is None and not sep:
+            problem = "not inside an identity folder (with identity folders, SOURCE/<identity>/<image>)"
+            result.append(replace(item, problem=problem))
+        else:
+            result.append(replace(item, identity=folder if sep else item.identity))
+    return result
+
+
+def iter_tar_source(src: Path) -> Iterator[SourceItem]:
+    """The samples of the ``*.tar`` files in ``src``, e.g. the output folder of img2dataset.
+
+    Each sample (tar members sharing a key, webdataset's convention) gives its image (``jpg``, ``jpeg``,
+    ``png`` or ``webp``), its caption (``json``'s ``caption``, else the ``txt`` member), and, from the json
+    that img2dataset writes, ``original_height`` / ``original_width``: the size before img2dataset resized
+    it, kept as the sample's ``original_size``. A sample whose json ``status`` is not ``success`` is rejected.
+    """
+    for tar_path in sorted(src.glob("*.tar")):
+        try:
+            samples = _tar_samples(tar_path)
+        except (tarfile.TarError, OSError) as exc:
+            problem = f"unreadable tar: {type(exc).__name__}: {exc}"
+            yield SourceItem(image=tar_path, caption=None, origin=str(tar_path), problem=problem)
+            continue
+        for key, members in samples.items():
+            origin, name = f"{tar_path}:{key}", f"{tar_path.stem}/{key}"
+            image_ext = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in members), None)
+            meta: Any = {}
+            if "json" in members:
+                try:
+                    meta = json.loads(_read_member(tar_path, members["json"]))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    meta = None
+            problem = None
+            if image_ext is None:
+                problem = f"no image member (jpg, jpeg, png or webp) among {sorted(members)}"
+            elif not isinstance(meta, dict):
+                problem = "json member is not a JSON object"
+            elif meta.get("status", "success") != "success":
+                problem = f"img2dataset status {meta.get('status')!r}: {meta.get('error_message')}"
+            if problem is not None:
+                yield SourceItem(image=tar_path, caption=None, origin=origin, name=name, problem=problem)
+                continue
+            caption = meta.get("caption")
+            if not isinstance(caption, str) and "txt" in members:
+                caption = _read_member(tar_path, members["txt"]).decode("utf-8", errors="replace")
+            height, width = meta.get("original_height"), meta.get("original_width")
+            original = [height, width] if all(isinstance(v, int) and v > 0 for v in (height, width)) else None
+            yield SourceItem(
+                image=tar_path,
+                caption=caption if isinstance(caption, str) else None,
+                origin=origin,
+                name=f"{name}.{image_ext}",
+                original_size=original,
+                member=members[image_ext],
+            )
+
+
+def _tar_samples(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """key -> member extension -> (offset, size) of its bytes, for every file in the tar, in order."""
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            folder, _, base = info.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if dot:
+                key = f"{folder}/{stem}" if folder else stem
+                samples.setdefault(key, {})[ext.lower()] = (info.offset_data, info.size)
+    return samples
+
+
+def _read_member(path: Path, member: tuple[int, int]) -> bytes:
+    offset, size = member
+    with path.open("rb") as file:
+        file.seek(offset)
+        return file.read(size)
+
+
+@contextlib.contextmanager
+def _on_disk(item: SourceItem) -> Iterator[SourceItem]:
+    """``item`` with its image as a file: an image inside a tar is copied to a temporary file meanwhile."""
+    if item.member is None or item.problem is not None:
+        yield item
+        return
+    handle, name = tempfile.mkstemp(suffix=Path(item.name).suffix)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(_read_member(item.image, item.member))
+        yield replace(item, image=Path(name), member=None)
+    finally:
+        os.unlink(name)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -280,10 +406,12 @@ def make_sample(
     image_size: int | None,
     vae: AutoencoderKL | None = None,
     resolution: int = 1024,
+    face_size: int | None = None,
 ) -> dict[str, Any]:
     """Validate one item and build its webdataset sample (members as bytes).
 
-    With a ``vae``, the sample also gets ``latents.npy`` (see ``encode_latents``).
+    With a ``vae``, the sample also gets ``latents.npy`` (see ``encode_latents``). With a ``face_size``,
+    the subject's face is detected and ``ref.jpg`` is its aligned crop (see ``face_members``).
 
     Raises:
         Rejected: with the reason when the item is unusable.
@@ -295,6 +423,9 @@ def make_sample(
         raise Rejected("missing caption" if item.caption is None else "empty caption")
     target, image_format, reencode = load_checked_image(item.image, min_size=min_size, max_pixels=max_pixels)
     original_size = [target.height, target.width]
+    face = (
+        face_members(item, target, face_size, min_size=min_size, max_pixels=max_pixels) if face_size else None
+    )
     scale = 1.0
     if image_size is not None and min(target.size) > image_size:
         scale = image_size / min(target.size)
@@ -307,15 +438,19 @@ def make_sample(
         "subject": subject,
         "source": item.name,
     }
+    if item.original_size is not None:
+        meta["original_size"] = list(item.original_size)
     if item.bbox is not None:
         box = check_bbox(item.bbox, original_size[1], original_size[0])
         meta["bbox"] = [round(v * scale, 2) for v in box]
+    if face is not None:
+        meta["bbox"] = [round(v * scale, 2) for v in face.box]
     sample: dict[str, Any] = {"__key__": key}
     if scale == 1.0 and not reencode and image_format in _STORED_FORMATS:
         sample[_STORED_FORMATS[image_format]] = item.image.read_bytes()
     else:
         sample["jpg"] = _encode_jpeg(target)
-    if item.ref is not None:
+    if item.ref is not None and face is None:
         try:
             ref, ref_format, ref_reencode = load_checked_image(
                 item.ref, min_size=min_size, max_pixels=max_pixels
@@ -326,6 +461,8 @@ def make_sample(
             sample[f"ref.{_REF_FORMATS[ref_format]}"] = item.ref.read_bytes()
         else:
             sample["ref.jpg"] = _encode_jpeg(ref)
+    if face is not None:
+        sample["ref.jpg"] = face.crop
     if vae is not None:
         buffer = io.BytesIO()
         np.save(buffer, encode_latents(vae, target, resolution))
@@ -333,6 +470,43 @@ def make_sample(
         meta["latents_resolution"] = resolution
     sample["json"] = json.dumps(meta).encode("utf-8")
     return sample
+
+
+@dataclass
+class SubjectFace:
+    """The subject's face in a target: its box in the target's pixels and the aligned crop (JPEG bytes)."""
+
+    box: tuple[float, float, float, float]
+    crop: bytes
+
+
+def face_members(
+    item: SourceItem, target: Image.Image, size: int, *, min_size: int, max_pixels: int
+) -> SubjectFace:
+    """Detect the subject's face in ``target`` and align the reference: ``nested.data.faces``.
+
+    The subject follows :func:`nested.data.faces.choose_subject` (a manifest ``bbox`` picks the face it
+    overlaps most). The reference is the ``size`` px FFHQ-style crop of that face, or, when the item
+    has its own ``ref`` photo, of the subject's face in that photo.
+
+    Raises:
+        Rejected: no usable face (the reason says why), or an unusable reference photo.
+    """
+    from nested.data import faces  # dlib is imported only when faces are prepared
+
+    hint = None if item.bbox is None else tuple(check_bbox(item.bbox, target.width, target.height))
+    try:
+        face = faces.choose_subject(faces.detect_faces(target), hint)
+    except faces.FaceRejected as exc:
+        raise Rejected(str(exc)) from exc
+    photo, subject = target, face
+    if item.ref is not None:
+        try:
+            photo = load_checked_image(item.ref, min_size=min_size, max_pixels=max_pixels)[0]
+            subject = faces.choose_subject(faces.detect_faces(photo))
+        except (Rejected, faces.FaceRejected) as exc:
+            raise Rejected(f"reference image: {exc}") from exc
+    return SubjectFace(box=face.box, crop=_encode_jpeg(faces.align_face(photo, subject, size)))
 
 
 # ----------------------------------------------------------------------------- latents
@@ -452,6 +626,115 @@ def _rejection_summary(reasons: list[str]) -> str:
     return ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
 
 
+# ----------------------------------------------------------------------------- identities, workers
+
+
+def same_identity_references(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give each sample of one identity the reference of ANOTHER photo of it: the next one in source order
+    (the last takes the first's). A photo's reference is its ``ref`` member when it has one (with faces:
+    its aligned face crop), else its target image. Each json gets ``identity`` and ``reference`` (the
+    source of the photo the reference comes from). An identity with one photo keeps its own reference.
+    """
+    members = [_reference_member(sample) for sample in samples]
+    metas = [json.loads(sample["json"]) for sample in samples]
+    result = []
+    for index, (sample, meta) in enumerate(zip(samples, metas, strict=True)):
+        other = (index + 1) % len(samples)
+        name, data = members[other]
+        updated = {key: value for key, value in sample.items() if not key.startswith("ref.")}
+        updated[name] = data
+        updated["json"] = json.dumps({**meta, "reference": metas[other]["source"]}).encode("utf-8")
+        result.append(updated)
+    return result
+
+
+def _reference_member(sample: dict[str, Any]) -> tuple[str, bytes]:
+    """The member a photo lends as a reference: its ``ref.*``, else its target as ``ref.jpg``/``ref.png``."""
+    for name in ("ref.jpg", "ref.png"):
+        if name in sample:
+            return name, sample[name]
+    if "jpg" in sample or "png" in sample:
+        extension = "jpg" if "jpg" in sample else "png"
+        return f"ref.{extension}", sample[extension]
+    with Image.open(io.BytesIO(sample["webp"])) as image:
+        return "ref.jpg", _encode_jpeg(image.convert("RGB"))
+
+
+class _IdentityGroups:
+    """Writes samples to the sink; those of an identity wait for the rest of it (they come in a row) and are
+    written with references exchanged (``same_identity_references``)."""
+
+    def __init__(self, sink: ShardSink) -> None:
+        self.sink = sink
+        self.identity: str | None = None
+        self.waiting: list[dict[str, Any]] = []
+
+    def write(self, identity: str | None, sample: dict[str, Any]) -> None:
+        if identity != self.identity:
+            self.flush()
+        if identity is None:
+            self.sink.write(sample)
+            return
+        meta = json.loads(sample["json"])
+        sample["json"] = json.dumps({**meta, "identity": identity}).encode("utf-8")
+        self.identity = identity
+        self.waiting.append(sample)
+
+    def flush(self) -> None:
+        for sample in same_identity_references(self.waiting):
+            self.sink.write(sample)
+        self.identity, self.waiting = None, []
+
+
+_worker_options: dict[str, Any] = {}
+
+
+def _sample_or_reason(
+    job: tuple[str, SourceItem], options: dict[str, Any] | None = None
+) -> dict[str, Any] | str:
+    """One item's sample, or the reason it is rejected (in a worker: with the options it started with)."""
+    key, item = job
+    try:
+        with _on_disk(item) as local:
+            return make_sample(local, key, **(_worker_options if options is None else options))
+    except Rejected as exc:
+        return str(exc)
+
+
+def _start_worker(options: dict[str, Any], parent: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process stops the workers. A forked worker would
+    # also inherit the handlers the main process set for its own clean-up: a worker just ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+    _worker_options.update(options)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A worker whose main process was killed (no chance to stop it) exits instead of waiting forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def _prepared(
+    jobs: list[tuple[str, SourceItem]], options: dict[str, Any], workers: int
+) -> Iterator[Iterator[tuple[SourceItem, dict[str, Any] | str]]]:
+    """(item, sample or rejection reason) for every job, in order: here, or in ``workers`` processes."""
+    if workers == 0:
+        yield ((item, _sample_or_reason((key, item), options)) for key, item in jobs)
+        return
+    # fork: the workers start at once, without importing torch again (they only use PIL, numpy and dlib).
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    with context.Pool(workers, initializer=_start_worker, initargs=(options, os.getpid())) as pool:
+        outcomes = pool.imap(_sample_or_reason, jobs, chunksize=2)
+        yield ((item, outcome) for (_, item), outcome in zip(jobs, outcomes, strict=True))
+
+
 def build_shards(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -468,6 +751,9 @@ def build_shards(
     resolution: int = 1024,
     overwrite: bool = False,
     progress: bool = True,
+    face_size: int | None = None,
+    identity_folders: bool = False,
+    workers: int = 0,
 ) -> ShardReport:
     """Validate every image in ``src`` and write the good ones as webdataset shards into ``out``.
 
@@ -484,6 +770,14 @@ def build_shards(
         image_size: when set, downscale so the short side is at most this before storing.
         cache_latents: also store ``latents.npy`` computed with ``vae`` at ``resolution``.
         progress: show a tqdm progress bar.
+        face_size: prepare faces (needs ``nested[faces]``): detect the subject's face, write its box as
+            ``bbox`` and its FFHQ-style aligned crop of this size as ``ref.jpg`` (see ``face_members``);
+            an image without a usable face is rejected with the reason.
+        identity_folders: the first folder of each image's path under ``src`` names its identity (a
+            manifest's ``identity`` column does the same). Each target's reference is then another photo
+            of its identity (see ``same_identity_references``).
+        workers: prepare images in this many worker processes (0: in this process). Not with
+            ``cache_latents``, whose VAE runs in this process.
 
     Returns:
         A ``ShardReport``; rejected items are listed in ``out/rejected.jsonl``.
@@ -503,7 +797,23 @@ def build_shards(
         raise ConfigError(f"resolution={resolution} must be a multiple of 8 for latents")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", domain):
         raise ConfigError(f"domain {domain!r} must match [A-Za-z0-9_-]+ (it names the shard files)")
+    if workers < 0 or (workers and cache_latents):
+        raise ConfigError(
+            f"workers={workers}: use 0 or more, and 0 with cache_latents (the VAE encodes in this process)"
+        )
+    if face_size is not None:
+        if face_size < 16:
+            raise ConfigError(
+                f"face_size={face_size} is too small for a face crop: use 16 or more (e.g. 512)"
+            )
+        from nested.data.faces import load_models  # dlib: only when faces are prepared
+
+        load_models()  # before anything is written (a missing extra is one line naming it), shared by workers
     items = list(iter_source(src))  # a list, so the progress bar knows the total
+    if identity_folders:
+        items = with_folder_identities(items)
+    if any(item.identity is not None for item in items):
+        items.sort(key=lambda item: item.identity or "")  # one identity's photos in a row, in source order
     if not items:
         raise DataError(
             f"{src} holds no images to write: a folder needs image files ({', '.join(IMAGE_SUFFIXES)}) "
@@ -520,19 +830,28 @@ def build_shards(
         max_pixels=max_pixels,
         image_size=image_size,
         resolution=resolution,
+        face_size=face_size,
+        vae=vae if cache_latents else None,
     )
     reasons: list[str] = []
+    jobs = [
+        (f"{index:07d}_{_sanitize_key(os.path.splitext(item.name)[0])}", item)
+        for index, item in enumerate(items)
+    ]
+    identities = _IdentityGroups(sink)
     try:
-        with (staging / REJECTED_NAME).open("w", encoding="utf-8") as rejected_file:
-            for index, item in enumerate(
-                tqdm(items, desc=f"shards {domain}", disable=not progress, unit="img")
-            ):
-                key = f"{index:07d}_{_sanitize_key(os.path.splitext(item.name)[0])}"
-                try:
-                    sink.write(make_sample(item, key, vae=vae if cache_latents else None, **options))
-                except Rejected as exc:
-                    reasons.append(str(exc))
-                    rejected_file.write(json.dumps({"path": item.origin, "reason": str(exc)}) + "\n")
+        with (
+            (staging / REJECTED_NAME).open("w", encoding="utf-8") as rejected_file,
+            _prepared(jobs, options, workers) as results,
+        ):
+            bar = tqdm(results, total=len(jobs), desc=f"shards {domain}", disable=not progress, unit="img")
+            for item, outcome in bar:
+                if isinstance(outcome, str):
+                    reasons.append(outcome)
+                    rejected_file.write(json.dumps({"path": item.origin, "reason": outcome}) + "\n")
+                else:
+                    identities.write(item.identity, outcome)
+            identities.flush()
         shards = sink.close()
         report = ShardReport(
             out=out,

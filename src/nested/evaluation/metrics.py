@@ -6,8 +6,10 @@ prompt. Both sides are measured per generated image:
 * :class:`IdentitySimilarity`: cosine similarity between an image embedding of the generated subject and
   one of its reference image (in [-1, 1]; 1 = same embedding). The embedder is pluggable: any callable
   ``(B, 3, H, W) [0, 1] -> (B, D)``; :func:`vision_embedder` loads a CLIP vision model (projected
-  ``image_embeds``) or DINOv2 (the CLS token) from a folder or hub id, with its own normalisation. For faces,
-  pass a face-recognition embedder when you have one.
+  ``image_embeds``) or DINOv2 (the CLS token) from a folder or hub id, with its own normalisation (for
+  pets). For faces, :class:`FaceEmbedder` finds the face, aligns it and embeds it with dlib's
+  face-recognition model; an embedder that finds its subject or not returns ``(embeddings, found)``, and an
+  image where it finds none scores 0 (no identity credit) and counts against the detection rate.
 * :class:`PromptAlignment`: CLIP text-image score (``max(100 * cos, 0)``, torchmetrics' ``CLIPScore``) with
   a locally loaded CLIP (:func:`load_clip`), made to work with transformers 5 (whose
   ``get_image_features`` / ``get_text_features`` return output objects, torchmetrics #3407).
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
+from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.functional.multimodal.clip_score import _clip_score_update
@@ -35,14 +38,17 @@ from torchmetrics.utilities import dim_zero_cat
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
 from nested.encoder import CLIP_MEAN, CLIP_STD, FrozenModules
-from nested.errors import ConfigError, MissingFileError
+from nested.errors import ConfigError, DataError, MissingFileError
 
 __all__ = [
+    "FACE_EMBEDDER",
     "ClipFeatures",
+    "FaceEmbedder",
     "IdentitySimilarity",
     "PromptAlignment",
     "VisionEmbedder",
     "crop_boxes",
+    "identity_embedder",
     "load_clip",
     "vision_embedder",
 ]
@@ -243,6 +249,50 @@ def vision_embedder(
     return VisionEmbedder(model, crop=crop, resize=resize, mean=mean, std=std)
 
 
+FACE_EMBEDDER = "face"  # the name that selects FaceEmbedder (nested eval --identity-model face)
+
+
+class FaceEmbedder:
+    """Face identity: in each image, the subject's face, aligned and embedded by dlib's face-recognition model.
+
+    ``images`` (B, 3, H, W) in [0, 1] -> ``(embeddings (B, 128), found (B,) bool)``. The face is the largest
+    one the detector is confident about (:func:`nested.data.faces.choose_subject`, keeping the largest when
+    several are alike); an image without one gets a zero row and ``found`` False. Needs ``nested[faces]``.
+    """
+
+    detects_subjects = True
+
+    def __init__(self) -> None:
+        from nested.data import faces  # dlib is imported only when faces are scored
+
+        faces.load_models(recognition=True)
+        self._faces = faces
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        pixels = (_check_images(images, "images").clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        embeddings = torch.zeros(len(pixels), 128, dtype=torch.float64)
+        found = torch.zeros(len(pixels), dtype=torch.bool)
+        for index, array in enumerate(pixels):
+            image = Image.fromarray(array)
+            try:
+                face = self._faces.choose_subject(self._faces.detect_faces(image), ambiguous="largest")
+            except self._faces.FaceRejected:
+                continue
+            embeddings[index] = torch.from_numpy(self._faces.face_embedding(image, face))
+            found[index] = True
+        return embeddings.float(), found
+
+
+def identity_embedder(
+    name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu", **kwargs: Any
+) -> Embedder | FaceEmbedder:
+    """``"face"``: :class:`FaceEmbedder`; anything else: a vision model (:func:`vision_embedder`)."""
+    if str(name_or_path) == FACE_EMBEDDER:
+        return FaceEmbedder()
+    return vision_embedder(name_or_path, device=device, **kwargs)
+
+
 # ----------------------------------------------------------------------------- identity
 
 
@@ -275,9 +325,15 @@ class IdentitySimilarity(_SyncedValues, Metric):
 
     ``compute()`` -> the mean (scalar); ``per_sample()`` -> (N,) values in [-1, 1].
 
+    An embedder that finds its subject (:class:`FaceEmbedder`; ``detects_subjects``) returns
+    ``(embeddings, found)``: a generated image where it finds none scores 0, whatever it shows (a blank
+    image gets no identity credit), and ``detection_rate()`` is the fraction of generated images where it
+    found one. A reference without one is an error (:meth:`check_references` names it).
+
     Args:
-        embedder: images (B, 3, H, W) in [0, 1] -> (B, D). An ``nn.Module`` embedder is frozen and kept
-            outside the metric's module tree (never in a ``state_dict``), but follows ``.to(device)``.
+        embedder: images (B, 3, H, W) in [0, 1] -> (B, D), or -> ((B, D), (B,) bool found). An ``nn.Module``
+            embedder is frozen and kept outside the metric's module tree (never in a ``state_dict``), but
+            follows ``.to(device)``.
         crop_size: side of box crops before embedding (default: the image's shorter side).
     """
 
@@ -285,6 +341,7 @@ class IdentitySimilarity(_SyncedValues, Metric):
     higher_is_better = True
     full_state_update = False
     values: list[Tensor]
+    detected: list[Tensor]
 
     def __init__(self, embedder: Embedder, crop_size: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -296,6 +353,7 @@ class IdentitySimilarity(_SyncedValues, Metric):
         self.__dict__["_embedder"] = embedder  # not a submodule: never in state_dict() or parameters()
         self.crop_size = crop_size
         self.add_state("values", default=[], dist_reduce_fx="cat")
+        self.add_state("detected", default=[], dist_reduce_fx="cat")
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
         if getattr(self, "_frozen", None) is not None:
@@ -306,10 +364,18 @@ class IdentitySimilarity(_SyncedValues, Metric):
     def embedder(self) -> Embedder:
         return self._embedder
 
-    def _embed(self, images: Tensor, boxes: Sequence[Box | None] | Tensor | None) -> Tensor:
+    @property
+    def detects_subjects(self) -> bool:
+        """Whether the embedder finds its subject (a face) and says so, or embeds any image."""
+        return bool(getattr(self._embedder, "detects_subjects", False))
+
+    def _embed(self, images: Tensor, boxes: Sequence[Box | None] | Tensor | None) -> tuple[Tensor, Tensor]:
         if boxes is not None:
             images = crop_boxes(images, boxes, self.crop_size)
         embeddings = self._embedder(images)
+        found = torch.ones(images.shape[0], dtype=torch.bool)
+        if isinstance(embeddings, tuple):
+            embeddings, found = embeddings[0], torch.as_tensor(embeddings[1], dtype=torch.bool).cpu()
         if (
             not isinstance(embeddings, Tensor)
             or embeddings.ndim != 2
@@ -319,7 +385,19 @@ class IdentitySimilarity(_SyncedValues, Metric):
             raise ValueError(
                 f"the embedder must return (B, D) = ({images.shape[0]}, D) embeddings, got {shape}."
             )
-        return embeddings.float()
+        return embeddings.float(), found
+
+    def check_references(self, images: Sequence[Tensor], names: Sequence[str]) -> None:
+        """Raise a :class:`~nested.errors.DataError` naming the first reference (each (3, H, W) in [0, 1]) in
+        which the embedder finds no subject: nothing generated from it could be scored."""
+        if not self.detects_subjects:
+            return
+        for image, name in zip(images, names, strict=True):
+            if not bool(self._embed(_check_images(image[None], "reference"), None)[1][0]):
+                raise DataError(
+                    f"reference {name}: the identity embedder finds no face in it; use a photo where the face "
+                    "is visible and frontal, or another --identity-model."
+                )
 
     @torch.no_grad()
     def score_batch(
@@ -330,6 +408,18 @@ class IdentitySimilarity(_SyncedValues, Metric):
         reference_boxes: Sequence[Box | None] | Tensor | None = None,
     ) -> Tensor:
         """Per-sample similarities of one batch, (B,), without touching the metric state."""
+        return self.score_and_detect(generated, reference, boxes, reference_boxes)[0]
+
+    @torch.no_grad()
+    def score_and_detect(
+        self,
+        generated: Tensor,
+        reference: Tensor,
+        boxes: Sequence[Box | None] | Tensor | None = None,
+        reference_boxes: Sequence[Box | None] | Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(similarities (B,), found (B,) bool)`` of one batch: ``found`` says where the embedder found its
+        subject in the generated image (always True for an embedder that does not look for one)."""
         generated = _check_images(generated, "generated")
         reference = _check_images(reference, "reference")
         if reference.shape[0] not in (1, generated.shape[0]):
@@ -337,11 +427,17 @@ class IdentitySimilarity(_SyncedValues, Metric):
                 f"{reference.shape[0]} reference images for {generated.shape[0]} generated ones: pass one per "
                 "generated image, or a single one for all."
             )
-        generated_embeddings = self._embed(generated, boxes)
-        reference_embeddings = self._embed(reference, reference_boxes)
-        return F.cosine_similarity(
+        generated_embeddings, found = self._embed(generated, boxes)
+        reference_embeddings, reference_found = self._embed(reference, reference_boxes)
+        if not bool(reference_found.all()):
+            raise DataError(
+                "a reference image has no face the identity embedder can find: use references where the face "
+                "is visible and frontal (IdentitySimilarity.check_references names them), or another embedder."
+            )
+        similarity = F.cosine_similarity(
             generated_embeddings, reference_embeddings.to(generated_embeddings.device), dim=-1
         )
+        return torch.where(found.to(similarity.device), similarity, torch.zeros_like(similarity)), found
 
     def update(
         self,
@@ -350,11 +446,27 @@ class IdentitySimilarity(_SyncedValues, Metric):
         boxes: Sequence[Box | None] | Tensor | None = None,
         reference_boxes: Sequence[Box | None] | Tensor | None = None,
     ) -> None:
-        self.values.append(self.score_batch(generated, reference, boxes, reference_boxes).to(self.device))
+        values, found = self.score_and_detect(generated, reference, boxes, reference_boxes)
+        self.values.append(values.to(self.device))
+        self.detected.append(found.float().to(self.device))
 
     def compute(self) -> Tensor:
         values = dim_zero_cat(self.values) if not isinstance(self.values, Tensor) else self.values
         return values.mean() if values.numel() else torch.tensor(float("nan"))
+
+    def detection_rate(self) -> Tensor:
+        """The fraction of generated images in which the embedder found its subject (1 for embedders that
+        do not look for one), over every process under DDP."""
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        ):
+            detected = self.detected
+            detected = (
+                detected if isinstance(detected, Tensor) else dim_zero_cat(detected) if detected else None
+            )
+            return (
+                detected.mean() if detected is not None and detected.numel() else torch.tensor(float("nan"))
+            )
 
 
 # ----------------------------------------------------------------------------- prompt alignment

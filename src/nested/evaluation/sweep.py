@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 import nested
 from nested.evaluation.images import load_references, save_png
 from nested.evaluation.judging import Judges, load_judges
-from nested.evaluation.metrics import IdentitySimilarity, PromptAlignment, VisionEmbedder, vision_embedder
+from nested.evaluation.metrics import IdentitySimilarity, PromptAlignment, VisionEmbedder, identity_embedder
 from nested.evaluation.report import (
     column_suffix,
     plot_tradeoff,
@@ -219,12 +219,13 @@ def _scores(context: _Context, group: _Group, images: Any, s_indices: list[int],
         predictions = context.judges.predict(images, subjects)
     scores = {}
     for s_index in s_indices:
-        similarity = {}
+        similarity, found = {}, {}
         for token, half in zip(group.tokens, subject_halves(group.tokens), strict=True):
             box = _half_box(half, height, width)
             reference = group.references[token][s_index].image[None]
             boxes = None if box is None else [box] * n
-            similarity[token] = group.identity[token].score_batch(images, reference, boxes=boxes).tolist()
+            values, detected = group.identity[token].score_and_detect(images, reference, boxes=boxes)
+            similarity[token], found[token] = values.tolist(), detected.float().tolist()
         judged = [{}] * n
         if predictions is not None:
             judged = context.judges.scores(predictions, group.judged[s_index], texts)
@@ -235,6 +236,8 @@ def _scores(context: _Context, group: _Group, images: Any, s_indices: list[int],
             }
             if len(group.tokens) > 1:
                 row.update({f"identity_similarity_{column_suffix(t)}": v[k] for t, v in similarity.items()})
+            if group.identity[group.tokens[0]].detects_subjects:  # a face embedder: was a face found
+                row["face_detected"] = sum(v[k] for v in found.values()) / len(found)
             scores[s_index, k] = {**row, **judged[k]}
     return scores
 
@@ -331,8 +334,13 @@ def run_eval(args: argparse.Namespace, parsed: dict[str, Any], argv: list[str]) 
     skip_clip = args.clip.lower() == "none"
     alignment = None if skip_clip else PromptAlignment(args.clip, sync_on_compute=False).to(args.device)
     shared_embedder = (
-        vision_embedder(args.identity_model, device=args.device) if args.identity_model else None
+        identity_embedder(args.identity_model, device=args.device) if args.identity_model else None
     )
+    if shared_embedder is not None:  # before the diffusion model: a reference it finds no face in
+        for refs in references.values():
+            IdentitySimilarity(shared_embedder).check_references(
+                [r.image for r in refs], [r.name for r in refs]
+            )
     pipe = NestedPipeline.from_pretrained(
         args.base,
         parsed["adapters"],
@@ -385,6 +393,9 @@ def run_eval(args: argparse.Namespace, parsed: dict[str, Any], argv: list[str]) 
 
         suffixes = [column_suffix(t) for t in parsed["pair"]] if parsed["pair"] else []
         columns = result_columns(suffixes, judged=judges is not None)
+        faces = getattr(shared_embedder, "detects_subjects", False)
+        if faces:
+            columns.append("face_detected")
         for group in built:  # the judges' extra columns of every group, in order, once
             if group.judged:
                 columns += [c for c in judges.columns(group.judged[0]) if c not in columns]
@@ -401,12 +412,20 @@ def run_eval(args: argparse.Namespace, parsed: dict[str, Any], argv: list[str]) 
         )
         plot_tradeoff(points, out / "tradeoff.png", title=title, judged=judges is not None)
         metrics = {
-            "identity_similarity": "cosine of image embeddings, generated vs reference, in [-1, 1]"
+            "identity_similarity": (
+                "cosine of face-recognition embeddings (dlib), generated vs reference face; 0 where no face is found"
+                if faces
+                else "cosine of image embeddings, generated vs reference, in [-1, 1]"
+            )
             + ("; with --pair the mean over the tokens, each in its half" if suffixes else ""),
             "prompt_alignment": "CLIP score 100 * cos(image, prompt with the token replaced by its class word)"
             if alignment is not None
             else "not measured (--clip none)",
         }
+        if faces:
+            metrics["face_detected"] = (
+                "1 if a face is found in the generated image, else 0 (--pair: the fraction of the two halves)"
+            )
         if judges is not None:
             metrics.update(judges.metrics)
         summary = {
@@ -463,6 +482,8 @@ def point_line(point: dict[str, Any]) -> str:
     line = f"  {point['token']} {point['label']:>8}: identity {point['identity_similarity']:.3f}"
     if point["prompt_alignment"] == point["prompt_alignment"]:
         line += f"  prompt alignment {point['prompt_alignment']:.2f}"
+    if "face_detected" in point:
+        line += f"  faces found {point['face_detected']:.0%}"
     chance = point.get("chance")
     if chance:
         labels = {"identity_exact": "identity exact", "identity_attributes": "attributes"}
