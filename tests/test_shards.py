@@ -267,9 +267,10 @@ def test_a_bug_while_writing_shards_keeps_its_traceback(tmp_path, monkeypatch):
     src.mkdir()
     Image.new("RGB", (96, 96), "red").save(src / "a.jpg")
     (src / "a.txt").write_text("a photo of <person>")
-    with pytest.raises(ValueError, match="index out of range"):
+    with pytest.raises(ValueError, match="index out of range"):  # in this process, where the patch is
         main_shards(
             [str(src), str(tmp_path / "out"), "--domain", "faces", "--subject", "<person>", "--no-progress"]
+            + ["--workers", "0"]
         )
 
 
@@ -566,3 +567,27 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
     for name in ("l.png", "one.png", "opaque.png"):  # the reader's conversion is already right: stored as is
         assert "png" in samples[name] and "jpg" not in samples[name], name
     assert all("jpg" in samples[name] for name in ("i16.png", "la.png", "p.png", "rgb-trns.png"))
+
+
+def test_worker_processes_write_the_same_shards_and_never_fork_the_caller(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork of a process that runs threads (torch's, a progress bar's, pytest's) can wait forever on a
+    lock some thread held at the fork; the workers come from a fork server instead."""
+    here = build_shards(
+        image_folder, tmp_path / "here", domain="d", subject="<person>", maxcount=2, progress=False
+    )
+
+    def no_fork() -> int:
+        raise AssertionError("the shard workers forked the calling process")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    pool = build_shards(
+        image_folder, tmp_path / "pool", domain="d", subject="<person>", maxcount=2, progress=False, workers=2
+    )
+    assert (pool.total_samples, pool.rejected) == (here.total_samples, here.rejected) == (5, 3)
+    for name in sorted(p.name for p in (tmp_path / "here").glob("*.tar")):
+        with tarfile.open(tmp_path / "here" / name) as a, tarfile.open(tmp_path / "pool" / name) as b:
+            assert [(m.name, a.extractfile(m).read()) for m in a.getmembers()] == [
+                (m.name, b.extractfile(m).read()) for m in b.getmembers()
+            ]

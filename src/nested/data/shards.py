@@ -701,19 +701,19 @@ def _sample_or_reason(
         return str(exc)
 
 
-def _start_worker(options: dict[str, Any], parent: int) -> None:
-    # Ctrl-C reaches the whole process group: the main process stops the workers. A forked worker would
-    # also inherit the handlers the main process set for its own clean-up: a worker just ends.
+def _start_worker(options: dict[str, Any]) -> None:
+    # Ctrl-C reaches the whole process group: the main process stops the workers, which just end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if signum is not None:
             signal.signal(signum, signal.SIG_DFL)
     _worker_options.update(options)
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
 
 
 def _exit_with(parent: int) -> None:
-    """A worker whose main process was killed (no chance to stop it) exits instead of waiting forever."""
+    """A worker whose parent was killed (no chance to stop it) exits instead of waiting forever. The parent
+    is the fork server, which itself ends with the main process."""
     while os.getppid() == parent:
         time.sleep(1.0)
     os._exit(1)
@@ -727,10 +727,14 @@ def _prepared(
     if workers == 0:
         yield ((item, _sample_or_reason((key, item), options)) for key, item in jobs)
         return
-    # fork: the workers start at once, without importing torch again (they only use PIL, numpy and dlib).
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    with context.Pool(workers, initializer=_start_worker, initargs=(options, os.getpid())) as pool:
+    # Not fork: forking a process that runs threads (torch's, a progress bar's, a caller's) can leave a
+    # lock held forever in the child. A fork server imports this module once, then forks clean workers.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+    else:
+        context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_start_worker, initargs=(options,)) as pool:
         outcomes = pool.imap(_sample_or_reason, jobs, chunksize=2)
         yield ((item, outcome) for (_, item), outcome in zip(jobs, outcomes, strict=True))
 
