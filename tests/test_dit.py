@@ -375,3 +375,14 @@ def test_set_attention_backend_reaches_the_nested_processors(vision_path):
     make_adapter(model, vision_path).attach(model)
     model.set_attention_backend("native")
     assert {a.processor._attention_backend for a in cross_attention_layers(model).values()} == {"native"}
+
+
+def test_a_context_parallel_config_is_refused_when_a_subject_is_bound():
+    """The nested path places the subject in the whole joint sequence: a sequence split across devices would
+    put it at the wrong keys, so it is refused, naming the layer; without a subject the config passes through."""
+    attn, layout, hidden, text, rotary = block_case("flux-double")
+    processor = NestedJointAttnProcessor("transformer_blocks.0.attn", attn.processor, layout)
+    processor._parallel_config = object()
+    processor.bindings.append(FixedSubjects([random_subject(text_masks(2, 3), seed=1)]))
+    with pytest.raises(NotImplementedError, match=r"transformer_blocks\.0\.attn"):
+        processor(attn, hidden, text, image_rotary_emb=rotary)

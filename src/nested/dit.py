@@ -157,12 +157,17 @@ class NestedJointAttnProcessor:
         attention_mask: Tensor | None = None,
         image_rotary_emb: Tensor | tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        query, key, value = self._joint_projections(
+        query, key, value = self.joint_projections(
             attn, hidden_states, encoder_hidden_states, image_rotary_emb
         )
-        text = self._text_span(hidden_states, encoder_hidden_states)
+        text = self.text_span(hidden_states, encoder_hidden_states)
         subjects = self._subjects(attn, query, text)
         if subjects:
+            if self._parallel_config is not None:
+                raise NotImplementedError(
+                    f"{self.layer_name}: nested attention does not split the joint sequence across devices; "
+                    "bind subjects without a context-parallel config (enable_parallelism)."
+                )
             out = _nested_joint_attention(query, key, value, subjects, text, attention_mask)
         else:
             # Here, not at the top: see joint_layout.
@@ -180,7 +185,7 @@ class NestedJointAttnProcessor:
         return self._output(attn, out, hidden_states, encoder_hidden_states)
 
     # ------------------------------------------------------------------------ the block's own math
-    def _joint_projections(
+    def joint_projections(
         self,
         attn: nn.Module,
         hidden_states: Tensor,
@@ -189,7 +194,8 @@ class NestedJointAttnProcessor:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Query, key and value of the joint sequence, each (B, S, H, D), as the block's default processor
         computes them."""
-        head_dim = attn.to_q.out_features // attn.heads
+        # FLUX's head_dim stays right when tensor parallelism shards the heads; SD3's Attention has none.
+        head_dim = getattr(attn, "head_dim", None) or attn.to_q.out_features // attn.heads
         if self.layout != "image_first" and getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -246,7 +252,7 @@ class NestedJointAttnProcessor:
         return image, attn.to_add_out(text.contiguous())
 
     # ---------------------------------------------------------------------------------- subjects
-    def _text_span(
+    def text_span(
         self, hidden_states: Tensor, encoder_hidden_states: Tensor | None
     ) -> tuple[int, int] | None:
         """(start, stop) of the text in the joint sequence; None when the call has no text."""
