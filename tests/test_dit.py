@@ -386,3 +386,37 @@ def test_a_context_parallel_config_is_refused_when_a_subject_is_bound():
     processor.bindings.append(FixedSubjects([random_subject(text_masks(2, 3), seed=1)]))
     with pytest.raises(NotImplementedError, match=r"transformer_blocks\.0\.attn"):
         processor(attn, hidden, text, image_rotary_emb=rotary)
+
+
+def test_guided_batch_leaves_the_unconditional_half_plain(model, vision_path):
+    """A batch of twice the bound prompts is [unconditional; conditional] (SD3 pipelines' guidance): only the
+    conditional half gets the subject."""
+    inputs = model_inputs(model)
+    doubled = {
+        key: torch.cat([value, value])
+        if key in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+        else value
+        for key, value in inputs.items()
+    }
+    plain = run(model, doubled)
+    adapter = make_adapter(model, vision_path)
+    adapter.attach(model)
+    bind(adapter, text_masks(1, 2))
+    single = run(model, inputs)
+    guided = run(model, doubled)
+    torch.testing.assert_close(guided[:BATCH], plain[:BATCH], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(guided[BATCH:], single, rtol=1e-5, atol=1e-6)
+    assert (guided[BATCH:] - plain[BATCH:]).abs().max() > 1e-3
+
+
+def test_every_layer_of_the_adapter_gets_a_gradient(vision_path):
+    """Training reaches the nested projections of the double- and the single-stream layers."""
+    model = tiny_flux().requires_grad_(False)
+    adapter = make_adapter(model, vision_path).train()
+    adapter.attach(model)
+    tokens = torch.randn(BATCH, 6, 32, generator=torch.Generator().manual_seed(3))
+    adapter.set_subjects([SubjectBinding(tokens=tokens, masks=text_masks(1, 2))])
+    model(**model_inputs(model)).sample.square().mean().backward()
+    norms = {key: layer.to_v.weight.grad.norm().item() for key, layer in adapter.layers.items()}
+    assert set(norms) == {"transformer_blocks__0__attn", "single_transformer_blocks__0__attn"}
+    assert all(norm > 0 for norm in norms.values()), norms
