@@ -8,7 +8,8 @@ On disk (``save_pretrained``) it is a folder with ``adapter.safetensors`` (named
 never a pickle) and ``adapter_config.json`` (format version, token, class word, encoder spec,
 M, value_norm_factor, injection mode, domain, and the fingerprint of the base UNet it was made for).
 
-Attaching installs one :class:`~nested.attention.NestedAttnProcessor` per ``attn2`` layer; several
+Attaching installs one :class:`~nested.attention.NestedAttnProcessor` per ``attn2`` layer (on an SD3 / FLUX
+transformer, one :class:`~nested.dit.NestedJointAttnProcessor` per joint-attention block); several
 adapters (a faces and a pets adapter) share those processors, each acting only on its own
 token. If anything later replaces the processors (``unet.set_attn_processor``,
 ``enable_xformers_memory_efficient_attention``), the next UNet forward re-installs them with a
@@ -560,7 +561,8 @@ class NestedAdapter(nn.Module):
                 )
 
     def attach(self, unet: nn.Module) -> None:
-        """Install nested processors on every ``attn2`` layer of ``unet`` and bind this adapter."""
+        """Install nested processors on every layer of :func:`cross_attention_layers` (a UNet's ``attn2``, an
+        SD3 / FLUX transformer's joint attention) and bind this adapter."""
         self.check_fits(unet)
         registry: dict[str, NestedAttnProcessor | NestedJointAttnProcessor] | None = getattr(
             unet, _REGISTRY_ATTR, None
