@@ -8,7 +8,8 @@ On disk (``save_pretrained``) it is a folder with ``adapter.safetensors`` (named
 never a pickle) and ``adapter_config.json`` (format version, token, class word, encoder spec,
 M, value_norm_factor, injection mode, domain, and the fingerprint of the base UNet it was made for).
 
-Attaching installs one :class:`~nested.attention.NestedAttnProcessor` per ``attn2`` layer; several
+Attaching installs one :class:`~nested.attention.NestedAttnProcessor` per ``attn2`` layer (on an SD3 / FLUX
+transformer, one :class:`~nested.dit.NestedJointAttnProcessor` per joint-attention block); several
 adapters (a faces and a pets adapter) share those processors, each acting only on its own
 token. If anything later replaces the processors (``unet.set_attn_processor``,
 ``enable_xformers_memory_efficient_attention``), the next UNet forward re-installs them with a
@@ -40,6 +41,13 @@ from nested.attention import (
     NestedSubject,
     check_injection_mode,
     check_token_weight,
+)
+from nested.dit import (
+    NestedJointAttnProcessor,
+    joint_attention_layers,
+    joint_layer_fingerprint,
+    joint_layout,
+    set_text_length,
 )
 from nested.encoder import EncoderSpec, Resampler, SubjectEncoder
 from nested.errors import AdapterError, ConfigError, HubError, MissingFileError
@@ -86,21 +94,26 @@ def training_is_complete(adapter_dir: str | os.PathLike) -> bool:
 
 
 def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
-    """The ``attn2`` (cross-attention) modules of a diffusers UNet, by their module name."""
+    """The layers where the image attends to the text, by module name: the ``attn2`` (cross-attention)
+    modules of a diffusers UNet, or the joint-attention modules of an SD3 / FLUX transformer
+    (:func:`~nested.dit.joint_attention_layers`)."""
     # Here, not at the top: `nested push` imports this module and needs no diffusers.
     from diffusers.models.attention_processor import Attention
 
-    return {
+    layers = {
         name: module
         for name, module in unet.named_modules()
         if isinstance(module, Attention) and module.is_cross_attention and name.endswith("attn2")
     }
+    return layers or joint_attention_layers(unet)
 
 
 def unet_fingerprint(unet: nn.Module) -> dict[str, dict[str, int]]:
-    """Per cross-attention layer: query dim, text (cross) dim, inner dim and heads."""
+    """Per cross-attention (or joint-attention) layer: query dim, text (cross) dim, inner dim and heads."""
     return {
-        name: {
+        name: joint_layer_fingerprint(attn)
+        if joint_layout(attn) is not None
+        else {
             "query_dim": attn.to_q.in_features,
             "cross_attention_dim": attn.to_k.in_features,
             "inner_dim": attn.to_v.out_features,
@@ -108,6 +121,14 @@ def unet_fingerprint(unet: nn.Module) -> dict[str, dict[str, int]]:
         }
         for name, attn in cross_attention_layers(unet).items()
     }
+
+
+def nested_processor(name: str, attn: nn.Module) -> NestedAttnProcessor | NestedJointAttnProcessor:
+    """A nested processor for layer ``name``, keeping ``attn``'s current processor as the one to restore."""
+    layout = joint_layout(attn)
+    if layout is None:
+        return NestedAttnProcessor(name, attn.processor)
+    return NestedJointAttnProcessor(name, attn.processor, layout)
 
 
 @dataclass
@@ -385,7 +406,8 @@ class NestedAdapter(nn.Module):
         layers = unet_fingerprint(unet)
         if not layers:
             raise ConfigError(
-                "this UNet has no cross-attention (attn2) layers: nothing to attach nested attention to."
+                "this model has no cross-attention (attn2) layers and no SD3 / FLUX joint-attention blocks: "
+                "nothing to attach nested attention to."
             )
         config = AdapterConfig(
             token=token,
@@ -539,26 +561,31 @@ class NestedAdapter(nn.Module):
                 )
 
     def attach(self, unet: nn.Module) -> None:
-        """Install nested processors on every ``attn2`` layer of ``unet`` and bind this adapter."""
+        """Install nested processors on every layer of :func:`cross_attention_layers` (a UNet's ``attn2``, an
+        SD3 / FLUX transformer's joint attention) and bind this adapter."""
         self.check_fits(unet)
-        registry: dict[str, NestedAttnProcessor] | None = getattr(unet, _REGISTRY_ATTR, None)
+        registry: dict[str, NestedAttnProcessor | NestedJointAttnProcessor] | None = getattr(
+            unet, _REGISTRY_ATTR, None
+        )
         if registry is None:
             registry = {}
             layers = cross_attention_layers(unet)
             for name, attn in layers.items():
-                registry[name] = NestedAttnProcessor(name, attn.processor)
+                registry[name] = nested_processor(name, attn)
                 attn.set_processor(registry[name])
             setattr(unet, _REGISTRY_ATTR, registry)
             # The layer modules are looked up once here, not on every UNet call.
             hook = functools.partial(_before_unet_call, layers)
-            setattr(unet, _HOOK_ATTR, unet.register_forward_pre_hook(hook))
+            setattr(unet, _HOOK_ATTR, unet.register_forward_pre_hook(hook, with_kwargs=True))
         for processor in registry.values():
             if self not in processor.bindings:
                 processor.bindings.append(self)
 
     def detach(self, unet: nn.Module) -> None:
         """Unbind this adapter; when none is left, restore the processors found at attach time."""
-        registry: dict[str, NestedAttnProcessor] | None = getattr(unet, _REGISTRY_ATTR, None)
+        registry: dict[str, NestedAttnProcessor | NestedJointAttnProcessor] | None = getattr(
+            unet, _REGISTRY_ATTR, None
+        )
         if registry is None:
             return
         for processor in registry.values():
@@ -762,12 +789,14 @@ def check_bindings_disjoint(bindings: Sequence[SubjectBinding]) -> None:
         taken |= marked
 
 
-def _before_unet_call(layers: dict[str, nn.Module], unet: nn.Module, args) -> None:
-    """Forward pre-hook: put back processors replaced since attach; check that adapters' subjects are disjoint.
+def _before_unet_call(layers: dict[str, nn.Module], unet: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook: put back processors replaced since attach; check that adapters' subjects are disjoint;
+    tell a FLUX transformer's single-stream processors the text length of this call.
 
-    Both read only Python state (no tensor is read), so the hook costs no device sync.
+    All read only Python state and shapes (no tensor is read), so the hook costs no device sync.
     """
-    registry: dict[str, NestedAttnProcessor] = getattr(unet, _REGISTRY_ATTR, {})
+    registry: dict[str, NestedAttnProcessor | NestedJointAttnProcessor] = getattr(unet, _REGISTRY_ATTR, {})
+    set_text_length(list(registry.values()), args, kwargs)
     replaced = [name for name, processor in registry.items() if layers[name].processor is not processor]
     if replaced:
         warnings.warn(
