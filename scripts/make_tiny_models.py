@@ -1,10 +1,12 @@
-"""Write the tiny random checkpoints (tiny-sd, tiny-sdxl, tiny-clip) used by the tests and configs/smoke.yaml.
+"""Write the tiny random checkpoints (tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, tiny-clip) used by the tests
+and configs/smoke.yaml.
 
-    python scripts/make_tiny_models.py                  # -> data/models/tiny-sd, data/models/tiny-sdxl
+    python scripts/make_tiny_models.py                  # -> data/models/tiny-sd, tiny-sdxl, tiny-sd3, ...
     python scripts/make_tiny_models.py --out /tmp/models --seed 1
 
 Output is deterministic given --seed; each folder is a diffusers pipeline (< 3 MB) with an extra
-image_encoder/ (tiny CLIP vision + image processor).
+image_encoder/ (tiny CLIP vision + image processor). tiny-sd3 (SD3.5-like: two CLIPs + T5) and tiny-flux
+(FLUX.1-dev-like: CLIP + T5, guidance embedding) carry a real T5 tokenizer built offline.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     args = parser.parse_args(argv)
 
-    for kind in ("sd", "sdxl"):
+    for kind in ("sd", "sdxl", "sd3", "flux"):
         target = args.out / f"tiny-{kind}"
         if target.exists():
             # Rewrite from scratch so no stale file survives, but never delete something that is not ours.

@@ -21,6 +21,18 @@ def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD3.5-like diffusers folder (two CLIPs + T5, with image_encoder/). Treat as read-only."""
+    return write_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1-dev-like diffusers folder (CLIP + T5, guidance, with image_encoder/). Treat as read-only."""
+    return write_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", "flux")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models run faster on one thread (thread start-up dominates), far faster on a busy machine."""

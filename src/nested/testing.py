@@ -1,7 +1,8 @@
 """Tiny random diffusers checkpoints written to disk, for tests and the CPU demo.
 
 Everything here is written in the exact layout of real checkpoints (``model_index.json``, one folder per
-component, safetensors weights, ``vocab.json`` + ``merges.txt`` tokenizers), so code under test loads it
+component, safetensors weights, ``vocab.json`` + ``merges.txt`` CLIP tokenizers, a ``tokenizer.json`` T5
+tokenizer), so code under test loads it
 through the same ``from_pretrained`` path as real weights. Weights are random but deterministic given the
 seed; a whole pipeline is well under 3 MB.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import (
@@ -19,6 +20,11 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -35,6 +41,9 @@ from transformers import (
     CLIPVisionModelWithProjection,
     Dinov2Config,
     Dinov2Model,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
 )
 
 from nested.backbone import DiffusionBackbone
@@ -56,12 +65,14 @@ __all__ = [
     "SD_SCHEDULE",
     "TINY_WORDS",
     "build_sdxl_backbone",
+    "build_tiny_t5_vocab",
     "build_tiny_tokenizer",
     "reference_nested_attention",
     "sd_pipeline",
     "tiny_text_config",
     "write_tiny_clip",
     "write_tiny_pipeline",
+    "write_tiny_t5_tokenizer",
     "write_tiny_tokenizer",
     "write_tiny_vision_model",
 ]
@@ -254,8 +265,8 @@ def write_tiny_tokenizer(path: str | Path, pad_token: str = EOS_TOKEN) -> CLIPTo
 
 
 def save_tokenizer(
-    tokenizer: CLIPTokenizer, path: Path, expected_tokens: int, keep_tokenizer_json: bool = False
-) -> CLIPTokenizer:
+    tokenizer: Any, path: Path, expected_tokens: int, keep_tokenizer_json: bool = False
+) -> Any:
     """Save ``tokenizer`` to ``path`` (tidied, see :func:`_tidy_tokenizer_folder`) and load it back.
 
     Raises if the folder reloads with other than ``expected_tokens`` tokens: the offline fallback
@@ -263,12 +274,68 @@ def save_tokenizer(
     """
     tokenizer.save_pretrained(path)
     _tidy_tokenizer_folder(path, keep_tokenizer_json=keep_tokenizer_json)
-    loaded = CLIPTokenizer.from_pretrained(path)
+    loaded = type(tokenizer).from_pretrained(path)
     if len(loaded) != expected_tokens:
         raise RuntimeError(
             f"tokenizer at {path} reloads with {len(loaded)} tokens, expected {expected_tokens}"
         )
     return loaded
+
+
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in every T5 vocabulary
+METASPACE = "\u2581"  # SentencePiece's word-start mark
+
+
+def build_tiny_t5_vocab(words: tuple[str, ...] = TINY_WORDS) -> list[tuple[str, float]]:
+    """A SentencePiece-style Unigram vocabulary ``[(piece, log-probability), ...]`` in T5's layout.
+
+    ``<pad>``, ``</s>``, ``<unk>`` first (ids 0, 1, 2), then each word as a whole word (``\u2581word``), the
+    same words without the word-start mark (so they can sit inside a longer string, as in ``<person>`` ->
+    ``\u2581 < person >``), the bare mark, and every printable ASCII character. The scores make a listed word
+    one piece and anything else the fewest known pieces, never ``<unk>`` for ASCII text.
+    """
+    scored: dict[str, float] = {}
+    for word in words:
+        scored.setdefault(METASPACE + word.lower(), -5.0)
+    for word in words:
+        scored.setdefault(word.lower(), -6.0)
+    scored.setdefault(METASPACE, -8.0)
+    for code in range(ord("!"), ord("~") + 1):
+        scored.setdefault(chr(code), -10.0)
+    return [(token, 0.0) for token in T5_SPECIAL_TOKENS] + list(scored.items())
+
+
+def write_tiny_t5_tokenizer(path: str | Path, model_max_length: int = 512) -> T5TokenizerFast:
+    """Write a real T5 tokenizer (Unigram ``tokenizer.json`` + ``tokenizer_config.json``) to ``path``.
+
+    Built offline from :func:`build_tiny_t5_vocab`, with T5's pre-tokenizer (whitespace, ``\u2581`` word
+    marks) and ``</s>`` appended to every sequence; no sentinel ``<extra_id_N>`` tokens. Returns the
+    tokenizer loaded back from disk, after checking its size (an offline ``from_pretrained`` of missing
+    files returns a 2-token tokenizer instead of failing).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = build_tiny_t5_vocab()
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    return save_tokenizer(tokenizer, path, expected_tokens=len(vocab), keep_tokenizer_json=True)
+
+
+def tiny_t5_config(tokenizer: T5TokenizerFast, width: int) -> T5Config:
+    """Tiny two-layer T5 v1.1-style encoder config (gated GELU) whose vocabulary matches ``tokenizer``."""
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=8,
+        d_ff=2 * width,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
 
 
 def tiny_text_config(
@@ -388,22 +455,164 @@ def sd_pipeline(
     )
 
 
-def write_tiny_pipeline(
-    path: str | Path, kind: Literal["sd", "sdxl"], seed: int = 0, with_image_encoder: bool = True
-) -> Path:
-    """Write a tiny random SD 1.x-like (``"sd"``) or SDXL-like (``"sdxl"``) diffusers pipeline to ``path``.
+# The training schedules of the real checkpoints' scheduler/ folders: SD3 / SD3.5 shift the flow-matching
+# sigmas by 3; FLUX.1 shifts them by the image's token count (dynamic shifting).
+SD3_FLOW_SCHEDULE: dict = {"num_train_timesteps": 1000, "shift": 3.0}
+FLUX_FLOW_SCHEDULE: dict = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 
-    The folder loads with ``StableDiffusionPipeline.from_pretrained`` / ``StableDiffusionXLPipeline
-    .from_pretrained``. Images of H x W pixels use latents (B, 4, H/4, W/4). With ``with_image_encoder`` an
-    ``image_encoder/`` folder (CLIP vision, 32 px) is added that is NOT registered in ``model_index.json``.
-    Same ``seed`` -> identical weights. Returns ``path``.
+
+def _tiny_flow_vae(kind: Literal["sd3", "flux"]) -> AutoencoderKL:
+    """A three-block VAE (spatial factor 4) with 16 latent channels, no quant convs, and SD3's or FLUX's
+    latent scaling and shift, like the real ones."""
+    scaling, shift = (1.5305, 0.0609) if kind == "sd3" else (0.3611, 0.1159)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _tiny_dit_pipeline(
+    path: Path, kind: Literal["sd3", "flux"], seed: int
+) -> StableDiffusion3Pipeline | FluxPipeline:
+    """The SD3.5-like or FLUX.1-dev-like pipeline :func:`write_tiny_pipeline` saves; tokenizers are written
+    to ``path`` first (the text encoders' vocabularies come from them).
+
+    SD3: CLIP-L (width 16) and CLIP-G (width 32), both with projection; T5 of width 64, so the concatenated
+    CLIP states (48) are padded to T5's width as in the real model; two joint blocks, the first with SD3.5's
+    extra image self-attention, RMS q/k norms. FLUX: CLIP-L (width 32, pooled output only) and T5 (width
+    32); one double- and one single-stream block, guidance embedding (the distilled dev model).
     """
-    if kind not in ("sd", "sdxl"):
-        raise ValueError(f"kind must be 'sd' or 'sdxl', got {kind!r}")
+    tokenizer = write_tiny_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
+    torch.manual_seed(seed + 2)
+    vae = _tiny_flow_vae(kind)
+    if kind == "sd3":
+        tokenizer_2 = write_tiny_tokenizer(path / "tokenizer_2", pad_token="!")  # like the real SD3
+        tokenizer_3 = write_tiny_t5_tokenizer(path / "tokenizer_3")
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModelWithProjection(
+            tiny_text_config(tokenizer, projection_dim=16, hidden_size=16)
+        )
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, projection_dim=32))
+        torch.manual_seed(seed + 5)
+        text_encoder_3 = T5EncoderModel(tiny_t5_config(tokenizer_3, width=64))
+        torch.manual_seed(seed + 1)
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=64,
+            caption_projection_dim=32,
+            pooled_projection_dim=16 + 32,
+            pos_embed_max_size=16,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
+        return StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(**SD3_FLOW_SCHEDULE),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+        )
+    tokenizer_2 = write_tiny_t5_tokenizer(path / "tokenizer_2")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
+    torch.manual_seed(seed + 5)
+    text_encoder_2 = T5EncoderModel(tiny_t5_config(tokenizer_2, width=32))
+    torch.manual_seed(seed + 1)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels packed 2 x 2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_FLOW_SCHEDULE),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+def write_tiny_pipeline(
+    path: str | Path,
+    kind: Literal["sd", "sdxl", "sd3", "flux"],
+    seed: int = 0,
+    with_image_encoder: bool = True,
+) -> Path:
+    """Write a tiny random diffusers pipeline to ``path``: SD 1.x-like (``"sd"``), SDXL-like (``"sdxl"``),
+    SD3.5-like (``"sd3"``) or FLUX.1-dev-like (``"flux"``).
+
+    The folder loads with the matching ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` /
+    ``StableDiffusion3Pipeline`` / ``FluxPipeline.from_pretrained``. The VAE has a spatial factor of 4:
+    images of H x W pixels use latents (B, 4, H/4, W/4) for SD / SDXL, (B, 16, H/4, W/4) for SD3 / FLUX
+    (FLUX: H and W multiples of 8). With ``with_image_encoder`` an ``image_encoder/`` folder (CLIP vision,
+    32 px) is added that is NOT registered in ``model_index.json``. Same ``seed`` -> identical weights.
+    Returns ``path``.
+    """
+    if kind not in ("sd", "sdxl", "sd3", "flux"):
+        raise ValueError(f"kind must be 'sd', 'sdxl', 'sd3' or 'flux', got {kind!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    # Tokenizers are written first: the text encoders' vocab size and special ids come from them.
+    if kind in ("sd3", "flux"):
+        pipeline = _tiny_dit_pipeline(path, kind, seed)
+    else:
+        pipeline = _tiny_unet_pipeline(path, kind, seed)
+    pipeline.save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        if (path / name).is_dir():
+            # T5's tokenizer lives in tokenizer.json; CLIP's in vocab.json + merges.txt.
+            _tidy_tokenizer_folder(
+                path / name, keep_tokenizer_json=not (path / name / "vocab.json").is_file()
+            )
+    if with_image_encoder:
+        _write_image_encoder(path / "image_encoder", seed + 4)
+    return path
+
+
+def _tiny_unet_pipeline(
+    path: Path, kind: Literal["sd", "sdxl"], seed: int
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The SD 1.x-like or SDXL-like pipeline :func:`write_tiny_pipeline` saves; tokenizers are written to
+    ``path`` first (the text encoders' vocabulary size and special ids come from them)."""
     tokenizer = write_tiny_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
@@ -411,33 +620,23 @@ def write_tiny_pipeline(
     unet = _tiny_unet(kind)
     torch.manual_seed(seed + 2)
     vae = _tiny_vae(kind)
-    schedule = SD_SCHEDULE
-
     if kind == "sd":
-        pipeline = sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
-    else:
-        tokenizer_2 = write_tiny_tokenizer(path / "tokenizer_2", pad_token="!")  # like the real SDXL
-        torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, projection_dim=32))
-        scheduler = EulerDiscreteScheduler(**schedule, timestep_spacing="leading", steps_offset=1)
-        pipeline = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-            image_encoder=None,
-            feature_extractor=None,
-        )
-    pipeline.save_pretrained(path, safe_serialization=True)
-    for name in ("tokenizer", "tokenizer_2"):
-        if (path / name).is_dir():
-            _tidy_tokenizer_folder(path / name)
-    if with_image_encoder:
-        _write_image_encoder(path / "image_encoder", seed + 4)
-    return path
+        return sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
+    tokenizer_2 = write_tiny_tokenizer(path / "tokenizer_2", pad_token="!")  # like the real SDXL
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, projection_dim=32))
+    scheduler = EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+    )
 
 
 def write_tiny_vision_model(
