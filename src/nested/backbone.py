@@ -1,8 +1,10 @@
-"""The frozen diffusers parts (SD 1.x / 2.x or SDXL) and their text conditioning.
+"""The frozen diffusers parts (SD 1.x / 2.x, SDXL, SD3 / SD3.5, FLUX.1) and their text conditioning.
 
 Only the components training and inference need are loaded, each with its own ``from_pretrained``; the
-pipeline class is never built. Text conditioning reproduces ``StableDiffusionPipeline.encode_prompt`` /
-``StableDiffusionXLPipeline.encode_prompt`` exactly (without classifier-free guidance).
+pipeline class is never built. Text conditioning reproduces the ``encode_prompt`` of
+``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline`` and
+``FluxPipeline`` exactly (without classifier-free guidance). :class:`DiffusionBackbone` holds a UNet
+model, :class:`TransformerBackbone` a diffusion transformer; :func:`load_backbone` picks the right one.
 """
 
 from __future__ import annotations
@@ -12,37 +14,63 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 
 from nested.errors import ConfigError, MissingFileError
+from nested.tokens import subject_masks, subject_masks_for_tokenizers
 
 __all__ = [
     "DiffusionBackbone",
     "TextConditioning",
+    "TransformerBackbone",
     "check_model_folder",
     "check_tokenizer",
     "first_parameter",
+    "load_backbone",
 ]
 
 EXPECTED_LAYOUT = (
     "a diffusers folder or Hub id with model_index.json and the subfolders unet/, vae/, scheduler/, "
     "text_encoder/, tokenizer/ (SDXL also text_encoder_2/, tokenizer_2/)"
 )
+EXPECTED_TRANSFORMER_LAYOUT = (
+    "a diffusers folder or Hub id with model_index.json and the subfolders transformer/, vae/, scheduler/, "
+    "text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ (SD3 / SD3.5 also text_encoder_3/, tokenizer_3/)"
+)
+
+# The diffusion transformers supported, by the class name model_index.json gives for transformer/.
+TRANSFORMER_KINDS: dict[str, Literal["sd3", "flux"]] = {
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+}
 
 
 @dataclass
 class TextConditioning:
     """The text conditioning of a batch of B prompts.
 
-    ``prompt_embeds``: (B, 77, C), the UNet's ``encoder_hidden_states`` (SDXL: C = C1 + C2).
-    ``pooled_prompt_embeds``: (B, C2), SDXL's pooled ``text_embeds`` of text_encoder_2; None for SD.
-    ``input_ids``: one (B, 77) tensor per tokenizer, as fed to the text encoders.
+    ``prompt_embeds``: (B, T, C), the denoiser's ``encoder_hidden_states``: T = 77 for SD / SDXL (SDXL:
+    C = C1 + C2), 77 + T5's length for SD3, T5's length for FLUX.
+    ``pooled_prompt_embeds``: (B, P), the pooled text (SDXL's ``text_embeds``, SD3 / FLUX's
+    ``pooled_projections``); None for SD.
+    ``input_ids``: one (B, L) tensor per tokenizer, as fed to the text encoders.
+    ``text_ids``: FLUX's (T, 3) text position ids (all zero); None for the others.
     """
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor | None
     input_ids: list[torch.Tensor]
+    text_ids: torch.Tensor | None = None
 
 
 def check_tokenizer(tokenizer: Any, text_encoder: Any, where: str) -> None:
@@ -60,26 +88,28 @@ def check_tokenizer(tokenizer: Any, text_encoder: Any, where: str) -> None:
     if size <= 1000 and size != embeddings:
         raise ConfigError(
             f"tokenizer at {where} has {size} tokens (its text encoder has {embeddings}): the tokenizer files "
-            "(vocab.json, merges.txt) are missing; is the model downloaded? Offline, transformers returns an "
+            "(vocab.json, merges.txt; T5: tokenizer.json or spiece.model) are missing; is the model downloaded? Offline, transformers returns an "
             "empty tokenizer instead of failing. Download the model (or fix the path) and retry."
         )
 
 
-def _read_model_index(name_or_path: str, **hub_kwargs: Any) -> dict[str, Any]:
-    """Read ``model_index.json`` from a local folder or the Hub, with an error saying what was expected."""
+def _read_model_index(
+    name_or_path: str, expected: str = EXPECTED_LAYOUT, **hub_kwargs: Any
+) -> dict[str, Any]:
+    """Read ``model_index.json`` from a local folder or the Hub, with an error saying what was ``expected``."""
     local = Path(name_or_path).expanduser()
     looks_local = local.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
     if looks_local and not local.is_dir():
-        raise MissingFileError(f"no model folder at {local}: expected {EXPECTED_LAYOUT}.")
+        raise MissingFileError(f"no model folder at {local}: expected {expected}.")
     if local.is_dir() and not (local / "model_index.json").is_file():
-        raise MissingFileError(f"{local} has no model_index.json: expected {EXPECTED_LAYOUT}.")
+        raise MissingFileError(f"{local} has no model_index.json: expected {expected}.")
     try:
         return dict(
             DiffusionPipeline.load_config(str(local) if local.is_dir() else name_or_path, **hub_kwargs)
         )
     except OSError as error:
         raise MissingFileError(
-            f"cannot load model_index.json of {name_or_path!r} ({error}). Expected {EXPECTED_LAYOUT}. "
+            f"cannot load model_index.json of {name_or_path!r} ({error}). Expected {expected}. "
             "Offline, a Hub id must already be in the local cache: download it, or pass a local folder."
         ) from error
 
@@ -90,6 +120,7 @@ def _read_model_index(name_or_path: str, **hub_kwargs: Any) -> dict[str, Any]:
 # checked by ``check_tokenizer`` once it is loaded.
 _COMPONENT_FILES = {
     "unet": ("config.json", ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
+    "transformer": ("config.json", ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
     "vae": ("config.json", ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
     "text_encoder": ("config.json", ("model*.safetensors", "pytorch_model*.bin")),
     "scheduler": ("scheduler_config.json", ()),
@@ -97,11 +128,11 @@ _COMPONENT_FILES = {
 }
 
 
-def check_model_folder(folder: Path, components: list[str]) -> None:
+def check_model_folder(folder: Path, components: list[str], expected: str = EXPECTED_LAYOUT) -> None:
     """Raise :class:`MissingFileError` naming the first component of the local diffusers folder ``folder``
-    that is missing, or lacks its config or weights."""
+    that is missing, or lacks its config or weights (``expected`` describes the whole layout)."""
     for name in components:
-        config_name, weight_patterns = _COMPONENT_FILES[name.removesuffix("_2")]
+        config_name, weight_patterns = _COMPONENT_FILES[name.removesuffix("_2").removesuffix("_3")]
         part = folder / name
         if not part.is_dir():
             problem = f"has no {name}/ folder"
@@ -112,7 +143,7 @@ def check_model_folder(folder: Path, components: list[str]) -> None:
         else:
             continue
         raise MissingFileError(
-            f"{folder} {problem}: it is not a complete diffusers model folder; expected {EXPECTED_LAYOUT}. "
+            f"{folder} {problem}: it is not a complete diffusers model folder; expected {expected}. "
             "Download the whole model (or fix the path) and retry."
         )
 
@@ -132,8 +163,65 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def _vae_dtype(dtype: torch.dtype, vae_config: dict[str, Any]) -> torch.dtype:
+    """fp32 for a VAE flagged ``force_upcast`` (SDXL's overflows in fp16) when fp16 is asked; else ``dtype``."""
+    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
+
+
+def _load_text_components(
+    source: str,
+    index: dict[str, Any],
+    suffixes: list[str],
+    dtype: torch.dtype,
+    hub_kwargs: dict[str, Any],
+    weights_kwargs: dict[str, Any],
+) -> tuple[list[Any], list[torch.nn.Module]]:
+    """Load ``tokenizer{suffix}`` and ``text_encoder{suffix}`` for each suffix, with the transformers classes
+    ``model_index.json`` names; each tokenizer is checked against its encoder, each encoder frozen."""
+    tokenizers, text_encoders = [], []
+    for suffix in suffixes:
+        tokenizer_class = getattr(transformers, index[f"tokenizer{suffix}"][1])
+        encoder_class = getattr(transformers, index[f"text_encoder{suffix}"][1])
+        tokenizer = tokenizer_class.from_pretrained(source, subfolder=f"tokenizer{suffix}", **hub_kwargs)
+        text_encoder = encoder_class.from_pretrained(
+            source, subfolder=f"text_encoder{suffix}", dtype=dtype, **weights_kwargs
+        )
+        check_tokenizer(tokenizer, text_encoder, f"{source}/tokenizer{suffix}")
+        tokenizers.append(tokenizer)
+        text_encoders.append(_frozen(text_encoder))
+    return tokenizers, text_encoders
+
+
+class _VaeLatents:
+    """Moving between images and the latents the denoiser sees, for a backbone with a ``vae`` attribute."""
+
+    vae: AutoencoderKL
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along each side (8 for the real models)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_scaling(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (B, C, h, w) -> the unit-variance latents the denoiser sees."""
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def latent_unscaling(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`latent_scaling`, before ``vae.decode``."""
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return latents / self.vae.config.scaling_factor + shift
+
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), f = ``vae_scale_factor``
+        (C = 4 for SD / SDXL, 16 for SD3 / FLUX)."""
+        weight = first_parameter(self.vae)
+        latent_dist = self.vae.encode(images.to(weight.device, weight.dtype)).latent_dist
+        return self.latent_scaling(latent_dist.sample(generator))
+
+
 @dataclass
-class DiffusionBackbone:
+class DiffusionBackbone(_VaeLatents):
     """The frozen UNet, VAE and text encoders of a Stable Diffusion model, plus its training scheduler.
 
     ``noise_scheduler`` is a ``DDPMScheduler`` rebuilt from the model's own scheduler config (so SD 2.x's
@@ -171,6 +259,11 @@ class DiffusionBackbone:
         if local_files_only is not None:
             hub_kwargs["local_files_only"] = local_files_only
         index = _read_model_index(source, **hub_kwargs)
+        if _registered(index, "transformer") and not _registered(index, "unet"):
+            raise ConfigError(
+                f"{source} is a diffusion transformer ({index['transformer'][1]}), not a UNet model: load it "
+                "with TransformerBackbone.from_pretrained (or load_backbone)."
+            )
         kind: Literal["sd", "sdxl"] = "sdxl" if _registered(index, "text_encoder_2") else "sd"
         suffixes = ["", "_2"] if kind == "sdxl" else [""]
         required = ["unet", "vae", "scheduler"] + [
@@ -194,9 +287,7 @@ class DiffusionBackbone:
         vae_subfolder = "vae" if vae_name_or_path is None or (Path(vae_source) / "vae").is_dir() else None
         vae_kwargs = {**hub_kwargs, "variant": variant} if vae_name_or_path is None else dict(hub_kwargs)
         vae_config = AutoencoderKL.load_config(vae_source, subfolder=vae_subfolder, **hub_kwargs)
-        vae_dtype = (
-            torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
-        )
+        vae_dtype = _vae_dtype(dtype, vae_config)
         vae = AutoencoderKL.from_pretrained(
             vae_source, subfolder=vae_subfolder, torch_dtype=vae_dtype, **vae_kwargs
         )
@@ -204,17 +295,9 @@ class DiffusionBackbone:
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler", **hub_kwargs))
         noise_scheduler = DDPMScheduler.from_config(scheduler_config)
 
-        tokenizers, text_encoders = [], []
-        for suffix in suffixes:
-            tokenizer_class = getattr(transformers, index[f"tokenizer{suffix}"][1])
-            encoder_class = getattr(transformers, index[f"text_encoder{suffix}"][1])
-            tokenizer = tokenizer_class.from_pretrained(source, subfolder=f"tokenizer{suffix}", **hub_kwargs)
-            text_encoder = encoder_class.from_pretrained(
-                source, subfolder=f"text_encoder{suffix}", dtype=dtype, **weights_kwargs
-            )
-            check_tokenizer(tokenizer, text_encoder, f"{source}/tokenizer{suffix}")
-            tokenizers.append(tokenizer)
-            text_encoders.append(_frozen(text_encoder))
+        tokenizers, text_encoders = _load_text_components(
+            source, index, suffixes, dtype, hub_kwargs, weights_kwargs
+        )
 
         return cls(
             unet=_frozen(unet),
@@ -232,27 +315,6 @@ class DiffusionBackbone:
         for module in (self.unet, self.vae, *self.text_encoders):
             module.to(device)
         return self
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent along each side (8 for real SD / SDXL)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def latent_scaling(self, latents: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latents (B, 4, h, w) -> the unit-variance latents the UNet sees."""
-        shift = self.vae.config.get("shift_factor") or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
-
-    def latent_unscaling(self, latents: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`latent_scaling`, before ``vae.decode``."""
-        shift = self.vae.config.get("shift_factor") or 0.0
-        return latents / self.vae.config.scaling_factor + shift
-
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f), f = ``vae_scale_factor``."""
-        weight = first_parameter(self.vae)
-        latent_dist = self.vae.encode(images.to(weight.device, weight.dtype)).latent_dist
-        return self.latent_scaling(latent_dist.sample(generator))
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Prompts -> one (B, 77) id tensor per tokenizer, padded and truncated like the diffusers pipelines."""
@@ -314,6 +376,201 @@ class DiffusionBackbone:
             raise ValueError("SDXL needs time_ids (B, 6) and pooled prompt embeddings (B, C2).")
         pooled = cond.pooled_prompt_embeds
         return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}
+
+
+@dataclass
+class TransformerBackbone(_VaeLatents):
+    """The frozen diffusion transformer, VAE and text encoders of an SD3 / SD3.5 or FLUX.1 model, plus its
+    flow-matching scheduler.
+
+    ``tokenizers`` / ``text_encoders``: SD3 has CLIP-L, CLIP-G (both with projection) and T5; FLUX has
+    CLIP-L (pooled output only) and T5; T5 is always last. ``max_sequence_length`` is the T5 token count
+    (the pipelines' defaults: 256 for SD3, 512 for FLUX). ``noise_scheduler`` is the model's own
+    ``FlowMatchEulerDiscreteScheduler``; ``scheduler_config`` keeps its config.
+    """
+
+    transformer: SD3Transformer2DModel | FluxTransformer2DModel
+    vae: AutoencoderKL
+    noise_scheduler: FlowMatchEulerDiscreteScheduler
+    tokenizers: list[Any]
+    text_encoders: list[torch.nn.Module]
+    kind: Literal["sd3", "flux"]
+    source: str
+    max_sequence_length: int
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        revision: str | None = None,
+        variant: str | None = None,
+        local_files_only: bool | None = None,
+        max_sequence_length: int | None = None,
+    ) -> TransformerBackbone:
+        """Load the components of a diffusers SD3 / SD3.5 / FLUX.1 checkpoint (folder or Hub id).
+
+        The kind comes from the transformer class in ``model_index.json``. ``max_sequence_length`` (T5
+        tokens) defaults to the pipeline's: 256 for SD3, 512 for FLUX; it may not exceed the T5
+        tokenizer's ``model_max_length``.
+        """
+        source = str(name_or_path)
+        hub_kwargs: dict[str, Any] = {"revision": revision}
+        if local_files_only is not None:
+            hub_kwargs["local_files_only"] = local_files_only
+        index = _read_model_index(source, EXPECTED_TRANSFORMER_LAYOUT, **hub_kwargs)
+        transformer_class_name = index["transformer"][1] if _registered(index, "transformer") else None
+        if transformer_class_name not in TRANSFORMER_KINDS:
+            found = f"transformer {transformer_class_name}" if transformer_class_name else "no transformer"
+            raise ConfigError(
+                f"{source}: model_index.json registers {found}; supported are "
+                f"{', '.join(TRANSFORMER_KINDS)} (a UNet model loads with DiffusionBackbone)."
+            )
+        kind = TRANSFORMER_KINDS[transformer_class_name]
+        suffixes = ["", "_2", "_3"] if kind == "sd3" else ["", "_2"]
+        required = ["transformer", "vae", "scheduler"] + [
+            f"{part}{s}" for s in suffixes for part in ("text_encoder", "tokenizer")
+        ]
+        missing = [name for name in required if not _registered(index, name)]
+        if missing:
+            raise ConfigError(
+                f"{source}: model_index.json has no {missing}; expected {EXPECTED_TRANSFORMER_LAYOUT}."
+            )
+        if Path(source).expanduser().is_dir():
+            check_model_folder(Path(source).expanduser(), required, EXPECTED_TRANSFORMER_LAYOUT)
+
+        weights_kwargs = {**hub_kwargs, "variant": variant}
+        transformer_class = SD3Transformer2DModel if kind == "sd3" else FluxTransformer2DModel
+        transformer = transformer_class.from_pretrained(
+            source, subfolder="transformer", torch_dtype=dtype, **weights_kwargs
+        )
+        vae_config = AutoencoderKL.load_config(source, subfolder="vae", **hub_kwargs)
+        vae = AutoencoderKL.from_pretrained(
+            source, subfolder="vae", torch_dtype=_vae_dtype(dtype, vae_config), **weights_kwargs
+        )
+        scheduler_config = dict(
+            FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler", **hub_kwargs)
+        )
+        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        tokenizers, text_encoders = _load_text_components(
+            source, index, suffixes, dtype, hub_kwargs, weights_kwargs
+        )
+
+        length = max_sequence_length or (256 if kind == "sd3" else 512)
+        t5_limit = tokenizers[-1].model_max_length
+        if length > t5_limit:
+            raise ConfigError(
+                f"max_sequence_length {length} exceeds the T5 tokenizer's model_max_length {t5_limit} "
+                f"({source}/tokenizer{suffixes[-1]}); use at most {t5_limit}."
+            )
+        return cls(
+            transformer=_frozen(transformer),
+            vae=_frozen(vae),
+            noise_scheduler=noise_scheduler,
+            tokenizers=tokenizers,
+            text_encoders=text_encoders,
+            kind=kind,
+            source=source,
+            max_sequence_length=length,
+            scheduler_config=scheduler_config,
+        )
+
+    def to(self, device: torch.device | str) -> TransformerBackbone:
+        """Move every module to ``device`` (dtypes unchanged); returns self."""
+        for module in (self.transformer, self.vae, *self.text_encoders):
+            module.to(device)
+        return self
+
+    @property
+    def text_length(self) -> int:
+        """Text tokens of the transformer's joint sequence: 77 CLIP + T5's for SD3, T5's for FLUX."""
+        clip = self.tokenizers[0].model_max_length if self.kind == "sd3" else 0
+        return clip + self.max_sequence_length
+
+    def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Prompts -> one id tensor per tokenizer, padded and truncated like the diffusers pipelines:
+        (B, 77) for each CLIP tokenizer, (B, ``max_sequence_length``) for T5."""
+        *clips, t5 = self.tokenizers
+        lengths = [tokenizer.model_max_length for tokenizer in clips] + [self.max_sequence_length]
+        return [
+            tokenizer(
+                prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+            ).input_ids
+            for tokenizer, length in zip(self.tokenizers, lengths, strict=True)
+        ]
+
+    def encode_prompts(self, prompts: list[str]) -> TextConditioning:
+        """Encode B prompts exactly as ``StableDiffusion3Pipeline`` / ``FluxPipeline.encode_prompt`` does.
+
+        SD3: the penultimate hidden states of CLIP-L and CLIP-G concatenated (B, 77, C1 + C2), zero-padded
+        to T5's width, then T5's last hidden state appended along the sequence: (B, 77 + L, C_T5); pooled
+        = both CLIPs' projected outputs concatenated (B, P1 + P2). FLUX: T5's last hidden state (B, L, C_T5),
+        pooled = CLIP's pooler output (B, P), and ``text_ids`` (L, 3) of zeros.
+        """
+        input_ids = self.tokenize(prompts)
+        *clips, t5 = self.text_encoders
+        t5_ids = input_ids[-1]
+        t5_states = t5(t5_ids.to(first_parameter(t5).device))[0]
+        t5_states = t5_states.to(first_parameter(t5).dtype)
+        clip_dtype = first_parameter(clips[0]).dtype
+        if self.kind == "flux":
+            (clip,) = clips
+            output = clip(input_ids[0].to(first_parameter(clip).device), output_hidden_states=False)
+            text_ids = torch.zeros(t5_states.shape[1], 3, device=t5_states.device, dtype=clip_dtype)
+            return TextConditioning(
+                prompt_embeds=t5_states,
+                pooled_prompt_embeds=output.pooler_output.to(clip_dtype),
+                input_ids=input_ids,
+                text_ids=text_ids,
+            )
+        hidden_states, pooled = [], []
+        for ids, clip in zip(input_ids[:-1], clips, strict=True):
+            output = clip(ids.to(first_parameter(clip).device), output_hidden_states=True)
+            pooled.append(output[0])  # CLIPTextModelWithProjection: the projected text_embeds
+            hidden_states.append(output.hidden_states[-2].to(clip_dtype))
+        clip_states = torch.cat(hidden_states, dim=-1)
+        clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+        return TextConditioning(
+            prompt_embeds=torch.cat([clip_states, t5_states.to(clip_states.device)], dim=-2),
+            pooled_prompt_embeds=torch.cat(pooled, dim=-1),
+            input_ids=input_ids,
+        )
+
+    def subject_masks(self, prompts: list[str], token: str) -> torch.Tensor:
+        """Where ``token`` sits in each prompt's text sequence, as the transformer sees it: bool (B, T),
+        T = :attr:`text_length`, aligned with :meth:`encode_prompts`' ``prompt_embeds``.
+
+        SD3: the CLIP part (both CLIP tokenizers must agree, see
+        :func:`~nested.tokens.subject_masks_for_tokenizers`) then the T5 part; FLUX: the T5 part alone.
+        In the T5 part every piece of the token is marked (T5's tokenizer may split a placeholder such as
+        ``<person>`` into several), and only where it is a whole word.
+        """
+        *clips, t5 = self.tokenizers
+        t5_masks = subject_masks(t5, prompts, token, max_length=self.max_sequence_length)
+        if self.kind == "flux":
+            return t5_masks
+        return torch.cat([subject_masks_for_tokenizers(clips, prompts, token), t5_masks], dim=1)
+
+    def guidance(
+        self, batch_size: int, scale: float, device: torch.device | str | None = None
+    ) -> torch.Tensor | None:
+        """FLUX's distilled guidance input, (B,) float32 filled with ``scale`` as ``FluxPipeline`` passes it;
+        None for a transformer without guidance embedding (SD3, FLUX.1-schnell)."""
+        if not self.transformer.config.get("guidance_embeds", False):
+            return None
+        return torch.full((batch_size,), float(scale), device=device, dtype=torch.float32)
+
+
+def load_backbone(name_or_path: str | Path, **kwargs: Any) -> DiffusionBackbone | TransformerBackbone:
+    """:class:`TransformerBackbone` for an SD3 / FLUX checkpoint, :class:`DiffusionBackbone` for a UNet one;
+    ``kwargs`` go to the chosen ``from_pretrained``."""
+    hub_kwargs = {key: kwargs[key] for key in ("revision", "local_files_only") if kwargs.get(key) is not None}
+    index = _read_model_index(str(name_or_path), **hub_kwargs)
+    if _registered(index, "transformer") and not _registered(index, "unet"):
+        return TransformerBackbone.from_pretrained(name_or_path, **kwargs)
+    return DiffusionBackbone.from_pretrained(name_or_path, **kwargs)
 
 
 def _registered(index: dict[str, Any], name: str) -> bool:

@@ -15,6 +15,8 @@ from torch.utils.hooks import RemovableHandle
 
 from nested.errors import ConfigError
 
+WORD_START = "\u2581"  # SentencePiece's mark on the first piece of each word
+
 __all__ = [
     "add_placeholder_token",
     "get_token_embedding",
@@ -102,20 +104,46 @@ def _find(sequence: list[int], pattern: list[int]) -> list[int]:
     return positions
 
 
-def subject_masks(tokenizer: Any, prompts: Sequence[str], token: str) -> torch.Tensor:
-    """Positions of ``token`` in each prompt, as the text encoder sees it: bool (B, T), T = 77.
+def _whole_words(tokenizer: Any, ids: list[int], pattern: list[int]) -> list[int]:
+    """The positions of :func:`_find`, keeping only occurrences that are whole words.
 
-    Prompts are padded to ``tokenizer.model_max_length`` and truncated like the backbone does. Every
-    occurrence is marked, all pieces of a multi-piece token; an occurrence cut (even partly) by truncation
-    is not; a prompt without the token gives an all-False row. Padding is never marked.
+    A SentencePiece tokenizer (T5) marks a word's first piece with ``\u2581`` and nothing ends a word, so
+    ``person`` also matches the start of ``persons``; an occurrence followed by a piece that continues the
+    word (no mark, starting with a letter or digit) is dropped. Byte-level BPE pieces (CLIP) carry ``</w>``
+    at a word's end, so their matches are whole words already.
+    """
+    width = len(pattern)
+    positions = _find(ids, pattern)
+    if not tokenizer.convert_ids_to_tokens(pattern[0]).startswith(WORD_START):
+        return positions
+    special = set(tokenizer.all_special_ids)
+    kept: list[int] = []
+    for start in positions[::width]:
+        following = ids[start + width] if start + width < len(ids) else None
+        piece = tokenizer.convert_ids_to_tokens(following) if following is not None else ""
+        continues = following not in special and not piece.startswith(WORD_START) and piece[:1].isalnum()
+        if not continues:
+            kept.extend(range(start, start + width))
+    return kept
+
+
+def subject_masks(
+    tokenizer: Any, prompts: Sequence[str], token: str, max_length: int | None = None
+) -> torch.Tensor:
+    """Positions of ``token`` in each prompt, as the text encoder sees it: bool (B, T).
+
+    Prompts are padded to ``max_length`` (default ``tokenizer.model_max_length``, 77 for CLIP) and truncated
+    like the backbone does. Every occurrence as a whole word is marked, all pieces of a multi-piece token;
+    an occurrence cut (even partly) by truncation is not; a prompt without the token gives an all-False
+    row. Padding is never marked.
     """
     pattern = subject_token_ids(tokenizer, token)
-    length = tokenizer.model_max_length
+    length = max_length or tokenizer.model_max_length
     encoded = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True)
     masks = torch.zeros(len(prompts), length, dtype=torch.bool)
     for row, (ids, attention) in enumerate(zip(encoded.input_ids, encoded.attention_mask, strict=True)):
         # Search only real tokens: SDXL's second tokenizer pads with "!", which may itself be a subject piece.
-        positions = _find(list(ids[: sum(attention)]), pattern)
+        positions = _whole_words(tokenizer, list(ids[: sum(attention)]), pattern)
         masks[row, positions] = True
     return masks
 
