@@ -16,7 +16,7 @@ from nested.backbone import DiffusionBackbone, TransformerBackbone, load_backbon
 from nested.encoder import EncoderSpec
 from nested.errors import ConfigError, MissingFileError
 from nested.testing import build_tiny_t5_vocab, write_tiny_t5_tokenizer
-from nested.tokens import add_placeholder_token
+from nested.tokens import add_placeholder_token, subject_masks
 
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 
@@ -274,3 +274,17 @@ def test_a_bound_subject_changes_only_the_image_whose_prompt_holds_the_token(tin
         assert not torch.allclose(denoise(backbone, prompts)[0], before[0], atol=1e-3)
     adapter.detach(backbone.transformer)
     assert torch.equal(denoise(backbone, prompts), before)
+
+
+def test_t5_subject_mask_inside_punctuation_and_under_truncation(flux):
+    t5 = flux.tokenizers[-1]
+    prompts = ["(<person>) and a<person>", "A <PERSON>!"]
+    masks = subject_masks(t5, prompts, "<person>", max_length=16)
+    pieces = t5.convert_ids_to_tokens(t5(prompts[0]).input_ids)  # ▁ ( < person > ) ▁and ▁a < person > </s>
+    assert [pieces[i] for i in masks[0].nonzero().flatten()] == ["<", "person", ">"] * 2
+    # Case-insensitive, as CLIP's lower-casing tokenizers: ▁ < P E R S O N > (capitals are single pieces here)
+    assert masks[1].sum() == 9
+    # "a red dog on <person>" is ▁a ▁red ▁dog ▁on ▁ < person > </s>: 9 tokens keep it, 6 cut it (not marked).
+    kept = subject_masks(t5, ["a red dog on <person>"], "<person>", max_length=9)
+    assert kept[0].nonzero().flatten().tolist() == [4, 5, 6, 7]
+    assert not subject_masks(t5, ["a red dog on <person>"], "<person>", max_length=6).any()

@@ -7,6 +7,7 @@ A subject is anchored to one text token (a class word such as ``person`` or a ne
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -104,27 +105,33 @@ def _find(sequence: list[int], pattern: list[int]) -> list[int]:
     return positions
 
 
-def _whole_words(tokenizer: Any, ids: list[int], pattern: list[int]) -> list[int]:
-    """The positions of :func:`_find`, keeping only occurrences that are whole words.
+def _marks_word_starts(tokenizer: Any, token: str) -> bool:
+    """Whether ``tokenizer`` is SentencePiece-style (T5): pieces carry a word-start mark, none a word end."""
+    pieces = tokenizer.convert_ids_to_tokens(subject_token_ids(tokenizer, token))
+    return pieces[0].startswith(WORD_START)
 
-    A SentencePiece tokenizer (T5) marks a word's first piece with ``\u2581`` and nothing ends a word, so
-    ``person`` also matches the start of ``persons``; an occurrence followed by a piece that continues the
-    word (no mark, starting with a letter or digit) is dropped. Byte-level BPE pieces (CLIP) carry ``</w>``
-    at a word's end, so their matches are whole words already.
+
+def _positions_by_offsets(text: str, offsets: list[tuple[int, int]], token: str) -> list[int]:
+    """The positions of the tokens that overlap a whole-word occurrence of ``token`` in ``text``.
+
+    For SentencePiece tokenizers, where matching ids would find ``person`` at the start of ``persons`` and
+    miss ``<person>`` in ``(<person>)`` (there ``<`` carries no word-start mark): the occurrence is found in
+    the text, with CLIP's notion of a word (an end of ``token`` that is a letter or digit may not touch
+    another), and every piece whose character span overlaps it is marked. Zero-width spans (special
+    tokens, padding) are never marked; an occurrence not fully inside the kept tokens (truncated) is not.
     """
-    width = len(pattern)
-    positions = _find(ids, pattern)
-    if not tokenizer.convert_ids_to_tokens(pattern[0]).startswith(WORD_START):
-        return positions
-    special = set(tokenizer.all_special_ids)
-    kept: list[int] = []
-    for start in positions[::width]:
-        following = ids[start + width] if start + width < len(ids) else None
-        piece = tokenizer.convert_ids_to_tokens(following) if following is not None else ""
-        continues = following not in special and not piece.startswith(WORD_START) and piece[:1].isalnum()
-        if not continues:
-            kept.extend(range(start, start + width))
-    return kept
+    end_of_tokens = max((stop for _, stop in offsets), default=0)
+    positions: list[int] = []
+    for match in re.finditer(re.escape(token), text, flags=re.IGNORECASE):
+        first, last = match.start(), match.end()
+        if first > 0 and token[0].isalnum() and text[first - 1].isalnum():
+            continue
+        if last < len(text) and token[-1].isalnum() and text[last].isalnum():
+            continue
+        if last > end_of_tokens:
+            continue
+        positions.extend(index for index, (a, b) in enumerate(offsets) if b > a and a < last and b > first)
+    return positions
 
 
 def subject_masks(
@@ -133,17 +140,29 @@ def subject_masks(
     """Positions of ``token`` in each prompt, as the text encoder sees it: bool (B, T).
 
     Prompts are padded to ``max_length`` (default ``tokenizer.model_max_length``, 77 for CLIP) and truncated
-    like the backbone does. Every occurrence as a whole word is marked, all pieces of a multi-piece token;
-    an occurrence cut (even partly) by truncation is not; a prompt without the token gives an all-False
-    row. Padding is never marked.
+    like the backbone does. Every occurrence is marked, all pieces of a multi-piece token (T5's tokenizer
+    splits ``<person>`` into ``\u2581 < person >``); an occurrence cut (even partly) by truncation is not; a
+    prompt without the token gives an all-False row. Padding is never marked. A SentencePiece tokenizer
+    (T5) is matched on the text (:func:`_positions_by_offsets`), whole words only, as CLIP's tokenizers
+    match by construction.
     """
     pattern = subject_token_ids(tokenizer, token)
     length = max_length or tokenizer.model_max_length
-    encoded = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True)
+    by_offsets = _marks_word_starts(tokenizer, token)
+    encoded = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=length,
+        truncation=True,
+        return_offsets_mapping=by_offsets,
+    )
     masks = torch.zeros(len(prompts), length, dtype=torch.bool)
     for row, (ids, attention) in enumerate(zip(encoded.input_ids, encoded.attention_mask, strict=True)):
-        # Search only real tokens: SDXL's second tokenizer pads with "!", which may itself be a subject piece.
-        positions = _whole_words(tokenizer, list(ids[: sum(attention)]), pattern)
+        if by_offsets:
+            positions = _positions_by_offsets(prompts[row], encoded.offset_mapping[row], token)
+        else:
+            # Search only real tokens: SDXL's second tokenizer pads with "!", which may be a subject piece.
+            positions = _find(list(ids[: sum(attention)]), pattern)
         masks[row, positions] = True
     return masks
 
