@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -288,3 +291,23 @@ def test_t5_subject_mask_inside_punctuation_and_under_truncation(flux):
     kept = subject_masks(t5, ["a red dog on <person>"], "<person>", max_length=9)
     assert kept[0].nonzero().flatten().tolist() == [4, 5, 6, 7]
     assert not subject_masks(t5, ["a red dog on <person>"], "<person>", max_length=6).any()
+
+
+def test_loads_from_a_hub_id_through_the_cache(tiny_flux_path, tmp_path):
+    # The Hub cache layout (refs/main -> snapshots/<commit>/), read offline in a fresh process.
+    repo = tmp_path / "hub" / "models--nested-tests--tiny-flux"
+    commit = "0" * 40
+    shutil.copytree(tiny_flux_path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = (
+        "from nested.backbone import load_backbone\n"
+        "backbone = load_backbone('nested-tests/tiny-flux', local_files_only=True)\n"
+        "print(type(backbone).__name__, backbone.kind, len(backbone.tokenizers[-1]))\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["TransformerBackbone", "flux", str(len(build_tiny_t5_vocab()))]
