@@ -45,7 +45,8 @@ EXPECTED_LAYOUT = (
 )
 EXPECTED_TRANSFORMER_LAYOUT = (
     "a diffusers folder or Hub id with model_index.json and the subfolders transformer/, vae/, scheduler/, "
-    "text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ (SD3 / SD3.5 also text_encoder_3/, tokenizer_3/)"
+    "text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ "
+    "(SD3 / SD3.5 also text_encoder_3/, tokenizer_3/)"
 )
 
 # The diffusion transformers supported, by the class name model_index.json gives for transformer/.
@@ -88,8 +89,9 @@ def check_tokenizer(tokenizer: Any, text_encoder: Any, where: str) -> None:
     if size <= 1000 and size != embeddings:
         raise ConfigError(
             f"tokenizer at {where} has {size} tokens (its text encoder has {embeddings}): the tokenizer files "
-            "(vocab.json, merges.txt; T5: tokenizer.json or spiece.model) are missing; is the model downloaded? Offline, transformers returns an "
-            "empty tokenizer instead of failing. Download the model (or fix the path) and retry."
+            "(vocab.json, merges.txt; T5: tokenizer.json or spiece.model) are missing; is the model "
+            "downloaded? Offline, transformers returns an empty tokenizer instead of failing. Download the "
+            "model (or fix the path) and retry."
         )
 
 
@@ -164,7 +166,7 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _vae_dtype(dtype: torch.dtype, vae_config: dict[str, Any]) -> torch.dtype:
-    """fp32 for a VAE flagged ``force_upcast`` (SDXL's overflows in fp16) when fp16 is asked; else ``dtype``."""
+    """fp32 for a VAE flagged ``force_upcast`` (SDXL's overflows in fp16) in fp16, else ``dtype``."""
     return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
 
 
