@@ -311,3 +311,29 @@ def test_loads_from_a_hub_id_through_the_cache(tiny_flux_path, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["TransformerBackbone", "flux", str(len(build_tiny_t5_vocab()))]
+
+
+def test_in_the_flux_pipeline_a_bound_subject_changes_only_the_image_with_the_token(tiny_flux_path):
+    backbone = TransformerBackbone.from_pretrained(tiny_flux_path, max_sequence_length=32)
+    pipeline = FluxPipeline.from_pretrained(tiny_flux_path, transformer=backbone.transformer)
+    prompts = ["a photo of <person> at the beach", "a photo of a dog at the beach"]
+
+    def generate() -> np.ndarray:
+        return pipeline(
+            prompts,
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            max_sequence_length=backbone.max_sequence_length,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+
+    before = generate()
+    adapter = make_adapter(backbone, tiny_flux_path)
+    adapter.attach(backbone.transformer)
+    tokens = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3))
+    adapter.set_subjects([SubjectBinding(tokens=tokens, masks=backbone.subject_masks(prompts, "<person>"))])
+    after = generate()
+    assert np.abs(after[0] - before[0]).max() > 1e-3
+    np.testing.assert_allclose(after[1], before[1], atol=1e-5)

@@ -30,6 +30,7 @@ lazy_exports(
         "EncoderSpec": "nested.encoder",
         "SubjectEncoder": "nested.encoder",
         "DiffusionBackbone": "nested.backbone",
+        "TransformerBackbone": "nested.backbone",
         # inference
         "NestedPipeline": "nested.inference.pipeline",
         "Subject": "nested.inference.subjects",
