@@ -36,6 +36,7 @@ __all__ = [
     "check_model_folder",
     "check_tokenizer",
     "first_parameter",
+    "joint_subject_masks",
     "load_backbone",
 ]
 
@@ -549,11 +550,7 @@ class TransformerBackbone(_VaeLatents):
         In the T5 part every piece of the token is marked (T5's tokenizer may split a placeholder such as
         ``<person>`` into several), and only where it is a whole word.
         """
-        *clips, t5 = self.tokenizers
-        t5_masks = subject_masks(t5, prompts, token, max_length=self.max_sequence_length)
-        if self.kind == "flux":
-            return t5_masks
-        return torch.cat([subject_masks_for_tokenizers(clips, prompts, token), t5_masks], dim=1)
+        return joint_subject_masks(self.kind, self.tokenizers, prompts, token, self.max_sequence_length)
 
     def guidance(
         self, batch_size: int, scale: float, device: torch.device | str | None = None
@@ -563,6 +560,26 @@ class TransformerBackbone(_VaeLatents):
         if not self.transformer.config.get("guidance_embeds", False):
             return None
         return torch.full((batch_size,), float(scale), device=device, dtype=torch.float32)
+
+
+def joint_subject_masks(
+    kind: Literal["sd3", "flux"],
+    tokenizers: list[Any],
+    prompts: list[str],
+    token: str,
+    max_sequence_length: int,
+) -> torch.Tensor:
+    """Where ``token`` sits in each prompt's joint text sequence of an SD3 / FLUX transformer: bool (B, T).
+
+    ``tokenizers`` as the pipelines hold them, T5 last (SD3: CLIP-L, CLIP-G, T5; FLUX: CLIP-L, T5).
+    SD3: the CLIP part (77 positions, the CLIP tokenizers must agree) then ``max_sequence_length`` T5
+    positions; FLUX: the T5 part alone. Every T5 piece of the token is marked, whole words only.
+    """
+    *clips, t5 = tokenizers
+    t5_masks = subject_masks(t5, prompts, token, max_length=max_sequence_length)
+    if kind == "flux":
+        return t5_masks
+    return torch.cat([subject_masks_for_tokenizers(clips, prompts, token), t5_masks], dim=1)
 
 
 def load_backbone(name_or_path: str | Path, **kwargs: Any) -> DiffusionBackbone | TransformerBackbone:

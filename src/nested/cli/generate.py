@@ -33,6 +33,9 @@ from nested.files import staged_directory, write_json_atomic
 
 __all__ = ["generate_parser", "main_generate", "run_generate"]
 
+# --guidance when not given, by NestedPipeline.kind: SD3's and FLUX's are their pipelines' defaults.
+DEFAULT_GUIDANCE = {"unet": 5.0, "sd3": 7.0, "flux": 3.5}
+
 
 def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -91,7 +94,11 @@ def generate_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     sampling.add_argument(
-        "--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale: classifier-free for SD / SDXL (default 5) and SD3 (default 7); FLUX.1-dev's "
+        "guidance embedding (default 3.5)",
     )
     sampling.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     sampling.add_argument("--num-images", type=int, default=1)
@@ -127,7 +134,8 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "token_weights": pairs(args.token_weight, "--token-weight", float),
         "value_norm_factors": pairs(args.value_norm_factor, "--value-norm-factor", float),
     }
-    finite(args.guidance, "--guidance")
+    if args.guidance is not None:
+        finite(args.guidance, "--guidance")
     for token, weight in options["token_weights"].items():
         if weight <= 0:
             raise UsageError(f"--token-weight {token}={weight}: the weight must be > 0.")
@@ -191,6 +199,13 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> Path:
         image_encoder=args.image_encoder,
     )
     pipe.pipe.set_progress_bar_config(disable=True)
+    if pipe.kind == "flux" and args.negative_prompt is not None:
+        raise UsageError(
+            f"--negative-prompt: {args.base} is a FLUX model, guided by --guidance alone (no negative prompt); "
+            "drop --negative-prompt."
+        )
+    if args.guidance is None:
+        args.guidance = DEFAULT_GUIDANCE[pipe.kind]
     out = Path(args.out)
     with staged_directory(out) as staging:  # --out appears complete, or stays as it was
         _generate(args, argv, parsed, pipe, staging)
@@ -240,8 +255,11 @@ def _generate(
         bar.close()
 
     scheduler = pipe.pipe.scheduler
-    unet = pipe.pipe.unet
     scale = getattr(pipe.pipe, "vae_scale_factor", 8)
+    # The size the pipeline uses when none is given: SD / SDXL read the UNet's, SD3 / FLUX their own.
+    default_size = (
+        pipe.denoiser.config.sample_size if pipe.kind == "unet" else pipe.pipe.default_sample_size
+    ) * scale
     settings = {
         "command": ["nested", "generate", *argv],
         "versions": {
@@ -269,8 +287,8 @@ def _generate(
         "guidance": args.guidance,
         "seed": args.seed,
         "num_images": args.num_images,
-        "height": args.height or unet.config.sample_size * scale,
-        "width": args.width or unet.config.sample_size * scale,
+        "height": args.height or default_size,
+        "width": args.width or default_size,
         "device": args.device,
         "dtype": args.dtype,
         "scheduler": {"class": type(scheduler).__name__, "config": dict(scheduler.config)},

@@ -1,7 +1,7 @@
-"""Inference: any number of nested adapters on a diffusers SD / SDXL pipeline, one subject per token.
+"""Inference: any number of nested adapters on a diffusers SD / SDXL / SD3 / FLUX pipeline, one subject per token.
 
-:class:`NestedPipeline` wraps an existing ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
-(in the spirit of diffusers' ``load_ip_adapter``): each loaded adapter is bound to a prompt token, and
+:class:`NestedPipeline` wraps an existing ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` /
+``StableDiffusion3Pipeline`` / ``FluxPipeline`` (in the spirit of diffusers' ``load_ip_adapter``): each loaded adapter is bound to a prompt token, and
 each call says which image that token's subject is::
 
     pipe = NestedPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0",
@@ -19,12 +19,18 @@ each call says which image that token's subject is::
   adapter's learned token embedding (or its class word).
 * Subject images are encoded, and every layer's nested keys/values computed, once per call.
 * With classifier-free guidance the unconditional half of the batch gets no subject (no nested work).
+  FLUX.1-dev has no such batch (its guidance is an input of the transformer); its optional "true CFG"
+  (``true_cfg_scale`` with a negative prompt) is refused with subjects.
+* SD3 / FLUX: placeholder tokens are added to the CLIP tokenizers only; T5 keeps its own pieces, and the
+  subject binds to every T5 piece of the token (:func:`nested.backbone.joint_subject_masks`), over the
+  ``max_sequence_length`` T5 tokens of the call.
 * :meth:`NestedPipeline.unload` detaches the processors and restores tokenizers and text encoders.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import warnings
@@ -45,6 +51,7 @@ from nested.adapter import (
     check_injection_options,
     resolve_adapter_folder,
 )
+from nested.backbone import TRANSFORMER_KINDS, joint_subject_masks
 from nested.errors import AdapterError, ConfigError, MissingFileError
 from nested.inference.subjects import (
     ImageInput,
@@ -71,12 +78,14 @@ class _Token:
 
 
 class NestedPipeline:
-    """A diffusers SD / SDXL pipeline with nested-attention adapters bound to prompt tokens.
+    """A diffusers SD / SDXL / SD3 / FLUX pipeline with nested-attention adapters bound to prompt tokens.
 
     Args:
-        pipe: a loaded ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (or any pipeline
+        pipe: a loaded ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (or any pipeline
             with ``unet``, ``tokenizer`` / ``text_encoder`` and optionally ``tokenizer_2`` /
-            ``text_encoder_2``). It is modified in place until :meth:`unload`.
+            ``text_encoder_2``), ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (a ``transformer`` of
+            class ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``). It is modified in place until
+            :meth:`unload`.
         adapters: token -> adapter folder, hub repo id (``user/repo`` or ``user/repo@revision``) or a
             loaded :class:`NestedAdapter`; see :meth:`load_adapter`.
         image_encoder: overrides where every adapter's frozen vision backbone is loaded from.
@@ -89,12 +98,25 @@ class NestedPipeline:
         *,
         image_encoder: str | os.PathLike | None = None,
     ):
-        if not hasattr(pipe, "unet") or not hasattr(pipe, "tokenizer"):
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if denoiser is None or not hasattr(pipe, "tokenizer"):
             raise ConfigError(
-                f"NestedPipeline needs a Stable Diffusion (XL) pipeline with a UNet and tokenizers; got "
-                f"{type(pipe).__name__}."
+                f"NestedPipeline needs a Stable Diffusion (XL, 3) or FLUX pipeline with a UNet or transformer and "
+                f"tokenizers; got {type(pipe).__name__}."
+            )
+        kind = (
+            "unet"
+            if getattr(pipe, "unet", None) is not None
+            else TRANSFORMER_KINDS.get(type(denoiser).__name__)
+        )
+        if kind is None:
+            raise ConfigError(
+                f"{type(pipe).__name__} has a {type(denoiser).__name__}; nested adapters support UNets and the "
+                f"transformers {', '.join(TRANSFORMER_KINDS)} (SD3 / SD3.5, FLUX.1)."
             )
         self.pipe = pipe
+        self.denoiser: torch.nn.Module = denoiser
+        self.kind: str = kind  # "unet", "sd3" or "flux"
         self.image_encoder = image_encoder
         self._tokens: dict[str, _Token] = {}
         self._loaded: dict[tuple[str, str | None], NestedAdapter] = {}
@@ -116,7 +138,9 @@ class NestedPipeline:
         image_encoder: str | os.PathLike | None = None,
         **pipeline_kwargs: Any,
     ) -> NestedPipeline:
-        """Load a base SD / SDXL pipeline (folder or hub id) and the given adapters onto it.
+        """Load a base SD / SDXL / SD3 / FLUX pipeline (folder or hub id) and the given adapters onto it.
+
+        The pipeline class comes from the base's ``model_index.json`` (diffusers' own rule).
 
         ``dtype`` applies to the pipeline (the SDXL VAE is upcast by diffusers when it needs it) and to
         the adapters' vision backbones; the adapters' projections stay float32.
@@ -138,10 +162,10 @@ class NestedPipeline:
         return cls(pipe, adapters, image_encoder=image_encoder)
 
     @property
-    def _text_pairs(self) -> list[tuple[str, str, Any, torch.nn.Module]]:
+    def _all_text_pairs(self) -> list[tuple[str, str, Any, torch.nn.Module]]:
         """(tokenizer attribute, text encoder attribute, tokenizer, text encoder) for each text encoder."""
         pairs = []
-        for suffix in ("", "_2"):
+        for suffix in ("", "_2", "_3"):
             tokenizer = getattr(self.pipe, f"tokenizer{suffix}", None)
             text_encoder = getattr(self.pipe, f"text_encoder{suffix}", None)
             if tokenizer is not None and text_encoder is not None:
@@ -149,7 +173,15 @@ class NestedPipeline:
         return pairs
 
     @property
+    def _text_pairs(self) -> list[tuple[str, str, Any, torch.nn.Module]]:
+        """The text encoders placeholder tokens are added to: every one of a UNet pipeline, the CLIPs of a
+        transformer pipeline (its T5, last, splits a placeholder into pieces that all bind instead)."""
+        pairs = self._all_text_pairs
+        return pairs if self.kind == "unet" else pairs[:-1]
+
+    @property
     def tokenizers(self) -> list[Any]:
+        """The tokenizers placeholder tokens are added to (for SD3 / FLUX: the CLIP ones)."""
         return [pair[2] for pair in self._text_pairs]
 
     @property
@@ -199,9 +231,9 @@ class NestedPipeline:
             loaded = self._loaded.get(key)
             if loaded is None:
                 loaded = self._load(source, revision, image_encoder or self.image_encoder)
-                loaded.eval().requires_grad_(False).to(self.pipe.unet.device)
+                loaded.eval().requires_grad_(False).to(self.denoiser.device)
         try:
-            loaded.check_fits(self.pipe.unet)
+            loaded.check_fits(self.denoiser)
         except ValueError as error:
             raise AdapterError(
                 f"the adapter for {token!r} ({source}) does not fit this base model: {error}"
@@ -209,7 +241,7 @@ class NestedPipeline:
         if key is not None:
             self._loaded[key] = loaded
         placeholder = self._add_token(token, loaded)
-        loaded.attach(self.pipe.unet)
+        loaded.attach(self.denoiser)
         self._tokens[token] = _Token(loaded, source, revision, placeholder)
         return loaded
 
@@ -221,7 +253,7 @@ class NestedPipeline:
         spec = AdapterConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text())).encoder
         backbone = (str(image_encoder),) if image_encoder else (spec.backbone, spec.subfolder, spec.revision)
         adapter = NestedAdapter.from_pretrained(
-            folder, image_encoder=self._backbones.get(backbone) or image_encoder, dtype=self.pipe.unet.dtype
+            folder, image_encoder=self._backbones.get(backbone) or image_encoder, dtype=self.denoiser.dtype
         )
         self._backbones.setdefault(backbone, adapter.encoder)
         return adapter
@@ -258,7 +290,7 @@ class NestedPipeline:
         """Detach every adapter and restore the pipeline exactly (processors, tokenizers, text encoders)."""
         for adapter in {id(t.adapter): t.adapter for t in self._tokens.values()}.values():
             adapter.clear_subjects()
-            adapter.detach(self.pipe.unet)
+            adapter.detach(self.denoiser)
         if self._snapshot is not None:
             restore_snapshot(self.pipe, self._snapshot)
         self._snapshot = None
@@ -281,8 +313,14 @@ class NestedPipeline:
                 f"load_adapter({token!r}, 'path/or/user/repo') or --adapter '{token}=PATH_OR_REPO'."
             )
 
-    def _masks(self, token: str, prompts: list[str], prompts_2: list[str] | None) -> Tensor:
-        """(B, T) bool positions of ``token``; every tokenizer must agree."""
+    def _masks(
+        self, token: str, prompts: list[str], prompts_2: list[str] | None, max_sequence_length: int | None
+    ) -> Tensor:
+        """(B, T) bool positions of ``token`` in the text the denoiser attends to; every CLIP tokenizer must
+        agree. SD3 / FLUX: the joint text sequence, with ``max_sequence_length`` T5 tokens."""
+        if self.kind != "unet":
+            tokenizers = [pair[2] for pair in self._all_text_pairs]
+            return joint_subject_masks(self.kind, tokenizers, prompts, token, max_sequence_length)
         per_tokenizer = [
             subject_masks(tokenizer, prompts_2 if index == 1 and prompts_2 else prompts, token)
             for index, tokenizer in enumerate(self.tokenizers)
@@ -307,10 +345,13 @@ class NestedPipeline:
         value_norm_factors: Mapping[str, float] | None = None,
         num_images_per_prompt: int = 1,
         prompt_2: str | Sequence[str] | None = None,
+        max_sequence_length: int | None = None,
     ) -> Iterator[dict[str, SubjectBinding]]:
         """Bind subjects for UNet calls on ``prompt`` (as the diffusers pipelines batch it), then unbind.
 
         Encodes each subject image and computes every layer's nested keys/values once, on entry.
+        SD3 / FLUX: ``max_sequence_length`` is the T5 length the pipeline is called with (default: the
+        pipeline's own).
         The UNet batch must be ``len(prompts) * num_images_per_prompt`` rows (in diffusers' order:
         each prompt repeated), or twice that with classifier-free guidance (unconditional first).
 
@@ -328,6 +369,15 @@ class NestedPipeline:
         )
         if num_images_per_prompt < 1:
             raise ConfigError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
+        if self.kind != "unet" and prompts_2 is not None:
+            raise ConfigError(
+                "with subjects, an SD3 / FLUX pipeline takes one prompt for all its text encoders: drop "
+                "prompt_2 / prompt_3 (the subject must sit at the same words for CLIP and T5)."
+            )
+        if self.kind != "unet" and max_sequence_length is None:
+            max_sequence_length = (
+                inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default
+            )
         for token in subjects:
             self._check_token(token)
         specs = subject_specs(subjects, strengths, token_weights, value_norm_factors)
@@ -342,14 +392,14 @@ class NestedPipeline:
                 value_norm_factor=spec.value_norm_factor or None,
                 source=f"the adapter of {token!r}",
             )
-            masks[token] = self._masks(token, prompts, prompts_2)
+            masks[token] = self._masks(token, prompts, prompts_2, max_sequence_length)
             present = masks[token].any(-1)
             if not present.any():
                 raise ConfigError(
                     f"the subject token {token!r} is not in the prompt {prompts[0]!r}"
                     + (" (nor in the other prompts)" if len(prompts) > 1 else "")
                     + f"; write {token!r} where the subject should appear (it may also have been cut by "
-                    "the 77-token limit)."
+                    "the text encoders' token limit)."
                 )
             if not present.all():
                 missing = [p for p, has in zip(prompts, present.tolist(), strict=True) if not has]
@@ -425,6 +475,17 @@ class NestedPipeline:
         if not subjects:
             self._warn_tokens_without_subject(prompt, {})
             return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)
+        negative = any(
+            pipeline_kwargs.get(key) is not None for key in ("negative_prompt", "negative_prompt_embeds")
+        )
+        if self.kind == "flux" and negative and float(pipeline_kwargs.get("true_cfg_scale") or 1.0) > 1:
+            raise ConfigError(
+                "true_cfg_scale > 1 with a negative prompt runs FLUX's negative prompt as a call of its own, "
+                "which nested subjects do not support; use guidance_scale (FLUX.1-dev's guidance) instead."
+            )
+        prompt_2 = pipeline_kwargs.get("prompt_2")
+        if self.kind == "sd3" and prompt_2 is None:
+            prompt_2 = pipeline_kwargs.get("prompt_3")
         with self.bind(
             prompt,
             subjects,
@@ -432,7 +493,8 @@ class NestedPipeline:
             token_weights=token_weights,
             value_norm_factors=value_norm_factors,
             num_images_per_prompt=num_images_per_prompt,
-            prompt_2=pipeline_kwargs.get("prompt_2"),
+            prompt_2=prompt_2,
+            max_sequence_length=pipeline_kwargs.get("max_sequence_length"),
         ):
             self._warn_tokens_without_subject(prompt, subjects)
             return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)

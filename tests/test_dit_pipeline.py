@@ -1,0 +1,246 @@
+"""NestedPipeline and ``nested generate`` on tiny SD3.5-like and FLUX-like pipelines."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from PIL import Image
+from skimage.data import astronaut, chelsea
+from test_generate import NESTED, strict_json
+
+from nested.adapter import NestedAdapter, cross_attention_layers
+from nested.cli.generate import main_generate
+from nested.encoder import EncoderSpec
+from nested.errors import ConfigError
+from nested.inference.pipeline import NestedPipeline
+
+PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+KINDS = ["sd3", "flux"]
+
+
+def tiny_pipeline(path: Path):
+    pipe = PIPELINES[path.name.removeprefix("tiny-")].from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_adapter(pipe, folder: Path, token: str, class_word: str, seed: int) -> NestedAdapter:
+    """A tiny adapter with visible effects at random init, and learned placeholder embeddings for the CLIPs."""
+    torch.manual_seed(seed)
+    spec = EncoderSpec(backbone=str(folder / "image_encoder"), num_tokens=6, width=32, depth=1, heads=2)
+    adapter = NestedAdapter.for_unet(pipe.transformer, token=token, class_word=class_word, encoder=spec)
+    for layer in adapter.layers.values():
+        torch.nn.init.normal_(layer.to_k.weight, std=0.5)
+        torch.nn.init.normal_(layer.to_v.weight, std=0.5)
+    names = (
+        ["text_encoder", "text_encoder_2"] if isinstance(pipe, StableDiffusion3Pipeline) else ["text_encoder"]
+    )
+    for name in names:
+        width = getattr(pipe, name).get_input_embeddings().weight.shape[1]
+        adapter.token_embeddings[f"{name}:{token}"] = torch.nn.Parameter(
+            torch.randn(width), requires_grad=False
+        )
+    adapter.config.token_encoders = names
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_sd3_path, tiny_flux_path, tmp_path_factory):
+    """Per kind: the base folder and two saved adapters (<person>, <dog>); two subject images as files."""
+    root = tmp_path_factory.mktemp("dit-adapters")
+    result = {}
+    for kind, base in (("sd3", tiny_sd3_path), ("flux", tiny_flux_path)):
+        pipe = tiny_pipeline(base)
+        result[kind] = {
+            "base": base,
+            "faces": make_adapter(pipe, base, "<person>", "person", 1).save_pretrained(
+                root / f"{kind}-faces"
+            ),
+            "pets": make_adapter(pipe, base, "<dog>", "dog", 2).save_pretrained(root / f"{kind}-pets"),
+        }
+    result["images"] = {}
+    for name, pixels in (("me", astronaut()), ("rex", chelsea())):
+        result["images"][name] = root / f"{name}.png"
+        Image.fromarray(pixels).resize((48, 48)).save(result["images"][name])
+    return result
+
+
+def generate(pipe, prompt, **kwargs) -> np.ndarray:
+    """2 steps at 32 x 32 px, 32 T5 tokens, as a (B, 32, 32, 3) array."""
+    kwargs = {"height": 32, "width": 32, "num_inference_steps": 2, "max_sequence_length": 32, **kwargs}
+    return pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+
+
+PROMPTS = ["a photo of <person> at the beach", "a photo of a dog at the beach"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_subject_changes_only_the_images_whose_prompt_holds_its_token(setup, kind):
+    pipe = tiny_pipeline(setup[kind]["base"])
+    plain = generate(pipe, ["a photo of a dog at the beach"])
+    plain_batch = generate(pipe, PROMPTS)  # the same noise per row as the calls below
+    with NestedPipeline(pipe, {"<person>": setup[kind]["faces"]}) as nested:
+        assert nested.kind == kind
+        # No subject and no token: bit for bit the plain pipeline.
+        assert np.array_equal(generate(nested, ["a photo of a dog at the beach"]), plain)
+        with pytest.warns(UserWarning, match="is in the prompt but has no subject"):
+            without = generate(nested, PROMPTS)
+        subject = setup["images"]["me"]
+        with_subject = generate(nested, PROMPTS, subjects={"<person>": subject})
+        assert np.abs(with_subject[0] - without[0]).max() > 1e-3
+        np.testing.assert_allclose(with_subject[1], without[1], atol=1e-5)
+        np.testing.assert_allclose(with_subject[1], plain_batch[1], atol=1e-5)
+        # The token split into pieces by T5 binds in each: the SD3 CLIP part holds one placeholder token.
+        masks = nested._masks("<person>", PROMPTS, None, 32)
+        assert masks.shape[1] == (77 + 32 if kind == "sd3" else 32)
+        assert masks[0].sum() == (1 + 4 if kind == "sd3" else 4) and not masks[1].any()
+    assert all(
+        type(attn.processor).__module__.startswith("diffusers")
+        for attn in cross_attention_layers(pipe.transformer).values()
+    )
+    assert np.array_equal(generate(pipe, ["a photo of a dog at the beach"]), plain)  # unload is exact
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_subjects_from_two_adapters_in_one_image(setup, kind):
+    pipe = tiny_pipeline(setup[kind]["base"])
+    adapters = {"<person>": setup[kind]["faces"], "<dog>": setup[kind]["pets"]}
+    prompt = "a <person> walking a <dog> on the beach"
+    me, rex = setup["images"]["me"], setup["images"]["rex"]
+    with NestedPipeline(pipe, adapters) as nested:
+        assert nested.adapter("<person>") is not nested.adapter("<dog>")
+        both = generate(nested, prompt, subjects={"<person>": me, "<dog>": rex})[0]
+        with pytest.warns(UserWarning, match="'<dog>' is in the prompt but has no subject"):
+            person_only = generate(nested, prompt, subjects={"<person>": me})[0]
+        with pytest.warns(UserWarning, match="'<person>' is in the prompt but has no subject"):
+            dog_only = generate(nested, prompt, subjects={"<dog>": rex})[0]
+        swapped = generate(nested, prompt, subjects={"<person>": rex, "<dog>": me})[0]
+    for other in (person_only, dog_only, swapped):
+        assert np.abs(both - other).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_then_load_gives_identical_images(setup, kind, tmp_path):
+    pipe = tiny_pipeline(setup[kind]["base"])
+    adapter = make_adapter(pipe, setup[kind]["base"], "<person>", "person", 5)
+    subjects = {"<person>": setup["images"]["me"]}
+    with NestedPipeline(pipe, {"<person>": adapter}) as nested:
+        in_memory = generate(nested, PROMPTS[0], subjects=subjects)
+    adapter.save_pretrained(tmp_path / "saved")
+    with NestedPipeline(pipe, {"<person>": tmp_path / "saved"}) as nested:
+        loaded = generate(nested, PROMPTS[0], subjects=subjects)
+    assert np.array_equal(in_memory, loaded)
+
+
+def test_flux_true_cfg_with_a_negative_prompt_is_refused_with_subjects(setup):
+    adapters = {"<person>": setup["flux"]["faces"]}
+    with (
+        NestedPipeline(tiny_pipeline(setup["flux"]["base"]), adapters) as nested,
+        pytest.raises(ConfigError, match="true_cfg_scale"),
+    ):
+        nested(
+            PROMPTS[0],
+            subjects={"<person>": setup["images"]["me"]},
+            negative_prompt="x",
+            true_cfg_scale=2,
+        )
+
+
+def cli(setup, kind, out, *extra) -> list[str]:
+    return [
+        "--base",
+        str(setup[kind]["base"]),
+        "--adapter",
+        f"<person>={setup[kind]['faces']}",
+        "--adapter",
+        f"<dog>={setup[kind]['pets']}",
+        "--subject",
+        f"<person>={setup['images']['me']}",
+        "--subject",
+        f"<dog>={setup['images']['rex']}",
+        "--prompt",
+        "a <person> walking a <dog> on the beach",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_end_to_end(setup, kind, tmp_path, capsys):
+    extra = ["--negative-prompt", "lowres"] if kind == "sd3" else []
+    assert main_generate(cli(setup, kind, tmp_path / "a", *extra)) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "generation.json",
+        "image-000.png",
+        "image-001.png",
+    ]
+    first = Image.open(tmp_path / "a" / "image-000.png")
+    assert first.size == (32, 32) and np.asarray(first).std() > 1
+    settings = strict_json(tmp_path / "a" / "generation.json")
+    pipeline = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[kind]
+    assert settings["base"]["pipeline"] == pipeline
+    assert settings["guidance"] == {"sd3": 7.0, "flux": 3.5}[kind]  # the pipeline's own default
+    assert (settings["height"], settings["width"]) == (32, 32)
+    assert settings["scheduler"]["class"] == "FlowMatchEulerDiscreteScheduler"
+    assert set(settings["adapters"]) == {"<person>", "<dog>"}
+    assert [i["seed"] for i in settings["images"]] == [0, 1]
+
+    # The recorded command reproduces the images.
+    replay = settings["command"][2:]
+    replay[replay.index("--out") + 1] = str(tmp_path / "b")
+    assert main_generate(replay) == 0
+    for name in ("image-000.png", "image-001.png"):
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+
+    # A used --out is refused and left as it was.
+    before = (tmp_path / "a" / "generation.json").read_bytes()
+    capsys.readouterr()
+    assert main_generate(cli(setup, kind, tmp_path / "a", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith(f"nested generate: error: --out '{tmp_path / 'a'}' is not empty") and "\n" not in err
+    )
+    assert (tmp_path / "a" / "generation.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--guidance", "nan"], "--guidance"),
+        (["--negative-prompt", "lowres"], "--negative-prompt: "),  # FLUX has no negative prompt
+        (["--strength", "<dog>=inf"], "--strength '<dog>=inf'"),
+    ],
+)
+def test_generate_user_errors_on_flux_are_one_line(setup, tmp_path, capsys, change, message):
+    assert main_generate(cli(setup, "flux", tmp_path / "out", *change)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nested generate: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_flux_adapter_is_refused_on_sd3_naming_the_layer(setup, tmp_path):
+    argv = cli(setup, "sd3", tmp_path / "out")
+    argv[argv.index("--adapter") + 1] = f"<person>={setup['flux']['faces']}"
+    result = subprocess.run(
+        [*NESTED, "generate", *argv], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    assert err.startswith("nested generate: error: the adapter for '<person>'") and "\n" not in err
+    assert "'single_transformer_blocks.0.attn'" in err  # the FLUX single-stream layer SD3 lacks
+    assert not (tmp_path / "out").exists()
