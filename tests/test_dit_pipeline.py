@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -244,3 +246,29 @@ def test_a_flux_adapter_is_refused_on_sd3_naming_the_layer(setup, tmp_path):
     assert err.startswith("nested generate: error: the adapter for '<person>'") and "\n" not in err
     assert "'single_transformer_blocks.0.attn'" in err  # the FLUX single-stream layer SD3 lacks
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_takes_a_hub_id_for_the_base(setup, tmp_path):
+    # The Hub cache layout (refs/main -> snapshots/<commit>/), read offline by the real command.
+    repo = tmp_path / "hub" / "models--nested-tests--tiny-flux"
+    commit = "0" * 40
+    shutil.copytree(setup["flux"]["base"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    argv = cli(setup, "flux", tmp_path / "hub-out")
+    argv[argv.index("--base") + 1] = "nested-tests/tiny-flux"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [*NESTED, "generate", *argv], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    settings = strict_json(tmp_path / "hub-out" / "generation.json")
+    assert settings["base"] == {
+        "name_or_path": "nested-tests/tiny-flux",
+        "revision": None,
+        "pipeline": "FluxPipeline",
+    }
+    # The same images as from the folder itself.
+    assert main_generate(cli(setup, "flux", tmp_path / "folder-out")) == 0
+    for name in ("image-000.png", "image-001.png"):
+        assert (tmp_path / "hub-out" / name).read_bytes() == (tmp_path / "folder-out" / name).read_bytes()

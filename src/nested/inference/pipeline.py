@@ -378,6 +378,12 @@ class NestedPipeline:
             max_sequence_length = (
                 inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default
             )
+        # The text the denoiser sees: CLIP's 77 tokens (UNet), and T5's max_sequence_length (SD3 / FLUX).
+        limit = {
+            "unet": "77-token",
+            "sd3": f"77-token (CLIP) or {max_sequence_length}-token (T5)",
+            "flux": f"{max_sequence_length}-token (T5)",
+        }[self.kind]
         for token in subjects:
             self._check_token(token)
         specs = subject_specs(subjects, strengths, token_weights, value_norm_factors)
@@ -399,7 +405,7 @@ class NestedPipeline:
                     f"the subject token {token!r} is not in the prompt {prompts[0]!r}"
                     + (" (nor in the other prompts)" if len(prompts) > 1 else "")
                     + f"; write {token!r} where the subject should appear (it may also have been cut by "
-                    "the text encoders' token limit)."
+                    f"the {limit} limit)."
                 )
             if not present.all():
                 missing = [p for p, has in zip(prompts, present.tolist(), strict=True) if not has]
