@@ -244,7 +244,8 @@ def test_a_flux_adapter_is_refused_on_sd3_naming_the_layer(setup, tmp_path):
     assert result.returncode == 2, result.stderr
     err = result.stderr.strip()
     assert err.startswith("nested generate: error: the adapter for '<person>'") and "\n" not in err
-    assert "'single_transformer_blocks.0.attn'" in err  # the FLUX single-stream layer SD3 lacks
+    # The FLUX single-stream layer SD3 lacks, named.
+    assert "layer 'single_transformer_blocks.0.attn', which this SD3Transformer2DModel does not have" in err
     assert not (tmp_path / "out").exists()
 
 

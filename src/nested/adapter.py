@@ -541,22 +541,25 @@ class NestedAdapter(nn.Module):
         """Raise a ValueError naming the first layer where ``unet`` differs from the adapter's base."""
         theirs = unet_fingerprint(unet)
         ours = self.config.layers
+        # A transformer is named by its class (SD3Transformer2DModel, FluxTransformer2DModel).
+        joint = any(joint_layout(attn) is not None for attn in cross_attention_layers(unet).values())
+        model = type(unet).__name__ if joint else "UNet"
         for name in sorted(set(ours) | set(theirs)):
             if name not in theirs:
                 raise AdapterError(
-                    f"the adapter has nested projections for layer {name!r}, which this UNet does not have "
-                    f"(adapter: {len(ours)} cross-attention layers, UNet: {len(theirs)}). The adapter was made "
+                    f"the adapter has nested projections for layer {name!r}, which this {model} does not have "
+                    f"(adapter: {len(ours)} cross-attention layers, {model}: {len(theirs)}). The adapter was made "
                     f"for base model {self.config.base_model or '<unknown>'}."
                 )
             if name not in ours:
                 raise AdapterError(
-                    f"layer {name!r} of this UNet has no nested projections in the adapter (adapter: {len(ours)} "
-                    f"cross-attention layers, UNet: {len(theirs)}). The adapter was made for base model "
+                    f"layer {name!r} of this {model} has no nested projections in the adapter (adapter: {len(ours)} "
+                    f"cross-attention layers, {model}: {len(theirs)}). The adapter was made for base model "
                     f"{self.config.base_model or '<unknown>'}."
                 )
             if ours[name] != theirs[name]:
                 raise AdapterError(
-                    f"layer {name!r} does not fit: the adapter expects {ours[name]}, this UNet has {theirs[name]}. "
+                    f"layer {name!r} does not fit: the adapter expects {ours[name]}, this {model} has {theirs[name]}. "
                     f"The adapter was made for base model {self.config.base_model or '<unknown>'}."
                 )
 
