@@ -18,7 +18,6 @@ from test_generate import NESTED, strict_json
 from nested.adapter import NestedAdapter, cross_attention_layers
 from nested.cli.generate import main_generate
 from nested.encoder import EncoderSpec
-from nested.errors import ConfigError
 from nested.inference.pipeline import NestedPipeline
 
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
@@ -139,18 +138,22 @@ def test_save_then_load_gives_identical_images(setup, kind, tmp_path):
     assert np.array_equal(in_memory, loaded)
 
 
-def test_flux_true_cfg_with_a_negative_prompt_is_refused_with_subjects(setup):
-    adapters = {"<person>": setup["flux"]["faces"]}
-    with (
-        NestedPipeline(tiny_pipeline(setup["flux"]["base"]), adapters) as nested,
-        pytest.raises(ConfigError, match="true_cfg_scale"),
-    ):
-        nested(
-            PROMPTS[0],
-            subjects={"<person>": setup["images"]["me"]},
-            negative_prompt="x",
-            true_cfg_scale=2,
-        )
+def test_flux_true_cfg_gives_the_negative_prompt_call_no_subject(setup):
+    pipe = tiny_pipeline(setup["flux"]["base"])
+    subjects = {"<person>": setup["images"]["me"]}
+    true_cfg = {"negative_prompt": "lowres", "true_cfg_scale": 2.0}
+    with NestedPipeline(pipe, {"<person>": setup["flux"]["faces"]}) as nested:
+        adapter = nested.adapter("<person>")
+        bound = []  # per transformer call: whether the adapter's subject is bound
+        hook = pipe.transformer.register_forward_pre_hook(lambda *_: bound.append(bool(adapter._bindings)))
+        with_subject = generate(nested, PROMPTS[0], subjects=subjects, **true_cfg)
+        hook.remove()
+        assert bound == [True, False, True, False]  # 2 steps: the prompt's call, then the negative prompt's
+        with pytest.warns(UserWarning, match="has no subject"):
+            without = generate(nested, PROMPTS[0], **true_cfg)
+        assert np.abs(with_subject - without).max() > 1e-3
+        assert "cache_context" not in vars(pipe.transformer)  # the call's own wrapper is gone
+        assert generate(nested, PROMPTS[0], subjects=subjects, **true_cfg).tobytes() == with_subject.tobytes()
 
 
 def cli(setup, kind, out, *extra) -> list[str]:

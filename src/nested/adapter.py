@@ -18,12 +18,13 @@ warning, keeping the new processor as the one ``detach`` restores.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -496,6 +497,16 @@ class NestedAdapter(nn.Module):
 
     def clear_subjects(self) -> None:
         self._bindings = []
+
+    @contextlib.contextmanager
+    def subjects_suspended(self) -> Iterator[None]:
+        """No subject in the calls made inside (e.g. a pipeline's separate negative-prompt call); the bound
+        subjects, with their computed keys and values, are back on exit."""
+        bindings, self._bindings = self._bindings, []
+        try:
+            yield
+        finally:
+            self._bindings = bindings
 
     def subjects_for_layer(
         self, layer_name: str, attn: nn.Module, batch_size: int, dtype: torch.dtype

@@ -19,8 +19,9 @@ each call says which image that token's subject is::
   adapter's learned token embedding (or its class word).
 * Subject images are encoded, and every layer's nested keys/values computed, once per call.
 * With classifier-free guidance the unconditional half of the batch gets no subject (no nested work).
-  FLUX.1-dev has no such batch (its guidance is an input of the transformer); its optional "true CFG"
-  (``true_cfg_scale`` with a negative prompt) is refused with subjects.
+  FLUX.1-dev has no such batch (its guidance is an input of the transformer); with its optional "true
+  CFG" (``true_cfg_scale`` > 1 and a negative prompt) the separate negative-prompt call of each step,
+  the one ``FluxPipeline`` runs in ``transformer.cache_context("uncond")``, gets no subject.
 * SD3 / FLUX: placeholder tokens are added to the CLIP tokenizers only; T5 keeps its own pieces, and the
   subject binds to every T5 piece of the token (:func:`nested.backbone.joint_subject_masks`), over the
   ``max_sequence_length`` T5 tokens of the call.
@@ -481,14 +482,6 @@ class NestedPipeline:
         if not subjects:
             self._warn_tokens_without_subject(prompt, {})
             return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)
-        negative = any(
-            pipeline_kwargs.get(key) is not None for key in ("negative_prompt", "negative_prompt_embeds")
-        )
-        if self.kind == "flux" and negative and float(pipeline_kwargs.get("true_cfg_scale") or 1.0) > 1:
-            raise ConfigError(
-                "true_cfg_scale > 1 with a negative prompt runs FLUX's negative prompt as a call of its own, "
-                "which nested subjects do not support; use guidance_scale (FLUX.1-dev's guidance) instead."
-            )
         prompt_2 = pipeline_kwargs.get("prompt_2")
         if self.kind == "sd3" and prompt_2 is None:
             prompt_2 = pipeline_kwargs.get("prompt_3")
@@ -503,7 +496,34 @@ class NestedPipeline:
             max_sequence_length=pipeline_kwargs.get("max_sequence_length"),
         ):
             self._warn_tokens_without_subject(prompt, subjects)
-            return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)
+            with self._no_subjects_in_negative_calls():
+                return self.pipe(
+                    prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs
+                )
+
+    @contextlib.contextmanager
+    def _no_subjects_in_negative_calls(self) -> Iterator[None]:
+        """Suspend every adapter's subjects in the transformer calls a pipeline makes for the negative prompt
+        alone, which it marks with ``transformer.cache_context("uncond")`` (FluxPipeline's true CFG)."""
+        if not hasattr(self.denoiser, "cache_context"):
+            yield
+            return
+        adapters = list({id(t.adapter): t.adapter for t in self._tokens.values()}.values())
+        original = self.denoiser.cache_context
+
+        @contextlib.contextmanager
+        def cache_context(name: str, **kwargs: Any) -> Iterator[None]:
+            with original(name, **kwargs), contextlib.ExitStack() as stack:
+                if name == "uncond":
+                    for adapter in adapters:
+                        stack.enter_context(adapter.subjects_suspended())
+                yield
+
+        self.denoiser.cache_context = cache_context  # this instance only, for this call
+        try:
+            yield
+        finally:
+            del self.denoiser.cache_context
 
     def _warn_tokens_without_subject(
         self, prompt: str | Sequence[str] | None, subjects: Mapping[str, Any]
