@@ -96,6 +96,12 @@ def test_a_subject_changes_only_the_images_whose_prompt_holds_its_token(setup, k
         assert np.abs(with_subject[0] - without[0]).max() > 1e-3
         np.testing.assert_allclose(with_subject[1], without[1], atol=1e-5)
         np.testing.assert_allclose(with_subject[1], plain_batch[1], atol=1e-5)
+        # Several images per prompt: each prompt's rows follow each other, as in diffusers' batches.
+        with pytest.warns(UserWarning, match="is in the prompt but has no subject"):
+            without = generate(nested, PROMPTS, num_images_per_prompt=2)
+        with_subject = generate(nested, PROMPTS, subjects={"<person>": subject}, num_images_per_prompt=2)
+        assert min(np.abs(with_subject[i] - without[i]).max() for i in (0, 1)) > 1e-3
+        np.testing.assert_allclose(with_subject[2:], without[2:], atol=1e-5)
         # The token split into pieces by T5 binds in each: the SD3 CLIP part holds one placeholder token.
         masks = nested._masks("<person>", PROMPTS, None, 32)
         assert masks.shape[1] == (77 + 32 if kind == "sd3" else 32)
