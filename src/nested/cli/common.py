@@ -112,10 +112,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def add_base_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The "models" group with ``--base`` and ``--revision``, shared by ``nested generate`` and ``nested eval``."""
+def add_base_arguments(parser: argparse.ArgumentParser, kinds: str = "SD / SDXL") -> argparse._ArgumentGroup:
+    """The "models" group with ``--base`` (a model of ``kinds``) and ``--revision``, shared by ``nested
+    generate`` and ``nested eval``."""
     models = parser.add_argument_group("models")
-    models.add_argument("--base", required=True, help="base SD / SDXL diffusers folder or hub id")
+    models.add_argument("--base", required=True, help=f"base {kinds} diffusers folder or hub id")
     models.add_argument("--revision", default=None, help="hub revision of the base model")
     return models
 
