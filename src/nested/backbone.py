@@ -353,6 +353,16 @@ class DiffusionBackbone(_VaeLatents):
             prompt_embeds=torch.cat(hidden_states, dim=-1), pooled_prompt_embeds=pooled, input_ids=input_ids
         )
 
+    def subject_masks(self, prompts: list[str], token: str) -> torch.Tensor:
+        """Where ``token`` sits in each prompt: bool (B, 77), the same for every tokenizer (see
+        :func:`~nested.tokens.subject_masks_for_tokenizers`)."""
+        return subject_masks_for_tokenizers(self.tokenizers, prompts, token)
+
+    @property
+    def placeholder_text_encoders(self) -> tuple[list[Any], list[torch.nn.Module]]:
+        """(tokenizers, text encoders) a new placeholder token is added to: every one of them."""
+        return self.tokenizers, self.text_encoders
+
     @staticmethod
     def time_ids(
         original_sizes: torch.Tensor,
@@ -554,6 +564,12 @@ class TransformerBackbone(_VaeLatents):
         if self.kind == "flux":
             return t5_masks
         return torch.cat([subject_masks_for_tokenizers(clips, prompts, token), t5_masks], dim=1)
+
+    @property
+    def placeholder_text_encoders(self) -> tuple[list[Any], list[torch.nn.Module]]:
+        """(tokenizers, text encoders) a new placeholder token is added to: the CLIP ones. T5 keeps its
+        vocabulary and reads a placeholder as its pieces, which :meth:`subject_masks` marks."""
+        return self.tokenizers[:-1], self.text_encoders[:-1]
 
     def guidance(
         self, batch_size: int, scale: float, device: torch.device | str | None = None
