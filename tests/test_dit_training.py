@@ -8,14 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from skimage.data import astronaut
 
 from nested.adapter import NestedAdapter, SubjectBinding
 from nested.backbone import TransformerBackbone
 from nested.cli.main import main
 from nested.data import DomainSpec, NestedDataModule
+from nested.data.shards import encode_latents
+from nested.data.transforms import target_transform
 from nested.dit import joint_attention_layers
 from nested.encoder import EncoderSpec
-from nested.errors import ConfigError
+from nested.errors import ConfigError, DataError
 from nested.training.module import ConditioningDropout, NestedAttentionModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,3 +229,23 @@ def test_smoke_config_fits_from_the_cli_and_exports_an_adapter_that_attaches(kin
         type(attn.processor).__name__ for attn in joint_attention_layers(backbone.transformer).values()
     }
     assert processors == {"NestedJointAttnProcessor"}
+
+
+# ------------------------------------------------------------------------------- cached latents
+def test_cached_latents_carry_the_vae_shift_like_the_training_path(tiny_flux_path):
+    vae = AutoencoderKL.from_pretrained(tiny_flux_path, subfolder="vae")
+    image = Image.fromarray(astronaut())
+    cached = torch.from_numpy(encode_latents(vae, image, 32)).float()
+    pixels = target_transform(image, resolution=32, center_crop=True, random_flip=False).pixel_values
+    with torch.no_grad():
+        mean = vae.encode(pixels[None]).latent_dist.mean[0]
+    assert (vae.config.shift_factor, vae.config.scaling_factor) == (0.1159, 0.3611)
+    torch.testing.assert_close(cached, ((mean - 0.1159) * 0.3611).half().float())
+
+
+def test_cached_latents_of_another_vae_are_refused_naming_both_channel_counts(tiny_flux_path):
+    module = make_module(tiny_flux_path)
+    batch = fixed_batch(module)
+    batch["latents"] = torch.zeros(2, 4, 8, 8)  # an SD VAE's
+    with pytest.raises(DataError, match="cached latents have 4 channels.*makes 16.*--cache-latents"):
+        module.diffusion_loss(batch, torch.Generator().manual_seed(0))

@@ -37,6 +37,7 @@ __all__ = [
     "check_tokenizer",
     "first_parameter",
     "load_backbone",
+    "scale_latents",
 ]
 
 EXPECTED_LAYOUT = (
@@ -194,6 +195,13 @@ def _load_text_components(
     return tokenizers, text_encoders
 
 
+def scale_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents (B, C, h, w) -> the unit-variance latents the denoiser sees:
+    ``(latents - shift_factor) * scaling_factor`` (the SD3 / FLUX VAEs have a shift, SD's and SDXL's none)."""
+    shift = vae.config.get("shift_factor") or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
 class _VaeLatents:
     """Moving between images and the latents the denoiser sees, for a backbone with a ``vae`` attribute."""
 
@@ -205,9 +213,8 @@ class _VaeLatents:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def latent_scaling(self, latents: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latents (B, C, h, w) -> the unit-variance latents the denoiser sees."""
-        shift = self.vae.config.get("shift_factor") or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        """Raw VAE latents (B, C, h, w) -> the unit-variance latents the denoiser sees (:func:`scale_latents`)."""
+        return scale_latents(self.vae, latents)
 
     def latent_unscaling(self, latents: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`latent_scaling`, before ``vae.decode``."""

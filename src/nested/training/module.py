@@ -32,7 +32,7 @@ from nested.adapter import NestedAdapter, SubjectBinding, check_injection_option
 from nested.attention import InjectionMode, check_injection_mode, check_token_weight
 from nested.backbone import DiffusionBackbone, TransformerBackbone, first_parameter, load_backbone
 from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
-from nested.errors import AdapterError, ConfigError
+from nested.errors import AdapterError, ConfigError, DataError
 
 __all__ = ["ConditioningDropout", "NestedAttentionModule"]
 
@@ -370,6 +370,14 @@ class NestedAttentionModule(L.LightningModule):
         with torch.no_grad():
             if "latents" in batch:
                 latents = batch["latents"].to(device, torch.float32)
+                channels = backbone.vae.config.latent_channels
+                if latents.shape[1] != channels:
+                    raise DataError(
+                        f"the shards' cached latents have {latents.shape[1]} channels, but the VAE of "
+                        f"{self.base_model} makes {channels}: they were cached with another model's VAE. "
+                        "Rebuild the shards with nested shards --model <this base model> --cache-latents, "
+                        "or without --cache-latents."
+                    )
             else:
                 pixels = batch["pixel_values"].to(device, first_parameter(backbone.vae).dtype)
                 latents = backbone.encode_images(pixels, generator=generator).float()
