@@ -144,11 +144,13 @@ def test_flux_times_shift_toward_noise_at_higher_resolution(tiny_flux_path):
     assert (large >= small).all() and large.mean() > small.mean() + 0.05
 
 
-def test_ddpm_options_are_refused_on_a_transformer(tiny_sd3_path):
+def test_options_of_the_other_model_family_are_refused(tiny_sd3_path, tiny_sd_path):
     with pytest.raises(ConfigError, match="model.min_snr_gamma"):
         make_module(tiny_sd3_path, min_snr_gamma=5.0)
     with pytest.raises(ConfigError, match="model.weighting_scheme"):
         make_module(tiny_sd3_path, weighting_scheme="logitnormal")
+    with pytest.raises(ConfigError, match="max_sequence_length .*UNet model"):
+        make_module(tiny_sd_path)  # make_module sets max_sequence_length
 
 
 # ------------------------------------------------------------------------- training a fixed batch

@@ -588,13 +588,23 @@ class TransformerBackbone(_VaeLatents):
         return torch.full((batch_size,), float(scale), device=device, dtype=torch.float32)
 
 
-def load_backbone(name_or_path: str | Path, **kwargs: Any) -> DiffusionBackbone | TransformerBackbone:
+def load_backbone(
+    name_or_path: str | Path, *, max_sequence_length: int | None = None, **kwargs: Any
+) -> DiffusionBackbone | TransformerBackbone:
     """:class:`TransformerBackbone` for an SD3 / FLUX checkpoint, :class:`DiffusionBackbone` for a UNet one;
-    ``kwargs`` go to the chosen ``from_pretrained``."""
+    ``kwargs`` go to the chosen ``from_pretrained``. ``max_sequence_length`` (T5 tokens) is refused for a
+    UNet model."""
     hub_kwargs = {key: kwargs[key] for key in ("revision", "local_files_only") if kwargs.get(key) is not None}
     index = _read_model_index(str(name_or_path), **hub_kwargs)
     if _registered(index, "transformer") and not _registered(index, "unet"):
-        return TransformerBackbone.from_pretrained(name_or_path, **kwargs)
+        return TransformerBackbone.from_pretrained(
+            name_or_path, max_sequence_length=max_sequence_length, **kwargs
+        )
+    if max_sequence_length is not None:
+        raise ConfigError(
+            f"max_sequence_length (T5 tokens) is for SD3 / FLUX models; {name_or_path} is a UNet model, whose "
+            "prompts are 77 tokens: leave max_sequence_length unset."
+        )
     return DiffusionBackbone.from_pretrained(name_or_path, **kwargs)
 
 

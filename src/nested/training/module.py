@@ -111,7 +111,7 @@ class NestedAttentionModule(L.LightningModule):
         frozen_dtype: dtype of the frozen backbone ("bfloat16" on GPUs; the VAE stays float32 if
             this is float16, since the SDXL VAE overflows in fp16).
         gradient_checkpointing: checkpoint the frozen UNet's or transformer's blocks (less activation
-            memory, one more forward of the frozen model per step: ~30% slower).
+            memory, one more forward of the frozen model per step: ~30-50% slower).
         optimizer: ``{"class_path": ..., "init_args": {...}}`` of a torch optimizer; a config's top-level
             ``optimizer:`` section lands here (the one place to set the learning rate). None: AdamW(lr=1e-4,
             weight_decay=0.01). It is built over the adapter's trainable parameters when training starts:
@@ -195,15 +195,9 @@ class NestedAttentionModule(L.LightningModule):
         """Load the frozen parts and build the adapter (once; idempotent)."""
         if self.adapter is not None:
             return
-        options = (
-            {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
+        backbone = load_backbone(
+            self.base_model, dtype=self.frozen_dtype, max_sequence_length=self.max_sequence_length
         )
-        backbone = load_backbone(self.base_model, dtype=self.frozen_dtype, **options)
-        if isinstance(backbone, DiffusionBackbone) and options:
-            raise ConfigError(
-                f"model.max_sequence_length is for SD3 / FLUX (T5) backbones; {self.base_model} is a UNet model "
-                "whose prompts are 77 tokens: remove the option."
-            )
         if isinstance(backbone, TransformerBackbone) and self.min_snr_gamma is not None:
             raise ConfigError(
                 f"model.min_snr_gamma weights a DDPM loss; {self.base_model} trains with flow matching: remove "
