@@ -1,9 +1,10 @@
-"""Write configs/{faces,pets}-{sdxl,sd15}.yaml from the parts under configs/recipes/.
+"""Write configs/{faces,pets}-{sdxl,sd15}.yaml, faces-sd35.yaml and {faces,pets}-flux.yaml from the parts
+under configs/recipes/.
 
-    python scripts/compose_configs.py          # rewrite the four files
+    python scripts/compose_configs.py          # rewrite the files
     python scripts/compose_configs.py --check  # only compare: exit 1 when a file is not what its parts give
 
-A recipe is configs/recipes/base.yaml, then a backbone part (sdxl.yaml, sd15.yaml), then a domain part
+A recipe is configs/recipes/base.yaml, then a backbone part (sdxl, sd15, sd35, flux), then a domain part
 (faces.yaml, pets.yaml), merged the way LightningCLI merges several --config files: later parts win per
 key, mappings merge recursively, lists are replaced. trainer.default_root_dir is runs/<recipe name>.
 """
@@ -27,6 +28,9 @@ RECIPES = {
     "faces-sd15": ("sd15", "faces"),
     "pets-sdxl": ("sdxl", "pets"),
     "pets-sd15": ("sd15", "pets"),
+    "faces-sd35": ("sd35", "faces"),
+    "faces-flux": ("flux", "faces"),
+    "pets-flux": ("flux", "pets"),
 }
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "first_parameter",
     "joint_subject_masks",
     "load_backbone",
+    "scale_latents",
 ]
 
 EXPECTED_LAYOUT = (
@@ -195,6 +196,13 @@ def _load_text_components(
     return tokenizers, text_encoders
 
 
+def scale_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents (B, C, h, w) -> the unit-variance latents the denoiser sees:
+    ``(latents - shift_factor) * scaling_factor`` (the SD3 / FLUX VAEs have a shift, SD's and SDXL's none)."""
+    shift = vae.config.get("shift_factor") or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
 class _VaeLatents:
     """Moving between images and the latents the denoiser sees, for a backbone with a ``vae`` attribute."""
 
@@ -206,9 +214,8 @@ class _VaeLatents:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def latent_scaling(self, latents: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latents (B, C, h, w) -> the unit-variance latents the denoiser sees."""
-        shift = self.vae.config.get("shift_factor") or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        """Raw VAE latents (B, C, h, w) -> the unit-variance latents the denoiser sees (:func:`scale_latents`)."""
+        return scale_latents(self.vae, latents)
 
     def latent_unscaling(self, latents: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`latent_scaling`, before ``vae.decode``."""
@@ -353,6 +360,16 @@ class DiffusionBackbone(_VaeLatents):
         return TextConditioning(
             prompt_embeds=torch.cat(hidden_states, dim=-1), pooled_prompt_embeds=pooled, input_ids=input_ids
         )
+
+    def subject_masks(self, prompts: list[str], token: str) -> torch.Tensor:
+        """Where ``token`` sits in each prompt: bool (B, 77), the same for every tokenizer (see
+        :func:`~nested.tokens.subject_masks_for_tokenizers`)."""
+        return subject_masks_for_tokenizers(self.tokenizers, prompts, token)
+
+    @property
+    def placeholder_text_encoders(self) -> tuple[list[Any], list[torch.nn.Module]]:
+        """(tokenizers, text encoders) a new placeholder token is added to: every one of them."""
+        return self.tokenizers, self.text_encoders
 
     @staticmethod
     def time_ids(
@@ -552,6 +569,12 @@ class TransformerBackbone(_VaeLatents):
         """
         return joint_subject_masks(self.kind, self.tokenizers, prompts, token, self.max_sequence_length)
 
+    @property
+    def placeholder_text_encoders(self) -> tuple[list[Any], list[torch.nn.Module]]:
+        """(tokenizers, text encoders) a new placeholder token is added to: the CLIP ones. T5 keeps its
+        vocabulary and reads a placeholder as its pieces, which :meth:`subject_masks` marks."""
+        return self.tokenizers[:-1], self.text_encoders[:-1]
+
     def guidance(
         self, batch_size: int, scale: float, device: torch.device | str | None = None
     ) -> torch.Tensor | None:
@@ -582,13 +605,23 @@ def joint_subject_masks(
     return torch.cat([subject_masks_for_tokenizers(clips, prompts, token), t5_masks], dim=1)
 
 
-def load_backbone(name_or_path: str | Path, **kwargs: Any) -> DiffusionBackbone | TransformerBackbone:
+def load_backbone(
+    name_or_path: str | Path, *, max_sequence_length: int | None = None, **kwargs: Any
+) -> DiffusionBackbone | TransformerBackbone:
     """:class:`TransformerBackbone` for an SD3 / FLUX checkpoint, :class:`DiffusionBackbone` for a UNet one;
-    ``kwargs`` go to the chosen ``from_pretrained``."""
+    ``kwargs`` go to the chosen ``from_pretrained``. ``max_sequence_length`` (T5 tokens) is refused for a
+    UNet model."""
     hub_kwargs = {key: kwargs[key] for key in ("revision", "local_files_only") if kwargs.get(key) is not None}
     index = _read_model_index(str(name_or_path), **hub_kwargs)
     if _registered(index, "transformer") and not _registered(index, "unet"):
-        return TransformerBackbone.from_pretrained(name_or_path, **kwargs)
+        return TransformerBackbone.from_pretrained(
+            name_or_path, max_sequence_length=max_sequence_length, **kwargs
+        )
+    if max_sequence_length is not None:
+        raise ConfigError(
+            f"max_sequence_length (T5 tokens) is for SD3 / FLUX models; {name_or_path} is a UNet model, whose "
+            "prompts are 77 tokens: leave max_sequence_length unset."
+        )
     return DiffusionBackbone.from_pretrained(name_or_path, **kwargs)
 
 

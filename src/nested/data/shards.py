@@ -14,7 +14,8 @@ Sample format (one webdataset sample per training image; all members share the `
   micro-conditioning); ``domain``; ``subject`` (the domain's subject token); ``source`` (the
   image path relative to the input); ``latents_resolution`` (only with cached latents).
 - ``latents.npy`` | ``latents.pth`` (optional, ``--cache-latents``): float16 (C, r, r) VAE
-  latents of the target: the latent distribution's *mean* times ``vae.config.scaling_factor``,
+  latents of the target: the latent distribution's *mean*, minus ``vae.config.shift_factor`` (SD3 /
+  FLUX VAEs), times ``vae.config.scaling_factor``,
   encoded from the resize-short-side + center crop at ``latents_resolution`` (r = that / 8).
   The reader uses them only with ``center_crop=True``, no flip and the same resolution;
   ``.pth`` is read with ``torch.load(weights_only=True)``.
@@ -516,15 +517,18 @@ def encode_latents(vae: AutoencoderKL, image: Image.Image, resolution: int) -> n
     """VAE latents of the center-cropped target, as the training module would compute them.
 
     Returns:
-        float16 numpy array (C, resolution / 8, resolution / 8): ``latent_dist.mean *
-        scaling_factor`` (the mean, not a sample, so the cache is deterministic).
+        float16 numpy array (C, resolution / 8, resolution / 8): ``latent_dist.mean`` through the VAE's
+        shift and scale (:func:`~nested.backbone.scale_latents`; the mean, not a sample, so the cache is
+        deterministic).
     """
+    # Here, not at the top: building shards without cached latents needs no diffusers.
+    from nested.backbone import scale_latents
+
     pixels = target_transform(image, resolution=resolution, center_crop=True, random_flip=False).pixel_values
     param = next(vae.parameters())
     with torch.no_grad():
         latents = vae.encode(pixels[None].to(param.device, param.dtype)).latent_dist.mean
-    latents = latents[0].float() * vae.config.scaling_factor
-    return latents.cpu().numpy().astype("float16")
+    return scale_latents(vae, latents[0].float()).cpu().numpy().astype("float16")
 
 
 # ----------------------------------------------------------------------------- writing

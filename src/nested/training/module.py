@@ -1,14 +1,19 @@
 """The LightningModule: a frozen diffusion backbone, a trainable nested adapter, the diffusion loss.
 
+UNet backbones (SD 1.x / 2.x, SDXL) train with their DDPM noise-prediction (or v-prediction) loss;
+diffusion transformers (SD3 / SD3.5, FLUX.1) with the rectified-flow (flow-matching) loss they were
+trained with: ``x_t = (1 - t) x_0 + t * noise``, target ``noise - x_0``.
+
 What is trained: the adapter's resampler and nested projections (and, optionally, the placeholder
-token embeddings). What is frozen and never checkpointed: the UNet, VAE, text encoder(s) and the
-image backbone. They are held outside the module tree (:class:`~nested.encoder.FrozenModules`), so
+token embeddings). What is frozen and never checkpointed: the UNet or transformer, VAE, text encoder(s)
+and the image backbone. They are held outside the module tree (:class:`~nested.encoder.FrozenModules`), so
 ``state_dict()``, ``parameters()``, DDP and weight averaging see only the trainable adapter; a resumed
 run reloads them from their paths.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from typing import Any
@@ -17,21 +22,26 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from lightning.pytorch.cli import instantiate_class
 from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding, check_injection_options
 from nested.attention import InjectionMode, check_injection_mode, check_token_weight
-from nested.backbone import DiffusionBackbone, first_parameter
+from nested.backbone import DiffusionBackbone, TransformerBackbone, first_parameter, load_backbone
 from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
-from nested.errors import AdapterError, ConfigError
-from nested.tokens import subject_masks_for_tokenizers
+from nested.errors import AdapterError, ConfigError, DataError
 
 __all__ = ["ConditioningDropout", "NestedAttentionModule"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The optimizer when none is configured: the recipes' AdamW.
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-4, "weight_decay": 0.01}}
+# Flow-matching timestep densities and loss weightings of diffusers' SD3 / FLUX training scripts
+# (compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3); the SD3 paper's is logit_normal.
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
 
 
 @dataclasses.dataclass
@@ -63,11 +73,11 @@ class ConditioningDropout:
 
 
 class NestedAttentionModule(L.LightningModule):
-    """Train a nested-attention adapter on a frozen SD 1.x/2.x or SDXL backbone.
+    """Train a nested-attention adapter on a frozen SD 1.x/2.x, SDXL, SD3 / SD3.5 or FLUX.1 backbone.
 
     Args:
         base_model: diffusers folder or hub id of the frozen base (e.g.
-            ``stabilityai/stable-diffusion-xl-base-1.0``).
+            ``stabilityai/stable-diffusion-xl-base-1.0``, ``black-forest-labs/FLUX.1-dev``).
         encoder: the subject encoder (image backbone + resampler size, M = ``num_tokens``).
         subjects: every subject token the adapter learns, mapped to its class word, e.g.
             ``{"<person>": "person"}``; a token equal to its class word needs no new embedding.
@@ -86,11 +96,22 @@ class NestedAttentionModule(L.LightningModule):
             ``value_norm_factor: null``). Recorded in the exported adapter's config.
         domain: recorded in the exported adapter.
         dropout: classifier-free-guidance dropout of text / image / both.
-        min_snr_gamma: min-SNR loss weighting (None: plain MSE).
+        min_snr_gamma: min-SNR loss weighting (None: plain MSE). UNet backbones only.
         noise_offset: adds ``noise_offset * N(0, 1)`` per sample and channel to the noise.
+        weighting_scheme: diffusion transformers: how the flow-matching time t is drawn and the loss
+            weighted, as diffusers' SD3 / FLUX trainers do: ``logit_normal`` (the SD3 paper's: t =
+            sigmoid(N(logit_mean, logit_std)), unweighted loss), ``mode`` (mode_scale), ``none``
+            (uniform), ``sigma_sqrt`` / ``cosmap`` (uniform t, weighted loss). t then goes through the
+            scheduler's shift: SD3's fixed ``shift``, FLUX's resolution-dependent one.
+        logit_mean, logit_std: of ``logit_normal``; mode_scale: of ``mode``.
+        guidance_scale: the guidance input of a guidance-distilled transformer (FLUX.1-dev) during
+            training (diffusers' FLUX trainers: 3.5); ignored by the others.
+        max_sequence_length: T5 tokens of a diffusion transformer's prompts (None: the pipeline's, 256
+            for SD3 and 512 for FLUX); shorter is cheaper when captions are short.
         frozen_dtype: dtype of the frozen backbone ("bfloat16" on GPUs; the VAE stays float32 if
             this is float16, since the SDXL VAE overflows in fp16).
-        gradient_checkpointing: checkpoint the frozen UNet's blocks (less memory, ~30% slower).
+        gradient_checkpointing: checkpoint the frozen UNet's or transformer's blocks (less activation
+            memory, one more forward of the frozen model per step: ~30-50% slower).
         optimizer: ``{"class_path": ..., "init_args": {...}}`` of a torch optimizer; a config's top-level
             ``optimizer:`` section lands here (the one place to set the learning rate). None: AdamW(lr=1e-4,
             weight_decay=0.01). It is built over the adapter's trainable parameters when training starts:
@@ -115,6 +136,12 @@ class NestedAttentionModule(L.LightningModule):
         dropout: ConditioningDropout | None = None,
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
+        weighting_scheme: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        guidance_scale: float = 3.5,
+        max_sequence_length: int | None = None,
         frozen_dtype: str = "float32",
         gradient_checkpointing: bool = False,
         seed: int = 0,
@@ -124,6 +151,10 @@ class NestedAttentionModule(L.LightningModule):
         super().__init__()
         if frozen_dtype not in _DTYPES:
             raise ConfigError(f"frozen_dtype must be one of {sorted(_DTYPES)}, got {frozen_dtype!r}.")
+        if weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ConfigError(
+                f"model.weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {weighting_scheme!r}."
+            )
         # Checked here, not when the adapter is built in configure_model: a bad config fails at startup.
         check_injection_mode(injection, "model.injection")
         check_token_weight(token_weight, "model.token_weight")
@@ -142,6 +173,10 @@ class NestedAttentionModule(L.LightningModule):
         self.dropout = dropout or ConditioningDropout()
         self.min_snr_gamma = min_snr_gamma
         self.noise_offset = noise_offset
+        self.weighting_scheme = weighting_scheme
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = max_sequence_length
         self.frozen_dtype = _DTYPES[frozen_dtype]
         self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
@@ -160,24 +195,33 @@ class NestedAttentionModule(L.LightningModule):
         """Load the frozen parts and build the adapter (once; idempotent)."""
         if self.adapter is not None:
             return
-        backbone = DiffusionBackbone.from_pretrained(self.base_model, dtype=self.frozen_dtype)
+        backbone = load_backbone(
+            self.base_model, dtype=self.frozen_dtype, max_sequence_length=self.max_sequence_length
+        )
+        if isinstance(backbone, TransformerBackbone) and self.min_snr_gamma is not None:
+            raise ConfigError(
+                f"model.min_snr_gamma weights a DDPM loss; {self.base_model} trains with flow matching: remove "
+                "it and choose model.weighting_scheme instead."
+            )
         if self.frozen_dtype == torch.float16:
             backbone.vae.to(torch.float32)
         image_backbone = load_vision_backbone(self.encoder_spec, dtype=self.frozen_dtype)
         self.build_adapter(backbone, image_backbone)
 
-    def build_adapter(self, backbone: DiffusionBackbone, image_backbone: tuple) -> None:
-        """Build the adapter on frozen parts that are already loaded, and attach it to their UNet.
+    def build_adapter(self, backbone: DiffusionBackbone | TransformerBackbone, image_backbone: tuple) -> None:
+        """Build the adapter on frozen parts that are already loaded, and attach it to their UNet or
+        transformer.
 
         :meth:`configure_model` loads them from ``base_model`` and ``encoder.backbone``; benchmarks and
         notebooks that hold them in memory call this instead. ``image_backbone`` is
         ``(model, image_size, mean, std)``, as :func:`~nested.encoder.load_vision_backbone` returns it.
         """
+        denoiser = _denoiser(backbone)
         if self.gradient_checkpointing:
-            backbone.unet.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing()
         (token, class_word), *extra = self.subjects.items()
         adapter = NestedAdapter.for_unet(
-            backbone.unet,
+            denoiser,
             token=token,
             class_word=class_word,
             encoder=self.encoder_spec,
@@ -189,17 +233,20 @@ class NestedAttentionModule(L.LightningModule):
         )
         adapter.config.extra_tokens = dict(extra)
         adapter.config.token_weight = self.token_weight
-        adapter.add_tokens(backbone.tokenizers, backbone.text_encoders)
+        adapter.add_tokens(*backbone.placeholder_text_encoders)
         if self.train_token_embeddings:
-            adapter.train_token_embeddings(backbone.tokenizers, backbone.text_encoders)
-        adapter.attach(backbone.unet)
-        modules = {"unet": backbone.unet, "vae": backbone.vae}
+            adapter.train_token_embeddings(*backbone.placeholder_text_encoders)
+        adapter.attach(denoiser)
+        modules = {"unet" if isinstance(backbone, DiffusionBackbone) else "transformer": denoiser}
+        modules["vae"] = backbone.vae
         modules.update({f"text_encoder_{i}": encoder for i, encoder in enumerate(backbone.text_encoders)})
-        self.frozen = FrozenModules(backbone=backbone, **modules)
+        # The sigmas of the training timesteps, never changed by a sampler's set_timesteps on the backbone's.
+        training_scheduler = copy.deepcopy(backbone.noise_scheduler)
+        self.frozen = FrozenModules(backbone=backbone, training_scheduler=training_scheduler, **modules)
         self.adapter = adapter
 
     @property
-    def backbone(self) -> DiffusionBackbone:
+    def backbone(self) -> DiffusionBackbone | TransformerBackbone:
         return self.frozen.backbone
 
     def _apply(self, fn, recurse: bool = True):
@@ -288,7 +335,8 @@ class NestedAttentionModule(L.LightningModule):
     def diffusion_loss(
         self, batch: dict[str, Any], generator: torch.Generator, apply_dropout: bool = True
     ) -> dict[str, Tensor]:
-        """Noise-prediction loss of one batch; returns {"loss", "subject_fraction"}."""
+        """Diffusion loss of one batch (a UNet's noise / v-prediction, a transformer's flow matching);
+        returns {"loss", "subject_fraction"}."""
         backbone, adapter = self.backbone, self.adapter
         captions: list[str] = list(batch["captions"])
         subjects: list[str] = list(batch["subjects"])
@@ -316,6 +364,14 @@ class NestedAttentionModule(L.LightningModule):
         with torch.no_grad():
             if "latents" in batch:
                 latents = batch["latents"].to(device, torch.float32)
+                channels = backbone.vae.config.latent_channels
+                if latents.shape[1] != channels:
+                    raise DataError(
+                        f"the shards' cached latents have {latents.shape[1]} channels, but the VAE of "
+                        f"{self.base_model} makes {channels}: they were cached with another model's VAE. "
+                        "Rebuild the shards with nested shards --model <this base model> --cache-latents, "
+                        "or without --cache-latents."
+                    )
             else:
                 pixels = batch["pixel_values"].to(device, first_parameter(backbone.vae).dtype)
                 latents = backbone.encode_images(pixels, generator=generator).float()
@@ -328,11 +384,16 @@ class NestedAttentionModule(L.LightningModule):
             noise = noise + self.noise_offset * torch.randn(
                 latents.shape[:2] + (1, 1), generator=generator
             ).to(device)
-        scheduler = backbone.noise_scheduler
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
-        ).to(device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        flow = isinstance(backbone, TransformerBackbone)
+        if flow:
+            sigmas = self.flow_sigmas(latents.shape, generator).to(device)
+            noisy = (1 - sigmas[:, None, None, None]) * latents + sigmas[:, None, None, None] * noise
+        else:
+            scheduler = backbone.noise_scheduler
+            timesteps = torch.randint(
+                0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
+            ).to(device)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
 
         # Subject tokens for every sample (even dropped ones) so every adapter weight takes part
         # in every step: DDP then needs no find_unused_parameters.
@@ -341,36 +402,60 @@ class NestedAttentionModule(L.LightningModule):
         keep = ~drop_image
         for token in self.subjects:
             rows = torch.tensor([s == token for s in subjects]) & keep
-            masks = subject_masks_for_tokenizers(backbone.tokenizers, captions, token) & rows[:, None]
+            masks = backbone.subject_masks(captions, token) & rows[:, None]
             bindings.append(
                 SubjectBinding(tokens=tokens, masks=masks.to(device), token_weight=self.token_weight)
             )
         adapter.set_subjects(bindings)
+        denoiser = _denoiser(backbone)
         try:
-            added = None
-            if backbone.kind == "sdxl":
-                resolution = latents.shape[-1] * backbone.vae_scale_factor
-                time_ids = backbone.time_ids(
-                    batch["original_sizes"], batch["crops_top_left"], (resolution, resolution)
-                )
-                added = backbone.unet_added_cond_kwargs(conditioning, time_ids.to(device))
-            unet_dtype = first_parameter(backbone.unet).dtype
-            prediction = backbone.unet(
-                noisy.to(unet_dtype),
-                timesteps,
-                conditioning.prompt_embeds.to(unet_dtype),
-                added_cond_kwargs=added,
-            ).sample.float()
+            if flow:
+                prediction = self.transformer_prediction(noisy, sigmas, conditioning)
+            else:
+                prediction = self._unet_prediction(batch, noisy, timesteps, conditioning)
             # Zero-weighted use of every nested projection: keeps DDP's gradient buckets complete
             # when dropout removed every subject of a rank's batch.
             participation = sum(stack.sum() for b in bindings for stack in b.projections) * 0.0
         finally:
-            # Gradient checkpointing re-runs the UNet's blocks during backward(), and they must see the
+            # Gradient checkpointing re-runs the denoiser's blocks during backward(), and they must see the
             # same subjects (unbound, the re-run takes the plain-attention path and torch raises
             # CheckpointError): then they stay bound until on_after_backward.
-            if not (torch.is_grad_enabled() and backbone.unet.is_gradient_checkpointing):
+            if not (torch.is_grad_enabled() and denoiser.is_gradient_checkpointing):
                 adapter.clear_subjects()
 
+        if flow:
+            # Rectified flow: the velocity d x_t / d t, weighted as diffusers' SD3 / FLUX trainers do.
+            weights = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas)
+            squared = (prediction - (noise - latents)) ** 2
+            per_sample = weights * squared.mean(dim=(1, 2, 3))
+        else:
+            per_sample = self._unet_loss(prediction, latents, noise, timesteps)
+        subject_fraction = torch.stack([b.masks.any(-1) for b in bindings]).any(0).float().mean()
+        return {"loss": per_sample.mean() + participation, "subject_fraction": subject_fraction}
+
+    def _unet_prediction(
+        self, batch: dict[str, Any], noisy: Tensor, timesteps: Tensor, conditioning: Any
+    ) -> Tensor:
+        """The UNet's float32 output for the noisy latents (B, C, h, w)."""
+        backbone, device = self.backbone, noisy.device
+        added = None
+        if backbone.kind == "sdxl":
+            resolution = noisy.shape[-1] * backbone.vae_scale_factor
+            time_ids = backbone.time_ids(
+                batch["original_sizes"], batch["crops_top_left"], (resolution, resolution)
+            )
+            added = backbone.unet_added_cond_kwargs(conditioning, time_ids.to(device))
+        unet_dtype = first_parameter(backbone.unet).dtype
+        return backbone.unet(
+            noisy.to(unet_dtype),
+            timesteps,
+            conditioning.prompt_embeds.to(unet_dtype),
+            added_cond_kwargs=added,
+        ).sample.float()
+
+    def _unet_loss(self, prediction: Tensor, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """(B,) per-sample loss of a UNet's prediction: noise or v-prediction, min-SNR weighted if set."""
+        scheduler = self.backbone.noise_scheduler
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -378,8 +463,83 @@ class NestedAttentionModule(L.LightningModule):
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
         if self.min_snr_gamma is not None:
             per_sample = per_sample * self._min_snr_weights(timesteps, scheduler.config.prediction_type)
-        subject_fraction = torch.stack([b.masks.any(-1) for b in bindings]).any(0).float().mean()
-        return {"loss": per_sample.mean() + participation, "subject_fraction": subject_fraction}
+        return per_sample
+
+    def flow_sigmas(self, latent_shape: torch.Size, generator: torch.Generator) -> Tensor:
+        """(B,) flow-matching times t (the noise level sigma) for latents of ``latent_shape`` (B, C, h, w).
+
+        As diffusers' SD3 / FLUX trainers draw them: u from ``compute_density_for_timestep_sampling``,
+        then the scheduler's training sigma at index ``u * num_train_timesteps``, which carries SD3's fixed
+        ``shift``. A scheduler with ``use_dynamic_shifting`` (FLUX) has unshifted training sigmas; they get
+        the shift its sampler applies at this resolution: ``time_shift(mu)`` with ``mu`` from the packed
+        image sequence length (``calculate_shift``), so training sees the noise levels sampling visits.
+        """
+        scheduler = self.frozen.training_scheduler
+        config = scheduler.config
+        u = compute_density_for_timestep_sampling(
+            self.weighting_scheme,
+            latent_shape[0],
+            logit_mean=self.logit_mean,
+            logit_std=self.logit_std,
+            mode_scale=self.mode_scale,
+            generator=generator,
+        )
+        indices = (u * config.num_train_timesteps).long().clamp(0, len(scheduler.sigmas) - 1)
+        sigmas = scheduler.sigmas[indices].float()
+        if config.use_dynamic_shifting:
+            image_seq_len = (latent_shape[2] // 2) * (latent_shape[3] // 2)
+            mu = calculate_shift(
+                image_seq_len,
+                config.base_image_seq_len,
+                config.max_image_seq_len,
+                config.base_shift,
+                config.max_shift,
+            )
+            sigmas = scheduler.time_shift(mu, 1.0, sigmas)
+        return sigmas
+
+    def transformer_prediction(self, noisy: Tensor, sigmas: Tensor, conditioning: Any) -> Tensor:
+        """The transformer's float32 velocity (B, C, h, w) for noisy latents (B, C, h, w) at times ``sigmas``.
+
+        Called as ``StableDiffusion3Pipeline`` / ``FluxPipeline`` call it: SD3 takes the timestep in
+        [0, 1000]; FLUX takes t itself, its latents packed in 2x2 patches with their image position ids,
+        and, for a guidance-distilled model, the guidance scale.
+        """
+        backbone = self.backbone
+        transformer = backbone.transformer
+        dtype = first_parameter(transformer).dtype
+        prompt_embeds = conditioning.prompt_embeds.to(dtype)
+        pooled = conditioning.pooled_prompt_embeds.to(dtype)
+        if backbone.kind == "sd3":
+            return transformer(
+                hidden_states=noisy.to(dtype),
+                timestep=sigmas * backbone.noise_scheduler.config.num_train_timesteps,
+                encoder_hidden_states=prompt_embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0].float()
+        batch, channels, height, width = noisy.shape
+        if height % 2 or width % 2:
+            raise ConfigError(
+                f"FLUX packs latents in 2x2 patches, but these are {height}x{width}: make data.resolution a "
+                f"multiple of {2 * backbone.vae_scale_factor}."
+            )
+        packed = FluxPipeline._pack_latents(noisy.to(dtype), batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(
+            batch, height // 2, width // 2, noisy.device, dtype
+        )
+        velocity = transformer(
+            hidden_states=packed,
+            timestep=sigmas.to(dtype),
+            guidance=backbone.guidance(batch, self.guidance_scale, noisy.device),
+            pooled_projections=pooled,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=conditioning.text_ids.to(noisy.device, dtype),
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        scale = backbone.vae_scale_factor
+        return FluxPipeline._unpack_latents(velocity, height * scale, width * scale, scale).float()
 
     def _min_snr_weights(self, timesteps: Tensor, prediction_type: str) -> Tensor:
         alphas_cumprod = self.backbone.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
@@ -436,3 +596,8 @@ def _changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list
         for key in sorted(before.keys() | after.keys())
         if before.get(key) != after.get(key)
     ]
+
+
+def _denoiser(backbone: DiffusionBackbone | TransformerBackbone) -> torch.nn.Module:
+    """The model the adapter attaches to: a UNet or a diffusion transformer."""
+    return backbone.unet if isinstance(backbone, DiffusionBackbone) else backbone.transformer
