@@ -19,7 +19,8 @@ weights:
 Models: ``--models real`` (default on CUDA): the real architectures in bf16 at 1024 px (4096 image
 tokens, 512 T5 tokens for FLUX, 77 + 256 for SD3), M = 1024; ``narrow`` (default on CPU): the real depths
 with tiny widths (2 heads of 16) at small latents (16 x 16 image tokens, 64 text tokens, M = 64: about
-the real M / sequence proportion), float32. ``--smoke``: 2-block models, tiny sizes, two rounds, for the
+the real M / sequence proportion), float32; ``--head-dim 128`` gives them FLUX's head dim, where the
+arithmetic, not the per-kernel cost, sets the ratios. ``--smoke``: 2-block models, tiny sizes, two rounds, for the
 test that keeps this script running.
 
 Timing (``benchmarks/gpu/bench.py``'s helpers): CUDA events on a GPU, the process's CPU time on a CPU (run
@@ -57,9 +58,9 @@ from nested.files import write_text_atomic  # noqa: E402
 
 Variant = gpu_bench.Variant
 # Tiny widths; the depths (and SD3.5-Medium's dual-attention blocks) stay the real ones.
-NARROW = dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32)
-NARROW_FLUX = dict(in_channels=16, axes_dims_rope=(4, 4, 8))
-NARROW_SD3 = dict(caption_projection_dim=32, sample_size=32, pos_embed_max_size=64)
+NARROW = dict(num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32)
+NARROW_FLUX = dict(in_channels=16)
+NARROW_SD3 = dict(sample_size=32, pos_embed_max_size=64)
 SUBJECT_POSITION = 5
 
 
@@ -85,8 +86,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--token-dim", type=int, default=None, help="subject token width (real 1024; narrow 32)"
     )
+    parser.add_argument(
+        "--head-dim", type=int, default=16, help="narrow models' head dim, a multiple of 16 (2 heads)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; smoke 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2; smoke 1)")
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="default: bfloat16 on CUDA, else float32",
+    )
     parser.add_argument("--no-training", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -98,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.token_dim = args.token_dim or (1024 if real else 32)
     args.repeats = args.repeats or (2 if args.smoke else 10)
     args.warmup = args.warmup or (1 if args.smoke else 2)
-    args.dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     return args
 
 
@@ -108,6 +118,13 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, int]:
     config = dict(config)
     if args.models == "narrow" or args.smoke:
         config.update(NARROW, **(NARROW_FLUX if cls is FluxTransformer2DModel else NARROW_SD3))
+        config["attention_head_dim"] = args.head_dim
+        if cls is not FluxTransformer2DModel:  # SD3 projects the text to the blocks' width
+            config["caption_projection_dim"] = NARROW["num_attention_heads"] * args.head_dim
+        if (
+            cls is FluxTransformer2DModel
+        ):  # the rotary axes split the head dim as FLUX's (16, 56, 56) does 128
+            config["axes_dims_rope"] = (args.head_dim // 4, 3 * args.head_dim // 8, 3 * args.head_dim // 8)
         text = 64
     if args.smoke:
         depth = (
@@ -119,7 +136,9 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, int]:
         text = 8
     torch.manual_seed(0)
     with torch.device(args.device):
-        model = cls(**config).to(args.dtype)
+        model = cls(**config)
+    if args.dtype != torch.float32:
+        model = model.to(args.dtype)
     return model.eval().requires_grad_(False), args.text or text
 
 
@@ -323,7 +342,9 @@ def markdown(results: dict) -> str:
     setup = results["setup"]
     lines = [
         f"{setup['models']} models on {setup['device']} ({setup['dtype']}), {setup['side']} x {setup['side']} "
-        f"image tokens, M = {setup['tokens']}, token dim {setup['token_dim']}; medians of {setup['repeats']} rounds",
+        f"image tokens, M = {setup['tokens']}, token dim {setup['token_dim']}"
+        + (f", 2 heads of {setup['head_dim']}" if setup["head_dim"] else "")
+        + f"; medians of {setup['repeats']} rounds",
         "",
         "| architecture | text | plain ms | nested / plain | recomputed K/V / plain | IP-Adapter / plain "
         "| nested / IP-Adapter | train / frozen | train peak GiB | frozen peak GiB |",
@@ -357,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             "side": args.side,
             "tokens": args.tokens,
             "token_dim": args.token_dim,
+            "head_dim": args.head_dim if args.models == "narrow" or args.smoke else None,
             "repeats": args.repeats,
         },
         "architectures": {},
