@@ -97,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="default: bfloat16 on CUDA, else float32",
     )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="training steps with the transformer's checkpointing",
+    )
     parser.add_argument("--no-training", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -276,6 +281,8 @@ class StepBench:
         for parameter in parameters:
             parameter.requires_grad_(True)
         optimizer = torch.optim.AdamW(parameters, lr=1e-5)
+        if self.args.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
         target = torch.randn(
             self.forward_shape(), generator=self.generator, device=self.args.device, dtype=torch.float32
         )
@@ -344,6 +351,7 @@ def markdown(results: dict) -> str:
         f"{setup['models']} models on {setup['device']} ({setup['dtype']}), {setup['side']} x {setup['side']} "
         f"image tokens, M = {setup['tokens']}, token dim {setup['token_dim']}"
         + (f", 2 heads of {setup['head_dim']}" if setup["head_dim"] else "")
+        + (", training with gradient checkpointing" if setup["gradient_checkpointing"] else "")
         + f"; medians of {setup['repeats']} rounds",
         "",
         "| architecture | text | plain ms | nested / plain | recomputed K/V / plain | IP-Adapter / plain "
@@ -380,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             "token_dim": args.token_dim,
             "head_dim": args.head_dim if args.models == "narrow" or args.smoke else None,
             "repeats": args.repeats,
+            "gradient_checkpointing": args.gradient_checkpointing,
         },
         "architectures": {},
     }
