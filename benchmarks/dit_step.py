@@ -20,8 +20,8 @@ Models: ``--models real`` (default on CUDA): the real architectures in bf16 at 1
 tokens, 512 T5 tokens for FLUX, 77 + 256 for SD3), M = 1024; ``narrow`` (default on CPU): the real depths
 with tiny widths (2 heads of 16) at small latents (16 x 16 image tokens, 64 text tokens, M = 64: about
 the real M / sequence proportion), float32; ``--head-dim 128`` gives them FLUX's head dim, where the
-arithmetic, not the per-kernel cost, sets the ratios. ``--smoke``: 2-block models, tiny sizes, two rounds, for the
-test that keeps this script running.
+arithmetic, not the per-kernel cost, sets the ratios. ``--smoke``: 2-block models (narrow widths; the real ones with
+``--models real``), tiny sizes, two rounds, for the test that keeps this script running.
 
 Timing (``benchmarks/gpu/bench.py``'s helpers): CUDA events on a GPU, the process's CPU time on a CPU (run
 with one torch thread, so other load on a shared host does not change it); variants interleaved in rounds
@@ -121,14 +121,13 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, int]:
     """The transformer of ``name`` (random weights, frozen, on the device) and its text length."""
     cls, config, text = ARCHITECTURES[name]
     config = dict(config)
-    if args.models == "narrow" or args.smoke:
+    if args.models == "narrow":
         config.update(NARROW, **(NARROW_FLUX if cls is FluxTransformer2DModel else NARROW_SD3))
         config["attention_head_dim"] = args.head_dim
         if cls is not FluxTransformer2DModel:  # SD3 projects the text to the blocks' width
             config["caption_projection_dim"] = NARROW["num_attention_heads"] * args.head_dim
-        if (
-            cls is FluxTransformer2DModel
-        ):  # the rotary axes split the head dim as FLUX's (16, 56, 56) does 128
+        if cls is FluxTransformer2DModel:
+            # The rotary axes split the head dim as FLUX's (16, 56, 56) splits 128.
             config["axes_dims_rope"] = (args.head_dim // 4, 3 * args.head_dim // 8, 3 * args.head_dim // 8)
         text = 64
     if args.smoke:
@@ -386,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             "side": args.side,
             "tokens": args.tokens,
             "token_dim": args.token_dim,
-            "head_dim": args.head_dim if args.models == "narrow" or args.smoke else None,
+            "head_dim": args.head_dim if args.models == "narrow" else None,
             "repeats": args.repeats,
             "gradient_checkpointing": args.gradient_checkpointing,
         },
