@@ -1,0 +1,144 @@
+"""``nested eval`` and the SampleGrid callback on tiny SD3.5-like and FLUX-like bases."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from skimage.data import astronaut, chelsea
+from test_dit_pipeline import KINDS, make_adapter, tiny_pipeline
+
+from nested.adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from nested.cli.eval import main_eval
+from nested.cli.main import main
+from nested.testing import write_tiny_clip
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_sd3_path: Path, tiny_flux_path: Path) -> dict[str, Path]:
+    return {"sd3": tiny_sd3_path, "flux": tiny_flux_path}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+
+
+@pytest.fixture(scope="module")
+def subjects(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("subjects")
+    for name, pixels in (("me", astronaut()), ("rex", chelsea())):
+        Image.fromarray(pixels).resize((48, 48)).save(folder / f"{name}.png")
+    return folder
+
+
+def eval_argv(base: Path, adapter: Path, prompts: Path, subjects: Path, clip: Path, out: Path) -> list[str]:
+    return [
+        "--base", str(base),
+        "--adapter", f"<person>={adapter}",
+        "--prompts", str(prompts),
+        "--subjects", str(subjects),
+        "--strengths", "0,1.0",
+        "--seeds", "0",
+        "--clip", str(clip),
+        "--steps", "2",
+        "--height", "32",
+        "--width", "32",
+        "--reference-size", "48",
+        "--out", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_runs_end_to_end_on_a_transformer_base(kind, bases, subjects, tiny_clip_path, tmp_path):
+    base = bases[kind]
+    adapter = make_adapter(tiny_pipeline(base), base, "<person>", "person", 1).save_pretrained(
+        tmp_path / "adapter"
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {token} at the beach\n")
+    out = tmp_path / "eval"
+    assert main_eval(eval_argv(base, adapter, prompts, subjects, tiny_clip_path, out)) == 0
+
+    with open(out / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    base_rows = [r for r in rows if r["variant"] == "base"]
+    adapter_rows = [r for r in rows if r["variant"] == "adapter"]
+    assert len(base_rows) == 2 and len(adapter_rows) == 2 * 2  # subjects; subjects x strengths
+    assert {r["clip_text"] for r in rows} == {"a photo of person at the beach"}
+    images = {(r["subject"], r["strength"]): (out / r["image"]).read_bytes() for r in adapter_rows}
+    # The subject reaches the transformer: strength 1 differs from strength 0 for every subject.
+    for name in ("me", "rex"):
+        assert images[name, "0.0"] != images[name, "1.0"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["label"] for p in summary["points"]] == ["base", "s=0", "s=1"]
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)
+
+
+# ------------------------------------------------------------------------------------ SampleGrid
+def _fit(kind: str, root: Path, extra_config: Path | None) -> None:
+    argv = ["fit", "--config", f"configs/smoke-{kind}.yaml"]
+    if extra_config is not None:
+        argv += ["--config", str(extra_config)]
+    main(
+        [
+            *argv,
+            f"--trainer.default_root_dir={root}",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger=CSVLogger",
+            f"--trainer.logger.save_dir={root}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sample_grid_writes_grids_during_fit_without_changing_training(
+    kind, tiny_clip_path, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["nested"])
+    preset = yaml.safe_load((REPO / "callbacks" / "samples.yaml").read_text())
+    preset["trainer"]["callbacks+"][0]["init_args"].update(
+        every_n_steps=2,
+        prompts=["a photo of {token}", "{token} on the beach"],
+        steps=2,
+        reference_size=32,
+        clip_model=str(tiny_clip_path),
+        sample_at_start=True,
+    )
+    samples_config = tmp_path / "samples.yaml"
+    samples_config.write_text(yaml.safe_dump(preset))
+    _fit(kind, tmp_path / "with", samples_config)
+    _fit(kind, tmp_path / "without", None)
+
+    # CSVLogger shows no images: every grid is a PNG, 2 references x (reference + 2 prompts) of 32 px.
+    (samples,) = (tmp_path / "with").rglob("samples")
+    assert sorted(p.name for p in samples.iterdir()) == [f"step={s:06d}.png" for s in (0, 2, 4)]
+    for path in samples.iterdir():
+        with Image.open(path) as grid:
+            assert grid.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)
+    with open(next((tmp_path / "with").rglob("metrics.csv"))) as handle:
+        logged = [r for r in csv.DictReader(handle) if r.get("samples/identity_similarity")]
+    assert [int(r["step"]) for r in logged] == [0, 2, 4]
+    assert all(math.isfinite(float(r["samples/prompt_alignment"])) for r in logged)
+
+    # Sampling left the training trajectory untouched: the exported adapters are the same tensors.
+    with_grid = load_file(tmp_path / "with" / "adapters" / "last" / ADAPTER_WEIGHTS)
+    without = load_file(tmp_path / "without" / "adapters" / "last" / ADAPTER_WEIGHTS)
+    assert with_grid.keys() == without.keys()
+    for key, value in without.items():
+        torch.testing.assert_close(with_grid[key], value, atol=0, rtol=0, msg=key)
