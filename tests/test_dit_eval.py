@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from safetensors.torch import load_file
 from skimage.data import astronaut, chelsea
-from test_dit_pipeline import KINDS, make_adapter, tiny_pipeline
+from test_dit_pipeline import KINDS, PIPELINES, make_adapter, tiny_pipeline
 
 from nested.adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS
+from nested.backbone import TransformerBackbone
 from nested.cli.eval import main_eval
 from nested.cli.main import main
+from nested.inference.pipeline import NestedPipeline
+from nested.inference.sampler import sample_images
 from nested.testing import write_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,3 +148,52 @@ def test_sample_grid_writes_grids_during_fit_without_changing_training(
     assert with_grid.keys() == without.keys()
     for key, value in without.items():
         torch.testing.assert_close(with_grid[key], value, atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sample_images_on_a_transformer_matches_nested_pipeline(kind, bases, subjects):
+    backbone = TransformerBackbone.from_pretrained(bases[kind], max_sequence_length=32)
+    pipe = _pipeline_of(backbone)
+    adapter = make_adapter(pipe, bases[kind], "<person>", "person", 3).eval()
+    nested = NestedPipeline(pipe, {"<person>": adapter})  # adds <person> to the text encoders, attaches
+    names = ["tokenizer", "tokenizer_2", "tokenizer_3"][: len(backbone.tokenizers)]
+    view = dataclasses.replace(backbone, tokenizers=[getattr(pipe, name) for name in names])  # with <person>
+    reference = torch.from_numpy(np.asarray(Image.open(subjects / "me.png"))).permute(2, 0, 1) / 255
+    prompts, seeds = ["a photo of <person>", "<person> on the beach"], [0, 1]
+    guidance = {"sd3": 5.0, "flux": 3.5}[kind]
+    theirs = nested(
+        prompts,
+        subjects={"<person>": reference},
+        strengths={"<person>": 0.8},
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        num_inference_steps=2,
+        guidance_scale=guidance,
+        height=32,
+        width=32,
+        max_sequence_length=32,
+        output_type="pt",
+    ).images
+    common = dict(seeds=seeds, steps=2, guidance=guidance, height=32, width=32)
+    ours = sample_images(view, adapter, prompts, reference[None], scale=0.8, **common)
+    assert ours.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    without_subject = sample_images(view, adapter, prompts, reference[None], scale=0.0, **common)
+    assert (ours - without_subject).abs().max() > 1e-3  # the subject is really bound
+    assert adapter._bindings == []  # and unbound afterwards
+    nested.unload()
+
+
+def _pipeline_of(backbone: TransformerBackbone):
+    """A diffusers pipeline REFERENCING the backbone's modules (only to compare against)."""
+    *clips, t5 = zip(backbone.tokenizers, backbone.text_encoders, strict=True)
+    text = {}
+    for suffix, (tokenizer, encoder) in zip(["", "_2", "_3"], [*clips, t5], strict=False):
+        text[f"tokenizer{suffix}"], text[f"text_encoder{suffix}"] = tokenizer, encoder
+    pipe = PIPELINES[backbone.kind](
+        transformer=backbone.transformer,
+        vae=backbone.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(backbone.scheduler_config),
+        **text,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
