@@ -88,8 +88,27 @@ def test_eval_runs_end_to_end_on_a_transformer_base(kind, bases, subjects, tiny_
         assert images[name, "0.0"] != images[name, "1.0"]
     summary = json.loads((out / "summary.json").read_text())
     assert [p["label"] for p in summary["points"]] == ["base", "s=0", "s=1"]
+    assert summary["guidance"] == {"sd3": 7.0, "flux": 3.5}[kind]  # the pipeline's own default
     with Image.open(out / "grid.png") as grid:
         assert grid.size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)
+
+
+def test_eval_refuses_a_negative_prompt_for_flux_in_one_line(
+    bases, subjects, tiny_clip_path, tmp_path, capsys
+):
+    base = bases["flux"]
+    adapter = make_adapter(tiny_pipeline(base), base, "<person>", "person", 1).save_pretrained(
+        tmp_path / "adapter"
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {token}\n")
+    out = tmp_path / "eval"
+    argv = eval_argv(base, adapter, prompts, subjects, tiny_clip_path, out)
+    capsys.readouterr()
+    assert main_eval([*argv, "--negative-prompt", "lowres"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the models' loading bars
+    assert line.startswith("nested eval: error: --negative-prompt:") and f"{base} is a FLUX model" in line
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------ SampleGrid
