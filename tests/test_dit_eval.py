@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import json
 import math
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
 from PIL import Image
 from safetensors.torch import load_file
 from skimage.data import astronaut, chelsea
@@ -112,6 +114,31 @@ def test_eval_refuses_a_negative_prompt_for_flux_in_one_line(
 
 
 # ------------------------------------------------------------------------------------ SampleGrid
+def _count_transformers() -> int:
+    gc.collect()
+    return sum(isinstance(obj, (SD3Transformer2DModel, FluxTransformer2DModel)) for obj in gc.get_objects())
+
+
+COUNTERS: list[TransformerCounter] = []  # the instances the CLI made
+
+
+class TransformerCounter(L.Callback):
+    """Counts transformer objects at the start and during the first sampling call (which runs without grad)."""
+
+    def __init__(self):
+        self.at_start = self.while_sampling = None
+        COUNTERS.append(self)
+
+    def on_train_start(self, trainer, pl_module):
+        self.at_start = _count_transformers()
+
+        def hook(module, args, kwargs):
+            if not torch.is_grad_enabled() and self.while_sampling is None:
+                self.while_sampling = _count_transformers()
+
+        pl_module.backbone.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def _fit(kind: str, root: Path, extra_config: Path | None) -> None:
     argv = ["fit", "--config", f"configs/smoke-{kind}.yaml"]
     if extra_config is not None:
@@ -136,6 +163,7 @@ def test_sample_grid_writes_grids_during_fit_without_changing_training(
 ):
     monkeypatch.chdir(REPO)
     monkeypatch.setattr("sys.argv", ["nested"])
+    COUNTERS.clear()
     preset = yaml.safe_load((REPO / "callbacks" / "samples.yaml").read_text())
     preset["trainer"]["callbacks+"][0]["init_args"].update(
         every_n_steps=2,
@@ -145,6 +173,7 @@ def test_sample_grid_writes_grids_during_fit_without_changing_training(
         clip_model=str(tiny_clip_path),
         sample_at_start=True,
     )
+    preset["trainer"]["callbacks+"].append({"class_path": f"{__name__}.TransformerCounter"})
     samples_config = tmp_path / "samples.yaml"
     samples_config.write_text(yaml.safe_dump(preset))
     _fit(kind, tmp_path / "with", samples_config)
@@ -160,6 +189,10 @@ def test_sample_grid_writes_grids_during_fit_without_changing_training(
         logged = [r for r in csv.DictReader(handle) if r.get("samples/identity_similarity")]
     assert [int(r["step"]) for r in logged] == [0, 2, 4]
     assert all(math.isfinite(float(r["samples/prompt_alignment"])) for r in logged)
+
+    # No second transformer, even in the middle of sampling.
+    (counter,) = [c for c in COUNTERS if c.while_sampling is not None]
+    assert counter.while_sampling == counter.at_start
 
     # Sampling left the training trajectory untouched: the exported adapters are the same tensors.
     with_grid = load_file(tmp_path / "with" / "adapters" / "last" / ADAPTER_WEIGHTS)
