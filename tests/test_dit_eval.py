@@ -19,16 +19,23 @@ from PIL import Image
 from safetensors.torch import load_file
 from skimage.data import astronaut, chelsea
 from test_dit_pipeline import KINDS, PIPELINES, make_adapter, tiny_pipeline
+from test_module import adamw
 
 from nested.adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from nested.backbone import TransformerBackbone
+from nested.callbacks import SampleGrid
 from nested.cli.eval import main_eval
 from nested.cli.main import main
+from nested.data import DomainSpec, NestedDataModule
+from nested.encoder import EncoderSpec
 from nested.inference.pipeline import NestedPipeline
 from nested.inference.sampler import sample_images
 from nested.testing import write_tiny_clip
+from nested.training.module import NestedAttentionModule
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_FACES = REPO / "data" / "demo" / "faces"
+DEFAULT = {"sd3": 7.0, "flux": 3.5}  # the guidance of StableDiffusion3Pipeline / FluxPipeline
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +256,53 @@ def _pipeline_of(backbone: TransformerBackbone):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sample_grid_guidance_defaults_to_the_models_own(kind, bases, tmp_path):
+    """Three grids in one run: guidance unset, the model's default given, another value given."""
+    base = bases[kind]
+    spec = EncoderSpec(backbone=str(base / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
+    torch.manual_seed(0)
+    module = NestedAttentionModule(
+        str(base), spec, subjects={"<person>": "person"}, max_sequence_length=32, optimizer=adamw(1e-2)
+    )
+    data = NestedDataModule(
+        [DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")],
+        resolution=32,
+        reference_size=32,
+        batch_size=2,
+        num_workers=0,
+        epoch_samples=2,
+        shuffle_buffer=2,
+    )
+    common = dict(
+        every_n_steps=100,
+        prompts=["a photo of {token}"],
+        references=str(DEMO_FACES / "val" / "shards.json"),
+        num_references=1,
+        steps=2,
+        reference_size=32,
+        sample_at_start=True,
+    )
+    grids = [
+        SampleGrid(**common),
+        SampleGrid(guidance=DEFAULT[kind], **common),
+        SampleGrid(guidance=1.5, **common),
+    ]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=grids,
+    )
+    trainer.fit(module, datamodule=data)
+    unset, default, other = (grid.last_grid for grid in grids)
+    assert torch.equal(unset, default)
+    assert (unset - other).abs().max() > 1e-3

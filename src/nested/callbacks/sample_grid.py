@@ -39,7 +39,7 @@ from nested.evaluation.metrics import (
     VisionEmbedder,
     vision_embedder,
 )
-from nested.inference.sampler import default_size, sample_images
+from nested.inference.sampler import default_guidance, default_size, sample_images
 
 __all__ = ["DEFAULT_PROMPTS", "SampleGrid"]
 
@@ -92,7 +92,8 @@ class SampleGrid(L.Callback):
         num_references: rows of the grid (the first N references).
         seeds: one image per seed for every (reference, prompt).
         steps, guidance, negative_prompt, scheduler: the sampler (see :func:`sample_images`); for FLUX,
-            ``guidance`` is the distilled guidance input and ``negative_prompt`` is unused.
+            ``guidance`` is the distilled guidance input and ``negative_prompt`` is unused. ``guidance``
+            None: the base model's default, as in ``nested generate`` (5 SD / SDXL, 7 SD3, 3.5 FLUX).
         height, width: pixels; None: the DataModule's ``resolution``, else the base model's size.
         scale: the subject's strength.
         token: the subject token; None: the adapter's.
@@ -114,7 +115,7 @@ class SampleGrid(L.Callback):
         num_references: int = 2,
         seeds: list[int] | None = None,
         steps: int = 20,
-        guidance: float = 5.0,
+        guidance: float | None = None,
         negative_prompt: str = "",
         scheduler: str | None = None,
         height: int | None = None,
@@ -250,7 +251,7 @@ class SampleGrid(L.Callback):
                 image_index=image_index,
                 seeds=seeds,
                 steps=self.steps,
-                guidance=self.guidance,
+                guidance=self.guidance if self.guidance is not None else default_guidance(backbone),
                 height=height,
                 width=width,
                 scale=self.scale,

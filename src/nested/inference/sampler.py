@@ -24,8 +24,9 @@ from torch import Tensor
 from nested.adapter import NestedAdapter, SubjectBinding
 from nested.backbone import DiffusionBackbone, TextConditioning, TransformerBackbone, first_parameter
 from nested.errors import ConfigError
+from nested.inference.pipeline import DEFAULT_GUIDANCE
 
-__all__ = ["build_scheduler", "default_size", "sample_images"]
+__all__ = ["build_scheduler", "default_guidance", "default_size", "sample_images"]
 
 
 def build_scheduler(backbone: DiffusionBackbone, name: str | None = None) -> Any:
@@ -49,6 +50,11 @@ def build_scheduler(backbone: DiffusionBackbone, name: str | None = None) -> Any
 
 def _denoiser(backbone: DiffusionBackbone | TransformerBackbone) -> torch.nn.Module:
     return backbone.transformer if isinstance(backbone, TransformerBackbone) else backbone.unet
+
+
+def default_guidance(backbone: DiffusionBackbone | TransformerBackbone) -> float:
+    """The guidance scale ``nested generate`` uses for this base model when none is given."""
+    return DEFAULT_GUIDANCE[backbone.kind if isinstance(backbone, TransformerBackbone) else "unet"]
 
 
 def default_size(backbone: DiffusionBackbone | TransformerBackbone) -> int:
