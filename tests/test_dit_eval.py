@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import json
 import math
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -100,6 +101,25 @@ def test_eval_runs_end_to_end_on_a_transformer_base(kind, bases, subjects, tiny_
     assert summary["guidance"] == {"sd3": 7.0, "flux": 3.5}[kind]  # the pipeline's own default
     with Image.open(out / "grid.png") as grid:
         assert grid.size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)
+
+
+def test_eval_image_encoder_overrides_the_adapters_vision_backbone(
+    bases, subjects, tiny_clip_path, tmp_path, capsys
+):
+    base = bases["sd3"]
+    moved = shutil.copytree(base / "image_encoder", tmp_path / "moved" / "image_encoder")
+    adapter = make_adapter(tiny_pipeline(base), moved.parent, "<person>", "person", 1).save_pretrained(
+        tmp_path / "adapter"
+    )
+    shutil.rmtree(moved)  # the folder the adapter names is gone
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {token}\n")
+    argv = eval_argv(base, adapter, prompts, subjects, tiny_clip_path, tmp_path / "eval")
+    capsys.readouterr()
+    assert main_eval(argv) == 2
+    assert str(moved) in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main_eval([*argv, "--image-encoder", str(base / "image_encoder")]) == 0
+    assert (tmp_path / "eval" / "results.csv").is_file()
 
 
 def test_eval_refuses_a_negative_prompt_for_flux_in_one_line(

@@ -59,6 +59,9 @@ def eval_parser() -> argparse.ArgumentParser:
         "or the two together with --pair)",
     )
     models.add_argument(
+        "--image-encoder", default=None, help="override the adapters' vision backbone location"
+    )
+    models.add_argument(
         "--clip",
         default="openai/clip-vit-large-patch14",
         help="full CLIP (folder or hub id) for prompt alignment (default: openai/clip-vit-large-patch14); "

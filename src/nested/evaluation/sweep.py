@@ -347,6 +347,7 @@ def run_eval(args: argparse.Namespace, parsed: dict[str, Any], argv: list[str]) 
         dtype=getattr(torch, args.dtype),
         device=args.device,
         revision=args.revision,
+        image_encoder=args.image_encoder,
     )
     pipe.pipe.set_progress_bar_config(disable=True)
     args.guidance = sampling_guidance(pipe, args.base, args.guidance, args.negative_prompt)
