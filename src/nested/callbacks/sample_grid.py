@@ -1,7 +1,7 @@
 """Sample grids during training, from the modules already in memory.
 
-:func:`nested.inference.sampler.sample_images` generates images with the training run's own UNet, VAE,
-text encoders and adapter, as ``nested generate`` would; reference images and grids come from
+:func:`nested.inference.sampler.sample_images` generates images with the training run's own UNet or
+SD3 / FLUX transformer, VAE, text encoders and adapter, as ``nested generate`` would; reference images and grids come from
 :mod:`nested.evaluation.images`.
 
 :class:`SampleGrid` (preset ``callbacks/samples.yaml``) runs it every N training steps on global rank 0 for
@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from nested.adapter import NestedAdapter
-from nested.backbone import DiffusionBackbone
+from nested.backbone import DiffusionBackbone, TransformerBackbone
 from nested.errors import ConfigError
 from nested.evaluation.images import (
     Reference,
@@ -39,7 +39,7 @@ from nested.evaluation.metrics import (
     VisionEmbedder,
     vision_embedder,
 )
-from nested.inference.sampler import default_size, sample_images
+from nested.inference.sampler import default_guidance, default_size, sample_images
 
 __all__ = ["DEFAULT_PROMPTS", "SampleGrid"]
 
@@ -74,7 +74,7 @@ class SampleGrid(L.Callback):
     """Every ``every_n_steps`` steps, generate a fixed grid with the training modules and log it.
 
     The grid has one row per reference image: the reference, then one image per (prompt, seed). It is
-    generated on global rank 0 only, with the run's own UNet, VAE, text encoders and adapter (no second
+    generated on global rank 0 only, with the run's own UNet or transformer, VAE, text encoders and adapter (no second
     pipeline, no copy), with fixed seeds, so grids of successive steps are comparable. Nothing in it is a
     collective operation, so under DDP the other ranks simply go on (and wait at the next gradient sync).
     Training is unaffected: every RNG and the modules' train/eval flags are restored afterwards.
@@ -91,11 +91,13 @@ class SampleGrid(L.Callback):
             the DataModule's validation domain of the token (else its first training domain).
         num_references: rows of the grid (the first N references).
         seeds: one image per seed for every (reference, prompt).
-        steps, guidance, negative_prompt, scheduler: the sampler (see :func:`sample_images`).
+        steps, guidance, negative_prompt, scheduler: the sampler (see :func:`sample_images`); for FLUX,
+            ``guidance`` is the distilled guidance input and ``negative_prompt`` is unused. ``guidance``
+            None: the base model's default, as in ``nested generate`` (5 SD / SDXL, 7 SD3, 3.5 FLUX).
         height, width: pixels; None: the DataModule's ``resolution``, else the base model's size.
         scale: the subject's strength.
         token: the subject token; None: the adapter's.
-        batch_size: images per UNet batch.
+        batch_size: images per UNet / transformer batch.
         reference_size: side of the reference images fed to the encoder and the identity metric.
         identity_model: folder / hub id of the identity embedder (:func:`nested.metrics.vision_embedder`);
             None: the adapter's own image backbone (no extra model; a CLIP-I-style measure).
@@ -113,7 +115,7 @@ class SampleGrid(L.Callback):
         num_references: int = 2,
         seeds: list[int] | None = None,
         steps: int = 20,
-        guidance: float = 5.0,
+        guidance: float | None = None,
         negative_prompt: str = "",
         scheduler: str | None = None,
         height: int | None = None,
@@ -222,7 +224,7 @@ class SampleGrid(L.Callback):
         """Generate the grid with the module's backbone and adapter: ((3, H, W) grid, metric means)."""
         if self.references is None:
             self._prepare(trainer, pl_module)
-        backbone: DiffusionBackbone = pl_module.backbone
+        backbone: DiffusionBackbone | TransformerBackbone = pl_module.backbone
         adapter: NestedAdapter = pl_module.adapter
         class_word = adapter.config.tokens[self.token]
         datamodule = getattr(trainer, "datamodule", None)
@@ -249,7 +251,7 @@ class SampleGrid(L.Callback):
                 image_index=image_index,
                 seeds=seeds,
                 steps=self.steps,
-                guidance=self.guidance,
+                guidance=self.guidance if self.guidance is not None else default_guidance(backbone),
                 height=height,
                 width=width,
                 scale=self.scale,

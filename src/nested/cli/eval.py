@@ -59,6 +59,9 @@ def eval_parser() -> argparse.ArgumentParser:
         "or the two together with --pair)",
     )
     models.add_argument(
+        "--image-encoder", default=None, help="override the adapters' vision backbone location"
+    )
+    models.add_argument(
         "--clip",
         default="openai/clip-vit-large-patch14",
         help="full CLIP (folder or hub id) for prompt alignment (default: openai/clip-vit-large-patch14); "
@@ -122,7 +125,13 @@ def eval_parser() -> argparse.ArgumentParser:
         "nested adapters only; default: the weight its adapter was trained with, 1 unless set)",
     )
     sweep.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    sweep.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    sweep.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale: classifier-free for SD / SDXL (default 5) and SD3 (default 7); FLUX.1-dev's "
+        "guidance embedding (default 3.5)",
+    )
     sweep.add_argument("--negative-prompt", default=None)
     sweep.add_argument("--height", type=int, default=None, help="pixels (default: the base model's)")
     sweep.add_argument("--width", type=int, default=None, help="pixels (default: the base model's)")
@@ -268,7 +277,8 @@ def check_eval_arguments(args: argparse.Namespace) -> dict[str, Any]:
     for token in tokens:  # a strength outside the adapters' range warns now, not after loading the models
         for strength in strengths:
             check_strength(strength, token)
-    finite(args.guidance, "--guidance")
+    if args.guidance is not None:
+        finite(args.guidance, "--guidance")
     token_weights = pairs(args.token_weight, "--token-weight", float)
     for token, weight in token_weights.items():
         if token not in adapters:

@@ -33,9 +33,6 @@ from nested.files import staged_directory, write_json_atomic
 
 __all__ = ["generate_parser", "main_generate", "run_generate"]
 
-# --guidance when not given, by NestedPipeline.kind: SD3's and FLUX's are their pipelines' defaults.
-DEFAULT_GUIDANCE = {"unet": 5.0, "sd3": 7.0, "flux": 3.5}
-
 
 def generate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -186,7 +183,7 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> Path:
     # Here, not at the top: `nested generate --help` and argument errors answer without loading torch.
     import torch
 
-    from nested.inference.pipeline import NestedPipeline
+    from nested.inference.pipeline import NestedPipeline, sampling_guidance
 
     parsed = _check_arguments(args)
     dtype = getattr(torch, args.dtype)
@@ -199,13 +196,7 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> Path:
         image_encoder=args.image_encoder,
     )
     pipe.pipe.set_progress_bar_config(disable=True)
-    if pipe.kind == "flux" and args.negative_prompt is not None:
-        raise UsageError(
-            f"--negative-prompt: {args.base} is a FLUX model, guided by --guidance alone (no negative prompt); "
-            "drop --negative-prompt."
-        )
-    if args.guidance is None:
-        args.guidance = DEFAULT_GUIDANCE[pipe.kind]
+    args.guidance = sampling_guidance(pipe, args.base, args.guidance, args.negative_prompt)
     out = Path(args.out)
     with staged_directory(out) as staging:  # --out appears complete, or stays as it was
         _generate(args, argv, parsed, pipe, staging)

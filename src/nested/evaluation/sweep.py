@@ -57,7 +57,7 @@ from nested.evaluation.report import (
     write_grid,
 )
 from nested.files import staged_directory, write_json_atomic
-from nested.inference.pipeline import NestedPipeline
+from nested.inference.pipeline import NestedPipeline, sampling_guidance
 
 __all__ = ["point_line", "run_eval", "subject_halves"]
 
@@ -347,8 +347,10 @@ def run_eval(args: argparse.Namespace, parsed: dict[str, Any], argv: list[str]) 
         dtype=getattr(torch, args.dtype),
         device=args.device,
         revision=args.revision,
+        image_encoder=args.image_encoder,
     )
     pipe.pipe.set_progress_bar_config(disable=True)
+    args.guidance = sampling_guidance(pipe, args.base, args.guidance, args.negative_prompt)
     with staged_directory(args.out) as out:  # --out appears complete, or stays as it was
         built = []
         for name, tokens in groups.items():

@@ -53,7 +53,7 @@ from nested.adapter import (
     resolve_adapter_folder,
 )
 from nested.backbone import TRANSFORMER_KINDS, joint_subject_masks
-from nested.errors import AdapterError, ConfigError, MissingFileError
+from nested.errors import AdapterError, ConfigError, MissingFileError, UsageError
 from nested.inference.subjects import (
     ImageInput,
     Snapshot,
@@ -65,7 +65,23 @@ from nested.inference.subjects import (
 )
 from nested.tokens import add_placeholder_token, set_token_embedding, subject_masks, subject_token_ids
 
-__all__ = ["NestedPipeline", "load_nested_adapters"]
+__all__ = ["DEFAULT_GUIDANCE", "NestedPipeline", "load_nested_adapters", "sampling_guidance"]
+
+# The guidance scale when none is given, by NestedPipeline.kind: SD3's and FLUX's are their pipelines' defaults.
+DEFAULT_GUIDANCE = {"unet": 5.0, "sd3": 7.0, "flux": 3.5}
+
+
+def sampling_guidance(
+    pipe: NestedPipeline, base: str, guidance: float | None, negative_prompt: str | None
+) -> float:
+    """The ``--guidance`` of ``nested generate`` / ``nested eval``: as given, else the model's default; a
+    ``--negative-prompt`` for a FLUX model is refused (FLUX.1 is guided by its guidance input alone)."""
+    if pipe.kind == "flux" and negative_prompt is not None:
+        raise UsageError(
+            f"--negative-prompt: {base} is a FLUX model, guided by --guidance alone (no negative prompt); "
+            "drop --negative-prompt."
+        )
+    return DEFAULT_GUIDANCE[pipe.kind] if guidance is None else guidance
 
 
 @dataclass

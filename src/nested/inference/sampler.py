@@ -4,7 +4,10 @@
 attached :class:`~nested.adapter.NestedAdapter`: the training run's own UNet, VAE and text encoders, so no
 second pipeline and no copy of the UNet is ever made. It reproduces the diffusers SD / SDXL pipelines
 (classifier-free guidance with the unconditional half first, SDXL micro-conditioning, one generator per
-image), so a grid at step N shows what ``nested generate`` would give with that adapter.
+image), so a grid at step N shows what ``nested generate`` would give with that adapter. On an SD3 / FLUX
+:class:`~nested.backbone.TransformerBackbone` it runs diffusers' own ``StableDiffusion3Pipeline`` /
+``FluxPipeline`` built around the backbone's modules (references, not copies), with the prompts encoded
+by the backbone (whose CLIP tokenizers hold the placeholder tokens).
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import torch
 from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding
-from nested.backbone import DiffusionBackbone, TextConditioning, first_parameter
+from nested.backbone import DiffusionBackbone, TextConditioning, TransformerBackbone, first_parameter
 from nested.errors import ConfigError
-from nested.tokens import subject_masks_for_tokenizers
+from nested.inference.pipeline import DEFAULT_GUIDANCE
 
-__all__ = ["build_scheduler", "default_size", "sample_images"]
+__all__ = ["build_scheduler", "default_guidance", "default_size", "sample_images"]
 
 
 def build_scheduler(backbone: DiffusionBackbone, name: str | None = None) -> Any:
@@ -45,9 +48,18 @@ def build_scheduler(backbone: DiffusionBackbone, name: str | None = None) -> Any
     return scheduler_class.from_config(config)
 
 
-def default_size(backbone: DiffusionBackbone) -> int:
+def _denoiser(backbone: DiffusionBackbone | TransformerBackbone) -> torch.nn.Module:
+    return backbone.transformer if isinstance(backbone, TransformerBackbone) else backbone.unet
+
+
+def default_guidance(backbone: DiffusionBackbone | TransformerBackbone) -> float:
+    """The guidance scale ``nested generate`` uses for this base model when none is given."""
+    return DEFAULT_GUIDANCE[backbone.kind if isinstance(backbone, TransformerBackbone) else "unet"]
+
+
+def default_size(backbone: DiffusionBackbone | TransformerBackbone) -> int:
     """The base model's native image side in pixels (``sample_size`` x the VAE's scale factor)."""
-    sample_size = backbone.unet.config.sample_size
+    sample_size = _denoiser(backbone).config.sample_size
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     return int(sample_size) * backbone.vae_scale_factor
 
@@ -67,7 +79,7 @@ def _negative_conditioning(backbone: DiffusionBackbone, negative_prompt: str, ba
 
 @torch.no_grad()
 def sample_images(
-    backbone: DiffusionBackbone,
+    backbone: DiffusionBackbone | TransformerBackbone,
     adapter: NestedAdapter | None,
     prompts: Sequence[str],
     references: Tensor | None = None,
@@ -88,15 +100,16 @@ def sample_images(
     """Generate one image per prompt with the backbone's modules and the (already attached) adapter.
 
     Args:
-        backbone: the frozen UNet, VAE, text encoders (the training run's own objects).
-        adapter: an adapter attached to ``backbone.unet``, or None for the base model alone.
+        backbone: the frozen UNet or transformer, VAE, text encoders (the training run's own objects).
+        adapter: an adapter attached to the backbone's UNet or transformer, or None for the base model alone.
         prompts: N prompts; each must contain ``token`` when an adapter is given.
         references: (S, 3, h, w) subject images in [0, 1]; encoded once.
         token: the subject token (default: the adapter's).
         image_index: for each prompt, the reference it uses (default: ``i % S``).
         seeds: for each prompt, the seed of its initial noise (default: 0, 1, ...). Image i is the same
             whether generated alone or in a batch, as with diffusers' per-image generators.
-        steps, guidance, negative_prompt: as in the diffusers pipelines (guidance <= 1: no CFG).
+        steps, guidance, negative_prompt: as in the diffusers pipelines (guidance <= 1: no CFG). FLUX:
+            ``guidance`` is the distilled guidance input and ``negative_prompt`` is not used.
         height, width: pixels (default: the base model's size).
         scale: the subject's strength (0: plain text value, 1: nested value).
         scheduler: a diffusers scheduler class name; None: the model's own (see :func:`build_scheduler`).
@@ -118,8 +131,8 @@ def sample_images(
     factor = backbone.vae_scale_factor
     if height % factor or width % factor:
         raise ConfigError(f"height and width must be multiples of {factor}, got {height}x{width}.")
-    unet, vae = backbone.unet, backbone.vae
-    device, unet_dtype = first_parameter(unet).device, first_parameter(unet).dtype
+    denoiser = _denoiser(backbone)
+    device = first_parameter(denoiser).device
     tokens = None
     if adapter is not None:
         if references is None:
@@ -134,49 +147,24 @@ def sample_images(
             raise ConfigError(
                 f"image_index must give, for each of the {count} prompts, a reference in [0, {len(references)})."
             )
-    use_guidance = guidance > 1.0
+    settings = dict(
+        steps=steps,
+        guidance=guidance,
+        height=height,
+        width=width,
+        negative_prompt=negative_prompt,
+        scheduler=scheduler,
+    )
+    pipeline = _transformer_pipeline(backbone) if isinstance(backbone, TransformerBackbone) else None
 
     outputs = []
     for start in range(0, count, batch_size):
         chunk = prompts[start : start + batch_size]
         n = len(chunk)
-        cond = backbone.encode_prompts(chunk)
-        embeds = cond.prompt_embeds
-        pooled = cond.pooled_prompt_embeds
-        if use_guidance:
-            negative = _negative_conditioning(backbone, negative_prompt, n, cond)
-            embeds = torch.cat([negative.prompt_embeds.to(embeds), embeds])
-            if pooled is not None:
-                pooled = torch.cat([negative.pooled_prompt_embeds.to(pooled), pooled])
-        rows = 2 * n if use_guidance else n
-        added = None
-        if backbone.kind == "sdxl":
-            sizes = torch.tensor([[height, width]] * rows)
-            time_ids = backbone.time_ids(sizes, torch.zeros(rows, 2, dtype=torch.long), (height, width))
-            added = {"text_embeds": pooled, "time_ids": time_ids.to(device, pooled.dtype)}
-
         generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + n]]
-        latents = torch.cat(
-            [
-                torch.randn(
-                    (1, unet.config.in_channels, height // factor, width // factor),
-                    generator=g,
-                    dtype=embeds.dtype,
-                )
-                for g in generators
-            ]
-        ).to(device)
-        noise_scheduler = build_scheduler(backbone, scheduler)
-        noise_scheduler.set_timesteps(steps, device=device)
-        latents = latents * noise_scheduler.init_noise_sigma
-        step_parameters = inspect.signature(noise_scheduler.step).parameters
-        step_kwargs = {"generator": generators} if "generator" in step_parameters else {}
-        if "eta" in step_parameters:
-            step_kwargs["eta"] = 0.0
-
         bound = contextlib.nullcontext()
         if adapter is not None:
-            masks = subject_masks_for_tokenizers(backbone.tokenizers, chunk, token)
+            masks = backbone.subject_masks(chunk, token)
             if not masks.any(-1).all():
                 missing = [p for p, has in zip(chunk, masks.any(-1).tolist(), strict=True) if not has]
                 raise ConfigError(f"the subject token {token!r} is not in the prompts {missing}.")
@@ -188,27 +176,142 @@ def sample_images(
             )
             bound = _bound(adapter, [binding])
         with bound:
-            for t in noise_scheduler.timesteps:
-                model_input = torch.cat([latents] * 2) if use_guidance else latents
-                model_input = noise_scheduler.scale_model_input(model_input, t)
-                noise = unet(
-                    model_input.to(unet_dtype),
-                    t,
-                    encoder_hidden_states=embeds.to(unet_dtype),
-                    added_cond_kwargs=added,
-                    return_dict=False,
-                )[0].to(latents.dtype)
-                if use_guidance:
-                    unconditional, conditional = noise.chunk(2)
-                    noise = unconditional + guidance * (conditional - unconditional)
-                latents = noise_scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-        decoded = vae.decode(
-            backbone.latent_unscaling(latents).to(first_parameter(vae).dtype), return_dict=False
-        )[0]
-        outputs.append((decoded.float() / 2 + 0.5).clamp(0, 1).cpu())
+            if pipeline is None:
+                images = _unet_images(backbone, chunk, generators, **settings)
+            else:
+                images = _transformer_images(pipeline, backbone, chunk, generators, **settings)
+        outputs.append(images)
         if on_batch_end is not None:
             on_batch_end(n)
     return torch.cat(outputs)
+
+
+def _unet_images(
+    backbone: DiffusionBackbone,
+    chunk: list[str],
+    generators: list[torch.Generator],
+    *,
+    steps: int,
+    guidance: float,
+    height: int,
+    width: int,
+    negative_prompt: str,
+    scheduler: str | None,
+) -> Tensor:
+    """One batch through the SD / SDXL denoising loop: (n, 3, H, W) in [0, 1], CPU."""
+    unet, vae = backbone.unet, backbone.vae
+    device, unet_dtype = first_parameter(unet).device, first_parameter(unet).dtype
+    factor = backbone.vae_scale_factor
+    use_guidance = guidance > 1.0
+    n = len(chunk)
+    cond = backbone.encode_prompts(chunk)
+    embeds = cond.prompt_embeds
+    pooled = cond.pooled_prompt_embeds
+    if use_guidance:
+        negative = _negative_conditioning(backbone, negative_prompt, n, cond)
+        embeds = torch.cat([negative.prompt_embeds.to(embeds), embeds])
+        if pooled is not None:
+            pooled = torch.cat([negative.pooled_prompt_embeds.to(pooled), pooled])
+    rows = 2 * n if use_guidance else n
+    added = None
+    if backbone.kind == "sdxl":
+        sizes = torch.tensor([[height, width]] * rows)
+        time_ids = backbone.time_ids(sizes, torch.zeros(rows, 2, dtype=torch.long), (height, width))
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(device, pooled.dtype)}
+
+    latents = torch.cat(
+        [
+            torch.randn(
+                (1, unet.config.in_channels, height // factor, width // factor),
+                generator=g,
+                dtype=embeds.dtype,
+            )
+            for g in generators
+        ]
+    ).to(device)
+    noise_scheduler = build_scheduler(backbone, scheduler)
+    noise_scheduler.set_timesteps(steps, device=device)
+    latents = latents * noise_scheduler.init_noise_sigma
+    step_parameters = inspect.signature(noise_scheduler.step).parameters
+    step_kwargs = {"generator": generators} if "generator" in step_parameters else {}
+    if "eta" in step_parameters:
+        step_kwargs["eta"] = 0.0
+    for t in noise_scheduler.timesteps:
+        model_input = torch.cat([latents] * 2) if use_guidance else latents
+        model_input = noise_scheduler.scale_model_input(model_input, t)
+        noise = unet(
+            model_input.to(unet_dtype),
+            t,
+            encoder_hidden_states=embeds.to(unet_dtype),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0].to(latents.dtype)
+        if use_guidance:
+            unconditional, conditional = noise.chunk(2)
+            noise = unconditional + guidance * (conditional - unconditional)
+        latents = noise_scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+    decoded = vae.decode(
+        backbone.latent_unscaling(latents).to(first_parameter(vae).dtype), return_dict=False
+    )[0]
+    return (decoded.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def _transformer_pipeline(backbone: TransformerBackbone) -> Any:
+    """A diffusers ``StableDiffusion3Pipeline`` / ``FluxPipeline`` holding the backbone's own modules (no
+    copy), for its flow-matching loop, latent packing and guidance; prompts are encoded by the backbone."""
+    text = {}
+    for index, (tokenizer, encoder) in enumerate(
+        zip(backbone.tokenizers, backbone.text_encoders, strict=True)
+    ):
+        suffix = f"_{index + 1}" if index else ""
+        text[f"tokenizer{suffix}"], text[f"text_encoder{suffix}"] = tokenizer, encoder
+    pipeline_class = diffusers.StableDiffusion3Pipeline if backbone.kind == "sd3" else diffusers.FluxPipeline
+    pipeline = pipeline_class(
+        transformer=backbone.transformer, vae=backbone.vae, scheduler=build_scheduler(backbone), **text
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _transformer_images(
+    pipeline: Any,
+    backbone: TransformerBackbone,
+    chunk: list[str],
+    generators: list[torch.Generator],
+    *,
+    steps: int,
+    guidance: float,
+    height: int,
+    width: int,
+    negative_prompt: str,
+    scheduler: str | None,
+) -> Tensor:
+    """One batch through the SD3 / FLUX pipeline's loop: (n, 3, H, W) in [0, 1], CPU.
+
+    SD3: classifier-free guidance with ``negative_prompt`` (the unconditional half first, which the
+    adapter leaves without subject); FLUX: ``guidance`` is the transformer's distilled guidance input."""
+    pipeline.scheduler = build_scheduler(backbone, scheduler)
+    cond = backbone.encode_prompts(chunk)
+    kwargs: dict[str, Any] = {}
+    if backbone.kind == "sd3" and guidance > 1.0:
+        negative = backbone.encode_prompts([negative_prompt] * len(chunk))
+        kwargs.update(
+            negative_prompt_embeds=negative.prompt_embeds,
+            negative_pooled_prompt_embeds=negative.pooled_prompt_embeds,
+        )
+    output = pipeline(
+        prompt_embeds=cond.prompt_embeds,
+        pooled_prompt_embeds=cond.pooled_prompt_embeds,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        max_sequence_length=backbone.max_sequence_length,
+        generator=generators,
+        output_type="pt",
+        **kwargs,
+    )
+    return output.images.float().clamp(0, 1).cpu()
 
 
 @contextlib.contextmanager
