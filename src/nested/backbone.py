@@ -265,9 +265,7 @@ class DiffusionBackbone(_VaeLatents):
         ``dtype=torch.float16`` a VAE flagged ``force_upcast`` (SDXL's, which overflows in fp16) stays fp32.
         """
         source = str(name_or_path)
-        hub_kwargs: dict[str, Any] = {"revision": revision}
-        if local_files_only is not None:
-            hub_kwargs["local_files_only"] = local_files_only
+        hub_kwargs = _hub_kwargs(revision, local_files_only)
         index = _read_model_index(source, **hub_kwargs)
         if _registered(index, "transformer") and not _registered(index, "unet"):
             raise ConfigError(
@@ -276,15 +274,9 @@ class DiffusionBackbone(_VaeLatents):
             )
         kind: Literal["sd", "sdxl"] = "sdxl" if _registered(index, "text_encoder_2") else "sd"
         suffixes = ["", "_2"] if kind == "sdxl" else [""]
-        required = ["unet", "vae", "scheduler"] + [
-            f"{part}{s}" for s in suffixes for part in ("text_encoder", "tokenizer")
-        ]
-        missing = [name for name in required if not _registered(index, name)]
-        if missing:
-            raise ConfigError(f"{source}: model_index.json has no {missing}; expected {EXPECTED_LAYOUT}.")
-        if Path(source).expanduser().is_dir():
-            local_parts = [name for name in required if name != "vae" or vae_name_or_path is None]
-            check_model_folder(Path(source).expanduser(), local_parts)
+        _check_components(
+            source, index, "unet", suffixes, EXPECTED_LAYOUT, skip_local=("vae",) if vae_name_or_path else ()
+        )
 
         weights_kwargs = {**hub_kwargs, "variant": variant}
         unet = UNet2DConditionModel.from_pretrained(
@@ -437,9 +429,7 @@ class TransformerBackbone(_VaeLatents):
         tokenizer's ``model_max_length``.
         """
         source = str(name_or_path)
-        hub_kwargs: dict[str, Any] = {"revision": revision}
-        if local_files_only is not None:
-            hub_kwargs["local_files_only"] = local_files_only
+        hub_kwargs = _hub_kwargs(revision, local_files_only)
         index = _read_model_index(source, EXPECTED_TRANSFORMER_LAYOUT, **hub_kwargs)
         transformer_class_name = index["transformer"][1] if _registered(index, "transformer") else None
         if transformer_class_name not in TRANSFORMER_KINDS:
@@ -450,16 +440,7 @@ class TransformerBackbone(_VaeLatents):
             )
         kind = TRANSFORMER_KINDS[transformer_class_name]
         suffixes = ["", "_2", "_3"] if kind == "sd3" else ["", "_2"]
-        required = ["transformer", "vae", "scheduler"] + [
-            f"{part}{s}" for s in suffixes for part in ("text_encoder", "tokenizer")
-        ]
-        missing = [name for name in required if not _registered(index, name)]
-        if missing:
-            raise ConfigError(
-                f"{source}: model_index.json has no {missing}; expected {EXPECTED_TRANSFORMER_LAYOUT}."
-            )
-        if Path(source).expanduser().is_dir():
-            check_model_folder(Path(source).expanduser(), required, EXPECTED_TRANSFORMER_LAYOUT)
+        _check_components(source, index, "transformer", suffixes, EXPECTED_TRANSFORMER_LAYOUT)
 
         weights_kwargs = {**hub_kwargs, "variant": variant}
         transformer_class = SD3Transformer2DModel if kind == "sd3" else FluxTransformer2DModel
@@ -623,6 +604,35 @@ def load_backbone(
             "prompts are 77 tokens: leave max_sequence_length unset."
         )
     return DiffusionBackbone.from_pretrained(name_or_path, **kwargs)
+
+
+def _hub_kwargs(revision: str | None, local_files_only: bool | None) -> dict[str, Any]:
+    """The keyword arguments every ``from_pretrained`` / ``load_config`` of one checkpoint shares."""
+    kwargs: dict[str, Any] = {"revision": revision}
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    return kwargs
+
+
+def _check_components(
+    source: str,
+    index: dict[str, Any],
+    denoiser: str,
+    suffixes: list[str],
+    layout: str,
+    skip_local: tuple[str, ...] = (),
+) -> None:
+    """Every component the checkpoint needs (the denoiser, VAE, scheduler, and a text encoder and tokenizer
+    per suffix) is registered in ``model_index.json`` and, for a local folder, present on disk (except
+    ``skip_local``, loaded from elsewhere)."""
+    required = [denoiser, "vae", "scheduler"] + [
+        f"{part}{suffix}" for suffix in suffixes for part in ("text_encoder", "tokenizer")
+    ]
+    missing = [name for name in required if not _registered(index, name)]
+    if missing:
+        raise ConfigError(f"{source}: model_index.json has no {missing}; expected {layout}.")
+    if Path(source).expanduser().is_dir():
+        check_model_folder(Path(source).expanduser(), [n for n in required if n not in skip_local], layout)
 
 
 def _registered(index: dict[str, Any], name: str) -> bool:
