@@ -392,20 +392,35 @@ def _tiny_unet(kind: Literal["sd", "sdxl"]) -> UNet2DConditionModel:
     )
 
 
-def _tiny_vae(kind: Literal["sd", "sdxl"]) -> AutoencoderKL:
-    """A three-block VAE (spatial factor 4) with SD's or SDXL's latent scaling."""
+def _tiny_vae(kind: Literal["sd", "sdxl", "sd3", "flux"]) -> AutoencoderKL:
+    """A three-block VAE (spatial factor 4) with the latent layout of ``kind``: 4 channels with SD's or SDXL's
+    scaling, or 16 channels, no quant convs, and SD3's or FLUX's scaling and shift, like the real ones."""
+    blocks = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 3,
+        "up_block_types": ("UpDecoderBlock2D",) * 3,
+        "block_out_channels": (8, 16, 16),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+    }
+    if kind in ("sd", "sdxl"):
+        return AutoencoderKL(
+            **blocks,
+            latent_channels=4,
+            sample_size=64,
+            scaling_factor=0.13025 if kind == "sdxl" else 0.18215,
+            force_upcast=kind == "sdxl",
+        )
+    scaling, shift = (1.5305, 0.0609) if kind == "sd3" else (0.3611, 0.1159)
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025 if kind == "sdxl" else 0.18215,
-        force_upcast=kind == "sdxl",
+        **blocks,
+        latent_channels=16,
+        sample_size=32,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
 
 
@@ -469,27 +484,6 @@ FLUX_FLOW_SCHEDULE: dict = {
 }
 
 
-def _tiny_flow_vae(kind: Literal["sd3", "flux"]) -> AutoencoderKL:
-    """A three-block VAE (spatial factor 4) with 16 latent channels, no quant convs, and SD3's or FLUX's
-    latent scaling and shift, like the real ones."""
-    scaling, shift = (1.5305, 0.0609) if kind == "sd3" else (0.3611, 0.1159)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=scaling,
-        shift_factor=shift,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-
-
 def _tiny_dit_pipeline(
     path: Path, kind: Literal["sd3", "flux"], seed: int
 ) -> StableDiffusion3Pipeline | FluxPipeline:
@@ -503,7 +497,7 @@ def _tiny_dit_pipeline(
     """
     tokenizer = write_tiny_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
     torch.manual_seed(seed + 2)
-    vae = _tiny_flow_vae(kind)
+    vae = _tiny_vae(kind)
     if kind == "sd3":
         tokenizer_2 = write_tiny_tokenizer(path / "tokenizer_2", pad_token="!")  # like the real SD3
         tokenizer_3 = write_tiny_t5_tokenizer(path / "tokenizer_3")
