@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 from nested.testing import write_tiny_pipeline
+
+
+def _installed(*names: str) -> bool:
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in names)
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``faces`` skip, with the reason, where the faces extra is not installed."""
+    if _installed("dlib", "face_recognition_models"):
+        return
+    skip = pytest.mark.skip(reason="dlib and its models are not installed: pip install 'nested[faces]'")
+    for item in items:
+        if "faces" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +49,25 @@ def tiny_sd3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_flux_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny FLUX.1-dev-like diffusers folder (CLIP + T5, guidance, with image_encoder/). Treat as read-only."""
     return write_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained <person> adapter for the tiny SD pipeline, saved like a trained one."""
+    import torch
+
+    from nested.adapter import NestedAdapter
+    from nested.backbone import DiffusionBackbone
+    from nested.encoder import EncoderSpec
+
+    backbone = DiffusionBackbone.from_pretrained(tiny_sd_path)
+    spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
+    torch.manual_seed(0)
+    adapter = NestedAdapter.for_unet(
+        backbone.unet, token="<person>", class_word="person", encoder=spec, base_model=str(tiny_sd_path)
+    )
+    adapter.add_tokens(backbone.tokenizers, backbone.text_encoders)
+    return adapter.save_pretrained(tmp_path_factory.mktemp("adapters") / "person")
 
 
 @pytest.fixture(autouse=True, scope="session")

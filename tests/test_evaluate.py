@@ -46,19 +46,6 @@ def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_adapter(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained <person> adapter for the tiny SD pipeline, saved like a trained one."""
-    backbone = DiffusionBackbone.from_pretrained(tiny_sd_path)
-    spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
-    torch.manual_seed(0)
-    adapter = NestedAdapter.for_unet(
-        backbone.unet, token="<person>", class_word="person", encoder=spec, base_model=str(tiny_sd_path)
-    )
-    adapter.add_tokens(backbone.tokenizers, backbone.text_encoders)
-    return adapter.save_pretrained(tmp_path_factory.mktemp("adapters") / "person")
-
-
-@pytest.fixture(scope="module")
 def tiny_pet_adapter(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained <pet> adapter (domain "pets") for the tiny SD pipeline, for --pair."""
     backbone = DiffusionBackbone.from_pretrained(tiny_sd_path)

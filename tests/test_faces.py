@@ -9,7 +9,6 @@ frontal face), matplotlib's Grace Hopper; augmented by rotation, crop, scale and
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -28,18 +27,6 @@ from skimage import data
 import nested
 from nested.cli.shards import main_shards
 
-
-def _installed(*names: str) -> bool:
-    try:
-        return all(importlib.util.find_spec(name) is not None for name in names)
-    except ImportError:
-        return False
-
-
-needs_dlib = pytest.mark.skipif(
-    not _installed("dlib", "face_recognition_models"),
-    reason="dlib and its models are not installed: pip install 'nested[faces]'",
-)
 SRC = Path(nested.__file__).resolve().parents[1]  # the nested under test, for subprocesses
 
 
@@ -98,7 +85,7 @@ def eye_errors(crop: Image.Image) -> np.ndarray:
 # ----------------------------------------------------------------------------- detection and alignment
 
 
-@needs_dlib
+@pytest.mark.faces
 def test_the_subject_is_the_face_not_the_detection_on_her_suit_and_camera_has_none():
     from nested.data import faces
 
@@ -112,7 +99,7 @@ def test_the_subject_is_the_face_not_the_detection_on_her_suit_and_camera_has_no
         faces.choose_subject(faces.detect_faces(camera()))
 
 
-@needs_dlib
+@pytest.mark.faces
 @pytest.mark.parametrize(
     "photo",
     [
@@ -136,7 +123,7 @@ def test_the_eyes_of_an_aligned_crop_land_on_the_template(photo, size):
     assert eye_errors(crop).max() <= 4.0, eye_errors(crop)
 
 
-@needs_dlib
+@pytest.mark.faces
 def test_two_faces_of_a_size_are_ambiguous_and_a_bbox_chooses_one():
     from nested.data import faces
 
@@ -151,7 +138,7 @@ def test_two_faces_of_a_size_are_ambiguous_and_a_bbox_chooses_one():
 # ----------------------------------------------------------------------------- identity
 
 
-@needs_dlib
+@pytest.mark.faces
 def test_the_same_person_across_augmentations_is_closer_than_two_people_and_a_blank_scores_nothing():
     from nested.errors import DataError
     from nested.evaluation.metrics import FaceEmbedder, IdentitySimilarity, identity_embedder
@@ -209,7 +196,7 @@ def _photo_folder(folder: Path) -> Path:
     return folder
 
 
-@needs_dlib
+@pytest.mark.faces
 def test_face_shards_align_references_from_other_photos_of_the_same_person(tmp_path):
     from nested.data import faces
 
@@ -252,7 +239,7 @@ def test_face_shards_align_references_from_other_photos_of_the_same_person(tmp_p
         assert np.abs(np.asarray(reference, dtype=np.float64) - lender).mean() < 3.0  # JPEG only
 
 
-@needs_dlib
+@pytest.mark.faces
 def test_a_manifest_bbox_chooses_between_two_faces_and_an_identity_column_pairs_photos(tmp_path):
     two_people().save(tmp_path / "both.jpg")
     grace_hopper().save(tmp_path / "hopper.jpg")
@@ -310,23 +297,7 @@ def test_identity_folders_without_faces_lend_the_other_photo_and_one_photo_keeps
 # ----------------------------------------------------------------------------- nested eval
 
 
-@pytest.fixture(scope="module")
-def tiny_adapter(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from nested.adapter import NestedAdapter
-    from nested.backbone import DiffusionBackbone
-    from nested.encoder import EncoderSpec
-
-    backbone = DiffusionBackbone.from_pretrained(tiny_sd_path)
-    spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
-    torch.manual_seed(0)
-    adapter = NestedAdapter.for_unet(
-        backbone.unet, token="<person>", class_word="person", encoder=spec, base_model=str(tiny_sd_path)
-    )
-    adapter.add_tokens(backbone.tokenizers, backbone.text_encoders)
-    return adapter.save_pretrained(tmp_path_factory.mktemp("adapters") / "person")
-
-
-@needs_dlib
+@pytest.mark.faces
 def test_eval_with_the_face_embedder_gives_faceless_images_no_credit_and_names_a_faceless_reference(
     tiny_sd_path, tiny_adapter, tmp_path, capsys
 ):

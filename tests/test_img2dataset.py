@@ -8,7 +8,6 @@ to ``00000.parquet`` and ``00000_stats.json``, no ``shards.json``; each sample `
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -25,19 +24,6 @@ from nested.cli.shards import main_shards
 from nested.data import DomainSpec, NestedDataModule, build_stream
 from nested.encoder import EncoderSpec
 from nested.training.module import NestedAttentionModule
-
-
-def _installed(*names: str) -> bool:
-    try:
-        return all(importlib.util.find_spec(name) is not None for name in names)
-    except ImportError:
-        return False
-
-
-needs_dlib = pytest.mark.skipif(
-    not _installed("dlib", "face_recognition_models"),
-    reason="dlib and its models are not installed: pip install 'nested[faces]'",
-)
 
 # key -> (photo, the size img2dataset stored (w, h), the source's size before its resize (w, h), json caption)
 PHOTOS = {
@@ -208,7 +194,7 @@ def test_nested_shards_reads_an_img2dataset_folder_as_its_source(tmp_path, capsy
     assert "\n" not in error and f"{folder} holds both .tar files and images" in error
 
 
-@needs_dlib
+@pytest.mark.faces
 def test_nested_shards_adds_face_crops_to_an_img2dataset_download(tmp_path):
     photos = {
         "000000000": ("astronaut", (256, 256), (1024, 1024), "a photo of <person>"),
