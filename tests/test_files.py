@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 
 import pytest
 
-from nested.files import atomic_file, staged_directory, write_text_atomic
+from nested.files import atomic_file, staged_directory, stop_signals_deferred, write_text_atomic
 
 
 @pytest.fixture
@@ -57,3 +58,20 @@ def test_atomic_file_keeps_the_old_file_on_failure(tmp_path):
         raise KeyboardInterrupt
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["shards.json"]
+
+
+def test_deferred_signals_are_recorded_then_delivered_and_ignored_ones_stay_ignored():
+    delivered = []
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: delivered.append(number))
+    previous_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_signals_deferred() as received:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored before: not recorded, not delivered
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == [signal.SIGTERM, signal.SIGTERM] and delivered == []
+        assert delivered == [signal.SIGTERM]  # once, after the block, to the handler that was there
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hup)

@@ -283,7 +283,20 @@ def _nested_shards(*args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-c", "import sys; from nested.cli.main import main; sys.exit(main())"]
     command += ["shards", *args, "--no-progress"]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
+
+
+def _default_sigint() -> None:
+    """A job started in the background by a non-interactive shell inherits SIGINT ignored, and Python then
+    keeps it ignored: the child gets the default, so Python turns Ctrl-C into KeyboardInterrupt there."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -152,20 +152,23 @@ def staged_directory(directory: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def stop_signals_deferred() -> Iterator[None]:
+def stop_signals_deferred() -> Iterator[list[int]]:
     """Inside, SIGINT, SIGTERM and SIGHUP are recorded instead of acted on; on exit the previous
-    handlers come back and the recorded signals are delivered to them. For a few renames that
-    must all happen or none (a Ctrl-C then lands after them). Only the main thread can install
-    handlers; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    handlers come back and the recorded signals are delivered to them. For work that a signal must
+    not cut at an arbitrary bytecode: a few renames that must all happen or none, or a worker pool
+    whose locks an exception raised inside them would leave held. Yields the list of recorded
+    signals, so a loop can check it and stop at a safe point. A signal ignored on entry stays
+    ignored. Only the main thread can install handlers; elsewhere this does nothing."""
     received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
     try:
-        yield
+        yield received
     finally:
         for signum, handler in previous.items():
             # None: a handler installed outside Python; the default is the closest we can restore.

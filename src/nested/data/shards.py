@@ -73,7 +73,7 @@ from tqdm import tqdm
 
 from nested.data.transforms import target_transform
 from nested.errors import ConfigError, DataError, MissingFileError, OutputExistsError
-from nested.files import staging_folder, swap_files
+from nested.files import staging_folder, stop_signals_deferred, swap_files
 from nested.image_files import ImageFileError, open_image
 
 if TYPE_CHECKING:
@@ -738,9 +738,33 @@ def _prepared(
         context.set_forkserver_preload([__name__])
     else:
         context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_start_worker, initargs=(options,)) as pool:
-        outcomes = pool.imap(_sample_or_reason, jobs, chunksize=2)
-        yield ((item, outcome) for (_, item), outcome in zip(jobs, outcomes, strict=True))
+    # A stop signal raising its exception inside the pool's machinery (between a lock's acquire and its
+    # release) can leave the pool unable to shut down: the signals are recorded instead, and the loop
+    # stops between two results; the signal then acts once the pool has been terminated.
+    with (
+        stop_signals_deferred() as stops,
+        context.Pool(workers, initializer=_start_worker, initargs=(options,)) as pool,
+    ):
+        outcomes = pool.imap(_sample_or_reason, jobs)  # chunksize 1: an IMapIterator, with next(timeout)
+        yield _until_stopped([item for _, item in jobs], outcomes, stops)
+
+
+def _until_stopped(
+    items: list[SourceItem], outcomes: Any, stops: list[int]
+) -> Iterator[tuple[SourceItem, dict[str, Any] | str]]:
+    """(item, its outcome) from a pool's ``imap`` iterator, checking for a recorded stop signal at least
+    every 0.1 s; a stop raises KeyboardInterrupt here, which the signal's own handler replaces (with
+    ``SystemExit``, its own exception, or the process's end) when it is delivered after the pool."""
+    for item in items:
+        while True:
+            if stops:
+                raise KeyboardInterrupt(f"stopped by {signal.Signals(stops[0]).name}")
+            try:
+                outcome = outcomes.next(timeout=0.1)
+            except multiprocessing.TimeoutError:
+                continue
+            break
+        yield item, outcome
 
 
 def build_shards(
