@@ -158,51 +158,36 @@ def test_image_encoder_pretraining_learns_to_match_renders_of_one_identity():
 
 def test_committed_base_model_attends_to_the_class_word():
     """Nested attention changes only the subject token's value, so the base model must read the subject from
-    its class word. Some cross-attention layer gives "person" / "pet" >= 10 % of its attention on average over
-    every pixel (the base model trained on a deep random text tower gave it 1-2 % in every layer)."""
+    its class word. Some cross-attention layer gives "person" / "pet" >= 10 % of the attention of the
+    subject's pixels (the base model trained on a deep random text tower gave it 1-2 % in every layer).
+    Every layer's shares of the five token groups sum to 1."""
     from diffusers import StableDiffusionPipeline
 
-    from nested.toyworld.world import identities, render
+    from nested.toyworld.channel import TOKEN_GROUPS, attention_channel, channel_prompts
+    from nested.toyworld.world import identities
 
     pipe = StableDiffusionPipeline.from_pretrained(TOY_SD, safety_checker=None, requires_safety_checker=False)
     contexts_ = [Context("beach"), Context("red", "sketch"), Context("snow"), Context("city", "painting")]
-    prompts = [caption(d, c) for d in ("faces", "pets") for c in contexts_]
-    subjects = [identities(d)[7 * i] for d in ("faces", "pets") for i in range(len(contexts_))]
-    images = np.stack(
-        [np.array(render(s, c, seed=i)) for i, (s, c) in enumerate(zip(subjects, contexts_ * 2, strict=True))]
-    )
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            return_tensors="pt").input_ids  # fmt: skip
-    class_ids = pipe.tokenizer.convert_tokens_to_ids(["person</w>", "pet</w>"])
-    class_mask = torch.isin(tokens, torch.tensor(class_ids))
-    assert class_mask.sum(1).tolist() == [1] * len(prompts)
+    for domain in ("faces", "pets"):
+        subjects = [identities(domain)[7 * i] for i in range(len(contexts_))]
+        prompts = channel_prompts(subjects, contexts_)
+        channel = attention_channel(pipe, subjects, contexts_, prompts, toybase.description_vocabulary())
+        assert len(channel) == 7 + 1 and all(list(row) == list(TOKEN_GROUPS) for row in channel.values())
+        assert all(sum(row.values()) == pytest.approx(1, abs=1e-5) for row in channel.values())
+        assert max(row["class word"] for row in channel.values()) >= 0.10, channel
 
-    shares: dict[str, float] = {}
 
-    def measure(name):
-        def hook(module, args, kwargs):
-            query = module.to_q(args[0] if args else kwargs["hidden_states"])
-            key = module.to_k(kwargs["encoder_hidden_states"])
-            heads = module.heads
-            query = query.unflatten(-1, (heads, -1)).transpose(1, 2)
-            key = key.unflatten(-1, (heads, -1)).transpose(1, 2)
-            probs = (query @ key.transpose(-1, -2) * module.scale).softmax(-1)  # (B, H, N, T)
-            shares[name] = probs.mean(dim=(1, 2))[class_mask].mean().item()
+def test_subject_mask_covers_the_subject_and_not_the_background():
+    from nested.toyworld.channel import subject_mask
+    from nested.toyworld.world import identities, render
 
-        return hook
-
-    for name, module in pipe.unet.named_modules():
-        if name.endswith("attn2"):
-            module.register_forward_pre_hook(measure(name), with_kwargs=True)
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
-        timesteps = torch.full((len(prompts),), 500)
-        pipe.unet(
-            pipe.scheduler.add_noise(latents, noise, timesteps), timesteps, pipe.text_encoder(tokens)[0]
-        )
-    assert len(shares) == 7 and max(shares.values()) >= 0.10, shares
+    face = identities("faces")[3]
+    mask = subject_mask(face, seed=5)
+    assert 0.1 < mask.mean() < 0.7
+    on_beach = np.asarray(render(face, Context("beach"), seed=5), dtype=np.int16)
+    on_night = np.asarray(render(face, Context("night"), seed=5), dtype=np.int16)
+    same = np.abs(on_beach - on_night).max(-1) <= 24  # the subject is drawn alike on any background
+    assert same[mask.numpy() > 0].mean() > 0.97 and same[mask.numpy() == 0].mean() < 0.1
 
 
 def test_world_tokenizer_keeps_every_tiny_id_and_makes_identity_words_whole(tmp_path):
@@ -241,6 +226,59 @@ def test_described_captions_name_each_identity_uniquely():
     assert 5 <= len(described) <= 30 and not any(" and a " in text for text in described)
 
 
+def test_identity_words_before_the_class_word_fit_the_prompt_length(tmp_path):
+    """Every identity, named before its class word, fits TEXT_LENGTH whole: the class word comes right after
+    the last identity word, and the caption differs from the class-word caption only by those words."""
+    from nested.toyworld.world import identities
+
+    tokenizer = toybase.write_world_tokenizer(tmp_path / "tokenizer")
+    context = Context("beach", "painting")
+    for domain, class_word in (("faces", "person"), ("pets", "pet")):
+        everyone = identities(domain)
+        texts = [toybase.described_caption_before(identity, context) for identity in everyone]
+        assert len(set(texts)) == len(everyone)
+        lengths = [len(ids) for ids in tokenizer(texts).input_ids]
+        assert max(lengths) <= toybase.TEXT_LENGTH
+        words = texts[0].split()
+        assert words[words.index(class_word) - 1] == toybase.describe_before(everyone[0]).split()[-1]
+        assert texts[0].replace(toybase.describe_before(everyone[0]) + " ", "") == caption(domain, context)
+
+
+def test_a_contextual_text_model_trains_with_the_unet_and_ends_frozen_on_its_average(tmp_path):
+    """With layers, the text model is causal (a word's feature depends on the words before it, not after),
+    trains with the UNet, and ends frozen with its EMA weights; the rows of its start are kept."""
+    from transformers import CLIPTextModel
+
+    tokenizer = toybase.write_world_tokenizer(tmp_path / "tokenizer")
+    start = toybase.build_text_encoder(tokenizer, seed=0)
+    start.save_pretrained(tmp_path / "start")
+    text = toybase.build_text_encoder(
+        tokenizer, seed=1, start=CLIPTextModel.from_pretrained(tmp_path / "start"), layers=2
+    )
+    assert text.config.num_hidden_layers == 2 and all(p.requires_grad for p in text.parameters())
+    embeddings = text.get_input_embeddings().weight
+    assert torch.equal(embeddings, start.get_input_embeddings().weight)
+    ids = tokenizer(["a photo of a blonde person at the beach", "a photo of a grey person in the city"],
+                    padding="max_length", max_length=toybase.TEXT_LENGTH, return_tensors="pt").input_ids  # fmt: skip
+    with torch.no_grad():
+        features = text(ids).last_hidden_state
+    blonde_at = ids[0].tolist().index(tokenizer.convert_tokens_to_ids("blonde"))
+    assert torch.allclose(features[0, :blonde_at], features[1, :blonde_at])  # causal: the same words before
+    assert not torch.allclose(features[0, blonde_at + 1], features[1, blonde_at + 1])  # "person" reads it
+
+    pool = toybase.render_pool(16, seed=0, described_fraction=1.0, describe_before=True)
+    latents = torch.randn(16, 4, 16, 16)
+    unet = toybase.build_unet(text.config.hidden_size)
+    before = {name: p.detach().clone() for name, p in text.named_parameters()}
+    ema = toybase.train_unet(
+        unet, latents, pool.captions, tokenizer, text, steps=3, batch_size=4, ema_decay=0.5
+    )
+    assert isinstance(ema, type(unet)) and not text.training
+    assert not any(p.requires_grad for p in text.parameters())
+    moved = [name for name, p in text.named_parameters() if not torch.equal(p, before[name])]
+    assert any(".layers.0." in name for name in moved) and any("token_embedding" in name for name in moved)
+
+
 def test_text_encoder_grown_from_a_start_keeps_its_features(tmp_path):
     from transformers import CLIPTextModel
 
@@ -270,13 +308,17 @@ def test_check_base_scores_described_and_plain_prompts_and_results_tables_them(t
     words scores that are fractions, the mean is the mean of the attributes, and results.py tables them."""
     out = tmp_path / "base-words.json"
     assert (
-        _script("check_base").main(["--images", "4", "--steps", "2", "--batch-size", "4", "--out", str(out)])
+        _script("check_base").main(
+            ["--images", "4", "--steps", "2", "--batch-size", "4", "--channel-images", "4", "--out", str(out)]
+        )
         == 0
     )
     report = json.loads(out.read_text())
     assert set(report) == {"faces", "pets"}
     for domain, kinds in report.items():
-        assert set(kinds) == {"chance", "plain", "words"}
+        assert set(kinds) == {"chance", "plain", "words", "channel"}
+        channel = kinds.pop("channel")
+        assert channel["plain"]["mean"]["identity words"] == 0 < channel["words"]["mean"]["identity words"]
         for scores in kinds.values():
             attributes = [v for k, v in scores.items() if k.startswith("attr_")]
             assert len(attributes) == 5 and all(0 <= v <= 1 for v in scores.values())
@@ -285,6 +327,12 @@ def test_check_base_scores_described_and_plain_prompts_and_results_tables_them(t
     rows = _script("results").words_table(tmp_path)
     assert sum(row.startswith("| identity in words |") for row in rows) == 2
     assert rows[0].startswith("| faces | skin | hair colour |")
+    channel_rows = _script("results").channel_table(tmp_path)
+    assert (
+        channel_rows[0]
+        == "| domain | prompt | start | class word | identity words | other words | end and padding |"
+    )
+    assert len(channel_rows) == 2 + 4
 
 
 def test_committed_base_model_draws_an_identity_it_is_told_in_words():
@@ -301,7 +349,7 @@ def test_committed_base_model_draws_an_identity_it_is_told_in_words():
     judges = ToyJudges.from_pretrained(REPO / "data" / "toyworld" / "judges")
     pipe = StableDiffusionPipeline.from_pretrained(TOY_SD, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    args = Namespace(steps=15, guidance=5.0, batch_size=16, seed=0)
+    args = Namespace(base=TOY_SD, steps=15, guidance=5.0, batch_size=16, seed=0)
     for domain in ("faces", "pets"):
         plain, words = (
             check_base.score(pipe, judges, domain, 16, described=described, args=args)

@@ -21,7 +21,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nested.toyworld.base_model import described_caption
+from nested.toyworld.base_model import (
+    described_caption,
+    described_caption_before,
+    description_vocabulary,
+)
+from nested.toyworld.channel import TOKEN_GROUPS, attention_channel
 from nested.toyworld.judges import ToyJudges, attribute_matches, chance_levels
 from nested.toyworld.world import DOMAINS, caption, contexts, identity_class, split_identities
 
@@ -40,24 +45,44 @@ def _parser() -> argparse.ArgumentParser:
         "--guidance", type=float, default=5.0, help="guidance scale (default 5, as nested eval)"
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
+    parser.add_argument(
+        "--channel-images", type=int, default=48,
+        help="renders per domain and prompt kind for the attention channel (default 48)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--out", type=Path, default=None, help="also write the scores here (JSON)")
     return parser
 
 
-@torch.no_grad()
-def score(pipe, judges: ToyJudges, domain: str, count: int, *, described: bool, args) -> dict[str, float]:
-    """Per-attribute and exact accuracy of ``count`` images of held-out identities (cycled), every context."""
+def describer(base: Path):
+    """The described-caption function the base model was trained with (its training.json's last recipe)."""
+    record = base / "training.json"
+    recipe = {}
+    if record.exists():
+        data = json.loads(record.read_text())
+        recipe = data["stages"][-1]["recipe"] if "stages" in data else data.get("recipe", {})
+    return described_caption_before if recipe.get("describe_before") else described_caption
+
+
+def held_out_prompts(domain: str, count: int, describe) -> tuple[list, list, list[str]]:
+    """``count`` held-out identities (cycled), every context in turn, and their prompts (``describe``:
+    None for the class word only)."""
     held_out = split_identities(domain)[1]
     step = max(1, len(held_out) // count)
     subjects = [held_out[(i * step) % len(held_out)] for i in range(count)]
     scenes = contexts()
+    chosen = [scenes[i % len(scenes)] for i in range(count)]
     prompts = [
-        described_caption(s, scenes[i % len(scenes)])
-        if described
-        else caption(domain, scenes[i % len(scenes)])
-        for i, s in enumerate(subjects)
+        caption(domain, c) if describe is None else describe(s, c)
+        for s, c in zip(subjects, chosen, strict=True)
     ]
+    return subjects, chosen, prompts
+
+
+@torch.no_grad()
+def score(pipe, judges: ToyJudges, domain: str, count: int, *, described: bool, args) -> dict[str, float]:
+    """Per-attribute and exact accuracy of ``count`` images of held-out identities (cycled), every context."""
+    subjects, _, prompts = held_out_prompts(domain, count, describer(args.base) if described else None)
     hits: dict[str, float] = dict.fromkeys(identity_class(domain).ATTRIBUTES, 0.0)
     exact = 0
     generator = torch.Generator().manual_seed(args.seed)
@@ -101,6 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{domain}: " + "  ".join(columns))
         for kind in ("chance", "plain", "words"):
             print(f"  {kind:>6}: " + "  ".join(f"{100 * report[domain][kind][c]:.1f}" for c in columns))
+        report[domain]["channel"] = {}
+        print(f"{domain} attention in the subject's pixels (mean of the layers): " + "  ".join(TOKEN_GROUPS))
+        for kind, describe in (("plain", None), ("words", describer(args.base))):
+            subjects, chosen, prompts = held_out_prompts(domain, args.channel_images, describe)
+            channel = attention_channel(
+                pipe, subjects, chosen, prompts, description_vocabulary(), seed=args.seed
+            )
+            report[domain]["channel"][kind] = channel
+            print(f"  {kind:>6}: " + "  ".join(f"{100 * channel['mean'][g]:.1f}" for g in TOKEN_GROUPS))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

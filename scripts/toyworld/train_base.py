@@ -42,6 +42,16 @@ def _parser() -> argparse.ArgumentParser:
         help="fraction of single-subject captions that also name the identity (default 0.8, as the committed"
         " model; 0.5 drew less from words, see its training.json; toybase.render_pool)",
     )  # fmt: skip
+    parser.add_argument(
+        "--describe-before", action="store_true",
+        help="name the identity before the class word (\"a photo of a ... blonde spiky hair ... person\"), for a"
+        " contextual text model (--text-layers)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--text-layers", type=int, default=0,
+        help="causal transformer layers in the text model, trained with the UNet (default 0: per-token"
+        " features, frozen)",
+    )  # fmt: skip
     parser.add_argument("--vae-steps", type=int, default=3000, help="VAE steps (default 3000)")
     parser.add_argument(
         "--vae", type=Path, default=None, help="reuse this trained VAE folder (skips its stage)"
@@ -129,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
     started = time.time()
 
-    pool = toybase.render_pool(args.pool, seed=args.seed, described_fraction=args.described)
+    pool = toybase.render_pool(
+        args.pool, seed=args.seed, described_fraction=args.described, describe_before=args.describe_before
+    )
     times["render"] = time.time() - started
     print(f"rendered {len(pool.images)} images in {times['render']:.0f} s", file=sys.stderr)
 
@@ -154,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     mark = time.time()
     tokenizer = toybase.write_world_tokenizer(staging / "tokenizer")
     start_text = None if args.text_encoder is None else CLIPTextModel.from_pretrained(args.text_encoder)
-    text_encoder = toybase.build_text_encoder(tokenizer, seed=args.seed + 1, start=start_text)
+    text_encoder = toybase.build_text_encoder(
+        tokenizer, seed=args.seed + 1, start=start_text, layers=args.text_layers
+    )
     torch.manual_seed(args.seed + 2)
     if args.unet is not None:
         start = UNet2DConditionModel.from_pretrained(args.unet, torch_dtype=torch.float32)

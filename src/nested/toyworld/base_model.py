@@ -123,6 +123,26 @@ def describe(identity: Identity) -> str:
     return f"{i.species} with {i.fur_colour} {i.pattern} fur {i.ear_shape} ears {i.eye_colour} eyes"
 
 
+def describe_before(identity: Identity) -> str:
+    """The identity in words that precede the class word: ``"tan skin blonde spiky hair azure eyes round face"``
+    (faces), ``"ginger striped fur pointy ears amber eyes cat"`` (pets)."""
+    i = identity
+    if isinstance(i, FaceIdentity):
+        return f"{i.skin} skin {i.hair_colour} {i.hair_style} hair {i.eye_colour} eyes {i.face_shape} face"
+    return f"{i.fur_colour} {i.pattern} fur {i.ear_shape} ears {i.eye_colour} eyes {i.species}"
+
+
+def described_caption_before(identity: Identity, context: Context) -> str:
+    """The caption of a render with its identity named BEFORE the class word, as adjectives precede a noun:
+    ``"a photo of a tan skin blonde spiky hair azure eyes round face person at the beach"``.
+
+    With a causal, contextual text model the class word's feature then absorbs the identity words, as CLIP's
+    "person" absorbs "a blonde ..." before it: the feature nested attention replaces carries the subject.
+    """
+    domain = identity.DOMAIN
+    return caption(domain, context, token=f"{describe_before(identity)} {CLASS_WORDS[domain]}")
+
+
 def described_caption(identity: Identity, context: Context) -> str:
     """The caption of a render with its identity named after the class word, before the scene.
 
@@ -162,7 +182,7 @@ def write_world_tokenizer(path: Path) -> CLIPTokenizer:
 
 
 def build_text_encoder(
-    tokenizer: CLIPTokenizer, seed: int, start: CLIPTextModel | None = None
+    tokenizer: CLIPTokenizer, seed: int, start: CLIPTextModel | None = None, layers: int = 0
 ) -> CLIPTextModel:
     """A random tiny CLIP text model with NO transformer layers, sized for ``tokenizer`` and ``TEXT_LENGTH``.
 
@@ -173,18 +193,22 @@ def build_text_encoder(
     the image by almost nothing. Per-token features (embedding + position + final norm) make each word carry
     only itself, and a short context leaves few padding slots to absorb attention.
 
-    ``start`` (a smaller earlier text model, e.g. before the identity words were added) keeps its rows: the
-    new model gives the same features to every token and position the old one had, so a UNet trained on it
-    can be trained further.
+    ``layers`` > 0 gives the CLIP text architecture with that many causal transformer layers instead, to be
+    TRAINED with the UNet (:func:`train_unet`): then each token's feature depends on the words before it, and
+    the class word can carry the identity words that precede it (:func:`described_caption_before`).
+
+    ``start`` (an earlier text model, e.g. before the identity words were added) keeps its rows: the new
+    model gives the same embeddings to every token and position the old one had (and, without layers, the
+    same features), so a UNet trained on it can be trained further.
     """
     torch.manual_seed(seed)
     config = tiny_text_config(tokenizer, projection_dim=64, hidden_size=64, heads=4)
-    config.num_hidden_layers = 0
+    config.num_hidden_layers = layers
     config.max_position_embeddings = TEXT_LENGTH
     model = CLIPTextModel(config)
     if start is not None:
         new, old = model.state_dict(), start.state_dict()
-        if set(new) != set(old):
+        if not set(old) <= set(new) or (layers == 0 and set(new) != set(old)):
             raise ValueError("build_text_encoder: start is not a text model of the same layout")
         with torch.no_grad():
             for name, tensor in old.items():
@@ -195,7 +219,7 @@ def build_text_encoder(
                 ):
                     raise ValueError(f"build_text_encoder: start's {name} {tuple(tensor.shape)} does not fit")
                 new[name][: len(tensor)] = tensor
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(layers > 0)
 
 
 def build_image_encoder(seed: int) -> CLIPVisionModelWithProjection:
@@ -309,13 +333,15 @@ def render_pool(
     pair_fraction: float = 0.2,
     held_out_fraction: float = 0.2,
     described_fraction: float = 0.0,
+    describe_before: bool = False,
 ) -> RenderPool:
     """``count`` renders of TRAIN identities: faces, pets and person + pet pairs in every captioned context.
 
     Deterministic in ``seed``. Captions use class words ("a photo of a person at the beach"). A
     ``described_fraction`` of the single-subject captions also name the identity (:func:`described_caption`),
     as web captions describe the people in photos: that teaches the base model to draw a hair style or an ear
-    shape from a word, the pathway a subject token's value later drives. The rest, and all pairs, never do.
+    shape from a word, the pathway a subject token's value later drives (``describe_before``: the words come
+    before the class word, :func:`described_caption_before`). The rest, and all pairs, never do.
     """
     rng = random.Random(f"toybase-pool-{seed}")
     faces = split_identities("faces", held_out_fraction)[0]
@@ -333,7 +359,8 @@ def render_pool(
             image = render(identity, context, seed=render_seed)
             # No extra draw when nothing is described: a pool of the earlier recipe stays the same pool.
             described = described_fraction > 0 and rng.random() < described_fraction
-            text = described_caption(identity, context) if described else caption(domain, context)
+            describer = described_caption_before if describe_before else described_caption
+            text = describer(identity, context) if described else caption(domain, context)
         images.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
         captions.append(text)
     return RenderPool(torch.stack(images), captions)
@@ -434,21 +461,38 @@ def train_unet(
     lr: float = 1e-3,
     caption_dropout: float = 0.1,
     ema_decay: float = 0.999,
+    text_lr_scale: float = 0.3,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> UNet2DConditionModel:
-    """Epsilon-prediction training on cached latents; returns the EMA copy of the weights (what is saved)."""
-    texts, embeddings = encode_captions(tokenizer, text_encoder, [*captions, ""])
+    """Epsilon-prediction training on cached latents; returns the EMA copy of the weights (what is saved).
+
+    A text encoder with trainable parameters (:func:`build_text_encoder` with layers) trains with the UNet,
+    at ``text_lr_scale`` times its learning rate, and ends holding its own EMA weights.
+    """
+    texts = sorted({*captions, ""})
     caption_index = torch.tensor([texts.index(text) for text in captions])
     empty = texts.index("")
+    joint = any(p.requires_grad for p in text_encoder.parameters())
+    if joint:
+        ids = tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        )
+        token_ids = ids.input_ids
+    else:
+        embeddings = encode_captions(tokenizer, text_encoder, texts)[1]
     scheduler = DDPMScheduler(**SCHEDULE)
     generator = torch.Generator().manual_seed(seed)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
-    unet.train()
+    trained = torch.nn.ModuleList([unet, text_encoder] if joint else [unet])
+    ema = copy.deepcopy(trained).eval().requires_grad_(False)
+    groups = [{"params": list(unet.parameters()), "scale": 1.0}]
+    if joint:
+        groups.append({"params": list(text_encoder.parameters()), "scale": text_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2)
+    trained.train()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup=100)
+            group["lr"] = _lr(step, steps, lr, warmup=100) * group["scale"]
         index = torch.randint(len(latents), (batch_size,), generator=generator)
         text = caption_index[index].clone()
         text[torch.rand(batch_size, generator=generator) < caption_dropout] = empty
@@ -456,19 +500,23 @@ def train_unet(
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
-        prediction = unet(noisy, timesteps, embeddings[text]).sample
+        condition = text_encoder(token_ids[text])[0] if joint else embeddings[text]
+        prediction = unet(noisy, timesteps, condition).sample
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()
         decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early averages are not stuck at init
         with torch.no_grad():
-            for averaged, live in zip(ema.parameters(), unet.parameters(), strict=True):
+            for averaged, live in zip(ema.parameters(), trained.parameters(), strict=True):
                 averaged.lerp_(live, 1 - decay)
         if progress is not None:
             progress(step, {"loss": loss.item()})
-    return ema
+    if joint:
+        text_encoder.load_state_dict(ema[1].state_dict())
+        text_encoder.eval().requires_grad_(False)
+    return ema[0]
 
 
 def save_base_model(
