@@ -145,8 +145,21 @@ def test_eval_writes_one_row_per_image_and_plots_every_strength_and_the_base(
         plot.verify()
     with Image.open(out / "tradeoff.png") as plot:
         assert plot.format == "PNG" and plot.size == (640, 480)
+    # The grid goes through the subjects first, each with another prompt.
+    assert strict_json(out / "summary.json")["grid"]["rows"] == [
+        ["<person>", 0, 0], ["<person>", 1, 1], ["<person>", 0, 1], ["<person>", 1, 0]
+    ]  # fmt: skip
     with Image.open(out / "grid.png") as grid:  # 4 rows (subject x prompt) x (reference, base, 2 strengths)
-        assert grid.size == (4 * 32 + 5 * 2, 4 * 32 + 5 * 2)
+        # 32 px images shown at 128 px, 4 px apart; a 20 px header, and a 20 px prompt line above each row
+        assert grid.size == (4 * 128 + 5 * 4, 20 + 4 * (20 + 128 + 4) + 4)
+        pixels = np.asarray(grid.convert("L"))
+    for column in range(4):  # every column is named in the header
+        left = 4 + column * 132
+        assert (pixels[:20, left : left + 128] < 128).sum() > 20
+    for row in range(4):  # every row has its prompt written above it, and four pictures under it
+        top = 20 + row * 152
+        assert (pixels[top : top + 20, :] < 160).sum() > 20
+        assert pixels[top + 20 : top + 148, 4:132].std() > 0
 
 
 def test_eval_token_weight_changes_the_adapter_images_only_and_is_recorded(

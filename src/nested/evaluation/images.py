@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from nested.data.domains import DomainSpec, check_urls
@@ -26,7 +26,15 @@ from nested.errors import DataError, MissingFileError
 from nested.files import atomic_file
 from nested.inference.subjects import load_image
 
-__all__ = ["IMAGE_EXTENSIONS", "Reference", "load_references", "make_grid", "save_png", "to_uint8_hwc"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Reference",
+    "labelled_grid",
+    "load_references",
+    "make_grid",
+    "save_png",
+    "to_uint8_hwc",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -179,15 +187,51 @@ def make_grid(rows: Sequence[Sequence[Tensor]], padding: int = 2, pad_value: flo
     return grid
 
 
+def labelled_grid(
+    rows: Sequence[Sequence[Tensor]],
+    column_labels: Sequence[str],
+    row_labels: Sequence[str],
+    min_cell: int = 128,
+    padding: int = 4,
+) -> Image.Image:
+    """:func:`make_grid` for a person to read: cells of at least ``min_cell`` px (small images enlarged by
+    an integer factor, nearest-neighbour, so their pixels stay sharp), a header naming each column and the
+    row's label (e.g. its prompt) above each row."""
+    height, width = rows[0][0].shape[-2:]
+    factor = max(1, -(-min_cell // max(height, width)))  # ceil: a 64 px image becomes 128 px
+    cells = [
+        [F.interpolate(image[None].float(), scale_factor=factor, mode="nearest")[0] for image in row]
+        for row in rows
+    ]
+    tiled = Image.fromarray(to_uint8_hwc(make_grid(cells, padding=padding)))
+    font = ImageFont.load_default(size=14)
+    line = 20  # px per text line
+    cell_w, cell_h = width * factor, height * factor
+    canvas = Image.new("RGB", (tiled.width, line + len(rows) * (line + cell_h + padding) + padding), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(column_labels):
+        draw.text((padding + c * (cell_w + padding) + 2, 2), label, fill="black", font=font)
+    for r, label in enumerate(row_labels):
+        top = line + r * (line + cell_h + padding)
+        draw.text((padding + 2, top + 2), label, fill=(70, 70, 70), font=font)
+        strip = tiled.crop(
+            (0, padding + r * (cell_h + padding), tiled.width, padding + r * (cell_h + padding) + cell_h)
+        )
+        canvas.paste(strip, (0, top + line))
+    return canvas
+
+
 def to_uint8_hwc(image: Tensor) -> np.ndarray:
     """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def save_png(image: Tensor, path: str | os.PathLike) -> Path:
-    """Write a (3, H, W) [0, 1] image as PNG, atomically (:func:`nested.files.atomic_file`); returns the path."""
+def save_png(image: Tensor | Image.Image, path: str | os.PathLike) -> Path:
+    """Write a (3, H, W) [0, 1] image (or a PIL image) as PNG, atomically (:func:`nested.files.atomic_file`);
+    returns the path."""
 
     path = Path(path)
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(to_uint8_hwc(image))
     with atomic_file(path) as file:
-        Image.fromarray(to_uint8_hwc(image)).save(file, format="PNG")
+        picture.save(file, format="PNG")
     return path

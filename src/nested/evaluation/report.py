@@ -10,7 +10,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from nested.evaluation.images import make_grid, save_png
+from nested.evaluation.images import labelled_grid, save_png
 
 __all__ = [
     "ATTRIBUTE_PREFIX",
@@ -148,10 +148,12 @@ def write_csv(
 
 
 def write_grid(context: Any, references: dict[str, list], columns: list) -> None:
-    """grid.png: per (token, subject, prompt), the reference, the base image, then each strength (first seed).
+    """grid.png: per (token, subject, prompt), the reference, the base image, then each strength (first seed),
+    labelled: a header names the columns, each row's prompt is written above it.
 
-    ``context``: the sweep's :class:`nested.evaluate._Context` (its ``grid_keys``, ``thumbnails`` and ``out``);
-    ``references``: token (or --pair group) -> each subject's reference image, (3, S, S) in [0, 1].
+    ``context``: the sweep's :class:`nested.evaluate._Context` (its ``grid_keys``, ``grid_labels``,
+    ``thumbnails`` and ``out``); ``references``: token (or --pair group) -> each subject's reference image,
+    (3, S, S) in [0, 1]; ``columns``: "base", then the strengths.
     """
 
     rows = []
@@ -162,7 +164,9 @@ def write_grid(context: Any, references: dict[str, list], columns: list) -> None
         reference = F.interpolate(reference, size=size, mode="bicubic", antialias=True)[0].clamp(0, 1)
         rows.append([reference, *generated])
     if rows:
-        save_png(make_grid(rows), context.out / "grid.png")
+        names = ["reference", *("base model" if c == "base" else f"adapter s={c:g}" for c in columns)]
+        labels = [context.grid_labels.get(key, "") for key in context.grid_keys]
+        save_png(labelled_grid(rows, names, labels), context.out / "grid.png")
 
 
 def plot_tradeoff(

@@ -141,6 +141,7 @@ class _Context:
     rows: list[dict[str, Any]] = field(default_factory=list)
     thumbnails: dict[tuple, Any] = field(default_factory=dict)  # (group, subject, prompt, column) -> image
     grid_keys: list[tuple[str, int, int]] = field(default_factory=list)  # (group, subject, prompt) rows
+    grid_labels: dict[tuple[str, int, int], str] = field(default_factory=dict)  # a row's prompt
     saved: set[Path] = field(default_factory=set)
 
     def generate(self, prompts: list[str], seeds: list[int], subjects=None, strengths=None):
@@ -252,10 +253,14 @@ def _evaluate_group(
     clip_texts = [group.class_text(text) for text in texts]
     pair_seeds = [seed for _, _, seed in pairs]
     folder = context.out / "images" / _slug(group.name)
-    for s_index in range(group.count):
-        for p_index, _ in prompts:
+    # The grid's rows go through the subjects first, each with another prompt, so a short grid already
+    # shows several references in several contexts.
+    for shift in range(len(prompts)):
+        for s_index in range(group.count):
+            p_index, prompt = prompts[(s_index + shift) % len(prompts)]
             if len(context.grid_keys) < args.grid_rows:
                 context.grid_keys.append((group.name, s_index, p_index))
+                context.grid_labels[(group.name, s_index, p_index)] = prompt
 
     def add_rows(
         images, variant: str, strength: Any, prompts_used: list[str], s_indices: list[int], name
