@@ -279,6 +279,36 @@ def test_a_contextual_text_model_trains_with_the_unet_and_ends_frozen_on_its_ave
     assert any(".layers.0." in name for name in moved) and any("token_embedding" in name for name in moved)
 
 
+def test_transplant_training_shows_the_unet_the_class_caption_with_the_named_class_word(tmp_path):
+    """With transplant_fraction 1, every identity-naming caption reaches the UNet as its class-word caption
+    whose class word's feature comes from the naming caption."""
+    tokenizer = toybase.write_world_tokenizer(tmp_path / "tokenizer")
+    text = toybase.build_text_encoder(tokenizer, seed=0, layers=2)
+    pool = toybase.render_pool(8, seed=0, pair_fraction=0.0, described_fraction=1.0, describe_before=True)
+    assert all(c != p for c, p in zip(pool.captions, pool.class_captions, strict=True))
+    unet = toybase.build_unet(text.config.hidden_size)
+    seen = []
+    unet.register_forward_pre_hook(lambda module, args: seen.append(args[2].detach().clone()))
+    with pytest.raises(ValueError, match="transplant_fraction needs"):
+        toybase.train_unet(unet, torch.randn(8, 4, 16, 16), pool.captions, tokenizer,
+                           toybase.build_text_encoder(tokenizer, seed=0), steps=1, transplant_fraction=0.5)  # fmt: skip
+    seen.clear()
+    toybase.train_unet(
+        unet, torch.randn(8, 4, 16, 16), pool.captions, tokenizer, text, steps=1, batch_size=8,
+        caption_dropout=0.0, class_captions=pool.class_captions, transplant_fraction=1.0, lr=0.0,
+    )  # fmt: skip
+    # The batch draws captions at random: each condition must be some caption's transplant.
+    ids = {name: tokenizer(captions, padding="max_length", max_length=toybase.TEXT_LENGTH, return_tensors="pt")
+           .input_ids for name, captions in (("named", pool.captions), ("class", pool.class_captions))}  # fmt: skip
+    with torch.no_grad():
+        class_word_ids = torch.tensor(tokenizer.convert_tokens_to_ids(["person</w>", "pet</w>"]))
+        expected = toybase.transplant_class_word(
+            text(ids["class"])[0], text(ids["named"])[0], ids["class"], ids["named"], class_word_ids
+        )
+    for condition in seen[0]:
+        assert min((condition - candidate).abs().max().item() for candidate in expected) < 1e-5
+
+
 def test_text_encoder_grown_from_a_start_keeps_its_features(tmp_path):
     from transformers import CLIPTextModel
 
@@ -316,7 +346,7 @@ def test_check_base_scores_described_and_plain_prompts_and_results_tables_them(t
     report = json.loads(out.read_text())
     assert set(report) == {"faces", "pets"}
     for domain, kinds in report.items():
-        assert set(kinds) == {"chance", "plain", "words", "channel"}
+        assert set(kinds) == {"chance", "plain", "words", "class word", "channel"}
         channel = kinds.pop("channel")
         assert channel["plain"]["mean"]["identity words"] == 0 < channel["words"]["mean"]["identity words"]
         for scores in kinds.values():
@@ -326,6 +356,7 @@ def test_check_base_scores_described_and_plain_prompts_and_results_tables_them(t
         assert kinds["chance"]["exact"] == pytest.approx(1 / (1440 if domain == "faces" else 432))
     rows = _script("results").words_table(tmp_path)
     assert sum(row.startswith("| identity in words |") for row in rows) == 2
+    assert sum(row.startswith("| class word's feature from the words |") for row in rows) == 2
     assert rows[0].startswith("| faces | skin | hair colour |")
     channel_rows = _script("results").channel_table(tmp_path)
     assert (
@@ -333,6 +364,42 @@ def test_check_base_scores_described_and_plain_prompts_and_results_tables_them(t
         == "| domain | prompt | start | class word | identity words | other words | end and padding |"
     )
     assert len(channel_rows) == 2 + 4
+
+
+def test_transplanted_class_word_features_come_from_the_described_prompt(tmp_path):
+    """check_base's "class word" row: the class-word prompt's features with the class word's feature from
+    the described prompt. Per-token features (no layers, the words after the class word, at its position)
+    carry nothing of the words there: unchanged. A contextual model changes the class word's feature only."""
+    from types import SimpleNamespace
+
+    from nested.toyworld.world import identities
+
+    check_base = _script("check_base")
+    tokenizer = toybase.write_world_tokenizer(tmp_path / "tokenizer")
+    people = identities("faces")[:3] + identities("pets")[:1]
+    context = Context("snow", "sketch")
+    plain = [caption(p.DOMAIN, context) for p in people]
+    described = {
+        0: [toybase.described_caption(p, context) for p in people],
+        2: [toybase.described_caption_before(p, context) for p in people],
+    }
+    ids = tokenizer(
+        plain, padding="max_length", max_length=toybase.TEXT_LENGTH, return_tensors="pt"
+    ).input_ids
+    class_at = [row.index(tokenizer.convert_tokens_to_ids(f"{p.DOMAIN == 'faces' and 'person' or 'pet'}</w>"))
+                for row, p in zip(ids.tolist(), people, strict=True)]  # fmt: skip
+    for layers in (0, 2):
+        text = toybase.build_text_encoder(tokenizer, seed=0, layers=layers).eval()
+        pipe = SimpleNamespace(tokenizer=tokenizer, text_encoder=text)
+        features = check_base.transplanted(pipe, plain, described[layers])
+        with torch.no_grad():
+            own = text(ids)[0]
+        changed = (features - own).abs().amax(-1) > 1e-6  # (B, T)
+        if layers == 0:
+            assert not changed.any()
+        else:
+            assert changed.sum(1).tolist() == [1] * len(people)
+            assert [row.nonzero().item() for row in changed] == class_at
 
 
 def test_committed_base_model_draws_an_identity_it_is_told_in_words():
@@ -352,8 +419,7 @@ def test_committed_base_model_draws_an_identity_it_is_told_in_words():
     args = Namespace(base=TOY_SD, steps=15, guidance=5.0, batch_size=16, seed=0)
     for domain in ("faces", "pets"):
         plain, words = (
-            check_base.score(pipe, judges, domain, 16, described=described, args=args)
-            for described in (False, True)
+            check_base.score(pipe, judges, domain, 16, kind=kind, args=args) for kind in ("plain", "words")
         )
         assert words["attributes"] >= plain["attributes"] + 0.2, (domain, plain, words)
 

@@ -25,10 +25,11 @@ from nested.toyworld.base_model import (
     described_caption,
     described_caption_before,
     description_vocabulary,
+    transplant_class_word,
 )
 from nested.toyworld.channel import TOKEN_GROUPS, attention_channel
 from nested.toyworld.judges import ToyJudges, attribute_matches, chance_levels
-from nested.toyworld.world import DOMAINS, caption, contexts, identity_class, split_identities
+from nested.toyworld.world import CLASS_WORDS, DOMAINS, caption, contexts, identity_class, split_identities
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,17 +80,49 @@ def held_out_prompts(domain: str, count: int, describe) -> tuple[list, list, lis
     return subjects, chosen, prompts
 
 
+KINDS = {
+    "plain": "class word only (the base row)",
+    "words": "identity in words",
+    "class word": "class word's feature from the words",
+}
+
+
 @torch.no_grad()
-def score(pipe, judges: ToyJudges, domain: str, count: int, *, described: bool, args) -> dict[str, float]:
-    """Per-attribute and exact accuracy of ``count`` images of held-out identities (cycled), every context."""
-    subjects, _, prompts = held_out_prompts(domain, count, describer(args.base) if described else None)
+def transplanted(pipe, plain: list[str], described: list[str]) -> torch.Tensor:
+    """The text features of the class-word prompts ``plain``, except the class word's, which comes from the
+    same prompt with the identity in words (``described``). A contextual text model puts identity there; the
+    frozen UNet then draws what the class word alone carries: about the most an adapter acting on that one
+    token can reach (nested attention replaces its value only)."""
+    tokenizer = pipe.tokenizer
+    ids = [
+        tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        for texts in (plain, described)
+    ]  # fmt: skip
+    class_word_ids = torch.tensor(tokenizer.convert_tokens_to_ids([f"{w}</w>" for w in CLASS_WORDS.values()]))
+    plain_features, described_features = (pipe.text_encoder(i)[0] for i in ids)
+    return transplant_class_word(plain_features, described_features, *ids, class_word_ids)
+
+
+@torch.no_grad()
+def score(pipe, judges: ToyJudges, domain: str, count: int, *, kind: str, args) -> dict[str, float]:
+    """Per-attribute and exact accuracy of ``count`` images of held-out identities (cycled), every context,
+    prompted as ``kind`` says (a key of :data:`KINDS`)."""
+    subjects, chosen, prompts = held_out_prompts(
+        domain, count, describer(args.base) if kind == "words" else None
+    )
+    features = None
+    if kind == "class word":
+        features = transplanted(pipe, prompts, held_out_prompts(domain, count, describer(args.base))[2])
     hits: dict[str, float] = dict.fromkeys(identity_class(domain).ATTRIBUTES, 0.0)
     exact = 0
     generator = torch.Generator().manual_seed(args.seed)
-    for start in tqdm(range(0, count, args.batch_size), desc=f"{domain} {'words' if described else 'plain'}",
-                      file=sys.stderr, mininterval=5):  # fmt: skip
+    for start in tqdm(
+        range(0, count, args.batch_size), desc=f"{domain} {kind}", file=sys.stderr, mininterval=5
+    ):
         batch = slice(start, start + args.batch_size)
-        images = pipe(prompts[batch], num_inference_steps=args.steps, guidance_scale=args.guidance,
+        text = {"prompt": prompts[batch]} if features is None else {"prompt_embeds": features[batch]}
+        images = pipe(**text, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       generator=generator, output_type="pt").images  # fmt: skip
         for predicted, truth in zip(judges.identity(domain, images), subjects[batch], strict=True):
             matches = attribute_matches(predicted, truth.to_label())
@@ -114,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, dict[str, dict[str, float]]] = {}
     for domain in DOMAINS:
         report[domain] = {
-            "plain": score(pipe, judges, domain, args.images, described=False, args=args),
-            "words": score(pipe, judges, domain, args.images, described=True, args=args),
+            **{kind: score(pipe, judges, domain, args.images, kind=kind, args=args) for kind in KINDS},
             "chance": {
                 **{f"attr_{n}": 1 / len(v) for n, v in identity_class(domain).ATTRIBUTES.items()},
                 "attributes": chance_levels(domain)["attributes"],
@@ -124,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         columns = list(report[domain]["plain"])
         print(f"{domain}: " + "  ".join(columns))
-        for kind in ("chance", "plain", "words"):
-            print(f"  {kind:>6}: " + "  ".join(f"{100 * report[domain][kind][c]:.1f}" for c in columns))
+        for kind in ("chance", *KINDS):
+            print(f"  {kind:>10}: " + "  ".join(f"{100 * report[domain][kind][c]:.1f}" for c in columns))
         report[domain]["channel"] = {}
         print(f"{domain} attention in the subject's pixels (mean of the layers): " + "  ".join(TOKEN_GROUPS))
         for kind, describe in (("plain", None), ("words", describer(args.base))):
@@ -134,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 pipe, subjects, chosen, prompts, description_vocabulary(), seed=args.seed
             )
             report[domain]["channel"][kind] = channel
-            print(f"  {kind:>6}: " + "  ".join(f"{100 * channel['mean'][g]:.1f}" for g in TOKEN_GROUPS))
+            print(f"  {kind:>10}: " + "  ".join(f"{100 * channel['mean'][g]:.1f}" for g in TOKEN_GROUPS))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -237,8 +237,15 @@ def words_table(runs: Path) -> list[str]:
             f"| {domain} | " + " | ".join(names) + " |",
             "| --- |" + " --- |" * len(columns),
         ]
-        labels = {"chance": "chance", "plain": "class word only (the base row)", "words": "identity in words"}
+        labels = {
+            "chance": "chance",
+            "plain": "class word only (the base row)",
+            "words": "identity in words",
+            "class word": "class word's feature from the words",
+        }
         for kind, label in labels.items():
+            if kind not in kinds:  # a report from before the class-word row
+                continue
             lines.append(f"| {label} | " + " | ".join(_pct(kinds[kind][c]) for c in columns) + " |")
         lines.append("")
     return lines[:-1]

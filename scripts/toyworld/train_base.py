@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
         help="causal transformer layers in the text model, trained with the UNet (default 0: per-token"
         " features, frozen)",
     )  # fmt: skip
+    parser.add_argument(
+        "--transplant", type=float, default=0.0,
+        help="with --text-layers: the fraction of identity-naming captions the UNet sees as the class-word"
+        " caption whose class word's feature comes from the naming one (default 0; toybase.train_unet)",
+    )  # fmt: skip
     parser.add_argument("--vae-steps", type=int, default=3000, help="VAE steps (default 3000)")
     parser.add_argument(
         "--vae", type=Path, default=None, help="reuse this trained VAE folder (skips its stage)"
@@ -177,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     unet = toybase.train_unet(
         start, latents, pool.captions, tokenizer, text_encoder,
         steps=args.unet_steps, batch_size=args.unet_batch, lr=args.unet_lr, seed=args.seed,
+        class_captions=pool.class_captions, transplant_fraction=args.transplant,
         progress=_bar(args.unet_steps, "unet"),
     )  # fmt: skip
     times["unet"] = time.time() - mark

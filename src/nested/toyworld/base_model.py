@@ -80,8 +80,9 @@ SCHEDULE = SD_SCHEDULE  # the noise schedule of training and of the saved DDIM s
 Progress = Callable[[int, dict[str, float]], None]  # (step, logs) after each optimizer step
 
 
-def build_vae() -> AutoencoderKL:
-    """Spatial factor 4 (three blocks, two downsamplings): 64 px -> 16 x 16 x 4 latents."""
+def build_vae(latent_channels: int = 4) -> AutoencoderKL:
+    """Spatial factor 4 (three blocks, two downsamplings): 64 px -> 16 x 16 x ``latent_channels`` latents
+    (4 as SD 1.x / SDXL; SD3 and FLUX use 16)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -89,7 +90,7 @@ def build_vae() -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(16, 32, 64),  # (32, 64, 64): 2.4x the time per step
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=IMAGE_SIZE,
     )
@@ -321,10 +322,12 @@ def train_image_encoder(
 
 @dataclass
 class RenderPool:
-    """Rendered training images (uint8, (N, 3, 64, 64)) and their class + context captions."""
+    """Rendered training images (uint8, (N, 3, 64, 64)), their captions, and each caption with the class
+    word only (the same caption where it names no identity)."""
 
     images: torch.Tensor
     captions: list[str]
+    class_captions: list[str]
 
 
 def render_pool(
@@ -346,13 +349,13 @@ def render_pool(
     rng = random.Random(f"toybase-pool-{seed}")
     faces = split_identities("faces", held_out_fraction)[0]
     pets = split_identities("pets", held_out_fraction)[0]
-    scenes, images, captions = list(SCENES), [], []
+    scenes, images, captions, class_captions = list(SCENES), [], [], []
     for index in range(count):
         context = Context(rng.choice(scenes), rng.choice(STYLES))
         render_seed = rng.randrange(2**31)
         if rng.random() < pair_fraction:
             image = render_pair(rng.choice(faces), rng.choice(pets), context, seed=render_seed)
-            text = caption("pair", context)
+            text = plain = caption("pair", context)
         else:
             domain = "faces" if index % 2 == 0 else "pets"
             identity = rng.choice(faces if domain == "faces" else pets)
@@ -360,10 +363,12 @@ def render_pool(
             # No extra draw when nothing is described: a pool of the earlier recipe stays the same pool.
             described = described_fraction > 0 and rng.random() < described_fraction
             describer = described_caption_before if describe_before else described_caption
-            text = describer(identity, context) if described else caption(domain, context)
+            plain = caption(domain, context)
+            text = describer(identity, context) if described else plain
         images.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
         captions.append(text)
-    return RenderPool(torch.stack(images), captions)
+        class_captions.append(plain)
+    return RenderPool(torch.stack(images), captions, class_captions)
 
 
 def _to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -462,23 +467,39 @@ def train_unet(
     caption_dropout: float = 0.1,
     ema_decay: float = 0.999,
     text_lr_scale: float = 0.3,
+    class_captions: Sequence[str] | None = None,
+    transplant_fraction: float = 0.0,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> UNet2DConditionModel:
     """Epsilon-prediction training on cached latents; returns the EMA copy of the weights (what is saved).
 
     A text encoder with trainable parameters (:func:`build_text_encoder` with layers) trains with the UNet,
-    at ``text_lr_scale`` times its learning rate, and ends holding its own EMA weights.
+    at ``text_lr_scale`` times its learning rate, and ends holding its own EMA weights. Then, for a
+    ``transplant_fraction`` of the captions that name an identity, the UNet sees the caption's class-word-only
+    version (``class_captions``) whose class word's feature comes from the naming caption
+    (:func:`transplant_class_word`): the identity reaches the UNet through the class word alone, the one
+    column nested attention acts on, and the text model learns to put it there.
     """
     texts = sorted({*captions, ""})
     caption_index = torch.tensor([texts.index(text) for text in captions])
     empty = texts.index("")
     joint = any(p.requires_grad for p in text_encoder.parameters())
+    if transplant_fraction and not (joint and class_captions is not None):
+        raise ValueError("transplant_fraction needs a trained text encoder (layers) and class_captions")
     if joint:
+        texts = sorted({*texts, *(class_captions or [])})
+        caption_index = torch.tensor([texts.index(text) for text in captions])
+        empty = texts.index("")
         ids = tokenizer(
             texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
         )
         token_ids = ids.input_ids
+        if class_captions is not None:
+            class_index = torch.tensor([texts.index(text) for text in class_captions])
+            class_word_ids = torch.tensor(
+                tokenizer.convert_tokens_to_ids([f"{w}</w>" for w in CLASS_WORDS.values()])
+            )
     else:
         embeddings = encode_captions(tokenizer, text_encoder, texts)[1]
     scheduler = DDPMScheduler(**SCHEDULE)
@@ -500,7 +521,20 @@ def train_unet(
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
-        condition = text_encoder(token_ids[text])[0] if joint else embeddings[text]
+        if not joint:
+            condition = embeddings[text]
+        else:
+            condition = text_encoder(token_ids[text])[0]
+            if transplant_fraction:
+                plain = class_index[index]
+                swap = (plain != caption_index[index]) & (text != empty)
+                swap &= torch.rand(batch_size, generator=generator) < transplant_fraction
+                if swap.any():
+                    condition = condition.clone()
+                    condition[swap] = transplant_class_word(
+                        text_encoder(token_ids[plain[swap]])[0], condition[swap],
+                        token_ids[plain[swap]], token_ids[text[swap]], class_word_ids,
+                    )  # fmt: skip
         prediction = unet(noisy, timesteps, condition).sample
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
@@ -517,6 +551,24 @@ def train_unet(
         text_encoder.load_state_dict(ema[1].state_dict())
         text_encoder.eval().requires_grad_(False)
     return ema[0]
+
+
+def transplant_class_word(
+    class_features: torch.Tensor,
+    named_features: torch.Tensor,
+    class_ids: torch.Tensor,
+    named_ids: torch.Tensor,
+    class_word_ids: torch.Tensor,
+) -> torch.Tensor:
+    """``class_features`` (the text features of class-word-only captions, token ids ``class_ids``) with each
+    caption's class word's feature replaced by the class word's feature in ``named_features`` (the same
+    captions naming the identity, ``named_ids``). The first class word of each caption is the subject's."""
+    rows = torch.arange(len(class_ids))
+    class_at = torch.isin(class_ids, class_word_ids).int().argmax(1)
+    named_at = torch.isin(named_ids, class_word_ids).int().argmax(1)
+    out = class_features.clone()
+    out[rows, class_at] = named_features[rows, named_at]
+    return out
 
 
 def save_base_model(
