@@ -100,7 +100,8 @@ def test_eval_runs_end_to_end_on_a_transformer_base(kind, bases, subjects, tiny_
     assert [p["label"] for p in summary["points"]] == ["base", "s=0", "s=1"]
     assert summary["guidance"] == {"sd3": 7.0, "flux": 3.5}[kind]  # the pipeline's own default
     with Image.open(out / "grid.png") as grid:
-        assert grid.size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)
+        # 2 rows x (reference, base, 2 strengths) of 32 px shown at 128 px, a header and a prompt line per row
+        assert grid.size == (4 * 128 + 5 * 4, 20 + 2 * (20 + 128 + 4) + 4)
 
 
 def test_eval_image_encoder_overrides_the_adapters_vision_backbone(

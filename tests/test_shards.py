@@ -348,7 +348,7 @@ def test_a_signal_during_overwrite_keeps_the_previous_dataset(
 
 
 def test_a_signal_during_the_swap_takes_effect_after_it(
-    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, default_sigint: None
 ) -> None:
     out = tmp_path / "out"
     build_shards(image_folder, out, domain="faces", subject="p", maxcount=1, progress=False)
