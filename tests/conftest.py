@@ -89,3 +89,31 @@ def default_sigint():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+DEMO_FACES = Path(__file__).resolve().parents[1] / "data" / "demo" / "faces"
+
+
+@pytest.fixture
+def demo_faces_data():
+    """``make(samples, shuffle_buffer=samples, validation=False)``: a 32 px data module over the committed demo
+    faces shards (batches of 2, no loader workers), with their validation shards when asked."""
+    from nested.data.datamodule import NestedDataModule
+    from nested.data.domains import DomainSpec
+
+    def make(samples: int, shuffle_buffer: int | None = None, validation: bool = False) -> NestedDataModule:
+        val = (
+            [DomainSpec("faces", str(DEMO_FACES / "val" / "shards.json"), "<person>")] if validation else None
+        )
+        return NestedDataModule(
+            [DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")],
+            resolution=32,
+            reference_size=32,
+            batch_size=2,
+            num_workers=0,
+            epoch_samples=samples,
+            shuffle_buffer=samples if shuffle_buffer is None else shuffle_buffer,
+            val_domains=val,
+        )
+
+    return make

@@ -27,7 +27,6 @@ from nested.backbone import TransformerBackbone
 from nested.callbacks import SampleGrid
 from nested.cli.eval import main_eval
 from nested.cli.main import main
-from nested.data import DomainSpec, NestedDataModule
 from nested.encoder import EncoderSpec
 from nested.inference.pipeline import NestedPipeline
 from nested.inference.sampler import sample_images
@@ -280,7 +279,7 @@ def _pipeline_of(backbone: TransformerBackbone):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_sample_grid_guidance_defaults_to_the_models_own(kind, bases, tmp_path):
+def test_sample_grid_guidance_defaults_to_the_models_own(kind, bases, tmp_path, demo_faces_data):
     """Three grids in one run: guidance unset, the model's default given, another value given."""
     base = bases[kind]
     spec = EncoderSpec(backbone=str(base / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
@@ -288,15 +287,7 @@ def test_sample_grid_guidance_defaults_to_the_models_own(kind, bases, tmp_path):
     module = NestedAttentionModule(
         str(base), spec, subjects={"<person>": "person"}, max_sequence_length=32, optimizer=adamw(1e-2)
     )
-    data = NestedDataModule(
-        [DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")],
-        resolution=32,
-        reference_size=32,
-        batch_size=2,
-        num_workers=0,
-        epoch_samples=2,
-        shuffle_buffer=2,
-    )
+    data = demo_faces_data(2)
     common = dict(
         every_n_steps=100,
         prompts=["a photo of {token}"],

@@ -15,7 +15,6 @@ from skimage.data import astronaut
 from nested.adapter import NestedAdapter, SubjectBinding
 from nested.backbone import TransformerBackbone
 from nested.cli.main import main
-from nested.data import DomainSpec, NestedDataModule
 from nested.data.shards import encode_latents
 from nested.data.transforms import target_transform
 from nested.dit import joint_attention_layers
@@ -24,7 +23,6 @@ from nested.errors import ConfigError, DataError
 from nested.training.module import ConditioningDropout, NestedAttentionModule
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_FACES = REPO / "data" / "demo" / "faces"
 NO_DROPOUT = ConditioningDropout(text=0.0, image=0.0, both=0.0)
 
 
@@ -42,17 +40,9 @@ def make_module(path: Path, **kwargs) -> NestedAttentionModule:
     return module
 
 
-def fixed_batch(module: NestedAttentionModule) -> dict:
+def fixed_batch(module: NestedAttentionModule, demo_faces_data) -> dict:
     """Two demo samples at 32 px with their latents (so the loss draws only noise and t)."""
-    data = NestedDataModule(
-        [DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")],
-        resolution=32,
-        reference_size=32,
-        batch_size=2,
-        num_workers=0,
-        epoch_samples=2,
-        shuffle_buffer=2,
-    )
+    data = demo_faces_data(2)
     data.setup("fit")
     batch = data.on_before_batch_transfer(next(iter(data.train_dataloader())), 0)
     with torch.no_grad():
@@ -103,10 +93,10 @@ def naive_flux_call(transformer, noisy, t, cond, guidance):
 
 
 @pytest.mark.parametrize("tiny_dit_path", ["sd3", "flux"], indirect=True)
-def test_loss_is_the_velocity_error_at_the_shifted_logit_normal_time(tiny_dit_path):
+def test_loss_is_the_velocity_error_at_the_shifted_logit_normal_time(tiny_dit_path, demo_faces_data):
     module = make_module(tiny_dit_path, guidance_scale=2.5)
     kind, backbone, adapter = module.backbone.kind, module.backbone, module.adapter
-    batch = fixed_batch(module)
+    batch = fixed_batch(module, demo_faces_data)
     with torch.no_grad():
         loss = module.diffusion_loss(batch, torch.Generator().manual_seed(7), apply_dropout=False)["loss"]
 
@@ -155,9 +145,9 @@ def test_options_of_the_other_model_family_are_refused(tiny_sd3_path, tiny_sd_pa
 
 # ------------------------------------------------------------------------- training a fixed batch
 @pytest.mark.parametrize("tiny_dit_path", ["sd3", "flux"], indirect=True)
-def test_adapter_overfits_a_fixed_batch_and_only_the_adapter_changes(tiny_dit_path):
+def test_adapter_overfits_a_fixed_batch_and_only_the_adapter_changes(tiny_dit_path, demo_faces_data):
     module = make_module(tiny_dit_path)
-    batch = fixed_batch(module)
+    batch = fixed_batch(module, demo_faces_data)
     before = frozen_state(module)
     trainable = module.adapter.trainable_parameters()
     optimizer = torch.optim.Adam(trainable, lr=3e-2)
@@ -182,9 +172,9 @@ def test_adapter_overfits_a_fixed_batch_and_only_the_adapter_changes(tiny_dit_pa
 
 
 @pytest.mark.parametrize("tiny_dit_path", ["sd3", "flux"], indirect=True)
-def test_gradient_checkpointing_of_the_transformer_gives_the_same_gradients(tiny_dit_path):
+def test_gradient_checkpointing_of_the_transformer_gives_the_same_gradients(tiny_dit_path, demo_faces_data):
     module = make_module(tiny_dit_path)
-    batch = fixed_batch(module)
+    batch = fixed_batch(module, demo_faces_data)
     transformer, grads = module.backbone.transformer, []
     for enabled in (False, True):
         if enabled:
@@ -245,9 +235,11 @@ def test_cached_latents_carry_the_vae_shift_like_the_training_path(tiny_flux_pat
     torch.testing.assert_close(cached, ((mean - 0.1159) * 0.3611).half().float())
 
 
-def test_cached_latents_of_another_vae_are_refused_naming_both_channel_counts(tiny_flux_path):
+def test_cached_latents_of_another_vae_are_refused_naming_both_channel_counts(
+    tiny_flux_path, demo_faces_data
+):
     module = make_module(tiny_flux_path)
-    batch = fixed_batch(module)
+    batch = fixed_batch(module, demo_faces_data)
     batch["latents"] = torch.zeros(2, 4, 8, 8)  # an SD VAE's
     with pytest.raises(DataError, match="cached latents have 4 channels.*makes 16.*--cache-latents"):
         module.diffusion_loss(batch, torch.Generator().manual_seed(0))

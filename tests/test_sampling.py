@@ -20,7 +20,6 @@ from test_module import adamw
 from nested.adapter import NestedAdapter
 from nested.backbone import DiffusionBackbone
 from nested.callbacks import SampleGrid
-from nested.data import DomainSpec, NestedDataModule
 from nested.encoder import EncoderSpec
 from nested.evaluation.images import load_references, make_grid
 from nested.inference.pipeline import NestedPipeline
@@ -180,21 +179,12 @@ class _RngProbe(L.Callback):
         self.draws.append(torch.rand(1).item())
 
 
-def _fit(model_path: Path, root: Path, callbacks: list, loggers) -> NestedAttentionModule:
+def _fit(model_path: Path, root: Path, callbacks: list, loggers, demo_faces_data) -> NestedAttentionModule:
     torch.manual_seed(0)
     module = NestedAttentionModule(
         str(model_path), _encoder_spec(model_path), subjects={"<person>": "person"}, optimizer=adamw(1e-2)
     )
-    data = NestedDataModule(
-        [DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")],
-        resolution=32,
-        reference_size=32,
-        batch_size=2,
-        num_workers=0,
-        epoch_samples=6,
-        shuffle_buffer=8,
-        val_domains=[DomainSpec("faces", str(DEMO_FACES / "val" / "shards.json"), "<person>")],
-    )
+    data = demo_faces_data(6, shuffle_buffer=8, validation=True)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -214,7 +204,7 @@ def _fit(model_path: Path, root: Path, callbacks: list, loggers) -> NestedAttent
 
 
 def test_sample_grid_logs_the_grid_and_metrics_without_copying_the_unet_or_changing_training(
-    tiny_sd_path, tiny_clip_path, tmp_path
+    tiny_sd_path, tiny_clip_path, tmp_path, demo_faces_data
 ):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -234,8 +224,16 @@ def test_sample_grid_logs_the_grid_and_metrics_without_copying_the_unet_or_chang
     counter, probe, plain_probe = _UnetCounter(), _RngProbe(), _RngProbe()
     tensorboard = TensorBoardLogger(str(tmp_path / "with"), name="tb")
     csv_logger = CSVLogger(str(tmp_path / "with"), name="csv")
-    sampled = _fit(tiny_sd_path, tmp_path / "with", [counter, grid, probe], [tensorboard, csv_logger])
-    plain = _fit(tiny_sd_path, tmp_path / "without", [plain_probe], [CSVLogger(str(tmp_path / "without"))])
+    sampled = _fit(
+        tiny_sd_path, tmp_path / "with", [counter, grid, probe], [tensorboard, csv_logger], demo_faces_data
+    )
+    plain = _fit(
+        tiny_sd_path,
+        tmp_path / "without",
+        [plain_probe],
+        [CSVLogger(str(tmp_path / "without"))],
+        demo_faces_data,
+    )
 
     # The grid: 2 reference rows x (reference + 2 prompts x 2 seeds) columns of 32 px, 2 px padding.
     expected = (3, 2 * 32 + 3 * 2, 5 * 32 + 6 * 2)
@@ -263,20 +261,14 @@ def test_sample_grid_logs_the_grid_and_metrics_without_copying_the_unet_or_chang
     assert [m.training for m in sampled.modules()] == [m.training for m in plain.modules()]
 
 
-def test_sample_grid_under_ddp_samples_on_rank_zero_without_hanging(tiny_sd_path, tiny_clip_path, tmp_path):
+def test_sample_grid_under_ddp_samples_on_rank_zero_without_hanging(
+    tiny_sd_path, tiny_clip_path, tmp_path, demo_faces_data
+):
     """Two CPU ranks (gloo, forked): rank 0 samples while rank 1 waits at the next gradient sync."""
     module = NestedAttentionModule(
         str(tiny_sd_path), _encoder_spec(tiny_sd_path), subjects={"<person>": "person"}, optimizer=adamw(1e-2)
     )
-    data = NestedDataModule(
-        [DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")],
-        resolution=32,
-        reference_size=32,
-        batch_size=2,
-        num_workers=0,
-        epoch_samples=8,
-        shuffle_buffer=8,
-    )
+    data = demo_faces_data(8)
     grid = SampleGrid(
         every_n_steps=1,
         prompts=["a photo of {token}"],
