@@ -27,7 +27,7 @@ from nested.toyworld.base_model import (
     description_vocabulary,
     transplant_class_word,
 )
-from nested.toyworld.channel import TOKEN_GROUPS, attention_channel
+from nested.toyworld.channel import TOKEN_GROUPS, attention_channel, prompt_ids
 from nested.toyworld.judges import ToyJudges, attribute_matches, chance_levels
 from nested.toyworld.world import CLASS_WORDS, DOMAINS, caption, contexts, identity_class, split_identities
 
@@ -94,11 +94,7 @@ def transplanted(pipe, plain: list[str], described: list[str]) -> torch.Tensor:
     frozen UNet then draws what the class word alone carries: about the most an adapter acting on that one
     token can reach (nested attention replaces its value only)."""
     tokenizer = pipe.tokenizer
-    ids = [
-        tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        for texts in (plain, described)
-    ]  # fmt: skip
+    ids = [prompt_ids(tokenizer, texts) for texts in (plain, described)]
     class_word_ids = torch.tensor(tokenizer.convert_tokens_to_ids([f"{w}</w>" for w in CLASS_WORDS.values()]))
     plain_features, described_features = (pipe.text_encoder(i)[0] for i in ids)
     return transplant_class_word(plain_features, described_features, *ids, class_word_ids)

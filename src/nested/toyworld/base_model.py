@@ -481,22 +481,19 @@ def train_unet(
     (:func:`transplant_class_word`): the identity reaches the UNet through the class word alone, the one
     column nested attention acts on, and the text model learns to put it there.
     """
-    texts = sorted({*captions, ""})
-    caption_index = torch.tensor([texts.index(text) for text in captions])
-    empty = texts.index("")
     joint = any(p.requires_grad for p in text_encoder.parameters())
     if transplant_fraction and not (joint and class_captions is not None):
         raise ValueError("transplant_fraction needs a trained text encoder (layers) and class_captions")
+    texts = sorted({*captions, *(class_captions or []), ""})
+    position = {text: i for i, text in enumerate(texts)}
+    caption_index = torch.tensor([position[text] for text in captions])
+    empty = position[""]
     if joint:
-        texts = sorted({*texts, *(class_captions or [])})
-        caption_index = torch.tensor([texts.index(text) for text in captions])
-        empty = texts.index("")
-        ids = tokenizer(
+        token_ids = tokenizer(
             texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-        )
-        token_ids = ids.input_ids
+        ).input_ids
         if class_captions is not None:
-            class_index = torch.tensor([texts.index(text) for text in class_captions])
+            class_index = torch.tensor([position[text] for text in class_captions])
             class_word_ids = torch.tensor(
                 tokenizer.convert_tokens_to_ids([f"{w}</w>" for w in CLASS_WORDS.values()])
             )

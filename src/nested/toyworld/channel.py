@@ -31,12 +31,16 @@ def subject_mask(identity: Identity, seed: int, size: int = 64) -> torch.Tensor:
     return torch.from_numpy(~background).float()
 
 
-def token_groups(tokenizer: Any, prompts: Sequence[str], identity_words: Sequence[str]) -> torch.Tensor:
-    """(B, T) index into :data:`TOKEN_GROUPS` of every token of ``prompts`` as the pipeline pads them."""
-    ids = tokenizer(
+def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """(B, T) token ids of ``prompts`` as the pipeline pads them."""
+    return tokenizer(
         list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
         return_tensors="pt",
     ).input_ids  # fmt: skip
+
+
+def token_groups(tokenizer: Any, ids: torch.Tensor, identity_words: Sequence[str]) -> torch.Tensor:
+    """(B, T) index into :data:`TOKEN_GROUPS` of every token of ``ids`` (:func:`prompt_ids`)."""
     vocabulary = tokenizer.get_vocab()
 
     def ids_of(words: Sequence[str]) -> torch.Tensor:
@@ -73,7 +77,8 @@ def attention_channel(
         [np.asarray(render(s, c, seed=r)) for s, c, r in zip(subjects, contexts, seeds, strict=True)]
     )
     masks = torch.stack([subject_mask(s, r) for s, r in zip(subjects, seeds, strict=True)])[:, None]
-    groups = F.one_hot(token_groups(pipe.tokenizer, prompts, identity_words), len(TOKEN_GROUPS)).float()
+    ids = prompt_ids(pipe.tokenizer, prompts)
+    groups = F.one_hot(token_groups(pipe.tokenizer, ids, identity_words), len(TOKEN_GROUPS)).float()
     sums: dict[str, torch.Tensor] = {}
 
     def measure(name: str):
@@ -102,10 +107,6 @@ def attention_channel(
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
         timesteps = torch.full((len(prompts),), timestep)
-        ids = pipe.tokenizer(
-            list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids  # fmt: skip
         pipe.unet(pipe.scheduler.add_noise(latents, noise, timesteps), timesteps, pipe.text_encoder(ids)[0])
     finally:
         for handle in handles:
