@@ -289,7 +289,7 @@ def test_transplant_training_shows_the_unet_the_class_caption_with_the_named_cla
     unet = toybase.build_unet(text.config.hidden_size)
     seen = []
     unet.register_forward_pre_hook(lambda module, args: seen.append(args[2].detach().clone()))
-    with pytest.raises(ValueError, match="transplant_fraction needs"):
+    with pytest.raises(ValueError, match="transplant_fraction and value_transplant_fraction need"):
         toybase.train_unet(unet, torch.randn(8, 4, 16, 16), pool.captions, tokenizer,
                            toybase.build_text_encoder(tokenizer, seed=0), steps=1, transplant_fraction=0.5)  # fmt: skip
     seen.clear()
@@ -307,6 +307,69 @@ def test_transplant_training_shows_the_unet_the_class_caption_with_the_named_cla
         )
     for condition in seen[0]:
         assert min((condition - candidate).abs().max().item() for candidate in expected) < 1e-5
+
+
+def test_value_transplant_training_keeps_the_class_captions_keys_and_moves_the_class_words_value(tmp_path):
+    """With value_transplant_fraction 1, every identity-naming caption reaches the UNet's keys as its class-word
+    caption and its values as that caption with the named class word's feature; the UNet ends with its own
+    attention processors."""
+    tokenizer = toybase.write_world_tokenizer(tmp_path / "tokenizer")
+    text = toybase.build_text_encoder(tokenizer, seed=0, layers=2)
+    pool = toybase.render_pool(8, seed=0, pair_fraction=0.0, described_fraction=1.0, describe_before=True)
+    unet = toybase.build_unet(text.config.hidden_size)
+    processors = unet.attn_processors
+    seen = []
+    unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(
+            (args[2].detach().clone(), kwargs["cross_attention_kwargs"])
+        ),
+        with_kwargs=True,
+    )
+    with pytest.raises(ValueError, match="sum to 1.5"):
+        toybase.train_unet(unet, torch.randn(8, 4, 16, 16), pool.captions, tokenizer, text, steps=1,
+                           class_captions=pool.class_captions, transplant_fraction=0.5,
+                           value_transplant_fraction=1.0)  # fmt: skip
+    toybase.train_unet(
+        unet, torch.randn(8, 4, 16, 16), pool.captions, tokenizer, text, steps=1, batch_size=8,
+        caption_dropout=0.0, class_captions=pool.class_captions, value_transplant_fraction=1.0, lr=0.0,
+    )  # fmt: skip
+    assert unet.attn_processors == processors
+    ids = {name: tokenizer(captions, padding="max_length", max_length=toybase.TEXT_LENGTH, return_tensors="pt")
+           .input_ids for name, captions in (("named", pool.captions), ("class", pool.class_captions))}  # fmt: skip
+    with torch.no_grad():
+        class_word_ids = torch.tensor(tokenizer.convert_tokens_to_ids(["person</w>", "pet</w>"]))
+        plain = text(ids["class"])[0]
+        expected = toybase.transplant_class_word(
+            plain, text(ids["named"])[0], ids["class"], ids["named"], class_word_ids
+        )
+    keys, extra = seen[0]
+    for key, value in zip(keys, extra["value_states"], strict=True):
+        matches = [(key - k).abs().max() < 1e-5 and (value - v).abs().max() < 1e-5
+                   for k, v in zip(plain, expected, strict=True)]  # fmt: skip
+        assert any(matches)
+
+
+def test_value_transplant_processor_is_the_default_without_values_and_a_naive_attention_with_them():
+    """Same values as keys: diffusers' output bit for bit. Other values: softmax(q k^T / sqrt(d)) v, heads
+    split, through the output projection."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(96, cross_attention_dim=64, heads=6, dim_head=16).eval()
+    hidden, text, values = torch.randn(2, 10, 96), torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    processor = toybase.ValueTransplantProcessor()
+    with torch.no_grad():
+        default = attn(hidden, text)
+        attn.set_processor(processor)
+        assert torch.equal(attn(hidden, text, value_states=text), default)
+        assert torch.equal(attn(hidden, text), default)
+        out = attn(hidden, text, value_states=values)
+        q, k, v = (x.double().unflatten(-1, (6, 16)).transpose(1, 2)
+                   for x in (attn.to_q(hidden), attn.to_k(text), attn.to_v(values)))  # fmt: skip
+        weights = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
+        naive = attn.to_out[0]((weights @ v).transpose(1, 2).flatten(2).float())
+    assert torch.allclose(out, naive, atol=1e-5)
+    assert not torch.allclose(out, default, atol=1e-3)
 
 
 def test_text_encoder_grown_from_a_start_keeps_its_features(tmp_path):
@@ -346,7 +409,10 @@ def test_check_base_scores_described_and_plain_prompts_and_results_tables_them(t
     report = json.loads(out.read_text())
     assert set(report) == {"faces", "pets"}
     for domain, kinds in report.items():
-        assert set(kinds) == {"chance", "plain", "words", "class word", "channel"}
+        assert set(kinds) == {"chance", "plain", "words", "class word", "class word value", "channel"}
+        # Per-token text features: the class word's feature is the same in both prompts, so both
+        # transplants draw the class-word prompt's images.
+        assert kinds["class word"] == kinds["class word value"] == kinds["plain"]
         channel = kinds.pop("channel")
         assert channel["plain"]["mean"]["identity words"] == 0 < channel["words"]["mean"]["identity words"]
         for scores in kinds.values():
@@ -357,6 +423,7 @@ def test_check_base_scores_described_and_plain_prompts_and_results_tables_them(t
     rows = _script("results").words_table(tmp_path)
     assert sum(row.startswith("| identity in words |") for row in rows) == 2
     assert sum(row.startswith("| class word's feature from the words |") for row in rows) == 2
+    assert sum(row.startswith("| class word's value from the words |") for row in rows) == 2
     assert rows[0].startswith("| faces | skin | hair colour |")
     channel_rows = _script("results").channel_table(tmp_path)
     assert (
@@ -391,9 +458,10 @@ def test_transplanted_class_word_features_come_from_the_described_prompt(tmp_pat
     for layers in (0, 2):
         text = toybase.build_text_encoder(tokenizer, seed=0, layers=layers).eval()
         pipe = SimpleNamespace(tokenizer=tokenizer, text_encoder=text)
-        features = check_base.transplanted(pipe, plain, described[layers])
+        plain_features, features = check_base.transplanted(pipe, plain, described[layers])
         with torch.no_grad():
             own = text(ids)[0]
+        assert torch.equal(plain_features, own)
         changed = (features - own).abs().amax(-1) > 1e-6  # (B, T)
         if layers == 0:
             assert not changed.any()
@@ -432,3 +500,26 @@ def test_results_finds_token_weight_sweeps_and_skips_their_logs(tmp_path):
     (tmp_path / "eval-faces-nested-tw3.log").write_text("a log, not a sweep\n")
     sweeps = _script("results").weighted_sweeps("faces", tmp_path)
     assert sweeps == {"nested, token weight 3": [points[1]]}
+
+
+def test_train_base_records_the_stages_of_the_unet_it_started_from(tmp_path):
+    """A warm start's training.json lists every earlier stage (from either record format), then its own."""
+    train_base = _script("train_base")
+    times = {"unet": 1.26}
+    fresh = train_base.training_record(train_base._parser().parse_args(["--out", "x"]), times)
+    assert fresh == {"stages": [{"recipe": fresh["stages"][0]["recipe"], "seconds": {"unet": 1.3}}]}
+    assert fresh["stages"][0]["recipe"]["unet"] is None
+    staged, single = tmp_path / "staged", tmp_path / "single"
+    for folder in (staged, single):
+        (folder / "unet").mkdir(parents=True)
+    (staged / "training.json").write_text(json.dumps({"how": "two legs", "stages": [{"recipe": {"a": 1}},
+                                                                                      {"recipe": {"b": 2}}]}))  # fmt: skip
+    (single / "training.json").write_text(json.dumps({"recipe": {"c": 3}, "seconds": {"unet": 9}}))
+    args = train_base._parser().parse_args(["--out", "y", "--unet", str(staged / "unet")])
+    record = train_base.training_record(args, times)
+    assert record["how"] == "two legs"
+    assert [stage["recipe"].get("unet") for stage in record["stages"]] == [None, None, str(staged / "unet")]
+    args = train_base._parser().parse_args(["--out", "y", "--unet", str(single / "unet")])
+    record = train_base.training_record(args, times)
+    assert set(record) == {"stages"} and record["stages"][0] == {"recipe": {"c": 3}, "seconds": {"unet": 9}}
+    assert record["stages"][1]["recipe"]["out"] == "y"

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nested.toyworld.base_model import (
+    ValueTransplantProcessor,
     described_caption,
     described_caption_before,
     description_vocabulary,
@@ -84,20 +85,52 @@ KINDS = {
     "plain": "class word only (the base row)",
     "words": "identity in words",
     "class word": "class word's feature from the words",
+    "class word value": "class word's value from the words",
 }
 
 
 @torch.no_grad()
-def transplanted(pipe, plain: list[str], described: list[str]) -> torch.Tensor:
-    """The text features of the class-word prompts ``plain``, except the class word's, which comes from the
-    same prompt with the identity in words (``described``). A contextual text model puts identity there; the
-    frozen UNet then draws what the class word alone carries: about the most an adapter acting on that one
-    token can reach (nested attention replaces its value only)."""
+def transplanted(pipe, plain: list[str], described: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text features of the class-word prompts ``plain``, and the same except the class word's, which
+    comes from the same prompt with the identity in words (``described``). A contextual text model puts
+    identity there; the frozen UNet then draws what the class word alone carries. Given as both key and value
+    ("class word"), that is what the token can carry; given as the value only ("class word value"), it is
+    what nested attention, which replaces the token's value and keeps its key, can reach."""
     tokenizer = pipe.tokenizer
     ids = [prompt_ids(tokenizer, texts) for texts in (plain, described)]
     class_word_ids = torch.tensor(tokenizer.convert_tokens_to_ids([f"{w}</w>" for w in CLASS_WORDS.values()]))
     plain_features, described_features = (pipe.text_encoder(i)[0] for i in ids)
-    return transplant_class_word(plain_features, described_features, *ids, class_word_ids)
+    return plain_features, transplant_class_word(plain_features, described_features, *ids, class_word_ids)
+
+
+def text_inputs(pipe, kind: str, prompts: list[str], described: list[str] | None) -> list[dict]:
+    """The pipeline's text arguments for each image (``prompt``, or text features and the value source)."""
+    if kind not in ("class word", "class word value"):
+        return [{"prompt": p} for p in prompts]
+    plain, moved = transplanted(pipe, prompts, described)
+    if kind == "class word":
+        return [{"prompt_embeds": m[None]} for m in moved]
+    empty = pipe.text_encoder(prompt_ids(pipe.tokenizer, [""]))[0]
+    return [
+        {"prompt_embeds": k[None], "negative_prompt_embeds": empty,
+         "cross_attention_kwargs": {"value_states": torch.cat([empty, v[None]])}}
+        for k, v in zip(plain, moved, strict=True)
+    ]  # fmt: skip
+
+
+def _batched(inputs: list[dict]) -> dict:
+    """One pipeline call's text arguments from per-image ones (classifier-free guidance: negatives first)."""
+    if "prompt" in inputs[0]:
+        return {"prompt": [i["prompt"] for i in inputs]}
+    batch = {"prompt_embeds": torch.cat([i["prompt_embeds"] for i in inputs])}
+    if "cross_attention_kwargs" in inputs[0]:
+        negative = torch.cat([i["negative_prompt_embeds"] for i in inputs])
+        values = [i["cross_attention_kwargs"]["value_states"] for i in inputs]
+        batch["negative_prompt_embeds"] = negative
+        batch["cross_attention_kwargs"] = {
+            "value_states": torch.cat([*(v[:1] for v in values), *(v[1:] for v in values)])
+        }
+    return batch
 
 
 @torch.no_grad()
@@ -107,9 +140,8 @@ def score(pipe, judges: ToyJudges, domain: str, count: int, *, kind: str, args) 
     subjects, chosen, prompts = held_out_prompts(
         domain, count, describer(args.base) if kind == "words" else None
     )
-    features = None
-    if kind == "class word":
-        features = transplanted(pipe, prompts, held_out_prompts(domain, count, describer(args.base))[2])
+    described = held_out_prompts(domain, count, describer(args.base))[2]
+    inputs = text_inputs(pipe, kind, prompts, described)
     hits: dict[str, float] = dict.fromkeys(identity_class(domain).ATTRIBUTES, 0.0)
     exact = 0
     generator = torch.Generator().manual_seed(args.seed)
@@ -117,8 +149,7 @@ def score(pipe, judges: ToyJudges, domain: str, count: int, *, kind: str, args) 
         range(0, count, args.batch_size), desc=f"{domain} {kind}", file=sys.stderr, mininterval=5
     ):
         batch = slice(start, start + args.batch_size)
-        text = {"prompt": prompts[batch]} if features is None else {"prompt_embeds": features[batch]}
-        images = pipe(**text, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        images = pipe(**_batched(inputs[batch]), num_inference_steps=args.steps, guidance_scale=args.guidance,
                       generator=generator, output_type="pt").images  # fmt: skip
         for predicted, truth in zip(judges.identity(domain, images), subjects[batch], strict=True):
             matches = attribute_matches(predicted, truth.to_label())
@@ -139,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         args.base, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
+    pipe.unet.set_attn_processor(ValueTransplantProcessor())  # diffusers' default without value_states
     judges = ToyJudges.from_pretrained(args.judges)
     report: dict[str, dict[str, dict[str, float]]] = {}
     for domain in DOMAINS:

@@ -242,6 +242,7 @@ def words_table(runs: Path) -> list[str]:
             "plain": "class word only (the base row)",
             "words": "identity in words",
             "class word": "class word's feature from the words",
+            "class word value": "class word's value from the words",
         }
         for kind, label in labels.items():
             if kind not in kinds:  # a report from before the class-word row

@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with --text-layers: the fraction of identity-naming captions the UNet sees as the class-word"
         " caption whose class word's feature comes from the naming one (default 0; toybase.train_unet)",
     )  # fmt: skip
+    parser.add_argument(
+        "--value-transplant", type=float, default=0.0,
+        help="with --text-layers: a further fraction of identity-naming captions where only the class word's"
+        " VALUE comes from the naming caption (its key stays the class-word caption's), as nested attention"
+        " swaps it (default 0; toybase.train_unet)",
+    )  # fmt: skip
     parser.add_argument("--vae-steps", type=int, default=3000, help="VAE steps (default 3000)")
     parser.add_argument(
         "--vae", type=Path, default=None, help="reuse this trained VAE folder (skips its stage)"
@@ -135,6 +141,20 @@ def sample_sheet(model: Path, path: Path, seed: int = 0, steps: int = 25, guidan
     save_png(sheet.clamp(0, 1), path)
 
 
+def training_record(args: argparse.Namespace, times: dict[str, float]) -> dict:
+    """The model's ``training.json``: the stages of the UNet it started from (``--unet``'s folder's record),
+    then this run's recipe and timings."""
+    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    stage = {"recipe": recipe, "seconds": {k: round(v, 1) for k, v in times.items()}}
+    start = None if args.unet is None else args.unet.parent / "training.json"
+    if start is None or not start.exists():
+        return {"stages": [stage]}
+    earlier = json.loads(start.read_text())
+    if "stages" not in earlier:  # a one-stage record
+        earlier = {"stages": [earlier]}
+    return {**earlier, "stages": [*earlier["stages"], stage]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.out.exists() and not args.overwrite:
@@ -183,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         start, latents, pool.captions, tokenizer, text_encoder,
         steps=args.unet_steps, batch_size=args.unet_batch, lr=args.unet_lr, seed=args.seed,
         class_captions=pool.class_captions, transplant_fraction=args.transplant,
+        value_transplant_fraction=args.value_transplant,
         progress=_bar(args.unet_steps, "unet"),
     )  # fmt: skip
     times["unet"] = time.time() - mark
@@ -208,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     _tidy_tokenizer_folder(staging / "tokenizer", keep_tokenizer_json=True)
     times["total"] = time.time() - started
-    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    record = {"recipe": recipe, "seconds": {k: round(v, 1) for k, v in times.items()}}
-    (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    (staging / "training.json").write_text(json.dumps(training_record(args, times), indent=2) + "\n")
     if args.out.exists():
         shutil.rmtree(args.out)
     staging.rename(args.out)

@@ -42,6 +42,7 @@ from diffusers import (
     DDPMScheduler,
     UNet2DConditionModel,
 )
+from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import (
     AddedToken,
     CLIPImageProcessor,
@@ -469,6 +470,7 @@ def train_unet(
     text_lr_scale: float = 0.3,
     class_captions: Sequence[str] | None = None,
     transplant_fraction: float = 0.0,
+    value_transplant_fraction: float = 0.0,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> UNet2DConditionModel:
@@ -479,11 +481,20 @@ def train_unet(
     ``transplant_fraction`` of the captions that name an identity, the UNet sees the caption's class-word-only
     version (``class_captions``) whose class word's feature comes from the naming caption
     (:func:`transplant_class_word`): the identity reaches the UNet through the class word alone, the one
-    column nested attention acts on, and the text model learns to put it there.
+    column nested attention acts on, and the text model learns to put it there. For a further
+    ``value_transplant_fraction`` of them, only the class word's VALUE comes from the naming caption and its
+    key stays the class-word caption's (:class:`ValueTransplantProcessor`), which is exactly what nested
+    attention swaps: the UNet learns to attend to the class word for the subject's appearance.
     """
     joint = any(p.requires_grad for p in text_encoder.parameters())
-    if transplant_fraction and not (joint and class_captions is not None):
-        raise ValueError("transplant_fraction needs a trained text encoder (layers) and class_captions")
+    transplanting = transplant_fraction + value_transplant_fraction
+    if transplanting and not (joint and class_captions is not None):
+        raise ValueError(
+            "transplant_fraction and value_transplant_fraction need a trained text encoder (layers) and"
+            " class_captions"
+        )
+    if transplanting > 1:
+        raise ValueError(f"transplant fractions sum to {transplanting}; at most 1")
     texts = sorted({*captions, *(class_captions or []), ""})
     position = {text: i for i, text in enumerate(texts)}
     caption_index = torch.tensor([position[text] for text in captions])
@@ -507,6 +518,9 @@ def train_unet(
     if joint:
         groups.append({"params": list(text_encoder.parameters()), "scale": text_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2)
+    default_processors = unet.attn_processors
+    if value_transplant_fraction:
+        unet.set_attn_processor(ValueTransplantProcessor())
     trained.train()
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -518,21 +532,30 @@ def train_unet(
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
+        values = None
         if not joint:
             condition = embeddings[text]
         else:
             condition = text_encoder(token_ids[text])[0]
-            if transplant_fraction:
+            if transplanting:
                 plain = class_index[index]
-                swap = (plain != caption_index[index]) & (text != empty)
-                swap &= torch.rand(batch_size, generator=generator) < transplant_fraction
-                if swap.any():
-                    condition = condition.clone()
-                    condition[swap] = transplant_class_word(
-                        text_encoder(token_ids[plain[swap]])[0], condition[swap],
-                        token_ids[plain[swap]], token_ids[text[swap]], class_word_ids,
+                named = (plain != caption_index[index]) & (text != empty)
+                draw = torch.rand(batch_size, generator=generator)
+                swap = named & (draw < transplant_fraction)
+                value_swap = named & (draw >= transplant_fraction) & (draw < transplanting)
+                moved = swap | value_swap
+                if moved.any():
+                    plain_features = text_encoder(token_ids[plain[moved]])[0]
+                    transplanted = transplant_class_word(
+                        plain_features, condition[moved],
+                        token_ids[plain[moved]], token_ids[text[moved]], class_word_ids,
                     )  # fmt: skip
-        prediction = unet(noisy, timesteps, condition).sample
+                    values = condition.clone()
+                    values[moved] = transplanted
+                    condition = condition.clone()
+                    condition[moved] = torch.where(swap[moved, None, None], transplanted, plain_features)
+        extra = {"value_states": values} if value_transplant_fraction and values is not None else None
+        prediction = unet(noisy, timesteps, condition, cross_attention_kwargs=extra).sample
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -544,10 +567,48 @@ def train_unet(
                 averaged.lerp_(live, 1 - decay)
         if progress is not None:
             progress(step, {"loss": loss.item()})
+    unet.set_attn_processor(default_processors)
     if joint:
         text_encoder.load_state_dict(ema[1].state_dict())
         text_encoder.eval().requires_grad_(False)
     return ema[0]
+
+
+class ValueTransplantProcessor:
+    """Cross-attention whose values come from ``value_states`` (a ``cross_attention_kwargs`` entry, the same
+    shape as the text features) while its keys come from the text features, as nested attention swaps a
+    token's value and keeps its key. Without ``value_states``, and in self-attention, it is diffusers' default
+    processor. Written for the toy UNet's attention layers: no norms, no mask, no residual connection."""
+
+    def __init__(self) -> None:
+        self.default = AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        value_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if value_states is None or encoder_hidden_states is None:
+            return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if (
+            hidden_states.ndim != 3
+            or attention_mask is not None
+            or attn.norm_cross
+            or attn.residual_connection
+        ):
+            raise NotImplementedError("ValueTransplantProcessor supports the toy UNet's cross-attention only")
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        query, key = heads(attn.to_q(hidden_states)), heads(attn.to_k(encoder_hidden_states))
+        out = F.scaled_dot_product_attention(query, key, heads(attn.to_v(value_states)), scale=attn.scale)
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
+        return out / attn.rescale_output_factor
 
 
 def transplant_class_word(
