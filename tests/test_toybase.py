@@ -538,3 +538,29 @@ def test_probe_encoder_reads_colours_from_the_committed_encoder_above_chance(tmp
         assert all(0 <= v <= 1 for v in scores.values())
     for features in ("mean of the tokens", "all patch tokens"):
         assert report[features]["skin"] >= report["chance"]["skin"] + 0.4
+
+
+def test_loss_gap_moves_only_the_named_attributes_and_is_flat_on_per_token_features(tmp_path):
+    """loss_gap.py: a "wrong" identity differs in exactly the listed attributes; on the committed per-token
+    text model the class word's feature never depends on the words, so every row is the plain loss, and
+    the UNet keeps its own attention processors."""
+    from diffusers import StableDiffusionPipeline
+
+    from nested.toyworld.world import identities
+
+    loss_gap = _script("loss_gap")
+    person = identities("faces")[7]
+    for attributes in loss_gap.WRONG.values():
+        changed = loss_gap.wrong(person, attributes)
+        differing = {a for a in person.ATTRIBUTES if getattr(changed, a) != getattr(person, a)}
+        assert differing == set(attributes)
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_SD, safety_checker=None, requires_safety_checker=False)
+    processors = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    report = loss_gap.loss_gap(
+        pipe, _script("check_base").describer(TOY_SD), images=4, bands=2, repeats=1, seed=0
+    )
+    assert list(report) == ["0-500", "500-1000"]
+    for losses in report.values():
+        assert list(losses) == ["plain", "identity", "shapes wrong", "colours wrong"]
+        assert len(set(losses.values())) == 1 and losses["plain"] > 0
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == processors
