@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from nested.files import write_json_atomic
 from nested.toyworld.base_model import (
     ValueTransplantProcessor,
     described_caption,
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {kind:>10}: " + "  ".join(f"{100 * channel['mean'][g]:.1f}" for g in TOKEN_GROUPS))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.out, report)
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import random
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nested.files import write_json_atomic
 from nested.toyworld.base_model import ValueTransplantProcessor, transplant_class_word
 from nested.toyworld.channel import prompt_ids
 from nested.toyworld.world import CLASS_WORDS, FaceIdentity, caption, contexts, render, split_identities
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{band:>9}  " + "  ".join(f"{losses[r]:.5f}" for r in rows))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.out, report)
     return 0
 
 

@@ -12,7 +12,6 @@ mean of the tokens, and every patch token side by side (the spatial layout the r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from nested.encoder import CLIP_MEAN, CLIP_STD
+from nested.files import write_json_atomic
 from nested.toyworld.base_model import render_views
 from nested.toyworld.world import DOMAINS, identity_class, split_identities
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row:>18}: " + "  ".join(f"{100 * scores[a]:.1f}" for a in attributes))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.out, report)
     return 0
 
 
