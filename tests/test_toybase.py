@@ -556,9 +556,7 @@ def test_loss_gap_moves_only_the_named_attributes_and_is_flat_on_per_token_featu
         assert differing == set(attributes)
     pipe = StableDiffusionPipeline.from_pretrained(TOY_SD, safety_checker=None, requires_safety_checker=False)
     processors = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
-    report = loss_gap.loss_gap(
-        pipe, _script("check_base").describer(TOY_SD), images=4, bands=2, repeats=1, seed=0
-    )
+    report = loss_gap.loss_gap(pipe, toybase.base_describer(TOY_SD), images=4, bands=2, repeats=1, seed=0)
     assert list(report) == ["0-500", "500-1000"]
     for losses in report.values():
         assert list(losses) == ["plain", "identity", "shapes wrong", "colours wrong"]

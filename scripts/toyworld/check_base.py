@@ -14,7 +14,6 @@ score every image.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,8 +23,7 @@ from tqdm.auto import tqdm
 from nested.files import write_json_atomic
 from nested.toyworld.base_model import (
     ValueTransplantProcessor,
-    described_caption,
-    described_caption_before,
+    base_describer,
     description_vocabulary,
     transplant_class_word,
 )
@@ -55,16 +53,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--out", type=Path, default=None, help="also write the scores here (JSON)")
     return parser
-
-
-def describer(base: Path):
-    """The described-caption function the base model was trained with (its training.json's last recipe)."""
-    record = base / "training.json"
-    recipe = {}
-    if record.exists():
-        data = json.loads(record.read_text())
-        recipe = data["stages"][-1]["recipe"] if "stages" in data else data.get("recipe", {})
-    return described_caption_before if recipe.get("describe_before") else described_caption
 
 
 def held_out_prompts(domain: str, count: int, describe) -> tuple[list, list, list[str]]:
@@ -104,34 +92,21 @@ def transplanted(pipe, plain: list[str], described: list[str]) -> tuple[torch.Te
     return plain_features, transplant_class_word(plain_features, described_features, *ids, class_word_ids)
 
 
-def text_inputs(pipe, kind: str, prompts: list[str], described: list[str] | None) -> list[dict]:
-    """The pipeline's text arguments for each image (``prompt``, or text features and the value source)."""
+@torch.no_grad()
+def text_arguments(pipe, kind: str, prompts: list[str], described: list[str]) -> dict:
+    """One pipeline call's text arguments for ``prompts`` of ``kind`` (``described``: the same prompts naming
+    the identity). Classifier-free guidance runs the negatives first, so the value source is [empty; moved]."""
     if kind not in ("class word", "class word value"):
-        return [{"prompt": p} for p in prompts]
+        return {"prompt": prompts}
     plain, moved = transplanted(pipe, prompts, described)
     if kind == "class word":
-        return [{"prompt_embeds": m[None]} for m in moved]
-    empty = pipe.text_encoder(prompt_ids(pipe.tokenizer, [""]))[0]
-    return [
-        {"prompt_embeds": k[None], "negative_prompt_embeds": empty,
-         "cross_attention_kwargs": {"value_states": torch.cat([empty, v[None]])}}
-        for k, v in zip(plain, moved, strict=True)
-    ]  # fmt: skip
-
-
-def _batched(inputs: list[dict]) -> dict:
-    """One pipeline call's text arguments from per-image ones (classifier-free guidance: negatives first)."""
-    if "prompt" in inputs[0]:
-        return {"prompt": [i["prompt"] for i in inputs]}
-    batch = {"prompt_embeds": torch.cat([i["prompt_embeds"] for i in inputs])}
-    if "cross_attention_kwargs" in inputs[0]:
-        negative = torch.cat([i["negative_prompt_embeds"] for i in inputs])
-        values = [i["cross_attention_kwargs"]["value_states"] for i in inputs]
-        batch["negative_prompt_embeds"] = negative
-        batch["cross_attention_kwargs"] = {
-            "value_states": torch.cat([*(v[:1] for v in values), *(v[1:] for v in values)])
-        }
-    return batch
+        return {"prompt_embeds": moved}
+    empty = pipe.text_encoder(prompt_ids(pipe.tokenizer, [""] * len(prompts)))[0]
+    return {
+        "prompt_embeds": plain,
+        "negative_prompt_embeds": empty,
+        "cross_attention_kwargs": {"value_states": torch.cat([empty, moved])},
+    }
 
 
 @torch.no_grad()
@@ -139,10 +114,9 @@ def score(pipe, judges: ToyJudges, domain: str, count: int, *, kind: str, args) 
     """Per-attribute and exact accuracy of ``count`` images of held-out identities (cycled), every context,
     prompted as ``kind`` says (a key of :data:`KINDS`)."""
     subjects, chosen, prompts = held_out_prompts(
-        domain, count, describer(args.base) if kind == "words" else None
+        domain, count, base_describer(args.base) if kind == "words" else None
     )
-    described = held_out_prompts(domain, count, describer(args.base))[2]
-    inputs = text_inputs(pipe, kind, prompts, described)
+    described = held_out_prompts(domain, count, base_describer(args.base))[2]
     hits: dict[str, float] = dict.fromkeys(identity_class(domain).ATTRIBUTES, 0.0)
     exact = 0
     generator = torch.Generator().manual_seed(args.seed)
@@ -150,7 +124,8 @@ def score(pipe, judges: ToyJudges, domain: str, count: int, *, kind: str, args) 
         range(0, count, args.batch_size), desc=f"{domain} {kind}", file=sys.stderr, mininterval=5
     ):
         batch = slice(start, start + args.batch_size)
-        images = pipe(**_batched(inputs[batch]), num_inference_steps=args.steps, guidance_scale=args.guidance,
+        text = text_arguments(pipe, kind, prompts[batch], described[batch])
+        images = pipe(**text, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       generator=generator, output_type="pt").images  # fmt: skip
         for predicted, truth in zip(judges.identity(domain, images), subjects[batch], strict=True):
             matches = attribute_matches(predicted, truth.to_label())
@@ -189,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {kind:>10}: " + "  ".join(f"{100 * report[domain][kind][c]:.1f}" for c in columns))
         report[domain]["channel"] = {}
         print(f"{domain} attention in the subject's pixels (mean of the layers): " + "  ".join(TOKEN_GROUPS))
-        for kind, describe in (("plain", None), ("words", describer(args.base))):
+        for kind, describe in (("plain", None), ("words", base_describer(args.base))):
             subjects, chosen, prompts = held_out_prompts(domain, args.channel_images, describe)
             channel = attention_channel(
                 pipe, subjects, chosen, prompts, description_vocabulary(), seed=args.seed

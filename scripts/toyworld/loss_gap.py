@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from nested.files import write_json_atomic
-from nested.toyworld.base_model import ValueTransplantProcessor, transplant_class_word
+from nested.toyworld.base_model import ValueTransplantProcessor, base_describer, transplant_class_word
 from nested.toyworld.channel import prompt_ids
 from nested.toyworld.world import CLASS_WORDS, FaceIdentity, caption, contexts, render, split_identities
 
@@ -109,12 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from diffusers import StableDiffusionPipeline
 
-    check_base = _check_base()
     pipe = StableDiffusionPipeline.from_pretrained(
         args.base, safety_checker=None, requires_safety_checker=False
     )
     report = loss_gap(
-        pipe, check_base.describer(args.base), images=args.images, bands=args.bands, repeats=args.repeats,
+        pipe, base_describer(args.base), images=args.images, bands=args.bands, repeats=args.repeats,
         seed=args.seed,
     )  # fmt: skip
     rows = list(next(iter(report.values())))
@@ -127,16 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out, report)
     return 0
-
-
-def _check_base():
-    """check_base.py (a sibling script) as a module, for the base model's naming-caption function."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("check_base", Path(__file__).with_name("check_base.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 if __name__ == "__main__":

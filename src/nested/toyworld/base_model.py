@@ -550,11 +550,12 @@ def train_unet(
                         plain_features, condition[moved],
                         token_ids[plain[moved]], token_ids[text[moved]], class_word_ids,
                     )  # fmt: skip
-                    values = condition.clone()
-                    values[moved] = transplanted
+                    if value_swap.any():  # keys from the class-word caption, values as if fully transplanted
+                        values = condition.clone()
+                        values[moved] = transplanted
                     condition = condition.clone()
                     condition[moved] = torch.where(swap[moved, None, None], transplanted, plain_features)
-        extra = {"value_states": values} if value_transplant_fraction and values is not None else None
+        extra = None if values is None else {"value_states": values}
         prediction = unet(noisy, timesteps, condition, cross_attention_kwargs=extra).sample
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
@@ -609,6 +610,16 @@ class ValueTransplantProcessor:
         out = F.scaled_dot_product_attention(query, key, heads(attn.to_v(value_states)), scale=attn.scale)
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
         return out / attn.rescale_output_factor
+
+
+def base_describer(base: Path) -> Callable:
+    """The described-caption function the base model was trained with (its training.json's last recipe)."""
+    record = base / "training.json"
+    recipe = {}
+    if record.exists():
+        data = json.loads(record.read_text())
+        recipe = data["stages"][-1]["recipe"] if "stages" in data else data.get("recipe", {})
+    return described_caption_before if recipe.get("describe_before") else described_caption
 
 
 def transplant_class_word(
