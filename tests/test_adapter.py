@@ -1,5 +1,6 @@
 """NestedAdapter on real (tiny) diffusers UNets loaded from disk: attach/detach, save/load, caching."""
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -11,6 +12,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from nested.adapter import NestedAdapter, SubjectBinding, cross_attention_layers
 from nested.backbone import DiffusionBackbone
 from nested.encoder import EncoderSpec
+from nested.errors import ConfigError
 from nested.tokens import subject_masks_for_tokenizers
 
 PROMPTS = ["a photo of a person on the beach", "a photo of a dog in the snow"]
@@ -399,3 +401,40 @@ def test_the_batched_projection_equals_each_layers_own(backbone, pipeline_path):
         torch.testing.assert_close(keys, want_keys, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-6)
         assert keys.shape == (2, layer.heads, 6, layer.to_k.out_features // layer.heads)
+
+
+def test_projections_started_from_the_base_give_a_text_feature_its_own_value(backbone, pipeline_path):
+    """With the nested projections copied from the layer's text projections, a subject whose one token IS
+    the class word's text feature gives v* = V_s in every layer: the UNet's output is the plain one."""
+    prompts = ["a photo of a person on the beach", "a person in the snow"]
+    width = backbone.unet.config.cross_attention_dim
+    spec = EncoderSpec(
+        backbone=str(pipeline_path / "image_encoder"), num_tokens=1, width=16, depth=1, heads=2
+    )
+    assert width != 16
+    inputs = unet_inputs(backbone, prompts)
+    plain = run_unet(backbone, inputs)
+    masks = subject_masks_for_tokenizers(backbone.tokenizers, prompts, "person")
+    class_word_features = inputs[2][masks].view(len(prompts), 1, width)
+
+    def output_with(adapter):
+        adapter.attach(backbone.unet)
+        adapter.set_subjects([SubjectBinding(tokens=class_word_features, masks=masks)])
+        try:
+            return run_unet(backbone, inputs)
+        finally:
+            adapter.detach(backbone.unet)
+
+    started = NestedAdapter.for_unet(
+        backbone.unet, token="person", encoder=dataclasses.replace(spec, output_dim=width)
+    )
+    random_output = output_with(started)
+    started.init_projections_from(backbone.unet)
+    torch.testing.assert_close(output_with(started), plain, rtol=1e-4, atol=1e-5)
+    assert (random_output - plain).abs().max() > 1e-3  # the same tokens through random projections differ
+
+    too_narrow = NestedAdapter.for_unet(backbone.unet, token="person", encoder=spec)
+    with pytest.raises(
+        ConfigError, match=rf"projects {width}-wide text, the encoder makes 16-wide.*output_dim: {width}"
+    ):
+        too_narrow.init_projections_from(backbone.unet)

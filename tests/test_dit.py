@@ -420,3 +420,26 @@ def test_every_layer_of_the_adapter_gets_a_gradient(vision_path):
     norms = {key: layer.to_v.weight.grad.norm().item() for key, layer in adapter.layers.items()}
     assert set(norms) == {"transformer_blocks__0__attn", "single_transformer_blocks__0__attn"}
     assert all(norm > 0 for norm in norms.values()), norms
+
+
+def test_projections_started_from_the_base_are_the_blocks_text_projections(model, vision_path):
+    """Joint blocks start from their added text projections, FLUX's single-stream blocks from their shared
+    ones: the nested keys and values of tokens e are the block's text keys and values of e (no bias)."""
+    adapter = make_adapter(model, vision_path)
+    adapter.init_projections_from(model)
+    tokens = torch.randn(1, 6, 32)
+    layouts = set()
+    for name, (keys, values) in adapter.project(tokens).items():
+        attn = cross_attention_layers(model)[name]
+        layout = joint_layout(attn)
+        layouts.add(layout)
+        key_projection, value_projection = (
+            (attn.to_k, attn.to_v) if layout == "single" else (attn.add_k_proj, attn.add_v_proj)
+        )
+        heads = attn.heads
+        for got, projection in ((keys, key_projection), (values, value_projection)):
+            want = torch.nn.functional.linear(tokens, projection.weight).view(1, 6, heads, -1).transpose(1, 2)
+            torch.testing.assert_close(got, want)
+    assert layouts == (
+        {"text_first", "single"} if isinstance(model, FluxTransformer2DModel) else {"image_first"}
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import json
 import tarfile
@@ -376,3 +377,31 @@ def test_gradient_checkpointing_keeps_the_subjects_bound_through_backward(tiny_s
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad)
+
+
+def test_init_from_base_starts_every_nested_projection_as_the_layers_own(tiny_sd_path):
+    """model.init_from_base copies each cross-attention layer's text projections into its nested ones; the
+    adapter is otherwise the same, and a too-narrow encoder is refused with the setting to change."""
+    from diffusers import UNet2DConditionModel
+
+    from nested.adapter import cross_attention_layers
+    from nested.errors import ConfigError
+
+    width = UNet2DConditionModel.load_config(tiny_sd_path / "unet")["cross_attention_dim"]
+    spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=16, depth=1, heads=2,
+                       output_dim=width)  # fmt: skip
+    module = NestedAttentionModule(
+        str(tiny_sd_path), spec, subjects={"<person>": "person"}, init_from_base=True
+    )
+    module.configure_model()
+    layers = cross_attention_layers(module.frozen.unet)
+    assert len(layers) == len(module.adapter.layers) > 0
+    for name, attn in layers.items():
+        nested = module.adapter.layers[name.replace(".", "__")]
+        assert torch.equal(nested.to_k.weight, attn.to_k.weight) and torch.equal(
+            nested.to_v.weight, attn.to_v.weight
+        )
+    narrow = NestedAttentionModule(str(tiny_sd_path), dataclasses.replace(spec, output_dim=None),
+                                   subjects={"<person>": "person"}, init_from_base=True)  # fmt: skip
+    with pytest.raises(ConfigError, match=f"model.encoder.output_dim: {width}"):
+        narrow.configure_model()

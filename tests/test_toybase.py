@@ -562,3 +562,110 @@ def test_loss_gap_moves_only_the_named_attributes_and_is_flat_on_per_token_featu
         assert list(losses) == ["plain", "identity", "shapes wrong", "colours wrong"]
         assert len(set(losses.values())) == 1 and losses["plain"] > 0
     assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == processors
+
+
+def test_regress_adapter_fits_the_class_words_feature_and_saves_an_adapter_that_loads(tmp_path, capsys):
+    """regress_adapter.py on a base with a one-layer causal text model: the resampler's fit to the class word's
+    feature improves, the saved adapter loads through from_pretrained with the UNet's own value projections
+    as its nested ones; on the committed per-token text model it stops with one line and exit code 2."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from nested.adapter import NestedAdapter, cross_attention_layers
+
+    base = tmp_path / "contextual"
+    base.mkdir()
+    for part in ("unet", "vae", "scheduler", "tokenizer", "image_encoder", "model_index.json"):
+        (base / part).symlink_to(TOY_SD / part)
+    tokenizer = CLIPTokenizer.from_pretrained(TOY_SD / "tokenizer")
+    start = CLIPTextModel.from_pretrained(TOY_SD / "text_encoder")
+    toybase.build_text_encoder(tokenizer, seed=1, start=start, layers=1).save_pretrained(
+        base / "text_encoder"
+    )
+    (base / "training.json").write_text(json.dumps({"recipe": {"describe_before": True}}))
+
+    script = _script("regress_adapter")
+    out = tmp_path / "run"
+    argv = ["--base", str(base), "--out", str(out), "--steps", "60", "--train-every", "24", "--references", "2",
+            "--held-out", "8", "--held-out-references", "1", "--num-tokens", "4", "--width", "32", "--depth", "1"]  # fmt: skip
+    assert script.main(argv) == 0
+    history = json.loads((out / "regression.json").read_text())["history"]
+    assert history[-1]["step"] == 60 and history[-1]["train"] > history[0]["train"]
+    adapter = NestedAdapter.from_pretrained(out / "adapters" / "last")
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    for name, attn in cross_attention_layers(unet).items():
+        layer = adapter.layers[name.replace(".", "__")]
+        assert torch.equal(layer.to_v.weight, attn.to_v.weight) and torch.equal(
+            layer.to_k.weight, attn.to_k.weight
+        )
+
+    argv[1] = str(TOY_SD)
+    assert script.main(argv) == 2
+    assert "does not depend on the words naming the identity" in capsys.readouterr().err
+
+
+def test_image_encoder_text_alignment_matches_renders_to_their_descriptions():
+    """With text features, train_image_encoder also aligns renders with their identity's description (CLIP
+    style): that loss falls; a feature count that does not match the identities is refused."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from nested.toyworld.world import split_identities
+
+    people = split_identities("faces")[0][::60] + split_identities("pets")[0][::20]
+    views = toybase.render_views(2, seed=0, people=people)
+    text = toybase.identity_text_features(
+        CLIPTokenizer.from_pretrained(TOY_SD / "tokenizer"),
+        CLIPTextModel.from_pretrained(TOY_SD / "text_encoder"),
+        people,
+    )
+    assert text.shape == (len(people), 64) and len(set(map(tuple, text.tolist()))) == len(people)
+    logs: list[dict[str, float]] = []
+    toybase.train_image_encoder(
+        toybase.build_image_encoder(seed=0), views, steps=40, batch_size=16, lr=2e-3, text_features=text,
+        progress=lambda s, entry: logs.append(entry),
+    )  # fmt: skip
+    assert set(logs[0]) == {"loss", "top1", "text_loss", "text_top1"}
+    assert sum(e["text_loss"] for e in logs[-10:]) < sum(e["text_loss"] for e in logs[:10])
+    with pytest.raises(ValueError, match="text features for"):
+        toybase.train_image_encoder(
+            toybase.build_image_encoder(seed=0), views, steps=1, text_features=text[1:]
+        )
+
+
+def test_train_base_trains_only_the_image_encoder_on_a_kept_unet(tmp_path, monkeypatch, capsys):
+    """--unet-steps 0 keeps the UNet bit for bit and renders no pool; --encoder-start warm-starts the encoder
+    and --encoder-text aligns it; the record keeps the UNet stage's caption style for base_describer."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionModelWithProjection
+
+    train_base = _script("train_base")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "unet").symlink_to(TOY_SD / "unet")
+    record = {"stages": [{"recipe": {"unet_steps": 100, "describe_before": True}}]}
+    (base / "training.json").write_text(json.dumps(record))
+    everyone = train_base.split_identities
+    monkeypatch.setattr(train_base, "split_identities", lambda domain: (everyone(domain)[0][::100], []))
+    monkeypatch.setattr(toybase, "render_pool", None)  # no stage may need it
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--vae", str(TOY_SD / "vae"), "--unet", str(base / "unet"), "--unet-steps", "0",
+            "--text-encoder", str(TOY_SD / "text_encoder"), "--encoder-start", str(TOY_SD / "image_encoder"),
+            "--encoder-steps", "3", "--encoder-batch", "4", "--encoder-text"]  # fmt: skip
+    assert train_base.main(argv) == 0
+    kept, trained = (
+        UNet2DConditionModel.from_pretrained(TOY_SD / "unet"),
+        UNet2DConditionModel.from_pretrained(out / "unet"),
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(kept.state_dict().values(), trained.state_dict().values(), strict=True)
+    )
+    start = CLIPVisionModelWithProjection.from_pretrained(TOY_SD / "image_encoder").state_dict()
+    encoder = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder").state_dict()
+    assert any(not torch.equal(start[name], encoder[name]) for name in start)
+    stages = json.loads((out / "training.json").read_text())["stages"]
+    assert len(stages) == 2 and stages[1]["recipe"]["encoder_text"] and "render" not in stages[1]["seconds"]
+    assert toybase.base_describer(out) is toybase.described_caption_before
+
+    assert train_base.main(["--out", str(tmp_path / "x"), "--unet-steps", "0"]) == 2
+    assert "pass it with --unet" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
 from nested.testing import _tidy_tokenizer_folder
 from nested.toyworld import base_model as toybase
-from nested.toyworld.world import SCENES, Context, caption
+from nested.toyworld.world import SCENES, Context, caption, split_identities
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--unet-steps", type=int, default=9300,
         help="UNet steps (default 9300: as many as the committed UNet had in its three legs, see its"
-        " training.json)",
+        " training.json); 0 with --unet keeps that UNet as it is",
     )  # fmt: skip
     parser.add_argument("--unet-batch", type=int, default=32, help="UNet batch size (default 32)")
     parser.add_argument("--unet-lr", type=float, default=1e-3, help="UNet peak learning rate (default 1e-3)")
@@ -93,6 +93,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-encoder", type=Path, default=None,
         help="reuse this pretrained image encoder folder (skips its stage)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--encoder-start", type=Path, default=None,
+        help="start the image encoder's pretraining from this folder (e.g. data/models/toy-sd/image_encoder)"
+        " instead of at random",
+    )  # fmt: skip
+    parser.add_argument("--encoder-lr", type=float, default=1e-3, help="image encoder peak learning rate")
+    parser.add_argument("--encoder-batch", type=int, default=64, help="image encoder batch size (default 64)")
+    parser.add_argument(
+        "--encoder-text", action="store_true",
+        help="also align the image encoder with this base's text model's features of each identity's"
+        " description, CLIP-style (toybase.train_image_encoder's text_features)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -160,15 +172,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.overwrite:
         print(f"train_base: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
+    if args.unet_steps == 0 and args.unet is None:
+        print("train_base: --unet-steps 0 keeps a trained UNet: pass it with --unet", file=sys.stderr)
+        return 2
+    if args.image_encoder is not None and (args.encoder_start is not None or args.encoder_text):
+        print("train_base: --image-encoder reuses an encoder as it is; --encoder-start and --encoder-text"
+              " train one", file=sys.stderr)  # fmt: skip
+        return 2
     torch.set_num_threads(args.threads)
     times: dict[str, float] = {}
     started = time.time()
 
-    pool = toybase.render_pool(
-        args.pool, seed=args.seed, described_fraction=args.described, describe_before=args.describe_before
-    )
-    times["render"] = time.time() - started
-    print(f"rendered {len(pool.images)} images in {times['render']:.0f} s", file=sys.stderr)
+    pool = None
+    if args.vae is None or args.unet_steps > 0:
+        pool = toybase.render_pool(
+            args.pool, seed=args.seed, described_fraction=args.described, describe_before=args.describe_before
+        )
+        times["render"] = time.time() - started
+        print(f"rendered {len(pool.images)} images in {times['render']:.0f} s", file=sys.stderr)
 
     mark = time.time()
     staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-", dir=args.out.parent))
@@ -181,12 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             progress=_bar(args.vae_steps, "vae"),
         )  # fmt: skip
         vae.save_pretrained(staging / "vae")  # early, so it can be inspected while the UNet trains
-    print(f"reconstruction L1 (0-255 scale): {toybase.reconstruction_error(vae, pool.images[-256:]):.2f}")
+    if pool is not None:
+        print(f"reconstruction L1 (0-255 scale): {toybase.reconstruction_error(vae, pool.images[-256:]):.2f}")
     times["vae"] = time.time() - mark
-
-    mark = time.time()
-    latents = toybase.encode_latents(vae, pool.images)
-    times["latents"] = time.time() - mark
 
     mark = time.time()
     tokenizer = toybase.write_world_tokenizer(staging / "tokenizer")
@@ -199,22 +217,37 @@ def main(argv: list[str] | None = None) -> int:
         start = UNet2DConditionModel.from_pretrained(args.unet, torch_dtype=torch.float32)
     else:
         start = toybase.build_unet(text_encoder.config.hidden_size)
-    unet = toybase.train_unet(
-        start, latents, pool.captions, tokenizer, text_encoder,
-        steps=args.unet_steps, batch_size=args.unet_batch, lr=args.unet_lr, seed=args.seed,
-        class_captions=pool.class_captions, transplant_fraction=args.transplant,
-        value_transplant_fraction=args.value_transplant,
-        progress=_bar(args.unet_steps, "unet"),
-    )  # fmt: skip
-    times["unet"] = time.time() - mark
+    if args.unet_steps == 0:
+        unet = start.eval().requires_grad_(False)
+    else:
+        latents_started = time.time()
+        latents = toybase.encode_latents(vae, pool.images)
+        times["latents"] = time.time() - latents_started
+        unet = toybase.train_unet(
+            start, latents, pool.captions, tokenizer, text_encoder,
+            steps=args.unet_steps, batch_size=args.unet_batch, lr=args.unet_lr, seed=args.seed,
+            class_captions=pool.class_captions, transplant_fraction=args.transplant,
+            value_transplant_fraction=args.value_transplant,
+            progress=_bar(args.unet_steps, "unet"),
+        )  # fmt: skip
+    times["unet"] = time.time() - mark - times.get("latents", 0.0)
 
     mark = time.time()
     if args.image_encoder is not None:
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(args.image_encoder)
     else:
-        views = toybase.render_views(4, seed=args.seed)
+        people = [i for domain in ("faces", "pets") for i in split_identities(domain)[0]]
+        views = toybase.render_views(4, seed=args.seed, people=people)
+        text_features = None
+        if args.encoder_text:
+            text_features = toybase.identity_text_features(tokenizer, text_encoder, people)
+        if args.encoder_start is not None:
+            start_encoder = CLIPVisionModelWithProjection.from_pretrained(args.encoder_start)
+        else:
+            start_encoder = toybase.build_image_encoder(seed=args.seed + 3)
         image_encoder = toybase.train_image_encoder(
-            toybase.build_image_encoder(seed=args.seed + 3), views, steps=args.encoder_steps, seed=args.seed,
+            start_encoder.train().requires_grad_(True), views, steps=args.encoder_steps,
+            batch_size=args.encoder_batch, lr=args.encoder_lr, seed=args.seed, text_features=text_features,
             progress=_bar(args.encoder_steps, "image encoder"),
         )  # fmt: skip
     times["image_encoder"] = time.time() - mark

@@ -49,6 +49,7 @@ from nested.dit import (
     joint_layer_fingerprint,
     joint_layout,
     set_text_length,
+    text_projections,
 )
 from nested.encoder import EncoderSpec, Resampler, SubjectEncoder
 from nested.errors import AdapterError, ConfigError, HubError, MissingFileError
@@ -122,6 +123,11 @@ def unet_fingerprint(unet: nn.Module) -> dict[str, dict[str, int]]:
         }
         for name, attn in cross_attention_layers(unet).items()
     }
+
+
+def layer_text_projections(attn: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """The (key, value) projections a cross-attention (or joint-attention) layer applies to the text."""
+    return (attn.to_k, attn.to_v) if joint_layout(attn) is None else text_projections(attn)
 
 
 def nested_processor(name: str, attn: nn.Module) -> NestedAttnProcessor | NestedJointAttnProcessor:
@@ -421,6 +427,31 @@ class NestedAdapter(nn.Module):
             injection=injection,
         )
         return cls(config, subject_encoder)
+
+    @torch.no_grad()
+    def init_projections_from(self, unet: nn.Module) -> None:
+        """Start every nested projection as the layer's own projection of the text (IP-Adapter's practice).
+
+        The nested keys and values of a subject token ``e`` are then the key and value the layer would give
+        a text feature ``e``: the resampler starts out writing into the text space, whose values the UNet
+        already reads, and every layer starts from the same target. Needs subject tokens as wide as the
+        text features (``encoder.output_dim`` = the base's cross-attention width); text projection biases
+        (SD3's) are not copied.
+        """
+        self.check_fits(unet)
+        token_dim = self.config.encoder.token_dim
+        for name, attn in cross_attention_layers(unet).items():
+            key_projection, value_projection = layer_text_projections(attn)
+            if key_projection.in_features != token_dim:
+                raise ConfigError(
+                    f"the nested projections can start from the base's own only if the subject tokens are as "
+                    f"wide as its text features: layer {name!r} projects {key_projection.in_features}-wide text, "
+                    f"the encoder makes {token_dim}-wide tokens. Set model.encoder.output_dim: "
+                    f"{key_projection.in_features}."
+                )
+            layer = self.layers[_escape(name)]
+            layer.to_k.weight.copy_(key_projection.weight)
+            layer.to_v.weight.copy_(value_projection.weight)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The resampler, every nested projection and, if :meth:`train_token_embeddings` was called, the

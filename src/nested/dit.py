@@ -51,6 +51,7 @@ __all__ = [
     "joint_layer_fingerprint",
     "joint_layout",
     "set_text_length",
+    "text_projections",
 ]
 
 # Where the text sits in a block's joint sequence (see the module docstring).
@@ -91,13 +92,20 @@ def joint_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def text_projections(attn: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """The (key, value) projections a transformer block's attention applies to the text tokens: the added
+    ones of a joint block, the shared ones of a single-stream block."""
+    if joint_layout(attn) == "single":
+        return attn.to_k, attn.to_v
+    return attn.add_k_proj, attn.add_v_proj
+
+
 def joint_layer_fingerprint(attn: nn.Module) -> dict[str, int]:
     """The dimensions an adapter's nested projections must fit, as for a UNet's cross-attention layer:
     query dim, text dim (the width the subject token's value is projected from), inner dim and heads."""
-    text_projection = attn.to_k if joint_layout(attn) == "single" else attn.add_k_proj
     return {
         "query_dim": attn.to_q.in_features,
-        "cross_attention_dim": text_projection.in_features,
+        "cross_attention_dim": text_projections(attn)[0].in_features,
         "inner_dim": attn.to_v.out_features,
         "heads": attn.heads,
     }

@@ -261,6 +261,20 @@ def render_views(
     return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 1, 4, 2, 3)
 
 
+@torch.no_grad()
+def identity_text_features(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, people: Sequence[Identity]
+) -> torch.Tensor:
+    """(identities, text width): the text model's features of each identity's description and class word
+    (``"tan skin blonde spiky hair azure eyes round face person"``), averaged over its tokens: the caption
+    side of :func:`train_image_encoder`'s CLIP-style alignment."""
+    texts = [f"{describe_before(p)} {CLASS_WORDS[p.DOMAIN]}" for p in people]
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids  # fmt: skip
+    words = (ids != tokenizer.pad_token_id).unsqueeze(-1).float()
+    return (text_encoder(ids)[0] * words).sum(1) / words.sum(1)
+
+
 def pooled_features(encoder: CLIPVisionModelWithProjection, images: torch.Tensor) -> torch.Tensor:
     """Mean over all tokens of the last hidden state (what a fresh resampler's queries start by reading)."""
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
@@ -278,10 +292,16 @@ def train_image_encoder(
     lr: float = 1e-3,
     temperature: float = 0.1,
     seed: int = 0,
+    text_features: torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> CLIPVisionModelWithProjection:
     """Pretrain the subject encoder's backbone as a recognition model: InfoNCE between two renders of one
     TRAIN identity (other nuisance) against the batch's other identities, on mean-pooled last-layer features.
+
+    With ``text_features`` ((identities, text width), one row per identity of ``views``, e.g.
+    :func:`identity_text_features`), a second InfoNCE aligns each render with its identity's description, as
+    CLIP is trained on captioned images: the features then spell out what the words name (the shapes as well
+    as the colours), not only what tells one identity from another.
 
     This stands in for the pretrained CLIP / face-recognition backbones real encoders start from (the method
     keeps them frozen). A random tower's features are dominated by what every image shares (position
@@ -296,9 +316,22 @@ def train_image_encoder(
         torch.nn.Linear(encoder.config.hidden_size, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)
     )
     parameters = [*encoder.parameters(), *head.parameters()]
+    text_head = None
+    if text_features is not None:
+        if len(text_features) != len(views):
+            raise ValueError(f"{len(text_features)} text features for {len(views)} identities")
+        text_head = torch.nn.Linear(text_features.shape[1], 64)
+        parameters += list(text_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
     encoder.train()
     count, per_identity = views.shape[:2]
+
+    def info_nce(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = first @ second.T / temperature
+        target = torch.arange(len(first))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return loss, (logits.argmax(1) == target).float().mean()
+
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, steps, lr, warmup=50)
@@ -306,15 +339,18 @@ def train_image_encoder(
         pick = torch.stack([torch.randperm(per_identity, generator=generator)[:2] for _ in people])
         images = torch.cat([views[people, pick[:, 0]], views[people, pick[:, 1]]])
         embeddings = F.normalize(head(pooled_features(encoder, images)), dim=-1)
-        first, second = embeddings.chunk(2)
-        logits = first @ second.T / temperature
-        target = torch.arange(len(people))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss, top1 = info_nce(*embeddings.chunk(2))
+        logs = {"loss": loss.item(), "top1": top1.item()}
+        if text_head is not None:
+            described = F.normalize(text_head(text_features[people]), dim=-1).repeat(2, 1)
+            text_loss, text_top1 = info_nce(embeddings, described)
+            loss = loss + text_loss
+            logs.update(text_loss=text_loss.item(), text_top1=text_top1.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if progress is not None:
-            progress(step, {"loss": loss.item(), "top1": (logits.argmax(1) == target).float().mean().item()})
+            progress(step, logs)
     return encoder.eval().requires_grad_(False)
 
 
@@ -613,12 +649,16 @@ class ValueTransplantProcessor:
 
 
 def base_describer(base: Path) -> Callable:
-    """The described-caption function the base model was trained with (its training.json's last recipe)."""
+    """The described-caption function the base model's UNet was trained with: the recipe of the last stage of
+    its training.json that trained the UNet (a stage with ``unet_steps: 0`` only trained other parts)."""
     record = base / "training.json"
     recipe = {}
     if record.exists():
         data = json.loads(record.read_text())
-        recipe = data["stages"][-1]["recipe"] if "stages" in data else data.get("recipe", {})
+        stages = (
+            [stage["recipe"] for stage in data["stages"]] if "stages" in data else [data.get("recipe", {})]
+        )
+        recipe = ([r for r in stages if r.get("unet_steps") != 0] or [{}])[-1]
     return described_caption_before if recipe.get("describe_before") else described_caption
 
 

@@ -91,6 +91,10 @@ class NestedAttentionModule(L.LightningModule):
             from the class word), textual-inversion style; the text encoders stay frozen. One embedding shared
             by every subject, so it cannot carry an identity: it learns how the token is read, e.g. how much
             attention it draws. Saved in the adapter. Needs a placeholder token, not a vocabulary word.
+        init_from_base: start each layer's nested key and value projections as the layer's own projections
+            of the text, as IP-Adapter starts its image projections, instead of at random: the subject tokens
+            then begin in the text space the UNet reads. Needs ``encoder.output_dim`` equal to the base's
+            text width (SD 1.5: 768, SDXL: 2048). Only the start of training: resuming loads the weights.
         injection: ``"nested"`` (the method) or ``"decoupled"`` (IP-Adapter-style decoupled
             cross-attention with the same encoder and per-layer projections, for ablations; needs
             ``value_norm_factor: null``). Recorded in the exported adapter's config.
@@ -131,6 +135,7 @@ class NestedAttentionModule(L.LightningModule):
         value_norm_factor: float | None = None,
         token_weight: float = 1.0,
         train_token_embeddings: bool = False,
+        init_from_base: bool = False,
         injection: InjectionMode = "nested",
         domain: str = "",
         dropout: ConditioningDropout | None = None,
@@ -185,6 +190,7 @@ class NestedAttentionModule(L.LightningModule):
         self.value_norm_factor = value_norm_factor
         self.token_weight = token_weight
         self.train_token_embeddings = train_token_embeddings
+        self.init_from_base = init_from_base
         self.injection = injection
         self.domain = domain
         self.frozen: FrozenModules | None = None
@@ -231,6 +237,8 @@ class NestedAttentionModule(L.LightningModule):
             domain=self.domain,
             base_model=self.base_model,
         )
+        if self.init_from_base:
+            adapter.init_projections_from(denoiser)
         adapter.config.extra_tokens = dict(extra)
         adapter.config.token_weight = self.token_weight
         adapter.add_tokens(*backbone.placeholder_text_encoders)
