@@ -432,6 +432,12 @@ def test_projections_started_from_the_base_give_a_text_feature_its_own_value(bac
     started.init_projections_from(backbone.unet)
     torch.testing.assert_close(output_with(started), plain, rtol=1e-4, atol=1e-5)
     assert (random_output - plain).abs().max() > 1e-3  # the same tokens through random projections differ
+    layers = cross_attention_layers(backbone.unet)
+    for name, (keys, values) in started.project(class_word_features).items():  # keys too, not only values
+        attn = layers[name]
+        for got, projection in ((keys, attn.to_k), (values, attn.to_v)):
+            want = projection(class_word_features).view(len(prompts), 1, attn.heads, -1).transpose(1, 2)
+            torch.testing.assert_close(got, want)
 
     too_narrow = NestedAdapter.for_unet(backbone.unet, token="person", encoder=spec)
     with pytest.raises(

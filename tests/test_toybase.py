@@ -602,6 +602,9 @@ def test_regress_adapter_fits_the_class_words_feature_and_saves_an_adapter_that_
     argv[1] = str(TOY_SD)
     assert script.main(argv) == 2
     assert "does not depend on the words naming the identity" in capsys.readouterr().err
+    argv[1] = str(tmp_path)
+    assert script.main(argv) == 2
+    assert "not a diffusers pipeline folder" in capsys.readouterr().err
 
 
 def test_image_encoder_text_alignment_matches_renders_to_their_descriptions():
@@ -667,5 +670,10 @@ def test_train_base_trains_only_the_image_encoder_on_a_kept_unet(tmp_path, monke
     assert len(stages) == 2 and stages[1]["recipe"]["encoder_text"] and "render" not in stages[1]["seconds"]
     assert toybase.base_describer(out) is toybase.described_caption_before
 
-    assert train_base.main(["--out", str(tmp_path / "x"), "--unet-steps", "0"]) == 2
-    assert "pass it with --unet" in capsys.readouterr().err
+    assert (
+        train_base.main(["--out", str(tmp_path / "x"), "--unet-steps", "0", "--unet", str(base / "unet")])
+        == 2
+    )
+    assert "pass it with --unet, and the VAE and text model" in capsys.readouterr().err
+    assert train_base.main(["--out", str(tmp_path / "x"), "--unet-steps", "-1"]) == 2
+    assert "--unet-steps must be >= 0" in capsys.readouterr().err

@@ -38,6 +38,13 @@ from nested.toyworld.channel import prompt_ids
 from nested.toyworld.world import CLASS_WORDS, Context, caption, contexts, render, split_identities
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,25 +56,27 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="run folder: writes adapters/last and regression.json"
     )
     parser.add_argument("--domain", choices=sorted(CLASS_WORDS), default="faces")
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=_positive, default=1500, help="optimizer steps (default 1500)")
+    parser.add_argument("--batch-size", type=_positive, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--references", type=int, default=4, help="references per TRAIN identity (default 4)")
     parser.add_argument(
-        "--held-out-references", type=int, default=2, help="per held-out identity (default 2)"
+        "--references", type=_positive, default=4, help="references per TRAIN identity (default 4)"
     )
     parser.add_argument(
-        "--held-out", type=int, default=None, help="the first N held-out identities (default all)"
+        "--held-out-references", type=_positive, default=2, help="per held-out identity (default 2)"
     )
     parser.add_argument(
-        "--train-every", type=int, default=1, help="use every k-th TRAIN identity (default 1)"
+        "--held-out", type=_positive, default=None, help="the first N held-out identities (default all)"
     )
     parser.add_argument(
-        "--num-tokens", type=int, default=16, help="the resampler's size (default: the demo's)"
+        "--train-every", type=_positive, default=1, help="use every k-th TRAIN identity (default 1)"
     )
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument(
+        "--num-tokens", type=_positive, default=16, help="the resampler's size (default: the demo's)"
+    )
+    parser.add_argument("--width", type=_positive, default=128)
+    parser.add_argument("--depth", type=_positive, default=2)
+    parser.add_argument("--heads", type=_positive, default=4)
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -112,6 +121,10 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
 def regress(args: argparse.Namespace) -> dict:
     from diffusers import StableDiffusionPipeline
 
+    if not (args.base / "model_index.json").is_file():
+        raise ConfigError(
+            f"{args.base} is not a diffusers pipeline folder (no model_index.json): pass a base model"
+        )
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -138,14 +151,14 @@ def regress(args: argparse.Namespace) -> dict:
     adapter.add_tokens([pipe.tokenizer], [pipe.text_encoder])
     train, held_out = split_identities(args.domain)[:2]
     data = Regression(pipe, adapter, args.domain, base_describer(args.base), rng)
-    train_x, train_y = data.examples(train[:: args.train_every], args.references)
-    held_x, held_y = data.examples(held_out[: args.held_out], args.held_out_references)
-    if float(train_y.var(0).sum()) < 1e-8:
+    if float(data.examples(train[:8], 1)[1].var(0).sum()) < 1e-8:  # before rendering every reference
         raise ConfigError(
             f"in {args.base} the class word's feature does not depend on the words naming the identity "
             "(a text model without layers): there is nothing to regress. Use a base from train_base.py "
             "--text-layers N --describe-before."
         )
+    train_x, train_y = data.examples(train[:: args.train_every], args.references)
+    held_x, held_y = data.examples(held_out[: args.held_out], args.held_out_references)
 
     resampler = adapter.encoder.resampler
     optimizer = torch.optim.AdamW(resampler.parameters(), lr=args.lr, weight_decay=0.01)

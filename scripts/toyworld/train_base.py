@@ -99,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
         help="start the image encoder's pretraining from this folder (e.g. data/models/toy-sd/image_encoder)"
         " instead of at random",
     )  # fmt: skip
-    parser.add_argument("--encoder-lr", type=float, default=1e-3, help="image encoder peak learning rate")
+    parser.add_argument(
+        "--encoder-lr", type=float, default=1e-3, help="image encoder peak learning rate (default 1e-3)"
+    )
     parser.add_argument("--encoder-batch", type=int, default=64, help="image encoder batch size (default 64)")
     parser.add_argument(
         "--encoder-text", action="store_true",
@@ -172,8 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.overwrite:
         print(f"train_base: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    if args.unet_steps == 0 and args.unet is None:
-        print("train_base: --unet-steps 0 keeps a trained UNet: pass it with --unet", file=sys.stderr)
+    if args.unet_steps < 0:
+        print(f"train_base: --unet-steps must be >= 0, got {args.unet_steps}", file=sys.stderr)
+        return 2
+    if args.unet_steps == 0 and None in (args.unet, args.vae, args.text_encoder):
+        print("train_base: --unet-steps 0 keeps a trained UNet: pass it with --unet, and the VAE and text model"
+              " it was trained with (--vae, --text-encoder)", file=sys.stderr)  # fmt: skip
         return 2
     if args.image_encoder is not None and (args.encoder_start is not None or args.encoder_text):
         print("train_base: --image-encoder reuses an encoder as it is; --encoder-start and --encoder-text"
@@ -243,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             text_features = toybase.identity_text_features(tokenizer, text_encoder, people)
         if args.encoder_start is not None:
             start_encoder = CLIPVisionModelWithProjection.from_pretrained(args.encoder_start)
+            torch.manual_seed(args.seed + 3)  # the pretraining heads' start, as build_image_encoder seeds it
         else:
             start_encoder = toybase.build_image_encoder(seed=args.seed + 3)
         image_encoder = toybase.train_image_encoder(

@@ -266,8 +266,9 @@ def identity_text_features(
     tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, people: Sequence[Identity]
 ) -> torch.Tensor:
     """(identities, text width): the text model's features of each identity's description and class word
-    (``"tan skin blonde spiky hair azure eyes round face person"``), averaged over its tokens: the caption
-    side of :func:`train_image_encoder`'s CLIP-style alignment."""
+    (``"tan skin blonde spiky hair azure eyes round face person"``), averaged over its tokens and the start
+    token (padding and the end token left out): the caption side of :func:`train_image_encoder`'s CLIP-style
+    alignment."""
     texts = [f"{describe_before(p)} {CLASS_WORDS[p.DOMAIN]}" for p in people]
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids  # fmt: skip
@@ -650,7 +651,7 @@ class ValueTransplantProcessor:
 
 def base_describer(base: Path) -> Callable:
     """The described-caption function the base model's UNet was trained with: the recipe of the last stage of
-    its training.json that trained the UNet (a stage with ``unet_steps: 0`` only trained other parts)."""
+    its training.json with UNet steps (a stage with ``unet_steps: 0``, or none recorded, trained other parts)."""
     record = base / "training.json"
     recipe = {}
     if record.exists():
@@ -658,7 +659,7 @@ def base_describer(base: Path) -> Callable:
         stages = (
             [stage["recipe"] for stage in data["stages"]] if "stages" in data else [data.get("recipe", {})]
         )
-        recipe = ([r for r in stages if r.get("unet_steps") != 0] or [{}])[-1]
+        recipe = ([r for r in stages if r.get("unet_steps")] or [{}])[-1]
     return described_caption_before if recipe.get("describe_before") else described_caption
 
 

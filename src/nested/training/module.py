@@ -93,8 +93,9 @@ class NestedAttentionModule(L.LightningModule):
             attention it draws. Saved in the adapter. Needs a placeholder token, not a vocabulary word.
         init_from_base: start each layer's nested key and value projections as the layer's own projections
             of the text, as IP-Adapter starts its image projections, instead of at random: the subject tokens
-            then begin in the text space the UNet reads. Needs ``encoder.output_dim`` equal to the base's
-            text width (SD 1.5: 768, SDXL: 2048). Only the start of training: resuming loads the weights.
+            then begin in the text space the UNet reads. Needs ``encoder.output_dim`` equal to the input width
+            of the layers' text projections (SD 1.5: 768, SDXL: 2048; SD3 / FLUX: the blocks' width). Only the
+            start of training: resuming loads the weights.
         injection: ``"nested"`` (the method) or ``"decoupled"`` (IP-Adapter-style decoupled
             cross-attention with the same encoder and per-layer projections, for ablations; needs
             ``value_norm_factor: null``). Recorded in the exported adapter's config.
