@@ -100,9 +100,17 @@ def _parser() -> argparse.ArgumentParser:
         " instead of at random",
     )  # fmt: skip
     parser.add_argument(
-        "--encoder-lr", type=float, default=1e-3, help="image encoder peak learning rate (default 1e-3)"
+        "--encoder-lr",
+        type=float,
+        default=1e-3,
+        help="image encoder peak learning rate (default 1e-3; not used with --image-encoder)",
     )
-    parser.add_argument("--encoder-batch", type=int, default=64, help="image encoder batch size (default 64)")
+    parser.add_argument(
+        "--encoder-batch",
+        type=int,
+        default=64,
+        help="image encoder batch size (default 64; not used with --image-encoder)",
+    )
     parser.add_argument(
         "--encoder-text", action="store_true",
         help="also align the image encoder with this base's text model's features of each identity's"
