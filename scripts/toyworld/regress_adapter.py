@@ -188,10 +188,7 @@ def regress(args: argparse.Namespace) -> dict:
                 flush=True,
             )
     adapter.save_pretrained(args.out / "adapters" / "last")
-    return {
-        "recipe": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "history": history,
-    }
+    return {"recipe": vars(args), "history": history}  # paths are written as strings
 
 
 def main(argv: list[str] | None = None) -> int:

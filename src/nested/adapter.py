@@ -125,11 +125,6 @@ def unet_fingerprint(unet: nn.Module) -> dict[str, dict[str, int]]:
     }
 
 
-def layer_text_projections(attn: nn.Module) -> tuple[nn.Linear, nn.Linear]:
-    """The (key, value) projections a cross-attention (or joint-attention) layer applies to the text."""
-    return (attn.to_k, attn.to_v) if joint_layout(attn) is None else text_projections(attn)
-
-
 def nested_processor(name: str, attn: nn.Module) -> NestedAttnProcessor | NestedJointAttnProcessor:
     """A nested processor for layer ``name``, keeping ``attn``'s current processor as the one to restore."""
     layout = joint_layout(attn)
@@ -441,7 +436,7 @@ class NestedAdapter(nn.Module):
         self.check_fits(unet)
         token_dim = self.config.encoder.token_dim
         for name, attn in cross_attention_layers(unet).items():
-            key_projection, value_projection = layer_text_projections(attn)
+            key_projection, value_projection = text_projections(attn)
             if key_projection.in_features != token_dim:
                 raise ConfigError(
                     f"the nested projections can start from the base's own only if the subject tokens are as "

@@ -93,11 +93,11 @@ def joint_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def text_projections(attn: nn.Module) -> tuple[nn.Linear, nn.Linear]:
-    """The (key, value) projections a transformer block's attention applies to the text tokens: the added
-    ones of a joint block, the shared ones of a single-stream block."""
-    if joint_layout(attn) == "single":
-        return attn.to_k, attn.to_v
-    return attn.add_k_proj, attn.add_v_proj
+    """The (key, value) projections an attention layer applies to the text tokens: the added ones of a joint
+    block, the shared ones of a FLUX single-stream block or a UNet's cross-attention."""
+    if joint_layout(attn) in ("image_first", "text_first"):
+        return attn.add_k_proj, attn.add_v_proj
+    return attn.to_k, attn.to_v
 
 
 def joint_layer_fingerprint(attn: nn.Module) -> dict[str, int]:
