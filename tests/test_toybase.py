@@ -112,6 +112,21 @@ def _script(name: str):
     return module
 
 
+def _per_token_base(folder: Path) -> Path:
+    """The committed base model with a per-token text model (no transformer layers) of the same width: every
+    word's feature is its own, so the class word's feature never depends on the words around it."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir()
+    for part in ("unet", "vae", "tokenizer", "scheduler", "image_encoder", "model_index.json"):
+        (folder / part).symlink_to(TOY_SD / part)
+    tokenizer = CLIPTokenizer.from_pretrained(TOY_SD / "tokenizer")
+    toybase.build_text_encoder(tokenizer, seed=0).save_pretrained(folder / "text_encoder")
+    # Identity words after the class word keep it at its position in both prompts (its position embedding too).
+    (folder / "training.json").write_text(json.dumps({"recipe": {"describe_before": False}}))
+    return folder
+
+
 def test_results_interpolates_context_at_equal_identity():
     results = _script("results")
     curve = [{"identity_exact": 0.1, "context": 0.9}, {"identity_exact": 0.5, "context": 0.5}]
@@ -158,9 +173,9 @@ def test_image_encoder_pretraining_learns_to_match_renders_of_one_identity():
 
 def test_committed_base_model_attends_to_the_class_word():
     """Nested attention changes only the subject token's value, so the base model must read the subject from
-    its class word. Some cross-attention layer gives "person" / "pet" >= 10 % of the attention of the
-    subject's pixels (the base model trained on a deep random text tower gave it 1-2 % in every layer).
-    Every layer's shares of the five token groups sum to 1."""
+    its class word. With the class-word prompt, "person" / "pet" gets >= 20 % of the attention of the
+    subject's pixels, mean of the layers (measured on these prompts: 29 and 28 %; a per-token text model
+    gave it 8-10 %, a random deep text tower 1-2 %). Every layer's shares of the five token groups sum to 1."""
     from diffusers import StableDiffusionPipeline
 
     from nested.toyworld.channel import TOKEN_GROUPS, attention_channel, channel_prompts
@@ -174,7 +189,7 @@ def test_committed_base_model_attends_to_the_class_word():
         channel = attention_channel(pipe, subjects, contexts_, prompts, toybase.description_vocabulary())
         assert len(channel) == 7 + 1 and all(list(row) == list(TOKEN_GROUPS) for row in channel.values())
         assert all(sum(row.values()) == pytest.approx(1, abs=1e-5) for row in channel.values())
-        assert max(row["class word"] for row in channel.values()) >= 0.10, channel
+        assert channel["mean"]["class word"] >= 0.20, channel
 
 
 def test_subject_mask_covers_the_subject_and_not_the_background():
@@ -397,15 +412,13 @@ def test_text_encoder_grown_from_a_start_keeps_its_features(tmp_path):
 
 
 def test_check_base_scores_described_and_plain_prompts_and_results_tables_them(tmp_path):
-    """check_base.py end to end on the committed model (a few images): every domain gets chance, plain and
-    words scores that are fractions, the mean is the mean of the attributes, and results.py tables them."""
+    """check_base.py end to end on the committed UNet with a per-token text model (a few images): every
+    domain gets chance, plain and words scores that are fractions, the mean is the mean of the attributes,
+    and results.py tables them."""
     out = tmp_path / "base-words.json"
-    assert (
-        _script("check_base").main(
-            ["--images", "4", "--steps", "2", "--batch-size", "4", "--channel-images", "4", "--out", str(out)]
-        )
-        == 0
-    )
+    base = _per_token_base(tmp_path / "base")
+    argv = ["--base", str(base), "--images", "4", "--steps", "2", "--batch-size", "4", "--channel-images", "4"]  # fmt: skip
+    assert _script("check_base").main([*argv, "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"faces", "pets"}
     for domain, kinds in report.items():
@@ -541,9 +554,9 @@ def test_probe_encoder_reads_colours_from_the_committed_encoder_above_chance(tmp
 
 
 def test_loss_gap_moves_only_the_named_attributes_and_is_flat_on_per_token_features(tmp_path):
-    """loss_gap.py: a "wrong" identity differs in exactly the listed attributes; on the committed per-token
-    text model the class word's feature never depends on the words, so every row is the plain loss, and
-    the UNet keeps its own attention processors."""
+    """loss_gap.py: a "wrong" identity differs in exactly the listed attributes; with a per-token text model
+    the class word's feature never depends on the words, so every row is the plain loss, while the committed
+    contextual one moves it; the UNet keeps its own attention processors."""
     from diffusers import StableDiffusionPipeline
 
     from nested.toyworld.world import identities
@@ -554,36 +567,28 @@ def test_loss_gap_moves_only_the_named_attributes_and_is_flat_on_per_token_featu
         changed = loss_gap.wrong(person, attributes)
         differing = {a for a in person.ATTRIBUTES if getattr(changed, a) != getattr(person, a)}
         assert differing == set(attributes)
-    pipe = StableDiffusionPipeline.from_pretrained(TOY_SD, safety_checker=None, requires_safety_checker=False)
-    processors = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
-    report = loss_gap.loss_gap(pipe, toybase.base_describer(TOY_SD), images=4, bands=2, repeats=1, seed=0)
-    assert list(report) == ["0-500", "500-1000"]
-    for losses in report.values():
-        assert list(losses) == ["plain", "identity", "shapes wrong", "colours wrong"]
-        assert len(set(losses.values())) == 1 and losses["plain"] > 0
-    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == processors
+    for base, flat in ((_per_token_base(tmp_path / "base"), True), (TOY_SD, False)):
+        pipe = StableDiffusionPipeline.from_pretrained(
+            base, safety_checker=None, requires_safety_checker=False
+        )
+        processors = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+        report = loss_gap.loss_gap(pipe, toybase.base_describer(base), images=4, bands=2, repeats=1, seed=0)
+        assert list(report) == ["0-500", "500-1000"]
+        for losses in report.values():
+            assert list(losses) == ["plain", "identity", "shapes wrong", "colours wrong"]
+            assert (len(set(losses.values())) == 1) == flat and losses["plain"] > 0
+        assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == processors
 
 
 def test_regress_adapter_fits_the_class_words_feature_and_saves_an_adapter_that_loads(tmp_path, capsys):
-    """regress_adapter.py on a base with a one-layer causal text model: the resampler's fit to the class word's
+    """regress_adapter.py on the committed base (a causal text model): the resampler's fit to the class word's
     feature improves, the saved adapter loads through from_pretrained with the UNet's own value projections
-    as its nested ones; on the committed per-token text model it stops with one line and exit code 2."""
+    as its nested ones; on a per-token text model it stops with one line and exit code 2."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     from nested.adapter import NestedAdapter, cross_attention_layers
 
-    base = tmp_path / "contextual"
-    base.mkdir()
-    for part in ("unet", "vae", "scheduler", "tokenizer", "image_encoder", "model_index.json"):
-        (base / part).symlink_to(TOY_SD / part)
-    tokenizer = CLIPTokenizer.from_pretrained(TOY_SD / "tokenizer")
-    start = CLIPTextModel.from_pretrained(TOY_SD / "text_encoder")
-    toybase.build_text_encoder(tokenizer, seed=1, start=start, layers=1).save_pretrained(
-        base / "text_encoder"
-    )
-    (base / "training.json").write_text(json.dumps({"recipe": {"describe_before": True}}))
-
+    base = TOY_SD  # its text model is contextual
     script = _script("regress_adapter")
     out = tmp_path / "run"
     argv = ["--base", str(base), "--out", str(out), "--steps", "60", "--train-every", "24", "--references", "2",
@@ -599,7 +604,7 @@ def test_regress_adapter_fits_the_class_words_feature_and_saves_an_adapter_that_
             layer.to_k.weight, attn.to_k.weight
         )
 
-    argv[1] = str(TOY_SD)
+    argv[1] = str(_per_token_base(tmp_path / "per-token"))
     assert script.main(argv) == 2
     assert "does not depend on the words naming the identity" in capsys.readouterr().err
     argv[1] = str(tmp_path)
@@ -652,8 +657,9 @@ def test_train_base_trains_only_the_image_encoder_on_a_kept_unet(tmp_path, monke
     monkeypatch.setattr(toybase, "render_pool", None)  # no stage may need it
     out = tmp_path / "out"
     argv = ["--out", str(out), "--vae", str(TOY_SD / "vae"), "--unet", str(base / "unet"), "--unet-steps", "0",
-            "--text-encoder", str(TOY_SD / "text_encoder"), "--encoder-start", str(TOY_SD / "image_encoder"),
-            "--encoder-steps", "3", "--encoder-batch", "4", "--encoder-text"]  # fmt: skip
+            "--text-encoder", str(TOY_SD / "text_encoder"), "--text-layers", "2",
+            "--encoder-start", str(TOY_SD / "image_encoder"), "--encoder-steps", "3", "--encoder-batch", "4",
+            "--encoder-text"]  # fmt: skip
     assert train_base.main(argv) == 0
     kept, trained = (
         UNet2DConditionModel.from_pretrained(TOY_SD / "unet"),
@@ -675,5 +681,9 @@ def test_train_base_trains_only_the_image_encoder_on_a_kept_unet(tmp_path, monke
         == 2
     )
     assert "pass it with --unet, and the VAE and text model" in capsys.readouterr().err
+    narrower = [*argv]
+    narrower[1], narrower[narrower.index("--text-layers") + 1] = str(tmp_path / "y"), "1"
+    assert train_base.main(narrower) == 2
+    assert "has 2 transformer layers; pass --text-layers 2" in capsys.readouterr().err
     assert train_base.main(["--out", str(tmp_path / "x"), "--unet-steps", "-1"]) == 2
     assert "--unet-steps must be >= 0" in capsys.readouterr().err

@@ -8,7 +8,9 @@
 # Stages (each timed into $OUT/timings.tsv):
 #   world     render the shards of both domains (train identities, held-out identities); shards rendered
 #             by the current world version with the same arguments are kept, unless --fresh-world
-#   base      scripts/toyworld/train_base.py         -> $OUT/toy-sd        (skipped with --committed)
+#   base-*    scripts/toyworld/train_base.py, five legs (about 4.5 h) -> $OUT/base-legs/*, $OUT/toy-sd
+#             (skipped with --committed): per-token text model, then a contextual one, the two transplant
+#             legs, then the CLIP-style subject encoder
 #   judges    scripts/toyworld/train_judges.py       -> $OUT/judges        (skipped with --committed)
 #   base-words scripts/toyworld/check_base.py        -> $OUT/base-words.json (the base model told the
 #             identity in words: the ceiling an adapter works under)
@@ -77,7 +79,23 @@ if [ "$COMMITTED" = 1 ] || [ "$EVAL_ONLY" = 1 ]; then
 else
     BASE=$OUT/toy-sd
     JUDGES=$OUT/judges
-    stage base "$BIN/python" scripts/toyworld/train_base.py --out "$BASE" --overwrite --sheet "$OUT/base-sheet.png"
+    # The committed base model's legs (its training.json records each), every one warm-started from the last.
+    LEGS=$OUT/base-legs
+    mkdir -p "$LEGS"
+    train_base() { "$BIN/python" scripts/toyworld/train_base.py --overwrite "$@"; }
+    warm_from() { echo --unet "$1/unet" --vae "$1/vae" --text-encoder "$1/text_encoder"; }
+    CONTEXTUAL=(--text-layers 2 --describe-before --threads 2)
+    stage base-per-token train_base --out "$LEGS/1-per-token" --threads 2
+    stage base-contextual train_base --out "$LEGS/2-contextual" $(warm_from "$LEGS/1-per-token") \
+        --image-encoder "$LEGS/1-per-token/image_encoder" --unet-steps 3000 "${CONTEXTUAL[@]}"
+    stage base-transplant train_base --out "$LEGS/3-transplant" $(warm_from "$LEGS/2-contextual") \
+        --image-encoder "$LEGS/1-per-token/image_encoder" --unet-steps 2500 --transplant 0.5 "${CONTEXTUAL[@]}"
+    stage base-value-transplant train_base --out "$LEGS/4-value-transplant" $(warm_from "$LEGS/3-transplant") \
+        --image-encoder "$LEGS/1-per-token/image_encoder" --unet-steps 1500 --transplant 0.2 \
+        --value-transplant 0.5 "${CONTEXTUAL[@]}"
+    stage base-encoder train_base --out "$BASE" $(warm_from "$LEGS/4-value-transplant") --unet-steps 0 \
+        --encoder-start "$LEGS/1-per-token/image_encoder" --encoder-text --encoder-steps 1200 --encoder-lr 5e-4 \
+        --encoder-batch 128 --sheet "$OUT/base-sheet.png" "${CONTEXTUAL[@]}"
     stage judges "$BIN/python" scripts/toyworld/train_judges.py --out "$JUDGES" --threads 2
 fi
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionModelWithProjection
 
 from nested.testing import _tidy_tokenizer_folder
 from nested.toyworld import base_model as toybase
@@ -193,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         print("train_base: --image-encoder reuses an encoder as it is; --encoder-start and --encoder-text"
               " train one", file=sys.stderr)  # fmt: skip
         return 2
+    if args.text_encoder is not None:
+        start_layers = CLIPTextConfig.from_pretrained(args.text_encoder).num_hidden_layers
+        if start_layers > args.text_layers:
+            print(f"train_base: --text-encoder {args.text_encoder} has {start_layers} transformer layers; pass"
+                  f" --text-layers {start_layers}", file=sys.stderr)  # fmt: skip
+            return 2
     torch.set_num_threads(args.threads)
     times: dict[str, float] = {}
     started = time.time()

@@ -186,7 +186,8 @@ def write_world_tokenizer(path: Path) -> CLIPTokenizer:
 def build_text_encoder(
     tokenizer: CLIPTokenizer, seed: int, start: CLIPTextModel | None = None, layers: int = 0
 ) -> CLIPTextModel:
-    """A random tiny CLIP text model with NO transformer layers, sized for ``tokenizer`` and ``TEXT_LENGTH``.
+    """A random tiny CLIP text model sized for ``tokenizer`` and ``TEXT_LENGTH``: with no transformer layers
+    by default, with ``layers`` causal ones to train with the UNet (the committed base model has two).
 
     Nested attention changes only the subject token's value, so it needs a base model that reads the subject
     from its class word, as SD reads "person" where it draws the person. A random deep causal tower does not
