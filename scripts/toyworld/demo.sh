@@ -4,7 +4,7 @@
 #   1. render the world's faces shards unless current ones exist (deterministic, gitignored, about a minute);
 #   2. nested fit --config configs/demo.yaml          -> runs/demo/adapters/last
 #   3. nested eval with the committed judges on 6 held-out people x 24 contexts (8 scenes x 3 styles), base model vs
-#      adapter at strengths 1 and 1.5 -> runs/demo/eval/{grid.png,tradeoff.png,results.csv,summary.json};
+#      adapter at strength 1 -> runs/demo/eval/{grid.png,tradeoff.png,results.csv,summary.json};
 #      accuracies printed, then each identity attribute's.
 # Extra arguments go to `nested fit` (e.g. --trainer.max_steps=100). Re-running resumes the finished run in
 # runs/demo (it stops at once) and evaluates again; delete runs/demo to train again.
@@ -23,7 +23,7 @@ echo "== 3/3 nested eval --judges on held-out people" >&2
 "$BIN/nested" eval --base data/models/toy-sd --adapter '<person>=runs/demo/adapters/last' \
     --subjects "$SHARDS/held_out/shards.json" --max-subjects 6 --reference-size 64 \
     --prompts data/prompts/toyworld-faces.txt --judges data/toyworld/judges --clip none \
-    --strengths 1.0,1.5 --seeds 0 --steps 20 --batch-size 8 --overwrite --out runs/demo/eval
+    --strengths 1.0 --seeds 0 --steps 20 --batch-size 8 --overwrite --out runs/demo/eval
 # Exact identity needs all five attributes; which ones the adapter carries is in the per-attribute means.
 "$BIN/python" - <<'PY'
 import json
@@ -35,4 +35,4 @@ for point in points:
     cells = [f"{c.removeprefix('identity_attr_')} {100 * point[c]:.0f} ({100 * point['chance'][c]:.0f})" for c in columns]
     print(f"  {point['label']:>6}: " + ", ".join(cells))
 PY
-echo "Grid of held-out references | base model | adapter at each strength: runs/demo/eval/grid.png"
+echo "Grid of held-out references | base model | adapter: runs/demo/eval/grid.png"
