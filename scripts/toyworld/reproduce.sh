@@ -20,12 +20,12 @@
 #   results   scripts/toyworld/results.py -> $OUT/results.md, benchmarks/toyworld.md (with --publish),
 #             $OUT/tradeoff.png
 # Environment: OUT (default runs/toyworld), NESTED_BIN (default .venv/bin), STEPS (adapter steps, default
-# from the configs), SUBJECTS (held-out subjects per domain, default 8), TOKEN_WEIGHT (default 3).
+# from the configs), SUBJECTS (held-out subjects per domain, default 16, as published), TOKEN_WEIGHT (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${NESTED_BIN:-.venv/bin}
 OUT=${OUT:-runs/toyworld}
-SUBJECTS=${SUBJECTS:-8}
+SUBJECTS=${SUBJECTS:-16}
 TOKEN_WEIGHT=${TOKEN_WEIGHT:-3}
 export OMP_NUM_THREADS=1  # tiny models: one thread per process, two processes at a time on 2 cores
 COMMITTED=0
