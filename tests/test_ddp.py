@@ -118,9 +118,11 @@ def run_rank(out: Path, shard: str, model: str) -> None:
 
 
 def _shut_down() -> None:
-    """Destroy the process group before the rank exits: left to interpreter exit, gloo's threads can
-    abort the process ("terminate called without an active exception", seen once under load)."""
+    """Wait for the other rank, then destroy the process group before this rank exits: left to interpreter
+    exit, or destroyed while the other rank still talks to it, gloo's threads can abort the process
+    ("terminate called without an active exception", seen under load)."""
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -79,21 +79,25 @@ if [ "$COMMITTED" = 1 ] || [ "$EVAL_ONLY" = 1 ]; then
 else
     BASE=$OUT/toy-sd
     JUDGES=$OUT/judges
-    # The committed base model's legs (its training.json records each), every one warm-started from the last.
+    # The committed base model's recipe (its training.json records each leg; its first four, made with an earlier
+    # text tower, are one per-token leg here), every leg warm-started from the one before.
     LEGS=$OUT/base-legs
     mkdir -p "$LEGS"
     train_base() { "$BIN/python" scripts/toyworld/train_base.py --overwrite "$@"; }
-    warm_from() { echo --unet "$1/unet" --vae "$1/vae" --text-encoder "$1/text_encoder"; }
+    warm_start() {  # warm_start LEG ARGS...: train_base on LEG's UNet, VAE and text model
+        local leg=$1; shift
+        train_base --unet "$leg/unet" --vae "$leg/vae" --text-encoder "$leg/text_encoder" "$@"
+    }
     CONTEXTUAL=(--text-layers 2 --describe-before --threads 2)
     stage base-per-token train_base --out "$LEGS/1-per-token" --threads 2
-    stage base-contextual train_base --out "$LEGS/2-contextual" $(warm_from "$LEGS/1-per-token") \
+    stage base-contextual warm_start "$LEGS/1-per-token" --out "$LEGS/2-contextual" \
         --image-encoder "$LEGS/1-per-token/image_encoder" --unet-steps 3000 "${CONTEXTUAL[@]}"
-    stage base-transplant train_base --out "$LEGS/3-transplant" $(warm_from "$LEGS/2-contextual") \
+    stage base-transplant warm_start "$LEGS/2-contextual" --out "$LEGS/3-transplant" \
         --image-encoder "$LEGS/1-per-token/image_encoder" --unet-steps 2500 --transplant 0.5 "${CONTEXTUAL[@]}"
-    stage base-value-transplant train_base --out "$LEGS/4-value-transplant" $(warm_from "$LEGS/3-transplant") \
+    stage base-value-transplant warm_start "$LEGS/3-transplant" --out "$LEGS/4-value-transplant" \
         --image-encoder "$LEGS/1-per-token/image_encoder" --unet-steps 1500 --transplant 0.2 \
         --value-transplant 0.5 "${CONTEXTUAL[@]}"
-    stage base-encoder train_base --out "$BASE" $(warm_from "$LEGS/4-value-transplant") --unet-steps 0 \
+    stage base-encoder warm_start "$LEGS/4-value-transplant" --out "$BASE" --unet-steps 0 \
         --encoder-start "$LEGS/1-per-token/image_encoder" --encoder-text --encoder-steps 1200 --encoder-lr 5e-4 \
         --encoder-batch 128 --sheet "$OUT/base-sheet.png" "${CONTEXTUAL[@]}"
     stage judges "$BIN/python" scripts/toyworld/train_judges.py --out "$JUDGES" --threads 2

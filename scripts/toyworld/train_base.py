@@ -8,7 +8,10 @@ save (atomically: a staging folder, then a rename) -> reload the folder through
 scene). See :mod:`nested.toybase` for the models. ``--vae``, ``--unet``, ``--text-encoder`` and
 ``--image-encoder`` start from (or reuse) trained parts, e.g. to train the UNet further.
 
-    python scripts/toyworld/train_base.py --out data/models/toy-sd --sheet docs/toyworld-base.png
+    python scripts/toyworld/train_base.py --out runs/toy-sd --sheet runs/toy-sd-sheet.png
+
+The committed model is several such runs, each warm-started from the one before: its ``training.json``
+records them, and ``scripts/toyworld/reproduce.sh`` runs its recipe.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--unet-steps", type=int, default=9300,
-        help="UNet steps (default 9300: as many as the committed UNet had in its three legs, see its"
+        help="UNet steps (default 9300: as many as the committed UNet had in its three per-token legs, see its"
         " training.json); 0 with --unet keeps that UNet as it is",
     )  # fmt: skip
     parser.add_argument("--unet-batch", type=int, default=32, help="UNet batch size (default 32)")
@@ -194,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
               " train one", file=sys.stderr)  # fmt: skip
         return 2
     if args.text_encoder is not None:
-        start_layers = CLIPTextConfig.from_pretrained(args.text_encoder).num_hidden_layers
+        try:
+            start_layers = CLIPTextConfig.from_pretrained(args.text_encoder).num_hidden_layers
+        except OSError as error:
+            print(f"train_base: --text-encoder {args.text_encoder} is not a text model folder ({error})",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         if start_layers > args.text_layers:
             print(f"train_base: --text-encoder {args.text_encoder} has {start_layers} transformer layers; pass"
                   f" --text-layers {start_layers}", file=sys.stderr)  # fmt: skip
