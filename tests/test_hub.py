@@ -533,8 +533,11 @@ def test_push_command_line_then_generate_from_the_repo(hub, adapter_dir, tiny_sd
     from nested.cli.generate import main_generate
     from nested.cli.push import main_push
 
-    assert main_push([str(adapter_dir), "me/cli", "--private", "--commit-message", "from the CLI"]) == 0
+    argv = [str(adapter_dir), "me/cli", "--private", "--commit-message", "from the CLI"]
+    assert main_push([*argv, "--base-model", "stabilityai/sdxl-turbo"]) == 0
     assert hub.repos["me/cli"]["private"] and "from the CLI" in hub.commit_messages("me/cli")
+    # Every option reaches the push process: the card names the base model given on the command line.
+    assert ModelCard(hub.files("me/cli")["README.md"].decode()).data.base_model == "stabilityai/sdxl-turbo"
     out = capsys.readouterr()
     assert "me/cli" in out.out and SECRET not in out.out + out.err
     assert main_push([str(adapter_dir.parent / "missing"), "me/cli"]) == 2
@@ -752,6 +755,24 @@ def test_push_to_an_unreachable_hub_names_the_endpoint_and_where_it_came_from(
     assert (
         result.returncode == 2 and "Hub at https://huggingface.co (the default; HF_ENDPOINT" in result.stderr
     )
+
+
+def test_push_to_a_hub_that_never_answers_stops_at_the_timeout(adapter_dir, monkeypatch):
+    """huggingface_hub sets no timeout on its requests: without --timeout this command would wait forever."""
+    hanging = HangingHub()
+    monkeypatch.setenv("HF_ENDPOINT", hanging.url)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    nested = Path(sys.executable).with_name("nested")
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(nested), "push", str(adapter_dir), "me/x", "--timeout", "15"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "nested push: error: no result within 15 s (--timeout); stopped"
+    assert time.monotonic() - started < 60
+    assert hanging.accepted >= 1  # the push did reach the server, and was stopped there
+    assert hanging.wait_for(lambda h: h.open == 0, timeout=30), "the push process outlived the command"
 
 
 class _Interrupted(Exception):

@@ -30,16 +30,32 @@ def push_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--training-config", default=None, help="LightningCLI config.yaml to summarise in the card"
     )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=3600.0,
+        help="stop the push if it has not finished after this many seconds (default 3600; 0: no limit). "
+        "huggingface_hub sets no timeout on its requests, so a Hub that stops answering would otherwise "
+        "hold the command, and a job script that runs it, forever",
+    )
     return parser
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def main_push(argv: list[str] | None = None) -> int:
-    """``nested push``: returns the exit code (0 ok, 2 for an error, shown in one line)."""
+    """``nested push``: returns the exit code (0 ok, 2 for an error, shown in one line; 1 for a bug in the
+    push, with its traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = push_parser().parse_args(argv)
     # Imported after parsing: `nested push --help` answers without loading torch.
+    from nested.hub.background import PushProcess, PushRequest
     from nested.hub.model_card import redact
-    from nested.hub.push import push_adapter
 
     try:
         if args.training_config and not Path(args.training_config).is_file():
@@ -51,20 +67,28 @@ def main_push(argv: list[str] | None = None) -> int:
                 "(adapter_config.json: training.complete is false); pushing it as it is",
                 file=sys.stderr,
             )
-        info = push_adapter(
-            args.adapter_dir,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            license=args.license,
-            base_model=args.base_model,
-            training_config=args.training_config,
-        )
     except NestedUserError as error:
         print(f"nested push: error: {redact(one_line(error))}", file=sys.stderr)
         return 2
-    print(f"Pushed {args.adapter_dir} to {args.repo_id}: {info.commit_url}")
+    # The push runs in a child process: one stuck in an HTTP request can be stopped at the timeout.
+    request = PushRequest(
+        adapter_dir=args.adapter_dir,
+        repo_id=args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        license=args.license,
+        base_model=args.base_model,
+        training_config=args.training_config,
+        commit_message=args.commit_message,
+    )
+    outcome = PushProcess(request).wait(args.timeout or None, timeout_name="--timeout")
+    if outcome.status != "uploaded":
+        if outcome.crashed:  # a bug: its traceback, not a user error
+            print(f"nested push: {outcome.message}", file=sys.stderr)
+            return 1
+        print(f"nested push: error: {outcome.message}", file=sys.stderr)
+        return 2
+    print(f"Pushed {args.adapter_dir} to {args.repo_id}: {outcome.message}")
     return 0
 
 

@@ -41,6 +41,7 @@ class PushRequest:
     private: bool = False
     revision: str | None = None
     license: str = "other"
+    base_model: str | None = None
     training_config: str | None = None
     commit_message: str | None = None
 
@@ -50,16 +51,19 @@ class PushRequest:
         words += ["--private"] if self.private else []
         words += ["--revision", self.revision] if self.revision else []
         words += ["--license", self.license] if self.license != "other" else []
+        words += ["--base-model", self.base_model] if self.base_model else []
         words += ["--training-config", self.training_config] if self.training_config else []
         return shlex.join(words)
 
 
 @dataclass(frozen=True)
 class PushOutcome:
-    """How an attempt ended: ``uploaded``, ``retry`` (a retry may help), ``failed`` or ``stopped`` (killed)."""
+    """How an attempt ended: ``uploaded``, ``retry`` (a retry may help), ``failed`` or ``stopped`` (killed).
+    ``crashed`` marks a failure that is a bug in the push (its message is the traceback), not a user error."""
 
     status: str
     message: str = ""
+    crashed: bool = False
 
 
 class PushProcess:
@@ -85,14 +89,20 @@ class PushProcess:
         if self.process.poll() is None:
             self.process.kill()
 
-    def wait(self, timeout: float | None) -> PushOutcome:
-        """Wait for the child at most ``timeout`` s (then kill it: a retry may help)."""
+    def wait(self, timeout: float | None, timeout_name: str = "attempt_timeout") -> PushOutcome:
+        """Wait for the child at most ``timeout`` s (then kill it: a retry may help). ``timeout_name`` is the
+        setting the message names, so that the user knows what to raise. Interrupted (KeyboardInterrupt or
+        a signal handler that raises), the child is killed before the exception goes on."""
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             self.process.wait()
-            return PushOutcome("retry", f"no result within {timeout:.0f} s (attempt_timeout); stopped")
+            return PushOutcome("retry", f"no result within {timeout:.0f} s ({timeout_name}); stopped")
+        except BaseException:
+            self.kill()
+            self.process.wait()
+            raise
         finally:
             self._output.seek(0)
             lines = self._output.read().decode("utf-8", "replace").strip().splitlines()
@@ -107,7 +117,9 @@ class PushProcess:
         if code == 2:
             return PushOutcome("failed", last)
         # A bug in the child: its traceback is the message.
-        return PushOutcome("failed", f"the push process exited {code}:\n" + "\n".join(lines[-20:]))
+        return PushOutcome(
+            "failed", f"the push process exited {code}:\n" + "\n".join(lines[-20:]), crashed=True
+        )
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -137,6 +149,7 @@ def main(argv: list[str]) -> int:
             revision=request.revision,
             commit_message=request.commit_message,
             license=request.license,
+            base_model=request.base_model,
             training_config=request.training_config,
         )
     except NestedUserError as error:
