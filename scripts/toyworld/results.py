@@ -318,7 +318,8 @@ def plot(sweeps_by_domain: dict[str, dict[str, list[dict]]], path: Path) -> None
         lowest = min(p["context"] for points in sweeps.values() for p in points)
         axis.set_xlim(max(0.0, lowest - 0.1), 1.01)
         axis.set_ylim(0, 1.02)
-        axis.legend(loc="upper right", fontsize=7)
+        # The points sit at the right edge (high context); the lower left is empty.
+        axis.legend(loc="lower left", fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
