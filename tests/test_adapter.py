@@ -108,6 +108,11 @@ def test_save_load_round_trip_gives_identical_outputs(backbone, pipeline_path, t
     assert config["encoder"]["num_tokens"] == 6 and config["format_version"] == 1
     assert config["injection"] == "nested"  # the default mode is written out, not implied
     assert set(config["layers"]) == set(cross_attention_layers(backbone.unet))
+    # The same weights give the same bytes, so re-exporting an unchanged adapter changes no file.
+    for copy in range(8):
+        again = adapter.save_pretrained(tmp_path / f"again-{copy}")
+        for name in files:
+            assert (again / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes(), (copy, name)
 
     fresh = DiffusionBackbone.from_pretrained(pipeline_path)  # tokenizers without <person>
     loaded = NestedAdapter.from_pretrained(tmp_path / "adapter").eval()

@@ -749,11 +749,9 @@ class NestedAdapter(nn.Module):
         directory = Path(directory)
         config = dataclasses.replace(self.config, training=training) if training is not None else self.config
         with staged_directory(directory) as staging:
-            save_file(
-                self.adapter_state_dict(),
-                staging / WEIGHTS_NAME,
-                metadata={"format": "pt", "nested_format_version": str(FORMAT_VERSION)},
-            )
+            # One metadata key: safetensors writes the metadata map in no fixed order, so two keys would
+            # give the same weights different bytes. The format version is in adapter_config.json.
+            save_file(self.adapter_state_dict(), staging / WEIGHTS_NAME, metadata={"format": "pt"})
             (staging / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
         return directory
 
