@@ -775,6 +775,32 @@ def test_push_to_a_hub_that_never_answers_stops_at_the_timeout(adapter_dir, monk
     assert hanging.wait_for(lambda h: h.open == 0, timeout=30), "the push process outlived the command"
 
 
+def test_a_bug_in_the_push_process_ends_the_command_with_its_traceback(adapter_dir, tmp_path, monkeypatch):
+    """An exception that is not a user error, raised in the push's child process, is a bug: the command exits
+    1 and shows the child's traceback instead of dressing it up as a one-line error."""
+    injected = tmp_path / "injected"
+    injected.mkdir()
+    # Python imports sitecustomize from PYTHONPATH at start-up, in the command and in its push process.
+    (injected / "sitecustomize.py").write_text(
+        "import nested.hub.push\n"
+        "def push_adapter(*args, **kwargs):\n"
+        "    raise ZeroDivisionError('a bug in the push')\n"
+        "nested.hub.push.push_adapter = push_adapter\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(injected))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nested = Path(sys.executable).with_name("nested")
+    result = subprocess.run(
+        [str(nested), "push", str(adapter_dir), "me/x"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(
+        "nested push: the push process exited 1:\nTraceback (most recent call last):"
+    )
+    assert result.stderr.rstrip().endswith("ZeroDivisionError: a bug in the push")
+    assert "error:" not in result.stderr and result.stdout == ""
+
+
 class _Interrupted(Exception):
     pass
 
