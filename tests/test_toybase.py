@@ -694,3 +694,44 @@ def test_train_base_trains_only_the_image_encoder_on_a_kept_unet(tmp_path, monke
     assert "has 2 transformer layers; pass --text-layers 2" in capsys.readouterr().err
     assert train_base.main(["--out", str(tmp_path / "x"), "--unet-steps", "-1"]) == 2
     assert "--unet-steps must be >= 0" in capsys.readouterr().err
+
+
+def test_train_base_trains_the_vae_further_from_a_folder(tmp_path, monkeypatch, capsys):
+    """--vae-start hands the saved VAE's weights to train_vae (not a fresh one), the result is that VAE moved
+    by --vae-steps, and the UNet trains on its latents; --vae (reuse as it is) and --vae-start conflict."""
+    from diffusers import AutoencoderKL
+
+    train_base = _script("train_base")
+    started = {}
+    real_train_vae = toybase.train_vae
+
+    def recording_train_vae(vae, pool, **kwargs):
+        started.update({k: v.clone() for k, v in vae.state_dict().items()})
+        return real_train_vae(vae, pool, **kwargs)
+
+    monkeypatch.setattr(toybase, "train_vae", recording_train_vae)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--pool", "24", "--vae-start", str(TOY_SD / "vae"), "--vae-steps", "2",
+            "--vae-batch", "2", "--unet", str(TOY_SD / "unet"), "--unet-steps", "1", "--unet-batch", "2",
+            "--text-encoder", str(TOY_SD / "text_encoder"), "--text-layers", "2", "--describe-before",
+            "--image-encoder", str(TOY_SD / "image_encoder"), "--threads", "2"]  # fmt: skip
+    assert train_base.main(argv) == 0
+    committed = AutoencoderKL.from_pretrained(TOY_SD / "vae").state_dict()
+    trained = AutoencoderKL.from_pretrained(out / "vae").state_dict()
+    assert started.keys() == committed.keys()
+    assert all(torch.equal(started[k], committed[k]) for k in committed)
+    moved = [(trained[k].float() - committed[k].float()).abs().max().item() for k in committed]
+    assert 0 < max(moved) < 0.05  # two small steps from the committed weights, not a fresh VAE
+    stages = json.loads((out / "training.json").read_text())["stages"]
+    assert stages[-1]["recipe"]["vae_start"] == str(TOY_SD / "vae") and stages[-1]["recipe"]["vae_steps"] == 2
+
+    conflicting = [
+        "--out",
+        str(tmp_path / "x"),
+        "--vae",
+        str(TOY_SD / "vae"),
+        "--vae-start",
+        str(TOY_SD / "vae"),
+    ]
+    assert train_base.main(conflicting) == 2
+    assert "--vae reuses a VAE as it is; --vae-start trains one further" in capsys.readouterr().err

@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--vae", type=Path, default=None, help="reuse this trained VAE folder (skips its stage)"
     )
+    parser.add_argument(
+        "--vae-start", type=Path, default=None,
+        help="train the VAE --vae-steps further from this folder (e.g. data/models/toy-sd/vae) instead of"
+        " from scratch",
+    )  # fmt: skip
     parser.add_argument("--vae-batch", type=int, default=16, help="VAE batch size (default 16)")
     parser.add_argument(
         "--unet", type=Path, default=None,
@@ -192,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         print("train_base: --unet-steps 0 keeps a trained UNet: pass it with --unet, and the VAE and text model"
               " it was trained with (--vae, --text-encoder)", file=sys.stderr)  # fmt: skip
         return 2
+    if args.vae is not None and args.vae_start is not None:
+        print("train_base: --vae reuses a VAE as it is; --vae-start trains one further", file=sys.stderr)
+        return 2
     if args.image_encoder is not None and (args.encoder_start is not None or args.encoder_text):
         print("train_base: --image-encoder reuses an encoder as it is; --encoder-start and --encoder-text"
               " train one", file=sys.stderr)  # fmt: skip
@@ -225,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
     else:
         torch.manual_seed(args.seed)
+        if args.vae_start is not None:
+            start_vae = AutoencoderKL.from_pretrained(args.vae_start).train().requires_grad_(True)
+        else:
+            start_vae = toybase.build_vae()
         vae = toybase.train_vae(
-            toybase.build_vae(), pool, steps=args.vae_steps, batch_size=args.vae_batch, seed=args.seed,
+            start_vae, pool, steps=args.vae_steps, batch_size=args.vae_batch, seed=args.seed,
             progress=_bar(args.vae_steps, "vae"),
         )  # fmt: skip
         vae.save_pretrained(staging / "vae")  # early, so it can be inspected while the UNet trains
