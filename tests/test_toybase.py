@@ -699,7 +699,7 @@ def test_train_base_trains_only_the_image_encoder_on_a_kept_unet(tmp_path, monke
 def test_train_base_trains_the_vae_further_from_a_folder(tmp_path, monkeypatch, capsys):
     """--vae-start hands the saved VAE's weights to train_vae (not a fresh one), the result is that VAE moved
     by --vae-steps, and the UNet trains on its latents; --vae (reuse as it is) and --vae-start conflict."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     train_base = _script("train_base")
     started = {}
@@ -722,6 +722,9 @@ def test_train_base_trains_the_vae_further_from_a_folder(tmp_path, monkeypatch, 
     assert all(torch.equal(started[k], committed[k]) for k in committed)
     moved = [(trained[k].float() - committed[k].float()).abs().max().item() for k in committed]
     assert 0 < max(moved) < 0.05  # two small steps from the committed weights, not a fresh VAE
+    start_unet = UNet2DConditionModel.from_pretrained(TOY_SD / "unet").state_dict()
+    trained_unet = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    assert any(not torch.equal(start_unet[k], trained_unet[k]) for k in start_unet)  # trained on the latents
     stages = json.loads((out / "training.json").read_text())["stages"]
     assert stages[-1]["recipe"]["vae_start"] == str(TOY_SD / "vae") and stages[-1]["recipe"]["vae_steps"] == 2
 

@@ -5,8 +5,8 @@ Stages, each timed: render a pool of train-identity images -> train the VAE -> c
 UNet (EMA) -> pretrain the subject encoder's image backbone (identity-contrastive, train identities) ->
 save (atomically: a staging folder, then a rename) -> reload the folder through
 ``StableDiffusionPipeline.from_pretrained`` and draw a sample sheet (one row per subject kind, one column per
-scene). See :mod:`nested.toybase` for the models. ``--vae``, ``--unet``, ``--text-encoder`` and
-``--image-encoder`` start from (or reuse) trained parts, e.g. to train the UNet further.
+scene). See :mod:`nested.toyworld.base_model` for the models. ``--vae``, ``--text-encoder`` and
+``--image-encoder`` reuse trained parts; ``--unet``, ``--vae-start`` and ``--encoder-start`` train them further.
 
     python scripts/toyworld/train_base.py --out runs/toy-sd --sheet runs/toy-sd-sheet.png
 
