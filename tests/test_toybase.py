@@ -662,12 +662,22 @@ def test_train_base_trains_only_the_image_encoder_on_a_kept_unet(tmp_path, monke
     everyone = train_base.split_identities
     monkeypatch.setattr(train_base, "split_identities", lambda domain: (everyone(domain)[0][::100], []))
     monkeypatch.setattr(toybase, "render_pool", None)  # no stage may need it
+    trained_on = []
+    real_train_image_encoder = toybase.train_image_encoder
+
+    def recording_train_image_encoder(encoder, views, **kwargs):
+        trained_on.append(views.shape)
+        return real_train_image_encoder(encoder, views, **kwargs)
+
+    monkeypatch.setattr(toybase, "train_image_encoder", recording_train_image_encoder)
     out = tmp_path / "out"
     argv = ["--out", str(out), "--vae", str(TOY_SD / "vae"), "--unet", str(base / "unet"), "--unet-steps", "0",
             "--text-encoder", str(TOY_SD / "text_encoder"), "--text-layers", "2",
             "--encoder-start", str(TOY_SD / "image_encoder"), "--encoder-steps", "3", "--encoder-batch", "4",
-            "--encoder-text"]  # fmt: skip
+            "--encoder-views", "3", "--encoder-text"]  # fmt: skip
     assert train_base.main(argv) == 0
+    people = sum(len(everyone(domain)[0][::100]) for domain in ("faces", "pets"))
+    assert trained_on == [(people, 3, 3, 64, 64)]  # --encoder-views renders per identity
     kept, trained = (
         UNet2DConditionModel.from_pretrained(TOY_SD / "unet"),
         UNet2DConditionModel.from_pretrained(out / "unet"),
@@ -681,6 +691,7 @@ def test_train_base_trains_only_the_image_encoder_on_a_kept_unet(tmp_path, monke
     assert any(not torch.equal(start[name], encoder[name]) for name in start)
     stages = json.loads((out / "training.json").read_text())["stages"]
     assert len(stages) == 2 and stages[1]["recipe"]["encoder_text"] and "render" not in stages[1]["seconds"]
+    assert stages[1]["recipe"]["encoder_views"] == 3
     assert toybase.base_describer(out) is toybase.described_caption_before
 
     assert (

@@ -8,10 +8,11 @@
 # Stages (each timed into $OUT/timings.tsv):
 #   world     render the shards of both domains (train identities, held-out identities); shards rendered
 #             by the current world version with the same arguments are kept, unless --fresh-world
-#   base-*    scripts/toyworld/train_base.py, seven legs (about 5.5 h) -> $OUT/base-legs/*, $OUT/toy-sd
+#   base-*    scripts/toyworld/train_base.py, nine legs (about 5.5 h) -> $OUT/base-legs/*, $OUT/toy-sd
 #             (skipped with --committed): per-token text model, then a contextual one, the two transplant
 #             legs, the CLIP-style subject encoder in two legs (1200 steps, then 2400 more), then the VAE
-#             trained further with the UNet re-trained on its latents and the encoder re-aligned
+#             trained further with the UNet re-trained on its latents and the encoder re-aligned, then the
+#             encoder on more renders per identity (16, then 32)
 #   judges    scripts/toyworld/train_judges.py       -> $OUT/judges        (skipped with --committed)
 #   base-words scripts/toyworld/check_base.py        -> $OUT/base-words.json (the base model told the
 #             identity in words: the ceiling an adapter works under)
@@ -104,10 +105,17 @@ else
     stage base-encoder-longer warm_start "$LEGS/5-encoder" --out "$LEGS/6-encoder-longer" \
         --encoder-start "$LEGS/5-encoder/image_encoder" --encoder-steps 2400 "${ENCODER[@]}" "${CONTEXTUAL[@]}"
     LAST=$LEGS/6-encoder-longer
-    stage base-vae train_base --out "$BASE" --vae-start "$LAST/vae" --vae-steps 6000 --unet "$LAST/unet" \
+    stage base-vae train_base --out "$LEGS/7-vae" --vae-start "$LAST/vae" --vae-steps 6000 --unet "$LAST/unet" \
         --unet-steps 2500 --text-encoder "$LAST/text_encoder" --transplant 0.2 --value-transplant 0.5 \
         --encoder-start "$LAST/image_encoder" --encoder-steps 600 --encoder-text --encoder-lr 5e-4 \
-        --encoder-batch 128 --sheet "$OUT/base-sheet.png" "${CONTEXTUAL[@]}"
+        --encoder-batch 128 "${CONTEXTUAL[@]}"
+    # The encoder on more renders per identity: 16, then 32 (the UNet, VAE and text model stay leg 7's).
+    stage base-encoder-views warm_start "$LEGS/7-vae" --out "$LEGS/8-encoder-views" \
+        --encoder-start "$LEGS/7-vae/image_encoder" --encoder-views 16 --encoder-steps 1500 "${ENCODER[@]}" \
+        "${CONTEXTUAL[@]}"
+    stage base-encoder-more-views warm_start "$LEGS/8-encoder-views" --out "$BASE" \
+        --encoder-start "$LEGS/8-encoder-views/image_encoder" --encoder-views 32 --encoder-steps 1500 \
+        "${ENCODER[@]}" --sheet "$OUT/base-sheet.png" "${CONTEXTUAL[@]}"
     stage judges "$BIN/python" scripts/toyworld/train_judges.py --out "$JUDGES" --threads 2
 fi
 

@@ -120,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
         help="image encoder batch size (default 64; not used with --image-encoder)",
     )
     parser.add_argument(
+        "--encoder-views",
+        type=int,
+        default=4,
+        help="renders per TRAIN identity the image encoder trains on, each with a fresh nuisance (default 4)",
+    )
+    parser.add_argument(
         "--encoder-text", action="store_true",
         help="also align the image encoder with this base's text model's features of each identity's"
         " description, CLIP-style (toybase.train_image_encoder's text_features)",
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(args.image_encoder)
     else:
         people = [i for domain in ("faces", "pets") for i in split_identities(domain)[0]]
-        views = toybase.render_views(4, seed=args.seed, people=people)
+        views = toybase.render_views(args.encoder_views, seed=args.seed, people=people)
         text_features = None
         if args.encoder_text:
             text_features = toybase.identity_text_features(tokenizer, text_encoder, people)
