@@ -8,7 +8,7 @@
 # Stages (each timed into $OUT/timings.tsv):
 #   world     render the shards of both domains (train identities, held-out identities); shards rendered
 #             by the current world version with the same arguments are kept, unless --fresh-world
-#   base-*    scripts/toyworld/train_base.py, nine legs (about 5.5 h) -> $OUT/base-legs/*, $OUT/toy-sd
+#   base-*    scripts/toyworld/train_base.py, nine legs (about 6 h) -> $OUT/base-legs/*, $OUT/toy-sd
 #             (skipped with --committed): per-token text model, then a contextual one, the two transplant
 #             legs, the CLIP-style subject encoder in two legs (1200 steps, then 2400 more), then the VAE
 #             trained further with the UNet re-trained on its latents and the encoder re-aligned, then the
@@ -109,7 +109,7 @@ else
         --unet-steps 2500 --text-encoder "$LAST/text_encoder" --transplant 0.2 --value-transplant 0.5 \
         --encoder-start "$LAST/image_encoder" --encoder-steps 600 --encoder-text --encoder-lr 5e-4 \
         --encoder-batch 128 "${CONTEXTUAL[@]}"
-    # The encoder on more renders per identity: 16, then 32 (the UNet, VAE and text model stay leg 7's).
+    # The encoder on more renders per identity: 16, then 32 (the UNet, VAE and text model stay 7-vae's).
     stage base-encoder-views warm_start "$LEGS/7-vae" --out "$LEGS/8-encoder-views" \
         --encoder-start "$LEGS/7-vae/image_encoder" --encoder-views 16 --encoder-steps 1500 "${ENCODER[@]}" \
         "${CONTEXTUAL[@]}"
