@@ -705,6 +705,8 @@ def test_train_base_trains_only_the_image_encoder_on_a_kept_unet(tmp_path, monke
     assert "has 2 transformer layers; pass --text-layers 2" in capsys.readouterr().err
     assert train_base.main(["--out", str(tmp_path / "x"), "--unet-steps", "-1"]) == 2
     assert "--unet-steps must be >= 0" in capsys.readouterr().err
+    assert train_base.main(["--out", str(tmp_path / "x"), "--encoder-views", "1"]) == 2
+    assert "--encoder-views must be >= 2" in capsys.readouterr().err
 
 
 def test_train_base_trains_the_vae_further_from_a_folder(tmp_path, monkeypatch, capsys):

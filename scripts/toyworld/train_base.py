@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         "--encoder-views",
         type=int,
         default=4,
-        help="renders per TRAIN identity the image encoder trains on, each with a fresh nuisance (default 4)",
+        help="renders per TRAIN identity the image encoder trains on, each with a fresh nuisance (at least 2; default 4)",
     )
     parser.add_argument(
         "--encoder-text", action="store_true",
@@ -202,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.unet_steps == 0 and None in (args.unet, args.vae, args.text_encoder):
         print("train_base: --unet-steps 0 keeps a trained UNet: pass it with --unet, and the VAE and text model"
               " it was trained with (--vae, --text-encoder)", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.encoder_views < 2:
+        print(f"train_base: --encoder-views must be >= 2 (the encoder learns from two renders of one identity),"
+              f" got {args.encoder_views}", file=sys.stderr)  # fmt: skip
         return 2
     if args.vae is not None and args.vae_start is not None:
         print("train_base: --vae reuses a VAE as it is; --vae-start trains one further", file=sys.stderr)
