@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -449,3 +450,26 @@ def test_projections_started_from_the_base_give_a_text_feature_its_own_value(bac
         ConfigError, match=rf"projects {width}-wide text, the encoder makes 16-wide.*output_dim: {width}"
     ):
         too_narrow.init_projections_from(backbone.unet)
+
+
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="inductor's CPU code needs a C++ compiler"
+)
+def test_inductor_compiles_nested_layers_in_checkpointed_blocks_to_the_eager_output(tiny_sdxl_path):
+    """A UNet with gradient checkpointing and every cross-attention layer nested, compiled by inductor as
+    model.compile does it, computes what eager computes (torch 2.13's inductor got this wrong when the
+    fused call's value was built by concatenation: up to 45 % off with two or more nested layers)."""
+    backbone = DiffusionBackbone.from_pretrained(tiny_sdxl_path)
+    adapter = make_adapter(backbone, tiny_sdxl_path / "image_encoder", value_norm_factor=2.0).train()
+    unet = backbone.unet
+    unet.enable_gradient_checkpointing()
+    adapter.attach(unet)
+    prompts = ["a photo of a person", "a person on the beach"]
+    latents, timesteps, embeds, added = unet_inputs(backbone, prompts)
+    bind(adapter, backbone, prompts, torch.rand(2, 3, 32, 32))
+    latents.requires_grad_(True)  # checkpointing acts only when a gradient is wanted
+    eager = unet(latents, timesteps, embeds, added_cond_kwargs=added).sample
+    torch._dynamo.reset()
+    unet.compile(backend="inductor")
+    compiled = unet(latents, timesteps, embeds, added_cond_kwargs=added).sample
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

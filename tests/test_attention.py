@@ -241,3 +241,45 @@ def test_with_known_presence_no_branch_reads_a_tensor_value():
     assert out.shape == query.shape and out.is_meta
     with pytest.raises((RuntimeError, NotImplementedError)):
         nested_attention_subjects(query, key, value, _mixed_subjects(meta))
+
+
+def test_dense_subjects_equal_the_selected_rows_and_leave_unbound_samples_plain():
+    """A dense subject computes every sample: the bound ones as when the layer selects them, the others
+    (all-False mask rows: nested terms weighted by a zero probability, decoupled ones gated off) as plain
+    attention. Nested within rounding, decoupled unbound rows exactly."""
+    generator = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(4, 2, 6 if i == 0 else 9, 8, generator=generator) for i in range(3))
+    subjects = _mixed_subjects("cpu", generator=generator)
+    selected = nested_attention_subjects(query, key, value, subjects)
+    dense = nested_attention_subjects(
+        query, key, value, [dataclasses.replace(s, dense=True) for s in subjects]
+    )
+    torch.testing.assert_close(dense, selected, rtol=1e-6, atol=1e-6)
+
+    nested, decoupled = subjects
+    plain = F.scaled_dot_product_attention(query, key, value)
+    alone = nested_attention_subjects(query, key, value, [dataclasses.replace(decoupled, dense=True)])
+    assert torch.equal(alone[[0, 2, 3]], plain[[0, 2, 3]])  # the decoupled term is added to sample 1 only
+    assert not torch.allclose(alone[1], plain[1], atol=1e-3)
+    alone = nested_attention_subjects(query, key, value, [dataclasses.replace(nested, dense=True)])
+    torch.testing.assert_close(alone[1], plain[1], rtol=1e-6, atol=1e-6)
+
+
+def test_a_dense_subject_reads_no_tensor_value_and_ignores_its_presence():
+    """Dense subjects take one path whatever their masks hold: it runs on the meta device (where every
+    read of a value raises) with no presence given, and a wrong presence changes nothing."""
+    meta = torch.device("meta")
+    query = torch.empty(4, 2, 6, 8, device=meta)
+    key, value = torch.empty(4, 2, 9, 8, device=meta), torch.empty(4, 2, 9, 8, device=meta)
+    subjects = [dataclasses.replace(s, dense=True) for s in _mixed_subjects(meta)]
+    out = nested_attention_subjects(query, key, value, subjects)
+    assert out.shape == query.shape and out.is_meta
+
+    generator = torch.Generator().manual_seed(4)
+    query, key, value = (torch.randn(4, 2, 6 if i == 0 else 9, 8, generator=generator) for i in range(3))
+    subjects = [dataclasses.replace(s, dense=True) for s in _mixed_subjects("cpu", generator=generator)]
+    wrong = [dataclasses.replace(s, present=(False,) * 4) for s in subjects]
+    assert torch.equal(
+        nested_attention_subjects(query, key, value, subjects),
+        nested_attention_subjects(query, key, value, wrong),
+    )

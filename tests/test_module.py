@@ -21,6 +21,7 @@ from nested.callbacks.export import AdapterExport
 from nested.cli.main import main
 from nested.data import DomainSpec, NestedDataModule
 from nested.encoder import EncoderSpec
+from nested.errors import ConfigError
 from nested.training.module import ConditioningDropout, NestedAttentionModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,7 +386,6 @@ def test_init_from_base_starts_every_nested_projection_as_the_layers_own(tiny_sd
     from diffusers import UNet2DConditionModel
 
     from nested.adapter import cross_attention_layers
-    from nested.errors import ConfigError
 
     width = UNet2DConditionModel.load_config(tiny_sd_path / "unet")["cross_attention_dim"]
     spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=16, depth=1, heads=2,
@@ -405,3 +405,75 @@ def test_init_from_base_starts_every_nested_projection_as_the_layers_own(tiny_sd
                                    subjects={"<person>": "person"}, init_from_base=True)  # fmt: skip
     with pytest.raises(ConfigError, match=f"model.encoder.output_dim: {width}"):
         narrow.configure_model()
+
+
+def caption_batch(present: tuple[bool, ...], seed: int, sdxl: bool = False) -> dict:
+    """A collated batch whose captions name the subject token where ``present`` says (with SDXL's size
+    conditioning when ``sdxl``)."""
+    generator = torch.Generator().manual_seed(seed)
+    size = len(present)
+    batch = {
+        "captions": ["a photo of <person>" if p else "a photo of a person" for p in present],
+        "subjects": ["<person>"] * size,
+        "pixel_values": torch.rand(size, 3, 64, 64, generator=generator),
+        "reference": torch.rand(size, 3, 32, 32, generator=generator),
+    }
+    if sdxl:
+        batch["original_sizes"] = torch.full((size, 2), 64)
+        batch["crops_top_left"] = torch.zeros(size, 2, dtype=torch.long)
+    return batch
+
+
+@pytest.mark.parametrize("kind", ["sd", "flux"])
+def test_a_compiled_denoiser_trains_as_the_eager_one_in_one_graph_whatever_dropout_binds(
+    kind, tiny_sd_path, tiny_flux_path
+):
+    """model.compile: the UNet or transformer compiles whole (fullgraph: no break, the nested layers and
+    the adapter's pre-hook included) under gradient checkpointing, and steps that bind different samples
+    (captions without the token, image dropout) reuse that one graph. AOTAutograd's eager backend traces
+    the forward and backward as inductor would, without generating code: the losses and gradients equal the
+    eager module's (inductor's own output is checked in test_adapter)."""
+    from torch._dynamo.utils import counters
+
+    path = {"sd": tiny_sd_path, "flux": tiny_flux_path}[kind]
+    dropout = ConditioningDropout(text=0.0, image=0.5, both=0.0)
+    eager = make_module(path, gradient_checkpointing=True, dropout=dropout)
+    compiled = make_module(
+        path,
+        gradient_checkpointing=True,
+        dropout=dropout,
+        compile={"backend": "aot_eager", "fullgraph": True},
+    )
+    for module in (eager, compiled):
+        module.configure_model()
+    compiled.adapter.load_state_dict(eager.adapter.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    fractions = set()
+    for step, present in enumerate(
+        [(True,) * 4, (True, False, True, True), (False,) * 4, (False, True, True, False)]
+    ):
+        results = []
+        for module in (eager, compiled):
+            out = module.diffusion_loss(caption_batch(present, step), torch.Generator().manual_seed(step))
+            out["loss"].backward()
+            module.on_after_backward()
+            gradients = {
+                n: p.grad.clone() for n, p in module.adapter.named_parameters() if p.grad is not None
+            }
+            module.adapter.zero_grad(set_to_none=True)
+            results.append((out["loss"].detach(), out["subject_fraction"].item(), gradients))
+        (loss, fraction, gradients), (compiled_loss, compiled_fraction, compiled_gradients) = results
+        fractions.add(fraction)
+        assert compiled_fraction == fraction
+        torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+        assert compiled_gradients.keys() == gradients.keys() and gradients
+        for name, gradient in gradients.items():
+            torch.testing.assert_close(compiled_gradients[name], gradient, rtol=1e-4, atol=1e-7)
+    assert len(fractions) >= 3  # the steps bound different samples
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_compile_option_torch_does_not_take_is_refused_by_name(tiny_sd_path):
+    with pytest.raises(ConfigError, match="torch.compile takes no option 'mod'; it takes backend,"):
+        make_module(tiny_sd_path, compile={"mod": "reduce-overhead"})

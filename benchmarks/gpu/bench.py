@@ -6,7 +6,8 @@ script cannot rot (the test suite runs it). Sections, each recorded even when an
 
 * ``tests``: ``pytest -m cuda tests/test_cuda.py`` (float64-reference precision at SDXL shapes in
   fp32 / bf16 / fp16, exact attach/detach, a training step of the tiny SD and SDXL models in
-  ``bf16-mixed`` and ``16-mixed``, ``NestedPipeline`` generation, the sync-free denoising step).
+  ``bf16-mixed`` and ``16-mixed``, a compiled (inductor) training step against eager,
+  ``NestedPipeline`` generation, the sync-free denoising step).
 * ``accuracy``: the relative error of ``nested_attention`` against the float64 reference, beside
   plain SDPA's own error in the same dtype, N = 4096 and 1024 queries, T = 77, D = 64, M = 1024.
 * ``inference``: one UNet step, batch 1 and a guided batch 2, plain / nested (K/V cached) /
@@ -19,6 +20,10 @@ script cannot rot (the test suite runs it). Sections, each recorded even when an
   same M; peak memory of each; the largest batch that fits 80 GB.
 * ``compile``: ``torch.compile`` of the UNet with an adapter attached and a subject bound: graph
   breaks, compile time, compiled step time, whether binding a new subject recompiles.
+* ``compiled_training`` (only when named: it compiles the UNet's forward and backward twice): the
+  recipe's step with ``model.compile`` against the compiled frozen UNet's forward + backward, and both
+  eager, checkpointing on, at the largest of ``--batches``; whether steps that dropout binds
+  differently recompile. It runs last: the UNet stays compiled.
 * ``loader``: training-stream samples/s per CPU worker at 1024 px from real JPEG shards, against the
   training step's samples/s: the loader workers one GPU needs.
 
@@ -26,7 +31,7 @@ Timing: CUDA events around each call after warm-up, variants interleaved in roun
 rotating), medians of per-round ratios. Output: ``gpu.json`` (every figure) and ``gpu.md`` (the
 table), rewritten after each section.
 
-    python benchmarks/gpu/bench.py --out benchmarks/gpu/results       # on a GPU, ~6 min
+    python benchmarks/gpu/bench.py --out benchmarks/gpu/results       # on a GPU, ~7 min
     python benchmarks/gpu/bench.py --smoke --out runs/gpu-smoke       # tiny models, 30 s
 """
 
@@ -63,7 +68,18 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import attention as attention_bench  # noqa: E402  (benchmarks/attention.py)
 
-SECTIONS = ("environment", "tests", "accuracy", "inference", "training", "loader", "compile")
+SECTIONS = (
+    "environment",
+    "tests",
+    "accuracy",
+    "inference",
+    "training",
+    "loader",
+    "compile",
+    "compiled_training",
+)
+# What a run without --sections measures (7 minutes on an H200).
+DEFAULT_SECTIONS = ("environment", "tests", "accuracy", "inference", "training", "loader", "compile")
 GIB = 1024**3
 CARD_80GB = 80 * 10**9  # an "80 GB" card (A100 / H100 80GB) holds about 79.6 GiB
 USABLE_80GB = 0.95 * CARD_80GB  # room for the CUDA context and fragmentation
@@ -84,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", required=True, help="folder for gpu.json and gpu.md.")
     parser.add_argument("--smoke", action="store_true", help="tiny models and few repeats (any device).")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS))
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu.")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; smoke 2).")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3; smoke 1).")
@@ -571,7 +587,7 @@ def training_parts(args: argparse.Namespace, tmp: Path) -> tuple[Any, tuple, Any
     return backbone, image_backbone, spec, args.resolution
 
 
-def build_module(backbone, image_backbone, spec, injection: str, device: torch.device):
+def build_module(backbone, image_backbone, spec, injection: str, device: torch.device, compile=False):
     from nested.training.module import NestedAttentionModule
 
     module = NestedAttentionModule(
@@ -582,6 +598,7 @@ def build_module(backbone, image_backbone, spec, injection: str, device: torch.d
         injection=injection,
         domain="faces",
         frozen_dtype="bfloat16",
+        compile=compile,
     )
     module.build_adapter(backbone, image_backbone)
     module.to(device)
@@ -605,14 +622,19 @@ def set_checkpointing(unet: nn.Module, enabled: bool) -> None:
     (unet.enable_gradient_checkpointing if enabled else unet.disable_gradient_checkpointing)()
 
 
-def module_step(module, optimizer, batch: dict[str, Any], device: torch.device) -> Callable[[], None]:
+def module_step(
+    module, optimizer, batch: dict[str, Any], device: torch.device, new_draws: bool = False
+) -> Callable[[], None]:
     """One training step as Lightning runs it for the recipe: bf16 autocast around the loss,
-    backward, gradient clipping at 1.0, AdamW."""
+    backward, gradient clipping at 1.0, AdamW. Every step draws the same dropout, noise and time, or with
+    ``new_draws`` new ones, as training does (dropout then unbinds different samples)."""
     parameters = module.adapter.trainable_parameters()
+    seeds = itertools.count()
 
     def step() -> None:
+        generator = torch.Generator().manual_seed(next(seeds)) if new_draws else module._generator()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = module.diffusion_loss(batch, module._generator())["loss"]
+            loss = module.diffusion_loss(batch, generator)["loss"]
         loss.backward()
         module.on_after_backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -752,6 +774,58 @@ def largest_batch(args, module, optimizer, resolution: int, rows: list[dict]) ->
             batch_size = batch_size * 3 // 4
             free_memory(args.device)
     print(json.dumps(result), flush=True)
+    return result
+
+
+def compiled_training(args: argparse.Namespace, state: dict) -> dict:
+    """The recipe's step with ``model.compile`` (the UNet compiled in place, its nested layers in the
+    graph) against the compiled frozen UNet's forward + backward; both also eager, before compiling.
+    Checkpointing on (the recipe's setting), cached latents, the largest of ``--batches``."""
+    from torch._dynamo.utils import counters
+
+    device = args.device
+    state.clear()
+    free_memory(device)
+    batch_size = max(args.batches)
+    result: dict[str, Any] = {"batch": batch_size, "checkpointing": True, "backend": args.compile_backend}
+    with tempfile.TemporaryDirectory(prefix="nested-gpu-compiled-") as tmp:
+        backbone, image_backbone, spec, resolution = training_parts(args, Path(tmp))
+        unet = backbone.unet
+        set_checkpointing(unet, True)
+        rounds = max(1, args.repeats // 3)
+        times: dict[str, list[float]] = {}
+        for compiled in (False, True):
+            options = {"backend": args.compile_backend} if compiled else False
+            module, optimizer = build_module(
+                backbone, image_backbone, spec, "nested", device, compile=options
+            )
+            batch = training_batch(module, resolution, batch_size, latents=True)
+            variants = {"nested": module_step(module, optimizer, batch, device, new_draws=True)}
+            variants["frozen"] = frozen_unet_step(module, batch, device)
+            suffix = "_compiled" if compiled else "_eager"
+            if compiled:
+                torch._dynamo.reset()
+                counters.clear()
+                for name, variant in variants.items():  # the first call of each compiles its graph
+                    result[f"compile_seconds_{name}"] = time_call(variant, device)
+                graphs = counters["stats"]["unique_graphs"]
+            measured = interleaved(variants, args.warmup, rounds, device)
+            times.update({name + suffix: seconds for name, seconds in measured.items()})
+            result[f"nested{suffix}_peak_gib"] = peak_memory(variants["nested"], device).get("peak_gib")
+            if compiled:
+                result["graphs"] = graphs
+                result["recompiled_while_timing"] = counters["stats"]["unique_graphs"] != graphs
+            module.adapter.detach(unet)
+            del module, optimizer, batch, variants
+            free_memory(device)
+        set_checkpointing(unet, False)
+    result.update(summarize(times))
+    for mode in ("eager", "compiled"):
+        result[f"step/frozen_{mode}"] = median_ratio(times, f"nested_{mode}", f"frozen_{mode}")
+    result["compiled/eager_nested"] = statistics.median(times["nested_compiled"]) / statistics.median(
+        times["nested_eager"]
+    )
+    print(json.dumps(result, default=str), flush=True)
     return result
 
 
@@ -939,6 +1013,12 @@ def markdown(data: dict) -> str:
             lines.append(
                 f"| peak memory, batch 1, checkpointing on, {row['inputs']} | <= {TARGETS['memory_gib']} GiB | {peak:.2f} GiB | {_verdict(peak <= TARGETS['memory_gib'])} |"
             )
+    compiled_training_row = sections.get("compiled_training", {})
+    if "step/frozen_compiled" in compiled_training_row:
+        ratio = compiled_training_row["step/frozen_compiled"]
+        lines.append(
+            f"| training step / frozen UNet fwd+bwd, both compiled, batch {compiled_training_row['batch']}, checkpointing on | <= {TARGETS['train/frozen']} | {_fmt(ratio)} | {_verdict(ratio <= TARGETS['train/frozen'])} |"
+        )
     compiled = sections.get("compile", {})
     if compiled:
         breaks = compiled.get("graph_breaks_in_nested")
@@ -1047,6 +1127,26 @@ def markdown(data: dict) -> str:
             json.dumps({k: v for k, v in compiled.items() if k != "break_reasons"}, indent=1, default=str),
             "```",
         ]
+    if "step/frozen_compiled" in compiled_training_row:
+        row = compiled_training_row
+        lines += [
+            "",
+            f"## Training step with model.compile (batch {row['batch']}, checkpointing on, backend {row['backend']})",
+            "",
+            "| mode | step ms | frozen fwd+bwd ms | step/frozen | peak GiB |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for mode in ("eager", "compiled"):
+            lines.append(
+                f"| {mode} | {_fmt(row[f'nested_{mode}_ms'], 1)} | {_fmt(row[f'frozen_{mode}_ms'], 1)} | "
+                f"{_fmt(row[f'step/frozen_{mode}'])} | {_fmt(row.get(f'nested_{mode}_peak_gib'), 2)} |"
+            )
+        lines += [
+            "",
+            f"Compiled / eager step: {_fmt(row['compiled/eager_nested'])}. First calls (compiling): nested "
+            f"{row['compile_seconds_nested']:.0f} s, frozen {row['compile_seconds_frozen']:.0f} s; {row['graphs']} "
+            f"graphs, recompiled while timing (dropout binding other samples): {row['recompiled_while_timing']}.",
+        ]
     if loaded:
         lines += ["", "## Data loader", "", "```", json.dumps(loaded, indent=1), "```"]
     if data["errors"]:
@@ -1073,8 +1173,9 @@ def main(argv: list[str] | None = None) -> int:
         "training": lambda: training(args, state),
         "loader": lambda: loader(args, sections),
         "compile": lambda: compile_check(args, state),
+        "compiled_training": lambda: compiled_training(args, state),
     }
-    for name in ("environment", "tests", "accuracy", "inference", "training", "loader", "compile"):
+    for name in SECTIONS:
         if name in args.sections:
             report.run(name, steps[name])
     print(f"\nwrote {Path(args.out) / 'gpu.json'} and {Path(args.out) / 'gpu.md'}")

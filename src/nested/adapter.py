@@ -284,6 +284,9 @@ class SubjectBinding:
         token_weight: multiplies the subject column's attention probability (nested adapters only).
         value_norm_factor: overrides the adapter's default when not None (0 turns rescaling off;
             nested adapters only).
+        dense: compute every sample's subject term, zero where its mask row is all False, instead of
+            selecting the bound samples (:attr:`~nested.attention.NestedSubject.dense`): for training,
+            whose dropout unbinds different samples at every step, so that ``torch.compile`` keeps one graph.
     """
 
     tokens: Tensor
@@ -292,6 +295,7 @@ class SubjectBinding:
     scale: float = 1.0
     token_weight: float = 1.0
     value_norm_factor: float | None = None
+    dense: bool = False
     # layer name -> (keys, values), computed once per binding (not per denoising step).
     nested_kv: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
     # The tensors those keys and values are slices of (one per head dim).
@@ -560,8 +564,10 @@ class NestedAdapter(nn.Module):
                     keys=keys,
                     values=values,
                     image_index=layout.image_index,
-                    present=layout.present,
+                    # A dense subject's layer never reads which samples bind it (nor is compiled for them).
+                    present=None if binding.dense else layout.present,
                     memo=layout.memo,
+                    dense=binding.dense,
                     # None: the adapter's default; 0: rescaling off for this binding.
                     value_norm_factor=self.config.value_norm_factor
                     if binding.value_norm_factor is None
@@ -835,7 +841,12 @@ def _before_unet_call(layers: dict[str, nn.Module], unet: nn.Module, args, kwarg
     """
     registry: dict[str, NestedAttnProcessor | NestedJointAttnProcessor] = getattr(unet, _REGISTRY_ATTR, {})
     set_text_length(list(registry.values()), args, kwargs)
-    replaced = [name for name, processor in registry.items() if layers[name].processor is not processor]
+    # A loop, not a comprehension: where torch.compile traces this hook as a frame of its own (a compile
+    # without fullgraph), its tracer cannot step the iterator a comprehension gets, and breaks the graph.
+    replaced = []
+    for name in list(registry):
+        if layers[name].processor is not registry[name]:
+            replaced.append(name)
     if replaced:
         warnings.warn(
             f"the nested attention processors of {len(replaced)} layers were replaced (by set_attn_processor or "

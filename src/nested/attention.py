@@ -46,6 +46,7 @@ __all__ = [
     "check_disjoint",
     "check_injection_mode",
     "check_token_weight",
+    "rows_present",
 ]
 
 InjectionMode = Literal["nested", "decoupled"]
@@ -76,7 +77,7 @@ class NestedSubject:
         mask: (B, T) bool, the subject token position(s) in each prompt; all-False rows are allowed.
         keys, values: (S, H, M, D) nested keys/values of S distinct subject images.
         image_index: (B,) long, which of the S images each sample uses; ``None`` means S == B and
-            sample b uses image b. Rows whose mask is all False are never read.
+            sample b uses image b. Rows whose mask is all False are never read, unless ``dense``.
         value_norm_factor: rescale v* to ``value_norm_factor * ||V_s||`` per head, or None.
         scale: blend of the subject value, 0 -> the plain value V_s, 1 -> the nested value v*. In
             ``"decoupled"`` mode, the weight of the added subject attention (0 -> plain attention).
@@ -90,10 +91,15 @@ class NestedSubject:
             same subject for many layer calls computes it once and passes it: the layer then never
             reads the mask back from the device (on a GPU each read is a host-device sync), and the
             caller is responsible for the subjects of one call marking disjoint positions. None:
-            read from ``mask`` at every call, and the subjects are checked for overlap.
+            read from ``mask`` at every call, and the subjects (unless dense) are checked for overlap.
         memo: a dict the caller keeps for as long as ``mask``, ``present``, ``scale`` and
             ``token_weight`` stay the same (a bound batch): the tensors the layer derives from them are
             built once and kept there instead of being rebuilt in every layer and step. None: no memo.
+        dense: compute the subject's term for every sample, zero where the mask row is all False, instead
+            of selecting the samples that bind it; ``present`` is then ignored. No branch, gather or
+            graph depends on which samples bind, so a training batch whose dropout draws a new pattern at
+            every step runs one ``torch.compile`` graph. The caller is responsible for the subjects of one
+            call marking disjoint positions.
     """
 
     mask: Tensor
@@ -106,6 +112,7 @@ class NestedSubject:
     mode: InjectionMode = "nested"
     present: tuple[bool, ...] | None = None
     memo: dict | None = field(default=None, repr=False, compare=False)
+    dense: bool = False
 
 
 def nested_attention(
@@ -210,7 +217,7 @@ def _check_shapes(query: Tensor, key: Tensor, value: Tensor, subjects: Sequence[
             raise ValueError(
                 f"subject {i}: image_index must have shape ({batch},), got {tuple(subject.image_index.shape)}."
             )
-    if any(subject.present is None for subject in subjects):
+    if any(subject.present is None and not subject.dense for subject in subjects):
         check_disjoint([subject.mask for subject in subjects])
 
 
@@ -218,7 +225,11 @@ def _check_shapes(query: Tensor, key: Tensor, value: Tensor, subjects: Sequence[
 _Active = tuple[NestedSubject, tuple[bool, ...]]
 
 
-def _rows_present(subject: NestedSubject) -> tuple[bool, ...]:
+def rows_present(subject: NestedSubject) -> tuple[bool, ...]:
+    """Which samples the layer computes the subject's term for, on the host: those its mask binds, or every
+    sample of a dense subject."""
+    if subject.dense:
+        return (True,) * subject.mask.shape[0]
     if subject.present is not None:
         return subject.present
     return tuple(subject.mask.any(-1).tolist())
@@ -250,14 +261,15 @@ def nested_attention_subjects(
     Returns:
         (B, H, N, D). Samples without any subject position are exactly
         ``F.scaled_dot_product_attention(query, key, value, attn_mask)``: no nested work is done
-        for them. Nested and decoupled subjects combine: the nested ones shape the text attention,
+        for them. Dense subjects compute them too, within rounding of that (exactly, for decoupled
+        ones). Nested and decoupled subjects combine: the nested ones shape the text attention,
         each decoupled one adds its own image attention on top. When every subject carries
         ``present``, no branch depends on tensor values: nothing waits for the device.
     """
     _check_shapes(query, key, value, subjects)
     active = []
     for subject in subjects:
-        present = _rows_present(subject)
+        present = rows_present(subject)
         if any(present):
             active.append((subject, present))
     nested = [(s, present) for s, present in active if s.mode != "decoupled"]
@@ -370,7 +382,8 @@ def _nested_rows(
     attn_mask: Tensor | None,
     rows_key: tuple[int, int] | None,
 ) -> Tensor:
-    """Nested attention of a batch in which every sample binds at least one of ``active``.
+    """Nested attention of a batch in which every sample binds at least one of ``active`` (or is computed
+    as if it did: a dense subject's all-False rows get a zero term).
 
     ``rows_key`` names which samples of the subjects' own batch these are, for the memo.
     """
@@ -400,7 +413,14 @@ def _nested_rows(
             columns.append(one_hot * v.norm(dim=-1, keepdim=True))
     if padding is not None:
         columns.append(padding)
-    v_aug = torch.cat([v * keep, *columns], dim=-1)
+    if torch.compiler.is_compiling():
+        # The same tensor, as a sum of two zero-padded parts: inductor (torch 2.13, CPU) miscompiles the
+        # concatenation of a projected value inside gradient-checkpointed blocks when two or more layers
+        # are nested, and a padded sum fuses into one kernel anyway. Eager keeps the single cat.
+        extra = torch.cat(columns, dim=-1)
+        v_aug = F.pad(v * keep, (0, extra.shape[-1])) + F.pad(extra, (dim, 0))
+    else:
+        v_aug = torch.cat([v * keep, *columns], dim=-1)
     # Zero-padding q and k leaves the logits unchanged (the scale is passed explicitly) and keeps
     # q, k and v at one head dim, which the fused CPU and GPU kernels need.
     q_aug = F.pad(q, (0, v_aug.shape[-1] - dim))
@@ -514,6 +534,8 @@ def _add_decoupled(out: Tensor, query: Tensor, subjects: list[_Active]) -> Tenso
             image_rows = sub if s.image_index is None else s.image_index[sub]
         keys, values = _subject_keys_values(s, image_rows, q_sub.shape[0], query.dtype)
         attended = F.scaled_dot_product_attention(q_sub, keys, values)
+        if s.dense:  # every sample was computed: those that do not bind the subject keep the plain output
+            attended = attended * s.mask.any(-1).to(attended.dtype)[:, None, None, None]
         if sub is None:
             out = torch.add(out, attended.to(out.dtype), alpha=s.scale)
         else:

@@ -9,8 +9,8 @@ the keys):
 
     out_n = attention(q_n, K, V) + p_{n,s} (v*_n - V_s)     for every image query n
 
-The text queries keep the plain attention: the text stream that later blocks read stays the base
-model's, and only the image tokens receive the subject, where they attend to its token.
+The text queries keep this layer's plain attention: the subject enters through the image queries that
+attend to its token (the text tokens of later blocks, which attend to the image tokens, then see it there).
 
 Where each block puts the text in its joint sequence:
 
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nested.attention import NestedSubject, nested_attention_subjects
+from nested.attention import NestedSubject, nested_attention_subjects, rows_present
 
 __all__ = [
     "JointLayout",
@@ -273,14 +273,15 @@ class NestedJointAttnProcessor:
         return start, start + text_length
 
     def _subjects(self, attn: nn.Module, query: Tensor, text: tuple[int, int] | None) -> list[NestedSubject]:
-        """The bound subjects that mark a token in at least one sample, placed in the joint sequence."""
+        """The bound subjects that mark a token in at least one sample (every dense one), placed in the joint
+        sequence."""
         batch, total = query.shape[0], query.shape[1]
         subjects = [
             subject
             for binding in self.bindings
             for subject in binding.subjects_for_layer(self.layer_name, attn, batch, query.dtype)
         ]
-        subjects = [s for s in subjects if any(_present(s))]
+        subjects = [s for s in subjects if any(rows_present(s))]
         if not subjects:
             return []
         if text is None:
@@ -293,18 +294,14 @@ class NestedJointAttnProcessor:
         return [_in_joint_sequence(s, start, stop, total, self.layer_name) for s in subjects]
 
 
-def _present(subject: NestedSubject) -> tuple[bool, ...]:
-    """Which samples the subject marks a token in, on the host."""
-    return subject.present if subject.present is not None else tuple(subject.mask.any(-1).tolist())
-
-
 def _in_joint_sequence(
     subject: NestedSubject, start: int, stop: int, total: int, layer_name: str
 ) -> NestedSubject:
     """``subject`` with its (B, T_text) mask placed at ``start:stop`` of a (B, total) joint sequence.
 
     The tensors derived from the mask are kept in a memo of their own per joint layout, so a binding
-    that meets another resolution (another ``total``) never reads stale ones.
+    that meets another resolution (another ``total``) never reads stale ones. Not under torch.compile,
+    which folds them into the graph itself (and cannot write to a memo inside a checkpointed block).
     """
     text_length = subject.mask.shape[1]
     if text_length != stop - start:
@@ -313,7 +310,10 @@ def _in_joint_sequence(
             f"{stop - start}; build the masks with the tokenizer and max length of the prompts the "
             "transformer gets."
         )
-    memo = None if subject.memo is None else subject.memo.setdefault(("joint", start, total), {})
+    if subject.memo is None or torch.compiler.is_compiling():
+        memo = None
+    else:
+        memo = subject.memo.setdefault(("joint", start, total), {})
     mask = None if memo is None else memo.get("mask")
     if mask is None:
         mask = F.pad(subject.mask, (start, total - stop))

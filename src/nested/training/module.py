@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import random
 from typing import Any
 
@@ -117,6 +118,14 @@ class NestedAttentionModule(L.LightningModule):
             this is float16, since the SDXL VAE overflows in fp16).
         gradient_checkpointing: checkpoint the frozen UNet's or transformer's blocks (less activation
             memory, one more forward of the frozen model per step: ~30-50% slower).
+        compile: ``torch.compile`` the frozen UNet or transformer in place, nested layers included, forward
+            and backward; the text encoders, image backbone and VAE stay eager (transformers' models break
+            the graph in their output wrappers). The first step compiles (minutes for SDXL on a GPU); every
+            later step reuses the graph, whichever samples dropout unbinds. Worth it where an eager step
+            waits on the host launching small kernels, as SDXL's did on an H200. Compiled, each subject
+            token's term is computed for every sample: an adapter of K tokens does K times the nested work
+            of eager training, which computes each token's term for its own samples. A dict is passed to
+            ``torch.compile`` as its keyword arguments (e.g. ``{"mode": "max-autotune-no-cudagraphs"}``).
         optimizer: ``{"class_path": ..., "init_args": {...}}`` of a torch optimizer; a config's top-level
             ``optimizer:`` section lands here (the one place to set the learning rate). None: AdamW(lr=1e-4,
             weight_decay=0.01). It is built over the adapter's trainable parameters when training starts:
@@ -150,6 +159,7 @@ class NestedAttentionModule(L.LightningModule):
         max_sequence_length: int | None = None,
         frozen_dtype: str = "float32",
         gradient_checkpointing: bool = False,
+        compile: bool | dict[str, Any] = False,
         seed: int = 0,
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
@@ -185,6 +195,7 @@ class NestedAttentionModule(L.LightningModule):
         self.max_sequence_length = max_sequence_length
         self.frozen_dtype = _DTYPES[frozen_dtype]
         self.gradient_checkpointing = gradient_checkpointing
+        self.compile_options = _compile_options(compile)
         self.seed = seed
         self.optimizer_config = optimizer or DEFAULT_OPTIMIZER
         self.lr_scheduler_config = lr_scheduler
@@ -246,6 +257,9 @@ class NestedAttentionModule(L.LightningModule):
         if self.train_token_embeddings:
             adapter.train_token_embeddings(*backbone.placeholder_text_encoders)
         adapter.attach(denoiser)
+        if self.compile_options is not None:
+            # In place, after attach: the compiled forward (and its pre-hooks) runs the nested processors.
+            denoiser.compile(**self.compile_options)
         modules = {"unet" if isinstance(backbone, DiffusionBackbone) else "transformer": denoiser}
         modules["vae"] = backbone.vae
         modules.update({f"text_encoder_{i}": encoder for i, encoder in enumerate(backbone.text_encoders)})
@@ -412,8 +426,15 @@ class NestedAttentionModule(L.LightningModule):
         for token in self.subjects:
             rows = torch.tensor([s == token for s in subjects]) & keep
             masks = backbone.subject_masks(captions, token) & rows[:, None]
+            # Compiled, every sample is computed (dense): dropout unbinds other samples at every step, and a
+            # layer that selected the bound ones would compile a graph per pattern.
             bindings.append(
-                SubjectBinding(tokens=tokens, masks=masks.to(device), token_weight=self.token_weight)
+                SubjectBinding(
+                    tokens=tokens,
+                    masks=masks.to(device),
+                    token_weight=self.token_weight,
+                    dense=self.compile_options is not None,
+                )
             )
         adapter.set_subjects(bindings)
         denoiser = _denoiser(backbone)
@@ -605,6 +626,23 @@ def _changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list
         for key in sorted(before.keys() | after.keys())
         if before.get(key) != after.get(key)
     ]
+
+
+def _compile_options(compile: bool | dict[str, Any]) -> dict[str, Any] | None:
+    """``torch.compile``'s keyword arguments for ``model.compile`` (None: not compiled), checked by name."""
+    if not isinstance(compile, bool | dict):
+        raise ConfigError(f"model.compile must be true, false or torch.compile's options, got {compile!r}.")
+    if compile is False:
+        return None
+    options = {} if compile is True else dict(compile)
+    accepted = set(inspect.signature(torch.compile).parameters) - {"model"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"model.compile: torch.compile takes no option {', '.join(map(repr, unknown))}; it takes "
+            f"{', '.join(sorted(accepted))}."
+        )
+    return options
 
 
 def _denoiser(backbone: DiffusionBackbone | TransformerBackbone) -> torch.nn.Module:
