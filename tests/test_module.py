@@ -477,3 +477,30 @@ def test_a_compiled_denoiser_trains_as_the_eager_one_in_one_graph_whatever_dropo
 def test_a_compile_option_torch_does_not_take_is_refused_by_name(tiny_sd_path):
     with pytest.raises(ConfigError, match="torch.compile takes no option 'mod'; it takes backend,"):
         make_module(tiny_sd_path, compile={"mod": "reduce-overhead"})
+
+
+def test_nested_fit_compiles_the_unet_from_the_config_and_refuses_an_unknown_option(
+    tmp_path, monkeypatch, capsys
+):
+    """--model.compile reaches torch.compile through the CLI: training and validation run (each in its own
+    graph, with no break: fullgraph), the adapter is exported; an option torch.compile lacks ends in one line
+    and exit code 2."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["nested"])
+    root = tmp_path / "compiled"
+    common = ["fit", "--config", "configs/smoke.yaml", f"--trainer.default_root_dir={root}"]
+    settings = [
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--trainer.enable_progress_bar=false",
+    ]
+    assert main([*common, *settings, "--model.compile", "{backend: aot_eager, fullgraph: true}"]) in (0, None)
+    assert NestedAdapter.from_pretrained(root / "adapters" / "last").config.token == "<person>"
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--model.compile", "{mod: reduce-overhead}"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("nested fit: error: model.compile: torch.compile takes no option 'mod'")
+    assert NestedAdapter.from_pretrained(root / "adapters" / "last").config.token == "<person>"  # run kept
