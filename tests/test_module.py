@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from torch._dynamo.utils import counters
 
 from nested.adapter import NestedAdapter
 from nested.callbacks.export import AdapterExport
@@ -424,6 +425,37 @@ def caption_batch(present: tuple[bool, ...], seed: int, sdxl: bool = False) -> d
     return batch
 
 
+def eager_and_compiled(path: Path, compile: dict, **settings) -> tuple[NestedAttentionModule, ...]:
+    """Two modules of ``path`` with the same adapter weights, the second with ``model.compile``; image
+    dropout at 0.5 so that steps bind different samples; torch.compile's caches and counters reset."""
+    settings = {
+        "gradient_checkpointing": True,
+        "dropout": ConditioningDropout(text=0.0, image=0.5, both=0.0),
+        **settings,
+    }
+    eager, compiled = make_module(path, **settings), make_module(path, compile=compile, **settings)
+    for module in (eager, compiled):
+        module.configure_model()
+    compiled.adapter.load_state_dict(eager.adapter.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    return eager, compiled
+
+
+def loss_and_gradients(module, batch: dict, seed: int, autocast: torch.device | None = None):
+    """(diffusion_loss's outputs, the adapter's gradients) of one step on ``batch``; the gradients are then
+    cleared. ``autocast``: run the loss under bf16 autocast on that device, as bf16-mixed training does."""
+    with torch.autocast(
+        autocast.type if autocast else "cpu", dtype=torch.bfloat16, enabled=autocast is not None
+    ):
+        out = module.diffusion_loss(batch, torch.Generator().manual_seed(seed))
+    out["loss"].backward()
+    module.on_after_backward()
+    gradients = {n: p.grad.clone() for n, p in module.adapter.named_parameters() if p.grad is not None}
+    module.adapter.zero_grad(set_to_none=True)
+    return out, gradients
+
+
 @pytest.mark.parametrize("kind", ["sd", "flux"])
 def test_a_compiled_denoiser_trains_as_the_eager_one_in_one_graph_whatever_dropout_binds(
     kind, tiny_sd_path, tiny_flux_path
@@ -433,40 +465,19 @@ def test_a_compiled_denoiser_trains_as_the_eager_one_in_one_graph_whatever_dropo
     (captions without the token, image dropout) reuse that one graph. AOTAutograd's eager backend traces
     the forward and backward as inductor would, without generating code: the losses and gradients equal the
     eager module's (inductor's own output is checked in test_adapter)."""
-    from torch._dynamo.utils import counters
-
     path = {"sd": tiny_sd_path, "flux": tiny_flux_path}[kind]
-    dropout = ConditioningDropout(text=0.0, image=0.5, both=0.0)
-    eager = make_module(path, gradient_checkpointing=True, dropout=dropout)
-    compiled = make_module(
-        path,
-        gradient_checkpointing=True,
-        dropout=dropout,
-        compile={"backend": "aot_eager", "fullgraph": True},
-    )
-    for module in (eager, compiled):
-        module.configure_model()
-    compiled.adapter.load_state_dict(eager.adapter.state_dict())
-    torch._dynamo.reset()
-    counters.clear()
+    eager, compiled = eager_and_compiled(path, {"backend": "aot_eager", "fullgraph": True})
     fractions = set()
     for step, present in enumerate(
         [(True,) * 4, (True, False, True, True), (False,) * 4, (False, True, True, False)]
     ):
-        results = []
-        for module in (eager, compiled):
-            out = module.diffusion_loss(caption_batch(present, step), torch.Generator().manual_seed(step))
-            out["loss"].backward()
-            module.on_after_backward()
-            gradients = {
-                n: p.grad.clone() for n, p in module.adapter.named_parameters() if p.grad is not None
-            }
-            module.adapter.zero_grad(set_to_none=True)
-            results.append((out["loss"].detach(), out["subject_fraction"].item(), gradients))
-        (loss, fraction, gradients), (compiled_loss, compiled_fraction, compiled_gradients) = results
-        fractions.add(fraction)
-        assert compiled_fraction == fraction
-        torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+        batch = caption_batch(present, step)
+        (out, gradients), (compiled_out, compiled_gradients) = (
+            loss_and_gradients(module, batch, step) for module in (eager, compiled)
+        )
+        fractions.add(out["subject_fraction"].item())
+        assert compiled_out["subject_fraction"] == out["subject_fraction"]
+        torch.testing.assert_close(compiled_out["loss"], out["loss"], rtol=1e-5, atol=1e-6)
         assert compiled_gradients.keys() == gradients.keys() and gradients
         for name, gradient in gradients.items():
             torch.testing.assert_close(compiled_gradients[name], gradient, rtol=1e-4, atol=1e-7)
