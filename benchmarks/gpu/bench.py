@@ -91,7 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", required=True, help="folder for gpu.json and gpu.md.")
     parser.add_argument("--smoke", action="store_true", help="tiny models and few repeats (any device).")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS))
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(DEFAULT_SECTIONS),
+        help="what to measure (default: all but compiled_training, which runs only when named).",
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu.")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; smoke 2).")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3; smoke 1).")
