@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -139,11 +140,15 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, int]:
             config["dual_attention_layers"] = (0,)
         text = 8
     torch.manual_seed(0)
-    with torch.device(args.device):
-        model = cls(**config)
-    if args.dtype != torch.float32:
-        model = model.to(args.dtype)
-    return model.eval().requires_grad_(False), args.text or text
+    default_dtype = torch.get_default_dtype()
+    # Built in the run's dtype: FLUX.1's 12 B parameters in float32 would take 48 GB before the cast.
+    torch.set_default_dtype(args.dtype)
+    try:
+        with torch.device(args.device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.to(args.dtype).eval().requires_grad_(False), args.text or text
 
 
 def model_inputs(model: nn.Module, side: int, text: int, generator: torch.Generator, args) -> dict[str, Any]:
@@ -358,25 +363,37 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["architectures"].items():
-        infer, train = row["inference"], row.get("training", {})
+        infer, train = row.get("inference", {}), row.get("training", {})
 
         def cell(table: dict, key: str, digits: int = 3) -> str:
             value = table.get(key)
             return "-" if value is None else f"{value:.{digits}f}"
 
         lines.append(
-            f"| {name} | {row['text_tokens']} | {cell(infer, 'plain_ms', 1)} | {cell(infer, 'nested/plain')} "
+            f"| {name} | {row.get('text_tokens', '-')} | {cell(infer, 'plain_ms', 1)} | {cell(infer, 'nested/plain')} "
             f"| {cell(infer, 'nested_recomputed/plain')} | {cell(infer, 'ip/plain')} | {cell(infer, 'nested/ip')} "
             f"| {cell(train, 'nested/frozen')} | {cell(train, 'nested_peak_gib', 1)} "
             f"| {cell(train, 'frozen_peak_gib', 1)} |"
         )
+    lines += [
+        f"\n{name} failed: {text.strip().splitlines()[-1]}"
+        for name, text in results.get("errors", {}).items()
+    ]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.device.type == "cpu":
-        torch.set_num_threads(1)
+def measure(name: str, args: argparse.Namespace, row: dict[str, Any]) -> None:
+    """Fill ``row`` with one architecture's figures, section by section (a failure keeps the earlier ones)."""
+    bench = StepBench(name, args)
+    row.update(blocks=len(bench.adapter.config.layers), text_tokens=bench.text)
+    row["inference"] = inference(bench, args)
+    if not args.no_training:
+        row["training"] = training(bench, args)
+
+
+def run(args: argparse.Namespace, saved: Callable[[dict], None] = lambda results: None) -> dict:
+    """Every architecture of ``args``; ``saved(results)`` after each. A failed architecture (out of memory,
+    say) is recorded in ``errors`` with its traceback, and the next one still runs."""
     results: dict[str, Any] = {
         "setup": {
             "models": "smoke" if args.smoke else args.models,
@@ -390,34 +407,48 @@ def main(argv: list[str] | None = None) -> int:
             "gradient_checkpointing": args.gradient_checkpointing,
         },
         "architectures": {},
+        "errors": {},
     }
     for name in args.architectures:
-        bench = StepBench(name, args)
-        row: dict[str, Any] = {
-            "blocks": len(bench.adapter.config.layers),
-            "text_tokens": bench.text,
-            "inference": inference(bench, args),
-        }
-        if not args.no_training:
-            row["training"] = training(bench, args)
-        results["architectures"][name] = row
-        print(f"{name}: {json.dumps(row)}", flush=True)
-        del bench
+        row = results["architectures"][name] = {}
+        try:
+            measure(name, args, row)
+        except Exception:  # a failed architecture is a result too
+            results["errors"][name] = traceback.format_exc()
+            print(results["errors"][name], file=sys.stderr, flush=True)
+        # Outside the handler: the traceback no longer holds the failed step's tensors.
         gpu_bench.free_memory(args.device)
-    table = markdown(results)
-    print("\n" + table)
-    if args.json:
-        write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
-    failed = [
+        print(f"{name}: {json.dumps(row)}", flush=True)
+        saved(results)
+    return results
+
+
+def failed_checks(results: dict) -> list[str]:
+    return [
         f"{name}: {check}"
         for name, row in results["architectures"].items()
-        for check, ok in row["inference"]["checks"].items()
+        for check, ok in row.get("inference", {}).get("checks", {}).items()
         if not ok
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device.type == "cpu":
+        torch.set_num_threads(1)
+
+    def save(results: dict) -> None:
+        if args.json:
+            write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
+
+    results = run(args, save)
+    print("\n" + markdown(results))
+    failed = failed_checks(results)
     if failed:
         print("checks failed: " + ", ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    if results["errors"]:
+        print("failed: " + ", ".join(results["errors"]), file=sys.stderr)
+    return 1 if failed or results["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +37,31 @@ def test_the_transformer_step_benchmark_runs_every_variant_in_smoke_mode(tmp_pat
     assert flux["checks"]["ip_differs_from_plain"] and flux["nested/ip"] > 0
     assert "ip/plain" not in rows["SD3.5-Large"]["inference"]
     assert "| FLUX.1-dev | 8 |" in done.stdout
+
+
+def test_an_architecture_that_fails_keeps_its_figures_so_far_and_the_next_one_runs(monkeypatch):
+    """An out-of-memory training step on one transformer (a GPU lease's likely failure) is recorded with
+    its traceback; that architecture's inference figures stay, the next architectures are measured, and
+    the figures are handed on after each architecture (what a run cut off at its time limit keeps)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import dit_step
+
+    measured_training = dit_step.training
+
+    def training(bench, args):
+        if bench.is_flux:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return measured_training(bench, args)
+
+    monkeypatch.setattr(dit_step, "training", training)
+    snapshots = []
+    args = dit_step.parse_args(["--smoke", "--device", "cpu", "--architectures", "FLUX.1-dev", "SD3.5-Large"])
+    results = dit_step.run(args, lambda partial: snapshots.append(json.loads(json.dumps(partial))))
+
+    assert [list(s["architectures"]) for s in snapshots] == [["FLUX.1-dev"], ["FLUX.1-dev", "SD3.5-Large"]]
+    assert list(snapshots[0]["errors"]) == ["FLUX.1-dev"]
+    assert "OutOfMemoryError" in results["errors"]["FLUX.1-dev"]
+    flux, sd3 = results["architectures"]["FLUX.1-dev"], results["architectures"]["SD3.5-Large"]
+    assert "training" not in flux and flux["inference"]["nested/plain"] > 0
+    assert sd3["training"]["nested/frozen"] > 0 and "SD3.5-Large" not in results["errors"]
+    assert "FLUX.1-dev failed: torch.OutOfMemoryError: CUDA out of memory" in dit_step.markdown(results)

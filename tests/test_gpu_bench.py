@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_smoke(out: Path, *arguments: str) -> dict:
     """The sections ``bench.py --smoke`` measured into ``out``; no section may have failed."""
+    return run_report(out, *arguments)["sections"]
+
+
+def run_report(out: Path, *arguments: str) -> dict:
+    """Everything ``bench.py --smoke`` wrote to ``out/gpu.json``; no section may have failed."""
     done = subprocess.run(
         [sys.executable, "benchmarks/gpu/bench.py", "--smoke", "--out", str(out), *arguments],
         cwd=REPO,
@@ -26,7 +31,7 @@ def run_smoke(out: Path, *arguments: str) -> dict:
     report = json.loads((out / "gpu.json").read_text())
     assert report["errors"] == {}, report["errors"]
     assert done.returncode == 0, done.stderr[-3000:]
-    return report["sections"]
+    return report
 
 
 def test_the_gpu_benchmark_runs_every_default_section_in_smoke_mode(tmp_path):
@@ -63,3 +68,22 @@ def test_the_compiled_training_section_runs_when_named(tmp_path):
     assert row["graphs"] == 2 and not row["recompiled_while_timing"]  # nested, then frozen (no subject)
     assert row["step/frozen_compiled"] > 0 and row["step/frozen_eager"] > 0
     assert "both compiled" in (tmp_path / "gpu.md").read_text()
+
+
+def test_the_dit_section_runs_the_transformer_benchmark_in_the_order_named(tmp_path):
+    sections = run_smoke(tmp_path, "--sections", "dit", "environment")
+    assert list(sections) == ["dit", "environment"]
+    dit = sections["dit"]
+    assert list(dit["architectures"]) == ["FLUX.1-dev", "SD3.5-Large", "SD3.5-Medium"]
+    assert dit["setup"]["gradient_checkpointing"] and dit["errors"] == {}
+    for row in dit["architectures"].values():
+        assert all(row["inference"]["checks"].values()) and row["training"]["nested/frozen"] > 0
+    table = (tmp_path / "gpu.md").read_text()
+    assert "## Diffusion transformers" in table and "| FLUX.1-dev | 8 |" in table
+
+
+def test_a_budget_skips_the_sections_that_do_not_fit_and_says_so(tmp_path):
+    report = run_report(tmp_path, "--budget", "0", "--sections", "environment", "accuracy")
+    assert report["sections"] == {} and list(report["skipped"]) == ["environment", "accuracy"]
+    assert "0 s of the 0 s budget left" in report["skipped"]["accuracy"]
+    assert "## Skipped (over the --budget)" in (tmp_path / "gpu.md").read_text()

@@ -23,9 +23,17 @@ script cannot rot (the test suite runs it). Sections, each recorded even when an
 * ``compiled_training`` (only when named: it compiles the UNet's forward and backward twice): the
   recipe's step with ``model.compile`` against the compiled frozen UNet's forward + backward, and both
   eager, checkpointing on, at the largest of ``--batches``; whether steps that dropout binds
-  differently recompile. It runs last: the UNet stays compiled.
+  differently recompile. It builds its own models, so later sections run eager.
 * ``loader``: training-stream samples/s per CPU worker at 1024 px from real JPEG shards, against the
-  training step's samples/s: the loader workers one GPU needs.
+  training step's samples/s (when ``training`` ran before it): the loader workers one GPU needs.
+* ``dit`` (only when named): ``benchmarks/dit_step.py`` on the real FLUX.1-dev, SD3.5-Large and
+  SD3.5-Medium transformers (bf16, 1024 px, M = 1024; training with gradient checkpointing), or its
+  2-block models with ``--smoke``: nested / plain, nested / FLUX IP-Adapter, training step / frozen and
+  peak memory. An architecture that fails (out of memory) is recorded, and the next one runs.
+
+Sections run in the order named. ``--budget SECONDS`` fits a run into a lease of GPU time: a section
+starts only if what it is expected to take (``EXPECTED_SECONDS``, from an H200 run of the real models)
+fits in what is left of the budget; the others are listed as skipped. Name the sections by priority.
 
 Timing: CUDA events around each call after warm-up, variants interleaved in rounds (the order
 rotating), medians of per-round ratios. Output: ``gpu.json`` (every figure) and ``gpu.md`` (the
@@ -33,6 +41,7 @@ table), rewritten after each section.
 
     python benchmarks/gpu/bench.py --out benchmarks/gpu/results       # on a GPU, ~7 min
     python benchmarks/gpu/bench.py --smoke --out runs/gpu-smoke       # tiny models, 30 s
+    benchmarks/gpu/device.sh                                          # the next GPU lease's one command
 """
 
 from __future__ import annotations
@@ -70,7 +79,7 @@ import attention as attention_bench  # noqa: E402  (benchmarks/attention.py)
 
 # What a run without --sections measures (7 minutes on an H200), then what runs only when named.
 DEFAULT_SECTIONS = ("environment", "tests", "accuracy", "inference", "training", "loader", "compile")
-SECTIONS = (*DEFAULT_SECTIONS, "compiled_training")
+SECTIONS = (*DEFAULT_SECTIONS, "compiled_training", "dit")
 GIB = 1024**3
 CARD_80GB = 80 * 10**9  # an "80 GB" card (A100 / H100 80GB) holds about 79.6 GiB
 USABLE_80GB = 0.95 * CARD_80GB  # room for the CUDA context and fragmentation
@@ -96,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=SECTIONS,
         default=list(DEFAULT_SECTIONS),
-        help="what to measure (default: all but compiled_training, which runs only when named).",
+        help="what to measure, in this order (default: all but compiled_training and dit, which run "
+        "only when named).",
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu.")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; smoke 2).")
@@ -125,6 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(doubles the compile time: about 2 more minutes on an H200).",
     )
     parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds the whole run may take: a section starts only if its expected time fits in what is "
+        "left (default: no limit).",
+    )
+    parser.add_argument(
         "--compile-backend",
         default=None,
         help="torch.compile backend (default inductor; smoke: eager, which traces but generates no code).",
@@ -137,7 +154,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.models = args.models or ("tiny" if args.smoke else "real")
     args.resolution = args.resolution or (64 if args.smoke else 1024)
     args.batches = args.batches or ([1, 2] if args.smoke else [1, 2, 4])
+    args.sections = list(dict.fromkeys(args.sections))
     return args
+
+
+def expected_seconds(name: str, args: argparse.Namespace) -> float:
+    """What a section takes with the real models on an H200, with a margin (the 2026-12-04 run; dit and
+    compiled_training estimated from the compile and step times); other models count as free."""
+    if args.models != "real":
+        return 0.0
+    per_section = {
+        "environment": 5,
+        "tests": 150,  # 50 s on 2026-12-04, before the compiled (inductor) training test
+        "accuracy": 10,
+        "inference": 30,
+        "training": 60 + 35 * len(args.batches),
+        "loader": 30,
+        "compile": 170 + (160 if args.compile_plain else 0),
+        "compiled_training": 600,
+        "dit": 200,
+    }
+    return float(per_section[name])
 
 
 # --------------------------------------------------------------------------------------- report
@@ -150,10 +187,22 @@ class Report:
             "args": {k: str(v) for k, v in vars(args).items()},
             "sections": {},
             "errors": {},
+            "skipped": {},
         }
+        self.started = time.perf_counter()
+        self.budget = args.budget
         out.mkdir(parents=True, exist_ok=True)
 
-    def run(self, name: str, section: Callable[[], dict]) -> None:
+    def run(self, name: str, section: Callable[[], dict], expected: float = 0.0) -> None:
+        elapsed = time.perf_counter() - self.started
+        if self.budget is not None and elapsed + expected > self.budget:
+            self.data["skipped"][name] = (
+                f"expected {expected:.0f} s, {max(0.0, self.budget - elapsed):.0f} s of the {self.budget:.0f} s "
+                "budget left"
+            )
+            print(f"\n=== {name}: skipped ({self.data['skipped'][name]})", flush=True)
+            self.save()
+            return
         print(f"\n=== {name}", flush=True)
         start = time.perf_counter()
         try:
@@ -161,8 +210,16 @@ class Report:
         except Exception:  # a failed section is a result too; the others still run
             self.data["errors"][name] = traceback.format_exc()
             print(self.data["errors"][name], flush=True)
+        # A section that measures several things (dit: one per architecture) reports its own failures.
+        for part, text in self.data["sections"].get(name, {}).get("errors", {}).items():
+            self.data["errors"][f"{name}: {part}"] = text
         self.data.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 1)
         print(f"=== {name}: {self.data['seconds'][name]} s", flush=True)
+        self.save()
+
+    def save_section(self, name: str, partial: dict) -> None:
+        """A section's figures so far (a run stopped at its time limit keeps them)."""
+        self.data["sections"][name] = partial
         self.save()
 
     def save(self) -> None:
@@ -957,6 +1014,24 @@ def loader(args: argparse.Namespace, results: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------ dit
+def dit(args: argparse.Namespace, state: dict, saved: Callable[[dict], None]) -> dict:
+    """``benchmarks/dit_step.py`` on the diffusion transformers, training with gradient checkpointing;
+    ``saved`` gets the figures after each architecture."""
+    import dit_step  # benchmarks/dit_step.py
+
+    state.clear()  # an SDXL UNet of an earlier section: freed before the transformers are built
+    free_memory(args.device)
+    argv = ["--device", str(args.device), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    argv += ["--gradient-checkpointing"]
+    argv += ["--smoke"] if args.smoke else ["--models", "narrow" if args.models == "narrow" else "real"]
+    results = dit_step.run(dit_step.parse_args(argv), saved)
+    failed = dit_step.failed_checks(results)
+    if failed:
+        results["errors"]["checks"] = "checks failed: " + ", ".join(failed)
+    return results
+
+
 # ------------------------------------------------------------------------------------- markdown
 def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
@@ -1146,6 +1221,18 @@ def markdown(data: dict) -> str:
         ]
     if loaded:
         lines += ["", "## Data loader", "", "```", json.dumps(loaded, indent=1), "```"]
+    if "dit" in sections:
+        import dit_step  # benchmarks/dit_step.py
+
+        lines += [
+            "",
+            "## Diffusion transformers (benchmarks/dit_step.py)",
+            "",
+            dit_step.markdown(sections["dit"]),
+        ]
+    if data.get("skipped"):
+        lines += ["", "## Skipped (over the --budget)", ""]
+        lines += [f"- {name}: {reason}" for name, reason in data["skipped"].items()]
     if data["errors"]:
         lines += ["", "## Errors", ""]
         for name, text in data["errors"].items():
@@ -1171,10 +1258,10 @@ def main(argv: list[str] | None = None) -> int:
         "loader": lambda: loader(args, sections),
         "compile": lambda: compile_check(args, state),
         "compiled_training": lambda: compiled_training(args, state),
+        "dit": lambda: dit(args, state, lambda partial: report.save_section("dit", partial)),
     }
-    for name in SECTIONS:
-        if name in args.sections:
-            report.run(name, steps[name])
+    for name in args.sections:
+        report.run(name, steps[name], expected_seconds(name, args))
     print(f"\nwrote {Path(args.out) / 'gpu.json'} and {Path(args.out) / 'gpu.md'}")
     return 1 if report.data["errors"] else 0
 
