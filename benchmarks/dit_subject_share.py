@@ -101,7 +101,7 @@ class FixedSubject:
     def __init__(self, mask: torch.Tensor, tokens: int, *, seed: int = 0):
         self.mask, self.tokens, self.seed = mask, tokens, seed
 
-    def subjects_for_layer(self, layer_name, attn, batch_size, dtype):
+    def subjects(self, attn, batch_size, dtype):
         heads, head_dim = attn.heads, attn.to_q.out_features // attn.heads
         shape = (batch_size, heads, self.tokens, head_dim)
         if self.mask.is_meta:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from nested.adapter import NestedAdapter, SubjectBinding, cross_attention_layers
+from nested.adapter import NestedAdapter, SubjectBinding, compile_blocks, cross_attention_layers
 from nested.backbone import DiffusionBackbone
 from nested.encoder import EncoderSpec
 from nested.errors import ConfigError
@@ -455,10 +455,12 @@ def test_projections_started_from_the_base_give_a_text_feature_its_own_value(bac
 @pytest.mark.skipif(
     not (shutil.which("c++") or shutil.which("g++")), reason="inductor's CPU code needs a C++ compiler"
 )
-def test_inductor_compiles_nested_layers_in_checkpointed_blocks_to_the_eager_output(tiny_sdxl_path):
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
+def test_inductor_compiles_nested_layers_in_checkpointed_blocks_to_the_eager_output(regional, tiny_sdxl_path):
     """A UNet with gradient checkpointing and every cross-attention layer nested, compiled by inductor as
-    model.compile does it, computes what eager computes (torch 2.13's inductor got this wrong when the
-    fused call's value was built by concatenation: up to 45 % off with two or more nested layers)."""
+    model.compile does it (whole, or block by block), computes what eager computes (torch 2.13's inductor got
+    the whole UNet wrong when the fused call's value was built by concatenation: up to 45 % off with two or
+    more nested layers)."""
     backbone = DiffusionBackbone.from_pretrained(tiny_sdxl_path)
     adapter = make_adapter(backbone, tiny_sdxl_path / "image_encoder", value_norm_factor=2.0).train()
     unet = backbone.unet
@@ -470,6 +472,39 @@ def test_inductor_compiles_nested_layers_in_checkpointed_blocks_to_the_eager_out
     latents.requires_grad_(True)  # checkpointing acts only when a gradient is wanted
     eager = unet(latents, timesteps, embeds, added_cond_kwargs=added).sample
     torch._dynamo.reset()
-    unet.compile(backend="inductor")
+    if regional:
+        assert compile_blocks(unet, backend="inductor") == 8
+    else:
+        unet.compile(backend="inductor")
     compiled = unet(latents, timesteps, embeds, added_cond_kwargs=added).sample
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_regional_compilation_compiles_one_graph_for_all_nested_blocks_of_a_shape(tiny_sdxl_path):
+    """diffusers' compile_repeated_blocks (regional compilation) compiles each transformer block on its own.
+    The nested layers reach their keys and values through attributes, not by the layer's name, so the tiny
+    SDXL's eight blocks (one shape) share one graph (keyed by layer, they compiled eight, and past torch's
+    recompile limit fell back to eager); binding another subject does not recompile; outputs are eager's."""
+    from torch._dynamo.utils import counters
+
+    backbone = DiffusionBackbone.from_pretrained(tiny_sdxl_path)
+    adapter = make_adapter(backbone, tiny_sdxl_path / "image_encoder", value_norm_factor=2.0)
+    unet = backbone.unet
+    adapter.attach(unet)
+    prompts = ["a photo of a person", "a person on the beach"]
+    inputs = unet_inputs(backbone, prompts)
+    images = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in (0, 1)]
+    eager = []
+    for subject in images:
+        bind(adapter, backbone, prompts, subject)
+        eager.append(run_unet(backbone, inputs))
+    assert not torch.allclose(eager[0], eager[1])
+
+    torch._dynamo.reset()
+    counters.clear()
+    unet.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+    for subject, expected in zip(images, eager, strict=True):
+        bind(adapter, backbone, prompts, subject)
+        torch.testing.assert_close(run_unet(backbone, inputs), expected)
+        assert counters["stats"]["unique_graphs"] == 1
+    assert len([m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]) == 8

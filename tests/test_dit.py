@@ -20,13 +20,13 @@ TEXT = 7  # text tokens per prompt
 BATCH = 2
 
 
-def tiny_flux() -> FluxTransformer2DModel:
+def tiny_flux(double_blocks: int = 1, single_blocks: int = 1) -> FluxTransformer2DModel:
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=32,
@@ -36,13 +36,13 @@ def tiny_flux() -> FluxTransformer2DModel:
     return model.eval()
 
 
-def tiny_sd3() -> SD3Transformer2DModel:
+def tiny_sd3(blocks: int = 2, dual_attention_blocks: tuple[int, ...] = (0,)) -> SD3Transformer2DModel:
     torch.manual_seed(0)
     model = SD3Transformer2DModel(
         sample_size=8,
         patch_size=2,
         in_channels=4,
-        num_layers=2,
+        num_layers=blocks,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=32,
@@ -50,7 +50,7 @@ def tiny_sd3() -> SD3Transformer2DModel:
         pooled_projection_dim=32,
         out_channels=4,
         pos_embed_max_size=16,
-        dual_attention_layers=(0,),  # SD3.5's extra image self-attention in the first block
+        dual_attention_layers=dual_attention_blocks,  # SD3.5's extra image self-attention (by default in the first)
         qk_norm="rms_norm",
     )
     return model.eval()
@@ -123,10 +123,10 @@ class FixedSubjects:
     """A binding that hands every layer the same subjects (the protocol the processors call)."""
 
     def __init__(self, subjects):
-        self.subjects = subjects
+        self.fixed = subjects
 
-    def subjects_for_layer(self, layer_name, attn, batch_size, dtype):
-        return self.subjects
+    def subjects(self, attn, batch_size, dtype):
+        return self.fixed
 
 
 def reference_joint_attention(attn, layout, hidden, text, rotary, subjects) -> torch.Tensor:
@@ -443,3 +443,27 @@ def test_projections_started_from_the_base_are_the_blocks_text_projections(model
     assert layouts == (
         {"text_first", "single"} if isinstance(model, FluxTransformer2DModel) else {"image_first"}
     )
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_compile_blocks_compiles_one_graph_per_kind_of_block(kind, vision_path):
+    """compile_blocks compiles every block holding a nested layer on its own (regional compilation; SD3's
+    transformer declares no repeated blocks for diffusers' compile_repeated_blocks). With an adapter attached,
+    blocks alike share a graph (keyed by layer name, each compiled its own): FLUX's three double-stream
+    blocks one, its three single-stream blocks two (the first gets a contiguous input, the others a strided
+    view), SD3's three joint blocks one and its last (text-free) one another; outputs are eager's."""
+    from torch._dynamo.utils import counters
+
+    from nested.adapter import compile_blocks
+
+    model = tiny_flux(3, 3) if kind == "flux" else tiny_sd3(4, dual_attention_blocks=())
+    adapter = make_adapter(model, vision_path)
+    adapter.attach(model)
+    inputs = model_inputs(model)
+    bind(adapter, text_masks(2, 3))
+    eager = run(model, inputs)
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_blocks(model, backend="aot_eager", fullgraph=True) == (6 if kind == "flux" else 4)
+    torch.testing.assert_close(run(model, inputs), eager)
+    assert counters["stats"]["unique_graphs"] == (3 if kind == "flux" else 2)

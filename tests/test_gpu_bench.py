@@ -87,3 +87,16 @@ def test_a_budget_skips_the_sections_that_do_not_fit_and_says_so(tmp_path):
     assert report["sections"] == {} and list(report["skipped"]) == ["environment", "accuracy"]
     assert "0 s of the 0 s budget left" in report["skipped"]["accuracy"]
     assert "## Skipped (over the --budget)" in (tmp_path / "gpu.md").read_text()
+
+
+def test_compile_regional_compiles_blocks_in_the_compile_and_compiled_training_sections(tmp_path):
+    sections = run_smoke(tmp_path, "--sections", "compile", "compiled_training", "--compile-regional")
+    compiled = sections["compile"]
+    # one block per nested (attn2) layer, compiled alone; no graph break in any
+    assert compiled["regional"] and compiled["compiled_blocks"] == compiled["nested_layers"] > 1
+    assert compiled["fullgraph"] and compiled["graph_breaks_in_nested"] == 0
+    assert not compiled["recompiled_on_rebinding"] and compiled["compiled_nested/compiled_plain"] > 0
+    training = sections["compiled_training"]
+    assert training["regional"] and not training["recompiled_while_timing"]
+    table = (tmp_path / "gpu.md").read_text()
+    assert "both compiled (each block compiled)" in table and "each block compiled)" in table

@@ -456,17 +456,22 @@ def loss_and_gradients(module, batch: dict, seed: int, autocast: torch.device | 
     return out, gradients
 
 
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
 @pytest.mark.parametrize("kind", ["sd", "flux"])
 def test_a_compiled_denoiser_trains_as_the_eager_one_in_one_graph_whatever_dropout_binds(
-    kind, tiny_sd_path, tiny_flux_path
+    kind, regional, tiny_sd_path, tiny_flux_path
 ):
     """model.compile: the UNet or transformer compiles whole (fullgraph: no break, the nested layers and
     the adapter's pre-hook included) under gradient checkpointing, and steps that bind different samples
     (captions without the token, image dropout) reuse that one graph. AOTAutograd's eager backend traces
     the forward and backward as inductor would, without generating code: the losses and gradients equal the
-    eager module's (inductor's own output is checked in test_adapter)."""
+    eager module's (inductor's own output is checked in test_adapter). ``regional: true`` compiles each
+    block on its own instead: a graph per kind of block and input (the tiny SD UNet's: its first block, whose
+    input needs no gradient, and the later ones at each of its two widths; the tiny FLUX's double- and
+    single-stream block), the same losses and gradients."""
     path = {"sd": tiny_sd_path, "flux": tiny_flux_path}[kind]
-    eager, compiled = eager_and_compiled(path, {"backend": "aot_eager", "fullgraph": True})
+    options = {"backend": "aot_eager", "fullgraph": True, "regional": regional}
+    eager, compiled = eager_and_compiled(path, options)
     fractions = set()
     for step, present in enumerate(
         [(True,) * 4, (True, False, True, True), (False,) * 4, (False, True, True, False)]
@@ -482,12 +487,14 @@ def test_a_compiled_denoiser_trains_as_the_eager_one_in_one_graph_whatever_dropo
         for name, gradient in gradients.items():
             torch.testing.assert_close(compiled_gradients[name], gradient, rtol=1e-4, atol=1e-7)
     assert len(fractions) >= 3  # the steps bound different samples
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == ({"sd": 3, "flux": 2}[kind] if regional else 1)
 
 
 def test_a_compile_option_torch_does_not_take_is_refused_by_name(tiny_sd_path):
     with pytest.raises(ConfigError, match="torch.compile takes no option 'mod'; it takes backend,"):
         make_module(tiny_sd_path, compile={"mod": "reduce-overhead"})
+    with pytest.raises(ConfigError, match="model.compile.regional must be true or false, got 'yes'"):
+        make_module(tiny_sd_path, compile={"regional": "yes"})
 
 
 def test_nested_fit_compiles_the_unet_from_the_config_and_refuses_an_unknown_option(

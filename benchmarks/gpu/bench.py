@@ -19,11 +19,15 @@ script cannot rot (the test suite runs it). Sections, each recorded even when an
   (and the VAE-encoded pixels at batch 1 and 4); the IP-Adapter-style ``decoupled`` injection at the
   same M; peak memory of each; the largest batch that fits 80 GB.
 * ``compile``: ``torch.compile`` of the UNet with an adapter attached and a subject bound: graph
-  breaks, compile time, compiled step time, whether binding a new subject recompiles.
+  breaks, compile time, compiled step time, whether binding a new subject recompiles. With
+  ``--compile-regional`` each transformer block compiles on its own (``nested.adapter.compile_blocks``),
+  and a plain copy compiled the same way gives the compiled nested / compiled plain ratio
+  (``--compile-plain`` does it for whole UNets: two more minutes).
 * ``compiled_training`` (only when named: it compiles the UNet's forward and backward twice): the
   recipe's step with ``model.compile`` against the compiled frozen UNet's forward + backward, and both
   eager, checkpointing on, at the largest of ``--batches``; whether steps that dropout binds
-  differently recompile. It builds its own models, so later sections run eager.
+  differently recompile (``--compile-regional``: block by block). It builds its own models, so later
+  sections run eager.
 * ``loader``: training-stream samples/s per CPU worker at 1024 px from real JPEG shards, against the
   training step's samples/s (when ``training`` ran before it): the loader workers one GPU needs.
 * ``dit`` (only when named): ``benchmarks/dit_step.py`` on the real FLUX.1-dev, SD3.5-Large and
@@ -135,6 +139,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(doubles the compile time: about 2 more minutes on an H200).",
     )
     parser.add_argument(
+        "--compile-regional",
+        action="store_true",
+        help="compile each transformer block on its own (regional compilation: a fraction of the compile "
+        "time) in the compile section, with a plain copy compiled the same way, and in compiled_training.",
+    )
+    parser.add_argument(
         "--budget",
         type=float,
         default=None,
@@ -170,8 +180,9 @@ def expected_seconds(name: str, args: argparse.Namespace) -> float:
         "inference": 30,
         "training": 60 + 35 * len(args.batches),
         "loader": 30,
-        "compile": 170 + (160 if args.compile_plain else 0),
-        "compiled_training": 600,
+        # Regional compile times are estimates, from the ratio a CPU measured (12x less than whole).
+        "compile": 60 if args.compile_regional else 170 + (160 if args.compile_plain else 0),
+        "compiled_training": 200 if args.compile_regional else 600,
         "dit": 200,
     }
     return float(per_section[name])
@@ -841,7 +852,12 @@ def compiled_training(args: argparse.Namespace, state: dict) -> dict:
     state.clear()
     free_memory(device)
     batch_size = max(args.batches)
-    result: dict[str, Any] = {"batch": batch_size, "checkpointing": True, "backend": args.compile_backend}
+    result: dict[str, Any] = {
+        "batch": batch_size,
+        "checkpointing": True,
+        "backend": args.compile_backend,
+        "regional": args.compile_regional,
+    }
     with tempfile.TemporaryDirectory(prefix="nested-gpu-compiled-") as tmp:
         backbone, image_backbone, spec, resolution = training_parts(args, Path(tmp))
         unet = backbone.unet
@@ -849,7 +865,9 @@ def compiled_training(args: argparse.Namespace, state: dict) -> dict:
         rounds = max(1, args.repeats // 3)
         times: dict[str, list[float]] = {}
         for compiled in (False, True):
-            options = {"backend": args.compile_backend} if compiled else False
+            options = (
+                {"backend": args.compile_backend, "regional": args.compile_regional} if compiled else False
+            )
             module, optimizer = build_module(
                 backbone, image_backbone, spec, "nested", device, compile=options
             )
@@ -885,18 +903,43 @@ def compiled_training(args: argparse.Namespace, state: dict) -> dict:
 
 # -------------------------------------------------------------------------------------- compile
 def compile_check(args: argparse.Namespace, state: dict) -> dict:
-    """torch.compile of the UNet with the adapter attached and a subject bound (guided batch 2)."""
+    """torch.compile of the UNet with the adapter attached and a subject bound (guided batch 2): the whole
+    UNet, or with ``--compile-regional`` each transformer block on its own (``compile_blocks``), which also
+    compiles a plain copy (cheap) for the compiled nested / compiled plain ratio."""
     from torch._dynamo.utils import counters
+
+    from nested.adapter import compile_blocks
 
     bench = state.get("inference") or InferenceBench(args)
     unet, adapter, device = bench.unet, bench.adapter, args.device
     kwargs = bench.inputs(2)
     bench.bind_subject(2)
     bench.plain_processors()
+    regional = args.compile_regional
+    result: dict[str, Any] = {
+        "backend": args.compile_backend,
+        "regional": regional,
+        "nested_layers": len(adapter.layers),
+    }
+    # Eager first: compiled regionally, the UNet itself runs compiled.
+    variants = bench.variants(kwargs)
+    times = interleaved(
+        {"eager_nested": variants["nested"], "eager_plain": variants["plain"]},
+        args.warmup,
+        args.repeats,
+        device,
+    )
+    eager_out = variants["nested"]().float()
+    plain_unet = copy.deepcopy(unet) if args.compile_plain or regional else None
     adapter.attach(unet)
     torch._dynamo.reset()
     counters.clear()
-    result: dict[str, Any] = {"backend": args.compile_backend}
+
+    def compile_unet(model: nn.Module) -> Callable:
+        if regional:
+            result["compiled_blocks"] = compile_blocks(model, backend=args.compile_backend, fullgraph=True)
+            return model
+        return torch.compile(model, backend=args.compile_backend, fullgraph=True)
 
     def first_call(compiled: Callable) -> float:
         start = time.perf_counter()
@@ -906,11 +949,13 @@ def compile_check(args: argparse.Namespace, state: dict) -> dict:
         return time.perf_counter() - start
 
     try:
-        compiled = torch.compile(unet, backend=args.compile_backend, fullgraph=True)
+        compiled = compile_unet(unet)
         result["compile_seconds"] = first_call(compiled)
         result["fullgraph"] = True
         result["graph_breaks"] = result["graph_breaks_in_nested"] = 0
     except Exception as error:  # a graph break under fullgraph=True: count and locate them
+        if regional:
+            raise
         result["fullgraph"] = False
         result["fullgraph_error"] = str(error).splitlines()[0]
         torch._dynamo.reset()
@@ -924,7 +969,6 @@ def compile_check(args: argparse.Namespace, state: dict) -> dict:
         result["compile_seconds"] = first_call(compiled)
     result["graphs"] = counters["stats"]["unique_graphs"]
     with torch.no_grad():
-        eager_out = unet(**kwargs).sample.float()
         compiled_out = compiled(**kwargs).sample.float()
     result["max_abs_difference_vs_eager"] = (compiled_out - eager_out).abs().max().item()
     result["eager_output_max_abs"] = eager_out.abs().max().item()
@@ -933,49 +977,41 @@ def compile_check(args: argparse.Namespace, state: dict) -> dict:
         with torch.no_grad():
             return compiled(**kwargs).sample
 
-    def eager_nested() -> Tensor:
-        with torch.no_grad():
-            return unet(**kwargs).sample
-
     # The adapter stays attached while the compiled UNet runs: swapping processors would change
     # what the compiled graph was specialised on.
-    times = interleaved(
-        {"compiled_nested": compiled_nested, "eager_nested": eager_nested}, args.warmup, args.repeats, device
-    )
+    times.update(interleaved({"compiled_nested": compiled_nested}, args.warmup, args.repeats, device))
     result["graphs_after_timing"] = counters["stats"]["unique_graphs"]
     bench.bind_subject(2)  # a new subject image, as the next generation call binds it
     result["rebound_subject_step_ms"] = 1000 * time_call(compiled_nested, device)
     result["recompiled_on_rebinding"] = counters["stats"]["unique_graphs"] != result["graphs_after_timing"]
-    adapter.detach(unet)
-    times.update(
-        interleaved({"eager_plain": bench.variants(kwargs)["plain"]}, args.warmup, args.repeats, device)
-    )
     result.update(summarize(times))
-    result["compiled_nested/eager_nested"] = median_ratio(times, "compiled_nested", "eager_nested")
+    result["compiled_nested/eager_nested"] = statistics.median(times["compiled_nested"]) / statistics.median(
+        times["eager_nested"]
+    )
     result["compiled_nested/eager_plain"] = statistics.median(times["compiled_nested"]) / statistics.median(
         times["eager_plain"]
     )
-    if args.compile_plain:
-        # A second UNet, plain, compiled too: the ratio both would run at in a compiled pipeline.
-        plain_unet = copy.deepcopy(unet)
-        compiled_plain = torch.compile(plain_unet, backend=args.compile_backend, fullgraph=True)
+    if plain_unet is not None:
+        # A second UNet, plain, compiled the same way: the ratio both would run at in a compiled pipeline.
+        compiled_plain = compile_unet(plain_unet)
         result["compile_plain_seconds"] = first_call(compiled_plain)
 
         def compiled_plain_call() -> Tensor:
             with torch.no_grad():
                 return compiled_plain(**kwargs).sample
 
-        adapter.attach(unet)
         both = interleaved(
             {"compiled_nested": compiled_nested, "compiled_plain": compiled_plain_call},
             args.warmup,
             args.repeats,
             device,
         )
-        adapter.detach(unet)
         result["compiled_plain_ms"] = 1000 * statistics.median(both["compiled_plain"])
         result["compiled_nested/compiled_plain"] = median_ratio(both, "compiled_nested", "compiled_plain")
         del plain_unet, compiled_plain
+    adapter.detach(unet)
+    if regional:  # its blocks stay compiled: a later section builds its own UNet
+        state.pop("inference", None)
     print(json.dumps(result, indent=1, default=str), flush=True)
     return result
 
@@ -1092,6 +1128,12 @@ def markdown(data: dict) -> str:
             f"| training step / frozen UNet fwd+bwd, both compiled, batch {compiled_training_row['batch']}, checkpointing on | <= {TARGETS['train/frozen']} | {_fmt(ratio)} | {_verdict(ratio <= TARGETS['train/frozen'])} |"
         )
     compiled = sections.get("compile", {})
+    if "compiled_nested/compiled_plain" in compiled:
+        ratio = compiled["compiled_nested/compiled_plain"]
+        how = "each block compiled" if compiled.get("regional") else "whole UNets compiled"
+        lines.append(
+            f"| inference step, nested / plain, both compiled ({how}), guided batch 2 | <= {TARGETS['nested/plain']} | {_fmt(ratio)} | {_verdict(ratio <= TARGETS['nested/plain'])} |"
+        )
     if compiled:
         breaks = compiled.get("graph_breaks_in_nested")
         lines.append(
@@ -1203,7 +1245,8 @@ def markdown(data: dict) -> str:
         row = compiled_training_row
         lines += [
             "",
-            f"## Training step with model.compile (batch {row['batch']}, checkpointing on, backend {row['backend']})",
+            f"## Training step with model.compile (batch {row['batch']}, checkpointing on, backend {row['backend']}"
+            + (", each block compiled)" if row.get("regional") else ")"),
             "",
             "| mode | step ms | frozen fwd+bwd ms | step/frozen | peak GiB |",
             "| --- | ---: | ---: | ---: | ---: |",

@@ -17,9 +17,10 @@ fi
 export PYTHONPATH="${PWD}/src${PYTHONPATH:+:${PYTHONPATH}}" PYTHONUNBUFFERED=1
 if [ $# -eq 0 ]; then
   # By priority: the transformer figures and the SDXL step after the host-cost fixes, the CUDA tests
-  # (a compiled training step against eager among them), the compiled comparison the FLOP floor is
-  # about, then the checks already measured once.
-  set -- --sections environment dit inference training tests compile loader accuracy compiled_training \
-    --batches 1 4 --compile-plain
+  # (a compiled training step against eager among them), the compiled nested / compiled plain inference
+  # step (the comparison the FLOP floor is about) and the compiled training step, both compiled block by
+  # block (minutes less compiling than whole UNets), then the checks already measured once.
+  set -- --sections environment dit inference training tests compile compiled_training loader accuracy \
+    --batches 1 4 --compile-regional
 fi
 python3 benchmarks/gpu/bench.py --out "${OUT}" --budget "${BUDGET}" "$@" 2>&1 | tee "${OUT}/log.txt"

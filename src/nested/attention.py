@@ -552,8 +552,9 @@ class NestedAttnProcessor:
     live in the adapters that bind to it (``bindings``), so the UNet's own state dict never changes
     when adapters are attached.
 
-    Each binding is an object with ``subjects_for_layer(layer_name, attn, batch_size, dtype)``
-    returning a list of :class:`NestedSubject` (possibly empty) for the current call.
+    Each binding is an object with ``subjects(attn, batch_size, dtype)`` returning a list of
+    :class:`NestedSubject` (possibly empty) for the current call: an adapter at this layer
+    (:class:`~nested.adapter.LayerBinding`).
     """
 
     def __init__(self, layer_name: str, original_processor: object):
@@ -612,7 +613,7 @@ class NestedAttnProcessor:
         subjects: list[NestedSubject] = []
         if is_cross:
             for binding in self.bindings:
-                subjects.extend(binding.subjects_for_layer(self.layer_name, attn, batch_size, query.dtype))
+                subjects.extend(binding.subjects(attn, batch_size, query.dtype))
         if subjects:
             hidden_states = nested_attention_subjects(query, key, value, subjects, attn_mask=attention_mask)
         else:

@@ -24,7 +24,7 @@ Where each block puts the text in its joint sequence:
   the model's own ``encoder_hidden_states``); the subject's value is ``to_v`` at its position.
 
 Subjects come from bindings, as for :class:`~nested.attention.NestedAttnProcessor`: objects with
-``subjects_for_layer(layer_name, attn, batch_size, dtype)`` returning :class:`~nested.attention.NestedSubject`
+``subjects(attn, batch_size, dtype)`` returning :class:`~nested.attention.NestedSubject`
 whose ``mask`` is (B, T_text) over the text tokens alone; the processor places them in the joint sequence.
 Without a bound subject, or when no sample's prompt holds one, the output is bit for bit the one of
 diffusers' ``JointAttnProcessor2_0`` / ``FluxAttnProcessor`` (the plain path goes through diffusers'
@@ -136,10 +136,10 @@ class NestedJointAttnProcessor:
     the bindings, so the transformer's state dict never changes.
 
     Attributes:
-        layer_name: the attention module's name in the model; bindings key their keys/values by it.
+        layer_name: the attention module's name in the model (for error messages).
         original_processor: the processor this one replaced (restored on detach).
         layout: where the text sits in the joint sequence (:data:`JointLayout`).
-        bindings: objects with ``subjects_for_layer(layer_name, attn, batch_size, dtype)``.
+        bindings: objects with ``subjects(attn, batch_size, dtype)``: the adapters at this layer.
         text_length: ``single`` layout only: how many of the sequence's first tokens are text, for the
             current call. Needed when a subject is bound.
     """
@@ -277,9 +277,7 @@ class NestedJointAttnProcessor:
         sequence."""
         batch, total = query.shape[0], query.shape[1]
         subjects = [
-            subject
-            for binding in self.bindings
-            for subject in binding.subjects_for_layer(self.layer_name, attn, batch, query.dtype)
+            subject for binding in self.bindings for subject in binding.subjects(attn, batch, query.dtype)
         ]
         subjects = [s for s in subjects if any(rows_present(s))]
         if not subjects:
