@@ -508,3 +508,29 @@ def test_regional_compilation_compiles_one_graph_for_all_nested_blocks_of_a_shap
         torch.testing.assert_close(run_unet(backbone, inputs), expected)
         assert counters["stats"]["unique_graphs"] == 1
     assert len([m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]) == 8
+
+
+def test_an_adapter_on_two_unets_serves_the_one_left_after_detaching_the_other(tiny_sd_path):
+    """Each attach gives every layer of that model its own LayerBinding; detach removes only that model's.
+    The adapter bound on the UNet left gives what it gives when attached to it alone, and the detached
+    UNet is plain again."""
+    first, second = (DiffusionBackbone.from_pretrained(tiny_sd_path) for _ in range(2))
+    adapter = make_adapter(first, tiny_sd_path / "image_encoder")
+    prompts = ["a photo of a person", "a person on the beach"]
+    inputs = unet_inputs(first, prompts)
+    plain = run_unet(first, inputs)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    adapter.attach(first.unet)
+    adapter.attach(second.unet)
+    assert len(adapter._layer_bindings) == 2 * len(adapter.layers)
+    adapter.detach(first.unet)
+    assert len(adapter._layer_bindings) == len(adapter.layers)
+    bind(adapter, second, prompts, images)
+    on_second = run_unet(second, inputs)
+    assert torch.equal(run_unet(first, inputs), plain) and not torch.allclose(on_second, plain)
+
+    adapter.detach(second.unet)
+    adapter.attach(first.unet)
+    bind(adapter, first, prompts, images)
+    assert torch.equal(run_unet(first, inputs), on_second)

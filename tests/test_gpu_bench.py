@@ -99,4 +99,22 @@ def test_compile_regional_compiles_blocks_in_the_compile_and_compiled_training_s
     training = sections["compiled_training"]
     assert training["regional"] and not training["recompiled_while_timing"]
     table = (tmp_path / "gpu.md").read_text()
-    assert "both compiled (each block compiled)" in table and "each block compiled)" in table
+    assert "nested / plain, both compiled (each block compiled), guided batch 2" in table
+    assert "checkpointing on, backend eager, each block compiled)" in table
+
+
+def test_the_budget_starts_a_section_only_if_its_expected_time_fits_in_what_is_left(tmp_path, monkeypatch):
+    """Report.run against a 100 s budget, a section's expected time given: 50 s and 90 s fit (nothing has
+    run long yet), 101 s does not; what ran and what was skipped are both in gpu.json."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks" / "gpu"))
+    import bench
+
+    args = bench.parse_args(["--smoke", "--out", str(tmp_path), "--budget", "100"])
+    report = bench.Report(tmp_path, args)
+    ran = []
+    for name, expected in (("first", 50.0), ("too_long", 101.0), ("last", 90.0)):
+        report.run(name, lambda name=name: ran.append(name) or {"figure": 1}, expected)
+    assert ran == ["first", "last"]
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert list(saved["sections"]) == ["first", "last"]
+    assert saved["skipped"]["too_long"].startswith("expected 101 s, 100 s of the 100 s budget left")

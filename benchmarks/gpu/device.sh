@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The one command of a GPU lease, run THERE from the repository root (the device tool's `run`, with
 # `carry: [".whl"]` after benchmarks/gpu/wheels.sh ran here). It installs the carried wheels, then runs
-# every GPU check by priority within BUDGET seconds (default 500: a 600 s command limit, with room for the
+# every GPU check by priority within BUDGET seconds (default 540: a 600 s command limit, with room for the
 # last section to overrun its estimate), writing gpu.json, gpu.md and log.txt into OUT. Extra arguments go
-# to bench.py and replace the default sections, e.g. the second command of a lease:
-#   BUDGET=200 benchmarks/gpu/device.sh --sections environment tests
+# to bench.py and replace all the defaults below, e.g. the second command of a lease:
+#   BUDGET=240 benchmarks/gpu/device.sh --sections environment compile compiled_training --compile-regional
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
-BUDGET=${BUDGET:-500}
+BUDGET=${BUDGET:-540}
 mkdir -p "${OUT}"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -16,11 +16,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="${PWD}/src${PYTHONPATH:+:${PYTHONPATH}}" PYTHONUNBUFFERED=1
 if [ $# -eq 0 ]; then
-  # By priority: the transformer figures and the SDXL step after the host-cost fixes, the CUDA tests
-  # (a compiled training step against eager among them), the compiled nested / compiled plain inference
+  # By priority: the transformer figures, the SDXL inference step after the host-cost fixes, the CUDA tests
+  # (compiled training steps against eager among them), the SDXL training step, the compiled nested /
+  # compiled plain inference
   # step (the comparison the FLOP floor is about) and the compiled training step, both compiled block by
   # block (minutes less compiling than whole UNets), then the checks already measured once.
-  set -- --sections environment dit inference training tests compile compiled_training loader accuracy \
+  set -- --sections environment dit inference tests training compile compiled_training loader accuracy \
     --batches 1 4 --compile-regional
 fi
 python3 benchmarks/gpu/bench.py --out "${OUT}" --budget "${BUDGET}" "$@" 2>&1 | tee "${OUT}/log.txt"

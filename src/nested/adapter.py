@@ -128,7 +128,7 @@ def compile_blocks(model: nn.Module, **options: Any) -> int:
 
     Regional compilation: one graph serves every block of a kind and shape, so compiling takes a fraction of
     a whole-model compile (a UNet with SDXL's depths and tiny widths, inductor on a CPU: 11 s instead of
-    134 s), while the model's remaining modules stay eager. Attached adapters keep working: their processors reach each layer's keys and values
+    129 s), while the model's remaining modules stay eager. Attached adapters keep working: their processors reach each layer's keys and values
     without the layer's name (:class:`LayerBinding`), so no block is compiled once per layer. For a UNet
     and FLUX this is what diffusers' ``compile_repeated_blocks`` compiles; SD3's transformer declares no
     repeated blocks for it."""
@@ -445,7 +445,8 @@ class NestedAdapter(nn.Module):
     @property
     def _bindings(self) -> list[SubjectBinding]:
         """The subjects bound now. Setting it (set_subjects, clear_subjects, restoring an earlier list)
-        hands every attached layer its own keys and values."""
+        hands every attached layer its own keys and values; assign a new list, never change this one in
+        place (the layers would keep the old keys and values)."""
         return self._bound_subjects
 
     @_bindings.setter
@@ -690,7 +691,7 @@ class NestedAdapter(nn.Module):
             hook = functools.partial(_before_unet_call, layers)
             setattr(unet, _HOOK_ATTR, unet.register_forward_pre_hook(hook, with_kwargs=True))
         for name, processor in registry.items():
-            if not any(layer.adapter is self for layer in processor.bindings):
+            if not any(getattr(layer, "adapter", None) is self for layer in processor.bindings):
                 layer = LayerBinding(self, name)
                 processor.bindings.append(layer)
                 self._layer_bindings.append(layer)
@@ -703,8 +704,8 @@ class NestedAdapter(nn.Module):
         if registry is None:
             return
         for processor in registry.values():
-            ours = [layer for layer in processor.bindings if layer.adapter is self]
-            processor.bindings = [layer for layer in processor.bindings if layer.adapter is not self]
+            ours = [layer for layer in processor.bindings if getattr(layer, "adapter", None) is self]
+            processor.bindings = [layer for layer in processor.bindings if all(layer is not o for o in ours)]
             self._layer_bindings = [
                 layer for layer in self._layer_bindings if all(layer is not o for o in ours)
             ]
@@ -933,7 +934,7 @@ def _before_unet_call(layers: dict[str, nn.Module], unet: nn.Module, args, kwarg
     if len(layer_bindings) > 1:  # one adapter's subjects were checked when they were bound
         subjects = []
         for layer_binding in layer_bindings:
-            subjects.extend(getattr(layer_binding.adapter, "_bindings", []))
+            subjects.extend(getattr(getattr(layer_binding, "adapter", None), "_bindings", []))
         check_bindings_disjoint(subjects)
 
 

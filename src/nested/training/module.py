@@ -644,12 +644,12 @@ def _compile_options(compile: bool | dict[str, Any]) -> dict[str, Any] | None:
     options = {} if compile is True else dict(compile)
     if not isinstance(options.get("regional", False), bool):
         raise ConfigError(f"model.compile.regional must be true or false, got {options['regional']!r}.")
-    accepted = (set(inspect.signature(torch.compile).parameters) - {"model"}) | {"regional"}
-    unknown = sorted(set(options) - accepted)
+    accepted = set(inspect.signature(torch.compile).parameters) - {"model"}
+    unknown = sorted(set(options) - accepted - {"regional"})
     if unknown:
         raise ConfigError(
             f"model.compile: torch.compile takes no option {', '.join(map(repr, unknown))}; it takes "
-            f"{', '.join(sorted(accepted))}."
+            f"{', '.join(sorted(accepted))} (and model.compile takes regional)."
         )
     return options
 
