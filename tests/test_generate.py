@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,27 @@ def test_out_is_never_the_current_directory_or_above_it(setup, tmp_path, monkeyp
             "e.g. --out outputs/run1."
         )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="inductor's CPU code needs a C++ compiler"
+)
+def test_generate_compile_compiles_the_blocks_once_for_every_image_and_subject(setup, tmp_path):
+    """--compile: the UNet's blocks compile with two adapters attached, one graph per block shape (the tiny
+    SD's: its first level's and its middle block's), reused across images, steps and both subjects' layers;
+    the images are the eager ones, to a level of rounding."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    assert main_generate(command(setup, tmp_path / "compiled", "--no-progress", "--compile")) == 0
+    assert counters["stats"]["unique_graphs"] == 2
+    assert main_generate(command(setup, tmp_path / "eager", "--no-progress")) == 0
+    for name in ("image-000.png", "image-001.png"):
+        compiled, eager = (
+            torch.tensor(list(Image.open(tmp_path / run / name).tobytes()), dtype=torch.int16)
+            for run in ("compiled", "eager")
+        )
+        assert (compiled - eager).abs().max() <= 2
+    assert strict_json(tmp_path / "compiled" / "generation.json")["compile"] is True
+    assert strict_json(tmp_path / "eager" / "generation.json")["compile"] is False
