@@ -10,9 +10,10 @@ OUT=${OUT:-runs/gpu}
 BUDGET=${BUDGET:-540}
 mkdir -p "${OUT}"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "${site}" \
     .whl/*.whl || exit 2
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH="${site}"
 fi
 export PYTHONPATH="${PWD}/src${PYTHONPATH:+:${PYTHONPATH}}" PYTHONUNBUFFERED=1
 if [ $# -eq 0 ]; then

@@ -65,10 +65,10 @@ from nested.tokens import (
 __all__ = [
     "AdapterConfig",
     "BatchLayout",
+    "LayerBinding",
     "NestedAdapter",
     "SubjectBinding",
     "check_adapter_files",
-    "LayerBinding",
     "check_bindings_disjoint",
     "compile_blocks",
     "cross_attention_layers",
@@ -128,10 +128,10 @@ def compile_blocks(model: nn.Module, **options: Any) -> int:
 
     Regional compilation: one graph serves every block of a kind and shape, so compiling takes a fraction of
     a whole-model compile (a UNet with SDXL's depths and tiny widths, inductor on a CPU: 11 s instead of
-    129 s), while the model's remaining modules stay eager. Attached adapters keep working: their processors reach each layer's keys and values
-    without the layer's name (:class:`LayerBinding`), so no block is compiled once per layer. For a UNet
-    and FLUX this is what diffusers' ``compile_repeated_blocks`` compiles; SD3's transformer declares no
-    repeated blocks for it."""
+    129 s), while the model's remaining modules stay eager. Attached adapters keep working: their processors
+    reach each layer's keys and values without the layer's name (:class:`LayerBinding`), so no block is
+    compiled once per layer. For a UNet and FLUX this is what diffusers' ``compile_repeated_blocks``
+    compiles; SD3's transformer declares no repeated blocks for it."""
     blocks = nested_blocks(model)
     for block in blocks.values():
         block.compile(**options)
@@ -437,9 +437,8 @@ class NestedAdapter(nn.Module):
             }
         )
         self.token_embeddings = nn.ParameterDict()
-        self._layer_bindings: list[
-            LayerBinding
-        ] = []  # this adapter at each layer of the models it is attached to
+        # This adapter at each layer of the models it is attached to.
+        self._layer_bindings: list[LayerBinding] = []
         self._bindings = []
 
     @property
@@ -703,12 +702,13 @@ class NestedAdapter(nn.Module):
         )
         if registry is None:
             return
+        detached = set()
         for processor in registry.values():
-            ours = [layer for layer in processor.bindings if getattr(layer, "adapter", None) is self]
-            processor.bindings = [layer for layer in processor.bindings if all(layer is not o for o in ours)]
-            self._layer_bindings = [
-                layer for layer in self._layer_bindings if all(layer is not o for o in ours)
-            ]
+            detached.update(
+                id(layer) for layer in processor.bindings if getattr(layer, "adapter", None) is self
+            )
+            processor.bindings = [layer for layer in processor.bindings if id(layer) not in detached]
+        self._layer_bindings = [layer for layer in self._layer_bindings if id(layer) not in detached]
         if any(processor.bindings for processor in registry.values()):
             return
         layers = cross_attention_layers(unet)
