@@ -118,3 +118,15 @@ def test_the_budget_starts_a_section_only_if_its_expected_time_fits_in_what_is_l
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert list(saved["sections"]) == ["first", "last"]
     assert saved["skipped"]["too_long"].startswith("expected 101 s, 100 s of the 100 s budget left")
+
+
+def test_the_lease_scripts_answer_help_without_running_anything():
+    for script, words in (("device.sh", "The one command of a GPU lease"), ("wheels.sh", "fetch into .whl/")):
+        done = subprocess.run(
+            ["bash", f"benchmarks/gpu/{script}", "--help"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0 and words in done.stdout and not done.stdout.startswith("#")

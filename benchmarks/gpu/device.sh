@@ -6,6 +6,10 @@
 # to bench.py and replace all the defaults below, e.g. the second command of a lease:
 #   BUDGET=240 benchmarks/gpu/device.sh --sections environment compile compiled_training --compile-regional
 set -uo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'  # the comment above
+  exit 0
+fi
 OUT=${OUT:-runs/gpu}
 BUDGET=${BUDGET:-540}
 mkdir -p "${OUT}"

@@ -3,6 +3,10 @@
 # constraints.txt pins. That machine has Python 3.12 with torch, transformers, lightning, safetensors and
 # huggingface_hub, and no internet; benchmarks/gpu/device.sh installs these wheels there.
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'  # the comment above
+  exit 0
+fi
 cd "$(dirname "$0")/../.."
 packages=(diffusers webdataset braceexpand jsonargparse docstring_parser typeshed_client importlib_metadata
   lazy-importer)
