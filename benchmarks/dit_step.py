@@ -52,6 +52,7 @@ sys.path.insert(0, str(BENCHMARKS / "gpu"))
 sys.path.insert(0, str(BENCHMARKS))
 import attention as attention_bench  # noqa: E402  (benchmarks/attention.py)
 import bench as gpu_bench  # noqa: E402  (benchmarks/gpu/bench.py)
+import quantize as quantize_bench  # noqa: E402  (benchmarks/quantize.py)
 from dit_subject_share import ARCHITECTURES  # noqa: E402
 
 from nested.adapter import SubjectBinding  # noqa: E402
@@ -103,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="training steps with the transformer's checkpointing",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8", "float8"],
+        default=None,
+        help="the frozen transformer's linear weights in 8 bits, as model.quantize stores them (torchao)",
+    )
     parser.add_argument("--no-training", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -148,7 +155,14 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, int]:
             model = cls(**config)
     finally:
         torch.set_default_dtype(default_dtype)
-    return model.to(args.dtype).eval().requires_grad_(False), args.text or text
+    model = model.to(args.dtype).eval().requires_grad_(False)
+    if args.quantize:
+        from torchao.quantization import quantize_
+
+        from nested.quantize import torchao_config
+
+        quantize_(model, torchao_config(args.quantize))  # what from_pretrained's quantization_config applies
+    return model, args.text or text
 
 
 def model_inputs(model: nn.Module, side: int, text: int, generator: torch.Generator, args) -> dict[str, Any]:
@@ -356,11 +370,12 @@ def markdown(results: dict) -> str:
         f"image tokens, M = {setup['tokens']}, token dim {setup['token_dim']}"
         + (f", 2 heads of {setup['head_dim']}" if setup["head_dim"] else "")
         + (", training with gradient checkpointing" if setup["gradient_checkpointing"] else "")
+        + (f", the transformer's linear weights in {setup['quantize']}" if setup.get("quantize") else "")
         + f"; medians of {setup['repeats']} rounds",
         "",
-        "| architecture | text | plain ms | nested / plain | recomputed K/V / plain | IP-Adapter / plain "
-        "| nested / IP-Adapter | train / frozen | train peak GiB | frozen peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| architecture | text | weights GiB | plain ms | nested / plain | recomputed K/V / plain "
+        "| IP-Adapter / plain | nested / IP-Adapter | train / frozen | train peak GiB | frozen peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["architectures"].items():
         infer, train = row.get("inference", {}), row.get("training", {})
@@ -370,7 +385,8 @@ def markdown(results: dict) -> str:
             return "-" if value is None else f"{value:.{digits}f}"
 
         lines.append(
-            f"| {name} | {row.get('text_tokens', '-')} | {cell(infer, 'plain_ms', 1)} | {cell(infer, 'nested/plain')} "
+            f"| {name} | {row.get('text_tokens', '-')} | {cell(row, 'weights_gib', 2)} | {cell(infer, 'plain_ms', 1)} "
+            f"| {cell(infer, 'nested/plain')} "
             f"| {cell(infer, 'nested_recomputed/plain')} | {cell(infer, 'ip/plain')} | {cell(infer, 'nested/ip')} "
             f"| {cell(train, 'nested/frozen')} | {cell(train, 'nested_peak_gib', 1)} "
             f"| {cell(train, 'frozen_peak_gib', 1)} |"
@@ -385,7 +401,11 @@ def markdown(results: dict) -> str:
 def measure(name: str, args: argparse.Namespace, row: dict[str, Any]) -> None:
     """Fill ``row`` with one architecture's figures, section by section (a failure keeps the earlier ones)."""
     bench = StepBench(name, args)
-    row.update(blocks=len(bench.adapter.config.layers), text_tokens=bench.text)
+    row.update(
+        blocks=len(bench.adapter.config.layers),
+        text_tokens=bench.text,
+        weights_gib=quantize_bench.stored_bytes(bench.model) / 2**30,
+    )
     row["inference"] = inference(bench, args)
     if not args.no_training:
         row["training"] = training(bench, args)
@@ -405,6 +425,7 @@ def run(args: argparse.Namespace, saved: Callable[[dict], None] = lambda results
             "head_dim": args.head_dim if args.models == "narrow" else None,
             "repeats": args.repeats,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "quantize": args.quantize,
         },
         "architectures": {},
         "errors": {},

@@ -12,5 +12,6 @@ fi
 # torch build for their CUDA first; the constraints below accept any 2.13.0 build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 # faces: dlib and its models (face detection, alignment, face identity), prebuilt wheels: no compiler.
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,faces]"
+# quantize: torchao, for the frozen models in 8 bits (model.quantize).
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,faces,quantize]"
 echo "nested installed in .venv ($(.venv/bin/python -c 'import nested; print(nested.__version__)'))"

@@ -105,13 +105,15 @@ def test_attach_detach_and_unbound_rows_are_exact_on_cuda(tiny_sdxl_path):
 
 
 class DeviceLog(L.Callback):
-    """Where each training step ran: (the module's device, the UNet's device)."""
+    """Where each training step ran: (the module's device, the UNet's or transformer's device)."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seen.append((pl_module.device.type, pl_module.backbone.unet.device.type))
+        backbone = pl_module.backbone
+        denoiser = backbone.unet if hasattr(backbone, "unet") else backbone.transformer
+        self.seen.append((pl_module.device.type, denoiser.device.type))
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
@@ -133,6 +135,42 @@ def test_one_training_step_in_mixed_precision(kind, precision, tiny_sd_path, tin
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
     frozen_after = frozen_state(module)
     assert all(torch.equal(v, frozen_after[k].cpu()) for k, v in frozen_before.items())
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    changed = {k for k, v in module.state_dict().items() if not torch.equal(v.cpu(), adapter_before[k].cpu())}
+    assert changed == trainable
+
+
+def test_training_steps_on_a_flux_whose_transformer_and_t5_are_stored_in_int8(tiny_flux_path, tmp_path):
+    """model.quantize on CUDA: loaded and quantized on the CPU, moved by Lightning, bf16-mixed steps with
+    checkpointing; the 8-bit weights stay as loaded, every adapter weight trains."""
+    pytest.importorskip("torchao", reason="the quantize extra (torchao) is not installed")
+    quantize = {"transformer": "int8", "text_encoder_2": "int8"}
+    module = make_module(
+        tiny_flux_path,
+        frozen_dtype="bfloat16",
+        quantize=quantize,
+        max_sequence_length=32,
+        gradient_checkpointing=True,
+    )
+    module.configure_model()
+    quantized = [
+        layer
+        for model in (module.backbone.transformer, module.backbone.text_encoders[1])
+        for layer in model.modules()
+        if isinstance(layer, torch.nn.Linear)
+    ]
+    stored = [layer.weight.qdata.clone() for layer in quantized]
+    adapter_before = {k: v.clone() for k, v in module.state_dict().items()}
+    devices = DeviceLog()
+    trainer = make_trainer(tmp_path, max_steps=4, accelerator="gpu", precision="bf16-mixed")
+    trainer.callbacks.append(devices)
+    trainer.fit(module, datamodule=make_data(str(DEMO_FACES / "shards.json")))
+
+    assert devices.seen == [(CUDA.type, CUDA.type)] * 4
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert all(
+        torch.equal(layer.weight.qdata.cpu(), before) for layer, before in zip(quantized, stored, strict=True)
+    )
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     changed = {k for k, v in module.state_dict().items() if not torch.equal(v.cpu(), adapter_before[k].cpu())}
     assert changed == trainable

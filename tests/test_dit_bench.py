@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -12,18 +13,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_transformer_step_benchmark_runs_every_variant_in_smoke_mode(tmp_path):
-    out = tmp_path / "dit.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/dit_step.py", "--smoke", "--device", "cpu", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(out.read_text())
+def run_benchmark(script: str, *arguments: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``python benchmarks/<script> ... --json FILE`` in a temporary folder: the finished process (it must
+    have succeeded) and the JSON it wrote."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "results.json"
+        done = subprocess.run(
+            [sys.executable, f"benchmarks/{script}", *arguments, "--json", str(out)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done, json.loads(out.read_text())
+
+
+def test_the_transformer_step_benchmark_runs_every_variant_in_smoke_mode():
+    done, results = run_benchmark("dit_step.py", "--smoke", "--device", "cpu")
     rows = results["architectures"]
     assert list(rows) == ["FLUX.1-dev", "SD3.5-Large", "SD3.5-Medium"]
     # 2 double- + 2 single-stream blocks; 2 joint blocks each

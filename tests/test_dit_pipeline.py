@@ -282,3 +282,43 @@ def test_generate_takes_a_hub_id_for_the_base(setup, tmp_path):
     assert main_generate(cli(setup, "flux", tmp_path / "folder-out")) == 0
     for name in ("image-000.png", "image-001.png"):
         assert (tmp_path / "hub-out" / name).read_bytes() == (tmp_path / "folder-out" / name).read_bytes()
+
+
+def test_generate_quantized_flux_draws_nearly_the_dense_images_and_refuses_bad_settings(
+    setup, tmp_path, capsys
+):
+    pytest.importorskip("torchao", reason="the quantize extra (torchao) is not installed")
+    assert main_generate(cli(setup, "flux", tmp_path / "dense", "--dtype", "bfloat16")) == 0
+    quantized = [
+        "--dtype",
+        "bfloat16",
+        "--quantize",
+        "transformer=int8",
+        "--quantize",
+        "text_encoder_2=float8",
+    ]
+    assert main_generate(cli(setup, "flux", tmp_path / "int8", *quantized)) == 0
+    settings = strict_json(tmp_path / "int8" / "generation.json")
+    assert settings["quantize"] == {"transformer": "int8", "text_encoder_2": "float8"}
+    for name in ("image-000.png", "image-001.png"):
+        dense, rounded = (
+            np.asarray(Image.open(tmp_path / run / name), dtype=float) for run in ("dense", "int8")
+        )
+        assert rounded.std() > 1
+        assert np.abs(dense - rounded).mean() < 2  # grey levels; 0.4 here
+    capsys.readouterr()
+    for change, message in [
+        (
+            ["--quantize", "transformer=int4"],
+            "--quantize: transformer has format 'int4'; the formats are int8",
+        ),
+        (
+            ["--quantize", "transformer"],
+            "--quantize expects COMPONENT=FORMAT (e.g. --quantize transformer=int8)",
+        ),
+        (["--quantize", "unet=int8"], "quantize names unet, which"),
+    ]:
+        assert main_generate(cli(setup, "flux", tmp_path / "refused", *change)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"nested generate: error: {message}") and "\n" not in err, err
+        assert not (tmp_path / "refused").exists()

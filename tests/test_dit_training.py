@@ -144,25 +144,32 @@ def test_options_of_the_other_model_family_are_refused(tiny_sd3_path, tiny_sd_pa
 
 
 # ------------------------------------------------------------------------- training a fixed batch
+def overfit(module: NestedAttentionModule, batch: dict, steps: int = 30) -> list[float]:
+    """The losses of ``steps`` Adam steps of the adapter on ``batch`` with the same noise and t each time;
+    after the first backward, every adapter weight (and nothing else of the module) has a gradient."""
+    trainable = module.adapter.trainable_parameters()
+    optimizer = torch.optim.Adam(trainable, lr=3e-2)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = module.diffusion_loss(batch, torch.Generator().manual_seed(0))["loss"]
+        loss.backward()
+        if not losses:
+            with_grad = {id(p) for p in module.parameters() if p.grad is not None}
+            assert with_grad == {id(p) for p in trainable}
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("tiny_dit_path", ["sd3", "flux"], indirect=True)
 def test_adapter_overfits_a_fixed_batch_and_only_the_adapter_changes(tiny_dit_path, demo_faces_data):
     module = make_module(tiny_dit_path)
     batch = fixed_batch(module, demo_faces_data)
     before = frozen_state(module)
-    trainable = module.adapter.trainable_parameters()
-    optimizer = torch.optim.Adam(trainable, lr=3e-2)
-    losses = []
-    for _ in range(30):
-        optimizer.zero_grad(set_to_none=True)
-        loss = module.diffusion_loss(batch, torch.Generator().manual_seed(0))["loss"]  # same noise and t
-        loss.backward()
-        if not losses:
-            with_grad = {id(p) for p in module.parameters() if p.grad is not None}
-            assert with_grad == {id(p) for p in trainable}  # every adapter weight, nothing else
-            frozen = [module.backbone.transformer, *module.backbone.text_encoders, module.backbone.vae]
-            assert all(p.grad is None and not p.requires_grad for part in frozen for p in part.parameters())
-        optimizer.step()
-        losses.append(loss.item())
+    losses = overfit(module, batch)
+    frozen = [module.backbone.transformer, *module.backbone.text_encoders, module.backbone.vae]
+    assert all(p.grad is None and not p.requires_grad for part in frozen for p in part.parameters())
     # A random tiny transformer lets the subject token steer only part of the output: the loss falls
     # steadily (3 % on SD3, 12 % on FLUX in 30 steps), not to zero.
     assert losses[-1] < losses[15] < losses[0] and losses[-1] < 0.98 * losses[0], losses
@@ -190,27 +197,34 @@ def test_gradient_checkpointing_of_the_transformer_gives_the_same_gradients(tiny
 
 
 # ------------------------------------------------------------------------------------ nested fit
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_smoke_config_fits_from_the_cli_and_exports_an_adapter_that_attaches(kind, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr("sys.argv", ["nested"])
-    root = tmp_path / kind
+def fit_smoke(kind: str, root: Path, steps: int, *options: str) -> list[float]:
+    """``nested fit --config configs/smoke-<kind>.yaml`` for ``steps`` steps into ``root`` (validating
+    halfway), with more ``options``; the training losses it logged. Run from the repository's root."""
     main(
         [
             "fit",
             "--config",
             f"configs/smoke-{kind}.yaml",
             f"--trainer.default_root_dir={root}",
-            "--trainer.max_steps=6",
-            "--trainer.val_check_interval=3",
+            f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={steps // 2}",
             "--trainer.logger=CSVLogger",
             f"--trainer.logger.save_dir={root}",
             "--trainer.log_every_n_steps=1",
             "--trainer.enable_progress_bar=false",
+            *options,
         ]
     )
     with open(next(root.rglob("metrics.csv"))) as handle:
-        losses = [float(r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")]
+        return [float(r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")]
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_smoke_config_fits_from_the_cli_and_exports_an_adapter_that_attaches(kind, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["nested"])
+    root = tmp_path / kind
+    losses = fit_smoke(kind, root, 6)
     assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
     adapter = NestedAdapter.from_pretrained(root / "adapters" / "last")
     assert adapter.config.base_model == f"data/models/tiny-{kind}"

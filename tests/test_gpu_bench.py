@@ -70,16 +70,24 @@ def test_the_compiled_training_section_runs_when_named(tmp_path):
     assert "both compiled" in (tmp_path / "gpu.md").read_text()
 
 
-def test_the_dit_section_runs_the_transformer_benchmark_in_the_order_named(tmp_path):
-    sections = run_smoke(tmp_path, "--sections", "dit", "environment")
-    assert list(sections) == ["dit", "environment"]
-    dit = sections["dit"]
+def test_the_dit_sections_run_the_transformer_benchmark_in_the_order_named(tmp_path):
+    sections = run_smoke(tmp_path, "--sections", "dit", "dit_quantized", "environment")
+    assert list(sections) == ["dit", "dit_quantized", "environment"]
+    dit, quantized = sections["dit"], sections["dit_quantized"]
     assert list(dit["architectures"]) == ["FLUX.1-dev", "SD3.5-Large", "SD3.5-Medium"]
     assert dit["setup"]["gradient_checkpointing"] and dit["errors"] == {}
-    for row in dit["architectures"].values():
+    assert list(quantized["architectures"]) == ["FLUX.1-dev"] and quantized["errors"] == {}
+    assert quantized["setup"]["quantize"] == "int8" and dit["setup"]["quantize"] is None
+    for row in [*dit["architectures"].values(), *quantized["architectures"].values()]:
         assert all(row["inference"]["checks"].values()) and row["training"]["nested/frozen"] > 0
+    dense_gib, int8_gib = (
+        section["architectures"]["FLUX.1-dev"]["weights_gib"] for section in (dit, quantized)
+    )
+    assert 0.25 < int8_gib / dense_gib < 0.75  # float32 smoke models: a quarter for the linear weights
+    assert sections["environment"]["torchao"]
     table = (tmp_path / "gpu.md").read_text()
     assert "## Diffusion transformers" in table and "| FLUX.1-dev | 8 |" in table
+    assert "## FLUX.1-dev with its transformer in int8" in table and "linear weights in int8" in table
 
 
 def test_a_budget_skips_the_sections_that_do_not_fit_and_says_so(tmp_path):

@@ -34,6 +34,8 @@ script cannot rot (the test suite runs it). Sections, each recorded even when an
   SD3.5-Medium transformers (bf16, 1024 px, M = 1024; training with gradient checkpointing), or its
   2-block models with ``--smoke``: nested / plain, nested / FLUX IP-Adapter, training step / frozen and
   peak memory. An architecture that fails (out of memory) is recorded, and the next one runs.
+* ``dit_quantized`` (only when named): the same on FLUX.1-dev with its transformer's linear weights in
+  int8 (``model.quantize``): the speed and memory of the 24 GB setting.
 
 Sections run in the order named. ``--budget SECONDS`` fits a run into a lease of GPU time: a section
 starts only if what it is expected to take (``expected_seconds``: the real models' times on an H200 where
@@ -55,6 +57,8 @@ import argparse
 import copy
 import datetime
 import gc
+import importlib.metadata
+import importlib.util
 import itertools
 import json
 import math
@@ -84,7 +88,7 @@ import attention as attention_bench  # noqa: E402  (benchmarks/attention.py)
 
 # What a run without --sections measures (7 minutes on an H200), then what runs only when named.
 DEFAULT_SECTIONS = ("environment", "tests", "accuracy", "inference", "training", "loader", "compile")
-SECTIONS = (*DEFAULT_SECTIONS, "compiled_training", "dit")
+SECTIONS = (*DEFAULT_SECTIONS, "compiled_training", "dit", "dit_quantized")
 GIB = 1024**3
 CARD_80GB = 80 * 10**9  # an "80 GB" card (A100 / H100 80GB) holds about 79.6 GiB
 USABLE_80GB = 0.95 * CARD_80GB  # room for the CUDA context and fragmentation
@@ -110,8 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=SECTIONS,
         default=list(DEFAULT_SECTIONS),
-        help="what to measure, in this order (default: all but compiled_training and dit, which run "
-        "only when named).",
+        help="what to measure, in this order (default: all but compiled_training, dit and dit_quantized, "
+        "which run only when named).",
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu.")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; smoke 2).")
@@ -185,6 +189,7 @@ def expected_seconds(name: str, args: argparse.Namespace) -> float:
         "compile": 60 if args.compile_regional else 170 + (160 if args.compile_plain else 0),
         "compiled_training": 150 if args.compile_regional else 600,
         "dit": 150,
+        "dit_quantized": 90,  # FLUX.1-dev alone, plus quantizing it
     }
     return float(per_section[name])
 
@@ -354,6 +359,7 @@ def environment(args: argparse.Namespace) -> dict:
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "lightning": lightning.__version__,
+        "torchao": importlib.metadata.version("torchao") if importlib.util.find_spec("torchao") else None,
         "cpu_count": os.cpu_count(),
         "smoke": args.smoke,
     }
@@ -1063,15 +1069,17 @@ def loader(args: argparse.Namespace, results: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ dit
-def dit(args: argparse.Namespace, state: dict, saved: Callable[[dict], None]) -> dict:
+def dit(
+    args: argparse.Namespace, state: dict, saved: Callable[[dict], None], extra: tuple[str, ...] = ()
+) -> dict:
     """``benchmarks/dit_step.py`` on the diffusion transformers, training with gradient checkpointing;
-    ``saved`` gets the figures after each architecture."""
+    ``saved`` gets the figures after each architecture. ``extra``: more of its options."""
     import dit_step  # benchmarks/dit_step.py
 
     state.clear()  # an SDXL UNet of an earlier section: freed before the transformers are built
     free_memory(args.device)
     argv = ["--device", str(args.device), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    argv += ["--gradient-checkpointing"]
+    argv += ["--gradient-checkpointing", *extra]
     if args.smoke or args.models == "tiny":  # 2-block transformers (real widths with --models real)
         argv.append("--smoke")
     if args.models != "tiny":
@@ -1279,15 +1287,16 @@ def markdown(data: dict) -> str:
         ]
     if loaded:
         lines += ["", "## Data loader", "", "```", json.dumps(loaded, indent=1), "```"]
-    if "dit" in sections:
-        import dit_step  # benchmarks/dit_step.py
+    transformer_sections = {
+        "dit": "Diffusion transformers (benchmarks/dit_step.py)",
+        "dit_quantized": "FLUX.1-dev with its transformer in int8 (model.quantize; benchmarks/dit_step.py "
+        "--quantize int8)",
+    }
+    for name, title in transformer_sections.items():
+        if name in sections:
+            import dit_step  # benchmarks/dit_step.py
 
-        lines += [
-            "",
-            "## Diffusion transformers (benchmarks/dit_step.py)",
-            "",
-            dit_step.markdown(sections["dit"]),
-        ]
+            lines += ["", f"## {title}", "", dit_step.markdown(sections[name])]
     if data.get("skipped"):
         lines += ["", "## Skipped (over the --budget)", ""]
         lines += [f"- {name}: {reason}" for name, reason in data["skipped"].items()]
@@ -1317,6 +1326,12 @@ def main(argv: list[str] | None = None) -> int:
         "compile": lambda: compile_check(args, state),
         "compiled_training": lambda: compiled_training(args, state),
         "dit": lambda: dit(args, state, lambda partial: report.save_section("dit", partial)),
+        "dit_quantized": lambda: dit(
+            args,
+            state,
+            lambda partial: report.save_section("dit_quantized", partial),
+            ("--quantize", "int8", "--architectures", "FLUX.1-dev"),
+        ),
     }
     for name in args.sections:
         report.run(name, steps[name], expected_seconds(name, args))

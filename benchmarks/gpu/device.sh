@@ -23,10 +23,10 @@ export PYTHONPATH="${PWD}/src${PYTHONPATH:+:${PYTHONPATH}}" PYTHONUNBUFFERED=1
 if [ $# -eq 0 ]; then
   # By priority: the transformer figures, the SDXL inference step after the host-cost fixes, the CUDA tests
   # (compiled training steps against eager among them), the SDXL training step, the compiled nested /
-  # compiled plain inference
-  # step (the comparison the FLOP floor is about) and the compiled training step, both compiled block by
-  # block (minutes less compiling than whole UNets), then the checks already measured once.
-  set -- --sections environment dit inference tests training compile compiled_training loader accuracy \
-    --batches 1 4 --compile-regional
+  # compiled plain inference step (the comparison the FLOP floor is about) and the compiled training step,
+  # both compiled block by block (minutes less compiling than whole UNets), FLUX.1-dev's step with its
+  # transformer in int8, then the checks already measured once.
+  set -- --sections environment dit inference tests training compile compiled_training dit_quantized \
+    loader accuracy --batches 1 4 --compile-regional
 fi
 python3 benchmarks/gpu/bench.py --out "${OUT}" --budget "${BUDGET}" "$@" 2>&1 | tee "${OUT}/log.txt"

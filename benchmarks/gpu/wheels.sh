@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run HERE, before a GPU lease: fetch into .whl/ the wheels the GPU machine lacks, at the versions
 # constraints.txt pins. That machine has Python 3.12 with torch, transformers, lightning, safetensors and
-# huggingface_hub, and no internet; benchmarks/gpu/device.sh installs these wheels there.
+# huggingface_hub, and no internet; benchmarks/gpu/device.sh installs these wheels there (torchao for
+# model.quantize: its wheel needs torch >= 2.11, which that machine has).
 set -euo pipefail
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
   sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'  # the comment above
@@ -9,7 +10,7 @@ if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
 fi
 cd "$(dirname "$0")/../.."
 packages=(diffusers webdataset braceexpand jsonargparse docstring_parser typeshed_client importlib_metadata
-  lazy-importer)
+  lazy-importer torchao)
 pins=()
 for name in "${packages[@]}"; do
   pin=$(grep -i "^${name}==" constraints.txt) || { echo "constraints.txt pins no ${name}" >&2; exit 2; }

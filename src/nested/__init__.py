@@ -8,14 +8,16 @@ nor diffusers nor Lightning::
     from nested import NestedAttentionModule, NestedDataModule  # training
 
 The layers, from the core up (each imports only from those before it): the core (``attention``,
-``adapter``, ``encoder``, ``tokens``, ``backbone``, ``errors``, ``testing``); ``data``, ``inference`` and
+``adapter``, ``encoder``, ``tokens``, ``backbone``, ``quantize``, ``errors``, ``testing``); ``data``, ``inference`` and
 ``hub``; ``evaluation``; ``training`` and ``callbacks``; ``cli``. ``toyworld`` is research code that uses
 the library; the library never imports it.
 """
 
 from nested._lazy import lazy_exports
+from nested.quantize import quiet_torchao_import
 
 __version__ = "0.1.0"
+quiet_torchao_import()  # logging filters only: torchao is imported by the libraries, not here
 
 lazy_exports(
     globals(),

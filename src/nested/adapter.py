@@ -515,8 +515,9 @@ class NestedAdapter(nn.Module):
                     f"{key_projection.in_features}."
                 )
             layer = self.layers[_escape(name)]
-            layer.to_k.weight.copy_(key_projection.weight)
-            layer.to_v.weight.copy_(value_projection.weight)
+            # dequantize(): the weight a quantized frozen layer computes with (a plain weight as it is)
+            layer.to_k.weight.copy_(key_projection.weight.dequantize())
+            layer.to_v.weight.copy_(value_projection.weight.dequantize())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The resampler, every nested projection and, if :meth:`train_token_embeddings` was called, the

@@ -9,6 +9,7 @@ model, :class:`TransformerBackbone` a diffusion transformer; :func:`load_backbon
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from diffusers import (
 )
 
 from nested.errors import ConfigError, MissingFileError
+from nested.quantize import check_components, check_quantize, component_config
 from nested.tokens import subject_masks, subject_masks_for_tokenizers
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "check_model_folder",
     "check_tokenizer",
     "first_parameter",
+    "is_registered",
     "joint_subject_masks",
     "load_backbone",
     "scale_latents",
@@ -179,16 +182,22 @@ def _load_text_components(
     dtype: torch.dtype,
     hub_kwargs: dict[str, Any],
     weights_kwargs: dict[str, Any],
+    quantize: dict[str, str],
 ) -> tuple[list[Any], list[torch.nn.Module]]:
     """Load ``tokenizer{suffix}`` and ``text_encoder{suffix}`` for each suffix, with the transformers classes
-    ``model_index.json`` names; each tokenizer is checked against its encoder, each encoder frozen."""
+    ``model_index.json`` names; each tokenizer is checked against its encoder, each encoder frozen and, if
+    ``quantize`` names it, quantized."""
     tokenizers, text_encoders = [], []
     for suffix in suffixes:
         tokenizer_class = getattr(transformers, index[f"tokenizer{suffix}"][1])
         encoder_class = getattr(transformers, index[f"text_encoder{suffix}"][1])
         tokenizer = tokenizer_class.from_pretrained(source, subfolder=f"tokenizer{suffix}", **hub_kwargs)
         text_encoder = encoder_class.from_pretrained(
-            source, subfolder=f"text_encoder{suffix}", dtype=dtype, **weights_kwargs
+            source,
+            subfolder=f"text_encoder{suffix}",
+            dtype=dtype,
+            **_quantization_kwargs(quantize, f"text_encoder{suffix}"),
+            **weights_kwargs,
         )
         check_tokenizer(tokenizer, text_encoder, f"{source}/tokenizer{suffix}")
         tokenizers.append(tokenizer)
@@ -257,22 +266,26 @@ class DiffusionBackbone(_VaeLatents):
         variant: str | None = None,
         vae_name_or_path: str | Path | None = None,
         local_files_only: bool | None = None,
+        quantize: Mapping[str, str] | None = None,
     ) -> DiffusionBackbone:
         """Load the components of a diffusers SD 1.x / 2.x / SDXL checkpoint (folder or Hub id).
 
         SDXL is recognised by ``text_encoder_2`` in ``model_index.json``. ``vae_name_or_path`` replaces the
         VAE (a standalone AutoencoderKL folder / Hub id, or a local pipeline folder with ``vae/``). With
         ``dtype=torch.float16`` a VAE flagged ``force_upcast`` (SDXL's, which overflows in fp16) stays fp32.
+        ``quantize`` stores the named components' linear weights in 8 bits (:mod:`nested.quantize`), e.g.
+        ``{"unet": "int8"}``.
         """
         source = str(name_or_path)
         hub_kwargs = _hub_kwargs(revision, local_files_only)
         index = _read_model_index(source, **hub_kwargs)
-        if _registered(index, "transformer") and not _registered(index, "unet"):
+        if is_registered(index, "transformer") and not is_registered(index, "unet"):
             raise ConfigError(
                 f"{source} is a diffusion transformer ({index['transformer'][1]}), not a UNet model: load it "
                 "with TransformerBackbone.from_pretrained (or load_backbone)."
             )
-        kind: Literal["sd", "sdxl"] = "sdxl" if _registered(index, "text_encoder_2") else "sd"
+        quantize = _checked_quantize(quantize, index, source)
+        kind: Literal["sd", "sdxl"] = "sdxl" if is_registered(index, "text_encoder_2") else "sd"
         suffixes = ["", "_2"] if kind == "sdxl" else [""]
         _check_components(
             source, index, "unet", suffixes, EXPECTED_LAYOUT, skip_local=("vae",) if vae_name_or_path else ()
@@ -280,7 +293,11 @@ class DiffusionBackbone(_VaeLatents):
 
         weights_kwargs = {**hub_kwargs, "variant": variant}
         unet = UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", torch_dtype=dtype, **weights_kwargs
+            source,
+            subfolder="unet",
+            torch_dtype=dtype,
+            **_quantization_kwargs(quantize, "unet"),
+            **weights_kwargs,
         )
         if unet.config.addition_embed_type == "text_time" and kind != "sdxl":
             raise ConfigError(f"{source}: the UNet expects SDXL conditioning but there is no text_encoder_2.")
@@ -298,7 +315,7 @@ class DiffusionBackbone(_VaeLatents):
         noise_scheduler = DDPMScheduler.from_config(scheduler_config)
 
         tokenizers, text_encoders = _load_text_components(
-            source, index, suffixes, dtype, hub_kwargs, weights_kwargs
+            source, index, suffixes, dtype, hub_kwargs, weights_kwargs, quantize
         )
 
         return cls(
@@ -421,17 +438,19 @@ class TransformerBackbone(_VaeLatents):
         variant: str | None = None,
         local_files_only: bool | None = None,
         max_sequence_length: int | None = None,
+        quantize: Mapping[str, str] | None = None,
     ) -> TransformerBackbone:
         """Load the components of a diffusers SD3 / SD3.5 / FLUX.1 checkpoint (folder or Hub id).
 
         The kind comes from the transformer class in ``model_index.json``. ``max_sequence_length`` (T5
         tokens) defaults to the pipeline's: 256 for SD3, 512 for FLUX; it may not exceed the T5
-        tokenizer's ``model_max_length``.
+        tokenizer's ``model_max_length``. ``quantize`` stores the named components' linear weights in 8
+        bits (:mod:`nested.quantize`), e.g. ``{"transformer": "int8", "text_encoder_2": "int8"}``.
         """
         source = str(name_or_path)
         hub_kwargs = _hub_kwargs(revision, local_files_only)
         index = _read_model_index(source, EXPECTED_TRANSFORMER_LAYOUT, **hub_kwargs)
-        transformer_class_name = index["transformer"][1] if _registered(index, "transformer") else None
+        transformer_class_name = index["transformer"][1] if is_registered(index, "transformer") else None
         if transformer_class_name not in TRANSFORMER_KINDS:
             found = f"transformer {transformer_class_name}" if transformer_class_name else "no transformer"
             raise ConfigError(
@@ -441,11 +460,16 @@ class TransformerBackbone(_VaeLatents):
         kind = TRANSFORMER_KINDS[transformer_class_name]
         suffixes = ["", "_2", "_3"] if kind == "sd3" else ["", "_2"]
         _check_components(source, index, "transformer", suffixes, EXPECTED_TRANSFORMER_LAYOUT)
+        quantize = _checked_quantize(quantize, index, source)
 
         weights_kwargs = {**hub_kwargs, "variant": variant}
         transformer_class = SD3Transformer2DModel if kind == "sd3" else FluxTransformer2DModel
         transformer = transformer_class.from_pretrained(
-            source, subfolder="transformer", torch_dtype=dtype, **weights_kwargs
+            source,
+            subfolder="transformer",
+            torch_dtype=dtype,
+            **_quantization_kwargs(quantize, "transformer"),
+            **weights_kwargs,
         )
         vae_config = AutoencoderKL.load_config(source, subfolder="vae", **hub_kwargs)
         vae = AutoencoderKL.from_pretrained(
@@ -456,7 +480,7 @@ class TransformerBackbone(_VaeLatents):
         )
         noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         tokenizers, text_encoders = _load_text_components(
-            source, index, suffixes, dtype, hub_kwargs, weights_kwargs
+            source, index, suffixes, dtype, hub_kwargs, weights_kwargs, quantize
         )
 
         length = max_sequence_length or (256 if kind == "sd3" else 512)
@@ -594,7 +618,7 @@ def load_backbone(
     UNet model."""
     hub_kwargs = {key: kwargs[key] for key in ("revision", "local_files_only") if kwargs.get(key) is not None}
     index = _read_model_index(str(name_or_path), **hub_kwargs)
-    if _registered(index, "transformer") and not _registered(index, "unet"):
+    if is_registered(index, "transformer") and not is_registered(index, "unet"):
         return TransformerBackbone.from_pretrained(
             name_or_path, max_sequence_length=max_sequence_length, **kwargs
         )
@@ -604,6 +628,21 @@ def load_backbone(
             "prompts are 77 tokens: leave max_sequence_length unset."
         )
     return DiffusionBackbone.from_pretrained(name_or_path, **kwargs)
+
+
+def _checked_quantize(
+    quantize: Mapping[str, str] | None, index: dict[str, Any], source: str
+) -> dict[str, str]:
+    quantize = check_quantize(quantize, "quantize")
+    check_components(quantize, index, source, "quantize")
+    return quantize
+
+
+def _quantization_kwargs(quantize: dict[str, str], component: str) -> dict[str, Any]:
+    """``from_pretrained``'s ``quantization_config`` for ``component`` if ``quantize`` names it."""
+    if component not in quantize:
+        return {}
+    return {"quantization_config": component_config(component, quantize[component])}
 
 
 def _hub_kwargs(revision: str | None, local_files_only: bool | None) -> dict[str, Any]:
@@ -628,14 +667,14 @@ def _check_components(
     required = [denoiser, "vae", "scheduler"] + [
         f"{part}{suffix}" for suffix in suffixes for part in ("text_encoder", "tokenizer")
     ]
-    missing = [name for name in required if not _registered(index, name)]
+    missing = [name for name in required if not is_registered(index, name)]
     if missing:
         raise ConfigError(f"{source}: model_index.json has no {missing}; expected {layout}.")
     if Path(source).expanduser().is_dir():
         check_model_folder(Path(source).expanduser(), [n for n in required if n not in skip_local], layout)
 
 
-def _registered(index: dict[str, Any], name: str) -> bool:
+def is_registered(index: dict[str, Any], name: str) -> bool:
     """Whether ``model_index.json`` lists component ``name`` (absent ones are missing or ``[null, null]``)."""
     entry = index.get(name)
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None

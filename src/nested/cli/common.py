@@ -48,16 +48,23 @@ def parse_number(text: str, option: str, convert: Callable[[str], Any] = float) 
     return finite(value, option)
 
 
-def pairs(values: list[str], option: str, convert: Callable[[str], Any] = str) -> dict[str, Any]:
+def pairs(
+    values: list[str],
+    option: str,
+    convert: Callable[[str], Any] = str,
+    form: str = "TOKEN=VALUE",
+    example: str = "'<person>=...'",
+) -> dict[str, Any]:
     """``["<person>=a.jpg", ...]`` -> ``{"<person>": "a.jpg"}``; each token at most once.
 
     ``convert``: ``str`` keeps the text; ``float`` or ``int`` read a finite number (:func:`parse_number`).
+    ``form`` and ``example`` describe a well-formed value in the error message.
     """
     result: dict[str, Any] = {}
     for value in values:
         token, sep, rest = value.partition("=")
         if not sep or not token or not rest:
-            raise UsageError(f"{option} expects TOKEN=VALUE (e.g. {option} '<person>=...'), got {value!r}.")
+            raise UsageError(f"{option} expects {form} (e.g. {option} {example}), got {value!r}.")
         if token in result:
             raise UsageError(f"{option} is given twice for {token!r}.")
         result[token] = rest if convert is str else parse_number(rest, f"{option} {value!r}", convert)

@@ -30,6 +30,7 @@ from nested.cli.common import (
 )
 from nested.errors import MissingFileError, UsageError
 from nested.files import staged_directory, write_json_atomic
+from nested.quantize import check_quantize
 
 __all__ = ["generate_parser", "main_generate", "run_generate"]
 
@@ -55,6 +56,15 @@ def generate_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--image-encoder", default=None, help="override the adapters' vision backbone location"
+    )
+    model.add_argument(
+        "--quantize",
+        action="append",
+        default=[],
+        metavar="COMPONENT=FORMAT",
+        help="store a base component's linear weights in 8 bits as it loads (torchao; the quantize extra): "
+        "int8 or float8, e.g. --quantize transformer=int8 --quantize text_encoder_2=int8 (FLUX.1-dev's "
+        "transformer and T5 in 15.7 GiB instead of 31); repeatable",
     )
     subjects = parser.add_argument_group("subjects")
     subjects.add_argument(
@@ -137,6 +147,9 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "token_weights": pairs(args.token_weight, "--token-weight", float),
         "value_norm_factors": pairs(args.value_norm_factor, "--value-norm-factor", float),
     }
+    quantize = check_quantize(
+        pairs(args.quantize, "--quantize", form="COMPONENT=FORMAT", example="transformer=int8"), "--quantize"
+    )
     if args.guidance is not None:
         finite(args.guidance, "--guidance")
     for token, weight in options["token_weights"].items():
@@ -176,7 +189,7 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     )
     images = {token: load_image(Path(path).expanduser(), token) for token, path in subjects.items()}
     subject_specs(images, **options)  # the library's own checks: a strength outside its range warns now
-    return {"adapters": adapters, "subjects": subjects, "images": images, **options}
+    return {"adapters": adapters, "subjects": subjects, "images": images, "quantize": quantize, **options}
 
 
 def _progress(total: int, disable: bool):
@@ -200,6 +213,7 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> Path:
         device=args.device,
         revision=args.revision,
         image_encoder=args.image_encoder,
+        quantize=parsed["quantize"],
     )
     pipe.pipe.set_progress_bar_config(disable=True)
     if args.compile:
@@ -292,6 +306,7 @@ def _generate(
         "width": args.width or default_size,
         "device": args.device,
         "dtype": args.dtype,
+        "quantize": parsed["quantize"],
         "compile": args.compile,
         "scheduler": {"class": type(scheduler).__name__, "config": dict(scheduler.config)},
         "images": records,

@@ -34,6 +34,7 @@ from nested.attention import InjectionMode, check_injection_mode, check_token_we
 from nested.backbone import DiffusionBackbone, TransformerBackbone, first_parameter, load_backbone
 from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
 from nested.errors import AdapterError, ConfigError, DataError
+from nested.quantize import check_quantize
 
 __all__ = ["ConditioningDropout", "NestedAttentionModule"]
 
@@ -116,6 +117,12 @@ class NestedAttentionModule(L.LightningModule):
             for SD3 and 512 for FLUX); shorter is cheaper when captions are short.
         frozen_dtype: dtype of the frozen backbone ("bfloat16" on GPUs; the VAE stays float32 if
             this is float16, since the SDXL VAE overflows in fp16).
+        quantize: stores the named frozen models' linear weights in 8 bits as they load (torchao
+            weight-only, :mod:`nested.quantize`; the ``quantize`` extra), halving their memory in bf16:
+            ``{"transformer": "int8", "text_encoder_2": "int8"}`` (FLUX.1's transformer and T5). Keys are
+            the checkpoint's component names (``unet`` or ``transformer``, ``text_encoder``...), formats
+            ``int8`` or ``float8``. The frozen outputs drift by the rounding of the weights; the adapter's
+            own weights are not quantized.
         gradient_checkpointing: checkpoint the frozen UNet's or transformer's blocks (less activation
             memory, one more forward of the frozen model per step: ~30-50% slower).
         compile: ``torch.compile`` the frozen UNet or transformer in place, nested layers included, forward
@@ -161,6 +168,7 @@ class NestedAttentionModule(L.LightningModule):
         guidance_scale: float = 3.5,
         max_sequence_length: int | None = None,
         frozen_dtype: str = "float32",
+        quantize: dict[str, str] | None = None,
         gradient_checkpointing: bool = False,
         compile: bool | dict[str, Any] = False,
         seed: int = 0,
@@ -197,6 +205,7 @@ class NestedAttentionModule(L.LightningModule):
         self.guidance_scale = guidance_scale
         self.max_sequence_length = max_sequence_length
         self.frozen_dtype = _DTYPES[frozen_dtype]
+        self.quantize = check_quantize(quantize, "model.quantize")
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_options = _compile_options(compile)
         self.seed = seed
@@ -217,7 +226,10 @@ class NestedAttentionModule(L.LightningModule):
         if self.adapter is not None:
             return
         backbone = load_backbone(
-            self.base_model, dtype=self.frozen_dtype, max_sequence_length=self.max_sequence_length
+            self.base_model,
+            dtype=self.frozen_dtype,
+            max_sequence_length=self.max_sequence_length,
+            quantize=self.quantize,
         )
         if isinstance(backbone, TransformerBackbone) and self.min_snr_gamma is not None:
             raise ConfigError(
@@ -263,6 +275,14 @@ class NestedAttentionModule(L.LightningModule):
         if self.compile_options is not None:
             # In place, after attach: the compiled forward (and its pre-hooks) runs the nested processors.
             options = dict(self.compile_options)
+            if options.get("regional") and self.quantize and getattr(backbone, "kind", None) == "flux":
+                # AOT autograd refuses a graph whose outputs alias each other once its weights are tensor
+                # subclasses, and a FLUX single-stream block returns two views of one tensor.
+                raise ConfigError(
+                    "model.compile {regional: true} cannot train FLUX.1 with model.quantize: torch cannot "
+                    "compile its single-stream blocks one by one for training when their weights are "
+                    "quantized. Use model.compile: true (the whole transformer), or drop model.quantize."
+                )
             if options.pop("regional", False):
                 compile_blocks(denoiser, **options)
             else:

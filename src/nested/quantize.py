@@ -1,0 +1,142 @@
+"""Weight-only quantization of the frozen backbone's large models, so that a big base fits a small card.
+
+The frozen denoiser (UNet or diffusion transformer) and text encoders can be loaded with their linear
+layers' weights stored in 8 bits instead of 16, through torchao as diffusers' and transformers'
+``from_pretrained`` apply it (``quantization_config``): the same loading path as unquantized weights, each
+layer quantized as it is read. Activations, gradients and the trainable adapter stay in their own dtype:
+a quantized layer dequantizes its weight for every product, so gradients flow through it to the adapter
+as through the original layer.
+
+Formats, both symmetric with one float32 scale per output row:
+
+- ``int8``: ``w ≈ s * round(w / s)``, ``s = max|w_row| / 127.5`` (torchao's ``Int8WeightOnlyConfig``).
+- ``float8``: ``w ≈ s * e4m3(w / s)``, ``s = max|w_row| / 448`` (``Float8WeightOnlyConfig``).
+
+The mapping names components as the checkpoint's ``model_index.json`` does: ``{"transformer": "int8",
+"text_encoder_2": "int8"}`` stores FLUX.1's transformer and its T5-XXL in int8. torchao is an optional
+dependency (the ``quantize`` extra).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from nested.errors import ConfigError, MissingDependencyError
+
+__all__ = [
+    "FORMATS",
+    "check_components",
+    "check_quantize",
+    "component_config",
+    "pipeline_config",
+    "quantizable_components",
+    "quiet_torchao_import",
+    "torchao_config",
+]
+
+# Format name -> torchao's weight-only config class.
+FORMATS = {"int8": "Int8WeightOnlyConfig", "float8": "Float8WeightOnlyConfig"}
+
+
+def check_quantize(quantize: Mapping[str, str] | None, option: str) -> dict[str, str]:
+    """The ``{component: format}`` mapping of ``option``, its formats checked; {} for none."""
+    if quantize is None:
+        return {}
+    if not isinstance(quantize, Mapping):
+        raise ConfigError(
+            f"{option} maps components to formats, e.g. {{transformer: int8}}; got {quantize!r}."
+        )
+    for component, format_name in quantize.items():
+        if format_name not in FORMATS:
+            raise ConfigError(
+                f"{option}: {component} has format {format_name!r}; the formats are {', '.join(FORMATS)}."
+            )
+    return dict(quantize)
+
+
+def quantizable_components(model_index: Mapping[str, Any]) -> list[str]:
+    """The components of a checkpoint that may be quantized: its denoiser and its text encoders (the VAE,
+    mostly convolutions, and the schedulers and tokenizers have no large linear layers)."""
+    from nested.backbone import is_registered  # here: the backbone loader imports this module
+
+    names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+    return [name for name in names if is_registered(model_index, name)]
+
+
+def check_components(quantize: Mapping[str, str], model_index: Mapping[str, Any], source: str, option: str):
+    """Every component ``quantize`` names is one of ``source``'s quantizable components."""
+    available = quantizable_components(model_index)
+    unknown = sorted(set(quantize) - set(available))
+    if unknown:
+        raise ConfigError(
+            f"{option} names {', '.join(unknown)}, which {source} does not have or which cannot be quantized; "
+            f"its quantizable components are {', '.join(available)}."
+        )
+
+
+def component_config(component: str, format_name: str) -> Any:
+    """The ``quantization_config`` that ``from_pretrained`` of ``component`` takes: diffusers' TorchAoConfig
+    for the denoiser, transformers' for a text encoder."""
+    weights_config = torchao_config(format_name)
+    if component.startswith("text_encoder"):  # the libraries load here: `import nested` loads none
+        from transformers import TorchAoConfig
+    else:
+        from diffusers import TorchAoConfig
+    return TorchAoConfig(weights_config)
+
+
+def pipeline_config(quantize: Mapping[str, str]) -> Any:
+    """``quantize`` as the ``quantization_config`` of ``DiffusionPipeline.from_pretrained`` (None if empty)."""
+    if not quantize:
+        return None
+    from diffusers import PipelineQuantizationConfig  # here: `import nested` loads no framework
+
+    return PipelineQuantizationConfig(
+        quant_mapping={name: component_config(name, format_name) for name, format_name in quantize.items()}
+    )
+
+
+def torchao_config(format_name: str) -> Any:
+    """torchao's weight-only config of ``format_name`` (what ``quantize_`` and the loaders' TorchAoConfig take)."""
+    try:
+        import torchao.quantization  # here: an optional extra, needed only when a quantization is asked for
+    except ImportError as error:
+        raise MissingDependencyError(
+            "quantizing the frozen weights needs torchao: pip install 'nested[quantize]' (or pip install torchao)."
+        ) from error
+    return getattr(torchao.quantization, FORMATS[format_name])()
+
+
+def quiet_torchao_import() -> None:
+    """Drop the warnings that importing torchao logs and that say nothing about this project's use of it.
+
+    transformers and diffusers import torchao whenever it is installed, so every command would start with
+    them: on a CPU build of torch, torchao's CUDA kernels cannot load (nothing here needs them there); torch
+    deprecates how torchao registers its enums; diffusers cannot import the tensor classes of older torchao
+    checkpoints (this project loads none: it quantizes as it loads). Installed by ``import nested``; every
+    other message passes.
+    """
+    logging.getLogger("torchao").addFilter(_not_a_cuda_kernel_on_a_cpu_build)
+    logging.getLogger("torch.utils._pytree").addFilter(_without("register_constant() on Enum subclasses"))
+    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(
+        _without("Unable to import `torchao` Tensor objects")
+    )
+
+
+def _not_a_cuda_kernel_on_a_cpu_build(record: logging.LogRecord) -> bool:
+    torch = sys.modules.get("torch")
+    cpu_build = torch is not None and getattr(torch.version, "cuda", None) is None
+    message = record.getMessage()
+    return not (cpu_build and message.startswith("Failed to load ") and ".so" in message)
+
+
+def _without(text: str):
+    """A logging filter that drops the records whose message contains ``text``."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    return keep
