@@ -6,7 +6,7 @@
    real architectures: FLUX.1-dev, SD3.5-Large and -Medium, T5-XXL, the SDXL UNet and the CLIP text towers.
 2. ``budget``: per faces recipe (M = 1024 subject tokens of width 1024, a 4-layer resampler over ViT-H/14),
    the memory every step holds before any activation: the frozen models' weights in bf16, and with the
-   denoiser and T5 (SDXL: its CLIP-G) quantized as ``model.quantize`` stores them, plus the adapter's
+   denoiser and T5 (SDXL: CLIP-G) quantized as ``model.quantize`` stores them in int8, plus the adapter's
    training state (float32 weights, gradients and AdamW's two moments: 16 bytes per parameter).
 3. ``check``: the count checked against real quantized models, loaded through ``from_pretrained`` with the
    project's ``quantization_config`` (:func:`nested.backbone.load_backbone`'s path): a real-width FLUX.1
@@ -145,32 +145,40 @@ def memory() -> dict[str, dict[str, float]]:
     return rows
 
 
-# Per recipe: (denoiser, its other frozen models, the component names model.quantize gives the quantized ones).
+# Per recipe: its frozen models by component name, and the components model.quantize stores in int8 (the
+# denoiser and T5; SDXL, without T5: its CLIP-G). Every recipe also holds the ViT-H/14 image tower.
+SD3_TEXT = {
+    "text_encoder": "CLIP-L text",
+    "text_encoder_2": "CLIP-G text",
+    "text_encoder_3": "T5-XXL encoder",
+}
 RECIPES = {
     "FLUX.1-dev": (
-        "FLUX.1-dev",
-        ["T5-XXL encoder", "CLIP-L text", "VAE (16 channels)"],
-        "transformer, text_encoder_2",
+        {
+            "transformer": "FLUX.1-dev",
+            "text_encoder": "CLIP-L text",
+            "text_encoder_2": "T5-XXL encoder",
+            "vae": "VAE (16 channels)",
+        },
+        ["transformer", "text_encoder_2"],
     ),
     "SD3.5-Large": (
-        "SD3.5-Large",
-        ["T5-XXL encoder", "CLIP-L text", "CLIP-G text", "VAE (16 channels)"],
-        "transformer, text_encoder_3",
+        {"transformer": "SD3.5-Large", **SD3_TEXT, "vae": "VAE (16 channels)"},
+        ["transformer", "text_encoder_3"],
     ),
     "SD3.5-Medium": (
-        "SD3.5-Medium",
-        ["T5-XXL encoder", "CLIP-L text", "CLIP-G text", "VAE (16 channels)"],
-        "transformer, text_encoder_3",
+        {"transformer": "SD3.5-Medium", **SD3_TEXT, "vae": "VAE (16 channels)"},
+        ["transformer", "text_encoder_3"],
     ),
-    "SDXL": ("SDXL UNet", ["CLIP-L text", "CLIP-G text", "VAE (4 channels)"], "unet, text_encoder_2"),
-}
-QUANTIZED_IN_BUDGET = {
-    "FLUX.1-dev",
-    "SD3.5-Large",
-    "SD3.5-Medium",
-    "SDXL UNet",
-    "T5-XXL encoder",
-    "CLIP-G text",
+    "SDXL": (
+        {
+            "unet": "SDXL UNet",
+            "text_encoder": "CLIP-L text",
+            "text_encoder_2": "CLIP-G text",
+            "vae": "VAE (4 channels)",
+        },
+        ["unet", "text_encoder_2"],
+    ),
 }
 
 
@@ -192,19 +200,19 @@ def adapter_parameters(denoiser: nn.Module) -> int:
 def budget() -> dict[str, dict[str, float]]:
     builders = real_models()
     rows = {}
-    for recipe, (denoiser_name, others, quantized_names) in RECIPES.items():
+    for recipe, (components, quantized_components) in RECIPES.items():
         frozen = {}
-        for name in [denoiser_name, *others, "ViT-H/14 image"]:
+        for component, name in {**components, "image_encoder": "ViT-H/14 image"}.items():
             with torch.device("meta"):
-                frozen[name] = builders[name]()
+                frozen[component] = builders[name]()
         bf16 = sum(counted_bytes(model, None) for model in frozen.values())
         quantized = sum(
-            counted_bytes(model, "int8" if name in QUANTIZED_IN_BUDGET else None)
-            for name, model in frozen.items()
+            counted_bytes(model, "int8" if component in quantized_components else None)
+            for component, model in frozen.items()
         )
-        adapter = adapter_parameters(frozen[denoiser_name])
+        adapter = adapter_parameters(frozen["unet" if "unet" in frozen else "transformer"])
         rows[recipe] = {
-            "quantize": quantized_names,
+            "quantize": ", ".join(quantized_components),
             "frozen_bf16_gib": bf16 / 2**30,
             "frozen_quantized_gib": quantized / 2**30,
             "adapter_parameters_m": adapter / 1e6,

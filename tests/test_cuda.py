@@ -140,39 +140,46 @@ def test_one_training_step_in_mixed_precision(kind, precision, tiny_sd_path, tin
     assert changed == trainable
 
 
+def quantized_layers(module) -> list[torch.nn.Module]:
+    """The linear layers of a FLUX module's transformer and T5 (model.quantize stores them in int8)."""
+    models = (module.backbone.transformer, module.backbone.text_encoders[1])
+    return [layer for model in models for layer in model.modules() if isinstance(layer, torch.nn.Linear)]
+
+
+class StateAtStart(L.Callback):
+    """The adapter's state and the 8-bit weights when training starts: after Lightning has called
+    configure_model (under its device context, as `nested fit` does) and moved the module."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.adapter = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        self.quantized = [layer.weight.qdata.cpu().clone() for layer in quantized_layers(pl_module)]
+
+
 def test_training_steps_on_a_flux_whose_transformer_and_t5_are_stored_in_int8(tiny_flux_path, tmp_path):
-    """model.quantize on CUDA: loaded and quantized on the CPU, moved by Lightning, bf16-mixed steps with
-    checkpointing; the 8-bit weights stay as loaded, every adapter weight trains."""
+    """model.quantize on CUDA, loaded where `nested fit` loads it (Lightning calls configure_model):
+    bf16-mixed steps with checkpointing; the 8-bit weights stay as loaded, every adapter weight trains."""
     pytest.importorskip("torchao", reason="the quantize extra (torchao) is not installed")
-    quantize = {"transformer": "int8", "text_encoder_2": "int8"}
     module = make_module(
         tiny_flux_path,
         frozen_dtype="bfloat16",
-        quantize=quantize,
+        quantize={"transformer": "int8", "text_encoder_2": "int8"},
         max_sequence_length=32,
         gradient_checkpointing=True,
     )
-    module.configure_model()
-    quantized = [
-        layer
-        for model in (module.backbone.transformer, module.backbone.text_encoders[1])
-        for layer in model.modules()
-        if isinstance(layer, torch.nn.Linear)
-    ]
-    stored = [layer.weight.qdata.clone() for layer in quantized]
-    adapter_before = {k: v.clone() for k, v in module.state_dict().items()}
-    devices = DeviceLog()
+    devices, start = DeviceLog(), StateAtStart()
     trainer = make_trainer(tmp_path, max_steps=4, accelerator="gpu", precision="bf16-mixed")
-    trainer.callbacks.append(devices)
+    trainer.callbacks += [devices, start]
     trainer.fit(module, datamodule=make_data(str(DEMO_FACES / "shards.json")))
 
     assert devices.seen == [(CUDA.type, CUDA.type)] * 4
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    layers = quantized_layers(module)
+    assert len(layers) == len(start.quantized) > 4
     assert all(
-        torch.equal(layer.weight.qdata.cpu(), before) for layer, before in zip(quantized, stored, strict=True)
+        torch.equal(layer.weight.qdata.cpu(), q) for layer, q in zip(layers, start.quantized, strict=True)
     )
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    changed = {k for k, v in module.state_dict().items() if not torch.equal(v.cpu(), adapter_before[k].cpu())}
+    changed = {k for k, v in module.state_dict().items() if not torch.equal(v.cpu(), start.adapter[k])}
     assert changed == trainable
 
 

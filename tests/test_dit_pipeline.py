@@ -295,17 +295,17 @@ def test_generate_quantized_flux_draws_nearly_the_dense_images_and_refuses_bad_s
         "--quantize",
         "transformer=int8",
         "--quantize",
-        "text_encoder_2=float8",
+        "text_encoder_2=int8",
     ]
     assert main_generate(cli(setup, "flux", tmp_path / "int8", *quantized)) == 0
     settings = strict_json(tmp_path / "int8" / "generation.json")
-    assert settings["quantize"] == {"transformer": "int8", "text_encoder_2": "float8"}
+    assert settings["quantize"] == {"transformer": "int8", "text_encoder_2": "int8"}
     for name in ("image-000.png", "image-001.png"):
         dense, rounded = (
             np.asarray(Image.open(tmp_path / run / name), dtype=float) for run in ("dense", "int8")
         )
         assert rounded.std() > 1
-        assert np.abs(dense - rounded).mean() < 2  # grey levels; 0.4 here
+        assert np.abs(dense - rounded).mean() < 2  # grey levels; 0.41 and 0.48 here
     capsys.readouterr()
     for change, message in [
         (
@@ -316,7 +316,7 @@ def test_generate_quantized_flux_draws_nearly_the_dense_images_and_refuses_bad_s
             ["--quantize", "transformer"],
             "--quantize expects COMPONENT=FORMAT (e.g. --quantize transformer=int8)",
         ),
-        (["--quantize", "unet=int8"], "quantize names unet, which"),
+        (["--quantize", "unet=int8"], "cannot quantize unet: "),
     ]:
         assert main_generate(cli(setup, "flux", tmp_path / "refused", *change)) == 2
         err = capsys.readouterr().err.strip()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._inductor.config
 import yaml
 from test_dit_bench import run_benchmark
 from test_dit_training import fit_smoke, overfit
@@ -49,7 +50,9 @@ def naive_dequantized(weight: torch.Tensor, format_name: str) -> tuple[torch.Ten
 
 def test_named_components_load_with_8_bit_weights_that_round_the_dense_ones(tiny_flux_path):
     dense = load_backbone(tiny_flux_path)
+    tuning = torch._inductor.config.coordinate_descent_tuning
     quantized = load_backbone(tiny_flux_path, quantize=FLUX_QUANTIZED)
+    assert torch._inductor.config.coordinate_descent_tuning == tuning  # torch.compile's settings untouched
     pairs = {
         "transformer": (dense.transformer, quantized.transformer),
         "text_encoder_2": (dense.text_encoders[1], quantized.text_encoders[1]),
@@ -161,10 +164,10 @@ def test_wrong_quantize_settings_are_refused_by_name(tiny_flux_path, tiny_sd_pat
         make_module(tiny_flux_path, quantize={"transformer": "int4"})
     with pytest.raises(
         ConfigError,
-        match=r"quantize names unet, .*its quantizable components are transformer, text_encoder, text_encoder_2",
+        match=r"cannot quantize unet: .*its quantizable components are transformer, text_encoder, text_encoder_2",
     ):
         make_module(tiny_flux_path, quantize={"unet": "int8"})
-    with pytest.raises(ConfigError, match=r"quantize names vae"):
+    with pytest.raises(ConfigError, match=r"cannot quantize vae: "):
         load_backbone(tiny_sd_path, quantize={"vae": "int8"})
     monkeypatch.setitem(sys.modules, "torchao", None)  # as if torchao were not installed
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
@@ -191,7 +194,7 @@ def test_fit_trains_the_smoke_config_on_a_quantized_flux_and_refuses_an_unknown_
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(
-        "nested fit: error: quantize names unet, which data/models/tiny-flux does not have"
+        "nested fit: error: cannot quantize unet: data/models/tiny-flux has no such component"
     )
 
 
@@ -211,7 +214,13 @@ def test_the_memory_benchmark_counts_what_the_quantized_models_hold():
     flux = results["memory"]["FLUX.1-dev"]
     assert 0.49 < flux["int8_gib"] / flux["bf16_gib"] < 0.51  # its weights are linear ones
     assert set(results["budget"]) == {"FLUX.1-dev", "SD3.5-Large", "SD3.5-Medium", "SDXL"}
-    assert "| FLUX.1-dev | 32.6 | transformer, text_encoder_2 | 17.2 |" in done.stdout
+    for row in [
+        "| FLUX.1-dev | 32.6 | transformer, text_encoder_2 | 17.2 | 412 M | 6.1 | 23.4 |",
+        "| SD3.5-Large | 26.7 | transformer, text_encoder_3 | 14.9 | 243 M | 3.6 | 18.6 |",
+        "| SD3.5-Medium | 15.9 | transformer, text_encoder_3 | 9.5 | 129 M | 1.9 | 11.4 |",
+        "| SDXL | 7.6 | unet, text_encoder_2 | 5.0 | 224 M | 3.3 | 8.3 |",
+    ]:
+        assert row in done.stdout  # the README's table
 
 
 def test_a_quantized_flux_compiles_whole_to_the_eager_loss_and_is_refused_block_by_block(
@@ -232,8 +241,9 @@ def test_a_quantized_flux_compiles_whole_to_the_eager_loss_and_is_refused_block_
     for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(compiled, eager)
     regional = {"backend": "aot_eager", "fullgraph": True, "regional": True}
-    with pytest.raises(ConfigError, match=r"regional: true\} cannot train FLUX.1 with model.quantize"):
+    with pytest.raises(ConfigError, match=r"regional: true\} cannot train FLUX.1 with its transformer in"):
         make_module(tiny_flux_path, quantize={"transformer": "int8"}, compile=regional)
+    make_module(tiny_flux_path, quantize={"text_encoder_2": "int8"}, compile=regional)  # its blocks are dense
 
 
 def test_importing_torchao_through_the_libraries_prints_nothing_but_other_warnings_pass():

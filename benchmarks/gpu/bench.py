@@ -35,7 +35,7 @@ script cannot rot (the test suite runs it). Sections, each recorded even when an
   2-block models with ``--smoke``: nested / plain, nested / FLUX IP-Adapter, training step / frozen and
   peak memory. An architecture that fails (out of memory) is recorded, and the next one runs.
 * ``dit_quantized`` (only when named): the same on FLUX.1-dev with its transformer's linear weights in
-  int8 (``model.quantize``): the speed and memory of the 24 GB setting.
+  int8 (``model.quantize``): what quantizing costs in speed and saves in memory.
 
 Sections run in the order named. ``--budget SECONDS`` fits a run into a lease of GPU time: a section
 starts only if what it is expected to take (``expected_seconds``: the real models' times on an H200 where

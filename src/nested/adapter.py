@@ -515,7 +515,7 @@ class NestedAdapter(nn.Module):
                     f"{key_projection.in_features}."
                 )
             layer = self.layers[_escape(name)]
-            # dequantize(): the weight a quantized frozen layer computes with (a plain weight as it is)
+            # dequantize(): the weight a quantized frozen layer computes with (a plain weight's values as they are)
             layer.to_k.weight.copy_(key_projection.weight.dequantize())
             layer.to_v.weight.copy_(value_projection.weight.dequantize())
 

@@ -634,7 +634,7 @@ def _checked_quantize(
     quantize: Mapping[str, str] | None, index: dict[str, Any], source: str
 ) -> dict[str, str]:
     quantize = check_quantize(quantize, "quantize")
-    check_components(quantize, index, source, "quantize")
+    check_components(quantize, index, source)
     return quantize
 
 

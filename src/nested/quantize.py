@@ -13,8 +13,9 @@ Formats, both symmetric with one float32 scale per output row:
 - ``float8``: ``w ≈ s * e4m3(w / s)``, ``s = max|w_row| / 448`` (``Float8WeightOnlyConfig``).
 
 The mapping names components as the checkpoint's ``model_index.json`` does: ``{"transformer": "int8",
-"text_encoder_2": "int8"}`` stores FLUX.1's transformer and its T5-XXL in int8. torchao is an optional
-dependency (the ``quantize`` extra).
+"text_encoder_2": "int8"}`` stores FLUX.1's transformer and its T5-XXL in int8. Meant for bf16 frozen models
+(the recipes'): in float32 diffusers warns that integer formats support only bf16, and they work. torchao is
+an optional dependency (the ``quantize`` extra).
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ def check_quantize(quantize: Mapping[str, str] | None, option: str) -> dict[str,
             f"{option} maps components to formats, e.g. {{transformer: int8}}; got {quantize!r}."
         )
     for component, format_name in quantize.items():
-        if format_name not in FORMATS:
+        if not isinstance(format_name, str) or format_name not in FORMATS:
             raise ConfigError(
                 f"{option}: {component} has format {format_name!r}; the formats are {', '.join(FORMATS)}."
             )
+    for format_name in set(quantize.values()):
+        torchao_config(format_name)  # a missing torchao is named now, not after the models before it load
     return dict(quantize)
 
 
@@ -66,13 +69,13 @@ def quantizable_components(model_index: Mapping[str, Any]) -> list[str]:
     return [name for name in names if is_registered(model_index, name)]
 
 
-def check_components(quantize: Mapping[str, str], model_index: Mapping[str, Any], source: str, option: str):
+def check_components(quantize: Mapping[str, str], model_index: Mapping[str, Any], source: str) -> None:
     """Every component ``quantize`` names is one of ``source``'s quantizable components."""
     available = quantizable_components(model_index)
     unknown = sorted(set(quantize) - set(available))
     if unknown:
         raise ConfigError(
-            f"{option} names {', '.join(unknown)}, which {source} does not have or which cannot be quantized; "
+            f"cannot quantize {', '.join(unknown)}: {source} has no such component, or it cannot be quantized; "
             f"its quantizable components are {', '.join(available)}."
         )
 
@@ -107,7 +110,8 @@ def torchao_config(format_name: str) -> Any:
         raise MissingDependencyError(
             "quantizing the frozen weights needs torchao: pip install 'nested[quantize]' (or pip install torchao)."
         ) from error
-    return getattr(torchao.quantization, FORMATS[format_name])()
+    # set_inductor_config=False: the default retunes torch.compile's inductor for the whole process.
+    return getattr(torchao.quantization, FORMATS[format_name])(set_inductor_config=False)
 
 
 def quiet_torchao_import() -> None:
@@ -115,9 +119,10 @@ def quiet_torchao_import() -> None:
 
     transformers and diffusers import torchao whenever it is installed, so every command would start with
     them: on a CPU build of torch, torchao's CUDA kernels cannot load (nothing here needs them there); torch
-    deprecates how torchao registers its enums; diffusers cannot import the tensor classes of older torchao
-    checkpoints (this project loads none: it quantizes as it loads). Installed by ``import nested``; every
-    other message passes.
+    deprecates how torchao registers its enums (the filter drops that deprecation, meant for library
+    authors, whichever library registers an enum); diffusers cannot import the tensor classes of older
+    torchao checkpoints (this project loads none: it quantizes as it loads). Installed by ``import nested``;
+    every other message passes.
     """
     logging.getLogger("torchao").addFilter(_not_a_cuda_kernel_on_a_cpu_build)
     logging.getLogger("torch.utils._pytree").addFilter(_without("register_constant() on Enum subclasses"))

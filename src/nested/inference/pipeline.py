@@ -176,7 +176,7 @@ class NestedPipeline:
             quantize = check_quantize(quantize, "quantize")
             if quantize:
                 index = DiffusionPipeline.load_config(str(base), revision=revision)
-                check_components(quantize, index, str(base), "quantize")
+                check_components(quantize, index, str(base))
                 pipeline_kwargs["quantization_config"] = pipeline_config(quantize)
             pipe = DiffusionPipeline.from_pretrained(
                 str(base), dtype=dtype, revision=revision, **pipeline_kwargs

@@ -275,13 +275,18 @@ class NestedAttentionModule(L.LightningModule):
         if self.compile_options is not None:
             # In place, after attach: the compiled forward (and its pre-hooks) runs the nested processors.
             options = dict(self.compile_options)
-            if options.get("regional") and self.quantize and getattr(backbone, "kind", None) == "flux":
+            if (
+                options.get("regional")
+                and "transformer" in self.quantize
+                and getattr(backbone, "kind", None) == "flux"
+            ):
                 # AOT autograd refuses a graph whose outputs alias each other once its weights are tensor
                 # subclasses, and a FLUX single-stream block returns two views of one tensor.
                 raise ConfigError(
-                    "model.compile {regional: true} cannot train FLUX.1 with model.quantize: torch cannot "
-                    "compile its single-stream blocks one by one for training when their weights are "
-                    "quantized. Use model.compile: true (the whole transformer), or drop model.quantize."
+                    "model.compile {regional: true} cannot train FLUX.1 with its transformer in model.quantize: "
+                    "torch cannot compile its single-stream blocks one by one for training when their weights "
+                    "are quantized. Use model.compile: true (the whole transformer), or leave the transformer "
+                    "out of model.quantize."
                 )
             if options.pop("regional", False):
                 compile_blocks(denoiser, **options)
