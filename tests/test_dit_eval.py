@@ -122,6 +122,30 @@ def test_eval_image_encoder_overrides_the_adapters_vision_backbone(
     assert (tmp_path / "eval" / "results.csv").is_file()
 
 
+def test_eval_quantizes_the_named_base_components_and_records_it(
+    bases, subjects, tiny_clip_path, tmp_path, capsys
+):
+    pytest.importorskip("torchao", reason="the quantize extra (torchao) is not installed")
+    base = bases["flux"]
+    adapter = make_adapter(tiny_pipeline(base), base, "<person>", "person", 1).save_pretrained(
+        tmp_path / "adapter"
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {token}\n")
+    argv = eval_argv(base, adapter, prompts, subjects, tiny_clip_path, tmp_path / "eval")
+    quantize = ["--dtype", "bfloat16", "--quantize", "transformer=int8", "--quantize", "text_encoder_2=int8"]
+    assert main_eval([*argv, *quantize]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["quantize"] == {"transformer": "int8", "text_encoder_2": "int8"}
+    with open(tmp_path / "eval" / "results.csv") as file:
+        assert len(list(csv.DictReader(file))) == 2 + 2 * 2  # base and adapter rows, as unquantized
+    capsys.readouterr()
+    argv[argv.index("--out") + 1] = str(tmp_path / "refused")
+    assert main_eval([*argv, "--quantize", "vae=int8"]) == 2
+    assert capsys.readouterr().err.strip().startswith("nested eval: error: cannot quantize vae: ")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_eval_refuses_a_negative_prompt_for_flux_in_one_line(
     bases, subjects, tiny_clip_path, tmp_path, capsys
 ):

@@ -14,11 +14,13 @@ from typing import Any
 
 from nested.cli.common import (
     add_base_arguments,
+    add_quantize_argument,
     add_runtime_arguments,
     check_output_folder,
     finite,
     pairs,
     parse_number,
+    quantize_option,
     run_user_command,
 )
 from nested.errors import MissingFileError, UsageError
@@ -61,6 +63,7 @@ def eval_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--image-encoder", default=None, help="override the adapters' vision backbone location"
     )
+    add_quantize_argument(models)
     models.add_argument(
         "--clip",
         default="openai/clip-vit-large-patch14",
@@ -270,6 +273,7 @@ def check_eval_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """
     adapters = pairs(args.adapter, "--adapter")
     tokens = list(adapters)
+    quantize = quantize_option(args.quantize)
     # Here, not at the top: `nested eval --help` stays light.
     from nested.inference.subjects import check_strength
 
@@ -319,6 +323,7 @@ def check_eval_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": seeds,
         "prompts": prompts,
         "sources": sources,
+        "quantize": quantize,
     }
 
 

@@ -21,16 +21,17 @@ from tqdm.auto import tqdm
 
 from nested.cli.common import (
     add_base_arguments,
+    add_quantize_argument,
     add_runtime_arguments,
     check_output_folder,
     finite,
     pairs,
+    quantize_option,
     run_user_command,
     sha256,
 )
 from nested.errors import MissingFileError, UsageError
 from nested.files import staged_directory, write_json_atomic
-from nested.quantize import check_quantize
 
 __all__ = ["generate_parser", "main_generate", "run_generate"]
 
@@ -57,15 +58,7 @@ def generate_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--image-encoder", default=None, help="override the adapters' vision backbone location"
     )
-    model.add_argument(
-        "--quantize",
-        action="append",
-        default=[],
-        metavar="COMPONENT=FORMAT",
-        help="store a base component's linear weights in 8 bits as it loads (torchao; the quantize extra): "
-        "int8 or float8, e.g. --quantize transformer=int8 --quantize text_encoder_2=int8 (FLUX.1-dev's "
-        "transformer and T5 in 15.7 GiB instead of 31); repeatable",
-    )
+    add_quantize_argument(model)
     subjects = parser.add_argument_group("subjects")
     subjects.add_argument(
         "--subject", action="append", default=[], metavar="TOKEN=IMAGE", help="the subject image of TOKEN"
@@ -147,9 +140,7 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "token_weights": pairs(args.token_weight, "--token-weight", float),
         "value_norm_factors": pairs(args.value_norm_factor, "--value-norm-factor", float),
     }
-    quantize = check_quantize(
-        pairs(args.quantize, "--quantize", form="COMPONENT=FORMAT", example="transformer=int8"), "--quantize"
-    )
+    quantize = quantize_option(args.quantize)
     if args.guidance is not None:
         finite(args.guidance, "--guidance")
     for token, weight in options["token_weights"].items():

@@ -353,6 +353,7 @@ def run_eval(args: argparse.Namespace, parsed: dict[str, Any], argv: list[str]) 
         device=args.device,
         revision=args.revision,
         image_encoder=args.image_encoder,
+        quantize=parsed["quantize"],
     )
     pipe.pipe.set_progress_bar_config(disable=True)
     args.guidance = sampling_guidance(pipe, args.base, args.guidance, args.negative_prompt)
@@ -443,6 +444,7 @@ def run_eval(args: argparse.Namespace, parsed: dict[str, Any], argv: list[str]) 
                 "torch": torch.__version__,
             },
             "base": args.base,
+            "quantize": parsed["quantize"],
             "adapters": pipe.describe(),
             "pair": list(parsed["pair"]) if parsed["pair"] else None,
             "subjects": {g.name: [g.subject_name(i) for i in range(g.count)] for g in built},
