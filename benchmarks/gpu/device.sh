@@ -20,6 +20,13 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH="${site}"
 fi
 export PYTHONPATH="${PWD}/src${PYTHONPATH:+:${PYTHONPATH}}" PYTHONUNBUFFERED=1
+# transformers imports torchao whenever it is installed: a torchao whose kernels cannot load into this torch
+# would end every section, so it goes, and only what needs it (model.quantize) fails.
+if [ -n "${site:-}" ] && compgen -G "${site}/torchao" >/dev/null && ! python3 -c "import torchao" >/dev/null 2>&1; then
+  echo "device.sh: torchao does not import with this torch; removed (model.quantize is not measured)" \
+    | tee "${OUT}/torchao.txt"
+  rm -rf "${site}"/torchao*
+fi
 if [ $# -eq 0 ]; then
   # By priority: the transformer figures, the SDXL inference step after the host-cost fixes, the CUDA tests
   # (compiled training steps against eager among them), the SDXL training step, the compiled nested /
