@@ -32,8 +32,10 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
 from torch import nn
 from transformers import (
+    CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     T5Config,
     T5EncoderModel,
@@ -41,8 +43,10 @@ from transformers import (
 
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
+import attention as attention_bench  # noqa: E402  (benchmarks/attention.py)
 from dit_subject_share import ARCHITECTURES  # noqa: E402
 
+from nested.encoder import Resampler  # noqa: E402
 from nested.files import write_text_atomic  # noqa: E402
 from nested.quantize import FORMATS, component_config  # noqa: E402
 from nested.testing import (  # noqa: E402
@@ -66,15 +70,8 @@ T5_XXL = dict(
 )
 
 
-def sized(config: dict, key: str) -> dict:
-    """A transformers config dict of ``nested.testing`` without its nested sub-config key, if any."""
-    return config.get(key, config)
-
-
 def real_models() -> dict[str, callable]:
     """Name -> builder of the real architecture (called under the meta device)."""
-    from transformers import CLIPTextConfig, CLIPVisionConfig
-
     models = {
         name: (lambda cls=cls, config=config: cls(**config))
         for name, (cls, config, _) in ARCHITECTURES.items()
@@ -87,9 +84,7 @@ def real_models() -> dict[str, callable]:
             "CLIP-G text": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG)),
             "VAE (16 channels)": lambda: AutoencoderKL(**{**SDXL_VAE_CONFIG, "latent_channels": 16}),
             "VAE (4 channels)": lambda: AutoencoderKL(**SDXL_VAE_CONFIG),
-            "ViT-H/14 image": lambda: CLIPVisionModelWithProjection(
-                CLIPVisionConfig(**sized(VIT_H_14_CONFIG, "vision"))
-            ),
+            "ViT-H/14 image": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_14_CONFIG)),
         }
     )
     return models
@@ -185,10 +180,6 @@ RECIPES = {
 def adapter_parameters(denoiser: nn.Module) -> int:
     """The faces recipes' adapter on ``denoiser``: the resampler over ViT-H/14 features and every layer's
     nested key and value projections."""
-    import attention as attention_bench  # benchmarks/attention.py
-
-    from nested.encoder import Resampler
-
     with torch.device("meta"):
         resampler = Resampler(input_dim=1280, num_tokens=1024, width=1024, depth=4, heads=16, output_dim=1024)
         adapter = attention_bench.build_adapter(denoiser, 1024, 1024, torch.float32)

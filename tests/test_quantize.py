@@ -19,7 +19,9 @@ from nested.adapter import cross_attention_layers
 from nested.backbone import load_backbone
 from nested.dit import text_projections
 from nested.encoder import EncoderSpec
-from nested.errors import ConfigError, MissingDependencyError
+from nested.errors import ConfigError, MissingDependencyError, UsageError
+from nested.inference.pipeline import NestedPipeline
+from nested.quantize import pipeline_config
 from nested.training.module import ConditioningDropout, NestedAttentionModule
 
 pytest.importorskip("torchao", reason="the quantize extra (torchao) is not installed")
@@ -257,3 +259,11 @@ def test_importing_torchao_through_the_libraries_prints_nothing_but_other_warnin
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "Failed to load a kernel the user asked for"
+
+
+def test_the_pipeline_refuses_quantize_beside_its_own_quantization_config(tiny_flux_path):
+    own = pipeline_config({"transformer": "int8"})
+    with pytest.raises(UsageError, match="pass quantize or quantization_config, not both"):
+        NestedPipeline.from_pretrained(
+            tiny_flux_path, quantize={"transformer": "int8"}, quantization_config=own
+        )

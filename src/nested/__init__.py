@@ -8,8 +8,8 @@ nor diffusers nor Lightning::
     from nested import NestedAttentionModule, NestedDataModule  # training
 
 The layers, from the core up (each imports only from those before it): the core (``attention``,
-``adapter``, ``encoder``, ``tokens``, ``backbone``, ``quantize``, ``errors``, ``testing``); ``data``, ``inference`` and
-``hub``; ``evaluation``; ``training`` and ``callbacks``; ``cli``. ``toyworld`` is research code that uses
+``adapter``, ``encoder``, ``tokens``, ``backbone``, ``quantize``, ``errors``, ``testing``); ``data``,
+``inference`` and ``hub``; ``evaluation``; ``training`` and ``callbacks``; ``cli``. ``toyworld`` is research code that uses
 the library; the library never imports it.
 """
 

@@ -28,7 +28,7 @@ from diffusers import (
 )
 
 from nested.errors import ConfigError, MissingFileError
-from nested.quantize import check_components, check_quantize, component_config
+from nested.quantize import check_quantize, component_config
 from nested.tokens import subject_masks, subject_masks_for_tokenizers
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "TransformerBackbone",
     "check_model_folder",
     "check_tokenizer",
+    "checked_quantize",
     "first_parameter",
     "is_registered",
     "joint_subject_masks",
@@ -284,7 +285,7 @@ class DiffusionBackbone(_VaeLatents):
                 f"{source} is a diffusion transformer ({index['transformer'][1]}), not a UNet model: load it "
                 "with TransformerBackbone.from_pretrained (or load_backbone)."
             )
-        quantize = _checked_quantize(quantize, index, source)
+        quantize = checked_quantize(quantize, index, source)
         kind: Literal["sd", "sdxl"] = "sdxl" if is_registered(index, "text_encoder_2") else "sd"
         suffixes = ["", "_2"] if kind == "sdxl" else [""]
         _check_components(
@@ -460,7 +461,7 @@ class TransformerBackbone(_VaeLatents):
         kind = TRANSFORMER_KINDS[transformer_class_name]
         suffixes = ["", "_2", "_3"] if kind == "sd3" else ["", "_2"]
         _check_components(source, index, "transformer", suffixes, EXPECTED_TRANSFORMER_LAYOUT)
-        quantize = _checked_quantize(quantize, index, source)
+        quantize = checked_quantize(quantize, index, source)
 
         weights_kwargs = {**hub_kwargs, "variant": variant}
         transformer_class = SD3Transformer2DModel if kind == "sd3" else FluxTransformer2DModel
@@ -630,11 +631,24 @@ def load_backbone(
     return DiffusionBackbone.from_pretrained(name_or_path, **kwargs)
 
 
-def _checked_quantize(
+# The components of a checkpoint that may be quantized: its denoiser and its text encoders (the VAE, mostly
+# convolutions, and the image encoder are not).
+QUANTIZABLE = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def checked_quantize(
     quantize: Mapping[str, str] | None, index: dict[str, Any], source: str
 ) -> dict[str, str]:
+    """``quantize`` (``{component: format}``) with its formats checked, and every component it names one of
+    ``source``'s quantizable ones (``index``: its ``model_index.json``)."""
     quantize = check_quantize(quantize, "quantize")
-    check_components(quantize, index, source)
+    available = [name for name in QUANTIZABLE if is_registered(index, name)]
+    unknown = sorted(set(quantize) - set(available))
+    if unknown:
+        raise ConfigError(
+            f"cannot quantize {', '.join(unknown)}: {source} has no such component, or it cannot be quantized; "
+            f"its quantizable components are {', '.join(available)}."
+        )
     return quantize
 
 

@@ -29,11 +29,9 @@ from nested.errors import ConfigError, MissingDependencyError
 
 __all__ = [
     "FORMATS",
-    "check_components",
     "check_quantize",
     "component_config",
     "pipeline_config",
-    "quantizable_components",
     "quiet_torchao_import",
     "torchao_config",
 ]
@@ -58,26 +56,6 @@ def check_quantize(quantize: Mapping[str, str] | None, option: str) -> dict[str,
     for format_name in set(quantize.values()):
         torchao_config(format_name)  # a missing torchao is named now, not after the models before it load
     return dict(quantize)
-
-
-def quantizable_components(model_index: Mapping[str, Any]) -> list[str]:
-    """The components of a checkpoint that may be quantized: its denoiser and its text encoders (the VAE,
-    mostly convolutions, and the schedulers and tokenizers have no large linear layers)."""
-    from nested.backbone import is_registered  # here: the backbone loader imports this module
-
-    names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-    return [name for name in names if is_registered(model_index, name)]
-
-
-def check_components(quantize: Mapping[str, str], model_index: Mapping[str, Any], source: str) -> None:
-    """Every component ``quantize`` names is one of ``source``'s quantizable components."""
-    available = quantizable_components(model_index)
-    unknown = sorted(set(quantize) - set(available))
-    if unknown:
-        raise ConfigError(
-            f"cannot quantize {', '.join(unknown)}: {source} has no such component, or it cannot be quantized; "
-            f"its quantizable components are {', '.join(available)}."
-        )
 
 
 def component_config(component: str, format_name: str) -> Any:

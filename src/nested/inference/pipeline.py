@@ -52,7 +52,7 @@ from nested.adapter import (
     check_injection_options,
     resolve_adapter_folder,
 )
-from nested.backbone import TRANSFORMER_KINDS, joint_subject_masks
+from nested.backbone import TRANSFORMER_KINDS, checked_quantize, joint_subject_masks
 from nested.errors import AdapterError, ConfigError, MissingFileError, UsageError
 from nested.inference.subjects import (
     ImageInput,
@@ -63,7 +63,7 @@ from nested.inference.subjects import (
     subject_specs,
     take_snapshot,
 )
-from nested.quantize import check_components, check_quantize, pipeline_config
+from nested.quantize import pipeline_config
 from nested.tokens import add_placeholder_token, set_token_embedding, subject_masks, subject_token_ids
 
 __all__ = ["DEFAULT_GUIDANCE", "NestedPipeline", "load_nested_adapters", "sampling_guidance"]
@@ -173,10 +173,11 @@ class NestedPipeline:
         """
 
         try:
-            quantize = check_quantize(quantize, "quantize")
             if quantize:
+                if "quantization_config" in pipeline_kwargs:
+                    raise UsageError("pass quantize or quantization_config, not both.")
                 index = DiffusionPipeline.load_config(str(base), revision=revision)
-                check_components(quantize, index, str(base))
+                quantize = checked_quantize(quantize, index, str(base))
                 pipeline_kwargs["quantization_config"] = pipeline_config(quantize)
             pipe = DiffusionPipeline.from_pretrained(
                 str(base), dtype=dtype, revision=revision, **pipeline_kwargs
