@@ -7,13 +7,17 @@
 2. ``budget``: per faces recipe (M = 1024 subject tokens of width 1024, a 4-layer resampler over ViT-H/14),
    the memory every step holds before any activation: the frozen models' weights in bf16, and with the
    denoiser and T5 (SDXL: CLIP-G) quantized as ``model.quantize`` stores them in int8, plus the adapter's
-   training state (float32 weights, gradients and AdamW's two moments: 16 bytes per parameter).
+   training state (float32 weights, gradients and AdamW's two moments: 16 bytes per parameter), and that
+   state with torchao's ``AdamW8bit`` (its moments in 8 bits with a float32 scale per block of 256, and a
+   256-entry float32 code map, for tensors of at least 4096 values; smaller ones keep float32 moments).
 3. ``check``: the count checked against real quantized models, loaded through ``from_pretrained`` with the
    project's ``quantization_config`` (:func:`nested.backbone.load_backbone`'s path): a real-width FLUX.1
    transformer cut to one double- and one single-stream block, and a real-width T5-XXL cut to one layer,
    random weights. Their tensors' bytes are summed and compared with the count, and the output drift of the
    quantized transformer against bf16 is measured on random inputs (random weights: trained ones have other
-   outliers, so this is the order of magnitude, not the trained model's figure).
+   outliers, so this is the order of magnitude, not the trained model's figure). The 8-bit optimizer's
+   count is checked the same way: AdamW8bit steps once on the real-width adapter of the cut transformer,
+   and the bytes its state holds are summed.
 
     python benchmarks/quantize.py                 # under a minute, 2 GB of disk in a temporary folder
     python benchmarks/quantize.py --json benchmarks/quantize.cpu.json
@@ -177,15 +181,34 @@ RECIPES = {
 }
 
 
-def adapter_parameters(denoiser: nn.Module) -> int:
+def adapter_parameters(denoiser: nn.Module) -> list[nn.Parameter]:
     """The faces recipes' adapter on ``denoiser``: the resampler over ViT-H/14 features and every layer's
-    nested key and value projections."""
-    with torch.device("meta"):
-        resampler = Resampler(input_dim=1280, num_tokens=1024, width=1024, depth=4, heads=16, output_dim=1024)
-        adapter = attention_bench.build_adapter(denoiser, 1024, 1024, torch.float32)
-    return sum(p.numel() for p in resampler.parameters()) + sum(
-        p.numel() for p in adapter.layers.parameters()
-    )
+    nested key and value projections (float32; built on the current device)."""
+    resampler = Resampler(input_dim=1280, num_tokens=1024, width=1024, depth=4, heads=16, output_dim=1024)
+    adapter = attention_bench.build_adapter(denoiser, 1024, 1024, torch.float32)
+    return [*resampler.parameters(), *adapter.layers.parameters()]
+
+
+# torchao's AdamW8bit (block_size 256): a moment is stored in 8 bits when its tensor has at least 4096 values,
+# a multiple of the block size; each such moment holds a float32 scale per block and a 256-entry float32 map.
+BLOCK = 256
+
+
+def adamw_state_bytes(parameters: list[nn.Parameter], eight_bit: bool) -> int:
+    """Bytes of AdamW's two moments for ``parameters``: float32, or as torchao's AdamW8bit stores them."""
+    total = 0
+    for parameter in parameters:
+        size = parameter.numel()
+        if eight_bit and size >= 4096 and size % BLOCK == 0:
+            total += 2 * (size + size // BLOCK * 4 + 256 * 4)
+        else:
+            total += 2 * size * 4
+    return total
+
+
+def adapter_state_bytes(parameters: list[nn.Parameter], eight_bit: bool) -> int:
+    """The adapter's training state: float32 weights and gradients, and AdamW's moments."""
+    return sum(p.numel() * 8 for p in parameters) + adamw_state_bytes(parameters, eight_bit)
 
 
 def budget() -> dict[str, dict[str, float]]:
@@ -201,13 +224,15 @@ def budget() -> dict[str, dict[str, float]]:
             counted_bytes(model, "int8" if component in quantized_components else None)
             for component, model in frozen.items()
         )
-        adapter = adapter_parameters(frozen["unet" if "unet" in frozen else "transformer"])
+        with torch.device("meta"):
+            adapter = adapter_parameters(frozen["unet" if "unet" in frozen else "transformer"])
         rows[recipe] = {
             "quantize": ", ".join(quantized_components),
             "frozen_bf16_gib": bf16 / 2**30,
             "frozen_quantized_gib": quantized / 2**30,
-            "adapter_parameters_m": adapter / 1e6,
-            "adapter_training_state_gib": adapter * 16 / 2**30,
+            "adapter_parameters_m": sum(p.numel() for p in adapter) / 1e6,
+            "adapter_training_state_gib": adapter_state_bytes(adapter, eight_bit=False) / 2**30,
+            "adapter_training_state_8bit_gib": adapter_state_bytes(adapter, eight_bit=True) / 2**30,
         }
         print(f"{recipe}: {json.dumps(rows[recipe])}", flush=True)
     return rows
@@ -249,7 +274,7 @@ def check(folder: Path, smoke: bool = False) -> dict[str, dict]:
     cls, config, _ = ARCHITECTURES["FLUX.1-dev"]
     torch.manual_seed(0)
     flux_config = {**config, "num_layers": 1, "num_single_layers": 1, **(NARROW_FLUX if smoke else {})}
-    dense = cls(**flux_config).to(torch.bfloat16).eval()
+    dense = cls(**flux_config).to(torch.bfloat16).eval().requires_grad_(False)
     dense.save_pretrained(folder / "flux")
     t5_config = {**T5_XXL, "num_layers": 1, **(NARROW_T5 if smoke else {})}
     t5 = T5EncoderModel(T5Config(**t5_config)).to(torch.bfloat16).eval()
@@ -287,7 +312,43 @@ def check(folder: Path, smoke: bool = False) -> dict[str, dict]:
         "flux_1+1_blocks_stored_gib": stored_bytes(dense) / 2**30,
         "flux_1+1_blocks_counted_gib": counted_bytes(dense, None) / 2**30,
     }
+    results["adamw8bit"] = check_optimizer_state(dense)
     return results
+
+
+def check_optimizer_state(denoiser: nn.Module) -> dict[str, float]:
+    """torchao's AdamW8bit after one step on the faces adapter of ``denoiser``: the bytes its moments hold
+    against :func:`adamw_state_bytes`."""
+    from torchao.optim import AdamW8bit
+
+    torch.manual_seed(0)
+    parameters = adapter_parameters(denoiser)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+        parameter.grad = torch.randn_like(parameter)
+    optimizer = AdamW8bit(parameters, lr=1e-4)
+    optimizer.step()
+    held, seen = 0, set()
+    for state in optimizer.state.values():
+        for name in ("exp_avg", "exp_avg_sq"):
+            tensors = state[name]
+            inner = (
+                [getattr(tensors, n) for n in tensors.__tensor_flatten__()[0]]
+                if hasattr(tensors, "__tensor_flatten__")
+                else [tensors]
+            )
+            for tensor in inner:
+                if tensor.untyped_storage().data_ptr() not in seen:  # a shared code map counts once
+                    seen.add(tensor.untyped_storage().data_ptr())
+                    held += tensor.nbytes
+    row = {
+        "adapter_parameters_m": sum(p.numel() for p in parameters) / 1e6,
+        "moments_stored_gib": held / 2**30,
+        "moments_counted_gib": adamw_state_bytes(parameters, eight_bit=True) / 2**30,
+        "moments_float32_gib": adamw_state_bytes(parameters, eight_bit=False) / 2**30,
+    }
+    print(f"adamw8bit: {json.dumps(row)}", flush=True)
+    return row
 
 
 def markdown(results: dict) -> str:
@@ -303,14 +364,17 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         "| faces recipe | frozen models, bf16 GiB | quantized (`model.quantize`: int8) | GiB | adapter parameters "
-        "| adapter weights + gradients + AdamW GiB | held before activations, quantized GiB |",
-        "|---|---|---|---|---|---|---|",
+        "| adapter weights + gradients + AdamW GiB | held before activations, quantized GiB "
+        "| adapter state with AdamW8bit GiB | held, quantized + AdamW8bit GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for recipe, row in results["budget"].items():
         held = row["frozen_quantized_gib"] + row["adapter_training_state_gib"]
+        held_8bit = row["frozen_quantized_gib"] + row["adapter_training_state_8bit_gib"]
         lines.append(
             f"| {recipe} | {row['frozen_bf16_gib']:.1f} | {row['quantize']} | {row['frozen_quantized_gib']:.1f} "
-            f"| {row['adapter_parameters_m']:.0f} M | {row['adapter_training_state_gib']:.1f} | {held:.1f} |"
+            f"| {row['adapter_parameters_m']:.0f} M | {row['adapter_training_state_gib']:.1f} | {held:.1f} "
+            f"| {row['adapter_training_state_8bit_gib']:.1f} | {held_8bit:.1f} |"
         )
     if "check" in results:
         check_rows = results["check"]
@@ -328,6 +392,13 @@ def markdown(results: dict) -> str:
                 f"| {fmt} | FLUX {flux:.4f}, T5 {t5:.4f} | {row['weights_relative_rms']:.4f} "
                 f"| {row['output_relative_rms']:.4f} |"
             )
+        row = check_rows["adamw8bit"]
+        lines += [
+            "",
+            f"AdamW8bit after one step on the cut transformer's adapter ({row['adapter_parameters_m']:.1f} M "
+            f"parameters): its moments hold {row['moments_stored_gib']:.4f} GiB, counted "
+            f"{row['moments_counted_gib']:.4f} (float32 AdamW: {row['moments_float32_gib']:.4f}).",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ from test_module import (
     make_trainer,
 )
 from test_pipeline import tiny_pipeline, write_adapter
+from test_resume import ADAMW_8BIT, fit
 from torch._dynamo.utils import counters
 
 from nested.attention import nested_attention
@@ -181,6 +182,45 @@ def test_training_steps_on_a_flux_whose_transformer_and_t5_are_stored_in_int8(ti
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     changed = {k for k, v in module.state_dict().items() if not torch.equal(v.cpu(), start.adapter[k])}
     assert changed == trainable
+
+
+def dequantized_moments(optimizer_state: dict) -> dict:
+    """Each parameter's AdamW moments as plain float32 tensors on the CPU (8-bit ones dequantized)."""
+
+    def plain(value: torch.Tensor) -> torch.Tensor:
+        return (value.dequantize() if hasattr(value, "qmap") else value).float().cpu().clone()
+
+    return {
+        (index, name): plain(value)
+        for index, state in optimizer_state.items()
+        for name, value in state.items()
+        if name in ("exp_avg", "exp_avg_sq")
+    }
+
+
+class MomentsAtStart(L.Callback):
+    """The optimizer's moments and their devices when a resumed run starts training."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        state = trainer.optimizers[0].state_dict()["state"]
+        self.devices = {v.device.type for s in state.values() for k, v in s.items() if k != "step"}
+        self.moments = dequantized_moments(state)
+
+
+def test_8_bit_optimizer_states_resume_onto_the_gpu(tiny_sd_path, tmp_path):
+    """torchao's AdamW8bit: a run stopped by SIGTERM resumes on CUDA with the 8-bit moments it saved."""
+    pytest.importorskip("torchao", reason="the quantize extra (torchao) is not installed")
+    fit(tiny_sd_path, tmp_path, sigterm_at=3, optimizer=ADAMW_8BIT, accelerator="gpu")
+    saved = torch.load(tmp_path / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    at_start = MomentsAtStart()
+    trainer, _ = fit(tiny_sd_path, tmp_path, optimizer=ADAMW_8BIT, accelerator="gpu", callbacks=(at_start,))
+
+    assert trainer.global_step == 6
+    assert at_start.devices == {CUDA.type}
+    want = dequantized_moments(saved["optimizer_states"][0]["state"])
+    assert want.keys() == at_start.moments.keys()
+    assert all(torch.equal(at_start.moments[key], value) for key, value in want.items())
+    assert any(hasattr(s, "qmap") for state in trainer.optimizers[0].state.values() for s in state.values())
 
 
 @pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])

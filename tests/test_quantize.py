@@ -217,12 +217,15 @@ def test_the_memory_benchmark_counts_what_the_quantized_models_hold():
     assert 0.49 < flux["int8_gib"] / flux["bf16_gib"] < 0.51  # its weights are linear ones
     assert set(results["budget"]) == {"FLUX.1-dev", "SD3.5-Large", "SD3.5-Medium", "SDXL"}
     for row in [
-        "| FLUX.1-dev | 32.6 | transformer, text_encoder_2 | 17.2 | 412 M | 6.1 | 23.4 |",
-        "| SD3.5-Large | 26.7 | transformer, text_encoder_3 | 14.9 | 243 M | 3.6 | 18.6 |",
-        "| SD3.5-Medium | 15.9 | transformer, text_encoder_3 | 9.5 | 129 M | 1.9 | 11.4 |",
-        "| SDXL | 7.6 | unet, text_encoder_2 | 5.0 | 224 M | 3.3 | 8.3 |",
+        "| FLUX.1-dev | 32.6 | transformer, text_encoder_2 | 17.2 | 412 M | 6.1 | 23.4 | 3.9 | 21.1 |",
+        "| SD3.5-Large | 26.7 | transformer, text_encoder_3 | 14.9 | 243 M | 3.6 | 18.6 | 2.3 | 17.2 |",
+        "| SD3.5-Medium | 15.9 | transformer, text_encoder_3 | 9.5 | 129 M | 1.9 | 11.4 | 1.2 | 10.7 |",
+        "| SDXL | 7.6 | unet, text_encoder_2 | 5.0 | 224 M | 3.3 | 8.3 | 2.1 | 7.1 |",
     ]:
         assert row in done.stdout  # the README's table
+    optimizer = results["check"]["adamw8bit"]
+    assert optimizer["moments_stored_gib"] == pytest.approx(optimizer["moments_counted_gib"], rel=1e-9)
+    assert 0.2 < optimizer["moments_stored_gib"] / optimizer["moments_float32_gib"] < 0.3
 
 
 def test_a_quantized_flux_compiles_whole_to_the_eager_loss_and_is_refused_block_by_block(

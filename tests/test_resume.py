@@ -39,10 +39,13 @@ class ScheduledModule(NestedAttentionModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
-def make_module(model: Path) -> NestedAttentionModule:
+ADAMW = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
+ADAMW_8BIT = {"class_path": "torchao.optim.AdamW8bit", "init_args": {"lr": 1e-3}}
+
+
+def make_module(model: Path, optimizer: dict = ADAMW) -> NestedAttentionModule:
     spec = EncoderSpec(backbone=str(model / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
-    adamw = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
-    return ScheduledModule(str(model), spec, subjects={"<person>": "person"}, seed=3, optimizer=adamw)
+    return ScheduledModule(str(model), spec, subjects={"<person>": "person"}, seed=3, optimizer=optimizer)
 
 
 def make_data(num_workers: int = 2) -> NestedDataModule:
@@ -83,14 +86,24 @@ class Record(L.Callback):
         self.ema = {k: v.clone() for k, v in ema.averaged_adapter().state_dict().items()}
 
 
-def fit(model: Path, root: Path, *, sigterm_at: int | None = None, num_workers: int = 2, steps: int = STEPS):
+def fit(
+    model: Path,
+    root: Path,
+    *,
+    sigterm_at: int | None = None,
+    num_workers: int = 2,
+    steps: int = STEPS,
+    optimizer: dict = ADAMW,
+    accelerator: str = "cpu",
+    callbacks: tuple[L.Callback, ...] = (),
+):
     L.seed_everything(0, verbose=False)  # as `nested fit` does: the adapter's initial weights
     record = Record()
-    callbacks = [AdapterEMA(decay=0.9), record, PreemptionCheckpoint()]
+    callbacks = [AdapterEMA(decay=0.9), record, PreemptionCheckpoint(), *callbacks]
     if sigterm_at is not None:
         callbacks.append(SigtermAt(sigterm_at))
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         max_steps=steps,
         default_root_dir=str(root),
@@ -102,7 +115,7 @@ def fit(model: Path, root: Path, *, sigterm_at: int | None = None, num_workers: 
         plugins=[AtomicCheckpointIO()],
     )
     resume = None if sigterm_at is not None else find_resume_checkpoint(root)
-    trainer.fit(make_module(model), datamodule=make_data(num_workers), ckpt_path=resume)
+    trainer.fit(make_module(model, optimizer), datamodule=make_data(num_workers), ckpt_path=resume)
     return trainer, record
 
 
@@ -123,6 +136,26 @@ def test_resume_is_bit_identical_mid_epoch_and_at_an_epoch_end(tiny_sd_path, tmp
             assert torch.equal(resumed.weights[name], value), f"stop at {stop}: {name} differs"
         for name, value in full.ema.items():
             assert torch.equal(resumed.ema[name], value), f"stop at {stop}: EMA {name} differs"
+
+
+def test_training_with_8_bit_optimizer_states_resumes_bit_identical(tiny_sd_path, tmp_path):
+    """torchao's AdamW8bit keeps its moments as tensor subclasses, which torch will not load with Lightning's
+    default map_location (a callable); the checkpoint IO loads them onto the CPU by name and the run resumes
+    exactly, moments still in 8 bits."""
+    pytest.importorskip("torchao", reason="the quantize extra (torchao) is not installed")
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    full_trainer, full = fit(tiny_sd_path, tmp_path / "full", optimizer=ADAMW_8BIT)
+    states = [s for state in full_trainer.optimizers[0].state.values() for s in state.values()]
+    assert sum(isinstance(s, OptimState8bit) for s in states) >= 2, "no moment was stored in 8 bits"
+    root = tmp_path / "stopped"
+    fit(tiny_sd_path, root, sigterm_at=3, optimizer=ADAMW_8BIT)
+    trainer, resumed = fit(tiny_sd_path, root, optimizer=ADAMW_8BIT)
+    assert trainer.global_step == STEPS
+    for name, value in full.weights.items():
+        assert torch.equal(resumed.weights[name], value), f"{name} differs"
+    resumed_states = [s for state in trainer.optimizers[0].state.values() for s in state.values()]
+    assert [type(s) for s in resumed_states] == [type(s) for s in states]
 
 
 def test_a_changed_worker_count_resumes_with_a_warning(tiny_sd_path, tmp_path):

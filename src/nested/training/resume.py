@@ -5,6 +5,8 @@
   previous checkpoint intact. (Lightning's ``_atomic_save`` stages the bytes in memory, writes them
   to a file in the system temp dir and ``shutil.move``-s it: across file systems, as from a node's
   /tmp to a shared checkpoint folder, that is a copy over the target, not atomic; and no fsync.)
+  It loads checkpoints onto the CPU by name, which tensor subclasses (torchao's 8-bit optimizer
+  states) need.
 - :class:`PreemptionCheckpoint` turns SIGUSR1 (SLURM's warning before the time limit,
   ``#SBATCH --signal=USR1@90``), SIGTERM (scancel, preemption, a node being drained) and SIGINT
   (Ctrl-C) into a checkpoint ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` written at the next step
@@ -92,6 +94,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
             raise
         fsync_dir(path.parent)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        # Lightning's default map_location is a callable that keeps each storage where torch deserialized it (on
+        # the CPU). torch refuses a callable for tensor subclasses, such as the 8-bit states of torchao's
+        # optimizers, so the same placement is asked for by name.
+        if map_location is None or callable(map_location):
+            map_location = "cpu"
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 # ----------------------------------------------------------------------------- which checkpoint
