@@ -9,7 +9,8 @@
    denoiser and T5 (SDXL: CLIP-G) quantized as ``model.quantize`` stores them in int8, plus the adapter's
    training state (float32 weights, gradients and AdamW's two moments: 16 bytes per parameter), and that
    state with torchao's ``AdamW8bit`` (its moments in 8 bits with a float32 scale per block of 256, and a
-   256-entry float32 code map, for tensors of at least 4096 values; smaller ones keep float32 moments).
+   256-entry float32 code map, for tensors of at least 4096 values; smaller ones keep float32 moments),
+   and all of that without T5, which a prompt cache (``model.prompt_cache``) leaves unloaded.
 3. ``check``: the count checked against real quantized models, loaded through ``from_pretrained`` with the
    project's ``quantization_config`` (:func:`nested.backbone.load_backbone`'s path): a real-width FLUX.1
    transformer cut to one double- and one single-stream block, and a real-width T5-XXL cut to one layer,
@@ -226,6 +227,7 @@ def budget() -> dict[str, dict[str, float]]:
         )
         with torch.device("meta"):
             adapter = adapter_parameters(frozen["unet" if "unet" in frozen else "transformer"])
+        t5 = [component for component, name in components.items() if name == "T5-XXL encoder"]
         rows[recipe] = {
             "quantize": ", ".join(quantized_components),
             "frozen_bf16_gib": bf16 / 2**30,
@@ -233,6 +235,11 @@ def budget() -> dict[str, dict[str, float]]:
             "adapter_parameters_m": sum(p.numel() for p in adapter) / 1e6,
             "adapter_training_state_gib": adapter_state_bytes(adapter, eight_bit=False) / 2**30,
             "adapter_training_state_8bit_gib": adapter_state_bytes(adapter, eight_bit=True) / 2**30,
+            # With a prompt cache (model.prompt_cache) T5 is not loaded at all.
+            "frozen_quantized_without_t5_gib": (quantized - sum(counted_bytes(frozen[c], "int8") for c in t5))
+            / 2**30
+            if t5
+            else None,
         }
         print(f"{recipe}: {json.dumps(rows[recipe])}", flush=True)
     return rows
@@ -365,16 +372,18 @@ def markdown(results: dict) -> str:
         "",
         "| faces recipe | frozen models, bf16 GiB | quantized (`model.quantize`: int8) | GiB | adapter parameters "
         "| adapter weights + gradients + AdamW GiB | held before activations, quantized GiB "
-        "| adapter state with AdamW8bit GiB | held, quantized + AdamW8bit GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| adapter state with AdamW8bit GiB | held, quantized + AdamW8bit GiB | the same, T5 cached GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for recipe, row in results["budget"].items():
         held = row["frozen_quantized_gib"] + row["adapter_training_state_gib"]
         held_8bit = row["frozen_quantized_gib"] + row["adapter_training_state_8bit_gib"]
+        without_t5 = row["frozen_quantized_without_t5_gib"]
+        cached = "-" if without_t5 is None else f"{without_t5 + row['adapter_training_state_8bit_gib']:.1f}"
         lines.append(
             f"| {recipe} | {row['frozen_bf16_gib']:.1f} | {row['quantize']} | {row['frozen_quantized_gib']:.1f} "
             f"| {row['adapter_parameters_m']:.0f} M | {row['adapter_training_state_gib']:.1f} | {held:.1f} "
-            f"| {row['adapter_training_state_8bit_gib']:.1f} | {held_8bit:.1f} |"
+            f"| {row['adapter_training_state_8bit_gib']:.1f} | {held_8bit:.1f} | {cached} |"
         )
     if "check" in results:
         check_rows = results["check"]

@@ -9,6 +9,7 @@ model, :class:`TransformerBackbone` a diffusion transformer; :func:`load_backbon
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from diffusers import (
 )
 
 from nested.errors import ConfigError, MissingFileError
+from nested.prompt_cache import PromptCache
 from nested.quantize import check_quantize, component_config
 from nested.tokens import subject_masks, subject_masks_for_tokenizers
 
@@ -42,6 +44,7 @@ __all__ = [
     "is_registered",
     "joint_subject_masks",
     "load_backbone",
+    "load_t5",
     "scale_latents",
 ]
 
@@ -81,12 +84,13 @@ class TextConditioning:
 
 
 def check_tokenizer(tokenizer: Any, text_encoder: Any, where: str) -> None:
-    """Raise if ``tokenizer`` is not a real vocabulary matching ``text_encoder``.
+    """Raise if ``tokenizer`` is not a real vocabulary matching ``text_encoder`` (the model or its config).
 
     Offline, ``CLIPTokenizer.from_pretrained`` on missing files silently returns a 2-token vocabulary; a
     real tokenizer has either a large vocabulary or exactly the text encoder's embedding count.
     """
-    size, embeddings = len(tokenizer), text_encoder.config.vocab_size
+    config = getattr(text_encoder, "config", text_encoder)
+    size, embeddings = len(tokenizer), config.vocab_size
     if size > embeddings:
         raise ConfigError(
             f"tokenizer at {where} has {size} tokens but its text encoder only {embeddings} embeddings: "
@@ -157,12 +161,12 @@ def check_model_folder(folder: Path, components: list[str], expected: str = EXPE
 
 
 def first_parameter(module: torch.nn.Module) -> torch.Tensor:
-    """The module's first parameter, for its device and dtype.
+    """The module's first parameter (or buffer), for its device and dtype.
 
     diffusers' ``ModelMixin.dtype`` / ``.device`` walk every submodule at each call (milliseconds for a
     UNet): in a loop of steps that host time adds up, and on a GPU it stalls the kernel queue.
     """
-    return next(module.parameters())
+    return next(itertools.chain(module.parameters(), module.buffers()))  # a PromptCache has only a buffer
 
 
 def _frozen(module: torch.nn.Module) -> torch.nn.Module:
@@ -190,9 +194,8 @@ def _load_text_components(
     ``quantize`` names it, quantized."""
     tokenizers, text_encoders = [], []
     for suffix in suffixes:
-        tokenizer_class = getattr(transformers, index[f"tokenizer{suffix}"][1])
+        tokenizer = _load_tokenizer(source, index, suffix, hub_kwargs)
         encoder_class = getattr(transformers, index[f"text_encoder{suffix}"][1])
-        tokenizer = tokenizer_class.from_pretrained(source, subfolder=f"tokenizer{suffix}", **hub_kwargs)
         text_encoder = encoder_class.from_pretrained(
             source,
             subfolder=f"text_encoder{suffix}",
@@ -204,6 +207,71 @@ def _load_text_components(
         tokenizers.append(tokenizer)
         text_encoders.append(_frozen(text_encoder))
     return tokenizers, text_encoders
+
+
+def _load_tokenizer(source: str, index: dict[str, Any], suffix: str, hub_kwargs: dict[str, Any]) -> Any:
+    """``tokenizer{suffix}`` of ``source``, with the transformers class ``model_index.json`` names."""
+    tokenizer_class = getattr(transformers, index[f"tokenizer{suffix}"][1])
+    return tokenizer_class.from_pretrained(source, subfolder=f"tokenizer{suffix}", **hub_kwargs)
+
+
+def _t5_suffix(kind: str) -> str:
+    """The component suffix of T5: SD3's third text encoder, FLUX's second."""
+    return "_3" if kind == "sd3" else "_2"
+
+
+def _t5_length(kind: str, max_sequence_length: int | None, tokenizer: Any, where: str) -> int:
+    """T5 tokens per prompt: ``max_sequence_length``, or the pipeline's default (SD3 256, FLUX 512), checked
+    against the tokenizer's limit."""
+    length = max_sequence_length or (256 if kind == "sd3" else 512)
+    if length > tokenizer.model_max_length:
+        raise ConfigError(
+            f"max_sequence_length {length} exceeds the T5 tokenizer's model_max_length "
+            f"{tokenizer.model_max_length} ({where}); use at most {tokenizer.model_max_length}."
+        )
+    return length
+
+
+def _transformer_kind(source: str, index: dict[str, Any]) -> str:
+    """``"sd3"`` or ``"flux"`` from the transformer class ``model_index.json`` registers; else a user error."""
+    transformer_class_name = index["transformer"][1] if is_registered(index, "transformer") else None
+    if transformer_class_name not in TRANSFORMER_KINDS:
+        found = f"transformer {transformer_class_name}" if transformer_class_name else "no transformer"
+        raise ConfigError(
+            f"{source}: model_index.json registers {found}; supported are "
+            f"{', '.join(TRANSFORMER_KINDS)} (a UNet model loads with DiffusionBackbone)."
+        )
+    return TRANSFORMER_KINDS[transformer_class_name]
+
+
+def load_t5(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_sequence_length: int | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    local_files_only: bool | None = None,
+) -> tuple[Any, torch.nn.Module, str, int]:
+    """T5 alone from an SD3 / FLUX checkpoint, as :meth:`TransformerBackbone.from_pretrained` loads it:
+    ``(tokenizer, text_encoder, component, max_sequence_length)`` (``component``: ``text_encoder_3`` for SD3,
+    ``text_encoder_2`` for FLUX; the length defaulted and checked as there). ``nested prompts`` encodes with it."""
+    source = str(name_or_path)
+    hub_kwargs = _hub_kwargs(revision, local_files_only)
+    index = _read_model_index(source, EXPECTED_TRANSFORMER_LAYOUT, **hub_kwargs)
+    if is_registered(index, "unet") and not is_registered(index, "transformer"):
+        raise ConfigError(
+            f"{source} is a UNet model, whose prompts go through CLIP alone: a prompt cache holds T5 states, "
+            "for SD3 / SD3.5 and FLUX.1 models only."
+        )
+    kind = _transformer_kind(source, index)
+    suffix = _t5_suffix(kind)
+    _check_components(source, index, "transformer", [suffix], EXPECTED_TRANSFORMER_LAYOUT)
+    (tokenizer,), (text_encoder,) = _load_text_components(
+        source, index, [suffix], dtype, hub_kwargs, {**hub_kwargs, "variant": variant}, {}
+    )
+    length = _t5_length(kind, max_sequence_length, tokenizer, f"{source}/tokenizer{suffix}")
+    return tokenizer, text_encoder, f"text_encoder{suffix}", length
 
 
 def scale_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
@@ -440,6 +508,7 @@ class TransformerBackbone(_VaeLatents):
         local_files_only: bool | None = None,
         max_sequence_length: int | None = None,
         quantize: Mapping[str, str] | None = None,
+        prompt_cache: str | Path | None = None,
     ) -> TransformerBackbone:
         """Load the components of a diffusers SD3 / SD3.5 / FLUX.1 checkpoint (folder or Hub id).
 
@@ -447,21 +516,22 @@ class TransformerBackbone(_VaeLatents):
         tokens) defaults to the pipeline's: 256 for SD3, 512 for FLUX; it may not exceed the T5
         tokenizer's ``model_max_length``. ``quantize`` stores the named components' linear weights in 8
         bits (:mod:`nested.quantize`), e.g. ``{"transformer": "int8", "text_encoder_2": "int8"}``.
+        ``prompt_cache``: a folder of T5 states computed ahead (:mod:`nested.prompt_cache`); T5's weights are
+        then not loaded, and a :class:`~nested.prompt_cache.PromptCache` takes its place in ``text_encoders``.
         """
         source = str(name_or_path)
         hub_kwargs = _hub_kwargs(revision, local_files_only)
         index = _read_model_index(source, EXPECTED_TRANSFORMER_LAYOUT, **hub_kwargs)
-        transformer_class_name = index["transformer"][1] if is_registered(index, "transformer") else None
-        if transformer_class_name not in TRANSFORMER_KINDS:
-            found = f"transformer {transformer_class_name}" if transformer_class_name else "no transformer"
-            raise ConfigError(
-                f"{source}: model_index.json registers {found}; supported are "
-                f"{', '.join(TRANSFORMER_KINDS)} (a UNet model loads with DiffusionBackbone)."
-            )
-        kind = TRANSFORMER_KINDS[transformer_class_name]
+        kind = _transformer_kind(source, index)
         suffixes = ["", "_2", "_3"] if kind == "sd3" else ["", "_2"]
         _check_components(source, index, "transformer", suffixes, EXPECTED_TRANSFORMER_LAYOUT)
         quantize = checked_quantize(quantize, index, source)
+        t5_component = f"text_encoder{_t5_suffix(kind)}"
+        if prompt_cache is not None and t5_component in quantize:
+            raise ConfigError(
+                f"quantize names {t5_component} (T5), which a prompt cache replaces: it is not loaded. Remove "
+                f"{t5_component} from quantize, or the prompt cache."
+            )
 
         weights_kwargs = {**hub_kwargs, "variant": variant}
         transformer_class = SD3Transformer2DModel if kind == "sd3" else FluxTransformer2DModel
@@ -480,16 +550,24 @@ class TransformerBackbone(_VaeLatents):
             FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler", **hub_kwargs)
         )
         noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        loaded = suffixes if prompt_cache is None else suffixes[:-1]
         tokenizers, text_encoders = _load_text_components(
-            source, index, suffixes, dtype, hub_kwargs, weights_kwargs, quantize
+            source, index, loaded, dtype, hub_kwargs, weights_kwargs, quantize
         )
-
-        length = max_sequence_length or (256 if kind == "sd3" else 512)
-        t5_limit = tokenizers[-1].model_max_length
-        if length > t5_limit:
-            raise ConfigError(
-                f"max_sequence_length {length} exceeds the T5 tokenizer's model_max_length {t5_limit} "
-                f"({source}/tokenizer{suffixes[-1]}); use at most {t5_limit}."
+        if prompt_cache is not None:
+            tokenizers.append(_load_tokenizer(source, index, suffixes[-1], hub_kwargs))
+        length = _t5_length(kind, max_sequence_length, tokenizers[-1], f"{source}/tokenizer{suffixes[-1]}")
+        if prompt_cache is not None:
+            t5_config = transformers.AutoConfig.from_pretrained(source, subfolder=t5_component, **hub_kwargs)
+            check_tokenizer(tokenizers[-1], t5_config, f"{source}/tokenizer{suffixes[-1]}")
+            text_encoders.append(
+                PromptCache(
+                    prompt_cache,
+                    tokenizers[-1],
+                    max_sequence_length=length,
+                    width=t5_config.d_model,
+                    dtype=dtype,
+                )
             )
         return cls(
             transformer=_frozen(transformer),
@@ -538,7 +616,9 @@ class TransformerBackbone(_VaeLatents):
         input_ids = self.tokenize(prompts)
         *clips, t5 = self.text_encoders
         t5_ids = input_ids[-1]
-        t5_states = t5(t5_ids.to(first_parameter(t5).device))[0]
+        if not isinstance(t5, PromptCache):  # the cache looks the ids up on the host: no round trip to a GPU
+            t5_ids = t5_ids.to(first_parameter(t5).device)
+        t5_states = t5(t5_ids)[0]
         t5_states = t5_states.to(first_parameter(t5).dtype)
         clip_dtype = first_parameter(clips[0]).dtype
         if self.kind == "flux":
@@ -627,6 +707,11 @@ def load_backbone(
         raise ConfigError(
             f"max_sequence_length (T5 tokens) is for SD3 / FLUX models; {name_or_path} is a UNet model, whose "
             "prompts are 77 tokens: leave max_sequence_length unset."
+        )
+    if kwargs.pop("prompt_cache", None) is not None:
+        raise ConfigError(
+            f"a prompt cache holds T5 states, for SD3 / FLUX models; {name_or_path} is a UNet model, whose "
+            "prompts go through CLIP alone: leave prompt_cache unset."
         )
     return DiffusionBackbone.from_pretrained(name_or_path, **kwargs)
 

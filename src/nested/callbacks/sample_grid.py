@@ -40,6 +40,7 @@ from nested.evaluation.metrics import (
     vision_embedder,
 )
 from nested.inference.sampler import default_guidance, default_size, sample_images
+from nested.prompt_cache import PromptCache
 
 __all__ = ["DEFAULT_PROMPTS", "SampleGrid"]
 
@@ -209,7 +210,16 @@ class SampleGrid(L.Callback):
                 rank_zero_warn(f"SampleGrid: prompt alignment is not logged: {error}")
                 self.alignment = None
 
+    def prompts_for(self, token: str) -> list[str]:
+        """The prompts the grid encodes for ``token``: each template with it, and the negative prompt."""
+        return [template.format(token=token) for template in self.prompts] + [self.negative_prompt]
+
     # ------------------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        text_encoder = pl_module.backbone.text_encoders[-1]
+        if isinstance(text_encoder, PromptCache):  # fail now rather than at the first grid, hours in
+            text_encoder.require(self.prompts_for(self.token or pl_module.adapter.config.token), "SampleGrid")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.sample_at_start and trainer.global_step == 0:
             self.log_samples(trainer, pl_module)

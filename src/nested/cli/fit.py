@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from typing import Any
 
 import lightning as L
@@ -38,7 +39,7 @@ from nested.training.resume import (
     stable_checkpoint_dirs,
 )
 
-__all__ = ["EXIT_STOPPED_EARLY", "NestedCLI", "main_fit"]
+__all__ = ["EXIT_STOPPED_EARLY", "NestedCLI", "configured_run", "main_fit"]
 
 # sysexits.h's EX_TEMPFAIL, "try again later": the run stopped early and resumes when run again. Not 1 (a
 # crash), 2 (a user mistake) or 128 + n (killed by signal n), so scripts and SLURM jobs can tell it apart.
@@ -116,6 +117,36 @@ def check_list_indexes(argv: list[str]) -> None:
                 f"one); to change another element, give the whole list (--{key}='[{{...}}, ...]') or put it in "
                 "one more --config file."
             )
+
+
+# What a configuration read by another command (nested prompts) runs on: it builds no trainer for a GPU
+# cluster, only the module, DataModule and callbacks it describes.
+_LOCAL_TRAINER = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.num_nodes=1",
+    "--trainer.strategy=auto",
+    "--trainer.precision=32-true",
+    "--trainer.logger=false",
+]
+
+
+def configured_run(argv: list[str]) -> NestedCLI:
+    """The module, DataModule and trainer callbacks that ``nested fit ARGV`` would build, built but not run
+    (``cli.model``, ``cli.datamodule``, ``cli.trainer.callbacks``); the trainer itself is a local one. The
+    model's weights are not loaded: the module loads them in ``configure_model``."""
+    check_list_indexes(argv)
+    with warnings.catch_warnings():
+        # It warns whenever sys.argv has arguments besides args: here they are another command's.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return NestedCLI(
+            NestedAttentionModule,
+            NestedDataModule,
+            args=[*argv, *_LOCAL_TRAINER],
+            run=False,
+            save_config_callback=None,
+            parser_kwargs={"allow_abbrev": False},
+        )
 
 
 def main_fit(command: str, argv: list[str] | None) -> int:

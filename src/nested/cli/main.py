@@ -1,8 +1,8 @@
 """The ``nested`` command: a dispatcher that imports only the subcommand it runs.
 
-``nested fit|validate`` is a LightningCLI (:mod:`nested.cli.fit`); ``shards``, ``generate``, ``push`` and
-``eval`` are plain argparse programs. ``nested --help``, ``nested shards`` and ``nested push`` never import
-Lightning. A :class:`~nested.errors.NestedUserError` ends a command with one line and exit code 2; any other
+``nested fit|validate`` is a LightningCLI (:mod:`nested.cli.fit`); ``shards``, ``generate``, ``push``,
+``eval`` and ``prompts`` are plain argparse programs (``prompts`` reads ``fit``'s configuration).
+``nested --help``, ``nested shards`` and ``nested push`` never import Lightning. A :class:`~nested.errors.NestedUserError` ends a command with one line and exit code 2; any other
 exception is a bug and keeps its traceback.
 """
 
@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "fit": "train an adapter (LightningCLI: nested fit --config configs/demo.yaml)",
     "validate": "run the validation loop on a checkpoint (LightningCLI)",
     "shards": "build webdataset shards from a folder of images + captions or a manifest",
+    "prompts": "compute T5's prompt states of an SD3 / FLUX run ahead (model.prompt_cache)",
     "generate": "generate images with subjects bound to prompt tokens by nested adapters",
     "push": "upload an adapter folder to the Hugging Face Hub, with a model card",
     "eval": "identity vs prompt alignment of adapters over strengths and seeds, with the trade-off plot",
@@ -26,6 +27,7 @@ SUBCOMMANDS = {
 # subcommand -> (module, function taking the remaining arguments)
 _MAINS = {
     "shards": ("nested.cli.shards", "main_shards"),
+    "prompts": ("nested.cli.prompts", "main_prompts"),
     "generate": ("nested.cli.generate", "main_generate"),
     "push": ("nested.cli.push", "main_push"),
     "eval": ("nested.cli.eval", "main_eval"),

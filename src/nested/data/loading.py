@@ -62,6 +62,7 @@ __all__ = [
     "decoder",
     "ignore_stop_signals",
     "sample_caption",
+    "training_caption",
     "sample_original_size",
     "samples_per_worker",
 ]
@@ -90,6 +91,16 @@ def sample_caption(meta: dict[str, Any], txt: bytes | str | None) -> str:
     if isinstance(txt, str):
         return txt
     raise ValueError("no caption: the json has no 'caption' string and there is no txt member")
+
+
+def training_caption(meta: dict[str, Any], txt: bytes | str | None, spec: DomainSpec) -> str | None:
+    """The caption a sample of ``spec``'s domain trains with: its caption (:func:`sample_caption`, stripped)
+    if the subject token is in it, else the domain's ``caption_rule``: the template inserted, or None (the
+    sample is skipped)."""
+    caption = sample_caption(meta, txt).strip()
+    if contains_subject(caption, spec.subject):
+        return caption
+    return None if spec.caption_rule == "drop" else insert_subject(caption, spec)
 
 
 def sample_original_size(meta: dict[str, Any]) -> tuple[int, int] | None:
@@ -183,12 +194,11 @@ class _ToTrainingSample:
         meta = raw.get("json", {})
         if not isinstance(meta, dict):
             raise ValueError("json member is not a JSON object")
-        caption = sample_caption(meta, raw.get("txt")).strip()
-        if not contains_subject(caption, self.spec.subject):
-            if self.spec.caption_rule == "drop":
-                self.counter.add("no_subject_dropped")
-                return None
-            caption = insert_subject(caption, self.spec)
+        caption = training_caption(meta, raw.get("txt"), self.spec)
+        if caption is None:
+            self.counter.add("no_subject_dropped")
+            return None
+        if caption != sample_caption(meta, raw.get("txt")).strip():
             self.counter.add("no_subject_inserted")
         ref = next((raw[k] for k in _REF_KEYS if k in raw), None)
         if ref is None and self.spec.reference == "ref":

@@ -1,0 +1,139 @@
+"""``nested prompts``: T5's prompt states computed ahead for a training configuration (SD3 / FLUX).
+
+It reads the run's configuration as ``nested fit`` does (the same ``--config`` files and options), finds every
+prompt the run will encode (each training and validation caption as training sees it, each subject token
+alone, the empty prompt, SampleGrid's prompts, and the lines of ``--prompts`` files), encodes the ones not yet
+cached with the base model's T5, and writes them to ``model.prompt_cache``. ``nested fit`` with the same
+configuration then never loads T5. Run again, it skips what is cached: an interrupted build resumes, and new
+shards or domains add to the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from nested.errors import MissingFileError, UsageError
+
+__all__ = ["main_prompts", "prompts_parser"]
+
+
+def prompts_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nested prompts",
+        usage="nested prompts --config FILE [nested fit's options ...] [--prompts FILE] [--batch-size N] "
+        "[--device DEVICE]",
+        description="Compute T5's prompt states of an SD3 / FLUX training run ahead, into model.prompt_cache, "
+        "so that nested fit with the same configuration does not load T5.",
+        allow_abbrev=False,  # an abbreviation could swallow one of nested fit's options
+        epilog="Every other option is nested fit's, e.g. --config configs/faces-flux.yaml "
+        "--model.prompt_cache cache/faces-flux: give nested fit the same ones.",
+    )
+    parser.add_argument(
+        "--prompts",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="a UTF-8 text file of more prompts to cache, one per line (repeatable)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, metavar="N", help="prompts per T5 forward (default 16)"
+    )
+    parser.add_argument("--device", help="where T5 runs (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def extra_prompts(paths: list[Path]) -> list[str]:
+    """The non-empty lines of each file, stripped."""
+    prompts = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError as error:
+            raise MissingFileError(f"--prompts {path}: no such file") from error
+        except UnicodeDecodeError as error:
+            raise UsageError(f"--prompts {path} is not UTF-8 text: {error}") from error
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    return prompts
+
+
+def main_prompts(argv: list[str]) -> int:
+    parser = prompts_parser()
+    args, fit_args = parser.parse_known_args(argv)
+    if not fit_args:
+        parser.error("give the run's configuration as to nested fit, e.g. --config configs/faces-flux.yaml")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    prompts = extra_prompts(args.prompts)
+
+    import torch  # the configuration and the models: only once the arguments are good
+
+    from nested.backbone import load_t5
+    from nested.callbacks.sample_grid import SampleGrid
+    from nested.cli.fit import configured_run
+    from nested.data.prompts import domain_prompts, domain_source
+    from nested.prompt_cache import write_prompt_states
+
+    cli = configured_run(fit_args)
+    module, datamodule = cli.model, cli.datamodule
+    if module.prompt_cache is None:
+        raise UsageError(
+            "set --model.prompt_cache DIR: the folder to write the prompt states to (give nested fit the same)"
+        )
+    # T5 first: a base model without one fails before the shards are read.
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer, text_encoder, component, length = load_t5(
+        module.base_model, dtype=module.frozen_dtype, max_sequence_length=module.max_sequence_length
+    )
+    text_encoder.to(device)
+    prompts += ["", *module.subjects]  # text dropout leaves the subject token alone; both dropped: ""
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, SampleGrid):
+            for token in [callback.token] if callback.token else module.subjects:
+                prompts += callback.prompts_for(token)
+    sources = []
+    for spec in [*datamodule.domains, *datamodule.val_domains]:
+        bar = lambda urls, name=spec.name: tqdm(  # noqa: E731
+            urls, desc=f"captions of {name}", unit="shard", disable=args.no_progress, file=sys.stderr
+        )
+        found, counts = domain_prompts(spec, progress=bar)
+        prompts += found
+        sources.append(domain_source(spec))
+        print(
+            f"nested prompts: domain {spec.name}: {counts['samples']} samples, {len(found)} distinct prompts"
+            + (f", {counts['dropped']} dropped by the caption rule" if counts["dropped"] else "")
+            + (
+                f", {counts['unreadable']} unreadable (training skips them too)"
+                if counts["unreadable"]
+                else ""
+            ),
+            file=sys.stderr,
+        )
+
+    stats = write_prompt_states(
+        module.prompt_cache,
+        prompts,
+        tokenizer,
+        text_encoder,
+        max_sequence_length=length,
+        base_model=module.base_model,
+        component=component,
+        sources=sources,
+        batch_size=args.batch_size,
+        progress=lambda batches: tqdm(
+            batches, desc="T5", unit="batch", disable=args.no_progress, file=sys.stderr
+        ),
+    )
+    size = length * text_encoder.config.d_model * module.frozen_dtype.itemsize
+    print(
+        f"nested prompts: {stats['prompts']} distinct prompts, {stats['written']} encoded, {stats['cached']} "
+        f"already cached; {module.prompt_cache} holds {stats['total']} ({size / 2**20:.2f} MiB each, "
+        f"{stats['total'] * size / 2**30:.2f} GiB)",
+        file=sys.stderr,
+    )
+    return 0

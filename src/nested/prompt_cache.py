@@ -1,0 +1,221 @@
+"""T5's prompt states computed ahead, so that training an SD3 / FLUX adapter never holds T5 (4.8 B parameters).
+
+A prompt cache is a folder of T5 last hidden states, one safetensors file per distinct prompt, named by the
+sha256 of the prompt's T5 token ids (padded and truncated to ``max_sequence_length``, as the pipelines
+tokenize): ``states/ab/ab12....safetensors`` holding ``states`` (L, C) in the dtype T5 ran in. Keying by the ids
+makes the lookup exact: the same ids give the same states, whatever the spelling of the caption that made
+them. ``prompt_cache.json`` records the base model, T5's component, ``max_sequence_length``, the width, the
+dtype, how many prompts the folder holds, and which data it was built for (``sources``, checked by
+:func:`nested.data.prompts.check_prompt_sources` when training starts).
+
+:func:`write_prompt_states` encodes prompts with T5 and adds them (each file written atomically; prompts
+already there are skipped, so an interrupted build resumes). :class:`PromptCache` stands in for T5 in a
+:class:`~nested.backbone.TransformerBackbone`: called with token ids like T5, it returns the cached states,
+and a prompt that is not in the cache is an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from nested.errors import ConfigError, MissingFileError
+from nested.files import write_bytes_atomic, write_json_atomic
+
+__all__ = [
+    "MANIFEST",
+    "PromptCache",
+    "prompt_key",
+    "read_manifest",
+    "state_path",
+    "tokenize_t5",
+    "write_prompt_states",
+]
+
+MANIFEST = "prompt_cache.json"
+FORMAT = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def prompt_key(input_ids: Tensor) -> str:
+    """The cache key of one prompt: the sha256 of its T5 token ids (L,) as little-endian int64."""
+    return hashlib.sha256(input_ids.to(torch.int64).cpu().numpy().astype("<i8").tobytes()).hexdigest()
+
+
+def state_path(folder: str | Path, key: str) -> Path:
+    """Where the states of the prompt with ``key`` are stored (256 subfolders keep directories small)."""
+    return Path(folder) / "states" / key[:2] / f"{key}.safetensors"
+
+
+def tokenize_t5(tokenizer: Any, prompts: list[str], max_sequence_length: int) -> Tensor:
+    """(B, ``max_sequence_length``) ids, padded and truncated as the SD3 / FLUX pipelines tokenize for T5."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """``folder``'s ``prompt_cache.json``; a missing or unreadable one is a user error naming the fix."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise MissingFileError(
+            f"{folder} is not a prompt cache (no {MANIFEST}): build it with `nested prompts` and the same "
+            "configuration as nested fit."
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path} is unreadable ({error}): build the prompt cache again.") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a prompt cache manifest of format {FORMAT}: build it again.")
+    return manifest
+
+
+def check_settings(manifest: dict[str, Any], folder: str | Path, **expected: Any) -> None:
+    """Refuse a cache built with other settings (``max_sequence_length``, ``width``...): its states would not
+    fit, or would not be found."""
+    for name, value in expected.items():
+        if manifest.get(name) != value:
+            raise ConfigError(
+                f"the prompt cache {folder} was built with {name}={manifest.get(name)!r} (base model "
+                f"{manifest.get('base_model')}), this run needs {name}={value!r}: build a cache for this "
+                "configuration with `nested prompts` into another folder."
+            )
+
+
+class PromptCache(nn.Module):
+    """T5's stand-in: ``cache(input_ids)`` returns ``(states,)``, the cached last hidden states (B, L, C) of the
+    prompts those ids encode, on this module's device and in its dtype (``.to()`` moves it like a model).
+
+    Args:
+        folder: a folder written by :func:`write_prompt_states`.
+        tokenizer: T5's tokenizer, to name a missing prompt and for :meth:`missing`.
+        max_sequence_length: the T5 tokens of this backbone; the cache must have been built with them.
+        width: T5's hidden size; the cache must hold states of that width.
+        dtype: the dtype the states are returned in (the frozen models').
+    """
+
+    def __init__(
+        self, folder: str | Path, tokenizer: Any, *, max_sequence_length: int, width: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        check_settings(self.manifest, self.folder, max_sequence_length=max_sequence_length, width=width)
+        self.tokenizer = tokenizer
+        self.max_sequence_length = max_sequence_length
+        # No weights: this buffer carries the device and dtype that .to() sets and the states are returned in.
+        self.register_buffer("anchor", torch.empty(0, dtype=dtype), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    def forward(self, input_ids: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor]:
+        paths = [state_path(self.folder, prompt_key(ids)) for ids in input_ids]
+        absent = [ids for ids, path in zip(input_ids, paths, strict=True) if not path.is_file()]
+        if absent:
+            raise self._missing_error(
+                [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in absent]
+            )
+        states = torch.stack([load_file(path)["states"] for path in paths])
+        return (states.to(self.anchor.device, self.anchor.dtype),)
+
+    def missing(self, prompts: list[str]) -> list[str]:
+        """The prompts of ``prompts`` that the cache does not hold."""
+        if not prompts:
+            return []
+        ids = tokenize_t5(self.tokenizer, prompts, self.max_sequence_length)
+        return [
+            p
+            for p, row in zip(prompts, ids, strict=True)
+            if not state_path(self.folder, prompt_key(row)).is_file()
+        ]
+
+    def require(self, prompts: list[str], used_by: str) -> None:
+        """Raise the missing-prompt error if any of ``prompts`` (which ``used_by`` will encode) is not cached."""
+        absent = self.missing(prompts)
+        if absent:
+            raise self._missing_error(absent, used_by)
+
+    def _missing_error(self, prompts: list[str], used_by: str = "this batch") -> ConfigError:
+        shown = ", ".join(repr(p) for p in prompts[:3]) + (
+            f" and {len(prompts) - 3} more" if len(prompts) > 3 else ""
+        )
+        return ConfigError(
+            f"{len(prompts)} prompt(s) of {used_by} are not in the prompt cache {self.folder}: {shown}. Run "
+            "`nested prompts` with this run's configuration (it caches the data's captions, each subject token "
+            "alone, the empty prompt and SampleGrid's prompts); add other prompts with --prompts FILE."
+        )
+
+
+def write_prompt_states(
+    folder: str | Path,
+    prompts: Iterable[str],
+    tokenizer: Any,
+    text_encoder: nn.Module,
+    *,
+    max_sequence_length: int,
+    base_model: str,
+    component: str,
+    sources: list[dict[str, Any]] = (),
+    batch_size: int = 16,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, int]:
+    """Encode ``prompts`` with ``text_encoder`` (T5, on its device and in its dtype) into the cache at ``folder``.
+
+    Prompts with the same ids are encoded once; those already cached are skipped. Each state file is written
+    atomically, then the manifest, with ``sources`` added to the ones it lists. A folder built with other
+    settings is refused. ``progress`` wraps the batches (e.g. ``tqdm``). Returns counts: ``prompts`` (distinct
+    ids asked for), ``written``, ``cached`` (already there), ``total`` (the prompts the folder now holds).
+    """
+    folder = Path(folder)
+    width = int(text_encoder.config.d_model)
+    dtype = next(text_encoder.parameters()).dtype
+    dtype_name = next(name for name, value in _DTYPES.items() if value == dtype)
+    settings = {
+        "base_model": base_model,
+        "component": component,
+        "max_sequence_length": max_sequence_length,
+        "width": width,
+        "dtype": dtype_name,
+    }
+    manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
+    if manifest is not None:
+        check_settings(manifest, folder, **settings)
+    unique: dict[str, Tensor] = {}
+    prompts = list(dict.fromkeys(prompts))
+    for start in range(0, len(prompts), 1024):
+        for row in tokenize_t5(tokenizer, prompts[start : start + 1024], max_sequence_length):
+            unique.setdefault(prompt_key(row), row)
+    todo = [(key, ids) for key, ids in unique.items() if not state_path(folder, key).is_file()]
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    device = next(text_encoder.parameters()).device
+    with torch.inference_mode():
+        for batch in progress(batches) if progress else batches:
+            ids = torch.stack([row for _, row in batch]).to(device)
+            states = text_encoder(ids)[0].to(dtype).cpu()
+            for (key, _), row in zip(batch, states, strict=True):
+                path = state_path(folder, key)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomic(path, save({"states": row.contiguous()}))
+    total = sum(1 for _ in folder.glob("states/*/*.safetensors"))  # an interrupted build's files count too
+    known = list((manifest or {}).get("sources", []))
+    write_json_atomic(
+        folder / MANIFEST,
+        {
+            "format": FORMAT,
+            **settings,
+            "prompts": total,
+            "bytes_per_prompt": max_sequence_length * width * dtype.itemsize,
+            "sources": known + [source for source in sources if source not in known],
+        },
+    )
+    return {"prompts": len(unique), "written": len(todo), "cached": len(unique) - len(todo), "total": total}

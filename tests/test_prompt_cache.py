@@ -1,0 +1,226 @@
+"""T5's prompt states computed ahead: the cache equals T5, training with it equals training with T5, and
+everything it cannot serve is refused before the first step, naming what is missing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_dit_training import fit_smoke
+from test_module import make_module
+
+from nested.backbone import TransformerBackbone, load_backbone, load_t5
+from nested.callbacks.sample_grid import SampleGrid
+from nested.cli.main import main
+from nested.data.domains import DomainSpec
+from nested.data.prompts import check_prompt_sources, domain_prompts, domain_source
+from nested.errors import ConfigError, MissingFileError
+from nested.prompt_cache import MANIFEST, PromptCache, prompt_key, state_path, write_prompt_states
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_FACES = REPO / "data" / "demo" / "faces"
+PROMPTS = ["a photo of <person>", "<person> riding a horse on the beach, golden hour", "", "<person>"]
+
+
+def build_cache(model: Path, folder: Path, prompts: list[str], length: int | None = None, **kwargs) -> dict:
+    tokenizer, text_encoder, component, length = load_t5(model, max_sequence_length=length)
+    return write_prompt_states(
+        folder,
+        prompts,
+        tokenizer,
+        text_encoder,
+        max_sequence_length=length,
+        base_model=str(model),
+        component=component,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_cached_states_encode_prompts_exactly_as_t5_without_loading_it(
+    kind, tiny_sd3_path, tiny_flux_path, tmp_path
+):
+    model = {"sd3": tiny_sd3_path, "flux": tiny_flux_path}[kind]
+    stats = build_cache(model, tmp_path / "cache", PROMPTS)
+    assert stats == {"prompts": 4, "written": 4, "cached": 0, "total": 4}
+    live = TransformerBackbone.from_pretrained(model)
+    cached = TransformerBackbone.from_pretrained(model, prompt_cache=tmp_path / "cache")
+
+    assert type(live.text_encoders[-1]).__name__ == "T5EncoderModel"
+    assert isinstance(cached.text_encoders[-1], PromptCache)
+    assert not list(cached.text_encoders[-1].parameters())  # no T5 weights held
+    assert [type(t) for t in cached.text_encoders[:-1]] == [type(t) for t in live.text_encoders[:-1]]
+    want, got = live.encode_prompts(PROMPTS[::-1]), cached.encode_prompts(PROMPTS[::-1])
+    assert torch.equal(got.prompt_embeds, want.prompt_embeds)
+    assert torch.equal(got.pooled_prompt_embeds, want.pooled_prompt_embeds)
+    manifest = json.loads((tmp_path / "cache" / MANIFEST).read_text())
+    t5_width = live.text_encoders[-1].config.d_model
+    assert manifest["component"] == ("text_encoder_3" if kind == "sd3" else "text_encoder_2")
+    assert manifest["max_sequence_length"] == live.max_sequence_length
+    assert manifest["bytes_per_prompt"] == live.max_sequence_length * t5_width * 4
+    assert (
+        cached.text_encoders[-1].to(torch.bfloat16)(live.tokenize(["<person>"])[-1])[0].dtype
+        == torch.bfloat16
+    )
+
+
+def test_a_build_keys_prompts_by_their_ids_and_resumes(tiny_flux_path, tmp_path):
+    folder = tmp_path / "cache"
+    # " a photo of <person>" tokenizes as "a photo of <person>": one prompt, stored once.
+    first = build_cache(tiny_flux_path, folder, PROMPTS[:2] + [" a photo of <person>"], length=32)
+    assert first == {"prompts": 2, "written": 2, "cached": 0, "total": 2}
+    tokenizer = load_t5(tiny_flux_path)[0]
+    ids = tokenizer(
+        ["a photo of <person>"], padding="max_length", max_length=32, return_tensors="pt"
+    ).input_ids
+    assert state_path(folder, prompt_key(ids[0])).is_file()
+    second = build_cache(tiny_flux_path, folder, PROMPTS, length=32, sources=[{"a": 1}])
+    assert second == {"prompts": 4, "written": 2, "cached": 2, "total": 4}
+    assert len(list(folder.glob("states/*/*.safetensors"))) == 4
+    third = build_cache(tiny_flux_path, folder, PROMPTS, length=32, sources=[{"a": 1}, {"b": 2}])
+    assert third["written"] == 0
+    assert json.loads((folder / MANIFEST).read_text())["sources"] == [{"a": 1}, {"b": 2}]
+    with pytest.raises(
+        ConfigError, match="built with max_sequence_length=32 .* needs max_sequence_length=16"
+    ):
+        build_cache(tiny_flux_path, folder, PROMPTS, length=16)
+
+
+def test_what_a_cache_cannot_serve_is_refused_by_name(tiny_flux_path, tiny_sd_path, tmp_path):
+    folder = tmp_path / "cache"
+    build_cache(tiny_flux_path, folder, PROMPTS, length=32)
+    backbone = TransformerBackbone.from_pretrained(
+        tiny_flux_path, max_sequence_length=32, prompt_cache=folder
+    )
+    cache = backbone.text_encoders[-1]
+    assert cache.missing(["a photo of <person>", "a cat"]) == ["a cat"]
+    with pytest.raises(
+        ConfigError, match=r"1 prompt\(s\) of this batch are not in the prompt cache .*'a cat'"
+    ):
+        backbone.encode_prompts(["a photo of <person>", "a cat"])
+    with pytest.raises(
+        ConfigError, match="built with max_sequence_length=32 .* needs max_sequence_length=16"
+    ):
+        TransformerBackbone.from_pretrained(tiny_flux_path, max_sequence_length=16, prompt_cache=folder)
+    with pytest.raises(
+        ConfigError, match="quantize names text_encoder_2 \\(T5\\), which a prompt cache replaces"
+    ):
+        TransformerBackbone.from_pretrained(
+            tiny_flux_path, max_sequence_length=32, prompt_cache=folder, quantize={"text_encoder_2": "int8"}
+        )
+    with pytest.raises(MissingFileError, match="is not a prompt cache"):
+        TransformerBackbone.from_pretrained(tiny_flux_path, prompt_cache=tmp_path)
+    with pytest.raises(ConfigError, match="is a UNet model, whose prompts go through CLIP alone"):
+        load_backbone(tiny_sd_path, prompt_cache=folder)
+    with pytest.raises(ConfigError, match="is a UNet model, whose prompts go through CLIP alone"):
+        load_t5(tiny_sd_path)
+
+
+def test_a_domains_prompts_are_the_captions_training_sees(demo_faces_data):
+    spec = DomainSpec("faces", str(DEMO_FACES / "val" / "shards.json"), "<person>")
+    prompts, counts = domain_prompts(spec)
+    data = demo_faces_data(8, validation=True)
+    data.setup("validate")
+    captions = {c for batch in data.val_dataloader() for c in batch["captions"]}
+    assert counts == {"samples": 8, "dropped": 0, "unreadable": 0}
+    assert set(prompts) == captions | {"<person>"}
+    dropping = DomainSpec("faces", spec.urls, "<cat>", caption_rule="drop")
+    assert domain_prompts(dropping) == (["<cat>"], {"samples": 8, "dropped": 8, "unreadable": 0})
+    inserting = DomainSpec("faces", spec.urls, "<cat>")
+    subject, *inserted = domain_prompts(inserting)[0]
+    assert subject == "<cat>" and inserted and all(p.startswith("a photo of <cat>, ") for p in inserted)
+
+
+def test_training_starts_only_with_a_cache_built_for_its_domains(tmp_path):
+    spec = DomainSpec("faces", str(DEMO_FACES / "val" / "shards.json"), "<person>")
+    folder = tmp_path / "cache"
+    build_cache(
+        REPO / "data" / "models" / "tiny-flux", folder, [""], length=32, sources=[domain_source(spec)]
+    )
+    check_prompt_sources(str(folder), [spec])
+    for changed in (
+        DomainSpec("faces", spec.urls, "<cat>"),
+        DomainSpec("faces", spec.urls, "<person>", caption_rule="drop"),
+        DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>"),
+    ):
+        with pytest.raises(ConfigError, match="was not built for domain 'faces' as configured"):
+            check_prompt_sources(str(folder), [changed])
+
+
+def test_a_sample_grid_prompt_missing_from_the_cache_stops_training_at_its_start(tiny_flux_path, tmp_path):
+    folder = tmp_path / "cache"
+    build_cache(tiny_flux_path, folder, ["a photo of <person>", ""], length=32)
+    module = make_module(tiny_flux_path, max_sequence_length=32, prompt_cache=str(folder))
+    module.configure_model()
+    SampleGrid(prompts=["a photo of {token}"], clip_model=None).on_fit_start(None, module)
+    with pytest.raises(
+        ConfigError, match=r"of SampleGrid are not in the prompt cache .*'<person> on the moon'"
+    ):
+        SampleGrid(prompts=["a photo of {token}", "{token} on the moon"], clip_model=None).on_fit_start(
+            None, module
+        )
+
+
+def test_nested_prompts_then_fit_trains_exactly_as_with_t5(tmp_path, monkeypatch, capsys):
+    """The smoke FLUX config: `nested prompts` caches every prompt of the run (SampleGrid's included); `nested
+    fit` with the cache logs the losses of a run with T5; a second `nested prompts` encodes nothing."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["nested"])
+    folder = tmp_path / "cache"
+    extra = tmp_path / "extra.txt"
+    extra.write_text("\ufeffan extra prompt\n\n  <person> at night  \n", encoding="utf-8")
+    command = ["prompts", "--config", "configs/smoke-flux.yaml", "--config", "callbacks/samples.yaml"]
+    options = [f"--model.prompt_cache={folder}", "--prompts", str(extra), "--no-progress"]
+    assert main([*command, *options]) == 0
+    report = capsys.readouterr().err
+    assert "domain faces: 48 samples" in report and "domain faces: 8 samples" in report
+    backbone = TransformerBackbone.from_pretrained(
+        "data/models/tiny-flux", max_sequence_length=32, prompt_cache=folder
+    )
+    grid = SampleGrid()  # callbacks/samples.yaml's prompts are the defaults
+    wanted = ["an extra prompt", "<person> at night", "", "<person>", *grid.prompts_for("<person>")]
+    assert backbone.text_encoders[-1].missing(wanted) == []
+
+    assert main([*command, *options]) == 0
+    assert ", 0 encoded, " in capsys.readouterr().err
+
+    with_cache = fit_smoke("flux", tmp_path / "cached", 4, f"--model.prompt_cache={folder}")
+    with_t5 = fit_smoke("flux", tmp_path / "t5", 4)
+    assert with_cache == with_t5 and len(with_cache) == 4
+
+
+def test_fit_refuses_a_cache_built_without_its_domains(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["nested"])
+    folder = tmp_path / "cache"
+    build_cache(REPO / "data" / "models" / "tiny-flux", folder, [""], length=32)
+    with pytest.raises(SystemExit) as exit_info:
+        fit_smoke("flux", tmp_path / "run", 2, f"--model.prompt_cache={folder}")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"nested fit: error: the prompt cache {folder} was not built for domain 'faces'")
+
+
+def test_nested_prompts_usage_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["nested"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prompts", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: nested prompts --config FILE" in capsys.readouterr().out
+    cases = [
+        ([], "give the run's configuration as to nested fit"),
+        (["--config", "configs/smoke-flux.yaml"], "set --model.prompt_cache DIR"),
+        (
+            ["--config", "configs/smoke.yaml", f"--model.prompt_cache={tmp_path}"],
+            "is a UNet model, whose prompts go through CLIP alone",
+        ),
+        (["--config", "configs/smoke-flux.yaml", "--prompts", str(tmp_path / "none.txt")], "no such file"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["prompts", *arguments])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
