@@ -12,7 +12,7 @@ weights:
   ``FluxIPAdapterAttnProcessor`` on the 19 double-stream blocks, installed as the transformer's
   IP-Adapter loader installs them, at the same M and token width; it projects its K/V inside every step).
 * ``training``: ``nested``: bind the subject (nested projections with gradients), forward, MSE loss,
-  backward, AdamW on the adapter's nested projections; ``frozen``: the frozen transformer's own forward
+  backward, AdamW (``--optimizer adamw8bit``: torchao's AdamW8bit) on the adapter's nested projections; ``frozen``: the frozen transformer's own forward
   + backward on the same inputs (gradients to its input only), the floor any adapter's step pays.
   Peak memory of each on CUDA.
 
@@ -109,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["int8", "float8"],
         default=None,
         help="the frozen transformer's linear weights in 8 bits, as model.quantize stores them (torchao)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=["adamw", "adamw8bit"],
+        default="adamw",
+        help="the training step's optimizer: torch's AdamW, or torchao's AdamW8bit (moments in 8 bits)",
     )
     parser.add_argument("--no-training", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
@@ -298,7 +304,12 @@ class StepBench:
         parameters = [p for layer in self.adapter.layers.values() for p in layer.parameters()]
         for parameter in parameters:
             parameter.requires_grad_(True)
-        optimizer = torch.optim.AdamW(parameters, lr=1e-5)
+        if self.args.optimizer == "adamw8bit":
+            from torchao.optim import AdamW8bit
+
+            optimizer = AdamW8bit(parameters, lr=1e-5)
+        else:
+            optimizer = torch.optim.AdamW(parameters, lr=1e-5)
         if self.args.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         target = torch.randn(
@@ -371,6 +382,7 @@ def markdown(results: dict) -> str:
         + (f", 2 heads of {setup['head_dim']}" if setup["head_dim"] else "")
         + (", training with gradient checkpointing" if setup["gradient_checkpointing"] else "")
         + (f", the transformer's linear weights in {setup['quantize']}" if setup.get("quantize") else "")
+        + (", torchao's AdamW8bit" if setup.get("optimizer") == "adamw8bit" else "")
         + f"; medians of {setup['repeats']} rounds",
         "",
         "| architecture | text | weights GiB | plain ms | nested / plain | recomputed K/V / plain "
@@ -426,6 +438,7 @@ def run(args: argparse.Namespace, saved: Callable[[dict], None] = lambda results
             "repeats": args.repeats,
             "gradient_checkpointing": args.gradient_checkpointing,
             "quantize": args.quantize,
+            "optimizer": args.optimizer,
         },
         "architectures": {},
         "errors": {},

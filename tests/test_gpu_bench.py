@@ -78,6 +78,7 @@ def test_the_dit_sections_run_the_transformer_benchmark_in_the_order_named(tmp_p
     assert dit["setup"]["gradient_checkpointing"] and dit["errors"] == {}
     assert list(quantized["architectures"]) == ["FLUX.1-dev"] and quantized["errors"] == {}
     assert quantized["setup"]["quantize"] == "int8" and dit["setup"]["quantize"] is None
+    assert (quantized["setup"]["optimizer"], dit["setup"]["optimizer"]) == ("adamw8bit", "adamw")
     for row in [*dit["architectures"].values(), *quantized["architectures"].values()]:
         assert all(row["inference"]["checks"].values()) and row["training"]["nested/frozen"] > 0
     dense_gib, int8_gib = (
@@ -87,7 +88,8 @@ def test_the_dit_sections_run_the_transformer_benchmark_in_the_order_named(tmp_p
     assert sections["environment"]["torchao"]
     table = (tmp_path / "gpu.md").read_text()
     assert "## Diffusion transformers" in table and "| FLUX.1-dev | 8 |" in table
-    assert "## FLUX.1-dev with its transformer in int8" in table and "linear weights in int8" in table
+    assert "## FLUX.1-dev with its transformer in int8 and AdamW8bit" in table
+    assert "linear weights in int8, torchao's AdamW8bit" in table
 
 
 def test_a_budget_skips_the_sections_that_do_not_fit_and_says_so(tmp_path):
