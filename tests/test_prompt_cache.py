@@ -4,8 +4,10 @@ everything it cannot serve is refused before the first step, naming what is miss
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from test_dit_training import fit_smoke
@@ -24,8 +26,15 @@ DEMO_FACES = REPO / "data" / "demo" / "faces"
 PROMPTS = ["a photo of <person>", "<person> riding a horse on the beach, golden hour", "", "<person>"]
 
 
-def build_cache(model: Path, folder: Path, prompts: list[str], length: int | None = None, **kwargs) -> dict:
-    tokenizer, text_encoder, component, length = load_t5(model, max_sequence_length=length)
+def build_cache(
+    model: Path,
+    folder: Path,
+    prompts: list[str],
+    length: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    **kwargs,
+) -> dict:
+    tokenizer, text_encoder, component, length = load_t5(model, max_sequence_length=length, dtype=dtype)
     return write_prompt_states(
         folder,
         prompts,
@@ -44,7 +53,12 @@ def test_cached_states_encode_prompts_exactly_as_t5_without_loading_it(
 ):
     model = {"sd3": tiny_sd3_path, "flux": tiny_flux_path}[kind]
     stats = build_cache(model, tmp_path / "cache", PROMPTS)
-    assert stats == {"prompts": 4, "written": 4, "cached": 0, "total": 4}
+    assert {k: v for k, v in stats.items() if k != "bytes_per_prompt"} == {
+        "prompts": 4,
+        "written": 4,
+        "cached": 0,
+        "total": 4,
+    }
     live = TransformerBackbone.from_pretrained(model)
     cached = TransformerBackbone.from_pretrained(model, prompt_cache=tmp_path / "cache")
 
@@ -52,9 +66,12 @@ def test_cached_states_encode_prompts_exactly_as_t5_without_loading_it(
     assert isinstance(cached.text_encoders[-1], PromptCache)
     assert not list(cached.text_encoders[-1].parameters())  # no T5 weights held
     assert [type(t) for t in cached.text_encoders[:-1]] == [type(t) for t in live.text_encoders[:-1]]
-    want, got = live.encode_prompts(PROMPTS[::-1]), cached.encode_prompts(PROMPTS[::-1])
-    assert torch.equal(got.prompt_embeds, want.prompt_embeds)
-    assert torch.equal(got.pooled_prompt_embeds, want.pooled_prompt_embeds)
+    # Under a training step's autocast too: T5 runs without it, as the cache was computed.
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            want, got = live.encode_prompts(PROMPTS[::-1]), cached.encode_prompts(PROMPTS[::-1])
+        assert torch.equal(got.prompt_embeds, want.prompt_embeds)
+        assert torch.equal(got.pooled_prompt_embeds, want.pooled_prompt_embeds)
     manifest = json.loads((tmp_path / "cache" / MANIFEST).read_text())
     t5_width = live.text_encoders[-1].config.d_model
     assert manifest["component"] == ("text_encoder_3" if kind == "sd3" else "text_encoder_2")
@@ -70,14 +87,14 @@ def test_a_build_keys_prompts_by_their_ids_and_resumes(tiny_flux_path, tmp_path)
     folder = tmp_path / "cache"
     # " a photo of <person>" tokenizes as "a photo of <person>": one prompt, stored once.
     first = build_cache(tiny_flux_path, folder, PROMPTS[:2] + [" a photo of <person>"], length=32)
-    assert first == {"prompts": 2, "written": 2, "cached": 0, "total": 2}
+    assert first == {"prompts": 2, "written": 2, "cached": 0, "total": 2, "bytes_per_prompt": 32 * 32 * 4}
     tokenizer = load_t5(tiny_flux_path)[0]
     ids = tokenizer(
         ["a photo of <person>"], padding="max_length", max_length=32, return_tensors="pt"
     ).input_ids
     assert state_path(folder, prompt_key(ids[0])).is_file()
     second = build_cache(tiny_flux_path, folder, PROMPTS, length=32, sources=[{"a": 1}])
-    assert second == {"prompts": 4, "written": 2, "cached": 2, "total": 4}
+    assert (second["prompts"], second["written"], second["cached"], second["total"]) == (4, 2, 2, 4)
     assert len(list(folder.glob("states/*/*.safetensors"))) == 4
     third = build_cache(tiny_flux_path, folder, PROMPTS, length=32, sources=[{"a": 1}, {"b": 2}])
     assert third["written"] == 0
@@ -86,6 +103,22 @@ def test_a_build_keys_prompts_by_their_ids_and_resumes(tiny_flux_path, tmp_path)
         ConfigError, match="built with max_sequence_length=32 .* needs max_sequence_length=16"
     ):
         build_cache(tiny_flux_path, folder, PROMPTS, length=16)
+
+
+def test_an_interrupted_build_resumed_with_other_settings_is_refused(tiny_flux_path, tmp_path):
+    folder = tmp_path / "cache"
+
+    def stop_after_one_batch(batches):
+        yield batches[0]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(tiny_flux_path, folder, PROMPTS, length=32, batch_size=1, progress=stop_after_one_batch)
+    assert len(list(folder.glob("states/*/*.safetensors"))) == 1
+    with pytest.raises(ConfigError, match="built with dtype='float32' .* needs dtype='bfloat16'"):
+        build_cache(tiny_flux_path, folder, PROMPTS, length=32, dtype=torch.bfloat16)
+    resumed = build_cache(tiny_flux_path, folder, PROMPTS, length=32)
+    assert (resumed["written"], resumed["cached"], resumed["total"]) == (3, 1, 4)
 
 
 def test_what_a_cache_cannot_serve_is_refused_by_name(tiny_flux_path, tiny_sd_path, tmp_path):
@@ -104,6 +137,12 @@ def test_what_a_cache_cannot_serve_is_refused_by_name(tiny_flux_path, tiny_sd_pa
         ConfigError, match="built with max_sequence_length=32 .* needs max_sequence_length=16"
     ):
         TransformerBackbone.from_pretrained(tiny_flux_path, max_sequence_length=16, prompt_cache=folder)
+    with pytest.raises(ConfigError, match="built with dtype='float32' .* needs dtype='bfloat16'"):
+        TransformerBackbone.from_pretrained(
+            tiny_flux_path, max_sequence_length=32, prompt_cache=folder, dtype=torch.bfloat16
+        )
+    with pytest.raises(ValueError, match="holds T5's last hidden states only"):
+        cache(torch.zeros(1, 32, dtype=torch.long), output_hidden_states=True)
     with pytest.raises(
         ConfigError, match="quantize names text_encoder_2 \\(T5\\), which a prompt cache replaces"
     ):
@@ -133,13 +172,15 @@ def test_a_domains_prompts_are_the_captions_training_sees(demo_faces_data):
     assert subject == "<cat>" and inserted and all(p.startswith("a photo of <cat>, ") for p in inserted)
 
 
-def test_training_starts_only_with_a_cache_built_for_its_domains(tmp_path):
+def test_training_starts_only_with_a_cache_built_for_its_domains(tmp_path, monkeypatch):
     spec = DomainSpec("faces", str(DEMO_FACES / "val" / "shards.json"), "<person>")
     folder = tmp_path / "cache"
     build_cache(
         REPO / "data" / "models" / "tiny-flux", folder, [""], length=32, sources=[domain_source(spec)]
     )
     check_prompt_sources(str(folder), [spec])
+    monkeypatch.chdir(DEMO_FACES)  # the same shards, named from another folder
+    check_prompt_sources(str(folder), [DomainSpec("faces", os.path.join("val", "shards.json"), "<person>")])
     for changed in (
         DomainSpec("faces", spec.urls, "<cat>"),
         DomainSpec("faces", spec.urls, "<person>", caption_rule="drop"),
@@ -163,6 +204,55 @@ def test_a_sample_grid_prompt_missing_from_the_cache_stops_training_at_its_start
         )
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_sample_grid_draws_the_same_images_from_the_cache_as_with_t5(
+    kind, tiny_sd3_path, tiny_flux_path, tmp_path, demo_faces_data
+):
+    """A grid during bf16-mixed training (SD3 with classifier-free guidance: the negative prompt too)."""
+    model = {"sd3": tiny_sd3_path, "flux": tiny_flux_path}[kind]
+    spec = DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")
+    folder = tmp_path / "cache"
+    captions = domain_prompts(spec)[0]
+    build_cache(
+        model,
+        folder,
+        [*captions, "", "a photo of {token}".format(token="<person>")],
+        length=32,
+        sources=[domain_source(spec)],
+    )
+    grids = []
+    for prompt_cache in (None, str(folder)):
+        torch.manual_seed(0)
+        module = make_module(model, max_sequence_length=32, prompt_cache=prompt_cache)
+        grid = SampleGrid(
+            every_n_steps=100,
+            prompts=["a photo of {token}"],
+            references=str(DEMO_FACES / "val" / "shards.json"),
+            num_references=1,
+            steps=2,
+            guidance=2.0 if kind == "sd3" else None,
+            reference_size=32,
+            clip_model=None,
+            sample_at_start=True,
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            precision="bf16-mixed",
+            max_steps=1,
+            default_root_dir=str(tmp_path / str(prompt_cache is None)),
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            callbacks=[grid],
+        )
+        trainer.fit(module, datamodule=demo_faces_data(2))
+        grids.append(grid.last_grid)
+    assert torch.equal(grids[0], grids[1])
+
+
 def test_nested_prompts_then_fit_trains_exactly_as_with_t5(tmp_path, monkeypatch, capsys):
     """The smoke FLUX config: `nested prompts` caches every prompt of the run (SampleGrid's included); `nested
     fit` with the cache logs the losses of a run with T5; a second `nested prompts` encodes nothing."""
@@ -183,7 +273,8 @@ def test_nested_prompts_then_fit_trains_exactly_as_with_t5(tmp_path, monkeypatch
     wanted = ["an extra prompt", "<person> at night", "", "<person>", *grid.prompts_for("<person>")]
     assert backbone.text_encoders[-1].missing(wanted) == []
 
-    assert main([*command, *options]) == 0
+    # nested fit's checkpoint options are accepted (the same command line serves both) and ignored.
+    assert main([*command, *options, "--ckpt_path=last", "--auto_resume=false"]) == 0
     assert ", 0 encoded, " in capsys.readouterr().err
 
     with_cache = fit_smoke("flux", tmp_path / "cached", 4, f"--model.prompt_cache={folder}")
@@ -218,7 +309,15 @@ def test_nested_prompts_usage_errors(tmp_path, monkeypatch, capsys):
             "is a UNet model, whose prompts go through CLIP alone",
         ),
         (["--config", "configs/smoke-flux.yaml", "--prompts", str(tmp_path / "none.txt")], "no such file"),
+        (
+            ["--config", "configs/smoke-flux.yaml", "--device", "foo"],
+            "--device foo: not a device torch knows",
+        ),
     ]
+    if not torch.cuda.is_available():
+        cases.append(
+            (["--config", "configs/smoke-flux.yaml", "--device", "cuda"], "this machine has no CUDA device")
+        )
     for arguments, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             main(["prompts", *arguments])

@@ -149,9 +149,10 @@ def test_training_with_8_bit_optimizer_states_resumes_bit_identical(tiny_sd_path
     states = [s for state in full_trainer.optimizers[0].state.values() for s in state.values()]
     assert sum(isinstance(s, OptimState8bit) for s in states) >= 2, "no moment was stored in 8 bits"
     root = tmp_path / "stopped"
-    fit(tiny_sd_path, root, sigterm_at=3, optimizer=ADAMW_8BIT)
+    first_trainer, first = fit(tiny_sd_path, root, sigterm_at=3, optimizer=ADAMW_8BIT)
     trainer, resumed = fit(tiny_sd_path, root, optimizer=ADAMW_8BIT)
     assert trainer.global_step == STEPS
+    assert first.keys + resumed.keys == full.keys, "the resumed run did not go on from the checkpoint"
     for name, value in full.weights.items():
         assert torch.equal(resumed.weights[name], value), f"{name} differs"
     resumed_states = [s for state in trainer.optimizers[0].state.values() for s in state.values()]

@@ -618,7 +618,10 @@ class TransformerBackbone(_VaeLatents):
         t5_ids = input_ids[-1]
         if not isinstance(t5, PromptCache):  # the cache looks the ids up on the host: no round trip to a GPU
             t5_ids = t5_ids.to(first_parameter(t5).device)
-        t5_states = t5(t5_ids)[0]
+        # T5 runs in its own dtype, never under a training step's autocast: as the pipelines run it at inference,
+        # and as `nested prompts` computes the states of a prompt cache, so that a cache equals T5 loaded.
+        with torch.autocast(first_parameter(t5).device.type, enabled=False):
+            t5_states = t5(t5_ids)[0]
         t5_states = t5_states.to(first_parameter(t5).dtype)
         clip_dtype = first_parameter(clips[0]).dtype
         if self.kind == "flux":

@@ -32,6 +32,7 @@ from nested.files import write_bytes_atomic, write_json_atomic
 __all__ = [
     "MANIFEST",
     "PromptCache",
+    "dtype_name",
     "prompt_key",
     "read_manifest",
     "state_path",
@@ -41,7 +42,6 @@ __all__ = [
 
 MANIFEST = "prompt_cache.json"
 FORMAT = 1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def prompt_key(input_ids: Tensor) -> str:
@@ -78,6 +78,11 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how the manifest records a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def check_settings(manifest: dict[str, Any], folder: str | Path, **expected: Any) -> None:
     """Refuse a cache built with other settings (``max_sequence_length``, ``width``...): its states would not
     fit, or would not be found."""
@@ -99,7 +104,8 @@ class PromptCache(nn.Module):
         tokenizer: T5's tokenizer, to name a missing prompt and for :meth:`missing`.
         max_sequence_length: the T5 tokens of this backbone; the cache must have been built with them.
         width: T5's hidden size; the cache must hold states of that width.
-        dtype: the dtype the states are returned in (the frozen models').
+        dtype: the dtype the states are returned in (the frozen models'); the cache must have been built in it,
+            so that its states are the ones T5 in this dtype computes.
     """
 
     def __init__(
@@ -108,17 +114,30 @@ class PromptCache(nn.Module):
         super().__init__()
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
-        check_settings(self.manifest, self.folder, max_sequence_length=max_sequence_length, width=width)
+        check_settings(
+            self.manifest,
+            self.folder,
+            max_sequence_length=max_sequence_length,
+            width=width,
+            dtype=dtype_name(dtype),
+        )
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length
         # No weights: this buffer carries the device and dtype that .to() sets and the states are returned in.
         self.register_buffer("anchor", torch.empty(0, dtype=dtype), persistent=False)
 
+    # Read like a transformers model's by the diffusers pipelines that hold this module as their T5.
     @property
     def dtype(self) -> torch.dtype:
         return self.anchor.dtype
 
-    def forward(self, input_ids: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor]:
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, input_ids: Tensor, output_hidden_states: bool = False) -> tuple[Tensor]:
+        if output_hidden_states:
+            raise ValueError("a prompt cache holds T5's last hidden states only, not every layer's")
         paths = [state_path(self.folder, prompt_key(ids)) for ids in input_ids]
         absent = [ids for ids, path in zip(input_ids, paths, strict=True) if not path.is_file()]
         if absent:
@@ -165,31 +184,42 @@ def write_prompt_states(
     max_sequence_length: int,
     base_model: str,
     component: str,
-    sources: list[dict[str, Any]] = (),
+    sources: Iterable[dict[str, Any]] = (),
     batch_size: int = 16,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict[str, int]:
-    """Encode ``prompts`` with ``text_encoder`` (T5, on its device and in its dtype) into the cache at ``folder``.
+    """Encode ``prompts`` with ``text_encoder`` (T5, on its device and in its dtype, without autocast) into the
+    cache at ``folder``.
 
-    Prompts with the same ids are encoded once; those already cached are skipped. Each state file is written
-    atomically, then the manifest, with ``sources`` added to the ones it lists. A folder built with other
-    settings is refused. ``progress`` wraps the batches (e.g. ``tqdm``). Returns counts: ``prompts`` (distinct
-    ids asked for), ``written``, ``cached`` (already there), ``total`` (the prompts the folder now holds).
+    Prompts with the same ids are encoded once; those already cached are skipped. The manifest's settings are
+    written before the first state file, so that an interrupted build resumed with other settings is refused
+    like a finished one; each state file is written atomically; ``sources`` are added to the manifest's at
+    the end, when every prompt they need is there. ``progress`` wraps the batches (e.g. ``tqdm``). Returns
+    counts: ``prompts`` (distinct ids asked for), ``written``, ``cached`` (already there), ``total`` (the
+    prompts the folder now holds) and ``bytes_per_prompt``.
     """
     folder = Path(folder)
     width = int(text_encoder.config.d_model)
     dtype = next(text_encoder.parameters()).dtype
-    dtype_name = next(name for name, value in _DTYPES.items() if value == dtype)
     settings = {
         "base_model": base_model,
         "component": component,
         "max_sequence_length": max_sequence_length,
         "width": width,
-        "dtype": dtype_name,
+        "dtype": dtype_name(dtype),
     }
     manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
     if manifest is not None:
         check_settings(manifest, folder, **settings)
+    manifest = {
+        "format": FORMAT,
+        **settings,
+        "prompts": (manifest or {}).get("prompts", 0),
+        "bytes_per_prompt": max_sequence_length * width * dtype.itemsize,
+        "sources": list((manifest or {}).get("sources", [])),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / MANIFEST, manifest)
     unique: dict[str, Tensor] = {}
     prompts = list(dict.fromkeys(prompts))
     for start in range(0, len(prompts), 1024):
@@ -198,7 +228,8 @@ def write_prompt_states(
     todo = [(key, ids) for key, ids in unique.items() if not state_path(folder, key).is_file()]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     device = next(text_encoder.parameters()).device
-    with torch.inference_mode():
+    # No autocast: training runs T5 without it too (TransformerBackbone.encode_prompts), as the pipelines do.
+    with torch.inference_mode(), torch.autocast(device.type, enabled=False):
         for batch in progress(batches) if progress else batches:
             ids = torch.stack([row for _, row in batch]).to(device)
             states = text_encoder(ids)[0].to(dtype).cpu()
@@ -206,16 +237,13 @@ def write_prompt_states(
                 path = state_path(folder, key)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_bytes_atomic(path, save({"states": row.contiguous()}))
-    total = sum(1 for _ in folder.glob("states/*/*.safetensors"))  # an interrupted build's files count too
-    known = list((manifest or {}).get("sources", []))
-    write_json_atomic(
-        folder / MANIFEST,
-        {
-            "format": FORMAT,
-            **settings,
-            "prompts": total,
-            "bytes_per_prompt": max_sequence_length * width * dtype.itemsize,
-            "sources": known + [source for source in sources if source not in known],
-        },
-    )
-    return {"prompts": len(unique), "written": len(todo), "cached": len(unique) - len(todo), "total": total}
+    manifest["prompts"] = sum(1 for _ in folder.glob("states/*/*.safetensors"))  # an interrupted build's too
+    manifest["sources"] += [source for source in sources if source not in manifest["sources"]]
+    write_json_atomic(folder / MANIFEST, manifest)
+    return {
+        "prompts": len(unique),
+        "written": len(todo),
+        "cached": len(unique) - len(todo),
+        "total": manifest["prompts"],
+        "bytes_per_prompt": manifest["bytes_per_prompt"],
+    }

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from nested.errors import MissingFileError, UsageError
@@ -30,7 +31,8 @@ def prompts_parser() -> argparse.ArgumentParser:
         "so that nested fit with the same configuration does not load T5.",
         allow_abbrev=False,  # an abbreviation could swallow one of nested fit's options
         epilog="Every other option is nested fit's, e.g. --config configs/faces-flux.yaml "
-        "--model.prompt_cache cache/faces-flux: give nested fit the same ones.",
+        "--model.prompt_cache cache/faces-flux: give nested fit the same ones (its --ckpt_path and --auto_resume "
+        "are accepted and ignored).",
     )
     parser.add_argument(
         "--prompts",
@@ -45,7 +47,28 @@ def prompts_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", help="where T5 runs (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # nested fit's options that choose a checkpoint, not the configuration: accepted, so that the same command
+    # line serves both, and ignored.
+    parser.add_argument("--ckpt_path", help=argparse.SUPPRESS)
+    parser.add_argument("--auto_resume", help=argparse.SUPPRESS)
     return parser
+
+
+def checked_device(name: str | None) -> torch.device:
+    """``--device`` (default: cuda if available, else cpu), refused in one line if this machine lacks it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(
+            f"--device {name}: not a device torch knows ({error}); e.g. cuda, cuda:1 or cpu"
+        ) from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {name}: this machine has no CUDA device; leave --device out to run T5 on the CPU"
+        )
+    return device
 
 
 def extra_prompts(paths: list[Path]) -> list[str]:
@@ -70,9 +93,9 @@ def main_prompts(argv: list[str]) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     prompts = extra_prompts(args.prompts)
+    device = checked_device(args.device)
 
-    import torch  # the configuration and the models: only once the arguments are good
-
+    # Lightning, diffusers and transformers load only once the arguments are good: --help stays quick.
     from nested.backbone import load_t5
     from nested.callbacks.sample_grid import SampleGrid
     from nested.cli.fit import configured_run
@@ -86,7 +109,6 @@ def main_prompts(argv: list[str]) -> int:
             "set --model.prompt_cache DIR: the folder to write the prompt states to (give nested fit the same)"
         )
     # T5 first: a base model without one fails before the shards are read.
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer, text_encoder, component, length = load_t5(
         module.base_model, dtype=module.frozen_dtype, max_sequence_length=module.max_sequence_length
     )
@@ -129,7 +151,7 @@ def main_prompts(argv: list[str]) -> int:
             batches, desc="T5", unit="batch", disable=args.no_progress, file=sys.stderr
         ),
     )
-    size = length * text_encoder.config.d_model * module.frozen_dtype.itemsize
+    size = stats["bytes_per_prompt"]
     print(
         f"nested prompts: {stats['prompts']} distinct prompts, {stats['written']} encoded, {stats['cached']} "
         f"already cached; {module.prompt_cache} holds {stats['total']} ({size / 2**20:.2f} MiB each, "

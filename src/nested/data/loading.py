@@ -60,11 +60,12 @@ __all__ = [
     "collate_batch",
     "decode_stage",
     "decoder",
+    "apply_caption_rule",
     "ignore_stop_signals",
     "sample_caption",
-    "training_caption",
     "sample_original_size",
     "samples_per_worker",
+    "training_caption",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,18 @@ def sample_caption(meta: dict[str, Any], txt: bytes | str | None) -> str:
     raise ValueError("no caption: the json has no 'caption' string and there is no txt member")
 
 
-def training_caption(meta: dict[str, Any], txt: bytes | str | None, spec: DomainSpec) -> str | None:
-    """The caption a sample of ``spec``'s domain trains with: its caption (:func:`sample_caption`, stripped)
-    if the subject token is in it, else the domain's ``caption_rule``: the template inserted, or None (the
-    sample is skipped)."""
-    caption = sample_caption(meta, txt).strip()
+def apply_caption_rule(caption: str, spec: DomainSpec) -> str | None:
+    """``caption`` if the subject token is in it, else the domain's ``caption_rule``: the template inserted,
+    or None (the sample is skipped)."""
     if contains_subject(caption, spec.subject):
         return caption
     return None if spec.caption_rule == "drop" else insert_subject(caption, spec)
+
+
+def training_caption(meta: dict[str, Any], txt: bytes | str | None, spec: DomainSpec) -> str | None:
+    """The caption a sample of ``spec``'s domain trains with (None: skipped): :func:`sample_caption`, stripped,
+    through :func:`apply_caption_rule`."""
+    return apply_caption_rule(sample_caption(meta, txt).strip(), spec)
 
 
 def sample_original_size(meta: dict[str, Any]) -> tuple[int, int] | None:
@@ -194,11 +199,12 @@ class _ToTrainingSample:
         meta = raw.get("json", {})
         if not isinstance(meta, dict):
             raise ValueError("json member is not a JSON object")
-        caption = training_caption(meta, raw.get("txt"), self.spec)
+        original = sample_caption(meta, raw.get("txt")).strip()
+        caption = apply_caption_rule(original, self.spec)
         if caption is None:
             self.counter.add("no_subject_dropped")
             return None
-        if caption != sample_caption(meta, raw.get("txt")).strip():
+        if caption != original:
             self.counter.add("no_subject_inserted")
         ref = next((raw[k] for k in _REF_KEYS if k in raw), None)
         if ref is None and self.spec.reference == "ref":

@@ -25,10 +25,12 @@ __all__ = ["check_prompt_sources", "domain_prompts", "domain_source"]
 
 
 def domain_source(spec: DomainSpec) -> dict[str, Any]:
-    """What decides the captions of ``spec``'s samples: its shard files (local ones with their byte sizes;
-    remote ones by url alone) and its subject and caption rule."""
+    """What decides the captions of ``spec``'s samples: its shard files (local ones by absolute path, with
+    their byte sizes, so that a run started from another folder matches; remote ones by url alone) and its
+    subject and caption rule."""
     shards = [
-        [url, local_path(url).stat().st_size if is_local_url(url) else None] for url in check_urls(spec)
+        [str(local_path(url).resolve()), local_path(url).stat().st_size] if is_local_url(url) else [url, None]
+        for url in check_urls(spec)
     ]
     return {
         "subject": spec.subject,
