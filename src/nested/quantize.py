@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,9 +100,13 @@ def quiet_torchao_import() -> None:
     them: on a CPU build of torch, torchao's CUDA kernels cannot load (nothing here needs them there); torch
     deprecates how torchao registers its enums (the filter drops that deprecation, meant for library
     authors, whichever library registers an enum); diffusers cannot import the tensor classes of older
-    torchao checkpoints (this project loads none: it quantizes as it loads). Installed by ``import nested``;
-    every other message passes.
+    torchao checkpoints (this project loads none: it quantizes as it loads). Also the warning torch gives
+    when torchao's 8-bit optimizer compiles its step (``optimizer: torchao.optim.AdamW8bit``), which asks the
+    optimizer's authors for a hash method. Installed by ``import nested``; every other message passes.
     """
+    warnings.filterwarnings(
+        "ignore", message=r"OptimState(8bit|4bit|Fp8) does not implement _stable_hash_for_caching"
+    )
     logging.getLogger("torchao").addFilter(_not_a_cuda_kernel_on_a_cpu_build)
     logging.getLogger("torch.utils._pytree").addFilter(_without("register_constant() on Enum subclasses"))
     logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(

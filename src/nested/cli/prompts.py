@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -118,24 +119,23 @@ def main_prompts(argv: list[str]) -> int:
         if isinstance(callback, SampleGrid):
             for token in [callback.token] if callback.token else module.subjects:
                 prompts += callback.prompts_for(token)
+
+    def bar(description: str, unit: str) -> Callable[[Iterable], Iterable]:
+        return lambda items: tqdm(
+            items, desc=description, unit=unit, disable=args.no_progress, file=sys.stderr
+        )
+
     sources = []
     for spec in [*datamodule.domains, *datamodule.val_domains]:
-        bar = lambda urls, name=spec.name: tqdm(  # noqa: E731
-            urls, desc=f"captions of {name}", unit="shard", disable=args.no_progress, file=sys.stderr
-        )
-        found, counts = domain_prompts(spec, progress=bar)
+        found, counts = domain_prompts(spec, progress=bar(f"captions of {spec.name}", "shard"))
         prompts += found
         sources.append(domain_source(spec))
-        print(
-            f"nested prompts: domain {spec.name}: {counts['samples']} samples, {len(found)} distinct prompts"
-            + (f", {counts['dropped']} dropped by the caption rule" if counts["dropped"] else "")
-            + (
-                f", {counts['unreadable']} unreadable (training skips them too)"
-                if counts["unreadable"]
-                else ""
-            ),
-            file=sys.stderr,
-        )
+        notes = [f"{counts['samples']} samples", f"{len(found)} distinct prompts"]
+        if counts["dropped"]:
+            notes.append(f"{counts['dropped']} dropped by the caption rule")
+        if counts["unreadable"]:
+            notes.append(f"{counts['unreadable']} unreadable (training skips them too)")
+        print(f"nested prompts: domain {spec.name}: {', '.join(notes)}", file=sys.stderr)
 
     stats = write_prompt_states(
         module.prompt_cache,
@@ -147,9 +147,7 @@ def main_prompts(argv: list[str]) -> int:
         component=component,
         sources=sources,
         batch_size=args.batch_size,
-        progress=lambda batches: tqdm(
-            batches, desc="T5", unit="batch", disable=args.no_progress, file=sys.stderr
-        ),
+        progress=bar("T5", "batch"),
     )
     size = stats["bytes_per_prompt"]
     print(
