@@ -1,5 +1,6 @@
 """The core paths on a CUDA GPU: precision at real SDXL shapes, exact attach/detach, mixed-precision
-training, generation, and a denoising step that never waits for the device.
+training (quantized bases, 8-bit optimizer states, a prompt cache), generation, and a denoising step that
+never waits for the device.
 
 Selected with ``pytest -m cuda``; without a CUDA device every test here skips, with the reason.
 """
@@ -28,8 +29,11 @@ from test_resume import ADAMW_8BIT, fit
 from torch._dynamo.utils import counters
 
 from nested.attention import nested_attention
-from nested.backbone import DiffusionBackbone
+from nested.backbone import DiffusionBackbone, load_t5
+from nested.data.domains import DomainSpec
+from nested.data.prompts import domain_prompts, domain_source
 from nested.inference.pipeline import NestedPipeline
+from nested.prompt_cache import write_prompt_states
 from nested.testing import reference_nested_attention
 
 pytestmark = [
@@ -182,6 +186,50 @@ def test_training_steps_on_a_flux_whose_transformer_and_t5_are_stored_in_int8(ti
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     changed = {k for k, v in module.state_dict().items() if not torch.equal(v.cpu(), start.adapter[k])}
     assert changed == trainable
+
+
+class CacheDevice(L.Callback):
+    """Where the prompt cache returns T5's states during training."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.device = pl_module.backbone.text_encoders[-1].device
+
+
+def test_training_from_a_prompt_cache_written_by_t5_on_the_gpu(tiny_flux_path, tmp_path):
+    """`nested prompts`' path on CUDA (T5 in bf16 on the GPU) and bf16-mixed training that never loads T5."""
+    spec = DomainSpec("faces", str(DEMO_FACES / "shards.json"), "<person>")
+    tokenizer, t5, component, length = load_t5(tiny_flux_path, dtype=torch.bfloat16, max_sequence_length=32)
+    t5.to(CUDA)
+    prompts = [*domain_prompts(spec)[0], ""]
+    folder = tmp_path / "cache"
+    write_prompt_states(
+        folder,
+        prompts,
+        tokenizer,
+        t5,
+        max_sequence_length=length,
+        base_model=str(tiny_flux_path),
+        component=component,
+        sources=[domain_source(spec)],
+    )
+    module = make_module(
+        tiny_flux_path, frozen_dtype="bfloat16", max_sequence_length=32, prompt_cache=str(folder)
+    )
+    devices, cache = DeviceLog(), CacheDevice()
+    trainer = make_trainer(tmp_path, max_steps=4, accelerator="gpu", precision="bf16-mixed")
+    trainer.callbacks += [devices, cache]
+    trainer.fit(module, datamodule=make_data(spec.urls))
+
+    assert devices.seen == [(CUDA.type, CUDA.type)] * 4 and cache.device.type == CUDA.type
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert not any(type(m).__name__ == "T5EncoderModel" for m in module.backbone.text_encoders)
+    # The cached states are T5's, up to the rounding of another batch size's kernels.
+    ids = module.backbone.tokenize(prompts[:2])[-1]
+    with torch.no_grad():
+        live = t5(ids.to(CUDA))[0].float().cpu()
+    torch.testing.assert_close(
+        module.backbone.text_encoders[-1](ids)[0].float().cpu(), live, rtol=2e-2, atol=2e-2
+    )
 
 
 def dequantized_moments(optimizer_state: dict) -> dict:

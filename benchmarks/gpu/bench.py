@@ -181,7 +181,7 @@ def expected_seconds(name: str, args: argparse.Namespace) -> float:
         return 0.0
     per_section = {
         "environment": 5,
-        "tests": 120,  # 50 s on 2026-12-04, before the compiled (inductor) training tests
+        "tests": 150,  # 50 s on 2026-12-04, before the compiled (inductor), quantized, AdamW8bit and cache tests
         "accuracy": 10,
         "inference": 30,
         "training": 60 + 35 * len(args.batches),
