@@ -4,6 +4,7 @@ everything it cannot serve is refused before the first step, naming what is miss
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -280,6 +281,19 @@ def test_nested_prompts_then_fit_trains_exactly_as_with_t5(tmp_path, monkeypatch
     with_cache = fit_smoke("flux", tmp_path / "cached", 4, f"--model.prompt_cache={folder}")
     with_t5 = fit_smoke("flux", tmp_path / "t5", 4)
     assert with_cache == with_t5 and len(with_cache) == 4
+
+    # The README's 24 GB FLUX run: the cache, the transformer in int8 and 8-bit optimizer states together.
+    pytest.importorskip("torchao", reason="the quantize extra (torchao) is not installed")
+    small = fit_smoke(
+        "flux",
+        tmp_path / "small",
+        4,
+        f"--model.prompt_cache={folder}",
+        "--model.quantize={transformer: int8}",
+        "--optimizer=torchao.optim.AdamW8bit",
+    )
+    assert len(small) == 4 and all(math.isfinite(loss) for loss in small) and small != with_t5
+    assert (tmp_path / "small" / "adapters" / "last" / "adapter_config.json").is_file()
 
 
 def test_fit_refuses_a_cache_built_without_its_domains(tmp_path, monkeypatch, capsys):
