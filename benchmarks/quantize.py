@@ -111,19 +111,26 @@ def counted_bytes(model: nn.Module, format_name: str | None) -> int:
     return total
 
 
-def stored_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s parameters and buffers as they are held: a torchao tensor's inner tensors."""
+def held_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes ``tensors`` hold, each storage once: a torchao tensor's inner tensors (its 8-bit data, scales,
+    code map), a plain tensor's own."""
     total, seen = 0, set()
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        if hasattr(tensor, "__tensor_flatten__"):
-            names, _ = tensor.__tensor_flatten__()
-            total += sum(getattr(tensor, name).nbytes for name in names)
-        else:
-            total += tensor.nbytes
+    for tensor in tensors:
+        inner = (
+            [getattr(tensor, name) for name in tensor.__tensor_flatten__()[0]]
+            if hasattr(tensor, "__tensor_flatten__")
+            else [tensor]
+        )
+        for part in inner:
+            if part.untyped_storage().data_ptr() not in seen:  # tied weights, a shared code map: once
+                seen.add(part.untyped_storage().data_ptr())
+                total += part.nbytes
     return total
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers as they are held."""
+    return held_bytes([*model.parameters(), *model.buffers()])
 
 
 def memory() -> dict[str, dict[str, float]]:
@@ -335,19 +342,9 @@ def check_optimizer_state(denoiser: nn.Module) -> dict[str, float]:
         parameter.grad = torch.randn_like(parameter)
     optimizer = AdamW8bit(parameters, lr=1e-4)
     optimizer.step()
-    held, seen = 0, set()
-    for state in optimizer.state.values():
-        for name in ("exp_avg", "exp_avg_sq"):
-            tensors = state[name]
-            inner = (
-                [getattr(tensors, n) for n in tensors.__tensor_flatten__()[0]]
-                if hasattr(tensors, "__tensor_flatten__")
-                else [tensors]
-            )
-            for tensor in inner:
-                if tensor.untyped_storage().data_ptr() not in seen:  # a shared code map counts once
-                    seen.add(tensor.untyped_storage().data_ptr())
-                    held += tensor.nbytes
+    held = held_bytes(
+        [state[name] for state in optimizer.state.values() for name in ("exp_avg", "exp_avg_sq")]
+    )
     row = {
         "adapter_parameters_m": sum(p.numel() for p in parameters) / 1e6,
         "moments_stored_gib": held / 2**30,

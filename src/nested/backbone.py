@@ -31,7 +31,7 @@ from diffusers import (
 from nested.errors import ConfigError, MissingFileError
 from nested.prompt_cache import PromptCache
 from nested.quantize import check_quantize, component_config
-from nested.tokens import subject_masks, subject_masks_for_tokenizers
+from nested.tokens import padded_ids, subject_masks, subject_masks_for_tokenizers
 
 __all__ = [
     "DiffusionBackbone",
@@ -406,16 +406,7 @@ class DiffusionBackbone(_VaeLatents):
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Prompts -> one (B, 77) id tensor per tokenizer, padded and truncated like the diffusers pipelines."""
-        return [
-            tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            for tokenizer in self.tokenizers
-        ]
+        return [padded_ids(tokenizer, prompts) for tokenizer in self.tokenizers]
 
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
         """Encode B prompts exactly as the diffusers pipelines' ``encode_prompt`` does.
@@ -597,12 +588,8 @@ class TransformerBackbone(_VaeLatents):
         """Prompts -> one id tensor per tokenizer, padded and truncated like the diffusers pipelines:
         (B, 77) for each CLIP tokenizer, (B, ``max_sequence_length``) for T5."""
         *clips, t5 = self.tokenizers
-        lengths = [tokenizer.model_max_length for tokenizer in clips] + [self.max_sequence_length]
-        return [
-            tokenizer(
-                prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-            ).input_ids
-            for tokenizer, length in zip(self.tokenizers, lengths, strict=True)
+        return [padded_ids(tokenizer, prompts) for tokenizer in clips] + [
+            padded_ids(t5, prompts, self.max_sequence_length)
         ]
 
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from nested.errors import ConfigError, MissingFileError
 from nested.files import write_bytes_atomic, write_json_atomic
+from nested.tokens import padded_ids
 
 __all__ = [
     "MANIFEST",
@@ -36,7 +37,6 @@ __all__ = [
     "prompt_key",
     "read_manifest",
     "state_path",
-    "tokenize_t5",
     "write_prompt_states",
 ]
 
@@ -52,13 +52,6 @@ def prompt_key(input_ids: Tensor) -> str:
 def state_path(folder: str | Path, key: str) -> Path:
     """Where the states of the prompt with ``key`` are stored (256 subfolders keep directories small)."""
     return Path(folder) / "states" / key[:2] / f"{key}.safetensors"
-
-
-def tokenize_t5(tokenizer: Any, prompts: list[str], max_sequence_length: int) -> Tensor:
-    """(B, ``max_sequence_length``) ids, padded and truncated as the SD3 / FLUX pipelines tokenize for T5."""
-    return tokenizer(
-        prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -151,7 +144,7 @@ class PromptCache(nn.Module):
         """The prompts of ``prompts`` that the cache does not hold."""
         if not prompts:
             return []
-        ids = tokenize_t5(self.tokenizer, prompts, self.max_sequence_length)
+        ids = padded_ids(self.tokenizer, prompts, self.max_sequence_length)
         return [
             p
             for p, row in zip(prompts, ids, strict=True)
@@ -223,7 +216,7 @@ def write_prompt_states(
     unique: dict[str, Tensor] = {}
     prompts = list(dict.fromkeys(prompts))
     for start in range(0, len(prompts), 1024):
-        for row in tokenize_t5(tokenizer, prompts[start : start + 1024], max_sequence_length):
+        for row in padded_ids(tokenizer, prompts[start : start + 1024], max_sequence_length):
             unique.setdefault(prompt_key(row), row)
     todo = [(key, ids) for key, ids in unique.items() if not state_path(folder, key).is_file()]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]

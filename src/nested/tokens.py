@@ -21,12 +21,25 @@ WORD_START = "\u2581"  # SentencePiece's mark on the first piece of each word
 __all__ = [
     "add_placeholder_token",
     "get_token_embedding",
+    "padded_ids",
     "read_token_embeddings_from",
     "set_token_embedding",
     "subject_masks",
     "subject_masks_for_tokenizers",
     "subject_token_ids",
 ]
+
+
+def padded_ids(tokenizer: Any, prompts: Sequence[str], length: int | None = None) -> torch.Tensor:
+    """(B, ``length``) ids of ``prompts``, padded and truncated to ``length`` (default the tokenizer's
+    ``model_max_length``: 77 for CLIP) as the diffusers pipelines tokenize them for their text encoders."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def subject_token_ids(tokenizer: Any, token: str) -> list[int]:

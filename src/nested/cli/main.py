@@ -2,8 +2,9 @@
 
 ``nested fit|validate`` is a LightningCLI (:mod:`nested.cli.fit`); ``shards``, ``generate``, ``push``,
 ``eval`` and ``prompts`` are plain argparse programs (``prompts`` reads ``fit``'s configuration).
-``nested --help``, ``nested shards`` and ``nested push`` never import Lightning. A :class:`~nested.errors.NestedUserError` ends a command with one line and exit code 2; any other
-exception is a bug and keeps its traceback.
+``nested --help``, ``nested shards`` and ``nested push`` never import Lightning. A
+:class:`~nested.errors.NestedUserError` ends a command with one line and exit code 2; any other exception is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations

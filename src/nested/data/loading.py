@@ -56,11 +56,11 @@ from nested.image_files import to_rgb
 
 __all__ = [
     "TrainLoader",
+    "apply_caption_rule",
     "build_stream",
     "collate_batch",
     "decode_stage",
     "decoder",
-    "apply_caption_rule",
     "ignore_stop_signals",
     "sample_caption",
     "sample_original_size",

@@ -11,7 +11,7 @@ domain, so a missing caption is found before the first step, not hours into the 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import webdataset as wds
@@ -40,7 +40,9 @@ def domain_source(spec: DomainSpec) -> dict[str, Any]:
     }
 
 
-def domain_prompts(spec: DomainSpec, progress: Any = None) -> tuple[list[str], dict[str, int]]:
+def domain_prompts(
+    spec: DomainSpec, progress: Callable[[list[str]], Iterable[str]] | None = None
+) -> tuple[list[str], dict[str, int]]:
     """Every prompt training encodes for ``spec``'s samples: each sample's caption as training sees it, and the
     subject token alone. Returns ``(prompts, counts)``; counts: ``samples`` read, ``dropped`` by the caption
     rule, ``unreadable`` (a sample without a caption, or a broken json or shard; training skips those too).
