@@ -117,3 +117,31 @@ def demo_faces_data():
         )
 
     return make
+
+
+@pytest.fixture
+def backward_ops():
+    """``record(loss) -> [(op, numel), ...]``: every aten op that ``loss.backward()`` runs, with the element
+    count of each tensor it returns. A slice's backward shows as ``aten.slice_backward`` with its input's size:
+    it builds a zero tensor of the whole sliced tensor for one slice's gradient."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[tuple[str, int]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor):
+                    self.ops.append((str(func), tensor.numel()))
+            return out
+
+    def record(loss) -> list[tuple[str, int]]:
+        with Recorder() as recorder:
+            loss.backward()
+        return recorder.ops
+
+    return record

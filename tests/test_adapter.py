@@ -534,3 +534,24 @@ def test_an_adapter_on_two_unets_serves_the_one_left_after_detaching_the_other(t
     adapter.attach(first.unet)
     bind(adapter, first, prompts, images)
     assert torch.equal(run_unet(first, inputs), on_second)
+
+
+def test_the_projections_backward_builds_the_stacks_gradient_once_not_once_per_layer(
+    tiny_sdxl_path, backward_ops
+):
+    """Every layer's keys and values are pieces of one product. Their gradients join in one concatenation;
+    a slice per layer would build a zero tensor the size of the whole product for each of the 2L pieces
+    (for SDXL, 140 fills and sums of a tensor that holds all 70 layers' keys and values)."""
+    backbone = DiffusionBackbone.from_pretrained(tiny_sdxl_path)
+    adapter = make_adapter(backbone, tiny_sdxl_path / "image_encoder")
+    tokens = torch.randn(2, 6, adapter.config.encoder.token_dim)
+    projected, stacks = adapter._project(tokens)
+    assert len(stacks) == 1 and len(projected) >= 3  # one head dim, several layers
+    loss = sum(keys.square().sum() + values.sum() for keys, values in projected.values())
+    ops = backward_ops(loss)
+    stack_sized = [op for op, numel in ops if numel == stacks[0].numel()]
+    assert "aten.slice_backward.default" not in stack_sized
+    assert stack_sized.count("aten.cat.default") == 1, stack_sized
+    # The concatenation and the views and copy that take it back through the product: none per layer.
+    assert len(stack_sized) < 2 * len(projected), stack_sized
+    assert all(layer.to_k.weight.grad is not None for layer in adapter.layers.values())

@@ -283,3 +283,21 @@ def test_a_dense_subject_reads_no_tensor_value_and_ignores_its_presence():
         nested_attention_subjects(query, key, value, subjects),
         nested_attention_subjects(query, key, value, wrong),
     )
+
+
+def test_the_backward_splits_the_fused_output_once_instead_of_a_zero_tensor_per_column(backward_ops):
+    """The fused call's output holds the attention, each subject's probability and value-norm columns and
+    padding. Reading them as one split, its backward concatenates their gradients once; a slice per column
+    would build a zero tensor of the whole output for each."""
+    generator = torch.Generator().manual_seed(3)
+    query, key, value, nested_keys, nested_values, masks = random_case(generator, 2, 2, 6, 9, 8, 2, [1])
+    query.requires_grad_()
+    subjects = [
+        NestedSubject(mask=mask, keys=k, values=v, value_norm_factor=2.0)
+        for k, v, mask in zip(nested_keys, nested_values, masks, strict=True)
+    ]
+    out = nested_attention_subjects(query, key, value, subjects)
+    ops = [op for op, _ in backward_ops(out.square().sum())]
+    assert "aten.slice_backward.default" not in ops
+    assert "aten.cat.default" in ops  # the split's backward
+    assert query.grad.abs().sum() > 0

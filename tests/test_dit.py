@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -467,3 +468,22 @@ def test_compile_blocks_compiles_one_graph_per_kind_of_block(kind, vision_path):
     assert compile_blocks(model, backend="aot_eager", fullgraph=True) == (6 if kind == "flux" else 4)
     torch.testing.assert_close(run(model, inputs), eager)
     assert counters["stats"]["unique_graphs"] == (3 if kind == "flux" else 2)
+
+
+@pytest.mark.parametrize("text", [(0, TEXT), (16, 16 + TEXT)], ids=["text-first", "image-first"])
+def test_the_joint_attentions_backward_builds_no_zero_tensor_of_the_whole_query(text, backward_ops):
+    """The joint sequence's query splits once into its image and text parts: a slice per part would build a
+    zero tensor of the whole query in backward for each part, at every block."""
+    from nested.dit import _nested_joint_attention  # the joint attention below the processor
+
+    generator = torch.Generator().manual_seed(2)
+    query, key, value = (torch.randn(BATCH, 16 + TEXT, 2, 16, generator=generator) for _ in range(3))
+    query.requires_grad_()
+    mask = torch.zeros(BATCH, 16 + TEXT, dtype=torch.bool)
+    mask[:, text[0] : text[1]] = text_masks(2, 3)  # the subject's positions in the joint sequence
+    subject = random_subject(mask, seed=4)
+    subject = dataclasses.replace(subject, keys=subject.keys.float(), values=subject.values.float())
+    out = _nested_joint_attention(query, key, value, [subject], text, None)
+    ops = [op for op, _ in backward_ops(out.square().sum())]
+    assert "aten.slice_backward.default" not in ops
+    assert query.grad.abs().sum() > 0

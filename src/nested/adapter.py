@@ -583,12 +583,12 @@ class NestedAdapter(nn.Module):
                 .transpose(1, 2)
                 .contiguous()
             )
-            start = 0
-            for key, layer in layers:
-                keys = stack[:, start : start + layer.heads]
-                values = stack[:, start + layer.heads : start + 2 * layer.heads]
+            # One split, not a slice per layer: the backward of a slice builds a zero tensor of the whole
+            # stack for each layer's gradient (140 stack-sized fills and sums for SDXL); a split's backward
+            # concatenates every layer's gradient once.
+            pieces = stack.split([layer.heads for _, layer in layers for _ in range(2)], dim=1)
+            for (key, _), keys, values in zip(layers, pieces[0::2], pieces[1::2], strict=True):
                 projected[_unescape(key)] = (keys, values)
-                start += 2 * layer.heads
             stacks.append(stack)
         return projected, stacks
 

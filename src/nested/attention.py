@@ -428,15 +428,13 @@ def _nested_rows(
     fused = F.scaled_dot_product_attention(
         q_aug, k_aug, v_aug, attn_mask=mask_rows, dropout_p=0.0, is_causal=False, scale=dim**-0.5
     )
-    result = fused[..., :dim]
-
-    column = dim
+    # One split, not a slice per column: each slice's backward would build a zero tensor of fused's size.
+    result, *outputs = fused.split([dim, *(column.shape[-1] for column in columns)], dim=-1)
+    outputs = iter(outputs)
     for s, present in active:
-        probability = fused[..., column : column + 1]
-        column += 1
+        probability = next(outputs)
         if s.value_norm_factor is not None:
-            norm_weight = fused[..., column : column + 1]
-            column += 1
+            norm_weight = next(outputs)
         if all(present):
             sub, q_sub, image_rows = None, q, s.image_index
         else:

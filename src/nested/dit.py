@@ -339,18 +339,18 @@ def _nested_joint_attention(
         # A mask with one row per query keeps the rows of these queries; a (.., 1, S) mask applies to all.
         return mask if mask is None or mask.shape[-2] == 1 else mask[..., span, :]
 
+    # One split, not slices: each slice's backward would build a zero tensor of the whole query.
+    image_before, text_queries, image_after = q.split([start, stop - start, q.shape[2] - stop], dim=2)
     parts = []
     if start > 0:  # image first
         parts.append(
-            nested_attention_subjects(q[:, :, :start], k, v, subjects, rows(attn_mask, slice(0, start)))
+            nested_attention_subjects(image_before, k, v, subjects, rows(attn_mask, slice(0, start)))
         )
     parts.append(
-        F.scaled_dot_product_attention(
-            q[:, :, start:stop], k, v, attn_mask=rows(attn_mask, slice(start, stop))
-        )
+        F.scaled_dot_product_attention(text_queries, k, v, attn_mask=rows(attn_mask, slice(start, stop)))
     )
     if stop < q.shape[2]:  # image after the text
         parts.append(
-            nested_attention_subjects(q[:, :, stop:], k, v, subjects, rows(attn_mask, slice(stop, None)))
+            nested_attention_subjects(image_after, k, v, subjects, rows(attn_mask, slice(stop, None)))
         )
     return torch.cat(parts, dim=2).transpose(1, 2)
