@@ -4,7 +4,7 @@
 # every GPU check by priority within BUDGET seconds (default 540: a 600 s command limit, with room for the
 # last section to overrun its estimate), writing gpu.json, gpu.md and log.txt into OUT. Extra arguments go
 # to bench.py and replace all the defaults below, e.g. the second command of a lease:
-#   BUDGET=240 benchmarks/gpu/device.sh --sections environment compile compiled_training --compile-regional
+#   BUDGET=200 benchmarks/gpu/device.sh --sections environment dit_quantized compiled_training loader --compile-regional
 set -uo pipefail
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
   sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'  # the comment above
