@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding, compile_blocks, cross_attention_layers
 from nested.backbone import DiffusionBackbone
@@ -301,6 +302,37 @@ def test_nested_kv_computed_once_per_image_over_a_guided_denoising_loop(tiny_sd_
     assert torch.equal(generate(), plain)
 
 
+def test_bindings_that_share_their_tokens_share_one_projection(tiny_sd_path):
+    """Training binds each of an adapter's tokens to the same encoded images: one projection serves them all,
+    with the same output as a projection per binding."""
+    backbone = DiffusionBackbone.from_pretrained(tiny_sd_path)
+    adapter = make_adapter(backbone, tiny_sd_path / "image_encoder")
+    adapter.attach(backbone.unet)
+    calls = []
+    project = adapter._project
+    adapter._project = lambda tokens: calls.append(tokens.shape[0]) or project(tokens)
+    inputs = unet_inputs(backbone, PROMPTS)
+    with torch.no_grad():
+        tokens = adapter.encode(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+
+    def bind(first: Tensor, second: Tensor) -> Tensor:
+        masks = [
+            subject_masks_for_tokenizers(backbone.tokenizers, PROMPTS, word) for word in ("person", "dog")
+        ]
+        adapter.set_subjects(
+            [SubjectBinding(tokens=first, masks=masks[0]), SubjectBinding(tokens=second, masks=masks[1])]
+        )
+        return run_unet(backbone, inputs)
+
+    shared = bind(tokens, tokens)
+    assert calls == [2]
+    separate = bind(tokens, tokens.clone())
+    assert calls == [2, 2, 2]
+    assert torch.equal(shared, separate)
+    adapter.clear_subjects()
+    assert not torch.allclose(run_unet(backbone, inputs), shared)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_runs_without_nan(backbone, pipeline_path, dtype):
     adapter = make_adapter(backbone, pipeline_path / "image_encoder", value_norm_factor=2.0)
@@ -536,22 +568,37 @@ def test_an_adapter_on_two_unets_serves_the_one_left_after_detaching_the_other(t
     assert torch.equal(run_unet(first, inputs), on_second)
 
 
-def test_the_projections_backward_builds_the_stacks_gradient_once_not_once_per_layer(
-    tiny_sdxl_path, backward_ops
+def test_the_projections_backward_builds_each_stacks_gradient_once_not_once_per_layer(
+    backbone, pipeline_path, backward_ops
 ):
-    """Every layer's keys and values are pieces of one product. Their gradients join in one concatenation;
-    a slice per layer would build a zero tensor the size of the whole product for each of the 2L pieces
-    (for SDXL, 140 fills and sums of a tensor that holds all 70 layers' keys and values)."""
-    backbone = DiffusionBackbone.from_pretrained(tiny_sdxl_path)
-    adapter = make_adapter(backbone, tiny_sdxl_path / "image_encoder")
+    """Every layer's keys and values are pieces of one product per head dim. Their gradients join in one
+    concatenation, and equal those of each layer's own projection, also when some layers get none; a slice
+    per layer would build a zero tensor the size of the whole product for each of the 2L pieces (for SDXL,
+    140 fills and sums of a tensor that holds all 70 layers' keys and values)."""
+    adapter = make_adapter(backbone, pipeline_path / "image_encoder")
     tokens = torch.randn(2, 6, adapter.config.encoder.token_dim)
     projected, stacks = adapter._project(tokens)
-    assert len(stacks) == 1 and len(projected) >= 3  # one head dim, several layers
-    loss = sum(keys.square().sum() + values.sum() for keys, values in projected.values())
-    ops = backward_ops(loss)
-    stack_sized = [op for op, numel in ops if numel == stacks[0].numel()]
-    assert "aten.slice_backward.default" not in stack_sized
-    assert stack_sized.count("aten.cat.default") == 1, stack_sized
-    # The concatenation and the views and copy that take it back through the product: none per layer.
-    assert len(stack_sized) < 2 * len(projected), stack_sized
-    assert all(layer.to_k.weight.grad is not None for layer in adapter.layers.values())
+    with_values = list(projected)[::2]  # every layer's keys, every other layer's values: the rest get none
+
+    def loss_of(pieces) -> Tensor:
+        keys = sum(keys.square().sum() for keys, _ in pieces.values())
+        return keys + sum(pieces[name][1].sum() for name in with_values)
+
+    ops = backward_ops(loss_of(projected))
+    for stack in stacks:
+        stack_sized = [op for op, numel in ops if numel == stack.numel()]
+        assert "aten.slice_backward.default" not in stack_sized
+        assert stack_sized.count("aten.cat.default") == 1, stack_sized
+        # The concatenation and the views and copy that take it back through the product: none per layer.
+        assert len(stack_sized) < 2 * len(projected), stack_sized
+    batched = {name: parameter.grad.clone() for name, parameter in adapter.layers.named_parameters()}
+    adapter.layers.zero_grad()
+    loss_of({key.replace("__", "."): layer(tokens) for key, layer in adapter.layers.items()}).backward()
+    without = 0
+    for name, parameter in adapter.layers.named_parameters():
+        if parameter.grad is None:  # a value projection the loss does not use
+            without += 1
+            assert not batched[name].any(), name
+        else:
+            torch.testing.assert_close(batched[name], parameter.grad, rtol=1e-5, atol=1e-5)
+    assert without == len(projected) - len(with_values)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -470,20 +469,30 @@ def test_compile_blocks_compiles_one_graph_per_kind_of_block(kind, vision_path):
     assert counters["stats"]["unique_graphs"] == (3 if kind == "flux" else 2)
 
 
-@pytest.mark.parametrize("text", [(0, TEXT), (16, 16 + TEXT)], ids=["text-first", "image-first"])
-def test_the_joint_attentions_backward_builds_no_zero_tensor_of_the_whole_query(text, backward_ops):
-    """The joint sequence's query splits once into its image and text parts: a slice per part would build a
-    zero tensor of the whole query in backward for each part, at every block."""
-    from nested.dit import _nested_joint_attention  # the joint attention below the processor
-
-    generator = torch.Generator().manual_seed(2)
-    query, key, value = (torch.randn(BATCH, 16 + TEXT, 2, 16, generator=generator) for _ in range(3))
-    query.requires_grad_()
-    mask = torch.zeros(BATCH, 16 + TEXT, dtype=torch.bool)
-    mask[:, text[0] : text[1]] = text_masks(2, 3)  # the subject's positions in the joint sequence
-    subject = random_subject(mask, seed=4)
-    subject = dataclasses.replace(subject, keys=subject.keys.float(), values=subject.values.float())
-    out = _nested_joint_attention(query, key, value, [subject], text, None)
-    ops = [op for op, _ in backward_ops(out.square().sum())]
-    assert "aten.slice_backward.default" not in ops
-    assert query.grad.abs().sum() > 0
+@pytest.mark.parametrize("kind", ["sd3", "flux-double", "flux-single"])
+@pytest.mark.parametrize("second_sample", [3, None], ids=["both-bound", "one-bound"])
+def test_a_blocks_backward_builds_no_zero_tensor_of_a_whole_sequence_per_part(
+    kind, second_sample, backward_ops
+):
+    """A joint block splits its query into image and text parts, its output into the two streams and, when
+    only some samples bind the subject, its queries, keys and values into the batch's parts, each with one
+    split: their backward concatenates the parts' gradients once. A slice per part would build a zero tensor
+    of the whole sequence for each, at every block."""
+    attn, layout, hidden, text, rotary = block_case(kind)
+    processor = NestedJointAttnProcessor("layer", attn.processor, layout)
+    processor.bindings.append(FixedSubjects([random_subject(text_masks(2, second_sample), seed=4)]))
+    processor.text_length = TEXT if layout == "single" else None
+    inputs = [x for x in (hidden, text) if x is not None]
+    for tensor in inputs:
+        tensor.requires_grad_()
+    out = processor(attn, hidden, text, image_rotary_emb=rotary)
+    ops = backward_ops(sum(x.square().sum() for x in (out if isinstance(out, tuple) else (out,))))
+    whole = BATCH * 16 * attn.inner_dim  # the image part of a query, key or value
+    builders = [
+        op
+        for op, numel in ops
+        if numel >= whole and any(word in op for word in ("zeros", "aten.fill_", "slice_backward", "index"))
+    ]
+    assert builders == []
+    for tensor in inputs:
+        assert tensor.grad.abs().sum() > 0

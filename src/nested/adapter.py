@@ -326,7 +326,7 @@ class SubjectBinding:
     dense: bool = False
     # layer name -> (keys, values), computed once per binding (not per denoising step).
     nested_kv: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
-    # The tensors those keys and values are slices of (one per head dim).
+    # The tensors those keys and values are pieces of (one per head dim).
     projections: list[Tensor] = field(default_factory=list, repr=False)
     # UNet batch size -> where the subject sits in such a batch, computed once per binding.
     layouts: dict[int, BatchLayout] = field(default_factory=dict, repr=False)
@@ -533,8 +533,11 @@ class NestedAdapter(nn.Module):
         """Bind subjects for the next UNet calls; their nested keys/values are computed now, once.
 
         Computing them eagerly (not inside the UNet forward) makes them reusable across
-        denoising steps and safe under gradient checkpointing, which re-runs the forward.
+        denoising steps and safe under gradient checkpointing, which re-runs the forward. Bindings that share
+        one tokens tensor (a training batch binding each of an adapter's tokens to the same images) share
+        one projection.
         """
+        projections: dict[int, tuple[dict[str, tuple[Tensor, Tensor]], list[Tensor]]] = {}
         for binding in bindings:
             if binding.masks.dtype != torch.bool or binding.masks.ndim != 2:
                 raise ValueError(
@@ -551,7 +554,10 @@ class NestedAdapter(nn.Module):
                 value_norm_factor=binding.value_norm_factor or None,  # a binding's 0 means off
                 source=f"adapter {self.config.token!r}",
             )
-            binding.nested_kv, binding.projections = self._project(binding.tokens)
+            if id(binding.tokens) not in projections:  # the bindings, and so their tokens, are alive here
+                projections[id(binding.tokens)] = self._project(binding.tokens)
+            nested_kv, binding.projections = projections[id(binding.tokens)]
+            binding.nested_kv = dict(nested_kv)
             binding.layouts = batch_layouts(binding, next(iter(binding.nested_kv.values()))[0].device)
         check_bindings_disjoint(bindings)
         self._bindings = list(bindings)
@@ -575,8 +581,8 @@ class NestedAdapter(nn.Module):
         for head_dim, layers in by_head_dim.items():
             weight = torch.cat([w for _, layer in layers for w in (layer.to_k.weight, layer.to_v.weight)])
             heads = weight.shape[0] // head_dim
-            # (S, M, heads of every layer, D) -> (S, heads, M, D), contiguous once: every layer's keys and
-            # values are then contiguous slices, read by every denoising step's attention.
+            # (S, M, heads of every layer, D) -> (S, heads, M, D), contiguous once: each head's (M, D) keys
+            # and values are then contiguous in every layer's piece, as every denoising step's attention reads them.
             stack = (
                 F.linear(tokens.to(weight.dtype), weight)
                 .view(s, m, heads, head_dim)

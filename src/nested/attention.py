@@ -285,9 +285,7 @@ def _nested_attention_active(
 ) -> Tensor:
     """The nested attention of checked subjects that each mark at least one position."""
     if not active:
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False
-        )
+        return _plain_attention(query, key, value, attn_mask)
     batch = query.shape[0]
     # Which samples bind any subject, on the host: the branches below never read the device.
     union = tuple(any(flags) for flags in zip(*(present for _, present in active), strict=True))
@@ -296,23 +294,26 @@ def _nested_attention_active(
     span = _contiguous_span(union)
     if span is not None:
         # One run of bound samples (a guided batch: the unconditional half first): views, no gathers;
-        # the other samples get exactly the plain attention.
+        # the other samples get exactly the plain attention. One split of each tensor, not a slice per
+        # part: in training, each slice's backward would build a zero tensor of the whole batch.
         start, stop = span
+        sizes = [start, stop - start, batch - stop]
+        queries, keys, values = (x.split(sizes) for x in (query, key, value))
+        masks = (
+            attn_mask.split(sizes)
+            if attn_mask is not None and attn_mask.shape[0] == batch
+            else (attn_mask,) * 3
+        )
+        sliced = [(_slice_subject(s, start, stop), present[start:stop]) for s, present in active]
         parts = []
         if start > 0:
-            parts.append(_plain_rows(query, key, value, attn_mask, 0, start))
-        sliced = [(_slice_subject(s, start, stop), present[start:stop]) for s, present in active]
-        mask = attn_mask[start:stop] if attn_mask is not None and attn_mask.shape[0] == batch else attn_mask
-        parts.append(
-            _nested_rows(query[start:stop], key[start:stop], value[start:stop], sliced, mask, (start, stop))
-        )
+            parts.append(_plain_attention(queries[0], keys[0], values[0], masks[0]))
+        parts.append(_nested_rows(queries[1], keys[1], values[1], sliced, masks[1], (start, stop)))
         if stop < batch:
-            parts.append(_plain_rows(query, key, value, attn_mask, stop, batch))
+            parts.append(_plain_attention(queries[2], keys[2], values[2], masks[2]))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
     # Bound samples scattered through the batch: gather them, then scatter the result back.
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False
-    )
+    out = _plain_attention(query, key, value, attn_mask)
     has_subject = torch.stack([s.mask.any(-1) for s, _ in active]).any(0)  # (B,)
     rows = _true_indices(has_subject, union)
     kept = [row for row, flag in enumerate(union) if flag]
@@ -342,18 +343,9 @@ def _contiguous_span(flags: Sequence[bool]) -> tuple[int, int] | None:
     return None
 
 
-def _plain_rows(
-    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, start: int, stop: int
-) -> Tensor:
-    if attn_mask is not None and attn_mask.shape[0] == query.shape[0]:
-        attn_mask = attn_mask[start:stop]
+def _plain_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None) -> Tensor:
     return F.scaled_dot_product_attention(
-        query[start:stop],
-        key[start:stop],
-        value[start:stop],
-        attn_mask=attn_mask,
-        dropout_p=0.0,
-        is_causal=False,
+        query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False
     )
 
 
