@@ -421,8 +421,8 @@ def _nested_rows(
         q_aug, k_aug, v_aug, attn_mask=mask_rows, dropout_p=0.0, is_causal=False, scale=dim**-0.5
     )
     # One split, not a slice per column: each slice's backward would build a zero tensor of fused's size.
-    result, *outputs = fused.split([dim, *(column.shape[-1] for column in columns)], dim=-1)
-    outputs = iter(outputs)
+    result, *column_outputs = fused.split([dim, *(column.shape[-1] for column in columns)], dim=-1)
+    outputs = iter(column_outputs)
     for s, present in active:
         probability = next(outputs)
         if s.value_norm_factor is not None:
