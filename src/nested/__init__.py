@@ -14,10 +14,10 @@ the library; the library never imports it.
 """
 
 from nested._lazy import lazy_exports
-from nested.quantize import quiet_torchao_import
+from nested.library_messages import quiet_library_messages
 
 __version__ = "0.1.0"
-quiet_torchao_import()  # logging filters only: torchao is imported by the libraries, not here
+quiet_library_messages()  # filters only: the libraries whose messages they drop are imported later
 
 lazy_exports(
     globals(),

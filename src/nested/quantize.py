@@ -20,9 +20,6 @@ an optional dependency (the ``quantize`` extra).
 
 from __future__ import annotations
 
-import logging
-import sys
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +30,6 @@ __all__ = [
     "check_quantize",
     "component_config",
     "pipeline_config",
-    "quiet_torchao_import",
     "torchao_config",
 ]
 
@@ -91,40 +87,3 @@ def torchao_config(format_name: str) -> Any:
         ) from error
     # set_inductor_config=False: the default retunes torch.compile's inductor for the whole process.
     return getattr(torchao.quantization, FORMATS[format_name])(set_inductor_config=False)
-
-
-def quiet_torchao_import() -> None:
-    """Drop the warnings that importing torchao logs and that say nothing about this project's use of it.
-
-    transformers and diffusers import torchao whenever it is installed, so every command would start with
-    them: on a CPU build of torch, torchao's CUDA kernels cannot load (nothing here needs them there); torch
-    deprecates how torchao registers its enums (the filter drops that deprecation, meant for library
-    authors, whichever library registers an enum); diffusers cannot import the tensor classes of older
-    torchao checkpoints (this project loads none: it quantizes as it loads). Also the warning torch gives
-    when torchao's 8-bit optimizer compiles its step (``optimizer: torchao.optim.AdamW8bit``), which asks the
-    optimizer's authors for a hash method. Installed by ``import nested``; every other message passes.
-    """
-    warnings.filterwarnings(
-        "ignore", message=r"OptimState(8bit|4bit|Fp8) does not implement _stable_hash_for_caching"
-    )
-    logging.getLogger("torchao").addFilter(_not_a_cuda_kernel_on_a_cpu_build)
-    logging.getLogger("torch.utils._pytree").addFilter(_without("register_constant() on Enum subclasses"))
-    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(
-        _without("Unable to import `torchao` Tensor objects")
-    )
-
-
-def _not_a_cuda_kernel_on_a_cpu_build(record: logging.LogRecord) -> bool:
-    torch = sys.modules.get("torch")
-    cpu_build = torch is not None and getattr(torch.version, "cuda", None) is None
-    message = record.getMessage()
-    return not (cpu_build and message.startswith("Failed to load ") and ".so" in message)
-
-
-def _without(text: str):
-    """A logging filter that drops the records whose message contains ``text``."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        return text not in record.getMessage()
-
-    return keep

@@ -1,0 +1,59 @@
+"""``import nested`` keeps the libraries' import-time notices out of every command, and only those."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+# What every command imports (diffusers' pipelines, torchao through transformers and diffusers, torchao's
+# 8-bit optimizer, whose step compiles), then one message of each filtered logger and warning kind that is
+# not a filtered one.
+SCRIPT = """
+import logging, warnings, torch
+{front_door}
+import transformers.quantizers.auto
+from diffusers import FluxPipeline, StableDiffusionXLPipeline
+{torchao}
+logging.getLogger('transformers.utils.import_utils').warning('Another notice of the import machinery')
+logging.getLogger('torchao').warning('Failed to load a kernel the user asked for')
+warnings.warn('MyTensor does not implement _stable_hash_for_caching')
+"""
+TORCHAO = """
+import diffusers.quantizers.torchao.torchao_quantizer, torchao, torchao.optim
+weight = torch.nn.Parameter(torch.randn(64, 64))
+weight.grad = torch.randn(64, 64)
+torchao.optim.AdamW8bit([weight]).step()
+"""
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+
+
+def stderr_lines(front_door: str) -> list[str]:
+    script = SCRIPT.format(front_door=front_door, torchao=TORCHAO if HAS_TORCHAO else "")
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    # A CUDA build of torch on a machine without a GPU (a cluster's login node) adds torch's own true notice
+    # when the optimizer's step compiles; it is not one of the messages under test.
+    return [line for line in done.stderr.strip().splitlines() if "No CUDA runtime is found" not in line]
+
+
+def test_importing_the_libraries_through_nested_prints_only_messages_of_other_kinds():
+    lines = stderr_lines("import nested")
+    assert lines[0].endswith("Another notice of the import machinery")
+    assert lines[1] == "Failed to load a kernel the user asked for"
+    assert "UserWarning: MyTensor does not implement _stable_hash_for_caching" in lines[2]
+    assert len(lines) == 3, lines
+
+
+@pytest.mark.skipif(
+    HAS_TORCHVISION, reason="transformers prints its PIL fallback notice only without torchvision"
+)
+def test_without_nested_the_libraries_print_the_image_processor_fallback():
+    """The filter's subject is real: the same imports without ``import nested`` print the notice."""
+    lines = stderr_lines("")
+    assert any("requires torchvision (not installed); falling back to" in line for line in lines), lines
