@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,7 +132,11 @@ def test_the_budget_starts_a_section_only_if_its_expected_time_fits_in_what_is_l
 
 
 def test_the_lease_scripts_answer_help_without_running_anything():
-    for script, words in (("device.sh", "The one command of a GPU lease"), ("wheels.sh", "fetch into .whl/")):
+    for script, words in (
+        ("device.sh", "The one command of a GPU lease"),
+        ("wheels.sh", "fetch into .whl/"),
+        ("rehearse.sh", "the lease's software on this CPU"),
+    ):
         done = subprocess.run(
             ["bash", f"benchmarks/gpu/{script}", "--help"],
             cwd=REPO,
@@ -140,3 +145,20 @@ def test_the_lease_scripts_answer_help_without_running_anything():
             check=False,
         )
         assert done.returncode == 0 and words in done.stdout and not done.stdout.startswith("#")
+
+
+def test_the_rehearsal_refuses_to_start_without_what_it_needs_and_builds_nothing(tmp_path):
+    """Without the carried wheels, or without a Python 3.12, one line names the fix and nothing is built."""
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu/rehearse.sh", "smoke"],
+        cwd=REPO,
+        env={**os.environ, "PYTHON": "false", "VENV": str(tmp_path / "venv")},  # `false`: no Python at all
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wheels = any((REPO / ".whl").glob("*.whl"))  # wheels.sh ran here; a clean clone has none
+    expected = "false is not a Python 3.12" if wheels else "no wheels in .whl/; run benchmarks/gpu/wheels.sh"
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "venv").exists()

@@ -264,7 +264,7 @@ def test_sample_grid_logs_the_grid_and_metrics_without_copying_the_unet_or_chang
 def test_sample_grid_under_ddp_samples_on_rank_zero_without_hanging(
     tiny_sd_path, tiny_clip_path, tmp_path, demo_faces_data
 ):
-    """Two CPU ranks (gloo, forked): rank 0 samples while rank 1 waits at the next gradient sync."""
+    """Two CPU ranks (gloo): rank 0 samples while rank 1 waits at the next gradient sync."""
     module = NestedAttentionModule(
         str(tiny_sd_path), _encoder_spec(tiny_sd_path), subjects={"<person>": "person"}, optimizer=adamw(1e-2)
     )
@@ -283,7 +283,7 @@ def test_sample_grid_under_ddp_samples_on_rank_zero_without_hanging(
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_fork",
+        strategy="ddp_spawn",
         max_steps=2,
         default_root_dir=str(tmp_path),
         logger=CSVLogger(str(tmp_path), name="csv"),  # no image support: grids are written as PNG files
