@@ -10,15 +10,16 @@ The messages dropped:
   tensor classes of older torchao checkpoints (this project loads none: it quantizes as it loads); and torch
   asks torchao's 8-bit optimizer states for a hash method when the optimizer's step compiles
   (``optimizer: torchao.optim.AdamW8bit``).
-- transformers' notice that an image processor falls back to its PIL backend without torchvision, printed
-  when diffusers' pipelines import ``CLIPImageProcessor`` and ``SiglipImageProcessor``. The PIL backend is
-  the one this project means: it installs no torchvision (PyPI's build does not match the CPU torch wheel),
-  and its encoders preprocess subject images themselves.
+- transformers' notice that ``CLIPImageProcessor`` or ``SiglipImageProcessor`` falls back to its PIL backend
+  without torchvision, printed when diffusers' pipelines import them (other processors' notices pass). The
+  PIL backend is the one this project means: it installs no torchvision (PyPI's build does not match the CPU
+  torch wheel), and its encoders preprocess subject images themselves.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 
@@ -35,9 +36,7 @@ def quiet_library_messages() -> None:
     logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(
         _without("Unable to import `torchao` Tensor objects")
     )
-    logging.getLogger("transformers.utils.import_utils").addFilter(
-        _without("requires torchvision (not installed); falling back to")
-    )
+    logging.getLogger("transformers.utils.import_utils").addFilter(_not_a_pipeline_processor_fallback)
 
 
 def _not_a_cuda_kernel_on_a_cpu_build(record: logging.LogRecord) -> bool:
@@ -45,6 +44,13 @@ def _not_a_cuda_kernel_on_a_cpu_build(record: logging.LogRecord) -> bool:
     cpu_build = torch is not None and getattr(torch.version, "cuda", None) is None
     message = record.getMessage()
     return not (cpu_build and message.startswith("Failed to load ") and ".so" in message)
+
+
+def _not_a_pipeline_processor_fallback(record: logging.LogRecord) -> bool:
+    return not re.match(
+        r"`(CLIP|Siglip)ImageProcessor` requires torchvision \(not installed\); falling back to",
+        record.getMessage(),
+    )
 
 
 def _without(text: str):
