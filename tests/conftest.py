@@ -145,3 +145,16 @@ def backward_ops():
         return recorder.ops
 
     return record
+
+
+@pytest.fixture
+def whole_size_builders():
+    """``find(ops, whole) -> [op, ...]``: the ops of a ``backward_ops`` record that build or fill a tensor of
+    at least ``whole`` elements (zeros, fills, slice backwards, index ops): how reading a tensor in parts by
+    slicing or gathering shows, where one split's backward shows only a concatenation."""
+
+    def find(ops: list[tuple[str, int]], whole: int) -> list[str]:
+        words = ("zeros", "aten.fill_", "slice_backward", "index")
+        return [op for op, numel in ops if numel >= whole and any(word in op for word in words)]
+
+    return find

@@ -248,9 +248,7 @@ class NestedJointAttnProcessor:
         if encoder_hidden_states is None or self.layout == "single":
             return out
         if self.layout == "image_first":
-            image, text = out.split_with_sizes(
-                [hidden_states.shape[1], out.shape[1] - hidden_states.shape[1]], dim=1
-            )
+            image, text = out.split([hidden_states.shape[1], out.shape[1] - hidden_states.shape[1]], dim=1)
             if not attn.context_pre_only:
                 text = attn.to_add_out(text)
             image = attn.to_out[1](attn.to_out[0](image))
