@@ -28,8 +28,9 @@ from nested.callbacks import SampleGrid
 from nested.cli.eval import main_eval
 from nested.cli.main import main
 from nested.encoder import EncoderSpec
+from nested.errors import ConfigError
 from nested.inference.pipeline import NestedPipeline
-from nested.inference.sampler import sample_images
+from nested.inference.sampler import default_size, sample_images
 from nested.testing import write_tiny_clip
 from nested.training.module import NestedAttentionModule
 
@@ -284,6 +285,17 @@ def test_sample_images_on_a_transformer_matches_nested_pipeline(kind, bases, sub
     assert (ours - without_subject).abs().max() > 1e-3  # the subject is really bound
     assert adapter._bindings == []  # and unbound afterwards
     nested.unload()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sample_images_takes_the_pipelines_default_size_and_refuses_what_the_patches_cannot_cut(kind, bases):
+    backbone = TransformerBackbone.from_pretrained(bases[kind], max_sequence_length=32)
+    pipe = _pipeline_of(backbone)
+    assert default_size(backbone) == pipe.default_sample_size * pipe.vae_scale_factor  # FLUX's: 128 latents
+    assert backbone.side_multiple == backbone.vae_scale_factor * 2 == 8  # 2 x 2 patches of factor-4 latents
+    for size in (36, 4):
+        with pytest.raises(ConfigError, match=f"height and width must be multiples of 8, got {size}x32"):
+            sample_images(backbone, None, ["a photo"], steps=1, height=size, width=32)
 
 
 def _pipeline_of(backbone: TransformerBackbone):

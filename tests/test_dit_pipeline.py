@@ -18,6 +18,7 @@ from test_generate import NESTED, strict_json
 from nested.adapter import NestedAdapter, cross_attention_layers
 from nested.cli.generate import main_generate
 from nested.encoder import EncoderSpec
+from nested.errors import ConfigError
 from nested.inference.pipeline import NestedPipeline
 
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
@@ -142,6 +143,53 @@ def test_save_then_load_gives_identical_images(setup, kind, tmp_path):
     with NestedPipeline(pipe, {"<person>": tmp_path / "saved"}) as nested:
         loaded = generate(nested, PROMPTS[0], subjects=subjects)
     assert np.array_equal(in_memory, loaded)
+
+
+def test_sd3_loaded_without_t5_binds_the_subject_in_its_clip_part(setup):
+    """diffusers runs SD3 without T5 (its part of the text is zeros): the placeholder goes into both CLIPs with
+    the adapter's learned embeddings, and the subject binds where it does with T5, in the CLIP part only."""
+    base, faces, me = setup["sd3"]["base"], setup["sd3"]["faces"], setup["images"]["me"]
+    with NestedPipeline(tiny_pipeline(base), {"<person>": faces}) as with_t5:
+        expected = with_t5._masks("<person>", PROMPTS, None, 32)
+    pipe = StableDiffusion3Pipeline.from_pretrained(base, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    with NestedPipeline(pipe, {"<person>": faces}) as nested:
+        for suffix in ("", "_2"):
+            token_id = getattr(pipe, f"tokenizer{suffix}").convert_tokens_to_ids("<person>")
+            embedding = getattr(pipe, f"text_encoder{suffix}").get_input_embeddings().weight[token_id]
+            learned = nested.adapter("<person>").token_embeddings[f"text_encoder{suffix}:<person>"]
+            assert torch.equal(embedding, learned)
+        masks = nested._masks("<person>", PROMPTS, None, 32)
+        assert masks.shape == expected.shape and torch.equal(masks[:, :77], expected[:, :77])
+        assert masks[0, :77].sum() == 1 and not masks[:, 77:].any()
+        with pytest.warns(UserWarning, match="is in the prompt but has no subject"):
+            without = generate(nested, PROMPTS)
+        with_subject = generate(nested, PROMPTS, subjects={"<person>": me})
+    assert np.abs(with_subject[0] - without[0]).max() > 1e-3
+    np.testing.assert_allclose(with_subject[1], without[1], atol=1e-5)
+
+
+def test_flux_without_t5_and_sizes_the_pipeline_cannot_draw_are_refused_in_one_line(setup):
+    me = setup["images"]["me"]
+    pipe = FluxPipeline.from_pretrained(setup["flux"]["base"], text_encoder_2=None, tokenizer_2=None)
+    refused = pytest.raises(ConfigError, match=r"no T5 text encoder \(text_encoder_2\), and FLUX reads")
+    with NestedPipeline(pipe, {"<person>": setup["flux"]["faces"]}) as nested, refused:
+        generate(nested, PROMPTS, subjects={"<person>": me})
+    for kind in KINDS:  # the tiny VAEs' factor 4 x the 2 x 2 patches: FluxPipeline would resize, SD3's raise
+        with NestedPipeline(tiny_pipeline(setup[kind]["base"]), {"<person>": setup[kind]["faces"]}) as nested:
+            assert nested.side_multiple == 8
+            name = type(nested.pipe).__name__
+            for size in {"height": 36}, {"width": 44}, {"height": 4}:
+                ((option, value),) = size.items()
+                use = max(8, value - value % 8)
+                with pytest.raises(
+                    ConfigError,
+                    match=rf"{option} {value} is not a positive multiple of 8 pixels, "
+                    rf"which this {name} needs: use {use}\.",
+                ):
+                    generate(nested, PROMPTS, subjects={"<person>": me}, **size)
+                with pytest.raises(ConfigError, match=f"{option} {value} is not"):
+                    generate(nested, PROMPTS[1], **size)
 
 
 def test_flux_true_cfg_gives_the_negative_prompt_call_no_subject(setup):

@@ -143,6 +143,28 @@ def test_options_of_the_other_model_family_are_refused(tiny_sd3_path, tiny_sd_pa
         make_module(tiny_sd_path)  # make_module sets max_sequence_length
 
 
+@pytest.mark.parametrize("tiny_dit_path", ["sd3", "flux"], indirect=True)
+def test_latents_the_patches_cannot_cut_and_a_t5_length_below_one_are_refused(tiny_dit_path):
+    """SD3 cuts latents into patch_size patches and FLUX packs 2 x 2: a data.resolution that leaves an odd
+    latent side is a one-line error naming the multiple, for both (the real models' is 16)."""
+    module = make_module(tiny_dit_path)
+    backbone = module.backbone
+    conditioning = backbone.encode_prompts(["a photo of <person>"])
+    channels = backbone.transformer.config.in_channels // (4 if backbone.kind == "flux" else 1)
+    with pytest.raises(
+        ConfigError, match=r"in 2x2 patches, but these are 9x8: make data.resolution a multiple of 8"
+    ):
+        module.transformer_prediction(torch.zeros(1, channels, 9, 8), torch.full((1,), 0.5), conditioning)
+    assert module.transformer_prediction(
+        torch.zeros(1, channels, 8, 8), torch.full((1,), 0.5), conditioning
+    ).shape == (1, channels, 8, 8)
+    for length in (0, -4):
+        with pytest.raises(
+            ConfigError, match=f"max_sequence_length must be a positive number of T5 tokens, got {length}"
+        ):
+            TransformerBackbone.from_pretrained(tiny_dit_path, max_sequence_length=length)
+
+
 # ------------------------------------------------------------------------- training a fixed batch
 def overfit(module: NestedAttentionModule, batch: dict, steps: int = 30) -> list[float]:
     """The losses of ``steps`` Adam steps of the adapter on ``batch`` with the same noise and t each time;

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,14 @@ from nested.cli.main import main
 from nested.data.domains import DomainSpec
 from nested.data.prompts import check_prompt_sources, domain_prompts, domain_source
 from nested.errors import ConfigError, MissingFileError
-from nested.prompt_cache import MANIFEST, PromptCache, prompt_key, state_path, write_prompt_states
+from nested.prompt_cache import (
+    MANIFEST,
+    PromptCache,
+    prompt_key,
+    read_manifest,
+    state_path,
+    write_prompt_states,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_FACES = REPO / "data" / "demo" / "faces"
@@ -155,6 +164,24 @@ def test_what_a_cache_cannot_serve_is_refused_by_name(tiny_flux_path, tiny_sd_pa
         load_backbone(tiny_sd_path, prompt_cache=folder)
     with pytest.raises(ConfigError, match="is a UNet model, whose prompts go through CLIP alone"):
         load_t5(tiny_sd_path)
+
+
+def test_a_cache_of_another_base_models_t5_is_used_with_a_warning_naming_both(tiny_flux_path, tmp_path):
+    """T5's weights are not loaded to compare: a cache built from another base model serves (FLUX.1 and SD3.5
+    share T5-XXL), with a warning; the same local folder named another way is the same base model."""
+    folder = tmp_path / "cache"
+    build_cache(tiny_flux_path, folder, PROMPTS, length=32)
+    assert read_manifest(folder)["base_model"] == str(tiny_flux_path.resolve())
+    other = tmp_path / "other-flux"
+    shutil.copytree(tiny_flux_path, other)
+    with pytest.warns(
+        UserWarning, match=rf"holds the T5 states of {tiny_flux_path.resolve()}, .* is {other}"
+    ):
+        TransformerBackbone.from_pretrained(other, max_sequence_length=32, prompt_cache=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        relative = os.path.relpath(tiny_flux_path)
+        TransformerBackbone.from_pretrained(relative, max_sequence_length=32, prompt_cache=folder)
 
 
 def test_a_domains_prompts_are_the_captions_training_sees(demo_faces_data):

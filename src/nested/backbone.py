@@ -215,14 +215,20 @@ def _load_tokenizer(source: str, index: dict[str, Any], suffix: str, hub_kwargs:
     return tokenizer_class.from_pretrained(source, subfolder=f"tokenizer{suffix}", **hub_kwargs)
 
 
-def _t5_suffix(kind: str) -> str:
-    """The component suffix of T5: SD3's third text encoder, FLUX's second."""
+def t5_suffix(kind: str) -> str:
+    """The component suffix of T5 (``text_encoder{suffix}``, ``tokenizer{suffix}``): SD3's third text
+    encoder, FLUX's second."""
     return "_3" if kind == "sd3" else "_2"
 
 
 def _t5_length(kind: str, max_sequence_length: int | None, tokenizer: Any, where: str) -> int:
     """T5 tokens per prompt: ``max_sequence_length``, or the pipeline's default (SD3 256, FLUX 512), checked
     against the tokenizer's limit."""
+    if max_sequence_length is not None and max_sequence_length < 1:
+        raise ConfigError(
+            f"max_sequence_length must be a positive number of T5 tokens, got {max_sequence_length}; leave it "
+            f"unset for the pipeline's default ({256 if kind == 'sd3' else 512})."
+        )
     length = max_sequence_length or (256 if kind == "sd3" else 512)
     if length > tokenizer.model_max_length:
         raise ConfigError(
@@ -265,7 +271,7 @@ def load_t5(
             "for SD3 / SD3.5 and FLUX.1 models only."
         )
     kind = _transformer_kind(source, index)
-    suffix = _t5_suffix(kind)
+    suffix = t5_suffix(kind)
     _check_components(source, index, "transformer", [suffix], EXPECTED_TRANSFORMER_LAYOUT)
     (tokenizer,), (text_encoder,) = _load_text_components(
         source, index, [suffix], dtype, hub_kwargs, {**hub_kwargs, "variant": variant}, {}
@@ -430,6 +436,11 @@ class DiffusionBackbone(_VaeLatents):
             prompt_embeds=torch.cat(hidden_states, dim=-1), pooled_prompt_embeds=pooled, input_ids=input_ids
         )
 
+    @property
+    def side_multiple(self) -> int:
+        """Image sides must be multiples of this many pixels: the VAE's scale factor."""
+        return self.vae_scale_factor
+
     def subject_masks(self, prompts: list[str], token: str) -> torch.Tensor:
         """Where ``token`` sits in each prompt: bool (B, 77), the same for every tokenizer (see
         :func:`~nested.tokens.subject_masks_for_tokenizers`)."""
@@ -517,7 +528,7 @@ class TransformerBackbone(_VaeLatents):
         suffixes = ["", "_2", "_3"] if kind == "sd3" else ["", "_2"]
         _check_components(source, index, "transformer", suffixes, EXPECTED_TRANSFORMER_LAYOUT)
         quantize = checked_quantize(quantize, index, source)
-        t5_component = f"text_encoder{_t5_suffix(kind)}"
+        t5_component = f"text_encoder{t5_suffix(kind)}"
         if prompt_cache is not None and t5_component in quantize:
             raise ConfigError(
                 f"quantize names {t5_component} (T5), which a prompt cache replaces: it is not loaded. Remove "
@@ -558,6 +569,7 @@ class TransformerBackbone(_VaeLatents):
                     max_sequence_length=length,
                     width=t5_config.d_model,
                     dtype=dtype,
+                    base_model=source,
                 )
             )
         return cls(
@@ -577,6 +589,17 @@ class TransformerBackbone(_VaeLatents):
         for module in (self.transformer, self.vae, *self.text_encoders):
             module.to(device)
         return self
+
+    @property
+    def patch_size(self) -> int:
+        """Latents per side of one transformer token: SD3's ``patch_size``; FLUX packs 2 x 2 latents."""
+        return self.transformer.config.patch_size if self.kind == "sd3" else 2
+
+    @property
+    def side_multiple(self) -> int:
+        """Image sides must be multiples of this many pixels: the VAE's scale factor times the patch size
+        (16 for the real SD3 and FLUX.1 models)."""
+        return self.vae_scale_factor * self.patch_size
 
     @property
     def text_length(self) -> int:
@@ -672,10 +695,19 @@ def joint_subject_masks(
 
     ``tokenizers`` as the pipelines hold them, T5 last (SD3: CLIP-L, CLIP-G, T5; FLUX: CLIP-L, T5).
     SD3: the CLIP part (77 positions, the CLIP tokenizers must agree) then ``max_sequence_length`` T5
-    positions; FLUX: the T5 part alone. Every T5 piece of the token is marked, whole words only.
+    positions; FLUX: the T5 part alone. Every T5 piece of the token is marked, whole words only. An SD3
+    pipeline loaded without T5 (its T5 last is None) fills the T5 part with zeros, where nothing is marked.
     """
     *clips, t5 = tokenizers
-    t5_masks = subject_masks(t5, prompts, token, max_length=max_sequence_length)
+    if t5 is None:
+        if kind == "flux":
+            raise ConfigError(
+                "this FLUX pipeline has no T5 text encoder (text_encoder_2), and FLUX reads the prompt's words "
+                "through T5 alone: load the pipeline with its text_encoder_2."
+            )
+        t5_masks = torch.zeros(len(prompts), max_sequence_length, dtype=torch.bool)
+    else:
+        t5_masks = subject_masks(t5, prompts, token, max_length=max_sequence_length)
     if kind == "flux":
         return t5_masks
     return torch.cat([subject_masks_for_tokenizers(clips, prompts, token), t5_masks], dim=1)

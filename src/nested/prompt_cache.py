@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def model_reference(name_or_path: str | Path) -> str:
+    """How the manifest names a base model: a local folder by its absolute path (a cache may be used from
+    another working directory), a hub id as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name_or_path)
+
+
 def check_settings(manifest: dict[str, Any], folder: str | Path, **expected: Any) -> None:
     """Refuse a cache built with other settings (``max_sequence_length``, ``width``...): its states would not
     fit, or would not be found."""
@@ -99,10 +107,19 @@ class PromptCache(nn.Module):
         width: T5's hidden size; the cache must hold states of that width.
         dtype: the dtype the states are returned in (the frozen models'); the cache must have been built in it,
             so that its states are the ones T5 in this dtype computes.
+        base_model: the base model whose T5 the states stand in for. T5's weights are not loaded to compare, so
+            a cache built from another base model is used, with a warning naming both.
     """
 
     def __init__(
-        self, folder: str | Path, tokenizer: Any, *, max_sequence_length: int, width: int, dtype: torch.dtype
+        self,
+        folder: str | Path,
+        tokenizer: Any,
+        *,
+        max_sequence_length: int,
+        width: int,
+        dtype: torch.dtype,
+        base_model: str | None = None,
     ) -> None:
         super().__init__()
         self.folder = Path(folder)
@@ -114,6 +131,15 @@ class PromptCache(nn.Module):
             width=width,
             dtype=dtype_name(dtype),
         )
+        built_from = self.manifest.get("base_model")
+        if base_model is not None and built_from != model_reference(base_model):
+            warnings.warn(
+                f"the prompt cache {self.folder} holds the T5 states of {built_from}, and this run's base model is "
+                f"{base_model}: they are right only if both have the same T5 weights (FLUX.1 and SD3.5 share "
+                "T5-XXL); otherwise build a cache for this base model with `nested prompts`.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length
         # No weights: this buffer carries the device and dtype that .to() sets and the states are returned in.
@@ -195,7 +221,7 @@ def write_prompt_states(
     width = int(text_encoder.config.d_model)
     dtype = next(text_encoder.parameters()).dtype
     settings = {
-        "base_model": base_model,
+        "base_model": model_reference(base_model),
         "component": component,
         "max_sequence_length": max_sequence_length,
         "width": width,

@@ -52,7 +52,7 @@ from nested.adapter import (
     check_injection_options,
     resolve_adapter_folder,
 )
-from nested.backbone import TRANSFORMER_KINDS, checked_quantize, joint_subject_masks
+from nested.backbone import TRANSFORMER_KINDS, checked_quantize, joint_subject_masks, t5_suffix
 from nested.errors import AdapterError, ConfigError, MissingFileError, UsageError
 from nested.inference.subjects import (
     ImageInput,
@@ -191,22 +191,36 @@ class NestedPipeline:
         return cls(pipe, adapters, image_encoder=image_encoder)
 
     @property
-    def _all_text_pairs(self) -> list[tuple[str, str, Any, torch.nn.Module]]:
-        """(tokenizer attribute, text encoder attribute, tokenizer, text encoder) for each text encoder."""
+    def _text_pairs(self) -> list[tuple[str, str, Any, torch.nn.Module]]:
+        """(tokenizer attribute, text encoder attribute, tokenizer, text encoder) for each text encoder that
+        placeholder tokens are added to: every one of a UNet pipeline, the CLIPs of a transformer pipeline
+        (its T5 splits a placeholder into pieces that all bind instead)."""
+        skipped = None if self.kind == "unet" else f"text_encoder{t5_suffix(self.kind)}"
         pairs = []
         for suffix in ("", "_2", "_3"):
             tokenizer = getattr(self.pipe, f"tokenizer{suffix}", None)
             text_encoder = getattr(self.pipe, f"text_encoder{suffix}", None)
-            if tokenizer is not None and text_encoder is not None:
+            if tokenizer is not None and text_encoder is not None and f"text_encoder{suffix}" != skipped:
                 pairs.append((f"tokenizer{suffix}", f"text_encoder{suffix}", tokenizer, text_encoder))
         return pairs
 
     @property
-    def _text_pairs(self) -> list[tuple[str, str, Any, torch.nn.Module]]:
-        """The text encoders placeholder tokens are added to: every one of a UNet pipeline, the CLIPs of a
-        transformer pipeline (its T5, last, splits a placeholder into pieces that all bind instead)."""
-        pairs = self._all_text_pairs
-        return pairs if self.kind == "unet" else pairs[:-1]
+    def _t5_tokenizer(self) -> Any:
+        """The T5 tokenizer of an SD3 / FLUX pipeline; None where the pipeline was loaded without T5 (SD3 then
+        fills T5's part of the text with zeros)."""
+        suffix = t5_suffix(self.kind)
+        if getattr(self.pipe, f"text_encoder{suffix}", None) is None:
+            return None
+        return getattr(self.pipe, f"tokenizer{suffix}")
+
+    @property
+    def side_multiple(self) -> int:
+        """Image sides must be multiples of this many pixels: 8 for the SD / SDXL pipelines, the VAE's scale
+        factor times the transformer's patch for SD3 / FLUX (16 for the real models)."""
+        if self.kind == "unet":
+            return 8
+        patch = self.pipe.patch_size if self.kind == "sd3" else 2  # FLUX packs 2 x 2 latents per token
+        return self.pipe.vae_scale_factor * patch
 
     @property
     def tokenizers(self) -> list[Any]:
@@ -302,10 +316,9 @@ class NestedPipeline:
             self._snapshot = take_snapshot(self.pipe, self._text_pairs)
         # Resizing draws random rows from the global RNG; keep the user's RNG stream untouched.
         with torch.random.fork_rng(devices=[]):
-            for index, (_, encoder_attr, tokenizer, text_encoder) in enumerate(self._text_pairs):
-                name = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+            for _, encoder_attr, tokenizer, text_encoder in self._text_pairs:
                 token_id = add_placeholder_token(tokenizer, text_encoder, token, class_word)
-                learned = adapter.token_embeddings.get(f"{name}:{source_token}")
+                learned = adapter.token_embeddings.get(f"{encoder_attr}:{source_token}")
                 if learned is None:
                     continue
                 if token_id < self._snapshot.text_encoders[encoder_attr].num_embeddings:
@@ -348,7 +361,7 @@ class NestedPipeline:
         """(B, T) bool positions of ``token`` in the text the denoiser attends to; every CLIP tokenizer must
         agree. SD3 / FLUX: the joint text sequence, with ``max_sequence_length`` T5 tokens."""
         if self.kind != "unet":
-            tokenizers = [pair[2] for pair in self._all_text_pairs]
+            tokenizers = [*self.tokenizers, self._t5_tokenizer]
             return joint_subject_masks(self.kind, tokenizers, prompts, token, max_sequence_length)
         per_tokenizer = [
             subject_masks(tokenizer, prompts_2 if index == 1 and prompts_2 else prompts, token)
@@ -503,6 +516,14 @@ class NestedPipeline:
             pipeline_kwargs: everything else goes to the wrapped pipeline (``negative_prompt``,
                 ``num_inference_steps``, ``guidance_scale``, ``generator``, ``height``...).
         """
+        multiple = self.side_multiple
+        for name in ("height", "width"):
+            size = pipeline_kwargs.get(name)
+            if size is not None and (size < multiple or size % multiple):
+                raise ConfigError(
+                    f"{name} {size} is not a positive multiple of {multiple} pixels, which this "
+                    f"{type(self.pipe).__name__} needs: use {max(multiple, size - size % multiple)}."
+                )
         if "prompt_embeds" in pipeline_kwargs and subjects:
             raise ConfigError(
                 "subjects need the prompt text to find their tokens; pass prompt, not prompt_embeds."

@@ -48,6 +48,10 @@ def build_scheduler(backbone: DiffusionBackbone, name: str | None = None) -> Any
     return scheduler_class.from_config(config)
 
 
+# FluxPipeline's default_sample_size, in latents per side.
+FLUX_SAMPLE_SIZE = 128
+
+
 def _denoiser(backbone: DiffusionBackbone | TransformerBackbone) -> torch.nn.Module:
     return backbone.transformer if isinstance(backbone, TransformerBackbone) else backbone.unet
 
@@ -58,7 +62,10 @@ def default_guidance(backbone: DiffusionBackbone | TransformerBackbone) -> float
 
 
 def default_size(backbone: DiffusionBackbone | TransformerBackbone) -> int:
-    """The base model's native image side in pixels (``sample_size`` x the VAE's scale factor)."""
+    """The base model's native image side in pixels, as its diffusers pipeline sets it: ``sample_size`` x the
+    VAE's scale factor (FLUX: ``FluxPipeline``'s 128 latents, its transformer's config having no size)."""
+    if backbone.kind == "flux":
+        return FLUX_SAMPLE_SIZE * backbone.vae_scale_factor
     sample_size = _denoiser(backbone).config.sample_size
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     return int(sample_size) * backbone.vae_scale_factor
@@ -128,9 +135,9 @@ def sample_images(
         raise ConfigError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}.")
     height = height or default_size(backbone)
     width = width or default_size(backbone)
-    factor = backbone.vae_scale_factor
-    if height % factor or width % factor:
-        raise ConfigError(f"height and width must be multiples of {factor}, got {height}x{width}.")
+    multiple = backbone.side_multiple
+    if height % multiple or width % multiple:
+        raise ConfigError(f"height and width must be multiples of {multiple}, got {height}x{width}.")
     denoiser = _denoiser(backbone)
     device = first_parameter(denoiser).device
     tokens = None

@@ -588,6 +588,13 @@ class NestedAttentionModule(L.LightningModule):
         dtype = first_parameter(transformer).dtype
         prompt_embeds = conditioning.prompt_embeds.to(dtype)
         pooled = conditioning.pooled_prompt_embeds.to(dtype)
+        batch, channels, height, width = noisy.shape
+        patch = backbone.patch_size
+        if height % patch or width % patch:
+            raise ConfigError(
+                f"the {backbone.kind.upper()} transformer takes latents in {patch}x{patch} patches, but these are "
+                f"{height}x{width}: make data.resolution a multiple of {backbone.side_multiple}."
+            )
         if backbone.kind == "sd3":
             return transformer(
                 hidden_states=noisy.to(dtype),
@@ -596,12 +603,6 @@ class NestedAttentionModule(L.LightningModule):
                 pooled_projections=pooled,
                 return_dict=False,
             )[0].float()
-        batch, channels, height, width = noisy.shape
-        if height % 2 or width % 2:
-            raise ConfigError(
-                f"FLUX packs latents in 2x2 patches, but these are {height}x{width}: make data.resolution a "
-                f"multiple of {2 * backbone.vae_scale_factor}."
-            )
         packed = FluxPipeline._pack_latents(noisy.to(dtype), batch, channels, height, width)
         image_ids = FluxPipeline._prepare_latent_image_ids(
             batch, height // 2, width // 2, noisy.device, dtype
