@@ -8,9 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from nested.cli.common import one_line
 from nested.cli.main import SUBCOMMANDS, main
+from nested.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -229,3 +232,64 @@ def test_resuming_a_checkpoint_of_another_architecture_names_it_and_how_to_start
     assert "adapter.encoder.resampler.latents is [1, 16, 64] there, [1, 8, 64] here" in error
     assert "encoder.num_tokens: 16 -> 8" in error
     assert "--auto_resume=false or another --trainer.default_root_dir" in error
+    # A --ckpt_path that is missing, cut short or not a Lightning checkpoint: one line, before any training.
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(checkpoint.read_bytes()[:-4096])
+    for path, problem in (
+        (tmp_path / "missing.ckpt", ": no such file;"),
+        (cut, " is not a readable checkpoint ("),
+        (REPO / "data/models/tiny-sd/unet/config.json", " is not a readable checkpoint ("),
+        (
+            REPO / "data/models/tiny-sd/unet/diffusion_pytorch_model.safetensors",
+            " is not a Lightning checkpoint",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(_fit_args(tmp_path / "other", f"--ckpt_path={path}"))
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith(f"nested fit: error: --ckpt_path {path}{problem}"), error
+        assert error.endswith("resume from the newest readable one under trainer.default_root_dir")
+    assert not (tmp_path / "other" / "checkpoints").exists()
+
+
+class _UnreadableShards(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise DataError("shard /data/0.tar is not a tar file;\nrebuild it with nested shards")
+
+
+def test_a_user_error_raised_in_a_loader_worker_is_its_own_message_on_one_line():
+    """torch re-raises a worker's exception with the worker's traceback in its message: the one line a command
+    prints is the worker's message and where it was raised, not the traceback."""
+    with pytest.raises(DataError) as raised:
+        next(iter(torch.utils.data.DataLoader(_UnreadableShards(), num_workers=1)))
+    assert "Original Traceback" in str(raised.value)
+    assert one_line(raised.value) == (
+        "shard /data/0.tar is not a tar file; rebuild it with nested shards (in DataLoader worker process 0)"
+    )
+    assert one_line(DataError("a\n  b")) == "a b"
+
+
+def test_an_output_folder_below_a_file_is_refused_in_one_line_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "run"
+    expected = f"{str(out)!r} cannot be created: {blocker} is a file, not a folder."
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(out))
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"nested fit: error: --trainer.default_root_dir {expected}"
+    )
+    assert (
+        main(
+            ["shards", str(REPO / "data/demo/faces"), str(out), "--domain", "faces", "--subject", "<person>"]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip() == f"nested shards: error: OUT {expected}"
+    assert blocker.read_text() == "not a folder"

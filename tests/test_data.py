@@ -151,6 +151,10 @@ def test_missing_or_empty_urls_fail_at_start_naming_them(tmp_path: Path) -> None
         build_stream(
             [DomainSpec("faces", str(tmp_path / "nope.json"), "<person>")], train=False, resolution=16
         )
+    with pytest.raises(
+        FileNotFoundError, match=rf"urls '{tmp_path}' is a folder; name its shards instead \(its "
+    ):
+        build_stream([DomainSpec("faces", str(tmp_path), "<person>")], train=False, resolution=16)
 
     with pytest.raises(ValueError, match="urls is empty"):
         DomainSpec("faces", [], "<person>")

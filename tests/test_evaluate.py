@@ -246,6 +246,11 @@ def test_eval_refuses_a_used_out_and_overwrite_replaces_the_earlier_run_whole(
         ({"--strengths": "0.5,nan"}, "--strengths: nan is not a finite number."),
         ({"--guidance": "inf"}, "--guidance: inf is not a finite number."),
         ({"--token-weight": "<person>=nan"}, "--token-weight '<person>=nan': nan is not a finite number."),
+        ({"--device": "cuda:99"}, "--device cuda:99: this machine has "),
+        (
+            {"prompts": "caf\xe9 {token}".encode("latin-1")},
+            "prompts.txt is not UTF-8 text: 'utf-8' codec can't",
+        ),
         # A subject image that cannot be used is fatal, named, before any model loads (--base is not one).
         (
             {"subject": "truncated.jpg"},
@@ -268,6 +273,8 @@ def test_eval_bad_numbers_and_a_damaged_subject_image_end_in_one_line(
     for option, value in change.items():
         if option == "subject":
             {"truncated.jpg": write_truncated_jpeg, "bomb.png": write_bomb_png}[value](subjects / value)
+        elif option == "prompts":
+            prompts.write_bytes(value)
         else:
             argv += [option, value]
     assert main_eval(argv) == 2

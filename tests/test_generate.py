@@ -158,6 +158,12 @@ def test_generate_writes_images_and_settings_and_is_reproducible(setup, tmp_path
         ({"--value-norm-factor": "<dog>=-inf"}, "--value-norm-factor '<dog>=-inf': -inf is not a finite"),
         ({"--guidance": "nan"}, "--guidance: nan is not a finite number"),
         ({"--token-weight": "<dog>=-1"}, "--token-weight <dog>=-1.0: the weight must be > 0"),
+        ({"--device": "cuda:99"}, "--device cuda:99: this machine has "),  # no CUDA device, or fewer
+        ({"--device": "bogus"}, "--device bogus: not a device torch knows"),
+        (
+            {"--steps": "1001"},
+            "num_inference_steps 1001 is more than the 1000 timesteps this DDIMScheduler has",
+        ),
         ({"no subject": "<dog>"}, "--adapter '<dog>' has no --subject: add --subject '<dog>=IMAGE'"),
         (
             {"subject": "bomb.png"},
@@ -191,6 +197,17 @@ def test_user_errors_exit_2_with_one_line(setup, tmp_path, capsys, change, messa
     assert err.startswith("nested generate: error:") and message in err
     assert "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_config_that_is_not_json_is_one_line_naming_it(setup, tmp_path, capsys):
+    adapter = shutil.copytree(setup["faces"], tmp_path / "adapter")
+    (adapter / "adapter_config.json").write_text('{"token": "<person>",')
+    argv = command(setup, tmp_path / "out", "--no-progress")
+    argv[argv.index(f"<person>={setup['faces']}")] = f"<person>={adapter}"
+    assert main_generate(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"nested generate: error: {adapter / 'adapter_config.json'} is not valid JSON (")
+    assert "\n" not in err and not (tmp_path / "out").exists()
 
 
 def test_a_decompression_bomb_is_one_line_from_the_real_command_before_any_model_loads(tmp_path):

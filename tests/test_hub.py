@@ -732,6 +732,26 @@ def test_an_adapter_that_cannot_be_loaded_is_never_uploaded(hub, adapter_dir, tm
     assert hub.requests == []
 
 
+def test_push_refuses_a_bad_repo_id_and_an_unreadable_training_config_in_one_line(
+    hub, adapter_dir, tmp_path, capsys
+):
+    from nested.cli.push import main_push
+
+    bad_yaml = tmp_path / "config.yaml"
+    bad_yaml.write_text("trainer: [1,\n")
+    for argv, expected in (
+        (["not a repo id!!"], "the repo id 'not a repo id!!' must look like 'user/name'"),
+        (
+            ["me/x", "--training-config", str(bad_yaml)],
+            f"--training-config {bad_yaml} is not readable YAML (",
+        ),
+    ):
+        assert main_push([str(adapter_dir), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"nested push: error: {expected}") and err.count("\n") == 1
+    assert hub.requests == []
+
+
 def test_push_to_an_unreachable_hub_names_the_endpoint_and_where_it_came_from(
     adapter_dir, tmp_path, monkeypatch
 ):
@@ -777,14 +797,19 @@ def test_push_to_a_hub_that_never_answers_stops_at_the_timeout(adapter_dir, monk
 
 def test_a_bug_in_the_push_process_ends_the_command_with_its_traceback(adapter_dir, tmp_path, monkeypatch):
     """An exception that is not a user error, raised in the push's child process, is a bug: the command exits
-    1 and shows the child's traceback instead of dressing it up as a one-line error."""
+    1 and shows the child's whole traceback (here 12 frames deep) instead of dressing it up as a one-line
+    error."""
     injected = tmp_path / "injected"
     injected.mkdir()
     # Python imports sitecustomize from PYTHONPATH at start-up, in the command and in its push process.
+    calls = "".join(f"def call_{n}():\n    call_{n + 1}()\n" for n in range(12))
     (injected / "sitecustomize.py").write_text(
         "import nested.hub.push\n"
-        "def push_adapter(*args, **kwargs):\n"
+        f"{calls}"
+        "def call_12():\n"
         "    raise ZeroDivisionError('a bug in the push')\n"
+        "def push_adapter(*args, **kwargs):\n"
+        "    call_0()\n"
         "nested.hub.push.push_adapter = push_adapter\n"
     )
     monkeypatch.setenv("PYTHONPATH", str(injected))
@@ -798,6 +823,7 @@ def test_a_bug_in_the_push_process_ends_the_command_with_its_traceback(adapter_d
         "nested push: the push process exited 1:\nTraceback (most recent call last):"
     )
     assert result.stderr.rstrip().endswith("ZeroDivisionError: a bug in the push")
+    assert all(f"in call_{n}\n" in result.stderr for n in range(13))
     assert "error:" not in result.stderr and result.stdout == ""
 
 

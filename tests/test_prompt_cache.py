@@ -346,6 +346,10 @@ def test_nested_prompts_usage_errors(tmp_path, monkeypatch, capsys):
         ),
         (["--config", "configs/smoke-flux.yaml", "--prompts", str(tmp_path / "none.txt")], "no such file"),
         (
+            ["--config", "configs/smoke-flux.yaml", "--prompts", str(tmp_path)],
+            f"--prompts {tmp_path} is a folder",
+        ),
+        (
             ["--config", "configs/smoke-flux.yaml", "--device", "foo"],
             "--device foo: not a device torch knows",
         ),

@@ -119,6 +119,7 @@ def test_manifests_with_ref_bbox_and_resize(tmp_path: Path) -> None:
         {"image": "wide.png", "caption": "<cat> outside", "ref": "face.png", "bbox": [20, 10, 120, 90]},
         {"image": "wide.png", "caption": "<cat>", "bbox": [300, 0, 400, 50]},  # outside the image
         {"image": "missing.png", "caption": "<cat>"},
+        {"image": "face.png", "caption": 123},  # one bad row is rejected, not the whole build
     ]
     manifest = src / "m.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
@@ -126,9 +127,10 @@ def test_manifests_with_ref_bbox_and_resize(tmp_path: Path) -> None:
         manifest, tmp_path / "out", domain="pets", subject="<cat>", image_size=64, progress=False
     )
     reasons = [json.loads(line)["reason"] for line in (tmp_path / "out" / "rejected.jsonl").open()]
-    assert report.total_samples == 1 and len(reasons) == 3
+    assert report.total_samples == 1 and len(reasons) == 4
     assert reasons[0].startswith("invalid bbox") and reasons[1].startswith("file not found")
-    assert "not a JSON object" in reasons[2]
+    assert reasons[2] == "manifest row's caption is not text: 123"
+    assert "not a JSON object" in reasons[3]
     (sample,) = _read_samples(tmp_path / "out")
     assert sample["jpg"].size == (128, 64)  # short side downscaled to image_size
     assert sample["json"]["original_size"] == [100, 200]
@@ -202,7 +204,9 @@ def test_cached_latents_match_the_vae_and_reach_the_batch(image_folder: Path, tm
     assert "latents" not in collate_batch(list(stream))
 
 
-def test_cli(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli(
+    image_folder: Path, tmp_path: Path, tiny_sd_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main_shards(["--help"])
     assert exit_info.value.code == 0
@@ -223,6 +227,14 @@ def test_cli(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         main_shards([*args, "--cache-latents"])  # without --model
     assert "--model" in capsys.readouterr().err
+    for subject in ("", " <person>"):  # what training would refuse, refused before any image is prepared
+        subject_at = args.index("--subject") + 1
+        assert main_shards([*args[:subject_at], subject, *args[subject_at + 1 :]]) == 2
+        assert f"subject {subject!r} must be a non-empty token" in capsys.readouterr().err
+    args[1] = str(tmp_path / "latents")
+    assert main_shards([*args, "--cache-latents", "--model", str(tiny_sd_path), "--device", "cuda:99"]) == 2
+    assert "--device cuda:99: this machine has " in capsys.readouterr().err
+    assert not (tmp_path / "latents").exists()
 
 
 def _contents(folder: Path) -> dict[str, bytes]:

@@ -6,13 +6,14 @@ import argparse
 import contextlib
 import hashlib
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nested.errors import NestedUserError, OutputExistsError, UsageError
+from nested.errors import MissingFileError, NestedUserError, OutputExistsError, UsageError
 
 __all__ = [
     "DTYPES",
@@ -71,6 +72,18 @@ def pairs(
     return result
 
 
+def check_creatable_folder(path: Path, option: str) -> None:
+    """Refuse, in one line and before any work, a folder ``path`` that cannot be created: the nearest existing
+    folder above it is a file, or this user may not write in it."""
+    ancestor = Path(os.path.abspath(path.expanduser()))
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{option} {str(path)!r} cannot be created: {ancestor} is a file, not a folder.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {str(path)!r} cannot be created: this user may not write in {ancestor}.")
+
+
 def check_output_folder(out: Path, *, overwrite: bool, ours: Callable[[Path], bool], prog: str) -> None:
     """Refuse to mix two runs in one output folder, before any work is done.
 
@@ -83,6 +96,7 @@ def check_output_folder(out: Path, *, overwrite: bool, ours: Callable[[Path], bo
             one of ``prog``'s outputs.
     """
     if not out.exists():
+        check_creatable_folder(out, "--out")
         return
     if not out.is_dir():
         raise OutputExistsError(f"--out {str(out)!r} is a file; choose a folder.")
@@ -108,7 +122,22 @@ def check_output_folder(out: Path, *, overwrite: bool, ours: Callable[[Path], bo
 
 
 def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    """The error's message on one line. One that a DataLoader worker raised comes back from torch with the
+    worker's traceback in its message: only the worker's own message is kept, and where it was raised."""
+    text = str(error)
+    caught, _, worker_traceback = text.partition("\nOriginal Traceback (most recent call last):\n")
+    if caught.startswith("Caught ") and worker_traceback:
+        name = type(error).__qualname__
+        prefixes = (f"{type(error).__module__}.{name}: ", f"{name}: ")
+        lines = worker_traceback.splitlines()
+        start = next((i for i, line in enumerate(lines) if line.startswith(prefixes)), None)
+        if start is not None:
+            message = "\n".join(lines[start:])
+            for prefix in prefixes:
+                message = message.removeprefix(prefix)
+            where = caught.removeprefix(f"Caught {name} ").rstrip(".")
+            text = f"{message} ({where})"
+    return " ".join(text.split()) or type(error).__name__
 
 
 def sha256(path: Path) -> str:
@@ -160,6 +189,46 @@ def add_runtime_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--dtype", default="float32", choices=DTYPES)
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     group.add_argument("--verbose", action="store_true", help="show the libraries' loading bars and warnings")
+
+
+def read_text_option(path: Path, option: str) -> str:
+    """The text of the file an option names (UTF-8, a byte-order mark dropped); one that is missing, a folder,
+    unreadable or not UTF-8 is refused in one line."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as error:
+        raise MissingFileError(f"{option} {path}: no such file") from error
+    except IsADirectoryError as error:
+        raise UsageError(f"{option} {path} is a folder; give a text file") from error
+    except PermissionError as error:
+        raise UsageError(f"{option} {path} cannot be read ({error.strerror})") from error
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{option} {path} is not UTF-8 text: {error}") from error
+
+
+def checked_device(name: str | None, fix: str = "use --device cpu") -> Any:
+    """``--device`` as a ``torch.device`` (None: cuda if available, else cpu), refused in one line if torch does
+    not know it or this machine lacks it; ``fix`` says what to do instead."""
+    import torch  # kept out of the commands' --help
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(
+            f"--device {name}: not a device torch knows ({error}); e.g. cuda, cuda:1 or cpu"
+        ) from error
+    count = {"cuda": torch.cuda.device_count, "mps": lambda: int(torch.backends.mps.is_available())}.get(
+        device.type
+    )
+    if count is not None and count() == 0:
+        raise UsageError(f"--device {name}: this machine has no {device.type.upper()} device; {fix}")
+    if count is not None and (device.index or 0) >= count():
+        raise UsageError(
+            f"--device {name}: this machine has {count()} {device.type.upper()} device(s); {fix}"
+        )
+    return device
 
 
 def run_user_command(prog: str, verbose: bool, run):

@@ -17,10 +17,12 @@ from nested.cli.common import (
     add_quantize_argument,
     add_runtime_arguments,
     check_output_folder,
+    checked_device,
     finite,
     pairs,
     parse_number,
     quantize_option,
+    read_text_option,
     run_user_command,
 )
 from nested.errors import MissingFileError, UsageError
@@ -173,9 +175,7 @@ def _numbers(text: str, option: str, convert) -> list:
 def _templates(path: str | Path) -> tuple[Path, list[tuple[int, str]]]:
     """A prompts file's (line number, template) pairs: blank lines and ``#`` comments skipped."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise MissingFileError(f"--prompts {str(path)!r} does not exist.")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text_option(path, "--prompts").splitlines()
     templates = [(n, line.strip()) for n, line in enumerate(lines, start=1)]
     templates = [(n, t) for n, t in templates if t and not t.startswith("#")]
     if not templates:
@@ -274,6 +274,7 @@ def check_eval_arguments(args: argparse.Namespace) -> dict[str, Any]:
     adapters = pairs(args.adapter, "--adapter")
     tokens = list(adapters)
     quantize = quantize_option(args.quantize)
+    checked_device(args.device)
     # Here, not at the top: `nested eval --help` stays light.
     from nested.inference.subjects import check_strength
 

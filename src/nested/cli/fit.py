@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -27,6 +28,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from nested.callbacks.export import AdapterExport, stopped_early
+from nested.cli.common import check_creatable_folder
 from nested.data.datamodule import NestedDataModule
 from nested.errors import UsageError
 from nested.signals import clear_signals, install_signal_flags, restore_signal_handlers
@@ -35,6 +37,7 @@ from nested.training.resume import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
     checkpoint_dirs,
+    checkpoint_step,
     find_resume_checkpoint,
     stable_checkpoint_dirs,
 )
@@ -75,10 +78,20 @@ class NestedCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        check_creatable_folder(Path(trainer.default_root_dir), "--trainer.default_root_dir")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user-chosen one is kept
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         stable_checkpoint_dirs(trainer)
         return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads an explicit --ckpt_path here, before anything runs: one that is not a readable
+        # checkpoint is refused in one line first.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path not in (None, "last", "hpc", "best", "registry"):
+            check_checkpoint_path(path)
+        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
@@ -91,6 +104,30 @@ class NestedCLI(LightningCLI):
                 f"nested: resuming from {path} (the newest checkpoint under {self.trainer.default_root_dir}); "
                 "pass --auto_resume=false or another --trainer.default_root_dir to start over."
             )
+
+
+def check_checkpoint_path(path: str) -> None:
+    """Refuse a ``--ckpt_path`` that is missing or is not a readable checkpoint, in one line (its step is read
+    without loading its tensors)."""
+    try:
+        checkpoint_step(path)
+    except FileNotFoundError as error:
+        raise UsageError(f"--ckpt_path {path}: no such file; {_CHECKPOINT_FIX}") from error
+    except (KeyError, TypeError) as error:
+        raise UsageError(
+            f"--ckpt_path {path} is not a Lightning checkpoint (no global_step); {_CHECKPOINT_FIX}"
+        ) from error
+    except Exception as error:  # torch.load's errors for a file that is not a whole checkpoint vary by damage
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise UsageError(
+            f"--ckpt_path {path} is not a readable checkpoint ({detail}); {_CHECKPOINT_FIX}"
+        ) from error
+
+
+_CHECKPOINT_FIX = (
+    "pass a checkpoint nested fit wrote (checkpoints/*.ckpt, hpc_ckpt_*.ckpt), or leave --ckpt_path out to "
+    "resume from the newest readable one under trainer.default_root_dir"
+)
 
 
 def _plain(value: Any) -> Any:

@@ -24,6 +24,7 @@ from nested.cli.common import (
     add_quantize_argument,
     add_runtime_arguments,
     check_output_folder,
+    checked_device,
     finite,
     pairs,
     quantize_option,
@@ -141,6 +142,7 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "value_norm_factors": pairs(args.value_norm_factor, "--value-norm-factor", float),
     }
     quantize = quantize_option(args.quantize)
+    checked_device(args.device)
     if args.guidance is not None:
         finite(args.guidance, "--guidance")
     for token, weight in options["token_weights"].items():

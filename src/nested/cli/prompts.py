@@ -15,10 +15,10 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from nested.errors import MissingFileError, UsageError
+from nested.cli.common import checked_device, read_text_option
+from nested.errors import UsageError
 
 __all__ = ["main_prompts", "prompts_parser"]
 
@@ -55,33 +55,11 @@ def prompts_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def checked_device(name: str | None) -> torch.device:
-    """``--device`` (default: cuda if available, else cpu), refused in one line if this machine lacks it."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(
-            f"--device {name}: not a device torch knows ({error}); e.g. cuda, cuda:1 or cpu"
-        ) from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            f"--device {name}: this machine has no CUDA device; leave --device out to run T5 on the CPU"
-        )
-    return device
-
-
 def extra_prompts(paths: list[Path]) -> list[str]:
     """The non-empty lines of each file, stripped."""
     prompts = []
     for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except FileNotFoundError as error:
-            raise MissingFileError(f"--prompts {path}: no such file") from error
-        except UnicodeDecodeError as error:
-            raise UsageError(f"--prompts {path} is not UTF-8 text: {error}") from error
+        text = read_text_option(path, "--prompts")
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
     return prompts
 
@@ -94,7 +72,7 @@ def main_prompts(argv: list[str]) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     prompts = extra_prompts(args.prompts)
-    device = checked_device(args.device)
+    device = checked_device(args.device, "leave --device out to run T5 on the CPU")
 
     # Lightning, diffusers and transformers load only once the arguments are good: --help stays quick.
     from nested.backbone import load_t5

@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from nested.cli.common import one_line
-from nested.errors import MissingFileError, NestedUserError
+from nested.errors import MissingFileError, NestedUserError, UsageError
 
 __all__ = ["main_push", "push_parser"]
 
@@ -48,6 +50,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _check_yaml(path: Path) -> None:
+    """Refuse a ``--training-config`` that is not readable YAML, before the push starts."""
+    try:
+        yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UsageError(
+            f"--training-config {path} is not readable YAML ({error}); pass the run's config.yaml."
+        ) from error
+
+
 def main_push(argv: list[str] | None = None) -> int:
     """``nested push``: returns the exit code (0 ok, 2 for an error, shown in one line; 1 for a bug in the
     push, with its traceback)."""
@@ -55,11 +67,17 @@ def main_push(argv: list[str] | None = None) -> int:
     args = push_parser().parse_args(argv)
     # Imported after parsing: `nested push --help` answers without loading torch.
     from nested.hub.background import PushProcess, PushRequest
-    from nested.hub.model_card import redact
+    from nested.hub.model_card import REPO_ID_PATTERN, redact
 
     try:
+        if not REPO_ID_PATTERN.match(args.repo_id):
+            raise UsageError(
+                f"the repo id {args.repo_id!r} must look like 'user/name' (letters, digits, - _ .)."
+            )
         if args.training_config and not Path(args.training_config).is_file():
             raise MissingFileError(f"--training-config {args.training_config!r} does not exist.")
+        if args.training_config:
+            _check_yaml(Path(args.training_config))
         if _is_partial(args.adapter_dir):
             # Snapshots during training are pushed on purpose (HubUpload does); say what this one is.
             print(

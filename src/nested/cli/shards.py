@@ -11,7 +11,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from nested.cli.common import one_line
+from nested.cli.common import check_creatable_folder, checked_device, one_line
 from nested.errors import MissingFileError, NestedUserError
 
 __all__ = ["main_shards", "shards_parser"]
@@ -86,6 +86,7 @@ def main_shards(argv: Sequence[str] | None = None) -> int:
     from nested.data.shards import build_shards
 
     try:
+        check_creatable_folder(Path(args.out), "OUT")
         vae = _latents_vae(args) if args.cache_latents else None
         with _stop_signals_raise():
             report = build_shards(
@@ -164,10 +165,9 @@ def _stop_signals_raise():
 
 def _latents_vae(args: argparse.Namespace):
     """The VAE of ``--model`` that encodes the cached latents, on ``--device``."""
-    import torch  # only --cache-latents loads a model
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # only --cache-latents loads a model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = checked_device(args.device)
     try:
         vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae")
     except OSError as error:

@@ -257,6 +257,14 @@ def check_urls(spec: DomainSpec) -> list[str]:
         FileNotFoundError: when no url expands, or local shard files are missing.
     """
     urls = expand_urls(spec.urls)
+    if len(urls) == 1 and is_local_url(urls[0]) and local_path(urls[0]).is_dir():
+        folder = local_path(urls[0])
+        index = " (its shards.json)" if (folder / "shards.json").is_file() else ""
+        raise MissingFileError(
+            f"domain {spec.name!r}: urls {spec.urls!r} is a folder; name its shards instead{index}: "
+            f"'{folder / 'shards.json'}', a brace pattern like '{folder}/faces-{{000000..000009}}.tar' or a list "
+            "of .tar files"
+        )
     if not urls:
         raise MissingFileError(
             f"domain {spec.name!r}: urls {spec.urls!r} expand to no shard files; expected a brace pattern like "

@@ -162,6 +162,8 @@ def iter_source(src: Path) -> Iterator[SourceItem]:
         origin = f"{src}:{line}"
         if problem is None and (not isinstance(row, dict) or not row.get("image")):
             problem = "manifest row is not a JSON object with an 'image'"
+        elif problem is None and not isinstance(row.get("caption", ""), (str, type(None))):
+            problem = f"manifest row's caption is not text: {row['caption']!r}"
         if problem is not None:
             # Kept as a rejection, not an error: one bad line must not sink a large manifest.
             yield SourceItem(image=Path(""), caption=None, origin=origin, problem=problem)
@@ -829,6 +831,11 @@ def build_shards(
         raise ConfigError(f"resolution={resolution} must be a multiple of 8 for latents")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", domain):
         raise ConfigError(f"domain {domain!r} must match [A-Za-z0-9_-]+ (it names the shard files)")
+    if not subject or subject != subject.strip():
+        # Training refuses such a subject too (DomainSpec): refused here before any image is prepared.
+        raise ConfigError(
+            f"subject {subject!r} must be a non-empty token without surrounding spaces, e.g. '<person>'"
+        )
     if workers < 0 or (workers and cache_latents):
         raise ConfigError(
             f"workers={workers}: use 0 or more, and 0 with cache_latents (the VAE encodes in this process)"

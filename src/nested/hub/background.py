@@ -116,10 +116,12 @@ class PushProcess:
             return PushOutcome("retry", last)
         if code == 2:
             return PushOutcome("failed", last)
-        # A bug in the child: its traceback is the message.
-        return PushOutcome(
-            "failed", f"the push process exited {code}:\n" + "\n".join(lines[-20:]), crashed=True
+        # A bug in the child: its whole traceback (chained ones included) is the message.
+        start = next(
+            (i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call")), None
         )
+        shown = lines[start:] if start is not None else lines[-20:]
+        return PushOutcome("failed", f"the push process exited {code}:\n" + "\n".join(shown), crashed=True)
 
 
 def _exit_with_parent(parent: int) -> None:

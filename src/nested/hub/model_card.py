@@ -6,7 +6,6 @@ training config a card summarises (``scrub_config``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCardData, get_token
 
-from nested.adapter import CONFIG_NAME, AdapterConfig
+from nested.adapter import AdapterConfig, read_adapter_config
 
 __all__ = [
     "CARD_MARKER",
@@ -113,7 +112,7 @@ def model_card(
     """
 
     folder = Path(adapter_dir)
-    config = AdapterConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()), source=str(folder))
+    config = read_adapter_config(folder)
     base = base_model or config.base_model
     family = _base_family(config)
     spec = config.encoder

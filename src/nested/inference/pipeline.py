@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,11 +44,10 @@ from diffusers import DiffusionPipeline
 from torch import Tensor
 
 from nested.adapter import (
-    CONFIG_NAME,
-    AdapterConfig,
     NestedAdapter,
     SubjectBinding,
     check_injection_options,
+    read_adapter_config,
     resolve_adapter_folder,
 )
 from nested.backbone import TRANSFORMER_KINDS, checked_quantize, joint_subject_masks, t5_suffix
@@ -293,7 +291,7 @@ class NestedPipeline:
     ) -> NestedAdapter:
         """Load an adapter, sharing the frozen vision backbone with an adapter that already has the same one."""
         folder = resolve_adapter_folder(source, revision=revision)
-        spec = AdapterConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text())).encoder
+        spec = read_adapter_config(folder).encoder
         backbone = (str(image_encoder),) if image_encoder else (spec.backbone, spec.subfolder, spec.revision)
         adapter = NestedAdapter.from_pretrained(
             folder, image_encoder=self._backbones.get(backbone) or image_encoder, dtype=self.denoiser.dtype
@@ -524,6 +522,16 @@ class NestedPipeline:
                     f"{name} {size} is not a positive multiple of {multiple} pixels, which this "
                     f"{type(self.pipe).__name__} needs: use {max(multiple, size - size % multiple)}."
                 )
+        steps, limit = (
+            pipeline_kwargs.get("num_inference_steps"),
+            self.pipe.scheduler.config.get("num_train_timesteps"),
+        )
+        if self.kind == "unet" and steps is not None and limit and steps > limit:
+            # The SD / SDXL schedulers pick each step's timestep among the ones the model was trained on.
+            raise ConfigError(
+                f"num_inference_steps {steps} is more than the {limit} timesteps this "
+                f"{type(self.pipe.scheduler).__name__} has: use at most {limit}."
+            )
         if "prompt_embeds" in pipeline_kwargs and subjects:
             raise ConfigError(
                 "subjects need the prompt text to find their tokens; pass prompt, not prompt_embeds."
