@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from nested.cli.common import one_line
+from nested.cli.fit import configured_run
 from nested.cli.main import SUBCOMMANDS, main
 from nested.errors import DataError
 
@@ -258,7 +259,10 @@ class _UnreadableShards(torch.utils.data.Dataset):
         return 2
 
     def __getitem__(self, index: int):
-        raise DataError("shard /data/0.tar is not a tar file;\nrebuild it with nested shards")
+        try:
+            raise DataError("tarfile: truncated header")
+        except DataError as error:  # a chained error of the same class: the outer message is the one shown
+            raise DataError("shard /data/0.tar is not a tar file;\nrebuild it with nested shards") from error
 
 
 def test_a_user_error_raised_in_a_loader_worker_is_its_own_message_on_one_line():
@@ -292,4 +296,16 @@ def test_an_output_folder_below_a_file_is_refused_in_one_line_before_any_work(tm
         == 2
     )
     assert capsys.readouterr().err.strip() == f"nested shards: error: OUT {expected}"
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(tmp_path / "run", f"--export.dirpath={out}"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"nested fit: error: the AdapterExport dirpath {expected}"
+    with pytest.raises(SystemExit) as exit_info:  # before T5 loads
+        main(["prompts", "--config", "configs/smoke-flux.yaml", f"--model.prompt_cache={out}"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"nested prompts: error: --model.prompt_cache {expected}"
+    # Another command reading a run's configuration does not write to its folders: they are not checked.
+    configured_run(["--config", "configs/smoke.yaml", f"--trainer.default_root_dir={out}"])
     assert blocker.read_text() == "not a folder"

@@ -162,7 +162,7 @@ def test_generate_writes_images_and_settings_and_is_reproducible(setup, tmp_path
         ({"--device": "bogus"}, "--device bogus: not a device torch knows"),
         (
             {"--steps": "1001"},
-            "num_inference_steps 1001 is more than the 1000 timesteps this DDIMScheduler has",
+            "num_inference_steps (--steps) 1001 is more than the 1000 timesteps this DDIMScheduler has",
         ),
         ({"no subject": "<dog>"}, "--adapter '<dog>' has no --subject: add --subject '<dog>=IMAGE'"),
         (

@@ -737,14 +737,17 @@ def test_push_refuses_a_bad_repo_id_and_an_unreadable_training_config_in_one_lin
 ):
     from nested.cli.push import main_push
 
-    bad_yaml = tmp_path / "config.yaml"
+    bad_yaml, text = tmp_path / "config.yaml", tmp_path / "notes.txt"
     bad_yaml.write_text("trainer: [1,\n")
+    text.write_text("trained on my photos\n")  # valid YAML: one string
     for argv, expected in (
         (["not a repo id!!"], "the repo id 'not a repo id!!' must look like 'user/name'"),
         (
             ["me/x", "--training-config", str(bad_yaml)],
             f"--training-config {bad_yaml} is not readable YAML (",
         ),
+        (["me/x", "--training-config", str(text)], f"--training-config {text} holds no run configuration"),
+        (["me/x", "--training-config", str(tmp_path)], f"--training-config {tmp_path} is a folder"),
     ):
         assert main_push([str(adapter_dir), *argv]) == 2
         err = capsys.readouterr().err

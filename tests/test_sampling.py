@@ -15,12 +15,13 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
-from test_module import adamw
+from test_module import adamw, make_module
 
 from nested.adapter import NestedAdapter
 from nested.backbone import DiffusionBackbone
 from nested.callbacks import SampleGrid
 from nested.encoder import EncoderSpec
+from nested.errors import ConfigError
 from nested.evaluation.images import load_references, make_grid
 from nested.inference.pipeline import NestedPipeline
 from nested.inference.sampler import build_scheduler, sample_images
@@ -300,6 +301,14 @@ def test_sample_grid_under_ddp_samples_on_rank_zero_without_hanging(
     with open(log_dir / "metrics.csv") as file:
         steps = [int(row["step"]) for row in csv.DictReader(file) if row.get("samples/identity_similarity")]
     assert steps == [0, 1, 2]  # logged once per step: by rank 0 only
+
+
+def test_sample_grid_refuses_at_fit_start_what_its_first_grid_could_not_draw(tiny_sd_path):
+    module = make_module(tiny_sd_path)
+    module.configure_model()
+    with pytest.raises(ConfigError, match=rf"steps 1001 is more than the 1000 timesteps of {tiny_sd_path}'s"):
+        SampleGrid(steps=1001).on_fit_start(None, module)
+    SampleGrid(steps=1000).on_fit_start(None, module)
 
 
 def test_the_samples_preset_builds_the_callback():

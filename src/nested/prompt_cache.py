@@ -132,7 +132,7 @@ class PromptCache(nn.Module):
             dtype=dtype_name(dtype),
         )
         built_from = self.manifest.get("base_model")
-        if base_model is not None and built_from != model_reference(base_model):
+        if base_model is not None and built_from not in (model_reference(base_model), str(base_model)):
             warnings.warn(
                 f"the prompt cache {self.folder} holds the T5 states of {built_from}, and this run's base model is "
                 f"{base_model}: they are right only if both have the same T5 weights (FLUX.1 and SD3.5 share "
@@ -229,6 +229,8 @@ def write_prompt_states(
     }
     manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
     if manifest is not None:
+        if manifest.get("base_model") == str(base_model):  # the same name, stored as given
+            settings["base_model"] = manifest["base_model"]
         check_settings(manifest, folder, **settings)
     manifest = {
         "format": FORMAT,

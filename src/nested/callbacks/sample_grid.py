@@ -39,7 +39,7 @@ from nested.evaluation.metrics import (
     VisionEmbedder,
     vision_embedder,
 )
-from nested.inference.sampler import default_guidance, default_size, sample_images
+from nested.inference.sampler import check_sampling, default_guidance, default_size, sample_images
 from nested.prompt_cache import PromptCache
 
 __all__ = ["DEFAULT_PROMPTS", "SampleGrid"]
@@ -216,6 +216,12 @@ class SampleGrid(L.Callback):
 
     # ------------------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # What the first grid would refuse, hours in, refused now (the DataModule's resolution is the
+        # module's to check).
+        backbone = pl_module.backbone
+        check_sampling(
+            backbone, self.steps, self.height or backbone.side_multiple, self.width or backbone.side_multiple
+        )
         text_encoder = pl_module.backbone.text_encoders[-1]
         if isinstance(text_encoder, PromptCache):  # fail now rather than at the first grid, hours in
             text_encoder.require(self.prompts_for(self.token or pl_module.adapter.config.token), "SampleGrid")

@@ -19,12 +19,15 @@ __all__ = [
     "DTYPES",
     "add_runtime_arguments",
     "add_base_arguments",
+    "check_creatable_folder",
     "check_output_folder",
+    "checked_device",
     "finite",
     "one_line",
     "pairs",
     "parse_number",
     "quiet_libraries",
+    "read_text_option",
     "report_user_errors",
     "run_user_command",
     "sha256",
@@ -130,7 +133,8 @@ def one_line(error: BaseException) -> str:
         name = type(error).__qualname__
         prefixes = (f"{type(error).__module__}.{name}: ", f"{name}: ")
         lines = worker_traceback.splitlines()
-        start = next((i for i, line in enumerate(lines) if line.startswith(prefixes)), None)
+        # The last such line: a chained exception's earlier ones belong to the exceptions it was raised from.
+        start = next((i for i in reversed(range(len(lines))) if lines[i].startswith(prefixes)), None)
         if start is not None:
             message = "\n".join(lines[start:])
             for prefix in prefixes:

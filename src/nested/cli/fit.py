@@ -14,18 +14,22 @@ number when a second stop signal ended it at once.
 
 from __future__ import annotations
 
+import pickle
 import re
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_registry import _is_registry
 
 from nested.callbacks.export import AdapterExport, stopped_early
 from nested.cli.common import check_creatable_folder
@@ -78,10 +82,11 @@ class NestedCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        check_creatable_folder(Path(trainer.default_root_dir), "--trainer.default_root_dir")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user-chosen one is kept
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         stable_checkpoint_dirs(trainer)
+        if self.subcommand is not None:  # a run, not a configuration read by another command (configured_run)
+            check_output_folders(trainer)
         return trainer
 
     def _parse_ckpt_path(self) -> None:
@@ -89,7 +94,8 @@ class NestedCLI(LightningCLI):
         # checkpoint is refused in one line first.
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path not in (None, "last", "hpc", "best", "registry"):
+        local = path is not None and _is_local_file_protocol(str(path)) and not _is_registry(path)
+        if local and path not in ("last", "hpc", "best"):
             check_checkpoint_path(path)
         super()._parse_ckpt_path()
 
@@ -106,6 +112,20 @@ class NestedCLI(LightningCLI):
             )
 
 
+def check_output_folders(trainer: L.Trainer) -> None:
+    """Refuse, before the models load, a folder the run writes to that cannot be created: the root, the
+    checkpoint callbacks' folders and the adapter exports' (else the run would fail at its first checkpoint)."""
+    folders = [("--trainer.default_root_dir", Path(trainer.default_root_dir))]
+    folders += [("the ModelCheckpoint dirpath", path) for path in checkpoint_dirs(trainer)]
+    folders += [
+        ("the AdapterExport dirpath", callback.export_root(trainer))
+        for callback in trainer.callbacks
+        if isinstance(callback, AdapterExport)
+    ]
+    for option, folder in folders:
+        check_creatable_folder(folder, option)
+
+
 def check_checkpoint_path(path: str) -> None:
     """Refuse a ``--ckpt_path`` that is missing or is not a readable checkpoint, in one line (its step is read
     without loading its tensors)."""
@@ -113,11 +133,12 @@ def check_checkpoint_path(path: str) -> None:
         checkpoint_step(path)
     except FileNotFoundError as error:
         raise UsageError(f"--ckpt_path {path}: no such file; {_CHECKPOINT_FIX}") from error
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, IndexError) as error:  # it loads, but holds no global_step
         raise UsageError(
             f"--ckpt_path {path} is not a Lightning checkpoint (no global_step); {_CHECKPOINT_FIX}"
         ) from error
-    except Exception as error:  # torch.load's errors for a file that is not a whole checkpoint vary by damage
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        # What torch.load raises for a file that is not a whole checkpoint, by kind of damage.
         detail = " ".join(str(error).split()) or type(error).__name__
         raise UsageError(
             f"--ckpt_path {path} is not a readable checkpoint ({detail}); {_CHECKPOINT_FIX}"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from nested.cli.common import checked_device, read_text_option
+from nested.cli.common import check_creatable_folder, checked_device, read_text_option
 from nested.errors import UsageError
 
 __all__ = ["main_prompts", "prompts_parser"]
@@ -87,6 +87,7 @@ def main_prompts(argv: list[str]) -> int:
         raise UsageError(
             "set --model.prompt_cache DIR: the folder to write the prompt states to (give nested fit the same)"
         )
+    check_creatable_folder(Path(module.prompt_cache), "--model.prompt_cache")
     # T5 first: a base model without one fails before the shards are read.
     tokenizer, text_encoder, component, length = load_t5(
         module.base_model, dtype=module.frozen_dtype, max_sequence_length=module.max_sequence_length

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from nested.cli.common import one_line
-from nested.errors import MissingFileError, NestedUserError, UsageError
+from nested.cli.common import one_line, read_text_option
+from nested.errors import NestedUserError, UsageError
 
 __all__ = ["main_push", "push_parser"]
 
@@ -50,14 +50,20 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _check_yaml(path: Path) -> None:
-    """Refuse a ``--training-config`` that is not readable YAML, before the push starts."""
+def _check_training_config(path: Path) -> None:
+    """Refuse a ``--training-config`` that is not a readable YAML mapping (a run's config.yaml), before the
+    push starts."""
     try:
-        yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        config = yaml.safe_load(read_text_option(path, "--training-config"))
+    except yaml.YAMLError as error:
         raise UsageError(
             f"--training-config {path} is not readable YAML ({error}); pass the run's config.yaml."
         ) from error
+    if not isinstance(config, dict | None) or not isinstance((config or {}).get("trainer") or {}, dict):
+        raise UsageError(
+            f"--training-config {path} holds no run configuration (a mapping with trainer:, model:, data:); pass "
+            "the run's config.yaml."
+        )
 
 
 def main_push(argv: list[str] | None = None) -> int:
@@ -74,10 +80,8 @@ def main_push(argv: list[str] | None = None) -> int:
             raise UsageError(
                 f"the repo id {args.repo_id!r} must look like 'user/name' (letters, digits, - _ .)."
             )
-        if args.training_config and not Path(args.training_config).is_file():
-            raise MissingFileError(f"--training-config {args.training_config!r} does not exist.")
         if args.training_config:
-            _check_yaml(Path(args.training_config))
+            _check_training_config(Path(args.training_config))
         if _is_partial(args.adapter_dir):
             # Snapshots during training are pushed on purpose (HubUpload does); say what this one is.
             print(

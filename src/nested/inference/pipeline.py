@@ -414,6 +414,10 @@ class NestedPipeline:
                 "with subjects, an SD3 / FLUX pipeline takes one prompt for all its text encoders: drop "
                 "prompt_2 / prompt_3 (the subject must sit at the same words for CLIP and T5)."
             )
+        if max_sequence_length is not None and max_sequence_length < 1:
+            raise ConfigError(
+                f"max_sequence_length must be a positive number of T5 tokens, got {max_sequence_length}."
+            )
         if self.kind != "unet" and max_sequence_length is None:
             max_sequence_length = (
                 inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default
@@ -529,7 +533,7 @@ class NestedPipeline:
         if self.kind == "unet" and steps is not None and limit and steps > limit:
             # The SD / SDXL schedulers pick each step's timestep among the ones the model was trained on.
             raise ConfigError(
-                f"num_inference_steps {steps} is more than the {limit} timesteps this "
+                f"num_inference_steps (--steps) {steps} is more than the {limit} timesteps this "
                 f"{type(self.pipe.scheduler).__name__} has: use at most {limit}."
             )
         if "prompt_embeds" in pipeline_kwargs and subjects:

@@ -84,6 +84,23 @@ def _negative_conditioning(backbone: DiffusionBackbone, negative_prompt: str, ba
     return backbone.encode_prompts([negative_prompt] * batch)
 
 
+def check_sampling(
+    backbone: DiffusionBackbone | TransformerBackbone, steps: int, height: int, width: int
+) -> None:
+    """Refuse what :func:`sample_images` cannot draw with ``backbone``: fewer than 1 step, more steps than an SD /
+    SDXL scheduler has timesteps, a side its VAE and patches cannot cut (:attr:`side_multiple`)."""
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}.")
+    limit = backbone.noise_scheduler.config.num_train_timesteps
+    if isinstance(backbone, DiffusionBackbone) and steps > limit:
+        raise ConfigError(
+            f"steps {steps} is more than the {limit} timesteps of {backbone.source}'s scheduler."
+        )
+    multiple = backbone.side_multiple
+    if height % multiple or width % multiple:
+        raise ConfigError(f"height and width must be multiples of {multiple}, got {height}x{width}.")
+
+
 @torch.no_grad()
 def sample_images(
     backbone: DiffusionBackbone | TransformerBackbone,
@@ -131,13 +148,11 @@ def sample_images(
     seeds = list(range(count)) if seeds is None else [int(seed) for seed in seeds]
     if len(seeds) != count:
         raise ConfigError(f"{len(seeds)} seeds for {count} prompts: pass one seed per prompt.")
-    if steps < 1 or batch_size < 1:
-        raise ConfigError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}.")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
     height = height or default_size(backbone)
     width = width or default_size(backbone)
-    multiple = backbone.side_multiple
-    if height % multiple or width % multiple:
-        raise ConfigError(f"height and width must be multiples of {multiple}, got {height}x{width}.")
+    check_sampling(backbone, steps, height, width)
     denoiser = _denoiser(backbone)
     device = first_parameter(denoiser).device
     tokens = None
