@@ -221,14 +221,24 @@ def t5_suffix(kind: str) -> str:
     return "_3" if kind == "sd3" else "_2"
 
 
-def _t5_length(kind: str, max_sequence_length: int | None, tokenizer: Any, where: str) -> int:
-    """T5 tokens per prompt: ``max_sequence_length``, or the pipeline's default (SD3 256, FLUX 512), checked
-    against the tokenizer's limit."""
+def transformer_patch_size(kind: str, transformer: torch.nn.Module) -> int:
+    """Latents per side of one transformer token: SD3's ``patch_size``; FLUX packs 2 x 2 latents."""
+    return transformer.config.patch_size if kind == "sd3" else 2
+
+
+def check_max_sequence_length(max_sequence_length: int | None) -> None:
+    """Refuse a T5 length below 1 (None: the pipeline's default)."""
     if max_sequence_length is not None and max_sequence_length < 1:
         raise ConfigError(
             f"max_sequence_length must be a positive number of T5 tokens, got {max_sequence_length}; leave it "
-            f"unset for the pipeline's default ({256 if kind == 'sd3' else 512})."
+            "unset for the pipeline's default (SD3 256, FLUX 512)."
         )
+
+
+def _t5_length(kind: str, max_sequence_length: int | None, tokenizer: Any, where: str) -> int:
+    """T5 tokens per prompt: ``max_sequence_length``, or the pipeline's default (SD3 256, FLUX 512), checked
+    against the tokenizer's limit."""
+    check_max_sequence_length(max_sequence_length)
     length = max_sequence_length or (256 if kind == "sd3" else 512)
     if length > tokenizer.model_max_length:
         raise ConfigError(
@@ -592,8 +602,8 @@ class TransformerBackbone(_VaeLatents):
 
     @property
     def patch_size(self) -> int:
-        """Latents per side of one transformer token: SD3's ``patch_size``; FLUX packs 2 x 2 latents."""
-        return self.transformer.config.patch_size if self.kind == "sd3" else 2
+        """Latents per side of one transformer token (:func:`transformer_patch_size`)."""
+        return transformer_patch_size(self.kind, self.transformer)
 
     @property
     def side_multiple(self) -> int:

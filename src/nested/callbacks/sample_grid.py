@@ -216,12 +216,8 @@ class SampleGrid(L.Callback):
 
     # ------------------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # What the first grid would refuse, hours in, refused now (the DataModule's resolution is the
-        # module's to check).
-        backbone = pl_module.backbone
-        check_sampling(
-            backbone, self.steps, self.height or backbone.side_multiple, self.width or backbone.side_multiple
-        )
+        # What the first grid would refuse, hours in, refused now.
+        check_sampling(pl_module.backbone, self.steps, *self._size(trainer, pl_module.backbone))
         text_encoder = pl_module.backbone.text_encoders[-1]
         if isinstance(text_encoder, PromptCache):  # fail now rather than at the first grid, hours in
             text_encoder.require(self.prompts_for(self.token or pl_module.adapter.config.token), "SampleGrid")
@@ -236,6 +232,16 @@ class SampleGrid(L.Callback):
             self.log_samples(trainer, pl_module)
 
     # ------------------------------------------------------------------------------ sampling
+    def _size(
+        self, trainer: L.Trainer | None, backbone: DiffusionBackbone | TransformerBackbone
+    ) -> tuple[int, int]:
+        """The grid's (height, width) in pixels: as set, else the DataModule's resolution, else the model's."""
+        resolution = getattr(getattr(trainer, "datamodule", None), "resolution", None)
+        return (
+            self.height or resolution or default_size(backbone),
+            self.width or resolution or default_size(backbone),
+        )
+
     def generate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Tensor, dict[str, float]]:
         """Generate the grid with the module's backbone and adapter: ((3, H, W) grid, metric means)."""
         if self.references is None:
@@ -243,10 +249,7 @@ class SampleGrid(L.Callback):
         backbone: DiffusionBackbone | TransformerBackbone = pl_module.backbone
         adapter: NestedAdapter = pl_module.adapter
         class_word = adapter.config.tokens[self.token]
-        datamodule = getattr(trainer, "datamodule", None)
-        resolution = getattr(datamodule, "resolution", None)
-        height = self.height or resolution or default_size(backbone)
-        width = self.width or resolution or default_size(backbone)
+        height, width = self._size(trainer, backbone)
 
         prompts, image_index, seeds = [], [], []
         for r in range(len(self.references)):

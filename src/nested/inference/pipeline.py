@@ -50,7 +50,14 @@ from nested.adapter import (
     read_adapter_config,
     resolve_adapter_folder,
 )
-from nested.backbone import TRANSFORMER_KINDS, checked_quantize, joint_subject_masks, t5_suffix
+from nested.backbone import (
+    TRANSFORMER_KINDS,
+    check_max_sequence_length,
+    checked_quantize,
+    joint_subject_masks,
+    t5_suffix,
+    transformer_patch_size,
+)
 from nested.errors import AdapterError, ConfigError, MissingFileError, UsageError
 from nested.inference.subjects import (
     ImageInput,
@@ -217,8 +224,7 @@ class NestedPipeline:
         factor times the transformer's patch for SD3 / FLUX (16 for the real models)."""
         if self.kind == "unet":
             return 8
-        patch = self.pipe.patch_size if self.kind == "sd3" else 2  # FLUX packs 2 x 2 latents per token
-        return self.pipe.vae_scale_factor * patch
+        return self.pipe.vae_scale_factor * transformer_patch_size(self.kind, self.denoiser)
 
     @property
     def tokenizers(self) -> list[Any]:
@@ -414,10 +420,7 @@ class NestedPipeline:
                 "with subjects, an SD3 / FLUX pipeline takes one prompt for all its text encoders: drop "
                 "prompt_2 / prompt_3 (the subject must sit at the same words for CLIP and T5)."
             )
-        if max_sequence_length is not None and max_sequence_length < 1:
-            raise ConfigError(
-                f"max_sequence_length must be a positive number of T5 tokens, got {max_sequence_length}."
-            )
+        check_max_sequence_length(max_sequence_length)
         if self.kind != "unet" and max_sequence_length is None:
             max_sequence_length = (
                 inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default
