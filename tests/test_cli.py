@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from nested.cli.common import one_line
-from nested.cli.fit import configured_run
+from nested.cli.fit import config_error_line, configured_run
 from nested.cli.main import SUBCOMMANDS, main
 from nested.errors import DataError
 
@@ -50,13 +50,30 @@ def test_configs_compose_and_print(capsys):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("--model.learning_rat=0.1", "learning_rat"), ("--data.batch_size=four", "batch_size")],
+    [
+        ("--model.learning_rat=0.1", "learning_rat"),
+        ("--data.batch_size=four", "batch_size"),
+        ("--optimizer=NoSuchOptimizer", "NoSuchOptimizer"),  # a many-line jsonargparse message
+    ],
 )
 def test_unknown_key_or_wrong_type_fails_naming_the_key(override, key, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "configs/smoke.yaml", override])
-    assert exit_info.value.code != 0
-    assert key in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    # One line, without the usage of every option that jsonargparse prints first.
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nested fit: error: "), err
+    assert key in err and err.endswith("(nested fit --help lists the options)\n")
+
+
+def test_config_error_line_keeps_every_alternative():
+    message = (
+        'Parser key "optimizer":\n\n  - Expected a path\n  Errors:\n    - Expected a dot import path: Foo\n'
+    )
+    assert (
+        config_error_line(message)
+        == 'Parser key "optimizer": Expected a path; Errors: Expected a dot import path: Foo'
+    )
 
 
 def test_every_shipped_config_parses(capsys):
@@ -76,8 +93,24 @@ def test_a_typo_in_a_config_file_fails_naming_the_key(tmp_path, capsys):
     typo.write_text("model:\n  learnin_rate: 0.1\n")
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "configs/smoke.yaml", "--config", str(typo), "--print_config"])
-    assert exit_info.value.code != 0
+    assert exit_info.value.code == 2
     assert "learnin_rate" in capsys.readouterr().err
+
+
+def test_a_domain_the_model_cannot_learn_is_refused_before_the_models_load(monkeypatch, tmp_path, capsys):
+    def load_backbone(*args, **kwargs):
+        raise AssertionError("the models were loaded before the subjects were checked")
+
+    monkeypatch.setattr("nested.training.module.load_backbone", load_backbone)
+    args = ["fit", "--config", "configs/smoke.yaml", f"--trainer.default_root_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, '--model.subjects={"<dog>": "dog"}'])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(
+        "nested fit: error: data domain 'faces' binds its subjects to '<person>', but the "
+    )
+    assert "model learns only <dog>" in error
 
 
 def test_a_user_mistake_is_one_line_and_exit_2(capsys, tmp_path):

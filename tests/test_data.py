@@ -355,6 +355,9 @@ def test_caption_subject_matching() -> None:
     assert not contains_subject("a hotdog stand", "dog")
     assert contains_subject("portrait of <person>, smiling", "<person>")
     assert not contains_subject("portrait of a person", "<person>")
+    # Words as CLIP cuts them: letters join, digits and underscores do not.
+    assert contains_subject("dog2 and cat", "dog") and contains_subject("a dog_toy", "dog")
+    assert contains_subject("x<person>'s hat", "<person>")
 
 
 def test_datamodule_parses_from_lightning_cli_yaml() -> None:

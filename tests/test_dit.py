@@ -129,11 +129,12 @@ class FixedSubjects:
         return self.fixed
 
 
-def reference_joint_attention(attn, layout, hidden, text, rotary, subjects) -> torch.Tensor:
+def reference_joint_attention(attn, layout, hidden, text, rotary, subjects, attn_mask=None) -> torch.Tensor:
     """The layer's output by definition, in float64: each image query attends over the joint sequence with
     every subject position's value replaced by that query's own nested value, an explicit
-    (B, H, N, T, D) per-query value tensor; the text queries attend plainly. Returns (B, S, inner)
-    before the output projections, in the order of the joint sequence."""
+    (B, H, N, T, D) per-query value tensor; the text queries attend plainly. ``attn_mask``: bool, True
+    where a query may attend to a key, broadcast to (B, H, S, S). Returns (B, S, inner) before the output
+    projections, in the order of the joint sequence."""
 
     def split(x):
         return x.unflatten(-1, (attn.heads, -1))
@@ -154,7 +155,10 @@ def reference_joint_attention(attn, layout, hidden, text, rotary, subjects) -> t
         k = apply_rotary_emb(k, rotary, sequence_dim=1)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D)
     batch, heads, length, dim = q.shape
-    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim), dim=-1)  # (B, H, S, S)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(dim)  # (B, H, S, S)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
     values = v[:, :, None].expand(batch, heads, length, length, dim).clone()  # per query n, per key t
     for subject in subjects:
         v_star = torch.softmax(q @ subject.keys.transpose(-1, -2) / math.sqrt(dim), -1) @ subject.values
@@ -208,23 +212,34 @@ def random_subject(mask, seed, scale_keys=3.0):
     return NestedSubject(mask=mask, keys=keys, values=values)
 
 
+@pytest.mark.parametrize("mask_shape", [None, "S S", "B 1 1 S", "B 1 S S"])
 @pytest.mark.parametrize("kind", ["sd3", "flux-double", "flux-single"])
-def test_nested_joint_attention_equals_per_query_value_reference(kind):
+def test_nested_joint_attention_equals_per_query_value_reference(kind, mask_shape):
     """Two subjects (one per sample absent) on SD3 joint, FLUX double- and single-stream blocks: the processor
-    equals attention with each subject column's value replaced per image query by its nested value."""
+    equals attention with each subject column's value replaced per image query by its nested value, also under
+    an attention mask of each shape SDPA takes (one for all queries, a key padding mask, one per query), which
+    FLUX's blocks apply and SD3's ignore."""
     attn, layout, hidden, text, rotary = block_case(kind)
     subjects = [
         random_subject(text_masks(2, None), seed=11),
         random_subject(text_masks(4, 5), seed=12),
     ]
+    length = hidden.shape[1] + (0 if text is None else TEXT)
+    mask = None
+    if mask_shape is not None:
+        sizes = {"B": BATCH, "S": length, "1": 1}
+        mask = torch.rand(*(sizes[n] for n in mask_shape.split()), generator=torch.Generator().manual_seed(7))
+        mask = (mask > 0.3).index_fill(-1, torch.tensor([0]), True)  # no query without a key
     processor = NestedJointAttnProcessor("layer", attn.processor, layout)
     processor.bindings.append(FixedSubjects(subjects))
     processor.text_length = TEXT if layout == "single" else None
     with torch.no_grad():
-        got = processor(attn, hidden, text, image_rotary_emb=rotary)
-        reference = reference_joint_attention(attn, layout, hidden, text, rotary, subjects)
+        got = processor(attn, hidden, text, attention_mask=mask, image_rotary_emb=rotary)
+        # SD3's own processor ignores a mask, and so does its nested one (the same model when unbound).
+        applied = None if layout == "image_first" else mask
+        reference = reference_joint_attention(attn, layout, hidden, text, rotary, subjects, applied)
         want = project_out(attn, layout, reference, hidden.shape[1])
-        plain = attn.processor(attn, hidden, text, image_rotary_emb=rotary)
+        plain = attn.processor(attn, hidden, text, attention_mask=mask, image_rotary_emb=rotary)
     got, want, plain = (x if isinstance(x, tuple) else (x,) for x in (got, want, plain))
     for mine, theirs in zip(got, want, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-10)

@@ -16,6 +16,7 @@ from transformers import T5TokenizerFast
 
 from nested.adapter import NestedAdapter, SubjectBinding
 from nested.backbone import DiffusionBackbone, TransformerBackbone, load_backbone
+from nested.data.transforms import contains_subject
 from nested.encoder import EncoderSpec
 from nested.errors import ConfigError, MissingFileError
 from nested.testing import build_tiny_t5_vocab, write_tiny_t5_tokenizer
@@ -211,6 +212,18 @@ def test_subject_mask_with_a_one_token_clip_placeholder(tiny_sd3_path):
     masks = backbone.subject_masks(["a photo of <person>, smiling"], "<person>")
     assert masks[0, :77].nonzero().flatten().tolist() == [4]  # BOS a photo of <person>
     assert masks[0, 77:].nonzero().flatten().tolist() == [3, 4, 5, 6]  # ▁a ▁photo ▁of ▁ < person > ,
+
+
+def test_t5_and_clip_masks_and_the_caption_rule_agree_on_what_a_whole_word_is(tiny_sd3_path):
+    """CLIP's tokenizer cuts runs of letters and single digits: ``person2`` holds the word ``person``, so T5's
+    mask and the data's caption rule must find it there too, and none of them in ``persons``."""
+    backbone = TransformerBackbone.from_pretrained(tiny_sd3_path, max_sequence_length=32)
+    prompts = ["person2 smiles", "a 2person", "x3person4", "persons", "personé", "(person)", "person_x"]
+    masks = backbone.subject_masks(prompts, "person")
+    clip_found, t5_found = masks[:, :77].any(1).tolist(), masks[:, 77:].any(1).tolist()
+    assert clip_found == [True, True, True, False, False, True, True]
+    assert t5_found == clip_found
+    assert [contains_subject(prompt, "person") for prompt in prompts] == clip_found
 
 
 def test_flux_subject_mask_is_the_t5_sequence_and_whole_words_only(flux):

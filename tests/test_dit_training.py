@@ -141,6 +141,22 @@ def test_options_of_the_other_model_family_are_refused(tiny_sd3_path, tiny_sd_pa
         make_module(tiny_sd3_path, weighting_scheme="logitnormal")
     with pytest.raises(ConfigError, match="max_sequence_length .*UNet model"):
         make_module(tiny_sd_path)  # make_module sets max_sequence_length
+    spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
+    for options in ({"weighting_scheme": "mode"}, {"logit_std": 2.0, "guidance_scale": 1.0}):
+        module = NestedAttentionModule(str(tiny_sd_path), spec, **options)
+        with pytest.raises(ConfigError, match=f"model.{', model.'.join(options)}: flow-matching options"):
+            module.configure_model()
+    NestedAttentionModule(
+        str(tiny_sd_path), spec, weighting_scheme="logit_normal"
+    ).configure_model()  # defaults
+
+
+def test_out_of_range_loss_options_are_refused(tiny_sd_path):
+    spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
+    with pytest.raises(ConfigError, match="model.logit_std must be > 0"):
+        NestedAttentionModule(str(tiny_sd_path), spec, logit_std=-1.0)
+    with pytest.raises(ConfigError, match="model.min_snr_gamma must be > 0"):
+        NestedAttentionModule(str(tiny_sd_path), spec, min_snr_gamma=0.0)
 
 
 @pytest.mark.parametrize("tiny_dit_path", ["sd3", "flux"], indirect=True)

@@ -353,6 +353,10 @@ def test_nested_prompts_usage_errors(tmp_path, monkeypatch, capsys):
             ["--config", "configs/smoke-flux.yaml", "--device", "foo"],
             "--device foo: not a device torch knows",
         ),
+        (
+            ["--config", "configs/smoke-flux.yaml", "--model.bogus=1"],
+            "nested prompts: error: unrecognized arguments: --model.bogus=1",
+        ),
     ]
     if not torch.cuda.is_available():
         cases.append(

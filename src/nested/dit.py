@@ -165,6 +165,10 @@ class NestedJointAttnProcessor:
         attention_mask: Tensor | None = None,
         image_rotary_emb: Tensor | tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        if self.layout == "image_first":
+            # SD3's JointAttnProcessor2_0 takes an attention mask and ignores it: so does this, to stay the
+            # same model when no subject is bound.
+            attention_mask = None
         query, key, value = self.joint_projections(
             attn, hidden_states, encoder_hidden_states, image_rotary_emb
         )

@@ -27,6 +27,7 @@ __all__ = [
     "subject_masks",
     "subject_masks_for_tokenizers",
     "subject_token_ids",
+    "word_spans",
 ]
 
 
@@ -124,26 +125,41 @@ def _marks_word_starts(tokenizer: Any, token: str) -> bool:
     return pieces[0].startswith(WORD_START)
 
 
+def word_spans(text: str, token: str) -> list[tuple[int, int]]:
+    """The (start, end) character spans of ``token`` in ``text`` where it is a whole word, case-insensitive.
+
+    A word as CLIP's tokenizers cut text: runs of letters, single digits, runs of other characters. So an end
+    of ``token`` that is a letter may not touch another letter: ``person2`` and ``(person)`` hold ``person``,
+    ``persons`` does not. The data pipeline (does a caption hold its subject?) and the T5 masks use this, so
+    that they agree with the CLIP masks, which match token ids.
+    """
+    spans = []
+    for match in re.finditer(re.escape(token), text, flags=re.IGNORECASE):
+        first, last = match.span()
+        if first > 0 and token[0].isalpha() and text[first - 1].isalpha():
+            continue
+        if last < len(text) and token[-1].isalpha() and text[last].isalpha():
+            continue
+        spans.append((first, last))
+    return spans
+
+
 def _positions_by_offsets(text: str, offsets: list[tuple[int, int]], token: str) -> list[int]:
-    """The positions of the tokens that overlap a whole-word occurrence of ``token`` in ``text``.
+    """The positions of the tokens that overlap a whole-word occurrence of ``token`` in ``text``
+    (:func:`word_spans`).
 
     For SentencePiece tokenizers, where matching ids would find ``person`` at the start of ``persons`` and
-    miss ``<person>`` in ``(<person>)`` (there ``<`` carries no word-start mark): the occurrence is found in
-    the text, with CLIP's notion of a word (an end of ``token`` that is a letter or digit may not touch
-    another), and every piece whose character span overlaps it is marked. Zero-width spans (special
-    tokens, padding) are never marked; an occurrence not fully inside the kept tokens (truncated) is not.
+    miss ``<person>`` in ``(<person>)`` (there ``<`` carries no word-start mark): every piece whose character
+    span overlaps an occurrence is marked. Zero-width spans (special tokens, padding) are never marked; an
+    occurrence not fully inside the kept tokens (truncated) is not.
     """
     end_of_tokens = max((stop for _, stop in offsets), default=0)
     positions: list[int] = []
-    for match in re.finditer(re.escape(token), text, flags=re.IGNORECASE):
-        first, last = match.start(), match.end()
-        if first > 0 and token[0].isalnum() and text[first - 1].isalnum():
-            continue
-        if last < len(text) and token[-1].isalnum() and text[last].isalnum():
-            continue
-        if last > end_of_tokens:
-            continue
-        positions.extend(index for index, (a, b) in enumerate(offsets) if b > a and a < last and b > first)
+    for first, last in word_spans(text, token):
+        if last <= end_of_tokens:
+            positions.extend(
+                index for index, (a, b) in enumerate(offsets) if b > a and a < last and b > first
+            )
     return positions
 
 

@@ -14,13 +14,14 @@ number when a second stop signal ended it at once.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import re
 import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
@@ -55,8 +56,34 @@ EXIT_STOPPED_EARLY = 75
 _INDEXED_OPTION = re.compile(r"^--((?:[A-Za-z_]\w*\.)+?)(\d+)((?:\.\w+)+)(?:=|$)")
 
 
+class NestedArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose configuration mistakes end in one line and exit code 2: the error and where
+    the options are listed, without the hundred lines of usage that jsonargparse prints before them."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # a parser inside jsonargparse, which catches the ArgumentError it raises
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {config_error_line(message)} ({prog} --help lists the options)\n")
+        self.exit(2)
+
+
+def config_error_line(message: str) -> str:
+    """A jsonargparse error on one line. It lists a value's failed alternatives as indented "- " lines; here they
+    become "; "-separated, and a line ending in ":" runs on into the next."""
+    parts = [line.strip().removeprefix("- ") for line in message.splitlines() if line.strip()]
+    text = parts[0] if parts else message
+    for previous, part in itertools.pairwise(parts):
+        text += (" " if previous.endswith(":") else "; ") + part
+    return text
+
+
 class NestedCLI(LightningCLI):
     """LightningCLI with the adapter export and preemption handling always on, and auto-resume."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, parser_class=NestedArgumentParser, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The optimizer and scheduler sections go to the module, which builds them over the adapter's parameters
@@ -203,7 +230,7 @@ def configured_run(argv: list[str]) -> NestedCLI:
             args=[*argv, *_LOCAL_TRAINER],
             run=False,
             save_config_callback=None,
-            parser_kwargs={"allow_abbrev": False},
+            parser_kwargs={"allow_abbrev": False, "prog": "nested prompts"},
         )
 
 
@@ -222,7 +249,7 @@ def main_fit(command: str, argv: list[str] | None) -> int:
             save_config_kwargs={"overwrite": True},
             # No prefix matching: a mistyped --model.learning_rat must fail, not set learning_rate.
             parser_kwargs={name: {"allow_abbrev": False} for name in ("fit", "validate")}
-            | {"allow_abbrev": False},
+            | {"allow_abbrev": False, "prog": "nested"},
         )
     finally:
         restore_signal_handlers(previous)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+
+from nested.tokens import word_spans
 
 if TYPE_CHECKING:
     from nested.data.domains import DomainSpec
@@ -198,8 +199,9 @@ def reference_transform(
 
 
 def contains_subject(caption: str, subject: str) -> bool:
-    """Whether ``subject`` occurs in ``caption`` as a whole word (case-insensitive)."""
-    return re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", caption, flags=re.IGNORECASE) is not None
+    """Whether ``subject`` occurs in ``caption`` as a whole word, case-insensitive, as the subject masks find it
+    (:func:`nested.tokens.word_spans`: ``person2`` holds ``person``, ``persons`` does not)."""
+    return bool(word_spans(caption, subject))
 
 
 def insert_subject(caption: str, spec: DomainSpec) -> str:

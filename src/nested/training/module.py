@@ -45,6 +45,8 @@ DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-4
 # Flow-matching timestep densities and loss weightings of diffusers' SD3 / FLUX training scripts
 # (compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3); the SD3 paper's is logit_normal.
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
+# The options only a diffusion transformer's flow-matching loss reads.
+FLOW_MATCHING_OPTIONS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale")
 
 
 @dataclasses.dataclass
@@ -104,14 +106,16 @@ class NestedAttentionModule(L.LightningModule):
             ``value_norm_factor: null``). Recorded in the exported adapter's config.
         domain: recorded in the exported adapter.
         dropout: classifier-free-guidance dropout of text / image / both.
-        min_snr_gamma: min-SNR loss weighting (None: plain MSE). UNet backbones only.
+        min_snr_gamma: min-SNR loss weighting (> 0; None: plain MSE). UNet backbones only: a diffusion
+            transformer refuses it, as a UNet refuses the flow-matching options below set to other than
+            their defaults.
         noise_offset: adds ``noise_offset * N(0, 1)`` per sample and channel to the noise.
         weighting_scheme: diffusion transformers: how the flow-matching time t is drawn and the loss
             weighted, as diffusers' SD3 / FLUX trainers do: ``logit_normal`` (the SD3 paper's: t =
             sigmoid(N(logit_mean, logit_std)), unweighted loss), ``mode`` (mode_scale), ``none``
             (uniform), ``sigma_sqrt`` / ``cosmap`` (uniform t, weighted loss). t then goes through the
             scheduler's shift: SD3's fixed ``shift``, FLUX's resolution-dependent one.
-        logit_mean, logit_std: of ``logit_normal``; mode_scale: of ``mode``.
+        logit_mean, logit_std (> 0): of ``logit_normal``; mode_scale: of ``mode``.
         guidance_scale: the guidance input of a guidance-distilled transformer (FLUX.1-dev) during
             training (diffusers' FLUX trainers: 3.5); ignored by the others.
         max_sequence_length: T5 tokens of a diffusion transformer's prompts (None: the pipeline's, 256
@@ -189,6 +193,15 @@ class NestedAttentionModule(L.LightningModule):
             raise ConfigError(
                 f"model.weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, got {weighting_scheme!r}."
             )
+        if logit_std <= 0:
+            raise ConfigError(
+                f"model.logit_std must be > 0 (the spread of logit-normal times), got {logit_std}."
+            )
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ConfigError(
+                f"model.min_snr_gamma must be > 0 (5 in the min-SNR paper) or null for no weighting, got "
+                f"{min_snr_gamma}."
+            )
         # Checked here, not when the adapter is built in configure_model: a bad config fails at startup.
         check_injection_mode(injection, "model.injection")
         check_token_weight(token_weight, "model.token_weight")
@@ -230,10 +243,18 @@ class NestedAttentionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------- model
     def setup(self, stage: str) -> None:
+        # Before configure_model loads the models: a domain this module cannot learn is refused now.
+        datamodule = self.trainer.datamodule
+        domains = [*getattr(datamodule, "domains", []), *getattr(datamodule, "val_domains", [])]
+        for spec in domains:
+            if spec.subject not in self.subjects:
+                raise ConfigError(
+                    f"data domain {spec.name!r} binds its subjects to {spec.subject!r}, but the model learns only "
+                    f"{', '.join(self.subjects)}: set the domain's subject to one of these, or add it to "
+                    f"model.subjects with its class word (e.g. {spec.subject!r}: 'dog')."
+                )
         if self.prompt_cache is not None:
             # Every configured domain's captions must be in the cache: found missing now, not hours into the run.
-            datamodule = self.trainer.datamodule
-            domains = [*getattr(datamodule, "domains", []), *getattr(datamodule, "val_domains", [])]
             check_prompt_sources(self.prompt_cache, domains)
 
     def configure_model(self) -> None:
@@ -252,6 +273,16 @@ class NestedAttentionModule(L.LightningModule):
                 f"model.min_snr_gamma weights a DDPM loss; {self.base_model} trains with flow matching: remove "
                 "it and choose model.weighting_scheme instead."
             )
+        if isinstance(backbone, DiffusionBackbone):
+            defaults = inspect.signature(type(self).__init__).parameters
+            changed = [
+                name for name in FLOW_MATCHING_OPTIONS if getattr(self, name) != defaults[name].default
+            ]
+            if changed:
+                raise ConfigError(
+                    f"model.{', model.'.join(changed)}: flow-matching options of SD3 / FLUX; {self.base_model} is a "
+                    "UNet trained on its scheduler's noise or v-prediction, which they would not change: remove them."
+                )
         if self.frozen_dtype == torch.float16:
             backbone.vae.to(torch.float32)
         image_backbone = load_vision_backbone(self.encoder_spec, dtype=self.frozen_dtype)
