@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -22,6 +23,7 @@ from skimage import data
 
 from nested.cli.shards import main_shards
 from nested.data import DomainSpec, NestedDataModule, build_stream
+from nested.data.shards import build_shards
 from nested.encoder import EncoderSpec
 from nested.training.module import NestedAttentionModule
 
@@ -192,6 +194,47 @@ def test_nested_shards_reads_an_img2dataset_folder_as_its_source(tmp_path, capsy
     assert main_shards([*args[:1], str(tmp_path / "other"), *args[2:]]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and f"{folder} holds both .tar files and images" in error
+
+
+def test_a_tar_cut_short_keeps_its_whole_samples_and_a_caption_not_utf8_is_rejected(tmp_path):
+    folder = write_img2dataset_output(tmp_path / "download")
+    with wds.TarWriter(str(folder / "00002.tar"), encoder=False) as writer:
+        for index, name in enumerate(["rocket", "coffee", "chelsea", "camera"]):
+            buffer = io.BytesIO()
+            _photo(name, (64, 64)).save(buffer, format="JPEG")
+            caption = "un caf\u00e9 <person>".encode("latin-1") if index == 0 else f"{name} <person>".encode()
+            writer.write({"__key__": f"00002000{index}", "jpg": buffer.getvalue(), "txt": caption})
+    whole = (folder / "00002.tar").read_bytes()
+    with tarfile.open(folder / "00002.tar") as tar:
+        third = [m for m in tar if m.name.startswith("000020002.")][0]
+    (folder / "00002.tar").write_bytes(whole[: third.offset_data + 100])  # cut inside the third image
+    report = build_shards(folder, tmp_path / "out", domain="web", subject="<person>", progress=False)
+    assert report.total_samples == len(PHOTOS) + 1  # 000020001: the one whole, UTF-8 sample of 00002.tar
+    rejected = {r["path"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").open())}
+    assert set(rejected) == {f"{folder / '00002.tar'}:000020000", str(folder / "00002.tar")}
+    assert rejected[f"{folder / '00002.tar'}:000020000"].startswith(
+        "caption not UTF-8: byte 0xe9 at offset 6"
+    )
+    assert rejected[str(folder / "00002.tar")].startswith("unreadable tar (ReadError: ")
+    assert rejected[str(folder / "00002.tar")].endswith(
+        "the 2 whole samples before the damage are kept; download it again"
+    )
+
+
+def test_training_turns_an_image_upright_by_its_exif_orientation(tmp_path):
+    """img2dataset can keep a camera's bytes (--skip_reencode): the EXIF tag says how to turn them."""
+    from nested.data.loading import decoder
+
+    upright = _photo("astronaut", (48, 64))  # 48 wide, 64 high
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as the camera wrote it: 64 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=95, exif=exif)
+    sample = decoder()({"__key__": "k", "jpg": buffer.getvalue(), "json": b"{}"})
+    assert sample["jpg"].size == (48, 64)
+    error = np.abs(np.asarray(sample["jpg"], dtype=np.float64) - np.asarray(upright, dtype=np.float64))
+    assert error.mean() < 8  # JPEG's loss: 4.2; turned the other way: 92
 
 
 @pytest.mark.faces

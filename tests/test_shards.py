@@ -23,6 +23,7 @@ from PIL import Image
 import nested
 from nested.cli.shards import main_shards
 from nested.data.shards import build_shards
+from nested.image_files import ImageFileError, open_image
 
 
 def _save_image(path: Path, width: int, height: int, seed: int = 0) -> None:
@@ -103,11 +104,17 @@ def test_decompression_bomb_guards(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     reason = json.loads((tmp_path / "a" / "rejected.jsonl").read_text())["reason"]
     assert report.total_samples == 1 and reason.startswith("too many pixels")
 
-    # PIL's own guard (a warning between MAX_IMAGE_PIXELS and twice that) is a rejection too.
+    # PIL's own guard (a warning between MAX_IMAGE_PIXELS and twice that) is a rejection too, where no limit
+    # is given; a limit given replaces it, also above twice PIL's (where Image.open itself would refuse).
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
-    report = build_shards(src, tmp_path / "b", domain="d", subject="x", progress=False)
-    reason = json.loads((tmp_path / "b" / "rejected.jsonl").read_text())["reason"]
-    assert report.total_samples == 1 and reason.startswith("decompression bomb")
+    assert open_image(src / "small.png").rgb.size == (96, 80)  # 7680 pixels: under PIL's limit
+    with pytest.raises(ImageFileError, match="decompression bomb: 120x100 is more than PIL's"):
+        open_image(src / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)
+    assert open_image(src / "big.png", max_pixels=12_000).rgb.size == (120, 100)  # 2.4 x PIL's limit
+    assert Image.MAX_IMAGE_PIXELS == 5_000  # PIL's limit is back
+    with pytest.raises(ImageFileError, match="too many pixels: 120x100 > 11999"):
+        open_image(src / "big.png", max_pixels=11_999)
 
 
 def test_manifests_with_ref_bbox_and_resize(tmp_path: Path) -> None:
@@ -496,6 +503,48 @@ def test_a_caption_or_manifest_line_that_is_not_utf8_is_one_rejected_item(tmp_pa
         assert rejected["reason"].startswith("manifest line not UTF-8: byte 0xe9")
 
 
+def test_a_folder_is_read_through_linked_folders_and_other_image_types_are_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos, src = tmp_path / "photos", tmp_path / "src"
+    (photos / "alice").mkdir(parents=True)
+    (src / "bob").mkdir(parents=True)
+    for index, path in enumerate(
+        [photos / "alice" / "1.jpg", photos / "alice" / "2.jfif", src / "bob" / "1.png"]
+    ):
+        _save_image(path, 96, 80, seed=index)
+        path.with_suffix(".txt").write_text("a photo of <person>")
+    Image.new("RGB", (96, 80)).save(src / "bob" / "2.ico")
+    (src / "bob" / "2.txt").write_text("a photo of <person>")
+    (src / "bob" / "notes.json").write_text("{}")  # not an image: not read
+    (src / "alice").symlink_to(photos / "alice", target_is_directory=True)
+    (src / "bob" / "loop").symlink_to(src, target_is_directory=True)  # a link back up: read once
+    report = build_shards(src, tmp_path / "out", domain="faces", subject="<person>", progress=False)
+    sources = sorted(sample["json"]["source"] for sample in _read_samples(tmp_path / "out"))
+    assert sources == ["alice/1.jpg", "alice/2.jfif", "bob/1.png"] and report.rejected == 1
+    (rejected,) = map(json.loads, (tmp_path / "out" / "rejected.jsonl").open())
+    assert rejected["path"] == str(src / "bob" / "2.ico")
+    assert rejected["reason"].startswith("a .ico image, not one of .jpg, .jpeg")
+
+    # Identity folders come from a folder's layout: a manifest's rows name theirs in a column.
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "src/bob/1.png", "caption": "<person>"}) + "\n")
+    args = [
+        str(manifest),
+        str(tmp_path / "m"),
+        "--domain",
+        "faces",
+        "--subject",
+        "<person>",
+        "--identity-folders",
+    ]
+    assert main_shards(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("nested shards: error: identity folders (--identity-folders) read who each photo")
+    assert f"but {manifest} is a manifest: give a folder of identity folders, or a manifest with an" in error
+    assert not (tmp_path / "m").exists()
+
+
 # ----------------------------------------------------------------------------- image modes
 
 
@@ -526,6 +575,8 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
     keyed = rgb.copy()
     keyed[:32, :32] = key
     keyed_rgb = np.where((keyed == key).all(-1, keepdims=True), 255, keyed)
+    deep_keyed = deep.copy()  # a 16-bit gray png's tRNS value (1): a block of it
+    deep_keyed[:32, :32] = 1
 
     def gray_rgb(values: np.ndarray) -> np.ndarray:
         return np.repeat(np.asarray(values, dtype=np.float64)[..., None], 3, -1)
@@ -544,6 +595,11 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
         "rgba-webp.webp": (Image.fromarray(np.dstack([rgb, ramp])), over_white(rgb, ramp)),
         "p.png": (palette, palette_rgb),
         "rgb-trns.png": (Image.fromarray(keyed), keyed_rgb),
+        "i16-trns.png": (
+            Image.fromarray(deep_keyed),
+            gray_rgb(np.where(deep_keyed == 1, 255, deep_keyed / 257)),
+        ),
+        "p.gif": (palette, np.asarray(palette.convert("RGB"))),
         "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), rgb),
         "cmyk-tiff.tif": (Image.fromarray(rgb).convert("CMYK"), rgb),
         "ycbcr.tif": (Image.fromarray(rgb).convert("YCbCr"), rgb),
@@ -555,7 +611,11 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for name, (image, _) in cases.items():
-        options = {"p.png": {"transparency": hole}, "rgb-trns.png": {"transparency": key}}.get(name, {})
+        options = {
+            "p.png": {"transparency": hole},
+            "rgb-trns.png": {"transparency": key},
+            "i16-trns.png": {"transparency": 1},
+        }.get(name, {})
         image.save(src / name, **options, **({"lossless": True} if name.endswith(".webp") else {}))
     Image.fromarray(deep.astype(np.int32) * 4).save(src / "beyond16.tif")  # 32-bit values: no 8-bit meaning
     Image.fromarray(unit * 2).save(src / "hdr.tif")  # floats beyond 1
@@ -591,7 +651,7 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
         )
     for name in ("l.png", "one.png", "opaque.png"):  # the reader's conversion is already right: stored as is
         assert "png" in samples[name] and "jpg" not in samples[name], name
-    assert all("jpg" in samples[name] for name in ("i16.png", "la.png", "p.png", "rgb-trns.png"))
+    assert all("jpg" in samples[name] for name in ("i16.png", "la.png", "p.png", "rgb-trns.png", "p.gif"))
 
 
 def test_worker_processes_write_the_same_shards_and_never_fork_the_caller(

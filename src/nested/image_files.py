@@ -4,8 +4,8 @@ Every place that opens a user's image file goes through :func:`open_image`, so a
 same things with the same words:
 
 - a decompression bomb: the pixel count is read from the header and checked *before* anything is
-  decoded (PIL itself only warns between ``PIL.Image.MAX_IMAGE_PIXELS`` and twice that, and refuses
-  beyond, whatever ``max_pixels`` says);
+  decoded, against the caller's ``max_pixels`` or else ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL itself only
+  warns between its limit and twice that, and refuses beyond);
 - a truncated or corrupt file: the whole image is decoded here, so a broken file fails now, with its
   name, and not later in the middle of a run with PIL's bare "image file is truncated";
 - a file PIL cannot identify;
@@ -17,15 +17,19 @@ The result is upright (its EXIF orientation applied) and correct 8-bit RGB in ev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import threading
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from PIL.ExifTags import Base as ExifTag
 
 from nested.errors import DataError, MissingFileError
 
@@ -69,8 +73,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``), but clips 16-bit and 32-bit integers at 255
     and drops alpha. So: ``I;16*`` (16-bit) is scaled from 0..65535, ``I`` (32-bit integers) is read
     as 16-bit too (refused outside 0..65535), ``F`` (floats) is scaled from 0..1 (refused
-    outside), and transparency (an alpha channel, or a ``transparency`` entry of ``P``, ``L`` and
-    ``RGB`` images) is composited over white.
+    outside), and transparency (an alpha channel, or a ``transparency`` entry of ``P``, ``L``, ``I;16``
+    and ``RGB`` images) is composited over white.
 
     Raises:
         UnusablePixels: when the pixel values have no defined 8-bit meaning (the message says why).
@@ -94,11 +98,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
                     f"max {high:g}); save it as an 8- or 16-bit image"
                 )
             pixels = pixels / 257
-        return Image.fromarray(np.rint(pixels).astype(np.uint8)).convert("RGB")
+        gray = Image.fromarray(np.rint(pixels).astype(np.uint8))
+        key = image.info.get("transparency")
+        if isinstance(key, int):  # a 16-bit gray PNG's transparent value: those pixels become white
+            gray.paste(255, mask=Image.fromarray(np.asarray(image) == key))
+        return gray.convert("RGB")
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     return image.convert("RGB")
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_limit_at_least(max_pixels: int | None) -> Iterator[None]:
+    """PIL's ``Image.MAX_IMAGE_PIXELS`` raised to ``max_pixels`` meanwhile, where it is lower: ``Image.open``
+    refuses an image beyond twice PIL's limit before the caller's own limit is read. The limit is PIL's
+    global; the lock keeps two threads from restoring each other's value."""
+    if max_pixels is None or Image.MAX_IMAGE_PIXELS is None or max_pixels <= Image.MAX_IMAGE_PIXELS:
+        yield
+        return
+    with _PIL_LIMIT_LOCK:
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 def open_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> OpenedImage:
@@ -106,10 +133,10 @@ def open_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ope
 
     Args:
         path: the file.
-        max_pixels: the most pixels (width x height) the caller accepts (None: no limit of its own).
-            PIL's ``Image.MAX_IMAGE_PIXELS`` applies as well (read at each call, so raising it from
-            Python raises that limit; None: none): an image beyond it is refused as a decompression
-            bomb, where PIL itself would only warn.
+        max_pixels: the most pixels (width x height) the caller accepts, in place of PIL's
+            ``Image.MAX_IMAGE_PIXELS`` (also above it). None: PIL's limit (read at each call, so raising
+            it from Python raises this one; None: none), and an image beyond it is refused as a
+            decompression bomb, where PIL itself would only warn.
 
     Raises:
         MissingFileError: no file at ``path``.
@@ -119,20 +146,24 @@ def open_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ope
     if not path.is_file():
         raise MissingFileError(f"the image {str(path)!r} does not exist.")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pil_limit_at_least(max_pixels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
             with Image.open(path) as image:
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageFileError(path, f"too many pixels: {width}x{height} > {max_pixels}; resize it")
-                if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+                if (
+                    max_pixels is None
+                    and Image.MAX_IMAGE_PIXELS is not None
+                    and width * height > Image.MAX_IMAGE_PIXELS
+                ):
                     raise ImageFileError(
                         path,
                         f"decompression bomb: {width}x{height} is more than PIL's Image.MAX_IMAGE_PIXELS "
                         f"({Image.MAX_IMAGE_PIXELS}); resize it",
                     )
                 image.load()
-                transposed = image.getexif().get(0x0112, 1) != 1  # the EXIF orientation tag
+                transposed = image.getexif().get(ExifTag.Orientation, 1) != 1
                 upright = ImageOps.exif_transpose(image) if transposed else image
                 rgb = to_rgb(upright)
                 bytes_differ = transposed or (

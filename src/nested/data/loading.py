@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
+from PIL.ExifTags import Base as ExifTag
 from torch.utils.data import DataLoader, default_collate
 
 from nested.data.domains import SKIP_KEYS, DomainSpec, SkipCounter, check_urls, shard_counts
@@ -133,11 +134,15 @@ _DECODED = [*_TARGET_KEYS, *_REF_KEYS, *_LATENT_KEYS, "json"]
 
 
 def _decode_rgb(data: bytes) -> Image.Image:
-    """An image member -> 8-bit RGB PIL (:func:`nested.image_files.to_rgb`: also right for 16-bit or
-    transparent images in shards written by other tools). webdataset's "pil" handler converts twice
-    (two full copies of every decoded image); this converts only what is not RGB already."""
+    """An image member -> upright 8-bit RGB PIL: turned by its EXIF orientation and made RGB by
+    :func:`nested.image_files.to_rgb`, for the 16-bit, transparent or camera-oriented images of shards
+    written by other tools (``nested shards`` stores them upright, without the tag). webdataset's "pil"
+    handler converts twice (two full copies of every decoded image); this converts only what is not RGB
+    already."""
     image = Image.open(io.BytesIO(data))
     image.load()
+    if image.getexif().get(ExifTag.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     return to_rgb(image)
 
 

@@ -79,7 +79,7 @@ from nested.image_files import ImageFileError, open_image
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 # Formats whose bytes are stored untouched (the reader decodes exactly these extensions).
 _STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _REF_FORMATS = {"JPEG": "jpg", "PNG": "png"}
@@ -144,10 +144,15 @@ def iter_source(src: Path) -> Iterator[SourceItem]:
         yield from iter_tar_source(src)
         return
     if src.is_dir():
-        for path in sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            caption, problem = _read_caption(path.with_suffix(".txt"))
-            name = path.relative_to(src).as_posix()
-            yield SourceItem(image=path, caption=caption, origin=str(path), name=name, problem=problem)
+        other_images = {ext for ext, name in Image.registered_extensions().items() if name in Image.OPEN}
+        for path in sorted(_files_under(src)):
+            suffix, name = path.suffix.lower(), path.relative_to(src).as_posix()
+            if suffix in IMAGE_SUFFIXES:
+                caption, problem = _read_caption(path.with_suffix(".txt"))
+                yield SourceItem(image=path, caption=caption, origin=str(path), name=name, problem=problem)
+            elif suffix in other_images and suffix != ".txt":
+                problem = f"a {suffix} image, not one of {', '.join(IMAGE_SUFFIXES)}: convert it, e.g. to PNG"
+                yield SourceItem(image=path, caption=None, origin=str(path), name=name, problem=problem)
         return
     if not src.is_file():
         raise MissingFileError(f"shards source {src} does not exist: pass a folder of images or a manifest")
@@ -180,8 +185,31 @@ def iter_source(src: Path) -> Iterator[SourceItem]:
         )
 
 
+def _files_under(folder: Path) -> Iterator[Path]:
+    """Every file below ``folder``, through linked folders too (``rglob`` does not follow them), each real
+    folder once (a link back up is not followed again)."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        yield from (Path(root) / name for name in files)
+
+
 def _not_utf8(byte: int, offset: int) -> str:
     return f"not UTF-8: byte 0x{byte:02x} at offset {offset}; save it as UTF-8"
+
+
+def _decode_caption(data: bytes, where: str) -> tuple[str | None, str | None]:
+    """``(caption, problem)`` of a caption file's bytes: UTF-8 (a BOM dropped, line ends made ``\\n``, as
+    ``read_text`` would), else the problem, naming ``where``."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return None, f"caption {_not_utf8(exc.object[exc.start], exc.start)} ({where})"
+    return text.replace("\r\n", "\n").replace("\r", "\n"), None
 
 
 def _read_caption(path: Path) -> tuple[str | None, str | None]:
@@ -189,10 +217,7 @@ def _read_caption(path: Path) -> tuple[str | None, str | None]:
     if not path.is_file():
         return None, None
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-        return text.replace("\r\n", "\n").replace("\r", "\n"), None  # as read_text would
-    except UnicodeDecodeError as exc:
-        return None, f"caption {_not_utf8(exc.object[exc.start], exc.start)} ({path})"
+        return _decode_caption(path.read_bytes(), str(path))
     except OSError as exc:
         return None, f"caption unreadable: {exc}"
 
@@ -262,12 +287,13 @@ def iter_tar_source(src: Path) -> Iterator[SourceItem]:
     it, kept as the sample's ``original_size``. A sample whose json ``status`` is not ``success`` is rejected.
     """
     for tar_path in sorted(src.glob("*.tar")):
-        try:
-            samples = _tar_samples(tar_path)
-        except (tarfile.TarError, OSError) as exc:
-            problem = f"unreadable tar: {type(exc).__name__}: {exc}"
+        samples, damage = _tar_samples(tar_path)
+        if damage is not None:
+            kept = (
+                f"the {len(samples)} whole samples before the damage are kept" if samples else "nothing kept"
+            )
+            problem = f"unreadable tar ({damage}): {kept}; download it again"
             yield SourceItem(image=tar_path, caption=None, origin=str(tar_path), problem=problem)
-            continue
         for key, members in samples.items():
             origin, name = f"{tar_path}:{key}", f"{tar_path.stem}/{key}"
             image_ext = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in members), None)
@@ -289,7 +315,10 @@ def iter_tar_source(src: Path) -> Iterator[SourceItem]:
                 continue
             caption = meta.get("caption")
             if not isinstance(caption, str) and "txt" in members:
-                caption = _read_member(tar_path, members["txt"]).decode("utf-8", errors="replace")
+                caption, problem = _decode_caption(_read_member(tar_path, members["txt"]), f"{origin}.txt")
+                if problem is not None:
+                    yield SourceItem(image=tar_path, caption=None, origin=origin, name=name, problem=problem)
+                    continue
             height, width = meta.get("original_height"), meta.get("original_width")
             original = [height, width] if all(isinstance(v, int) and v > 0 for v in (height, width)) else None
             yield SourceItem(
@@ -302,19 +331,31 @@ def iter_tar_source(src: Path) -> Iterator[SourceItem]:
             )
 
 
-def _tar_samples(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """key -> member extension -> (offset, size) of its bytes, for every file in the tar, in order."""
+def _tar_samples(path: Path) -> tuple[dict[str, dict[str, tuple[int, int]]], str | None]:
+    """key -> member extension -> (offset, size) of its bytes, for every file in the tar, in order; and the
+    error that stopped the reading, or None.
+
+    A tar cut short (an interrupted download) keeps the samples before the cut, without the one being read
+    there, whose other members may be lost (a member whose bytes run past the end of the file is the cut).
+    """
     samples: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(path) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            folder, _, base = info.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if dot:
+    key = None  # of the member read last
+    try:
+        size = path.stat().st_size
+        with tarfile.open(path) as tar:
+            for info in tar:
+                folder, _, base = info.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
                 key = f"{folder}/{stem}" if folder else stem
+                if not info.isfile() or not dot:
+                    continue
+                if info.offset_data + info.size > size:
+                    raise tarfile.ReadError(f"{info.name} runs past the end of the file")
                 samples.setdefault(key, {})[ext.lower()] = (info.offset_data, info.size)
-    return samples
+    except (tarfile.TarError, OSError) as exc:
+        samples.pop(key, None)
+        return samples, f"{type(exc).__name__}: {exc}"
+    return samples, None
 
 
 def _read_member(path: Path, member: tuple[int, int]) -> bytes:
@@ -848,6 +889,13 @@ def build_shards(
         from nested.data.faces import load_models  # dlib: only when faces are prepared
 
         load_models()  # before anything is written (a missing extra is one line naming it), shared by workers
+    if identity_folders and not (src.is_dir() and not any(src.glob("*.tar"))):
+        what = "a manifest" if src.is_file() else "a folder of .tar files" if src.is_dir() else "not a folder"
+        raise ConfigError(
+            f"identity folders (--identity-folders) read who each photo shows from SOURCE/<identity>/<image>, "
+            f"but {src} is {what}: give a folder of identity folders, or a manifest with an 'identity' column "
+            "(without --identity-folders)"
+        )
     items = list(iter_source(src))  # a list, so the progress bar knows the total
     if identity_folders:
         items = with_folder_identities(items)
