@@ -131,7 +131,21 @@ def test_entirely_broken_data_raises_instead_of_spinning(tmp_path: Path) -> None
     shard = _write_shard(tmp_path / "bad.tar", [_sample("x", caption="no token here")])
     spec = DomainSpec("faces", str(shard), "<person>", caption_rule="drop")
     stream = build_stream([spec], train=True, resolution=16, reference_size=8, max_consecutive_failures=50)
-    with pytest.raises(DataError, match="in a row were skipped"):
+    with pytest.raises(DataError) as caught:
+        next(iter(stream))
+    # The counter's verdict, not counted again as one more corrupt sample; its fix names the setting.
+    assert str(caught.value).startswith(
+        "data: 51 samples/shards in a row were skipped (no_subject_dropped: 51)"
+    )
+    assert str(caught.value).endswith(
+        "set caption_rule: insert, or check the domain's subject against the captions."
+    )
+
+    spec = DomainSpec("faces", str(shard), "<person>", reference="ref")  # no sample has a ref image
+    stream = build_stream([spec], train=True, resolution=16, reference_size=8, max_consecutive_failures=50)
+    with pytest.raises(
+        DataError, match=r"\(no_reference: 51\); last: x\. The domain's reference: ref needs a"
+    ):
         next(iter(stream))
 
 

@@ -199,6 +199,8 @@ def test_nested_shards_reads_an_img2dataset_folder_as_its_source(tmp_path, capsy
 def test_a_tar_cut_short_keeps_its_whole_samples_and_a_caption_not_utf8_is_rejected(tmp_path):
     folder = write_img2dataset_output(tmp_path / "download")
     with wds.TarWriter(str(folder / "00002.tar"), encoder=False) as writer:
+        failed = {"status": "failed_to_download", "error_message": "HTTP Error 404"}  # img2dataset: json only
+        writer.write({"__key__": "000020009", "json": json.dumps(failed).encode()})
         for index, name in enumerate(["rocket", "coffee", "chelsea", "camera"]):
             buffer = io.BytesIO()
             _photo(name, (64, 64)).save(buffer, format="JPEG")
@@ -211,14 +213,12 @@ def test_a_tar_cut_short_keeps_its_whole_samples_and_a_caption_not_utf8_is_rejec
     report = build_shards(folder, tmp_path / "out", domain="web", subject="<person>", progress=False)
     assert report.total_samples == len(PHOTOS) + 1  # 000020001: the one whole, UTF-8 sample of 00002.tar
     rejected = {r["path"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").open())}
-    assert set(rejected) == {f"{folder / '00002.tar'}:000020000", str(folder / "00002.tar")}
-    assert rejected[f"{folder / '00002.tar'}:000020000"].startswith(
-        "caption not UTF-8: byte 0xe9 at offset 6"
-    )
-    assert rejected[str(folder / "00002.tar")].startswith("unreadable tar (ReadError: ")
-    assert rejected[str(folder / "00002.tar")].endswith(
-        "the 2 whole samples before the damage are kept; download it again"
-    )
+    tar = folder / "00002.tar"
+    assert set(rejected) == {f"{tar}:000020009", f"{tar}:000020000", str(tar)}
+    assert rejected[f"{tar}:000020009"] == "img2dataset status 'failed_to_download': HTTP Error 404"
+    assert rejected[f"{tar}:000020000"].startswith("caption not UTF-8: byte 0xe9 at offset 6")
+    assert rejected[str(tar)].startswith("unreadable tar (ReadError: ")
+    assert rejected[str(tar)].endswith("the 3 whole samples before the damage are kept; download it again")
 
 
 def test_training_turns_an_image_upright_by_its_exif_orientation(tmp_path):

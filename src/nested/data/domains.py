@@ -284,6 +284,20 @@ def check_urls(spec: DomainSpec) -> list[str]:
 # ----------------------------------------------------------------------------- skip counting
 
 
+class TooManySkips(DataError):
+    """Raised by :class:`SkipCounter`: the data yields no usable sample. Not itself a skip to count."""
+
+
+# What to do when the skips in a row are mostly of one kind.
+_SKIP_FIXES = {
+    "no_reference": "The domain's reference: ref needs a ref.jpg / ref.png in every sample: set its reference "
+    "to bbox_crop or target, or build the shards with references (nested shards --faces or --identity-folders).",
+    "no_subject_dropped": "The domain's caption_rule: drop drops every caption without its subject token: set "
+    "caption_rule: insert, or check the domain's subject against the captions.",
+}
+_SKIP_FIX = "Check the shards (corrupt or unreadable?) and the domains' caption_rule/reference settings."
+
+
 class SkipCounter:
     """Per-worker counts of skipped samples since the last yielded sample.
 
@@ -307,9 +321,12 @@ class SkipCounter:
             return
         self.consecutive += 1
         if self.consecutive > self.max_consecutive:
-            raise DataError(
-                f"data: {self.consecutive} samples/shards in a row were skipped ({self.totals}); last: {reason}. "
-                "Check the shards (corrupt or unreadable?) and the domains' caption_rule/reference settings."
+            counts = {name: n for name, n in self.pending.items() if n and name != "no_subject_inserted"}
+            most = max(counts, key=counts.__getitem__)
+            raise TooManySkips(
+                f"data: {self.consecutive} samples/shards in a row were skipped "
+                f"({', '.join(f'{name}: {count}' for name, count in counts.items())}); last: {reason}. "
+                f"{_SKIP_FIXES.get(most, _SKIP_FIX)}"
             )
 
     def handler(self, kind: str) -> Callable[[BaseException], bool]:

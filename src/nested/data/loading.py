@@ -42,7 +42,7 @@ from PIL import Image, ImageOps
 from PIL.ExifTags import Base as ExifTag
 from torch.utils.data import DataLoader, default_collate
 
-from nested.data.domains import SKIP_KEYS, DomainSpec, SkipCounter, check_urls, shard_counts
+from nested.data.domains import SKIP_KEYS, DomainSpec, SkipCounter, TooManySkips, check_urls, shard_counts
 from nested.data.train_stream import DomainSource, ResumePoint, TrainStream
 from nested.data.transforms import (
     ReferenceAugment,
@@ -193,6 +193,8 @@ class _ToTrainingSample:
         """``convert`` that counts an exception as ``corrupt`` and returns None."""
         try:
             return self.convert(raw, rng)
+        except TooManySkips:  # the counter's own verdict, not a malformed sample
+            raise
         except Exception as exc:  # a malformed sample must never stop the run
             self.counter.add("corrupt", f"{raw.get('__url__')} {raw.get('__key__')}: {exc!r}")
             return None

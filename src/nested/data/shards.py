@@ -304,12 +304,12 @@ def iter_tar_source(src: Path) -> Iterator[SourceItem]:
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     meta = None
             problem = None
-            if image_ext is None:
-                problem = f"no image member (jpg, jpeg, png or webp) among {sorted(members)}"
-            elif not isinstance(meta, dict):
+            if not isinstance(meta, dict):
                 problem = "json member is not a JSON object"
-            elif meta.get("status", "success") != "success":
+            elif meta.get("status", "success") != "success":  # a failed download has no image: say why
                 problem = f"img2dataset status {meta.get('status')!r}: {meta.get('error_message')}"
+            elif image_ext is None:
+                problem = f"no image member (jpg, jpeg, png or webp) among {sorted(members)}"
             if problem is not None:
                 yield SourceItem(image=tar_path, caption=None, origin=origin, name=name, problem=problem)
                 continue
