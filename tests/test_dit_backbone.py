@@ -216,12 +216,22 @@ def test_subject_mask_with_a_one_token_clip_placeholder(tiny_sd3_path):
 
 def test_t5_and_clip_masks_and_the_caption_rule_agree_on_what_a_whole_word_is(tiny_sd3_path):
     """CLIP's tokenizer cuts runs of letters and single digits: ``person2`` holds the word ``person``, so T5's
-    mask and the data's caption rule must find it there too, and none of them in ``persons``."""
+    mask and the data's caption rule must find it there too, and none of them in ``persons`` or in
+    ``superperson`` (which CLIP's BPE ends with the piece ``person</w>``)."""
     backbone = TransformerBackbone.from_pretrained(tiny_sd3_path, max_sequence_length=32)
-    prompts = ["person2 smiles", "a 2person", "x3person4", "persons", "personé", "(person)", "person_x"]
+    prompts = [
+        "person2 smiles",
+        "a 2person",
+        "x3person4",
+        "persons",
+        "personé",
+        "(person)",
+        "person_x",
+        "superperson",
+    ]
     masks = backbone.subject_masks(prompts, "person")
     clip_found, t5_found = masks[:, :77].any(1).tolist(), masks[:, 77:].any(1).tolist()
-    assert clip_found == [True, True, True, False, False, True, True]
+    assert clip_found == [True, True, True, False, False, True, True, False]
     assert t5_found == clip_found
     assert [contains_subject(prompt, "person") for prompt in prompts] == clip_found
 

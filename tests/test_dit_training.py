@@ -151,12 +151,21 @@ def test_options_of_the_other_model_family_are_refused(tiny_sd3_path, tiny_sd_pa
     ).configure_model()  # defaults
 
 
-def test_out_of_range_loss_options_are_refused(tiny_sd_path):
+def test_out_of_range_loss_and_value_options_are_refused(tiny_sd_path):
     spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
     with pytest.raises(ConfigError, match="model.logit_std must be > 0"):
         NestedAttentionModule(str(tiny_sd_path), spec, logit_std=-1.0)
     with pytest.raises(ConfigError, match="model.min_snr_gamma must be > 0"):
         NestedAttentionModule(str(tiny_sd_path), spec, min_snr_gamma=0.0)
+    with pytest.raises(ConfigError, match=r"model.value_norm_factor must be > 0, or null for no rescaling"):
+        NestedAttentionModule(str(tiny_sd_path), spec, value_norm_factor=-2.0)
+    # At inference a binding's 0 turns the adapter's rescaling off; below 0 has no meaning.
+    tokens, masks = torch.zeros(1, 4, 32), torch.zeros(1, 77, dtype=torch.bool)
+    assert SubjectBinding(tokens=tokens, masks=masks, value_norm_factor=0.0).value_norm_factor == 0.0
+    with pytest.raises(
+        ConfigError, match=r"SubjectBinding.value_norm_factor must be >= 0 \(0: no rescaling\)"
+    ):
+        SubjectBinding(tokens=tokens, masks=masks, value_norm_factor=-1.0)
 
 
 @pytest.mark.parametrize("tiny_dit_path", ["sd3", "flux"], indirect=True)

@@ -158,6 +158,17 @@ def test_generate_writes_images_and_settings_and_is_reproducible(setup, tmp_path
         ({"--value-norm-factor": "<dog>=-inf"}, "--value-norm-factor '<dog>=-inf': -inf is not a finite"),
         ({"--guidance": "nan"}, "--guidance: nan is not a finite number"),
         ({"--token-weight": "<dog>=-1"}, "--token-weight <dog>=-1.0: the weight must be > 0"),
+        ({"--value-norm-factor": "<dog>=-3"}, "value_norm_factors['<dog>'] must be >= 0 (0: no rescaling)"),
+        (
+            {"--seed": str(2**64 - 1)},  # image 1 would take seed 2**64
+            f"--seed {2**64 - 1} with --num-images 2: the seeds {2**64 - 1}..{2**64} must lie in torch's range",
+        ),
+        (
+            {"--base": "/no/such/base"},
+            "no model folder at /no/such/base: expected a diffusers pipeline folder",
+        ),
+        ({"--base": "not a repo!"}, "'not a repo!' is neither a model folder nor a Hub id"),
+        ({"adapter": "@v1"}, "with revision 'v1': only a Hub repo id (user/name) has revisions, not a local"),
         ({"--device": "cuda:99"}, "--device cuda:99: this machine has "),  # no CUDA device, or fewer
         ({"--device": "bogus"}, "--device bogus: not a device torch knows"),
         (
@@ -183,7 +194,8 @@ def test_user_errors_exit_2_with_one_line(setup, tmp_path, capsys, change, messa
                 IMAGE_FAULTS[value](tmp_path / value)
             argv[argv.index(f"<person>={setup['images']['me']}")] = f"<person>={tmp_path / value}"
         elif option == "adapter":
-            argv[argv.index(f"<person>={setup['faces']}")] = f"<person>={setup['sdxl']}"
+            adapter = f"{setup['faces']}{value}" if value.startswith("@") else setup[value]
+            argv[argv.index(f"<person>={setup['faces']}")] = f"<person>={adapter}"
         elif option == "no subject":
             at = argv.index(f"{value}={setup['images']['rex']}")
             del argv[at - 1 : at + 1]
@@ -276,6 +288,21 @@ def test_a_strength_outside_the_range_warns_once_in_one_line(setup, tmp_path, ca
     ]
     settings = json.loads((tmp_path / "out" / "generation.json").read_text())
     assert settings["subjects"]["<dog>"]["strength"] == 3.0
+
+
+def test_an_out_through_a_missing_folder_and_up_is_the_folder_it_names(setup, tmp_path, capsys):
+    """``missing/../kept`` is ``kept`` once ``missing`` exists: a used ``kept`` is refused as such, and nothing
+    is created on the way."""
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    assert main_generate(command(setup, tmp_path / "missing" / ".." / "kept", "--no-progress")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"nested generate: error: --out '{tmp_path}/missing/../kept' is not empty (it holds"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and _tree(tmp_path / "kept") == {
+        "notes.txt": b"mine"
+    }
 
 
 def test_out_is_never_the_current_directory_or_above_it(setup, tmp_path, monkeypatch, capsys):

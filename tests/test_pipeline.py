@@ -334,6 +334,19 @@ def test_images_from_paths_pil_and_tensors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_image(tmp_path / "missing.jpg", "<dog>")
 
+    # A photo given as a PIL image is read as its file is: upright by its EXIF tag, transparency on white.
+    rgba = torch.cat([torch.from_numpy(array), torch.zeros(20, 30, 1, dtype=torch.uint8)], -1)
+    rgba[:10, :, 3] = 255  # the bottom half is transparent
+    Image.fromarray(rgba.numpy(), "RGBA").save(tmp_path / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to view
+    Image.fromarray(array).save(tmp_path / "camera.png", exif=exif)
+    for name in ("rgba.png", "camera.png"):
+        from_path = load_image(tmp_path / name)
+        assert torch.equal(load_image(Image.open(tmp_path / name)), from_path), name
+    assert from_path.shape == (1, 3, 30, 20)  # the camera's photo, upright
+    assert (load_image(tmp_path / "rgba.png")[0, :, 10:] == 1).all()  # white
+
 
 def test_clear_errors(sd_pipe, sd_adapters, sdxl_faces, tmp_path):
     with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:

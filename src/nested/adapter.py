@@ -42,6 +42,7 @@ from nested.attention import (
     NestedSubject,
     check_injection_mode,
     check_token_weight,
+    check_value_norm_factor,
 )
 from nested.dit import (
     NestedJointAttnProcessor,
@@ -52,7 +53,7 @@ from nested.dit import (
     text_projections,
 )
 from nested.encoder import EncoderSpec, Resampler, SubjectEncoder
-from nested.errors import AdapterError, ConfigError, HubError, MissingFileError
+from nested.errors import AdapterError, ConfigError, HubError, MissingFileError, UsageError
 from nested.files import staged_directory
 from nested.tokens import (
     add_placeholder_token,
@@ -208,6 +209,7 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         check_injection_mode(self.injection)
         check_token_weight(self.token_weight)
+        check_value_norm_factor(self.value_norm_factor, "value_norm_factor")
         check_injection_options(
             self.injection, token_weight=self.token_weight, value_norm_factor=self.value_norm_factor
         )
@@ -330,6 +332,11 @@ class SubjectBinding:
     projections: list[Tensor] = field(default_factory=list, repr=False)
     # UNet batch size -> where the subject sits in such a batch, computed once per binding.
     layouts: dict[int, BatchLayout] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        check_value_norm_factor(
+            self.value_norm_factor, "SubjectBinding.value_norm_factor", zero_turns_off=True
+        )
 
 
 @dataclass(frozen=True)
@@ -946,18 +953,23 @@ def _before_unet_call(layers: dict[str, nn.Module], unet: nn.Module, args, kwarg
 
 
 def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """A local adapter folder, downloading a hub repo into the huggingface_hub cache if needed."""
-    path = Path(name_or_path)
-    if not path.exists():
-        if (
-            os.path.isabs(str(name_or_path))
-            or str(name_or_path).startswith((".", "~"))
-            or str(name_or_path).count("/") != 1
-        ):
-            raise MissingFileError(
-                f"adapter folder {str(name_or_path)!r} does not exist (and is not a hub repo id user/name)."
-            )
+    """A local adapter folder, downloading a hub repo into the huggingface_hub cache if needed.
 
+    ``name_or_path`` is a local folder if one exists there, else a Hub repo id ``user/name``. With a
+    ``revision`` it is always a Hub repo id: a local folder has no revisions.
+    """
+    path, name = Path(name_or_path), str(name_or_path)
+    hub_id = not (os.path.isabs(name) or name.startswith((".", "~"))) and name.count("/") == 1
+    if revision is not None and not hub_id:
+        raise UsageError(
+            f"adapter {name!r} with revision {revision!r}: only a Hub repo id (user/name) has revisions, not a "
+            "local folder; drop the revision."
+        )
+    if revision is not None or not path.exists():
+        if not hub_id:
+            raise MissingFileError(
+                f"adapter folder {name!r} does not exist (and is not a hub repo id user/name)."
+            )
         try:
             path = Path(
                 snapshot_download(

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nested.errors import ConfigError
+
 __all__ = [
     "INJECTION_MODES",
     "InjectionMode",
@@ -46,6 +48,7 @@ __all__ = [
     "check_disjoint",
     "check_injection_mode",
     "check_token_weight",
+    "check_value_norm_factor",
     "rows_present",
 ]
 
@@ -67,6 +70,15 @@ def check_token_weight(weight: float, source: str = "token_weight") -> float:
     if not weight > 0:
         raise ValueError(f"{source} must be > 0, got {weight}.")
     return weight
+
+
+def check_value_norm_factor(factor: float | None, source: str, zero_turns_off: bool = False) -> float | None:
+    """``factor`` if it is None or > 0 (v* is rescaled to ``factor * ||V_s||``), or 0 where ``zero_turns_off``
+    (a binding's override that turns the adapter's rescaling off); else a ConfigError naming ``source``."""
+    if factor is None or factor > 0 or (zero_turns_off and factor == 0):
+        return factor
+    allowed = ">= 0 (0: no rescaling)" if zero_turns_off else "> 0, or null for no rescaling"
+    raise ConfigError(f"{source} must be {allowed}: v* is rescaled to factor x ||V_s||; got {factor}.")
 
 
 @dataclass

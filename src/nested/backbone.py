@@ -27,6 +27,7 @@ from diffusers import (
     SD3Transformer2DModel,
     UNet2DConditionModel,
 )
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from nested.errors import ConfigError, MissingFileError
 from nested.prompt_cache import PromptCache
@@ -105,9 +106,7 @@ def check_tokenizer(tokenizer: Any, text_encoder: Any, where: str) -> None:
         )
 
 
-def _read_model_index(
-    name_or_path: str, expected: str = EXPECTED_LAYOUT, **hub_kwargs: Any
-) -> dict[str, Any]:
+def read_model_index(name_or_path: str, expected: str = EXPECTED_LAYOUT, **hub_kwargs: Any) -> dict[str, Any]:
     """Read ``model_index.json`` from a local folder or the Hub, with an error saying what was ``expected``."""
     local = Path(name_or_path).expanduser()
     looks_local = local.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
@@ -115,6 +114,13 @@ def _read_model_index(
         raise MissingFileError(f"no model folder at {local}: expected {expected}.")
     if local.is_dir() and not (local / "model_index.json").is_file():
         raise MissingFileError(f"{local} has no model_index.json: expected {expected}.")
+    if not local.is_dir():
+        try:
+            validate_repo_id(name_or_path)
+        except HFValidationError as error:
+            raise MissingFileError(
+                f"{name_or_path!r} is neither a model folder nor a Hub id ({error}). Expected {expected}."
+            ) from None
     try:
         return dict(
             DiffusionPipeline.load_config(str(local) if local.is_dir() else name_or_path, **hub_kwargs)
@@ -274,7 +280,7 @@ def load_t5(
     ``text_encoder_2`` for FLUX; the length defaulted and checked as there). ``nested prompts`` encodes with it."""
     source = str(name_or_path)
     hub_kwargs = _hub_kwargs(revision, local_files_only)
-    index = _read_model_index(source, EXPECTED_TRANSFORMER_LAYOUT, **hub_kwargs)
+    index = read_model_index(source, EXPECTED_TRANSFORMER_LAYOUT, **hub_kwargs)
     if is_registered(index, "unet") and not is_registered(index, "transformer"):
         raise ConfigError(
             f"{source} is a UNet model, whose prompts go through CLIP alone: a prompt cache holds T5 states, "
@@ -363,7 +369,7 @@ class DiffusionBackbone(_VaeLatents):
         """
         source = str(name_or_path)
         hub_kwargs = _hub_kwargs(revision, local_files_only)
-        index = _read_model_index(source, **hub_kwargs)
+        index = read_model_index(source, **hub_kwargs)
         if is_registered(index, "transformer") and not is_registered(index, "unet"):
             raise ConfigError(
                 f"{source} is a diffusion transformer ({index['transformer'][1]}), not a UNet model: load it "
@@ -533,7 +539,7 @@ class TransformerBackbone(_VaeLatents):
         """
         source = str(name_or_path)
         hub_kwargs = _hub_kwargs(revision, local_files_only)
-        index = _read_model_index(source, EXPECTED_TRANSFORMER_LAYOUT, **hub_kwargs)
+        index = read_model_index(source, EXPECTED_TRANSFORMER_LAYOUT, **hub_kwargs)
         kind = _transformer_kind(source, index)
         suffixes = ["", "_2", "_3"] if kind == "sd3" else ["", "_2"]
         _check_components(source, index, "transformer", suffixes, EXPECTED_TRANSFORMER_LAYOUT)
@@ -730,7 +736,7 @@ def load_backbone(
     ``kwargs`` go to the chosen ``from_pretrained``. ``max_sequence_length`` (T5 tokens) is refused for a
     UNet model."""
     hub_kwargs = {key: kwargs[key] for key in ("revision", "local_files_only") if kwargs.get(key) is not None}
-    index = _read_model_index(str(name_or_path), **hub_kwargs)
+    index = read_model_index(str(name_or_path), **hub_kwargs)
     if is_registered(index, "transformer") and not is_registered(index, "unet"):
         return TransformerBackbone.from_pretrained(
             name_or_path, max_sequence_length=max_sequence_length, **kwargs

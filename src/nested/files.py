@@ -135,8 +135,12 @@ def replace_directory(staging: str | os.PathLike, directory: str | os.PathLike) 
 def staged_directory(directory: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty hidden sibling folder to fill; on a clean exit it replaces ``directory``
     (:func:`replace_directory`) with umask modes (:func:`public_modes`). On an exception it is
-    removed and ``directory`` is untouched."""
-    directory = Path(directory)
+    removed and ``directory`` is untouched.
+
+    ``directory`` is resolved first: ``a/missing/../out`` is ``a/out``, as the system reads it once
+    ``a/missing`` exists (which it then need not), and a link to a folder replaces the folder it names.
+    """
+    directory = Path(directory).expanduser().resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:

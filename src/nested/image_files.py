@@ -33,7 +33,7 @@ from PIL.ExifTags import Base as ExifTag
 
 from nested.errors import DataError, MissingFileError
 
-__all__ = ["ImageFileError", "OpenedImage", "UnusablePixels", "open_image", "to_rgb"]
+__all__ = ["ImageFileError", "OpenedImage", "UnusablePixels", "open_image", "to_rgb", "upright"]
 
 # What PIL raises for a file it cannot decode, across its format plugins.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
@@ -64,6 +64,13 @@ _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 
 class UnusablePixels(ValueError):
     """Pixels with no defined 8-bit meaning (the reason, without the path)."""
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation tag says (a camera's sideways bytes); itself without one."""
+    if image.getexif().get(ExifTag.Orientation, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -163,11 +170,10 @@ def open_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ope
                         f"({Image.MAX_IMAGE_PIXELS}); resize it",
                     )
                 image.load()
-                transposed = image.getexif().get(ExifTag.Orientation, 1) != 1
-                upright = ImageOps.exif_transpose(image) if transposed else image
-                rgb = to_rgb(upright)
-                bytes_differ = transposed or (
-                    rgb is not upright
+                turned = upright(image)
+                rgb = to_rgb(turned)
+                bytes_differ = turned is not image or (
+                    rgb is not turned
                     and not np.array_equal(np.asarray(image.convert("RGB")), np.asarray(rgb))
                 )
                 return OpenedImage(rgb, image.format, bytes_differ)

@@ -109,14 +109,27 @@ def _pool_at_eos(tokenizer: Any, text_encoder: Any) -> None:
         text_encoder.config.eos_token_id = tokenizer.eos_token_id
 
 
-def _find(sequence: list[int], pattern: list[int]) -> list[int]:
-    """Every position of ``sequence`` covered by an occurrence of ``pattern``."""
+def _find(sequence: list[int], pattern: list[int], starts_word: Callable[[int], bool]) -> list[int]:
+    """Every position of ``sequence`` covered by an occurrence of ``pattern`` at a ``starts_word`` position."""
     width = len(pattern)
     positions: list[int] = []
     for start in range(len(sequence) - width + 1):
-        if sequence[start : start + width] == pattern:
+        if sequence[start : start + width] == pattern and starts_word(start):
             positions.extend(range(start, start + width))
     return positions
+
+
+def _word_starts(tokenizer: Any, ids: list[int], pattern: list[int]) -> Callable[[int], bool]:
+    """Whether a token of ``ids`` starts a word, for a CLIP-style tokenizer, whose pieces mark a word's END
+    (``dog</w>``): ``hotdog`` is ``ho t dog</w>``, and ``dog</w>`` there ends a word it does not start. A
+    piece starts a word after one that ends a word, a special token or an added token (the tokenizer cuts the
+    text around those). Every position counts when ``pattern`` itself ends without that mark (an added
+    placeholder such as ``<person>``, always a word of its own)."""
+    if not tokenizer.convert_ids_to_tokens(pattern[-1]).endswith("</w>"):
+        return lambda index: True
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    separate = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    return lambda index: index == 0 or pieces[index - 1].endswith("</w>") or pieces[index - 1] in separate
 
 
 def _marks_word_starts(tokenizer: Any, token: str) -> bool:
@@ -191,7 +204,8 @@ def subject_masks(
             positions = _positions_by_offsets(prompts[row], encoded.offset_mapping[row], token)
         else:
             # Search only real tokens: SDXL's second tokenizer pads with "!", which may be a subject piece.
-            positions = _find(list(ids[: sum(attention)]), pattern)
+            real = list(ids[: sum(attention)])
+            positions = _find(real, pattern, _word_starts(tokenizer, real, pattern))
         masks[row, positions] = True
     return masks
 

@@ -98,14 +98,18 @@ def check_output_folder(out: Path, *, overwrite: bool, ours: Callable[[Path], bo
         OutputExistsError: ``out`` is a file, holds files without ``overwrite``, or holds a file that is not
             one of ``prog``'s outputs.
     """
+    given, out = (
+        out,
+        out.expanduser().resolve(),
+    )  # the folder staged_directory replaces: a/missing/../b is a/b
     if not out.exists():
-        check_creatable_folder(out, "--out")
+        check_creatable_folder(given, "--out")
         return
     if not out.is_dir():
-        raise OutputExistsError(f"--out {str(out)!r} is a file; choose a folder.")
-    if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise OutputExistsError(f"--out {str(given)!r} is a file; choose a folder.")
+    if out in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
         raise OutputExistsError(
-            f"--out {str(out)!r} holds the current directory; choose a folder of its own, e.g. --out outputs/run1."
+            f"--out {str(given)!r} holds the current directory; choose a folder of its own, e.g. --out outputs/run1."
         )
     files = sorted(path.relative_to(out) for path in out.rglob("*") if not path.is_dir())
     if not files:
@@ -113,13 +117,13 @@ def check_output_folder(out: Path, *, overwrite: bool, ours: Callable[[Path], bo
     if not overwrite:
         more = f" and {len(files) - 1} more files" if len(files) > 1 else ""
         raise OutputExistsError(
-            f"--out {str(out)!r} is not empty (it holds {str(files[0])!r}{more}) and {prog} does not mix two runs "
+            f"--out {str(given)!r} is not empty (it holds {str(files[0])!r}{more}) and {prog} does not mix two runs "
             f"in one folder: choose another --out, or pass --overwrite to replace an earlier {prog} run."
         )
     foreign = [path for path in files if not ours(path)]
     if foreign:
         raise OutputExistsError(
-            f"--out {str(out)!r} holds {str(foreign[0])!r}, which {prog} did not write; --overwrite replaces only "
+            f"--out {str(given)!r} holds {str(foreign[0])!r}, which {prog} did not write; --overwrite replaces only "
             f"a folder of {prog}'s own outputs: move that file away or choose another --out."
         )
 

@@ -84,7 +84,8 @@ def generate_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TOKEN=FLOAT",
-        help="override the adapter's value_norm_factor for TOKEN",
+        help="override the adapter's value_norm_factor for TOKEN (> 0: rescale v* to FLOAT x ||V_s||; 0: no "
+        "rescaling)",
     )
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--prompt", required=True)
@@ -150,6 +151,12 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--token-weight {token}={weight}: the weight must be > 0.")
     if args.steps < 1 or args.num_images < 1:
         raise UsageError("--steps and --num-images must be >= 1.")
+    last_seed = args.seed + args.num_images - 1  # image i uses seed + i
+    if not (args.seed >= -(2**63) and last_seed < 2**64):
+        raise UsageError(
+            f"--seed {args.seed} with --num-images {args.num_images}: the seeds {args.seed}..{last_seed} must lie "
+            f"in torch's range -2**63 .. 2**64 - 1."
+        )
     for size in (args.height, args.width):
         if size is not None and (size < 8 or size % 8):
             raise UsageError(f"--height and --width must be positive multiples of 8, got {size}.")

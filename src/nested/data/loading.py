@@ -38,8 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, ImageOps
-from PIL.ExifTags import Base as ExifTag
+from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
 from nested.data.domains import SKIP_KEYS, DomainSpec, SkipCounter, TooManySkips, check_urls, shard_counts
@@ -53,7 +52,7 @@ from nested.data.transforms import (
 )
 from nested.data.val_stream import AttachSkipCounts, Partition, ReadShards, ValidationStream, WeightedMix
 from nested.errors import ConfigError
-from nested.image_files import to_rgb
+from nested.image_files import to_rgb, upright
 
 __all__ = [
     "TrainLoader",
@@ -141,9 +140,7 @@ def _decode_rgb(data: bytes) -> Image.Image:
     already."""
     image = Image.open(io.BytesIO(data))
     image.load()
-    if image.getexif().get(ExifTag.Orientation, 1) != 1:
-        image = ImageOps.exif_transpose(image)
-    return to_rgb(image)
+    return to_rgb(upright(image))
 
 
 _IMAGE_HANDLER = wds.handle_extension(" ".join(_TARGET_KEYS), _decode_rgb)  # also ref.jpg, ref.png

@@ -55,6 +55,7 @@ from nested.backbone import (
     check_max_sequence_length,
     checked_quantize,
     joint_subject_masks,
+    read_model_index,
     t5_suffix,
     transformer_patch_size,
 )
@@ -98,6 +99,11 @@ class _Token:
     source: str  # where the adapter came from (folder, hub id or "<object>")
     revision: str | None
     placeholder: bool  # added to the tokenizers by us
+
+
+_EXPECTED_PIPELINE = (
+    "a diffusers pipeline folder or Hub id with model_index.json (SD 1.x/2.x, SDXL, SD3, FLUX.1)"
+)
 
 
 class NestedPipeline:
@@ -177,11 +183,14 @@ class NestedPipeline:
         Hub ids download through the huggingface_hub cache; ``HF_HUB_OFFLINE=1`` is honoured.
         """
 
+        # A missing folder or a malformed Hub id is one line here, before diffusers' own errors.
+        index = read_model_index(
+            str(base), _EXPECTED_PIPELINE, **({"revision": revision} if revision else {})
+        )
         try:
             if quantize:
                 if "quantization_config" in pipeline_kwargs:
                     raise UsageError("pass quantize or quantization_config, not both.")
-                index = DiffusionPipeline.load_config(str(base), revision=revision)
                 quantize = checked_quantize(quantize, index, str(base))
                 pipeline_kwargs["quantization_config"] = pipeline_config(quantize)
             pipe = DiffusionPipeline.from_pretrained(

@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from nested.attention import check_token_weight
+from nested.attention import check_token_weight, check_value_norm_factor
 from nested.errors import ConfigError, DataError, MissingFileError
-from nested.image_files import open_image
+from nested.image_files import UnusablePixels, open_image, to_rgb, upright
 from nested.tokens import set_token_embedding
 
 __all__ = [
@@ -105,7 +105,11 @@ class Subject:
         if self.token_weight is not None:
             self.token_weight = check_token_weight(check_finite(self.token_weight, "token_weight"))
         if self.value_norm_factor is not None:
-            self.value_norm_factor = check_finite(self.value_norm_factor, "value_norm_factor")
+            self.value_norm_factor = check_value_norm_factor(
+                check_finite(self.value_norm_factor, "value_norm_factor"),
+                "value_norm_factor",
+                zero_turns_off=True,
+            )
 
 
 def load_image(image: ImageInput, name: str = "subject") -> Tensor:
@@ -122,8 +126,11 @@ def load_image(image: ImageInput, name: str = "subject") -> Tensor:
         if not path.is_file():
             raise MissingFileError(f"the image for {name} does not exist: {str(path)!r}.")
         image = open_image(path).rgb
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, Image.Image):  # as a file is read: upright by its EXIF tag, transparency on white
+        try:
+            image = np.asarray(to_rgb(upright(image)))
+        except UnusablePixels as error:
+            raise DataError(f"the image for {name}: {error}.") from None
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise DataError(f"the image array for {name} must be (H, W, 3), got {image.shape}.")
@@ -176,7 +183,8 @@ def subject_specs(
     for token, value in (strengths or {}).items():
         specs[token] = dataclasses.replace(specs[token], scale=check_finite(value, f"strengths[{token!r}]"))
     for token, value in (value_norm_factors or {}).items():
-        value = check_finite(value, f"value_norm_factors[{token!r}]")
+        source = f"value_norm_factors[{token!r}]"
+        value = check_value_norm_factor(check_finite(value, source), source, zero_turns_off=True)
         specs[token] = dataclasses.replace(specs[token], value_norm_factor=value)
     for token, value in (token_weights or {}).items():
         value = check_token_weight(

@@ -30,7 +30,7 @@ from lightning.pytorch.cli import instantiate_class
 from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding, check_injection_options, compile_blocks
-from nested.attention import InjectionMode, check_injection_mode, check_token_weight
+from nested.attention import InjectionMode, check_injection_mode, check_token_weight, check_value_norm_factor
 from nested.backbone import DiffusionBackbone, TransformerBackbone, first_parameter, load_backbone
 from nested.data.prompts import check_prompt_sources
 from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
@@ -205,6 +205,7 @@ class NestedAttentionModule(L.LightningModule):
         # Checked here, not when the adapter is built in configure_model: a bad config fails at startup.
         check_injection_mode(injection, "model.injection")
         check_token_weight(token_weight, "model.token_weight")
+        check_value_norm_factor(value_norm_factor, "model.value_norm_factor")
         check_injection_options(
             injection, token_weight=token_weight, value_norm_factor=value_norm_factor, source="model"
         )
