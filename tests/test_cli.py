@@ -66,6 +66,18 @@ def test_unknown_key_or_wrong_type_fails_naming_the_key(override, key, capsys):
     assert key in err and err.endswith("(nested fit --help lists the options)\n")
 
 
+def test_a_missing_required_option_names_the_command_and_its_help(capsys):
+    for command in ("fit", "validate"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"nested {command}: error: the following arguments are required: {command}.model"
+        )
+        assert err.endswith(f"(nested {command} --help lists the options)\n") and err.count("\n") == 1
+
+
 def test_config_error_line_keeps_every_alternative():
     message = (
         'Parser key "optimizer":\n\n  - Expected a path\n  Errors:\n    - Expected a dot import path: Foo\n'

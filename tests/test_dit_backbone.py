@@ -234,6 +234,12 @@ def test_t5_and_clip_masks_and_the_caption_rule_agree_on_what_a_whole_word_is(ti
     assert clip_found == [True, True, True, False, False, True, True, False]
     assert t5_found == clip_found
     assert [contains_subject(prompt, "person") for prompt in prompts] == clip_found
+    # CLIP cuts the contractions 's 't 're 've 'm 'll 'd off first: "'dog'" is "'d og '", without the word.
+    prompts = ["a 'dog' here", "the dog's bone", "a 'person' here"]
+    for token, found in (("dog", [False, True, False]), ("person", [False, False, True])):
+        masks = backbone.subject_masks(prompts, token)
+        assert masks[:, :77].any(1).tolist() == masks[:, 77:].any(1).tolist() == found, token
+        assert [contains_subject(prompt, token) for prompt in prompts] == found, token
 
 
 def test_flux_subject_mask_is_the_t5_sequence_and_whole_words_only(flux):

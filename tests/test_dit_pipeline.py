@@ -332,6 +332,19 @@ def test_generate_takes_a_hub_id_for_the_base(setup, tmp_path):
         assert (tmp_path / "hub-out" / name).read_bytes() == (tmp_path / "folder-out" / name).read_bytes()
 
 
+def test_from_pretrained_reads_a_hub_id_through_the_hub_options_it_is_given(tiny_sd_path, tmp_path):
+    """cache_dir= (token=, local_files_only=...) reach the Hub for model_index.json as for the weights."""
+    repo = tmp_path / "cache" / "models--nested-tests--tiny-sd"
+    commit = "0" * 40
+    shutil.copytree(tiny_sd_path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    pipe = NestedPipeline.from_pretrained(
+        "nested-tests/tiny-sd", cache_dir=str(tmp_path / "cache"), local_files_only=True
+    )
+    assert type(pipe.pipe).__name__ == "StableDiffusionPipeline"
+
+
 def test_generate_quantized_flux_draws_nearly_the_dense_images_and_refuses_bad_settings(
     setup, tmp_path, capsys
 ):

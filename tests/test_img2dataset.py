@@ -214,11 +214,25 @@ def test_a_tar_cut_short_keeps_its_whole_samples_and_a_caption_not_utf8_is_rejec
     assert report.total_samples == len(PHOTOS) + 1  # 000020001: the one whole, UTF-8 sample of 00002.tar
     rejected = {r["path"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").open())}
     tar = folder / "00002.tar"
-    assert set(rejected) == {f"{tar}:000020009", f"{tar}:000020000", str(tar)}
+    assert set(rejected) == {f"{tar}:000020009", f"{tar}:000020000", str(tar)}, rejected
     assert rejected[f"{tar}:000020009"] == "img2dataset status 'failed_to_download': HTTP Error 404"
     assert rejected[f"{tar}:000020000"].startswith("caption not UTF-8: byte 0xe9 at offset 6")
     assert rejected[str(tar)].startswith("unreadable tar (ReadError: ")
     assert rejected[str(tar)].endswith("the 3 whole samples before the damage are kept; download it again")
+
+    # Cut where a header begins: tarfile itself ends there without a word; the missing end blocks tell.
+    with tarfile.open(fileobj=io.BytesIO(whole)) as archive:
+        header = [m for m in archive if m.name == "000020001.txt"][0].offset
+    tar.write_bytes(whole[: header + 200])
+    report = build_shards(folder, tmp_path / "out2", domain="web", subject="<person>", progress=False)
+    assert report.total_samples == len(PHOTOS)  # 000020001 lost its caption: not whole
+    rejected = {
+        r["path"]: r["reason"] for r in map(json.loads, (tmp_path / "out2" / "rejected.jsonl").open())
+    }
+    assert rejected[str(tar)] == (
+        f"unreadable tar (ReadError: no end-of-archive blocks after byte {header}: the file was cut short): "
+        "the 2 whole samples before the damage are kept; download it again"
+    )
 
 
 def test_training_turns_an_image_upright_by_its_exif_orientation(tmp_path):

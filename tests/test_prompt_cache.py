@@ -355,7 +355,7 @@ def test_nested_prompts_usage_errors(tmp_path, monkeypatch, capsys):
         ),
         (
             ["--config", "configs/smoke-flux.yaml", "--model.bogus=1"],
-            "nested prompts: error: unrecognized arguments: --model.bogus=1",
+            "nested prompts: error: unrecognized arguments: --model.bogus=1 (nested fit --help lists the options)",
         ),
     ]
     if not torch.cuda.is_available():

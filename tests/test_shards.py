@@ -519,6 +519,7 @@ def test_a_folder_is_read_through_linked_folders_and_other_image_types_are_rejec
     (src / "bob" / "notes.json").write_text("{}")  # not an image: not read
     (src / "alice").symlink_to(photos / "alice", target_is_directory=True)
     (src / "bob" / "loop").symlink_to(src, target_is_directory=True)  # a link back up: read once
+    (src / "a-link-to-bob").symlink_to(src / "bob", target_is_directory=True)  # bob is read as bob/
     report = build_shards(src, tmp_path / "out", domain="faces", subject="<person>", progress=False)
     sources = sorted(sample["json"]["source"] for sample in _read_samples(tmp_path / "out"))
     assert sources == ["alice/1.jpg", "alice/2.jfif", "bob/1.png"] and report.rejected == 1

@@ -138,12 +138,17 @@ def _marks_word_starts(tokenizer: Any, token: str) -> bool:
     return pieces[0].startswith(WORD_START)
 
 
+# What CLIP's pre-tokenizer cuts off after an apostrophe before it looks for words.
+_CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")
+
+
 def word_spans(text: str, token: str) -> list[tuple[int, int]]:
     """The (start, end) character spans of ``token`` in ``text`` where it is a whole word, case-insensitive.
 
-    A word as CLIP's tokenizers cut text: runs of letters, single digits, runs of other characters. So an end
-    of ``token`` that is a letter may not touch another letter: ``person2`` and ``(person)`` hold ``person``,
-    ``persons`` does not. The data pipeline (does a caption hold its subject?) and the T5 masks use this, so
+    A word as CLIP's tokenizers cut text: runs of letters, single digits, runs of other characters, after the
+    contractions ``'s 't 're 've 'm 'll 'd`` are cut off. So an end of ``token`` that is a letter may not
+    touch another letter: ``person2`` and ``(person)`` hold ``person``, ``persons`` does not, and neither
+    does ``'dog'`` hold ``dog`` (CLIP reads ``'d`` and ``og``). The data pipeline (does a caption hold its subject?) and the T5 masks use this, so
     that they agree with the CLIP masks, which match token ids.
     """
     spans = []
@@ -151,6 +156,8 @@ def word_spans(text: str, token: str) -> list[tuple[int, int]]:
         first, last = match.span()
         if first > 0 and token[0].isalpha() and text[first - 1].isalpha():
             continue
+        if text[max(first - 1, 0) : first] == "'" and token.lower().startswith(_CONTRACTIONS):
+            continue  # CLIP cuts 's 't 're 've 'm 'll 'd first: 'dog' is 'd og '
         if last < len(text) and token[-1].isalpha() and text[last].isalpha():
             continue
         spans.append((first, last))

@@ -103,7 +103,7 @@ def check_output_folder(out: Path, *, overwrite: bool, ours: Callable[[Path], bo
         out.expanduser().resolve(),
     )  # the folder staged_directory replaces: a/missing/../b is a/b
     if not out.exists():
-        check_creatable_folder(given, "--out")
+        check_creatable_folder(out, "--out")
         return
     if not out.is_dir():
         raise OutputExistsError(f"--out {str(given)!r} is a file; choose a folder.")

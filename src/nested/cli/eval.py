@@ -340,7 +340,7 @@ def main_eval(argv: list[str] | None = None) -> int:
     )
     if summary is None:
         return 2
-    out = Path(args.out).resolve()
+    out = Path(args.out).expanduser().resolve()  # the folder staged_directory wrote
     print(f"Wrote {summary['rows']} rows to {out / 'results.csv'}, summary.json, grid.png and tradeoff.png")
     for point in summary["points"]:
         print(point_line(point))

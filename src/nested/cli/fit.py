@@ -58,14 +58,23 @@ _INDEXED_OPTION = re.compile(r"^--((?:[A-Za-z_]\w*\.)+?)(\d+)((?:\.\w+)+)(?:=|$)
 
 class NestedArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, whose configuration mistakes end in one line and exit code 2: the error and where
-    the options are listed, without the hundred lines of usage that jsonargparse prints before them."""
+    the options are listed, without the hundred lines of usage that jsonargparse prints before them.
+
+    Attributes:
+        command: the command the line names (``nested fit``), whichever of its parsers found the mistake.
+        options_command: the command whose ``--help`` lists the options (``nested fit`` for ``nested prompts``).
+    """
+
+    command = "nested fit"
+    options_command = "nested fit"
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:  # a parser inside jsonargparse, which catches the ArgumentError it raises
             super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {config_error_line(message)} ({prog} --help lists the options)\n")
+        sys.stderr.write(
+            f"{self.command}: error: {config_error_line(message)} ({self.options_command} --help lists the "
+            "options)\n"
+        )
         self.exit(2)
 
 
@@ -82,8 +91,18 @@ def config_error_line(message: str) -> str:
 class NestedCLI(LightningCLI):
     """LightningCLI with the adapter export and preemption handling always on, and auto-resume."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, command: str = "nested fit", options_command: str | None = None, **kwargs: Any
+    ):
+        """``command``: the command a configuration mistake is reported for; ``options_command``: the one whose
+        ``--help`` lists the options (default ``command``)."""
+        self._commands = command, options_command or command
         super().__init__(*args, parser_class=NestedArgumentParser, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.command, parser.options_command = self._commands
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The optimizer and scheduler sections go to the module, which builds them over the adapter's parameters
@@ -230,7 +249,9 @@ def configured_run(argv: list[str]) -> NestedCLI:
             args=[*argv, *_LOCAL_TRAINER],
             run=False,
             save_config_callback=None,
-            parser_kwargs={"allow_abbrev": False, "prog": "nested prompts"},
+            parser_kwargs={"allow_abbrev": False},
+            command="nested prompts",
+            options_command="nested fit",
         )
 
 
@@ -250,6 +271,7 @@ def main_fit(command: str, argv: list[str] | None) -> int:
             # No prefix matching: a mistyped --model.learning_rat must fail, not set learning_rate.
             parser_kwargs={name: {"allow_abbrev": False} for name in ("fit", "validate")}
             | {"allow_abbrev": False, "prog": "nested"},
+            command=f"nested {command}",
         )
     finally:
         restore_signal_handlers(previous)

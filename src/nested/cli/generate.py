@@ -221,7 +221,7 @@ def run_generate(args: argparse.Namespace, argv: list[str]) -> Path:
 
         compile_blocks(pipe.denoiser)  # after the adapters attach: the blocks compile with their processors
     args.guidance = sampling_guidance(pipe, args.base, args.guidance, args.negative_prompt)
-    out = Path(args.out)
+    out = Path(args.out).expanduser().resolve()  # the folder staged_directory replaces
     with staged_directory(out) as staging:  # --out appears complete, or stays as it was
         _generate(args, argv, parsed, pipe, staging)
     pipe.unload()
@@ -322,7 +322,7 @@ def main_generate(argv: list[str] | None = None) -> int:
     out = run_user_command("nested generate", args.verbose, lambda: run_generate(args, argv))
     if out is None:
         return 2
-    print(f"Wrote {args.num_images} image(s) and generation.json to {out.resolve()}")
+    print(f"Wrote {args.num_images} image(s) and generation.json to {out}")
     return 0
 
 

@@ -187,7 +187,7 @@ def iter_source(src: Path) -> Iterator[SourceItem]:
 
 def _files_under(folder: Path) -> Iterator[Path]:
     """Every file below ``folder``, through linked folders too (``rglob`` does not follow them), each real
-    folder once (a link back up is not followed again)."""
+    folder once (a link back up is not followed again), under its real name where ``folder`` holds it."""
     seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -195,6 +195,9 @@ def _files_under(folder: Path) -> Iterator[Path]:
             dirs.clear()
             continue
         seen.add(real)
+        # Real folders first, then by name: a folder also linked from elsewhere is read under its own name,
+        # whatever order the file system lists them in.
+        dirs.sort(key=lambda name: (os.path.islink(os.path.join(root, name)), name))
         yield from (Path(root) / name for name in files)
 
 
@@ -336,7 +339,8 @@ def _tar_samples(path: Path) -> tuple[dict[str, dict[str, tuple[int, int]]], str
     error that stopped the reading, or None.
 
     A tar cut short (an interrupted download) keeps the samples before the cut, without the one being read
-    there, whose other members may be lost (a member whose bytes run past the end of the file is the cut).
+    there, whose other members may be lost (a member whose bytes run past the end of the file, or the end of
+    the file where a header or the end-of-archive blocks should be, is the cut).
     """
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     key = None  # of the member read last
@@ -352,6 +356,14 @@ def _tar_samples(path: Path) -> tuple[dict[str, dict[str, tuple[int, int]]], str
                 if info.offset_data + info.size > size:
                     raise tarfile.ReadError(f"{info.name} runs past the end of the file")
                 samples.setdefault(key, {})[ext.lower()] = (info.offset_data, info.size)
+            # tarfile stops without a word at a header cut short: a whole tar ends in two zero blocks.
+            with path.open("rb") as file:
+                file.seek(tar.offset)
+                end = file.read(2 * tarfile.BLOCKSIZE)
+            if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
+                raise tarfile.ReadError(
+                    f"no end-of-archive blocks after byte {tar.offset}: the file was cut short"
+                )
     except (tarfile.TarError, OSError) as exc:
         samples.pop(key, None)
         return samples, f"{type(exc).__name__}: {exc}"

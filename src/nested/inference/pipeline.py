@@ -101,6 +101,8 @@ class _Token:
     placeholder: bool  # added to the tokenizers by us
 
 
+# What DiffusionPipeline.from_pretrained passes on to the Hub download, so also to reading model_index.json.
+_HUB_OPTIONS = ("cache_dir", "token", "local_files_only", "proxies", "force_download")
 _EXPECTED_PIPELINE = (
     "a diffusers pipeline folder or Hub id with model_index.json (SD 1.x/2.x, SDXL, SD3, FLUX.1)"
 )
@@ -184,9 +186,8 @@ class NestedPipeline:
         """
 
         # A missing folder or a malformed Hub id is one line here, before diffusers' own errors.
-        index = read_model_index(
-            str(base), _EXPECTED_PIPELINE, **({"revision": revision} if revision else {})
-        )
+        hub_kwargs = {key: pipeline_kwargs[key] for key in _HUB_OPTIONS if key in pipeline_kwargs}
+        index = read_model_index(str(base), _EXPECTED_PIPELINE, revision=revision, **hub_kwargs)
         try:
             if quantize:
                 if "quantization_config" in pipeline_kwargs:
