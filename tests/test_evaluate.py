@@ -18,6 +18,7 @@ from nested.adapter import NestedAdapter
 from nested.backbone import DiffusionBackbone
 from nested.cli.eval import main_eval, read_pair_prompts, read_prompts
 from nested.encoder import EncoderSpec
+from nested.errors import DataError
 from nested.evaluation.images import Reference, load_references
 from nested.evaluation.report import JUDGE_COLUMNS
 from nested.testing import write_tiny_clip
@@ -260,6 +261,14 @@ def test_eval_refuses_a_used_out_and_overwrite_replaces_the_earlier_run_whole(
             {"subject": "bomb.png"},
             "bomb.png': decompression bomb: Image size (400000000 pixels) exceeds limit",
         ),
+        (
+            {"--reference-size": "0"},
+            "--reference-size must be >= 16 (the side of the reference images), got 0.",
+        ),
+        (
+            {"--seeds": f"0,{2**64}"},
+            f"--seeds {2**64}: a seed must lie in torch's range -2**63 .. 2**64 - 1.",
+        ),
     ],
 )
 def test_eval_bad_numbers_and_a_damaged_subject_image_end_in_one_line(
@@ -283,6 +292,74 @@ def test_eval_bad_numbers_and_a_damaged_subject_image_end_in_one_line(
     if "subject" in change:
         assert f"cannot use the image '{subjects / change['subject']}'" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_what_it_cannot_measure_in_one_line_before_the_base_loads(
+    tiny_adapter, tiny_pet_adapter, tiny_clip_path, tiny_sd_path, tmp_path, capsys
+):
+    """--base names no model: each mistake must be found before it would load."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of <person>\n")
+    subjects = _subjects(tmp_path / "subjects")
+    base = ["--base", "unused", "--adapter", f"<person>={tiny_adapter}", "--prompts", str(prompts),
+            "--clip", str(tiny_clip_path), "--out", str(tmp_path / "out")]  # fmt: skip
+    judges = tmp_path / "judges"
+    judges.mkdir()
+    (judges / "config.json").write_text((JUDGES / "config.json").read_text())  # no model.safetensors
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    for name in ("anna.png", "anna.jpg"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(twins / name)
+    cases = [
+        (
+            ["--subjects", str(twins)],
+            "the reference images anna.jpg, anna.png would all be the subject 'anna'",
+        ),
+        (
+            ["--subjects", str(subjects), "--adapter", f"<pet>={tiny_pet_adapter}"],
+            f"{prompts}: no prompt names <pet>: add lines with {{token}} (every subject) or with <pet>",
+        ),
+        (["--subjects", str(subjects), "--judges", str(judges)], f"{judges} is not a judges folder: model"),
+        (
+            ["--subjects", str(subjects), "--identity-model", str(tiny_sd_path / "text_encoder")],
+            "is a clip_text_model model, which takes no image: pass a vision model (CLIP, DINOv2) or 'face'.",
+        ),
+    ]
+    for extra, message in cases:
+        argv = [*base, *extra]
+        if "--clip" in extra:
+            argv[argv.index("--clip") + 1] = extra[extra.index("--clip") + 1]
+        assert main_eval(argv) == 2, message
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("nested eval: error:") and message in error and "\n" not in error, error
+    argv = [*base, "--subjects", str(subjects)]
+    argv[argv.index("--clip") + 1] = str(tiny_sd_path / "image_encoder")  # a vision tower, no text
+    assert main_eval(argv) == 2
+    assert "is a clip_vision_model model, not a full CLIP (text and vision towers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_references_from_shards_with_a_damaged_sample_among_them_are_refused(tmp_path):
+    """The subjects measured are the ones asked for: a damaged sample among them is not silently replaced by
+    the next one. One after them does not matter."""
+    import io
+
+    import webdataset as wds
+
+    shard = tmp_path / "faces-000000.tar"
+    with wds.TarWriter(str(shard), encoder=False) as writer:
+        for index in range(4):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((32, 32, 3), 40 * index, np.uint8)).save(buffer, format="PNG")
+            image = buffer.getvalue() if index != 2 else b"not a png"
+            writer.write({"__key__": f"s{index}", "png": image, "json": b'{"caption": "<person>"}'})
+    assert [r.name for r in load_references(str(shard), count=2, size=16, token="<person>")] == ["s0", "s1"]
+    with pytest.raises(
+        DataError, match=r"1 sample\(s\) among the subjects asked for could not be read \(corrupt"
+    ):
+        load_references(str(shard), count=3, size=16, token="<person>")
+    with pytest.raises(DataError, match="could not be read"):
+        load_references(str(shard), size=16, token="<person>")  # all of them
 
 
 def test_eval_warns_of_a_strength_outside_the_range_before_loading_anything(tiny_adapter, tmp_path, capsys):

@@ -65,7 +65,7 @@ def domain_table(
     base = next(p for p in sweeps["nested"] if p["variant"] == "base")
     chance = base["chance"]
     lines = [
-        f"**{domain}** (token `{DOMAINS[domain]}`, {base['n']} base images; chance: identity "
+        f"**{domain}** (token `{DOMAINS[domain]}`, {base['n']} base rows: each base image is scored against every subject; chance: identity "
         f"{_pct(chance['identity_exact'])} %, attributes {_pct(chance['identity_attributes'])} %, "
         f"context {_pct(chance['context'])} %)",
         "",

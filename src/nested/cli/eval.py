@@ -207,6 +207,12 @@ def read_prompts(path: str | Path, tokens: list[str]) -> dict[str, list[tuple[in
                 f"{path}:{number}: {template!r} names no subject: write {{token}} (or one of {', '.join(tokens)}) "
                 "where the subject goes."
             )
+    unprompted = [token for token, prompts in per_token.items() if not prompts]
+    if unprompted:
+        raise UsageError(
+            f"{path}: no prompt names {', '.join(unprompted)}: add lines with {{token}} (every subject) or with "
+            f"{unprompted[0]}, or drop its --adapter."
+        )
     return per_token
 
 
@@ -291,8 +297,15 @@ def check_eval_arguments(args: argparse.Namespace) -> dict[str, Any]:
         if weight <= 0:
             raise UsageError(f"--token-weight {token}={weight}: the weight must be > 0.")
     seeds = _numbers(args.seeds, "--seeds", int)
+    outside = [seed for seed in seeds if not -(2**63) <= seed < 2**64]
+    if outside:
+        raise UsageError(f"--seeds {outside[0]}: a seed must lie in torch's range -2**63 .. 2**64 - 1.")
     if args.steps < 1 or args.batch_size < 1 or args.max_subjects < 1 or args.grid_rows < 1:
         raise UsageError("--steps, --batch-size, --max-subjects and --grid-rows must be >= 1.")
+    if args.reference_size < 16:
+        raise UsageError(
+            f"--reference-size must be >= 16 (the side of the reference images), got {args.reference_size}."
+        )
     for size in (args.height, args.width):
         if size is not None and (size < 8 or size % 8):
             raise UsageError(f"--height and --width must be positive multiples of 8, got {size}.")

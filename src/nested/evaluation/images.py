@@ -72,6 +72,25 @@ def _is_shards(source: str | Sequence[str]) -> bool:
     return source.endswith((".tar", ".json")) or ("{" in source and ".." in source) or "://" in source
 
 
+def _check_nothing_skipped(samples: list[dict], *, whole: bool, source: object) -> None:
+    """Refuse references read from shards where samples had to be skipped among them (a damaged image or
+    shard): later subjects would be measured in their place. Each sample carries the skips made before the
+    next one was read, so the last counts only when the stream was read to its end (``whole``)."""
+    carried = samples if whole else samples[:-1]
+    lost: dict[str, int] = {}
+    for sample in carried:
+        for kind, number in sample.get("skipped", {}).items():
+            if number and kind != "no_subject_inserted":
+                lost[kind] = lost.get(kind, 0) + int(number)
+    if lost:
+        counts = ", ".join(f"{kind}: {number}" for kind, number in lost.items())
+        raise DataError(
+            f"{source}: {sum(lost.values())} sample(s) among the subjects asked for could not be read ({counts}; "
+            "the log above names the first), so other subjects would be measured in their place: repair or "
+            "rebuild the shards, or pass a folder of reference images."
+        )
+
+
 def load_references(
     source: str | os.PathLike | Sequence[str],
     *,
@@ -91,9 +110,10 @@ def load_references(
         token: the subject token written into shard captions (only used to read the shards).
 
     Raises:
-        FileNotFoundError: nothing to read at ``source``. ValueError: no image found, or an image file of the
-        folder that is damaged or too large (:func:`nested.image_files.open_image`: fatal, naming the file,
-        so that the subjects measured are the ones asked for).
+        FileNotFoundError: nothing to read at ``source``. ValueError: no image found, two images of a folder
+        with one name, an image file of the folder that is damaged or too large
+        (:func:`nested.image_files.open_image`: fatal, naming the file), or shards with a sample among the
+        first ``count`` that cannot be read: so that the subjects measured are the ones asked for.
     """
     if count is not None and count < 1:
         raise ValueError(f"count must be >= 1, got {count}.")
@@ -104,11 +124,13 @@ def load_references(
         stream = build_stream(
             [spec], train=False, resolution=max(8, -(-size // 8) * 8), reference_size=size, max_samples=count
         )
-        references = []
+        samples = []
         for sample in stream:
-            references.append(Reference(str(sample["key"]), sample["reference"].float().clamp(0, 1)))
-            if count is not None and len(references) >= count:
+            samples.append(sample)
+            if count is not None and len(samples) >= count:
                 break
+        _check_nothing_skipped(samples, whole=count is None or len(samples) < count, source=source)
+        references = [Reference(str(s["key"]), s["reference"].float().clamp(0, 1)) for s in samples]
         metas = _shard_metadata(check_urls(spec), {r.name for r in references})
         for reference in references:
             reference.meta = metas.get(reference.name, {})
@@ -123,9 +145,15 @@ def load_references(
                 f"no reference images at {str(path)!r}: expected a folder of images, an image file, a shards.json, "
                 "a .tar or a brace pattern of shards."
             )
-        references = [
-            Reference(file.stem, _square(load_image(file, file.name), size)) for file in files[:count]
-        ]
+        files = files[:count]
+        stems = [file.stem for file in files]
+        twins = [file for file in files if stems.count(file.stem) > 1]
+        if twins:
+            raise DataError(
+                f"the reference images {', '.join(file.name for file in twins)} would all be the subject "
+                f"{twins[0].stem!r} (a subject is named by its file name without the extension): rename them."
+            )
+        references = [Reference(file.stem, _square(load_image(file, file.name), size)) for file in files]
     if not references:
         raise DataError(
             f"no reference image found in {source!r} (image files: {', '.join(IMAGE_EXTENSIONS)})."

@@ -207,6 +207,11 @@ def vision_embedder(
             f"could not load the identity model {source!r}: {str(error).rstrip('.')}. Pass a local folder with a Hugging Face "
             "vision model (config.json + weights; CLIP or DINOv2), or a hub id that is in the local cache."
         ) from error
+    if not hasattr(getattr(config, "vision_config", config), "num_channels"):  # what every vision config has
+        raise ConfigError(
+            f"the identity model {source!r} is a {config.model_type} model, which takes no image: pass a vision "
+            "model (CLIP, DINOv2) or 'face'."
+        )
     architecture = (getattr(config, "architectures", None) or [""])[0]
     if config.model_type == "clip":
         # A full CLIP or a vision tower with projection: the projected image_embeds. A bare CLIPVisionModel
@@ -522,16 +527,23 @@ def load_clip(
 
     source = str(name_or_path)
     try:
-        model = CLIPModel.from_pretrained(source, revision=revision, dtype=dtype)
-        try:
-            processor = CLIPProcessor.from_pretrained(source, revision=revision, backend="pil")
-        except TypeError:  # transformers 4: no backend argument
-            processor = CLIPProcessor.from_pretrained(source, revision=revision)
+        model_type = AutoConfig.from_pretrained(source, revision=revision).model_type
+        if model_type == "clip":
+            model = CLIPModel.from_pretrained(source, revision=revision, dtype=dtype)
+            try:
+                processor = CLIPProcessor.from_pretrained(source, revision=revision, backend="pil")
+            except TypeError:  # transformers 4: no backend argument
+                processor = CLIPProcessor.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as error:
         raise MissingFileError(
             f"could not load the CLIP model {source!r}: {str(error).rstrip('.')}. Pass a local folder with a full CLIP model "
             "(CLIPModel + processor), or a hub id such as openai/clip-vit-large-patch14 that is in the local cache."
         ) from error
+    if model_type != "clip":
+        raise ConfigError(
+            f"the CLIP model {source!r} is a {model_type} model, not a full CLIP (text and vision towers, "
+            "CLIPModel): pass one such as openai/clip-vit-large-patch14."
+        )
     vocab = model.config.text_config.vocab_size
     size = len(processor.tokenizer)
     if size <= 2 or size > vocab:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from nested.errors import ConfigError, DataError
+from nested.errors import ConfigError, DataError, MissingFileError
 from nested.evaluation.report import ATTRIBUTE_PREFIX, JUDGE_METRICS, column_suffix
 from nested.files import staged_directory
 from nested.toyworld.world import DOMAINS, SCENES, STYLES, identity_class, parse_caption
@@ -320,27 +320,27 @@ class ToyJudges:
         """Load judges written by :meth:`save_pretrained` (safetensors only, never pickle)."""
         folder = Path(path)
         if not folder.is_dir():
-            raise FileNotFoundError(f"judges folder {folder} does not exist (train one with train_judges.py)")
+            raise MissingFileError(f"judges folder {folder} does not exist (train one with train_judges.py)")
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         for needed in (config_path, weights_path):
             if not needed.is_file():
-                raise FileNotFoundError(f"{folder} is not a judges folder: {needed.name} is missing")
+                raise MissingFileError(f"{folder} is not a judges folder: {needed.name} is missing")
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+            raise DataError(f"{config_path} is not valid JSON: {err}") from err
         judges = cls(config)
         try:
             tensors = load_file(str(weights_path))
         except Exception as err:  # safetensors raises its own error types on a corrupt file
-            raise ValueError(f"{weights_path} is not a readable safetensors file: {err}") from err
+            raise DataError(f"{weights_path} is not a readable safetensors file: {err}") from err
         for name, net in judges.nets.items():
             prefix = f"{name}."
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             try:
                 net.load_state_dict(state, strict=True)
             except RuntimeError as err:
-                raise ValueError(
+                raise DataError(
                     f"{weights_path} does not match the {name!r} judge of {config_path}: {err}"
                 ) from err
         return judges
