@@ -19,7 +19,7 @@ from nested.backbone import DiffusionBackbone, TransformerBackbone, load_backbon
 from nested.data.transforms import contains_subject
 from nested.encoder import EncoderSpec
 from nested.errors import ConfigError, MissingFileError
-from nested.testing import build_tiny_t5_vocab, write_tiny_t5_tokenizer
+from nested.testing import build_tiny_t5_vocab, write_hub_cache, write_tiny_t5_tokenizer
 from nested.tokens import add_placeholder_token, subject_masks
 
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
@@ -323,12 +323,8 @@ def test_t5_subject_mask_inside_punctuation_and_under_truncation(flux):
 
 
 def test_loads_from_a_hub_id_through_the_cache(tiny_flux_path, tmp_path):
-    # The Hub cache layout (refs/main -> snapshots/<commit>/), read offline in a fresh process.
-    repo = tmp_path / "hub" / "models--nested-tests--tiny-flux"
-    commit = "0" * 40
-    shutil.copytree(tiny_flux_path, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    # The Hub cache layout, read offline in a fresh process.
+    write_hub_cache(tiny_flux_path, tmp_path / "hub", "nested-tests/tiny-flux")
     code = (
         "from nested.backbone import load_backbone\n"
         "backbone = load_backbone('nested-tests/tiny-flux', local_files_only=True)\n"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from nested.cli.generate import main_generate
 from nested.encoder import EncoderSpec
 from nested.errors import ConfigError
 from nested.inference.pipeline import NestedPipeline
+from nested.testing import write_hub_cache
 
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 KINDS = ["sd3", "flux"]
@@ -307,12 +307,8 @@ def test_a_flux_adapter_is_refused_on_sd3_naming_the_layer(setup, tmp_path):
 
 
 def test_generate_takes_a_hub_id_for_the_base(setup, tmp_path):
-    # The Hub cache layout (refs/main -> snapshots/<commit>/), read offline by the real command.
-    repo = tmp_path / "hub" / "models--nested-tests--tiny-flux"
-    commit = "0" * 40
-    shutil.copytree(setup["flux"]["base"], repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    # The Hub cache layout, read offline by the real command.
+    write_hub_cache(setup["flux"]["base"], tmp_path / "hub", "nested-tests/tiny-flux")
     argv = cli(setup, "flux", tmp_path / "hub-out")
     argv[argv.index("--base") + 1] = "nested-tests/tiny-flux"
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
@@ -334,14 +330,8 @@ def test_generate_takes_a_hub_id_for_the_base(setup, tmp_path):
 
 def test_from_pretrained_reads_a_hub_id_through_the_hub_options_it_is_given(tiny_sd_path, tmp_path):
     """cache_dir= (token=, local_files_only=...) reach the Hub for model_index.json as for the weights."""
-    repo = tmp_path / "cache" / "models--nested-tests--tiny-sd"
-    commit = "0" * 40
-    shutil.copytree(tiny_sd_path, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    pipe = NestedPipeline.from_pretrained(
-        "nested-tests/tiny-sd", cache_dir=str(tmp_path / "cache"), local_files_only=True
-    )
+    cache = write_hub_cache(tiny_sd_path, tmp_path / "cache", "nested-tests/tiny-sd")
+    pipe = NestedPipeline.from_pretrained("nested-tests/tiny-sd", cache_dir=str(cache), local_files_only=True)
     assert type(pipe.pipe).__name__ == "StableDiffusionPipeline"
 
 

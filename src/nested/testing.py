@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +71,7 @@ __all__ = [
     "reference_nested_attention",
     "sd_pipeline",
     "tiny_text_config",
+    "write_hub_cache",
     "write_tiny_clip",
     "write_tiny_pipeline",
     "write_tiny_t5_tokenizer",
@@ -695,6 +697,19 @@ def write_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     _tidy_tokenizer_folder(path)
     return path
+
+
+def write_hub_cache(folder: str | Path, cache: str | Path, repo_id: str) -> Path:
+    """Copy the model ``folder`` into the Hugging Face Hub cache at ``cache`` as the repo ``repo_id``, in the
+    layout a download leaves (``models--user--name/refs/main`` -> ``snapshots/<commit>/``), so that
+    ``from_pretrained(repo_id)`` reads it offline through the same Hub path as a real download. Returns
+    ``cache``."""
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return Path(cache)
 
 
 # Every width of the SDXL setup divided down, every depth kept: a step of it costs almost no arithmetic,
