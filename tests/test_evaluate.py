@@ -339,7 +339,7 @@ def test_eval_refuses_what_it_cannot_measure_in_one_line_before_the_base_loads(
     assert not (tmp_path / "out").exists()
 
 
-def test_references_from_shards_with_a_damaged_sample_among_them_are_refused(tmp_path):
+def test_references_from_shards_with_a_damaged_sample_among_them_are_refused(tmp_path, caplog):
     """The subjects measured are the ones asked for: a damaged sample among them is not silently replaced by
     the next one. One after them does not matter."""
     import io
@@ -360,6 +360,8 @@ def test_references_from_shards_with_a_damaged_sample_among_them_are_refused(tmp
         load_references(str(shard), count=3, size=16, token="<person>")
     with pytest.raises(DataError, match="could not be read"):
         load_references(str(shard), size=16, token="<person>")  # all of them
+    # The log the message points to names the sample and member (webdataset's DecodingError has no message).
+    assert f"data: corrupt #1 in this worker: {shard} s2 (png): UnidentifiedImageError(" in caplog.text
 
 
 def test_eval_warns_of_a_strength_outside_the_range_before_loading_anything(tiny_adapter, tmp_path, capsys):

@@ -343,5 +343,14 @@ class _CountingHandler:
         self.counter, self.kind = counter, kind
 
     def __call__(self, exc: BaseException) -> bool:
-        self.counter.add(self.kind, repr(exc)[:300])
+        self.counter.add(self.kind, _skip_reason(exc))
         return True
+
+
+def _skip_reason(exc: BaseException) -> str:
+    """What a skip's log line says: webdataset's DecodingError carries the sample and member it failed on in
+    attributes (its repr is a bare ``DecodingError()``) and the decoder's own error as its cause."""
+    key = getattr(exc, "key", None)
+    if key is None:
+        return repr(exc)[:300]
+    return f"{getattr(exc, 'url', None)} {key} ({getattr(exc, 'k', None)}): {exc.__cause__!r}"[:300]
