@@ -17,6 +17,7 @@ import torch
 from nested.callbacks import AdapterEMA
 from nested.data import DomainSpec, NestedDataModule
 from nested.encoder import EncoderSpec
+from nested.errors import AdapterError
 from nested.training.module import NestedAttentionModule
 from nested.training.resume import (
     AtomicCheckpointIO,
@@ -136,6 +137,27 @@ def test_resume_is_bit_identical_mid_epoch_and_at_an_epoch_end(tiny_sd_path, tmp
             assert torch.equal(resumed.weights[name], value), f"stop at {stop}: {name} differs"
         for name, value in full.ema.items():
             assert torch.equal(resumed.ema[name], value), f"stop at {stop}: EMA {name} differs"
+
+
+def test_an_ema_checkpoint_written_after_training_keeps_the_trained_weights_and_needs_the_ema(
+    tiny_sd_path, tmp_path
+):
+    """Lightning copies the average into the module when training ends, before the last checkpoint is written:
+    that checkpoint must still hold the trained weights as its current state. And a run without the EMA must
+    not resume it: it would load the average as the trained weights."""
+    trainer, record = fit(tiny_sd_path, tmp_path / "run", steps=2, num_workers=0)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")  # as ModelCheckpoint's last.ckpt at the end of training
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    for name, value in record.weights.items():
+        assert torch.equal(checkpoint["current_model_state"][name], value), name
+        assert torch.equal(checkpoint["state_dict"][name], record.ema[name.removeprefix("adapter.")]), name
+    assert any(
+        not torch.equal(record.weights[n], record.ema[n.removeprefix("adapter.")]) for n in record.weights
+    )
+
+    plain = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False)
+    with pytest.raises(AdapterError, match=r"written with an average of the weights \(callbacks/ema.yaml"):
+        plain.fit(make_module(tiny_sd_path), datamodule=make_data(0), ckpt_path=tmp_path / "last.ckpt")
 
 
 def test_training_with_8_bit_optimizer_states_resumes_bit_identical(tiny_sd_path, tmp_path):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import lightning as L
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch import Tensor
 
 from nested.adapter import NestedAdapter
 
@@ -14,7 +18,9 @@ class AdapterEMA(EMAWeightAveraging):
 
     The averaged copy holds only the adapter: the frozen backbone lives outside the module tree and
     is shared, not copied. With this callback, checkpoints hold both the current and the averaged
-    weights, validation runs on the averaged ones, and :class:`AdapterExport` exports them.
+    weights (the last one, written after training ends, too: the trained weights as its current state),
+    validation runs on the averaged ones, and :class:`AdapterExport` exports them. A checkpoint written
+    with it resumes only with it (the module refuses it otherwise).
 
     Args:
         decay: EMA decay per update.
@@ -30,6 +36,26 @@ class AdapterEMA(EMAWeightAveraging):
             update_every_n_steps=update_every_n_steps,
             update_starting_at_step=update_starting_at_step,
         )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trained_state: dict[str, Tensor] | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning copies the average into the module here, before the last checkpoint is written: that
+        # checkpoint must still hold the trained weights as its current state, or a run extended from it
+        # would go on from the average.
+        self._trained_state = {
+            name: value.detach().cpu().clone() for name, value in pl_module.state_dict().items()
+        }
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if getattr(self, "_trained_state", None) is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._trained_state
 
     def averaged_adapter(self) -> NestedAdapter | None:
         """The averaged adapter, or None before fit set it up."""

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import instantiate_class
 from torch import Tensor
 
@@ -378,6 +379,15 @@ class NestedAttentionModule(L.LightningModule):
                     f"it was trained with {option}={trained!r}, this model is configured with "
                     f"{option}={configured!r} (set model.{option}: {str(trained).lower()} to resume it)"
                 )
+        averaging = any(
+            isinstance(c, WeightAveraging) for c in getattr(self._trainer, "callbacks", None) or []
+        )
+        if "current_model_state" in checkpoint and not averaging:
+            # Its state_dict holds the average: loaded as the trained weights, training would go on from there.
+            self._refuse_checkpoint(
+                "it was written with an average of the weights (callbacks/ema.yaml: AdapterEMA), which this run "
+                "lacks (add --config callbacks/ema.yaml to resume it)"
+            )
         if "state_dict" not in checkpoint:
             return  # FSDP loads the (full) state dict itself and removes it before this hook
         expected = {name: tuple(value.shape) for name, value in self.state_dict().items()}
