@@ -156,7 +156,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def add_base_arguments(parser: argparse.ArgumentParser, kinds: str = "SD / SDXL") -> argparse._ArgumentGroup:
+def add_base_arguments(
+    parser: argparse.ArgumentParser, kinds: str = "SD / SDXL / SD3 / SD3.5 / FLUX.1"
+) -> argparse._ArgumentGroup:
     """The "models" group with ``--base`` (a model of ``kinds``) and ``--revision``, shared by ``nested
     generate`` and ``nested eval``."""
     models = parser.add_argument_group("models")

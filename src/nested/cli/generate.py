@@ -47,7 +47,7 @@ def generate_parser() -> argparse.ArgumentParser:
             "--subject '<dog>=rex.jpg' --prompt 'a photo of <person> walking <dog> on a beach' --out outputs/"
         ),
     )
-    model = add_base_arguments(parser, "SD / SDXL / SD3 / SD3.5 / FLUX.1")
+    model = add_base_arguments(parser)
     model.add_argument(
         "--adapter",
         action="append",
