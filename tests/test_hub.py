@@ -611,18 +611,26 @@ def _files_containing(root: Path, text: str) -> list[Path]:
 
 
 def test_hub_upload_callback_uploads_the_newest_export_in_the_background(
-    hub, sd_backbone, tiny_sd_path, tmp_path
+    hub, sd_backbone, tiny_sd_path, tmp_path, caplog
 ):
     adapter = make_adapter(sd_backbone, tiny_sd_path / "image_encoder", domain="faces")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": {"learning_rate": 0.1}}))
     upload = HubUpload("me/run", backoff=0.05, final_timeout=60, poll_interval=0.2)
-    _fit(tmp_path / "run", adapter, upload)
+    with caplog.at_level(logging.INFO):
+        _fit(tmp_path / "run", adapter, upload)
     exports = tmp_path / "run" / "adapters"
     assert upload.uploaded[-1] == "last"
     # Every export was uploaded, or dropped for a newer one (only the newest matters).
     assert set(upload.uploaded) | set(upload.not_uploaded) == {"step=2", "step=4", "last"}
     assert all(why.startswith("superseded by the newer export") for why in upload.not_uploaded.values())
+    # The end report offers no push of an older export: it would replace the newer one at the repo root.
+    assert "nested push" not in caplog.text
+    if upload.not_uploaded:  # how many the uploads skipped depends on their timing
+        older = ", ".join(sorted(upload.not_uploaded))
+        assert (
+            f"older export(s) not uploaded to me/run ({older}): its root holds the newer last." in caplog.text
+        )
     files = hub.files("me/run")
     assert files["adapter.safetensors"] == (exports / "last" / "adapter.safetensors").read_bytes()
     assert "nested: adapter export (last)" in hub.commit_messages("me/run")

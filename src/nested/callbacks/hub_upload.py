@@ -197,6 +197,18 @@ class HubUpload(L.Callback):
     def _report(self) -> None:
         """List every export not uploaded with its command: a warning, unless each was only superseded."""
         missing = {name: why for name, why in self.not_uploaded.items() if (self._root / name).is_dir()}
+        if self.uploaded:  # pushed now, an export older than the repo root's would replace it
+            root = self.uploaded[-1]
+            older = sorted(
+                name for name in missing if self._seen.get(name, (0, 0)) < self._seen.get(root, (0, 0))
+            )
+            for name in older:
+                del missing[name]
+            if older:
+                rank_zero_info(
+                    f"HubUpload: {len(older)} older export(s) not uploaded to {self.repo_id} ({', '.join(older)}): "
+                    f"its root holds the newer {root}. To keep one there as well, push it with --revision."
+                )
         if not missing:
             return
         order = sorted(missing, key=lambda name: self._seen.get(name, (0, 0)))
