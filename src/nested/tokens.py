@@ -109,27 +109,37 @@ def _pool_at_eos(tokenizer: Any, text_encoder: Any) -> None:
         text_encoder.config.eos_token_id = tokenizer.eos_token_id
 
 
-def _find(sequence: list[int], pattern: list[int], starts_word: Callable[[int], bool]) -> list[int]:
-    """Every position of ``sequence`` covered by an occurrence of ``pattern`` at a ``starts_word`` position."""
+def _find(
+    sequence: list[int], pattern: list[int], starts_word: Callable[[list[int], int], bool]
+) -> list[int]:
+    """Every position of ``sequence`` covered by an occurrence of ``pattern`` where ``starts_word(sequence,
+    start)``."""
     width = len(pattern)
     positions: list[int] = []
     for start in range(len(sequence) - width + 1):
-        if sequence[start : start + width] == pattern and starts_word(start):
+        if sequence[start : start + width] == pattern and starts_word(sequence, start):
             positions.extend(range(start, start + width))
     return positions
 
 
-def _word_starts(tokenizer: Any, ids: list[int], pattern: list[int]) -> Callable[[int], bool]:
-    """Whether a token of ``ids`` starts a word, for a CLIP-style tokenizer, whose pieces mark a word's END
-    (``dog</w>``): ``hotdog`` is ``ho t dog</w>``, and ``dog</w>`` there ends a word it does not start. A
-    piece starts a word after one that ends a word, a special token or an added token (the tokenizer cuts the
-    text around those). Every position counts when ``pattern`` itself ends without that mark (an added
-    placeholder such as ``<person>``, always a word of its own)."""
+def _word_starts(tokenizer: Any, pattern: list[int]) -> Callable[[list[int], int], bool]:
+    """Whether the token at an index of ids starts a word, for a CLIP-style tokenizer, whose pieces mark a
+    word's END (``dog</w>``): ``hotdog`` is ``ho t dog</w>``, and ``dog</w>`` there ends a word it does not
+    start. A piece starts a word after one that ends a word, a special token or an added token (the
+    tokenizer cuts the text around those). Every position counts when ``pattern`` itself ends without that
+    mark (an added placeholder such as ``<person>``, always a word of its own). Built once per call of
+    :func:`subject_masks`; only the piece before a match is looked up."""
     if not tokenizer.convert_ids_to_tokens(pattern[-1]).endswith("</w>"):
-        return lambda index: True
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    separate = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
-    return lambda index: index == 0 or pieces[index - 1].endswith("</w>") or pieces[index - 1] in separate
+        return lambda ids, index: True
+    separate = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+
+    def starts_word(ids: list[int], index: int) -> bool:
+        before = ids[index - 1] if index else None
+        return (
+            before is None or before in separate or tokenizer.convert_ids_to_tokens(before).endswith("</w>")
+        )
+
+    return starts_word
 
 
 def _marks_word_starts(tokenizer: Any, token: str) -> bool:
@@ -198,6 +208,7 @@ def subject_masks(
     pattern = subject_token_ids(tokenizer, token)
     length = max_length or tokenizer.model_max_length
     by_offsets = _marks_word_starts(tokenizer, token)
+    starts_word = None if by_offsets else _word_starts(tokenizer, pattern)
     encoded = tokenizer(
         list(prompts),
         padding="max_length",
@@ -211,8 +222,7 @@ def subject_masks(
             positions = _positions_by_offsets(prompts[row], encoded.offset_mapping[row], token)
         else:
             # Search only real tokens: SDXL's second tokenizer pads with "!", which may be a subject piece.
-            real = list(ids[: sum(attention)])
-            positions = _find(real, pattern, _word_starts(tokenizer, real, pattern))
+            positions = _find(list(ids[: sum(attention)]), pattern, starts_word)
         masks[row, positions] = True
     return masks
 

@@ -17,6 +17,7 @@ from nested.errors import MissingFileError, NestedUserError, OutputExistsError, 
 
 __all__ = [
     "DTYPES",
+    "TORCH_SEEDS",
     "add_runtime_arguments",
     "add_base_arguments",
     "check_creatable_folder",
@@ -73,6 +74,10 @@ def pairs(
             raise UsageError(f"{option} is given twice for {token!r}.")
         result[token] = rest if convert is str else parse_number(rest, f"{option} {value!r}", convert)
     return result
+
+
+# The seeds torch.Generator.manual_seed takes.
+TORCH_SEEDS = range(-(2**63), 2**64)
 
 
 def check_creatable_folder(path: Path, option: str) -> None:

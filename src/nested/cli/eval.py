@@ -13,6 +13,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from nested.cli.common import (
+    TORCH_SEEDS,
     add_base_arguments,
     add_quantize_argument,
     add_runtime_arguments,
@@ -297,7 +298,7 @@ def check_eval_arguments(args: argparse.Namespace) -> dict[str, Any]:
         if weight <= 0:
             raise UsageError(f"--token-weight {token}={weight}: the weight must be > 0.")
     seeds = _numbers(args.seeds, "--seeds", int)
-    outside = [seed for seed in seeds if not -(2**63) <= seed < 2**64]
+    outside = [seed for seed in seeds if seed not in TORCH_SEEDS]
     if outside:
         raise UsageError(f"--seeds {outside[0]}: a seed must lie in torch's range -2**63 .. 2**64 - 1.")
     if args.steps < 1 or args.batch_size < 1 or args.max_subjects < 1 or args.grid_rows < 1:

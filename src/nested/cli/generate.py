@@ -20,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nested.cli.common import (
+    TORCH_SEEDS,
     add_base_arguments,
     add_quantize_argument,
     add_runtime_arguments,
@@ -152,7 +153,7 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     if args.steps < 1 or args.num_images < 1:
         raise UsageError("--steps and --num-images must be >= 1.")
     last_seed = args.seed + args.num_images - 1  # image i uses seed + i
-    if not (args.seed >= -(2**63) and last_seed < 2**64):
+    if args.seed not in TORCH_SEEDS or last_seed not in TORCH_SEEDS:
         raise UsageError(
             f"--seed {args.seed} with --num-images {args.num_images}: the seeds {args.seed}..{last_seed} must lie "
             f"in torch's range -2**63 .. 2**64 - 1."
