@@ -185,6 +185,17 @@ def readme_fit_commands() -> list[str]:
     return [command for command in commands if "--config" in command]
 
 
+def test_ci_runs_the_test_command_the_readme_starts_with():
+    """The README's second command (setup, then the tests) is the one .ci/run runs, flags included."""
+    first_block = (REPO / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    setup, tests = [line for line in first_block.splitlines() if "pytest" in line][0].split(" && ")
+    ci = [
+        line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")
+    ]
+    assert setup == "bash scripts/setup.sh" and setup in ci
+    assert ci[-1] == tests and ci.index(setup) < len(ci) - 1
+
+
 # What a SLURM job's environment gives fit.sbatch's `nested fit` line, for --print_config.
 SLURM_VALUES = {
     "SLURM_NNODES": "1",
