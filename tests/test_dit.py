@@ -36,7 +36,9 @@ def tiny_flux(double_blocks: int = 1, single_blocks: int = 1) -> FluxTransformer
     return model.eval()
 
 
-def tiny_sd3(blocks: int = 2, dual_attention_blocks: tuple[int, ...] = (0,)) -> SD3Transformer2DModel:
+def tiny_sd3(
+    blocks: int = 2, dual_attention_blocks: tuple[int, ...] = (0,), qk_norm: str | None = "rms_norm"
+) -> SD3Transformer2DModel:
     torch.manual_seed(0)
     model = SD3Transformer2DModel(
         sample_size=8,
@@ -51,7 +53,7 @@ def tiny_sd3(blocks: int = 2, dual_attention_blocks: tuple[int, ...] = (0,)) -> 
         out_channels=4,
         pos_embed_max_size=16,
         dual_attention_layers=dual_attention_blocks,  # SD3.5's extra image self-attention (by default in the first)
-        qk_norm="rms_norm",
+        qk_norm=qk_norm,  # SD3.5's; SD3 has none
     )
     return model.eval()
 
@@ -367,6 +369,21 @@ def test_a_flux_adapter_is_refused_on_sd3_naming_the_layer(vision_path):
     adapter = make_adapter(tiny_flux(), vision_path)
     with pytest.raises(AdapterError, match=r"'single_transformer_blocks\.0\.attn'"):
         adapter.attach(tiny_sd3())
+
+
+def test_an_sd35_adapter_is_refused_on_sd3_of_the_same_widths_naming_the_query_norm(vision_path):
+    """SD3-Medium and SD3.5-Medium have the same layers and widths; only SD3.5 norms its queries."""
+    adapter = make_adapter(tiny_sd3(dual_attention_blocks=()), vision_path)
+    assert {dims["qk_norm"] for dims in adapter.config.layers.values()} == {"RMSNorm"}
+    sd3 = tiny_sd3(dual_attention_blocks=(), qk_norm=None)
+    with pytest.raises(
+        AdapterError, match=r"'transformer_blocks\.0\.attn' does not fit: .*'qk_norm': 'none'"
+    ):
+        adapter.attach(sd3)
+    assert all(
+        not isinstance(a.processor, NestedJointAttnProcessor) for a in cross_attention_layers(sd3).values()
+    )
+    adapter.attach(tiny_sd3(dual_attention_blocks=(0,)))  # SD3.5's extra image attention changes nothing here
 
 
 def test_save_load_gives_the_same_output(tmp_path, vision_path):

@@ -139,8 +139,9 @@ def compile_blocks(model: nn.Module, **options: Any) -> int:
     return len(blocks)
 
 
-def unet_fingerprint(unet: nn.Module) -> dict[str, dict[str, int]]:
-    """Per cross-attention (or joint-attention) layer: query dim, text (cross) dim, inner dim and heads."""
+def unet_fingerprint(unet: nn.Module) -> dict[str, dict[str, int | str]]:
+    """Per cross-attention (or joint-attention) layer: query dim, text (cross) dim, inner dim and heads (a
+    joint-attention layer also its query norm: :func:`~nested.dit.joint_layer_fingerprint`)."""
     return {
         name: joint_layer_fingerprint(attn)
         if joint_layout(attn) is not None
@@ -195,7 +196,7 @@ class AdapterConfig:
     token: str
     class_word: str
     encoder: EncoderSpec
-    layers: dict[str, dict[str, int]]
+    layers: dict[str, dict[str, int | str]]
     value_norm_factor: float | None = None
     domain: str = ""
     base_model: str = ""

@@ -100,14 +100,18 @@ def text_projections(attn: nn.Module) -> tuple[nn.Linear, nn.Linear]:
     return attn.to_k, attn.to_v
 
 
-def joint_layer_fingerprint(attn: nn.Module) -> dict[str, int]:
-    """The dimensions an adapter's nested projections must fit, as for a UNet's cross-attention layer:
-    query dim, text dim (the width the subject token's value is projected from), inner dim and heads."""
+def joint_layer_fingerprint(attn: nn.Module) -> dict[str, int | str]:
+    """What an adapter's nested projections must fit, as for a UNet's cross-attention layer: query dim, text
+    dim (the width the subject token's value is projected from), inner dim and heads; and the norm the block
+    puts on its queries (``qk_norm``: the norm's class name, or ``none``). The nested keys meet the queries
+    after that norm, so keys learned against RMS-normed queries (SD3.5, FLUX) do not fit a block without it
+    (SD3), whose widths can be the same (SD3-Medium and SD3.5-Medium)."""
     return {
         "query_dim": attn.to_q.in_features,
         "cross_attention_dim": text_projections(attn)[0].in_features,
         "inner_dim": attn.to_v.out_features,
         "heads": attn.heads,
+        "qk_norm": "none" if attn.norm_q is None else type(attn.norm_q).__name__,
     }
 
 
