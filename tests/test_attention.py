@@ -157,6 +157,27 @@ def test_text_attention_mask_is_respected():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bound_rows", [[1, 3], [1, 2]], ids=["scattered", "one-run"])
+@pytest.mark.parametrize("mask_dims", [2, 3])
+def test_a_mask_without_a_batch_dimension_applies_to_every_sample(bound_rows, mask_dims):
+    """An (N, T) or (H, N, T) mask has no batch dimension, also where N or H equals the batch size: every
+    sample gets all of it, whichever samples bind the subject."""
+    generator = torch.Generator().manual_seed(8)
+    query, key, value, nested_keys, nested_values, masks = random_case(generator, 4, 4, 4, 9, 8, 1, [1])
+    masks[0].zero_()
+    masks[0][bound_rows, 2] = True
+    padding = torch.ones(4, 9, dtype=torch.bool)  # (N = 4 queries, T)
+    padding[:, -3:] = False
+    text_mask = padding if mask_dims == 2 else padding.expand(4, 4, 9)  # (H = 4, N, T)
+    got = nested_attention_subjects(
+        query, key, value, [NestedSubject(masks[0], nested_keys[0], nested_values[0])], attn_mask=text_mask
+    )
+    want = naive_nested_attention(
+        query, key[:, :, :-3], value[:, :, :-3], nested_keys, nested_values, [masks[0][:, :-3]]
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_is_finite_and_close(dtype):
     generator = torch.Generator().manual_seed(7)

@@ -311,11 +311,7 @@ def _nested_attention_active(
         start, stop = span
         sizes = [start, stop - start, batch - stop]
         queries, keys, values = (x.split(sizes) for x in (query, key, value))
-        masks = (
-            attn_mask.split(sizes)
-            if attn_mask is not None and attn_mask.shape[0] == batch
-            else (attn_mask,) * 3
-        )
+        masks = attn_mask.split(sizes) if _per_sample(attn_mask, batch) else (attn_mask,) * 3
         sliced = [(_slice_subject(s, start, stop), present[start:stop]) for s, present in active]
         parts = []
         if start > 0:
@@ -342,9 +338,15 @@ def _nested_attention_active(
         )
         for s, present in active
     ]
-    mask = attn_mask[rows] if attn_mask is not None and attn_mask.shape[0] == batch else attn_mask
+    mask = attn_mask[rows] if _per_sample(attn_mask, batch) else attn_mask
     result = _nested_rows(query[rows], key[rows], value[rows], gathered, mask, None)
     return out.index_copy(0, rows, result.to(out.dtype))
+
+
+def _per_sample(attn_mask: Tensor | None, batch: int) -> bool:
+    """Whether ``attn_mask`` holds one mask per sample. SDPA aligns a mask's dimensions from the right, so only
+    a 4-D mask has a batch dimension: an (N, T) or (H, N, T) mask serves every sample, whatever N or H is."""
+    return attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[0] == batch
 
 
 def _contiguous_span(flags: Sequence[bool]) -> tuple[int, int] | None:
