@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from nested.cli.common import one_line
 from nested.cli.fit import config_error_line, configured_run
 from nested.cli.main import SUBCOMMANDS, main
 from nested.errors import DataError
+from nested.training.resume import checkpoint_step, find_resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -262,6 +265,106 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--data.num_workers=0", *extra]  # fmt: skip
 
 
+def test_a_requeued_slurm_job_resumes_from_its_newest_checkpoint_not_its_ckpt_path(
+    tmp_path, monkeypatch, caplog
+):
+    """A requeued job runs its first run's command line again: its --ckpt_path (and --auto_resume=false) chose
+    where that first run started; the job goes on from the newest checkpoint under its root."""
+    root = tmp_path / "run"
+    # More epochs than needed: a run that reaches max_steps ends its epoch, which a longer run would find done.
+    assert main(_fit_args(root, "--trainer.max_epochs=5")) == 0
+    first = shutil.copy(root / "checkpoints" / "last.ckpt", tmp_path / "step-1.ckpt")
+    assert main(_fit_args(root, "--trainer.max_epochs=5", "--trainer.max_steps=2")) == 0  # resumes step 1
+    newest = find_resume_checkpoint(root, [root / "checkpoints"])
+    assert checkpoint_step(first) == 1 and checkpoint_step(newest) == 2
+    slurm = dict(SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="1", SLURM_NODEID="0", SLURM_PROCID="0",
+                 SLURM_LOCALID="0", SLURM_JOB_ID="7", SLURM_JOB_NAME="job", SLURM_NODELIST="127.0.0.1")  # fmt: skip
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    argv = _fit_args(root, "--trainer.max_epochs=5", "--trainer.max_steps=3", f"--ckpt_path={first}")
+    for restarts, resumed_from in (("0", first), ("1", newest)):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert main([*argv, "--auto_resume=false"]) == 0
+        restored = [
+            r.getMessage() for r in caplog.records if "Restoring states from the checkpoint" in r.getMessage()
+        ]
+        assert restored and restored[0].endswith(str(resumed_from)), (restarts, restored)
+    assert f"requeued job (SLURM_RESTART_COUNT=1): resuming from {newest}" in caplog.text
+    assert f"not --ckpt_path {first}" in caplog.text
+
+
+SIGTERM_AT_STEP = """
+import os
+import signal
+
+import lightning as L
+
+
+class SigtermAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_a_run_stopped_from_a_chosen_checkpoint_says_to_resume_without_choosing_it(
+    tmp_path, monkeypatch, capsys
+):
+    """Run again as it was, it would start from its --ckpt_path again (or refuse its own root)."""
+    root = tmp_path / "run"
+    assert main(_fit_args(root, "--trainer.max_epochs=5")) == 0
+    first = shutil.copy(root / "checkpoints" / "last.ckpt", tmp_path / "step-1.ckpt")
+    (tmp_path / "stopper.py").write_text(SIGTERM_AT_STEP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    capsys.readouterr()
+    argv = _fit_args(root, "--trainer.max_epochs=5", "--trainer.max_steps=4", f"--ckpt_path={first}")
+    stopper = '--trainer.callbacks+={"class_path": "stopper.SigtermAt", "init_args": {"step": 2}}'
+    assert main([*argv, stopper]) == 75
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "nested fit: stopped at step 2, before the end of training; exit status 75. Run the command again "
+        "without --ckpt_path to resume."
+    )
+    assert checkpoint_step(find_resume_checkpoint(root, [root / "checkpoints"])) == 2
+
+
+def test_fit_sbatch_runs_in_run_dir_and_refuses_a_root_of_its_own(tmp_path):
+    """The script's --trainer.default_root_dir comes last: one given after the config would lose without a
+    word, so it is refused; RUN_DIR names the folder. srun and scontrol are stubs that print what they got."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (stubs / "scontrol").write_text("#!/bin/sh\necho node1\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", **SLURM_VALUES, "SLURM_JOB_ID": "9",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_GPUS_ON_NODE": "0"}  # fmt: skip
+    script = str(REPO / "scripts" / "slurm" / "fit.sbatch")
+
+    def sbatch(*arguments: str, **variables: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", script, "configs/smoke.yaml", *arguments], env={**env, **variables}, cwd=tmp_path,
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    refused = sbatch("--trainer.max_steps=2", "--trainer.default_root_dir=runs/mine")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == (
+        "fit.sbatch: error: the run folder is runs/<job name> (sbatch --job-name=NAME) or $RUN_DIR (RUN_DIR=DIR "
+        "sbatch ...); drop --trainer.default_root_dir=runs/mine\n"
+    )
+    ran = sbatch("--trainer.max_steps=2", RUN_DIR="runs/mine")
+    assert ran.returncode == 0, ran.stderr
+    assert (
+        ran.stdout.splitlines()[-1] == "--trainer.default_root_dir=runs/mine"
+        and (tmp_path / "runs/mine").is_dir()
+    )
+
+
 def test_a_base_model_folder_without_its_unet_is_one_line_naming_it(tmp_path, capsys):
     model = shutil.copytree(REPO / "data/models/tiny-sd", tmp_path / "tiny-sd")
     shutil.rmtree(model / "unet")
@@ -288,7 +391,20 @@ def test_resuming_a_checkpoint_of_another_architecture_names_it_and_how_to_start
     assert error.startswith(f"nested fit: error: cannot resume from the checkpoint {checkpoint}:")
     assert "adapter.encoder.resampler.latents is [1, 16, 64] there, [1, 8, 64] here" in error
     assert "encoder.num_tokens: 16 -> 8" in error
-    assert "--auto_resume=false or another --trainer.default_root_dir" in error
+    assert error.endswith(
+        "or start a new run in another --trainer.default_root_dir (nested fit resumes from the "
+        "newest checkpoint under it)."
+    )
+    # Starting over in the same root is refused: the new run's checkpoints would mix with these.
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(root, "--trainer.max_steps=2", "--auto_resume=false"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (
+        f"nested fit: error: --auto_resume=false: {root} holds the checkpoints of a run ({checkpoint}, step "
+        f"{checkpoint_step(checkpoint)}); to start over, pass another --trainer.default_root_dir (or move them "
+        "away); to resume, leave --auto_resume=false out"
+    )
     # A --ckpt_path that is missing, cut short or not a Lightning checkpoint: one line, before any training.
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(checkpoint.read_bytes()[:-4096])

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from nested.callbacks import AdapterEMA
 from nested.data import DomainSpec, NestedDataModule
@@ -22,12 +23,14 @@ from nested.training.module import NestedAttentionModule
 from nested.training.resume import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
+    checkpoint_step,
     find_resume_checkpoint,
     partial_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = str(REPO / "data" / "demo" / "faces" / "shards.json")
+VAL_SHARDS = str(REPO / "data" / "demo" / "faces" / "val" / "shards.json")
 STEPS = 6  # epochs of 4 batches (8 samples, batch 2): every resumed run crosses into epoch 1
 
 
@@ -49,9 +52,10 @@ def make_module(model: Path, optimizer: dict = ADAMW) -> NestedAttentionModule:
     return ScheduledModule(str(model), spec, subjects={"<person>": "person"}, seed=3, optimizer=optimizer)
 
 
-def make_data(num_workers: int = 2) -> NestedDataModule:
+def make_data(num_workers: int = 2, validation: bool = False) -> NestedDataModule:
     return NestedDataModule(
         [DomainSpec("faces", SHARDS, "<person>")],
+        val_domains=[DomainSpec("faces", VAL_SHARDS, "<person>")] if validation else None,
         resolution=64,
         reference_size=32,
         batch_size=2,
@@ -97,26 +101,46 @@ def fit(
     optimizer: dict = ADAMW,
     accelerator: str = "cpu",
     callbacks: tuple[L.Callback, ...] = (),
+    max_epochs: int | None = None,
+    checkpoint_every: int | None = None,
+    validate_every: int | None = None,
+    resume_from: Path | None = None,
 ):
+    """``checkpoint_every``: a ModelCheckpoint with ``last.ckpt`` in ``root/checkpoints`` every so many steps;
+    ``validate_every``: one validation batch every so many steps; ``resume_from``: instead of the newest."""
     L.seed_everything(0, verbose=False)  # as `nested fit` does: the adapter's initial weights
     record = Record()
     callbacks = [AdapterEMA(decay=0.9), record, PreemptionCheckpoint(), *callbacks]
     if sigterm_at is not None:
         callbacks.append(SigtermAt(sigterm_at))
+    if checkpoint_every is not None:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=root / "checkpoints",
+                every_n_train_steps=checkpoint_every,
+                save_last=True,
+                save_top_k=-1,
+            )
+        )
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
-        max_steps=steps,
+        max_steps=-1 if max_epochs is not None else steps,
+        max_epochs=max_epochs,
         default_root_dir=str(root),
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoint_every is not None,
+        val_check_interval=validate_every,
+        limit_val_batches=1 if validate_every else 0,
+        num_sanity_val_steps=0,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
     )
     resume = None if sigterm_at is not None else find_resume_checkpoint(root)
-    trainer.fit(make_module(model, optimizer), datamodule=make_data(num_workers), ckpt_path=resume)
+    data = make_data(num_workers, validation=validate_every is not None)
+    trainer.fit(make_module(model, optimizer), datamodule=data, ckpt_path=resume_from or resume)
     return trainer, record
 
 
@@ -137,6 +161,55 @@ def test_resume_is_bit_identical_mid_epoch_and_at_an_epoch_end(tiny_sd_path, tmp
             assert torch.equal(resumed.weights[name], value), f"stop at {stop}: {name} differs"
         for name, value in full.ema.items():
             assert torch.equal(resumed.ema[name], value), f"stop at {stop}: EMA {name} differs"
+
+
+class SigtermAtTrainStart(L.Callback):
+    """SIGTERM from ``on_train_start``: between Lightning's own signal handlers and the first step (the data
+    loaders starting, other callbacks' start hooks), as on every start of a requeued job."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_before_the_first_step_checkpoints_after_it_and_stops_early(tiny_sd_path, tmp_path):
+    trainer, _ = fit(tiny_sd_path, tmp_path, num_workers=0, callbacks=(SigtermAtTrainStart(),))
+    preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
+    assert trainer.global_step == 1 and preemption.stopped_early
+    assert (
+        preemption.saved_path == tmp_path / "hpc_ckpt_1.ckpt" and checkpoint_step(preemption.saved_path) == 1
+    )
+    assert not trainer.received_sigterm  # Lightning's handler never saw it: no SIGTERMException
+
+
+class ValidationSteps(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def test_a_stop_runs_no_validation_and_leaves_last_ckpt_where_a_resume_finishes_the_epoch(
+    tiny_sd_path, tmp_path
+):
+    """max_epochs=1 (4 steps); SIGTERM at step 3. Lightning validates and ends the epoch when a run stops: that
+    validation is skipped, and last.ckpt stays at step 2, so resuming from it (--ckpt_path) trains steps 3 and 4
+    as an uninterrupted run does, instead of finding the cut epoch finished."""
+    options = dict(num_workers=0, max_epochs=1, checkpoint_every=2, validate_every=2)
+    _, full = fit(tiny_sd_path, tmp_path / "full", **options)
+    validations = ValidationSteps()
+    root = tmp_path / "stopped"
+    stopped, _ = fit(tiny_sd_path, root, sigterm_at=3, callbacks=(validations,), **options)
+    assert stopped.global_step == 3 and validations.steps == [2]
+    assert (
+        checkpoint_step(root / "hpc_ckpt_1.ckpt") == 3
+        and checkpoint_step(root / "checkpoints" / "last.ckpt") == 2
+    )
+    assert stopped.limit_val_batches == 1  # the trainer's own setting, back after the stop
+    resumed, record = fit(tiny_sd_path, root, resume_from=root / "checkpoints" / "last.ckpt", **options)
+    assert resumed.global_step == 4 and record.keys == full.keys[2:]
+    for name, value in full.weights.items():
+        assert torch.equal(record.weights[name], value), name
 
 
 def test_an_ema_checkpoint_written_after_training_keeps_the_trained_weights_and_needs_the_ema(

@@ -81,8 +81,7 @@ class AdapterExport(L.Callback):
             self.partial_path = self._export_step(trainer, pl_module)
             rank_zero_info(
                 f"nested: training stopped early at step {trainer.global_step}; the adapter so far is in "
-                f"{self.partial_path.resolve()} (adapters/last is written only when a run completes). "
-                "Run the same command again to resume."
+                f"{self.partial_path.resolve()} (adapters/last is written only when a run completes)."
             )
             return
         self.last_path = self.export(trainer, pl_module, "last", complete=True)

@@ -5,7 +5,8 @@ unknown key or a wrong type fails naming the key. ``nested fit`` is preemption-s
 (:mod:`nested.training.resume`): checkpoints are written atomically, SIGUSR1/SIGTERM/SIGINT checkpoint at the
 next step (and SIGUSR1 requeues under SLURM), checkpoint callbacks without a ``dirpath`` write to
 ``<default_root_dir>/checkpoints``, and without ``--ckpt_path`` a run resumes from the newest checkpoint of
-its ``default_root_dir`` (``--auto_resume=false`` starts over).
+its ``default_root_dir`` (``--auto_resume=false`` refuses a root that holds checkpoints); a requeued SLURM job
+goes on from the newest checkpoint of its root whatever its ``--ckpt_path``.
 
 Exit status: 0 when training reached its end (``adapters/last`` written), :data:`EXIT_STOPPED_EARLY` (75)
 when a stop signal ended it earlier with a checkpoint to resume from, 2 for a user mistake, 128 + the signal
@@ -15,6 +16,7 @@ number when a second stop signal ended it at once.
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
 import re
 import sys
@@ -26,6 +28,7 @@ from typing import Any, NoReturn
 import lightning as L
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -116,7 +119,8 @@ class NestedCLI(LightningCLI):
             type=bool,
             default=True,
             help="fit without --ckpt_path: resume from the newest checkpoint of default_root_dir (hpc_ckpt_*.ckpt, "
-            "<checkpoint dirpath>/*.ckpt) if there is one.",
+            "<checkpoint dirpath>/*.ckpt) if there is one; false: start fresh, refusing a root that holds "
+            "checkpoints (a requeued SLURM job resumes whatever this says).",
         )
 
     @staticmethod
@@ -146,16 +150,56 @@ class NestedCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
+        """Which checkpoint the run starts from: ``--ckpt_path``, else the newest under the root
+        (``--auto_resume``); a requeued SLURM job always goes on from its newest one."""
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") is not None or not config.get("auto_resume", True):
-            return
-        path = find_resume_checkpoint(self.trainer.default_root_dir, checkpoint_dirs(self.trainer))
-        if path is not None:
-            config["ckpt_path"] = str(path)
+        root = self.trainer.default_root_dir
+        given = config.get("ckpt_path")
+        newest = find_resume_checkpoint(root, checkpoint_dirs(self.trainer))
+        if newest is not None and requeued_job() and _step_or_none(given) <= checkpoint_step(newest):
+            # The job's arguments are those of its first run, which they chose the start of; the checkpoints
+            # under its root are its own, written before it was requeued.
+            config["ckpt_path"] = str(newest)
             rank_zero_info(
-                f"nested: resuming from {path} (the newest checkpoint under {self.trainer.default_root_dir}); "
-                "pass --auto_resume=false or another --trainer.default_root_dir to start over."
+                f"nested: requeued job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): resuming "
+                f"from {newest}, the newest checkpoint under {root}"
+                + (f", not --ckpt_path {given}" if given is not None and str(given) != str(newest) else "")
             )
+            return
+        if given is not None:
+            return
+        if not config.get("auto_resume", True):
+            if newest is not None:
+                # Started here, a new run's checkpoints would mix with the old run's, and the next automatic
+                # resume would take whichever has the higher step.
+                raise UsageError(
+                    f"--auto_resume=false: {root} holds the checkpoints of a run ({newest}, step "
+                    f"{checkpoint_step(newest)}); to start over, pass another --trainer.default_root_dir (or move "
+                    "them away); to resume, leave --auto_resume=false out"
+                )
+            return
+        if newest is not None:
+            config["ckpt_path"] = str(newest)
+            rank_zero_info(
+                f"nested: resuming from {newest} (the newest checkpoint under {root}); pass another "
+                "--trainer.default_root_dir to start over."
+            )
+
+
+def requeued_job() -> bool:
+    """Whether this process belongs to a SLURM job that was requeued (``SLURM_RESTART_COUNT`` > 0)."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "")
+    return count.isdigit() and int(count) > 0 and SLURMEnvironment.detect()
+
+
+def _step_or_none(path: Any) -> int | float:
+    """The step inside a local ``--ckpt_path`` file; -1 for none; infinity for a keyword ("last", "hpc") or a
+    remote path, which the newest checkpoint does not replace."""
+    if path is None:
+        return -1
+    if not Path(str(path)).is_file():
+        return float("inf")
+    return checkpoint_step(path)
 
 
 def check_output_folders(trainer: L.Trainer) -> None:
@@ -279,9 +323,24 @@ def main_fit(command: str, argv: list[str] | None) -> int:
     # Global rank 0 only: the others exit 0, so that `srun --kill-on-bad-exit` never ends rank 0 while it still
     # writes the adapter or uploads it (srun's own exit status is the highest of its tasks').
     if command == "fit" and stopped_early(trainer) and trainer.is_global_zero:
+        config = cli.config["fit"]
+        # Run again as it was, the command would start from the same --ckpt_path, or refuse the root it left.
+        chosen = [
+            option
+            for option, given in (
+                ("--ckpt_path", config.get("ckpt_path") is not None),
+                ("--auto_resume=false", not config.get("auto_resume", True)),
+            )
+            if given
+        ]
+        again = (
+            f"Run the command again without {' and '.join(chosen)}"
+            if chosen
+            else "Run the same command again"
+        )
         print(
             f"nested fit: stopped at step {trainer.global_step}, before the end of training; exit status "
-            f"{EXIT_STOPPED_EARLY}. Run the same command again to resume.",
+            f"{EXIT_STOPPED_EARLY}. {again} to resume.",
             file=sys.stderr,
         )
         return EXIT_STOPPED_EARLY

@@ -418,8 +418,8 @@ class NestedAttentionModule(L.LightningModule):
         path = self._trainer.ckpt_path if self._trainer is not None else None
         raise AdapterError(
             f"cannot resume from the checkpoint {path or ''}: {why}. Resume it with the configuration it was "
-            "trained with, or start a new run: nested fit resumes from the newest checkpoint under "
-            "trainer.default_root_dir, so pass --auto_resume=false or another --trainer.default_root_dir."
+            "trained with, or start a new run in another --trainer.default_root_dir (nested fit resumes from the "
+            "newest checkpoint under it)."
         )
 
     # --------------------------------------------------------------------------- training

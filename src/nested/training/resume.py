@@ -164,8 +164,9 @@ class PreemptionCheckpoint(L.Callback):
     At the end of every optimizer step the ranks agree (one tiny all-reduce) whether any of them
     received a signal; if so, all of them write ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` (through
     the trainer's checkpoint IO: atomic with ``nested fit``), keep the ``keep`` newest hpc files,
-    requeue the SLURM job if the signal was the requeue signal, and stop training. Unless that
-    step was the last one, ``stopped_early`` is then true: :class:`~nested.callbacks.AdapterExport`
+    requeue the SLURM job if the signal was the requeue signal, and stop training, with no validation
+    and no epoch-end checkpoint after it (a signal that arrives during a validation is acted on at the
+    step after it: keep a validation shorter than SLURM's warning). Unless that step was the last one, ``stopped_early`` is then true: :class:`~nested.callbacks.AdapterExport`
     exports the adapter as ``step=<N>`` with ``"complete": false`` instead of ``last``, and
     ``nested fit`` exits with status 75.
 
@@ -192,26 +193,48 @@ class PreemptionCheckpoint(L.Callback):
         self.requeued = False
         self.stopped_early = False
         self._stopping = False
+        self._registered: tuple[Any, Any] | None = None  # the signal connector and its own register method
+        self._limit_val_batches: int | float | None = None  # the trainer's, while a stop turns validation off
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.stopped_early = self._stopping = False
         # Rebinding (not mutating) the list: Lightning is iterating the old one right now.
         others = [c for c in trainer.callbacks if c is not self and not isinstance(c, Checkpoint)]
         trainer.callbacks = [*others, self, *(c for c in trainer.callbacks if isinstance(c, Checkpoint))]
+        if stage == "fit":
+            self._install_after_lightning(trainer)
+
+    def _install_after_lightning(self, trainer: L.Trainer) -> None:
+        """Install the flags right after Lightning registers its own handlers, just before the run stage.
+
+        Lightning's SIGTERM handler records the signal, and from the next step on its loops raise
+        SIGTERMException: a SystemExit with status 0, after none of this callback's work. Reinstalled only at
+        the first training hook, the flags would leave that handler in charge while the data loaders start and
+        the other callbacks' ``on_train_start`` run (every start of a requeued job).
+        """
+        connector = trainer._signal_connector
+        register = connector.register_signal_handlers
+
+        def register_then_flags() -> None:
+            register()
+            self._install()
+
+        connector.register_signal_handlers = register_then_flags
+        self._registered = (connector, register)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._registered is not None:
+            connector, register = self._registered
+            connector.register_signal_handlers = register
+            self._registered = None
+        if self._limit_val_batches is not None:
+            trainer.limit_val_batches, self._limit_val_batches = self._limit_val_batches, None
         # Runs after the other callbacks' teardown (HubUpload's wait among them), during which a second signal
         # still ends the process at once. A later fit in this process starts with no signal pending.
         clear_signals()
 
     def _install(self) -> None:
         install_signal_flags(tuple(dict.fromkeys((self.requeue_signal, *STOP_SIGNALS))))
-
-    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._install()  # after Lightning registered its own handlers (just before the run stage)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._install()
 
     def _should_requeue(self, trainer: L.Trainer) -> bool:
         if self.requeue is not None:
@@ -258,13 +281,21 @@ class PreemptionCheckpoint(L.Callback):
         rank_zero_info(
             f"preemption: stop signal received; checkpoint {path} written at step {trainer.global_step}"
             + ("; job requeued" if self.requeued else "")
-            + (
-                ". Run the same command again to resume from it."
-                if self.stopped_early
-                else "; training is done."
-            )
+            + ("" if self.stopped_early else "; training is done")
         )
         trainer.should_stop = True
+        self._skip_the_epoch_end_of_the_stop(trainer)
+
+    def _skip_the_epoch_end_of_the_stop(self, trainer: L.Trainer) -> None:
+        """Once the stop is checkpointed, Lightning still validates (it does whenever ``should_stop`` is set) and
+        ends the epoch, whose checkpoints (``last.ckpt``) would record the cut epoch as finished: resumed from,
+        a run with ``max_epochs`` would end at once. Neither happens: the stop's checkpoint is the hpc one."""
+        self._limit_val_batches = trainer.limit_val_batches
+        trainer.limit_val_batches = 0  # Trainer.enable_validation reads it: no validation from here on
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                # ModelCheckpoint skips the saves of a step it saved at; this step's state is in the hpc file.
+                callback._last_global_step_saved = trainer.global_step
 
 
 def training_finished(trainer: L.Trainer) -> bool:
