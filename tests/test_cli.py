@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from nested.cli.common import one_line
-from nested.cli.fit import config_error_line, configured_run
+from nested.cli.fit import _start_over, config_error_line, configured_run
 from nested.cli.main import SUBCOMMANDS, main
 from nested.errors import DataError
 from nested.training.resume import checkpoint_step, find_resume_checkpoint
@@ -293,6 +293,19 @@ def test_a_requeued_slurm_job_resumes_from_its_newest_checkpoint_not_its_ckpt_pa
         assert restored and restored[0].endswith(str(resumed_from)), (restarts, restored)
     assert f"requeued job (SLURM_RESTART_COUNT=1): resuming from {newest}" in caplog.text
     assert f"not --ckpt_path {first}" in caplog.text
+    # The checkpoint the first run started from, rotated away since: the job still goes on from its newest.
+    Path(first).unlink()
+    caplog.clear()
+    resumed_from = find_resume_checkpoint(root, [root / "checkpoints"])
+    assert checkpoint_step(resumed_from) == 3
+    with caplog.at_level("INFO"):
+        assert main([*argv[:-1], "--trainer.max_steps=4", argv[-1]]) == 0
+    assert f"requeued job (SLURM_RESTART_COUNT=1): resuming from {resumed_from}" in caplog.text
+    assert checkpoint_step(find_resume_checkpoint(root, [root / "checkpoints"])) == 4
+    # With nothing under its root to go on from, the missing --ckpt_path is the error it always was.
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(tmp_path / "empty", f"--ckpt_path={first}"))
+    assert exit_info.value.code == 2
 
 
 SIGTERM_AT_STEP = """
@@ -330,6 +343,17 @@ def test_a_run_stopped_from_a_chosen_checkpoint_says_to_resume_without_choosing_
         "without --ckpt_path to resume."
     )
     assert checkpoint_step(find_resume_checkpoint(root, [root / "checkpoints"])) == 2
+
+
+def test_the_way_to_start_over_names_a_checkpoint_folder_outside_the_root(tmp_path):
+    root = tmp_path / "run"
+    assert (
+        _start_over(root / "checkpoints" / "last.ckpt", str(root))
+        == "pass another --trainer.default_root_dir"
+    )
+    assert _start_over(tmp_path / "shared" / "last.ckpt", str(root)) == (
+        f"pass another --trainer.default_root_dir and another ModelCheckpoint dirpath than {tmp_path / 'shared'}"
+    )
 
 
 def test_fit_sbatch_runs_in_run_dir_and_refuses_a_root_of_its_own(tmp_path):
@@ -401,9 +425,9 @@ def test_resuming_a_checkpoint_of_another_architecture_names_it_and_how_to_start
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error == (
-        f"nested fit: error: --auto_resume=false: {root} holds the checkpoints of a run ({checkpoint}, step "
-        f"{checkpoint_step(checkpoint)}); to start over, pass another --trainer.default_root_dir (or move them "
-        "away); to resume, leave --auto_resume=false out"
+        f"nested fit: error: --auto_resume=false: {checkpoint} (step {checkpoint_step(checkpoint)}) is a "
+        "checkpoint of an earlier run; to start over, pass another --trainer.default_root_dir (or move it away); "
+        "to resume, leave --auto_resume=false out"
     )
     # A --ckpt_path that is missing, cut short or not a Lightning checkpoint: one line, before any training.
     cut = tmp_path / "cut.ckpt"

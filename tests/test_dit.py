@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -384,6 +385,20 @@ def test_an_sd35_adapter_is_refused_on_sd3_of_the_same_widths_naming_the_query_n
         not isinstance(a.processor, NestedJointAttnProcessor) for a in cross_attention_layers(sd3).values()
     )
     adapter.attach(tiny_sd3(dual_attention_blocks=(0,)))  # SD3.5's extra image attention changes nothing here
+
+
+def test_an_adapter_saved_without_query_norms_still_fits_its_base(tmp_path, vision_path):
+    """Adapters saved before the fingerprint held ``qk_norm`` are checked on their widths alone."""
+    model = tiny_sd3()
+    folder = make_adapter(model, vision_path).save_pretrained(tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for dims in config["layers"].values():
+        del dims["qk_norm"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    NestedAdapter.from_pretrained(folder).attach(model)
+    assert all(
+        isinstance(a.processor, NestedJointAttnProcessor) for a in cross_attention_layers(model).values()
+    )
 
 
 def test_save_load_gives_the_same_output(tmp_path, vision_path):

@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from nested.callbacks import AdapterEMA
 from nested.data import DomainSpec, NestedDataModule
 from nested.encoder import EncoderSpec
-from nested.errors import AdapterError
+from nested.errors import AdapterError, ConfigError
+from nested.signals import received_signals
 from nested.training.module import NestedAttentionModule
 from nested.training.resume import (
     AtomicCheckpointIO,
@@ -210,6 +211,43 @@ def test_a_stop_runs_no_validation_and_leaves_last_ckpt_where_a_resume_finishes_
     assert resumed.global_step == 4 and record.keys == full.keys[2:]
     for name, value in full.weights.items():
         assert torch.equal(record.weights[name], value), name
+
+
+def test_a_stop_at_the_last_step_keeps_the_runs_final_validation_and_checkpoint(tiny_sd_path, tmp_path):
+    validations = ValidationSteps()
+    options = dict(num_workers=0, max_epochs=1, checkpoint_every=2, validate_every=2)
+    trainer, _ = fit(tiny_sd_path, tmp_path, sigterm_at=4, callbacks=(validations,), **options)
+    preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
+    assert trainer.global_step == 4 and not preemption.stopped_early
+    assert validations.steps == [2, 4] and checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 4
+
+
+class FailAtTrainEnd(L.Callback):
+    """Raises after training, as a failing export or upload would; keeps the trainer for the test."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.trainer = trainer
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        raise RuntimeError("after the stop")
+
+
+def test_a_fit_that_raises_after_a_stop_gives_the_trainer_back_its_settings(tiny_sd_path, tmp_path):
+    failing = FailAtTrainEnd()
+    with pytest.raises(RuntimeError, match="after the stop"):
+        fit(tiny_sd_path, tmp_path, num_workers=0, sigterm_at=2, validate_every=2, callbacks=(failing,))
+    trainer = failing.trainer
+    assert trainer.global_step == 2 and trainer.limit_val_batches == 1
+    assert "register_signal_handlers" not in vars(trainer._signal_connector)  # Lightning's own method again
+    assert not received_signals()  # the next fit in this process starts with no stop pending
+
+
+def test_min_steps_is_refused_since_lightning_trains_on_after_a_stop(tiny_sd_path, tmp_path):
+    trainer = L.Trainer(
+        max_steps=4, min_steps=3, logger=False, enable_checkpointing=False, callbacks=[PreemptionCheckpoint()]
+    )
+    with pytest.raises(ConfigError, match=r"^trainer.min_steps=3, trainer.min_epochs=1: Lightning trains on"):
+        trainer.fit(make_module(tiny_sd_path), datamodule=make_data(0))
 
 
 def test_an_ema_checkpoint_written_after_training_keeps_the_trained_weights_and_needs_the_ema(

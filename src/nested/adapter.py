@@ -681,6 +681,9 @@ class NestedAdapter(nn.Module):
                     f"cross-attention layers, {model}: {len(theirs)}). The adapter was made for base model "
                     f"{self.config.base_model or '<unknown>'}."
                 )
+            if "qk_norm" not in ours[name]:
+                # Saved before layers recorded their query norm: the widths are all there is to check.
+                theirs[name] = {key: value for key, value in theirs[name].items() if key != "qk_norm"}
             if ours[name] != theirs[name]:
                 raise AdapterError(
                     f"layer {name!r} does not fit: the adapter expects {ours[name]}, this {model} has {theirs[name]}. "

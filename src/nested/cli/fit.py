@@ -100,6 +100,7 @@ class NestedCLI(LightningCLI):
         """``command``: the command a configuration mistake is reported for; ``options_command``: the one whose
         ``--help`` lists the options (default ``command``)."""
         self._commands = command, options_command or command
+        self._rotated_ckpt_path: str | None = None  # a requeued job's --ckpt_path that no longer exists
         super().__init__(*args, parser_class=NestedArgumentParser, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -146,7 +147,13 @@ class NestedCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         local = path is not None and _is_local_file_protocol(str(path)) and not _is_registry(path)
         if local and path not in ("last", "hpc", "best"):
-            check_checkpoint_path(path)
+            if requeued_job() and not Path(path).exists():
+                # A requeued job goes on from the newest checkpoint of its root (before_fit); the one its first
+                # run started from may have been rotated away since (PreemptionCheckpoint keeps the newest).
+                self.config[subcommand]["ckpt_path"] = None
+                self._rotated_ckpt_path = path
+            else:
+                check_checkpoint_path(path)
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
@@ -162,10 +169,12 @@ class NestedCLI(LightningCLI):
             config["ckpt_path"] = str(newest)
             rank_zero_info(
                 f"nested: requeued job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): resuming "
-                f"from {newest}, the newest checkpoint under {root}"
+                f"from {newest}, the newest checkpoint of its folders"
                 + (f", not --ckpt_path {given}" if given is not None and str(given) != str(newest) else "")
             )
             return
+        if self._rotated_ckpt_path is not None:  # requeued, with nothing under its root to go on from
+            raise UsageError(f"--ckpt_path {self._rotated_ckpt_path}: no such file; {_CHECKPOINT_FIX}")
         if given is not None:
             return
         if not config.get("auto_resume", True):
@@ -173,17 +182,25 @@ class NestedCLI(LightningCLI):
                 # Started here, a new run's checkpoints would mix with the old run's, and the next automatic
                 # resume would take whichever has the higher step.
                 raise UsageError(
-                    f"--auto_resume=false: {root} holds the checkpoints of a run ({newest}, step "
-                    f"{checkpoint_step(newest)}); to start over, pass another --trainer.default_root_dir (or move "
-                    "them away); to resume, leave --auto_resume=false out"
+                    f"--auto_resume=false: {newest} (step {checkpoint_step(newest)}) is a checkpoint of an earlier "
+                    f"run; to start over, {_start_over(newest, root)} (or move it away); to resume, leave "
+                    "--auto_resume=false out"
                 )
             return
         if newest is not None:
             config["ckpt_path"] = str(newest)
             rank_zero_info(
-                f"nested: resuming from {newest} (the newest checkpoint under {root}); pass another "
-                "--trainer.default_root_dir to start over."
+                f"nested: resuming from {newest}, the newest checkpoint of this run's folders; to start over, "
+                f"{_start_over(newest, root)}."
             )
+
+
+def _start_over(checkpoint: Path, root: str) -> str:
+    """How to start a run that will not find ``checkpoint``: another root, and another ModelCheckpoint dirpath
+    where the checkpoint lies outside the root."""
+    if checkpoint.resolve().is_relative_to(Path(root).resolve()):
+        return "pass another --trainer.default_root_dir"
+    return f"pass another --trainer.default_root_dir and another ModelCheckpoint dirpath than {checkpoint.parent}"
 
 
 def requeued_job() -> bool:

@@ -201,8 +201,15 @@ class PreemptionCheckpoint(L.Callback):
         # Rebinding (not mutating) the list: Lightning is iterating the old one right now.
         others = [c for c in trainer.callbacks if c is not self and not isinstance(c, Checkpoint)]
         trainer.callbacks = [*others, self, *(c for c in trainer.callbacks if isinstance(c, Checkpoint))]
-        if stage == "fit":
-            self._install_after_lightning(trainer)
+        if stage != "fit":
+            return
+        if trainer.min_steps or trainer.min_epochs:
+            raise ConfigError(
+                f"trainer.min_steps={trainer.min_steps}, trainer.min_epochs={trainer.min_epochs}: Lightning trains on "
+                "after a stop signal until they are reached, past the checkpoint the stop wrote; a preemption-safe "
+                "run sets neither (max_steps / max_epochs end it)"
+            )
+        self._install_after_lightning(trainer)
 
     def _install_after_lightning(self, trainer: L.Trainer) -> None:
         """Install the flags right after Lightning registers its own handlers, just before the run stage.
@@ -212,6 +219,7 @@ class PreemptionCheckpoint(L.Callback):
         the first training hook, the flags would leave that handler in charge while the data loaders start and
         the other callbacks' ``on_train_start`` run (every start of a requeued job).
         """
+        self._restore(trainer)  # a fit that raised skipped its teardown
         connector = trainer._signal_connector
         register = connector.register_signal_handlers
 
@@ -219,16 +227,31 @@ class PreemptionCheckpoint(L.Callback):
             register()
             self._install()
 
+        # What the connector held before: its class's method (nothing of its own) or someone else's wrapper.
+        self._registered = (connector, vars(connector).get("register_signal_handlers"))
         connector.register_signal_handlers = register_then_flags
-        self._registered = (connector, register)
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _restore(self, trainer: L.Trainer) -> None:
+        """Give the trainer back its own signal registration and validation setting."""
         if self._registered is not None:
-            connector, register = self._registered
-            connector.register_signal_handlers = register
+            connector, own = self._registered
+            if own is None:
+                del connector.register_signal_handlers
+            else:
+                connector.register_signal_handlers = own
             self._registered = None
         if self._limit_val_batches is not None:
             trainer.limit_val_batches, self._limit_val_batches = self._limit_val_batches, None
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning runs no teardown hook after an exception: what teardown does, here.
+        self._restore(trainer)
+        clear_signals()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore(trainer)
         # Runs after the other callbacks' teardown (HubUpload's wait among them), during which a second signal
         # still ends the process at once. A later fit in this process starts with no signal pending.
         clear_signals()
@@ -260,7 +283,7 @@ class PreemptionCheckpoint(L.Callback):
         if accumulating and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # a checkpoint inside an accumulation window would lose the accumulated gradients
         if self._stopping:
-            return  # this stop is checkpointed already (Lightning may still run steps up to min_steps)
+            return  # this stop is checkpointed already
         requeue_signal, stop = self._agree(pl_module)
         if not stop:
             return
@@ -284,7 +307,8 @@ class PreemptionCheckpoint(L.Callback):
             + ("" if self.stopped_early else "; training is done")
         )
         trainer.should_stop = True
-        self._skip_the_epoch_end_of_the_stop(trainer)
+        if self.stopped_early:  # a stop at the last step ends the run as it would have ended anyway
+            self._skip_the_epoch_end_of_the_stop(trainer)
 
     def _skip_the_epoch_end_of_the_stop(self, trainer: L.Trainer) -> None:
         """Once the stop is checkpointed, Lightning still validates (it does whenever ``should_stop`` is set) and
