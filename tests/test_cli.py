@@ -308,35 +308,15 @@ def test_a_requeued_slurm_job_resumes_from_its_newest_checkpoint_not_its_ckpt_pa
     assert exit_info.value.code == 2
 
 
-SIGTERM_AT_STEP = """
-import os
-import signal
-
-import lightning as L
-
-
-class SigtermAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-"""
-
-
-def test_a_run_stopped_from_a_chosen_checkpoint_says_to_resume_without_choosing_it(
-    tmp_path, monkeypatch, capsys
-):
+def test_a_run_stopped_from_a_chosen_checkpoint_says_to_resume_without_choosing_it(tmp_path, capsys):
     """Run again as it was, it would start from its --ckpt_path again (or refuse its own root)."""
     root = tmp_path / "run"
     assert main(_fit_args(root, "--trainer.max_epochs=5")) == 0
     first = shutil.copy(root / "checkpoints" / "last.ckpt", tmp_path / "step-1.ckpt")
-    (tmp_path / "stopper.py").write_text(SIGTERM_AT_STEP)
-    monkeypatch.syspath_prepend(str(tmp_path))
     capsys.readouterr()
     argv = _fit_args(root, "--trainer.max_epochs=5", "--trainer.max_steps=4", f"--ckpt_path={first}")
-    stopper = '--trainer.callbacks+={"class_path": "stopper.SigtermAt", "init_args": {"step": 2}}'
+    # tests/ is on sys.path under pytest: the callback that test_resume.py uses.
+    stopper = '--trainer.callbacks+={"class_path": "test_resume.SigtermAt", "init_args": {"step": 2}}'
     assert main([*argv, stopper]) == 75
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "nested fit: stopped at step 2, before the end of training; exit status 75. Run the command again "
