@@ -266,7 +266,7 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
 
 
 def test_a_requeued_slurm_job_resumes_from_its_newest_checkpoint_not_its_ckpt_path(
-    tmp_path, monkeypatch, caplog
+    tmp_path, monkeypatch, caplog, capsys
 ):
     """A requeued job runs its first run's command line again: its --ckpt_path (and --auto_resume=false) chose
     where that first run started; the job goes on from the newest checkpoint under its root."""
@@ -282,15 +282,23 @@ def test_a_requeued_slurm_job_resumes_from_its_newest_checkpoint_not_its_ckpt_pa
     for name, value in slurm.items():
         monkeypatch.setenv(name, value)
     argv = _fit_args(root, "--trainer.max_epochs=5", "--trainer.max_steps=3", f"--ckpt_path={first}")
-    for restarts, resumed_from in (("0", first), ("1", newest)):
-        monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
-        caplog.clear()
-        with caplog.at_level("INFO"):
-            assert main([*argv, "--auto_resume=false"]) == 0
-        restored = [
-            r.getMessage() for r in caplog.records if "Restoring states from the checkpoint" in r.getMessage()
-        ]
-        assert restored and restored[0].endswith(str(resumed_from)), (restarts, restored)
+    # A fresh job: going back to step 1 in a root that holds step 2 is refused (its checkpoints would mix).
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--auto_resume=false"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"nested fit: error: --ckpt_path {first} (step 1) is older than {newest} (step 2) of this run's folders; "
+        "to go on from it, pass another --trainer.default_root_dir (the checkpoint can stay where it is)"
+    )
+    # Requeued, the job's own newer checkpoints are what it goes on from.
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with caplog.at_level("INFO"):
+        assert main([*argv, "--auto_resume=false"]) == 0
+    restored = [
+        r.getMessage() for r in caplog.records if "Restoring states from the checkpoint" in r.getMessage()
+    ]
+    assert restored and restored[0].endswith(str(newest)), restored
     assert f"requeued job (SLURM_RESTART_COUNT=1): resuming from {newest}" in caplog.text
     assert f"not --ckpt_path {first}" in caplog.text
     # The checkpoint the first run started from, rotated away since: the job still goes on from its newest.
@@ -306,6 +314,17 @@ def test_a_requeued_slurm_job_resumes_from_its_newest_checkpoint_not_its_ckpt_pa
     with pytest.raises(SystemExit) as exit_info:
         main(_fit_args(tmp_path / "empty", f"--ckpt_path={first}"))
     assert exit_info.value.code == 2
+    # nested validate checks the one it is given, requeued or not.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", *_fit_args(root, f"--ckpt_path={first}")[1:]])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(f"nested validate: error: --ckpt_path {first}: no such file;")
+    )
 
 
 def test_a_run_stopped_from_a_chosen_checkpoint_says_to_resume_without_choosing_it(tmp_path, capsys):

@@ -190,22 +190,23 @@ class ValidationSteps(L.Callback):
         self.steps.append(trainer.global_step)
 
 
+@pytest.mark.parametrize("stop", [3, 2], ids=["between-checkpoints", "at-a-checkpoint-step"])
 def test_a_stop_runs_no_validation_and_leaves_last_ckpt_where_a_resume_finishes_the_epoch(
-    tiny_sd_path, tmp_path
+    tiny_sd_path, tmp_path, stop
 ):
-    """max_epochs=1 (4 steps); SIGTERM at step 3. Lightning validates and ends the epoch when a run stops: that
-    validation is skipped, and last.ckpt stays at step 2, so resuming from it (--ckpt_path) trains steps 3 and 4
-    as an uninterrupted run does, instead of finding the cut epoch finished."""
+    """max_epochs=1 (4 steps), a checkpoint and a validation due every 2 steps; SIGTERM at step 3 or 2. Lightning
+    validates and ends the epoch when a run stops: no validation follows the stop (not even one due at its step),
+    the step's own checkpoint is written, the epoch-end one is not: last.ckpt is at step 2, and resuming from it
+    (--ckpt_path) trains steps 3 and 4 as an uninterrupted run does, instead of finding the cut epoch finished."""
     options = dict(num_workers=0, max_epochs=1, checkpoint_every=2, validate_every=2)
     _, full = fit(tiny_sd_path, tmp_path / "full", **options)
     validations = ValidationSteps()
     root = tmp_path / "stopped"
-    stopped, _ = fit(tiny_sd_path, root, sigterm_at=3, callbacks=(validations,), **options)
-    assert stopped.global_step == 3 and validations.steps == [2]
-    assert (
-        checkpoint_step(root / "hpc_ckpt_1.ckpt") == 3
-        and checkpoint_step(root / "checkpoints" / "last.ckpt") == 2
-    )
+    stopped, _ = fit(tiny_sd_path, root, sigterm_at=stop, callbacks=(validations,), **options)
+    assert stopped.global_step == stop and validations.steps == [2] * (stop == 3)
+    assert checkpoint_step(root / "hpc_ckpt_1.ckpt") == stop
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == 2
     assert stopped.limit_val_batches == 1  # the trainer's own setting, back after the stop
     resumed, record = fit(tiny_sd_path, root, resume_from=root / "checkpoints" / "last.ckpt", **options)
     assert resumed.global_step == 4 and record.keys == full.keys[2:]
@@ -244,7 +245,12 @@ def test_a_fit_that_raises_after_a_stop_gives_the_trainer_back_its_settings(tiny
 
 def test_min_steps_is_refused_since_lightning_trains_on_after_a_stop(tiny_sd_path, tmp_path):
     trainer = L.Trainer(
-        max_steps=4, min_steps=3, logger=False, enable_checkpointing=False, callbacks=[PreemptionCheckpoint()]
+        max_steps=4,
+        min_steps=3,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[PreemptionCheckpoint()],
     )
     with pytest.raises(ConfigError, match=r"^trainer.min_steps=3, trainer.min_epochs=1: Lightning trains on"):
         trainer.fit(make_module(tiny_sd_path), datamodule=make_data(0))

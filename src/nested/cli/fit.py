@@ -147,7 +147,7 @@ class NestedCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         local = path is not None and _is_local_file_protocol(str(path)) and not _is_registry(path)
         if local and path not in ("last", "hpc", "best"):
-            if requeued_job() and not Path(path).exists():
+            if subcommand == "fit" and requeued_job() and not Path(path).exists():
                 # A requeued job goes on from the newest checkpoint of its root (before_fit); the one its first
                 # run started from may have been rotated away since (PreemptionCheckpoint keeps the newest).
                 self.config[subcommand]["ckpt_path"] = None
@@ -176,6 +176,14 @@ class NestedCLI(LightningCLI):
         if self._rotated_ckpt_path is not None:  # requeued, with nothing under its root to go on from
             raise UsageError(f"--ckpt_path {self._rotated_ckpt_path}: no such file; {_CHECKPOINT_FIX}")
         if given is not None:
+            if newest is not None and _step_or_none(given) < checkpoint_step(newest):
+                # A roll-back in place: its checkpoints would mix with the newer ones, and the next resume (a
+                # requeue, or the same command without --ckpt_path) would go on from those.
+                raise UsageError(
+                    f"--ckpt_path {given} (step {checkpoint_step(given)}) is older than {newest} (step "
+                    f"{checkpoint_step(newest)}) of this run's folders; to go on from it, {_start_over(newest, root)} "
+                    "(the checkpoint can stay where it is)"
+                )
             return
         if not config.get("auto_resume", True):
             if newest is not None:
@@ -345,7 +353,7 @@ def main_fit(command: str, argv: list[str] | None) -> int:
         chosen = [
             option
             for option, given in (
-                ("--ckpt_path", config.get("ckpt_path") is not None),
+                ("--ckpt_path", config.get("ckpt_path") is not None or cli._rotated_ckpt_path is not None),
                 ("--auto_resume=false", not config.get("auto_resume", True)),
             )
             if given

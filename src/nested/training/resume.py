@@ -193,11 +193,13 @@ class PreemptionCheckpoint(L.Callback):
         self.requeued = False
         self.stopped_early = False
         self._stopping = False
+        self._stopped_mid_epoch = False  # the epoch-end checkpoints of this stop are to be skipped
         self._registered: tuple[Any, Any] | None = None  # the signal connector and its own register method
         self._limit_val_batches: int | float | None = None  # the trainer's, while a stop turns validation off
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.stopped_early = self._stopping = False
+        self.stopped_early = self._stopping = self._stopped_mid_epoch = self.requeued = False
+        self.saved_path = None
         # Rebinding (not mutating) the list: Lightning is iterating the old one right now.
         others = [c for c in trainer.callbacks if c is not self and not isinstance(c, Checkpoint)]
         trainer.callbacks = [*others, self, *(c for c in trainer.callbacks if isinstance(c, Checkpoint))]
@@ -311,15 +313,21 @@ class PreemptionCheckpoint(L.Callback):
             self._skip_the_epoch_end_of_the_stop(trainer)
 
     def _skip_the_epoch_end_of_the_stop(self, trainer: L.Trainer) -> None:
-        """Once the stop is checkpointed, Lightning still validates (it does whenever ``should_stop`` is set) and
-        ends the epoch, whose checkpoints (``last.ckpt``) would record the cut epoch as finished: resumed from,
-        a run with ``max_epochs`` would end at once. Neither happens: the stop's checkpoint is the hpc one."""
+        """Once the stop is checkpointed, Lightning still validates (it does whenever ``should_stop`` is set,
+        besides a validation due at that step) and ends the epoch, whose checkpoints (``last.ckpt``) would record
+        the cut epoch as finished: resumed from, a run with ``max_epochs`` would end at once. Neither happens; the
+        checkpoint callbacks' own saves of the step (``every_n_train_steps``), mid-epoch like the hpc one, do."""
         self._limit_val_batches = trainer.limit_val_batches
         trainer.limit_val_batches = 0  # Trainer.enable_validation reads it: no validation from here on
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint):
-                # ModelCheckpoint skips the saves of a step it saved at; this step's state is in the hpc file.
-                callback._last_global_step_saved = trainer.global_step
+        self._stopped_mid_epoch = True
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before the checkpoint callbacks' epoch-end saves (they come after this callback).
+        if self._stopped_mid_epoch:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    # ModelCheckpoint skips the saves of a step it saved at; this step's state is in the hpc file.
+                    callback._last_global_step_saved = trainer.global_step
 
 
 def training_finished(trainer: L.Trainer) -> bool:
