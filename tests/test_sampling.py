@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gc
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +27,7 @@ from nested.errors import ConfigError
 from nested.evaluation.images import load_references, make_grid
 from nested.inference.pipeline import NestedPipeline
 from nested.inference.sampler import build_scheduler, sample_images
+from nested.signals import clear_signals, install_signal_flags, received_signals, restore_signal_handlers
 from nested.testing import write_tiny_clip
 from nested.training.module import NestedAttentionModule
 
@@ -147,6 +150,24 @@ def test_only_global_rank_zero_samples(monkeypatch):
     callback = SampleGrid(every_n_steps=1)
     monkeypatch.setattr(callback, "generate", lambda *a: pytest.fail("rank 1 must not sample"))
     callback.log_samples(SimpleNamespace(is_global_zero=False, global_step=3), None)
+
+
+def test_a_pending_stop_signal_skips_the_grid(monkeypatch):
+    """The stop's checkpoint comes right after this callback: it must not wait for a grid."""
+    callback = SampleGrid(every_n_steps=2, sample_at_start=True)
+    sampled = []
+    monkeypatch.setattr(callback, "log_samples", lambda trainer, module: sampled.append(trainer.global_step))
+    previous = install_signal_flags(("SIGUSR1",))
+    try:
+        callback.on_train_batch_end(SimpleNamespace(global_step=2), None)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert received_signals() == {signal.SIGUSR1}
+        callback.on_train_batch_end(SimpleNamespace(global_step=4), None)
+        callback.on_train_start(SimpleNamespace(global_step=0), None)
+    finally:
+        clear_signals()
+        restore_signal_handlers(previous)
+    assert sampled == [2]
 
 
 def _count_unets() -> int:

@@ -41,6 +41,7 @@ from nested.evaluation.metrics import (
 )
 from nested.inference.sampler import check_sampling, default_guidance, default_size, sample_images
 from nested.prompt_cache import PromptCache
+from nested.signals import received_signals
 
 __all__ = ["DEFAULT_PROMPTS", "SampleGrid"]
 
@@ -223,12 +224,15 @@ class SampleGrid(L.Callback):
             text_encoder.require(self.prompts_for(self.token or pl_module.adapter.config.token), "SampleGrid")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.sample_at_start and trainer.global_step == 0:
+        if self.sample_at_start and trainer.global_step == 0 and not received_signals():
             self.log_samples(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        # A pending stop signal skips the grid: the stop's checkpoint (PreemptionCheckpoint, which runs after
+        # this callback) must not wait for it, within SLURM's warning. The grid has no collective in it, so one
+        # rank skipping while another samples cannot hang them.
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step and not received_signals():
             self.log_samples(trainer, pl_module)
 
     # ------------------------------------------------------------------------------ sampling
