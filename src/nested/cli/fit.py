@@ -162,8 +162,10 @@ class NestedCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         root = self.trainer.default_root_dir
         given = config.get("ckpt_path")
+        given_step = _given_step(given)
         newest = find_resume_checkpoint(root, checkpoint_dirs(self.trainer))
-        if newest is not None and requeued_job() and _step_or_none(given) <= checkpoint_step(newest):
+        newest_step = -1 if newest is None else checkpoint_step(newest)
+        if newest is not None and requeued_job() and given_step <= newest_step:
             # The job's arguments are those of its first run, which they chose the start of; the checkpoints
             # under its root are its own, written before it was requeued.
             config["ckpt_path"] = str(newest)
@@ -176,13 +178,13 @@ class NestedCLI(LightningCLI):
         if self._rotated_ckpt_path is not None:  # requeued, with nothing under its root to go on from
             raise UsageError(f"--ckpt_path {self._rotated_ckpt_path}: no such file; {_CHECKPOINT_FIX}")
         if given is not None:
-            if newest is not None and _step_or_none(given) < checkpoint_step(newest):
+            if given_step < newest_step:
                 # A roll-back in place: its checkpoints would mix with the newer ones, and the next resume (a
                 # requeue, or the same command without --ckpt_path) would go on from those.
                 raise UsageError(
-                    f"--ckpt_path {given} (step {checkpoint_step(given)}) is older than {newest} (step "
-                    f"{checkpoint_step(newest)}) of this run's folders; to go on from it, {_start_over(newest, root)} "
-                    "(the checkpoint can stay where it is)"
+                    f"--ckpt_path {given} (step {given_step}) is older than {newest} (step {newest_step}) of this "
+                    f"run's folders; to go on from it, {_start_over(newest, root)} (the checkpoint can stay where "
+                    "it is)"
                 )
             return
         if not config.get("auto_resume", True):
@@ -190,7 +192,7 @@ class NestedCLI(LightningCLI):
                 # Started here, a new run's checkpoints would mix with the old run's, and the next automatic
                 # resume would take whichever has the higher step.
                 raise UsageError(
-                    f"--auto_resume=false: {newest} (step {checkpoint_step(newest)}) is a checkpoint of an earlier "
+                    f"--auto_resume=false: {newest} (step {newest_step}) is a checkpoint of an earlier "
                     f"run; to start over, {_start_over(newest, root)} (or move it away); to resume, leave "
                     "--auto_resume=false out"
                 )
@@ -217,9 +219,9 @@ def requeued_job() -> bool:
     return count.isdigit() and int(count) > 0 and SLURMEnvironment.detect()
 
 
-def _step_or_none(path: Any) -> int | float:
+def _given_step(path: Any) -> int | float:
     """The step inside a local ``--ckpt_path`` file; -1 for none; infinity for a keyword ("last", "hpc") or a
-    remote path, which the newest checkpoint does not replace."""
+    remote path, which the newest checkpoint neither replaces nor is compared with."""
     if path is None:
         return -1
     if not Path(str(path)).is_file():

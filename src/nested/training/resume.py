@@ -164,9 +164,10 @@ class PreemptionCheckpoint(L.Callback):
     At the end of every optimizer step the ranks agree (one tiny all-reduce) whether any of them
     received a signal; if so, all of them write ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` (through
     the trainer's checkpoint IO: atomic with ``nested fit``), keep the ``keep`` newest hpc files,
-    requeue the SLURM job if the signal was the requeue signal, and stop training, with no validation
-    and no epoch-end checkpoint after it (a signal that arrives during a validation is acted on at the
-    step after it: keep a validation shorter than SLURM's warning). Unless that step was the last one, ``stopped_early`` is then true: :class:`~nested.callbacks.AdapterExport`
+    requeue the SLURM job if the signal was the requeue signal, and stop training. Unless that step
+    was the last one, ``stopped_early`` is then true, no validation and no epoch-end checkpoint follow
+    the stop (a signal that arrives during a validation is acted on at the end of the step after it:
+    keep a validation shorter than SLURM's warning), :class:`~nested.callbacks.AdapterExport`
     exports the adapter as ``step=<N>`` with ``"complete": false`` instead of ``last``, and
     ``nested fit`` exits with status 75.
 
@@ -193,12 +194,11 @@ class PreemptionCheckpoint(L.Callback):
         self.requeued = False
         self.stopped_early = False
         self._stopping = False
-        self._stopped_mid_epoch = False  # the epoch-end checkpoints of this stop are to be skipped
         self._registered: tuple[Any, Any] | None = None  # the signal connector and its own register method
         self._limit_val_batches: int | float | None = None  # the trainer's, while a stop turns validation off
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.stopped_early = self._stopping = self._stopped_mid_epoch = self.requeued = False
+        self.stopped_early = self._stopping = self.requeued = False
         self.saved_path = None
         # Rebinding (not mutating) the list: Lightning is iterating the old one right now.
         others = [c for c in trainer.callbacks if c is not self and not isinstance(c, Checkpoint)]
@@ -221,7 +221,6 @@ class PreemptionCheckpoint(L.Callback):
         the first training hook, the flags would leave that handler in charge while the data loaders start and
         the other callbacks' ``on_train_start`` run (every start of a requeued job).
         """
-        self._restore(trainer)  # a fit that raised skipped its teardown
         connector = trainer._signal_connector
         register = connector.register_signal_handlers
 
@@ -309,21 +308,18 @@ class PreemptionCheckpoint(L.Callback):
             + ("" if self.stopped_early else "; training is done")
         )
         trainer.should_stop = True
-        if self.stopped_early:  # a stop at the last step ends the run as it would have ended anyway
-            self._skip_the_epoch_end_of_the_stop(trainer)
-
-    def _skip_the_epoch_end_of_the_stop(self, trainer: L.Trainer) -> None:
-        """Once the stop is checkpointed, Lightning still validates (it does whenever ``should_stop`` is set,
-        besides a validation due at that step) and ends the epoch, whose checkpoints (``last.ckpt``) would record
-        the cut epoch as finished: resumed from, a run with ``max_epochs`` would end at once. Neither happens; the
-        checkpoint callbacks' own saves of the step (``every_n_train_steps``), mid-epoch like the hpc one, do."""
-        self._limit_val_batches = trainer.limit_val_batches
-        trainer.limit_val_batches = 0  # Trainer.enable_validation reads it: no validation from here on
-        self._stopped_mid_epoch = True
+        # Once the stop is checkpointed, Lightning still validates (it does whenever should_stop is set, besides
+        # a validation due at that step) and ends the epoch, whose checkpoints (last.ckpt) would record the cut
+        # epoch as finished: resumed from, a run with max_epochs would end at once. Neither happens (here and in
+        # on_train_epoch_end); the checkpoint callbacks' own saves of the step, mid-epoch like the hpc one, do.
+        # A stop at the last step ends the run as it would have ended anyway.
+        if self.stopped_early:
+            self._limit_val_batches = trainer.limit_val_batches
+            trainer.limit_val_batches = 0  # Trainer.enable_validation reads it: no validation from here on
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Before the checkpoint callbacks' epoch-end saves (they come after this callback).
-        if self._stopped_mid_epoch:
+        # Before the checkpoint callbacks' epoch-end saves (they come after this callback): see on_train_batch_end.
+        if self.stopped_early:
             for callback in trainer.checkpoint_callbacks:
                 if isinstance(callback, ModelCheckpoint):
                     # ModelCheckpoint skips the saves of a step it saved at; this step's state is in the hpc file.
