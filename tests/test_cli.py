@@ -7,6 +7,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from nested.cli.common import one_line
 from nested.cli.fit import _start_over, config_error_line, configured_run
 from nested.cli.main import SUBCOMMANDS, main
 from nested.errors import DataError
-from nested.training.resume import checkpoint_step, find_resume_checkpoint
+from nested.training.resume import checkpoint_step, find_resume_checkpoint, partial_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -325,6 +326,35 @@ def test_a_requeued_slurm_job_resumes_from_its_newest_checkpoint_not_its_ckpt_pa
         .splitlines()[-1]
         .startswith(f"nested validate: error: --ckpt_path {first}: no such file;")
     )
+
+
+def test_a_fit_removes_the_remains_of_killed_checkpoint_writes_but_not_a_write_in_progress(tmp_path, caplog):
+    """A write killed mid-way leaves its temporary file (test_resume.py kills one); one for a step-named
+    checkpoint is never overwritten, as large as a checkpoint. The next fit removes those older than itself."""
+    root = tmp_path / "run"
+    killed = [
+        partial_path(root / "checkpoints" / "epoch=0-step=500.ckpt"),
+        partial_path(root / "hpc_ckpt_3.ckpt"),
+    ]
+    in_progress = partial_path(
+        root / "checkpoints" / "epoch=0-step=600.ckpt"
+    )  # another process's, being written
+    unrelated = root / "checkpoints" / ".notes.tmp"
+    for path in [*killed, in_progress, unrelated]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"PK\x03\x04 half a checkpoint")
+    for path in killed:
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    os.utime(in_progress, (time.time() + 3600, time.time() + 3600))  # touched after the fit started
+    with caplog.at_level("INFO"):
+        assert main(_fit_args(root)) == 0
+    assert not any(path.exists() for path in killed)
+    assert in_progress.exists() and unrelated.exists()
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == sorted(
+        [in_progress.name, unrelated.name, "last.ckpt"]
+    )
+    for path in killed:
+        assert f"removed {path}, the remains of a checkpoint write that was killed" in caplog.text
 
 
 def test_a_run_stopped_from_a_chosen_checkpoint_says_to_resume_without_choosing_it(tmp_path, capsys):

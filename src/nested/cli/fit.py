@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import sys
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -47,6 +48,7 @@ from nested.training.resume import (
     checkpoint_dirs,
     checkpoint_step,
     find_resume_checkpoint,
+    remove_killed_writes,
     stable_checkpoint_dirs,
 )
 
@@ -101,6 +103,7 @@ class NestedCLI(LightningCLI):
         ``--help`` lists the options (default ``command``)."""
         self._commands = command, options_command or command
         self._rotated_ckpt_path: str | None = None  # a requeued job's --ckpt_path that no longer exists
+        self._started = time.time()  # a checkpoint write left from before then is not this run's
         super().__init__(*args, parser_class=NestedArgumentParser, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -161,6 +164,11 @@ class NestedCLI(LightningCLI):
         (``--auto_resume``); a requeued SLURM job always goes on from its newest one."""
         config = self.config_init[self.subcommand]
         root = self.trainer.default_root_dir
+        if self.trainer.is_global_zero:
+            for partial in remove_killed_writes([root, *checkpoint_dirs(self.trainer)], self._started):
+                rank_zero_info(
+                    f"nested: removed {partial}, the remains of a checkpoint write that was killed"
+                )
         given = config.get("ckpt_path")
         given_step = _given_step(given)
         newest = find_resume_checkpoint(root, checkpoint_dirs(self.trainer))

@@ -69,6 +69,24 @@ def partial_path(path: Path) -> Path:
     return path.parent / f".partial-{digest}.tmp"
 
 
+def remove_killed_writes(folders: list[str | Path], older_than: float) -> list[Path]:
+    """Delete the :func:`partial_path` files in ``folders`` last written before ``older_than`` (a time
+    stamp): writes killed mid-way. One for ``last.ckpt`` or an hpc file is overwritten by the next write
+    of that target, but one for a step-named checkpoint would stay, as large as a checkpoint. A write in
+    progress (this job's, or another's in the same folder) keeps touching its file, so it is newer.
+    Returns the deleted paths."""
+    removed = []
+    for folder in dict.fromkeys(Path(f) for f in folders):
+        for partial in sorted(folder.glob(".partial-*.tmp")) if folder.is_dir() else []:
+            try:
+                if partial.stat().st_mtime < older_than:
+                    partial.unlink()
+                    removed.append(partial)
+            except FileNotFoundError:  # renamed or removed by its writer meanwhile
+                continue
+    return removed
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose local writes are atomic and durable (remote paths: Lightning's way).
 
