@@ -7,9 +7,12 @@ the processes instead of launching them).
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +29,7 @@ from nested.data import DomainSpec, build_stream, collate_batch
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SHARD = REPO / "data" / "demo" / "faces" / "faces-000000.tar"
 CORRUPT = (5, 6)  # sample indices: reader 1 (rank 0, worker 1) and reader 2 (rank 1, worker 0)
+STACK_DUMP_SIGNAL = signal.SIGUSR2
 ADAMW_1E3 = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
 
 
@@ -217,6 +221,52 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _run_two_ranks(arguments: list[str], logs: list[Path], timeout: float = 150.0) -> None:
+    """Runs this file as a script once per rank, joined over gloo on 127.0.0.1; fails with both logs
+    if a rank fails, and with every process's Python stacks (ranks and their DataLoader workers) if
+    the run hangs."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "RANK"))
+    }
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0", OMP_NUM_THREADS="1")
+    processes = []
+    try:
+        for rank, path in enumerate(logs):
+            with open(path, "w") as log:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, __file__, *arguments],
+                        env={**env, "LOCAL_RANK": str(rank)},
+                        stdout=log,
+                        stderr=log,
+                    )
+                )
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert code == 0, "\n".join(path.read_text()[-3000:] for path in logs)
+    except subprocess.TimeoutExpired:
+        for pid in [p for process in processes for p in _process_tree(process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, STACK_DUMP_SIGNAL)
+        time.sleep(3.0)
+        pytest.fail("the 2-rank run hung:\n" + "\n".join(path.read_text()[-12000:] for path in logs))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc``; just ``pid`` elsewhere)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            children += [int(child) for child in task.read_text().split()]
+    return [pid] + [p for child in children for p in _process_tree(child)]
+
+
 def test_two_ranks_one_shard_disjoint_no_hang_all_dropped_and_reduced_metrics(tiny_sd_path, tmp_path):
     samples = _demo_samples()[:13]
     for index in CORRUPT:
@@ -226,30 +276,9 @@ def test_two_ranks_one_shard_disjoint_no_hang_all_dropped_and_reduced_metrics(ti
             "json": samples[index]["json"],
         }
     shard = _write(tmp_path / "one.tar", samples)  # no shards.json: counted from the tar headers
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "RANK"))
-    }
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0", OMP_NUM_THREADS="1")
-    command = [sys.executable, __file__, str(tmp_path), str(shard), str(tiny_sd_path)]
-    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
-    processes = []
-    try:
-        for rank in range(2):
-            with open(logs[rank], "w") as log:
-                processes.append(
-                    subprocess.Popen(command, env={**env, "LOCAL_RANK": str(rank)}, stdout=log, stderr=log)
-                )
-        deadline = time.monotonic() + 150
-        for process in processes:
-            code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            assert code == 0, "\n".join(log.read_text()[-3000:] for log in logs)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the 2-rank run hung:\n" + "\n".join(log.read_text()[-3000:] for log in logs))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
+    _run_two_ranks(
+        [str(tmp_path), str(shard), str(tiny_sd_path)], [tmp_path / f"rank{r}.log" for r in range(2)]
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     # All-dropped batches trained under DDP without find_unused_parameters; ranks stayed in sync.
@@ -307,26 +336,7 @@ def test_too_few_samples_for_every_reader_fail_at_start(tmp_path):
 
 
 def test_fsdp_preset_shards_only_the_adapter_and_writes_full_checkpoints(tiny_sd_path, tmp_path):
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "RANK"))
-    }
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0", OMP_NUM_THREADS="1")
-    command = [sys.executable, __file__, "fsdp", str(tmp_path), str(tiny_sd_path)]
-    logs = [tmp_path / f"fsdp{r}.log" for r in range(2)]
-    processes = []
-    try:
-        for rank in range(2):
-            with open(logs[rank], "w") as log:
-                processes.append(
-                    subprocess.Popen(command, env={**env, "LOCAL_RANK": str(rank)}, stdout=log, stderr=log)
-                )
-        for process in processes:
-            assert process.wait(timeout=150) == 0, "\n".join(log.read_text()[-3000:] for log in logs)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
+    _run_two_ranks(["fsdp", str(tmp_path), str(tiny_sd_path)], [tmp_path / f"fsdp{r}.log" for r in range(2)])
     ranks = [json.loads((tmp_path / f"fsdp-rank{r}.json").read_text()) for r in range(2)]
     (path,) = (tmp_path / "checkpoints").glob("*step=3.ckpt")
     checkpoint = torch.load(path, weights_only=True)
@@ -363,6 +373,8 @@ def test_fsdp_preset_composes_with_a_config(capsys, monkeypatch):
 
 
 if __name__ == "__main__":
+    # A hung run's stacks, this process's and (inherited through fork) its DataLoader workers'.
+    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
     if sys.argv[1] == "fsdp":
         run_fsdp_rank(Path(sys.argv[2]), sys.argv[3])
     else:
