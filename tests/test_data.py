@@ -489,5 +489,29 @@ def test_nested_fit_stops_at_start_naming_the_shard_that_differs(
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(
-        f"nested fit: error: domain 'faces': shard {shard} differs from its index {index}"
+        f"nested fit: error: data.domains: domain 'faces': shard {shard} differs from its index {index}"
     )
+
+
+def test_missing_validation_shards_are_named_as_data_val_domains_with_the_way_to_go_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The recipes validate on shards of their own: a user who points only data.domains at theirs must learn
+    which option names the missing ones."""
+    from nested.cli.main import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    missing = tmp_path / "faces-val" / "shards.json"
+    val_domains = json.dumps([{"name": "faces", "urls": str(missing), "subject": "<person>"}])
+    argv = ["fit", "--config", "configs/smoke.yaml", "--trainer.max_steps=1", "--data.num_workers=0",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'run'}"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, f"--data.val_domains={val_domains}"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(
+        f"nested fit: error: data.val_domains: domain 'faces': 1 of 1 shard files from urls '{missing}' do not exist"
+    )
+    assert error.endswith("To train without validation, pass --data.val_domains=[].")
+    assert main([*argv, f"--data.val_domains={val_domains}", "--data.val_domains=[]"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -23,7 +23,7 @@ from nested.data.transforms import (
     ReferenceAugment,
 )
 from nested.data.val_stream import ValidationStream
-from nested.errors import ConfigError
+from nested.errors import ConfigError, NestedUserError
 
 __all__ = ["NestedDataModule"]
 
@@ -131,12 +131,17 @@ class NestedDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Fail now, naming the shard, if any domain's shards are missing or differ from their index."""
-        specs = self.domains if stage in (None, "fit") else []
+        specs = [("data.domains", spec, "") for spec in self.domains] if stage in (None, "fit") else []
         if stage in (None, "fit", "validate"):
-            specs = [*specs, *self.val_domains]
-        for spec in specs:
-            check_urls(spec)
-            verify_shards(spec, self.verify_shards)
+            # The recipes name validation shards of their own, which a user who set only data.domains lacks.
+            advice = " To train without validation, pass --data.val_domains=[]."
+            specs += [("data.val_domains", spec, advice) for spec in self.val_domains]
+        for option, spec, advice in specs:
+            try:
+                check_urls(spec)
+                verify_shards(spec, self.verify_shards)
+            except NestedUserError as error:
+                raise type(error)(f"{option}: {error}{advice}") from error
 
     def _stream(self, domains: list[DomainSpec], train: bool) -> TrainStream | ValidationStream:
         rank, world_size = self._rank_world()
