@@ -260,6 +260,28 @@ def test_a_list_element_chosen_by_index_is_one_line_naming_what_works(capsys):
     assert "--data.domains.urls=... sets urls in the LAST element of data.domains" in error
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_a_gpu_recipe_on_a_machine_without_one_and_an_uninstalled_strategy_are_one_line_errors(
+    tmp_path, capsys
+):
+    argv = ["fit", "--config", "configs/faces-sdxl.yaml", f"--trainer.default_root_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"nested fit: error: --trainer.accelerator=gpu, but torch sees no GPU here (torch {torch.__version__}, "
+        "torch.cuda.is_available() is false); run on a GPU node, or pass --trainer.accelerator=cpu (slow; with "
+        "--trainer.precision=32-true or bf16-mixed)"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--trainer.accelerator=cpu", "--trainer.strategy=deepspeed"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "nested fit: error: the trainer settings cannot run here: To use the `DeepSpeedStrategy`, you must have "
+        "DeepSpeed installed. Install it by running `pip install -U deepspeed`."
+    )
+
+
 def _fit_args(root: Path, *extra: str) -> list[str]:
     """`nested fit` on the smoke config, one step, no validation, no worker, into ``root``."""
     return ["fit", "--config", "configs/smoke.yaml", "--trainer.max_steps=1", f"--trainer.default_root_dir={root}",
@@ -355,6 +377,36 @@ def test_a_fit_removes_the_remains_of_killed_checkpoint_writes_but_not_a_write_i
     )
     for path in killed:
         assert f"removed {path}, the remains of a checkpoint write that was killed" in caplog.text
+
+
+def test_validate_takes_the_newest_checkpoint_of_the_run_and_refuses_a_root_without_one(
+    tmp_path, capsys, caplog
+):
+    root = tmp_path / "run"
+    assert main(_fit_args(root, "--trainer.max_steps=2")) == 0
+    newest = find_resume_checkpoint(root, [root / "checkpoints"])
+    validate = ["validate", *_fit_args(root, "--trainer.limit_val_batches=1")[1:]]
+    capsys.readouterr()
+
+    def validation_loss(argv: list[str]) -> float:
+        assert main(argv) == 0
+        (row,) = [line for line in capsys.readouterr().out.splitlines() if "val/loss" in line]
+        return float(re.findall(r"\d+\.\d+", row)[-1])
+
+    with caplog.at_level("INFO"):
+        newest_loss = validation_loss(validate)
+    assert f"nested: validating {newest}, the newest checkpoint of this run's folders" in caplog.text
+    assert newest_loss == validation_loss([*validate, f"--ckpt_path={newest}"])
+    assert newest_loss != validation_loss([*validate, "--auto_resume=false"])  # the untrained adapter
+    empty = ["validate", *_fit_args(tmp_path / "empty", "--trainer.limit_val_batches=1")[1:]]
+    with pytest.raises(SystemExit) as exit_info:
+        main(empty)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"nested validate: error: no checkpoint to validate under {tmp_path / 'empty'} (hpc_ckpt_*.ckpt, "
+        "checkpoints/*.ckpt): pass --ckpt_path=CHECKPOINT or the run's --trainer.default_root_dir; "
+        "--auto_resume=false validates the untrained adapter"
+    )
 
 
 def test_a_run_stopped_from_a_chosen_checkpoint_says_to_resume_without_choosing_it(tmp_path, capsys):

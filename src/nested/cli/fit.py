@@ -6,7 +6,8 @@ unknown key or a wrong type fails naming the key. ``nested fit`` is preemption-s
 next step (and SIGUSR1 requeues under SLURM), checkpoint callbacks without a ``dirpath`` write to
 ``<default_root_dir>/checkpoints``, and without ``--ckpt_path`` a run resumes from the newest checkpoint of
 its ``default_root_dir`` (``--auto_resume=false`` refuses a root that holds checkpoints); a requeued SLURM job
-goes on from the newest checkpoint of its root whatever its ``--ckpt_path``.
+goes on from the newest checkpoint of its root whatever its ``--ckpt_path``. ``nested validate`` validates
+``--ckpt_path``, else the newest checkpoint of its ``default_root_dir``.
 
 Exit status: 0 when training reached its end (``adapters/last`` written), :data:`EXIT_STOPPED_EARLY` (75)
 when a stop signal ended it earlier with a checkpoint to resume from, 2 for a user mistake, 128 + the signal
@@ -31,6 +32,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -124,7 +126,8 @@ class NestedCLI(LightningCLI):
             default=True,
             help="fit without --ckpt_path: resume from the newest checkpoint of default_root_dir (hpc_ckpt_*.ckpt, "
             "<checkpoint dirpath>/*.ckpt) if there is one; false: start fresh, refusing a root that holds "
-            "checkpoints (a requeued SLURM job resumes whatever this says).",
+            "checkpoints (a requeued SLURM job resumes whatever this says). validate without --ckpt_path: "
+            "validate that newest checkpoint, refusing a root without one; false: the untrained adapter.",
         )
 
     @staticmethod
@@ -135,7 +138,12 @@ class NestedCLI(LightningCLI):
                 parser.link_arguments(key, link_to, compute_fn=_plain)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:  # Lightning's type for settings this machine cannot run
+            raise UsageError(
+                _trainer_misconfiguration(error, self.config[self.subcommand].trainer)
+            ) from error
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user-chosen one is kept
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         stable_checkpoint_dirs(trainer)
@@ -211,6 +219,34 @@ class NestedCLI(LightningCLI):
                 f"nested: resuming from {newest}, the newest checkpoint of this run's folders; to start over, "
                 f"{_start_over(newest, root)}."
             )
+
+    def before_validate(self) -> None:
+        """Which checkpoint is validated: ``--ckpt_path``, else the newest of the run's folders. Without either,
+        the adapter would be the freshly initialised one: refused, unless ``--auto_resume=false`` asks for it."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") is not None or not config.get("auto_resume", True):
+            return
+        root = self.trainer.default_root_dir
+        newest = find_resume_checkpoint(root, checkpoint_dirs(self.trainer))
+        if newest is None:
+            raise UsageError(
+                f"no checkpoint to validate under {root} (hpc_ckpt_*.ckpt, checkpoints/*.ckpt): pass "
+                "--ckpt_path=CHECKPOINT or the run's --trainer.default_root_dir; --auto_resume=false validates "
+                "the untrained adapter"
+            )
+        config["ckpt_path"] = str(newest)
+        rank_zero_info(f"nested: validating {newest}, the newest checkpoint of this run's folders")
+
+
+def _trainer_misconfiguration(error: MisconfigurationException, trainer: Namespace) -> str:
+    message = " ".join(str(error).split())
+    if str(trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        return (
+            f"--trainer.accelerator={trainer.accelerator}, but torch sees no GPU here (torch "
+            f"{torch.__version__}, torch.cuda.is_available() is false); run on a GPU node, or pass "
+            "--trainer.accelerator=cpu (slow; with --trainer.precision=32-true or bf16-mixed)"
+        )
+    return f"the trainer settings cannot run here: {message}"
 
 
 def _start_over(checkpoint: Path, root: str) -> str:
