@@ -8,9 +8,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# Pin torch first: an unpinned torch pulls a multi-GB CUDA build. Users with GPUs install the
-# torch build for their CUDA first; the constraints below accept any 2.13.0 build.
-.venv/bin/python -m pip install -q "torch==2.13.0"
+# Pin torch first: PyPI's Linux torch is a multi-GB CUDA build. The CPU build comes from a local wheelhouse
+# (pip's find-links: offline machines, CI) if it has one, else from PyTorch's CPU index. A torch 2.13.0
+# already in .venv (users with GPUs install the build for their CUDA first) is kept: the constraints below
+# accept any 2.13.0 build.
+if ! .venv/bin/python -m pip install -q --no-index "torch==2.13.0" 2>/dev/null; then
+  .venv/bin/python -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+fi
 # faces: dlib and its models (face detection, alignment, face identity), prebuilt wheels: no compiler.
 # quantize: torchao, for the frozen models in 8 bits (model.quantize).
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,faces,quantize]"
