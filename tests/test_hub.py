@@ -655,7 +655,38 @@ def _dead_endpoint(monkeypatch) -> str:
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     monkeypatch.setenv("HF_ENDPOINT", dead)
     monkeypatch.setattr(constants, "ENDPOINT", dead)
+    # Derived from ENDPOINT at import (as HF_ENDPOINT does in a fresh process): file downloads use it.
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     return dead
+
+
+def test_a_base_model_hub_id_with_no_answer_from_the_hub_is_one_line_naming_the_hub(
+    adapter_dir, tmp_path, monkeypatch, capsys
+):
+    from PIL import Image
+    from skimage import data
+
+    from nested.cli.main import main
+
+    dead = _dead_endpoint(monkeypatch)
+    monkeypatch.setattr(
+        "huggingface_hub.utils._http.time.sleep", lambda seconds: None
+    )  # its retries, at once
+    image = tmp_path / "me.png"
+    Image.fromarray(data.astronaut()).save(image)
+    assert main(["generate", "--base", "me/no-such-base", "--adapter", f"<person>={adapter_dir}", "--subject",
+                 f"<person>={image}", "--prompt", "a photo of <person>", "--out", str(tmp_path / "out"), "--no-progress"]) == 2  # fmt: skip
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(
+        f"nested generate: error: cannot download 'me/no-such-base': no answer from the Hub at {dead} (from "
+        "HF_ENDPOINT) (ConnectError: [Errno 111] Connection refused)"
+    )
+    assert line.endswith(
+        ", and it is not in the local cache. Check the network, or HF_ENDPOINT; or pass a local folder."
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def _listed_commands(text: str) -> list[str]:

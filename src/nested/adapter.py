@@ -985,7 +985,7 @@ def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | N
         except Exception as error:
             raise HubError(
                 f"could not download adapter {str(name_or_path)!r} (revision {revision or 'main'}) from the Hub: {error}. "
-                "Check the repo id, your network / HF_ENDPOINT, and your token (huggingface-cli login) for private repos."
+                "Check the repo id, your network / HF_ENDPOINT, and your token (HF_TOKEN or `hf auth login`) for private repos."
             ) from error
     check_adapter_file_set(path)
     return path

@@ -29,7 +29,7 @@ from diffusers import (
 )
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from nested.errors import ConfigError, MissingFileError
+from nested.errors import ConfigError, HubError, MissingFileError
 from nested.prompt_cache import PromptCache
 from nested.quantize import check_quantize, component_config
 from nested.tokens import padded_ids, subject_masks, subject_masks_for_tokenizers
@@ -126,6 +126,14 @@ def read_model_index(name_or_path: str, expected: str = EXPECTED_LAYOUT, **hub_k
             DiffusionPipeline.load_config(str(local) if local.is_dir() else name_or_path, **hub_kwargs)
         )
     except OSError as error:
+        from nested.hub.push import hub_unreachable
+
+        unreachable = None if local.is_dir() else hub_unreachable(error)
+        if unreachable is not None:
+            raise HubError(
+                f"cannot download {name_or_path!r}: {unreachable}, and it is not in the local cache. Check the "
+                "network, or HF_ENDPOINT; or pass a local folder."
+            ) from error
         raise MissingFileError(
             f"cannot load model_index.json of {name_or_path!r} ({error}). Expected {expected}. "
             "Offline, a Hub id must already be in the local cache: download it, or pass a local folder."
