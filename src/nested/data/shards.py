@@ -165,8 +165,13 @@ def iter_source(src: Path) -> Iterator[SourceItem]:
         raise ConfigError(f"unsupported shards source {src}: expected a folder, a .jsonl or a .csv manifest")
     for line, row, problem in rows:
         origin = f"{src}:{line}"
-        if problem is None and (not isinstance(row, dict) or not row.get("image")):
-            problem = "manifest row is not a JSON object with an 'image'"
+        if problem is None and not isinstance(row, dict):
+            problem = 'manifest row is not a JSON object: expected {"image": PATH, "caption": TEXT}'
+        elif problem is None and not row.get("image"):
+            fields = ", ".join(sorted(map(str, row))) or "none"
+            problem = (
+                f'manifest row has no image: expected an "image" path and a "caption" (its fields: {fields})'
+            )
         elif problem is None and not isinstance(row.get("caption", ""), (str, type(None))):
             problem = f"manifest row's caption is not text: {row['caption']!r}"
         if problem is not None:
@@ -226,7 +231,7 @@ def _read_caption(path: Path) -> tuple[str | None, str | None]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """``(line number, row, problem)``: row None for a line that is not JSON."""
+    """``(line number, row, problem)``: row None, with the problem, for a line that is not JSON."""
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
@@ -238,8 +243,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 continue
             try:
                 yield line_no, json.loads(line), None
-            except json.JSONDecodeError:
-                yield line_no, None, None
+            except json.JSONDecodeError as exc:
+                yield line_no, None, f"manifest line is not JSON: {exc.msg} (column {exc.colno})"
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
