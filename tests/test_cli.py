@@ -38,7 +38,35 @@ def test_help_lists_every_subcommand(capsys):
 
 def test_unknown_command_fails(capsys):
     assert main(["fitt"]) == 2
-    assert "unknown command 'fitt'" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "nested: error: unknown command 'fitt'; did you mean fit? commands: fit, validate, shards, prompts, "
+        "generate, push, eval\n"
+    )
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "nested: error: unknown command 'train'; commands: fit, validate"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["shards", "src", "out", "--domain", "faces"], "the following arguments are required: --subject"),
+        (
+            ["generate", "--base", "b", "--prompt", "p", "--steps", "x"],
+            "argument --steps: invalid int value: 'x'",
+        ),
+        (["push", "adapter", "me/x", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_command_line_mistake_is_one_line_naming_the_help(argv, error, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == f"nested {argv[0]}: error: {error} (nested {argv[0]} --help lists the options)\n"
+    )
 
 
 def test_configs_compose_and_print(capsys):

@@ -11,12 +11,13 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from nested.errors import MissingFileError, NestedUserError, OutputExistsError, UsageError
 
 __all__ = [
     "DTYPES",
+    "CommandParser",
     "TORCH_SEEDS",
     "add_runtime_arguments",
     "add_base_arguments",
@@ -33,6 +34,14 @@ __all__ = [
     "run_user_command",
     "sha256",
 ]
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser, whose command-line mistakes end in one line and exit code 2: the error and where the
+    options are listed, without the usage block argparse prints before them."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
 
 
 def finite(value: float, option: str) -> float:

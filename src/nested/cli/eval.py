@@ -14,6 +14,7 @@ from typing import Any
 
 from nested.cli.common import (
     TORCH_SEEDS,
+    CommandParser,
     add_base_arguments,
     add_quantize_argument,
     add_runtime_arguments,
@@ -41,7 +42,7 @@ EVAL_FILES = ("results.csv", "summary.json", "grid.png", "tradeoff.png")  # and 
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="nested eval",
         description="Measure identity similarity vs prompt alignment of nested adapters over strengths and seeds, "
         "against the base model, and plot the trade-off; in the toy world, --judges adds identity and context "

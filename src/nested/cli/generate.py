@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from nested.cli.common import (
     TORCH_SEEDS,
+    CommandParser,
     add_base_arguments,
     add_quantize_argument,
     add_runtime_arguments,
@@ -39,7 +40,7 @@ __all__ = ["generate_parser", "main_generate", "run_generate"]
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="nested generate",
         description="Generate images with one or more subjects, each bound to its prompt token by a nested adapter.",
         epilog=(

@@ -9,6 +9,7 @@ a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -65,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         if command in _MAINS:
             module, function = _MAINS[command]
             return getattr(importlib.import_module(module), function)(rest) or 0
-    print(f"nested: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    close = difflib.get_close_matches(command, SUBCOMMANDS, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    print(
+        f"nested: error: unknown command {command!r}; {hint}commands: {', '.join(SUBCOMMANDS)}",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from nested.cli.common import check_creatable_folder, checked_device, read_text_option
+from nested.cli.common import CommandParser, check_creatable_folder, checked_device, read_text_option
 from nested.errors import UsageError
 
 __all__ = ["main_prompts", "prompts_parser"]
 
 
 def prompts_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="nested prompts",
         usage="nested prompts --config FILE [nested fit's options ...] [--prompts FILE] [--batch-size N] "
         "[--device DEVICE]",

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import yaml
 
-from nested.cli.common import one_line, read_text_option
+from nested.cli.common import CommandParser, one_line, read_text_option
 from nested.errors import NestedUserError, UsageError
 
 __all__ = ["main_push", "push_parser"]
 
 
 def push_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="nested push",
         description="Upload an adapter folder to a Hugging Face Hub model repo, with a model card. The token comes "
         "from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects the Hub.",

@@ -11,14 +11,14 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from nested.cli.common import check_creatable_folder, checked_device, one_line
+from nested.cli.common import CommandParser, check_creatable_folder, checked_device, one_line
 from nested.errors import MissingFileError, NestedUserError
 
 __all__ = ["main_shards", "shards_parser"]
 
 
 def shards_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="nested shards",
         description="Validate images + captions and write webdataset shards with a shards.json index.",
     )
