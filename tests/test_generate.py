@@ -149,6 +149,7 @@ def test_generate_writes_images_and_settings_and_is_reproducible(setup, tmp_path
             "cut by the 77-token limit",
         ),  # found by the tokenizer
         ({"subject": "missing.jpg"}, "the image for <person> does not exist"),
+        ({"subject": "."}, "the image for <person> is a folder, not an image file"),
         ({"adapter": "sdxl"}, "does not fit this base model"),
         ({"--strength": "<cat>=0.5"}, "'<cat>' has no --subject"),
         ({"--strength": "<dog>=strong"}, "is not a number"),

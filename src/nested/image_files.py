@@ -33,7 +33,15 @@ from PIL.ExifTags import Base as ExifTag
 
 from nested.errors import DataError, MissingFileError
 
-__all__ = ["ImageFileError", "OpenedImage", "UnusablePixels", "open_image", "to_rgb", "upright"]
+__all__ = [
+    "ImageFileError",
+    "OpenedImage",
+    "UnusablePixels",
+    "check_image_file",
+    "open_image",
+    "to_rgb",
+    "upright",
+]
 
 # What PIL raises for a file it cannot decode, across its format plugins.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
@@ -135,6 +143,16 @@ def _pil_limit_at_least(max_pixels: int | None) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = previous
 
 
+def check_image_file(path: str | os.PathLike, what: str = "the image") -> Path:
+    """``path`` (user-expanded) if it is a file; else :class:`MissingFileError` saying what it is instead."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise MissingFileError(f"{what} is a folder, not an image file: {str(path)!r}.")
+    if not path.is_file():
+        raise MissingFileError(f"{what} does not exist: {str(path)!r}.")
+    return path
+
+
 def open_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> OpenedImage:
     """Decode the image file at ``path`` completely and check it.
 
@@ -149,9 +167,7 @@ def open_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ope
         MissingFileError: no file at ``path``.
         ImageFileError: a decompression bomb, a truncated or corrupt file, or not an image.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise MissingFileError(f"the image {str(path)!r} does not exist.")
+    path = check_image_file(path)
     try:
         with warnings.catch_warnings(), _pil_limit_at_least(max_pixels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead

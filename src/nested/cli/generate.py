@@ -33,8 +33,9 @@ from nested.cli.common import (
     run_user_command,
     sha256,
 )
-from nested.errors import MissingFileError, UsageError
+from nested.errors import UsageError
 from nested.files import staged_directory, write_json_atomic
+from nested.image_files import check_image_file
 
 __all__ = ["generate_parser", "main_generate", "run_generate"]
 
@@ -173,9 +174,7 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
                 f"the subject token {token!r} is not in the prompt {args.prompt!r}; write it where the subject "
                 "should appear."
             )
-        path = Path(subjects[token]).expanduser()
-        if not path.is_file():
-            raise MissingFileError(f"the image for {token} does not exist: {str(path)!r}.")
+        check_image_file(subjects[token], f"the image for {token}")
     for token in adapters:
         if token not in subjects:
             raise UsageError(

@@ -16,7 +16,6 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -25,8 +24,8 @@ from PIL import Image
 from torch import Tensor
 
 from nested.attention import check_token_weight, check_value_norm_factor
-from nested.errors import ConfigError, DataError, MissingFileError
-from nested.image_files import UnusablePixels, open_image, to_rgb, upright
+from nested.errors import ConfigError, DataError
+from nested.image_files import UnusablePixels, check_image_file, open_image, to_rgb, upright
 from nested.tokens import set_token_embedding
 
 __all__ = [
@@ -122,10 +121,7 @@ def load_image(image: ImageInput, name: str = "subject") -> Tensor:
     """
 
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image).expanduser()
-        if not path.is_file():
-            raise MissingFileError(f"the image for {name} does not exist: {str(path)!r}.")
-        image = open_image(path).rgb
+        image = open_image(check_image_file(image, f"the image for {name}")).rgb
     if isinstance(image, Image.Image):  # as a file is read: upright by its EXIF tag, transparency on white
         try:
             image = np.asarray(to_rgb(upright(image)))
