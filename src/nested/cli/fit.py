@@ -299,8 +299,12 @@ def check_checkpoint_path(path: str) -> None:
             f"--ckpt_path {path} is not a Lightning checkpoint (no global_step); {_CHECKPOINT_FIX}"
         ) from error
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        # What torch.load raises for a file that is not a whole checkpoint, by kind of damage.
-        detail = " ".join(str(error).split()) or type(error).__name__
+        # What torch.load raises for a file that is not a whole checkpoint, by kind of damage. Its message for a
+        # file that is no zip archive at all tells the user to save it again with torch.save.
+        if not zipfile.is_zipfile(path):
+            detail = "not the zip archive torch.save writes: another kind of file, or one cut short"
+        else:
+            detail = " ".join(str(error).split()) or type(error).__name__
         raise UsageError(
             f"--ckpt_path {path} is not a readable checkpoint ({detail}); {_CHECKPOINT_FIX}"
         ) from error
