@@ -252,7 +252,16 @@ def test_min_steps_is_refused_since_lightning_trains_on_after_a_stop(tiny_sd_pat
         enable_checkpointing=False,
         callbacks=[PreemptionCheckpoint()],
     )
-    with pytest.raises(ConfigError, match=r"^trainer.min_steps=3, trainer.min_epochs=1: Lightning trains on"):
+    with pytest.raises(ConfigError, match=r"^trainer.min_steps=3: Lightning trains on"):
+        trainer.fit(make_module(tiny_sd_path), datamodule=make_data(0))
+    trainer = L.Trainer(
+        max_epochs=4,
+        min_epochs=2,
+        default_root_dir=tmp_path,
+        logger=False,
+        callbacks=[PreemptionCheckpoint()],
+    )
+    with pytest.raises(ConfigError, match=r"^trainer.min_epochs=2: Lightning trains on"):
         trainer.fit(make_module(tiny_sd_path), datamodule=make_data(0))
 
 

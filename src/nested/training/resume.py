@@ -224,8 +224,13 @@ class PreemptionCheckpoint(L.Callback):
         if stage != "fit":
             return
         if trainer.min_steps or trainer.min_epochs:
+            given = [f"trainer.min_steps={trainer.min_steps}"] if trainer.min_steps else []
+            if trainer.min_epochs and not (
+                trainer.min_steps and trainer.min_epochs == 1
+            ):  # 1: Lightning's, for min_steps
+                given.append(f"trainer.min_epochs={trainer.min_epochs}")
             raise ConfigError(
-                f"trainer.min_steps={trainer.min_steps}, trainer.min_epochs={trainer.min_epochs}: Lightning trains on "
+                f"{', '.join(given)}: Lightning trains on "
                 "after a stop signal until they are reached, past the checkpoint the stop wrote; a preemption-safe "
                 "run sets neither (max_steps / max_epochs end it)"
             )
