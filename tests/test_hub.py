@@ -779,6 +779,8 @@ def test_push_refuses_a_bad_repo_id_and_an_unreadable_training_config_in_one_lin
     bad_yaml, text = tmp_path / "config.yaml", tmp_path / "notes.txt"
     bad_yaml.write_text("trainer: [1,\n")
     text.write_text("trained on my photos\n")  # valid YAML: one string
+    binary = tmp_path / "photo.png"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n")
     for argv, expected in (
         (["not a repo id!!"], "the repo id 'not a repo id!!' must look like 'user/name'"),
         (
@@ -786,11 +788,16 @@ def test_push_refuses_a_bad_repo_id_and_an_unreadable_training_config_in_one_lin
             f"--training-config {bad_yaml} is not readable YAML (",
         ),
         (["me/x", "--training-config", str(text)], f"--training-config {text} holds no run configuration"),
-        (["me/x", "--training-config", str(tmp_path)], f"--training-config {tmp_path} is a folder"),
+        (
+            ["me/x", "--training-config", str(tmp_path)],
+            f"--training-config {tmp_path} is a folder; give the run's config.yaml\n",
+        ),
+        (["me/x", "--training-config", str(binary)], f"--training-config {binary} is not UTF-8 text: "),
     ):
         assert main_push([str(adapter_dir), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"nested push: error: {expected}") and err.count("\n") == 1
+        assert "config.yaml" in err or "repo id" in err  # what to give instead
     assert hub.requests == []
 
 

@@ -215,19 +215,19 @@ def add_runtime_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--verbose", action="store_true", help="show the libraries' loading bars and warnings")
 
 
-def read_text_option(path: Path, option: str) -> str:
+def read_text_option(path: Path, option: str, expected: str = "a text file") -> str:
     """The text of the file an option names (UTF-8, a byte-order mark dropped); one that is missing, a folder,
-    unreadable or not UTF-8 is refused in one line."""
+    unreadable or not UTF-8 is refused in one line that ends with what to give instead, ``expected``."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as error:
-        raise MissingFileError(f"{option} {path}: no such file") from error
+        raise MissingFileError(f"{option} {path}: no such file; give {expected}") from error
     except IsADirectoryError as error:
-        raise UsageError(f"{option} {path} is a folder; give a text file") from error
+        raise UsageError(f"{option} {path} is a folder; give {expected}") from error
     except PermissionError as error:
-        raise UsageError(f"{option} {path} cannot be read ({error.strerror})") from error
+        raise UsageError(f"{option} {path} cannot be read ({error.strerror}); give {expected}") from error
     except UnicodeDecodeError as error:
-        raise UsageError(f"{option} {path} is not UTF-8 text: {error}") from error
+        raise UsageError(f"{option} {path} is not UTF-8 text: {error}; give {expected}") from error
 
 
 def checked_device(name: str | None, fix: str = "use --device cpu") -> Any:

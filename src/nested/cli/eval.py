@@ -177,7 +177,7 @@ def _numbers(text: str, option: str, convert) -> list:
 def _templates(path: str | Path) -> tuple[Path, list[tuple[int, str]]]:
     """A prompts file's (line number, template) pairs: blank lines and ``#`` comments skipped."""
     path = Path(path).expanduser()
-    lines = read_text_option(path, "--prompts").splitlines()
+    lines = read_text_option(path, "--prompts", "a text file of prompt templates, one per line").splitlines()
     templates = [(n, line.strip()) for n, line in enumerate(lines, start=1)]
     templates = [(n, t) for n, t in templates if t and not t.startswith("#")]
     if not templates:

@@ -59,7 +59,7 @@ def extra_prompts(paths: list[Path]) -> list[str]:
     """The non-empty lines of each file, stripped."""
     prompts = []
     for path in paths:
-        text = read_text_option(path, "--prompts")
+        text = read_text_option(path, "--prompts", "a text file of prompts, one per line")
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
     return prompts
 

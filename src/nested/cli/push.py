@@ -54,7 +54,7 @@ def _check_training_config(path: Path) -> None:
     """Refuse a ``--training-config`` that is not a readable YAML mapping (a run's config.yaml), before the
     push starts."""
     try:
-        config = yaml.safe_load(read_text_option(path, "--training-config"))
+        config = yaml.safe_load(read_text_option(path, "--training-config", "the run's config.yaml"))
     except yaml.YAMLError as error:
         raise UsageError(
             f"--training-config {path} is not readable YAML ({error}); pass the run's config.yaml."
