@@ -339,6 +339,21 @@ def test_eval_refuses_what_it_cannot_measure_in_one_line_before_the_base_loads(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_folder_of_references_reads_every_image_type_nested_shards_reads(tmp_path):
+    from nested.image_files import IMAGE_SUFFIXES
+
+    folder = tmp_path / "subjects"
+    folder.mkdir()
+    formats = {".tif": "TIFF", ".gif": "GIF", ".jfif": "JPEG", ".jpe": "JPEG", ".png": "PNG"}
+    for index, (suffix, kind) in enumerate(formats.items()):
+        Image.fromarray(np.full((16, 16, 3), 50 * index, np.uint8)).save(
+            folder / f"s{index}{suffix}", format=kind
+        )
+    (folder / "notes.txt").write_text("not an image")
+    assert set(formats) <= set(IMAGE_SUFFIXES)
+    assert [r.name for r in load_references(folder, size=16)] == [f"s{i}" for i in range(len(formats))]
+
+
 def test_references_from_shards_with_a_damaged_sample_among_them_are_refused(tmp_path, caplog):
     """The subjects measured are the ones asked for: a damaged sample among them is not silently replaced by
     the next one. One after them does not matter."""

@@ -43,6 +43,9 @@ __all__ = [
     "upright",
 ]
 
+# The image files a folder of photos is read for (nested shards, nested eval's references).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
 # What PIL raises for a file it cannot decode, across its format plugins.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 

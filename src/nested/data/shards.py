@@ -74,12 +74,11 @@ from tqdm import tqdm
 from nested.data.transforms import target_transform
 from nested.errors import ConfigError, DataError, MissingFileError, OutputExistsError
 from nested.files import staging_folder, stop_signals_deferred, swap_files
-from nested.image_files import ImageFileError, open_image
+from nested.image_files import IMAGE_SUFFIXES, ImageFileError, open_image
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 # Formats whose bytes are stored untouched (the reader decodes exactly these extensions).
 _STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _REF_FORMATS = {"JPEG": "jpg", "PNG": "png"}
@@ -667,7 +666,7 @@ def prepare_out(out: Path, domain: str, overwrite: bool) -> list[Path]:
     if (index.exists() or old) and not overwrite:
         raise OutputExistsError(
             f"{out} already holds shards ({INDEX_NAME} or {domain}-*.tar); "
-            "choose an empty folder or pass overwrite=True (--overwrite) to replace them"
+            "choose an empty folder, or pass --overwrite (in Python: overwrite=True) to replace them"
         )
     listed = [p for p in _indexed_shards(index) if p not in old]
     return [index, *listed, *old, out / REJECTED_NAME]

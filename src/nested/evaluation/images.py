@@ -24,10 +24,10 @@ from nested.data.domains import DomainSpec, check_urls
 from nested.data.loading import build_stream
 from nested.errors import DataError, MissingFileError
 from nested.files import atomic_file
+from nested.image_files import IMAGE_SUFFIXES
 from nested.inference.subjects import load_image
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "Reference",
     "labelled_grid",
     "load_references",
@@ -35,8 +35,6 @@ __all__ = [
     "save_png",
     "to_uint8_hwc",
 ]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 # ----------------------------------------------------------------------------- references
@@ -139,7 +137,7 @@ def load_references(
         if path.is_file():
             files = [path]
         elif path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         else:
             raise MissingFileError(
                 f"no reference images at {str(path)!r}: expected a folder of images, an image file, a shards.json, "
@@ -155,9 +153,7 @@ def load_references(
             )
         references = [Reference(file.stem, _square(load_image(file, file.name), size)) for file in files]
     if not references:
-        raise DataError(
-            f"no reference image found in {source!r} (image files: {', '.join(IMAGE_EXTENSIONS)})."
-        )
+        raise DataError(f"no reference image found in {source!r} (image files: {', '.join(IMAGE_SUFFIXES)}).")
     return references
 
 
