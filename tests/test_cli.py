@@ -310,6 +310,20 @@ def test_a_gpu_recipe_on_a_machine_without_one_and_an_uninstalled_strategy_are_o
     )
 
 
+def test_the_hub_presets_placeholder_repo_is_refused_before_a_run_whose_every_upload_it_would_fail(
+    tmp_path, capsys
+):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/smoke.yaml", "--config", "callbacks/hub.yaml",
+              f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "nested fit: error: HubUpload repo_id 'your-name/nested-faces-sdxl' is callbacks/hub.yaml's placeholder: "
+        "set it to your user/name (in a copy of that file)."
+    )
+    assert not any(tmp_path.iterdir())
+
+
 def _fit_args(root: Path, *extra: str) -> list[str]:
     """`nested fit` on the smoke config, one step, no validation, no worker, into ``root``."""
     return ["fit", "--config", "configs/smoke.yaml", "--trainer.max_steps=1", f"--trainer.default_root_dir={root}",

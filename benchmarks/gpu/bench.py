@@ -1,7 +1,7 @@
 """Every GPU check of the SDXL path in one run: correctness, speed, memory, compile, data loading.
 
 On a GPU it measures the real SDXL architecture (random weights, bf16, 1024 x 1024 px = 128 x 128
-latents); with ``--smoke`` it runs the same code on tiny models in a minute, on any device, so the
+latents); with ``--smoke`` it runs the same code on tiny models in about 30 s, on any device, so the
 script cannot rot (the test suite runs it). Sections, each recorded even when another one fails:
 
 * ``tests``: ``pytest -m cuda tests/test_cuda.py`` (float64-reference precision at SDXL shapes in

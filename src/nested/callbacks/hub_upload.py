@@ -23,6 +23,8 @@ __all__ = ["HubUpload"]
 
 log = logging.getLogger("nested.hub")
 _SUPERSEDED = "superseded by the newer export"
+# The user of callbacks/hub.yaml's repo_id, there to be replaced.
+PLACEHOLDER_USER = "your-name"
 
 
 class HubUpload(L.Callback):
@@ -80,6 +82,11 @@ class HubUpload(L.Callback):
     ):
         if not REPO_ID_PATTERN.match(repo_id):
             raise ConfigError(f"repo_id must look like 'user/name', got {repo_id!r}.")
+        if repo_id.split("/")[0] == PLACEHOLDER_USER:  # else every upload of the run would be refused
+            raise ConfigError(
+                f"HubUpload repo_id {repo_id!r} is callbacks/hub.yaml's placeholder: set it to your user/name (in "
+                "a copy of that file)."
+            )
         at_least_0 = {"max_retries": max_retries, "backoff": backoff, "max_backoff": max_backoff}
         at_least_0 |= {"final_timeout": final_timeout, "grace_seconds": grace_seconds}
         above_0 = {"attempt_timeout": attempt_timeout, "poll_interval": poll_interval}

@@ -210,7 +210,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 def add_runtime_arguments(group: argparse._ArgumentGroup) -> None:
     """``--device``, ``--dtype``, ``--no-progress`` and ``--verbose``, shared by ``generate`` and ``eval``."""
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps... (default cpu)")
-    group.add_argument("--dtype", default="float32", choices=DTYPES)
+    group.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="the models' dtype (default float32)"
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     group.add_argument("--verbose", action="store_true", help="show the libraries' loading bars and warnings")
 

@@ -41,7 +41,7 @@ from lightning.pytorch.utilities.model_registry import _is_registry
 from nested.callbacks.export import AdapterExport, stopped_early
 from nested.cli.common import check_creatable_folder
 from nested.data.datamodule import NestedDataModule
-from nested.errors import UsageError
+from nested.errors import NestedUserError, UsageError
 from nested.signals import clear_signals, install_signal_flags, restore_signal_handlers
 from nested.training.module import NestedAttentionModule
 from nested.training.resume import (
@@ -136,6 +136,18 @@ class NestedCLI(LightningCLI):
         for key, (_, link_to) in {**parser._optimizers, **parser._lr_schedulers}.items():
             if link_to != "AUTOMATIC":
                 parser.link_arguments(key, link_to, compute_fn=_plain)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            # jsonargparse reports a class it could not build (a callback in trainer.callbacks' union of types)
+            # as a ValueError over every alternative it tried, raised from the first one's error: a mistake our
+            # code named is shown as such.
+            cause = _user_error_cause(error)
+            if cause is None:
+                raise
+            raise cause from None
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         try:
@@ -236,6 +248,17 @@ class NestedCLI(LightningCLI):
             )
         config["ckpt_path"] = str(newest)
         rank_zero_info(f"nested: validating {newest}, the newest checkpoint of this run's folders")
+
+
+def _user_error_cause(error: BaseException) -> NestedUserError | None:
+    """The first :class:`NestedUserError` among ``error``'s explicit causes, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, NestedUserError):
+            return error
+        error = error.__cause__
+    return None
 
 
 def _trainer_misconfiguration(error: MisconfigurationException, trainer: Namespace) -> str:

@@ -91,7 +91,11 @@ def generate_parser() -> argparse.ArgumentParser:
         "rescaling)",
     )
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--prompt", required=True)
+    sampling.add_argument(
+        "--prompt",
+        required=True,
+        help="the prompt, with each subject's token where the subject should appear",
+    )
     sampling.add_argument(
         "--negative-prompt",
         default=None,
@@ -106,7 +110,7 @@ def generate_parser() -> argparse.ArgumentParser:
         "guidance embedding (default 3.5)",
     )
     sampling.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    sampling.add_argument("--num-images", type=int, default=1)
+    sampling.add_argument("--num-images", type=int, default=1, help="images to draw (default 1)")
     sampling.add_argument("--height", type=int, default=None, help="pixels (default: the base model's)")
     sampling.add_argument("--width", type=int, default=None, help="pixels (default: the base model's)")
     runtime = parser.add_argument_group("runtime")

@@ -27,7 +27,7 @@ def prompts_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="nested prompts",
         usage="nested prompts --config FILE [nested fit's options ...] [--prompts FILE] [--batch-size N] "
-        "[--device DEVICE]",
+        "[--device DEVICE] [--no-progress]",
         description="Compute T5's prompt states of an SD3 / FLUX training run ahead, into model.prompt_cache, "
         "so that nested fit with the same configuration does not load T5.",
         allow_abbrev=False,  # an abbreviation could swallow one of nested fit's options

@@ -24,7 +24,11 @@ def push_parser() -> argparse.ArgumentParser:
     parser.add_argument("repo_id", metavar="REPO_ID", help="user/name (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
-    parser.add_argument("--commit-message", default=None)
+    parser.add_argument(
+        "--commit-message",
+        default=None,
+        help="the Hub commit's message (default: Upload nested adapter for TOKEN)",
+    )
     parser.add_argument("--license", default="other", help="license in the model card (default: other)")
     parser.add_argument(
         "--base-model", default=None, help="hub id of the base model, for the card's metadata"

@@ -39,15 +39,27 @@ def shards_parser() -> argparse.ArgumentParser:
         "--min-size", type=int, default=64, help="reject images with a shorter side (default 64)"
     )
     parser.add_argument(
-        "--max-pixels", type=int, default=50_000_000, help="reject larger images (bomb guard)"
+        "--max-pixels",
+        type=int,
+        default=50_000_000,
+        help="reject larger images (bomb guard; default 50000000)",
     )
     parser.add_argument("--image-size", type=int, default=None, help="downscale so the short side <= N")
     parser.add_argument("--cache-latents", action="store_true", help="store VAE latents (needs --model)")
     parser.add_argument("--model", default=None, help="diffusers model folder/id whose vae/ encodes latents")
-    parser.add_argument("--resolution", type=int, default=1024, help="training resolution of cached latents")
+    parser.add_argument(
+        "--resolution", type=int, default=1024, help="training resolution of cached latents (default 1024)"
+    )
     parser.add_argument("--device", default=None, help="device for the VAE (default: cuda if available)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the shards in OUT (once the new ones are complete)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes that prepare images (default: one per CPU core, at most 8; 0 with --cache-latents, "
+        "whose VAE runs in the main process)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     faces = parser.add_argument_group("faces and identities")
@@ -63,13 +75,6 @@ def shards_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="SRC/<identity>/<image>: each target's reference is another photo of its identity (a manifest's "
         "identity column does the same without this flag)",
-    )
-    faces.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="worker processes that prepare images (default: one per CPU core, at most 8; 0 with --cache-latents, "
-        "whose VAE runs in the main process)",
     )
     return parser
 
