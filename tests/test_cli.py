@@ -141,6 +141,27 @@ def test_a_typo_in_a_config_file_fails_naming_the_key(tmp_path, capsys):
     assert "learnin_rate" in capsys.readouterr().err
 
 
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_steps: [1,\n")
+    binary = tmp_path / "photo.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n")
+    for path, problem in (
+        (
+            broken,
+            "is not valid YAML: expected the node content, but found '<stream end>' at line 3, column 1",
+        ),
+        (binary, "is not UTF-8 text (invalid start byte); give a YAML file"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["validate", "--config", "configs/smoke.yaml", f"--config={path}"])
+        assert exit_info.value.code == 2
+        assert (
+            capsys.readouterr().err.strip().splitlines()[-1]
+            == f"nested validate: error: --config {path} {problem}"
+        )
+
+
 def test_a_domain_the_model_cannot_learn_is_refused_before_the_models_load(monkeypatch, tmp_path, capsys):
     def load_backbone(*args, **kwargs):
         raise AssertionError("the models were loaded before the subjects were checked")

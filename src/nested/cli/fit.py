@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
@@ -365,6 +366,27 @@ def check_list_indexes(argv: list[str]) -> None:
             )
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Refuse a ``--config`` file that is not YAML, naming it: jsonargparse's own message names no file, and
+    a run composes several."""
+    paths = [b for a, b in itertools.pairwise(argv) if a == "--config"]
+    paths += [arg.removeprefix("--config=") for arg in argv if arg.startswith("--config=")]
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue  # missing, or YAML text itself: jsonargparse's to report
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise UsageError(
+                f"--config {path} is not UTF-8 text ({error.reason}); give a YAML file"
+            ) from error
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise UsageError(f"--config {path} is not valid YAML: {problem}{at}") from error
+
+
 # What a configuration read by another command (nested prompts) runs on: it builds no trainer for a GPU
 # cluster, only the module, DataModule and callbacks it describes.
 _LOCAL_TRAINER = [
@@ -401,6 +423,7 @@ def main_fit(command: str, argv: list[str] | None) -> int:
     """``nested fit|validate ARGS``; ``argv`` None: LightningCLI reads ``sys.argv`` itself (it warns when given
     both). Returns the exit status (module docstring)."""
     check_list_indexes(sys.argv[2:] if argv is None else argv)
+    check_config_files(sys.argv[2:] if argv is None else argv)
     # From now on SIGUSR1/SIGTERM/SIGINT only set a flag, acted on at a step end (PreemptionCheckpoint).
     clear_signals()
     previous = install_signal_flags() if command == "fit" else {}
