@@ -466,7 +466,7 @@ def test_a_malformed_index_is_one_error_naming_the_file_and_the_fix(
     index.write_text(text)
     with pytest.raises(DataError) as error:
         NestedDataModule([DomainSpec("faces", str(index), "<person>")], num_workers=0).setup("fit")
-    assert str(error.value).startswith(f"{index} {problem}")
+    assert str(error.value).startswith(f"data.domains: {index} {problem}")
     assert f"rebuild it with `nested shards SRC {tmp_path} " in str(error.value)
 
 
