@@ -194,13 +194,32 @@ def test_low_precision_is_finite_and_close(dtype):
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
 
 
-def test_gradients_reach_nested_keys_and_values():
+@pytest.mark.parametrize("value_norm_factor", [None, 2.0])
+def test_gradients_reach_nested_keys_and_values(value_norm_factor):
+    """Every input's gradient is autograd's through the naive reference, in float64."""
     generator = torch.Generator().manual_seed(8)
-    query, key, value, nested_keys, nested_values, masks = random_case(generator, 2, 2, 6, 9, 8, 1, [1])
-    nested_keys = [k.requires_grad_() for k in nested_keys]
-    nested_values = [v.requires_grad_() for v in nested_values]
-    nested_attention(query, key, value, nested_keys, nested_values, masks).square().sum().backward()
-    assert nested_keys[0].grad.abs().sum() > 0 and nested_values[0].grad.abs().sum() > 0
+    query, key, value, nested_keys, nested_values, masks = random_case(generator, 2, 2, 6, 9, 8, 2, [1, 0])
+    inputs = [t.double() for t in (query, key, value, *nested_keys, *nested_values)]
+    grad_output = torch.randn(query.shape, generator=generator, dtype=torch.float64)
+    grads = []
+    for attend in (nested_attention, naive_nested_attention):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        q, k, v, nk1, nk2, nv1, nv2 = leaves
+        out = attend(q, k, v, [nk1, nk2], [nv1, nv2], masks, value_norm_factor=value_norm_factor)
+        out.backward(grad_output)
+        grads.append([leaf.grad for leaf in leaves])
+    names = [
+        "query",
+        "key",
+        "value",
+        "nested_keys[0]",
+        "nested_keys[1]",
+        "nested_values[0]",
+        "nested_values[1]",
+    ]
+    for name, got, want in zip(names, *grads, strict=True):
+        assert want.abs().sum() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def _mixed_subjects(device, batch=4, heads=2, tokens=9, dim=8, generator=None):

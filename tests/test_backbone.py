@@ -114,7 +114,10 @@ def test_unet_step_with_added_conditioning(sd: DiffusionBackbone, sdxl: Diffusio
             assert added is None
         else:
             assert added is not None and set(added) == {"text_embeds", "time_ids"}
-            assert added["time_ids"].shape == (2, 6)
+            # The pooled embedding of each prompt, and (original size, crop top-left, target size).
+            assert not torch.allclose(cond.pooled_prompt_embeds[0], cond.pooled_prompt_embeds[1])
+            assert torch.equal(added["text_embeds"], cond.pooled_prompt_embeds)
+            assert torch.equal(added["time_ids"], torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))
         latents = backbone.encode_images(torch.rand(2, 3, 32, 32) * 2 - 1, torch.Generator().manual_seed(0))
         assert latents.shape == (2, 4, 8, 8)
         with torch.no_grad():

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from skimage.data import astronaut, chelsea
 from test_dit_pipeline import KINDS, PIPELINES, make_adapter, tiny_pipeline
 from test_module import adamw
+from test_sampling import grid_tile, identity_of
 
 from nested.adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from nested.backbone import TransformerBackbone
@@ -29,6 +30,7 @@ from nested.cli.eval import main_eval
 from nested.cli.main import main
 from nested.encoder import EncoderSpec
 from nested.errors import ConfigError
+from nested.evaluation.metrics import PromptAlignment
 from nested.inference.pipeline import NestedPipeline
 from nested.inference.sampler import default_size, sample_images
 from nested.testing import write_tiny_clip
@@ -124,9 +126,18 @@ def test_eval_image_encoder_overrides_the_adapters_vision_backbone(
 
 
 def test_eval_quantizes_the_named_base_components_and_records_it(
-    bases, subjects, tiny_clip_path, tmp_path, capsys
+    bases, subjects, tiny_clip_path, tmp_path, capsys, monkeypatch
 ):
     pytest.importorskip("torchao", reason="the quantize extra (torchao) is not installed")
+    # The pipeline nested eval loads, to look at the weights it computed with.
+    loaded = []
+    load = NestedPipeline.from_pretrained.__func__
+
+    def keep(cls, *args, **kwargs):
+        loaded.append(load(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(NestedPipeline, "from_pretrained", classmethod(keep))
     base = bases["flux"]
     adapter = make_adapter(tiny_pipeline(base), base, "<person>", "person", 1).save_pretrained(
         tmp_path / "adapter"
@@ -138,6 +149,11 @@ def test_eval_quantizes_the_named_base_components_and_records_it(
     assert main_eval([*argv, *quantize]) == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["quantize"] == {"transformer": "int8", "text_encoder_2": "int8"}
+    (pipe,) = (nested.pipe for nested in loaded)
+    for name in ("transformer", "text_encoder_2"):
+        weights = [m.weight for m in getattr(pipe, name).modules() if isinstance(m, torch.nn.Linear)]
+        assert weights and all(w.qdata.dtype == torch.int8 for w in weights), name  # stored in 8 bits
+    assert all(type(p) is torch.nn.Parameter for p in pipe.text_encoder.parameters())  # not named
     with open(tmp_path / "eval" / "results.csv") as file:
         assert len(list(csv.DictReader(file))) == 2 + 2 * 2  # base and adapter rows, as unquantized
     capsys.readouterr()
@@ -228,6 +244,16 @@ def test_sample_grid_writes_grids_during_fit_without_changing_training(
     preset["trainer"]["callbacks+"].append({"class_path": f"{__name__}.TransformerCounter"})
     samples_config = tmp_path / "samples.yaml"
     samples_config.write_text(yaml.safe_dump(preset))
+    # Each grid with the metrics logged for it, and the module sampled from, to recompute them.
+    sampled = []
+    log_samples = SampleGrid.log_samples
+
+    def keep(grid, trainer, pl_module):
+        log_samples(grid, trainer, pl_module)
+        per_sample = grid.alignment.per_sample()  # CLIP scores before the mean's clamp at 0
+        sampled.append((trainer.global_step, grid.last_grid, grid.last_metrics, per_sample, pl_module))
+
+    monkeypatch.setattr(SampleGrid, "log_samples", keep)
     _fit(kind, tmp_path / "with", samples_config)
     _fit(kind, tmp_path / "without", None)
 
@@ -241,6 +267,24 @@ def test_sample_grid_writes_grids_during_fit_without_changing_training(
         logged = [r for r in csv.DictReader(handle) if r.get("samples/identity_similarity")]
     assert [int(r["step"]) for r in logged] == [0, 2, 4]
     assert all(math.isfinite(float(r["samples/prompt_alignment"])) for r in logged)
+    # The logged metrics are those of each grid, recomputed from its tiles: each image against its row's
+    # reference (embedded by the adapter's image encoder) and against its prompt with the class word.
+    alignment = PromptAlignment(str(tiny_clip_path))
+    assert [step for step, *_ in sampled] == [0, 2, 4]
+    for row, (step, grid, metrics, per_sample, module) in zip(logged, sampled, strict=True):
+        tiles = [[grid_tile(grid, r, c, 32) for c in range(3)] for r in range(2)]
+        images = torch.stack([image for row_tiles in tiles for image in row_tiles[1:]])
+        references = torch.stack([row_tiles[0] for row_tiles in tiles for _ in row_tiles[1:]])
+        texts = ["a photo of person", "person on the beach"] * 2
+        scores = alignment.score_batch(images, texts)
+        expected = {
+            "samples/identity_similarity": identity_of(module, images, references),
+            "samples/prompt_alignment": max(scores.mean().item(), 0.0),  # CLIPScore clamps the mean at 0
+        }
+        assert metrics == pytest.approx(expected, abs=1e-5), step
+        torch.testing.assert_close(per_sample, scores, atol=1e-4, rtol=0, msg=f"step {step}")
+        assert {key: float(row[key]) for key in expected} == pytest.approx(expected, abs=1e-5), step
+        assert expected["samples/identity_similarity"] < 0.999  # an image against itself would score 1
 
     # No second transformer, even in the middle of sampling.
     (counter,) = [c for c in COUNTERS if c.while_sampling is not None]

@@ -20,6 +20,7 @@ from nested.cli.eval import main_eval, read_pair_prompts, read_prompts
 from nested.encoder import EncoderSpec
 from nested.errors import DataError
 from nested.evaluation.images import Reference, load_references
+from nested.evaluation.metrics import IdentitySimilarity, VisionEmbedder
 from nested.evaluation.report import JUDGE_COLUMNS
 from nested.testing import write_tiny_clip
 from nested.toyworld.judges import judge_chance, judge_images, judged_subjects
@@ -125,6 +126,23 @@ def test_eval_writes_one_row_per_image_and_plots_every_strength_and_the_base(
     assert {r["clip_text"] for r in rows} == {"a photo of person", "person on the beach"}
     assert all((out / r["image"]).is_file() for r in rows)
     assert all(-1 <= float(r["identity_similarity"]) <= 1 for r in rows)
+    # Each row is scored against its own subject's reference: recomputed here from the saved PNG with the
+    # adapter's image encoder (eval's identity model without --identity-model) and the reference eval read.
+    encoder = NestedAdapter.from_pretrained(tiny_adapter).encoder
+    size = (encoder.image_size, encoder.image_size)
+    mean, std = encoder.image_mean.flatten().tolist(), encoder.image_std.flatten().tolist()
+    identity = IdentitySimilarity(VisionEmbedder(encoder.backbone, crop=size, mean=mean, std=std))
+    references = {
+        r.name: r.image[None] for r in load_references(tmp_path / "subjects", size=512, token="<person>")
+    }
+    assert sorted(references) == ["alice", "bob"]
+    for row in rows:
+        image = torch.from_numpy(np.asarray(Image.open(out / row["image"]))).permute(2, 0, 1)[None] / 255
+        scores = {name: identity.score_batch(image, ref).item() for name, ref in references.items()}
+        other = next(name for name in scores if name != row["subject"])
+        # The PNG's rounding moves the score by < 1e-3 (3e-4 here); the other reference by > 5e-3 (1.4e-2).
+        assert float(row["identity_similarity"]) == pytest.approx(scores[row["subject"]], abs=1e-3)
+        assert abs(scores[row["subject"]] - scores[other]) > 5e-3
 
     summary = json.loads((out / "summary.json").read_text())
     points = summary["points"]

@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from skimage import data as skimage_data
 
+from nested import attention
 from nested.adapter import AdapterConfig, NestedAdapter, cross_attention_layers
 from nested.encoder import EncoderSpec
 from nested.errors import ConfigError, DataError
@@ -272,20 +273,53 @@ def test_encoder_and_nested_kv_are_computed_once_per_call(sd_pipe, sd_adapters):
     assert len(layer_calls) == 2  # every layer's keys and values once per subject
 
 
-def test_strength_token_weight_and_value_norm_factor(sd_pipe, sd_adapters):
+def test_strength_token_weight_and_value_norm_factor(sd_pipe, sd_adapters, monkeypatch):
+    # What every bound cross-attention layer computes with: (scale, token_weight, value_norm_factor).
+    used = set()
+    compute = attention.nested_attention_subjects
+
+    def record(query, key, value, subjects, *args, **kwargs):
+        used.update((s.scale, s.token_weight, s.value_norm_factor) for s in subjects)
+        return compute(query, key, value, subjects, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "nested_attention_subjects", record)
     prompt, person = "a <person> on the beach", images(10)
+    results = {}
     with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
+        assert nested.adapter("<person>").config.value_norm_factor is None  # the adapter's default
+
+        def run(name, **kwargs):
+            used.clear()
+            results[name] = (generate(nested, prompt, **kwargs), set(used))
+
         with pytest.warns(UserWarning, match="has no subject"):
-            plain = generate(nested, prompt)
-        full = generate(nested, prompt, subjects={"<person>": person})
-        off = generate(nested, prompt, subjects={"<person>": person}, strengths={"<person>": 0.0})
-        half = generate(nested, prompt, subjects={"<person>": Subject(person, scale=0.5)})
-        weighted = generate(nested, prompt, subjects={"<person>": person}, token_weights={"<person>": 3.0})
-        normed = generate(nested, prompt, subjects={"<person>": person}, value_norm_factors={"<person>": 2.0})
-    torch.testing.assert_close(off, plain, atol=1e-5, rtol=0)
-    for other in (half, weighted, normed):
-        assert (other - full).abs().max() > 1e-4
-    assert (half - plain).abs().max() > 1e-4
+            run("plain")
+        run("full", subjects={"<person>": person})
+        run("off", subjects={"<person>": person}, strengths={"<person>": 0.0})
+        run("half", subjects={"<person>": Subject(person, scale=0.5)})
+        run("weighted", subjects={"<person>": person}, token_weights={"<person>": 3.0})
+        run("normed", subjects={"<person>": person}, value_norm_factors={"<person>": 2.0})
+        # Each option given per call acts as the same setting on the Subject.
+        run("weighted_subject", subjects={"<person>": Subject(person, token_weight=3.0)})
+        run("normed_subject", subjects={"<person>": Subject(person, value_norm_factor=2.0)})
+    assert {name: settings for name, (_, settings) in results.items()} == {
+        "plain": set(),
+        "full": {(1.0, 1.0, None)},
+        "off": {(0.0, 1.0, None)},
+        "half": {(0.5, 1.0, None)},
+        "weighted": {(1.0, 3.0, None)},
+        "normed": {(1.0, 1.0, 2.0)},
+        "weighted_subject": {(1.0, 3.0, None)},
+        "normed_subject": {(1.0, 1.0, 2.0)},
+    }
+    out = {name: image for name, (image, _) in results.items()}
+    torch.testing.assert_close(out["off"], out["plain"], atol=1e-5, rtol=0)
+    for name in ("half", "weighted", "normed"):
+        assert (out[name] - out["full"]).abs().max() > 1e-4, name
+    assert (out["half"] - out["plain"]).abs().max() > 1e-4
+    assert (out["weighted"] - out["normed"]).abs().max() > 1e-4
+    assert torch.equal(out["weighted"], out["weighted_subject"])
+    assert torch.equal(out["normed"], out["normed_subject"])
 
 
 def test_an_adapter_trained_with_a_token_weight_uses_it_unless_a_call_sets_one(

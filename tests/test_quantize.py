@@ -181,10 +181,26 @@ def test_fit_trains_the_smoke_config_on_a_quantized_flux_and_refuses_an_unknown_
 ):
     monkeypatch.chdir(REPO)
     monkeypatch.setattr("sys.argv", ["nested"])
+    # The modules nested fit trains, to look at the frozen weights they trained through.
+    trained = []
+    configure = NestedAttentionModule.configure_model
+
+    def keep(module):
+        configure(module)
+        trained.append(module)
+
+    monkeypatch.setattr(NestedAttentionModule, "configure_model", keep)
     root = tmp_path / "run"
     quantize = ["--model.quantize={transformer: int8, text_encoder_2: int8}", "--model.frozen_dtype=bfloat16"]
     losses = fit_smoke("flux", root, 4, *quantize)
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    backbone = trained[0].backbone
+    assert all(module is trained[0] for module in trained)  # one module (configure_model is idempotent)
+    for name, model in (("transformer", backbone.transformer), ("text_encoder_2", backbone.text_encoders[1])):
+        assert linears(model) and all(
+            layer.weight.qdata.dtype == torch.int8 for layer in linears(model).values()
+        ), name
+    assert all(type(p) is nn.Parameter for p in backbone.text_encoders[0].parameters())  # not named
     recorded = yaml.safe_load(next(root.rglob("config.yaml")).read_text())
     assert recorded["model"]["quantize"] == {"transformer": "int8", "text_encoder_2": "int8"}
     assert (root / "adapters" / "last" / "adapter_config.json").is_file()

@@ -307,12 +307,40 @@ def test_training_with_8_bit_optimizer_states_resumes_bit_identical(tiny_sd_path
     assert [type(s) for s in resumed_states] == [type(s) for s in states]
 
 
+def optimizer_state(trainer: L.Trainer) -> dict[tuple[int, str], torch.Tensor]:
+    """(parameter index, name) -> a copy of the optimizer's state (AdamW: step, exp_avg, exp_avg_sq)."""
+    return {
+        (index, name): torch.as_tensor(value).clone()
+        for index, state in enumerate(trainer.optimizers[0].state.values())
+        for name, value in state.items()
+    }
+
+
+class AtTrainStart(L.Callback):
+    """The weights and optimizer state training starts from (after a resume has restored them)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        self.optimizer = optimizer_state(trainer)
+
+
 def test_a_changed_worker_count_resumes_with_a_warning(tiny_sd_path, tmp_path):
     root = tmp_path / "run"
-    fit(tiny_sd_path, root, sigterm_at=1, num_workers=0, steps=3)
+    first_trainer, first = fit(tiny_sd_path, root, sigterm_at=1, num_workers=0, steps=3)
+    stopped = optimizer_state(first_trainer)
+    start = AtTrainStart()
     with pytest.warns(UserWarning, match="cannot resume exactly: num_workers was 0, now 2"):
-        trainer, _ = fit(tiny_sd_path, root, num_workers=2, steps=2)
+        trainer, resumed = fit(tiny_sd_path, root, num_workers=2, steps=2, callbacks=(start,))
     assert trainer.global_step == 2
+    # It went on from step 1, as it stopped: its weights and AdamW moments, then only step 2 to train.
+    assert [step for step, _ in resumed.keys] == [2]
+    assert start.weights.keys() == first.weights.keys()
+    for name, value in first.weights.items():
+        assert torch.equal(start.weights[name], value), name
+    assert stopped and start.optimizer.keys() == stopped.keys()
+    for key, value in stopped.items():
+        assert torch.equal(start.optimizer[key], value), key
+    assert all(int(value) == 1 for (_, name), value in start.optimizer.items() if name == "step")
 
 
 def _save(path: Path, step: int) -> None:

@@ -25,6 +25,7 @@ from nested.callbacks import SampleGrid
 from nested.encoder import EncoderSpec
 from nested.errors import ConfigError
 from nested.evaluation.images import load_references, make_grid
+from nested.evaluation.metrics import IdentitySimilarity, PromptAlignment, VisionEmbedder
 from nested.inference.pipeline import NestedPipeline
 from nested.inference.sampler import build_scheduler, sample_images
 from nested.signals import clear_signals, install_signal_flags, received_signals, restore_signal_handlers
@@ -144,6 +145,18 @@ def test_make_grid_size():
     rows = [[torch.zeros(3, 8, 10)] * 3, [torch.ones(3, 8, 10)] * 2]
     grid = make_grid(rows, padding=2)
     assert grid.shape == (3, 2 * 8 + 3 * 2, 3 * 10 + 4 * 2)
+    # Each image at its offset, the rest padding (white by default), a short row's end included.
+    generator = torch.Generator().manual_seed(0)
+    tiles = [[torch.rand(3, 8, 10, generator=generator) for _ in range(count)] for count in (3, 2)]
+    grid = make_grid(tiles, padding=2, pad_value=0.25)
+    filled = torch.zeros(grid.shape, dtype=torch.bool)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            top, left = 2 + r * (8 + 2), 2 + c * (10 + 2)
+            assert torch.equal(grid[:, top : top + 8, left : left + 10], tile), (r, c)
+            filled[:, top : top + 8, left : left + 10] = True
+    assert (grid[~filled] == 0.25).all() and (~filled).sum() == 3 * (22 * 38 - 5 * 8 * 10)
+    assert (make_grid(rows, padding=2)[:, :2] == 1.0).all()
 
 
 def test_only_global_rank_zero_samples(monkeypatch):
@@ -199,6 +212,25 @@ class _RngProbe(L.Callback):
 
     def on_train_batch_end(self, *args):
         self.draws.append(torch.rand(1).item())
+
+
+def grid_tile(grid: torch.Tensor, row: int, column: int, size: int, padding: int = 2) -> torch.Tensor:
+    """The (3, size, size) image at (row, column) of a make_grid grid."""
+    top, left = padding + row * (size + padding), padding + column * (size + padding)
+    return grid[:, top : top + size, left : left + size]
+
+
+def identity_of(module, images: torch.Tensor, references: torch.Tensor) -> float:
+    """Mean cosine similarity of the images and their references, embedded by the module's image encoder as
+    SampleGrid's identity metric does without identity_model."""
+    encoder = module.adapter.encoder
+    embedder = VisionEmbedder(
+        encoder.backbone,
+        crop=(encoder.image_size, encoder.image_size),
+        mean=encoder.image_mean.flatten().tolist(),
+        std=encoder.image_std.flatten().tolist(),
+    )
+    return IdentitySimilarity(embedder).score_batch(images, references).mean().item()
 
 
 def _fit(model_path: Path, root: Path, callbacks: list, loggers, demo_faces_data) -> NestedAttentionModule:
@@ -271,6 +303,22 @@ def test_sample_grid_logs_the_grid_and_metrics_without_copying_the_unet_or_chang
     for row in logged:
         assert -1.0 <= float(row["samples/identity_similarity"]) <= 1.0
         assert np.isfinite(float(row["samples/prompt_alignment"]))
+    # The metrics logged at step 2 are those of its grid, recomputed from the grid's tiles: each image
+    # against its row's reference (the adapter's image encoder embeds both), and against its prompt with
+    # the token replaced by the class word.
+    tiles = [[grid_tile(grid.last_grid, r, c, 32) for c in range(5)] for r in range(2)]
+    images = torch.stack([image for row in tiles for image in row[1:]])
+    references = torch.stack([row[0] for row in tiles for _ in row[1:]])
+    texts = ["a photo of person"] * 2 + ["person on the beach"] * 2
+    alignment = PromptAlignment(str(tiny_clip_path)).score_batch(images, texts * 2)
+    expected = {
+        "samples/identity_similarity": identity_of(sampled, images, references),
+        "samples/prompt_alignment": max(alignment.mean().item(), 0.0),  # CLIPScore clamps the mean at 0
+    }
+    assert grid.last_metrics == pytest.approx(expected, abs=1e-5)
+    torch.testing.assert_close(grid.alignment.per_sample(), alignment, atol=1e-4, rtol=0)  # before the clamp
+    assert {key: float(logged[-1][key]) for key in expected} == pytest.approx(expected, abs=1e-5)
+    assert expected["samples/identity_similarity"] < 0.999  # an image against itself would score 1
 
     # No second UNet, even in the middle of sampling.
     assert counter.while_sampling is not None
