@@ -213,7 +213,7 @@ def test_chance_levels() -> None:
     assert CONTEXT_CHANCE["context"] == pytest.approx(1 / 24) and CONTEXT_CHANCE["scene"] == pytest.approx(
         1 / 8
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^unknown domain 'cars': expected one of \('faces', 'pets'\)$"):
         chance_levels("cars")
 
 

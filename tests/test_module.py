@@ -22,7 +22,7 @@ from nested.callbacks.export import AdapterExport
 from nested.cli.main import main
 from nested.data import DomainSpec, NestedDataModule
 from nested.encoder import EncoderSpec
-from nested.errors import ConfigError
+from nested.errors import ConfigError, MissingFileError
 from nested.training.module import ConditioningDropout, NestedAttentionModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,7 +292,10 @@ def test_empty_url_list_fails_with_a_clear_message(tmp_path):
     with pytest.raises(ValueError, match="urls is empty"):
         make_data([])
     data = make_data([str(tmp_path / "missing-{000..001}.tar")])
-    with pytest.raises(Exception, match="missing-000"):
+    with pytest.raises(
+        MissingFileError,
+        match=r"^data.domains: domain 'faces': 2 of 2 shard files .* do not exist: .*missing-000\.tar",
+    ):
         data.setup("fit")
 
 

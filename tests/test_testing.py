@@ -130,7 +130,7 @@ def test_tiny_vision_model(tmp_path: Path, kind: str, tokens: int) -> None:
     assert hidden.shape == (1, tokens, 32)
 
 
-def test_make_tiny_models_script(tmp_path: Path) -> None:
+def test_make_tiny_models_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main = runpy.run_path(str(SCRIPT), run_name="make_tiny_models")["main"]
     main(["--out", str(tmp_path)])
     for kind in ("sd", "sdxl"):
@@ -138,6 +138,12 @@ def test_make_tiny_models_script(tmp_path: Path) -> None:
         assert (tmp_path / f"tiny-{kind}" / "image_encoder" / "preprocessor_config.json").is_file()
     main(["--out", str(tmp_path)])  # rewrites its own folders
     (tmp_path / "foreign" / "tiny-sd").mkdir(parents=True)
-    with pytest.raises(SystemExit):  # but never deletes a folder that is not a pipeline
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # but never deletes a folder that is not a pipeline
         main(["--out", str(tmp_path / "foreign")])
+    assert exit_info.value.code == 2
+    assert (
+        f"{tmp_path / 'foreign' / 'tiny-sd'} exists and is not a diffusers pipeline folder"
+        in capsys.readouterr().err
+    )
     assert (tmp_path / "foreign" / "tiny-sd").is_dir()
