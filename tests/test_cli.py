@@ -160,6 +160,28 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path, capsys):
             capsys.readouterr().err.strip().splitlines()[-1]
             == f"nested validate: error: --config {path} {problem}"
         )
+    # What jsonargparse reads and PyYAML's safe loader would not: a date that does not exist (jsonargparse reads
+    # it as text), and YAML text itself given as --config, longer than a file name may be.
+    dated = tmp_path / "dated.yaml"
+    dated.write_text("trainer:\n  default_root_dir: 2024-02-30\n")
+    text = "{trainer: {max_steps: 3, default_root_dir: runs/" + "x" * 300 + "}}"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/smoke.yaml", "-c", str(dated), "--config", text, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert printed["max_steps"] == 3 and printed["default_root_dir"] == "runs/" + "x" * 300
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/smoke.yaml", "-c", str(dated), "--print_config"])
+    assert exit_info.value.code == 0 and "default_root_dir: '2024-02-30'" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/smoke.yaml", "-c", str(broken)])  # the short form is checked too
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(f"nested fit: error: --config {broken} is not")
+    )
 
 
 def test_a_domain_the_model_cannot_learn_is_refused_before_the_models_load(monkeypatch, tmp_path, capsys):
@@ -326,7 +348,7 @@ def test_a_gpu_recipe_on_a_machine_without_one_and_an_uninstalled_strategy_are_o
         main([*argv, "--trainer.accelerator=cpu", "--trainer.strategy=deepspeed"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "nested fit: error: the trainer settings cannot run here: To use the `DeepSpeedStrategy`, you must have "
+        "nested fit: error: Lightning refuses the trainer settings: To use the `DeepSpeedStrategy`, you must have "
         "DeepSpeed installed. Install it by running `pip install -U deepspeed`."
     )
 
@@ -460,15 +482,33 @@ def test_validate_takes_the_newest_checkpoint_of_the_run_and_refuses_a_root_with
         newest_loss = validation_loss(validate)
     assert f"nested: validating {newest}, the newest checkpoint of this run's folders" in caplog.text
     assert newest_loss == validation_loss([*validate, f"--ckpt_path={newest}"])
-    assert newest_loss != validation_loss([*validate, "--auto_resume=false"])  # the untrained adapter
-    empty = ["validate", *_fit_args(tmp_path / "empty", "--trainer.limit_val_batches=1")[1:]]
-    with pytest.raises(SystemExit) as exit_info:
-        main(empty)
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"nested validate: error: no checkpoint to validate under {tmp_path / 'empty'} (hpc_ckpt_*.ckpt, "
-        "checkpoints/*.ckpt): pass --ckpt_path=CHECKPOINT or the run's --trainer.default_root_dir; "
-        "--auto_resume=false validates the untrained adapter"
+    assert newest_loss == validation_loss([*validate, "--ckpt_path=last"])
+    empty_root = tmp_path / "empty"
+    empty = ["validate", *_fit_args(empty_root, "--trainer.limit_val_batches=1")[1:]]
+    assert newest_loss != validation_loss([*empty, "--auto_resume=false"])  # the untrained adapter
+
+    def refused(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    searched = f"{root} (hpc_ckpt_*.ckpt), {root / 'checkpoints'} (*.ckpt)"
+    assert refused([*validate, "--auto_resume=false"]) == (
+        f"nested validate: error: --auto_resume=false validates the untrained adapter, but {searched} hold "
+        f"checkpoints, {newest} the newest: pass another --trainer.default_root_dir"
+    )
+    assert refused([*validate, "--ckpt_path=hpc"]) == (
+        f"nested validate: error: --ckpt_path=hpc: no hpc_ckpt_*.ckpt in {root}; pass a checkpoint's path, or leave "
+        "--ckpt_path out to validate the newest checkpoint of the run's folders"
+    )
+    assert refused([*empty, "--ckpt_path=last"]).startswith(
+        f"nested validate: error: --ckpt_path=last: no last*.ckpt in {empty_root / 'checkpoints'}; "
+    )
+    assert refused(empty) == (
+        f"nested validate: error: no checkpoint to validate in {empty_root} (hpc_ckpt_*.ckpt), "
+        f"{empty_root / 'checkpoints'} (*.ckpt): pass --ckpt_path=CHECKPOINT or the run's "
+        "--trainer.default_root_dir; --auto_resume=false validates the untrained adapter"
     )
 
 

@@ -128,7 +128,8 @@ class NestedCLI(LightningCLI):
             help="fit without --ckpt_path: resume from the newest checkpoint of default_root_dir (hpc_ckpt_*.ckpt, "
             "<checkpoint dirpath>/*.ckpt) if there is one; false: start fresh, refusing a root that holds "
             "checkpoints (a requeued SLURM job resumes whatever this says). validate without --ckpt_path: "
-            "validate that newest checkpoint, refusing a root without one; false: the untrained adapter.",
+            "validate that newest checkpoint, refusing a root without one; false: the untrained adapter (in a root "
+            "without checkpoints).",
         )
 
     @staticmethod
@@ -154,9 +155,8 @@ class NestedCLI(LightningCLI):
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as error:  # Lightning's type for settings this machine cannot run
-            raise UsageError(
-                _trainer_misconfiguration(error, self.config[self.subcommand].trainer)
-            ) from error
+            config = self.config[self.subcommand] if self.subcommand else self.config  # None: configured_run
+            raise UsageError(_trainer_misconfiguration(error, config.trainer)) from error
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user-chosen one is kept
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         stable_checkpoint_dirs(trainer)
@@ -234,18 +234,38 @@ class NestedCLI(LightningCLI):
             )
 
     def before_validate(self) -> None:
-        """Which checkpoint is validated: ``--ckpt_path``, else the newest of the run's folders. Without either,
-        the adapter would be the freshly initialised one: refused, unless ``--auto_resume=false`` asks for it."""
+        """Which checkpoint is validated: ``--ckpt_path``, else the newest of the run's folders. A run that would
+        validate the freshly initialised adapter by mistake is refused: no checkpoint to go by, or a keyword
+        (``last``, ``hpc``) that Lightning finds nothing for. ``--auto_resume=false`` validates the untrained
+        adapter, in a root without checkpoints (under SLURM, Lightning would load the root's hpc ones)."""
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") is not None or not config.get("auto_resume", True):
+        given = config.get("ckpt_path")
+        root, dirs = self.trainer.default_root_dir, checkpoint_dirs(self.trainer)
+        searched = f"{root} (hpc_ckpt_*.ckpt)" + "".join(f", {folder} (*.ckpt)" for folder in dirs)
+        if given in ("last", "hpc"):
+            folders = [Path(root)] if given == "hpc" else [Path(folder) for folder in dirs]
+            pattern = "hpc_ckpt_*.ckpt" if given == "hpc" else "last*.ckpt"
+            if not any(folder.is_dir() and any(folder.glob(pattern)) for folder in folders):
+                raise UsageError(
+                    f"--ckpt_path={given}: no {pattern} in {', '.join(map(str, folders)) or 'any checkpoint folder'}; "
+                    "pass a checkpoint's path, or leave --ckpt_path out to validate the newest checkpoint of "
+                    "the run's folders"
+                )
             return
-        root = self.trainer.default_root_dir
-        newest = find_resume_checkpoint(root, checkpoint_dirs(self.trainer))
+        if given is not None:
+            return
+        newest = find_resume_checkpoint(root, dirs)
+        if not config.get("auto_resume", True):
+            if newest is not None:
+                raise UsageError(
+                    f"--auto_resume=false validates the untrained adapter, but {searched} hold checkpoints, "
+                    f"{newest} the newest: pass another --trainer.default_root_dir"
+                )
+            return
         if newest is None:
             raise UsageError(
-                f"no checkpoint to validate under {root} (hpc_ckpt_*.ckpt, checkpoints/*.ckpt): pass "
-                "--ckpt_path=CHECKPOINT or the run's --trainer.default_root_dir; --auto_resume=false validates "
-                "the untrained adapter"
+                f"no checkpoint to validate in {searched}: pass --ckpt_path=CHECKPOINT or the run's "
+                "--trainer.default_root_dir; --auto_resume=false validates the untrained adapter"
             )
         config["ckpt_path"] = str(newest)
         rank_zero_info(f"nested: validating {newest}, the newest checkpoint of this run's folders")
@@ -270,7 +290,7 @@ def _trainer_misconfiguration(error: MisconfigurationException, trainer: Namespa
             f"{torch.__version__}, torch.cuda.is_available() is false); run on a GPU node, or pass "
             "--trainer.accelerator=cpu (slow; with --trainer.precision=32-true or bf16-mixed)"
         )
-    return f"the trainer settings cannot run here: {message}"
+    return f"Lightning refuses the trainer settings: {message}"
 
 
 def _start_over(checkpoint: Path, root: str) -> str:
@@ -367,13 +387,17 @@ def check_list_indexes(argv: list[str]) -> None:
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Refuse a ``--config`` file that is not YAML, naming it: jsonargparse's own message names no file, and
-    a run composes several."""
-    paths = [b for a, b in itertools.pairwise(argv) if a == "--config"]
-    paths += [arg.removeprefix("--config=") for arg in argv if arg.startswith("--config=")]
-    for path in map(Path, paths):
-        if not path.is_file():
-            continue  # missing, or YAML text itself: jsonargparse's to report
+    """Refuse a ``--config`` / ``-c`` file that is not YAML, naming it: jsonargparse's own message names no
+    file, and a run composes several. Only syntax is checked here; what a value means is jsonargparse's."""
+    given = [b for a, b in itertools.pairwise(argv) if a in ("--config", "-c")]
+    given += [arg.partition("=")[2] for arg in argv if arg.startswith(("--config=", "-c="))]
+    for text in given:
+        try:
+            path = Path(text)
+            if not path.is_file():
+                continue  # missing, or YAML text itself: jsonargparse's to report
+        except OSError:  # YAML text longer than a file name may be
+            continue
         try:
             yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as error:
@@ -385,6 +409,8 @@ def check_config_files(argv: list[str]) -> None:
             at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
             problem = getattr(error, "problem", None) or type(error).__name__
             raise UsageError(f"--config {path} is not valid YAML: {problem}{at}") from error
+        except Exception:  # a value PyYAML's safe loader builds and jsonargparse's reads as text (a date)
+            continue
 
 
 # What a configuration read by another command (nested prompts) runs on: it builds no trainer for a GPU
@@ -404,6 +430,7 @@ def configured_run(argv: list[str]) -> NestedCLI:
     (``cli.model``, ``cli.datamodule``, ``cli.trainer.callbacks``); the trainer itself is a local one. The
     model's weights are not loaded: the module loads them in ``configure_model``."""
     check_list_indexes(argv)
+    check_config_files(argv)
     with warnings.catch_warnings():
         # It warns whenever sys.argv has arguments besides args: here they are another command's.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
