@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from nested.cli.common import one_line
-from nested.cli.fit import _start_over, config_error_line, configured_run
+from nested.cli.fit import KILLED_WRITE_AGE, _start_over, config_error_line, configured_run
 from nested.cli.main import SUBCOMMANDS, main
 from nested.errors import DataError
 from nested.training.resume import checkpoint_step, find_resume_checkpoint, partial_path
@@ -437,28 +437,29 @@ def test_a_requeued_slurm_job_resumes_from_its_newest_checkpoint_not_its_ckpt_pa
 
 def test_a_fit_removes_the_remains_of_killed_checkpoint_writes_but_not_a_write_in_progress(tmp_path, caplog):
     """A write killed mid-way leaves its temporary file (test_resume.py kills one); one for a step-named
-    checkpoint is never overwritten, as large as a checkpoint. The next fit removes those older than itself."""
+    checkpoint is never overwritten, as large as a checkpoint. The next fit removes those last written well
+    before it started."""
     root = tmp_path / "run"
-    killed = [
-        partial_path(root / "checkpoints" / "epoch=0-step=500.ckpt"),
-        partial_path(root / "hpc_ckpt_3.ckpt"),
-    ]
-    in_progress = partial_path(
-        root / "checkpoints" / "epoch=0-step=600.ckpt"
-    )  # another process's, being written
-    unrelated = root / "checkpoints" / ".notes.tmp"
-    for path in [*killed, in_progress, unrelated]:
+    checkpoints = root / "checkpoints"
+    killed = [partial_path(checkpoints / "epoch=0-step=500.ckpt"), partial_path(root / "hpc_ckpt_3.ckpt")]
+    in_progress = partial_path(checkpoints / "epoch=0-step=600.ckpt")  # another process's, being written
+    recent = partial_path(checkpoints / "epoch=0-step=700.ckpt")  # a shared file system's cached time may lag
+    unrelated = checkpoints / ".notes.tmp"
+    for path in [*killed, in_progress, recent, unrelated]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"PK\x03\x04 half a checkpoint")
-    for path in killed:
-        os.utime(path, (time.time() - 60, time.time() - 60))
-    os.utime(in_progress, (time.time() + 3600, time.time() + 3600))  # touched after the fit started
+    now = time.time()
+    for path, age in [
+        *((path, KILLED_WRITE_AGE + 60) for path in killed),
+        (in_progress, -3600),
+        (recent, 120),
+    ]:
+        os.utime(path, (now - age, now - age))
     with caplog.at_level("INFO"):
         assert main(_fit_args(root)) == 0
     assert not any(path.exists() for path in killed)
-    assert in_progress.exists() and unrelated.exists()
-    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == sorted(
-        [in_progress.name, unrelated.name, "last.ckpt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(
+        [in_progress.name, recent.name, unrelated.name, "last.ckpt"]
     )
     for path in killed:
         assert f"removed {path}, the remains of a checkpoint write that was killed" in caplog.text

@@ -673,13 +673,13 @@ def test_a_base_model_hub_id_with_no_answer_from_the_hub_is_one_line_naming_the_
     from nested.cli.main import main
 
     dead = _dead_endpoint(monkeypatch)
-    monkeypatch.setattr(
-        "huggingface_hub.utils._http.time.sleep", lambda seconds: None
-    )  # its retries, at once
+    # huggingface_hub retries a download 5 times with backoff: at once here.
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda seconds: None)
     image = tmp_path / "me.png"
     Image.fromarray(data.astronaut()).save(image)
-    assert main(["generate", "--base", "me/no-such-base", "--adapter", f"<person>={adapter_dir}", "--subject",
-                 f"<person>={image}", "--prompt", "a photo of <person>", "--out", str(tmp_path / "out"), "--no-progress"]) == 2  # fmt: skip
+    argv = ["generate", "--base", "me/no-such-base", "--adapter", f"<person>={adapter_dir}", "--subject",
+            f"<person>={image}", "--prompt", "a photo of <person>", "--out", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(
         f"nested generate: error: cannot download 'me/no-such-base': no answer from the Hub at {dead} (from "
@@ -689,6 +689,11 @@ def test_a_base_model_hub_id_with_no_answer_from_the_hub_is_one_line_naming_the_
         ", and it is not in the local cache. Check the network, or HF_ENDPOINT; or pass a local folder."
     )
     assert not (tmp_path / "out").exists()
+    # Offline by choice, nothing was asked: the advice is the cache's.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no answer" not in line and "Offline, a Hub id must already be in the local cache" in line
 
 
 def _listed_commands(text: str) -> list[str]:

@@ -57,6 +57,10 @@ from nested.training.resume import (
 
 __all__ = ["EXIT_STOPPED_EARLY", "NestedCLI", "configured_run", "main_fit"]
 
+# How long before a run's start a checkpoint write's temporary file must have last changed for the run to delete
+# it as the remains of a killed write: NFS and Lustre clients cache file times for up to a minute, and nodes'
+# clocks differ; a remain left by a requeue's kill is deleted by a later start.
+KILLED_WRITE_AGE = 15 * 60
 # sysexits.h's EX_TEMPFAIL, "try again later": the run stopped early and resumes when run again. Not 1 (a
 # crash), 2 (a user mistake) or 128 + n (killed by signal n), so scripts and SLURM jobs can tell it apart.
 EXIT_STOPPED_EARLY = 75
@@ -186,7 +190,9 @@ class NestedCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         root = self.trainer.default_root_dir
         if self.trainer.is_global_zero:
-            for partial in remove_killed_writes([root, *checkpoint_dirs(self.trainer)], self._started):
+            for partial in remove_killed_writes(
+                [root, *checkpoint_dirs(self.trainer)], self._started - KILLED_WRITE_AGE
+            ):
                 rank_zero_info(
                     f"nested: removed {partial}, the remains of a checkpoint write that was killed"
                 )

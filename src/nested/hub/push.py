@@ -75,7 +75,9 @@ def hub_unreachable(error: BaseException) -> str | None:
     """ "no answer from the Hub at <where> (<transport failure>)" when ``error`` comes from a transport failure
     (no network, a wrong HF_ENDPOINT); None for anything else (an HTTP answer, a missing file, a bug)."""
     cause = _network_error(error)
-    if cause is None or isinstance(cause, HfHubHTTPError):
+    if cause is None or isinstance(
+        cause, (HfHubHTTPError, OfflineModeIsEnabled)
+    ):  # offline: nothing was asked
         return None
     detail = redact(" ".join(f"{type(cause).__name__}: {cause}".split())).rstrip(".")
     return f"no answer from the Hub at {hub_endpoint(HfApi())} ({detail})"

@@ -73,8 +73,8 @@ def remove_killed_writes(folders: list[str | Path], older_than: float) -> list[P
     """Delete the :func:`partial_path` files in ``folders`` last written before ``older_than`` (a time
     stamp): writes killed mid-way. One for ``last.ckpt`` or an hpc file is overwritten by the next write
     of that target, but one for a step-named checkpoint would stay, as large as a checkpoint. A write in
-    progress (this job's, or another's in the same folder) keeps touching its file, so it is newer.
-    Returns the deleted paths."""
+    progress (another job's in the same folder) keeps touching its file: callers leave a margin below their
+    start for the attribute caches and clocks of shared file systems. Returns the deleted paths."""
     removed = []
     for folder in dict.fromkeys(Path(f) for f in folders):
         for partial in sorted(folder.glob(".partial-*.tmp")) if folder.is_dir() else []:
