@@ -9,11 +9,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 # Pin torch first: PyPI's Linux torch is a multi-GB CUDA build. The CPU build comes from a local wheelhouse
-# (pip's find-links: offline machines, CI) if it has one, else from PyTorch's CPU index. A torch 2.13.0
-# already in .venv (users with GPUs install the build for their CUDA first) is kept: the constraints below
-# accept any 2.13.0 build.
+# (pip's find-links: offline machines, CI) if it has one, else from PyTorch's CPU index, beside the configured
+# index (its 2.13.0+cpu ranks above PyPI's 2.13.0). A torch 2.13.0 already in .venv (users with GPUs install
+# the build for their CUDA first) is kept: the constraints below accept any 2.13.0 build.
 if ! .venv/bin/python -m pip install -q --no-index "torch==2.13.0" 2>/dev/null; then
-  .venv/bin/python -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  .venv/bin/python -m pip install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 # faces: dlib and its models (face detection, alignment, face identity), prebuilt wheels: no compiler.
 # quantize: torchao, for the frozen models in 8 bits (model.quantize).

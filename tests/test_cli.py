@@ -46,6 +46,11 @@ def test_unknown_command_fails(capsys):
     assert capsys.readouterr().err.startswith(
         "nested: error: unknown command 'train'; commands: fit, validate"
     )
+    for typed, meant in (("gen", "generate"), ("FIT", "fit"), ("Shard", "shards")):
+        assert main([typed]) == 2
+        assert capsys.readouterr().err.startswith(
+            f"nested: error: unknown command {typed!r}; did you mean {meant}?"
+        )
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,9 @@ def test_manifests_with_ref_bbox_and_resize(tmp_path: Path) -> None:
         {"image": "wide.png", "caption": "<cat>", "bbox": [300, 0, 400, 50]},  # outside the image
         {"image": "missing.png", "caption": "<cat>"},
         {"image": "face.png", "caption": 123},  # one bad row is rejected, not the whole build
+        {"image": "sub", "caption": "<cat>"},  # a folder
     ]
+    (src / "sub").mkdir()
     manifest = src / "m.jsonl"
     manifest.write_text(
         "\n".join(json.dumps(r) for r in rows) + '\nnot json\n{"img": "face.png", "caption": "x"}\n[1]\n'
@@ -136,17 +138,19 @@ def test_manifests_with_ref_bbox_and_resize(tmp_path: Path) -> None:
         manifest, tmp_path / "out", domain="pets", subject="<cat>", image_size=64, progress=False
     )
     reasons = [json.loads(line)["reason"] for line in (tmp_path / "out" / "rejected.jsonl").open()]
-    assert report.total_samples == 1 and len(reasons) == 6
+    assert report.total_samples == 1 and len(reasons) == 7
     assert reasons[0].startswith("invalid bbox") and reasons[1].startswith("file not found")
-    assert reasons[2] == "manifest row's caption is not text: 123"
-    assert reasons[3] == "manifest line is not JSON: Expecting value (column 1)"
+    assert reasons[2] == "manifest caption is not text: 123"
+    assert reasons[3] == f"a folder, not an image file: {src / 'sub'}"
+    assert reasons[4] == "manifest line is not JSON: Expecting value (column 1)"
     assert (
-        reasons[4]
+        reasons[5]
         == 'manifest row has no image: expected an "image" path and a "caption" (its fields: caption, img)'
     )
-    assert reasons[5] == 'manifest row is not a JSON object: expected {"image": PATH, "caption": TEXT}'
-    assert _rejection_summary(reasons[3:]) == (
-        "1 manifest line is not JSON, 1 manifest row has no image, 1 manifest row is not a JSON object"
+    assert reasons[6] == 'manifest row is not a JSON object: expected {"image": PATH, "caption": TEXT}'
+    assert _rejection_summary(reasons[2:3] + reasons[4:]) == (
+        "1 manifest caption is not text, 1 manifest line is not JSON, 1 manifest row has no image, "
+        "1 manifest row is not a JSON object"
     )
     (sample,) = _read_samples(tmp_path / "out")
     assert sample["jpg"].size == (128, 64)  # short side downscaled to image_size

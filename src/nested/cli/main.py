@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         if command in _MAINS:
             module, function = _MAINS[command]
             return getattr(importlib.import_module(module), function)(rest) or 0
-    close = difflib.get_close_matches(command, SUBCOMMANDS, n=1)
+    prefixed = [name for name in SUBCOMMANDS if name.startswith(command.lower())]
+    close = (
+        prefixed[:1]
+        if command and len(prefixed) == 1
+        else difflib.get_close_matches(command.lower(), SUBCOMMANDS, n=1)
+    )
     hint = f"did you mean {close[0]}? " if close else ""
     print(
         f"nested: error: unknown command {command!r}; {hint}commands: {', '.join(SUBCOMMANDS)}",

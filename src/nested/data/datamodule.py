@@ -134,7 +134,9 @@ class NestedDataModule(L.LightningDataModule):
         specs = [("data.domains", spec, "") for spec in self.domains] if stage in (None, "fit") else []
         if stage in (None, "fit", "validate"):
             # The recipes name validation shards of their own, which a user who set only data.domains lacks.
-            advice = " To train without validation, pass --data.val_domains=[]."
+            advice = (
+                " To train without validation, pass --data.val_domains=[]." if stage != "validate" else ""
+            )
             specs += [("data.val_domains", spec, advice) for spec in self.val_domains]
         for option, spec, advice in specs:
             try:

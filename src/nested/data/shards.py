@@ -172,7 +172,7 @@ def iter_source(src: Path) -> Iterator[SourceItem]:
                 f'manifest row has no image: expected an "image" path and a "caption" (its fields: {fields})'
             )
         elif problem is None and not isinstance(row.get("caption", ""), (str, type(None))):
-            problem = f"manifest row's caption is not text: {row['caption']!r}"
+            problem = f"manifest caption is not text: {row['caption']!r}"
         if problem is not None:
             # Kept as a rejection, not an error: one bad line must not sink a large manifest.
             yield SourceItem(image=Path(""), caption=None, origin=origin, problem=problem)
@@ -410,7 +410,8 @@ def load_checked_image(path: Path, *, min_size: int, max_pixels: int) -> tuple[I
     try:
         opened = open_image(path, max_pixels=max_pixels)
     except MissingFileError:
-        raise Rejected(f"file not found: {path}") from None
+        reason = "a folder, not an image file" if path.is_dir() else "file not found"
+        raise Rejected(f"{reason}: {path}") from None
     except ImageFileError as error:
         raise Rejected(error.reason) from error
     rgb = opened.rgb
