@@ -16,7 +16,7 @@ PACKAGE = SRC / "nested"
 
 # Lower layers never import higher ones; modules of one subpackage may import each other.
 CORE = {"attention", "adapter", "encoder", "tokens", "backbone", "errors", "files", "testing", "_lazy"}
-CORE |= {"image_files", "dit", "quantize", "prompt_cache", "library_messages"}
+CORE |= {"image_files", "dit", "quantize", "prompt_cache", "library_messages", "hub_access"}
 LAYERS = {
     "core": 0,
     "data": 1,

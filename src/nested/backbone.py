@@ -30,6 +30,7 @@ from diffusers import (
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from nested.errors import ConfigError, HubError, MissingFileError
+from nested.hub_access import hub_unreachable
 from nested.prompt_cache import PromptCache
 from nested.quantize import check_quantize, component_config
 from nested.tokens import padded_ids, subject_masks, subject_masks_for_tokenizers
@@ -126,8 +127,6 @@ def read_model_index(name_or_path: str, expected: str = EXPECTED_LAYOUT, **hub_k
             DiffusionPipeline.load_config(str(local) if local.is_dir() else name_or_path, **hub_kwargs)
         )
     except OSError as error:
-        from nested.hub.push import hub_unreachable
-
         unreachable = None if local.is_dir() else hub_unreachable(error)
         if unreachable is not None:
             raise HubError(

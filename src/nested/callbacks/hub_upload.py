@@ -16,8 +16,9 @@ from nested.adapter import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files
 from nested.callbacks.export import AdapterExport
 from nested.errors import ConfigError, NestedUserError
 from nested.hub.background import PushOutcome, PushProcess, PushRequest
-from nested.hub.model_card import REPO_ID_PATTERN, redact
+from nested.hub.model_card import REPO_ID_PATTERN
 from nested.hub.push import stage_export
+from nested.hub_access import redact
 
 __all__ = ["HubUpload"]
 

@@ -77,7 +77,8 @@ def main_push(argv: list[str] | None = None) -> int:
     args = push_parser().parse_args(argv)
     # Imported after parsing: `nested push --help` answers without loading torch.
     from nested.hub.background import PushProcess, PushRequest
-    from nested.hub.model_card import REPO_ID_PATTERN, redact
+    from nested.hub.model_card import REPO_ID_PATTERN
+    from nested.hub_access import redact
 
     try:
         if not REPO_ID_PATTERN.match(args.repo_id):

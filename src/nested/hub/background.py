@@ -139,8 +139,8 @@ def main(argv: list[str]) -> int:
 
     # Imported only now: torch takes seconds to import, and a stop signal in that time must not kill the push.
     from nested.errors import NestedUserError
-    from nested.hub.model_card import redact
     from nested.hub.push import is_permanent_error, push_adapter
+    from nested.hub_access import redact
 
     request = PushRequest(**json.loads(argv[0]))
     try:

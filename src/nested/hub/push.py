@@ -27,14 +27,8 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from nested.adapter import CONFIG_NAME, WEIGHTS_NAME, check_adapter_files
 from nested.errors import HubError
 from nested.files import write_text_atomic
-from nested.hub.model_card import (
-    CARD_MARKER,
-    CARD_NAME,
-    IMAGE_SUFFIXES,
-    model_card,
-    redact,
-    scrub_config,
-)
+from nested.hub.model_card import CARD_MARKER, CARD_NAME, IMAGE_SUFFIXES, model_card, scrub_config
+from nested.hub_access import hub_endpoint, network_error, redact
 
 __all__ = [
     "TRAINING_CONFIG_NAME",
@@ -51,45 +45,6 @@ TRAINING_CONFIG_NAME = "training_config.yaml"
 UPLOAD_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, TRAINING_CONFIG_NAME, "samples/*"] + [
     f"*{suffix}" for suffix in IMAGE_SUFFIXES
 ]
-# The libraries huggingface_hub has talked HTTP through: an error of theirs means no usable answer.
-_HTTP_LIBRARIES = ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
-
-
-def _network_error(error: BaseException) -> BaseException | None:
-    """The HTTP error answer or transport failure in ``error``'s chain of causes, if there is one.
-
-    huggingface_hub wraps some (an LFS upload's failure becomes a ``RuntimeError`` from the transport error).
-    """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, (HfHubHTTPError, ConnectionError, TimeoutError)):
-            return error
-        if type(error).__module__.split(".")[0] in _HTTP_LIBRARIES:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def hub_unreachable(error: BaseException) -> str | None:
-    """ "no answer from the Hub at <where> (<transport failure>)" when ``error`` comes from a transport failure
-    (no network, a wrong HF_ENDPOINT); None for anything else (an HTTP answer, a missing file, a bug)."""
-    cause = _network_error(error)
-    if cause is None or isinstance(
-        cause, (HfHubHTTPError, OfflineModeIsEnabled)
-    ):  # offline: nothing was asked
-        return None
-    detail = redact(" ".join(f"{type(cause).__name__}: {cause}".split())).rstrip(".")
-    return f"no answer from the Hub at {hub_endpoint(HfApi())} ({detail})"
-
-
-def hub_endpoint(api: HfApi, endpoint: str | None = None) -> str:
-    """The Hub ``api`` talks to, and where that came from (for messages)."""
-    if endpoint:
-        return f"{api.endpoint} (the endpoint argument)"
-    if os.environ.get("HF_ENDPOINT"):
-        return f"{api.endpoint} (from HF_ENDPOINT)"
-    return f"{api.endpoint} (the default; HF_ENDPOINT selects another Hub)"
 
 
 def write_model_card(adapter_dir: str | os.PathLike, **card_kwargs: Any) -> Path:
@@ -143,7 +98,7 @@ def push_adapter(
     try:
         return _upload(api, folder, repo_id, private, revision, message)
     except Exception as error:
-        cause = _network_error(error)
+        cause = network_error(error)
         if cause is None:
             raise
         where = hub_endpoint(api, endpoint)
@@ -184,7 +139,7 @@ def is_permanent_error(error: BaseException) -> bool:
     """
 
     if isinstance(error, HubError) and error.__cause__ is not None:
-        cause = _network_error(error.__cause__)
+        cause = network_error(error.__cause__)
         return is_permanent_error(cause if cause is not None else error.__cause__)
     if isinstance(error, (OfflineModeIsEnabled, ValueError, FileNotFoundError)):
         return True
