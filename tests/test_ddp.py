@@ -7,12 +7,10 @@ the processes instead of launching them).
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stacks import STACK_DUMP_SIGNAL, dump_stacks
 from torch.utils.data import DataLoader
 
 from nested.data import DomainSpec, build_stream, collate_batch
@@ -29,7 +28,6 @@ from nested.data import DomainSpec, build_stream, collate_batch
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SHARD = REPO / "data" / "demo" / "faces" / "faces-000000.tar"
 CORRUPT = (5, 6)  # sample indices: reader 1 (rank 0, worker 1) and reader 2 (rank 1, worker 0)
-STACK_DUMP_SIGNAL = signal.SIGUSR2
 ADAMW_1E3 = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
 
 
@@ -246,25 +244,13 @@ def _run_two_ranks(arguments: list[str], logs: list[Path], timeout: float = 150.
             code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
             assert code == 0, "\n".join(path.read_text()[-3000:] for path in logs)
     except subprocess.TimeoutExpired:
-        for pid in [p for process in processes for p in _process_tree(process.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, STACK_DUMP_SIGNAL)
-        time.sleep(3.0)
+        dump_stacks([process.pid for process in processes])
         pytest.fail("the 2-rank run hung:\n" + "\n".join(path.read_text()[-12000:] for path in logs))
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=30)
-
-
-def _process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Linux ``/proc``; just ``pid`` elsewhere)."""
-    children = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            children += [int(child) for child in task.read_text().split()]
-    return [pid] + [p for child in children for p in _process_tree(child)]
 
 
 def test_two_ranks_one_shard_disjoint_no_hang_all_dropped_and_reduced_metrics(tiny_sd_path, tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from stacks import dump_stacks, enable_stack_dumps
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -114,6 +115,7 @@ def _launch(tmp_path: Path, config: Path, root: Path, job_id: str, log_name: str
         MASTER_PORT=str(_free_port()),
         OMP_NUM_THREADS="1",
     )
+    enable_stack_dumps(tmp_path)  # on PYTHONPATH: a hung task's stacks go to its log
     processes = []
     for rank in range(2):
         log = open(tmp_path / f"{log_name}-{rank}.log", "w")  # noqa: SIM115 (closed with the process)
@@ -148,7 +150,9 @@ def _wait(
         except subprocess.TimeoutExpired:
             code = None
         if code != expected:
-            logs = "\n".join((tmp_path / f"{log_name}-{r}.log").read_text()[-3000:] for r in range(2))
+            if code is None:
+                dump_stacks([p.pid for p in processes])
+            logs = "\n".join((tmp_path / f"{log_name}-{r}.log").read_text()[-12000:] for r in range(2))
             raise AssertionError(f"{log_name}: a task ended with {code} (None: timed out)\n{logs}")
 
 
