@@ -158,7 +158,7 @@ class NestedCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except MisconfigurationException as error:  # Lightning's type for settings this machine cannot run
+        except MisconfigurationException as error:  # Lightning's type for trainer settings it refuses
             config = self.config[self.subcommand] if self.subcommand else self.config  # None: configured_run
             raise UsageError(_trainer_misconfiguration(error, config.trainer)) from error
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user-chosen one is kept
