@@ -19,7 +19,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, S
 from PIL import Image
 from safetensors.torch import load_file
 from skimage.data import astronaut, chelsea
-from test_dit_pipeline import KINDS, PIPELINES, make_adapter, tiny_pipeline
+from test_dit_pipeline import KINDS, PIPELINES, loaded_pipelines, make_adapter, tiny_pipeline
 from test_module import adamw
 from test_sampling import grid_tile, identity_of
 
@@ -129,15 +129,7 @@ def test_eval_quantizes_the_named_base_components_and_records_it(
     bases, subjects, tiny_clip_path, tmp_path, capsys, monkeypatch
 ):
     pytest.importorskip("torchao", reason="the quantize extra (torchao) is not installed")
-    # The pipeline nested eval loads, to look at the weights it computed with.
-    loaded = []
-    load = NestedPipeline.from_pretrained.__func__
-
-    def keep(cls, *args, **kwargs):
-        loaded.append(load(cls, *args, **kwargs))
-        return loaded[-1]
-
-    monkeypatch.setattr(NestedPipeline, "from_pretrained", classmethod(keep))
+    loaded = loaded_pipelines(monkeypatch)  # to look at the weights nested eval computed with
     base = bases["flux"]
     adapter = make_adapter(tiny_pipeline(base), base, "<person>", "person", 1).save_pretrained(
         tmp_path / "adapter"

@@ -328,6 +328,20 @@ def test_generate_takes_a_hub_id_for_the_base(setup, tmp_path):
         assert (tmp_path / "hub-out" / name).read_bytes() == (tmp_path / "folder-out" / name).read_bytes()
 
 
+def loaded_pipelines(monkeypatch: pytest.MonkeyPatch) -> list[NestedPipeline]:
+    """Every pipeline ``NestedPipeline.from_pretrained`` loads from now on, in order (the commands load theirs
+    through it)."""
+    loaded = []
+    load = NestedPipeline.from_pretrained.__func__
+
+    def keep(cls, *args, **kwargs):
+        loaded.append(load(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(NestedPipeline, "from_pretrained", classmethod(keep))
+    return loaded
+
+
 def test_from_pretrained_reads_a_hub_id_through_the_hub_options_it_is_given(tiny_sd_path, tmp_path):
     """cache_dir= (token=, local_files_only=...) reach the Hub for model_index.json as for the weights."""
     cache = write_hub_cache(tiny_sd_path, tmp_path / "cache", "nested-tests/tiny-sd")
@@ -339,15 +353,7 @@ def test_generate_quantized_flux_draws_nearly_the_dense_images_and_refuses_bad_s
     setup, tmp_path, capsys, monkeypatch
 ):
     pytest.importorskip("torchao", reason="the quantize extra (torchao) is not installed")
-    # The pipelines nested generate loads, to look at the weights it computed with.
-    loaded = []
-    load = NestedPipeline.from_pretrained.__func__
-
-    def keep(cls, *args, **kwargs):
-        loaded.append(load(cls, *args, **kwargs))
-        return loaded[-1]
-
-    monkeypatch.setattr(NestedPipeline, "from_pretrained", classmethod(keep))
+    loaded = loaded_pipelines(monkeypatch)  # to look at the weights nested generate computed with
     assert main_generate(cli(setup, "flux", tmp_path / "dense", "--dtype", "bfloat16")) == 0
     quantized = [
         "--dtype",
