@@ -29,6 +29,15 @@ def _repo_cwd(monkeypatch):
     monkeypatch.setattr("sys.argv", ["nested"])
 
 
+def _refusal(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """The one line ``nested ARGV`` ends with, refusing what it was given (exit status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_help_lists_every_subcommand(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -158,13 +167,8 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path, capsys):
         ),
         (binary, "is not UTF-8 text (invalid start byte); give a YAML file"),
     ):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["validate", "--config", "configs/smoke.yaml", f"--config={path}"])
-        assert exit_info.value.code == 2
-        assert (
-            capsys.readouterr().err.strip().splitlines()[-1]
-            == f"nested validate: error: --config {path} {problem}"
-        )
+        error = _refusal(capsys, ["validate", "--config", "configs/smoke.yaml", f"--config={path}"])
+        assert error == f"nested validate: error: --config {path} {problem}"
     # What jsonargparse reads and PyYAML's safe loader would not: a date that does not exist (jsonargparse reads
     # it as text), and YAML text itself given as --config, longer than a file name may be.
     dated = tmp_path / "dated.yaml"
@@ -178,15 +182,8 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", "configs/smoke.yaml", "-c", str(dated), "--print_config"])
     assert exit_info.value.code == 0 and "default_root_dir: '2024-02-30'" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", "configs/smoke.yaml", "-c", str(broken)])  # the short form is checked too
-    assert exit_info.value.code == 2
-    assert (
-        capsys.readouterr()
-        .err.strip()
-        .splitlines()[-1]
-        .startswith(f"nested fit: error: --config {broken} is not")
-    )
+    error = _refusal(capsys, ["fit", "-c", "configs/smoke.yaml", "-c", str(broken)])  # the short form too
+    assert error.startswith(f"nested fit: error: --config {broken} is not")
 
 
 def test_a_domain_the_model_cannot_learn_is_refused_before_the_models_load(monkeypatch, tmp_path, capsys):
@@ -341,18 +338,12 @@ def test_a_gpu_recipe_on_a_machine_without_one_and_an_uninstalled_strategy_are_o
     tmp_path, capsys
 ):
     argv = ["fit", "--config", "configs/faces-sdxl.yaml", f"--trainer.default_root_dir={tmp_path}"]
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert _refusal(capsys, argv) == (
         f"nested fit: error: --trainer.accelerator=gpu, but torch sees no GPU here (torch {torch.__version__}, "
         "torch.cuda.is_available() is false); run on a GPU node, or pass --trainer.accelerator=cpu (slow; with "
         "--trainer.precision=32-true or bf16-mixed)"
     )
-    with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--trainer.accelerator=cpu", "--trainer.strategy=deepspeed"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert _refusal(capsys, [*argv, "--trainer.accelerator=cpu", "--trainer.strategy=deepspeed"]) == (
         "nested fit: error: Lightning refuses the trainer settings: To use the `DeepSpeedStrategy`, you must have "
         "DeepSpeed installed. Install it by running `pip install -U deepspeed`."
     )
@@ -361,11 +352,8 @@ def test_a_gpu_recipe_on_a_machine_without_one_and_an_uninstalled_strategy_are_o
 def test_the_hub_presets_placeholder_repo_is_refused_before_a_run_whose_every_upload_it_would_fail(
     tmp_path, capsys
 ):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "configs/smoke.yaml", "--config", "callbacks/hub.yaml",
-              f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    argv = ["fit", "--config", "configs/smoke.yaml", "--config", "callbacks/hub.yaml", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    assert _refusal(capsys, argv) == (
         "nested fit: error: HubUpload repo_id 'your-name/nested-faces-sdxl' is callbacks/hub.yaml's placeholder: "
         "set it to your user/name (in a copy of that file)."
     )
@@ -428,16 +416,8 @@ def test_a_requeued_slurm_job_resumes_from_its_newest_checkpoint_not_its_ckpt_pa
         main(_fit_args(tmp_path / "empty", f"--ckpt_path={first}"))
     assert exit_info.value.code == 2
     # nested validate checks the one it is given, requeued or not.
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["validate", *_fit_args(root, f"--ckpt_path={first}")[1:]])
-    assert exit_info.value.code == 2
-    assert (
-        capsys.readouterr()
-        .err.strip()
-        .splitlines()[-1]
-        .startswith(f"nested validate: error: --ckpt_path {first}: no such file;")
-    )
+    error = _refusal(capsys, ["validate", *_fit_args(root, f"--ckpt_path={first}")[1:]])
+    assert error.startswith(f"nested validate: error: --ckpt_path {first}: no such file;")
 
 
 def test_a_fit_removes_the_remains_of_killed_checkpoint_writes_but_not_a_write_in_progress(tmp_path, caplog):
@@ -493,25 +473,19 @@ def test_validate_takes_the_newest_checkpoint_of_the_run_and_refuses_a_root_with
     empty = ["validate", *_fit_args(empty_root, "--trainer.limit_val_batches=1")[1:]]
     assert newest_loss != validation_loss([*empty, "--auto_resume=false"])  # the untrained adapter
 
-    def refused(argv: list[str]) -> str:
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        assert exit_info.value.code == 2
-        return capsys.readouterr().err.strip().splitlines()[-1]
-
     searched = f"{root} (hpc_ckpt_*.ckpt), {root / 'checkpoints'} (*.ckpt)"
-    assert refused([*validate, "--auto_resume=false"]) == (
+    assert _refusal(capsys, [*validate, "--auto_resume=false"]) == (
         f"nested validate: error: --auto_resume=false validates the untrained adapter, but {searched} hold "
         f"checkpoints, {newest} the newest: pass another --trainer.default_root_dir"
     )
-    assert refused([*validate, "--ckpt_path=hpc"]) == (
+    assert _refusal(capsys, [*validate, "--ckpt_path=hpc"]) == (
         f"nested validate: error: --ckpt_path=hpc: no hpc_ckpt_*.ckpt in {root}; pass a checkpoint's path, or leave "
         "--ckpt_path out to validate the newest checkpoint of the run's folders"
     )
-    assert refused([*empty, "--ckpt_path=last"]).startswith(
+    assert _refusal(capsys, [*empty, "--ckpt_path=last"]).startswith(
         f"nested validate: error: --ckpt_path=last: no last*.ckpt in {empty_root / 'checkpoints'}; "
     )
-    assert refused(empty) == (
+    assert _refusal(capsys, empty) == (
         f"nested validate: error: no checkpoint to validate in {empty_root} (hpc_ckpt_*.ckpt), "
         f"{empty_root / 'checkpoints'} (*.ckpt): pass --ckpt_path=CHECKPOINT or the run's "
         "--trainer.default_root_dir; --auto_resume=false validates the untrained adapter"
