@@ -54,6 +54,23 @@ def _write(path: Path, samples: list[dict]) -> Path:
 # ----------------------------------------------------------------------------- one rank (script)
 
 
+def _two_rank_trainer(max_steps: int, callbacks: list):
+    """A quiet DDP trainer of two CPU ranks, each started as its own process (``LOCAL_RANK`` set)."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
 def run_rank(out: Path, shard: str, model: str) -> None:
     """One rank of a 2-rank DDP fit: 1 shard, 2 workers per rank, every subject dropped."""
     import lightning as L
@@ -92,17 +109,7 @@ def run_rank(out: Path, shard: str, model: str) -> None:
         open_shards=1,
     )
     record = Record()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[record],
-    )
+    trainer = _two_rank_trainer(4, [record])
     module.configure_model()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer.fit(module, datamodule=data)
@@ -116,6 +123,32 @@ def run_rank(out: Path, shard: str, model: str) -> None:
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    _shut_down()
+
+
+def run_divergence_rank(out: Path) -> None:
+    """One rank of a 2-rank DDP fit of a tiny regression under DivergenceGuard(max_consecutive_skips=1): at
+    step 3 only rank 1's gradients hold a NaN, put there after DDP's all-reduce (as a sharded strategy's
+    would be); from step 5 on every loss is NaN, so step 6 ends the fit on both ranks."""
+    from test_divergence import Recorder, Regression
+
+    from nested.callbacks.divergence import DivergenceGuard
+    from nested.errors import DivergenceError
+
+    class OneRankBroken(Regression):
+        def on_after_backward(self) -> None:
+            if self.global_step + 1 == 3 and self.global_rank == 1:
+                self.layer.weight.grad[0, 0] = float("nan")
+
+    recorder = Recorder()
+    trainer = _two_rank_trainer(10, [DivergenceGuard(max_consecutive_skips=1), recorder])
+    try:
+        trainer.fit(OneRankBroken(dict.fromkeys(range(5, 20), float("nan"))))
+        error = None
+    except DivergenceError as stopped:
+        error = str(stopped)
+    weights = {step: value.tolist() for step, value in recorder.weights.items()}
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"error": error, "weights": weights}))
     _shut_down()
 
 
@@ -339,6 +372,20 @@ def test_fsdp_preset_shards_only_the_adapter_and_writes_full_checkpoints(tiny_sd
     )
 
 
+def test_ranks_agree_to_skip_a_step_only_one_of_them_sees_non_finite_and_stop_together(tmp_path):
+    _run_two_ranks(["divergence", str(tmp_path)], [tmp_path / "rank0.log", tmp_path / "rank1.log"])
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for result in ranks:
+        weights = {int(step): value for step, value in result["weights"].items()}
+        assert weights[3] == weights[2] and weights[5] == weights[4] and weights[4] != weights[3]
+        assert max(weights) == 5  # step 6 raised
+        assert result["error"].startswith(
+            "training diverged: the gradients were not finite (NaN or infinite) at 2 optimizer steps in a row, "
+            "steps 5 to 6; the weights are those of step 4"
+        )
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
 def test_fsdp_preset_composes_with_a_config(capsys, monkeypatch):
     from nested.cli.main import main
 
@@ -363,5 +410,7 @@ if __name__ == "__main__":
     faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
     if sys.argv[1] == "fsdp":
         run_fsdp_rank(Path(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "divergence":
+        run_divergence_rank(Path(sys.argv[2]))
     else:
         run_rank(Path(sys.argv[1]), sys.argv[2], sys.argv[3])

@@ -12,6 +12,7 @@ __all__ = [
     "AdapterError",
     "ConfigError",
     "DataError",
+    "DivergenceError",
     "HubError",
     "MissingDependencyError",
     "MissingFileError",
@@ -35,6 +36,11 @@ class UsageError(ConfigError):
 
 class DataError(NestedUserError, ValueError):
     """Input data that cannot be used: an unreadable image, a broken shard or index, a bad manifest."""
+
+
+class DivergenceError(NestedUserError, RuntimeError):
+    """A training run whose gradients stayed NaN or infinite: its settings (learning rate, precision) need a
+    change."""
 
 
 class AdapterError(NestedUserError, ValueError):

@@ -1,7 +1,8 @@
 """Lightning callbacks: one home for every class a ``callbacks/*.yaml`` preset names.
 
 ``AdapterExport`` (the inference-ready adapter at every checkpoint), ``AdapterEMA`` (an EMA of the adapter),
-``SampleGrid`` (sample grids and metrics during training), ``HubUpload`` (every export pushed to the Hub).
+``SampleGrid`` (sample grids and metrics during training), ``HubUpload`` (every export pushed to the Hub),
+``DivergenceGuard`` (non-finite steps skipped, a diverged run stopped; ``nested fit`` always adds it).
 """
 
 from nested._lazy import lazy_exports
@@ -11,6 +12,7 @@ lazy_exports(
     {
         "AdapterEMA": "nested.callbacks.ema",
         "AdapterExport": "nested.callbacks.export",
+        "DivergenceGuard": "nested.callbacks.divergence",
         "HubUpload": "nested.callbacks.hub_upload",
         "SampleGrid": "nested.callbacks.sample_grid",
     },

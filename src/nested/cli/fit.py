@@ -9,9 +9,12 @@ its ``default_root_dir`` (``--auto_resume=false`` refuses a root that holds chec
 goes on from the newest checkpoint of its root whatever its ``--ckpt_path``. ``nested validate`` validates
 ``--ckpt_path``, else the newest checkpoint of its ``default_root_dir``.
 
+Steps whose gradients are not finite are skipped, and a run of them stops the fit
+(:class:`~nested.callbacks.DivergenceGuard`).
+
 Exit status: 0 when training reached its end (``adapters/last`` written), :data:`EXIT_STOPPED_EARLY` (75)
-when a stop signal ended it earlier with a checkpoint to resume from, 2 for a user mistake, 128 + the signal
-number when a second stop signal ended it at once.
+when a stop signal ended it earlier with a checkpoint to resume from, 2 for a user mistake or a diverged
+run, 128 + the signal number when a second stop signal ended it at once.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_registry import _is_registry
 
+from nested.callbacks.divergence import DivergenceGuard
 from nested.callbacks.export import AdapterExport, stopped_early
 from nested.cli.common import check_creatable_folder
 from nested.data.datamodule import NestedDataModule
@@ -101,7 +105,7 @@ def config_error_line(message: str) -> str:
 
 
 class NestedCLI(LightningCLI):
-    """LightningCLI with the adapter export and preemption handling always on, and auto-resume."""
+    """LightningCLI with the adapter export, preemption handling and divergence guard always on, and auto-resume."""
 
     def __init__(
         self, *args: Any, command: str = "nested fit", options_command: str | None = None, **kwargs: Any
@@ -125,6 +129,7 @@ class NestedCLI(LightningCLI):
         parser.add_lr_scheduler_args(LRSchedulerTypeTuple, link_to="model.lr_scheduler")
         parser.add_lightning_class_args(AdapterExport, "export")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        parser.add_lightning_class_args(DivergenceGuard, "divergence")
         parser.add_argument(
             "--auto_resume",
             type=bool,

@@ -1,0 +1,164 @@
+"""DivergenceGuard: a step with non-finite gradients leaves the weights and the optimizer's state as they were, a run
+of them stops the fit with one line, the counts survive a resume, and `nested fit` never exports a diverged
+adapter."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
+from torch.utils.data import DataLoader, TensorDataset
+
+from nested.callbacks.divergence import DivergenceGuard
+from nested.cli.main import main
+from nested.errors import ConfigError, DivergenceError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Regression(L.LightningModule):
+    """A linear regression whose loss is multiplied by ``broken[step]`` (NaN or infinity) at those steps (1-based,
+    like the checkpoints' step=<N>), so that every gradient of the step is non-finite."""
+
+    def __init__(self, broken: dict[int, float]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(4, 1)
+        self.broken = broken
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        loss = F.mse_loss(self.layer(inputs), targets)
+        return loss * self.broken.get(self.global_step + 1, 1.0)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(1)
+        data = TensorDataset(torch.randn(64, 4, generator=generator), torch.randn(64, 1, generator=generator))
+        return DataLoader(data, batch_size=4)
+
+
+class Recorder(L.Callback):
+    """The weights and AdamW's step count after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, torch.Tensor] = {}
+        self.optimizer_steps: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        self.weights[step] = torch.cat([p.detach().flatten() for p in pl_module.parameters()]).clone()
+        states = trainer.optimizers[0].state.values()
+        self.optimizer_steps[step] = max((float(state["step"]) for state in states), default=0.0)
+
+
+def _trainer(max_steps: int, *callbacks: L.Callback, **kwargs) -> L.Trainer:
+    settings = dict(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    return L.Trainer(accelerator="cpu", max_steps=max_steps, callbacks=list(callbacks), **(settings | kwargs))
+
+
+def test_skipped_steps_leave_weights_and_optimizer_as_if_their_batches_were_never_seen():
+    broken = {3: math.nan, 4: math.inf, 7: math.nan}
+    guard, recorder = DivergenceGuard(max_consecutive_skips=2), Recorder()
+    module = Regression(broken)
+    _trainer(8, guard, recorder).fit(module)
+
+    for step in broken:
+        assert torch.equal(recorder.weights[step], recorder.weights[step - 1]), step
+        assert recorder.optimizer_steps[step] == recorder.optimizer_steps[step - 1], step
+    for step in (1, 2, 5, 6, 8):
+        assert not torch.equal(
+            recorder.weights[step], recorder.weights.get(step - 1, recorder.weights[step] + 1)
+        )
+    assert recorder.optimizer_steps[8] == 5
+    assert (guard.skipped, guard.consecutive, guard.last_good_step) == (3, 0, None)
+
+    # The reference: the same batches in a plain loop that leaves the broken ones out.
+    reference = Regression({})
+    optimizer = reference.configure_optimizers()
+    for step, (inputs, targets) in enumerate(reference.train_dataloader(), start=1):
+        if step > 8:
+            break
+        if step in broken:
+            continue
+        F.mse_loss(reference.layer(inputs), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(torch.cat([p.detach().flatten() for p in reference.parameters()]), recorder.weights[8])
+
+
+def test_a_run_of_non_finite_steps_stops_the_fit_with_the_weights_of_the_last_good_step():
+    guard, recorder = DivergenceGuard(max_consecutive_skips=2), Recorder()
+    module = Regression(dict.fromkeys(range(3, 20), math.nan))
+    with pytest.raises(DivergenceError) as error:
+        _trainer(10, guard, recorder).fit(module)
+    message = str(error.value)
+    assert message.startswith(
+        "training diverged: the gradients were not finite (NaN or infinite) at 3 optimizer steps in a row, steps "
+        "3 to 5; the weights are those of step 2"
+    )
+    assert "lower the learning rate (optimizer.init_args.lr; now 0.05)" in message
+    assert "bf16-mixed" not in message  # only a 16-mixed run is told about bf16
+    assert max(recorder.weights) == 4  # steps 3 and 4 were skipped, step 5 raised
+    current = torch.cat([p.detach().flatten() for p in module.parameters()])
+    assert torch.equal(current, recorder.weights[2])
+
+
+def test_zero_stops_at_the_first_non_finite_step_and_a_negative_count_is_refused():
+    with pytest.raises(
+        DivergenceError, match="at 1 optimizer steps in a row, steps 4 to 4; the weights are those of"
+    ):
+        _trainer(6, DivergenceGuard(max_consecutive_skips=0)).fit(Regression({4: math.inf}))
+    with pytest.raises(ConfigError, match=r"divergence.max_consecutive_skips must be >= 0 .*got -1"):
+        DivergenceGuard(max_consecutive_skips=-1)
+
+
+def test_the_count_of_skips_in_a_row_survives_a_resume(tmp_path):
+    broken = dict.fromkeys(range(3, 20), math.nan)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
+    first = DivergenceGuard(max_consecutive_skips=2)
+    _trainer(4, first, checkpoints, enable_checkpointing=True).fit(Regression(broken))
+    assert (first.skipped, first.consecutive, first.last_good_step) == (2, 2, 2)
+
+    resumed = DivergenceGuard(max_consecutive_skips=2)
+    with pytest.raises(DivergenceError, match="at 3 optimizer steps in a row, steps 3 to 5;"):
+        _trainer(10, resumed).fit(Regression(broken), ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_fp16_gradient_scaler_skips_too_and_the_guard_counts_the_step():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    guard, recorder = DivergenceGuard(max_consecutive_skips=3), Recorder()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    _trainer(5, guard, recorder, plugins=[plugin]).fit(Regression({3: math.nan}))
+    assert torch.equal(recorder.weights[3], recorder.weights[2])
+    assert not torch.equal(recorder.weights[4], recorder.weights[3])
+    assert guard.skipped == 1
+    assert scaler.get_scale() == 512.0  # the scaler saw the overflow and halved its scale
+
+
+def test_nested_fit_stops_a_diverged_run_in_one_line_without_exporting_it(tmp_path, capsys):
+    root = tmp_path / "run"
+    argv = ["fit", "--config", str(REPO / "configs/smoke.yaml"), "--optimizer.init_args.lr=1e20"]
+    argv += ["--trainer.max_steps=60", f"--trainer.default_root_dir={root}", "--trainer.limit_val_batches=0"]
+    argv += ["--trainer.enable_progress_bar=false", "--divergence.max_consecutive_skips=3"]
+    skipped = "the gradients are not finite \\(NaN or infinite\\); the step is skipped"
+    with pytest.raises(SystemExit) as exit_info, pytest.warns(UserWarning, match=skipped):
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith(
+        "nested fit: error: training diverged: the gradients were not finite (NaN or infinite) at 4"
+    )
+    assert "lower the learning rate (optimizer.init_args.lr; now 1e+20)" in last
+    assert not (root / "adapters").exists()  # nothing exported, nor uploaded, from the diverged weights
