@@ -1,4 +1,5 @@
-"""``import nested`` keeps the libraries' import-time notices out of every command, and only those."""
+"""``import nested`` keeps the libraries' import-time notices out of every command, and ``nested fit`` three notices
+Lightning prints in every run; only those."""
 
 from __future__ import annotations
 
@@ -65,3 +66,52 @@ def test_without_nested_the_libraries_print_the_image_processor_fallback():
     """The filter's subject is real: the same imports without ``import nested`` print the notice."""
     lines = stderr_lines("")
     assert any("requires torchvision (not installed); falling back to" in line for line in lines), lines
+
+
+# A Lightning fit of a tiny regression over an IterableDataset with a length, read by one loader worker; its
+# argument says whether to install the filters `nested fit` installs first.
+FIT = """
+import sys
+import lightning as L, torch
+from torch.utils.data import DataLoader, IterableDataset
+if sys.argv[1] == "quiet":
+    from nested.library_messages import quiet_training_notices
+    quiet_training_notices()
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        return iter(torch.ones(8, 2))
+    def __len__(self):
+        return 8
+
+class Regression(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).pow(2).mean()
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+    def train_dataloader(self):
+        return DataLoader(Stream(), batch_size=4, num_workers=1)
+
+L.Trainer(accelerator="cpu", max_steps=2, default_root_dir=sys.argv[2], enable_progress_bar=False).fit(Regression())
+"""
+TRAINING_NOTICES = ("try installing [litlogger]", "Your `IterableDataset` has `__len__` defined", "LeafSpec")
+
+
+def _fit_output(mode: str, root) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", FIT, mode, str(root)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
+
+
+def test_nested_fit_drops_lightnings_run_notices_and_only_those(tmp_path):
+    loud = _fit_output("loud", tmp_path / "loud")
+    quiet = _fit_output("quiet", tmp_path / "quiet")
+    assert TRAINING_NOTICES[0] in loud and TRAINING_NOTICES[1] in loud  # the filters' subject is real
+    assert not [notice for notice in TRAINING_NOTICES if notice in quiet], quiet
+    for output in (loud, quiet):  # Lightning's other messages pass
+        assert "`Trainer.fit` stopped: `max_steps=2` reached." in output

@@ -14,6 +14,12 @@ The messages dropped:
   without torchvision, printed when diffusers' pipelines import them (other processors' notices pass). The
   PIL backend is the one this project means: it installs no torchvision (PyPI's build does not match the CPU
   torch wheel), and its encoders preprocess subject images themselves.
+
+:func:`quiet_training_notices`, which ``nested fit`` and ``nested validate`` install, drops three notices Lightning
+prints in every run of them: its tip to install a cloud logger; its warning that an ``IterableDataset`` with a
+length may count wrongly with several loader workers (this project's streams split by rank and worker and
+their length is exact: exact resume depends on it); and torch's deprecation of ``LeafSpec``, which Lightning's
+own code still uses.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import re
 import sys
 import warnings
 
-__all__ = ["quiet_library_messages"]
+__all__ = ["quiet_library_messages", "quiet_training_notices"]
 
 
 def quiet_library_messages() -> None:
@@ -37,6 +43,17 @@ def quiet_library_messages() -> None:
         _without("Unable to import `torchao` Tensor objects")
     )
     logging.getLogger("transformers.utils.import_utils").addFilter(_not_a_pipeline_processor_fallback)
+
+
+def quiet_training_notices() -> None:
+    """Install the filters of the Lightning runs' notices the module docstring lists."""
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_the_cloud_logger_tip)
+
+
+def _not_the_cloud_logger_tip(record: logging.LogRecord) -> bool:
+    return "try installing [litlogger]" not in record.getMessage()
 
 
 def _not_a_cuda_kernel_on_a_cpu_build(record: logging.LogRecord) -> bool:

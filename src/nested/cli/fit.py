@@ -47,6 +47,7 @@ from nested.callbacks.export import AdapterExport, stopped_early
 from nested.cli.common import check_creatable_folder
 from nested.data.datamodule import NestedDataModule
 from nested.errors import NestedUserError, UsageError
+from nested.library_messages import quiet_training_notices
 from nested.signals import clear_signals, install_signal_flags, restore_signal_handlers
 from nested.training.module import NestedAttentionModule
 from nested.training.resume import (
@@ -462,6 +463,7 @@ def main_fit(command: str, argv: list[str] | None) -> int:
     both). Returns the exit status (module docstring)."""
     check_list_indexes(sys.argv[2:] if argv is None else argv)
     check_config_files(sys.argv[2:] if argv is None else argv)
+    quiet_training_notices()
     # From now on SIGUSR1/SIGTERM/SIGINT only set a flag, acted on at a step end (PreemptionCheckpoint).
     clear_signals()
     previous = install_signal_flags() if command == "fit" else {}
