@@ -44,6 +44,7 @@ from lightning.pytorch.utilities.model_registry import _is_registry
 
 from nested.callbacks.divergence import DivergenceGuard
 from nested.callbacks.export import AdapterExport, stopped_early
+from nested.callbacks.progress_log import ProgressLog
 from nested.cli.common import check_creatable_folder
 from nested.data.datamodule import NestedDataModule
 from nested.errors import NestedUserError, UsageError
@@ -106,7 +107,8 @@ def config_error_line(message: str) -> str:
 
 
 class NestedCLI(LightningCLI):
-    """LightningCLI with the adapter export, preemption handling and divergence guard always on, and auto-resume."""
+    """LightningCLI with the adapter export, preemption handling, divergence guard and progress lines always on, and
+    auto-resume."""
 
     def __init__(
         self, *args: Any, command: str = "nested fit", options_command: str | None = None, **kwargs: Any
@@ -131,6 +133,7 @@ class NestedCLI(LightningCLI):
         parser.add_lightning_class_args(AdapterExport, "export")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(DivergenceGuard, "divergence")
+        parser.add_lightning_class_args(ProgressLog, "progress_log")
         parser.add_argument(
             "--auto_resume",
             type=bool,
