@@ -1,14 +1,33 @@
-"""The shared write helpers: atomic, old content kept until the new is complete, modes from the umask."""
+"""The shared write helpers: atomic, old content kept until the new is complete, modes from the umask, and a
+write the file system refuses (a full disk, on a real small tmpfs) as one line naming the file."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from nested.files import atomic_file, staged_directory, stop_signals_deferred, write_text_atomic
+from nested.cli.main import main
+from nested.errors import StorageError
+from nested.files import (
+    atomic_file,
+    staged_directory,
+    stop_signals_deferred,
+    storage_refusal,
+    write_bytes_atomic,
+    write_text_atomic,
+)
+from nested.training.resume import AtomicCheckpointIO
+
+REPO = Path(__file__).resolve().parents[1]
+TWO_MIB = 2 * 1024 * 1024
 
 
 @pytest.fixture
@@ -75,3 +94,88 @@ def test_deferred_signals_are_recorded_then_delivered_and_ignored_ones_stay_igno
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGHUP, previous_hup)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs) mounted in ``tmp_path``; mounting needs root, elsewhere it is skipped."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def _full_disk_message(path) -> str:
+    return (
+        f"no space left on the device writing {path}: free space there, then run the same command again (the files "
+        "written before are intact)"
+    )
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_old_file_stays(small_disk):
+    target = small_disk / "notes.txt"
+    write_text_atomic(target, "old")
+    with pytest.raises(StorageError) as error:
+        write_bytes_atomic(target, b"x" * TWO_MIB)
+    assert str(error.value) == _full_disk_message(target)
+    assert target.read_text() == "old" and os.listdir(small_disk) == ["notes.txt"]
+
+
+def test_a_checkpoint_that_does_not_fit_keeps_the_previous_one(small_disk):
+    io = AtomicCheckpointIO()
+    target = small_disk / "last.ckpt"
+    io.save_checkpoint({"step": 1}, target)
+    with pytest.raises(StorageError) as error:
+        io.save_checkpoint({"step": 2, "weights": torch.zeros(TWO_MIB // 4)}, target)
+    assert str(error.value) == _full_disk_message(target)
+    assert os.listdir(small_disk) == ["last.ckpt"] and io.load_checkpoint(target)["step"] == 1
+
+
+def test_a_safetensors_folder_that_does_not_fit_leaves_nothing(small_disk):
+    with pytest.raises(StorageError) as error, staged_directory(small_disk / "adapter") as staging:
+        save_file({"weights": torch.zeros(TWO_MIB // 4)}, staging / "adapter.safetensors")
+    assert str(error.value) == _full_disk_message(small_disk / "adapter")
+    assert os.listdir(small_disk) == []
+
+
+def test_refusals_are_found_through_wrappers_and_other_errors_are_not():
+    def wrapped(inner: BaseException) -> RuntimeError:
+        try:
+            raise inner
+        except BaseException as error:
+            try:
+                raise RuntimeError(
+                    "[enforce fail at inline_container.cc:672] . unexpected pos 957056"
+                ) from error
+            except RuntimeError as outer:
+                return outer
+
+    assert storage_refusal(wrapped(OSError(errno.EDQUOT, "Disk quota exceeded"))) == errno.EDQUOT
+    assert (
+        storage_refusal(Exception("Error while serializing: Read-only file system (os error 30)"))
+        == errno.EROFS
+    )
+    assert storage_refusal(wrapped(OSError(errno.EIO, "Input/output error"))) is None
+    assert storage_refusal(FileNotFoundError(errno.ENOENT, "missing")) is None
+
+
+def test_nested_fit_on_a_full_disk_ends_in_one_line(small_disk, capsys):
+    argv = ["fit", "--config", str(REPO / "configs/smoke.yaml"), "--trainer.max_steps=50"]
+    argv += [f"--trainer.default_root_dir={small_disk}", "--trainer.limit_val_batches=0"]
+    argv += ["--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    checkpoint = small_disk / "checkpoints" / "epoch=0-step=50.ckpt"
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"nested fit: error: {_full_disk_message(checkpoint)}"
+    )
+    assert not any(path.name.startswith(".") for path in small_disk.rglob("*"))  # no partial write left

@@ -143,3 +143,39 @@ def test_a_second_ctrl_c_ends_fit_at_once(tmp_path):
     assert code == -signal.SIGINT, log.read_text()[-3000:]
     assert "SIGINT while stopping: exiting at once" in log.read_text()
     assert not (tmp_path / "run" / "adapters" / "last").exists()
+
+
+FULL_DISK_LOGGER = textwrap.dedent(
+    '''
+    import errno
+
+    from lightning.pytorch.loggers import CSVLogger
+
+
+    class FullDiskLogger(CSVLogger):
+        """Its files are on a full disk: every write of metrics, and the last one at the end, fails."""
+
+        def log_metrics(self, metrics, step=None):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def finalize(self, status):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    '''
+)
+
+
+def test_an_error_while_lightning_handles_another_still_ends_the_process_and_its_loader_workers(tmp_path):
+    # The logger's finalize raises while Lightning handles the logger's first error, which skips the
+    # loader's shutdown; its worker ignores SIGTERM, which is how multiprocessing ends it at exit.
+    (tmp_path / "full_disk.py").write_text(FULL_DISK_LOGGER)
+    command = [str(Path(sys.executable).with_name("nested")), "fit", "--config", "configs/smoke.yaml"]
+    command += [f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.limit_val_batches=0"]
+    command += ["--trainer.max_steps=4", "--trainer.log_every_n_steps=1", "--data.num_workers=1"]
+    command += ["--trainer.enable_progress_bar=false", "--trainer.logger.class_path=full_disk.FullDiskLogger"]
+    command += [f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    done = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == "OSError: [Errno 28] No space left on device"

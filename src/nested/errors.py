@@ -18,6 +18,7 @@ __all__ = [
     "MissingFileError",
     "NestedUserError",
     "OutputExistsError",
+    "StorageError",
     "UsageError",
 ]
 
@@ -61,3 +62,7 @@ class HubError(NestedUserError, OSError):
 
 class OutputExistsError(NestedUserError, FileExistsError):
     """An output folder already holds results that a command would replace without being asked to."""
+
+
+class StorageError(NestedUserError, OSError):
+    """The file system refused a write: no space left, a quota exceeded, or read-only."""

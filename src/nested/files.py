@@ -10,20 +10,26 @@ is written through these helpers:
   aside only once its replacement is complete and deleted only after the new one is in place;
 - **shared like any other file**: ``tempfile.mkstemp``/``mkdtemp`` create private modes (0600/0700);
   the helpers give the result the modes the user's umask gives a plain ``open`` (0644/0755 under
-  umask 022), so a teammate on a shared cluster can read an export as they can read a checkpoint.
+  umask 022), so a teammate on a shared cluster can read an export as they can read a checkpoint;
+- **refused in one line**: a write the file system refuses (no space left, a quota exceeded, read-only)
+  is a :class:`~nested.errors.StorageError` that names the file and the fix (:func:`storage_refusals_named`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from nested.errors import StorageError
 
 _UMASK_LOCK = threading.Lock()
 
@@ -66,6 +72,50 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+# The errors by which a file system refuses a write: what happened, and what to do.
+_REFUSALS = {
+    errno.ENOSPC: ("no space left on the device", "free space there"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space under the quota"),
+    errno.EROFS: ("the file system is read-only", "make it writable, or write elsewhere"),
+}
+
+
+def storage_refusal(error: BaseException) -> int | None:
+    """The errno of :data:`_REFUSALS` by which ``error`` or one of its causes says a write was refused, else None.
+
+    torch's writer wraps the ``OSError`` in a ``RuntimeError``; safetensors names it only in its message, as
+    Rust's ``... (os error 28)``.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _REFUSALS:
+            return error.errno
+        rust_error = re.search(r"\(os error (\d+)\)", str(error))
+        if rust_error and int(rust_error.group(1)) in _REFUSALS:
+            return int(rust_error.group(1))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def storage_refusals_named(path: str | os.PathLike) -> Iterator[None]:
+    """Inside, a write the file system refuses is raised as a :class:`~nested.errors.StorageError` naming
+    ``path``; the caller keeps the old file until the new one is complete, which the message says."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as error:
+        code = storage_refusal(error)
+        if code is None:
+            raise
+        what, fix = _REFUSALS[code]
+        raise StorageError(
+            f"{what} writing {path}: {fix}, then run the same command again (the files written before are intact)"
+        ) from error
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a hidden sibling of ``path`` for writing; on a clean exit it replaces ``path``.
@@ -73,21 +123,22 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     On an exception the sibling is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        encoding = None if "b" in mode else "utf-8"
-        with os.fdopen(fd, mode, encoding=encoding) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        public_modes(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    with storage_refusals_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            encoding = None if "b" in mode else "utf-8"
+            with os.fdopen(fd, mode, encoding=encoding) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            public_modes(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(path.parent)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -141,18 +192,19 @@ def staged_directory(directory: str | os.PathLike) -> Iterator[Path]:
     ``a/missing`` exists (which it then need not), and a link to a folder replaces the folder it names.
     """
     directory = Path(directory).expanduser().resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        yield staging
-        for path in staging.rglob("*"):
-            if path.is_file():
-                with open(path, "rb+") as handle:
-                    os.fsync(handle.fileno())
-        public_modes(staging)
-        replace_directory(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with storage_refusals_named(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            yield staging
+            for path in staging.rglob("*"):
+                if path.is_file():
+                    with open(path, "rb+") as handle:
+                        os.fsync(handle.fileno())
+            public_modes(staging)
+            replace_directory(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

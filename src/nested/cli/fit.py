@@ -47,6 +47,7 @@ from nested.callbacks.export import AdapterExport, stopped_early
 from nested.callbacks.progress_log import ProgressLog
 from nested.cli.common import check_creatable_folder
 from nested.data.datamodule import NestedDataModule
+from nested.data.loading import end_loader_workers
 from nested.errors import NestedUserError, UsageError
 from nested.library_messages import quiet_training_notices
 from nested.signals import clear_signals, install_signal_flags, restore_signal_handlers
@@ -481,6 +482,9 @@ def main_fit(command: str, argv: list[str] | None) -> int:
             | {"allow_abbrev": False, "prog": "nested"},
             command=f"nested {command}",
         )
+    except BaseException:
+        end_loader_workers()
+        raise
     finally:
         restore_signal_handlers(previous)
     trainer = cli.trainer

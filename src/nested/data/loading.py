@@ -30,8 +30,10 @@ from __future__ import annotations
 import io
 import logging
 import math
+import multiprocessing
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -430,7 +432,31 @@ def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: SLURM signals every process of a job step (``--signal``,
     scancel) and Ctrl-C every process of the terminal's foreground group; a worker ended by
     SIGUSR1/SIGTERM/SIGINT would crash the main process before it can checkpoint. The main process
-    handles them (``nested.training.resume.PreemptionCheckpoint``); if it exits at once, the workers
-    notice and exit too."""
+    handles them (``nested.training.resume.PreemptionCheckpoint``); if it is killed, the workers
+    notice and exit too. A main process that leaves on an error must end them itself
+    (:func:`end_loader_workers`)."""
     for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def end_loader_workers() -> None:
+    """Kill this process's DataLoader workers (its daemonic multiprocessing children) and wait for them.
+
+    The loader shuts its workers down when a fit ends, even on most errors. An error raised while Lightning
+    handles another (a logger that cannot write its last lines to a full disk) skips that shutdown, and at
+    exit multiprocessing ends daemonic children with SIGTERM, which these workers ignore, and waits for
+    them: the process would never exit.
+    """
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers:
+        return
+    # torch's SIGCHLD handler would report each worker's death as a new error, hiding the one being raised.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if in_main_thread else None
+    try:
+        for worker in workers:
+            worker.kill()
+            worker.join(timeout=10)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGCHLD, previous)

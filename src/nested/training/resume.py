@@ -39,7 +39,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nested.errors import ConfigError
-from nested.files import fsync_dir
+from nested.files import fsync_dir, storage_refusals_named
 from nested.signals import STOP_SIGNALS, clear_signals, install_signal_flags, received_signals
 
 log = logging.getLogger(__name__)
@@ -100,18 +100,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = partial_path(path)
-        try:
-            with open(partial, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
+        with storage_refusals_named(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = partial_path(path)
+            try:
+                with open(partial, "wb") as handle:
+                    torch.save(checkpoint, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(partial, path)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            fsync_dir(path.parent)
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
