@@ -155,6 +155,14 @@ def test_skips_that_alternate_with_good_steps_stop_the_fit_by_their_share():
     assert max(recorder.weights) == 21
 
 
+def test_only_the_last_thousand_steps_count_toward_the_share():
+    # 8 skips near the start and 8 more 1200 steps later: 16 in all, never more than 10 within 1000 steps.
+    broken = dict.fromkeys([*range(2, 18, 2), *range(1202, 1218, 2)], math.nan)
+    guard = DivergenceGuard(max_consecutive_skips=3, max_skipped_share=0.01)
+    _trainer(1220, guard).fit(Regression(broken))
+    assert guard.skipped == 16 and list(guard.recent) == list(range(1202, 1218, 2))
+
+
 def test_the_first_skips_are_reported_then_every_hundredth():
     broken = dict.fromkeys(range(2, 402, 2), math.nan)
     with warnings.catch_warnings(record=True) as caught:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from nested.adapter import NestedAdapter
 from nested.cli.main import main
 from nested.errors import StorageError
 from nested.files import (
@@ -138,11 +138,26 @@ def test_a_checkpoint_that_does_not_fit_keeps_the_previous_one(small_disk):
     assert os.listdir(small_disk) == ["last.ckpt"] and io.load_checkpoint(target)["step"] == 1
 
 
-def test_a_safetensors_folder_that_does_not_fit_leaves_nothing(small_disk):
-    with pytest.raises(StorageError) as error, staged_directory(small_disk / "adapter") as staging:
-        save_file({"weights": torch.zeros(TWO_MIB // 4)}, staging / "adapter.safetensors")
-    assert str(error.value) == _full_disk_message(small_disk / "adapter")
-    assert os.listdir(small_disk) == []
+def test_an_adapter_export_that_does_not_fit_keeps_the_previous_one(small_disk, tiny_adapter):
+    adapter = NestedAdapter.from_pretrained(tiny_adapter)
+    target = small_disk / "adapters" / "last"
+    adapter.save_pretrained(target)
+    before = {path.name: path.read_bytes() for path in target.iterdir()}
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    write_bytes_atomic(small_disk / "filler", b"x" * (free - 8192))  # safetensors' write then fails
+    with pytest.raises(StorageError) as error:
+        adapter.save_pretrained(target)
+    assert str(error.value) == _full_disk_message(target)
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before
+    assert sorted(os.listdir(small_disk / "adapters")) == ["last"]  # no staging folder left
+
+
+def test_a_staged_folders_own_work_keeps_its_errors(tmp_path):
+    # A refusal met by other work inside the block (a compile cache on another disk) is not the folder's.
+    elsewhere = OSError(errno.ENOSPC, "No space left on device", "/cache/inductor")
+    with pytest.raises(OSError) as error, staged_directory(tmp_path / "out"):
+        raise elsewhere
+    assert error.value is elsewhere and not (tmp_path / "out").exists()
 
 
 def test_refusals_are_found_through_wrappers_and_other_errors_are_not():
@@ -164,6 +179,13 @@ def test_refusals_are_found_through_wrappers_and_other_errors_are_not():
     )
     assert storage_refusal(wrapped(OSError(errno.EIO, "Input/output error"))) is None
     assert storage_refusal(FileNotFoundError(errno.ENOENT, "missing")) is None
+    try:  # a bug met while handling a full disk elsewhere stays the bug
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            {}["missing"]
+    except KeyError as bug:
+        assert storage_refusal(bug) is None
 
 
 def test_nested_fit_on_a_full_disk_ends_in_one_line(small_disk, capsys):

@@ -179,3 +179,35 @@ def test_an_error_while_lightning_handles_another_still_ends_the_process_and_its
     )
     assert done.returncode == 1, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == "OSError: [Errno 28] No space left on device"
+
+
+def _sleep_forever() -> None:
+    time.sleep(600)
+
+
+def test_ending_loader_workers_leaves_other_processes_alone():
+    import multiprocessing
+
+    from torch.utils.data import IterableDataset
+
+    from nested.data.loading import WorkerTrackingLoader, end_loader_workers, ignore_stop_signals
+
+    class Numbers(IterableDataset):
+        def __iter__(self):
+            return iter(range(1000))
+
+    mine = multiprocessing.get_context("fork").Process(target=_sleep_forever, daemon=True)
+    mine.start()
+    loader = WorkerTrackingLoader(
+        Numbers(), num_workers=1, worker_init_fn=ignore_stop_signals, persistent_workers=True
+    )
+    iterator = iter(loader)
+    next(iterator)
+    (worker,) = iterator._workers
+    try:
+        end_loader_workers()
+        assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL
+        assert mine.is_alive()
+    finally:
+        mine.kill()
+        mine.join()

@@ -76,8 +76,9 @@ def test_only_where_standard_output_is_not_a_terminal_unless_asked(monkeypatch, 
         ProgressLog(every_seconds=-1)
 
 
-def test_nested_fit_logs_progress_with_samples_and_loss(tmp_path, caplog):
+def test_nested_fit_logs_progress_per_optimizer_step_with_samples_and_loss(tmp_path, caplog):
     argv = ["fit", "--config", str(REPO / "configs/smoke.yaml"), "--trainer.max_steps=3"]
+    argv += ["--trainer.accumulate_grad_batches=2"]
     argv += [f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_val_batches=0"]
     argv += [
         "--trainer.enable_progress_bar=false",
@@ -93,9 +94,9 @@ def test_nested_fit_logs_progress_with_samples_and_loss(tmp_path, caplog):
         "nested: step 3/3 (100.0 %)",
     ]
     assert all(re.search(r", train/loss \d\.\d+", line) for line in lines)
-    # The smoke config's batch is 4 samples: 4 samples per step.
+    # One line per optimizer step, not per batch: 4 samples a batch (the smoke config), 2 batches a step.
     steps, samples = (
         float(x) for x in re.search(r", ([\d.e+-]+) steps/s, ([\d.e+-]+) samples/s", lines[1]).groups()
     )
-    assert samples == pytest.approx(4 * steps, rel=0.01)
+    assert samples == pytest.approx(8 * steps, rel=0.01)
     assert lines[1].endswith(" left") and not lines[2].endswith(" left")

@@ -54,7 +54,7 @@ from nested.dit import (
 )
 from nested.encoder import EncoderSpec, Resampler, SubjectEncoder
 from nested.errors import AdapterError, ConfigError, HubError, MissingFileError, UsageError
-from nested.files import staged_directory
+from nested.files import staged_directory, storage_refusals_named
 from nested.tokens import (
     add_placeholder_token,
     get_token_embedding,
@@ -845,10 +845,11 @@ class NestedAdapter(nn.Module):
         config as :attr:`AdapterConfig.training` (``nested fit``'s exports)."""
         directory = Path(directory)
         config = dataclasses.replace(self.config, training=training) if training is not None else self.config
-        with staged_directory(directory) as staging:
+        weights = self.adapter_state_dict()
+        with staged_directory(directory) as staging, storage_refusals_named(directory):
             # One metadata key: safetensors writes the metadata map in no fixed order, so two keys would
             # give the same weights different bytes. The format version is in adapter_config.json.
-            save_file(self.adapter_state_dict(), staging / WEIGHTS_NAME, metadata={"format": "pt"})
+            save_file(weights, staging / WEIGHTS_NAME, metadata={"format": "pt"})
             (staging / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
         return directory
 

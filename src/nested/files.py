@@ -81,10 +81,11 @@ _REFUSALS = {
 
 
 def storage_refusal(error: BaseException) -> int | None:
-    """The errno of :data:`_REFUSALS` by which ``error`` or one of its causes says a write was refused, else None.
+    """The errno of :data:`_REFUSALS` by which ``error`` or one of its explicit causes (``raise ... from``) says
+    a write was refused, else None. safetensors names it only in its message, as Rust's ``... (os error 28)``.
 
-    torch's writer wraps the ``OSError`` in a ``RuntimeError``; safetensors names it only in its message, as
-    Rust's ``... (os error 28)``.
+    An error raised while another was handled (``__context__``) is not followed: a bug met while handling a
+    full disk elsewhere stays a bug.
     """
     seen = set()
     while error is not None and id(error) not in seen:
@@ -94,14 +95,15 @@ def storage_refusal(error: BaseException) -> int | None:
         rust_error = re.search(r"\(os error (\d+)\)", str(error))
         if rust_error and int(rust_error.group(1)) in _REFUSALS:
             return int(rust_error.group(1))
-        error = error.__cause__ or error.__context__
+        error = error.__cause__
     return None
 
 
 @contextlib.contextmanager
 def storage_refusals_named(path: str | os.PathLike) -> Iterator[None]:
     """Inside, a write the file system refuses is raised as a :class:`~nested.errors.StorageError` naming
-    ``path``; the caller keeps the old file until the new one is complete, which the message says."""
+    ``path``; the caller keeps the old file until the new one is complete, which the message says. Put only
+    the writes of ``path`` inside: a refusal on another file system would be blamed on it."""
     try:
         yield
     except StorageError:
@@ -195,16 +197,17 @@ def staged_directory(directory: str | os.PathLike) -> Iterator[Path]:
     with storage_refusals_named(directory):
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            yield staging
+    try:
+        yield staging  # the caller names its own writes (storage_refusals_named): its work may write elsewhere
+        with storage_refusals_named(directory):
             for path in staging.rglob("*"):
                 if path.is_file():
                     with open(path, "rb+") as handle:
                         os.fsync(handle.fileno())
             public_modes(staging)
             replace_directory(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,8 @@ class ProgressLog(L.Callback):
     the last step, on global rank 0.
 
     A progress bar redraws one terminal line; written to a file (a SLURM job's output, ``nohup``, a pipe) it
-    shows nothing until the run ends. These lines are for such logs:
+    shows nothing until the run ends. These lines, on standard error with the other ``nested:`` messages, are
+    for such logs:
 
         nested: step 1200/100000 (1.2 %), epoch 0, train/loss 0.1234, 2.1 steps/s, 16.8 samples/s, 13 h 04 min left
 
@@ -56,12 +57,14 @@ class ProgressLog(L.Callback):
         self._last: tuple[float, int, int] | None = None  # (time, step, samples) at the previous line
         self._samples = 0
         self._started = 0.0
+        self._step = 0  # the optimizer steps taken at the last batch
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         interactive = sys.stdout.isatty()
         wanted = self.enabled if self.enabled is not None else not interactive
         self._active = bool(wanted and self.every_seconds > 0 and trainer.is_global_zero)
         self._last, self._samples, self._started = None, 0, time.monotonic()
+        self._step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
@@ -70,7 +73,10 @@ class ProgressLog(L.Callback):
             return
         if isinstance(batch, dict) and "captions" in batch:
             self._samples += len(batch["captions"]) * trainer.world_size
-        now, step = time.monotonic(), trainer.global_step
+        step = trainer.global_step
+        if step == self._step:
+            return  # a micro-batch of gradient accumulation: no optimizer step yet
+        self._step, now = step, time.monotonic()
         total = trainer.estimated_stepping_batches
         if self._last is None:
             self._last = (now, step, self._samples)

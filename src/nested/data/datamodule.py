@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from nested.data.domains import VERIFY_MODES, DomainSpec, check_urls, expand_urls, verify_shards
 from nested.data.loading import (
     TrainLoader,
+    WorkerTrackingLoader,
     build_stream,
     collate_batch,
     ignore_stop_signals,
@@ -170,7 +171,7 @@ class NestedDataModule(L.LightningDataModule):
         )
 
     def _loader(self, stream: TrainStream | ValidationStream) -> DataLoader:
-        loader_class = TrainLoader if isinstance(stream, TrainStream) else DataLoader
+        loader_class = TrainLoader if isinstance(stream, TrainStream) else WorkerTrackingLoader
         return loader_class(
             stream,
             batch_size=self.batch_size,

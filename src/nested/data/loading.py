@@ -30,10 +30,10 @@ from __future__ import annotations
 import io
 import logging
 import math
-import multiprocessing
 import random
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -58,6 +58,7 @@ from nested.image_files import to_rgb, upright
 
 __all__ = [
     "TrainLoader",
+    "WorkerTrackingLoader",
     "apply_caption_rule",
     "build_stream",
     "collate_batch",
@@ -417,7 +418,24 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-class TrainLoader(DataLoader):
+# The workers of this process's loaders that ignore the stop signals, which end_loader_workers ends.
+_STOP_SIGNAL_IGNORING_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+class WorkerTrackingLoader(DataLoader):
+    """A DataLoader whose workers, when started with :func:`ignore_stop_signals`, :func:`end_loader_workers`
+    knows: a started process no longer says what it runs."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        if self.worker_init_fn is ignore_stop_signals:
+            _STOP_SIGNAL_IGNORING_WORKERS.update(
+                getattr(iterator, "_workers", ())
+            )  # torch's worker processes
+        return iterator
+
+
+class TrainLoader(WorkerTrackingLoader):
     """The training DataLoader. Its position lives in ``NestedDataModule.state_dict`` (gathered from
     every rank); being "stateful" tells Lightning that a mid-epoch resume is supported here."""
 
@@ -440,14 +458,16 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def end_loader_workers() -> None:
-    """Kill this process's DataLoader workers (its daemonic multiprocessing children) and wait for them.
+    """Kill this process's DataLoader workers that ignore the stop signals (:func:`ignore_stop_signals`), and
+    wait for them.
 
     The loader shuts its workers down when a fit ends, even on most errors. An error raised while Lightning
     handles another (a logger that cannot write its last lines to a full disk) skips that shutdown, and at
     exit multiprocessing ends daemonic children with SIGTERM, which these workers ignore, and waits for
-    them: the process would never exit.
+    them: the process would never exit. Only the workers of a :class:`WorkerTrackingLoader` are ended; other
+    processes (a caller's pool, other loaders' workers) are left alone.
     """
-    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    workers = [worker for worker in list(_STOP_SIGNAL_IGNORING_WORKERS) if worker.is_alive()]
     if not workers:
         return
     # torch's SIGCHLD handler would report each worker's death as a new error, hiding the one being raised.

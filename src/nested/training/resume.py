@@ -87,6 +87,24 @@ def remove_killed_writes(folders: list[str | Path], older_than: float) -> list[P
     return removed
 
 
+class _KeptWriteErrors:
+    """A binary file that keeps the error of a failed write: torch's writer raises its own RuntimeError instead."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose local writes are atomic and durable (remote paths: Lightning's way).
 
@@ -105,7 +123,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial = partial_path(path)
             try:
                 with open(partial, "wb") as handle:
-                    torch.save(checkpoint, handle)
+                    writer = _KeptWriteErrors(handle)
+                    try:
+                        torch.save(checkpoint, writer)
+                    except RuntimeError as error:
+                        if writer.error is None:
+                            raise
+                        raise writer.error from error  # torch's writer reports the file's error as its own
                     handle.flush()
                     os.fsync(handle.fileno())
                 os.replace(partial, path)
