@@ -108,12 +108,11 @@ class DivergenceGuard(L.Callback):
                     f"{step})",
                 )
             )
+        # The optimizer skips a parameter without a gradient: no update, no state change. fp16's gradient scaler
+        # skips the step itself, and needs the gradients to see their overflow.
         if getattr(trainer.precision_plugin, "scaler", None) is None:
             for p in params:
-                p.grad = (
-                    None  # the optimizer skips a parameter without a gradient: no update, no state change
-                )
-        # else fp16's gradient scaler skips the step: it needs the gradients to see their overflow itself
+                p.grad = None
         if self.skipped <= REPORTED_IN_FULL or self.skipped % REPORT_EVERY == 0:
             later = (
                 f"; from now on every {REPORT_EVERY}th is reported"

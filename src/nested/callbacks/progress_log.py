@@ -58,6 +58,7 @@ class ProgressLog(L.Callback):
         self._samples = 0
         self._started = 0.0
         self._step = 0  # the optimizer steps taken at the last batch
+        self._total: float = math.inf  # the optimizer steps of the whole fit
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         interactive = sys.stdout.isatty()
@@ -65,6 +66,7 @@ class ProgressLog(L.Callback):
         self._active = bool(wanted and self.every_seconds > 0 and trainer.is_global_zero)
         self._last, self._samples, self._started = None, 0, time.monotonic()
         self._step = trainer.global_step
+        self._total = trainer.estimated_stepping_batches  # may set the data up: read once, not per step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
@@ -76,8 +78,7 @@ class ProgressLog(L.Callback):
         step = trainer.global_step
         if step == self._step:
             return  # a micro-batch of gradient accumulation: no optimizer step yet
-        self._step, now = step, time.monotonic()
-        total = trainer.estimated_stepping_batches
+        self._step, now, total = step, time.monotonic(), self._total
         if self._last is None:
             self._last = (now, step, self._samples)
             self._report(trainer, step, total, None)

@@ -418,20 +418,17 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-# The workers of this process's loaders that ignore the stop signals, which end_loader_workers ends.
-_STOP_SIGNAL_IGNORING_WORKERS: weakref.WeakSet = weakref.WeakSet()
+# The worker processes of this process's WorkerTrackingLoaders, which end_loader_workers ends.
+_LOADER_WORKERS: weakref.WeakSet = weakref.WeakSet()
 
 
 class WorkerTrackingLoader(DataLoader):
-    """A DataLoader whose workers, when started with :func:`ignore_stop_signals`, :func:`end_loader_workers`
-    knows: a started process no longer says what it runs."""
+    """A DataLoader whose worker processes :func:`end_loader_workers` knows (a started process no longer says
+    what it runs, so the loader records them as they start)."""
 
     def __iter__(self):
         iterator = super().__iter__()
-        if self.worker_init_fn is ignore_stop_signals:
-            _STOP_SIGNAL_IGNORING_WORKERS.update(
-                getattr(iterator, "_workers", ())
-            )  # torch's worker processes
+        _LOADER_WORKERS.update(getattr(iterator, "_workers", ()))  # torch's multi-process iterator keeps them
         return iterator
 
 
@@ -458,16 +455,16 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def end_loader_workers() -> None:
-    """Kill this process's DataLoader workers that ignore the stop signals (:func:`ignore_stop_signals`), and
-    wait for them.
+    """Kill the workers of this process's :class:`WorkerTrackingLoader` s, which ignore the stop signals
+    (:func:`ignore_stop_signals`), and wait for them.
 
     The loader shuts its workers down when a fit ends, even on most errors. An error raised while Lightning
     handles another (a logger that cannot write its last lines to a full disk) skips that shutdown, and at
     exit multiprocessing ends daemonic children with SIGTERM, which these workers ignore, and waits for
-    them: the process would never exit. Only the workers of a :class:`WorkerTrackingLoader` are ended; other
-    processes (a caller's pool, other loaders' workers) are left alone.
+    them: the process would never exit. Other processes (a caller's pool, other loaders' workers) are left
+    alone.
     """
-    workers = [worker for worker in list(_STOP_SIGNAL_IGNORING_WORKERS) if worker.is_alive()]
+    workers = [worker for worker in list(_LOADER_WORKERS) if worker.is_alive()]
     if not workers:
         return
     # torch's SIGCHLD handler would report each worker's death as a new error, hiding the one being raised.
