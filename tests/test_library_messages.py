@@ -1,10 +1,11 @@
-"""``import nested`` keeps the libraries' import-time notices out of every command, and ``nested fit`` three notices
+"""``import nested`` keeps the libraries' import-time notices out of every command, and ``nested fit`` the notices
 Lightning prints in every run; only those."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -100,18 +101,41 @@ L.Trainer(accelerator="cpu", max_steps=2, default_root_dir=sys.argv[2], enable_p
 TRAINING_NOTICES = ("try installing [litlogger]", "Your `IterableDataset` has `__len__` defined", "LeafSpec")
 
 
-def _fit_output(mode: str, root) -> str:
+SRUN_HINT = "The `srun` command is available on your system but is not used"
+
+
+def _fit_output(mode: str, root, tmp_path, **slurm_variables: str) -> str:
+    """The run's output on a machine with an ``srun`` (a stand-in on PATH: Lightning only looks it up)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    env.update(slurm_variables, PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
     done = subprocess.run(
-        [sys.executable, "-c", FIT, mode, str(root)], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", FIT, mode, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout + done.stderr
 
 
 def test_nested_fit_drops_lightnings_run_notices_and_only_those(tmp_path):
-    loud = _fit_output("loud", tmp_path / "loud")
-    quiet = _fit_output("quiet", tmp_path / "quiet")
+    loud = _fit_output("loud", tmp_path / "loud", tmp_path)
+    quiet = _fit_output("quiet", tmp_path / "quiet", tmp_path)
     assert TRAINING_NOTICES[0] in loud and TRAINING_NOTICES[1] in loud  # the filters' subject is real
-    assert not [notice for notice in TRAINING_NOTICES if notice in quiet], quiet
+    assert SRUN_HINT in loud
+    assert not [notice for notice in (*TRAINING_NOTICES, SRUN_HINT) if notice in quiet], quiet
     for output in (loud, quiet):  # Lightning's other messages pass
         assert "`Trainer.fit` stopped: `max_steps=2` reached." in output
+
+
+def test_inside_a_slurm_job_the_hint_to_launch_through_srun_stays(tmp_path):
+    """In a job's allocation without srun's task variables, a multi-process run would wait for its ranks."""
+    quiet = _fit_output("quiet", tmp_path / "quiet", tmp_path, SLURM_JOB_ID="4242")
+    assert SRUN_HINT in quiet
+    assert not [notice for notice in TRAINING_NOTICES if notice in quiet], quiet

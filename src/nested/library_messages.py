@@ -15,16 +15,19 @@ The messages dropped:
   PIL backend is the one this project means: it installs no torchvision (PyPI's build does not match the CPU
   torch wheel), and its encoders preprocess subject images themselves.
 
-:func:`quiet_training_notices`, which ``nested fit`` and ``nested validate`` install, drops three notices Lightning
+:func:`quiet_training_notices`, which ``nested fit`` and ``nested validate`` install, drops the notices Lightning
 prints in every run of them: its tip to install a cloud logger; its warning that an ``IterableDataset`` with a
 length may count wrongly with several loader workers (this project's streams split by rank and worker and
-their length is exact: exact resume depends on it); and torch's deprecation of ``LeafSpec``, which Lightning's
-own code still uses.
+their length is exact: exact resume depends on it); torch's deprecation of ``LeafSpec``, which Lightning's
+own code still uses; and, outside a SLURM job, its hint to launch through ``srun``, which it prints on any
+machine that has ``srun`` (a cluster's login node, a workstation with SLURM's client). Inside a job the hint
+stays: there a multi-process run started without ``srun`` would wait for ranks that never come.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import warnings
@@ -50,6 +53,10 @@ def quiet_training_notices() -> None:
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_the_cloud_logger_tip)
+    if "SLURM_JOB_ID" not in os.environ:
+        warnings.filterwarnings(
+            "ignore", message=r"The `srun` command is available on your system but is not used"
+        )
 
 
 def _not_the_cloud_logger_tip(record: logging.LogRecord) -> bool:
