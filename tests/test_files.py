@@ -201,3 +201,43 @@ def test_nested_fit_on_a_full_disk_ends_in_one_line(small_disk, capsys):
         == f"nested fit: error: {_full_disk_message(checkpoint)}"
     )
     assert not any(path.name.startswith(".") for path in small_disk.rglob("*"))  # no partial write left
+
+
+def test_training_logs_on_a_full_disk_end_in_one_line_naming_their_folder(small_disk, tmp_path, capsys):
+    # Only the logs are on the full disk: TensorBoard's writer thread meets the refusal, the next flush reports it.
+    logs = small_disk / "lightning_logs"
+    logs.mkdir()
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    write_bytes_atomic(small_disk / "filler", b"x" * free)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lightning_logs").symlink_to(logs, target_is_directory=True)
+    argv = ["fit", "--config", str(REPO / "configs/smoke.yaml"), "--trainer.max_steps=4"]
+    argv += [f"--trainer.default_root_dir={run}", "--trainer.limit_val_batches=0"]
+    argv += ["--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"nested fit: error: {_full_disk_message(run / 'lightning_logs' / 'version_0')}"
+    )
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
+
+
+def test_a_refusal_met_by_tensorboards_writer_thread_is_named_at_the_next_flush(small_disk):
+    from nested.training.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(save_dir=small_disk, version=0)
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.save()
+    events = list(Path(logger.log_dir).glob("events.out.tfevents.*"))
+    before = events[0].read_bytes()
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    write_bytes_atomic(small_disk / "filler", b"x" * free)
+    with pytest.raises(StorageError) as error:
+        for step in range(1, 1000):  # past the event file's first page
+            logger.log_metrics({f"train/metric_{index}": 1.0 for index in range(10)}, step=step)
+            logger.save()
+    assert str(error.value) == _full_disk_message(small_disk / "lightning_logs" / "version_0")
+    assert events[0].read_bytes().startswith(before)

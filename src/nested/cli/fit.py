@@ -51,6 +51,7 @@ from nested.data.loading import end_loader_workers
 from nested.errors import NestedUserError, UsageError
 from nested.library_messages import quiet_training_notices
 from nested.signals import clear_signals, install_signal_flags, restore_signal_handlers
+from nested.training.loggers import TensorBoardLogger
 from nested.training.module import NestedAttentionModule
 from nested.training.resume import (
     AtomicCheckpointIO,
@@ -166,13 +167,18 @@ class NestedCLI(LightningCLI):
             raise cause from None
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        config = self.config[self.subcommand] if self.subcommand else self.config  # None: configured_run
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as error:  # Lightning's type for trainer settings it refuses
-            config = self.config[self.subcommand] if self.subcommand else self.config  # None: configured_run
             raise UsageError(_trainer_misconfiguration(error, config.trainer)) from error
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user-chosen one is kept
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if config.trainer.logger is True or config.trainer.logger is None:
+            # Lightning's default logger, built as Lightning builds it (a user-chosen one is kept)
+            trainer.loggers = [
+                TensorBoardLogger(save_dir=trainer.default_root_dir, version=SLURMEnvironment.job_id())
+            ]
         stable_checkpoint_dirs(trainer)
         if self.subcommand is not None:  # a run, not a configuration read by another command (configured_run)
             check_output_folders(trainer)

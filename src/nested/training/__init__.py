@@ -10,5 +10,6 @@ lazy_exports(
         "NestedAttentionModule": "nested.training.module",
         "AtomicCheckpointIO": "nested.training.resume",
         "PreemptionCheckpoint": "nested.training.resume",
+        "TensorBoardLogger": "nested.training.loggers",
     },
 )
