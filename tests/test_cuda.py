@@ -315,6 +315,36 @@ def test_generation_with_an_adapter_in_half_precision(tiny_sdxl_path, tmp_path):
     torch.testing.assert_close(generate(pipe), plain, atol=1e-3, rtol=0)
 
 
+def test_a_pipeline_moved_to_the_gpu_or_offloaded_after_its_adapters_loaded(tiny_sdxl_path, tmp_path):
+    pipe = tiny_pipeline(tiny_sdxl_path)
+    adapter = write_adapter(
+        pipe.unet, tmp_path / "faces", tiny_sdxl_path / "image_encoder", "<person>", "person", 3
+    )
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 5.0, "height": 64, "width": 64, "output_type": "pt"}
+    subject = torch.rand(1, 3, 40, 40)
+
+    def generate(nested_or_pipe, **extra):
+        generator = torch.Generator(device=CUDA).manual_seed(0)
+        return nested_or_pipe("a <person> on the beach", generator=generator, **kwargs, **extra).images
+
+    on_the_gpu = generate(
+        NestedPipeline(tiny_pipeline(tiny_sdxl_path).to(CUDA), {"<person>": adapter}),
+        subjects={"<person>": subject},
+    )
+    nested = NestedPipeline(pipe, {"<person>": adapter})  # loaded on the CPU
+    pipe.to(CUDA)
+    moved = generate(nested, subjects={"<person>": subject})
+    pipe.to("cpu")
+    pipe.enable_model_cpu_offload(device=CUDA)
+    offloaded = generate(nested, subjects={"<person>": subject})
+    torch.testing.assert_close(moved, on_the_gpu, atol=1e-4, rtol=0)
+    torch.testing.assert_close(offloaded, on_the_gpu, atol=1e-4, rtol=0)
+    nested.unload()
+    torch.testing.assert_close(
+        generate(pipe), generate(tiny_pipeline(tiny_sdxl_path).to(CUDA)), atol=1e-4, rtol=0
+    )
+
+
 def test_a_guided_denoising_step_never_waits_for_the_device(tiny_sdxl_path):
     """The UNet call of a guided step (70 layers on SDXL, each with the subject's masks, presence and
     image rows) plus the guidance combination, run with CUDA's sync debug mode set to raise on any

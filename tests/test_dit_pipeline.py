@@ -395,3 +395,16 @@ def test_generate_quantized_flux_draws_nearly_the_dense_images_and_refuses_bad_s
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"nested generate: error: {message}") and "\n" not in err, err
         assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_max_sequence_length_none_is_the_pipelines_default(setup, kind):
+    pipe = tiny_pipeline(setup[kind]["base"])
+    with NestedPipeline(pipe, {"<person>": setup[kind]["faces"]}) as nested:
+        subjects = {"<person>": setup["images"]["me"]}
+        default = generate(
+            nested, PROMPTS[0], subjects=subjects, num_inference_steps=1, max_sequence_length=None
+        )
+        kwargs = {"num_inference_steps": 1, "height": 32, "width": 32, "output_type": "np"}
+        omitted = nested(PROMPTS[0], subjects=subjects, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert np.array_equal(default, omitted.images)

@@ -508,3 +508,98 @@ def test_image_files_are_decoded_and_checked_and_a_bad_one_is_named(tmp_path):
         )
     with pytest.raises(ImageFileError, match=r"too many pixels: 451x300 > 1000"):
         open_image(tmp_path / "cat.png", max_pixels=1000)
+
+
+def test_unload_after_the_pipeline_moved_to_another_dtype_gives_that_dtypes_plain_pipeline(
+    tiny_sd_path, sd_adapters
+):
+    pipe = tiny_pipeline(tiny_sd_path)
+    nested = NestedPipeline(pipe, {"<person>": sd_adapters["faces"]})
+    pipe.to(torch.bfloat16)
+    assert generate(nested, "a <person> on a beach", subjects={"<person>": images(1)}).shape == (1, 3, 64, 64)
+    nested.unload()
+    assert pipe.text_encoder.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert torch.equal(
+        generate(pipe, PROMPT), generate(tiny_pipeline(tiny_sd_path).to(torch.bfloat16), PROMPT)
+    )
+
+
+def write_ip_adapter(unet, folder: Path, image_embedding_width: int = 16) -> Path:
+    """A tiny random IP-Adapter file in diffusers' layout (image projection + per-layer to_k_ip / to_v_ip)."""
+    from safetensors.torch import save_file
+
+    width = unet.config.cross_attention_dim
+    state = {
+        "image_proj.proj.weight": torch.randn(4 * width, image_embedding_width) * 0.1,
+        "image_proj.proj.bias": torch.zeros(4 * width),
+        "image_proj.norm.weight": torch.ones(width),
+        "image_proj.norm.bias": torch.zeros(width),
+    }
+    for index, attn in enumerate(cross_attention_layers(unet).values()):
+        for name in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{2 * index + 1}.{name}.weight"] = (
+                torch.randn(attn.to_k.out_features, width) * 0.1
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, folder / "ip-adapter.safetensors")
+    return folder
+
+
+def test_a_diffusers_ip_adapter_and_nested_adapters_are_refused_together(tiny_sd_path, sd_adapters, tmp_path):
+    pipe = tiny_pipeline(tiny_sd_path)
+    ip_adapter = write_ip_adapter(pipe.unet, tmp_path / "ip")
+
+    def load_ip_adapter():
+        pipe.load_ip_adapter(
+            str(ip_adapter), subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder=None
+        )
+
+    message = r"runs diffusers' IPAdapterAttnProcessor2_0: an IP-Adapter .* call unload_ip_adapter\(\) on the pipeline"
+    load_ip_adapter()
+    with pytest.raises(ConfigError, match=message):
+        NestedPipeline(pipe, {"<person>": sd_adapters["faces"]})
+    pipe.unload_ip_adapter()
+    nested = NestedPipeline(pipe, {"<person>": sd_adapters["faces"]})
+    load_ip_adapter()  # after the nested adapters: refused at the next call
+    embeds = [torch.randn(2, 1, 16)]
+    with pytest.raises(ConfigError, match=message):
+        generate(nested, "a <person>", subjects={"<person>": images(1)}, ip_adapter_image_embeds=embeds)
+    pipe.unload_ip_adapter()
+    with pytest.warns(UserWarning, match="re-attaching them"):
+        generate(nested, "a <person>", subjects={"<person>": images(1)})
+
+
+def test_pipelines_with_extra_guidance_batches_are_refused(sd_pipe, sd_adapters):
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPAGPipeline
+
+    perturbed = StableDiffusionPAGPipeline(**sd_pipe.components, pag_applied_layers=["mid"])
+    instruct = StableDiffusionInstructPix2PixPipeline(**sd_pipe.components)
+    for pipe in (perturbed, instruct):
+        with pytest.raises(
+            ConfigError, match=f"^{type(pipe).__name__} runs its denoiser on extra guidance batches"
+        ):
+            NestedPipeline(pipe, {"<person>": sd_adapters["faces"]})
+
+
+def test_img2img_and_inpainting_pipelines_bind_subjects_like_text_to_image(sd_pipe, sd_adapters):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    start = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1
+    calls = {
+        StableDiffusionImg2ImgPipeline: {"image": start, "strength": 0.75},
+        StableDiffusionInpaintPipeline: {"image": start, "mask_image": mask, "strength": 0.75},
+    }
+    prompt, plain_prompt = "a <person> on the beach", "a person on the beach"
+    for cls, inputs in calls.items():
+        pipe = cls(**sd_pipe.components)
+        pipe.set_progress_bar_config(disable=True)
+        plain = generate(pipe, plain_prompt, **inputs)
+        with NestedPipeline(pipe, {"<person>": sd_adapters["faces"]}) as nested:
+            assert torch.equal(generate(nested, plain_prompt, **inputs), plain)
+            with pytest.warns(UserWarning, match="is in the prompt but has no subject"):
+                without = generate(nested, prompt, **inputs)
+            personalised = generate(nested, prompt, subjects={"<person>": images(1)}, **inputs)
+        assert (personalised - without).abs().max() > 1e-3, cls.__name__
+        assert torch.equal(generate(pipe, plain_prompt, **inputs), plain)  # unloaded

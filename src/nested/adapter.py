@@ -701,6 +701,8 @@ class NestedAdapter(nn.Module):
             registry = {}
             layers = cross_attention_layers(unet)
             for name, attn in layers.items():
+                _check_not_an_ip_adapter(name, attn.processor)
+            for name, attn in layers.items():
                 registry[name] = nested_processor(name, attn)
                 attn.set_processor(registry[name])
             setattr(unet, _REGISTRY_ATTR, registry)
@@ -925,6 +927,16 @@ def check_bindings_disjoint(bindings: Sequence[SubjectBinding]) -> None:
         taken |= marked
 
 
+def _check_not_an_ip_adapter(name: str, processor: object) -> None:
+    """Refuse diffusers' IP-Adapter processors (``load_ip_adapter``): their layers take the image embeddings with
+    the text, which a nested processor in their place would not read."""
+    if "IPAdapter" in type(processor).__name__:
+        raise ConfigError(
+            f"layer {name!r} runs diffusers' {type(processor).__name__}: an IP-Adapter (load_ip_adapter) and nested "
+            "adapters cannot share the cross-attention layers; call unload_ip_adapter() on the pipeline first."
+        )
+
+
 def _before_unet_call(layers: dict[str, nn.Module], unet: nn.Module, args, kwargs) -> None:
     """Forward pre-hook: put back processors replaced since attach; check that adapters' subjects are disjoint;
     tell a FLUX transformer's single-stream processors the text length of this call.
@@ -939,6 +951,8 @@ def _before_unet_call(layers: dict[str, nn.Module], unet: nn.Module, args, kwarg
     for name in list(registry):
         if layers[name].processor is not registry[name]:
             replaced.append(name)
+    for name in replaced:
+        _check_not_an_ip_adapter(name, layers[name].processor)
     if replaced:
         warnings.warn(
             f"the nested attention processors of {len(replaced)} layers were replaced (by set_attn_processor or "

@@ -108,6 +108,22 @@ _EXPECTED_PIPELINE = (
 )
 
 
+def check_guidance_batches(pipe: Any) -> None:
+    """Refuse a pipeline that runs its denoiser on other batches than ``[unconditional, conditional]``: the subject
+    would go to the wrong rows (perturbed-attention guidance's perturbed copy, InstructPix2Pix's image-only row)."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline
+    from diffusers.pipelines.pag.pag_utils import PAGMixin
+
+    if isinstance(
+        pipe, (PAGMixin, StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline)
+    ):
+        raise ConfigError(
+            f"{type(pipe).__name__} runs its denoiser on extra guidance batches, which nested adapters do not "
+            "bind subjects to; use the pipeline without them (e.g. StableDiffusionXLPipeline instead of "
+            "StableDiffusionXLPAGPipeline)."
+        )
+
+
 class NestedPipeline:
     """A diffusers SD / SDXL / SD3 / FLUX pipeline with nested-attention adapters bound to prompt tokens.
 
@@ -145,6 +161,7 @@ class NestedPipeline:
                 f"{type(pipe).__name__} has a {type(denoiser).__name__}; nested adapters support UNets and the "
                 f"transformers {', '.join(TRANSFORMER_KINDS)} (SD3 / SD3.5, FLUX.1)."
             )
+        check_guidance_batches(pipe)
         self.pipe = pipe
         self.denoiser: torch.nn.Module = denoiser
         self.kind: str = kind  # "unet", "sd3" or "flux"
@@ -288,7 +305,7 @@ class NestedPipeline:
             loaded = self._loaded.get(key)
             if loaded is None:
                 loaded = self._load(source, revision, image_encoder or self.image_encoder)
-                loaded.eval().requires_grad_(False).to(self.denoiser.device)
+                loaded.eval().requires_grad_(False).to(self._denoiser_device())
         try:
             loaded.check_fits(self.denoiser)
         except ValueError as error:
@@ -474,9 +491,9 @@ class NestedPipeline:
         bindings: dict[str, SubjectBinding] = {}
         per_adapter: dict[int, list[SubjectBinding]] = {}
         adapters: dict[int, NestedAdapter] = {}
+        device = self._denoiser_device()  # the pipeline may have been moved since the adapters were loaded
         for token, spec in specs.items():
-            adapter = self._tokens[token].adapter
-            device = next(adapter.parameters()).device
+            adapter = self._tokens[token].adapter.to(device)
             with torch.no_grad():
                 tokens = torch.cat([adapter.encode(image.to(device)) for image in images[token]])
             if len(images[token]) == 1:
@@ -502,6 +519,12 @@ class NestedPipeline:
         finally:
             for adapter in adapters.values():
                 adapter.clear_subjects()
+
+    def _denoiser_device(self) -> torch.device:
+        """Where the denoiser runs: its device, or under model offloading (accelerate's hooks, e.g.
+        ``enable_model_cpu_offload``) the device its hooks move it to for each call."""
+        offloaded = any(hasattr(module, "_hf_hook") for module in self.denoiser.modules())
+        return self.pipe._execution_device if offloaded else self.denoiser.device
 
     # ------------------------------------------------------------------------------ generate
     def __call__(
@@ -553,6 +576,8 @@ class NestedPipeline:
             raise ConfigError(
                 "subjects need the prompt text to find their tokens; pass prompt, not prompt_embeds."
             )
+        if pipeline_kwargs.get("max_sequence_length", 0) is None:
+            del pipeline_kwargs["max_sequence_length"]  # the pipeline's default, which bind also uses
         if not subjects:
             self._warn_tokens_without_subject(prompt, {})
             return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)

@@ -243,7 +243,8 @@ def text_encoder_state(text_encoder: torch.nn.Module) -> TextEncoderState:
 
 def restore_text_encoder(text_encoder: torch.nn.Module, state: TextEncoderState) -> None:
     embedding = text_encoder.get_input_embeddings()
-    state.weight.data = state.data
+    # In the dtype and on the device the pipeline was moved to since (pipe.to(...)); the same storage if none.
+    state.weight.data = state.data.to(state.weight.device, state.weight.dtype)
     embedding.weight = state.weight
     embedding.num_embeddings = state.num_embeddings
     text_encoder.config.vocab_size = state.vocab_size
