@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -364,6 +365,58 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
     """`nested fit` on the smoke config, one step, no validation, no worker, into ``root``."""
     return ["fit", "--config", "configs/smoke.yaml", "--trainer.max_steps=1", f"--trainer.default_root_dir={root}",
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--data.num_workers=0", *extra]  # fmt: skip
+
+
+def test_a_finished_run_extended_trains_on_and_changed_training_settings_are_refused(
+    tmp_path, capsys, caplog
+):
+    root = tmp_path / "run"
+    assert main(_fit_args(root)) == 0  # max_epochs: 1 in the smoke config, as in the demo's
+    config = root / "adapters" / "last" / "adapter_config.json"
+    written = config.stat().st_mtime_ns
+    # The same command again: nothing to train, and the run's export stays as it was.
+    with caplog.at_level("INFO"):
+        assert main(_fit_args(root)) == 0
+    assert any("nested: nothing to train: the run is at step 1" in r.getMessage() for r in caplog.records)
+    assert config.stat().st_mtime_ns == written
+    newest = root / "checkpoints" / "last.ckpt"
+    assert _refusal(capsys, _fit_args(root, "--trainer.max_steps=2")) == (
+        f"nested fit: error: the checkpoint {newest} ends epoch 1 at step 1, and trainer.max_epochs=1 ends the run "
+        "there, before trainer.max_steps=2: pass --trainer.max_epochs=-1 to train on to max_steps."
+    )
+    changes = {
+        "--optimizer.init_args.lr=0.001": "these settings differ from it: optimizer.init_args.lr: 0.01 -> 0.001",
+        "--model.token_weight=2.0": "it was trained with token_weight=1.0, this model is configured with "
+        "token_weight=2.0 (set model.token_weight: 1.0 to resume it)",
+        "--model.value_norm_factor=2.0": "it was trained with value_norm_factor=None, this model is configured with "
+        "value_norm_factor=2.0 (set model.value_norm_factor: null to resume it)",
+    }
+    for change, why in changes.items():
+        refusal = _refusal(
+            capsys, _fit_args(root, "--trainer.max_steps=2", "--trainer.max_epochs=-1", change)
+        )
+        assert refusal.startswith(f"nested fit: error: cannot resume from the checkpoint {newest}: ")
+        assert why in refusal, refusal
+    assert main(_fit_args(root, "--trainer.max_steps=2", "--trainer.max_epochs=-1")) == 0
+    assert checkpoint_step(find_resume_checkpoint(root, [root / "checkpoints"])) == 2
+    assert json.loads(config.read_text())["training"] == {"step": 2, "complete": True}
+
+
+def test_a_checkpoint_with_a_damaged_tensor_is_refused(tmp_path, capsys):
+    root = tmp_path / "run"
+    assert main(_fit_args(root)) == 0
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    name = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][name].view(-1)[0] = float("nan")
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save(checkpoint, damaged)
+    refusal = _refusal(
+        capsys, _fit_args(tmp_path / "other", "--trainer.max_epochs=-1", f"--ckpt_path={damaged}")
+    )
+    assert refusal == (
+        f"nested fit: error: cannot resume from the checkpoint {damaged}: its tensor {name} holds NaN or infinite "
+        "values (a damaged file?); resume from an earlier checkpoint with --ckpt_path."
+    )
 
 
 def test_a_requeued_slurm_job_resumes_from_its_newest_checkpoint_not_its_ckpt_path(

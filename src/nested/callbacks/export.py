@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +44,7 @@ class AdapterExport(L.Callback):
         self.last_path: Path | None = None
         self.partial_path: Path | None = None
         self._last_exported_step = -1
+        self._trained = True  # whether this fit trained a step (set at its start)
 
     def export_root(self, trainer: L.Trainer) -> Path:
         """The folder the exports go to."""
@@ -76,7 +78,29 @@ class AdapterExport(L.Callback):
         if self.every_checkpoint or stopped_early(trainer):
             self._export_step(trainer, pl_module)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trained = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        self._trained = True
+
+    def _last_is_current(self, trainer: L.Trainer) -> bool:
+        """Whether ``last/`` already holds the completed run at this step (its export, from an earlier fit)."""
+        try:
+            config = json.loads((self.export_root(trainer) / "last" / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return config.get("training") == {"step": trainer.global_step, "complete": True}
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._trained and self._last_is_current(trainer):
+            # A completed run started again: nothing trained, and the command's settings are not the run's.
+            self.last_path = self.export_root(trainer) / "last"
+            rank_zero_info(
+                f"nested: nothing to train: the run is at step {trainer.global_step} (trainer.max_steps); its "
+                f"adapter is in {self.last_path.resolve()}. Pass a higher --trainer.max_steps to train on."
+            )
+            return
         if stopped_early(trainer):
             self.partial_path = self._export_step(trainer, pl_module)
             rank_zero_info(

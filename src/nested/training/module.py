@@ -28,6 +28,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding, check_injection_options, compile_blocks
@@ -369,15 +370,21 @@ class NestedAttentionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()  # the adapter must exist before its state is loaded
         # These settings keep the same tensors, so the tensor check below cannot tell them apart: a resumed
-        # ablation must not silently switch mode, and a trained embedding changes the optimizer's groups.
-        # Checkpoints from before an option have no key and were trained with its default.
+        # ablation must not silently switch mode, and a trained embedding changes the optimizer's groups. A
+        # resumed fit must also keep token_weight and value_norm_factor, which its export records as the ones
+        # it was trained with (a validation may try others). Checkpoints from before an option have no key and
+        # were trained with its default.
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
         recorded = checkpoint.get("hyper_parameters") or {}
-        for option, default in (("injection", "nested"), ("train_token_embeddings", False)):
+        options = [("injection", "nested"), ("train_token_embeddings", False)]
+        if fitting:
+            options += [("token_weight", 1.0), ("value_norm_factor", None)]
+        for option, default in options:
             trained, configured = recorded.get(option, default), getattr(self, option)
             if trained != configured:
                 self._refuse_checkpoint(
                     f"it was trained with {option}={trained!r}, this model is configured with "
-                    f"{option}={configured!r} (set model.{option}: {str(trained).lower()} to resume it)"
+                    f"{option}={configured!r} (set model.{option}: {_yaml_scalar(trained)} to resume it)"
                 )
         averaging = any(
             isinstance(c, WeightAveraging) for c in getattr(self._trainer, "callbacks", None) or []
@@ -388,10 +395,32 @@ class NestedAttentionModule(L.LightningModule):
                 "it was written with an average of the weights (callbacks/ema.yaml: AdapterEMA), which this run "
                 "lacks (add --config callbacks/ema.yaml to resume it)"
             )
-        if "state_dict" not in checkpoint:
-            return  # FSDP loads the (full) state dict itself and removes it before this hook
+        # FSDP loads the (full) state dict itself and removes it before this hook.
+        if "state_dict" in checkpoint:
+            self._check_checkpoint_tensors(checkpoint["state_dict"], recorded)
+        if not fitting:
+            return
+        # Lightning loads the optimizer's and the schedule's states over the ones configured now: a changed
+        # learning rate or schedule would be ignored, or meet a state it does not fit.
+        changed = _changed_settings(
+            {
+                "optimizer": recorded.get("optimizer") or DEFAULT_OPTIMIZER,
+                "lr_scheduler": recorded.get("lr_scheduler"),
+            },
+            {"optimizer": self.optimizer_config, "lr_scheduler": self.lr_scheduler_config},
+            keys=("optimizer", "lr_scheduler"),
+        )
+        if changed and "optimizer" in recorded:
+            self._refuse_checkpoint(
+                f"a resume restores the optimizer and its learning-rate schedule as the checkpoint holds them, and "
+                f"these settings differ from it: {', '.join(changed)}"
+            )
+        self._check_epochs_left(checkpoint)
+
+    def _check_checkpoint_tensors(self, state_dict: dict[str, Tensor], recorded: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose adapter tensors do not fit this model, or hold NaN or infinity."""
         expected = {name: tuple(value.shape) for name, value in self.state_dict().items()}
-        found = {name: tuple(value.shape) for name, value in checkpoint["state_dict"].items()}
+        found = {name: tuple(value.shape) for name, value in state_dict.items()}
         if expected != found:
             differences = [
                 f"{name} is {list(found[name])} there, {list(shape)} here"
@@ -411,6 +440,31 @@ class NestedAttentionModule(L.LightningModule):
                     if changed
                     else "was it trained with a different base model, encoder or token list?"
                 )
+            )
+        for name, tensor in state_dict.items():
+            # Torch reads a damaged tensor without complaint; the divergence guard never lets a run save one.
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise AdapterError(
+                    f"cannot resume from the checkpoint {self._trainer.ckpt_path if self._trainer else ''}: its "
+                    f"tensor {name} holds NaN or infinite values (a damaged file?); resume from an earlier "
+                    "checkpoint with --ckpt_path."
+                )
+
+    def _check_epochs_left(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a resume that ``trainer.max_epochs`` would end before its first step, short of ``max_steps``.
+
+        A fit that ``max_steps`` ends records its epoch as finished, even where the epoch had batches left: with
+        ``max_epochs: 1`` (the smoke and demo configs) a run extended by a higher ``max_steps`` trains nothing.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.max_epochs in (None, -1):
+            return
+        epoch, step = checkpoint.get("epoch", 0), checkpoint.get("global_step", 0)
+        if epoch >= trainer.max_epochs and (trainer.max_steps == -1 or step < trainer.max_steps):
+            raise ConfigError(
+                f"the checkpoint {trainer.ckpt_path} ends epoch {epoch} at step {step}, and trainer.max_epochs="
+                f"{trainer.max_epochs} ends the run there, before trainer.max_steps={trainer.max_steps}: pass "
+                "--trainer.max_epochs=-1 to train on to max_steps."
             )
 
     def _refuse_checkpoint(self, why: str) -> None:
@@ -698,9 +752,21 @@ class NestedAttentionModule(L.LightningModule):
         return out["loss"]
 
 
-def _changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``["encoder.num_tokens: 16 -> 8", ...]``: the settings that decide the adapter's tensors (base
-    model, encoder, tokens) whose value in a checkpoint's hyper-parameters differs from the current one."""
+def _yaml_scalar(value: Any) -> str:
+    """``value`` as a YAML config spells it (``true``, ``null``, ``2.0``, ``nested``)."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _changed_settings(
+    recorded: dict[str, Any],
+    current: dict[str, Any],
+    keys: tuple[str, ...] = ("base_model", "encoder", "subjects"),
+) -> list[str]:
+    """``["encoder.num_tokens: 16 -> 8", ...]``: the settings under ``keys`` (by default those that decide the
+    adapter's tensors: base model, encoder, tokens) whose value in a checkpoint's hyper-parameters differs from
+    the current one."""
 
     def flat(value: Any, prefix: str) -> dict[str, Any]:
         if isinstance(value, dict):
@@ -708,7 +774,7 @@ def _changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list
         return {prefix: value}
 
     before, after = {}, {}
-    for key in ("base_model", "encoder", "subjects"):
+    for key in keys:
         if key in recorded and key in current:
             before.update(flat(recorded[key], key))
             after.update(flat(current[key], key))
