@@ -603,3 +603,26 @@ def test_img2img_and_inpainting_pipelines_bind_subjects_like_text_to_image(sd_pi
             personalised = generate(nested, prompt, subjects={"<person>": images(1)}, **inputs)
         assert (personalised - without).abs().max() > 1e-3, cls.__name__
         assert torch.equal(generate(pipe, plain_prompt, **inputs), plain)  # unloaded
+
+
+def test_a_lora_on_the_unets_attention_works_beside_the_adapters(tiny_sd_path, sd_adapters):
+    """A LoRA as diffusers' load_lora_weights adds it (peft layers on to_q / to_k / to_v / to_out): the nested
+    layers call the wrapped projections, and the call's LoRA scale still reaches them."""
+    peft = pytest.importorskip("peft", reason="peft (the dev extra) loads LoRAs into diffusers models")
+    pipe = tiny_pipeline(tiny_sd_path)
+    plain = generate(pipe, "a person on the beach")
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    pipe.unet.add_adapter(config, adapter_name="style")
+    styled = generate(pipe, "a person on the beach")
+    assert (styled - plain).abs().max() > 1e-3
+    with NestedPipeline(pipe, {"<person>": sd_adapters["faces"]}) as nested:
+        assert torch.equal(generate(nested, "a person on the beach"), styled)
+        subject = {"<person>": images(1)}
+        with_lora = generate(nested, "a <person> on the beach", subjects=subject)
+        without_lora = generate(
+            nested, "a <person> on the beach", subjects=subject, cross_attention_kwargs={"scale": 0.0}
+        )
+        assert (with_lora - without_lora).abs().max() > 1e-3
+    pipe.unet.disable_adapters()
+    assert torch.equal(generate(pipe, "a person on the beach"), plain)
