@@ -111,6 +111,7 @@ _EXPECTED_PIPELINE = (
 def check_guidance_batches(pipe: Any) -> None:
     """Refuse a pipeline that runs its denoiser on other batches than ``[unconditional, conditional]``: the subject
     would go to the wrong rows (perturbed-attention guidance's perturbed copy, InstructPix2Pix's image-only row)."""
+    # diffusers imports a pipeline's module when its class is first named: only these refusals need them.
     from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline
     from diffusers.pipelines.pag.pag_utils import PAGMixin
 
