@@ -617,6 +617,14 @@ def test_a_base_model_folder_without_its_unet_is_one_line_naming_it(tmp_path, ca
     assert "model_index.json and the subfolders unet/, vae/, scheduler/" in error
 
 
+def _torch_reads(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        return False
+    return True
+
+
 def test_resuming_a_checkpoint_of_another_architecture_names_it_and_how_to_start_over(tmp_path, capsys):
     """The run's checkpoint has 16 subject tokens; the same command with num_tokens=8 auto-resumes it and is
     refused in one line: which checkpoint, which tensor and setting differ, how to start over."""
@@ -659,9 +667,11 @@ def test_resuming_a_checkpoint_of_another_architecture_names_it_and_how_to_start
             REPO / "data/models/tiny-sd/unet/config.json",
             " is not a readable checkpoint (not the zip archive ",
         ),
-        (
+        (  # torch.load reads a safetensors file from torch 2.13 (it holds no global_step); earlier ones refuse it
             REPO / "data/models/tiny-sd/unet/diffusion_pytorch_model.safetensors",
-            " is not a Lightning checkpoint",
+            " is not a Lightning checkpoint"
+            if _torch_reads(REPO / "data/models/tiny-sd/unet/diffusion_pytorch_model.safetensors")
+            else " is not a readable checkpoint (not the zip archive ",
         ),
     ):
         with pytest.raises(SystemExit) as exit_info:
