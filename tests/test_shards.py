@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -667,6 +668,40 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
     for name in ("l.png", "one.png", "opaque.png"):  # the reader's conversion is already right: stored as is
         assert "png" in samples[name] and "jpg" not in samples[name], name
     assert all("jpg" in samples[name] for name in ("i16.png", "la.png", "p.png", "rgb-trns.png", "p.gif"))
+
+
+def test_a_worker_killed_mid_build_ends_the_build_in_one_line_instead_of_a_wait_forever(
+    tmp_path: Path,
+) -> None:
+    """The kernel's out-of-memory killer ends a worker with SIGKILL: the pool replaces the worker, never its task."""
+    psutil = pytest.importorskip("psutil")
+    src, out = tmp_path / "many", tmp_path / "out"
+    src.mkdir()
+    _save_image(src / "0000.bmp", 256, 256)
+    (src / "0000.txt").write_text("a photo of <person>")
+    for i in range(1, 400):
+        shutil.copy(src / "0000.bmp", src / f"{i:04d}.bmp")
+        shutil.copy(src / "0000.txt", src / f"{i:04d}.txt")
+    process = _nested_shards(
+        str(src), str(out), "--domain", "faces", "--subject", "<person>", "--workers", "2"
+    )
+    deadline = time.monotonic() + 120
+    workers = []
+    while not workers:  # the pool's workers: the fork server's children
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        workers = [p for p in psutil.Process(process.pid).children(recursive=True) if p.ppid() != process.pid]
+        time.sleep(0.01)
+    workers[0].kill()
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"nested shards: error: a worker process was killed by SIGKILL while preparing the items; the first "
+        r"unfinished one is .*\.bmp\. If the kernel ended it for lack of memory \(a very large image\), lower "
+        r"--workers or --max-pixels, then run the command again\.",
+        last,
+    ), err
+    assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
 
 
 def test_worker_processes_write_the_same_shards_and_never_fork_the_caller(

@@ -59,7 +59,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -806,15 +806,33 @@ def _prepared(
         context.Pool(workers, initializer=_start_worker, initargs=(options,)) as pool,
     ):
         outcomes = pool.imap(_sample_or_reason, jobs)  # chunksize 1: an IMapIterator, with next(timeout)
-        yield _until_stopped([item for _, item in jobs], outcomes, stops)
+        yield _until_stopped([item for _, item in jobs], outcomes, stops, _ended_worker_watch(pool))
+
+
+def _ended_worker_watch(pool: Any) -> Callable[[], int | None]:
+    """A check for a pool worker that ended (killed by the kernel's out-of-memory killer, a crash): the pool
+    starts another worker but never runs the lost task again, so its result would be awaited forever. Returns
+    the ended worker's exit code (negative: the signal), or None while all run. Workers end only with the
+    pool; ``Pool._pool`` is its list of worker processes, from which it drops the ended ones."""
+    workers = set(pool._pool)
+
+    def ended() -> int | None:
+        workers.update(pool._pool)
+        return next((worker.exitcode for worker in workers if worker.exitcode is not None), None)
+
+    return ended
 
 
 def _until_stopped(
-    items: list[SourceItem], outcomes: Any, stops: list[int]
+    items: list[SourceItem], outcomes: Any, stops: list[int], ended_worker: Callable[[], int | None]
 ) -> Iterator[tuple[SourceItem, dict[str, Any] | str]]:
-    """(item, its outcome) from a pool's ``imap`` iterator, checking for a recorded stop signal at least
-    every 0.1 s; a stop raises KeyboardInterrupt here, which the signal's own handler replaces (with
-    ``SystemExit``, its own exception, or the process's end) when it is delivered after the pool."""
+    """(item, its outcome) from a pool's ``imap`` iterator, checking for a recorded stop signal and for an
+    ended worker at least every 0.1 s; a stop raises KeyboardInterrupt here, which the signal's own handler
+    replaces (with ``SystemExit``, its own exception, or the process's end) when it is delivered after the pool.
+
+    Raises:
+        DataError: a worker ended while the items were prepared.
+    """
     for item in items:
         while True:
             if stops:
@@ -822,6 +840,16 @@ def _until_stopped(
             try:
                 outcome = outcomes.next(timeout=0.1)
             except multiprocessing.TimeoutError:
+                code = ended_worker()
+                if code is not None:
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    if -code in {int(known) for known in signal.Signals}:
+                        how = f"was killed by {signal.Signals(-code).name}"
+                    raise DataError(
+                        f"a worker process {how} while preparing the items; the first unfinished one is "
+                        f"{item.origin or item.image}. If the kernel ended it for lack of memory (a very large "
+                        "image), lower --workers or --max-pixels, then run the command again."
+                    ) from None
                 continue
             break
         yield item, outcome
