@@ -329,6 +329,26 @@ def test_text_dropout_keeps_the_subject_token_and_both_drops_it(tiny_sd_path, dr
     assert seen == [list(batch["subjects"]) if bound else [""] * len(batch["subjects"])]
 
 
+def test_a_subject_token_past_the_text_window_is_counted_and_warned(tiny_sd_path, caplog):
+    """A long caption (a captioning model's paragraph) that names the token past CLIP's 77 tokens binds no
+    subject; the contains-the-token caption rule cannot see that, the module can."""
+    module = make_module(tiny_sd_path, dropout=ConditioningDropout(text=0.0, image=0.0, both=0.0))
+    module.configure_model()
+    batch = caption_batch((True, True, False), seed=0)
+    batch["captions"][1] = "a photo of " + "a quiet street in the old town, " * 12 + "<person>"
+    with caplog.at_level("WARNING", logger="nested.training.module"):
+        out = module.diffusion_loss(batch, torch.Generator().manual_seed(0))
+        module.diffusion_loss(batch, torch.Generator().manual_seed(1))
+        module.diffusion_loss(batch, torch.Generator().manual_seed(2))
+    assert out["subject_cut"] == 1 and out["subject_fraction"] == pytest.approx(1 / 3)
+    warned = [r.getMessage() for r in caplog.records if "past what the text encoders read" in r.getMessage()]
+    assert [message.split(" captions")[0] for message in warned] == [
+        "data: 1",
+        "data: 2",
+    ]  # 3rd: not a power of 2
+    assert "(CLIP's 77 tokens)" in warned[0]
+
+
 def test_every_adapter_weight_gets_a_gradient_even_when_all_subjects_dropped(tiny_sd_path):
     module = make_module(tiny_sd_path, dropout=ConditioningDropout(text=0.0, image=1.0, both=0.0))
     module.configure_model()

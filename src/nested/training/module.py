@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 import random
 from typing import Any
 
@@ -35,12 +36,14 @@ from nested.adapter import NestedAdapter, SubjectBinding, check_injection_option
 from nested.attention import InjectionMode, check_injection_mode, check_token_weight, check_value_norm_factor
 from nested.backbone import DiffusionBackbone, TransformerBackbone, first_parameter, load_backbone
 from nested.data.prompts import check_prompt_sources
+from nested.data.transforms import contains_subject
 from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
 from nested.errors import AdapterError, ConfigError, DataError
 from nested.quantize import check_quantize
 
 __all__ = ["ConditioningDropout", "NestedAttentionModule"]
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The optimizer when none is configured: the recipes' AdamW.
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-4, "weight_decay": 0.01}}
@@ -233,6 +236,7 @@ class NestedAttentionModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_options = _compile_options(compile)
         self.seed = seed
+        self._subjects_cut = 0  # captions whose subject the text window cut, in this process (warned)
         self.optimizer_config = optimizer or DEFAULT_OPTIMIZER
         self.lr_scheduler_config = lr_scheduler
         self.value_norm_factor = value_norm_factor
@@ -567,9 +571,12 @@ class NestedAttentionModule(L.LightningModule):
         tokens = adapter.encode(batch["reference"].to(device))
         bindings = []
         keep = ~drop_image
+        cut = 0  # samples whose caption names the token only past what the text encoders read
         for token in self.subjects:
             rows = torch.tensor([s == token for s in subjects]) & keep
             masks = backbone.subject_masks(captions, token) & rows[:, None]
+            for caption, meant, bound in zip(captions, rows.tolist(), masks.any(-1).tolist(), strict=True):
+                cut += meant and not bound and contains_subject(caption, token)
             # Compiled, every sample is computed (dense): dropout unbinds other samples at every step, and a
             # layer that selected the bound ones would compile a graph per pattern.
             bindings.append(
@@ -605,7 +612,32 @@ class NestedAttentionModule(L.LightningModule):
         else:
             per_sample = self._unet_loss(prediction, latents, noise, timesteps)
         subject_fraction = torch.stack([b.masks.any(-1) for b in bindings]).any(0).float().mean()
-        return {"loss": per_sample.mean() + participation, "subject_fraction": subject_fraction}
+        if cut:
+            self._report_subjects_cut(cut)
+        return {
+            "loss": per_sample.mean() + participation,
+            "subject_fraction": subject_fraction,
+            "subject_cut": cut,
+        }
+
+    def _report_subjects_cut(self, count: int) -> None:
+        """Warn of captions whose subject token lies past the text encoders' window (the 1st, 2nd, 4th, 8th...
+        of this process): their subject is never bound, and a long caption gives no other sign of it."""
+        before = self._subjects_cut
+        self._subjects_cut += count
+        if self._subjects_cut.bit_length() > before.bit_length():
+            window = (
+                "CLIP's 77 tokens"
+                if isinstance(self.backbone, DiffusionBackbone)
+                else f"model.max_sequence_length = {self.backbone.max_sequence_length} T5 tokens"
+            )
+            log.warning(
+                "data: %d captions so far name the subject token only past what the text encoders read (%s): "
+                "the subject is not bound in them, so they train nothing of the adapter. Shorten the captions, "
+                "or put the token near their start.",
+                self._subjects_cut,
+                window,
+            )
 
     def _unet_prediction(
         self, batch: dict[str, Any], noisy: Tensor, timesteps: Tensor, conditioning: Any
@@ -731,8 +763,10 @@ class NestedAttentionModule(L.LightningModule):
         batch_size = len(batch["captions"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/subject_fraction", out["subject_fraction"], batch_size=batch_size, sync_dist=True)
-        for name, count in (batch.get("skipped") or {}).items():
-            # Summed over the epoch and across ranks: how many samples the data pipeline skipped.
+        counts = {**(batch.get("skipped") or {}), "subject_cut": out["subject_cut"]}
+        for name, count in counts.items():
+            # Summed over the epoch and across ranks: how many samples the data pipeline skipped, and how many
+            # named their subject past the text window.
             self.log(
                 f"data/skipped_{name}",
                 torch.as_tensor(count, dtype=torch.float32, device=self.device),
