@@ -285,6 +285,7 @@ def test_broken_data_is_skipped_counted_and_logged(tiny_sd_path, tmp_path):
         "data/skipped_no_subject_inserted": 2 * 2 + 4,
         "data/skipped_no_subject_dropped": 0,
         "data/skipped_no_reference": 0,
+        "data/skipped_subject_cut": 0,
     }
 
 
