@@ -400,8 +400,9 @@ class IdentitySimilarity(_SyncedValues, Metric):
         for image, name in zip(images, names, strict=True):
             if not bool(self._embed(_check_images(image[None], "reference"), None)[1][0]):
                 raise DataError(
-                    f"reference {name}: the identity embedder finds no face in it; use a photo where the face "
-                    "is visible and frontal, or another --identity-model."
+                    f"reference {name}: the identity embedder finds no face in it (a reference photo is cut to "
+                    "its centre square); use a photo where the face is visible, frontal and in that square (or crop "
+                    "it around the face), or another --identity-model."
                 )
 
     @torch.no_grad()
