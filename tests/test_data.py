@@ -29,6 +29,7 @@ from nested.data import (
     reference_transform,
     target_transform,
 )
+from nested.data.loading import sample_caption
 from nested.errors import DataError
 
 BATCH_KEYS = {
@@ -515,3 +516,12 @@ def test_missing_validation_shards_are_named_as_data_val_domains_with_the_way_to
     assert error.endswith("To train without validation, pass --data.val_domains=[].")
     assert main([*argv, f"--data.val_domains={val_domains}", "--data.val_domains=[]"]) == 0
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_raw_txt_caption_is_read_as_nested_shards_reads_a_caption_file() -> None:
+    """img2dataset's txt members train as they are: a Windows editor's byte-order mark and CRLF line ends."""
+    raw = "\ufeffa photo of <person>\r\non a beach\rat noon".encode()
+    assert sample_caption({}, raw) == "a photo of <person>\non a beach\nat noon"
+    assert sample_caption({"caption": "from the json"}, raw) == "from the json"
+    with pytest.raises(UnicodeDecodeError):
+        sample_caption({}, "café".encode("latin-1"))

@@ -82,7 +82,8 @@ _LATENT_KEYS = ("latents.npy", "latents.pth")
 
 
 def sample_caption(meta: dict[str, Any], txt: bytes | str | None) -> str:
-    """A sample's caption: the json's ``caption`` string, else the ``txt`` member (img2dataset writes both).
+    """A sample's caption: the json's ``caption`` string, else the ``txt`` member (img2dataset writes both),
+    read as ``nested shards`` reads a caption file: UTF-8, a byte-order mark dropped, line ends made ``\n``.
 
     Raises:
         ValueError: neither holds a caption.
@@ -91,9 +92,9 @@ def sample_caption(meta: dict[str, Any], txt: bytes | str | None) -> str:
     if isinstance(caption, str):
         return caption
     if isinstance(txt, bytes):
-        return txt.decode("utf-8")
+        txt = txt.decode("utf-8-sig")
     if isinstance(txt, str):
-        return txt
+        return txt.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     raise ValueError("no caption: the json has no 'caption' string and there is no txt member")
 
 
