@@ -402,6 +402,18 @@ def test_a_finished_run_extended_trains_on_and_changed_training_settings_are_ref
     assert json.loads(config.read_text())["training"] == {"step": 2, "complete": True}
 
 
+def test_a_validation_interval_longer_than_an_epoch_is_one_line(tmp_path, capsys):
+    argv = _fit_args(tmp_path / "run", "--trainer.val_check_interval=50", "--data.epoch_samples=16")
+    argv.append("--trainer.limit_val_batches=2")
+    assert _refusal(capsys, argv) == (
+        "nested fit: error: --trainer.val_check_interval=50 is more than the 4 batches of an epoch "
+        "(data.epoch_samples=16 over 1 rank(s), batches of 4): lower it, raise data.epoch_samples, or pass "
+        "--trainer.check_val_every_n_epoch=null to count it over the whole run (without validation: "
+        "--trainer.limit_val_batches=0)"
+    )
+    assert main([*argv, "--trainer.check_val_every_n_epoch=null", "--data.val_domains=[]"]) == 0
+
+
 def test_a_checkpoint_with_a_damaged_tensor_is_refused(tmp_path, capsys):
     root = tmp_path / "run"
     assert main(_fit_args(root)) == 0

@@ -204,6 +204,7 @@ class NestedCLI(LightningCLI):
         """Which checkpoint the run starts from: ``--ckpt_path``, else the newest under the root
         (``--auto_resume``); a requeued SLURM job always goes on from its newest one."""
         config = self.config_init[self.subcommand]
+        check_validation_interval(self.trainer, self.datamodule)
         root = self.trainer.default_root_dir
         if self.trainer.is_global_zero:
             for partial in remove_killed_writes(
@@ -351,6 +352,29 @@ def check_output_folders(trainer: L.Trainer) -> None:
     ]
     for option, folder in folders:
         check_creatable_folder(folder, option)
+
+
+def check_validation_interval(trainer: L.Trainer, datamodule: Any) -> None:
+    """Refuse, in one line, an integer ``trainer.val_check_interval`` longer than an epoch of the training stream
+    (Lightning refuses it with a traceback once the fit has started; it counts within an epoch)."""
+    interval = trainer.val_check_interval
+    if (
+        not isinstance(interval, int)
+        or trainer.check_val_every_n_epoch is None
+        or trainer.limit_val_batches == 0
+        or trainer.limit_train_batches != 1.0
+        or not isinstance(datamodule, NestedDataModule)
+    ):
+        return
+    batches = datamodule.epoch_batches(trainer.world_size)
+    if interval > batches:
+        raise UsageError(
+            f"--trainer.val_check_interval={interval} is more than the {batches} batches of an epoch "
+            f"(data.epoch_samples={datamodule.epoch_samples} over {trainer.world_size} rank(s), batches of "
+            f"{datamodule.batch_size}): lower it, raise data.epoch_samples, or pass "
+            "--trainer.check_val_every_n_epoch=null to count it over the whole run (without validation: "
+            "--trainer.limit_val_batches=0)"
+        )
 
 
 def check_checkpoint_path(path: str) -> None:

@@ -213,7 +213,8 @@ class NestedDataModule(L.LightningDataModule):
             "domains": [[d.name, d.weight, len(expand_urls(d.urls))] for d in self.domains],
         }
 
-    def _epoch_batches(self, world_size: int) -> int:
+    def epoch_batches(self, world_size: int) -> int:
+        """Training batches per rank in one epoch of the stream (at most the trainer's own count, once it has one)."""
         per_worker = samples_per_worker(self.epoch_samples, world_size, self.num_workers, self.batch_size)
         batches = per_worker * max(1, self.num_workers) // self.batch_size
         limit = getattr(self.trainer, "num_training_batches", None)
@@ -233,7 +234,7 @@ class NestedDataModule(L.LightningDataModule):
         return {
             "version": 1,
             "topology": self._topology(world_size),
-            "epoch_batches": self._epoch_batches(world_size),
+            "epoch_batches": self.epoch_batches(world_size),
             "ranks": ranks,
         }
 
