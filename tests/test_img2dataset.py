@@ -251,6 +251,32 @@ def test_training_turns_an_image_upright_by_its_exif_orientation(tmp_path):
     assert error.mean() < 8  # JPEG's loss: 4.2; turned the other way: 92
 
 
+def test_an_exif_turned_photos_original_size_is_the_upright_one(tmp_path):
+    """img2dataset measures a photo's size with OpenCV, which ignores its EXIF orientation: a phone's portrait
+    stored as landscape bytes and a tag is 768 x 1024 (h x w) in the json, and 1024 x 768 upright."""
+    stored = _photo("astronaut", (72, 96)).transpose(Image.Transpose.ROTATE_90)  # the bytes: 96 wide, 72 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=95, exif=exif)
+    meta = {"caption": "a photo of <person>", "key": "000000000", "status": "success"}
+    meta.update(width=96, height=72, original_width=1024, original_height=768)
+    folder = tmp_path / "download"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "00000.tar"), encoder=False) as writer:
+        writer.write({"__key__": "000000000", "jpg": buffer.getvalue(), "json": json.dumps(meta).encode()})
+    spec = DomainSpec("web", str(folder / "00000.tar"), "<person>")
+    (sample,) = list(build_stream([spec], train=False, resolution=32, reference_size=32))
+    assert sample["original_size"] == (1024, 768)
+    out = tmp_path / "shards"
+    assert (
+        main_shards([str(folder), str(out), "--domain", "web", "--subject", "<person>", "--no-progress"]) == 0
+    )
+    with tarfile.open(next(out.glob("*.tar"))) as tar:
+        (member,) = [m for m in tar if m.name.endswith(".json")]
+        assert json.loads(tar.extractfile(member).read())["original_size"] == [1024, 768]
+
+
 @pytest.mark.faces
 def test_nested_shards_adds_face_crops_to_an_img2dataset_download(tmp_path):
     photos = {

@@ -51,6 +51,7 @@ from nested.data.transforms import (
     insert_subject,
     reference_transform,
     target_transform,
+    upright_original_size,
 )
 from nested.data.val_stream import AttachSkipCounts, Partition, ReadShards, ValidationStream, WeightedMix
 from nested.errors import ConfigError
@@ -112,16 +113,17 @@ def training_caption(meta: dict[str, Any], txt: bytes | str | None, spec: Domain
     return apply_caption_rule(sample_caption(meta, txt).strip(), spec)
 
 
-def sample_original_size(meta: dict[str, Any]) -> tuple[int, int] | None:
+def sample_original_size(meta: dict[str, Any], stored: tuple[int, int]) -> tuple[int, int] | None:
     """``(h, w)`` of the image before any resize made when the data was prepared, for SDXL's
     micro-conditioning: the json's ``original_size``, else img2dataset's ``original_height`` and
-    ``original_width``; None when neither is there (the stored image's own size is then the original)."""
+    ``original_width`` (see :func:`upright_original_size`; ``stored`` is the upright image's ``(h, w)``); None
+    when neither is there (the stored image's own size is then the original)."""
     size = meta.get("original_size")
     if size:
         return int(size[0]), int(size[1])
     height, width = meta.get("original_height"), meta.get("original_width")
     if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
-        return height, width
+        return upright_original_size((height, width), stored)
     return None
 
 
@@ -235,7 +237,7 @@ class _ToTrainingSample:
             augment=self.augment,
             rng=rng,
         )
-        original_size = sample_original_size(meta) or view.original_size
+        original_size = sample_original_size(meta, (target.height, target.width)) or view.original_size
         sample = {
             "pixel_values": view.pixel_values,
             "reference": reference,

@@ -71,7 +71,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from nested.data.transforms import target_transform
+from nested.data.transforms import target_transform, upright_original_size
 from nested.errors import ConfigError, DataError, MissingFileError, OutputExistsError
 from nested.files import staging_folder, stop_signals_deferred, swap_files
 from nested.image_files import IMAGE_SUFFIXES, ImageFileError, open_image
@@ -500,7 +500,7 @@ def make_sample(
         "source": item.name,
     }
     if item.original_size is not None:
-        meta["original_size"] = list(item.original_size)
+        meta["original_size"] = list(upright_original_size(tuple(item.original_size), tuple(original_size)))
     if item.bbox is not None:
         box = check_bbox(item.bbox, original_size[1], original_size[0])
         meta["bbox"] = [round(v * scale, 2) for v in box]

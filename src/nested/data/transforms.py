@@ -28,6 +28,7 @@ __all__ = [
     "insert_subject",
     "reference_transform",
     "target_transform",
+    "upright_original_size",
 ]
 
 
@@ -196,6 +197,20 @@ def reference_transform(
                     rng.uniform(1 - augment.color_jitter, 1 + augment.color_jitter)
                 )
     return _to_tensor(image)
+
+
+def upright_original_size(original: tuple[int, int], stored: tuple[int, int]) -> tuple[int, int]:
+    """img2dataset's ``(original_height, original_width)`` as the upright image has them.
+
+    img2dataset measures the file's pixels as OpenCV decodes them, without their EXIF orientation; a photo
+    whose bytes lie sideways (a phone's portrait) is stored with its tag and decodes upright here, the other
+    way round. Every resize img2dataset makes keeps the aspect or makes a square, so a stored image that is
+    portrait where the original was landscape (or the reverse) was turned.
+    """
+    (height, width), (stored_height, stored_width) = original, stored
+    if (height - width) * (stored_height - stored_width) < 0:
+        return width, height
+    return height, width
 
 
 def contains_subject(caption: str, subject: str) -> bool:
