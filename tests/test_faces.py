@@ -294,6 +294,32 @@ def test_identity_folders_without_faces_lend_the_other_photo_and_one_photo_keeps
     assert samples["tom/1.png"]["ref.png"] == (src / "tom/1.png").read_bytes()  # the only photo of tom
 
 
+def test_one_photo_in_two_formats_never_lends_itself_as_the_other_photo(tmp_path):
+    src = tmp_path / "pets"
+    rng = np.random.default_rng(0)
+    for name in ("max/a.png", "max/a.jpg", "max/b.png", "tom/1.png", "tom/1.jpg"):
+        path = src / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(path)
+        path.with_suffix(".txt").write_text("a photo of <pet>")
+    out = tmp_path / "out"
+    code = main_shards(
+        [str(src), str(out), "--domain", "pets", "--subject", "<pet>", "--identity-folders", "--no-progress"]
+    )
+    assert code == 0
+    references = {
+        json.loads(s["json"])["source"]: json.loads(s["json"])["reference"]
+        for s in _tar_samples(out).values()
+    }
+    assert references == {
+        "max/a.jpg": "max/b.png",
+        "max/a.png": "max/b.png",
+        "max/b.png": "max/a.jpg",
+        "tom/1.jpg": "tom/1.jpg",  # one photo of tom, in two formats: each keeps its own
+        "tom/1.png": "tom/1.png",
+    }
+
+
 # ----------------------------------------------------------------------------- nested eval
 
 

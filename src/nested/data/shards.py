@@ -697,13 +697,17 @@ def same_identity_references(samples: list[dict[str, Any]]) -> list[dict[str, An
     """Give each sample of one identity the reference of ANOTHER photo of it: the next one in source order
     (the last takes the first's). A photo's reference is its ``ref`` member when it has one (with faces:
     its aligned face crop), else its target image. Each json gets ``identity`` and ``reference`` (the
-    source of the photo the reference comes from). An identity with one photo keeps its own reference.
+    source of the photo the reference comes from). An identity with one photo keeps its own reference; files
+    of one name in two formats (``a.jpg``, ``a.png``) count as one photo.
     """
     members = [_reference_member(sample) for sample in samples]
     metas = [json.loads(sample["json"]) for sample in samples]
+    photos = [str(Path(meta["source"]).with_suffix("")) for meta in metas]
+    count = len(samples)
     result = []
     for index, (sample, meta) in enumerate(zip(samples, metas, strict=True)):
-        other = (index + 1) % len(samples)
+        others = ((index + step) % count for step in range(1, count))
+        other = next((j for j in others if photos[j] != photos[index]), index)
         name, data = members[other]
         updated = {key: value for key, value in sample.items() if not key.startswith("ref.")}
         updated[name] = data
