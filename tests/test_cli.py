@@ -377,7 +377,10 @@ def test_a_finished_run_extended_trains_on_and_changed_training_settings_are_ref
     # The same command again: nothing to train, and the run's export stays as it was.
     with caplog.at_level("INFO"):
         assert main(_fit_args(root)) == 0
-    assert any("nested: nothing to train: the run is at step 1" in r.getMessage() for r in caplog.records)
+    assert any(
+        "nested: nothing to train: the run already reached its end, at step 1" in r.getMessage()
+        for r in caplog.records
+    )
     assert config.stat().st_mtime_ns == written
     newest = root / "checkpoints" / "last.ckpt"
     assert _refusal(capsys, _fit_args(root, "--trainer.max_steps=2")) == (
@@ -397,9 +400,25 @@ def test_a_finished_run_extended_trains_on_and_changed_training_settings_are_ref
         )
         assert refusal.startswith(f"nested fit: error: cannot resume from the checkpoint {newest}: ")
         assert why in refusal, refusal
+    # A checkpoint of another torch version records arguments this one's classes lack (LinearLR's `verbose`).
+    state = torch.load(newest, weights_only=False)
+    state["hyper_parameters"]["optimizer"]["init_args"]["an_older_torchs_argument"] = "deprecated"
+    torch.save(state, newest)
     assert main(_fit_args(root, "--trainer.max_steps=2", "--trainer.max_epochs=-1")) == 0
     assert checkpoint_step(find_resume_checkpoint(root, [root / "checkpoints"])) == 2
     assert json.loads(config.read_text())["training"] == {"step": 2, "complete": True}
+    # A run that its epochs end, without max_steps: the same command again has nothing to train.
+    bounded = _fit_args(tmp_path / "epochs", "--trainer.max_steps=-1", "--data.epoch_samples=8")
+    assert main(bounded) == 0 and main(bounded) == 0
+
+
+def test_fast_dev_run_and_barebones_write_no_logs(tmp_path):
+    """Lightning gives them no logger (or a stand-in): nested fit's own kind of the default one is not added."""
+    assert main(_fit_args(tmp_path / "dev", "--trainer.fast_dev_run=1")) == 0
+    assert not (tmp_path / "dev" / "lightning_logs").exists()
+    barebones = ["--trainer.barebones=true", "--trainer.callbacks=null", "--trainer.log_every_n_steps=null"]
+    assert main(_fit_args(tmp_path / "bare", *barebones)) == 0
+    assert sorted(path.name for path in (tmp_path / "bare").iterdir()) == ["adapters", "config.yaml"]
 
 
 def test_a_validation_interval_longer_than_an_epoch_is_one_line(tmp_path, capsys):

@@ -338,9 +338,10 @@ def test_a_subject_token_past_the_text_window_is_counted_and_warned(tiny_sd_path
     batch = caption_batch((True, True, False), seed=0)
     batch["captions"][1] = "a photo of " + "a quiet street in the old town, " * 12 + "<person>"
     with caplog.at_level("WARNING", logger="nested.training.module"):
-        out = module.diffusion_loss(batch, torch.Generator().manual_seed(0))
-        module.diffusion_loss(batch, torch.Generator().manual_seed(1))
-        module.diffusion_loss(batch, torch.Generator().manual_seed(2))
+        out = module.diffusion_loss(batch, torch.Generator().manual_seed(0), apply_dropout=False)
+        module.validation_step(batch, 0)  # validation's captions are not counted again at every validation
+        for step in range(3):
+            module.training_step(batch, step)
     assert out["subject_cut"] == 1 and out["subject_fraction"] == pytest.approx(1 / 3)
     warned = [r.getMessage() for r in caplog.records if "past what the text encoders read" in r.getMessage()]
     assert [message.split(" captions")[0] for message in warned] == [

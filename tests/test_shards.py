@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from PIL import Image
 
 import nested
 from nested.cli.shards import main_shards
-from nested.data.shards import _rejection_summary, build_shards
+from nested.data.shards import _rejection_summary, _until_stopped, build_shards
 from nested.image_files import ImageFileError, open_image
 
 
@@ -702,6 +704,28 @@ def test_a_worker_killed_mid_build_ends_the_build_in_one_line_instead_of_a_wait_
         last,
     ), err
     assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+class _Outcomes:
+    """A pool's ``imap`` results in order, each ready so many seconds after the start."""
+
+    def __init__(self, ready_after: list[float]) -> None:
+        self.start, self.ready_after, self.index = time.monotonic(), ready_after, 0
+
+    def next(self, timeout: float) -> int:
+        if time.monotonic() - self.start < self.ready_after[self.index]:
+            time.sleep(timeout)
+            raise multiprocessing.TimeoutError
+        self.index += 1
+        return self.index - 1
+
+
+def test_a_worker_that_ended_idle_lost_nothing_and_the_build_goes_on() -> None:
+    """Near a build's end, fewer items are left than workers: the out-of-memory killer may end an idle one."""
+    items = [SimpleNamespace(origin=f"item{i}", image=None) for i in range(3)]
+    idle_worker_killed = lambda: -signal.SIGKILL  # noqa: E731
+    got = list(_until_stopped(items, _Outcomes([0.0, 1.5, 1.5]), [], idle_worker_killed))
+    assert [(item.origin, outcome) for item, outcome in got] == [("item0", 0), ("item1", 1), ("item2", 2)]
 
 
 def test_worker_processes_write_the_same_shards_and_never_fork_the_caller(

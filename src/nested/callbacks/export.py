@@ -97,8 +97,9 @@ class AdapterExport(L.Callback):
             # A completed run started again: nothing trained, and the command's settings are not the run's.
             self.last_path = self.export_root(trainer) / "last"
             rank_zero_info(
-                f"nested: nothing to train: the run is at step {trainer.global_step} (trainer.max_steps); its "
-                f"adapter is in {self.last_path.resolve()}. Pass a higher --trainer.max_steps to train on."
+                f"nested: nothing to train: the run already reached its end, at step {trainer.global_step}; its "
+                f"adapter is in {self.last_path.resolve()}. To train on, raise --trainer.max_steps or "
+                "--trainer.max_epochs, whichever ended it."
             )
             return
         if stopped_early(trainer):

@@ -38,6 +38,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
+from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_registry import _is_registry
@@ -174,8 +175,10 @@ class NestedCLI(LightningCLI):
             raise UsageError(_trainer_misconfiguration(error, config.trainer)) from error
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user-chosen one is kept
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if config.trainer.logger is True or config.trainer.logger is None:
-            # Lightning's default logger, built as Lightning builds it (a user-chosen one is kept)
+        default = config.trainer.logger is True or config.trainer.logger is None
+        if default and [type(logger) for logger in trainer.loggers] == [LightningTensorBoardLogger]:
+            # Lightning's default logger, built as Lightning builds it; a user-chosen one is kept, and so are
+            # none (barebones) and fast_dev_run's stand-in
             trainer.loggers = [
                 TensorBoardLogger(save_dir=trainer.default_root_dir, version=SLURMEnvironment.job_id())
             ]

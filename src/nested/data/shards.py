@@ -835,8 +835,11 @@ def _until_stopped(
     replaces (with ``SystemExit``, its own exception, or the process's end) when it is delivered after the pool.
 
     Raises:
-        DataError: a worker ended while the items were prepared.
+        DataError: a worker ended while the items were prepared, and the next item is overdue. A worker that ended
+            idle lost nothing and the items go on arriving; one that ended with a task lost it: the next item is
+            given ten times the longest wait for an item so far (at least 10 s) before the task counts as lost.
     """
+    last, slowest, first = time.monotonic(), 0.0, True
     for item in items:
         while True:
             if stops:
@@ -845,7 +848,8 @@ def _until_stopped(
                 outcome = outcomes.next(timeout=0.1)
             except multiprocessing.TimeoutError:
                 code = ended_worker()
-                if code is not None:
+                overdue = time.monotonic() - last > max(10.0, 10 * slowest)
+                if code is not None and overdue:
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                     if -code in {int(known) for known in signal.Signals}:
                         how = f"was killed by {signal.Signals(-code).name}"
@@ -856,6 +860,10 @@ def _until_stopped(
                     ) from None
                 continue
             break
+        now = time.monotonic()
+        if not first:  # the first wait also starts the workers
+            slowest = max(slowest, now - last)
+        last, first = now, False
         yield item, outcome
 
 

@@ -406,6 +406,8 @@ class NestedAttentionModule(L.LightningModule):
             return
         # Lightning loads the optimizer's and the schedule's states over the ones configured now: a changed
         # learning rate or schedule would be ignored, or meet a state it does not fit.
+        # Only the settings both name: the arguments a class takes differ between torch versions (LinearLR's
+        # `verbose`), and jsonargparse records every one.
         changed = _changed_settings(
             {
                 "optimizer": recorded.get("optimizer") or DEFAULT_OPTIMIZER,
@@ -413,6 +415,7 @@ class NestedAttentionModule(L.LightningModule):
             },
             {"optimizer": self.optimizer_config, "lr_scheduler": self.lr_scheduler_config},
             keys=("optimizer", "lr_scheduler"),
+            common_only=True,
         )
         if changed and "optimizer" in recorded:
             self._refuse_checkpoint(
@@ -464,7 +467,7 @@ class NestedAttentionModule(L.LightningModule):
         if trainer is None or trainer.max_epochs in (None, -1):
             return
         epoch, step = checkpoint.get("epoch", 0), checkpoint.get("global_step", 0)
-        if epoch >= trainer.max_epochs and (trainer.max_steps == -1 or step < trainer.max_steps):
+        if epoch >= trainer.max_epochs and trainer.max_steps != -1 and step < trainer.max_steps:
             raise ConfigError(
                 f"the checkpoint {trainer.ckpt_path} ends epoch {epoch} at step {step}, and trainer.max_epochs="
                 f"{trainer.max_epochs} ends the run there, before trainer.max_steps={trainer.max_steps}: pass "
@@ -612,8 +615,6 @@ class NestedAttentionModule(L.LightningModule):
         else:
             per_sample = self._unet_loss(prediction, latents, noise, timesteps)
         subject_fraction = torch.stack([b.masks.any(-1) for b in bindings]).any(0).float().mean()
-        if cut:
-            self._report_subjects_cut(cut)
         return {
             "loss": per_sample.mean() + participation,
             "subject_fraction": subject_fraction,
@@ -763,6 +764,8 @@ class NestedAttentionModule(L.LightningModule):
         batch_size = len(batch["captions"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/subject_fraction", out["subject_fraction"], batch_size=batch_size, sync_dist=True)
+        if out["subject_cut"]:
+            self._report_subjects_cut(out["subject_cut"])
         counts = {**(batch.get("skipped") or {}), "subject_cut": out["subject_cut"]}
         for name, count in counts.items():
             # Summed over the epoch and across ranks: how many samples the data pipeline skipped, and how many
@@ -797,10 +800,11 @@ def _changed_settings(
     recorded: dict[str, Any],
     current: dict[str, Any],
     keys: tuple[str, ...] = ("base_model", "encoder", "subjects"),
+    common_only: bool = False,
 ) -> list[str]:
     """``["encoder.num_tokens: 16 -> 8", ...]``: the settings under ``keys`` (by default those that decide the
     adapter's tensors: base model, encoder, tokens) whose value in a checkpoint's hyper-parameters differs from
-    the current one."""
+    the current one; ``common_only``: of the settings both sides have (a missing one is not a change)."""
 
     def flat(value: Any, prefix: str) -> dict[str, Any]:
         if isinstance(value, dict):
@@ -812,9 +816,10 @@ def _changed_settings(
         if key in recorded and key in current:
             before.update(flat(recorded[key], key))
             after.update(flat(current[key], key))
+    names = before.keys() & after.keys() if common_only else before.keys() | after.keys()
     return [
         f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
-        for key in sorted(before.keys() | after.keys())
+        for key in sorted(names)
         if before.get(key) != after.get(key)
     ]
 
