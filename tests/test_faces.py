@@ -272,10 +272,12 @@ def test_a_manifest_bbox_chooses_between_two_faces_and_an_identity_column_pairs_
     }
 
 
-def test_identity_folders_without_faces_lend_the_other_photo_and_one_photo_keeps_its_own(tmp_path):
+def _pets_by_identity_folders(tmp_path: Path, names: tuple[str, ...]) -> tuple[Path, Path]:
+    """Random photos at ``names`` (under ``<identity>/``) with captions, made into shards by identity folders
+    without faces; returns (source, out)."""
     src = tmp_path / "pets"
     rng = np.random.default_rng(0)
-    for name in ("rex/1.png", "rex/2.png", "tom/1.png", "loose.png"):
+    for name in names:
         path = src / name
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(path)
@@ -285,6 +287,11 @@ def test_identity_folders_without_faces_lend_the_other_photo_and_one_photo_keeps
         [str(src), str(out), "--domain", "pets", "--subject", "<pet>", "--identity-folders", "--no-progress"]
     )
     assert code == 0
+    return src, out
+
+
+def test_identity_folders_without_faces_lend_the_other_photo_and_one_photo_keeps_its_own(tmp_path):
+    src, out = _pets_by_identity_folders(tmp_path, ("rex/1.png", "rex/2.png", "tom/1.png", "loose.png"))
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert [Path(r["path"]).name for r in rejected] == ["loose.png"]
     assert rejected[0]["reason"].startswith("not inside an identity folder")
@@ -295,18 +302,9 @@ def test_identity_folders_without_faces_lend_the_other_photo_and_one_photo_keeps
 
 
 def test_one_photo_in_two_formats_never_lends_itself_as_the_other_photo(tmp_path):
-    src = tmp_path / "pets"
-    rng = np.random.default_rng(0)
-    for name in ("max/a.png", "max/a.jpg", "max/b.png", "tom/1.png", "tom/1.jpg"):
-        path = src / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(path)
-        path.with_suffix(".txt").write_text("a photo of <pet>")
-    out = tmp_path / "out"
-    code = main_shards(
-        [str(src), str(out), "--domain", "pets", "--subject", "<pet>", "--identity-folders", "--no-progress"]
+    _, out = _pets_by_identity_folders(
+        tmp_path, ("max/a.png", "max/a.jpg", "max/b.png", "tom/1.png", "tom/1.jpg")
     )
-    assert code == 0
     references = {
         json.loads(s["json"])["source"]: json.loads(s["json"])["reference"]
         for s in _tar_samples(out).values()

@@ -188,23 +188,25 @@ def test_refusals_are_found_through_wrappers_and_other_errors_are_not():
         assert storage_refusal(bug) is None
 
 
-def test_nested_fit_on_a_full_disk_ends_in_one_line(small_disk, capsys):
-    argv = ["fit", "--config", str(REPO / "configs/smoke.yaml"), "--trainer.max_steps=50"]
-    argv += [f"--trainer.default_root_dir={small_disk}", "--trainer.limit_val_batches=0"]
-    argv += ["--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+def _nested_fit_refusal(capsys, root: Path, *options: str) -> str:
+    """The one line ``nested fit`` on the smoke config into ``root`` ends with (exit status 2)."""
+    argv = ["fit", "--config", str(REPO / "configs/smoke.yaml"), f"--trainer.default_root_dir={root}"]
+    argv += ["--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", *options]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_nested_fit_on_a_full_disk_ends_in_one_line(small_disk, capsys):
+    refusal = _nested_fit_refusal(capsys, small_disk, "--trainer.max_steps=50", "--trainer.logger=false")
     checkpoint = small_disk / "checkpoints" / "epoch=0-step=50.ckpt"
-    assert (
-        capsys.readouterr().err.strip().splitlines()[-1]
-        == f"nested fit: error: {_full_disk_message(checkpoint)}"
-    )
+    assert refusal == f"nested fit: error: {_full_disk_message(checkpoint)}"
     assert not any(path.name.startswith(".") for path in small_disk.rglob("*"))  # no partial write left
 
 
 def test_training_logs_on_a_full_disk_end_in_one_line_naming_their_folder(small_disk, tmp_path, capsys):
-    # Only the logs are on the full disk: TensorBoard's writer thread meets the refusal, the next flush reports it.
+    # Only the logs are on the full disk, full from the start: the event file's header is refused.
     logs = small_disk / "lightning_logs"
     logs.mkdir()
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
@@ -212,16 +214,8 @@ def test_training_logs_on_a_full_disk_end_in_one_line_naming_their_folder(small_
     run = tmp_path / "run"
     run.mkdir()
     (run / "lightning_logs").symlink_to(logs, target_is_directory=True)
-    argv = ["fit", "--config", str(REPO / "configs/smoke.yaml"), "--trainer.max_steps=4"]
-    argv += [f"--trainer.default_root_dir={run}", "--trainer.limit_val_batches=0"]
-    argv += ["--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"]
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    assert (
-        capsys.readouterr().err.strip().splitlines()[-1]
-        == f"nested fit: error: {_full_disk_message(run / 'lightning_logs' / 'version_0')}"
-    )
+    refusal = _nested_fit_refusal(capsys, run, "--trainer.max_steps=4", "--trainer.log_every_n_steps=1")
+    assert refusal == f"nested fit: error: {_full_disk_message(run / 'lightning_logs' / 'version_0')}"
     assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
 
 
