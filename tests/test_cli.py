@@ -393,6 +393,8 @@ def test_a_finished_run_extended_trains_on_and_changed_training_settings_are_ref
         "token_weight=2.0 (set model.token_weight: 1.0 to resume it)",
         "--model.value_norm_factor=2.0": "it was trained with value_norm_factor=None, this model is configured with "
         "value_norm_factor=2.0 (set model.value_norm_factor: null to resume it)",
+        "--lr_scheduler=torch.optim.lr_scheduler.LinearLR": "these settings differ from it: "
+        "lr_scheduler.class_path: None -> 'torch.optim.lr_scheduler.LinearLR'",
     }
     for change, why in changes.items():
         refusal = _refusal(
@@ -407,9 +409,20 @@ def test_a_finished_run_extended_trains_on_and_changed_training_settings_are_ref
     assert main(_fit_args(root, "--trainer.max_steps=2", "--trainer.max_epochs=-1")) == 0
     assert checkpoint_step(find_resume_checkpoint(root, [root / "checkpoints"])) == 2
     assert json.loads(config.read_text())["training"] == {"step": 2, "complete": True}
-    # A run that its epochs end, without max_steps: the same command again has nothing to train.
-    bounded = _fit_args(tmp_path / "epochs", "--trainer.max_steps=-1", "--data.epoch_samples=8")
-    assert main(bounded) == 0 and main(bounded) == 0
+    # A run that its epochs end (2 steps), before or without max_steps: the same command again has nothing to train.
+    for max_steps in (-1, 5):
+        bounded = _fit_args(
+            tmp_path / f"epochs{max_steps}", f"--trainer.max_steps={max_steps}", "--data.epoch_samples=8"
+        )
+        assert main(bounded) == 0 and main(bounded) == 0
+        assert (
+            checkpoint_step(
+                find_resume_checkpoint(
+                    tmp_path / f"epochs{max_steps}", [tmp_path / f"epochs{max_steps}" / "checkpoints"]
+                )
+            )
+            == 2
+        )
 
 
 def test_fast_dev_run_and_barebones_write_no_logs(tmp_path):
@@ -419,6 +432,17 @@ def test_fast_dev_run_and_barebones_write_no_logs(tmp_path):
     barebones = ["--trainer.barebones=true", "--trainer.callbacks=null", "--trainer.log_every_n_steps=null"]
     assert main(_fit_args(tmp_path / "bare", *barebones)) == 0
     assert sorted(path.name for path in (tmp_path / "bare").iterdir()) == ["adapters", "config.yaml"]
+
+
+def test_a_validation_interval_in_time_is_left_to_lightning(tmp_path):
+    assert (
+        main(
+            _fit_args(
+                tmp_path / "run", "--trainer.val_check_interval=00:00:00:30", "--trainer.limit_val_batches=1"
+            )
+        )
+        == 0
+    )
 
 
 def test_a_validation_interval_longer_than_an_epoch_is_one_line(tmp_path, capsys):

@@ -26,6 +26,7 @@ from PIL import Image
 import nested
 from nested.cli.shards import main_shards
 from nested.data.shards import _rejection_summary, _until_stopped, build_shards
+from nested.errors import DataError
 from nested.image_files import ImageFileError, open_image
 
 
@@ -693,17 +694,36 @@ def test_a_worker_killed_mid_build_ends_the_build_in_one_line_instead_of_a_wait_
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         workers = [p for p in psutil.Process(process.pid).children(recursive=True) if p.ppid() != process.pid]
         time.sleep(0.01)
-    workers[0].kill()
+    for worker in workers:  # both: one of them is between two jobs only for microseconds
+        worker.kill()
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2, err
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(
-        r"nested shards: error: a worker process was killed by SIGKILL while preparing the items; the first "
-        r"unfinished one is .*\.bmp\. If the kernel ended it for lack of memory \(a very large image\), lower "
-        r"--workers or --max-pixels, then run the command again\.",
+        r"nested shards: error: a worker process was killed by SIGKILL while preparing .*\.bmp\. If the kernel "
+        r"ended it for lack of memory \(a very large image\), lower --workers or --max-pixels, then run the "
+        r"command again\.",
         last,
     ), err
     assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_shards_of_nested_shards_read_again_keep_their_original_size(tmp_path: Path) -> None:
+    src = tmp_path / "photos"
+    src.mkdir()
+    _save_image(src / "wide.png", 300, 200)
+    (src / "wide.txt").write_text("a photo of <person>")
+    first = tmp_path / "first"
+    build_shards(src, first, domain="faces", subject="<person>", image_size=64, progress=False)
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    shutil.copy(next(first.glob("*.tar")), tars)
+    again = tmp_path / "again"
+    build_shards(tars, again, domain="faces", subject="<person>", progress=False)
+    for folder in (first, again):
+        (sample,) = _read_samples(folder)
+        assert sample["json"]["original_size"] == [200, 300], folder.name  # not the stored 64 x 96
+        assert sample["jpg"].size == (96, 64)
 
 
 class _Outcomes:
@@ -720,12 +740,17 @@ class _Outcomes:
         return self.index - 1
 
 
-def test_a_worker_that_ended_idle_lost_nothing_and_the_build_goes_on() -> None:
+def test_a_worker_that_ended_idle_lost_nothing_and_one_that_held_a_job_ends_the_build() -> None:
     """Near a build's end, fewer items are left than workers: the out-of-memory killer may end an idle one."""
     items = [SimpleNamespace(origin=f"item{i}", image=None) for i in range(3)]
-    idle_worker_killed = lambda: -signal.SIGKILL  # noqa: E731
-    got = list(_until_stopped(items, _Outcomes([0.0, 1.5, 1.5]), [], idle_worker_killed))
+    ended_idle = lambda first_unfinished: (None, -signal.SIGKILL)  # noqa: E731
+    got = list(_until_stopped(items, _Outcomes([0.0, 1.5, 1.5]), [], ended_idle))
     assert [(item.origin, outcome) for item, outcome in got] == [("item0", 0), ("item1", 1), ("item2", 2)]
+    ended_holding_item2 = lambda first_unfinished: (2, -signal.SIGKILL)  # noqa: E731
+    with pytest.raises(
+        DataError, match="^a worker process was killed by SIGKILL while preparing item2. If the"
+    ):
+        list(_until_stopped(items, _Outcomes([0.0, 60.0, 60.0]), [], ended_holding_item2))
 
 
 def test_worker_processes_write_the_same_shards_and_never_fork_the_caller(

@@ -360,7 +360,8 @@ def check_output_folders(trainer: L.Trainer) -> None:
 def check_validation_interval(trainer: L.Trainer, datamodule: Any) -> None:
     """Refuse, in one line, an integer ``trainer.val_check_interval`` longer than an epoch of the training stream
     (Lightning refuses it with a traceback once the fit has started; it counts within an epoch)."""
-    interval = trainer.val_check_interval
+    # A time (a str, dict or timedelta) is Lightning's _val_check_time_interval; it sets no val_check_interval.
+    interval = getattr(trainer, "val_check_interval", None)
     if (
         not isinstance(interval, int)
         or trainer.check_val_every_n_epoch is None

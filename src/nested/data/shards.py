@@ -326,14 +326,16 @@ def iter_tar_source(src: Path) -> Iterator[SourceItem]:
                 if problem is not None:
                     yield SourceItem(image=tar_path, caption=None, origin=origin, name=name, problem=problem)
                     continue
-            height, width = meta.get("original_height"), meta.get("original_width")
-            original = [height, width] if all(isinstance(v, int) and v > 0 for v in (height, width)) else None
+            # A shard's own original_size (nested shards writes it, upright) comes first, then img2dataset's.
+            original = meta.get("original_size")
+            if not _is_size(original):
+                original = [meta.get("original_height"), meta.get("original_width")]
             yield SourceItem(
                 image=tar_path,
                 caption=caption if isinstance(caption, str) else None,
                 origin=origin,
                 name=f"{name}.{image_ext}",
-                original_size=original,
+                original_size=original if _is_size(original) else None,
                 member=members[image_ext],
             )
 
@@ -693,6 +695,11 @@ def _rejection_summary(reasons: list[str]) -> str:
 # ----------------------------------------------------------------------------- identities, workers
 
 
+def _is_size(value: Any) -> bool:
+    """Whether ``value`` is an ``[h, w]`` of positive integers."""
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)
+
+
 def same_identity_references(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Give each sample of one identity the reference of ANOTHER photo of it: the next one in source order
     (the last takes the first's). A photo's reference is its ``ref`` member when it has one (with faces:
@@ -769,14 +776,29 @@ def _sample_or_reason(
         return str(exc)
 
 
-def _start_worker(options: dict[str, Any]) -> None:
+_worker_owners: list[Any] = []  # in a worker: the build's shared array of which process holds which job
+
+
+def _start_worker(options: dict[str, Any], owners: Any) -> None:
     # Ctrl-C reaches the whole process group: the main process stops the workers, which just end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if signum is not None:
             signal.signal(signum, signal.SIG_DFL)
     _worker_options.update(options)
+    _worker_owners.append(owners)
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+
+
+def _owned_sample_or_reason(indexed_job: tuple[int, tuple[str, SourceItem]]) -> dict[str, Any] | str:
+    """:func:`_sample_or_reason` in a worker, which marks the job as its own while it works on it."""
+    index, job = indexed_job
+    owners = _worker_owners[0]
+    owners[index] = os.getpid()
+    try:
+        return _sample_or_reason(job)
+    finally:
+        owners[index] = 0
 
 
 def _exit_with(parent: int) -> None:
@@ -805,60 +827,80 @@ def _prepared(
     # A stop signal raising its exception inside the pool's machinery (between a lock's acquire and its
     # release) can leave the pool unable to shut down: the signals are recorded instead, and the loop
     # stops between two results; the signal then acts once the pool has been terminated.
+    owners = context.Array("q", max(1, len(jobs)), lock=False)  # each job's worker pid while it works on it
     with (
         stop_signals_deferred() as stops,
-        context.Pool(workers, initializer=_start_worker, initargs=(options,)) as pool,
+        context.Pool(workers, initializer=_start_worker, initargs=(options, owners)) as pool,
     ):
-        outcomes = pool.imap(_sample_or_reason, jobs)  # chunksize 1: an IMapIterator, with next(timeout)
-        yield _until_stopped([item for _, item in jobs], outcomes, stops, _ended_worker_watch(pool))
+        # chunksize 1: an IMapIterator, with next(timeout)
+        outcomes = pool.imap(_owned_sample_or_reason, enumerate(jobs))
+        yield _until_stopped([item for _, item in jobs], outcomes, stops, _ended_worker_watch(pool, owners))
 
 
-def _ended_worker_watch(pool: Any) -> Callable[[], int | None]:
+def _ended_worker_watch(pool: Any, owners: Any) -> Callable[[int], tuple[int | None, int] | None]:
     """A check for a pool worker that ended (killed by the kernel's out-of-memory killer, a crash): the pool
-    starts another worker but never runs the lost task again, so its result would be awaited forever. Returns
-    the ended worker's exit code (negative: the signal), or None while all run. Workers end only with the
-    pool; ``Pool._pool`` is its list of worker processes, from which it drops the ended ones."""
-    workers = set(pool._pool)
+    starts another worker but never runs the lost job again, so its result would be awaited forever.
 
-    def ended() -> int | None:
+    The check, given the index of the first unfinished job, returns None while every worker runs; else
+    ``(index of the job an ended worker held, or None if it held none, its exit code)`` (negative: the signal).
+    Workers end only with the pool; ``Pool._pool`` is its list of worker processes, from which it drops the
+    ended ones."""
+    workers = set(pool._pool)
+    held = np.frombuffer(owners, dtype=np.int64)
+
+    def ended(first_unfinished: int) -> tuple[int | None, int] | None:
         workers.update(pool._pool)
-        return next((worker.exitcode for worker in workers if worker.exitcode is not None), None)
+        codes = {worker.pid: worker.exitcode for worker in workers if worker.exitcode is not None}
+        if not codes:
+            return None
+        lost = np.flatnonzero(np.isin(held[first_unfinished:], list(codes)))
+        if lost.size == 0:
+            return None, next(iter(codes.values()))
+        index = first_unfinished + int(lost[0])
+        return index, codes[int(held[index])]
 
     return ended
 
 
 def _until_stopped(
-    items: list[SourceItem], outcomes: Any, stops: list[int], ended_worker: Callable[[], int | None]
+    items: list[SourceItem],
+    outcomes: Any,
+    stops: list[int],
+    ended_worker: Callable[[int], tuple[int | None, int] | None],
 ) -> Iterator[tuple[SourceItem, dict[str, Any] | str]]:
     """(item, its outcome) from a pool's ``imap`` iterator, checking for a recorded stop signal and for an
-    ended worker at least every 0.1 s; a stop raises KeyboardInterrupt here, which the signal's own handler
-    replaces (with ``SystemExit``, its own exception, or the process's end) when it is delivered after the pool.
+    ended worker (:func:`_ended_worker_watch`) at least every 0.1 s; a stop raises KeyboardInterrupt here, which
+    the signal's own handler replaces (with ``SystemExit``, its own exception, or the process's end) when it is
+    delivered after the pool.
 
     Raises:
-        DataError: a worker ended while the items were prepared, and the next item is overdue. A worker that ended
-            idle lost nothing and the items go on arriving; one that ended with a task lost it: the next item is
-            given ten times the longest wait for an item so far (at least 10 s) before the task counts as lost.
+        DataError: a worker ended holding a job, which is lost. A worker that ended holding none lost nothing,
+            unless it ended between taking a job and marking it: the next item is then given twenty times the
+            longest wait for an item so far (at least 60 s) before it counts as lost.
     """
     last, slowest, first = time.monotonic(), 0.0, True
-    for item in items:
+    for position, item in enumerate(items):
         while True:
             if stops:
                 raise KeyboardInterrupt(f"stopped by {signal.Signals(stops[0]).name}")
             try:
                 outcome = outcomes.next(timeout=0.1)
             except multiprocessing.TimeoutError:
-                code = ended_worker()
-                overdue = time.monotonic() - last > max(10.0, 10 * slowest)
-                if code is not None and overdue:
-                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                    if -code in {int(known) for known in signal.Signals}:
-                        how = f"was killed by {signal.Signals(-code).name}"
-                    raise DataError(
-                        f"a worker process {how} while preparing the items; the first unfinished one is "
-                        f"{item.origin or item.image}. If the kernel ended it for lack of memory (a very large "
-                        "image), lower --workers or --max-pixels, then run the command again."
-                    ) from None
-                continue
+                ended = ended_worker(position)
+                if ended is None:
+                    continue
+                index, code = ended
+                if index is None and time.monotonic() - last <= max(60.0, 20 * slowest):
+                    continue
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                if -code in {int(known) for known in signal.Signals}:
+                    how = f"was killed by {signal.Signals(-code).name}"
+                lost = items[position if index is None else index]
+                raise DataError(
+                    f"a worker process {how} while preparing {lost.origin or lost.image}. If the kernel ended it "
+                    "for lack of memory (a very large image), lower --workers or --max-pixels, then run the "
+                    "command again."
+                ) from None
             break
         now = time.monotonic()
         if not first:  # the first wait also starts the workers

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import math
 import random
 from typing import Any
 
@@ -467,6 +468,11 @@ class NestedAttentionModule(L.LightningModule):
         if trainer is None or trainer.max_epochs in (None, -1):
             return
         epoch, step = checkpoint.get("epoch", 0), checkpoint.get("global_step", 0)
+        epoch_batches = getattr(trainer.datamodule, "epoch_batches", None)
+        if epoch_batches is not None:
+            steps_per_epoch = math.ceil(epoch_batches(trainer.world_size) / trainer.accumulate_grad_batches)
+            if step >= trainer.max_epochs * steps_per_epoch:
+                return  # the epochs ended the run, not max_steps: started again, it has nothing to train
         if epoch >= trainer.max_epochs and trainer.max_steps != -1 and step < trainer.max_steps:
             raise ConfigError(
                 f"the checkpoint {trainer.ckpt_path} ends epoch {epoch} at step {step}, and trainer.max_epochs="
@@ -804,7 +810,7 @@ def _changed_settings(
 ) -> list[str]:
     """``["encoder.num_tokens: 16 -> 8", ...]``: the settings under ``keys`` (by default those that decide the
     adapter's tensors: base model, encoder, tokens) whose value in a checkpoint's hyper-parameters differs from
-    the current one; ``common_only``: of the settings both sides have (a missing one is not a change)."""
+    the current one; ``common_only``: of a class's arguments (``*.init_args.*``), only those both sides name."""
 
     def flat(value: Any, prefix: str) -> dict[str, Any]:
         if isinstance(value, dict):
@@ -816,7 +822,9 @@ def _changed_settings(
         if key in recorded and key in current:
             before.update(flat(recorded[key], key))
             after.update(flat(current[key], key))
-    names = before.keys() & after.keys() if common_only else before.keys() | after.keys()
+    names = before.keys() | after.keys()
+    if common_only:  # of the class arguments, those both name; a class, or none, always counts
+        names = {key for key in names if (key in before and key in after) or ".init_args." not in key}
     return [
         f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
         for key in sorted(names)
