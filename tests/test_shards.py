@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
-import re
 import shutil
 import signal
 import stat
@@ -15,7 +13,6 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,8 +22,7 @@ from PIL import Image
 
 import nested
 from nested.cli.shards import main_shards
-from nested.data.shards import _rejection_summary, _until_stopped, build_shards
-from nested.errors import DataError
+from nested.data.shards import _rejection_summary, build_shards
 from nested.image_files import ImageFileError, open_image
 
 
@@ -673,41 +669,6 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
     assert all("jpg" in samples[name] for name in ("i16.png", "la.png", "p.png", "rgb-trns.png", "p.gif"))
 
 
-def test_a_worker_killed_mid_build_ends_the_build_in_one_line_instead_of_a_wait_forever(
-    tmp_path: Path,
-) -> None:
-    """The kernel's out-of-memory killer ends a worker with SIGKILL: the pool replaces the worker, never its task."""
-    psutil = pytest.importorskip("psutil")
-    src, out = tmp_path / "many", tmp_path / "out"
-    src.mkdir()
-    _save_image(src / "0000.bmp", 256, 256)
-    (src / "0000.txt").write_text("a photo of <person>")
-    for i in range(1, 400):
-        shutil.copy(src / "0000.bmp", src / f"{i:04d}.bmp")
-        shutil.copy(src / "0000.txt", src / f"{i:04d}.txt")
-    process = _nested_shards(
-        str(src), str(out), "--domain", "faces", "--subject", "<person>", "--workers", "2"
-    )
-    deadline = time.monotonic() + 120
-    workers = []
-    while not workers:  # the pool's workers: the fork server's children
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        workers = [p for p in psutil.Process(process.pid).children(recursive=True) if p.ppid() != process.pid]
-        time.sleep(0.01)
-    for worker in workers:  # both: one of them is between two jobs only for microseconds
-        worker.kill()
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 2, err
-    last = err.strip().splitlines()[-1]
-    assert re.fullmatch(
-        r"nested shards: error: a worker process was killed by SIGKILL while preparing .*\.bmp\. If the kernel "
-        r"ended it for lack of memory \(a very large image\), lower --workers or --max-pixels, then run the "
-        r"command again\.",
-        last,
-    ), err
-    assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
-
-
 def test_shards_of_nested_shards_read_again_keep_their_original_size(tmp_path: Path) -> None:
     src = tmp_path / "photos"
     src.mkdir()
@@ -724,33 +685,6 @@ def test_shards_of_nested_shards_read_again_keep_their_original_size(tmp_path: P
         (sample,) = _read_samples(folder)
         assert sample["json"]["original_size"] == [200, 300], folder.name  # not the stored 64 x 96
         assert sample["jpg"].size == (96, 64)
-
-
-class _Outcomes:
-    """A pool's ``imap`` results in order, each ready so many seconds after the start."""
-
-    def __init__(self, ready_after: list[float]) -> None:
-        self.start, self.ready_after, self.index = time.monotonic(), ready_after, 0
-
-    def next(self, timeout: float) -> int:
-        if time.monotonic() - self.start < self.ready_after[self.index]:
-            time.sleep(timeout)
-            raise multiprocessing.TimeoutError
-        self.index += 1
-        return self.index - 1
-
-
-def test_a_worker_that_ended_idle_lost_nothing_and_one_that_held_a_job_ends_the_build() -> None:
-    """Near a build's end, fewer items are left than workers: the out-of-memory killer may end an idle one."""
-    items = [SimpleNamespace(origin=f"item{i}", image=None) for i in range(3)]
-    ended_idle = lambda first_unfinished: (None, -signal.SIGKILL)  # noqa: E731
-    got = list(_until_stopped(items, _Outcomes([0.0, 1.5, 1.5]), [], ended_idle))
-    assert [(item.origin, outcome) for item, outcome in got] == [("item0", 0), ("item1", 1), ("item2", 2)]
-    ended_holding_item2 = lambda first_unfinished: (2, -signal.SIGKILL)  # noqa: E731
-    with pytest.raises(
-        DataError, match="^a worker process was killed by SIGKILL while preparing item2. If the"
-    ):
-        list(_until_stopped(items, _Outcomes([0.0, 60.0, 60.0]), [], ended_holding_item2))
 
 
 def test_worker_processes_write_the_same_shards_and_never_fork_the_caller(

@@ -59,7 +59,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -776,29 +776,14 @@ def _sample_or_reason(
         return str(exc)
 
 
-_worker_owners: list[Any] = []  # in a worker: the build's shared array of which process holds which job
-
-
-def _start_worker(options: dict[str, Any], owners: Any) -> None:
+def _start_worker(options: dict[str, Any]) -> None:
     # Ctrl-C reaches the whole process group: the main process stops the workers, which just end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if signum is not None:
             signal.signal(signum, signal.SIG_DFL)
     _worker_options.update(options)
-    _worker_owners.append(owners)
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
-
-
-def _owned_sample_or_reason(indexed_job: tuple[int, tuple[str, SourceItem]]) -> dict[str, Any] | str:
-    """:func:`_sample_or_reason` in a worker, which marks the job as its own while it works on it."""
-    index, job = indexed_job
-    owners = _worker_owners[0]
-    owners[index] = os.getpid()
-    try:
-        return _sample_or_reason(job)
-    finally:
-        owners[index] = 0
 
 
 def _exit_with(parent: int) -> None:
@@ -827,85 +812,29 @@ def _prepared(
     # A stop signal raising its exception inside the pool's machinery (between a lock's acquire and its
     # release) can leave the pool unable to shut down: the signals are recorded instead, and the loop
     # stops between two results; the signal then acts once the pool has been terminated.
-    owners = context.Array("q", max(1, len(jobs)), lock=False)  # each job's worker pid while it works on it
     with (
         stop_signals_deferred() as stops,
-        context.Pool(workers, initializer=_start_worker, initargs=(options, owners)) as pool,
+        context.Pool(workers, initializer=_start_worker, initargs=(options,)) as pool,
     ):
-        # chunksize 1: an IMapIterator, with next(timeout)
-        outcomes = pool.imap(_owned_sample_or_reason, enumerate(jobs))
-        yield _until_stopped([item for _, item in jobs], outcomes, stops, _ended_worker_watch(pool, owners))
-
-
-def _ended_worker_watch(pool: Any, owners: Any) -> Callable[[int], tuple[int | None, int] | None]:
-    """A check for a pool worker that ended (killed by the kernel's out-of-memory killer, a crash): the pool
-    starts another worker but never runs the lost job again, so its result would be awaited forever.
-
-    The check, given the index of the first unfinished job, returns None while every worker runs; else
-    ``(index of the job an ended worker held, or None if it held none, its exit code)`` (negative: the signal).
-    Workers end only with the pool; ``Pool._pool`` is its list of worker processes, from which it drops the
-    ended ones."""
-    workers = set(pool._pool)
-    held = np.frombuffer(owners, dtype=np.int64)
-
-    def ended(first_unfinished: int) -> tuple[int | None, int] | None:
-        workers.update(pool._pool)
-        codes = {worker.pid: worker.exitcode for worker in workers if worker.exitcode is not None}
-        if not codes:
-            return None
-        lost = np.flatnonzero(np.isin(held[first_unfinished:], list(codes)))
-        if lost.size == 0:
-            return None, next(iter(codes.values()))
-        index = first_unfinished + int(lost[0])
-        return index, codes[int(held[index])]
-
-    return ended
+        outcomes = pool.imap(_sample_or_reason, jobs)  # chunksize 1: an IMapIterator, with next(timeout)
+        yield _until_stopped([item for _, item in jobs], outcomes, stops)
 
 
 def _until_stopped(
-    items: list[SourceItem],
-    outcomes: Any,
-    stops: list[int],
-    ended_worker: Callable[[int], tuple[int | None, int] | None],
+    items: list[SourceItem], outcomes: Any, stops: list[int]
 ) -> Iterator[tuple[SourceItem, dict[str, Any] | str]]:
-    """(item, its outcome) from a pool's ``imap`` iterator, checking for a recorded stop signal and for an
-    ended worker (:func:`_ended_worker_watch`) at least every 0.1 s; a stop raises KeyboardInterrupt here, which
-    the signal's own handler replaces (with ``SystemExit``, its own exception, or the process's end) when it is
-    delivered after the pool.
-
-    Raises:
-        DataError: a worker ended holding a job, which is lost. A worker that ended holding none lost nothing,
-            unless it ended between taking a job and marking it: the next item is then given twenty times the
-            longest wait for an item so far (at least 60 s) before it counts as lost.
-    """
-    last, slowest, first = time.monotonic(), 0.0, True
-    for position, item in enumerate(items):
+    """(item, its outcome) from a pool's ``imap`` iterator, checking for a recorded stop signal at least
+    every 0.1 s; a stop raises KeyboardInterrupt here, which the signal's own handler replaces (with
+    ``SystemExit``, its own exception, or the process's end) when it is delivered after the pool."""
+    for item in items:
         while True:
             if stops:
                 raise KeyboardInterrupt(f"stopped by {signal.Signals(stops[0]).name}")
             try:
                 outcome = outcomes.next(timeout=0.1)
             except multiprocessing.TimeoutError:
-                ended = ended_worker(position)
-                if ended is None:
-                    continue
-                index, code = ended
-                if index is None and time.monotonic() - last <= max(60.0, 20 * slowest):
-                    continue
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                if -code in {int(known) for known in signal.Signals}:
-                    how = f"was killed by {signal.Signals(-code).name}"
-                lost = items[position if index is None else index]
-                raise DataError(
-                    f"a worker process {how} while preparing {lost.origin or lost.image}. If the kernel ended it "
-                    "for lack of memory (a very large image), lower --workers or --max-pixels, then run the "
-                    "command again."
-                ) from None
+                continue
             break
-        now = time.monotonic()
-        if not first:  # the first wait also starts the workers
-            slowest = max(slowest, now - last)
-        last, first = now, False
         yield item, outcome
 
 
