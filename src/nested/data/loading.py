@@ -47,6 +47,7 @@ from nested.data.domains import SKIP_KEYS, DomainSpec, SkipCounter, TooManySkips
 from nested.data.train_stream import DomainSource, ResumePoint, TrainStream
 from nested.data.transforms import (
     ReferenceAugment,
+    caption_text,
     contains_subject,
     insert_subject,
     reference_transform,
@@ -93,9 +94,9 @@ def sample_caption(meta: dict[str, Any], txt: bytes | str | None) -> str:
     if isinstance(caption, str):
         return caption
     if isinstance(txt, bytes):
-        txt = txt.decode("utf-8-sig")
+        txt = txt.decode("utf-8")
     if isinstance(txt, str):
-        return txt.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+        return caption_text(txt)
     raise ValueError("no caption: the json has no 'caption' string and there is no txt member")
 
 

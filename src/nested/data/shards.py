@@ -71,7 +71,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from nested.data.transforms import target_transform, upright_original_size
+from nested.data.transforms import caption_text, target_transform, upright_original_size
 from nested.errors import ConfigError, DataError, MissingFileError, OutputExistsError
 from nested.files import staging_folder, stop_signals_deferred, swap_files
 from nested.image_files import IMAGE_SUFFIXES, ImageFileError, open_image
@@ -216,7 +216,7 @@ def _decode_caption(data: bytes, where: str) -> tuple[str | None, str | None]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         return None, f"caption {_not_utf8(exc.object[exc.start], exc.start)} ({where})"
-    return text.replace("\r\n", "\n").replace("\r", "\n"), None
+    return caption_text(text), None
 
 
 def _read_caption(path: Path) -> tuple[str | None, str | None]:

@@ -27,6 +27,7 @@ __all__ = [
     "contains_subject",
     "insert_subject",
     "reference_transform",
+    "caption_text",
     "target_transform",
     "upright_original_size",
 ]
@@ -211,6 +212,11 @@ def upright_original_size(original: tuple[int, int], stored: tuple[int, int]) ->
     if (height - width) * (stored_height - stored_width) < 0:
         return width, height
     return height, width
+
+
+def caption_text(text: str) -> str:
+    """A caption as its file's text is read: a byte-order mark dropped, line ends made ``\\n``."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def contains_subject(caption: str, subject: str) -> bool:

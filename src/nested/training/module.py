@@ -406,9 +406,9 @@ class NestedAttentionModule(L.LightningModule):
         if not fitting:
             return
         # Lightning loads the optimizer's and the schedule's states over the ones configured now: a changed
-        # learning rate or schedule would be ignored, or meet a state it does not fit.
-        # Only the settings both name: the arguments a class takes differ between torch versions (LinearLR's
-        # `verbose`), and jsonargparse records every one.
+        # learning rate or schedule would be ignored, or meet a state it does not fit. Of a class's arguments,
+        # only those both sides name count: they differ between torch versions (LinearLR's `verbose`), and
+        # jsonargparse records every one.
         changed = _changed_settings(
             {
                 "optimizer": recorded.get("optimizer") or DEFAULT_OPTIMIZER,
