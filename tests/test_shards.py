@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -667,6 +668,49 @@ def test_every_image_mode_becomes_the_right_8bit_rgb(tmp_path: Path) -> None:
     for name in ("l.png", "one.png", "opaque.png"):  # the reader's conversion is already right: stored as is
         assert "png" in samples[name] and "jpg" not in samples[name], name
     assert all("jpg" in samples[name] for name in ("i16.png", "la.png", "p.png", "rgb-trns.png", "p.gif"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
+def test_a_worker_killed_mid_build_ends_the_build_instead_of_a_wait_forever(
+    tmp_path: Path, signum: int
+) -> None:
+    """The kernel's out-of-memory killer ends a worker with SIGKILL: one line that names the image it held. A
+    worker that crashed otherwise (a library's bug) keeps the traceback."""
+    psutil = pytest.importorskip("psutil")
+    src, out = tmp_path / "many", tmp_path / "out"
+    src.mkdir()
+    _save_image(src / "0000.bmp", 256, 256)
+    (src / "0000.txt").write_text("a photo of <person>")
+    for i in range(1, 400):
+        shutil.copy(src / "0000.bmp", src / f"{i:04d}.bmp")
+        shutil.copy(src / "0000.txt", src / f"{i:04d}.txt")
+    process = _nested_shards(
+        str(src), str(out), "--domain", "faces", "--subject", "<person>", "--workers", "2"
+    )
+    deadline = time.monotonic() + 120
+    workers = []
+    while len(workers) < 2:  # the pool's workers: the fork server's children
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        workers = [p for p in psutil.Process(process.pid).children(recursive=True) if p.ppid() != process.pid]
+        time.sleep(0.01)
+    for worker in workers:  # both: each holds a job nearly all the time
+        worker.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    if signum == signal.SIGSEGV:
+        assert process.returncode == 1 and "Traceback" in err, err
+        assert re.search(
+            r"RuntimeError: a worker process ended \(killed by SIGSEGV\) while preparing .*\.bmp\n", err
+        )
+        return
+    assert process.returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"nested shards: error: a worker process ended \(killed by SIGKILL\) while preparing .*/\d{4}\.bmp\. If "
+        r"the kernel ended it for lack of memory \(a very large image\), lower --workers or --max-pixels, then "
+        r"run the command again\.",
+        last,
+    ), err
+    assert not out.exists()  # this run made it; nothing was written, no staging left
 
 
 def test_shards_of_nested_shards_read_again_keep_their_original_size(tmp_path: Path) -> None:

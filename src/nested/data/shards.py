@@ -56,7 +56,6 @@ import shutil
 import signal
 import tarfile
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -72,6 +71,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nested.data.transforms import caption_text, target_transform, upright_original_size
+from nested.data.worker_pool import OrderedWorkerPool, WorkerDied
 from nested.errors import ConfigError, DataError, MissingFileError, OutputExistsError
 from nested.files import staging_folder, stop_signals_deferred, swap_files
 from nested.image_files import IMAGE_SUFFIXES, ImageFileError, open_image
@@ -783,15 +783,6 @@ def _start_worker(options: dict[str, Any]) -> None:
         if signum is not None:
             signal.signal(signum, signal.SIG_DFL)
     _worker_options.update(options)
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
-
-
-def _exit_with(parent: int) -> None:
-    """A worker whose parent was killed (no chance to stop it) exits instead of waiting forever. The parent
-    is the fork server, which itself ends with the main process."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
 
 
 @contextlib.contextmanager
@@ -799,6 +790,7 @@ def _prepared(
     jobs: list[tuple[str, SourceItem]], options: dict[str, Any], workers: int
 ) -> Iterator[Iterator[tuple[SourceItem, dict[str, Any] | str]]]:
     """(item, sample or rejection reason) for every job, in order: here, or in ``workers`` processes."""
+    items = [item for _, item in jobs]
     if workers == 0:
         yield ((item, _sample_or_reason((key, item), options)) for key, item in jobs)
         return
@@ -809,33 +801,22 @@ def _prepared(
         context.set_forkserver_preload([__name__])
     else:
         context = multiprocessing.get_context("spawn")
-    # A stop signal raising its exception inside the pool's machinery (between a lock's acquire and its
-    # release) can leave the pool unable to shut down: the signals are recorded instead, and the loop
-    # stops between two results; the signal then acts once the pool has been terminated.
+    # Stop signals are recorded, not raised wherever they land: the loop stops between two results,
+    # the workers end, and the signal then acts.
     with (
         stop_signals_deferred() as stops,
-        context.Pool(workers, initializer=_start_worker, initargs=(options,)) as pool,
+        OrderedWorkerPool(context, workers, _sample_or_reason, _start_worker, (options,)) as pool,
     ):
-        outcomes = pool.imap(_sample_or_reason, jobs)  # chunksize 1: an IMapIterator, with next(timeout)
-        yield _until_stopped([item for _, item in jobs], outcomes, stops)
-
-
-def _until_stopped(
-    items: list[SourceItem], outcomes: Any, stops: list[int]
-) -> Iterator[tuple[SourceItem, dict[str, Any] | str]]:
-    """(item, its outcome) from a pool's ``imap`` iterator, checking for a recorded stop signal at least
-    every 0.1 s; a stop raises KeyboardInterrupt here, which the signal's own handler replaces (with
-    ``SystemExit``, its own exception, or the process's end) when it is delivered after the pool."""
-    for item in items:
-        while True:
-            if stops:
-                raise KeyboardInterrupt(f"stopped by {signal.Signals(stops[0]).name}")
-            try:
-                outcome = outcomes.next(timeout=0.1)
-            except multiprocessing.TimeoutError:
-                continue
-            break
-        yield item, outcome
+        try:
+            yield zip(items, pool.map(jobs, stops), strict=True)
+        except WorkerDied as died:
+            what = f"a worker process ended ({died.cause}) while preparing {items[died.job_index].origin}"
+            if died.exitcode != -signal.SIGKILL:
+                raise RuntimeError(what) from died  # a crash in a library, or a bug: its traceback helps
+            raise DataError(
+                f"{what}. If the kernel ended it for lack of memory (a very large image), lower --workers "
+                "or --max-pixels, then run the command again."
+            ) from None
 
 
 def build_shards(
