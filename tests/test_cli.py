@@ -402,6 +402,14 @@ def test_a_finished_run_extended_trains_on_and_changed_training_settings_are_ref
         )
         assert refusal.startswith(f"nested fit: error: cannot resume from the checkpoint {newest}: ")
         assert why in refusal, refusal
+    assert "start a new run with --model.init_adapter set to this run's adapters/last" in refusal
+    # That way out: a new run starts from the run's exported weights, with its own optimizer settings.
+    onward = tmp_path / "onward"
+    init = f"--model.init_adapter={root / 'adapters' / 'last'}"
+    assert main(_fit_args(onward, "--optimizer.init_args.lr=0.001", init)) == 0
+    recorded = torch.load(onward / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
+    assert recorded["init_adapter"] == str(root / "adapters" / "last")
+    assert recorded["optimizer"]["init_args"]["lr"] == 0.001
     # A checkpoint of another torch version records arguments this one's classes lack (LinearLR's `verbose`).
     state = torch.load(newest, weights_only=False)
     state["hyper_parameters"]["optimizer"]["init_args"]["an_older_torchs_argument"] = "deprecated"

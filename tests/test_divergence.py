@@ -119,7 +119,7 @@ def test_a_run_of_non_finite_steps_stops_the_fit_with_the_weights_of_the_last_go
         "3 to 5; the weights are those of step 2"
     )
     assert (
-        "To go on, train with a lower learning rate (optimizer.init_args.lr; now 0.05), from the start, in "
+        "To go on, train with a lower learning rate (optimizer.init_args.lr; now 0.05), from the start or from an adapter this run exported "
         in (message)
     )
     assert "bf16-mixed" not in message  # only a 16-mixed run is told about bf16

@@ -22,7 +22,7 @@ from nested.callbacks.export import AdapterExport
 from nested.cli.main import main
 from nested.data import DomainSpec, NestedDataModule
 from nested.encoder import EncoderSpec
-from nested.errors import ConfigError, MissingFileError
+from nested.errors import AdapterError, ConfigError, MissingFileError
 from nested.training.module import ConditioningDropout, NestedAttentionModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -439,6 +439,41 @@ def test_init_from_base_starts_every_nested_projection_as_the_layers_own(tiny_sd
                                    subjects={"<person>": "person"}, init_from_base=True)  # fmt: skip
     with pytest.raises(ConfigError, match=f"model.encoder.output_dim: {width}"):
         narrow.configure_model()
+
+
+def test_init_adapter_starts_training_from_an_exported_adapters_weights(
+    tiny_sd_path, tiny_sdxl_path, tiny_adapter
+):
+    """model.init_adapter copies a saved adapter's resampler and nested projections (not its token
+    embeddings); an adapter of another architecture or encoder size is refused naming the tensor."""
+    from safetensors.torch import load_file
+
+    spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
+    saved = load_file(tiny_adapter / "adapter.safetensors")
+    module = NestedAttentionModule(
+        str(tiny_sd_path), spec, subjects={"<dog>": "dog"}, init_adapter=str(tiny_adapter)
+    )
+    module.configure_model()
+    ours = module.adapter.adapter_state_dict()
+    copied = [name for name in saved if not name.startswith("token_embeddings.")]
+    assert len(copied) > 4 and all(torch.equal(ours[name], saved[name]) for name in copied)
+    assert module.adapter.config.token == "<dog>"  # this run's own token and options stay
+    assert all(p.requires_grad for p in module.adapter.trainable_parameters())
+    fresh = NestedAttentionModule(str(tiny_sd_path), spec, subjects={"<dog>": "dog"})
+    fresh.configure_model()
+    assert not torch.equal(fresh.adapter.adapter_state_dict()[copied[0]], saved[copied[0]])
+
+    wider = NestedAttentionModule(str(tiny_sd_path), dataclasses.replace(spec, num_tokens=8),
+                                  subjects={"<dog>": "dog"}, init_adapter=str(tiny_adapter))  # fmt: skip
+    with pytest.raises(AdapterError, match=r"cannot start this training: it has resampler.latents \[1, 4, 32\], "
+                       r"this adapter's is \[1, 8, 32\] \(it was trained on .*\)\. Start from"):  # fmt: skip
+        wider.configure_model()
+    other_base = NestedAttentionModule(str(tiny_sdxl_path), spec, subjects={"<dog>": "dog"},
+                                       init_adapter=str(tiny_adapter))  # fmt: skip
+    with pytest.raises(AdapterError, match=r"cannot start this training: it (has|has no) layers\."):
+        other_base.configure_model()
+    with pytest.raises(ConfigError, match="set one of them"):
+        NestedAttentionModule(str(tiny_sd_path), spec, init_from_base=True, init_adapter=str(tiny_adapter))
 
 
 def caption_batch(present: tuple[bool, ...], seed: int, sdxl: bool = False) -> dict:

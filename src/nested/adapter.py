@@ -527,6 +527,46 @@ class NestedAdapter(nn.Module):
             layer.to_k.weight.copy_(key_projection.weight.dequantize())
             layer.to_v.weight.copy_(value_projection.weight.dequantize())
 
+    def init_weights_from(
+        self, name_or_path: str | os.PathLike, *, revision: str | None = None
+    ) -> AdapterConfig:
+        """Start from a saved adapter's weights: its resampler and nested projections are copied into this
+        one (fine-tuning on another domain, or with another learning rate). Its token embeddings and
+        options (tokens, injection, token weight) are not taken: this adapter's own stay. Returns the
+        saved adapter's config.
+
+        The saved adapter must have every tensor this one has, at the same shape: the same base
+        architecture (its cross-attention layers) and the same encoder sizes. A difference names the
+        first tensor that differs.
+        """
+        folder = resolve_adapter_folder(name_or_path, revision=revision)
+        theirs = check_adapter_files(folder)
+        shapes = {
+            name: shape
+            for name, shape in tensor_shapes(folder / WEIGHTS_NAME).items()
+            if not name.startswith("token_embeddings.")
+        }
+        ours = {
+            name: tuple(tensor.shape)
+            for name, tensor in self.adapter_state_dict().items()
+            if not name.startswith("token_embeddings.")
+        }
+        made_for = f"it was trained on {theirs.base_model or 'an unknown base'} with encoder {theirs.encoder.backbone}"
+        for name in sorted(set(ours) | set(shapes)):
+            if name not in shapes or name not in ours or shapes[name] != ours[name]:
+                has = f"has {name} {list(shapes[name])}" if name in shapes else f"has no {name}"
+                wants = f"this adapter's is {list(ours[name])}" if name in ours else "this adapter has none"
+                raise AdapterError(
+                    f"adapter {folder} cannot start this training: it {has}, {wants} ({made_for}). Start from "
+                    "an adapter of the same base architecture and encoder sizes (model.encoder), or from scratch."
+                )
+        state = load_file(folder / WEIGHTS_NAME)
+        self.load_adapter_state_dict(
+            {name: tensor for name, tensor in state.items() if name in ours},
+            source=str(folder / WEIGHTS_NAME),
+        )
+        return theirs
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The resampler, every nested projection and, if :meth:`train_token_embeddings` was called, the
         placeholder embeddings (the frozen backbone is not a submodule)."""

@@ -134,7 +134,8 @@ class DivergenceGuard(L.Callback):
         return (
             f"training diverged: the gradients were not finite (NaN or infinite) {where}; the weights are those of "
             f"step {self.last_good_step}, and so are the checkpoints written since. To go on, {fixes} "
-            f"(optimizer.init_args.lr; now {', '.join(f'{lr:g}' for lr in rates)}), from the start, in another "
+            f"(optimizer.init_args.lr; now {', '.join(f'{lr:g}' for lr in rates)}), from the start or from an adapter this run exported "
+            "(--model.init_adapter), in another "
             "--trainer.default_root_dir: a resumed run restores its checkpoint's learning rate (another one is refused) "
             "and meets the same batches again (divergence.max_consecutive_skips and max_skipped_share set how many non-finite steps "
             "are skipped before the fit stops)"

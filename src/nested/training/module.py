@@ -107,6 +107,12 @@ class NestedAttentionModule(L.LightningModule):
             then begin in the text space the UNet reads. Needs ``encoder.output_dim`` equal to the input width
             of the layers' text projections (SD 1.5: 768, SDXL: 2048; SD3 / FLUX: the blocks' width). Only the
             start of training: resuming loads the weights.
+        init_adapter: an exported adapter (a folder, e.g. another run's ``adapters/last``, or a Hub repo
+            id) whose resampler and nested projections start training instead of random ones: fine-tuning
+            it on another domain, or going on with another learning rate or schedule (which a resumed run
+            refuses). It must have been trained on a base of the same architecture with the same encoder
+            sizes; its token embeddings are not taken. Excludes ``init_from_base``. Read again when a run
+            resumes (the checkpoint's weights then replace it): keep it where it is until the run ends.
         injection: ``"nested"`` (the method) or ``"decoupled"`` (IP-Adapter-style decoupled
             cross-attention with the same encoder and per-layer projections, for ablations; needs
             ``value_norm_factor: null``). Recorded in the exported adapter's config.
@@ -172,6 +178,7 @@ class NestedAttentionModule(L.LightningModule):
         token_weight: float = 1.0,
         train_token_embeddings: bool = False,
         init_from_base: bool = False,
+        init_adapter: str | None = None,
         injection: InjectionMode = "nested",
         domain: str = "",
         dropout: ConditioningDropout | None = None,
@@ -243,7 +250,13 @@ class NestedAttentionModule(L.LightningModule):
         self.value_norm_factor = value_norm_factor
         self.token_weight = token_weight
         self.train_token_embeddings = train_token_embeddings
+        if init_from_base and init_adapter is not None:
+            raise ConfigError(
+                "model.init_from_base and model.init_adapter both say where the nested projections start: "
+                "set one of them."
+            )
         self.init_from_base = init_from_base
+        self.init_adapter = init_adapter
         self.injection = injection
         self.domain = domain
         self.frozen: FrozenModules | None = None
@@ -321,6 +334,8 @@ class NestedAttentionModule(L.LightningModule):
         )
         if self.init_from_base:
             adapter.init_projections_from(denoiser)
+        if self.init_adapter is not None:
+            adapter.init_weights_from(self.init_adapter)
         adapter.config.extra_tokens = dict(extra)
         adapter.config.token_weight = self.token_weight
         adapter.add_tokens(*backbone.placeholder_text_encoders)
@@ -421,7 +436,8 @@ class NestedAttentionModule(L.LightningModule):
         if changed and "optimizer" in recorded:
             self._refuse_checkpoint(
                 f"a resume restores the optimizer and its learning-rate schedule as the checkpoint holds them, and "
-                f"these settings differ from it: {', '.join(changed)}"
+                f"these settings differ from it: {', '.join(changed)} (to train on from its weights with them, "
+                "start a new run with --model.init_adapter set to this run's adapters/last)"
             )
         self._check_epochs_left(checkpoint)
 
