@@ -403,3 +403,91 @@ sys.exit(main(["shards", *{shards!r}]))
     assert error.startswith("nested shards: error: face detection and face identity need dlib")
     assert error.endswith("pip install 'nested[faces]'")
     assert not (tmp_path / "out" / "shards.json").exists()
+
+
+# ----------------------------------------------------------------------------- subject photos at inference
+
+
+@pytest.mark.faces
+def test_generate_align_face_gives_the_adapter_the_crop_nested_shards_would_have_written(
+    tiny_sd_path, tiny_adapter, tmp_path, capsys
+):
+    """--align-face TOKEN: the photo goes through the same detection, choice and alignment as a training
+    reference; the images equal those drawn from that crop given directly. A photo with no face, or with
+    two of similar size, ends in one line."""
+    from nested.cli.generate import main_generate
+    from nested.data.faces import aligned_subject_face
+
+    photo, crop = tmp_path / "collins.png", tmp_path / "collins-aligned.png"
+    rotated(astronaut(), 10).save(photo)
+    aligned_subject_face(rotated(astronaut(), 10)).save(crop)
+    base = ["--base", str(tiny_sd_path), "--adapter", f"<person>={tiny_adapter}", "--prompt", "a photo of <person>",
+            "--steps", "1", "--no-progress"]  # fmt: skip
+    assert main_generate([*base, "--subject", f"<person>={photo}", "--align-face", "<person>",
+                          "--out", str(tmp_path / "aligned")]) == 0  # fmt: skip
+    assert main_generate([*base, "--subject", f"<person>={crop}", "--out", str(tmp_path / "crop")]) == 0
+    assert main_generate([*base, "--subject", f"<person>={photo}", "--out", str(tmp_path / "whole")]) == 0
+    image = (tmp_path / "aligned" / "image-000.png").read_bytes()
+    assert image == (tmp_path / "crop" / "image-000.png").read_bytes()
+    assert image != (tmp_path / "whole" / "image-000.png").read_bytes()
+    settings = json.loads((tmp_path / "aligned" / "generation.json").read_text())
+    assert settings["subjects"]["<person>"]["aligned_face"] is True
+    assert (
+        json.loads((tmp_path / "whole" / "generation.json").read_text())["subjects"]["<person>"][
+            "aligned_face"
+        ]
+        is False
+    )
+
+    camera().save(tmp_path / "man.png")
+    two_people().save(tmp_path / "two.png")
+    capsys.readouterr()
+    for name, reason in (("man.png", "no face found"), ("two.png", "2 faces of similar size")):
+        argv = [*base, "--subject", f"<person>={tmp_path / name}", "--align-face", "<person>",
+                "--out", str(tmp_path / f"out-{name}")]  # fmt: skip
+        assert main_generate(argv) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"nested generate: error: --subject <person>={tmp_path / name}: {reason}"), (
+            error
+        )
+        assert "leave out --align-face" in error and "\n" not in error
+        assert not (tmp_path / f"out-{name}").exists()
+    assert main_generate([*base, "--subject", f"<person>={photo}", "--align-face", "<dog>"]) == 2
+    assert "--align-face '<dog>' has no --subject." in capsys.readouterr().err
+
+
+@pytest.mark.faces
+def test_eval_align_face_references_are_aligned_face_crops_and_shards_are_refused(
+    tiny_adapter, tmp_path, capsys
+):
+    from nested.cli.eval import main_eval
+    from nested.data.faces import aligned_subject_face
+    from nested.errors import DataError
+    from nested.evaluation.images import load_references
+    from nested.inference.subjects import load_image
+
+    folder = tmp_path / "subjects"
+    folder.mkdir()
+    astronaut().save(folder / "collins.png")
+    grace_hopper().save(folder / "hopper.png")
+    references = load_references(folder, size=96, align_faces=True)
+    assert [r.name for r in references] == ["collins", "hopper"]
+    for reference, photo in zip(references, (astronaut(), grace_hopper()), strict=True):
+        assert torch.equal(reference.image, load_image(aligned_subject_face(photo, 96))[0])
+    plain = load_references(folder, size=96)
+    assert not torch.equal(plain[0].image, references[0].image)
+
+    camera().save(folder / "man.png")
+    with pytest.raises(DataError, match=r"man\.png: no face found .* leave out --align-face\.$"):
+        load_references(folder, size=96, align_faces=True)
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {token}\n")
+    argv = ["--base", "unused", "--adapter", f"<person>={tiny_adapter}", "--prompts", str(prompts),
+            "--subjects", "held_out/shards.json", "--align-face", "<person>", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main_eval(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        "nested eval: error: --align-face '<person>': its --subjects held_out/shards.json are shards, which hold "
+        "the references nested shards prepared (--faces aligns them); use --align-face with a folder of photos."
+    )

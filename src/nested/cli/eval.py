@@ -114,6 +114,15 @@ def eval_parser() -> argparse.ArgumentParser:
         "i-th subject of TOKEN_A is generated with the i-th of TOKEN_B, both adapters bound in one call; with "
         "--judges, TOKEN_A is judged in the left half of the image and TOKEN_B in the right half",
     )
+    data.add_argument(
+        "--align-face",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="TOKEN's references from a folder of photos become their subject's aligned face crop, as nested "
+        "shards --faces prepared its training references, instead of their centre square; for faces adapters; "
+        "repeatable; needs pip install 'nested[faces]' (shards already hold their prepared references)",
+    )
     data.add_argument("--max-subjects", type=int, default=4, help="subjects per token (default 4)")
     data.add_argument(
         "--reference-size", type=int, default=512, help="side of the reference images (default 512)"
@@ -284,6 +293,7 @@ def check_eval_arguments(args: argparse.Namespace) -> dict[str, Any]:
     quantize = quantize_option(args.quantize)
     checked_device(args.device)
     # Here, not at the top: `nested eval --help` stays light.
+    from nested.evaluation.images import is_shards_source
     from nested.inference.subjects import check_strength
 
     strengths = _numbers(args.strengths, "--strengths", float)
@@ -328,6 +338,14 @@ def check_eval_arguments(args: argparse.Namespace) -> dict[str, Any]:
         groups = {token: [token] for token in tokens}
         prompts = read_prompts(args.prompts, tokens)
     sources = _subject_sources(args.subjects, tokens)
+    for token in args.align_face:
+        if token not in sources:
+            raise UsageError(f"--align-face {token!r} is not a token of --adapter ({', '.join(tokens)}).")
+        if is_shards_source(sources[token]):
+            raise UsageError(
+                f"--align-face {token!r}: its --subjects {sources[token]} are shards, which hold the references "
+                "nested shards prepared (--faces aligns them); use --align-face with a folder of photos."
+            )
     check_output_folder(Path(args.out), overwrite=args.overwrite, ours=written_by_eval, prog="nested eval")
     return {
         "adapters": adapters,

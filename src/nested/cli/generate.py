@@ -68,6 +68,15 @@ def generate_parser() -> argparse.ArgumentParser:
         "--subject", action="append", default=[], metavar="TOKEN=IMAGE", help="the subject image of TOKEN"
     )
     subjects.add_argument(
+        "--align-face",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="give TOKEN's adapter the subject's aligned face crop, as nested shards --faces prepared its "
+        "training references (detect, choose the subject, align FFHQ-style), not the whole photo; for faces "
+        "adapters; repeatable; needs pip install 'nested[faces]'",
+    )
+    subjects.add_argument(
         "--strength",
         action="append",
         default=[],
@@ -140,7 +149,9 @@ def written_by_generate(path: Path) -> bool:
 def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """Every problem found before the (slow) model loading; returns parsed options, and in ``images`` each
     subject's decoded image (a damaged file or a decompression bomb is named now)."""
-    from nested.inference.subjects import load_image, subject_specs  # imports torch: not for --help
+    # These import torch: not for --help.
+    from nested.evaluation.images import aligned_face_image
+    from nested.inference.subjects import load_image, subject_specs
 
     adapters = pairs(args.adapter, "--adapter")
     subjects = pairs(args.subject, "--subject")
@@ -189,10 +200,15 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
         for token in values:
             if token not in subjects:
                 raise UsageError(f"--{name.rstrip('s').replace('_', '-')} {token!r} has no --subject.")
+    for token in args.align_face:
+        if token not in subjects:
+            raise UsageError(f"--align-face {token!r} has no --subject.")
     check_output_folder(
         Path(args.out), overwrite=args.overwrite, ours=written_by_generate, prog="nested generate"
     )
     images = {token: load_image(Path(path).expanduser(), token) for token, path in subjects.items()}
+    for token in dict.fromkeys(args.align_face):
+        images[token] = aligned_face_image(images[token], f"--subject {token}={subjects[token]}")
     subject_specs(images, **options)  # the library's own checks: a strength outside its range warns now
     return {"adapters": adapters, "subjects": subjects, "images": images, "quantize": quantize, **options}
 
@@ -293,6 +309,7 @@ def _generate(
             token: {
                 "image": str(path),
                 "sha256": sha256(Path(path).expanduser()),
+                "aligned_face": token in args.align_face,
                 "strength": parsed["strengths"].get(token, 1.0),
                 "token_weight": parsed["token_weights"].get(token, pipe.adapter(token).config.token_weight),
                 "value_norm_factor": parsed["value_norm_factors"].get(

@@ -40,6 +40,7 @@ __all__ = [
     "Face",
     "FaceRejected",
     "align_face",
+    "aligned_subject_face",
     "choose_subject",
     "detect_faces",
     "face_embedding",
@@ -289,6 +290,18 @@ def align_face(image: Image.Image, face: Face, size: int = 512) -> Image.Image:
     return image.convert("RGB").transform(
         (size, size), Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BICUBIC
     )
+
+
+def aligned_subject_face(image: Image.Image, size: int = 512) -> Image.Image:
+    """The subject's face in a photo as ``nested shards --faces`` writes a training reference: detected,
+    chosen by :func:`choose_subject` (two faces of similar size are refused) and aligned by
+    :func:`align_face`. A faces adapter's encoder was trained on such crops; a subject photo given at
+    inference goes through the same steps.
+
+    Raises:
+        FaceRejected: no face, or an ambiguous subject; the message is the reason.
+    """
+    return align_face(image, choose_subject(detect_faces(image)), size)
 
 
 # ----------------------------------------------------------------------------- identity

@@ -29,6 +29,8 @@ from nested.inference.subjects import load_image
 
 __all__ = [
     "Reference",
+    "aligned_face_image",
+    "is_shards_source",
     "labelled_grid",
     "load_references",
     "make_grid",
@@ -64,7 +66,29 @@ def _square(image: Tensor, size: int) -> Tensor:
     return square[0].clamp(0, 1)
 
 
-def _is_shards(source: str | Sequence[str]) -> bool:
+def aligned_face_image(image: Tensor, what: str, size: int = 512) -> Tensor:
+    """(1, 3, H, W) in [0, 1] -> (1, 3, size, size): the subject's aligned face crop, as ``nested shards
+    --faces`` prepares a training reference (:func:`nested.data.faces.aligned_subject_face`).
+
+    Raises:
+        DataError: no face in the photo, or two of similar size (``what`` names the photo).
+        MissingDependencyError: the ``faces`` extra is not installed.
+    """
+    from nested.data import faces  # dlib is imported only when faces are aligned
+
+    pixels = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    try:
+        crop = faces.aligned_subject_face(Image.fromarray(pixels), size)
+    except faces.FaceRejected as error:
+        raise DataError(
+            f"{what}: {error}. Use a photo where the subject's face is the one clear frontal face, or crop it "
+            "around the face yourself and leave out --align-face."
+        ) from None
+    return load_image(crop)
+
+
+def is_shards_source(source: str | Sequence[str]) -> bool:
+    """Whether a subjects source names shards (a list, ``.tar``, ``.json``, brace pattern or URL), not images."""
     if not isinstance(source, str):
         return True
     return source.endswith((".tar", ".json")) or ("{" in source and ".." in source) or "://" in source
@@ -95,6 +119,7 @@ def load_references(
     count: int | None = None,
     size: int = 224,
     token: str = "<subject>",
+    align_faces: bool = False,
 ) -> list[Reference]:
     """The first ``count`` reference images of a folder of images or of (validation) shards.
 
@@ -106,6 +131,9 @@ def load_references(
         count: how many (None: all).
         size: the side of the returned square images.
         token: the subject token written into shard captions (only used to read the shards).
+        align_faces: each image of a folder (or the one image file) becomes its subject's aligned face crop
+            (:func:`aligned_face_image`) instead of its centre square: a faces adapter's input as ``nested
+            shards --faces`` prepared it in training. Shards already hold their prepared references: refused.
 
     Raises:
         FileNotFoundError: nothing to read at ``source``. ValueError: no image found, two images of a folder
@@ -116,7 +144,9 @@ def load_references(
     if count is not None and count < 1:
         raise ValueError(f"count must be >= 1, got {count}.")
 
-    if _is_shards(source if isinstance(source, (list, tuple)) else str(source)):
+    if is_shards_source(source if isinstance(source, (list, tuple)) else str(source)):
+        if align_faces:
+            raise ValueError(f"{source}: shards hold their prepared references; align_faces reads photos.")
         urls = list(source) if isinstance(source, (list, tuple)) else str(source)
         spec = DomainSpec(name="references", urls=urls, subject=token)
         stream = build_stream(
@@ -151,7 +181,11 @@ def load_references(
                 f"the reference images {', '.join(file.name for file in twins)} would all be the subject "
                 f"{twins[0].stem!r} (a subject is named by its file name without the extension): rename them."
             )
-        references = [Reference(file.stem, _square(load_image(file, file.name), size)) for file in files]
+        references = []
+        for file in files:
+            image = load_image(file, file.name)
+            image = aligned_face_image(image, str(file), size)[0] if align_faces else _square(image, size)
+            references.append(Reference(file.stem, image))
     if not references:
         raise DataError(f"no reference image found in {source!r} (image files: {', '.join(IMAGE_SUFFIXES)}).")
     return references

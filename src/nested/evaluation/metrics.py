@@ -402,7 +402,7 @@ class IdentitySimilarity(_SyncedValues, Metric):
                 raise DataError(
                     f"reference {name}: the identity embedder finds no face in it (a reference photo is cut to "
                     "its centre square); use a photo where the face is visible, frontal and in that square (or crop "
-                    "it around the face), or another --identity-model."
+                    "it around the face, or pass --align-face), or another --identity-model."
                 )
 
     @torch.no_grad()

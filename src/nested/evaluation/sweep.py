@@ -330,7 +330,13 @@ def run_eval(args: argparse.Namespace, parsed: dict[str, Any], argv: list[str]) 
         prompts = [prompt for per_group in parsed["prompts"].values() for _, prompt in per_group]
         judges.check_prompts(prompts, source=f"--prompts {args.prompts}")
     references = {
-        token: load_references(source, count=args.max_subjects, size=args.reference_size, token=token)
+        token: load_references(
+            source,
+            count=args.max_subjects,
+            size=args.reference_size,
+            token=token,
+            align_faces=token in args.align_face,
+        )
         for token, source in parsed["sources"].items()
     }
     if judges is not None:  # before the diffusion model: references whose truth the judges cannot know
