@@ -470,6 +470,11 @@ def test_model_card_yaml_parses_and_has_the_metadata(adapter_dir, tmp_path):
     assert "nested generate" in card.text and "learning_rate: 0.0001" in card.text
     assert "![sample](samples/grid.png)" in card.text
     assert "supersecret" not in text and "max_steps: 100" in text  # only trainer scalars kept
+    assert "`--align-face '<person>'` (CLI) or `nested.data.faces.aligned_subject_face(photo)`" in card.text
+
+    pets = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (adapter_dir / "adapter_config.json").write_text(json.dumps({**pets, "domain": "pets"}))
+    assert "--align-face" not in model_card(adapter_dir)  # a faces domain's card only
 
     # A local base model path is described, but not put in the Hub metadata (it must be a repo id).
     config_path = adapter_dir / "adapter_config.json"

@@ -188,6 +188,16 @@ def model_card(
         "",
         *(
             [
+                "A faces adapter trained on `nested shards --faces` data has seen only aligned face crops: give it "
+                f"the same with `--align-face '{token}'` (CLI) or `nested.data.faces.aligned_subject_face(photo)` "
+                "(Python).",
+                "",
+            ]
+            if "face" in config.domain.lower()
+            else []
+        ),
+        *(
+            [
                 f"The image encoder was a local folder (`{spec.backbone}`) when this adapter was trained: load it "
                 "with `image_encoder=` (Python) or `--image-encoder` (CLI) pointing at the same vision model.",
                 "",
