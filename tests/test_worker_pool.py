@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import time
+from multiprocessing.connection import Connection
 
 import pytest
 
@@ -41,6 +42,43 @@ def _square_or_die(job: int) -> int:
     if job == 6:
         os._exit(3)
     return job * job
+
+
+def _square_slowly_but_not_1(job: int) -> int:
+    time.sleep(0.05)
+    if job == 1:
+        raise ValueError("job 1 is bad")
+    return job * job
+
+
+def _die_right_after_sending_result_3() -> None:
+    """The out-of-memory killer's worst timing: a worker dies just after its result left, while its next
+    job may already wait in its pipe."""
+    send = Connection.send
+
+    def send_then_die(self: Connection, message: object) -> None:
+        send(self, message)
+        if isinstance(message, tuple) and message[:2] == ("done", 3):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Connection.send = send_then_die
+
+
+def _end_at_start() -> None:
+    os._exit(3)  # no exception to report: as if killed before its first job
+
+
+def _fail_to_start() -> None:
+    raise OSError("no model file here")
+
+
+class _NeedsTwo(Exception):
+    def __init__(self, first: str, second: str) -> None:
+        super().__init__(f"{first} and {second}")
+
+
+def _raise_needs_two(job: int) -> int:
+    raise _NeedsTwo("one", "two")
 
 
 def _sleep(seconds: float) -> float:
@@ -84,8 +122,7 @@ def test_a_worker_killed_between_jobs_is_replaced_and_nothing_is_lost() -> None:
     with OrderedWorkerPool(_context(), 2, _square_after_a_while, _nothing_to_set_up) as pool:
         assert list(pool.map(range(4))) == [0, 1, 4, 9]
         first = pool.pids
-        os.kill(first[0], signal.SIGKILL)
-        time.sleep(0.5)  # dead before the next map sends it a job: a job sent first would be lost with it
+        os.kill(first[0], signal.SIGKILL)  # the next map may send it a job before its end is seen
         assert list(pool.map(range(20))) == [job * job for job in range(20)]
         assert pool.pids[0] != first[0] and pool.pids[1] == first[1]
 
@@ -105,3 +142,65 @@ def test_a_recorded_stop_ends_the_map_and_closing_ends_busy_workers() -> None:
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_map_after_one_that_ended_early_gets_its_own_results() -> None:
+    """Workers still running jobs of the abandoned map are replaced: their results are not this map's."""
+    with OrderedWorkerPool(_context(), 2, _square_slowly_but_not_1, _nothing_to_set_up) as pool:
+        with pytest.raises(ValueError, match="job 1 is bad"):
+            list(pool.map(range(6)))
+        assert list(pool.map([10, 11, 12, 13])) == [100, 121, 144, 169]
+        abandoned = pool.map(range(6))
+        assert next(abandoned) == 0
+        assert list(pool.map([10, 11, 12, 13])) == [100, 121, 144, 169]
+
+
+def test_an_initializer_that_fails_is_raised_with_its_traceback_not_blamed_on_a_job() -> None:
+    start = time.monotonic()
+    with (
+        OrderedWorkerPool(_context(), 2, _square_after_a_while, _fail_to_start) as pool,
+        pytest.raises(OSError, match="^no model file here$") as raised,
+    ):
+        list(pool.map([b"x" * 4_000_000] * 4))  # jobs larger than a pipe's buffer
+    assert "in _fail_to_start" in str(raised.value.__cause__)
+    assert time.monotonic() - start < 30
+
+
+def test_an_exception_that_cannot_be_rebuilt_comes_back_described() -> None:
+    with (
+        OrderedWorkerPool(_context(), 1, _raise_needs_two, _nothing_to_set_up) as pool,
+        pytest.raises(RuntimeError, match=r"^_NeedsTwo\('one and two'\) \(it cannot be sent") as raised,
+    ):
+        list(pool.map([1]))
+    assert "in _raise_needs_two" in str(raised.value.__cause__)
+
+
+def test_the_fork_start_method_is_refused() -> None:
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("this platform has no fork")
+    with pytest.raises(ValueError, match="forkserver or spawn start method, not fork"):
+        OrderedWorkerPool(multiprocessing.get_context("fork"), 1, _sleep, _nothing_to_set_up)
+
+
+def test_a_worker_that_dies_right_after_sending_a_result_loses_nothing() -> None:
+    """The job sent to it after that result never began: a new worker runs it."""
+    for _ in range(5):  # the next job is sometimes in its pipe before its end is seen, sometimes not
+        with OrderedWorkerPool(
+            _context(), 2, _square_after_a_while, _die_right_after_sending_result_3
+        ) as pool:
+            first = pool.pids
+            assert list(pool.map(range(12))) == [job * job for job in range(12)]
+            assert len(set(pool.pids) - set(first)) == 1
+
+
+def test_workers_that_keep_ending_before_any_job_end_the_map() -> None:
+    start = time.monotonic()
+    with (
+        OrderedWorkerPool(_context(), 2, _square_after_a_while, _end_at_start) as pool,
+        pytest.raises(
+            RuntimeError,
+            match=r"^worker processes keep ending before they run a job \(the last one: exit code 3\)$",
+        ),
+    ):
+        list(pool.map(range(4)))
+    assert time.monotonic() - start < 60

@@ -812,7 +812,8 @@ def _prepared(
         except WorkerDied as died:
             what = f"a worker process ended ({died.cause}) while preparing {items[died.job_index].origin}"
             if died.exitcode != -signal.SIGKILL:
-                raise RuntimeError(what) from died  # a crash in a library, or a bug: its traceback helps
+                # A crash in a library, or a bug: the worker printed its own stack (faulthandler) above.
+                raise RuntimeError(what) from died
             raise DataError(
                 f"{what}. If the kernel ended it for lack of memory (a very large image), lower --workers "
                 "or --max-pixels, then run the command again."
