@@ -84,15 +84,33 @@ def test_a_command_line_mistake_is_one_line_naming_the_help(argv, error, capsys)
     )
 
 
-def test_configs_compose_and_print(capsys):
+def printed_config(capsys, *presets: str) -> dict:
+    """The configuration `nested fit --print_config` composes from the smoke config and ``presets``."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "configs/smoke.yaml", "--config", "callbacks/ema.yaml", "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/smoke.yaml",
+                *(a for p in presets for a in ("--config", p)),
+                "--print_config",
+            ]
+        )
     assert exit_info.value.code in (0, None)
-    config = yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_configs_compose_and_print(capsys):
+    config = printed_config(capsys, "callbacks/ema.yaml")
     assert config["model"]["base_model"] == "data/models/tiny-sd"
     callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
     # The preset appends to the demo's callbacks instead of replacing them.
     assert callbacks[0].endswith("ModelCheckpoint") and "nested.callbacks.AdapterEMA" in callbacks
+    assert config["export"]["keep"] is None  # every export kept unless a preset or the config says otherwise
+    config = printed_config(capsys, "callbacks/checkpoint-frequent.yaml")
+    assert (
+        config["export"]["keep"] == 5 and config["trainer"]["callbacks"][-1]["init_args"]["save_top_k"] == 5
+    )
 
 
 @pytest.mark.parametrize(

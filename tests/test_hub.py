@@ -35,6 +35,7 @@ from nested.adapter import NestedAdapter
 from nested.backbone import DiffusionBackbone
 from nested.callbacks import HubUpload
 from nested.encoder import EncoderSpec
+from nested.errors import ConfigError
 from nested.hub.model_card import model_card
 from nested.hub.push import push_adapter
 
@@ -593,19 +594,19 @@ class _ExportingModule(L.LightningModule):
         return torch.optim.SGD(self.adapter.parameters(), lr=0.1)
 
 
-def _fit(root: Path, adapter, upload: HubUpload) -> L.Trainer:
+def _fit(root: Path, adapter, upload: HubUpload, export=None, max_steps: int = 4) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from nested.callbacks.export import AdapterExport
 
     trainer = L.Trainer(
         default_root_dir=root,
-        max_steps=4,
+        max_steps=max_steps,
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=-1), AdapterExport(), upload],
+        callbacks=[ModelCheckpoint(every_n_train_steps=2, save_top_k=-1), export or AdapterExport(), upload],
     )
     trainer.fit(_ExportingModule(adapter))
     return trainer
@@ -613,6 +614,29 @@ def _fit(root: Path, adapter, upload: HubUpload) -> L.Trainer:
 
 def _files_containing(root: Path, text: str) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+def test_export_keep_deletes_the_oldest_step_exports_while_hub_upload_runs(
+    hub, sd_backbone, tiny_sd_path, tmp_path, caplog
+):
+    """export.keep bounds the exports of a long run; uploads go on from their snapshots. The upload callback
+    lists the exports after each checkpoint save, not after every step."""
+    from nested.callbacks.export import AdapterExport
+
+    adapter = make_adapter(sd_backbone, tiny_sd_path / "image_encoder", domain="faces")
+    exports = tmp_path / "run" / "adapters"
+    (exports / "step=1-notes").mkdir(parents=True)  # not an export's name: never deleted
+    upload = HubUpload("me/run", backoff=0.05, final_timeout=60, poll_interval=0.2)
+    scans = []
+    scan = upload._scan
+    upload._scan = lambda: (scans.append(1), scan())[1]
+    with caplog.at_level(logging.INFO):
+        _fit(tmp_path / "run", adapter, upload, export=AdapterExport(keep=2), max_steps=8)
+    assert sorted(p.name for p in exports.iterdir()) == ["last", "step=1-notes", "step=6", "step=8"]
+    assert upload.uploaded[-1] == "last" and "nested push" not in caplog.text
+    assert len(scans) <= 4 + 1  # after the 4 saves, and at the end (8 steps)
+    with pytest.raises(ConfigError, match="export.keep must be at least 1"):
+        AdapterExport(keep=0)
 
 
 def test_hub_upload_callback_uploads_the_newest_export_in_the_background(

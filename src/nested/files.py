@@ -174,14 +174,26 @@ def replace_directory(staging: str | os.PathLike, directory: str | os.PathLike) 
     crash leaves either the old or the new folder (and at worst a hidden ``.old`` folder beside it).
     """
     staging, directory = Path(staging), Path(directory)
-    old = None
-    if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-        os.replace(directory, old / directory.name)
+    old = _moved_aside(directory) if directory.exists() else None
     os.replace(staging, directory)
     fsync_dir(directory.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_directory(directory: str | os.PathLike) -> None:
+    """Delete the folder ``directory`` so that it disappears from its name at once: it is renamed to a hidden
+    ``.old`` sibling, which is then removed (a crash leaves that hidden folder, never a half-deleted one)."""
+    old = _moved_aside(Path(directory))
+    fsync_dir(Path(directory).parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _moved_aside(directory: Path) -> Path:
+    """Rename ``directory`` into a new hidden folder beside it; returns that folder."""
+    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+    os.replace(directory, old / directory.name)
+    return old
 
 
 @contextlib.contextmanager

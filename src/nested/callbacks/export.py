@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from nested.adapter import NestedAdapter
 from nested.callbacks.ema import AdapterEMA
+from nested.errors import ConfigError
+from nested.files import remove_directory
 
 __all__ = ["AdapterExport", "stopped_early"]
 
@@ -36,11 +39,17 @@ class AdapterExport(L.Callback):
     Args:
         dirpath: where to write; default ``<trainer.default_root_dir>/adapters``.
         every_checkpoint: also export beside every checkpoint save (not only at the end).
+        keep: keep only this many ``step=<N>/`` exports, the highest steps: once a new one is complete,
+            older ones are deleted (each renamed aside first, so none is ever seen half-deleted). None keeps
+            every one. ``last/`` and other folders are never deleted.
     """
 
-    def __init__(self, dirpath: str | None = None, every_checkpoint: bool = True):
+    def __init__(self, dirpath: str | None = None, every_checkpoint: bool = True, keep: int | None = None):
+        if keep is not None and keep < 1:
+            raise ConfigError(f"export.keep must be at least 1 (or null to keep every export), got {keep}.")
         self.dirpath = dirpath
         self.every_checkpoint = every_checkpoint
+        self.keep = keep
         self.last_path: Path | None = None
         self.partial_path: Path | None = None
         self._last_exported_step = -1
@@ -71,8 +80,19 @@ class AdapterExport(L.Callback):
         path = self.export_root(trainer) / f"step={step}"
         if step != self._last_exported_step:
             self._last_exported_step = step
-            self.export(trainer, pl_module, path.name)
+            if self.export(trainer, pl_module, path.name) is not None and self.keep is not None:
+                self._delete_older_exports(path)
         return path
+
+    def _delete_older_exports(self, newest: Path) -> None:
+        """Delete the ``step=<N>/`` exports beyond the ``keep`` of highest step; never ``newest``."""
+        steps = {}
+        for folder in newest.parent.iterdir():
+            match = re.fullmatch(r"step=(\d+)", folder.name)
+            if match and folder.is_dir() and folder != newest:
+                steps[folder] = int(match.group(1))
+        for folder in sorted(steps, key=steps.get, reverse=True)[self.keep - 1 :]:
+            remove_directory(folder)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.every_checkpoint or stopped_early(trainer):

@@ -123,6 +123,7 @@ class HubUpload(L.Callback):
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._interrupted = False
+        self._saved = False  # a checkpoint was saved since the last scan
 
     # ------------------------------------------------------------------------------ lightning
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -146,8 +147,15 @@ class HubUpload(L.Callback):
         self._thread = threading.Thread(target=self._work, name="nested-hub-upload", daemon=True)
         self._thread.start()
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._saved = True  # AdapterExport writes its export beside each checkpoint
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._scan()
+        # Scanning lists every export: after a checkpoint save only, not at every step of a long run (the
+        # background thread also scans every poll_interval).
+        if self._saved:
+            self._saved = False
+            self._scan()
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._scan()
