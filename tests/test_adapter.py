@@ -638,3 +638,13 @@ def test_the_projections_backward_builds_each_stacks_gradient_once_not_once_per_
         else:
             torch.testing.assert_close(batched[name], parameter.grad, rtol=1e-5, atol=1e-5)
     assert without == len(projected) - len(with_values)
+
+
+def test_split_revision_takes_a_hub_revision_but_never_cuts_a_local_path(tmp_path):
+    from nested.adapter import split_revision
+
+    assert split_revision("me/faces@v1") == ("me/faces", "v1")
+    assert split_revision("me/faces") == ("me/faces", None)
+    local = tmp_path / "run@2"
+    local.mkdir()
+    assert split_revision(local) == (local, None)

@@ -385,6 +385,24 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--data.num_workers=0", *extra]  # fmt: skip
 
 
+def test_a_checkpoint_preset_replaces_the_configs_own_checkpoint_callback(tmp_path, caplog):
+    """callbacks/checkpoint-frequent.yaml appends a ModelCheckpoint to a config that has one: the later one
+    is kept, so one last.ckpt is written and the preset's save_top_k holds."""
+    root = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        assert main(_fit_args(root, "--config", "callbacks/checkpoint-frequent.yaml")) == 0
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert (
+        f"nested: a ModelCheckpoint configured later for {root / 'checkpoints'} replaces the earlier one "
+        "(save_top_k -1): one callback writes that folder's last.ckpt" in caplog.text
+    )
+    trainer = configured_run(
+        ["--config", "configs/smoke.yaml", "--config", "callbacks/checkpoint-frequent.yaml"]
+    ).trainer
+    (checkpoint,) = trainer.checkpoint_callbacks
+    assert (checkpoint.save_top_k, checkpoint.monitor) == (5, "step")
+
+
 def test_a_finished_run_extended_trains_on_and_changed_training_settings_are_refused(
     tmp_path, capsys, caplog
 ):
@@ -423,11 +441,26 @@ def test_a_finished_run_extended_trains_on_and_changed_training_settings_are_ref
     assert "start a new run with --model.init_adapter set to this run's adapters/last" in refusal
     # That way out: a new run starts from the run's exported weights, with its own optimizer settings.
     onward = tmp_path / "onward"
-    init = f"--model.init_adapter={root / 'adapters' / 'last'}"
+    start = shutil.copytree(root / "adapters" / "last", tmp_path / "start")
+    init = f"--model.init_adapter={start}"
     assert main(_fit_args(onward, "--optimizer.init_args.lr=0.001", init)) == 0
     recorded = torch.load(onward / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
-    assert recorded["init_adapter"] == str(root / "adapters" / "last")
-    assert recorded["optimizer"]["init_args"]["lr"] == 0.001
+    assert recorded["init_adapter"] == str(start) and recorded["optimizer"]["init_args"]["lr"] == 0.001
+    # Its resume takes the weights from its checkpoint: the adapter it started from is not read again.
+    shutil.rmtree(start)
+    assert (
+        main(
+            _fit_args(
+                onward,
+                "--optimizer.init_args.lr=0.001",
+                init,
+                "--trainer.max_steps=2",
+                "--trainer.max_epochs=-1",
+            )
+        )
+        == 0
+    )
+    assert checkpoint_step(find_resume_checkpoint(onward, [onward / "checkpoints"])) == 2
     # A checkpoint of another torch version records arguments this one's classes lack (LinearLR's `verbose`).
     state = torch.load(newest, weights_only=False)
     state["hyper_parameters"]["optimizer"]["init_args"]["an_older_torchs_argument"] = "deprecated"

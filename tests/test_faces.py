@@ -457,6 +457,36 @@ def test_generate_align_face_gives_the_adapter_the_crop_nested_shards_would_have
 
 
 @pytest.mark.faces
+def test_aligned_subject_face_reads_a_photo_as_nested_shards_does(tmp_path):
+    """A photo opened with PIL, as the README shows: turned upright by its EXIF tag, 16-bit and transparent
+    pixels read as nested shards reads them (before, no face was found in the first two)."""
+    from nested.data.faces import aligned_subject_face
+    from nested.image_files import ExifTag, to_rgb
+
+    sideways = grace_hopper().transpose(Image.Transpose.ROTATE_90)  # the bytes a camera held sideways writes
+    exif = Image.Exif()
+    exif[ExifTag.Orientation] = 6  # turn 90 degrees clockwise to show it
+    sideways.save(tmp_path / "exif.jpg", exif=exif, quality=100)
+    deep = np.asarray(grace_hopper().convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(deep).save(tmp_path / "deep.png")  # 16-bit grayscale
+    clear = astronaut().convert("RGBA")
+    clear.putalpha(255)
+    clear.save(tmp_path / "clear.png")
+    with Image.open(tmp_path / "exif.jpg") as photo:
+        assert (
+            aligned_subject_face(photo).tobytes()
+            == aligned_subject_face(ImageOps.exif_transpose(photo)).tobytes()
+        )
+    with Image.open(tmp_path / "deep.png") as photo:
+        assert (
+            photo.mode.startswith("I")
+            and aligned_subject_face(photo).tobytes() == aligned_subject_face(to_rgb(photo)).tobytes()
+        )
+    with Image.open(tmp_path / "clear.png") as photo:
+        assert aligned_subject_face(photo).tobytes() == aligned_subject_face(astronaut()).tobytes()
+
+
+@pytest.mark.faces
 def test_eval_align_face_references_are_aligned_face_crops_and_shards_are_refused(
     tiny_adapter, tmp_path, capsys
 ):

@@ -476,6 +476,8 @@ def test_model_card_yaml_parses_and_has_the_metadata(adapter_dir, tmp_path):
     pets = json.loads((adapter_dir / "adapter_config.json").read_text())
     (adapter_dir / "adapter_config.json").write_text(json.dumps({**pets, "domain": "pets"}))
     assert "--align-face" not in model_card(adapter_dir)  # a faces domain's card only
+    (adapter_dir / "adapter_config.json").write_text(json.dumps({**pets, "domain": "surfaces"}))
+    assert "--align-face" not in model_card(adapter_dir)
 
     # A local base model path is described, but not put in the Hub metadata (it must be a repo id).
     config_path = adapter_dir / "adapter_config.json"
@@ -629,7 +631,11 @@ def test_export_keep_deletes_the_oldest_step_exports_while_hub_upload_runs(
     upload = HubUpload("me/run", backoff=0.05, final_timeout=60, poll_interval=0.2)
     scans = []
     scan = upload._scan
-    upload._scan = lambda: (scans.append(1), scan())[1]
+    # Counted in the training loop only: the background thread also scans, every poll_interval.
+    upload._scan = lambda: (
+        threading.current_thread() is threading.main_thread() and scans.append(1),
+        scan(),
+    )[1]
     with caplog.at_level(logging.INFO):
         _fit(tmp_path / "run", adapter, upload, export=AdapterExport(keep=2), max_steps=8)
     assert sorted(p.name for p in exports.iterdir()) == ["last", "step=1-notes", "step=6", "step=8"]
@@ -637,6 +643,23 @@ def test_export_keep_deletes_the_oldest_step_exports_while_hub_upload_runs(
     assert len(scans) <= 4 + 1  # after the 4 saves, and at the end (8 steps)
     with pytest.raises(ConfigError, match="export.keep must be at least 1"):
         AdapterExport(keep=0)
+
+
+def test_an_export_that_cannot_be_deleted_is_named_and_training_goes_on(tmp_path, monkeypatch):
+    from nested.callbacks import export
+
+    for step in (1, 2, 3):
+        (tmp_path / f"step={step}").mkdir()
+
+    def refuse(folder):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(export, "remove_directory", refuse)
+    with pytest.warns(
+        UserWarning, match=r"export.keep could not delete .*step=1 \(\[Errno 13\] Permission denied"
+    ):
+        export.AdapterExport(keep=2)._delete_older_exports(tmp_path / "step=3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=1", "step=2", "step=3"]
 
 
 def test_hub_upload_callback_uploads_the_newest_export_in_the_background(

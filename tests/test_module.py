@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -442,11 +443,12 @@ def test_init_from_base_starts_every_nested_projection_as_the_layers_own(tiny_sd
 
 
 def test_init_adapter_starts_training_from_an_exported_adapters_weights(
-    tiny_sd_path, tiny_sdxl_path, tiny_adapter
+    tiny_sd_path, tiny_sdxl_path, tiny_adapter, tmp_path
 ):
-    """model.init_adapter copies a saved adapter's resampler and nested projections (not its token
-    embeddings); an adapter of another architecture or encoder size is refused naming the tensor."""
-    from safetensors.torch import load_file
+    """model.init_adapter copies a saved adapter's resampler and nested projections, and its trained token
+    embeddings of the tokens both have; an adapter of another architecture or encoder size is refused naming
+    the tensor, and other training settings are named in a warning."""
+    from safetensors.torch import load_file, save_file
 
     spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
     saved = load_file(tiny_adapter / "adapter.safetensors")
@@ -474,6 +476,25 @@ def test_init_adapter_starts_training_from_an_exported_adapters_weights(
         other_base.configure_model()
     with pytest.raises(ConfigError, match="set one of them"):
         NestedAttentionModule(str(tiny_sd_path), spec, init_from_base=True, init_adapter=str(tiny_adapter))
+
+    # A trained <person> embedding: the run that learns <person> starts from it, in its text encoder too.
+    trained = shutil.copytree(tiny_adapter, tmp_path / "trained")
+    (key,) = [name for name in saved if name.startswith("token_embeddings.")]
+    save_file({**saved, key: saved[key] + 0.5}, trained / "adapter.safetensors", metadata={"format": "pt"})
+    person = NestedAttentionModule(str(tiny_sd_path), spec, subjects={"<person>": "person"},
+                                   injection="decoupled", init_adapter=f"{trained}")  # fmt: skip
+    with pytest.warns(
+        UserWarning, match=r"was trained with injection 'nested' \(this run: 'decoupled'\): its weights"
+    ):
+        person.configure_model()
+    assert torch.equal(person.adapter.adapter_state_dict()[key], saved[key] + 0.5)
+    text_encoder = person.backbone.text_encoders[0]
+    (token_id,) = person.backbone.tokenizers[0].convert_tokens_to_ids(["<person>"])
+    assert torch.equal(text_encoder.get_input_embeddings().weight[token_id], saved[key] + 0.5)
+    # <dog> shares no token with it: its embedding is its own, from the class word.
+    assert [name for name in ours if name.startswith("token_embeddings.")] == [
+        "token_embeddings.text_encoder:<dog>"
+    ]
 
 
 def caption_batch(present: tuple[bool, ...], seed: int, sdxl: bool = False) -> dict:

@@ -531,14 +531,17 @@ class NestedAdapter(nn.Module):
         self, name_or_path: str | os.PathLike, *, revision: str | None = None
     ) -> AdapterConfig:
         """Start from a saved adapter's weights: its resampler and nested projections are copied into this
-        one (fine-tuning on another domain, or with another learning rate). Its token embeddings and
-        options (tokens, injection, token weight) are not taken: this adapter's own stay. Returns the
-        saved adapter's config.
+        one (fine-tuning on another domain, or with another learning rate), and so are its trained
+        embeddings of the placeholder tokens both adapters have (call it before :meth:`add_tokens`). Its
+        options (injection, token weight, value norm factor) are not taken: this adapter's own stay.
+        ``name_or_path`` may be ``user/repo@revision``. Returns the saved adapter's config.
 
         The saved adapter must have every tensor this one has, at the same shape: the same base
         architecture (its cross-attention layers) and the same encoder sizes. A difference names the
         first tensor that differs.
         """
+        if revision is None:
+            name_or_path, revision = split_revision(name_or_path)
         folder = resolve_adapter_folder(name_or_path, revision=revision)
         theirs = check_adapter_files(folder)
         shapes = {
@@ -565,6 +568,15 @@ class NestedAdapter(nn.Module):
             {name: tensor for name, tensor in state.items() if name in ours},
             source=str(folder / WEIGHTS_NAME),
         )
+        # The trained embeddings of the placeholders both adapters have: add_tokens then writes them into the
+        # text encoders instead of the class words' (call this first).
+        for name, tensor in state.items():
+            key = name.removeprefix("token_embeddings.")
+            encoder_name, _, token = key.partition(":")
+            if key != name and token in self.config.placeholders:
+                self.token_embeddings[key] = nn.Parameter(tensor.float().clone(), requires_grad=False)
+                if encoder_name not in self.config.token_encoders:
+                    self.config.token_encoders.append(encoder_name)
         return theirs
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -1009,6 +1021,16 @@ def _before_unet_call(layers: dict[str, nn.Module], unet: nn.Module, args, kwarg
         for layer_binding in layer_bindings:
             subjects.extend(getattr(getattr(layer_binding, "adapter", None), "_bindings", []))
         check_bindings_disjoint(subjects)
+
+
+def split_revision(name_or_path: str | os.PathLike) -> tuple[str | os.PathLike, str | None]:
+    """``user/repo@revision`` -> (``user/repo``, ``revision``); a local path (even one with ``@``) or a
+    name without a revision -> (itself, None)."""
+    name = str(name_or_path)
+    if "@" in name and not Path(name).exists():
+        source, revision = name.rsplit("@", 1)
+        return source, revision
+    return name_or_path, None
 
 
 def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:

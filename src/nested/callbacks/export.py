@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nested.adapter import NestedAdapter
 from nested.callbacks.ema import AdapterEMA
@@ -41,7 +41,8 @@ class AdapterExport(L.Callback):
         every_checkpoint: also export beside every checkpoint save (not only at the end).
         keep: keep only this many ``step=<N>/`` exports, the highest steps: once a new one is complete,
             older ones are deleted (each renamed aside first, so none is ever seen half-deleted). None keeps
-            every one. ``last/`` and other folders are never deleted.
+            every one. ``last/`` and other folders are never deleted. Every ``step=<N>/`` of the folder
+            counts: give each run a folder of its own (the default).
     """
 
     def __init__(self, dirpath: str | None = None, every_checkpoint: bool = True, keep: int | None = None):
@@ -92,7 +93,10 @@ class AdapterExport(L.Callback):
             if match and folder.is_dir() and folder != newest:
                 steps[folder] = int(match.group(1))
         for folder in sorted(steps, key=steps.get, reverse=True)[self.keep - 1 :]:
-            remove_directory(folder)
+            try:
+                remove_directory(folder)
+            except OSError as error:  # a week's run does not end over an old export
+                rank_zero_warn(f"nested: export.keep could not delete {folder} ({error}); training goes on")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.every_checkpoint or stopped_early(trainer):

@@ -119,7 +119,7 @@ def eval_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TOKEN",
-        help="TOKEN's references from a folder of photos become their subject's aligned face crop, as nested "
+        help="TOKEN's references from photos (a folder, or one image) become their subject's aligned face crop, as nested "
         "shards --faces prepared its training references, instead of their centre square; for faces adapters; "
         "repeatable; needs pip install 'nested[faces]' (shards already hold their prepared references)",
     )

@@ -59,6 +59,7 @@ from nested.training.resume import (
     PreemptionCheckpoint,
     checkpoint_dirs,
     checkpoint_step,
+    drop_replaced_checkpoint_callbacks,
     find_resume_checkpoint,
     remove_killed_writes,
     stable_checkpoint_dirs,
@@ -183,6 +184,11 @@ class NestedCLI(LightningCLI):
                 TensorBoardLogger(save_dir=trainer.default_root_dir, version=SLURMEnvironment.job_id())
             ]
         stable_checkpoint_dirs(trainer)
+        for replaced in drop_replaced_checkpoint_callbacks(trainer):
+            rank_zero_info(
+                f"nested: a ModelCheckpoint configured later for {replaced.dirpath} replaces the earlier one "
+                f"(save_top_k {replaced.save_top_k}): one callback writes that folder's last.ckpt"
+            )
         if self.subcommand is not None:  # a run, not a configuration read by another command (configured_run)
             check_output_folders(trainer)
         return trainer
@@ -204,6 +210,21 @@ class NestedCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
+        self._choose_fit_checkpoint()
+        self._skip_init_adapter_if_a_checkpoint_loads()
+
+    def before_validate(self) -> None:
+        self._choose_validation_checkpoint()
+        self._skip_init_adapter_if_a_checkpoint_loads()
+
+    def _skip_init_adapter_if_a_checkpoint_loads(self) -> None:
+        """``model.init_adapter`` only starts a run: where a checkpoint's weights replace it, it is not read
+        (it may have been moved since, or its Hub be out of reach on a compute node)."""
+        loads = self.config_init[self.subcommand].get("ckpt_path") is not None
+        if loads and getattr(self.model, "init_adapter", None) is not None:
+            self.model.init_adapter = None
+
+    def _choose_fit_checkpoint(self) -> None:
         """Which checkpoint the run starts from: ``--ckpt_path``, else the newest under the root
         (``--auto_resume``); a requeued SLURM job always goes on from its newest one."""
         config = self.config_init[self.subcommand]
@@ -259,7 +280,7 @@ class NestedCLI(LightningCLI):
                 f"{_start_over(newest, root)}."
             )
 
-    def before_validate(self) -> None:
+    def _choose_validation_checkpoint(self) -> None:
         """Which checkpoint is validated: ``--ckpt_path``, else the newest of the run's folders. A run that would
         validate the freshly initialised adapter by mistake is refused: no checkpoint to go by, or a keyword
         (``last``, ``hpc``) that Lightning finds nothing for. ``--auto_resume=false`` validates the untrained

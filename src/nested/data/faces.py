@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from nested.errors import MissingDependencyError
+from nested.image_files import to_rgb, upright
 
 __all__ = [
     "ALIGNED_EYES",
@@ -293,14 +294,17 @@ def align_face(image: Image.Image, face: Face, size: int = 512) -> Image.Image:
 
 
 def aligned_subject_face(image: Image.Image, size: int = 512) -> Image.Image:
-    """The subject's face in a photo as ``nested shards --faces`` writes a training reference: detected,
-    chosen by :func:`choose_subject` (two faces of similar size are refused) and aligned by
-    :func:`align_face`. A faces adapter's encoder was trained on such crops; a subject photo given at
-    inference goes through the same steps.
+    """The subject's face in a photo as ``nested shards --faces`` writes a training reference: turned
+    upright by its EXIF tag, read as 8-bit RGB (16-bit, transparent and palette photos as ``nested shards``
+    reads them), detected, chosen by :func:`choose_subject` (two faces of similar size are refused) and
+    aligned by :func:`align_face`. A faces adapter's encoder was trained on such crops; a subject photo
+    given at inference goes through the same steps.
 
     Raises:
         FaceRejected: no face, or an ambiguous subject; the message is the reason.
+        nested.image_files.UnusablePixels: pixels with no 8-bit meaning (e.g. floats outside 0..1).
     """
+    image = to_rgb(upright(image))
     return align_face(image, choose_subject(detect_faces(image)), size)
 
 

@@ -193,7 +193,7 @@ def model_card(
                 "(Python).",
                 "",
             ]
-            if "face" in config.domain.lower()
+            if re.search(r"\bfaces?\b", config.domain.lower())
             else []
         ),
         *(

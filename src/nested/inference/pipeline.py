@@ -36,7 +36,6 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +48,7 @@ from nested.adapter import (
     check_injection_options,
     read_adapter_config,
     resolve_adapter_folder,
+    split_revision,
 )
 from nested.backbone import (
     TRANSFORMER_KINDS,
@@ -300,8 +300,8 @@ class NestedPipeline:
             loaded, source = adapter, "<object>"  # used as it is (device, mode): it may be in training
         else:
             source = str(adapter)
-            if revision is None and "@" in source and not Path(source).exists():
-                source, revision = source.rsplit("@", 1)
+            if revision is None:
+                source, revision = split_revision(source)
             key = (source, revision)
             loaded = self._loaded.get(key)
             if loaded is None:

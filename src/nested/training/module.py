@@ -31,6 +31,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding, check_injection_options, compile_blocks
@@ -108,11 +109,12 @@ class NestedAttentionModule(L.LightningModule):
             of the layers' text projections (SD 1.5: 768, SDXL: 2048; SD3 / FLUX: the blocks' width). Only the
             start of training: resuming loads the weights.
         init_adapter: an exported adapter (a folder, e.g. another run's ``adapters/last``, or a Hub repo
-            id) whose resampler and nested projections start training instead of random ones: fine-tuning
-            it on another domain, or going on with another learning rate or schedule (which a resumed run
-            refuses). It must have been trained on a base of the same architecture with the same encoder
-            sizes; its token embeddings are not taken. Excludes ``init_from_base``. Read again when a run
-            resumes (the checkpoint's weights then replace it): keep it where it is until the run ends.
+            id, ``user/repo@revision`` to pin one) whose resampler and nested projections start training
+            instead of random ones, with its trained embeddings of the placeholders this run also has:
+            fine-tuning it on another domain, or going on with another learning rate or schedule (which a
+            resumed run refuses). It must have been trained on a base of the same architecture with the same
+            encoder sizes. Excludes ``init_from_base``. ``nested fit`` does not read it when the run resumes
+            from a checkpoint, whose weights replace it.
         injection: ``"nested"`` (the method) or ``"decoupled"`` (IP-Adapter-style decoupled
             cross-attention with the same encoder and per-layer projections, for ablations; needs
             ``value_norm_factor: null``). Recorded in the exported adapter's config.
@@ -334,10 +336,10 @@ class NestedAttentionModule(L.LightningModule):
         )
         if self.init_from_base:
             adapter.init_projections_from(denoiser)
-        if self.init_adapter is not None:
-            adapter.init_weights_from(self.init_adapter)
         adapter.config.extra_tokens = dict(extra)
         adapter.config.token_weight = self.token_weight
+        if self.init_adapter is not None:  # before add_tokens: its trained token embeddings come too
+            self._init_weights_from(adapter)
         adapter.add_tokens(*backbone.placeholder_text_encoders)
         if self.train_token_embeddings:
             adapter.train_token_embeddings(*backbone.placeholder_text_encoders)
@@ -369,6 +371,25 @@ class NestedAttentionModule(L.LightningModule):
         training_scheduler = copy.deepcopy(backbone.noise_scheduler)
         self.frozen = FrozenModules(backbone=backbone, training_scheduler=training_scheduler, **modules)
         self.adapter = adapter
+
+    def _init_weights_from(self, adapter: NestedAdapter) -> None:
+        """``model.init_adapter``'s weights into ``adapter``; a setting it was trained with that differs from
+        this run's is named (the weights still fit)."""
+        theirs = adapter.init_weights_from(self.init_adapter)
+        ours = adapter.config
+        differences = [
+            f"{what} {theirs_value!r} (this run: {our_value!r})"
+            for what, theirs_value, our_value in (
+                ("image encoder", theirs.encoder.backbone, ours.encoder.backbone),
+                ("injection", theirs.injection, ours.injection),
+            )
+            if theirs_value != our_value
+        ]
+        if differences:
+            rank_zero_warn(
+                f"nested: model.init_adapter {self.init_adapter} was trained with {'; '.join(differences)}: its "
+                "weights start this run all the same"
+            )
 
     @property
     def backbone(self) -> DiffusionBackbone | TransformerBackbone:

@@ -48,6 +48,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "PreemptionCheckpoint",
     "checkpoint_step",
+    "drop_replaced_checkpoint_callbacks",
     "find_resume_checkpoint",
     "training_finished",
 ]
@@ -199,6 +200,28 @@ def stable_checkpoint_dirs(trainer: L.Trainer) -> None:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+
+
+def drop_replaced_checkpoint_callbacks(trainer: L.Trainer) -> list[ModelCheckpoint]:
+    """Of the ModelCheckpoint callbacks that keep a ``last.ckpt`` in one folder, keep the one configured
+    last; returns the others, now removed from the trainer.
+
+    A preset that appends its own (``callbacks/checkpoint-frequent.yaml``) to a config that has one thus
+    replaces it, as a later ``--config`` wins everywhere else. Both would otherwise write into that folder
+    (the second ``last.ckpt`` as ``last-v1.ckpt``), each keeping its own checkpoints. Call after
+    :func:`stable_checkpoint_dirs`.
+    """
+    last_by_folder: dict[str, ModelCheckpoint] = {}
+    replaced = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last:
+            earlier = last_by_folder.get(callback.dirpath)
+            if earlier is not None:
+                replaced.append(earlier)
+            last_by_folder[callback.dirpath] = callback
+    if replaced:
+        trainer.callbacks = [c for c in trainer.callbacks if not any(c is r for r in replaced)]
+    return replaced
 
 
 class PreemptionCheckpoint(L.Callback):
