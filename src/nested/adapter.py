@@ -564,19 +564,16 @@ class NestedAdapter(nn.Module):
                     "an adapter of the same base architecture and encoder sizes (model.encoder), or from scratch."
                 )
         state = load_file(folder / WEIGHTS_NAME)
-        self.load_adapter_state_dict(
-            {name: tensor for name, tensor in state.items() if name in ours},
-            source=str(folder / WEIGHTS_NAME),
-        )
-        # The trained embeddings of the placeholders both adapters have: add_tokens then writes them into the
-        # text encoders instead of the class words' (call this first).
-        for name, tensor in state.items():
-            key = name.removeprefix("token_embeddings.")
-            encoder_name, _, token = key.partition(":")
-            if key != name and token in self.config.placeholders:
-                self.token_embeddings[key] = nn.Parameter(tensor.float().clone(), requires_grad=False)
-                if encoder_name not in self.config.token_encoders:
-                    self.config.token_encoders.append(encoder_name)
+        # With the trained embeddings of the placeholders both adapters have: add_tokens then writes them into
+        # the text encoders instead of the class words' (call this first).
+        shared = [name for name in state if name.startswith("token_embeddings.")
+                  and name.partition(":")[2] in self.config.placeholders]  # fmt: skip
+        taken = {name: state[name] for name in ours} | {name: state[name].float() for name in shared}
+        self.load_adapter_state_dict(taken, source=str(folder / WEIGHTS_NAME))
+        for name in shared:
+            encoder_name = name.removeprefix("token_embeddings.").partition(":")[0]
+            if encoder_name not in self.config.token_encoders:
+                self.config.token_encoders.append(encoder_name)
         return theirs
 
     def trainable_parameters(self) -> list[nn.Parameter]:

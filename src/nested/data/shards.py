@@ -790,10 +790,10 @@ def _prepared(
     jobs: list[tuple[str, SourceItem]], options: dict[str, Any], workers: int
 ) -> Iterator[Iterator[tuple[SourceItem, dict[str, Any] | str]]]:
     """(item, sample or rejection reason) for every job, in order: here, or in ``workers`` processes."""
-    items = [item for _, item in jobs]
     if workers == 0:
         yield ((item, _sample_or_reason((key, item), options)) for key, item in jobs)
         return
+    items = [item for _, item in jobs]
     # Not fork: forking a process that runs threads (torch's, a progress bar's, a caller's) can leave a
     # lock held forever in the child. A fork server imports this module once, then forks clean workers.
     if "forkserver" in multiprocessing.get_all_start_methods():
