@@ -52,7 +52,7 @@ from nested.data.loading import end_loader_workers
 from nested.errors import NestedUserError, UsageError
 from nested.library_messages import quiet_training_notices
 from nested.signals import clear_signals, install_signal_flags, restore_signal_handlers
-from nested.training.loggers import TensorBoardLogger
+from nested.training.loggers import LOGGED_RUN_KEY, TensorBoardLogger, continued_logger
 from nested.training.module import NestedAttentionModule
 from nested.training.resume import (
     AtomicCheckpointIO,
@@ -122,6 +122,7 @@ class NestedCLI(LightningCLI):
         self._commands = command, options_command or command
         self._rotated_ckpt_path: str | None = None  # a requeued job's --ckpt_path that no longer exists
         self._started = time.time()  # a checkpoint write left from before then is not this run's
+        self._default_logger = False  # the trainer logs with nested's TensorBoardLogger, set up here
         super().__init__(*args, parser_class=NestedArgumentParser, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -183,6 +184,7 @@ class NestedCLI(LightningCLI):
             trainer.loggers = [
                 TensorBoardLogger(save_dir=trainer.default_root_dir, version=SLURMEnvironment.job_id())
             ]
+            self._default_logger = True
         stable_checkpoint_dirs(trainer)
         for replaced in drop_replaced_checkpoint_callbacks(trainer):
             rank_zero_info(
@@ -211,6 +213,7 @@ class NestedCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._choose_fit_checkpoint()
+        self._continue_logged_run()
         self._skip_init_adapter_if_a_checkpoint_loads()
 
     def before_validate(self) -> None:
@@ -279,6 +282,19 @@ class NestedCLI(LightningCLI):
                 f"nested: resuming from {newest}, the newest checkpoint of this run's folders; to start over, "
                 f"{_start_over(newest, root)}."
             )
+
+    def _continue_logged_run(self) -> None:
+        """A run resumed from a checkpoint of its root logs on to the TensorBoard folder it logged to (the default
+        logger names a new one per start, or one per SLURM job)."""
+        path = self.config_init[self.subcommand].get("ckpt_path")
+        if not self._default_logger or path is None or not Path(path).is_file():
+            return
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        root = self.trainer.default_root_dir
+        logger = continued_logger(root, checkpoint.get(LOGGED_RUN_KEY), int(checkpoint["global_step"]))
+        if logger is not None:
+            self.trainer.loggers = [logger]
+            rank_zero_info(f"nested: logging to {logger.log_dir}, as the run this checkpoint comes from did")
 
     def _choose_validation_checkpoint(self) -> None:
         """Which checkpoint is validated: ``--ckpt_path``, else the newest of the run's folders. A run that would

@@ -41,6 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from nested.errors import ConfigError
 from nested.files import fsync_dir, storage_refusals_named
 from nested.signals import STOP_SIGNALS, clear_signals, install_signal_flags, received_signals
+from nested.training.loggers import LOGGED_RUN_KEY, logged_run
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,9 @@ class PreemptionCheckpoint(L.Callback):
         # Runs after the other callbacks' teardown (HubUpload's wait among them), during which a second signal
         # still ends the process at once. A later fit in this process starts with no signal pending.
         clear_signals()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[LOGGED_RUN_KEY] = logged_run(trainer)  # the folder a resumed run goes on logging to
 
     def _install(self) -> None:
         install_signal_flags(tuple(dict.fromkeys((self.requeue_signal, *STOP_SIGNALS))))
