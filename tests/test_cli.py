@@ -817,6 +817,28 @@ def test_resuming_a_checkpoint_of_another_architecture_names_it_and_how_to_start
         "or start a new run in another --trainer.default_root_dir (nested fit resumes from the "
         "newest checkpoint under it)."
     )
+    # Given as --ckpt_path to a new run, the same checkpoint is refused the same way: its settings are not
+    # taken over the configured ones.
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            _fit_args(
+                tmp_path / "new",
+                "--trainer.max_steps=2",
+                "--model.encoder.num_tokens=8",
+                f"--ckpt_path={checkpoint}",
+            )
+        )
+    assert exit_info.value.code == 2
+    assert "encoder.num_tokens: 16 -> 8" in capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "validate",
+                *_fit_args(tmp_path / "new", "--model.encoder.num_tokens=8", f"--ckpt_path={checkpoint}")[1:],
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "encoder.num_tokens: 16 -> 8" in capsys.readouterr().err.strip().splitlines()[-1]
     # Starting over in the same root is refused: the new run's checkpoints would mix with these.
     with pytest.raises(SystemExit) as exit_info:
         main(_fit_args(root, "--trainer.max_steps=2", "--auto_resume=false"))

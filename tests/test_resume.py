@@ -214,6 +214,15 @@ def test_a_stop_runs_no_validation_and_leaves_last_ckpt_where_a_resume_finishes_
         assert torch.equal(record.weights[name], value), name
 
 
+def test_a_stop_before_the_first_checkpoint_leaves_no_last_ckpt(tiny_sd_path, tmp_path):
+    """Lightning writes last.ckpt when training ends if it wrote none in the run: after a stop, that one would
+    record the cut epoch as finished."""
+    options = dict(num_workers=0, max_epochs=1, checkpoint_every=2)
+    stopped, _ = fit(tiny_sd_path, tmp_path, sigterm_at=1, **options)
+    assert stopped.global_step == 1 and checkpoint_step(tmp_path / "hpc_ckpt_1.ckpt") == 1
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
 def test_a_stop_at_the_last_step_keeps_the_runs_final_validation_and_checkpoint(tiny_sd_path, tmp_path):
     validations = ValidationSteps()
     options = dict(num_workers=0, max_epochs=1, checkpoint_every=2, validate_every=2)

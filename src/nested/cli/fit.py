@@ -196,8 +196,10 @@ class NestedCLI(LightningCLI):
         return trainer
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads an explicit --ckpt_path here, before anything runs: one that is not a readable
-        # checkpoint is refused in one line first.
+        # An explicit --ckpt_path that is not a readable checkpoint is refused in one line, before anything
+        # runs. Lightning's own step here is left out: it writes the checkpoint's hyper-parameters over the
+        # configured model, so a checkpoint of another base model or encoder would train on as that model
+        # instead of being refused (a resume checks the two against each other when the checkpoint loads).
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         local = path is not None and _is_local_file_protocol(str(path)) and not _is_registry(path)
@@ -209,7 +211,6 @@ class NestedCLI(LightningCLI):
                 self._rotated_ckpt_path = path
             else:
                 check_checkpoint_path(path)
-        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         self._choose_fit_checkpoint()

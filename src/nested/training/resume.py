@@ -399,6 +399,8 @@ class PreemptionCheckpoint(L.Callback):
                 if isinstance(callback, ModelCheckpoint):
                     # ModelCheckpoint skips the saves of a step it saved at; this step's state is in the hpc file.
                     callback._last_global_step_saved = trainer.global_step
+                    # And its save at the end of training, of a last.ckpt when it wrote none yet in this run.
+                    callback._last_checkpoint_saved = callback._last_checkpoint_saved or str(self.saved_path)
 
 
 def training_finished(trainer: L.Trainer) -> bool:
