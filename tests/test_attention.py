@@ -11,12 +11,14 @@ from nested.attention import NestedSubject, nested_attention, nested_attention_s
 
 
 def naive_nested_attention(query, key, value, nested_keys, nested_values, masks, value_norm_factor=None):
-    """Build the (B, H, N, T, D) per-query values explicitly and attend with them."""
+    """Build the (B, H, N, T, D) per-query values explicitly and attend with them. ``value_norm_factor``: one
+    for every subject, or a list of one per subject."""
     batch, heads, n_queries, dim = query.shape
     tokens = key.shape[2]
     probs = ((query @ key.transpose(-1, -2)) / math.sqrt(dim)).softmax(-1)  # (B, H, N, T)
     values = value[:, :, None].expand(batch, heads, n_queries, tokens, dim).clone()
-    for nk, nv, mask in zip(nested_keys, nested_values, masks, strict=True):
+    factors = value_norm_factor if isinstance(value_norm_factor, list) else [value_norm_factor] * len(masks)
+    for nk, nv, mask, value_norm_factor in zip(nested_keys, nested_values, masks, factors, strict=True):
         v_star = ((query @ nk.transpose(-1, -2)) / math.sqrt(dim)).softmax(-1) @ nv  # (B, H, N, D)
         for b in range(batch):
             for t in mask[b].nonzero().flatten().tolist():
@@ -178,6 +180,42 @@ def test_a_mask_without_a_batch_dimension_applies_to_every_sample(bound_rows, ma
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_subjects_with_and_without_value_norm_share_one_call():
+    """Each subject keeps its own value_norm_factor in the fused call (the rescaled subject listed second)."""
+    generator = torch.Generator().manual_seed(11)
+    query, key, value, nested_keys, nested_values, masks = random_case(generator, 2, 2, 6, 9, 8, 2, [1, 2])
+    factors = [None, 2.0]
+    subjects = [
+        NestedSubject(mask=mask, keys=k, values=v, value_norm_factor=factor)
+        for k, v, mask, factor in zip(nested_keys, nested_values, masks, factors, strict=True)
+    ]
+    got = nested_attention_subjects(query, key, value, subjects)
+    want = naive_nested_attention(query, key, value, nested_keys, nested_values, masks, factors)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value_norm_factor", [None, 2.0])
+def test_a_memo_serves_layers_of_other_head_dims(value_norm_factor):
+    """One bound batch's memo, read by layers with the same heads and other head dims (and the same layer
+    again), gives each the result it gets without a memo."""
+    generator = torch.Generator().manual_seed(12)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, 3] = True
+    memo = {}
+    for dim in (8, 16, 8):
+        query, key, value = (torch.randn(2, 2, n, dim, generator=generator) for n in (6, 9, 9))
+        nested_k, nested_v = (torch.randn(2, 2, 4, dim, generator=generator) for _ in range(2))
+        subject = NestedSubject(
+            mask=mask,
+            keys=nested_k,
+            values=nested_v,
+            value_norm_factor=value_norm_factor,
+            present=(True, True),
+        )
+        got = nested_attention_subjects(query, key, value, [dataclasses.replace(subject, memo=memo)])
+        assert torch.equal(got, nested_attention_subjects(query, key, value, [subject]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_is_finite_and_close(dtype):
     generator = torch.Generator().manual_seed(7)
@@ -331,10 +369,9 @@ def test_a_dense_subject_reads_no_tensor_value_and_ignores_its_presence():
 def test_the_backward_builds_no_zero_tensor_of_a_whole_input_per_part(
     bound, backward_ops, whole_size_builders
 ):
-    """The layer reads the fused call's output columns (attention, each subject's probability and value-norm
-    column, padding) and, when a run of samples binds the subjects, the batch's parts with one split each:
-    their backward concatenates the parts' gradients once. A slice per part would build a zero tensor of the
-    whole tensor for each."""
+    """The layer reads the fused call's output columns (attention, one column per subject, padding) and, when a
+    run of samples binds the subjects, the batch's parts with one split each: their backward concatenates the
+    parts' gradients once. A slice per part would build a zero tensor of the whole tensor for each."""
     generator = torch.Generator().manual_seed(3)
     batch = len(bound)
     query, key, value, nested_keys, nested_values, masks = random_case(generator, batch, 2, 6, 9, 8, 2, [1])

@@ -364,15 +364,22 @@ def _plain_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tenso
 
 
 def _slice_subject(subject: NestedSubject, start: int, stop: int) -> NestedSubject:
-    """The subject for samples ``start:stop`` of its batch (views; the memo stays shared)."""
-    image_index = None if subject.image_index is None else subject.image_index[start:stop]
+    """The subject for samples ``start:stop`` of its batch (views, kept in the memo; the memo stays shared)."""
+    mask, image_index = _kept(
+        subject,
+        ("rows", start, stop),
+        lambda: (
+            subject.mask[start:stop],
+            None if subject.image_index is None else subject.image_index[start:stop],
+        ),
+    )
     present = None if subject.present is None else subject.present[start:stop]
     keys, values = subject.keys, subject.values
     if image_index is None:  # sample b reads image b
         keys, values = keys[start:stop], values[start:stop]
     return dataclasses.replace(
         subject,
-        mask=subject.mask[start:stop],
+        mask=mask,
         keys=keys,
         values=values,
         image_index=image_index,
@@ -405,42 +412,42 @@ def _nested_rows(
         )
         mask_rows = token_bias if mask_rows is None else mask_rows + token_bias
 
-    # One SDPA over the text gives sum_{t not in s} a_t V_t + (1 - scale) sum_{t in s} a_t V_t and, in
-    # extra value columns, each subject's probability a_s (and sum_s a_s ||V_s|| for the value norm):
-    # the N x T probabilities are never materialised and no second pass over the text is needed.
+    # One SDPA over the text gives sum_{t not in s} a_t V_t + (1 - scale) sum_{t in s} a_t V_t and, in one
+    # extra value column per subject, its probability a_s (or, with a value norm, sum_s a_s ||V_s||): the
+    # N x T probabilities are never materialised and no second pass over the text is needed.
     layout = tuple((s.scale, s.value_norm_factor is not None) for s, _ in active)
-    keep, one_hots, padding = _memoized(
-        active, ("columns", rows_key, heads, v.dtype, v.device, layout), lambda: _value_columns(active, v)
+    columns = _memoized(
+        active,
+        ("columns", rows_key, heads, dim, v.dtype, v.device, layout),
+        lambda: _value_columns(active, v),
     )
-    columns = []
-    for (s, _), one_hot in zip(active, one_hots, strict=True):
-        columns.append(one_hot)
-        if s.value_norm_factor is not None:
-            columns.append(one_hot * v.norm(dim=-1, keepdim=True))
-    if padding is not None:
-        columns.append(padding)
+    value_norm = None
+    if columns.norm_columns:  # in V's dtype, as v*'s norm below
+        value_norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=v.dtype)
+    extra = [value_norm] * columns.norm_columns
+    if columns.constant is not None:
+        extra.append(columns.constant)
+    # Zero-padding q and k leaves the logits unchanged (the scale is passed explicitly) and keeps q, k and v
+    # at one head dim, which the fused CPU and GPU kernels need.
     if torch.compiler.is_compiling():
-        # The same tensor, as a sum of two zero-padded parts: inductor (torch 2.13, CPU) miscompiles the
+        # The same tensors, built from zero-padded parts: inductor (torch 2.13, CPU) miscompiles the
         # concatenation of a projected value inside gradient-checkpointed blocks when two or more layers
-        # are nested, and a padded sum fuses into one kernel anyway. Eager keeps the single cat.
-        extra = torch.cat(columns, dim=-1)
-        v_aug = F.pad(v * keep, (0, extra.shape[-1])) + F.pad(extra, (dim, 0))
+        # are nested, and a padded sum fuses into one kernel anyway. Eager concatenates: one kernel each.
+        extra = torch.cat(extra, dim=-1)
+        v_aug = (F.pad(v, (0, extra.shape[-1])) + F.pad(extra, (dim, 0))) * columns.weights
+        q_aug = F.pad(q, (0, extra.shape[-1]))
+        k_aug = F.pad(k, (0, extra.shape[-1]))
     else:
-        v_aug = torch.cat([v * keep, *columns], dim=-1)
-    # Zero-padding q and k leaves the logits unchanged (the scale is passed explicitly) and keeps
-    # q, k and v at one head dim, which the fused CPU and GPU kernels need.
-    q_aug = F.pad(q, (0, v_aug.shape[-1] - dim))
-    k_aug = F.pad(k, (0, v_aug.shape[-1] - dim))
+        v_aug = torch.cat([v, *extra], dim=-1) * columns.weights
+        q_aug = _zero_padded(active, q, columns.width, rows_key)
+        k_aug = _zero_padded(active, k, columns.width, rows_key)
     fused = F.scaled_dot_product_attention(
         q_aug, k_aug, v_aug, attn_mask=mask_rows, dropout_p=0.0, is_causal=False, scale=dim**-0.5
     )
     # One split, not a slice per column: each slice's backward would build a zero tensor of fused's size.
-    result, *column_outputs = fused.split([dim, *(column.shape[-1] for column in columns)], dim=-1)
-    outputs = iter(column_outputs)
-    for s, present in active:
-        probability = next(outputs)
-        if s.value_norm_factor is not None:
-            norm_weight = next(outputs)
+    result, *column_outputs = fused.split(columns.split_sizes, dim=-1)
+    for (s, present), column in zip(active, columns.order, strict=True):
+        weight = column_outputs[column]
         if all(present):
             sub, q_sub, image_rows = None, q, s.image_index
         else:
@@ -449,12 +456,15 @@ def _nested_rows(
             image_rows = sub if s.image_index is None else s.image_index[sub]
         nested_k, nested_v = _subject_keys_values(s, image_rows, q_sub.shape[0], q.dtype)
         v_star = F.scaled_dot_product_attention(q_sub, nested_k, nested_v)  # (R', H, N, D)
-        weight, strength = (probability, s.scale) if s.value_norm_factor is None else (norm_weight, None)
         if sub is not None:
             weight = weight[sub]
-        if strength is None:
-            # Each position s gets v* rescaled to factor * ||V_s||: sum_s p_s factor ||V_s|| v*/||v*||.
-            weight = weight / v_star.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        strength = s.scale
+        if s.value_norm_factor is not None:
+            # Each position s gets v* rescaled to factor * ||V_s||: sum_s p_s factor ||V_s|| v*/||v*||. The norm
+            # in v*'s dtype: CUDA autocast makes a norm float32, and the weight, the sum and the layer's output
+            # after it, each with casts around it (the reduction itself accumulates in float32 either way).
+            v_star_norm = torch.linalg.vector_norm(v_star, dim=-1, keepdim=True, dtype=v_star.dtype)
+            weight = weight / v_star_norm.clamp_min(1e-6)
             strength = s.scale * s.value_norm_factor
         if sub is None:
             result = torch.addcmul(result, weight, v_star, value=strength)
@@ -470,9 +480,16 @@ def _memoized(active: list[_Active], key: tuple, build):
     sampling loop: built once per bound batch instead of once per layer. Not under torch.compile, which
     folds them into the graph itself.
     """
-    if len(active) != 1 or active[0][0].memo is None or torch.compiler.is_compiling():
+    if len(active) != 1:
         return build()
-    memo = active[0][0].memo
+    return _kept(active[0][0], key, build)
+
+
+def _kept(subject: NestedSubject, key: tuple, build):
+    """``build()``, kept in ``subject``'s memo if it has one (not under torch.compile: see :func:`_memoized`)."""
+    memo = subject.memo
+    if memo is None or torch.compiler.is_compiling():
+        return build()
     if key not in memo:
         memo[key] = build()
     return memo[key]
@@ -488,21 +505,73 @@ def _token_bias(active: list[_Active], q: Tensor) -> Tensor:
     return token_bias[:, None, None, :]
 
 
-def _value_columns(active: list[_Active], v: Tensor) -> tuple[Tensor, list[Tensor], Tensor | None]:
-    """What the fused SDPA's value gets besides V: ``keep`` (R, 1, T, 1), the weight of each text value
-    (1 - scale on subject positions), one (R, H, T, 1) one-hot column per subject, and zeros (R, H, T, pad)
-    that keep the head dim a multiple of 8 for the fused GPU kernels (None when none are needed)."""
+@dataclass(frozen=True, eq=False)
+class _ValueColumns:
+    """How the fused SDPA's value is built from V (R, H, T, D), for one bound batch.
+
+    ``cat([V, ||V|| x norm_columns, constant], -1) * weights`` is V weighted by ``keep`` (1 - scale on each
+    subject's positions), then one column per subject that the SDPA turns into its probability a_s (the
+    subject's one-hot mask as weights of a ones column) or, with a value norm, into sum_s a_s ||V_s|| (the
+    one-hot mask as weights of ||V||), then zeros that keep the head dim a multiple of 8 for the fused GPU
+    kernels. Per layer that is a cat and a product (and one norm), however many subjects there are.
+
+    Attributes:
+        weights: (R, 1, T, width): ``keep`` on the D columns of V, each subject's one-hot mask on its column,
+            0 on the padding.
+        constant: (R, H, T, width - D - norm_columns): a ones column per subject without a value norm,
+            then the padding zeros; None when there are none.
+        norm_columns: how many subjects have a value norm; their columns come first, in subject order.
+        order: for each subject, the index of its column among the columns after V.
+        split_sizes: D, 1 per subject, and the padding (when there is some): how the SDPA's output splits.
+        width: the head dim of the fused call.
+    """
+
+    weights: Tensor
+    constant: Tensor | None
+    norm_columns: int
+    order: tuple[int, ...]
+    split_sizes: tuple[int, ...]
+    width: int
+
+
+def _value_columns(active: list[_Active], v: Tensor) -> _ValueColumns:
+    """The :class:`_ValueColumns` of ``active`` for values shaped like ``v``."""
     rows, heads, tokens, dim = v.shape
+    subjects = [s for s, _ in active]
+    normed = [i for i, s in enumerate(subjects) if s.value_norm_factor is not None]
+    plain = [i for i, s in enumerate(subjects) if s.value_norm_factor is None]
+    by_column = normed + plain  # the norm columns first: the layer puts ||V|| there
+    order = tuple(by_column.index(i) for i in range(len(subjects)))
+    pad = (-(dim + len(active))) % 8
+    width = dim + len(active) + pad
     keep = torch.ones(rows, tokens, dtype=v.dtype, device=v.device)
-    one_hots = []
     for s, _ in active:
-        weight = s.mask.to(v.dtype)
-        keep = keep - s.scale * weight
-        one_hots.append(weight[:, None, :, None].expand(-1, heads, -1, 1).contiguous())
-    width = dim + sum(1 + (s.value_norm_factor is not None) for s, _ in active)
-    pad = (-width) % 8
-    padding = v.new_zeros(rows, heads, tokens, pad) if pad else None
-    return keep[:, None, :, None], one_hots, padding
+        keep = keep - s.scale * s.mask.to(v.dtype)
+    weights = torch.cat(
+        [
+            keep[:, None, :, None].expand(-1, -1, -1, dim),
+            *(subjects[i].mask.to(v.dtype)[:, None, :, None] for i in by_column),
+            v.new_zeros(rows, 1, tokens, pad),
+        ],
+        dim=-1,
+    )
+    constant = None
+    if plain or pad:
+        constant = torch.cat(
+            [v.new_ones(rows, heads, tokens, len(plain)), v.new_zeros(rows, heads, tokens, pad)], dim=-1
+        )
+    split_sizes = (dim, *(1 for _ in active), *((pad,) if pad else ()))
+    return _ValueColumns(weights, constant, len(normed), order, split_sizes, width)
+
+
+def _zero_padded(active: list[_Active], x: Tensor, width: int, rows_key: tuple[int, int] | None) -> Tensor:
+    """``x`` zero-padded to ``width`` on its last dim: with a memo, a cat with zeros kept there (one kernel,
+    where F.pad fills and then copies), else F.pad (zeros built per call would cost what the cat saves)."""
+    if len(active) != 1 or active[0][0].memo is None:
+        return F.pad(x, (0, width - x.shape[-1]))
+    shape = (*x.shape[:-1], width - x.shape[-1])
+    zeros = _memoized(active, ("zeros", rows_key, shape, x.dtype, x.device), lambda: x.new_zeros(shape))
+    return torch.cat([x, zeros], dim=-1)
 
 
 def _subject_keys_values(
@@ -515,7 +584,9 @@ def _subject_keys_values(
         keys, values = keys.to(dtype), values.to(dtype)
     if image_rows is None:
         return keys, values
-    if keys.shape[0] == 1:  # one subject image for every sample: a view, not a copy
+    if keys.shape[0] == 1:  # one subject image for every sample: itself, or a view (not a copy)
+        if count == 1:
+            return keys, values
         return keys.expand(count, -1, -1, -1), values.expand(count, -1, -1, -1)
     return keys[image_rows], values[image_rows]
 
