@@ -190,6 +190,12 @@ def test_flux_without_t5_and_sizes_the_pipeline_cannot_draw_are_refused_in_one_l
                     generate(nested, PROMPTS, subjects={"<person>": me}, **size)
                 with pytest.raises(ConfigError, match=f"{option} {value} is not"):
                     generate(nested, PROMPTS[1], **size)
+            # SD3's position embedding covers 16 patches of 2x2 latents of 4x4 pixels per side: 128 px.
+            if kind == "sd3":
+                with pytest.raises(
+                    ConfigError, match=r"^width 136 is more than the 128 pixels per side that this SD3"
+                ):
+                    generate(nested, PROMPTS, subjects={"<person>": me}, width=136)
 
 
 def test_flux_true_cfg_gives_the_negative_prompt_call_no_subject(setup):

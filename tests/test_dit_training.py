@@ -20,6 +20,7 @@ from nested.data.transforms import target_transform
 from nested.dit import joint_attention_layers
 from nested.encoder import EncoderSpec
 from nested.errors import ConfigError, DataError
+from nested.inference.sampler import check_sampling
 from nested.training.module import ConditioningDropout, NestedAttentionModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,6 +184,21 @@ def test_latents_the_patches_cannot_cut_and_a_t5_length_below_one_are_refused(ti
     assert module.transformer_prediction(
         torch.zeros(1, channels, 8, 8), torch.full((1,), 0.5), conditioning
     ).shape == (1, channels, 8, 8)
+    # SD3's position embedding is a table of pos_embed_max_size patches per side (the tiny one's 16, of 2x2 latents
+    # of 4x4 pixels: 128 px); FLUX's rotary one has no limit.
+    too_large = torch.zeros(1, channels, 34, 8)
+    if backbone.kind == "sd3":
+        with pytest.raises(
+            ConfigError,
+            match=r"^data.resolution 136 is more than the 128 pixels per side that this SD3 transformer's position "
+            r"embedding covers \(pos_embed_max_size 16\): use at most 128\.$",
+        ):
+            module.transformer_prediction(too_large, torch.full((1,), 0.5), conditioning)
+        with pytest.raises(ConfigError, match=r"^height 136 is more than the 128 pixels per side"):
+            check_sampling(backbone, steps=2, height=136, width=128)  # SampleGrid's and nested eval's check
+        check_sampling(backbone, steps=2, height=128, width=128)
+    else:
+        assert module.transformer_prediction(too_large, torch.full((1,), 0.5), conditioning).shape[2] == 34
     for length in (0, -4):
         with pytest.raises(
             ConfigError, match=f"max_sequence_length must be a positive number of T5 tokens, got {length}"

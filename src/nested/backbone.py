@@ -239,6 +239,30 @@ def transformer_patch_size(kind: str, transformer: torch.nn.Module) -> int:
     return transformer.config.patch_size if kind == "sd3" else 2
 
 
+def transformer_max_side(kind: str, transformer: torch.nn.Module, vae_scale_factor: int) -> int | None:
+    """The largest image side, in pixels, the transformer's position embedding covers: SD3's is a table of
+    ``pos_embed_max_size`` patches per side (192 for SD3.5: 3072 px); FLUX's rotary embedding has no limit
+    (None)."""
+    table = getattr(transformer.config, "pos_embed_max_size", None) if kind == "sd3" else None
+    if table is None:
+        return None
+    return table * transformer_patch_size(kind, transformer) * vae_scale_factor
+
+
+def check_transformer_side(
+    kind: str, transformer: torch.nn.Module, vae_scale_factor: int, sides: dict[str, int]
+) -> None:
+    """Refuse an image side (``sides``: name -> pixels) beyond :func:`transformer_max_side`."""
+    largest = transformer_max_side(kind, transformer, vae_scale_factor)
+    for name, size in sides.items():
+        if largest is not None and size is not None and size > largest:
+            raise ConfigError(
+                f"{name} {size} is more than the {largest} pixels per side that this {kind.upper()} transformer's "
+                f"position embedding covers (pos_embed_max_size {transformer.config.pos_embed_max_size}): use at "
+                f"most {largest}."
+            )
+
+
 def check_max_sequence_length(max_sequence_length: int | None) -> None:
     """Refuse a T5 length below 1 (None: the pipeline's default)."""
     if max_sequence_length is not None and max_sequence_length < 1:
@@ -623,6 +647,10 @@ class TransformerBackbone(_VaeLatents):
         """Image sides must be multiples of this many pixels: the VAE's scale factor times the patch size
         (16 for the real SD3 and FLUX.1 models)."""
         return self.vae_scale_factor * self.patch_size
+
+    def check_side(self, **sides: int) -> None:
+        """Refuse image sides (pixels) beyond what the transformer covers (:func:`check_transformer_side`)."""
+        check_transformer_side(self.kind, self.transformer, self.vae_scale_factor, sides)
 
     @property
     def text_length(self) -> int:

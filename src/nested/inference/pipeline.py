@@ -53,6 +53,7 @@ from nested.adapter import (
 from nested.backbone import (
     TRANSFORMER_KINDS,
     check_max_sequence_length,
+    check_transformer_side,
     checked_quantize,
     joint_subject_masks,
     read_model_index,
@@ -563,6 +564,9 @@ class NestedPipeline:
                     f"{name} {size} is not a positive multiple of {multiple} pixels, which this "
                     f"{type(self.pipe).__name__} needs: use {max(multiple, size - size % multiple)}."
                 )
+        if self.kind != "unet":
+            sides = {name: pipeline_kwargs.get(name) for name in ("height", "width")}
+            check_transformer_side(self.kind, self.denoiser, self.pipe.vae_scale_factor, sides)
         steps, limit = (
             pipeline_kwargs.get("num_inference_steps"),
             self.pipe.scheduler.config.get("num_train_timesteps"),

@@ -99,6 +99,8 @@ def check_sampling(
     multiple = backbone.side_multiple
     if height % multiple or width % multiple:
         raise ConfigError(f"height and width must be multiples of {multiple}, got {height}x{width}.")
+    if isinstance(backbone, TransformerBackbone):
+        backbone.check_side(height=height, width=width)
 
 
 @torch.no_grad()

@@ -767,6 +767,7 @@ class NestedAttentionModule(L.LightningModule):
                 f"the {backbone.kind.upper()} transformer takes latents in {patch}x{patch} patches, but these are "
                 f"{height}x{width}: make data.resolution a multiple of {backbone.side_multiple}."
             )
+        backbone.check_side(**{"data.resolution": max(height, width) * backbone.vae_scale_factor})
         if backbone.kind == "sd3":
             return transformer(
                 hidden_states=noisy.to(dtype),
