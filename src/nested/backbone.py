@@ -241,8 +241,8 @@ def transformer_patch_size(kind: str, transformer: torch.nn.Module) -> int:
 
 def transformer_max_side(kind: str, transformer: torch.nn.Module, vae_scale_factor: int) -> int | None:
     """The largest image side, in pixels, the transformer's position embedding covers: SD3's is a table of
-    ``pos_embed_max_size`` patches per side (192 for SD3.5: 3072 px); FLUX's rotary embedding has no limit
-    (None)."""
+    ``pos_embed_max_size`` patches per side (SD3.5-Large 192: 3072 px; SD3.5-Medium 384); FLUX's rotary
+    embedding has no limit (None)."""
     table = getattr(transformer.config, "pos_embed_max_size", None) if kind == "sd3" else None
     if table is None:
         return None
