@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from huggingface_hub import ModelCard
 from PIL import Image
 from skimage.data import astronaut, chelsea
 from test_generate import NESTED, strict_json
@@ -18,6 +19,7 @@ from nested.adapter import NestedAdapter, cross_attention_layers
 from nested.cli.generate import main_generate
 from nested.encoder import EncoderSpec
 from nested.errors import ConfigError
+from nested.hub.model_card import model_card
 from nested.inference.pipeline import NestedPipeline
 from nested.testing import write_hub_cache
 
@@ -196,6 +198,13 @@ def test_flux_without_t5_and_sizes_the_pipeline_cannot_draw_are_refused_in_one_l
                     ConfigError, match=r"^width 136 is more than the 128 pixels per side that this SD3"
                 ):
                     generate(nested, PROMPTS, subjects={"<person>": me}, width=136)
+
+
+def test_a_model_card_tags_the_transformer_family_the_adapter_was_trained_on(setup, tiny_adapter):
+    tags = {kind: ModelCard(model_card(setup[kind]["faces"])).data.tags for kind in KINDS}
+    assert "flux" in tags["flux"] and "stable-diffusion-3" in tags["sd3"]
+    assert not {"stable-diffusion", "stable-diffusion-xl"} & {*tags["flux"], *tags["sd3"]}
+    assert "stable-diffusion" in ModelCard(model_card(tiny_adapter)).data.tags
 
 
 def test_flux_true_cfg_gives_the_negative_prompt_call_no_subject(setup):

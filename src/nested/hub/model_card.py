@@ -40,6 +40,13 @@ def _looks_like_repo_id(name: str) -> bool:
 
 
 def _base_family(config: AdapterConfig) -> str:
+    """The base model's family tag, from the layers the adapter was trained on: FLUX.1 has single-stream blocks,
+    SD3 joint blocks only, SD / SDXL cross-attention layers (SDXL's text is 2048 wide)."""
+    names = list(config.layers)
+    if any(name.startswith("single_transformer_blocks.") for name in names):
+        return "flux"
+    if any(name.startswith("transformer_blocks.") for name in names):
+        return "stable-diffusion-3"
     text_dims = {layer["cross_attention_dim"] for layer in config.layers.values()}
     if 2048 in text_dims or "xl" in config.base_model.lower():
         return "stable-diffusion-xl"
