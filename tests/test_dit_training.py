@@ -140,6 +140,10 @@ def test_options_of_the_other_model_family_are_refused(tiny_sd3_path, tiny_sd_pa
         make_module(tiny_sd3_path, min_snr_gamma=5.0)
     with pytest.raises(ConfigError, match="model.weighting_scheme"):
         make_module(tiny_sd3_path, weighting_scheme="logitnormal")
+    with pytest.raises(
+        ConfigError, match=r"model.guidance_scale=5 is the guidance input of a guidance-distilled"
+    ):
+        make_module(tiny_sd3_path, guidance_scale=5.0)  # SD3 has no guidance embedding
     with pytest.raises(ConfigError, match="max_sequence_length .*UNet model"):
         make_module(tiny_sd_path)  # make_module sets max_sequence_length
     spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)

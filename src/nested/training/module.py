@@ -296,8 +296,19 @@ class NestedAttentionModule(L.LightningModule):
                 f"model.min_snr_gamma weights a DDPM loss; {self.base_model} trains with flow matching: remove "
                 "it and choose model.weighting_scheme instead."
             )
+        defaults = inspect.signature(type(self).__init__).parameters
+        unused_guidance = self.guidance_scale != defaults["guidance_scale"].default
+        if (
+            isinstance(backbone, TransformerBackbone)
+            and unused_guidance
+            and backbone.guidance(1, 1.0) is None
+        ):
+            raise ConfigError(
+                f"model.guidance_scale={self.guidance_scale:g} is the guidance input of a guidance-distilled "
+                f"transformer (FLUX.1-dev); {self.base_model}'s has no guidance embedding (SD3, FLUX.1-schnell) "
+                "and would ignore it: remove it."
+            )
         if isinstance(backbone, DiffusionBackbone):
-            defaults = inspect.signature(type(self).__init__).parameters
             changed = [
                 name for name in FLOW_MATCHING_OPTIONS if getattr(self, name) != defaults[name].default
             ]
