@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_dit_training import fit_smoke
 from test_module import make_module, make_trainer
 
@@ -276,6 +277,25 @@ def test_a_sample_grid_draws_the_same_images_from_the_cache_as_with_t5(
     assert torch.equal(grids[0], grids[1])
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_sample_grids_negative_prompt_is_cached_where_the_model_draws_with_it(kind, tmp_path, monkeypatch):
+    """SD3's grids draw their unconditional half from the negative prompt; FLUX's draw without one."""
+    monkeypatch.chdir(REPO)
+    grids = yaml.safe_load((REPO / "callbacks" / "samples.yaml").read_text())
+    grids["trainer"]["callbacks+"][0]["init_args"]["negative_prompt"] = "lowres, blurry"
+    (tmp_path / "grids.yaml").write_text(yaml.safe_dump(grids))
+    folder = tmp_path / "cache"
+    command = ["prompts", "--config", f"configs/smoke-{kind}.yaml", "--config", str(tmp_path / "grids.yaml")]
+    assert main([*command, f"--model.prompt_cache={folder}", "--no-progress"]) == 0
+    model = {"sd3": "data/models/tiny-sd3", "flux": "data/models/tiny-flux"}[kind]
+    cache = TransformerBackbone.from_pretrained(
+        model, max_sequence_length=32, prompt_cache=folder
+    ).text_encoders[-1]
+    assert cache.missing(["lowres, blurry", "a photo of <person>"]) == (
+        ["lowres, blurry"] if kind == "flux" else []
+    )
+
+
 def test_nested_prompts_then_fit_trains_exactly_as_with_t5(tmp_path, monkeypatch, capsys):
     """The smoke FLUX config: `nested prompts` caches every prompt of the run (SampleGrid's included); `nested
     fit` with the cache logs the losses of a run with T5; a second `nested prompts` encodes nothing."""
@@ -293,7 +313,7 @@ def test_nested_prompts_then_fit_trains_exactly_as_with_t5(tmp_path, monkeypatch
         "data/models/tiny-flux", max_sequence_length=32, prompt_cache=folder
     )
     grid = SampleGrid()  # callbacks/samples.yaml's prompts are the defaults
-    wanted = ["an extra prompt", "<person> at night", "", "<person>", *grid.prompts_for("<person>")]
+    wanted = ["an extra prompt", "<person> at night", "", "<person>", *grid.prompts_for("<person>", "flux")]
     assert backbone.text_encoders[-1].missing(wanted) == []
 
     # nested fit's checkpoint options are accepted (the same command line serves both) and ignored.

@@ -211,9 +211,11 @@ class SampleGrid(L.Callback):
                 rank_zero_warn(f"SampleGrid: prompt alignment is not logged: {error}")
                 self.alignment = None
 
-    def prompts_for(self, token: str) -> list[str]:
-        """The prompts the grid encodes for ``token``: each template with it, and the negative prompt."""
-        return [template.format(token=token) for template in self.prompts] + [self.negative_prompt]
+    def prompts_for(self, token: str, kind: str) -> list[str]:
+        """The prompts the grid encodes for ``token`` on a ``kind`` of base model: each template with it, and
+        the negative prompt (not for FLUX, which draws without one)."""
+        negative = [] if kind == "flux" else [self.negative_prompt]
+        return [template.format(token=token) for template in self.prompts] + negative
 
     # ------------------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -221,7 +223,8 @@ class SampleGrid(L.Callback):
         check_sampling(pl_module.backbone, self.steps, *self._size(trainer, pl_module.backbone))
         text_encoder = pl_module.backbone.text_encoders[-1]
         if isinstance(text_encoder, PromptCache):  # fail now rather than at the first grid, hours in
-            text_encoder.require(self.prompts_for(self.token or pl_module.adapter.config.token), "SampleGrid")
+            token = self.token or pl_module.adapter.config.token
+            text_encoder.require(self.prompts_for(token, pl_module.backbone.kind), "SampleGrid")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.sample_at_start and trainer.global_step == 0 and not received_signals():

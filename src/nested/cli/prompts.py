@@ -75,7 +75,7 @@ def main_prompts(argv: list[str]) -> int:
     device = checked_device(args.device, "leave --device out to run T5 on the CPU")
 
     # Lightning, diffusers and transformers load only once the arguments are good: --help stays quick.
-    from nested.backbone import load_t5
+    from nested.backbone import load_t5, t5_suffix
     from nested.callbacks.sample_grid import SampleGrid
     from nested.cli.fit import configured_run
     from nested.data.prompts import domain_prompts, domain_source
@@ -94,10 +94,11 @@ def main_prompts(argv: list[str]) -> int:
     )
     text_encoder.to(device)
     prompts += ["", *module.subjects]  # text dropout leaves the subject token alone; both dropped: ""
+    kind = "sd3" if component == f"text_encoder{t5_suffix('sd3')}" else "flux"
     for callback in cli.trainer.callbacks:
         if isinstance(callback, SampleGrid):
             for token in [callback.token] if callback.token else module.subjects:
-                prompts += callback.prompts_for(token)
+                prompts += callback.prompts_for(token, kind)
 
     def bar(description: str, unit: str) -> Callable[[Iterable], Iterable]:
         return lambda items: tqdm(
