@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -379,6 +380,23 @@ def test_the_hub_presets_placeholder_repo_is_refused_before_a_run_whose_every_up
         "set it to your user/name (in a copy of that file)."
     )
     assert not any(tmp_path.iterdir())
+
+
+def test_python_dash_m_nested_is_the_nested_command(tmp_path):
+    """Where the console script is not on PATH (a venv used through its python alone)."""
+    usage = subprocess.run(
+        [sys.executable, "-m", "nested", "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: nested <command> [options]")
+    refused = subprocess.run(
+        [sys.executable, "-m", "nested", "generate", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        "nested generate: error:"
+    )
 
 
 def _fit_args(root: Path, *extra: str) -> list[str]:

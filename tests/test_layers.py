@@ -26,6 +26,7 @@ LAYERS = {
     "training": 3,
     "callbacks": 3,
     "cli": 4,
+    "__main__": 5,  # python -m nested: the command line
     "compat": 5,  # the older top-level paths: they import their new homes, nothing imports them
     "toyworld": 6,  # research code that uses the library; the library never imports it
 }
