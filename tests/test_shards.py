@@ -23,8 +23,11 @@ import webdataset as wds
 from PIL import Image
 
 import nested
+import nested.data.shards as shards
 from nested.cli.shards import main_shards
 from nested.data.shards import _rejection_summary, build_shards
+from nested.data.worker_pool import WorkerDied
+from nested.errors import DataError
 from nested.image_files import ImageFileError, open_image
 
 
@@ -757,3 +760,57 @@ def test_worker_processes_write_the_same_shards_and_never_fork_the_caller(
             assert [(m.name, a.extractfile(m).read()) for m in a.getmembers()] == [
                 (m.name, b.extractfile(m).read()) for m in b.getmembers()
             ]
+
+
+def _red_photos(folder: Path, names: list[str]) -> None:
+    folder.mkdir()
+    for name in names:
+        Image.new("RGB", (96, 96), "red").save(folder / f"{name}.jpg")
+        (folder / f"{name}.txt").write_text("a photo of <person>")
+
+
+def test_a_dead_worker_is_named_by_the_photo_it_held_not_its_neighbour(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The photo named is the one whose job the worker held, not a neighbour (the kill test's photos are links of
+    one)."""
+
+    class DiesAtTheThird:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def __enter__(self) -> DiesAtTheThird:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def map(self, jobs, stops=()):
+            yield "too small"
+            yield "too small"
+            raise WorkerDied(2, -signal.SIGKILL)
+
+    monkeypatch.setattr(shards, "OrderedWorkerPool", DiesAtTheThird)
+    _red_photos(tmp_path / "src", ["a", "b", "c", "d"])
+    with pytest.raises(DataError, match=r"while preparing \S*/c\.jpg\. If the kernel"):
+        shards.build_shards(
+            tmp_path / "src", tmp_path / "out", domain="faces", subject="<person>", progress=False, workers=2
+        )
+
+
+def test_a_recorded_stop_ends_the_pool_build_between_two_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop ends the build before the next result, not once every photo is prepared."""
+
+    @contextlib.contextmanager
+    def already_stopped():
+        yield [signal.SIGTERM]  # as if SIGTERM came; nothing is delivered on exit here
+
+    monkeypatch.setattr(shards, "stop_signals_deferred", already_stopped)
+    _red_photos(tmp_path / "src", [f"{i:02d}" for i in range(8)])
+    with pytest.raises(KeyboardInterrupt, match="^stopped by SIGTERM$"):
+        shards.build_shards(
+            tmp_path / "src", tmp_path / "out", domain="faces", subject="<person>", progress=False, workers=2
+        )
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,8 @@ def _square_or_fail(job: int) -> int:
 
 
 def _square_or_die(job: int) -> int:
+    if job == 2:
+        time.sleep(0.5)  # the other worker runs jobs 3, 4 and 5 meanwhile: the death comes before result 2
     if job == 5:
         os.kill(os.getpid(), signal.SIGKILL)
     if job == 6:
@@ -109,6 +112,7 @@ def test_a_jobs_exception_is_raised_in_order_with_the_workers_traceback() -> Non
 
 @pytest.mark.parametrize(("dying_job", "cause"), [(5, "killed by SIGKILL"), (6, "exit code 3")])
 def test_a_worker_that_dies_holding_a_job_is_named_with_that_job(dying_job: int, cause: str) -> None:
+    """In its job's turn: after the results of the jobs before it, which other workers still run."""
     start = time.monotonic()
     with OrderedWorkerPool(_context(), 2, _square_or_die, _nothing_to_set_up) as pool:
         results = pool.map([0, 1, 2, 3, 4, dying_job, 7, 8])
@@ -204,3 +208,62 @@ def test_workers_that_keep_ending_before_any_job_end_the_map() -> None:
     ):
         list(pool.map(range(4)))
     assert time.monotonic() - start < 60
+
+
+def _mark_then_square(job: tuple[str, int]) -> int:
+    folder, index = job
+    if index == 0:
+        time.sleep(1.0)  # the first result is slow: the others must not all run meanwhile
+    (Path(folder) / str(index)).touch()
+    return index * index
+
+
+def _die_after_every_result() -> None:
+    """Every worker is killed just after its result left (the out-of-memory killer, now and then)."""
+    send = Connection.send
+
+    def send_then_die(self: Connection, message: object) -> None:
+        send(self, message)
+        if isinstance(message, tuple) and message[0] == "done":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Connection.send = send_then_die
+
+
+def test_results_that_wait_for_an_earlier_one_are_bounded(tmp_path: Path) -> None:
+    """map's docstring: at most twice as many results as there are workers wait for an earlier one."""
+    with OrderedWorkerPool(_context(), 2, _mark_then_square, _nothing_to_set_up) as pool:
+        results = pool.map([(str(tmp_path), index) for index in range(40)])
+        assert next(results) == 0
+        time.sleep(0.3)
+        assert len(list(tmp_path.iterdir())) <= 1 + 2 * 2
+        assert list(results) == [index * index for index in range(1, 40)]
+
+
+def test_workers_killed_between_jobs_now_and_then_never_end_a_long_map() -> None:
+    """Each result resets the count of workers that ended without one: a long build survives many kills."""
+    with OrderedWorkerPool(_context(), 1, _square_after_a_while, _die_after_every_result) as pool:
+        assert list(pool.map(range(12))) == [job * job for job in range(12)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_worker_left_busy_by_an_abandoned_map_is_ended_not_left_running() -> None:
+    """The next map ends a worker still busy with a job of an abandoned one: its 60 s job does not go on."""
+    with OrderedWorkerPool(_context(), 2, _sleep, _nothing_to_set_up) as pool:
+        abandoned = pool.map([0.0, 60.0])
+        assert next(abandoned) == 0.0  # one worker idle, the other 60 s into job 1
+        before = pool.pids
+        assert list(pool.map([0.0])) == [0.0]
+        busy = set(before) - set(pool.pids)  # the one replaced
+        assert len(busy) == 1
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in busy) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in busy)

@@ -114,7 +114,8 @@ class OrderedWorkerPool:
     def map(self, jobs: Sequence[Any], stops: Sequence[int] = ()) -> Iterator[Any]:
         """``function(job)`` for each job, in order. At most twice as many results as there are workers
         wait in memory for an earlier one. An exception a job raised is raised here, with the worker's
-        traceback as its cause. A nonempty ``stops`` (signals recorded by the caller) raises
+        traceback as its cause, and :class:`WorkerDied` for a worker that died during a job: each in its
+        job's turn, after the results of the jobs before it. A nonempty ``stops`` (signals recorded by the caller) raises
         KeyboardInterrupt before the next result (the check runs at least every 0.1 s while waiting).
 
         Workers still busy with a job of an earlier map that ended early (an exception, a stop, a caller
@@ -164,7 +165,10 @@ class OrderedWorkerPool:
                     continue  # it runs on
                 process.join(timeout=1.0)  # its pipe's end came first: it is exiting
                 if self._held[slot] is not None and self._began[slot]:
-                    raise WorkerDied(self._held[slot], process.exitcode)
+                    # Raised in its turn, after the results of the jobs before it.
+                    finished[self._held[slot]] = (False, WorkerDied(self._held[slot], process.exitcode))
+                    self._replace(slot)
+                    continue
                 ends_without_result += 1
                 if ends_without_result > 3 * len(self._processes):
                     raise RuntimeError(
