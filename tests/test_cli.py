@@ -481,6 +481,18 @@ def test_a_finished_run_extended_trains_on_and_changed_training_settings_are_ref
         == 0
     )
     assert checkpoint_step(find_resume_checkpoint(onward, [onward / "checkpoints"])) == 2
+    # Nor by a validation of its checkpoint.
+    assert (
+        main(
+            [
+                "validate",
+                *_fit_args(onward, "--optimizer.init_args.lr=0.001", init, "--trainer.limit_val_batches=1")[
+                    1:
+                ],
+            ]
+        )
+        == 0
+    )
     # A checkpoint of another torch version records arguments this one's classes lack (LinearLR's `verbose`).
     state = torch.load(newest, weights_only=False)
     state["hyper_parameters"]["optimizer"]["init_args"]["an_older_torchs_argument"] = "deprecated"

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -23,9 +24,12 @@ import torch
 from matplotlib import cbook
 from PIL import Image, ImageEnhance, ImageOps
 from skimage import data
+from test_pipeline import tiny_pipeline, write_adapter
 
 import nested
+import nested.evaluation.sweep
 from nested.cli.shards import main_shards
+from nested.errors import DataError
 
 SRC = Path(nested.__file__).resolve().parents[1]  # the nested under test, for subprocesses
 
@@ -521,3 +525,83 @@ def test_eval_align_face_references_are_aligned_face_crops_and_shards_are_refuse
         "nested eval: error: --align-face '<person>': its --subjects held_out/shards.json are shards, which hold "
         "the references nested shards prepared (--faces aligns them); use --align-face with a folder of photos."
     )
+
+
+def _noise(path, seed):
+    pixels = (torch.rand(48, 40, 3, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path)
+    return path
+
+
+@pytest.mark.faces
+def test_generate_aligns_only_the_subjects_named_by_align_face(tiny_sd_path, tiny_adapter, tmp_path):
+    """--align-face <person> beside a <dog> subject: the dog photo (no face) is given whole, and
+    generation.json says which subject was aligned."""
+    from nested.cli.generate import main_generate
+
+    pets = write_adapter(tiny_pipeline(tiny_sd_path).unet, tmp_path / "pets", tiny_sd_path / "image_encoder",
+                         "<dog>", "dog", 2, domain="pets")  # fmt: skip
+    astronaut().save(tmp_path / "collins.png")
+    argv = ["--base", str(tiny_sd_path), "--adapter", f"<person>={tiny_adapter}", "--adapter", f"<dog>={pets}",
+            "--subject", f"<person>={tmp_path / 'collins.png'}", "--subject", f"<dog>={_noise(tmp_path / 'rex.png', 2)}",
+            "--align-face", "<person>", "--prompt", "a <person> with a <dog>", "--steps", "1", "--no-progress",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main_generate(argv) == 0
+    subjects = json.loads((tmp_path / "out" / "generation.json").read_text())["subjects"]
+    assert subjects["<person>"]["aligned_face"] is True and subjects["<dog>"]["aligned_face"] is False
+
+
+@pytest.mark.faces
+def test_eval_aligns_the_references_of_the_align_face_tokens_only(
+    tiny_sd_path, tiny_adapter, tmp_path, monkeypatch, capsys
+):
+    """Each --align-face token's references are aligned, the others' are not; an unknown token is one line."""
+    from nested.cli.eval import main_eval
+
+    pets = write_adapter(tiny_pipeline(tiny_sd_path).unet, tmp_path / "pets", tiny_sd_path / "image_encoder",
+                         "<dog>", "dog", 2, domain="pets")  # fmt: skip
+    for name in ("people", "dogs"):
+        (tmp_path / name).mkdir()
+    astronaut().save(tmp_path / "people" / "collins.png")
+    _noise(tmp_path / "dogs" / "rex.png", 2)
+    calls = {}
+
+    def load_references(source, *, token, align_faces=False, **kwargs):
+        calls[token] = align_faces
+        if len(calls) == 2:
+            raise DataError("stopped here by the test")
+        return []
+
+    monkeypatch.setattr(nested.evaluation.sweep, "load_references", load_references)  # records, then stops
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {token}\n")
+    base = ["--base", str(tiny_sd_path), "--adapter", f"<person>={tiny_adapter}", "--adapter", f"<dog>={pets}",
+            "--prompts", str(prompts), "--subjects", f"<person>={tmp_path / 'people'}",
+            "--subjects", f"<dog>={tmp_path / 'dogs'}", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main_eval([*base, "--align-face", "<person>"]) == 2
+    assert "stopped here by the test" in capsys.readouterr().err
+    assert calls == {"<person>": True, "<dog>": False}
+
+    assert main_eval([*base, "--align-face", "<cat>"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("nested eval: error: --align-face '<cat>' is not a token of --adapter")
+        and "\n" not in err
+    )
+
+
+def test_load_references_refuses_to_align_the_references_of_shards():
+    from nested.evaluation.images import load_references
+
+    with pytest.raises(ValueError, match="shards hold their prepared references"):
+        load_references("held_out/shards.json", align_faces=True)
+
+
+def test_a_face_domain_card_gives_the_align_face_advice(tiny_adapter, tmp_path):
+    """A domain named "face" is a faces domain too."""
+    from nested.hub.model_card import model_card
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "face")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "domain": "face"}))
+    assert "--align-face '<person>'" in model_card(adapter)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import nested.files
 from nested.adapter import NestedAdapter
 from nested.cli.main import main
 from nested.errors import StorageError
 from nested.files import (
     atomic_file,
+    remove_directory,
     staged_directory,
     stop_signals_deferred,
     storage_refusal,
@@ -235,3 +238,23 @@ def test_a_refusal_met_by_tensorboards_writer_thread_is_named_at_the_next_flush(
             logger.save()
     assert str(error.value) == _full_disk_message(small_disk / "lightning_logs" / "version_0")
     assert events[0].read_bytes().startswith(before)
+
+
+def test_remove_directory_renames_the_folder_aside_before_deleting_it(tmp_path, monkeypatch):
+    """The folder leaves its name before its files are deleted: a crash during the deletion never leaves a
+    half-deleted step=N/ that a reader (HubUpload, nested push) would take for an export."""
+    target = tmp_path / "step=1"
+    target.mkdir()
+    (target / "adapter.safetensors").write_bytes(b"weights")
+    seen = []
+    rmtree = shutil.rmtree
+
+    def watching_rmtree(path, *args, **kwargs):
+        seen.append((Path(path).name, target.exists()))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(nested.files.shutil, "rmtree", watching_rmtree)
+    remove_directory(target)
+    ((name, original_still_there),) = seen
+    assert name.startswith(".step=1.old-") and not original_still_there
+    assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -640,9 +641,32 @@ def test_export_keep_deletes_the_oldest_step_exports_while_hub_upload_runs(
         _fit(tmp_path / "run", adapter, upload, export=AdapterExport(keep=2), max_steps=8)
     assert sorted(p.name for p in exports.iterdir()) == ["last", "step=1-notes", "step=6", "step=8"]
     assert upload.uploaded[-1] == "last" and "nested push" not in caplog.text
-    assert len(scans) <= 4 + 1  # after the 4 saves, and at the end (8 steps)
+    assert 4 <= len(scans) <= 4 + 1  # after each of the 4 saves, and at the end (8 steps)
     with pytest.raises(ConfigError, match="export.keep must be at least 1"):
         AdapterExport(keep=0)
+
+
+def test_export_keep_orders_the_exports_by_step_number_not_by_name(tmp_path):
+    """A long run passes step=10: 'step=9' sorts after 'step=10' by name."""
+    from nested.callbacks.export import AdapterExport
+
+    for step in (8, 9, 10, 11):
+        (tmp_path / f"step={step}").mkdir()
+    AdapterExport(keep=2)._delete_older_exports(tmp_path / "step=11")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=10", "step=11"]
+
+
+def test_export_keep_deletes_nothing_on_a_rank_that_does_not_export(tmp_path):
+    """Only global rank 0 exports; the other ranks of a DDP run must not race it to delete the same folders."""
+    from nested.callbacks.export import AdapterExport
+
+    for step in (1, 2, 3):
+        (tmp_path / "adapters" / f"step={step}").mkdir(parents=True)
+    trainer = types.SimpleNamespace(
+        global_step=4, is_global_zero=False, default_root_dir=str(tmp_path), callbacks=[]
+    )
+    AdapterExport(keep=1)._export_step(trainer, pl_module=None)
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["step=1", "step=2", "step=3"]
 
 
 def test_an_export_that_cannot_be_deleted_is_named_and_training_goes_on(tmp_path, monkeypatch):

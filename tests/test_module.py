@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch._dynamo.utils import counters
 
-from nested.adapter import NestedAdapter
+import nested.adapter
+from nested.adapter import NestedAdapter, check_adapter_files
 from nested.callbacks.export import AdapterExport
 from nested.cli.main import main
 from nested.data import DomainSpec, NestedDataModule
@@ -495,6 +496,48 @@ def test_init_adapter_starts_training_from_an_exported_adapters_weights(
     assert [name for name in ours if name.startswith("token_embeddings.")] == [
         "token_embeddings.text_encoder:<dog>"
     ]
+
+
+def test_init_adapter_user_repo_at_revision_downloads_that_revision(tiny_sd_path, tiny_adapter, monkeypatch):
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, **kwargs):
+        calls.append((repo_id, revision))
+        return str(tiny_adapter)
+
+    monkeypatch.setattr(nested.adapter, "snapshot_download", snapshot_download)
+    spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
+    module = NestedAttentionModule(
+        str(tiny_sd_path), spec, subjects={"<person>": "person"}, init_adapter="me/faces@v1"
+    )
+    module.configure_model()
+    assert calls == [("me/faces", "v1")]
+
+
+def test_init_adapter_of_another_encoder_is_named_its_options_not_taken_and_its_embedding_exported(
+    tiny_sd_path, tiny_adapter, tmp_path
+):
+    """The start adapter's image encoder, if another, is named in a warning; its options (here its token weight)
+    are not taken; the run's export records the text encoder that holds the embedding it started from, and
+    reads back."""
+    other = shutil.copytree(tiny_adapter, tmp_path / "other")
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["encoder"]["backbone"] = "someone/another-encoder"
+    config["token_weight"] = 3.0
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    spec = EncoderSpec(backbone=str(tiny_sd_path / "image_encoder"), num_tokens=4, width=32, depth=1, heads=2)
+    module = NestedAttentionModule(
+        str(tiny_sd_path), spec, subjects={"<person>": "person"}, init_adapter=str(other)
+    )
+    with pytest.warns(
+        UserWarning, match=r"was trained with image encoder 'someone/another-encoder' \(this run: "
+    ):
+        module.configure_model()
+    assert module.adapter.config.token_weight == 1.0
+    assert module.adapter.config.token_encoders == ["text_encoder"]
+    folder = module.adapter.save_pretrained(tmp_path / "export")
+    check_adapter_files(folder)
+    assert NestedAdapter.from_pretrained(folder).config.token_encoders == ["text_encoder"]
 
 
 def caption_batch(present: tuple[bool, ...], seed: int, sdxl: bool = False) -> dict:

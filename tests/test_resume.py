@@ -25,6 +25,7 @@ from nested.training.resume import (
     AtomicCheckpointIO,
     PreemptionCheckpoint,
     checkpoint_step,
+    drop_replaced_checkpoint_callbacks,
     find_resume_checkpoint,
     partial_path,
 )
@@ -423,3 +424,23 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     AtomicCheckpointIO().save_checkpoint({"global_step": 3, "state_dict": {}}, target)
     assert torch.load(target, weights_only=True)["global_step"] == 3
     assert not partial_path(target).exists()  # the next write reused the leftover's name
+
+
+def _trainer(tmp_path, *callbacks):
+    return L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=list(callbacks))  # fmt: skip
+
+
+def test_only_a_later_checkpoint_callback_that_keeps_last_of_the_same_folder_replaces_one(tmp_path):
+    run = ModelCheckpoint(dirpath=tmp_path / "a", save_last=True, save_top_k=-1)
+    best = ModelCheckpoint(dirpath=tmp_path / "a", monitor="val/loss", save_top_k=1)  # no last.ckpt
+    elsewhere = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=7)
+    trainer = _trainer(tmp_path, run, best, elsewhere)
+    assert drop_replaced_checkpoint_callbacks(trainer) == []
+    assert trainer.checkpoint_callbacks == [run, best, elsewhere]
+    frequent = ModelCheckpoint(
+        dirpath=tmp_path / "a", save_last=True, save_top_k=5, monitor="step", mode="max"
+    )
+    trainer = _trainer(tmp_path, run, best, elsewhere, frequent)
+    assert drop_replaced_checkpoint_callbacks(trainer) == [run]
+    assert trainer.checkpoint_callbacks == [best, elsewhere, frequent]
