@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from nested.cli.common import one_line
 from nested.cli.fit import KILLED_WRITE_AGE, _start_over, config_error_line, configured_run
@@ -619,61 +619,55 @@ def test_a_requeued_slurm_job_resumes_from_its_newest_checkpoint_not_its_ckpt_pa
     assert error.startswith(f"nested validate: error: --ckpt_path {first}: no such file;")
 
 
-def _logged_steps(log_dir: Path) -> dict[str, list[int]]:
-    """The steps of each scalar TensorBoard shows for ``log_dir``, after it purged what a restart hid."""
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {tag: [event.step for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+def _logged(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every ``tag`` scalar in ``log_dir``'s event files, in the order they were written."""
+    points = []
+    for events in sorted(log_dir.glob("events.out.tfevents.*")):  # named by their start time
+        for event in EventFileLoader(str(events)).Load():
+            points += [(event.step, value.simple_value) for value in event.summary.value if value.tag == tag]
+    return points
 
 
-def test_a_resumed_run_logs_on_to_its_tensorboard_folder_without_the_steps_it_does_again(tmp_path, caplog):
-    """Each start of a run logs to the folder of the run its checkpoint comes from, and TensorBoard hides what the
-    stopped run logged after that checkpoint: one run with one point per step, across a stop and a crash."""
+def test_a_resumed_run_logs_on_to_its_tensorboard_folder(tmp_path, caplog):
+    """Each start of a run from a checkpoint of its own folders (found, or named by Lightning's keywords) logs to
+    the folder of the run that checkpoint comes from: one TensorBoard run across a stop and a crash. The steps
+    logged after the checkpoint are logged again, with the same values. A checkpoint from elsewhere starts a
+    folder of its own."""
     root = tmp_path / "run"
-    argv = _fit_args(root, "--trainer.max_epochs=5", "--trainer.log_every_n_steps=1")
+    argv = _fit_args(root, "--trainer.max_epochs=5", "--trainer.log_every_n_steps=1", "--trainer.max_steps=6")
     stopper = '--trainer.callbacks+={"class_path": "test_resume.SigtermAt", "init_args": {"step": 3}}'
-    assert main([*argv, "--trainer.max_steps=6", stopper]) == 75
+    assert main([*argv, stopper]) == 75
     step_3 = shutil.copy(root / "hpc_ckpt_1.ckpt", tmp_path / "step-3.ckpt")
     with caplog.at_level("INFO"):
-        assert main([*argv, "--trainer.max_steps=6"]) == 0  # resumes step 3, logs steps 3 to 5
+        assert main([*argv, "--ckpt_path=hpc"]) == 0  # resumes step 3, logs steps 3 to 5
     log_dir = root / "lightning_logs" / "version_0"
     assert f"nested: logging to {log_dir}, as the run this checkpoint comes from did" in caplog.text
     # A crash after step 6 that lost every checkpoint since step 3: the next start goes on from step 3 again.
     for path in [*root.glob("hpc_ckpt_*.ckpt"), *(root / "checkpoints").glob("*.ckpt")]:
         path.unlink()
     shutil.copy(step_3, root / "hpc_ckpt_1.ckpt")
-    assert main([*argv, "--trainer.max_steps=6"]) == 0
+    assert main(argv) == 0
     assert [path.name for path in (root / "lightning_logs").iterdir()] == ["version_0"]
-    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 3  # one per start
-    assert _logged_steps(log_dir)["train/loss"] == [0, 1, 2, 3, 4, 5]
-    # Started afresh in its own root, a run from that checkpoint logs to a folder of its own, as always.
+    losses = _logged(log_dir, "train/loss")
+    assert [step for step, _ in losses] == [0, 1, 2, 3, 4, 5, 3, 4, 5]  # one event file per start
+    assert losses[3:6] == losses[6:]
+    # A run in another root that starts from that checkpoint logs to a folder of its own there.
     other = tmp_path / "other"
-    assert (
-        main(
-            [
-                *_fit_args(other, "--trainer.max_epochs=5", "--trainer.log_every_n_steps=1"),
-                "--trainer.max_steps=4",
-                f"--ckpt_path={step_3}",
-            ]
-        )
-        == 0
+    (other / "lightning_logs" / "version_0").mkdir(parents=True)  # an unrelated run's
+    other_argv = _fit_args(
+        other, "--trainer.max_epochs=5", "--trainer.log_every_n_steps=1", "--trainer.max_steps=4"
     )
-    assert [path.name for path in (other / "lightning_logs").iterdir()] == ["version_0"]
-    assert _logged_steps(other / "lightning_logs" / "version_0")["train/loss"] == [3]
+    assert main([*other_argv, f"--ckpt_path={step_3}"]) == 0
+    assert not any((other / "lightning_logs" / "version_0").iterdir())
+    assert [step for step, _ in _logged(other / "lightning_logs" / "version_1", "train/loss")] == [3]
 
 
 def test_a_logger_continues_only_a_run_folder_that_exists(tmp_path):
     recorded = {"name": "lightning_logs", "version": 7}  # a SLURM job's (its id) or a default's version_7
-    assert continued_logger(tmp_path, recorded, step=40) is None
-    assert continued_logger(tmp_path, None, step=40) is None  # a checkpoint of a run with other loggers
+    assert continued_logger(tmp_path, recorded) is None
+    assert continued_logger(tmp_path, None) is None  # a checkpoint of a run with other loggers
     (tmp_path / "lightning_logs" / "version_7").mkdir(parents=True)
-    logger = continued_logger(tmp_path, recorded, step=40)
-    assert Path(logger.log_dir) == tmp_path / "lightning_logs" / "version_7"
-    logger.experiment.add_scalar("loss", 1.0, global_step=41)
-    logger.finalize("success")
-    events = EventAccumulator(str(logger.log_dir))
-    events.Reload()
-    assert [event.step for event in events.Scalars("loss")] == [41]
+    assert Path(continued_logger(tmp_path, recorded).log_dir) == tmp_path / "lightning_logs" / "version_7"
 
 
 def test_a_fit_removes_the_remains_of_killed_checkpoint_writes_but_not_a_write_in_progress(tmp_path, caplog):

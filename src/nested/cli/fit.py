@@ -61,6 +61,7 @@ from nested.training.resume import (
     checkpoint_step,
     drop_replaced_checkpoint_callbacks,
     find_resume_checkpoint,
+    hpc_checkpoints,
     remove_killed_writes,
     stable_checkpoint_dirs,
 )
@@ -285,14 +286,24 @@ class NestedCLI(LightningCLI):
             )
 
     def _continue_logged_run(self) -> None:
-        """A run resumed from a checkpoint of its root logs on to the TensorBoard folder it logged to (the default
-        logger names a new one per start, or one per SLURM job)."""
+        """A run resumed from a checkpoint of its own folders logs on to the TensorBoard folder it logged to (the
+        default logger names a new one per start, or one per SLURM job). A checkpoint from elsewhere starts a
+        folder of its own."""
+        if not self._default_logger:
+            return
+        root, dirs = Path(self.trainer.default_root_dir), checkpoint_dirs(self.trainer)
         path = self.config_init[self.subcommand].get("ckpt_path")
-        if not self._default_logger or path is None or not Path(path).is_file():
+        if path == "hpc":
+            path = next(reversed(hpc_checkpoints(root)), None)
+        elif path == "last":  # Lightning's choice: the newest last*.ckpt of the checkpoint folders
+            found = [file for folder in dirs if folder.is_dir() for file in folder.glob("last*.ckpt")]
+            path = max(found, key=lambda file: file.stat().st_mtime, default=None)
+        if path is None or not Path(path).is_file():
+            return
+        if Path(path).resolve().parent not in {folder.resolve() for folder in [root, *dirs]}:
             return
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        root = self.trainer.default_root_dir
-        logger = continued_logger(root, checkpoint.get(LOGGED_RUN_KEY), int(checkpoint["global_step"]))
+        logger = continued_logger(root, checkpoint.get(LOGGED_RUN_KEY))
         if logger is not None:
             self.trainer.loggers = [logger]
             rank_zero_info(f"nested: logging to {logger.log_dir}, as the run this checkpoint comes from did")

@@ -60,16 +60,11 @@ def logged_run(trainer: L.Trainer) -> dict[str, Any] | None:
     return {"name": trainer.logger.name, "version": trainer.logger.version}
 
 
-def continued_logger(
-    save_dir: str | Path, recorded: dict[str, Any] | None, step: int
-) -> TensorBoardLogger | None:
-    """A logger that goes on writing the run ``recorded`` (:func:`logged_run`) from ``step``, the step of the
-    checkpoint it resumes: None unless ``save_dir`` holds that run's folder. TensorBoard then drops the folder's
-    events from ``step`` on (``purge_step``): the stopped run may have logged steps after its checkpoint, which the
-    resumed run logs again."""
+def continued_logger(save_dir: str | Path, recorded: dict[str, Any] | None) -> TensorBoardLogger | None:
+    """A logger that goes on writing the run ``recorded`` (:func:`logged_run`): None unless ``save_dir`` holds
+    that run's folder. The steps the stopped run logged after its checkpoint are logged again, with the same
+    values (a resume is exact): TensorBoard shows them once or twice, depending on its loader."""
     if not recorded:
         return None
-    logger = TensorBoardLogger(
-        save_dir=save_dir, name=recorded["name"], version=recorded["version"], purge_step=step
-    )
+    logger = TensorBoardLogger(save_dir=save_dir, name=recorded["name"], version=recorded["version"])
     return logger if Path(logger.log_dir).is_dir() else None
