@@ -725,12 +725,17 @@ class TransformerBackbone(_VaeLatents):
         vocabulary and reads a placeholder as its pieces, which :meth:`subject_masks` marks."""
         return self.tokenizers[:-1], self.text_encoders[:-1]
 
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether the transformer has a guidance embedding (FLUX.1-dev), which takes :meth:`guidance`."""
+        return bool(self.transformer.config.get("guidance_embeds", False))
+
     def guidance(
         self, batch_size: int, scale: float, device: torch.device | str | None = None
     ) -> torch.Tensor | None:
         """FLUX's distilled guidance input, (B,) float32 filled with ``scale`` as ``FluxPipeline`` passes it;
         None for a transformer without guidance embedding (SD3, FLUX.1-schnell)."""
-        if not self.transformer.config.get("guidance_embeds", False):
+        if not self.takes_guidance:
             return None
         return torch.full((batch_size,), float(scale), device=device, dtype=torch.float32)
 

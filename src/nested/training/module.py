@@ -297,12 +297,8 @@ class NestedAttentionModule(L.LightningModule):
                 "it and choose model.weighting_scheme instead."
             )
         defaults = inspect.signature(type(self).__init__).parameters
-        unused_guidance = self.guidance_scale != defaults["guidance_scale"].default
-        if (
-            isinstance(backbone, TransformerBackbone)
-            and unused_guidance
-            and backbone.guidance(1, 1.0) is None
-        ):
+        guidance_set = self.guidance_scale != defaults["guidance_scale"].default
+        if isinstance(backbone, TransformerBackbone) and guidance_set and not backbone.takes_guidance:
             raise ConfigError(
                 f"model.guidance_scale={self.guidance_scale:g} is the guidance input of a guidance-distilled "
                 f"transformer (FLUX.1-dev); {self.base_model}'s has no guidance embedding (SD3, FLUX.1-schnell) "
