@@ -115,8 +115,9 @@ class OrderedWorkerPool:
         """``function(job)`` for each job, in order. At most twice as many results as there are workers
         wait in memory for an earlier one. An exception a job raised is raised here, with the worker's
         traceback as its cause, and :class:`WorkerDied` for a worker that died during a job: each in its
-        job's turn, after the results of the jobs before it. A nonempty ``stops`` (signals recorded by the caller) raises
-        KeyboardInterrupt before the next result (the check runs at least every 0.1 s while waiting).
+        job's turn, after the results of the jobs before it. A nonempty ``stops`` (signals recorded by the
+        caller) raises KeyboardInterrupt before the next result (the check runs at least every 0.1 s while
+        waiting).
 
         Workers still busy with a job of an earlier map that ended early (an exception, a stop, a caller
         that stopped reading) are replaced first: their results belong to that map."""
