@@ -6,6 +6,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -408,6 +409,26 @@ def test_two_adapters_on_one_unet_each_act_on_their_token(backbone, pipeline_pat
     assert not torch.allclose(both, person_only) and not torch.allclose(person_only, plain)
     person.detach(backbone.unet)
     assert torch.equal(run_unet(backbone, inputs), plain)
+
+
+def test_a_wide_photo_is_encoded_from_its_centre_square_as_in_training(backbone, pipeline_path):
+    """A photo given at inference (``nested generate``, ``NestedPipeline``) as it is: the encoder sees its centre
+    square, as the training data's reference transform makes it, not the whole photo squeezed into a square."""
+    from PIL import Image
+    from skimage.data import astronaut
+
+    from nested.data.transforms import reference_transform
+
+    adapter = make_adapter(backbone, pipeline_path / "image_encoder")
+    size = adapter.encoder.image_size
+    photo = Image.fromarray(astronaut()).resize((4 * size, 2 * size), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        as_trained = adapter.encode(reference_transform(photo, size=size)[None])
+        given = adapter.encode(pixels)
+        squeezed = adapter.encode(torch.nn.functional.interpolate(pixels, size=(size, size), mode="area"))
+    # Two resamplings of one square (PIL's and torch's) differ a little; the squeezed photo is another image.
+    assert (given - as_trained).abs().max() < 0.1 * (squeezed - as_trained).abs().max()
 
 
 def test_any_hf_vision_backbone_works(backbone, pipeline_path, tmp_path):

@@ -287,10 +287,15 @@ class SubjectEncoder(nn.Module):
         return super()._apply(fn, recurse)
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) RGB in [0, 1] -> (B, 3, S, S) normalised for the backbone."""
+        """(B, 3, H, W) RGB in [0, 1] -> (B, 3, S, S) normalised for the backbone. A non-square image is cut to
+        its centre square first, as the training data's references are, instead of being stretched."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"subject images must be (B, 3, H, W) RGB in [0, 1], got {tuple(images.shape)}.")
         images = images.to(self.image_mean.device, torch.float32)
+        height, width = images.shape[-2:]
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        images = images[..., top : top + side, left : left + side]
         if images.shape[-2:] != (self.image_size, self.image_size):
             images = F.interpolate(
                 images,
