@@ -69,6 +69,31 @@ def test_fp16_keeps_upcast_vae_in_fp32(tiny_sd_path: Path, tiny_sdxl_path: Path)
     assert mixed.vae.dtype == torch.float16
 
 
+def test_the_upcast_vae_runs_in_float32_under_fp16_autocast(tiny_sdxl_path: Path) -> None:
+    """`16-mixed` trains under fp16 autocast, which would run the float32-kept SDXL VAE's convolutions in fp16
+    (where the real one overflows): encoding and decoding run outside it, as `nested shards` caches latents."""
+    sdxl = DiffusionBackbone.from_pretrained(tiny_sdxl_path, dtype=torch.float16)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    seen: list[torch.dtype] = []
+    hooks = [
+        module.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+        for module in sdxl.vae.modules()
+        if isinstance(module, torch.nn.Conv2d)
+    ]
+    with torch.no_grad():
+        plain = sdxl.encode_images(images, generator=torch.Generator().manual_seed(1))
+        plain_images = sdxl.decode_latents(plain)
+        with torch.autocast("cpu", dtype=torch.float16):
+            latents = sdxl.encode_images(images, generator=torch.Generator().manual_seed(1))
+            decoded = sdxl.decode_latents(latents)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) > 10 and set(seen) == {torch.float32}
+    assert torch.equal(latents, plain) and torch.equal(decoded, plain_images)
+    assert decoded.dtype == torch.float32 and decoded.shape == images.shape
+    assert decoded.min() >= 0 and decoded.max() <= 1
+
+
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_encode_prompts_matches_pipeline(kind: str, request: pytest.FixtureRequest) -> None:
     backbone: DiffusionBackbone = request.getfixturevalue(kind)

@@ -353,12 +353,25 @@ class _VaeLatents:
         shift = self.vae.config.get("shift_factor") or 0.0
         return latents / self.vae.config.scaling_factor + shift
 
+    # The VAE runs in its own dtype, outside a training step's autocast: a VAE kept float32 because it overflows
+    # in fp16 (SDXL's) would otherwise run its convolutions in fp16 all the same under `16-mixed`; and latents
+    # encoded during training then equal those `nested shards --cache-latents` stores.
+
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), f = ``vae_scale_factor``
-        (C = 4 for SD / SDXL, 16 for SD3 / FLUX)."""
+        (C = 4 for SD / SDXL, 16 for SD3 / FLUX), in the VAE's dtype."""
         weight = first_parameter(self.vae)
-        latent_dist = self.vae.encode(images.to(weight.device, weight.dtype)).latent_dist
-        return self.latent_scaling(latent_dist.sample(generator))
+        with torch.autocast(weight.device.type, enabled=False):
+            latent_dist = self.vae.encode(images.to(weight.device, weight.dtype)).latent_dist
+            return self.latent_scaling(latent_dist.sample(generator))
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) -> images (B, 3, h f, w f) in [0, 1], float32 on the VAE's device."""
+        weight = first_parameter(self.vae)
+        with torch.autocast(weight.device.type, enabled=False):
+            unscaled = self.latent_unscaling(latents.to(weight.device, weight.dtype))
+            decoded = self.vae.decode(unscaled, return_dict=False)[0]
+        return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
 
 @dataclass

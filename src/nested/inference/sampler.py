@@ -223,7 +223,7 @@ def _unet_images(
     scheduler: str | None,
 ) -> Tensor:
     """One batch through the SD / SDXL denoising loop: (n, 3, H, W) in [0, 1], CPU."""
-    unet, vae = backbone.unet, backbone.vae
+    unet = backbone.unet
     device, unet_dtype = first_parameter(unet).device, first_parameter(unet).dtype
     factor = backbone.vae_scale_factor
     use_guidance = guidance > 1.0
@@ -274,10 +274,7 @@ def _unet_images(
             unconditional, conditional = noise.chunk(2)
             noise = unconditional + guidance * (conditional - unconditional)
         latents = noise_scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-    decoded = vae.decode(
-        backbone.latent_unscaling(latents).to(first_parameter(vae).dtype), return_dict=False
-    )[0]
-    return (decoded.float() / 2 + 0.5).clamp(0, 1).cpu()
+    return backbone.decode_latents(latents).cpu()
 
 
 def _transformer_pipeline(backbone: TransformerBackbone) -> Any:
@@ -332,10 +329,13 @@ def _transformer_images(
         width=width,
         max_sequence_length=backbone.max_sequence_length,
         generator=generators,
-        output_type="pt",
+        output_type="latent",  # decoded here, as the UNet's are (decode_latents)
         **kwargs,
     )
-    return output.images.float().clamp(0, 1).cpu()
+    latents = output.images
+    if backbone.kind == "flux":
+        latents = diffusers.FluxPipeline._unpack_latents(latents, height, width, backbone.vae_scale_factor)
+    return backbone.decode_latents(latents).cpu()
 
 
 @contextlib.contextmanager

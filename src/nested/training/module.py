@@ -134,8 +134,9 @@ class NestedAttentionModule(L.LightningModule):
             training (diffusers' FLUX trainers: 3.5); ignored by the others.
         max_sequence_length: T5 tokens of a diffusion transformer's prompts (None: the pipeline's, 256
             for SD3 and 512 for FLUX); shorter is cheaper when captions are short.
-        frozen_dtype: dtype of the frozen backbone ("bfloat16" on GPUs; the VAE stays float32 if
-            this is float16, since the SDXL VAE overflows in fp16).
+        frozen_dtype: dtype of the frozen backbone ("bfloat16" on GPUs). With "float16", a VAE flagged
+            ``force_upcast`` (SDXL's, which overflows in fp16; a VAE without the flag counts as flagged) stays
+            float32 and runs outside the training step's autocast.
         quantize: stores the named frozen models' linear weights in 8 bits as they load (torchao
             weight-only, :mod:`nested.quantize`; the ``quantize`` extra), halving their memory in bf16:
             ``{"transformer": "int8", "text_encoder_2": "int8"}`` (FLUX.1's transformer and T5). Keys are
@@ -313,8 +314,6 @@ class NestedAttentionModule(L.LightningModule):
                     f"model.{', model.'.join(changed)}: flow-matching options of SD3 / FLUX; {self.base_model} is a "
                     "UNet trained on its scheduler's noise or v-prediction, which they would not change: remove them."
                 )
-        if self.frozen_dtype == torch.float16:
-            backbone.vae.to(torch.float32)
         image_backbone = load_vision_backbone(self.encoder_spec, dtype=self.frozen_dtype)
         self.build_adapter(backbone, image_backbone)
 
