@@ -536,6 +536,33 @@ def test_push_then_load_by_repo_id_gives_identical_outputs(hub, adapter_dir, sd_
     assert offline.config == local.config and len(hub.requests) == asked
 
 
+def test_an_adapter_the_hub_cannot_give_is_one_line_and_a_bug_keeps_its_traceback(
+    hub, adapter_dir, monkeypatch
+):
+    from nested.errors import HubError
+
+    # huggingface_hub retries a download 5 times with backoff: at once here.
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda seconds: None)
+    push_adapter(adapter_dir, "me/faces")
+    with pytest.raises(HubError) as missing:
+        NestedAdapter.from_pretrained("me/no-such-adapter")
+    message = str(missing.value)
+    assert message.startswith("could not download adapter 'me/no-such-adapter' (revision main) from the Hub: ")
+    assert "404" in message and "\n" not in message and SECRET not in message
+    with pytest.raises(HubError, match="revision nope"):
+        NestedAdapter.from_pretrained("me/faces", revision="nope")
+    hub.stop()
+    with pytest.raises(HubError, match=f"no answer from the Hub at {re.escape(hub.url)}"):
+        NestedAdapter.from_pretrained("me/faces", revision="main")
+
+    def broken_download(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'endpoint'")
+
+    monkeypatch.setattr("nested.adapter.snapshot_download", broken_download)
+    with pytest.raises(AttributeError, match="no attribute 'endpoint'"):
+        NestedAdapter.from_pretrained("me/faces", revision="main")
+
+
 def test_push_command_line_then_generate_from_the_repo(hub, adapter_dir, tiny_sd_path, tmp_path, capsys):
     from PIL import Image
 

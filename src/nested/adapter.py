@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -55,6 +56,7 @@ from nested.dit import (
 from nested.encoder import EncoderSpec, Resampler, SubjectEncoder
 from nested.errors import AdapterError, ConfigError, HubError, MissingFileError, UsageError
 from nested.files import staged_directory, storage_refusals_named
+from nested.hub_access import hub_unreachable, network_error, redact
 from nested.tokens import (
     add_placeholder_token,
     get_token_embedding,
@@ -1057,9 +1059,18 @@ def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | N
                 )
             )
         except Exception as error:
+            # Whatever the Hub answered or failed to (a missing repo or revision, no network, offline without
+            # the cache); anything else is a bug and keeps its traceback.
+            if (
+                not isinstance(error, (HFValidationError, LocalEntryNotFoundError))
+                and network_error(error) is None
+            ):
+                raise
+            reason = hub_unreachable(error) or redact(" ".join(str(error).split()))
             raise HubError(
-                f"could not download adapter {str(name_or_path)!r} (revision {revision or 'main'}) from the Hub: {error}. "
-                "Check the repo id, your network / HF_ENDPOINT, and your token (HF_TOKEN or `hf auth login`) for private repos."
+                f"could not download adapter {str(name_or_path)!r} (revision {revision or 'main'}) from the Hub: "
+                f"{reason}. Check the repo id, your network / HF_ENDPOINT, and your token (HF_TOKEN or "
+                "`hf auth login`) for private repos."
             ) from error
     check_adapter_file_set(path)
     return path
