@@ -23,6 +23,7 @@ from nested.adapter import AdapterConfig, NestedAdapter, SubjectBinding, cross_a
 from nested.attention import NestedSubject, nested_attention_subjects
 from nested.backbone import DiffusionBackbone
 from nested.cli.main import main
+from nested.errors import ConfigError
 from nested.hub.model_card import model_card
 from nested.inference.pipeline import NestedPipeline
 
@@ -322,7 +323,7 @@ def test_one_decoupled_training_step_gives_every_adapter_weight_a_gradient(tiny_
 
 
 def test_the_module_checks_the_mode_at_construction(tiny_sd_path):
-    with pytest.raises(ValueError, match="model.injection must be one of 'nested', 'decoupled'"):
+    with pytest.raises(ConfigError, match="model.injection must be one of 'nested', 'decoupled'"):
         make_module(tiny_sd_path, injection="ip")
     with pytest.raises(ValueError, match=r"value_norm_factor=2.0 \(use null"):
         make_module(tiny_sd_path, injection="decoupled", value_norm_factor=2.0)

@@ -181,7 +181,7 @@ def test_a_training_token_weight_reweights_the_subject_and_is_saved_in_the_adapt
     assert NestedAdapter.from_pretrained(tmp_path / "adapter").config.token_weight == 3.0
     with pytest.raises(ValueError, match="token_weight=2.0 .*decoupled"):
         make_module(tiny_sd_path, token_weight=2.0, injection="decoupled")
-    with pytest.raises(ValueError, match="model.token_weight must be > 0"):
+    with pytest.raises(ConfigError, match="model.token_weight must be > 0"):
         make_module(tiny_sd_path, token_weight=0.0)
 
 

@@ -58,17 +58,17 @@ INJECTION_MODES: tuple[str, ...] = ("nested", "decoupled")
 
 
 def check_injection_mode(mode: str, source: str = "injection") -> str:
-    """``mode`` if it is one of :data:`INJECTION_MODES`, else a ValueError naming the allowed values."""
+    """``mode`` if it is one of :data:`INJECTION_MODES`, else a ConfigError naming the allowed values."""
     if mode not in INJECTION_MODES:
         allowed = ", ".join(repr(m) for m in INJECTION_MODES)
-        raise ValueError(f"{source} must be one of {allowed}; got {mode!r}.")
+        raise ConfigError(f"{source} must be one of {allowed}; got {mode!r}.")
     return mode
 
 
 def check_token_weight(weight: float, source: str = "token_weight") -> float:
-    """``weight`` if it is > 0 (it becomes ``log(weight)`` on the subject's logits), else a ValueError."""
+    """``weight`` if it is > 0 (it becomes ``log(weight)`` on the subject's logits), else a ConfigError."""
     if not weight > 0:
-        raise ValueError(f"{source} must be > 0, got {weight}.")
+        raise ConfigError(f"{source} must be > 0, got {weight}.")
     return weight
 
 
