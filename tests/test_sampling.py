@@ -388,3 +388,47 @@ def test_the_samples_preset_builds_the_callback():
     assert entry["class_path"] == "nested.callbacks.SampleGrid"
     callback = SampleGrid(**entry["init_args"])  # every key is a real argument, with a valid value
     assert callback.every_n_steps == 500 and callback.clip_model
+
+
+class _AdapterStates(L.Callback):
+    """The module's adapter weights, and the EMA's, after every batch (placed around SampleGrid)."""
+
+    def __init__(self, ema):
+        self.ema, self.trained, self.averaged = ema, [], []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.trained.append({k: v.clone() for k, v in pl_module.adapter.state_dict().items()})
+        self.averaged.append({k: v.clone() for k, v in self.ema.averaged_adapter().state_dict().items()})
+
+
+def test_with_ema_the_sample_grid_draws_the_averaged_adapter_and_training_goes_on_from_its_own(
+    tiny_sd_path, tmp_path, demo_faces_data, monkeypatch
+):
+    """The grid shows what is exported (the EMA average), and the weights training goes on from come back exactly."""
+    from nested.callbacks import AdapterEMA
+    from nested.callbacks import sample_grid as sample_grid_module
+
+    drawn = []
+
+    def recording_sample_images(backbone, adapter, *args, **kwargs):
+        drawn.append({k: v.clone() for k, v in adapter.state_dict().items()})
+        return sample_images(backbone, adapter, *args, **kwargs)
+
+    monkeypatch.setattr(sample_grid_module, "sample_images", recording_sample_images)
+    ema = AdapterEMA(decay=0.5)
+    grid = SampleGrid(
+        every_n_steps=2, prompts=["a photo of {token}"], num_references=1, seeds=[0], steps=1, height=32,
+        width=32, reference_size=32, clip_model=None,
+    )  # fmt: skip
+    before, after = _AdapterStates(ema), _AdapterStates(ema)
+    _fit(tiny_sd_path, tmp_path / "run", [ema, before, grid, after], False, demo_faces_data)
+
+    assert len(drawn) == 1 and len(before.trained) == 3  # a grid at step 2 of 3
+    for key, value in drawn[0].items():
+        torch.testing.assert_close(value, before.averaged[1][key], atol=0, rtol=0, msg=key)
+    assert any(not torch.equal(drawn[0][k], before.trained[1][k]) for k in drawn[0])  # the average, not these
+    # After the grid, the module holds its trained weights again and the EMA its average, exactly.
+    for key, value in before.trained[1].items():
+        assert torch.equal(after.trained[1][key], value), key
+    for key, value in before.averaged[1].items():
+        assert torch.equal(after.averaged[1][key], value), key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -10,7 +12,7 @@ from torch import Tensor
 
 from nested.adapter import NestedAdapter
 
-__all__ = ["AdapterEMA"]
+__all__ = ["AdapterEMA", "averaged_weights", "ema_callback"]
 
 
 class AdapterEMA(EMAWeightAveraging):
@@ -61,3 +63,27 @@ class AdapterEMA(EMAWeightAveraging):
         """The averaged adapter, or None before fit set it up."""
         average = getattr(self, "_average_model", None)
         return None if average is None else average.module.adapter
+
+
+def ema_callback(trainer: L.Trainer) -> AdapterEMA | None:
+    """The trainer's :class:`AdapterEMA` once fit has set up its average; None without one."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, AdapterEMA) and callback.averaged_adapter() is not None:
+            return callback
+    return None
+
+
+@contextlib.contextmanager
+def averaged_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
+    """The module holds the EMA average for the duration, then its trained weights again, exactly (the values
+    are swapped, as Lightning does around validation); without :class:`AdapterEMA` nothing changes. What a
+    run shows of its adapter (sample grids) is then what it exports."""
+    ema = ema_callback(trainer)
+    if ema is None:
+        yield
+        return
+    ema._swap_models(pl_module)
+    try:
+        yield
+    finally:
+        ema._swap_models(pl_module)

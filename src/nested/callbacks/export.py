@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nested.adapter import NestedAdapter
-from nested.callbacks.ema import AdapterEMA
+from nested.callbacks.ema import ema_callback
 from nested.errors import ConfigError
 from nested.files import remove_directory
 
@@ -28,7 +28,7 @@ class AdapterExport(L.Callback):
 
     Folders: ``<dirpath>/step=<N>/`` at every checkpoint and ``<dirpath>/last/`` when the fit reaches
     its end (default ``dirpath``: ``<default_root_dir>/adapters``), each written atomically (temporary
-    folder, then rename). With :class:`AdapterEMA`, the averaged weights are exported. Each records
+    folder, then rename). With :class:`~nested.callbacks.AdapterEMA`, the averaged weights are exported. Each records
     ``"training": {"step", "complete"}`` in its ``adapter_config.json``: ``complete`` is true
     only in ``last/``.
 
@@ -61,10 +61,8 @@ class AdapterExport(L.Callback):
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "adapters"
 
     def _adapter_to_export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> NestedAdapter:
-        for callback in trainer.callbacks:
-            if isinstance(callback, AdapterEMA) and callback.averaged_adapter() is not None:
-                return callback.averaged_adapter()
-        return pl_module.adapter
+        ema = ema_callback(trainer)
+        return pl_module.adapter if ema is None else ema.averaged_adapter()
 
     def export(
         self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, complete: bool = False

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from nested.adapter import NestedAdapter
 from nested.backbone import DiffusionBackbone, TransformerBackbone
+from nested.callbacks.ema import averaged_weights
 from nested.errors import ConfigError
 from nested.evaluation.images import (
     Reference,
@@ -79,7 +80,8 @@ class SampleGrid(L.Callback):
     generated on global rank 0 only, with the run's own UNet or transformer, VAE, text encoders and adapter (no second
     pipeline, no copy), with fixed seeds, so grids of successive steps are comparable. Nothing in it is a
     collective operation, so under DDP the other ranks simply go on (and wait at the next gradient sync).
-    Training is unaffected: every RNG and the modules' train/eval flags are restored afterwards.
+    Training is unaffected: every RNG and the modules' train/eval flags are restored afterwards. With
+    :class:`~nested.callbacks.AdapterEMA`, the grid shows the averaged weights, which are the ones exported.
 
     Logged (step = the trainer's global step): the grid as ``samples/grid`` (TensorBoard ``add_image``, or
     ``log_image`` for loggers that have it, e.g. W&B; otherwise a PNG under ``<log_dir>/samples/``), and the
@@ -101,7 +103,7 @@ class SampleGrid(L.Callback):
         token: the subject token; None: the adapter's.
         batch_size: images per UNet / transformer batch.
         reference_size: side of the reference images fed to the encoder and the identity metric.
-        identity_model: folder / hub id of the identity embedder (:func:`nested.metrics.vision_embedder`);
+        identity_model: folder / hub id of the identity embedder (:func:`nested.evaluation.metrics.vision_embedder`);
             None: the adapter's own image backbone (no extra model; a CLIP-I-style measure).
         clip_model: folder / hub id of a full CLIP for prompt alignment; None: not measured. If it cannot be
             loaded, a warning is given and only the grid and identity are logged.
@@ -266,7 +268,11 @@ class SampleGrid(L.Callback):
                     image_index.append(r)
                     seeds.append(seed)
         references = torch.stack([reference.image for reference in self.references])
-        with _preserved_state([pl_module, adapter]), trainer.precision_plugin.forward_context():
+        with (
+            _preserved_state([pl_module, adapter]),
+            averaged_weights(trainer, pl_module),
+            trainer.precision_plugin.forward_context(),
+        ):
             pl_module.eval()
             images = sample_images(
                 backbone,
