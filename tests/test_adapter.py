@@ -411,6 +411,31 @@ def test_two_adapters_on_one_unet_each_act_on_their_token(backbone, pipeline_pat
     assert torch.equal(run_unet(backbone, inputs), plain)
 
 
+def test_the_feature_layer_is_checked_against_the_image_backbone_when_it_loads(pipeline_path):
+    from transformers import AutoConfig
+
+    from nested.encoder import SubjectEncoder
+
+    image_encoder = pipeline_path / "image_encoder"
+    layers = AutoConfig.from_pretrained(image_encoder).num_hidden_layers
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for layer in (-(layers + 1), 0, layers):  # the embeddings' output, then each layer's
+        spec = EncoderSpec(
+            backbone=str(image_encoder), num_tokens=2, width=32, depth=1, heads=2, feature_layer=layer
+        )
+        assert SubjectEncoder.from_spec(spec)(images).shape == (1, 2, 32)
+    for layer in (layers + 1, -(layers + 2)):
+        spec = EncoderSpec(
+            backbone=str(image_encoder), num_tokens=2, width=32, depth=1, heads=2, feature_layer=layer
+        )
+        with pytest.raises(ConfigError) as refused:
+            SubjectEncoder.from_spec(spec)
+        assert str(refused.value) == (
+            f"encoder.feature_layer {layer} is not one of the {layers + 1} hidden states of the image encoder's "
+            f"backbone ({layers} layers and the embeddings): use -{layers + 1} to {layers} (-1: the last)."
+        )
+
+
 def test_a_wide_photo_is_encoded_from_its_centre_square_as_in_training(backbone, pipeline_path):
     """A photo given at inference (``nested generate``, ``NestedPipeline``) as it is: the encoder sees its centre
     square, as the training data's reference transform makes it, not the whole photo squeezed into a square."""

@@ -248,6 +248,13 @@ class SubjectEncoder(nn.Module):
         feature_layer: int = -1,
     ):
         super().__init__()
+        config = getattr(backbone.config, "vision_config", backbone.config)
+        layers = getattr(config, "num_hidden_layers", None)
+        if layers is not None and not -(layers + 1) <= feature_layer <= layers:
+            raise ConfigError(
+                f"encoder.feature_layer {feature_layer} is not one of the {layers + 1} hidden states of the image "
+                f"encoder's backbone ({layers} layers and the embeddings): use -{layers + 1} to {layers} (-1: the last)."
+            )
         self.frozen = FrozenModules(backbone=backbone)
         self.resampler = resampler
         self.image_size = image_size
