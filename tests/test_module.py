@@ -183,6 +183,8 @@ def test_a_training_token_weight_reweights_the_subject_and_is_saved_in_the_adapt
         make_module(tiny_sd_path, token_weight=2.0, injection="decoupled")
     with pytest.raises(ConfigError, match="model.token_weight must be > 0"):
         make_module(tiny_sd_path, token_weight=0.0)
+    with pytest.raises(ConfigError, match="model.subjects must name at least one token"):
+        make_module(tiny_sd_path, subjects={})
 
 
 def test_training_the_embedding_of_a_vocabulary_word_is_refused(tiny_sd_path):
@@ -658,3 +660,31 @@ def test_nested_fit_compiles_the_unet_from_the_config_and_refuses_an_unknown_opt
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("nested fit: error: model.compile: torch.compile takes no option 'mod'")
     assert NestedAdapter.from_pretrained(root / "adapters" / "last").config.token == "<person>"  # run kept
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_min_snr_loss_weights_each_sample_as_the_paper_defines(tiny_sd_path, tmp_path, prediction_type):
+    """Min-SNR-gamma (Hang et al. 2023): a sample at timestep t weighs min(SNR(t), gamma) / SNR(t) with a noise
+    target, min(SNR(t), gamma) / (SNR(t) + 1) with a v target; SNR from the scheduler's betas, in float64."""
+    path = shutil.copytree(tiny_sd_path, tmp_path / "base")
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"prediction_type": prediction_type}))
+    module = make_module(path, min_snr_gamma=5.0)
+    module.configure_model()
+    scheduler = module.backbone.noise_scheduler
+    generator = torch.Generator().manual_seed(0)
+    latents, noise, prediction = (torch.randn(4, 4, 8, 8, generator=generator) for _ in range(3))
+    timesteps = torch.tensor([0, 10, 500, 999])
+    alphas_cumprod = torch.cumprod(1 - scheduler.betas.double(), 0)[timesteps]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    if prediction_type == "v_prediction":
+        target = alphas_cumprod.sqrt()[:, None, None, None] * noise.double() - (1 - alphas_cumprod).sqrt()[
+            :, None, None, None
+        ] * latents.double()
+        weights = snr.clamp(max=5.0) / (snr + 1)
+    else:
+        target, weights = noise.double(), snr.clamp(max=5.0) / snr
+    expected = weights * ((prediction.double() - target) ** 2).mean(dim=(1, 2, 3))
+    assert snr[0] > 5.0 > snr[-1]  # the clamp acts on some of these timesteps, not on all
+    loss = module._unet_loss(prediction, latents, noise, timesteps)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0)

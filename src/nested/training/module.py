@@ -27,7 +27,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from diffusers.training_utils import (
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+    compute_snr,
+)
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.trainer.states import TrainerFn
@@ -231,9 +235,9 @@ class NestedAttentionModule(L.LightningModule):
         self.hparams["dropout"] = dataclasses.asdict(dropout or ConditioningDropout())
         self.base_model = base_model
         self.encoder_spec = encoder
-        self.subjects = dict(subjects or {"<person>": "person"})
+        self.subjects = dict(subjects if subjects is not None else {"<person>": "person"})
         if not self.subjects:
-            raise ConfigError("subjects must name at least one token, e.g. {'<person>': 'person'}.")
+            raise ConfigError("model.subjects must name at least one token, e.g. {'<person>': 'person'}.")
         self.dropout = dropout or ConditioningDropout()
         self.min_snr_gamma = min_snr_gamma
         self.noise_offset = noise_offset
@@ -559,7 +563,8 @@ class NestedAttentionModule(L.LightningModule):
         self, batch: dict[str, Any], generator: torch.Generator, apply_dropout: bool = True
     ) -> dict[str, Tensor]:
         """Diffusion loss of one batch (a UNet's noise / v-prediction, a transformer's flow matching);
-        returns {"loss", "subject_fraction"}."""
+        returns {"loss", "subject_fraction" (the share of samples with a bound subject), "subject_cut" (the
+        number of captions naming a subject only past what the text encoders read)}."""
         backbone, adapter = self.backbone, self.adapter
         captions: list[str] = list(batch["captions"])
         subjects: list[str] = list(batch["subjects"])
@@ -800,8 +805,7 @@ class NestedAttentionModule(L.LightningModule):
         return FluxPipeline._unpack_latents(velocity, height * scale, width * scale, scale).float()
 
     def _min_snr_weights(self, timesteps: Tensor, prediction_type: str) -> Tensor:
-        alphas_cumprod = self.backbone.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-        snr = alphas_cumprod / (1 - alphas_cumprod)
+        snr = compute_snr(self.backbone.noise_scheduler, timesteps)
         clipped = snr.clamp(max=self.min_snr_gamma)
         return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
