@@ -3,7 +3,7 @@
 A small, real data set is written to a temporary folder: the photos scikit-image ships (astronaut,
 chelsea, coffee, rocket), cropped to several aspect ratios, flipped and re-toned, resized so their
 short side is ``--size`` (1024 px: what SDXL training reads, so ``target_transform`` only crops)
-and saved as JPEG quality 90, then turned into webdataset shards with ``nested.shards.build_shards``
+and saved as JPEG quality 90, then turned into webdataset shards with ``nested.data.shards.build_shards``
 (captions "a photo of <person> ..."). The astronaut's face and the cat's head carry a ``bbox``
 (their reference is a crop around it); coffee and rocket have none, so their reference is derived
 from the whole target (the ``bbox_crop`` rule's fallback).

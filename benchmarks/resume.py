@@ -1,6 +1,6 @@
 """Time to the first training sample when resuming deep into an epoch, against a fresh start.
 
-The training stream (``nested.trainstream``) resumes from a checkpointed position by skipping
+The training stream (``nested.data.train_stream``) resumes from a checkpointed position by skipping
 whole shard visits by their sample counts and seeking inside the open shards: no sample is read or decoded to get
 there; what grows with the position is one seeded draw per skipped shard visit (~10 us each). This builds the demo faces stream (3 shards of 16 samples, counts
 from shards.json) with a huge epoch, and times ``next(iter(stream))`` fresh and resumed at

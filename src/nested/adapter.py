@@ -713,7 +713,7 @@ class NestedAdapter(nn.Module):
 
     # ---------------------------------------------------------------------- attach / detach
     def check_fits(self, unet: nn.Module) -> None:
-        """Raise a ValueError naming the first layer where ``unet`` differs from the adapter's base."""
+        """Raise an AdapterError naming the first layer where ``unet`` differs from the adapter's base."""
         theirs = unet_fingerprint(unet)
         ours = self.config.layers
         # A transformer is named by its class (SD3Transformer2DModel, FluxTransformer2DModel).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -281,3 +282,12 @@ def swap_files(directory: str | os.PathLike, new: list[Path], old: list[Path]) -
             os.replace(path, directory / path.name)
         fsync_dir(directory)
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB pieces (a shard or a checkpoint may not fit in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -48,7 +48,7 @@ def _set_flag(signum: int, frame: Any) -> None:
 def install_signal_flags(names: tuple[str, ...] = STOP_SIGNALS) -> dict[int, Any]:
     """Make the named signals set a flag (see :func:`received_signals`) instead of their default.
 
-    Called by ``nested fit`` at start (a SIGUSR1 during model loading no longer kills the
+    Called by ``nested fit`` at start (so that a SIGUSR1 during model loading does not kill the
     process) and by ``PreemptionCheckpoint`` when training starts (over Lightning's handlers).
     Only possible in the main thread; elsewhere this does nothing. Returns the previous handlers
     (for :func:`restore_signal_handlers`).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import math
 import os
 import sys
@@ -32,7 +31,6 @@ __all__ = [
     "read_text_option",
     "report_user_errors",
     "run_user_command",
-    "sha256",
 ]
 
 
@@ -160,14 +158,6 @@ def one_line(error: BaseException) -> str:
             where = caught.removeprefix(f"Caught {name} ").rstrip(".")
             text = f"{message} ({where})"
     return " ".join(text.split()) or type(error).__name__
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def add_base_arguments(

@@ -31,10 +31,9 @@ from nested.cli.common import (
     pairs,
     quantize_option,
     run_user_command,
-    sha256,
 )
 from nested.errors import UsageError
-from nested.files import staged_directory, write_json_atomic
+from nested.files import file_sha256, staged_directory, write_json_atomic
 from nested.image_files import check_image_file
 
 __all__ = ["generate_parser", "main_generate", "run_generate"]
@@ -286,7 +285,7 @@ def _generate(
             ).images[0]
             name = f"image-{index:03d}.png"
             image.save(out / name)
-            records.append({"file": name, "seed": seed, "sha256": sha256(out / name)})
+            records.append({"file": name, "seed": seed, "sha256": file_sha256(out / name)})
     finally:
         bar.close()
 
@@ -308,7 +307,7 @@ def _generate(
         "subjects": {
             token: {
                 "image": str(path),
-                "sha256": sha256(Path(path).expanduser()),
+                "sha256": file_sha256(Path(path).expanduser()),
                 "aligned_face": token in args.align_face,
                 "strength": parsed["strengths"].get(token, 1.0),
                 "token_weight": parsed["token_weights"].get(token, pipe.adapter(token).config.token_weight),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -14,6 +13,7 @@ from typing import Any, Literal
 import webdataset as wds
 
 from nested.errors import ConfigError, DataError, MissingFileError
+from nested.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -195,17 +195,9 @@ def shard_counts(urls: str | list[str]) -> dict[str, int]:
     """Samples per shard url, for the shards a ``shards.json`` in ``urls`` lists with a count.
 
     The resumable training stream skips whole shards by these counts; shards without one are
-    counted from their tar headers when first needed (``nested.trainstream.count_samples``).
+    counted from their tar headers when first needed (``nested.data.train_stream.count_samples``).
     """
     return {shard.url: shard.samples for shard in _expand(urls) if shard.samples is not None}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_shards(spec: DomainSpec, mode: str = "size") -> None:
@@ -242,7 +234,7 @@ def _difference(path: Path, shard: _Shard, mode: str) -> str | None:
     if shard.size is not None and size != shard.size:
         return f"it has {size} bytes, the index records {shard.size}"
     if mode == "sha256" and shard.sha256 is not None:
-        digest = _file_sha256(path)
+        digest = file_sha256(path)
         if digest != shard.sha256.lower():
             return f"its sha256 is {digest}, the index records {shard.sha256}"
     return None

@@ -314,7 +314,7 @@ def build_stream(
 ) -> TrainStream | ValidationStream:
     """Build the mixed stream of training samples for one rank.
 
-    ``train=True``: a :class:`~nested.trainstream.TrainStream` (resampled shards split over ranks x
+    ``train=True``: a :class:`~nested.data.train_stream.TrainStream` (resampled shards split over ranks x
     workers, ``open_shards`` read side by side, shuffled in blocks of ``shuffle_buffer``, the given
     crop/flip/augmentation, ``samples_per_worker`` samples per worker per epoch, resumable from
     ``resume``). ``train=False``: every shard/sample once, split disjointly over ranks x workers
@@ -390,8 +390,8 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
         ``pixel_values`` (B, 3, R, R) float32 in [-1, 1]; ``reference`` (B, 3, S, S) float32 in
         [0, 1]; ``captions``, ``subjects``, ``domains``, ``keys``: list[str] of length B (each
         caption contains its subject token); ``original_sizes``, ``crops_top_left``: (B, 2)
-        int64 as (h, w) and (top, left); ``latents`` (B, C, R/8, R/8) float32 only if every
-        sample has cached latents; ``skipped``: {key: 0-d int64 tensor} for every ``SKIP_KEYS``;
+        int64 as (h, w) and (top, left); ``latents`` (B, C, R/f, R/f) float32 (f: the VAE's factor, 8 for the
+        real models) only if every sample has cached latents; ``skipped``: {key: 0-d int64 tensor} for every ``SKIP_KEYS``;
         ``stream`` (training only): the stream position after the batch, which the DataModule
         takes out of the batch (``on_before_batch_transfer``) and keeps for checkpoints.
     """

@@ -15,8 +15,8 @@ Sample format (one webdataset sample per training image; all members share the `
   image path relative to the input); ``latents_resolution`` (only with cached latents).
 - ``latents.npy`` | ``latents.pth`` (optional, ``--cache-latents``): float16 (C, r, r) VAE
   latents of the target: the latent distribution's *mean*, minus ``vae.config.shift_factor`` (SD3 /
-  FLUX VAEs), times ``vae.config.scaling_factor``,
-  encoded from the resize-short-side + center crop at ``latents_resolution`` (r = that / 8).
+  FLUX VAEs), times ``vae.config.scaling_factor``, encoded from the resize-short-side + center crop at
+  ``latents_resolution`` (r = that / the VAE's factor, 8 for the real models).
   The reader uses them only with ``center_crop=True``, no flip and the same resolution;
   ``.pth`` is read with ``torch.load(weights_only=True)``.
 
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import math
@@ -73,7 +72,7 @@ from tqdm import tqdm
 from nested.data.transforms import caption_text, target_transform, upright_original_size
 from nested.data.worker_pool import OrderedWorkerPool, WorkerDied
 from nested.errors import ConfigError, DataError, MissingFileError, OutputExistsError
-from nested.files import staging_folder, stop_signals_deferred, swap_files
+from nested.files import file_sha256, staging_folder, stop_signals_deferred, swap_files
 from nested.image_files import IMAGE_SUFFIXES, ImageFileError, open_image
 
 if TYPE_CHECKING:
@@ -579,9 +578,9 @@ def encode_latents(vae: AutoencoderKL, image: Image.Image, resolution: int) -> n
     """VAE latents of the center-cropped target, as the training module would compute them.
 
     Returns:
-        float16 numpy array (C, resolution / 8, resolution / 8): ``latent_dist.mean`` through the VAE's
-        shift and scale (:func:`~nested.backbone.scale_latents`; the mean, not a sample, so the cache is
-        deterministic).
+        float16 numpy array (C, resolution / f, resolution / f), f the VAE's factor (8 for the real models):
+        ``latent_dist.mean`` through the VAE's shift and scale (:func:`~nested.backbone.scale_latents`; the
+        mean, not a sample, so the cache is deterministic).
     """
     # Here, not at the top: building shards without cached latents needs no diffusers.
     from nested.backbone import scale_latents
@@ -630,16 +629,12 @@ class ShardSink:
         self._writer = None
         final = self.out / self._name
         os.replace(self.out / (self._name + ".tmp"), final)
-        digest = hashlib.sha256()
-        with final.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
         self.shards.append(
             {
                 "url": self._name,
                 "samples": self._count,
                 "bytes": final.stat().st_size,
-                "sha256": digest.hexdigest(),
+                "sha256": file_sha256(final),
             }
         )
 

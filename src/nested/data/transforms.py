@@ -1,7 +1,7 @@
 """Pure image transforms and caption helpers of the training data (no I/O, no randomness of their own).
 
 Every random choice comes from the ``random.Random`` passed in, so a sample's view is a pure
-function of its bytes and that generator (``nested.trainstream`` seeds one per sample position).
+function of its bytes and that generator (``nested.data.train_stream`` seeds one per sample position).
 """
 
 from __future__ import annotations
@@ -126,12 +126,6 @@ def bbox_square(
     return left, top, left + side, top + side
 
 
-def _center_square(image: Image.Image) -> Image.Image:
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side))
-
-
 def _random_resized_box(
     width: int, height: int, augment: ReferenceAugment, rng: random.Random
 ) -> tuple[int, int, int, int]:
@@ -143,11 +137,6 @@ def _random_resized_box(
         if 0 < crop_w <= width and 0 < crop_h <= height:
             return rng.randint(0, width - crop_w), rng.randint(0, height - crop_h), crop_w, crop_h
     return 0, 0, width, height
-
-
-def _random_resized_crop(image: Image.Image, augment: ReferenceAugment, rng: random.Random) -> Image.Image:
-    left, top, width, height = _random_resized_box(image.width, image.height, augment, rng)
-    return image.crop((left, top, left + width, top + height))
 
 
 def reference_transform(

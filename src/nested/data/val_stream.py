@@ -1,6 +1,6 @@
 """The finite validation stream's stages: every shard/sample once, split over ranks x workers.
 
-(The training stream is ``nested.trainstream``; ``nested.data.build_stream`` assembles both.)
+(The training stream is ``nested.data.train_stream``; ``nested.data.build_stream`` assembles both.)
 """
 
 from __future__ import annotations

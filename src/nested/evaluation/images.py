@@ -1,7 +1,7 @@
 """Reference images and image grids: loading subjects' reference images, tiling and writing PNGs.
 
-Used by the training callback :class:`~nested.sampling.SampleGrid` and by ``nested eval``
-(:mod:`nested.evaluate`).
+Used by the training callback :class:`~nested.callbacks.SampleGrid` and by ``nested eval``
+(:mod:`nested.evaluation.sweep`).
 """
 
 from __future__ import annotations

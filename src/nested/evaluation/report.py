@@ -151,7 +151,7 @@ def write_grid(context: Any, references: dict[str, list], columns: list) -> None
     """grid.png: per (token, subject, prompt), the reference, the base image, then each strength (first seed),
     labelled: a header names the columns, each row's prompt is written above it.
 
-    ``context``: the sweep's :class:`nested.evaluate._Context` (its ``grid_keys``, ``grid_labels``,
+    ``context``: the sweep's :class:`nested.evaluation.sweep._Context` (its ``grid_keys``, ``grid_labels``,
     ``thumbnails`` and ``out``); ``references``: token (or --pair group) -> each subject's reference image,
     (3, S, S) in [0, 1]; ``columns``: "base", then the strengths.
     """

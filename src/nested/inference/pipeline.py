@@ -71,7 +71,13 @@ from nested.inference.subjects import (
     take_snapshot,
 )
 from nested.quantize import pipeline_config
-from nested.tokens import add_placeholder_token, set_token_embedding, subject_masks, subject_token_ids
+from nested.tokens import (
+    add_placeholder_token,
+    get_token_embedding,
+    set_token_embedding,
+    subject_masks,
+    subject_token_ids,
+)
 
 __all__ = ["DEFAULT_GUIDANCE", "NestedPipeline", "load_nested_adapters", "sampling_guidance"]
 
@@ -310,7 +316,7 @@ class NestedPipeline:
                 loaded.eval().requires_grad_(False).to(self._denoiser_device())
         try:
             loaded.check_fits(self.denoiser)
-        except ValueError as error:
+        except AdapterError as error:  # named with its token and source
             raise AdapterError(
                 f"the adapter for {token!r} ({source}) does not fit this base model: {error}"
             ) from error
@@ -356,7 +362,7 @@ class NestedPipeline:
                     continue
                 if token_id < self._snapshot.text_encoders[encoder_attr].num_embeddings:
                     # A token the pipeline already had (e.g. textual inversion): its row is restored on unload.
-                    row = text_encoder.get_input_embeddings().weight[token_id].detach().clone()
+                    row = get_token_embedding(text_encoder, token_id)
                     self._snapshot.rows.append((encoder_attr, token_id, row))
                 set_token_embedding(text_encoder, token_id, learned.detach())
         return True

@@ -1,4 +1,4 @@
-"""The denoising loop behind :class:`~nested.sampling.SampleGrid`: images from modules already in memory.
+"""The denoising loop behind :class:`~nested.callbacks.SampleGrid`: images from modules already in memory.
 
 :func:`sample_images` is a small denoising loop over a :class:`~nested.backbone.DiffusionBackbone` and an
 attached :class:`~nested.adapter.NestedAdapter`: the training run's own UNet, VAE and text encoders, so no

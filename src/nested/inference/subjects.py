@@ -1,4 +1,4 @@
-"""Subjects of a :class:`~nested.pipeline.NestedPipeline` call, and the pipeline state adapters change.
+"""Subjects of a :class:`~nested.inference.NestedPipeline` call, and the pipeline state adapters change.
 
 * :class:`Subject` and :func:`load_image`: one token's image(s) and options (checked: finite numbers, a
   strength outside :data:`STRENGTH_RANGE` warns), and image normalisation. Image files open through

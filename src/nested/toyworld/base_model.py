@@ -1,7 +1,7 @@
 """The toy world's base model: a small text-to-image diffusion model trained from scratch.
 
 It is an ordinary Stable Diffusion 1.x pipeline folder, so everything downstream (``nested fit``, ``nested
-generate``, ``nested eval``, :class:`~nested.pipeline.NestedPipeline`) loads it through the same
+generate``, ``nested eval``, :class:`~nested.inference.NestedPipeline`) loads it through the same
 ``from_pretrained`` path as a real SD checkpoint:
 
 * ``vae``: an :class:`~diffusers.AutoencoderKL` with spatial factor 4 (64 px images, 16 x 16 x 4 latents),

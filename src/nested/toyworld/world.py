@@ -9,7 +9,7 @@ reference background is never captioned). Captions never name identity ("a photo
 the beach", "a photo of a person and a pet in the city"), and attribute value names are disjoint
 from the caption vocabulary, so only a reference image can carry identity. Drawing is done at 4x
 and downsampled; (identity, context, seed, size) always gives the same pixels.
-:func:`write_world_shards` writes the ``nested.shards`` format with ``ref.png`` = another render
+:func:`write_world_shards` writes the ``nested.data.shards`` format with ``ref.png`` = another render
 of the same identity on the plain background.
 """
 
@@ -493,7 +493,7 @@ def write_world_shards(
     maxcount: int = 1000,
     overwrite: bool = False,
 ) -> ShardReport:
-    """Write webdataset shards of the world in the ``nested.shards`` format, with ``shards.json``.
+    """Write webdataset shards of the world in the ``nested.data.shards`` format, with ``shards.json``.
 
     Each sample: ``png`` (the identity in a random context from ``contexts_``, default all of
     :func:`contexts`), ``ref.png`` (the same identity on the plain background, another nuisance
