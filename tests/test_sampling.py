@@ -432,3 +432,25 @@ def test_with_ema_the_sample_grid_draws_the_averaged_adapter_and_training_goes_o
         assert torch.equal(after.trained[1][key], value), key
     for key, value in before.averaged[1].items():
         assert torch.equal(after.averaged[1][key], value), key
+
+
+def test_the_ema_decay_warms_up_as_diffusers_emamodel_does(tiny_sd_path, tmp_path, demo_faces_data):
+    """After n updates the average moves toward the weights by 1 - min(decay, (1 + n) / (10 + n)); the first update
+    copies them. A fixed decay would keep most of the initial adapter for ~1 / (1 - decay) steps."""
+    from nested.callbacks import AdapterEMA
+
+    ema = AdapterEMA(decay=0.2)  # reached at the second update: (1 + 1) / (10 + 1) = 0.18 < 0.2 < 3 / 12
+    states = _AdapterStates(ema)
+    _fit(tiny_sd_path, tmp_path / "run", [ema, states], False, demo_faces_data)
+
+    assert len(states.trained) == 3
+    expected = {k: v.double() for k, v in states.trained[0].items()}  # the first update copies
+    for n, (trained, averaged) in enumerate(zip(states.trained, states.averaged, strict=True)):
+        if n:
+            decay = min(0.2, (1 + n) / (10 + n))
+            expected = {k: decay * v + (1 - decay) * trained[k].double() for k, v in expected.items()}
+        for key, value in expected.items():
+            torch.testing.assert_close(
+                averaged[key].double(), value, atol=1e-6, rtol=0, msg=f"update {n}: {key}"
+            )
+    assert any(not torch.equal(states.averaged[2][k], states.trained[2][k]) for k in expected)
