@@ -536,10 +536,23 @@ def test_push_then_load_by_repo_id_gives_identical_outputs(hub, adapter_dir, sd_
     assert offline.config == local.config and len(hub.requests) == asked
 
 
+class _WebPage(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"<html><body>a web page</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
 def test_an_adapter_the_hub_cannot_give_is_one_line_and_a_bug_keeps_its_traceback(
     hub, adapter_dir, monkeypatch
 ):
-    from nested.errors import HubError
+    from nested.errors import HubError, StorageError
 
     # huggingface_hub retries a download 5 times with backoff: at once here.
     monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda seconds: None)
@@ -547,13 +560,38 @@ def test_an_adapter_the_hub_cannot_give_is_one_line_and_a_bug_keeps_its_tracebac
     with pytest.raises(HubError) as missing:
         NestedAdapter.from_pretrained("me/no-such-adapter")
     message = str(missing.value)
-    assert message.startswith("could not download adapter 'me/no-such-adapter' (revision main) from the Hub: ")
+    assert message.startswith(
+        "could not download adapter 'me/no-such-adapter' (revision main) from the Hub: "
+    )
     assert "404" in message and "\n" not in message and SECRET not in message
-    with pytest.raises(HubError, match="revision nope"):
+    with pytest.raises(HubError, match="revision nope") as missing:
         NestedAdapter.from_pretrained("me/faces", revision="nope")
-    hub.stop()
-    with pytest.raises(HubError, match=f"no answer from the Hub at {re.escape(hub.url)}"):
+    assert ".. " not in str(missing.value)
+    # A cache folder that cannot be written is the user's to fix, named.
+    blocked = Path(constants.HF_HOME) / "a-file"
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("")
+    with monkeypatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_CACHE", str(blocked))
+        with pytest.raises(StorageError, match=f"into the Hugging Face cache {re.escape(str(blocked))}: "):
+            NestedAdapter.from_pretrained("me/faces", revision="main")
+    dead = _dead_endpoint(monkeypatch)
+    with pytest.raises(HubError, match=f"no answer from the Hub at {re.escape(dead)}"):
         NestedAdapter.from_pretrained("me/faces", revision="main")
+    # HF_ENDPOINT naming a server that is not a Hub (here one that answers every request with a web page).
+    not_a_hub = ThreadingHTTPServer(("127.0.0.1", 0), _WebPage)
+    threading.Thread(target=not_a_hub.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{not_a_hub.server_address[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    try:
+        with pytest.raises(
+            HubError, match=f"the server at {re.escape(url)} .* did not answer as a Hugging Face Hub"
+        ):
+            NestedAdapter.from_pretrained("me/faces", revision="main")
+    finally:
+        not_a_hub.shutdown()
+        not_a_hub.server_close()
 
     def broken_download(*args, **kwargs):
         raise AttributeError("'NoneType' object has no attribute 'endpoint'")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -54,9 +54,17 @@ from nested.dit import (
     text_projections,
 )
 from nested.encoder import EncoderSpec, Resampler, SubjectEncoder
-from nested.errors import AdapterError, ConfigError, HubError, MissingFileError, UsageError
+from nested.errors import (
+    AdapterError,
+    ConfigError,
+    HubError,
+    MissingFileError,
+    NestedUserError,
+    StorageError,
+    UsageError,
+)
 from nested.files import staged_directory, storage_refusals_named
-from nested.hub_access import hub_unreachable, network_error, redact
+from nested.hub_access import hub_endpoint, hub_unreachable, network_error, redact
 from nested.tokens import (
     add_placeholder_token,
     get_token_embedding,
@@ -962,7 +970,7 @@ class NestedAdapter(nn.Module):
 
 
 def check_bindings_disjoint(bindings: Sequence[SubjectBinding]) -> None:
-    """Raise a ValueError if two bound subjects mark the same token of a prompt (host-side sets only)."""
+    """Raise a ConfigError if two bound subjects mark the same token of a prompt (host-side sets only)."""
     seen: dict[int, set[tuple[int, int]]] = {}
     for binding in bindings:
         rows = binding.masks.shape[0]
@@ -1059,21 +1067,36 @@ def resolve_adapter_folder(name_or_path: str | os.PathLike, *, revision: str | N
                 )
             )
         except Exception as error:
-            # Whatever the Hub answered or failed to (a missing repo or revision, no network, offline without
-            # the cache); anything else is a bug and keeps its traceback.
-            if (
-                not isinstance(error, (HFValidationError, LocalEntryNotFoundError))
-                and network_error(error) is None
-            ):
-                raise
-            reason = hub_unreachable(error) or redact(" ".join(str(error).split()))
-            raise HubError(
-                f"could not download adapter {str(name_or_path)!r} (revision {revision or 'main'}) from the Hub: "
-                f"{reason}. Check the repo id, your network / HF_ENDPOINT, and your token (HF_TOKEN or "
-                "`hf auth login`) for private repos."
-            ) from error
+            refusal = _download_refusal(str(name_or_path), revision, error)
+            if refusal is None:
+                raise  # a bug: its traceback
+            raise refusal from error
     check_adapter_file_set(path)
     return path
+
+
+def _download_refusal(name: str, revision: str | None, error: Exception) -> NestedUserError | None:
+    """The one-line error for an adapter download that failed on the Hub's side or the user's (a missing repo or
+    revision, no network, offline without the cache, a server that is not a Hub, an unusable cache folder); None
+    for anything else, a bug."""
+    what = f"could not download adapter {name!r} (revision {revision or 'main'})"
+    if isinstance(error, json.JSONDecodeError):
+        return HubError(
+            f"{what}: the server at {hub_endpoint(HfApi())} did not answer as a Hugging Face Hub does "
+            f"({error}). Check HF_ENDPOINT."
+        )
+    if isinstance(error, (HFValidationError, LocalEntryNotFoundError)) or network_error(error) is not None:
+        reason = hub_unreachable(error) or redact(" ".join(str(error).split())).rstrip(".")
+        return HubError(
+            f"{what} from the Hub: {reason}. Check the repo id, your network / HF_ENDPOINT, and your token "
+            "(HF_TOKEN or `hf auth login`) for private repos."
+        )
+    if isinstance(error, OSError):  # writing the cache: not a folder, no permission, no space left
+        return StorageError(
+            f"{what} into the Hugging Face cache {constants.HF_HUB_CACHE}: {redact(str(error)).rstrip('.')}. "
+            "Fix that folder or free space there, or choose another with HF_HUB_CACHE."
+        )
+    return None
 
 
 # ------------------------------------------------------------------------------ checking a folder
