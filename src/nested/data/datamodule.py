@@ -18,6 +18,7 @@ from nested.data.loading import (
     collate_batch,
     ignore_stop_signals,
     samples_per_worker,
+    worker_context,
 )
 from nested.data.train_stream import ResumePoint, StreamProgress, TrainStream
 from nested.data.transforms import (
@@ -180,6 +181,7 @@ class NestedDataModule(L.LightningDataModule):
             # Persistent: each worker's stream counts its epochs (one iter() per epoch).
             persistent_workers=self.num_workers > 0,
             worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
+            multiprocessing_context=worker_context() if self.num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
         )
 
