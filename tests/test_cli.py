@@ -651,6 +651,7 @@ def test_a_resumed_run_logs_on_to_its_tensorboard_folder(tmp_path, caplog):
     losses = _logged(log_dir, "train/loss")
     assert [step for step, _ in losses] == [0, 1, 2, 3, 4, 5, 3, 4, 5]  # one event file per start
     assert losses[3:6] == losses[6:]
+    assert _logged(log_dir, "hp_metric") == []  # Lightning's placeholder (-1 at step 0, at every start)
     # A run in another root that starts from that checkpoint logs to a folder of its own there.
     other = tmp_path / "other"
     (other / "lightning_logs" / "version_0").mkdir(parents=True)  # an unrelated run's

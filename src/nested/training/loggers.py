@@ -24,7 +24,12 @@ LOGGED_RUN_KEY = "nested_logged_run"
 
 
 class TensorBoardLogger(LightningTensorBoardLogger):
-    """Lightning's ``TensorBoardLogger``, whose refused writes name its ``log_dir``."""
+    """Lightning's ``TensorBoardLogger``, whose refused writes name its ``log_dir``. It logs no ``hp_metric``
+    unless asked (``default_hp_metric=True``): Lightning's placeholder, -1 at step 0, which nothing here
+    updates, and which a resumed run would log again at every start."""
+
+    def __init__(self, *args: Any, default_hp_metric: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, default_hp_metric=default_hp_metric, **kwargs)
 
     @property
     def experiment(self) -> Any:  # made at first use, which writes the event file's header
