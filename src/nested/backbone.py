@@ -353,9 +353,9 @@ class _VaeLatents:
         shift = self.vae.config.get("shift_factor") or 0.0
         return latents / self.vae.config.scaling_factor + shift
 
-    # The VAE runs in its own dtype, outside a training step's autocast: a VAE kept float32 because it overflows
-    # in fp16 (SDXL's) would otherwise run its convolutions in fp16 all the same under `16-mixed`; and latents
-    # encoded during training then equal those `nested shards --cache-latents` stores.
+    # The VAE runs in its own dtype, outside a training step's autocast, as the diffusers pipelines and `nested
+    # shards --cache-latents` run it: a VAE kept float32 because it overflows in fp16 (SDXL's) would otherwise
+    # run its convolutions in fp16 all the same under `16-mixed`.
 
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), f = ``vae_scale_factor``

@@ -140,7 +140,7 @@ class NestedAttentionModule(L.LightningModule):
             for SD3 and 512 for FLUX); shorter is cheaper when captions are short.
         frozen_dtype: dtype of the frozen backbone ("bfloat16" on GPUs). With "float16", a VAE flagged
             ``force_upcast`` (SDXL's, which overflows in fp16; a VAE without the flag counts as flagged) stays
-            float32 and runs outside the training step's autocast.
+            float32. The VAE runs in its own dtype, outside the training step's autocast.
         quantize: stores the named frozen models' linear weights in 8 bits as they load (torchao
             weight-only, :mod:`nested.quantize`; the ``quantize`` extra), halving their memory in bf16:
             ``{"transformer": "int8", "text_encoder_2": "int8"}`` (FLUX.1's transformer and T5). Keys are
