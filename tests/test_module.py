@@ -668,7 +668,9 @@ def test_the_min_snr_loss_weights_each_sample_as_the_paper_defines(tiny_sd_path,
     target, min(SNR(t), gamma) / (SNR(t) + 1) with a v target; SNR from the scheduler's betas, in float64."""
     path = shutil.copytree(tiny_sd_path, tmp_path / "base")
     config_file = path / "scheduler" / "scheduler_config.json"
-    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"prediction_type": prediction_type}))
+    config_file.write_text(
+        json.dumps(json.loads(config_file.read_text()) | {"prediction_type": prediction_type})
+    )
     module = make_module(path, min_snr_gamma=5.0)
     module.configure_model()
     scheduler = module.backbone.noise_scheduler
@@ -678,9 +680,10 @@ def test_the_min_snr_loss_weights_each_sample_as_the_paper_defines(tiny_sd_path,
     alphas_cumprod = torch.cumprod(1 - scheduler.betas.double(), 0)[timesteps]
     snr = alphas_cumprod / (1 - alphas_cumprod)
     if prediction_type == "v_prediction":
-        target = alphas_cumprod.sqrt()[:, None, None, None] * noise.double() - (1 - alphas_cumprod).sqrt()[
-            :, None, None, None
-        ] * latents.double()
+        target = (
+            alphas_cumprod.sqrt()[:, None, None, None] * noise.double()
+            - (1 - alphas_cumprod).sqrt()[:, None, None, None] * latents.double()
+        )
         weights = snr.clamp(max=5.0) / (snr + 1)
     else:
         target, weights = noise.double(), snr.clamp(max=5.0) / snr
