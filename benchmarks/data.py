@@ -37,6 +37,7 @@ import cProfile
 import io
 import itertools
 import json
+import multiprocessing
 import pstats
 import random
 import statistics
@@ -51,6 +52,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 import nested.data as nd
+import nested.data.datamodule as datamodule
 import nested.data.loading as loading
 import nested.data.transforms as nt
 from nested.data.shards import build_shards
@@ -227,15 +229,18 @@ def patched(variant: str) -> Iterator[None]:
     """Apply patch B ("uint8") to the stream's ``target_transform`` (in :mod:`nested.data.loading`)
     inside the block ("stream": nothing).
 
-    Workers forked inside the block keep the patch; in the main process it applies per call.
+    Loaders made inside the block fork their workers (instead of starting them from the fork server, which
+    has not imported the patch), so that the workers keep it; in the main process it applies per call. Every
+    variant starts its workers this way: the start method does not change a warmed-up loader's rate.
     """
-    saved = loading.target_transform
+    saved = loading.target_transform, datamodule.worker_context
     if variant == "uint8":
         loading.target_transform = uint8_target_transform
+    datamodule.worker_context = lambda: multiprocessing.get_context("fork")
     try:
         yield
     finally:
-        loading.target_transform = saved
+        loading.target_transform, datamodule.worker_context = saved
 
 
 # ------------------------------------------------------------------------------------ variants
