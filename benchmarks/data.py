@@ -229,9 +229,9 @@ def patched(variant: str) -> Iterator[None]:
     """Apply patch B ("uint8") to the stream's ``target_transform`` (in :mod:`nested.data.loading`)
     inside the block ("stream": nothing).
 
-    Loaders made inside the block fork their workers (instead of starting them from the fork server, which
-    has not imported the patch), so that the workers keep it; in the main process it applies per call. Every
-    variant starts its workers this way: the start method does not change a warmed-up loader's rate.
+    Loaders made inside the block fork their workers (instead of spawning them, fresh interpreters without the
+    patch), so that the workers keep it; in the main process it applies per call. Every variant starts its
+    workers this way: the start method does not change a warmed-up loader's rate.
     """
     saved = loading.target_transform, datamodule.worker_context
     if variant == "uint8":

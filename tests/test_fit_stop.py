@@ -217,10 +217,11 @@ def _parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def test_loader_workers_start_from_a_forkserver_and_outlive_the_stop_signals_a_job_scheduler_sends():
-    """A worker forked from a training process with threads can hang inside fork: they start from a forkserver
-    instead. SLURM signals every process of a job (--signal=USR1@90, then SIGTERM): neither the workers nor their
-    forkserver may die of it, or the run would crash before its checkpoint."""
+def test_loader_workers_start_fresh_and_outlive_the_stop_signals_a_job_scheduler_sends():
+    """A worker forked from a training process with threads can hang inside fork: they are spawned instead.
+    SLURM signals every process of a job (--signal=USR1@90, then SIGTERM): a worker may not die of it, even
+    while it starts (it imports for seconds before it can ignore them), or the run would crash before its
+    checkpoint."""
     from nested.data import DomainSpec, NestedDataModule
 
     data = NestedDataModule(
@@ -228,15 +229,18 @@ def test_loader_workers_start_from_a_forkserver_and_outlive_the_stop_signals_a_j
         resolution=32, reference_size=32, batch_size=2, num_workers=2, epoch_samples=64, shuffle_buffer=4,
     )  # fmt: skip
     iterator = iter(data.train_dataloader())
-    next(iterator)
     workers = iterator._workers
-    (forkserver,) = {_parent_of(worker.pid) for worker in workers}
-    assert forkserver != os.getpid()  # not forked from this process
-    for pid in [forkserver, *(worker.pid for worker in workers)]:
-        os.kill(pid, signal.SIGUSR1)
-        os.kill(pid, signal.SIGTERM)
+    for worker in workers:  # starting
+        os.kill(worker.pid, signal.SIGUSR1)
+        os.kill(worker.pid, signal.SIGTERM)
+    next(iterator)
+    for worker in workers:  # started
+        assert _parent_of(worker.pid) == os.getpid()
+        assert b"--multiprocessing-fork" in Path(f"/proc/{worker.pid}/cmdline").read_bytes()  # spawned
+        os.kill(worker.pid, signal.SIGUSR1)
+        os.kill(worker.pid, signal.SIGTERM)
     time.sleep(1)
-    for _ in range(8):  # the workers go on (a worker that lost its forkserver would end)
+    for _ in range(8):
         assert next(iterator)["pixel_values"].shape == (2, 3, 32, 32)
     assert all(worker.is_alive() for worker in workers)
     iterator._shutdown_workers()

@@ -431,29 +431,26 @@ _LOADER_WORKERS: weakref.WeakSet = weakref.WeakSet()
 _WORKER_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
-def worker_context() -> multiprocessing.context.BaseContext | None:
-    """How loader workers start: from a forkserver, where the platform has one (else the default, fork).
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How loader workers start: as fresh interpreters (spawn), each a child of this process.
 
     A training process has threads by the time its workers start (DDP's process group, TensorBoard's writer,
     the Hub uploads, OpenMP), and a worker forked from it can hang inside ``fork`` on a lock one of them held:
     seen with two gloo ranks, a worker that never ran a line, its rank waiting for its first batch and the
-    other rank in DDP's first broadcast. The forkserver is a single-threaded process that has imported the
-    data code once; workers forked from it start at once."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])  # no effect once this process's forkserver runs
-    return context
+    other rank in DDP's first broadcast. A forkserver would avoid that too, but its workers end with it, and
+    another part of the process may have started it without the stop signals blocked
+    (:class:`WorkerTrackingLoader`)."""
+    return multiprocessing.get_context("spawn")
 
 
 class WorkerTrackingLoader(DataLoader):
     """A DataLoader whose worker processes :func:`end_loader_workers` knows (a started process no longer says
     what it runs, so the loader records them as they start).
 
-    Its workers start with the stop signals blocked (:func:`ignore_stop_signals` then ignores them), and so
-    does the forkserver they start from when this starts it: a job scheduler signals every process of a job,
-    and a worker, or its forkserver, ended by SIGUSR1 or SIGTERM would crash the run before it checkpoints.
-    This process gets the signals it receives meanwhile when the workers have started."""
+    Its workers start with the stop signals blocked (:func:`ignore_stop_signals` then ignores them): a job
+    scheduler signals every process of a job, and a worker ended by SIGUSR1 or SIGTERM, even while it starts,
+    would crash the run before it checkpoints. This process gets the signals it receives meanwhile when the
+    workers have started."""
 
     def __iter__(self):
         if threading.current_thread() is not threading.main_thread() or self.num_workers == 0:
@@ -461,8 +458,8 @@ class WorkerTrackingLoader(DataLoader):
         else:
             blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_STOP_SIGNALS)
             try:
-                # The forkserver starts multiprocessing's resource tracker first, which unblocks SIGINT and
-                # SIGTERM once it has started it: started here, the block is whole again for the forkserver.
+                # Starting a worker starts multiprocessing's resource tracker first, which unblocks SIGINT and
+                # SIGTERM once it has started it: started here, the block is whole again for the workers.
                 resource_tracker.ensure_running()
                 signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_STOP_SIGNALS)
                 iterator = super().__iter__()
