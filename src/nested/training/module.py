@@ -27,11 +27,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from diffusers.training_utils import (
-    compute_density_for_timestep_sampling,
-    compute_loss_weighting_for_sd3,
-    compute_snr,
-)
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.trainer.states import TrainerFn
@@ -805,7 +801,10 @@ class NestedAttentionModule(L.LightningModule):
         return FluxPipeline._unpack_latents(velocity, height * scale, width * scale, scale).float()
 
     def _min_snr_weights(self, timesteps: Tensor, prediction_type: str) -> Tensor:
-        snr = compute_snr(self.backbone.noise_scheduler, timesteps)
+        # SNR = alpha_bar / (1 - alpha_bar) directly: diffusers' compute_snr squares square roots, which rounds
+        # differently and would change every min-SNR run's results, the toy world's included.
+        alphas_cumprod = self.backbone.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas_cumprod / (1 - alphas_cumprod)
         clipped = snr.clamp(max=self.min_snr_gamma)
         return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
