@@ -254,8 +254,10 @@ def check_transformer_side(
 ) -> None:
     """Refuse an image side (``sides``: name -> pixels) beyond :func:`transformer_max_side`."""
     largest = transformer_max_side(kind, transformer, vae_scale_factor)
+    if largest is None:
+        return
     for name, size in sides.items():
-        if largest is not None and size is not None and size > largest:
+        if size is not None and size > largest:
             raise ConfigError(
                 f"{name} {size} is more than the {largest} pixels per side that this {kind.upper()} transformer's "
                 f"position embedding covers (pos_embed_max_size {transformer.config.pos_embed_max_size}): use at "

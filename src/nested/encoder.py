@@ -16,7 +16,14 @@ from torch import Tensor, nn
 
 from nested.errors import ConfigError, MissingFileError
 
-__all__ = ["EncoderSpec", "FrozenModules", "Resampler", "SubjectEncoder", "load_vision_backbone"]
+__all__ = [
+    "EncoderSpec",
+    "FrozenModules",
+    "Resampler",
+    "SubjectEncoder",
+    "centre_square",
+    "load_vision_backbone",
+]
 
 # CLIP's normalisation, the fallback when a backbone folder ships no image processor config.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -230,6 +237,14 @@ def backbone_feature_dim(model) -> int:
     return int(config.hidden_size)
 
 
+def centre_square(images: Tensor) -> Tensor:
+    """(..., H, W) -> (..., S, S), S = min(H, W): the centre square (a view), as training cuts its references."""
+    height, width = images.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return images[..., top : top + side, left : left + side]
+
+
 class SubjectEncoder(nn.Module):
     """Frozen vision backbone + trainable resampler: subject images -> (B, M, d) tokens.
 
@@ -298,11 +313,7 @@ class SubjectEncoder(nn.Module):
         its centre square first, as the training data's references are, instead of being stretched."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"subject images must be (B, 3, H, W) RGB in [0, 1], got {tuple(images.shape)}.")
-        images = images.to(self.image_mean.device, torch.float32)
-        height, width = images.shape[-2:]
-        side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
-        images = images[..., top : top + side, left : left + side]
+        images = centre_square(images.to(self.image_mean.device, torch.float32))
         if images.shape[-2:] != (self.image_size, self.image_size):
             images = F.interpolate(
                 images,

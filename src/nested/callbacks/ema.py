@@ -77,18 +77,13 @@ class AdapterEMA(EMAWeightAveraging):
 
 
 def warmed_up_ema(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
-    """An ``AveragedModel`` ``multi_avg_fn``: the tensors of one device and dtype move toward the model's by
-    ``1 - d``, with ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates."""
+    """An ``AveragedModel`` ``multi_avg_fn``: the tensors of one device and dtype (the adapter's, all floating
+    point) move toward the model's by ``1 - d``, with ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates."""
 
     @torch.no_grad()
     def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
         n = int(num_averaged)
-        weight = 1.0 - min(decay, (1 + n) / (10 + n))
-        if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, current, weight)
-        else:  # integer buffers: as torch's own EMA rounds them
-            for average, value in zip(averaged, current, strict=True):
-                average.copy_(average * (1 - weight) + value * weight)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1 + n) / (10 + n)))
 
     return update
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from nested.data.domains import DomainSpec, check_urls
 from nested.data.loading import build_stream
+from nested.encoder import centre_square
 from nested.errors import DataError, MissingFileError
 from nested.files import atomic_file
 from nested.image_files import IMAGE_SUFFIXES
@@ -57,11 +58,8 @@ class Reference:
 
 def _square(image: Tensor, size: int) -> Tensor:
     """(1, 3, H, W) -> (3, size, size): center square crop, resized (bicubic, antialiased)."""
-    height, width = image.shape[-2:]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    square = image[..., top : top + side, left : left + side]
-    if side != size:
+    square = centre_square(image)
+    if square.shape[-1] != size:
         square = F.interpolate(square, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return square[0].clamp(0, 1)
 
