@@ -64,10 +64,10 @@ def frozen_state(module: NestedAttentionModule) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------- the objective
 def naive_sigmas(kind: str, normal: torch.Tensor, latent_size: int) -> torch.Tensor:
-    """Logit-normal t through the tiny schedulers' shift, written out: SD3's fixed shift 3, FLUX's
-    exponential shift with mu linear in the packed sequence length (0.5 at 256 tokens, 1.15 at 4096)."""
-    index = (torch.sigmoid(normal) * 1000).long()
-    t = (1000 - index) / 1000  # the scheduler's training sigmas run from 1 down to 1/1000
+    """Logit-normal t (the SD3 paper's t = sigmoid(normal), rounded up to the scheduler's grid of 1/1000)
+    through the tiny schedulers' shift, written out: SD3's fixed shift 3, FLUX's exponential shift with mu
+    linear in the packed sequence length (0.5 at 256 tokens, 1.15 at 4096)."""
+    t = torch.ceil(torch.sigmoid(normal) * 1000) / 1000
     if kind == "sd3":
         return 3 * t / (1 + 2 * t)
     tokens = (latent_size // 2) ** 2
@@ -128,6 +128,18 @@ def test_loss_is_the_velocity_error_at_the_shifted_logit_normal_time(tiny_dit_pa
         expected = ((prediction - (noise - x0)) ** 2).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert t.min() > 0 and t.max() < 1
+
+
+@pytest.mark.parametrize("logit_mean", [0.0, 1.5, -1.0])
+def test_logit_normal_times_follow_the_sd3_paper(tiny_sd3_path, logit_mean):
+    module = make_module(tiny_sd3_path, logit_mean=logit_mean)
+    times = module.flow_sigmas(torch.Size([4096, 16, 4, 4]), torch.Generator().manual_seed(3))
+    normal = torch.normal(logit_mean, 1.0, (4096,), generator=torch.Generator().manual_seed(3))
+    # Within one step of the grid (the shift's slope is at most 3): float rounding may pick the neighbour.
+    torch.testing.assert_close(times, naive_sigmas("sd3", normal, 4), rtol=0, atol=3e-3)
+    unshifted = times / (3 - 2 * times)  # SD3's shift 3 inverted
+    expected_mean = torch.sigmoid(torch.randn(200_000, generator=torch.Generator().manual_seed(0)) + logit_mean)
+    assert abs(unshifted.mean() - expected_mean.mean()) < 0.01  # a positive mean draws noisier times
 
 
 def test_flux_times_shift_toward_noise_at_higher_resolution(tiny_flux_path):

@@ -518,8 +518,11 @@ class NestedAdapter(nn.Module):
         The nested keys and values of a subject token ``e`` are then the key and value the layer would give
         a text feature ``e``: the resampler starts out writing into the text space, whose values the UNet
         already reads, and every layer starts from the same target. Needs subject tokens as wide as the
-        text features (``encoder.output_dim`` = the base's cross-attention width); text projection biases
-        (SD3's) are not copied.
+        text features (``encoder.output_dim`` = the base's cross-attention width). Not copied: the text
+        projections' biases (SD3's and FLUX's), and the RMS norm that SD3.5's and FLUX's blocks apply to
+        their text keys, which the nested keys never go through: there they start along the text key's
+        direction before that norm's per-channel weight, at another length (on the tiny test models 0.55
+        to 0.63 of it), a temperature of the nested softmax that training is free to change.
         """
         self.check_fits(unet)
         token_dim = self.config.encoder.token_dim

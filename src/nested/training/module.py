@@ -725,9 +725,11 @@ class NestedAttentionModule(L.LightningModule):
     def flow_sigmas(self, latent_shape: torch.Size, generator: torch.Generator) -> Tensor:
         """(B,) flow-matching times t (the noise level sigma) for latents of ``latent_shape`` (B, C, h, w).
 
-        As diffusers' SD3 / FLUX trainers draw them: u from ``compute_density_for_timestep_sampling``,
-        then the scheduler's training sigma at index ``u * num_train_timesteps``, which carries SD3's fixed
-        ``shift``. A scheduler with ``use_dynamic_shifting`` (FLUX) has unshifted training sigmas; they get
+        u from diffusers' ``compute_density_for_timestep_sampling``, then the scheduler's training sigma
+        nearest above u, which carries SD3's fixed ``shift``. Those sigmas run from 1 down, so the index is
+        ``(1 - u) * num_train_timesteps``: t is u, as in the SD3 paper, and a positive ``logit_mean`` draws
+        noisier times. (diffusers' trainers index with u itself, which draws 1 - u: the same times for
+        the symmetric defaults, the opposite bias for any other ``logit_mean``.) A scheduler with ``use_dynamic_shifting`` (FLUX) has unshifted training sigmas; they get
         the shift its sampler applies at this resolution: ``time_shift(mu)`` with ``mu`` from the packed
         image sequence length (``calculate_shift``), so training sees the noise levels sampling visits.
         """
@@ -741,7 +743,7 @@ class NestedAttentionModule(L.LightningModule):
             mode_scale=self.mode_scale,
             generator=generator,
         )
-        indices = (u * config.num_train_timesteps).long().clamp(0, len(scheduler.sigmas) - 1)
+        indices = ((1 - u) * config.num_train_timesteps).long().clamp(0, len(scheduler.sigmas) - 1)
         sigmas = scheduler.sigmas[indices].float()
         if config.use_dynamic_shifting:
             image_seq_len = (latent_shape[2] // 2) * (latent_shape[3] // 2)
