@@ -138,7 +138,9 @@ def test_logit_normal_times_follow_the_sd3_paper(tiny_sd3_path, logit_mean):
     # Within one step of the grid (the shift's slope is at most 3): float rounding may pick the neighbour.
     torch.testing.assert_close(times, naive_sigmas("sd3", normal, 4), rtol=0, atol=3e-3)
     unshifted = times / (3 - 2 * times)  # SD3's shift 3 inverted
-    expected_mean = torch.sigmoid(torch.randn(200_000, generator=torch.Generator().manual_seed(0)) + logit_mean)
+    expected_mean = torch.sigmoid(
+        torch.randn(200_000, generator=torch.Generator().manual_seed(0)) + logit_mean
+    )
     assert abs(unshifted.mean() - expected_mean.mean()) < 0.01  # a positive mean draws noisier times
 
 
