@@ -99,6 +99,21 @@ def test_prompt_alignment_runs_a_local_clip_under_transformers_5(tiny_clip_path)
     torch.testing.assert_close(values, expected, atol=1e-4, rtol=0)
 
 
+def test_prompt_alignment_reads_a_long_prompt_as_clip_truncates_it(tiny_clip_path):
+    """Past the text tower's 77 positions a prompt is cut before its end token, which CLIP pools at."""
+    metric = PromptAlignment(str(tiny_clip_path))
+    model, processor = load_clip(tiny_clip_path)
+    long_prompt = "a photo of a dog " + "in a sunny green park " * 30
+    ids = processor.tokenizer(long_prompt)["input_ids"]
+    assert len(ids) > 77
+    kept = processor.tokenizer.decode(ids[1:76])  # the 75 pieces a 77-token window keeps
+    assert len(processor.tokenizer(kept)["input_ids"]) == 77
+    images = _images(2, size=40)
+    long_scores = metric.score_batch(images, [long_prompt, "a cat"])
+    kept_scores = metric.score_batch(images, [kept, "a cat"])
+    torch.testing.assert_close(long_scores, kept_scores, atol=1e-4, rtol=0)
+
+
 def test_load_clip_explains_a_missing_model(tmp_path):
     with pytest.raises(OSError, match="could not load the CLIP model"):
         load_clip(tmp_path / "nothing-here")

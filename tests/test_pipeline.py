@@ -294,6 +294,11 @@ def test_strength_token_weight_and_value_norm_factor(sd_pipe, sd_adapters, monke
 
         with pytest.warns(UserWarning, match="has no subject"):
             run("plain")
+        for option in ("strengths", "token_weights", "value_norm_factors"):  # no subject to apply it to
+            with pytest.raises(
+                ConfigError, match=f"{option} has an entry for '<person>', which has no subject"
+            ):
+                generate(nested, prompt, **{option: {"<person>": 2.0}})
         run("full", subjects={"<person>": person})
         run("off", subjects={"<person>": person}, strengths={"<person>": 0.0})
         run("half", subjects={"<person>": Subject(person, scale=0.5)})
@@ -320,6 +325,13 @@ def test_strength_token_weight_and_value_norm_factor(sd_pipe, sd_adapters, monke
     assert (out["weighted"] - out["normed"]).abs().max() > 1e-4
     assert torch.equal(out["weighted"], out["weighted_subject"])
     assert torch.equal(out["normed"], out["normed_subject"])
+
+
+def test_default_size_is_the_side_the_pipeline_draws_without_one(sd_pipe, sd_adapters):
+    with NestedPipeline(sd_pipe, {"<person>": sd_adapters["faces"]}) as nested:
+        image = nested("a photo of a dog", num_inference_steps=1, output_type="pt").images
+    assert image.shape[-2:] == (nested.default_size, nested.default_size)
+    assert nested.default_size == sd_pipe.unet.config.sample_size * sd_pipe.vae_scale_factor
 
 
 def test_an_adapter_trained_with_a_token_weight_uses_it_unless_a_call_sets_one(

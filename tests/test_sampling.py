@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gc
+import json
 import os
 import signal
 from pathlib import Path
@@ -59,15 +60,34 @@ def _pipeline_of(backbone: DiffusionBackbone):
         )
     else:
         pipe = StableDiffusionXLPipeline(
-            **common, text_encoder_2=backbone.text_encoders[1], tokenizer_2=backbone.tokenizers[1]
+            **common,
+            text_encoder_2=backbone.text_encoders[1],
+            tokenizer_2=backbone.tokenizers[1],
+            force_zeros_for_empty_prompt=backbone.force_zeros_for_empty_prompt,
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
-def test_sample_images_matches_the_diffusers_pipeline(kind, tiny_sd_path, tiny_sdxl_path):
-    backbone = DiffusionBackbone.from_pretrained({"sd": tiny_sd_path, "sdxl": tiny_sdxl_path}[kind])
+def _sdxl_without_zeros(tiny_sdxl_path: Path, folder: Path) -> Path:
+    """The tiny SDXL whose model_index.json sets force_zeros_for_empty_prompt false (its parts linked)."""
+    folder.mkdir()
+    for part in tiny_sdxl_path.iterdir():
+        if part.name != "model_index.json":
+            (folder / part.name).symlink_to(part)
+    index = json.loads((tiny_sdxl_path / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sdxl-without-zeros"])
+def test_sample_images_matches_the_diffusers_pipeline(kind, tiny_sd_path, tiny_sdxl_path, tmp_path):
+    if kind == "sdxl-without-zeros":  # the empty negative prompt is encoded, not zeros
+        path = _sdxl_without_zeros(tiny_sdxl_path, tmp_path / "sdxl")
+    else:
+        path = {"sd": tiny_sd_path, "sdxl": tiny_sdxl_path}[kind]
+    backbone = DiffusionBackbone.from_pretrained(path)
+    assert backbone.force_zeros_for_empty_prompt == (kind != "sdxl-without-zeros")
     prompts, seeds = ["a photo of a dog", "a cat on the beach"], [3, 4]
     ours = sample_images(backbone, None, prompts, seeds=seeds, steps=3, guidance=5.0, height=32, width=32)
     theirs = _pipeline_of(backbone)(
@@ -93,6 +113,7 @@ def test_sample_images_with_an_adapter_matches_nested_pipeline(tiny_sd_path):
         backbone.unet, token="<person>", class_word="person", encoder=_encoder_spec(tiny_sd_path)
     )
     adapter.eval()
+    adapter.config.token_weight = 3.0  # trained with a weight: both paths use it
     pipe = NestedPipeline(_pipeline_of(backbone), {"<person>": adapter})  # adds <person>, attaches
     reference = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     prompts, seeds = ["a photo of <person>", "<person> on the beach"], [0, 1]

@@ -382,6 +382,8 @@ class DiffusionBackbone(_VaeLatents):
 
     ``noise_scheduler`` is a ``DDPMScheduler`` rebuilt from the model's own scheduler config (so SD 2.x's
     ``v_prediction`` and the beta schedule carry over); ``scheduler_config`` keeps that original config.
+    ``force_zeros_for_empty_prompt``: SDXL's pipeline option from ``model_index.json`` (default true): an
+    empty negative prompt is zero embeddings rather than the encoded empty string.
     """
 
     unet: UNet2DConditionModel
@@ -392,6 +394,7 @@ class DiffusionBackbone(_VaeLatents):
     kind: Literal["sd", "sdxl"]
     source: str
     scheduler_config: dict[str, Any] = field(default_factory=dict)
+    force_zeros_for_empty_prompt: bool = True
 
     @classmethod
     def from_pretrained(
@@ -464,6 +467,7 @@ class DiffusionBackbone(_VaeLatents):
             kind=kind,
             source=source,
             scheduler_config=scheduler_config,
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
         )
 
     def to(self, device: torch.device | str) -> DiffusionBackbone:

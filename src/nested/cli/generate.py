@@ -290,11 +290,6 @@ def _generate(
         bar.close()
 
     scheduler = pipe.pipe.scheduler
-    scale = getattr(pipe.pipe, "vae_scale_factor", 8)
-    # The size the pipeline uses when none is given: SD / SDXL read the UNet's, SD3 / FLUX their own.
-    default_size = (
-        pipe.denoiser.config.sample_size if pipe.kind == "unet" else pipe.pipe.default_sample_size
-    ) * scale
     settings = {
         "command": ["nested", "generate", *argv],
         "versions": {
@@ -323,8 +318,8 @@ def _generate(
         "guidance": args.guidance,
         "seed": args.seed,
         "num_images": args.num_images,
-        "height": args.height or default_size,
-        "width": args.width or default_size,
+        "height": args.height or pipe.default_size,
+        "width": args.width or pipe.default_size,
         "device": args.device,
         "dtype": args.dtype,
         "quantize": parsed["quantize"],

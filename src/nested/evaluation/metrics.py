@@ -32,7 +32,6 @@ import transformers
 from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import Metric
-from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 from torchmetrics.multimodal.clip_score import CLIPScore
 from torchmetrics.utilities import dim_zero_cat
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
@@ -562,9 +561,10 @@ def _to_uint8(images: Tensor) -> Tensor:
 
 
 class PromptAlignment(_SyncedValues, CLIPScore):
-    """CLIP score between generated images and their prompts: ``max(100 * cos(E_image, E_text), 0)``.
+    """CLIP score between generated images and their prompts: ``100 * cos(E_image, E_text)`` per sample.
 
-    torchmetrics' ``CLIPScore`` with a local CLIP and one value per sample. ``update(images, prompts)``:
+    torchmetrics' ``CLIPScore`` with a local CLIP and one value per sample, which ``nested eval`` averages
+    unclamped. ``update(images, prompts)``:
     images (B, 3, H, W) in [0, 1] (uint8 accepted), B prompts. ``compute()`` -> the mean score (CLIPScore's:
     clamped at 0 after averaging); ``per_sample()`` -> (N,) values ``100 * cos`` (not clamped).
 
@@ -609,9 +609,22 @@ class PromptAlignment(_SyncedValues, CLIPScore):
                 f"{images.shape[0]} images but {len(prompts)} prompts: pass one prompt per image."
             )
         device = next(self.model.parameters()).device
-        images = _to_uint8(images).to(device)
-        scores, _ = _clip_score_update(list(images), prompts, self.model, self.processor)
-        return scores.float()
+        pixels = self.processor(images=list(_to_uint8(images).cpu()), return_tensors="pt")["pixel_values"]
+        # Truncated by the tokenizer, which keeps the end token CLIP pools at: torchmetrics' CLIPScore cuts
+        # a prompt longer than the text tower's positions after tokenizing, end token included.
+        text = self.processor.tokenizer(
+            prompts,
+            padding=True,
+            truncation=True,
+            max_length=self.model.config.text_config.max_position_embeddings,
+            return_tensors="pt",
+        )
+        image_features = self.model.get_image_features(pixels.to(device))
+        text_features = self.model.get_text_features(
+            text["input_ids"].to(device), text["attention_mask"].to(device)
+        )
+        cosine = F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+        return 100 * cosine
 
     def update(self, images: Tensor, prompts: str | Sequence[str]) -> None:  # type: ignore[override]
         scores = self.score_batch(images, prompts).to(self.device)

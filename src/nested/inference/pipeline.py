@@ -262,6 +262,13 @@ class NestedPipeline:
         return self.pipe.vae_scale_factor * transformer_patch_size(self.kind, self.denoiser)
 
     @property
+    def default_size(self) -> int:
+        """The image side in pixels the pipeline draws when called without ``height`` / ``width``: SD / SDXL
+        read their UNet's ``sample_size``, SD3 / FLUX their pipeline's ``default_sample_size``."""
+        latents = self.denoiser.config.sample_size if self.kind == "unet" else self.pipe.default_sample_size
+        return latents * getattr(self.pipe, "vae_scale_factor", 8)
+
+    @property
     def tokenizers(self) -> list[Any]:
         """The tokenizers placeholder tokens are added to (for SD3 / FLUX: the CLIP ones)."""
         return [pair[2] for pair in self._text_pairs]
@@ -590,6 +597,9 @@ class NestedPipeline:
         if pipeline_kwargs.get("max_sequence_length", 0) is None:
             del pipeline_kwargs["max_sequence_length"]  # the pipeline's default, which bind also uses
         if not subjects:
+            subject_specs(
+                {}, strengths, token_weights, value_norm_factors
+            )  # refuses an option with no subject
             self._warn_tokens_without_subject(prompt, {})
             return self.pipe(prompt=prompt, num_images_per_prompt=num_images_per_prompt, **pipeline_kwargs)
         prompt_2 = pipeline_kwargs.get("prompt_2")

@@ -72,9 +72,9 @@ def default_size(backbone: DiffusionBackbone | TransformerBackbone) -> int:
 
 
 def _negative_conditioning(backbone: DiffusionBackbone, negative_prompt: str, batch: int, cond: Any) -> Any:
-    """The unconditional half: SDXL uses zeros for an empty negative prompt (``force_zeros_for_empty_prompt``)."""
-
-    if backbone.kind == "sdxl" and not negative_prompt:
+    """The unconditional half: SDXL uses zeros for an empty negative prompt when its ``model_index.json``
+    says so (``force_zeros_for_empty_prompt``, true unless set otherwise), as its pipeline does."""
+    if backbone.kind == "sdxl" and backbone.force_zeros_for_empty_prompt and not negative_prompt:
         pooled = cond.pooled_prompt_embeds
         return TextConditioning(
             prompt_embeds=torch.zeros_like(cond.prompt_embeds),
@@ -137,7 +137,8 @@ def sample_images(
         steps, guidance, negative_prompt: as in the diffusers pipelines (guidance <= 1: no CFG). FLUX:
             ``guidance`` is the distilled guidance input and ``negative_prompt`` is not used.
         height, width: pixels (default: the base model's size).
-        scale: the subject's strength (0: plain text value, 1: nested value).
+        scale: the subject's strength (0: plain text value, 1: nested value). The subject column's weight is
+            the one the adapter was trained with (``config.token_weight``), as in ``NestedPipeline``.
         scheduler: a diffusers scheduler class name; None: the model's own (see :func:`build_scheduler`).
         batch_size: images per UNet batch (x2 with guidance).
         on_batch_end: called with the number of images done after each batch (progress).
@@ -197,6 +198,7 @@ def sample_images(
                 masks=masks.to(device),
                 image_index=torch.tensor(image_index[start : start + n], device=tokens.device),
                 scale=scale,
+                token_weight=adapter.config.token_weight,
             )
             bound = _bound(adapter, [binding])
         with bound:
