@@ -8,6 +8,7 @@ import pickle
 import random
 import tarfile
 import zlib
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +30,9 @@ from nested.data import (
     reference_transform,
     target_transform,
 )
+from nested.data.domains import SkipCounter
 from nested.data.loading import sample_caption
+from nested.data.train_stream import DomainSource, Piece, Share, TrainStream
 from nested.errors import DataError
 
 BATCH_KEYS = {
@@ -220,6 +223,40 @@ def test_validation_split_over_ranks_and_workers_is_disjoint_and_complete(
     assert sorted(seen[0] + seen[1]) == sorted(
         f"s{i}_{j}" for i in range(num_shards) for j in range(12 // num_shards)
     )
+
+
+def test_readers_hold_equal_disjoint_runs_and_draw_every_sample_equally_often(tmp_path: Path) -> None:
+    """Shards that split unevenly over the readers (sizes 10, 10, 10, 2 over 4 readers) still give each
+    reader 8 samples, none shared, and every sample about the same number of draws."""
+    counts = [10, 10, 10, 2]
+    urls = [
+        str(
+            _write_shard(
+                tmp_path / f"s{i}.tar", [{"__key__": f"s{i}-{j:02d}", "txt": b"x"} for j in range(n)]
+            )
+        )
+        for i, n in enumerate(counts)
+    ]
+    shares = [Share.of(len(counts), reader, 4, counts) for reader in range(4)]
+    held = [[(p.shard, i) for p in share.pieces for i in range(p.start, p.stop)] for share in shares]
+    assert [len(h) for h in held] == [8, 8, 8, 8]
+    assert sorted(sum(held, [])) == [(shard, i) for shard, n in enumerate(counts) for i in range(n)]
+    # Without counts (remote shards without an index), whole shards, one per reader here.
+    assert [Share.of(4, r, 4).pieces for r in range(4)] == [(Piece(r),) for r in range(4)]
+
+    draws: Counter[str] = Counter()
+    for rank in range(4):  # 4 ranks of one reader each
+        source = DomainSource("d", urls, 1.0, {}, lambda raw, rng: {"key": raw["__key__"]})
+        stream = TrainStream(
+            [source], counter=SkipCounter(10), seed=0, rank=rank, world_size=4, num_workers=0, per_reader=800
+        )
+        assert source.counted == dict(zip(urls, counts, strict=True))  # counted once, before any worker
+        keys = [sample["key"] for sample in stream]
+        assert len(keys) == 800
+        draws.update(keys)
+    assert len(draws) == sum(counts)
+    # 100 draws per sample on average; split by whole shards, the 2-sample shard's got 400 each.
+    assert max(draws.values()) < 1.3 * min(draws.values()), draws
 
 
 def test_resampled_stream_with_one_shard_is_bounded_and_differs_per_rank_and_worker(tmp_path: Path) -> None:

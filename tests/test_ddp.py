@@ -27,7 +27,9 @@ from nested.data import DomainSpec, build_stream, collate_batch
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SHARD = REPO / "data" / "demo" / "faces" / "faces-000000.tar"
-CORRUPT = (5, 6)  # sample indices: reader 1 (rank 0, worker 1) and reader 2 (rank 1, worker 0)
+# Sample indices of the 13-sample shard: the second of reader 1 (rank 0, worker 1; samples 3:6) and of
+# reader 2 (rank 1, worker 0; samples 6:9), each reached by an epoch's 2 draws in shard order.
+CORRUPT = (4, 7)
 ADAMW_1E3 = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
 
 
@@ -305,7 +307,7 @@ def test_two_ranks_one_shard_disjoint_no_hang_all_dropped_and_reduced_metrics(ti
     assert ranks[0]["moved"] and ranks[0]["moved"] == ranks[1]["moved"]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
 
-    # 1 shard, 2 ranks x 2 workers: each reader takes every 4th sample; no hang, nothing shared.
+    # 1 shard, 2 ranks x 2 workers: each reader takes a quarter of its samples; no hang, nothing shared.
     seen = [{k for b in r["batches"] for k in b["keys"]} for r in ranks]
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     for epoch in (0, 1):

@@ -202,6 +202,9 @@ class NestedDataModule(L.LightningDataModule):
 
     def _topology(self, world_size: int) -> dict[str, Any]:
         """What the stream's layout depends on: a resume is exact only if all of it is unchanged."""
+        readers = world_size * max(1, self.num_workers)
+        # Several readers split each domain into equal runs of samples (earlier versions: by whole shards).
+        split = {"split": "equal runs of samples"} if readers > 1 else {}
         return {
             "world_size": world_size,
             "num_workers": self.num_workers,
@@ -213,6 +216,7 @@ class NestedDataModule(L.LightningDataModule):
             "shuffle_buffer": max(1, self.shuffle_buffer),
             "open_shards": self.open_shards,
             "domains": [[d.name, d.weight, len(expand_urls(d.urls))] for d in self.domains],
+            **split,
         }
 
     def epoch_batches(self, world_size: int) -> int:

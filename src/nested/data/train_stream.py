@@ -3,9 +3,12 @@
 A *reader* is one DataLoader worker of one rank: reader ``rank * W + w`` of ``world_size * W``
 (``W = max(1, num_workers)``). In one epoch, a reader's raw samples of one domain are laid out as::
 
-    share       its part of the domain: every readers-th shard, or, with fewer shards than
-                readers, every readers-th sample of every shard (no two readers share a sample)
-    lanes       ``lanes`` endless seeded sequences of shard visits, drawn with replacement from the share
+    share       its part of the domain, as pieces of shards: with the sample counts of all its shards
+                known (``shards.json``, or counted from local tar headers), the readers-th part of the
+                domain's samples in shard order, so that every reader holds as many samples (within one)
+                and every sample is drawn as often; without them (remote shards without an index),
+                every readers-th shard. No two readers share a sample.
+    lanes       ``lanes`` endless seeded sequences of piece visits, drawn with replacement from the share
     interleave  raw position p is the next sample of lane ``p % lanes`` (neighbours come from different shards)
     shuffle     positions are permuted in blocks of ``block`` (one seeded permutation per block)
 
@@ -14,7 +17,12 @@ and the domains are mixed by one seeded draw per output sample. Every seed is a 
 over from one sample to the next. A reader's :class:`ReaderPosition` is (samples drawn this epoch,
 raw positions consumed per domain); a skipped sample (corrupt, dropped) consumes a raw position.
 
-Resuming from a position decodes nothing: lanes skip whole shard visits by their sample counts
+A visit reads a whole piece, and pieces are drawn uniformly: each sample of a share is drawn equally often,
+whatever the sizes of its shards. Shares that split the domain by whole shards hold unequal numbers of
+samples when the shards do not split evenly over the readers, and a reader's samples are then drawn more
+often the fewer it holds (a warning says so).
+
+Resuming from a position decodes nothing: lanes skip whole piece visits by their sample counts
 (``shards.json``, else counted once from the tar headers), skip inside the one open shard per lane
 by tar headers (a local file seeks over the data) and re-read at most one block of raw samples,
 which starting does too. What the training loop consumed is tracked by :class:`StreamProgress`.
@@ -28,7 +36,7 @@ import random
 import re
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DomainSource",
+    "Piece",
     "ReaderPosition",
     "ResumePoint",
     "Share",
@@ -120,23 +129,46 @@ def count_samples(url: str) -> int:
 
 
 @dataclass(frozen=True)
-class Share:
-    """The part of a domain one reader reads: shard indices, and samples ``offset::stride`` of each."""
+class Piece:
+    """Samples ``start:stop`` of shard ``shard`` (``stop`` None: to the shard's end)."""
 
-    shards: tuple[int, ...]
-    offset: int = 0
-    stride: int = 1
-
-    @classmethod
-    def of(cls, num_shards: int, reader: int, readers: int) -> Share:
-        """By shard when every reader gets one, else by sample (each reader still gets data)."""
-        if num_shards >= readers:
-            return cls(tuple(range(reader, num_shards, readers)))
-        return cls(tuple(range(num_shards)), reader, readers)
+    shard: int
+    start: int = 0
+    stop: int | None = None
 
     def units(self, count: int) -> int:
-        """How many of a shard's ``count`` samples belong to this share."""
-        return max(0, -(-(count - self.offset) // self.stride))
+        """How many samples the piece holds in a shard of ``count`` samples."""
+        stop = count if self.stop is None else min(self.stop, count)
+        return max(0, stop - self.start)
+
+
+@dataclass(frozen=True)
+class Share:
+    """The part of a domain one reader reads: pieces of its shards."""
+
+    pieces: tuple[Piece, ...]
+
+    @classmethod
+    def of(cls, num_shards: int, reader: int, readers: int, counts: list[int] | None = None) -> Share:
+        """Reader ``reader``'s share of ``readers``: with ``counts`` (samples per shard), the reader-th of
+        ``readers`` equal runs of the domain's samples in shard order; without, every readers-th shard."""
+        if readers == 1:
+            return cls(tuple(Piece(shard) for shard in range(num_shards)))
+        if counts is None:
+            return cls(tuple(Piece(shard) for shard in range(reader, num_shards, readers)))
+        total = sum(counts)
+        low, high = reader * total // readers, (reader + 1) * total // readers
+        pieces, first = [], 0
+        for shard, count in enumerate(counts):
+            start, stop = max(low, first) - first, min(high, first + count) - first
+            if start < stop:
+                pieces.append(Piece(shard, start, stop))
+            first += count
+        return cls(tuple(pieces))
+
+    def size(self, count: Callable[[int], int]) -> int:
+        """Samples in the share, given samples per shard."""
+        return sum(piece.units(count(piece.shard)) for piece in self.pieces)
 
 
 @dataclass
@@ -156,10 +188,33 @@ class DomainSource:
     weight: float
     counts: dict[str, int]
     prepare: Callable[[dict[str, Any], random.Random], dict[str, Any] | None]
+    counted: dict[str, int] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
 
     def count(self, shard: int) -> int:
         url = self.urls[shard]
-        return self.counts[url] if url in self.counts else count_samples(url)
+        if url in self.counts:
+            return self.counts[url]
+        return self.counted[url] if url in self.counted else count_samples(url)
+
+    def all_counts(self, remote: bool = False) -> list[int] | None:
+        """Samples per shard, counting shards without an index from their tar headers once (kept in
+        ``counted``, which travels to the loader's workers, and ``broken``); None when a remote shard has
+        no count, unless ``remote``: then it is streamed through to count it."""
+        missing = [url for url in self.urls if url not in self.counts and url not in self.counted]
+        if not remote and any(not is_local_url(url) for url in missing):
+            return None
+        if missing:
+            log.info(
+                "data: domain %r: counting the samples of %d shard(s) without an index",
+                self.name,
+                len(missing),
+            )
+        for url in missing:
+            self.counted[url] = count_samples(url)
+            if url in _BROKEN:
+                self.broken[url] = _BROKEN[url]
+        return [self.count(shard) for shard in range(len(self.urls))]
 
 
 class _DomainReader:
@@ -194,37 +249,40 @@ class _DomainReader:
                 reader.close()
 
     def _lane(self, lane: int, start: int) -> Iterator[dict[str, Any] | None]:
-        shards = self.share.shards
+        pieces = self.share.pieces
         visit, skip, empty = 0, start, 0
         while True:
-            shard = shards[seeded(self.key, "visit", lane, visit).randrange(len(shards))]
+            piece = pieces[seeded(self.key, "visit", lane, visit).randrange(len(pieces))]
             visit += 1
-            units = self.share.units(self.source.count(shard))
+            units = piece.units(self.source.count(piece.shard))
             if units == 0:
                 empty += 1
                 if empty > _MAX_EMPTY_VISITS:
+                    urls = [self.source.urls[p.shard] for p in pieces[:3]]
                     raise DataError(
                         f"data: domain {self.source.name!r}: {empty} shard visits in a row found no sample for "
-                        f"this reader (shards {[self.source.urls[s] for s in shards[:3]]}...). Are the shards empty?"
+                        f"this reader (shards {urls}...). Are the shards empty?"
                     )
                 continue
             empty = 0
             if skip >= units:  # fast-forward: a whole visit is skipped by its count, unread
                 skip -= units
                 continue
-            yield from self._visit(shard, skip, units)
+            yield from self._visit(piece, skip, units)
             skip = 0
 
-    def _visit(self, shard: int, first: int, units: int) -> Iterator[dict[str, Any] | None]:
-        url, share = self.source.urls[shard], self.share
-        low, high = share.offset + first * share.stride, share.offset + units * share.stride
+    def _visit(self, piece: Piece, first: int, units: int) -> Iterator[dict[str, Any] | None]:
+        url = self.source.urls[piece.shard]
+        low, high = piece.start + first, piece.start + units
 
         def wanted(index: int) -> bool:
-            return low <= index < high and (index - share.offset) % share.stride == 0
+            return low <= index < high
 
         emitted = first
-        if url in _BROKEN and url not in self.source.counts:  # its header count stopped at the break
-            self.counter.add("broken_shards", _BROKEN[url])
+        # A header count that stopped at a break: the piece ends before it, so the read never meets it.
+        broken = self.source.broken.get(url) or (_BROKEN.get(url) if url not in self.source.counts else None)
+        if broken:
+            self.counter.add("broken_shards", broken)
         try:
             for _, sample in read_shard(url, wanted):
                 if sample is not None:
@@ -350,7 +408,7 @@ class TrainStream(IterableDataset):
         self.resume = resume
         self.first_epoch = first_epoch if resume is None else resume.epoch + int(resume.complete)
         self._iterations = 0
-        self._check_every_reader_has_data()
+        self._counts = [self._shard_counts(source) for source in sources]
 
     @property
     def readers_per_rank(self) -> int:
@@ -359,33 +417,32 @@ class TrainStream(IterableDataset):
     def __len__(self) -> int:
         return self.per_reader * self.readers_per_rank
 
-    def _check_every_reader_has_data(self) -> None:
+    def _shard_counts(self, source: DomainSource) -> list[int] | None:
+        """Samples per shard of ``source`` for its shares (None: it splits by whole shards), checked to give
+        every reader data; counted here, once per rank, so that the loader's workers start with them."""
         readers = self.world_size * self.readers_per_rank
-        for source in self.sources:
-            if len(source.urls) >= readers:
-                continue
-            counts = [source.count(i) for i in range(len(source.urls))]  # few shards: cheap
-            empty = [
-                r
-                for r in range(readers)
-                if not any(Share.of(len(counts), r, readers).units(c) for c in counts)
-            ]
-            if empty:
-                raise DataError(
-                    f"domain {source.name!r}: {sum(counts)} samples in {len(counts)} shard(s) cannot feed "
-                    f"{readers} readers ({self.world_size} ranks x {self.readers_per_rank} workers): reader(s) "
-                    f"{empty} would get none and hang DDP. Write more shards or use fewer workers."
-                )
-            if self.rank == 0:
-                log.info(
-                    "data: domain %r has %d shard(s) for %d readers: each reads every %d-th sample of every shard. "
-                    "With >= %d shards each reader reads only its own shards (less I/O).",
+        if readers == 1:
+            return None
+        few_shards = len(source.urls) < readers  # whole shards cannot go round: count even remote ones
+        counts = source.all_counts(remote=few_shards)
+        if counts is None:
+            if self.rank == 0 and len(source.urls) % readers:
+                log.warning(
+                    "data: domain %r: %d remote shard(s) without sample counts go to %d readers by whole "
+                    "shards, unevenly: the samples of readers with fewer are drawn more often. A shards.json "
+                    "with counts (nested shards writes one) splits them evenly.",
                     source.name,
-                    len(counts),
-                    readers,
-                    readers,
+                    len(source.urls),
                     readers,
                 )
+            return None
+        if sum(counts) < readers:
+            raise DataError(
+                f"domain {source.name!r}: {sum(counts)} samples in {len(counts)} shard(s) cannot feed "
+                f"{readers} readers ({self.world_size} ranks x {self.readers_per_rank} workers): some would "
+                "get none and hang DDP. Write more samples or use fewer workers."
+            )
+        return counts
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -422,7 +479,7 @@ class TrainStream(IterableDataset):
                     )[0]
                 source = sources[domain]
                 if domain not in streams:
-                    share = Share.of(len(source.urls), reader, readers)
+                    share = Share.of(len(source.urls), reader, readers, self._counts[domain])
                     key = f"{self.seed}:{source.name}:{epoch}:{reader}"
                     streams[domain] = _DomainReader(
                         source, share, key, self.lanes, self.block, self.counter
