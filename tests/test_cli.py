@@ -452,12 +452,16 @@ def test_a_finished_run_extended_trains_on_and_changed_training_settings_are_ref
         "--lr_scheduler=torch.optim.lr_scheduler.LinearLR": "these settings differ from it: "
         "lr_scheduler.class_path: None -> 'torch.optim.lr_scheduler.LinearLR'",
     }
+    configs = {path: path.read_bytes() for path in root.rglob("config.yaml")}
+    assert configs and all(b"lr: 0.01" in text for text in configs.values())
     for change, why in changes.items():
         refusal = _refusal(
             capsys, _fit_args(root, "--trainer.max_steps=2", "--trainer.max_epochs=-1", change)
         )
         assert refusal.startswith(f"nested fit: error: cannot resume from the checkpoint {newest}: ")
         assert why in refusal, refusal
+    # A refused resume leaves the configuration the run was trained with on record.
+    assert {path: path.read_bytes() for path in root.rglob("config.yaml")} == configs
     assert "start a new run with --model.init_adapter set to this run's adapters/last" in refusal
     # That way out: a new run starts from the run's exported weights, with its own optimizer settings.
     onward = tmp_path / "onward"

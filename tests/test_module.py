@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -162,6 +163,32 @@ def test_a_checkpoint_resumes_only_with_the_embedding_setting_it_was_trained_wit
     with pytest.raises(ValueError, match="train_token_embeddings=False.*model.train_token_embeddings: false"):
         module.on_load_checkpoint({"hyper_parameters": {}, "state_dict": state})  # from before the option
     module.on_load_checkpoint({"hyper_parameters": dict(module.hparams), "state_dict": state})
+
+
+def test_a_checkpoint_of_another_encoder_function_is_refused_and_moved_models_warn(tiny_sd_path, tmp_path):
+    module = make_module(tiny_sd_path)
+    module.configure_model()
+    state = module.state_dict()
+    recorded = dict(module.hparams)
+    for option, value in (("heads", 1), ("feature_layer", -2)):  # the same tensors, another function
+        encoder = {**recorded["encoder"], option: value}
+        with pytest.raises(ValueError, match=rf"trained with another encoder: encoder.{option}: {value} -> "):
+            module.on_load_checkpoint(
+                {"hyper_parameters": {**recorded, "encoder": encoder}, "state_dict": state}
+            )
+    elsewhere = str(tmp_path / "tiny-sd")
+    moved = {
+        **recorded,
+        "base_model": elsewhere,
+        "encoder": {**recorded["encoder"], "backbone": f"{elsewhere}/image_encoder"},
+    }
+    with pytest.warns(
+        UserWarning, match=r"from elsewhere: base_model: .*encoder.backbone: .*if they are not"
+    ):
+        module.on_load_checkpoint({"hyper_parameters": moved, "state_dict": state})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.on_load_checkpoint({"hyper_parameters": recorded, "state_dict": state})
 
 
 def test_a_training_token_weight_reweights_the_subject_and_is_saved_in_the_adapter(tiny_sd_path, tmp_path):

@@ -131,7 +131,7 @@ class HubUpload(L.Callback):
             return
 
         self._root = self._export_root(trainer)
-        # LightningCLI saves config.yaml during setup too: it is looked up at upload time.
+        # nested fit saves config.yaml once training starts (SaveConfigAfterRestore): it is looked up at upload time.
         self._config_dirs = [Path(d) for d in (trainer.log_dir, trainer.default_root_dir) if d]
         self._seen = self._signatures()  # exports of an earlier run are not re-uploaded
         if get_token() is None:

@@ -37,7 +37,12 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
+from lightning.pytorch.cli import (
+    LightningArgumentParser,
+    LightningCLI,
+    LRSchedulerTypeTuple,
+    SaveConfigCallback,
+)
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -50,6 +55,7 @@ from nested.cli.common import check_creatable_folder
 from nested.data.datamodule import NestedDataModule
 from nested.data.loading import end_loader_workers
 from nested.errors import NestedUserError, UsageError
+from nested.files import write_text_atomic
 from nested.library_messages import quiet_training_notices
 from nested.signals import clear_signals, install_signal_flags, restore_signal_handlers
 from nested.training.loggers import LOGGED_RUN_KEY, TensorBoardLogger, continued_logger
@@ -109,6 +115,32 @@ def config_error_line(message: str) -> str:
     for previous, part in itertools.pairwise(parts):
         text += (" " if previous.endswith(":") else "; ") + part
     return text
+
+
+class SaveConfigAfterRestore(SaveConfigCallback):
+    """Writes the run's ``config.yaml`` (in the logger's folder), atomically, once the checkpoint the run resumes
+    from has been accepted: a resume refused for another configuration leaves the one the run was trained with.
+    LightningCLI's own writes it at setup, before the checkpoint loads."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pass
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(
+            trainer
+        )  # nested validate; in fit the sanity check comes after the checkpoint's restore too
+
+    def _write(self, trainer: L.Trainer) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # broadcast from rank 0: every rank calls it
+        if trainer.is_global_zero and log_dir is not None:
+            text = self.parser.dump(self.config, skip_none=False)
+            write_text_atomic(Path(log_dir) / self.config_filename, text)
+        self.already_saved = True
 
 
 class NestedCLI(LightningCLI):
@@ -559,6 +591,7 @@ def main_fit(command: str, argv: list[str] | None) -> int:
             NestedAttentionModule,
             NestedDataModule,
             args=None if argv is None else [command, *argv],
+            save_config_callback=SaveConfigAfterRestore,
             save_config_kwargs={"overwrite": True},
             # No prefix matching: a mistyped --model.learning_rat must fail, not set learning_rate.
             parser_kwargs={name: {"allow_abbrev": False} for name in ("fit", "validate")}

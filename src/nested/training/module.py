@@ -445,6 +445,7 @@ class NestedAttentionModule(L.LightningModule):
         # FSDP loads the (full) state dict itself and removes it before this hook.
         if "state_dict" in checkpoint:
             self._check_checkpoint_tensors(checkpoint["state_dict"], recorded)
+        self._check_same_functions(recorded)
         if not fitting:
             return
         # Lightning loads the optimizer's and the schedule's states over the ones configured now: a changed
@@ -467,6 +468,26 @@ class NestedAttentionModule(L.LightningModule):
                 "start a new run with --model.init_adapter set to this run's adapters/last)"
             )
         self._check_epochs_left(checkpoint)
+
+    def _check_same_functions(self, recorded: dict[str, Any]) -> None:
+        """Refuse an encoder that computes another function with tensors of the same shapes (its attention's
+        heads, the vision layer it reads), and warn when the frozen models come from elsewhere: the same
+        weights moved (a local copy of a Hub id) resume as they are, other ones would not fit what was trained."""
+        changed = _changed_settings(recorded, self.hparams, keys=("encoder",))
+        refused = [c for c in changed if c.startswith(("encoder.heads:", "encoder.feature_layer:"))]
+        if refused:
+            self._refuse_checkpoint(f"it was trained with another encoder: {', '.join(refused)}")
+        moved = _changed_settings(recorded, self.hparams, keys=("base_model",))
+        moved += [
+            c
+            for c in changed
+            if c.startswith(("encoder.backbone:", "encoder.subfolder:", "encoder.revision:"))
+        ]
+        if moved:
+            rank_zero_warn(
+                f"the checkpoint was trained with frozen models from elsewhere: {', '.join(moved)}. It resumes "
+                "with these; if they are not the same weights, the adapter does not fit them."
+            )
 
     def _check_checkpoint_tensors(self, state_dict: dict[str, Tensor], recorded: dict[str, Any]) -> None:
         """Refuse a checkpoint whose adapter tensors do not fit this model, or hold NaN or infinity."""
