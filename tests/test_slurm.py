@@ -172,7 +172,8 @@ def _adapter(root: Path) -> dict[str, torch.Tensor]:
 def test_sigusr1_checkpoints_requeues_once_and_the_relaunch_resumes_exactly(tiny_sd_path, tmp_path):
     (tmp_path / "bin").mkdir()
     scontrol = tmp_path / "bin" / "scontrol"
-    scontrol.write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
+    # As SLURM does, the requeue ends the job's process at once with SIGTERM: here, the one that asked.
+    scontrol.write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\nkill -TERM $PPID\n')
     scontrol.chmod(0o755)
     (tmp_path / "pacer.py").write_text(PACER)
     running: list[subprocess.Popen] = []
@@ -189,7 +190,8 @@ def test_sigusr1_checkpoints_requeues_once_and_the_relaunch_resumes_exactly(tiny
             time.sleep(0.1)
         for process in job:  # SLURM signals every process of the step, DataLoader workers included
             os.killpg(process.pid, signal.SIGUSR1)
-        _wait(job, 120, tmp_path, "job", codes=(75, 0))  # stopped early: rank 0 says "run again" (75)
+        # Stopped early: rank 0 says "run again" (75), its requeue's SIGTERM coming after all of its work.
+        _wait(job, 120, tmp_path, "job", codes=(75, 0))
         stopped_at = int(marker.read_text())
         assert 2 <= stopped_at < STEPS, stopped_at
         assert [p.name for p in job_root.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"]

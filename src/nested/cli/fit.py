@@ -23,6 +23,7 @@ import itertools
 import os
 import pickle
 import re
+import signal
 import sys
 import time
 import warnings
@@ -602,6 +603,9 @@ def main_fit(command: str, argv: list[str] | None) -> int:
         end_loader_workers()
         raise
     finally:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+            # Set by PreemptionCheckpoint once it requeued the SLURM job, whose SIGTERM must not cut this exit.
+            previous.pop(signal.SIGTERM, None)
         restore_signal_handlers(previous)
     trainer = cli.trainer
     # Global rank 0 only: the others exit 0, so that `srun --kill-on-bad-exit` never ends rank 0 while it still

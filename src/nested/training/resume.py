@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -261,11 +262,12 @@ class PreemptionCheckpoint(L.Callback):
         self.requeued = False
         self.stopped_early = False
         self._stopping = False
+        self._requeue_at_end = False
         self._registered: tuple[Any, Any] | None = None  # the signal connector and its own register method
         self._limit_val_batches: int | float | None = None  # the trainer's, while a stop turns validation off
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.stopped_early = self._stopping = self.requeued = False
+        self.stopped_early = self._stopping = self.requeued = self._requeue_at_end = False
         self.saved_path = None
         # Rebinding (not mutating) the list: Lightning is iterating the old one right now.
         others = [c for c in trainer.callbacks if c is not self and not isinstance(c, Checkpoint)]
@@ -327,6 +329,15 @@ class PreemptionCheckpoint(L.Callback):
         self._restore(trainer)
         # Runs after the other callbacks' teardown (HubUpload's wait among them), during which a second signal
         # still ends the process at once. A later fit in this process starts with no signal pending.
+        if self._requeue_at_end:
+            self._requeue_at_end = False
+            # The SIGTERM the requeue sends this process is ignored from here on: the run's work is done,
+            # and the process ends as a stopped run does (nested fit: exit status 75) before SLURM's SIGKILL.
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self.requeued = _scontrol_requeue()
+            if self.requeued:
+                rank_zero_info("preemption: job requeued; it resumes from the newest checkpoint")
         clear_signals()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
@@ -375,11 +386,14 @@ class PreemptionCheckpoint(L.Callback):
         if trainer.is_global_zero:
             for old in hpc_checkpoints(root)[: -self.keep]:
                 old.unlink(missing_ok=True)
-        if requeue_signal and self.stopped_early and self._should_requeue(trainer) and trainer.is_global_zero:
-            self.requeued = _scontrol_requeue()
+        # The requeue comes last (teardown): SLURM ends every process of the job with SIGTERM at once, and
+        # the export of this stop, its upload and the checkpoint callbacks' saves of the step come first.
+        self._requeue_at_end = bool(
+            requeue_signal and self.stopped_early and self._should_requeue(trainer) and trainer.is_global_zero
+        )
         rank_zero_info(
             f"preemption: stop signal received; checkpoint {path} written at step {trainer.global_step}"
-            + ("; job requeued" if self.requeued else "")
+            + ("; the job is requeued once the run has ended" if self._requeue_at_end else "")
             + ("" if self.stopped_early else "; training is done")
         )
         trainer.should_stop = True
