@@ -21,6 +21,7 @@ from nested.errors import StorageError
 from nested.files import (
     atomic_file,
     remove_directory,
+    replace_directory,
     staged_directory,
     stop_signals_deferred,
     storage_refusal,
@@ -58,6 +59,37 @@ def test_staged_directory_replaces_only_when_complete(tmp_path, umask_022):
         (staging / "sub" / "b.txt").write_text("new")
     assert sorted(p.name for p in target.rglob("*")) == ["b.txt", "sub"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_folder_is_replaced_in_one_step_or_put_back(tmp_path, monkeypatch):
+    target, staging = tmp_path / "last", tmp_path / ".last.tmp"
+    for folder, text in ((target, "old"), (staging, "new")):
+        folder.mkdir()
+        (folder / "a.txt").write_text(text)
+    # Here (Linux, a local file system) the names are swapped in one step: the folder never goes missing.
+    renames = []
+    monkeypatch.setattr(nested.files.os, "replace", lambda *paths: renames.append(paths))
+    replace_directory(staging, target)
+    assert renames == [] and (target / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    monkeypatch.undo()
+
+    # Where it cannot swap them, a new folder that cannot be moved in leaves the old one in place.
+    staging.mkdir()
+    (staging / "a.txt").write_text("newer")
+    monkeypatch.setattr(nested.files, "_exchange", lambda first, second: False)
+    real_replace = os.replace
+
+    def failing(source, destination):
+        if Path(source) == staging:
+            raise OSError(errno.EIO, "input/output error")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(nested.files.os, "replace", failing)
+    with pytest.raises(OSError, match="input/output error"):
+        replace_directory(staging, target)
+    assert (target / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.tmp", "last"]  # no hidden .old folder
 
 
 def test_modes_follow_the_umask(tmp_path, umask_022):

@@ -18,6 +18,7 @@ is written through these helpers:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -25,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -171,15 +173,47 @@ def write_json_atomic(path: str | os.PathLike, data: object) -> Path:
 def replace_directory(staging: str | os.PathLike, directory: str | os.PathLike) -> None:
     """Move the complete folder ``staging`` to ``directory``, replacing an existing one.
 
-    The old folder is renamed aside first and deleted only after the new one is in place, so a
-    crash leaves either the old or the new folder (and at worst a hidden ``.old`` folder beside it).
+    Where the system can swap two names in one step (Linux's ``renameat2`` with ``RENAME_EXCHANGE``, on
+    local file systems), ``directory`` never stops existing: the old folder ends up at ``staging`` and
+    is deleted. Elsewhere the old folder is renamed aside first, put back if the new one cannot be moved
+    in, and deleted only after the new one is in place: a crash between the two renames leaves the old
+    folder in a hidden ``.old`` folder beside the name.
     """
     staging, directory = Path(staging), Path(directory)
+    if directory.exists() and _exchange(staging, directory):
+        fsync_dir(directory.parent)
+        shutil.rmtree(staging, ignore_errors=True)  # the old folder, now
+        return
     old = _moved_aside(directory) if directory.exists() else None
-    os.replace(staging, directory)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        if old is not None:
+            os.replace(old / directory.name, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
     fsync_dir(directory.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap the two names in one step; False where the system or the file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # a C library before glibc 2.28
+        return False
+    at_cwd = -100  # AT_FDCWD: the paths as given
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 def remove_directory(directory: str | os.PathLike) -> None:
