@@ -13,7 +13,7 @@ from PIL import Image
 from skimage.data import astronaut
 
 from nested.adapter import NestedAdapter, SubjectBinding
-from nested.backbone import TransformerBackbone
+from nested.backbone import TransformerBackbone, latent_space
 from nested.cli.main import main
 from nested.data.shards import encode_latents
 from nested.data.transforms import target_transform
@@ -333,11 +333,17 @@ def test_cached_latents_carry_the_vae_shift_like_the_training_path(tiny_flux_pat
     torch.testing.assert_close(cached, ((mean - 0.1159) * 0.3611).half().float())
 
 
-def test_cached_latents_of_another_vae_are_refused_naming_both_channel_counts(
-    tiny_flux_path, demo_faces_data
-):
+def test_cached_latents_of_another_vae_are_refused_naming_what_differs(tiny_flux_path, demo_faces_data):
     module = make_module(tiny_flux_path)
     batch = fixed_batch(module, demo_faces_data)
-    batch["latents"] = torch.zeros(2, 4, 8, 8)  # an SD VAE's
-    with pytest.raises(DataError, match="cached latents have 4 channels.*makes 16.*--cache-latents"):
+    ours = latent_space(module.backbone.vae)
+    batch["latents"] = torch.zeros(2, 4, 8, 8)  # an SD VAE's, from shards that recorded no VAE
+    with pytest.raises(DataError, match="another VAE .*latent_channels 4 there, 16 here.*--cache-latents"):
         module.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    # The same shape from a VAE of another scaling (SD 1.x's latents read by another SD model): refused too.
+    batch["latents"] = torch.zeros(2, 16, 8, 8)
+    batch["latents_space"] = [ours, {**ours, "scaling_factor": 0.18215}]
+    with pytest.raises(DataError, match=r"another VAE .*\(scaling_factor 0.18215 there, 0.3611 here\)"):
+        module.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    batch["latents_space"] = [ours, None]  # recorded and matching, or not recorded
+    module.diffusion_loss(batch, torch.Generator().manual_seed(0))

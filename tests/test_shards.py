@@ -189,6 +189,7 @@ def test_existing_output_needs_overwrite_and_leaves_no_stale_shards(
 def test_cached_latents_match_the_vae_and_reach_the_batch(image_folder: Path, tmp_path: Path) -> None:
     from diffusers import AutoencoderKL
 
+    from nested.backbone import latent_space
     from nested.data import DomainSpec, build_stream, collate_batch, target_transform
 
     torch.manual_seed(0)
@@ -223,6 +224,14 @@ def test_cached_latents_match_the_vae_and_reach_the_batch(image_folder: Path, tm
     with torch.no_grad():
         expected = vae.encode(pixels).latent_dist.mean[0] * vae.config.scaling_factor
     torch.testing.assert_close(first["latents"], expected, atol=2e-3, rtol=2e-3)
+    # Each sample records the VAE's latent space, which training checks against its own.
+    assert batch["latents_space"] == [latent_space(vae)] * 5
+    assert latent_space(vae) == {
+        "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": 0.0,
+        "latent_channels": 4,
+        "downsampling": 2,
+    }
     # Latents of a center crop are wrong for random crops / flips / other sizes: not attached.
     stream = build_stream(
         [spec], train=True, resolution=32, reference_size=16, epoch_samples=3, center_crop=False

@@ -376,6 +376,19 @@ class _VaeLatents:
         return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
 
+def latent_space(vae: Any) -> dict[str, Any]:
+    """What a VAE's latents mean to a denoiser: their scaling, shift, channels and downsampling. Latents that
+    differ in any of these (cached with another model's VAE) do not fit, whatever else differs (a VAE
+    fine-tuned for fp16 keeps them)."""
+    config = vae.config
+    return {
+        "scaling_factor": float(config.scaling_factor),
+        "shift_factor": float(config.get("shift_factor") or 0.0),
+        "latent_channels": int(config.latent_channels),
+        "downsampling": 2 ** (len(config.block_out_channels) - 1),
+    }
+
+
 @dataclass
 class DiffusionBackbone(_VaeLatents):
     """The frozen UNet, VAE and text encoders of a Stable Diffusion model, plus its training scheduler.

@@ -261,6 +261,8 @@ class _ToTrainingSample:
             and meta.get("latents_resolution") == self.resolution
         ):
             sample["latents"] = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
+            # The VAE they were encoded with (None in shards from before it was recorded), checked by training.
+            sample["latents_space"] = meta.get("latents_space")
         return sample
 
 
@@ -394,7 +396,8 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
         [0, 1]; ``captions``, ``subjects``, ``domains``, ``keys``: list[str] of length B (each
         caption contains its subject token); ``original_sizes``, ``crops_top_left``: (B, 2)
         int64 as (h, w) and (top, left); ``latents`` (B, C, R/f, R/f) float32 (f: the VAE's factor, 8 for the
-        real models) only if every sample has cached latents; ``skipped``: {key: 0-d int64 tensor} for every ``SKIP_KEYS``;
+        real models) only if every sample has cached latents, with ``latents_space``: for each sample the
+        :func:`~nested.backbone.latent_space` of the VAE that encoded them (None if unrecorded); ``skipped``: {key: 0-d int64 tensor} for every ``SKIP_KEYS``;
         ``stream`` (training only): the stream position after the batch, which the DataModule
         takes out of the batch (``on_before_batch_transfer``) and keeps for checkpoints.
     """
@@ -420,6 +423,7 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if all("latents" in s for s in samples):
         batch["latents"] = _stack([s["latents"] for s in samples])
+        batch["latents_space"] = [s.get("latents_space") for s in samples]
     if "stream" in samples[-1]:  # a batch is consecutive samples of one worker: the last is its position
         batch["stream"] = samples[-1]["stream"]
     return batch

@@ -526,10 +526,13 @@ def make_sample(
     if face is not None:
         sample["ref.jpg"] = face.crop
     if vae is not None:
+        from nested.backbone import latent_space  # torch and diffusers: only when caching
+
         buffer = io.BytesIO()
         np.save(buffer, encode_latents(vae, target, resolution))
         sample["latents.npy"] = buffer.getvalue()
         meta["latents_resolution"] = resolution
+        meta["latents_space"] = latent_space(vae)
     sample["json"] = json.dumps(meta).encode("utf-8")
     return sample
 

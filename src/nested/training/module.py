@@ -36,7 +36,13 @@ from torch import Tensor
 
 from nested.adapter import NestedAdapter, SubjectBinding, check_injection_options, compile_blocks
 from nested.attention import InjectionMode, check_injection_mode, check_token_weight, check_value_norm_factor
-from nested.backbone import DiffusionBackbone, TransformerBackbone, first_parameter, load_backbone
+from nested.backbone import (
+    DiffusionBackbone,
+    TransformerBackbone,
+    first_parameter,
+    latent_space,
+    load_backbone,
+)
 from nested.data.prompts import check_prompt_sources
 from nested.data.transforms import contains_subject
 from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
@@ -609,14 +615,7 @@ class NestedAttentionModule(L.LightningModule):
         with torch.no_grad():
             if "latents" in batch:
                 latents = batch["latents"].to(device, torch.float32)
-                channels = backbone.vae.config.latent_channels
-                if latents.shape[1] != channels:
-                    raise DataError(
-                        f"the shards' cached latents have {latents.shape[1]} channels, but the VAE of "
-                        f"{self.base_model} makes {channels}: they were cached with another model's VAE. "
-                        "Rebuild the shards with nested shards --model <this base model> --cache-latents, "
-                        "or without --cache-latents."
-                    )
+                self._check_cached_latents(latents, batch.get("latents_space") or [])
             else:
                 pixels = batch["pixel_values"].to(device, first_parameter(backbone.vae).dtype)
                 latents = backbone.encode_images(pixels, generator=generator).float()
@@ -777,6 +776,24 @@ class NestedAttentionModule(L.LightningModule):
             )
             sigmas = scheduler.time_shift(mu, 1.0, sigmas)
         return sigmas
+
+    def _check_cached_latents(self, latents: Tensor, spaces: list[dict[str, Any] | None]) -> None:
+        """Refuse latents cached with a VAE whose latents mean something else than this backbone's."""
+        ours = latent_space(self.backbone.vae)
+        theirs = next((space for space in spaces if space is not None and space != ours), None)
+        if theirs is None and latents.shape[1] != ours["latent_channels"]:  # shards that recorded no space
+            theirs = {"latent_channels": latents.shape[1]}
+        if theirs is not None:
+            differences = ", ".join(
+                f"{key} {theirs[key]:g} there, {ours[key]:g} here"
+                for key in theirs
+                if theirs[key] != ours[key]
+            )
+            raise DataError(
+                f"the shards' cached latents were encoded by another VAE than {self.base_model}'s ({differences}). "
+                "Rebuild the shards with nested shards --model <this base model> --cache-latents, or without "
+                "--cache-latents."
+            )
 
     def transformer_prediction(self, noisy: Tensor, sigmas: Tensor, conditioning: Any) -> Tensor:
         """The transformer's float32 velocity (B, C, h, w) for noisy latents (B, C, h, w) at times ``sigmas``.
