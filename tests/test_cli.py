@@ -405,6 +405,16 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--data.num_workers=0", *extra]  # fmt: skip
 
 
+def test_an_optimizer_or_schedule_argument_its_class_refuses_is_one_line(tmp_path, capsys):
+    assert _refusal(capsys, _fit_args(tmp_path / "lr", "--optimizer.init_args.lr=-1")) == (
+        "nested fit: error: optimizer (torch.optim.AdamW): Invalid learning rate: -1.0; fix optimizer.init_args."
+    )
+    schedule = "--lr_scheduler={class_path: torch.optim.lr_scheduler.LinearLR, init_args: {start_factor: 0}}"
+    assert _refusal(capsys, _fit_args(tmp_path / "schedule", schedule)).startswith(
+        "nested fit: error: lr_scheduler (torch.optim.lr_scheduler.LinearLR): Starting multiplicative factor"
+    )
+
+
 def test_a_checkpoint_preset_replaces_the_configs_own_checkpoint_callback(tmp_path, caplog):
     """callbacks/checkpoint-frequent.yaml appends a ModelCheckpoint to a config that has one: the later one
     is kept, so one last.ckpt is written and the preset's save_top_k holds."""

@@ -413,11 +413,10 @@ class NestedAttentionModule(L.LightningModule):
         return super()._apply(fn, recurse)
 
     def configure_optimizers(self) -> Any:
-
-        optimizer = instantiate_class(self.adapter.trainable_parameters(), self.optimizer_config)
+        optimizer = _instantiate("optimizer", self.adapter.trainable_parameters(), self.optimizer_config)
         if self.lr_scheduler_config is None:
             return optimizer
-        scheduler = instantiate_class(optimizer, self.lr_scheduler_config)
+        scheduler = _instantiate("lr_scheduler", optimizer, self.lr_scheduler_config)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -887,6 +886,17 @@ def _yaml_scalar(value: Any) -> str:
     if value is None:
         return "null"
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _instantiate(section: str, first: Any, config: dict[str, Any]) -> Any:
+    """The configured optimizer or schedule; an argument its class refuses (torch checks them as it builds
+    one: ``Invalid learning rate: -1.0``) is a one-line error naming the config section."""
+    try:
+        return instantiate_class(first, config)
+    except ValueError as error:
+        raise ConfigError(
+            f"{section} ({config.get('class_path')}): {error}; fix {section}.init_args."
+        ) from error
 
 
 def _changed_settings(
