@@ -405,6 +405,24 @@ def _fit_args(root: Path, *extra: str) -> list[str]:
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--data.num_workers=0", *extra]  # fmt: skip
 
 
+def test_damaged_weights_of_the_base_or_the_image_encoder_are_one_line(tiny_sd_path, tmp_path, capsys):
+    base = shutil.copytree(tiny_sd_path, tmp_path / "base")
+    with open(base / "unet" / "diffusion_pytorch_model.safetensors", "r+b") as weights:
+        weights.truncate(1000)  # a download cut short
+    refusal = _refusal(capsys, _fit_args(tmp_path / "run", f"--model.base_model={base}"))
+    assert refusal.startswith(
+        f"nested fit: error: could not load the base model '{base}': Unable to load weights"
+    )
+    assert refusal.endswith("Pass a diffusers folder or a hub id (cached when offline).")
+    encoder = shutil.copytree(tiny_sd_path / "image_encoder", tmp_path / "encoder")
+    with open(encoder / "model.safetensors", "r+b") as weights:
+        weights.truncate(4)
+    refusal = _refusal(capsys, _fit_args(tmp_path / "run", f"--model.encoder.backbone={encoder}"))
+    assert refusal.startswith(
+        f"nested fit: error: could not load the image encoder '{encoder}' (subfolder None): "
+    )
+
+
 def test_an_optimizer_or_schedule_argument_its_class_refuses_is_one_line(tmp_path, capsys):
     assert _refusal(capsys, _fit_args(tmp_path / "lr", "--optimizer.init_args.lr=-1")) == (
         "nested fit: error: optimizer (torch.optim.AdamW): Invalid learning rate: -1.0; fix optimizer.init_args."

@@ -29,7 +29,7 @@ from diffusers import (
 )
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from nested.errors import ConfigError, HubError, MissingFileError
+from nested.errors import ConfigError, HubError, MissingFileError, NestedUserError
 from nested.hub_access import hub_unreachable
 from nested.prompt_cache import PromptCache
 from nested.quantize import check_quantize, component_config
@@ -806,24 +806,37 @@ def load_backbone(
 ) -> DiffusionBackbone | TransformerBackbone:
     """:class:`TransformerBackbone` for an SD3 / FLUX checkpoint, :class:`DiffusionBackbone` for a UNet one;
     ``kwargs`` go to the chosen ``from_pretrained``. ``max_sequence_length`` (T5 tokens) is refused for a
-    UNet model."""
+    UNet model. A component whose files are missing or damaged (weights cut short), or that the Hub does not
+    give, is one line naming the model."""
     hub_kwargs = {key: kwargs[key] for key in ("revision", "local_files_only") if kwargs.get(key) is not None}
     index = read_model_index(str(name_or_path), **hub_kwargs)
-    if is_registered(index, "transformer") and not is_registered(index, "unet"):
-        return TransformerBackbone.from_pretrained(
-            name_or_path, max_sequence_length=max_sequence_length, **kwargs
-        )
-    if max_sequence_length is not None:
+    transformer = is_registered(index, "transformer") and not is_registered(index, "unet")
+    if not transformer and max_sequence_length is not None:
         raise ConfigError(
             f"max_sequence_length (T5 tokens) is for SD3 / FLUX models; {name_or_path} is a UNet model, whose "
             "prompts are 77 tokens: leave max_sequence_length unset."
         )
-    if kwargs.pop("prompt_cache", None) is not None:
+    if not transformer and kwargs.pop("prompt_cache", None) is not None:
         raise ConfigError(
             f"a prompt cache holds T5 states, for SD3 / FLUX models; {name_or_path} is a UNet model, whose "
             "prompts go through CLIP alone: leave prompt_cache unset."
         )
-    return DiffusionBackbone.from_pretrained(name_or_path, **kwargs)
+    from safetensors import SafetensorError
+
+    try:
+        if transformer:
+            return TransformerBackbone.from_pretrained(
+                name_or_path, max_sequence_length=max_sequence_length, **kwargs
+            )
+        return DiffusionBackbone.from_pretrained(name_or_path, **kwargs)
+    except NestedUserError:
+        raise
+    except (OSError, SafetensorError) as error:
+        raise MissingFileError(
+            f"could not load the base model {str(name_or_path)!r}: {str(error).rstrip('. ')}. Pass a diffusers "
+            "folder or a hub "
+            "id (cached when offline)."
+        ) from error
 
 
 # The components of a checkpoint that may be quantized: its denoiser and its text encoders (the VAE, mostly

@@ -197,26 +197,29 @@ def load_vision_backbone(
     """
     # Here, not at the top: the encoder is imported by `nested push` (through the adapter), which needs no model.
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModel, SiglipVisionModel
 
     kwargs = {"revision": spec.revision, "subfolder": spec.subfolder or ""}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
+    # A missing or damaged file (config, weights cut short) is one line naming the folder.
     try:
         config = AutoConfig.from_pretrained(spec.backbone, **kwargs)
-    except OSError as error:
+        # A full CLIP/SigLIP checkpoint also holds a text tower: load only the vision half. A
+        # vision-only checkpoint (e.g. CLIPVisionModelWithProjection) is loaded with its own class.
+        architecture = (getattr(config, "architectures", None) or [""])[0]
+        model_class = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}.get(config.model_type, AutoModel)
+        if "Vision" in architecture and hasattr(transformers, architecture):
+            model_class = getattr(transformers, architecture)
+        model = model_class.from_pretrained(spec.backbone, torch_dtype=dtype, **kwargs)
+    except (OSError, SafetensorError) as error:
         raise MissingFileError(
-            f"could not load the image encoder {spec.backbone!r} (subfolder {spec.subfolder!r}): {error}. "
+            f"could not load the image encoder {spec.backbone!r} (subfolder {spec.subfolder!r}): "
+            f"{str(error).rstrip('. ')}. "
             "Pass a local folder with a Hugging Face vision model (config.json + weights), or a hub id "
             "that is in the local cache when offline."
         ) from error
-    # A full CLIP/SigLIP checkpoint also holds a text tower: load only the vision half. A
-    # vision-only checkpoint (e.g. CLIPVisionModelWithProjection) is loaded with its own class.
-    architecture = (getattr(config, "architectures", None) or [""])[0]
-    model_class = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}.get(config.model_type, AutoModel)
-    if "Vision" in architecture and hasattr(transformers, architecture):
-        model_class = getattr(transformers, architecture)
-    model = model_class.from_pretrained(spec.backbone, torch_dtype=dtype, **kwargs)
     model.eval().requires_grad_(False)
 
     image_size = getattr(getattr(model.config, "vision_config", model.config), "image_size", 224)
