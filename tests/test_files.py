@@ -11,8 +11,10 @@ import stat
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import nested.files
 from nested.adapter import NestedAdapter
@@ -221,6 +223,24 @@ def test_refusals_are_found_through_wrappers_and_other_errors_are_not():
             {}["missing"]
     except KeyError as bug:
         assert storage_refusal(bug) is None
+
+
+def test_nested_generate_on_a_full_disk_ends_in_one_line_and_keeps_nothing_half_written(
+    small_disk, tiny_sd_path, tiny_adapter, tmp_path, capsys
+):
+    reference = tmp_path / "me.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")).save(reference)
+    out = small_disk / "out"
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"x" * (free - 16 * 1024))  # room for less than the images
+    argv = ["generate", "--base", str(tiny_sd_path), "--adapter", f"<person>={tiny_adapter}", "--subject",
+            f"<person>={reference}", "--prompt", "a photo of <person>", "--steps", "1", "--num-images", "3",
+            "--height", "128", "--width", "128", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    refusal = capsys.readouterr().err.strip().splitlines()[-1]
+    assert refusal == f"nested generate: error: {_full_disk_message(out)}"
+    assert os.listdir(small_disk) == ["filler"]  # its hidden folder removed
 
 
 def _nested_fit_refusal(capsys, root: Path, *options: str) -> str:

@@ -33,7 +33,7 @@ from nested.cli.common import (
     run_user_command,
 )
 from nested.errors import UsageError
-from nested.files import file_sha256, staged_directory, write_json_atomic
+from nested.files import file_sha256, staged_directory, storage_refusals_named, write_json_atomic
 from nested.image_files import check_image_file
 
 __all__ = ["generate_parser", "main_generate", "run_generate"]
@@ -284,7 +284,8 @@ def _generate(
                 callback_on_step_end=on_step_end,
             ).images[0]
             name = f"image-{index:03d}.png"
-            image.save(out / name)
+            with storage_refusals_named(args.out):
+                image.save(out / name)
             records.append({"file": name, "seed": seed, "sha256": file_sha256(out / name)})
     finally:
         bar.close()
@@ -328,7 +329,8 @@ def _generate(
         "images": records,
         "seconds": round(time.time() - started, 2),
     }
-    write_json_atomic(out / "generation.json", settings)
+    with storage_refusals_named(args.out):
+        write_json_atomic(out / "generation.json", settings)
 
 
 def main_generate(argv: list[str] | None = None) -> int:
