@@ -243,6 +243,28 @@ def test_nested_generate_on_a_full_disk_ends_in_one_line_and_keeps_nothing_half_
     assert os.listdir(small_disk) == ["filler"]  # its hidden folder removed
 
 
+def test_nested_shards_on_a_full_disk_ends_in_one_line_and_keeps_the_earlier_dataset(
+    small_disk, tmp_path, capsys
+):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray((rng.random((128, 128, 3)) * 255).astype("uint8")).save(photos / f"p{i}.png")
+        (photos / f"p{i}.txt").write_text("a photo of <person>")
+    out = small_disk / "shards"
+    argv = ["shards", str(photos), str(out), "--domain", "faces", "--subject", "<person>", "--no-progress"]
+    assert main(argv) == 0
+    index = (out / "shards.json").read_bytes()
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    (small_disk / "filler").write_bytes(b"x" * (free - 16 * 1024))  # room for less than the new shards
+    assert main([*argv, "--overwrite"]) == 2
+    refusal = capsys.readouterr().err.strip().splitlines()[-1]
+    assert refusal.startswith(f"nested shards: error: no space left on the device writing {out}: ")
+    assert (out / "shards.json").read_bytes() == index  # the earlier dataset, as it was
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
 def _nested_fit_refusal(capsys, root: Path, *options: str) -> str:
     """The one line ``nested fit`` on the smoke config into ``root`` ends with (exit status 2)."""
     argv = ["fit", "--config", str(REPO / "configs/smoke.yaml"), f"--trainer.default_root_dir={root}"]

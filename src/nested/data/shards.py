@@ -72,7 +72,13 @@ from tqdm import tqdm
 from nested.data.transforms import caption_text, target_transform, upright_original_size
 from nested.data.worker_pool import OrderedWorkerPool, WorkerDied
 from nested.errors import ConfigError, DataError, MissingFileError, OutputExistsError
-from nested.files import file_sha256, staging_folder, stop_signals_deferred, swap_files
+from nested.files import (
+    file_sha256,
+    staging_folder,
+    stop_signals_deferred,
+    storage_refusals_named,
+    swap_files,
+)
 from nested.image_files import IMAGE_SUFFIXES, ImageFileError, open_image
 
 if TYPE_CHECKING:
@@ -648,7 +654,8 @@ class ShardSink:
     def abort(self) -> None:
         """Close and delete the shard in progress (finished shards stay; no index lists them)."""
         if self._writer is not None:
-            self._writer.close()
+            with contextlib.suppress(OSError):  # a full disk again: the file goes all the same
+                self._writer.close()
             self._writer = None
             (self.out / (self._name + ".tmp")).unlink(missing_ok=True)
 
@@ -935,44 +942,47 @@ def build_shards(
     ]
     identities = _IdentityGroups(sink)
     try:
-        with (
-            (staging / REJECTED_NAME).open("w", encoding="utf-8") as rejected_file,
-            _prepared(jobs, options, workers) as results,
-        ):
-            bar = tqdm(results, total=len(jobs), desc=f"shards {domain}", disable=not progress, unit="img")
-            for item, outcome in bar:
-                if isinstance(outcome, str):
-                    reasons.append(outcome)
-                    rejected_file.write(json.dumps({"path": item.origin, "reason": outcome}) + "\n")
-                else:
-                    identities.write(item.identity, outcome)
-            identities.flush()
-        shards = sink.close()
-        report = ShardReport(
-            out=out,
-            index=out / INDEX_NAME,
-            shards=shards,
-            total_samples=sum(s["samples"] for s in shards),
-            rejected=len(reasons),
-        )
-        if report.total_samples == 0:
-            raise DataError(  # every item was rejected: reasons[i] is items[i]'s
-                f"no usable sample in {src}: all {len(items)} items were rejected "
-                f"({_rejection_summary(reasons)}; e.g. {items[0].origin}: {reasons[0]}). "
-                f"Nothing in {out} was changed; fix the inputs and run again."
+        with storage_refusals_named(out):  # a full disk: one line; the earlier dataset stays
+            with (
+                (staging / REJECTED_NAME).open("w", encoding="utf-8") as rejected_file,
+                _prepared(jobs, options, workers) as results,
+            ):
+                bar = tqdm(
+                    results, total=len(jobs), desc=f"shards {domain}", disable=not progress, unit="img"
+                )
+                for item, outcome in bar:
+                    if isinstance(outcome, str):
+                        reasons.append(outcome)
+                        rejected_file.write(json.dumps({"path": item.origin, "reason": outcome}) + "\n")
+                    else:
+                        identities.write(item.identity, outcome)
+                identities.flush()
+            shards = sink.close()
+            report = ShardReport(
+                out=out,
+                index=out / INDEX_NAME,
+                shards=shards,
+                total_samples=sum(s["samples"] for s in shards),
+                rejected=len(reasons),
             )
-        index_data = {
-            "version": 1,
-            "domain": domain,
-            "subject": subject,
-            "created": datetime.fromtimestamp(build_time(), timezone.utc).isoformat(timespec="seconds"),
-            "shards": shards,
-            "total_samples": report.total_samples,
-            "rejected": report.rejected,
-        }
-        (staging / INDEX_NAME).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
-        new = [staging / s["url"] for s in shards] + [staging / REJECTED_NAME, staging / INDEX_NAME]
-        swap_files(out, new, old)
+            if report.total_samples == 0:
+                raise DataError(  # every item was rejected: reasons[i] is items[i]'s
+                    f"no usable sample in {src}: all {len(items)} items were rejected "
+                    f"({_rejection_summary(reasons)}; e.g. {items[0].origin}: {reasons[0]}). "
+                    f"Nothing in {out} was changed; fix the inputs and run again."
+                )
+            index_data = {
+                "version": 1,
+                "domain": domain,
+                "subject": subject,
+                "created": datetime.fromtimestamp(build_time(), timezone.utc).isoformat(timespec="seconds"),
+                "shards": shards,
+                "total_samples": report.total_samples,
+                "rejected": report.rejected,
+            }
+            (staging / INDEX_NAME).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
+            new = [staging / s["url"] for s in shards] + [staging / REJECTED_NAME, staging / INDEX_NAME]
+            swap_files(out, new, old)
     except BaseException:
         sink.abort()  # close the shard in progress (it goes with the staging folder)
         if created_out:
