@@ -423,6 +423,32 @@ def test_damaged_weights_of_the_base_or_the_image_encoder_are_one_line(tiny_sd_p
     )
 
 
+def test_a_run_ending_between_checkpoint_saves_checkpoints_its_last_step(tmp_path, caplog):
+    """max_steps 3, a checkpoint every 2 steps: the run's last.ckpt is at step 3, as its export, so the same
+    command again trains nothing."""
+    callbacks = tmp_path / "every-2.yaml"
+    callbacks.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {every_n_train_steps: 2, save_last: true, save_top_k: -1}\n"
+    )
+    root = tmp_path / "run"
+    argv = ["fit", "--config", "configs/smoke.yaml", "--config", str(callbacks), "--trainer.max_steps=3",
+            "--trainer.val_check_interval=2", f"--trainer.default_root_dir={root}",
+            "--trainer.enable_progress_bar=false", "--data.num_workers=0"]  # fmt: skip
+    assert main(argv) == 0
+    steps = {path.name: checkpoint_step(path) for path in (root / "checkpoints").glob("*.ckpt")}
+    assert steps == {"epoch=0-step=2.ckpt": 2, "last.ckpt": 3}
+    export = root / "adapters" / "last" / "adapter_config.json"
+    written = export.stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    assert any(
+        "nothing to train: the run already reached its end, at step 3" in r.getMessage()
+        for r in caplog.records
+    )
+    assert export.stat().st_mtime_ns == written
+
+
 def test_an_optimizer_or_schedule_argument_its_class_refuses_is_one_line(tmp_path, capsys):
     assert _refusal(capsys, _fit_args(tmp_path / "lr", "--optimizer.init_args.lr=-1")) == (
         "nested fit: error: optimizer (torch.optim.AdamW): Invalid learning rate: -1.0; fix optimizer.init_args."

@@ -406,6 +406,17 @@ class PreemptionCheckpoint(L.Callback):
             self._limit_val_batches = trainer.limit_val_batches
             trainer.limit_val_batches = 0  # Trainer.enable_validation reads it: no validation from here on
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run that ends between its checkpoint callbacks' saves (max_steps not a multiple of their interval)
+        # would leave its newest checkpoint steps behind its export: the same command again would train those
+        # steps again. Their "last" checkpoint is written at the final step, as a save at that step would.
+        if self.stopped_early or not training_finished(trainer):
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last:
+                if callback._last_global_step_saved < trainer.global_step:
+                    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Before the checkpoint callbacks' epoch-end saves (they come after this callback): see on_train_batch_end.
         if self.stopped_early:
