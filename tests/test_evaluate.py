@@ -339,6 +339,10 @@ def test_eval_refuses_what_it_cannot_measure_in_one_line_before_the_base_loads(
         ),
         (["--subjects", str(subjects), "--judges", str(judges)], f"{judges} is not a judges folder: model"),
         (
+            ["--subjects", f"<dog>={subjects}"],
+            f"--subjects '<dog>={subjects}': '<dog>' has no --adapter (the adapters' tokens: <person>).",
+        ),
+        (
             ["--subjects", str(subjects), "--identity-model", str(tiny_sd_path / "text_encoder")],
             "is a clip_text_model model, which takes no image: pass a vision model (CLIP, DINOv2) or 'face'.",
         ),

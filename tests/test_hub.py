@@ -929,7 +929,12 @@ def test_push_refuses_a_bad_repo_id_and_an_unreadable_training_config_in_one_lin
     text.write_text("trained on my photos\n")  # valid YAML: one string
     binary = tmp_path / "photo.png"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n")
+    other, empty = tmp_path / "other.yaml", tmp_path / "empty.yaml"
+    other.write_text("a: 1\n")  # a mapping, but no run's
+    empty.write_text("")
     for argv, expected in (
+        (["me/x", "--training-config", str(other)], f"--training-config {other} holds no run configuration"),
+        (["me/x", "--training-config", str(empty)], f"--training-config {empty} holds no run configuration"),
         (["not a repo id!!"], "the repo id 'not a repo id!!' must look like 'user/name'"),
         (
             ["me/x", "--training-config", str(bad_yaml)],

@@ -8,6 +8,7 @@ whole), and every number must be finite.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path, PurePath
 from typing import Any
@@ -249,6 +250,10 @@ def _subject_sources(values: list[str], tokens: list[str]) -> dict[str, str]:
     shared, own = None, {}
     for value in values:
         token, sep, rest = value.partition("=")
+        if sep and token not in tokens and re.fullmatch(r"<[^<>=]+>", token):
+            raise UsageError(
+                f"--subjects {value!r}: {token!r} has no --adapter (the adapters' tokens: {', '.join(tokens)})."
+            )
         if sep and token in tokens:
             if token in own:
                 raise UsageError(f"--subjects is given twice for {token!r}.")

@@ -63,9 +63,9 @@ def _check_training_config(path: Path) -> None:
         raise UsageError(
             f"--training-config {path} is not readable YAML ({error}); pass the run's config.yaml."
         ) from error
-    if not isinstance(config, dict | None) or not isinstance((config or {}).get("trainer") or {}, dict):
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UsageError(
-            f"--training-config {path} holds no run configuration (a mapping with trainer:, model:, data:); pass "
+            f"--training-config {path} holds no run configuration (a mapping with a model: section); pass "
             "the run's config.yaml."
         )
 

@@ -413,9 +413,12 @@ class PreemptionCheckpoint(L.Callback):
         if self.stopped_early or not training_finished(trainer):
             return
         for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.save_last:
-                if callback._last_global_step_saved < trainer.global_step:
-                    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            behind = (
+                isinstance(callback, ModelCheckpoint)
+                and callback._last_global_step_saved < trainer.global_step
+            )
+            if behind and callback.save_last:
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Before the checkpoint callbacks' epoch-end saves (they come after this callback): see on_train_batch_end.
