@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -276,6 +278,32 @@ def test_a_used_out_folder_is_refused_and_overwrite_replaces_the_earlier_run_who
     err = capsys.readouterr().err.strip()
     assert f"--out '{out}' holds 'notes.txt', which nested generate did not write" in err and "\n" not in err
     assert _tree(out) == {**second, "notes.txt": b"mine"}
+
+
+def test_sigterm_while_generating_removes_the_staged_images_and_keeps_the_earlier_out(setup, tmp_path):
+    out = tmp_path / "out"
+    assert main_generate(command(setup, out)) == 0
+    earlier = sorted(p.name for p in out.iterdir())
+    argv = command(setup, out, "--overwrite", "--no-progress")
+    argv[argv.index("--steps") + 1], argv[argv.index("--num-images") + 1] = "500", "50"  # minutes of work
+    process = subprocess.Popen([*NESTED, "generate", *argv], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]:  # generating now
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.1)
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert (
+        stderr.strip().splitlines()[-1]
+        == "nested generate: interrupted (SIGTERM); what it was writing replaced nothing"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+    assert sorted(p.name for p in out.iterdir()) == earlier
 
 
 def test_a_strength_outside_the_range_warns_once_in_one_line(setup, tmp_path, capsys):

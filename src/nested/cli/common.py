@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -249,12 +251,13 @@ def checked_device(name: str | None, fix: str = "use --device cpu") -> Any:
 
 def run_user_command(prog: str, verbose: bool, run):
     """``run()`` with the libraries quiet and each warning one ``<prog>: warning: ...`` line (unless
-    ``verbose``); a user error becomes one stderr line.
+    ``verbose``); a user error becomes one stderr line. Ctrl-C, SIGTERM and SIGHUP unwind ``run()`` (its
+    staged output is removed), print one line and exit with 128 + the signal's number.
 
     Returns ``run()``'s result, or None after printing ``<prog>: error: ...`` (the caller exits 2).
     """
     try:
-        with quiet_libraries(verbose), warnings.catch_warnings():
+        with quiet_libraries(verbose), warnings.catch_warnings(), stop_signals_raise():
             if not verbose:
                 warnings.showwarning = lambda message, *_, **__: print(
                     f"{prog}: warning: {one_line(message)}", file=sys.stderr
@@ -263,6 +266,40 @@ def run_user_command(prog: str, verbose: bool, run):
     except NestedUserError as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return None
+    except (KeyboardInterrupt, Stopped) as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        print(
+            f"{prog}: interrupted ({signal.Signals(signum).name}); what it was writing replaced nothing",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signum) from None
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP during a command (a BaseException, like KeyboardInterrupt for Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """Inside, SIGTERM and SIGHUP raise :class:`Stopped` as Ctrl-C raises KeyboardInterrupt, so the command
+    unwinds and removes its staging folder instead of dying with it on disk."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 @contextlib.contextmanager

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from nested.cli.common import CommandParser, check_creatable_folder, checked_device, one_line
+from nested.cli.common import (
+    CommandParser,
+    Stopped,
+    check_creatable_folder,
+    checked_device,
+    one_line,
+    stop_signals_raise,
+)
 from nested.errors import MissingFileError, NestedUserError
 
 __all__ = ["main_shards", "shards_parser"]
@@ -93,7 +98,7 @@ def main_shards(argv: Sequence[str] | None = None) -> int:
     try:
         check_creatable_folder(Path(args.out), "OUT")
         vae = _latents_vae(args) if args.cache_latents else None
-        with _stop_signals_raise():
+        with stop_signals_raise():
             report = build_shards(
                 args.src,
                 args.out,
@@ -116,8 +121,8 @@ def main_shards(argv: Sequence[str] | None = None) -> int:
     except NestedUserError as error:
         print(f"nested shards: error: {one_line(error)}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, _Stopped) as stop:
-        signum = stop.signum if isinstance(stop, _Stopped) else signal.SIGINT
+    except (KeyboardInterrupt, Stopped) as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
         print(
             f"nested shards: interrupted ({signal.Signals(signum).name}); {args.out} keeps what it held "
             "before, unless the new shards were already complete",
@@ -139,33 +144,6 @@ def _workers(args: argparse.Namespace) -> int:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(8, cores)
-
-
-class _Stopped(BaseException):
-    """SIGTERM or SIGHUP during a build (a BaseException, like KeyboardInterrupt for Ctrl-C)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _stop_signals_raise():
-    """Inside, SIGTERM and SIGHUP raise ``_Stopped`` as Ctrl-C raises KeyboardInterrupt, so the build
-    unwinds and removes its staging folder instead of dying with it on disk."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        raise _Stopped(signum)
-
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def _latents_vae(args: argparse.Namespace):
