@@ -306,6 +306,24 @@ def test_sigterm_while_generating_removes_the_staged_images_and_keeps_the_earlie
     assert sorted(p.name for p in out.iterdir()) == earlier
 
 
+def test_a_hangup_that_nohup_ignores_stays_ignored_while_a_command_runs(capsys):
+    from nested.cli.common import run_user_command
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+
+        def hang_up():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)  # time for the signal to arrive
+            return "done"
+
+        assert run_user_command("nested generate", False, hang_up) == "done"
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert "interrupted" not in capsys.readouterr().err
+
+
 def test_a_strength_outside_the_range_warns_once_in_one_line(setup, tmp_path, capsys):
     argv = command(setup, tmp_path / "out", "--no-progress")
     argv[argv.index("--strength") + 1] = "<dog>=3"

@@ -294,7 +294,9 @@ def stop_signals_raise():
     def stop(signum: int, frame: object) -> None:
         raise Stopped(signum)
 
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    # An ignored signal stays ignored (nohup ignores SIGHUP).
+    signums = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, stop) for signum in signums}
     try:
         yield
     finally:

@@ -46,7 +46,7 @@ from nested.backbone import (
 from nested.data.prompts import check_prompt_sources
 from nested.data.transforms import contains_subject
 from nested.encoder import EncoderSpec, FrozenModules, SubjectEncoder, load_vision_backbone
-from nested.errors import AdapterError, ConfigError, DataError
+from nested.errors import AdapterError, ConfigError, DataError, NestedUserError
 from nested.quantize import check_quantize
 
 __all__ = ["ConditioningDropout", "NestedAttentionModule"]
@@ -893,6 +893,8 @@ def _instantiate(section: str, first: Any, config: dict[str, Any]) -> Any:
     one: ``Invalid learning rate: -1.0``) is a one-line error naming the config section."""
     try:
         return instantiate_class(first, config)
+    except NestedUserError:
+        raise
     except ValueError as error:
         raise ConfigError(
             f"{section} ({config.get('class_path')}): {error}; fix {section}.init_args."

@@ -262,12 +262,12 @@ class PreemptionCheckpoint(L.Callback):
         self.requeued = False
         self.stopped_early = False
         self._stopping = False
-        self._requeue_at_end = False
+        self._ignoring_sigterm = False
         self._registered: tuple[Any, Any] | None = None  # the signal connector and its own register method
         self._limit_val_batches: int | float | None = None  # the trainer's, while a stop turns validation off
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.stopped_early = self._stopping = self.requeued = self._requeue_at_end = False
+        self.stopped_early = self._stopping = self.requeued = self._ignoring_sigterm = False
         self.saved_path = None
         # Rebinding (not mutating) the list: Lightning is iterating the old one right now.
         others = [c for c in trainer.callbacks if c is not self and not isinstance(c, Checkpoint)]
@@ -329,16 +329,26 @@ class PreemptionCheckpoint(L.Callback):
         self._restore(trainer)
         # Runs after the other callbacks' teardown (HubUpload's wait among them), during which a second signal
         # still ends the process at once. A later fit in this process starts with no signal pending.
-        if self._requeue_at_end:
-            self._requeue_at_end = False
-            # The SIGTERM the requeue sends this process is ignored from here on: the run's work is done,
-            # and the process ends as a stopped run does (nested fit: exit status 75) before SLURM's SIGKILL.
-            with contextlib.suppress(ValueError):  # not the main thread
+        if self._ignoring_sigterm:  # Lightning's signal teardown, just before, put back the handlers it found
+            with contextlib.suppress(ValueError):
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            self.requeued = _scontrol_requeue()
-            if self.requeued:
-                rank_zero_info("preemption: job requeued; it resumes from the newest checkpoint")
         clear_signals()
+
+    def _requeue(self, trainer: L.Trainer) -> None:
+        """Requeue the SLURM job (global rank 0), right after the stop's checkpoint, so that nothing after it
+        can cost the requeue. SLURM answers with SIGTERM to every process of the job, then SIGKILL after its
+        ``KillWait`` (30 s by default): every rank ignores that SIGTERM from here on, which leaves the stop's
+        export, the checkpoint callbacks' saves of the step and the Hub upload (``grace_seconds``) that long."""
+        previous = None
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self._ignoring_sigterm = True
+        if trainer.is_global_zero:
+            self.requeued = _scontrol_requeue()
+        if not trainer.strategy.broadcast(self.requeued):  # no requeue: a SIGTERM stops the process again
+            self._ignoring_sigterm = False
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[LOGGED_RUN_KEY] = logged_run(trainer)  # the folder a resumed run goes on logging to
@@ -386,14 +396,11 @@ class PreemptionCheckpoint(L.Callback):
         if trainer.is_global_zero:
             for old in hpc_checkpoints(root)[: -self.keep]:
                 old.unlink(missing_ok=True)
-        # The requeue comes last (teardown): SLURM ends every process of the job with SIGTERM at once, and
-        # the export of this stop, its upload and the checkpoint callbacks' saves of the step come first.
-        self._requeue_at_end = bool(
-            requeue_signal and self.stopped_early and self._should_requeue(trainer) and trainer.is_global_zero
-        )
+        if requeue_signal and self.stopped_early and self._should_requeue(trainer):
+            self._requeue(trainer)
         rank_zero_info(
             f"preemption: stop signal received; checkpoint {path} written at step {trainer.global_step}"
-            + ("; the job is requeued once the run has ended" if self._requeue_at_end else "")
+            + ("; job requeued" if self.requeued else "")
             + ("" if self.stopped_early else "; training is done")
         )
         trainer.should_stop = True
@@ -417,7 +424,7 @@ class PreemptionCheckpoint(L.Callback):
                 isinstance(callback, ModelCheckpoint)
                 and callback._last_global_step_saved < trainer.global_step
             )
-            if behind and callback.save_last:
+            if behind and callback.save_last is True:  # "link" only links an earlier checkpoint
                 callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
