@@ -28,6 +28,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import SafetensorError
 
 from nested.errors import ConfigError, HubError, MissingFileError, NestedUserError
 from nested.hub_access import hub_unreachable
@@ -821,8 +822,6 @@ def load_backbone(
             f"a prompt cache holds T5 states, for SD3 / FLUX models; {name_or_path} is a UNet model, whose "
             "prompts go through CLIP alone: leave prompt_cache unset."
         )
-    from safetensors import SafetensorError
-
     try:
         if transformer:
             return TransformerBackbone.from_pretrained(
