@@ -833,8 +833,7 @@ def load_backbone(
     except (OSError, SafetensorError) as error:
         raise MissingFileError(
             f"could not load the base model {str(name_or_path)!r}: {str(error).rstrip('. ')}. Pass a diffusers "
-            "folder or a hub "
-            "id (cached when offline)."
+            "folder or a hub id (cached when offline)."
         ) from error
 
 

@@ -130,9 +130,8 @@ class SaveConfigAfterRestore(SaveConfigCallback):
         self._write(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(
-            trainer
-        )  # nested validate; in fit the sanity check comes after the checkpoint's restore too
+        # nested validate; in fit, the sanity check also comes after the checkpoint's restore
+        self._write(trainer)
 
     def _write(self, trainer: L.Trainer) -> None:
         if self.already_saved:

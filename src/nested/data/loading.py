@@ -397,7 +397,8 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
         caption contains its subject token); ``original_sizes``, ``crops_top_left``: (B, 2)
         int64 as (h, w) and (top, left); ``latents`` (B, C, R/f, R/f) float32 (f: the VAE's factor, 8 for the
         real models) only if every sample has cached latents, with ``latents_space``: for each sample the
-        :func:`~nested.backbone.latent_space` of the VAE that encoded them (None if unrecorded); ``skipped``: {key: 0-d int64 tensor} for every ``SKIP_KEYS``;
+        :func:`~nested.backbone.latent_space` of the VAE that encoded them (None if unrecorded);
+        ``skipped``: {key: 0-d int64 tensor} for every ``SKIP_KEYS``;
         ``stream`` (training only): the stream position after the batch, which the DataModule
         takes out of the batch (``on_before_batch_transfer``) and keeps for checkpoints.
     """

@@ -166,10 +166,6 @@ class Share:
             first += count
         return cls(tuple(pieces))
 
-    def size(self, count: Callable[[int], int]) -> int:
-        """Samples in the share, given samples per shard."""
-        return sum(piece.units(count(piece.shard)) for piece in self.pieces)
-
 
 @dataclass
 class DomainSource:

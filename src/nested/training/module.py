@@ -748,7 +748,8 @@ class NestedAttentionModule(L.LightningModule):
         nearest above u, which carries SD3's fixed ``shift``. Those sigmas run from 1 down, so the index is
         ``(1 - u) * num_train_timesteps``: t is u, as in the SD3 paper, and a positive ``logit_mean`` draws
         noisier times. (diffusers' trainers index with u itself, which draws 1 - u: the same times for
-        the symmetric defaults, the opposite bias for any other ``logit_mean``.) A scheduler with ``use_dynamic_shifting`` (FLUX) has unshifted training sigmas; they get
+        the symmetric defaults, the opposite bias for any other ``logit_mean``.) A scheduler with
+        ``use_dynamic_shifting`` (FLUX) has unshifted training sigmas; they get
         the shift its sampler applies at this resolution: ``time_shift(mu)`` with ``mu`` from the packed
         image sequence length (``calculate_shift``), so training sees the noise levels sampling visits.
         """
